@@ -1,0 +1,106 @@
+"""`kvrecall` command line: serve | health | demo | eval | bench | soak | worker."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from kvrecall.server.config import ConfigError, load_config
+    from kvrecall.server.daemon import serve
+
+    overrides = {
+        "listen": args.listen,
+        "device": args.device,
+        "host_pool_gb": args.host_pool_gb,
+        "device_pool_gb": args.device_pool_gb,
+        "page_kb": args.page_kb,
+        "lease_seconds": args.lease_seconds,
+        "metrics_port": args.metrics_port,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
+        "tokens_file": args.tokens_file,
+        "worker_quota_gb": args.worker_quota_gb,
+        "log_level": args.log_level,
+    }
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"kvrecall serve: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    serve(config)
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from kvrecall.client import KVRecallClient, KVRecallClientError
+
+    client = KVRecallClient(
+        args.target, "health-probe", token=args.token, tls_ca=args.tls_ca, connect_retries=0, timeout=args.timeout
+    )
+    try:
+        status = client.health(timeout=args.timeout)
+    except KVRecallClientError as exc:
+        print(f"NOT_SERVING ({exc})")
+        return 1
+    finally:
+        client.close()
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from kvrecall.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvrecall", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the daemon")
+    serve.add_argument("--listen", help="comma-separated unix:///path or HOST:PORT (default unix:///tmp/kvrecall.sock)")
+    serve.add_argument("--device", help="cpu | cuda | cuda:N (default cpu)")
+    serve.add_argument("--host-pool-gb", type=float, help="host tier size in GiB (default 4)")
+    serve.add_argument("--device-pool-gb", type=float, help="working-set pool size in GiB (default 2)")
+    serve.add_argument("--page-kb", type=int, help="host page size in KiB (default 2048)")
+    serve.add_argument("--lease-seconds", type=float, help="default session lease (default 30)")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    serve.add_argument("--tls-cert", help="PEM certificate for TCP listeners")
+    serve.add_argument("--tls-key", help="PEM private key for TCP listeners")
+    serve.add_argument("--tls-client-ca", help="PEM CA: require client certificates (mutual TLS)")
+    serve.add_argument("--tokens-file", help="file of 'worker_id token' lines: bearer-token auth")
+    serve.add_argument("--worker-quota-gb", type=float, help="pool GiB one worker may hold (0 = unlimited)")
+    serve.add_argument("--log-level", help="DEBUG | INFO | WARNING | ERROR")
+    serve.add_argument("--config", help="JSON or TOML file of the same settings (flags and KVRECALL_* env win)")
+    serve.set_defaults(func=_serve)
+
+    health = sub.add_parser("health", help="check a daemon with the standard gRPC health service")
+    health.add_argument("--target", default="unix:///tmp/kvrecall.sock")
+    health.add_argument("--token")
+    health.add_argument("--tls-ca")
+    health.add_argument("--timeout", type=float, default=5.0)
+    health.set_defaults(func=_health)
+
+    demo = sub.add_parser("demo", help="run the bundled test model through the daemon on a long prompt")
+    demo.add_argument("--target", help="daemon address (default: start a local daemon)")
+    demo.add_argument("--policy", default="louiskv")
+    demo.add_argument("--budget", type=int, help="retrieved-token budget (policies that take one)")
+    demo.add_argument("--context-tokens", type=int, default=2000)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

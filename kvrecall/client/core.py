@@ -1,0 +1,254 @@
+"""Transport-independent parts of a worker session, shared by the sync and asyncio SDKs.
+
+`SessionCore` builds request messages and applies answers; it owns the working-set tensors
+the worker reads (mapped shm / CUDA IPC memory, or a local mirror for the inline transport)
+and never does I/O itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+
+from kvrecall.dtypes import WIRE_OF_TORCH
+from kvrecall.transport import MappedTensor, inline_ref, open_ref
+from kvrecall.v1 import kvrecall_pb2 as pb
+
+TRANSPORTS = {"shm": pb.TRANSPORT_SHM, "cuda_ipc": pb.TRANSPORT_CUDA_IPC, "inline": pb.TRANSPORT_INLINE}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model layout a session is opened with."""
+
+    num_layers: int
+    num_kv_heads: int
+    num_query_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    max_tokens: int
+
+    def to_proto(self) -> pb.ModelLayout:
+        return pb.ModelLayout(
+            num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
+            num_query_heads=self.num_query_heads,
+            head_dim=self.head_dim,
+            dtype=WIRE_OF_TORCH[self.dtype],
+            max_tokens=self.max_tokens,
+        )
+
+
+def policy_message(name: str, config: dict[str, Any] | None) -> pb.PolicyConfig:
+    """PolicyConfig for `name` with the given typed fields (unknown fields raise ValueError)."""
+    message = pb.PolicyConfig(name=name)
+    if config:
+        sub = getattr(message, name, None)
+        if sub is None:
+            raise ValueError(f"policy {name!r} takes no configuration")
+        for key, value in config.items():
+            if key not in sub.DESCRIPTOR.fields_by_name:
+                raise ValueError(f"policy {name!r} has no setting {key!r}")
+            setattr(sub, key, value)
+    elif hasattr(message, name):
+        getattr(message, name).SetInParent()
+    return message
+
+
+@dataclass
+class SessionCore:
+    """What a worker holds for one open session."""
+
+    session_id: str
+    spec: ModelSpec
+    transport: int
+    info: pb.OpenSessionResponse
+    keys: torch.Tensor = field(repr=False)      # [L, H, C, D]
+    values: torch.Tensor = field(repr=False)    # [L, H, C, D]
+    slot_pos: torch.Tensor = field(repr=False)  # [L, H, C] int32
+    query: torch.Tensor = field(repr=False)     # [L, Hq, D]
+    _mapped: list[MappedTensor] = field(default_factory=list, repr=False)
+    position: int = 0        # tokens in the sequence (prompt + generated) so far
+    noticed_upto: int = 0    # tokens announced to the daemon with AppendNotices
+    seq: int = 0
+    closed: bool = False
+
+    @staticmethod
+    def from_open(response: pb.OpenSessionResponse, spec: ModelSpec, transport: int) -> SessionCore:
+        ws = response.working_set
+        refs = (ws.keys, ws.values, ws.slot_pos, ws.query)
+        if transport == pb.TRANSPORT_INLINE:
+            from kvrecall.dtypes import TORCH_OF_WIRE
+
+            tensors = [torch.zeros(tuple(r.shape), dtype=TORCH_OF_WIRE[r.dtype]) for r in refs]
+            tensors[2].fill_(-1)
+            mapped: list[MappedTensor] = []
+        else:
+            mapped = [open_ref(r, name) for r, name in zip(refs, ("keys", "values", "slot_pos", "query"))]
+            tensors = [m.tensor for m in mapped]
+        core = SessionCore(response.session_id, spec, transport, response, *tensors, _mapped=mapped)
+        return core
+
+    # ---- the plan the daemon chose --------------------------------------------------
+    @property
+    def n_sink(self) -> int:
+        return self.info.working_set.n_sink
+
+    @property
+    def retrieved(self) -> int:
+        return self.info.working_set.retrieved
+
+    @property
+    def window(self) -> int:
+        return self.info.working_set.window
+
+    @property
+    def capacity(self) -> int:
+        return self.info.working_set.capacity
+
+    @property
+    def spill_every(self) -> int:
+        return self.info.spill_every
+
+    @property
+    def boundary_mode(self) -> int:
+        return self.info.boundary.mode
+
+    @property
+    def boundary_threshold(self) -> float:
+        return self.info.boundary.threshold
+
+    @property
+    def observation(self) -> int:
+        return self.info.observation
+
+    @property
+    def policy_config(self) -> dict[str, Any]:
+        return json.loads(self.info.policy_config_json or "{}")
+
+    def window_slot(self, position: int) -> int:
+        return self.n_sink + self.retrieved + position % self.window
+
+    # ---- working-set writes (worker side, between daemon calls) ---------------------
+    def write_token(self, position: int, keys: torch.Tensor, values: torch.Tensor, layer: int | None = None) -> None:
+        """Write one token's K/V into its ring slot: [L, H, D] for all layers, or [H, D] for `layer`."""
+        slot = self.window_slot(position)
+        where = slice(None) if layer is None else layer
+        self.keys[where, :, slot] = keys
+        self.values[where, :, slot] = values
+        self.slot_pos[where, :, slot] = position
+
+    def needs_append(self) -> bool:
+        """True when spill_every tokens were written since the last AppendNotice."""
+        return self.position - self.noticed_upto >= self.spill_every
+
+    def valid_mask(self, layer: int) -> torch.Tensor:
+        """[H, C] bool: the slots attention must read for `layer`."""
+        return self.slot_pos[layer] >= 0
+
+    def resident_tokens(self) -> int:
+        return int((self.slot_pos >= 0).sum(dim=-1).max())
+
+    # ---- request builders / answer appliers ------------------------------------------
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def append_request(self) -> pb.DecodeRequest:
+        upto = self.position
+        request = pb.DecodeRequest(seq=self.next_seq(), session_id=self.session_id)
+        request.append.upto = upto
+        if self.transport == pb.TRANSPORT_INLINE:
+            start = self.noticed_upto
+            positions = torch.arange(start, upto)
+            slots = self.n_sink + self.retrieved + positions % self.window
+            kv = torch.stack((self.keys[:, :, slots], self.values[:, :, slots]), dim=1)
+            request.append.kv.CopyFrom(inline_ref(kv))
+        return request
+
+    def boundary_request(self, layers: list[int] | None = None) -> pb.DecodeRequest:
+        request = pb.DecodeRequest(seq=self.next_seq(), session_id=self.session_id)
+        request.boundary.position = self.position
+        request.boundary.layers.extend(layers or [])
+        if self.transport == pb.TRANSPORT_INLINE:
+            request.boundary.query.CopyFrom(inline_ref(self.query))
+        return request
+
+    def apply_delta(self, delta: pb.WorkingSetDelta) -> None:
+        """Inline transport: bring the mirror up to date with the daemon's changes."""
+        if not delta.slots:
+            return
+        slots = torch.frombuffer(bytearray(delta.slots), dtype=torch.int32).to(torch.int64)
+        positions = torch.frombuffer(bytearray(delta.positions), dtype=torch.int32)
+        self.slot_pos.view(-1)[slots] = positions
+        filled = slots[positions >= 0]
+        D = self.spec.head_dim
+        for raw, target in ((delta.keys, self.keys), (delta.values, self.values)):
+            if filled.numel():
+                rows = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(target.dtype).view(-1, D)
+                target.view(-1, D)[filled] = rows
+
+    def apply_answer(self, request: pb.DecodeRequest, response: pb.DecodeResponse) -> None:
+        if response.seq != request.seq:
+            raise RuntimeError(f"answer seq {response.seq} for request {request.seq}: stream out of order")
+        if request.WhichOneof("event") == "append":
+            self.noticed_upto = response.append.spilled_upto
+        self.apply_delta(response.delta)
+
+    def unmap(self) -> None:
+        for m in self._mapped:
+            m.close()
+        self._mapped.clear()
+
+
+def metadata(worker_id: str, token: str | None) -> tuple[tuple[str, str], ...]:
+    md = [("kvrecall-worker-id", worker_id)]
+    if token:
+        md.append(("authorization", f"Bearer {token}"))
+    return tuple(md)
+
+
+def channel_options(max_message_mb: int) -> list[tuple[str, Any]]:
+    n = max_message_mb << 20
+    return [
+        ("grpc.max_send_message_length", n),
+        ("grpc.max_receive_message_length", n),
+        ("grpc.enable_retries", 1),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+
+
+def normalise_target(target: str) -> str:
+    """Accept unix:///path, unix:path, HOST:PORT."""
+    return target
+
+
+def credentials(tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> grpc.ChannelCredentials | None:
+    if not (tls_ca or tls_cert):
+        return None
+
+    def read(path: str | None) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
+
+
+def choose_transport(target: str, device: torch.device | None, transport: str | None) -> int:
+    if transport:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {sorted(TRANSPORTS)}")
+        return TRANSPORTS[transport]
+    local = target.startswith("unix:") or target.startswith("localhost:") or target.startswith("127.")
+    if not local:
+        return pb.TRANSPORT_INLINE
+    if device is not None and device.type == "cuda":
+        return pb.TRANSPORT_CUDA_IPC
+    return pb.TRANSPORT_SHM

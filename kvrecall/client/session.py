@@ -1,0 +1,260 @@
+"""The synchronous SDK: `KVRecallClient` opens `WorkerSession`s.
+
+Every call has a deadline; gRPC failures surface as typed exceptions (client/errors.py).
+A session keeps its lease alive from a background thread until it is closed.
+
+    client = KVRecallClient("unix:///tmp/kvrecall.sock", worker_id="worker-0")
+    session = client.open_session(spec, policy="louiskv", config={"budget": 512})
+    session.ingest(prompt_kv, queries)          # [L, 2, H, T, D], [L, Hq, n_obs, D]
+    ...  # per token: session.write_token(...); session.advance()
+    session.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+from kvrecall.client.core import (
+    ModelSpec,
+    SessionCore,
+    channel_options,
+    choose_transport,
+    credentials,
+    metadata,
+    policy_message,
+)
+from kvrecall.client.errors import KVRecallClientError, UnavailableError, from_rpc_error
+from kvrecall.client.staging import staged
+from kvrecall.transport import inline_ref
+from kvrecall.v1 import kvrecall_pb2 as pb
+from kvrecall.v1 import kvrecall_pb2_grpc as pb_grpc
+
+log = logging.getLogger("kvrecall.client")
+
+T = TypeVar("T")
+_END = object()
+
+
+class KVRecallClient:
+    """A connection to one daemon, for one worker identity."""
+
+    def __init__(
+        self,
+        target: str,
+        worker_id: str,
+        *,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        timeout: float = 30.0,
+        connect_retries: int = 5,
+        max_message_mb: int = 512,
+    ) -> None:
+        self.target = target
+        self.worker_id = worker_id
+        self.timeout = timeout
+        self.connect_retries = connect_retries
+        self._metadata = metadata(worker_id, token)
+        creds = credentials(tls_ca, tls_cert, tls_key)
+        options = channel_options(max_message_mb)
+        self.channel = (
+            grpc.secure_channel(target, creds, options) if creds else grpc.insecure_channel(target, options)
+        )
+        self.stub = pb_grpc.KVRecallStub(self.channel)
+
+    def call(self, method: Callable[..., T], request: Any, *, retry: bool = False, timeout: float | None = None) -> T:
+        """One unary call with a deadline; retries UNAVAILABLE with backoff when `retry`."""
+        attempts = self.connect_retries + 1 if retry else 1
+        delay = 0.1
+        for attempt in range(attempts):
+            try:
+                return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                if isinstance(error, UnavailableError) and attempt + 1 < attempts:
+                    log.warning("daemon %s unavailable (%s); retrying in %.1fs", self.target, error.details, delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                raise error from None
+        raise AssertionError("unreachable")
+
+    def health(self, timeout: float = 5.0) -> str:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        response = self.call(stub.Check, health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def stats(self, session_id: str = "") -> pb.StatsResponse:
+        return self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id), retry=True)
+
+    def open_session(
+        self,
+        spec: ModelSpec,
+        policy: str,
+        config: dict[str, Any] | None = None,
+        *,
+        transport: str | None = None,
+        device: torch.device | str | None = None,
+        lease_seconds: int = 0,
+        tag: str = "",
+        tp_rank: int = 0,
+        tp_size: int = 0,
+    ) -> WorkerSession:
+        """Open a session; `transport` defaults to shm (local CPU), cuda_ipc (local GPU) or inline."""
+        device = torch.device(device) if device is not None else None
+        kind = choose_transport(self.target, device, transport)
+        request = pb.OpenSessionRequest(
+            worker_id=self.worker_id,
+            layout=spec.to_proto(),
+            policy=policy_message(policy, config),
+            transport=kind,
+            lease_seconds=lease_seconds,
+            tag=tag,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+        )
+        response = self.call(self.stub.OpenSession, request, retry=True)
+        try:
+            core = SessionCore.from_open(response, spec, kind)
+        except Exception:
+            self.call(self.stub.CloseSession, pb.CloseSessionRequest(session_id=response.session_id))
+            raise
+        return WorkerSession(self, core)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> KVRecallClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class WorkerSession:
+    """One sequence's session as its worker sees it (attributes of SessionCore are exposed)."""
+
+    def __init__(self, client: KVRecallClient, core: SessionCore) -> None:
+        self.client = client
+        self.core = core
+        self._requests: queue.Queue = queue.Queue()
+        self._responses: Iterator[pb.DecodeResponse] | None = None
+        self._stop = threading.Event()
+        self.stats_boundaries = 0
+        self.stats_appends = 0
+        lease = max(1, core.info.lease_seconds)
+        self._keepalive = threading.Thread(target=self._keep_alive, args=(lease / 3.0,), daemon=True)
+        self._keepalive.start()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.core, name)
+
+    # ---- unary -----------------------------------------------------------------------
+    def ingest(self, kv: torch.Tensor, queries: torch.Tensor | None = None) -> pb.IngestPromptResponse:
+        """Hand the prompt KV over once: kv [L, 2, H, T, D]; queries [L, Hq, n_obs, D] of the
+        last prompt tokens (OpenSessionResponse.observation says how many the policy wants)."""
+        core = self.core
+        request = pb.IngestPromptRequest(session_id=core.session_id, num_tokens=kv.shape[3])
+        with staged(kv, core.transport) as ref:
+            request.kv.CopyFrom(ref)
+            if queries is not None:
+                request.queries.CopyFrom(inline_ref(queries.to(kv.dtype)))
+            response = self.client.call(self.client.stub.IngestPrompt, request, timeout=max(self.client.timeout, 300))
+        core.apply_delta(response.delta)
+        core.position = core.noticed_upto = kv.shape[3]
+        return response
+
+    def stats(self) -> pb.SessionStats:
+        return self.client.stats(self.core.session_id).sessions[0]
+
+    def close(self) -> pb.CloseSessionResponse | None:
+        """Close the session and unmap its memory (idempotent)."""
+        if self.core.closed:
+            return None
+        self.core.closed = True
+        self._stop.set()
+        self._end_stream()
+        try:
+            return self.client.call(
+                self.client.stub.CloseSession, pb.CloseSessionRequest(session_id=self.core.session_id)
+            )
+        finally:
+            self.core.unmap()
+
+    def __enter__(self) -> WorkerSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- decode stream ---------------------------------------------------------------
+    def _stream_call(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
+        if self._responses is None:
+            self._requests = queue.Queue()
+
+            def requests() -> Iterator[pb.DecodeRequest]:
+                while True:
+                    item = self._requests.get()
+                    if item is _END:
+                        return
+                    yield item
+
+            self._responses = self.client.stub.Decode(requests(), metadata=self.client._metadata)
+        self._requests.put(request)
+        try:
+            response = next(self._responses)
+        except grpc.RpcError as exc:
+            self._responses = None  # the stream is over; the next call opens a new one
+            raise from_rpc_error(exc) from None
+        except StopIteration:
+            self._responses = None
+            raise KVRecallClientError("decode stream ended unexpectedly") from None
+        self.core.apply_answer(request, response)
+        return response
+
+    def _end_stream(self) -> None:
+        if self._responses is not None:
+            self._requests.put(_END)
+            self._responses = None
+
+    def append(self) -> pb.AppendAck:
+        """Tell the daemon about the tokens written since the last notice (blocks for the ack)."""
+        self.stats_appends += 1
+        return self._stream_call(self.core.append_request()).append
+
+    def boundary(self, layers: list[int] | None = None) -> pb.RetrievalResult:
+        """Ask for retrieval for the query in `self.query` (write it first)."""
+        self.stats_boundaries += 1
+        return self._stream_call(self.core.boundary_request(layers)).retrieval
+
+    def advance(self) -> pb.AppendAck | None:
+        """Count one token written at `position`; send an AppendNotice when one is due."""
+        self.core.position += 1
+        if self.core.needs_append():
+            return self.append()
+        return None
+
+    def flush(self) -> None:
+        """Announce any tokens written since the last notice."""
+        if self.core.position > self.core.noticed_upto:
+            self.append()
+
+    def _keep_alive(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.client.call(
+                    self.client.stub.KeepAlive, pb.KeepAliveRequest(session_id=self.core.session_id), timeout=5.0
+                )
+            except KVRecallClientError as exc:
+                log.warning("keep-alive for session %s failed: %s", self.core.session_id, exc)

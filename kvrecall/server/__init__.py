@@ -1,0 +1,1 @@
+"""The kvrecall daemon: pools, sessions, policies, transports and the gRPC service."""

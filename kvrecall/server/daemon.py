@@ -1,0 +1,172 @@
+"""Daemon assembly: grpc.aio on uvloop, health + reflection, leases, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvrecall import __version__
+from kvrecall.server.config import ServerConfig
+from kvrecall.server.metrics import Metrics
+from kvrecall.server.pools import DevicePool, HostPool
+from kvrecall.server.service import AuthConfig, KVRecallService
+from kvrecall.server.session import SessionRegistry
+from kvrecall.shm import remove_stale_segments
+from kvrecall.v1 import kvrecall_pb2 as pb
+from kvrecall.v1 import kvrecall_pb2_grpc as pb_grpc
+
+log = logging.getLogger("kvrecall.daemon")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVRecall"].full_name
+REAP_INTERVAL = 1.0
+
+
+class Daemon:
+    """Owns the pools, the registry and the gRPC server; `run()` serves until a signal."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise SystemExit("device: CUDA requested but torch sees no CUDA device")
+            torch.cuda.set_device(self.device)
+        removed = remove_stale_segments()
+        if removed:
+            log.warning("removed %d shared-memory segments left by dead daemons", len(removed))
+        self.host_pool = HostPool(
+            config.host_pool_bytes, page_bytes=config.page_kb * 1024, pinned=self.device.type == "cuda"
+        )
+        self.device_pool = DevicePool(config.device_pool_bytes, self.device, shm_mode=config.shm_mode)
+        self.registry = SessionRegistry(
+            self.host_pool,
+            self.device_pool,
+            default_lease=config.lease_seconds,
+            max_lease=config.max_lease_seconds,
+            worker_quota_bytes=int(config.worker_quota_gb * (1 << 30)),
+        )
+        self.metrics = Metrics()
+        self.service = KVRecallService(self.registry, self.device, self.metrics, AuthConfig(config.tokens()))
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self._stopping = asyncio.Event()
+
+    def _server_credentials(self) -> grpc.ServerCredentials | None:
+        c = self.config
+        if not c.tls_cert:
+            return None
+        with open(c.tls_key, "rb") as f:
+            key = f.read()
+        with open(c.tls_cert, "rb") as f:
+            cert = f.read()
+        ca = None
+        if c.tls_client_ca:
+            with open(c.tls_client_ca, "rb") as f:
+                ca = f.read()
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=bool(ca))
+
+    async def start(self) -> None:
+        c = self.config
+        max_bytes = c.max_message_mb * (1 << 20)
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max_bytes),
+                ("grpc.max_send_message_length", max_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_KVRecallServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
+        credentials = self._server_credentials()
+        for address in c.listen:
+            if address.startswith("unix://"):
+                path = address[len("unix://") :]
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                old = os.umask(0o777 & ~c.socket_mode)
+                try:
+                    self.server.add_insecure_port(address)
+                finally:
+                    os.umask(old)
+            elif credentials is not None:
+                self.server.add_secure_port(address, credentials)
+            else:
+                self.server.add_insecure_port(address)
+        await self.server.start()
+        for address in c.listen:
+            if address.startswith("unix://"):
+                os.chmod(address[len("unix://") :], c.socket_mode)
+        for name in ("", SERVICE_NAME):
+            await self._set_health(name, health_pb2.HealthCheckResponse.SERVING)
+        if c.metrics_port:
+            self.metrics.serve(c.metrics_port, c.metrics_addr)
+        self.service._update_pool_gauges()
+        log.info(
+            "kvrecall %s serving on %s device=%s host_pool=%s (%d bytes) device_pool=%d bytes tls=%s auth=%s metrics=%s",
+            __version__, ",".join(c.listen), self.device, self.host_pool.kind, self.host_pool.capacity_bytes,
+            self.device_pool.capacity_bytes, bool(c.tls_cert), bool(c.tokens_file), c.metrics_port or "off",
+        )
+
+    async def _set_health(self, name: str, status: int) -> None:
+        result = self.health.set(name, status)
+        if asyncio.iscoroutine(result):
+            await result
+
+    async def _reap_loop(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), REAP_INTERVAL)
+            await self.service.reap_expired()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        reaper = asyncio.create_task(self._reap_loop())
+        await self._stopping.wait()
+        await self.stop()
+        reaper.cancel()
+
+    async def stop(self, grace: float = 2.0) -> None:
+        log.info("shutting down: %d open sessions will be released", len(self.registry.sessions))
+        for name in ("", SERVICE_NAME):
+            await self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.server is not None:
+            await self.server.stop(grace)
+        for session in list(self.registry.sessions.values()):
+            self.service._close(session, "shutdown")
+        self.host_pool.close()
+        for address in self.config.listen:
+            if address.startswith("unix://"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(address[len("unix://") :])
+        log.info("stopped")
+
+
+def serve(config: ServerConfig) -> None:
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    log.info("config: %s", json.dumps(config.summary(), default=str))
+    try:
+        import uvloop
+    except ImportError:
+        log.warning("uvloop not installed; using the default asyncio loop")
+        asyncio.run(Daemon(config).run())
+        return
+    uvloop.run(Daemon(config).run())

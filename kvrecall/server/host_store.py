@@ -1,0 +1,102 @@
+"""SequenceStore: one session's full KV in host-pool pages.
+
+A page holds `tokens_per_page` (P) tokens laid out [L, 2, H_kv, P, D] (K then V), so the
+rows of one (layer, head) are contiguous inside a page and a gather reads whole rows of D
+elements. The store borrows its pages from the HostPool at admission (enough for
+`max_tokens`) and returns them all on release().
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvrecall.dtypes import itemsize
+from kvrecall.server.errors import InvalidArgument
+from kvrecall.server.layout import ModelLayout
+from kvrecall.server.pools import HostPool
+
+
+def tokens_per_page(layout: ModelLayout, page_bytes: int) -> int:
+    return page_bytes // layout.token_bytes
+
+
+class SequenceStore:
+    def __init__(self, pool: HostPool, layout: ModelLayout, owner: str) -> None:
+        self.pool = pool
+        self.layout = layout
+        self.owner = owner
+        self.tokens_per_page = tokens_per_page(layout, pool.page_bytes)
+        if self.tokens_per_page < 1:
+            raise InvalidArgument(
+                "layout",
+                f"one token needs {layout.token_bytes} bytes, more than a host page "
+                f"({pool.page_bytes} bytes); start the daemon with a larger --page-kb",
+            )
+        num_pages = -(-layout.max_tokens // self.tokens_per_page)
+        self.pages = pool.allocate(num_pages, owner)
+        self._flat = pool.view(layout.dtype)
+        page_elems = pool.page_bytes // itemsize(layout.dtype)
+        self._page_base = torch.tensor(self.pages, dtype=torch.int64) * page_elems
+        L, H, D, P = layout.num_layers, layout.num_kv_heads, layout.head_dim, self.tokens_per_page
+        self._page_shape = (L, 2, H, P, D)
+        self._page_numel = L * 2 * H * P * D
+        self.num_tokens = 0  # tokens [0, num_tokens) are written
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.pages) * self.pool.page_bytes
+
+    def page(self, index: int) -> torch.Tensor:
+        """Page `index` of this sequence as [L, 2, H_kv, P, D]."""
+        base = int(self._page_base[index])
+        return self._flat[base : base + self._page_numel].view(self._page_shape)
+
+    def _chunks(self, start: int, end: int):
+        """(page index, first slot in page, tokens, offset from start) covering [start, end)."""
+        P = self.tokens_per_page
+        pos = start
+        while pos < end:
+            index, slot = divmod(pos, P)
+            count = min(P - slot, end - pos)
+            yield index, slot, count, pos - start
+            pos += count
+
+    def write(self, start: int, kv: torch.Tensor) -> None:
+        """Store kv [L, 2, H_kv, n, D] as tokens [start, start + n)."""
+        n = kv.shape[3]
+        for index, slot, count, offset in self._chunks(start, start + n):
+            self.page(index)[:, :, :, slot : slot + count].copy_(kv[:, :, :, offset : offset + count])
+        self.num_tokens = max(self.num_tokens, start + n)
+
+    def read(self, kv_index: int, layer: int, start: int, end: int) -> torch.Tensor:
+        """K (kv_index 0) or V (1) of `layer` for tokens [start, end) as [H_kv, n, D] (a copy)."""
+        parts = [
+            self.page(index)[layer, kv_index, :, slot : slot + count]
+            for index, slot, count, _ in self._chunks(start, end)
+        ]
+        if not parts:
+            return self._flat.new_empty((self.layout.num_kv_heads, 0, self.layout.head_dim))
+        return torch.cat(parts, dim=1)
+
+    def keys(self, layer: int, start: int, end: int) -> torch.Tensor:
+        return self.read(0, layer, start, end)
+
+    def row_offsets(
+        self, layer: torch.Tensor, kv_index: int, head: torch.Tensor, position: torch.Tensor
+    ) -> torch.Tensor:
+        """Element offsets into the pool's flat view of rows (layer, kv, head, position); int64 [N]."""
+        L, _, H, P, D = self._page_shape
+        page_index = torch.div(position, P, rounding_mode="floor")
+        in_page = position - page_index * P
+        return self._page_base[page_index] + (((layer * 2 + kv_index) * H + head) * P + in_page) * D
+
+    @property
+    def flat(self) -> torch.Tensor:
+        """The pool's flat view in this layout's dtype (the gather source)."""
+        return self._flat
+
+    def release(self) -> None:
+        """Return every page to the pool (idempotent)."""
+        if self.pages:
+            self.pool.free(self.pages, self.owner)
+            self.pages = []

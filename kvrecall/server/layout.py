@@ -1,0 +1,87 @@
+"""Model layout and working-set plans: the shapes everything else derives from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvrecall.dtypes import itemsize
+
+# Alignment of each tensor inside a working-set segment (bytes): keeps vector loads aligned.
+_ALIGN = 256
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """The model whose KV one session holds (validated at the edge, trusted inside)."""
+
+    num_layers: int
+    num_kv_heads: int
+    num_query_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    max_tokens: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads sharing one KV head (GQA)."""
+        return self.num_query_heads // self.num_kv_heads
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of K and V for one token over all layers and KV heads."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class WorkingSetPlan:
+    """Slots per (layer, KV head): [0, n_sink) sinks, then retrieved, then the window ring.
+
+    `spill_every` (A) tokens are appended between AppendNotices; the ring keeps between
+    `window - A` and `window` recent tokens (docs/ARCHITECTURE.md).
+    """
+
+    n_sink: int
+    retrieved: int
+    window: int
+    spill_every: int
+
+    @property
+    def capacity(self) -> int:
+        return self.n_sink + self.retrieved + self.window
+
+    @property
+    def window_start(self) -> int:
+        """First slot of the window ring."""
+        return self.n_sink + self.retrieved
+
+    @property
+    def min_window(self) -> int:
+        """Recent tokens the window always keeps after an eviction."""
+        return self.window - self.spill_every
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    """Byte offsets of the four working-set tensors inside one segment."""
+
+    keys_offset: int
+    values_offset: int
+    slot_pos_offset: int
+    query_offset: int
+    nbytes: int
+
+    @staticmethod
+    def of(layout: ModelLayout, plan: WorkingSetPlan) -> SegmentLayout:
+        kv_bytes = (
+            layout.num_layers * layout.num_kv_heads * plan.capacity * layout.head_dim * itemsize(layout.dtype)
+        )
+        pos_bytes = layout.num_layers * layout.num_kv_heads * plan.capacity * 4
+        query_bytes = layout.num_layers * layout.num_query_heads * layout.head_dim * itemsize(layout.dtype)
+        offsets = []
+        cursor = 0
+        for size in (kv_bytes, kv_bytes, pos_bytes, query_bytes):
+            offsets.append(cursor)
+            cursor += -(-size // _ALIGN) * _ALIGN
+        return SegmentLayout(*offsets, nbytes=max(cursor, _ALIGN))

@@ -1,0 +1,137 @@
+"""The Policy interface every KV method implements, and the registry that finds them.
+
+A policy is a `@dataclass` of hyper-parameters (validated in `__post_init__`) plus four
+hooks; one instance lives per session (STYLE.md §1: adding a method is adding a file).
+Shapes: L layers, H KV heads, Hq query heads, D head dim, R retrieved slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from kvrecall.server.errors import InvalidArgument
+from kvrecall.server.host_store import SequenceStore
+from kvrecall.server.layout import ModelLayout, WorkingSetPlan
+from kvrecall.server.working_set import WorkingSet
+from kvrecall.v1 import kvrecall_pb2 as pb
+
+# Tokens appended between AppendNotices unless a policy says otherwise.
+DEFAULT_SPILL_EVERY = 16
+
+
+@dataclass
+class PolicyContext:
+    """What a policy may touch: its session's layout, host KV and working set."""
+
+    layout: ModelLayout
+    store: SequenceStore
+    ws: WorkingSet
+    prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class BoundaryRule:
+    mode: int = pb.BOUNDARY_MODE_NEVER  # a pb.BoundaryMode value
+    threshold: float = 0.0
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Token positions for the retrieved region: int64 [L, H, R], -1 padded."""
+
+    positions: torch.Tensor
+    units: int = 0  # retrieval units chosen (for stats)
+
+
+class Policy:
+    """Base class with no-op hooks; subclasses set `name` and `Config`."""
+
+    name: ClassVar[str]
+    proto_field: ClassVar[str]  # the PolicyConfig oneof field holding its config
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any, layout: ModelLayout) -> None:
+        self.config = config
+        self.layout = layout
+
+    def plan(self) -> WorkingSetPlan:
+        raise NotImplementedError
+
+    def boundary_rule(self) -> BoundaryRule:
+        return BoundaryRule()
+
+    def observation(self) -> int:
+        """How many last-prompt-token queries IngestPrompt should carry."""
+        return 0
+
+    def on_ingest(self, ctx: PolicyContext, queries: torch.Tensor | None) -> Selection | None:
+        """The prompt is in the host tier and sinks/window are placed. queries: [L, Hq, n_obs, D]."""
+        return None
+
+    def on_evict(self, ctx: PolicyContext, start: int, end: int) -> None:
+        """Tokens [start, end) left the window (they are in the host tier)."""
+
+    def on_boundary(self, ctx: PolicyContext, query: torch.Tensor, layers: list[int]) -> Selection | None:
+        """query: [L, Hq, D] (the worker's latest per-layer query). Return what to retrieve."""
+        return None
+
+    @property
+    def num_units(self) -> int:
+        return 0
+
+
+_REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register(cls: type[Policy]) -> type[Policy]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def policy_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_policy(message: pb.PolicyConfig, layout: ModelLayout) -> Policy:
+    """Validate a PolicyConfig message and instantiate its policy."""
+    name = message.name
+    if not name:
+        raise InvalidArgument("policy.name", f"required; one of {policy_names()}")
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise InvalidArgument("policy.name", f"unknown policy {name!r}; one of {policy_names()}")
+    which = message.WhichOneof("config")
+    if which is not None and which != cls.proto_field:
+        raise InvalidArgument(f"policy.{which}", f"config for {which!r} given with policy.name {name!r}")
+    fields: dict[str, Any] = {}
+    if which is not None:
+        sub = getattr(message, which)
+        for field in dataclasses.fields(cls.Config):
+            descriptor = sub.DESCRIPTOR.fields_by_name.get(field.name)
+            if descriptor is None:
+                continue
+            if descriptor.has_presence:
+                if sub.HasField(field.name):
+                    fields[field.name] = getattr(sub, field.name)
+            elif descriptor.enum_type is not None:
+                if getattr(sub, field.name) != 0:
+                    fields[field.name] = getattr(sub, field.name)
+    try:
+        config = cls.Config(**fields)
+    except ValueError as exc:
+        raise InvalidArgument(f"policy.{cls.proto_field}", str(exc)) from None
+    return cls(config, layout)
+
+
+def check(condition: bool, field: str, problem: str) -> None:
+    """Config validation helper for `__post_init__`: raises ValueError('field: problem')."""
+    if not condition:
+        raise ValueError(f"{field} {problem}")
+
+
+def config_json(policy: Policy) -> dict[str, Any]:
+    return dataclasses.asdict(policy.config)

@@ -1,0 +1,170 @@
+"""The daemon's two memory tiers and their accounting.
+
+* HostPool: the full KV of every sequence, in fixed-size pages of one big buffer — pinned
+  host memory when CUDA is present (so the GPU can read it directly), a shared-memory
+  segment otherwise. The pool owns every page; a SequenceStore borrows pages and returns
+  them on release. Pages are reused, so memory stays flat over long serving.
+* DevicePool: working sets, one segment each (GPU memory mapped by CUDA IPC, or a shared-
+  memory segment on a CPU-only host), so a worker maps its own session's memory and
+  nothing else. The pool counts bytes against its capacity.
+
+Both answer "full" with ResourceExhausted naming what is free, never by crashing, and never
+touch memory that is already handed out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from kvrecall.server.errors import ResourceExhausted
+from kvrecall.shm import ShmSegment, shm_name
+
+log = logging.getLogger("kvrecall.pools")
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class PoolUsage:
+    tier: str
+    kind: str
+    capacity_bytes: int
+    used_bytes: int
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.used_bytes
+
+
+class HostPool:
+    """Fixed-size pages of one host buffer, handed out from a free list."""
+
+    def __init__(self, capacity_bytes: int, page_bytes: int = 2 * MiB, pinned: bool = False) -> None:
+        if page_bytes <= 0 or page_bytes % 256:
+            raise ValueError("page_bytes must be a positive multiple of 256")
+        self.page_bytes = page_bytes
+        self.num_pages = max(1, capacity_bytes // page_bytes)
+        nbytes = self.num_pages * page_bytes
+        self._segment: ShmSegment | None = None
+        if pinned:
+            self.kind = "pinned"
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        else:
+            # Shared memory commits pages lazily: an idle pool costs no RAM.
+            self.kind = "shm"
+            self._segment = ShmSegment.create(shm_name("host"), nbytes)
+            self.buffer = self._segment.tensor
+        self._free: deque[int] = deque(range(self.num_pages))
+        self._owner_pages: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_pages * self.page_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return (self.num_pages - len(self._free)) * self.page_bytes
+
+    def usage(self) -> PoolUsage:
+        return PoolUsage("host", self.kind, self.capacity_bytes, self.used_bytes)
+
+    def can_allocate(self, num_pages: int) -> bool:
+        return num_pages <= len(self._free)
+
+    def allocate(self, num_pages: int, owner: str) -> list[int]:
+        """Borrow `num_pages` pages for `owner`; ResourceExhausted when they are not free."""
+        with self._lock:
+            if num_pages > len(self._free):
+                raise ResourceExhausted(
+                    f"host pool: {num_pages} pages ({num_pages * self.page_bytes} bytes) requested, "
+                    f"{len(self._free)} pages ({len(self._free) * self.page_bytes} bytes) free of "
+                    f"{self.capacity_bytes} bytes"
+                )
+            pages = [self._free.popleft() for _ in range(num_pages)]
+            self._owner_pages[owner] = self._owner_pages.get(owner, 0) + num_pages
+            return pages
+
+    def free(self, pages: list[int], owner: str) -> None:
+        with self._lock:
+            self._free.extend(pages)
+            left = self._owner_pages.get(owner, 0) - len(pages)
+            if left > 0:
+                self._owner_pages[owner] = left
+            else:
+                self._owner_pages.pop(owner, None)
+
+    def view(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole pool as a flat tensor of `dtype` (page_bytes is a multiple of every itemsize)."""
+        return self.buffer.view(dtype)
+
+    def close(self) -> None:
+        if self._segment is not None:
+            self._segment.release()
+
+
+class DeviceSegment:
+    """One working set's memory: a uint8 tensor plus how a worker maps it."""
+
+    def __init__(self, nbytes: int, device: torch.device, shm_mode: int) -> None:
+        self.nbytes = nbytes
+        self.device = device
+        self.shm: ShmSegment | None = None
+        self.ipc_handle: bytes | None = None
+        if device.type == "cuda":
+            from kvrecall.cuda_ipc import allocate_shareable
+
+            self.tensor, self.ipc_handle, self._cuda_owner = allocate_shareable(nbytes, device)
+        else:
+            self.shm = ShmSegment.create(shm_name("ws"), nbytes, mode=shm_mode)
+            self.tensor = self.shm.tensor
+
+    def release(self) -> None:
+        if self.shm is not None:
+            self.shm.release()
+        self.tensor = torch.empty(0, dtype=torch.uint8)
+        self._cuda_owner = None
+
+
+class DevicePool:
+    """Byte-accounted working-set segments on the serving device."""
+
+    def __init__(self, capacity_bytes: int, device: torch.device, shm_mode: int = 0o600) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.device = device
+        self.kind = "cuda" if device.type == "cuda" else "shm"
+        self.shm_mode = shm_mode
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def usage(self) -> PoolUsage:
+        return PoolUsage("device", self.kind, self.capacity_bytes, self._used)
+
+    def allocate(self, nbytes: int) -> DeviceSegment:
+        with self._lock:
+            if self._used + nbytes > self.capacity_bytes:
+                raise ResourceExhausted(
+                    f"device pool: working set of {nbytes} bytes requested, "
+                    f"{self.capacity_bytes - self._used} bytes free of {self.capacity_bytes}"
+                )
+            self._used += nbytes
+        try:
+            return DeviceSegment(nbytes, self.device, self.shm_mode)
+        except BaseException:
+            with self._lock:
+                self._used -= nbytes
+            raise
+
+    def free(self, segment: DeviceSegment) -> None:
+        segment.release()
+        with self._lock:
+            self._used -= segment.nbytes

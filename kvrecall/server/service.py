@@ -1,0 +1,422 @@
+"""The gRPC servicer: validate at the edge, run the session operation, map errors to statuses.
+
+Heavy work (ingest, clustering, retrieval) runs in a thread under the session's lock so one
+session never blocks the event loop for the others. Any error becomes one status with a
+message naming the field; the daemon and the other sessions carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from kvrecall import __version__
+from kvrecall.server import validation as check
+from kvrecall.server.errors import (
+    InvalidArgument,
+    KVRecallError,
+    PermissionDenied,
+    Unauthenticated,
+)
+from kvrecall.server.layout import SegmentLayout
+from kvrecall.server.metrics import Metrics
+from kvrecall.server.policies import build_policy
+from kvrecall.server.policies.base import config_json
+from kvrecall.server.session import Session, SessionRegistry
+from kvrecall.transport import TensorRefError, open_ref
+from kvrecall.v1 import kvrecall_pb2 as pb
+from kvrecall.v1 import kvrecall_pb2_grpc as pb_grpc
+
+log = logging.getLogger("kvrecall.service")
+
+WORKER_METADATA = "kvrecall-worker-id"
+
+
+@dataclass
+class AuthConfig:
+    """Bearer tokens per worker identity; empty = no token auth (local unix socket)."""
+
+    tokens: dict[str, str]  # token -> worker id
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens)
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+def _is_local_peer(peer: str) -> bool:
+    return peer.startswith("unix:") or peer.startswith("ipv4:127.") or peer.startswith("ipv6:[::1]")
+
+
+class KVRecallService(pb_grpc.KVRecallServicer):
+    def __init__(self, registry: SessionRegistry, device: torch.device, metrics: Metrics, auth: AuthConfig) -> None:
+        self.registry = registry
+        self.device = device
+        self.metrics = metrics
+        self.auth = auth
+
+    # ---- plumbing ----------------------------------------------------------------------
+    def _caller(self, context: grpc.aio.ServicerContext, claimed: str | None = None) -> str | None:
+        """The calling worker's identity: from its token when auth is on, else from metadata."""
+        md = _metadata(context)
+        if self.auth.enabled:
+            header = md.get("authorization", "")
+            token = header[7:] if header.lower().startswith("bearer ") else ""
+            identity = self.auth.tokens.get(token)
+            if identity is None:
+                raise Unauthenticated("authorization: missing or unknown bearer token")
+            for name, value in (("worker_id", claimed), (WORKER_METADATA, md.get(WORKER_METADATA))):
+                if value and value != identity:
+                    raise PermissionDenied(f"{name}: {value!r} does not match the token's worker {identity!r}")
+            return identity
+        return claimed or md.get(WORKER_METADATA) or None
+
+    async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
+        if isinstance(exc, KVRecallError):
+            code, message = exc.code, exc.message
+        elif isinstance(exc, TensorRefError):
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        else:
+            log.exception("internal error in %s", method)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+        self.metrics.errors.labels(method, code.name).inc()
+        if code == grpc.StatusCode.INTERNAL:
+            log.error("%s failed: %s", method, message)
+        else:
+            log.info("%s rejected (%s): %s", method, code.name, message)
+        await context.abort(code, message)
+
+    def _update_pool_gauges(self) -> None:
+        for pool in (self.registry.host_pool, self.registry.device_pool):
+            usage = pool.usage()
+            self.metrics.pool_used.labels(usage.tier).set(usage.used_bytes)
+            self.metrics.pool_free.labels(usage.tier).set(usage.free_bytes)
+
+    def _close(self, session: Session, reason: str) -> tuple[int, int]:
+        freed = self.registry.close(session)
+        self.metrics.sessions.labels(session.worker_id).dec()
+        self.metrics.sessions_closed.labels(reason).inc()
+        self._update_pool_gauges()
+        log.info(
+            "session %s closed (%s): worker=%s freed host=%d device=%d bytes",
+            session.session_id, reason, session.worker_id, freed[0], freed[1],
+        )
+        return freed
+
+    # ---- RPCs --------------------------------------------------------------------------
+    async def OpenSession(self, request: pb.OpenSessionRequest, context) -> pb.OpenSessionResponse:
+        started = time.perf_counter()
+        try:
+            worker = check.worker_id(request.worker_id)
+            self._caller(context, worker)
+            layout = check.layout(request.layout, request.HasField("layout"))
+            check.require(request.HasField("policy"), "policy", "required")
+            policy = build_policy(request.policy, layout)
+            transport = request.transport
+            check.require(
+                transport in (pb.TRANSPORT_SHM, pb.TRANSPORT_CUDA_IPC, pb.TRANSPORT_INLINE),
+                "transport",
+                "must be TRANSPORT_SHM, TRANSPORT_CUDA_IPC or TRANSPORT_INLINE",
+            )
+            if transport == pb.TRANSPORT_CUDA_IPC:
+                check.require(self.device.type == "cuda", "transport", "TRANSPORT_CUDA_IPC needs a daemon on a CUDA device")
+            if transport == pb.TRANSPORT_SHM:
+                check.require(self.device.type == "cpu", "transport", "TRANSPORT_SHM needs a daemon on --device cpu; use TRANSPORT_CUDA_IPC")
+            if transport != pb.TRANSPORT_INLINE and not _is_local_peer(context.peer()):
+                raise PermissionDenied("transport: shared-memory and CUDA IPC transports are refused to remote peers; use TRANSPORT_INLINE")
+            check.require(request.lease_seconds <= 86400, "lease_seconds", "must be <= 86400")
+            if request.tp_size > 1:
+                check.require(request.tp_rank < request.tp_size, "tp_rank", f"must be < tp_size={request.tp_size}")
+            check.require(len(request.tag) <= 256, "tag", "at most 256 characters")
+            session = self.registry.open(worker, layout, policy, transport, float(request.lease_seconds), request.tag)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            await self._fail(context, "OpenSession", exc)
+            raise AssertionError("unreachable") from None
+        plan = session.plan
+        response = pb.OpenSessionResponse(
+            session_id=session.session_id,
+            working_set=self._working_set_info(session),
+            spill_every=plan.spill_every,
+            lease_seconds=int(session.lease_seconds),
+            observation=policy.observation(),
+            policy=policy.name,
+            policy_config_json=json.dumps(config_json(policy)),
+        )
+        rule = policy.boundary_rule()
+        response.boundary.mode = rule.mode
+        response.boundary.threshold = rule.threshold
+        self.metrics.sessions.labels(worker).inc()
+        self.metrics.sessions_opened.labels(policy.name).inc()
+        self._update_pool_gauges()
+        self.metrics.rpc_latency.labels("OpenSession").observe(time.perf_counter() - started)
+        log.info(
+            "session %s opened: worker=%s policy=%s %s layout=%dx%dx%dx%d %s max_tokens=%d slots=%d tag=%r",
+            session.session_id, worker, policy.name, json.dumps(config_json(policy)), layout.num_layers,
+            layout.num_kv_heads, layout.num_query_heads, layout.head_dim, layout.dtype, layout.max_tokens,
+            plan.capacity, request.tag,
+        )
+        return response
+
+    def _working_set_info(self, session: Session) -> pb.WorkingSetInfo:
+        layout, plan = session.layout, session.plan
+        offsets = SegmentLayout.of(layout, plan)
+        info = pb.WorkingSetInfo(
+            capacity=plan.capacity, n_sink=plan.n_sink, retrieved=plan.retrieved, window=plan.window
+        )
+        L, H, Hq, C, D = layout.num_layers, layout.num_kv_heads, layout.num_query_heads, plan.capacity, layout.head_dim
+        from kvrecall.dtypes import WIRE_OF_TORCH
+
+        entries = (
+            (info.keys, layout.dtype, (L, H, C, D), offsets.keys_offset),
+            (info.values, layout.dtype, (L, H, C, D), offsets.values_offset),
+            (info.slot_pos, torch.int32, (L, H, C), offsets.slot_pos_offset),
+            (info.query, layout.dtype, (L, Hq, D), offsets.query_offset),
+        )
+        segment = session.segment
+        for ref, dtype, shape, offset in entries:
+            ref.dtype = WIRE_OF_TORCH[dtype]
+            ref.shape.extend(shape)
+            if session.transport == pb.TRANSPORT_SHM:
+                ref.shm.name = segment.shm.name
+                ref.shm.offset = offset
+            elif session.transport == pb.TRANSPORT_CUDA_IPC:
+                ref.cuda_ipc.handle = segment.ipc_handle
+                ref.cuda_ipc.offset = offset
+                ref.cuda_ipc.device = segment.device.index or 0
+        return info
+
+    def _locations(self, session: Session) -> tuple[str, ...]:
+        if session.transport == pb.TRANSPORT_SHM:
+            return ("shm", "inline_data")
+        if session.transport == pb.TRANSPORT_CUDA_IPC:
+            return ("cuda_ipc", "inline_data")
+        return ("inline_data",)
+
+    async def IngestPrompt(self, request: pb.IngestPromptRequest, context) -> pb.IngestPromptResponse:
+        started = time.perf_counter()
+        mapped = []
+        try:
+            session = self.registry.get(request.session_id, self._caller(context))
+            session.touch()
+            layout = session.layout
+            L, H, Hq, D = layout.num_layers, layout.num_kv_heads, layout.num_query_heads, layout.head_dim
+            T = request.num_tokens
+            check.require(1 <= T <= layout.max_tokens, "num_tokens", f"{T} must be in [1, max_tokens={layout.max_tokens}]")
+            check.require(request.HasField("kv"), "kv", "required")
+            check.tensor_ref(request.kv, "kv", (layout.dtype,), (L, 2, H, T, D), self._locations(session))
+            queries = None
+            if request.HasField("queries"):
+                shape = check.tensor_ref(
+                    request.queries, "queries", (layout.dtype, torch.float32), (L, Hq, None, D), self._locations(session)
+                )
+                check.require(1 <= shape[2] <= T, "queries.shape", f"n_obs={shape[2]} must be in [1, num_tokens={T}]")
+            async with session.lock:
+                mapped.append(open_ref(request.kv, "kv"))
+                if request.HasField("queries"):
+                    mapped.append(open_ref(request.queries, "queries"))
+                    queries = mapped[-1].tensor.float()
+                snapshot = self._snapshot(session)
+                await asyncio.to_thread(session.ingest, mapped[0].tensor, queries)
+                response = pb.IngestPromptResponse(
+                    resident_tokens=session.ws.resident_tokens(),
+                    host_tokens=session.spilled_upto,
+                    units=session.policy.num_units,
+                    seconds=time.perf_counter() - started,
+                )
+                self._delta(session, snapshot, response.delta)
+        except Exception as exc:  # noqa: BLE001
+            await self._fail(context, "IngestPrompt", exc)
+            raise AssertionError("unreachable") from None
+        finally:
+            for m in mapped:
+                m.close()
+        self.metrics.bytes_moved.labels("worker_to_host").inc(session.store.layout.token_bytes * T)
+        self.metrics.rpc_latency.labels("IngestPrompt").observe(time.perf_counter() - started)
+        log.info(
+            "session %s ingested %d tokens in %.3fs: %d units, %d resident",
+            session.session_id, T, response.seconds, response.units, response.resident_tokens,
+        )
+        return response
+
+    def _snapshot(self, session: Session) -> torch.Tensor | None:
+        return session.ws.slot_pos.clone() if session.transport == pb.TRANSPORT_INLINE else None
+
+    def _delta(self, session: Session, snapshot: torch.Tensor | None, out: pb.WorkingSetDelta) -> None:
+        """Fill `out` with the slots that changed since `snapshot` (inline transport)."""
+        if snapshot is None:
+            return
+        now = session.ws.slot_pos
+        changed = (now != snapshot).view(-1).nonzero(as_tuple=True)[0]
+        if changed.numel() == 0:
+            return
+        positions = now.view(-1)[changed]
+        filled = changed[positions >= 0]
+        D = session.layout.head_dim
+        out.slots = changed.to(torch.int32).cpu().numpy().tobytes()
+        out.positions = positions.cpu().numpy().tobytes()
+        for name, tensor in (("keys", session.ws.keys), ("values", session.ws.values)):
+            rows = tensor.view(-1, D)[filled].contiguous().cpu()
+            setattr(out, name, rows.view(torch.uint8).numpy().tobytes())
+
+    async def Decode(self, request_iterator: AsyncIterator[pb.DecodeRequest], context) -> AsyncIterator[pb.DecodeResponse]:
+        session: Session | None = None
+        try:
+            caller = self._caller(context)
+            async for request in request_iterator:
+                started = time.perf_counter()
+                if session is None or session.closed:
+                    session = self.registry.get(request.session_id, caller, "session_id")
+                elif request.session_id and request.session_id != session.session_id:
+                    raise InvalidArgument("session_id", f"this stream is bound to {session.session_id!r}")
+                session.touch()
+                which = request.WhichOneof("event")
+                response = pb.DecodeResponse(seq=request.seq)
+                async with session.lock:
+                    if session.closed:
+                        raise InvalidArgument("session_id", f"session {session.session_id!r} was closed")
+                    snapshot = self._snapshot(session)
+                    if which == "append":
+                        await self._append(session, request.append, response)
+                    elif which == "boundary":
+                        await self._boundary(session, request.boundary, response)
+                    else:
+                        raise InvalidArgument("event", "one of append or boundary is required")
+                    self._delta(session, snapshot, response.delta)
+                self.metrics.rpc_latency.labels(f"Decode.{which}").observe(time.perf_counter() - started)
+                yield response
+        except Exception as exc:  # noqa: BLE001
+            await self._fail(context, "Decode", exc)
+
+    async def _append(self, session: Session, notice: pb.AppendNotice, response: pb.DecodeResponse) -> None:
+        kv = None
+        mapped = None
+        if session.transport == pb.TRANSPORT_INLINE:
+            n = notice.upto - session.spilled_upto
+            check.require(notice.HasField("kv"), "append.kv", "required for TRANSPORT_INLINE sessions")
+            check.require(n >= 1, "append.upto", f"{notice.upto} is not past the {session.spilled_upto} tokens already appended")
+            layout = session.layout
+            check.tensor_ref(
+                notice.kv, "append.kv", (layout.dtype,),
+                (layout.num_layers, 2, layout.num_kv_heads, n, layout.head_dim), ("inline_data",),
+            )
+            mapped = open_ref(notice.kv, "append.kv")
+            kv = mapped.tensor
+        try:
+            spilled, evicted = await asyncio.to_thread(session.append, notice.upto, kv)
+        finally:
+            if mapped is not None:
+                mapped.close()
+        response.append.spilled_upto = spilled
+        response.append.evicted = evicted
+        self.metrics.appends.inc()
+
+    async def _boundary(self, session: Session, event: pb.BoundaryEvent, response: pb.DecodeResponse) -> None:
+        layout = session.layout
+        started = time.perf_counter()
+        mapped = None
+        if event.HasField("query"):
+            check.tensor_ref(
+                event.query, "boundary.query", (layout.dtype, torch.float32),
+                (layout.num_layers, layout.num_query_heads, layout.head_dim), ("inline_data",),
+            )
+            mapped = open_ref(event.query, "boundary.query")
+            query = mapped.tensor.float()
+        else:
+            check.require(
+                session.transport != pb.TRANSPORT_INLINE, "boundary.query", "required for TRANSPORT_INLINE sessions"
+            )
+            query = session.ws.query.float()
+        try:
+            selection, placement = await asyncio.to_thread(session.boundary, event.position, list(event.layers), query)
+        finally:
+            if mapped is not None:
+                mapped.close()
+        r = response.retrieval
+        r.units_selected = selection.units if selection is not None else 0
+        r.tokens_placed = placement.placed
+        r.tokens_gathered = placement.gathered
+        r.bytes_moved = placement.bytes_moved
+        r.seconds = time.perf_counter() - started
+        self.metrics.boundaries.labels(session.policy.name).inc()
+        self.metrics.bytes_moved.labels("host_to_device").inc(placement.bytes_moved)
+
+    async def KeepAlive(self, request: pb.KeepAliveRequest, context) -> pb.KeepAliveResponse:
+        try:
+            session = self.registry.get(request.session_id, self._caller(context))
+        except Exception as exc:  # noqa: BLE001
+            await self._fail(context, "KeepAlive", exc)
+            raise AssertionError("unreachable") from None
+        session.touch()
+        return pb.KeepAliveResponse(lease_seconds_left=int(session.lease_seconds))
+
+    async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.CloseSessionResponse:
+        try:
+            session = self.registry.get(request.session_id, self._caller(context))
+            async with session.lock:
+                if session.closed:
+                    raise InvalidArgument("session_id", f"session {request.session_id!r} is already closed")
+                host, device = self._close(session, "closed")
+        except Exception as exc:  # noqa: BLE001
+            await self._fail(context, "CloseSession", exc)
+            raise AssertionError("unreachable") from None
+        return pb.CloseSessionResponse(host_bytes_freed=host, device_bytes_freed=device)
+
+    async def GetStats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
+        try:
+            caller = self._caller(context)
+            sessions = (
+                [self.registry.get(request.session_id, caller)]
+                if request.session_id
+                else [s for s in self.registry.sessions.values() if not s.closed]
+            )
+        except Exception as exc:  # noqa: BLE001
+            await self._fail(context, "GetStats", exc)
+            raise AssertionError("unreachable") from None
+        response = pb.StatsResponse(version=__version__, device=str(self.device))
+        for pool in (self.registry.host_pool, self.registry.device_pool):
+            u = pool.usage()
+            response.pools.add(
+                tier=u.tier, kind=u.kind, capacity_bytes=u.capacity_bytes, used_bytes=u.used_bytes, free_bytes=u.free_bytes
+            )
+        workers: dict[str, pb.WorkerStats] = {}
+        for s in sessions:
+            c = s.counters
+            response.sessions.add(
+                session_id=s.session_id, worker_id=s.worker_id, policy=s.policy.name, prompt_tokens=s.prompt_tokens,
+                tokens=s.spilled_upto, steps=c.steps, boundaries=c.boundaries, appends=c.appends,
+                bytes_host_to_device=c.bytes_host_to_device, resident_tokens=s.ws.resident_tokens(),
+                max_resident_tokens=s.ws.max_resident, host_tokens=s.spilled_upto, units=s.policy.num_units,
+                host_bytes=s.store.nbytes, device_bytes=s.segment.nbytes, tag=s.tag,
+            )
+            w = workers.setdefault(s.worker_id, pb.WorkerStats(worker_id=s.worker_id))
+            w.sessions += 1
+            w.host_bytes += s.store.nbytes
+            w.device_bytes += s.segment.nbytes
+        response.workers.extend(workers.values())
+        return response
+
+    # ---- leases ------------------------------------------------------------------------
+    async def reap_expired(self) -> int:
+        """Close every session whose lease ran out; returns how many."""
+        count = 0
+        for session in self.registry.expired():
+            async with session.lock:
+                if session.closed or session.lease_deadline >= time.monotonic():
+                    continue
+                log.warning(
+                    "session %s lease expired (worker %s silent for %.0fs): releasing its memory",
+                    session.session_id, session.worker_id, session.lease_seconds,
+                )
+                self._close(session, "lease_expired")
+                count += 1
+        return count

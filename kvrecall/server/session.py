@@ -1,0 +1,225 @@
+"""Sessions: one sequence's KV, owned by one worker, kept alive by a lease.
+
+A Session owns its SequenceStore (host pages), its DeviceSegment (working set) and its
+policy state, and returns all of them on close(). The SessionRegistry admits sessions
+(RESOURCE_EXHAUSTED with what is free when a pool or a worker quota is full), looks them
+up for their owner only, and closes those whose lease ran out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvrecall.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from kvrecall.server.host_store import SequenceStore, tokens_per_page
+from kvrecall.server.layout import ModelLayout, SegmentLayout
+from kvrecall.server.policies.base import Policy, PolicyContext, Selection
+from kvrecall.server.pools import DevicePool, HostPool
+from kvrecall.server.working_set import Placement, WorkingSet
+
+log = logging.getLogger("kvrecall.session")
+
+
+@dataclass
+class SessionCounters:
+    steps: int = 0
+    boundaries: int = 0
+    appends: int = 0
+    bytes_host_to_device: int = 0
+    units: int = 0
+
+
+@dataclass
+class Session:
+    session_id: str
+    worker_id: str
+    tag: str
+    transport: int
+    layout: ModelLayout
+    policy: Policy
+    store: SequenceStore
+    segment: object  # DeviceSegment
+    ws: WorkingSet
+    lease_seconds: float
+    lease_deadline: float = 0.0
+    prompt_tokens: int = 0
+    spilled_upto: int = 0   # tokens [0, spilled_upto) are in the host tier
+    evicted_upto: int = 0   # tokens [n_sink, evicted_upto) have left the window
+    ingested: bool = False
+    closed: bool = False
+    counters: SessionCounters = field(default_factory=SessionCounters)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def plan(self):
+        return self.ws.plan
+
+    def context(self) -> PolicyContext:
+        return PolicyContext(self.layout, self.store, self.ws, self.prompt_tokens)
+
+    def touch(self) -> None:
+        self.lease_deadline = time.monotonic() + self.lease_seconds
+
+    # ---- operations (run in a worker thread, under self.lock) ----------------------------
+    def ingest(self, kv: torch.Tensor, queries: torch.Tensor | None) -> None:
+        """kv: [L, 2, H, T, D] prompt keys and values; queries: [L, Hq, n_obs, D] or None."""
+        if self.ingested:
+            raise FailedPrecondition(f"session {self.session_id}: prompt already ingested")
+        T = kv.shape[3]
+        plan = self.plan
+        self.store.write(0, kv)
+        n_sink = min(plan.n_sink, T)
+        self.ws.write_tokens(kv, 0, 0, n_sink, torch.arange(n_sink, device=self.ws.keys.device))
+        window_from = max(n_sink, T - plan.min_window)
+        self.ws.write_tokens(kv, 0, window_from, T, self.ws.window_slots(window_from, T).to(self.ws.keys.device))
+        self.prompt_tokens = T
+        self.spilled_upto = T
+        self.evicted_upto = window_from
+        self.ingested = True
+        self._place(self.policy.on_ingest(self.context(), queries))
+        self.counters.units = self.policy.num_units
+
+    def append(self, upto: int, kv: torch.Tensor | None) -> tuple[int, int]:
+        """Tokens [spilled_upto, upto) are in the ring (kv carries them for inline sessions).
+        Spill them to host, evict what leaves the window. Returns (spilled_upto, evicted)."""
+        self._require_ingested("append")
+        plan = self.plan
+        start = self.spilled_upto
+        if upto <= start:
+            raise InvalidArgument("append.upto", f"{upto} is not past the {start} tokens already appended")
+        if upto - start > plan.spill_every:
+            raise InvalidArgument(
+                "append.upto",
+                f"{upto - start} tokens since the last notice; send one every spill_every={plan.spill_every}",
+            )
+        if upto > self.layout.max_tokens:
+            raise InvalidArgument("append.upto", f"{upto} is past max_tokens={self.layout.max_tokens}")
+        if kv is not None:
+            self.ws.write_tokens(kv, start, start, upto, self.ws.window_slots(start, upto).to(self.ws.keys.device))
+        self.store.write(start, self.ws.read_window(start, upto).to(self.store.flat.device))
+        self.spilled_upto = upto
+        self.counters.steps += upto - start
+        self.counters.appends += 1
+        evict_to = upto - plan.min_window
+        evicted = 0
+        if evict_to > self.evicted_upto:
+            first = self.evicted_upto
+            self.policy.on_evict(self.context(), first, evict_to)
+            self.ws.clear_window(first, evict_to)
+            self.evicted_upto = evict_to
+            evicted = evict_to - first
+        self.ws._note_resident()
+        return upto, evicted
+
+    def boundary(self, position: int, layers: list[int], query: torch.Tensor) -> tuple[Selection | None, Placement]:
+        self._require_ingested("boundary")
+        if position < self.spilled_upto or position > self.spilled_upto + self.plan.spill_every:
+            raise InvalidArgument(
+                "boundary.position",
+                f"{position} is outside [{self.spilled_upto}, {self.spilled_upto + self.plan.spill_every}] "
+                "(appended tokens not yet noticed must be at most spill_every)",
+            )
+        for layer in layers:
+            if layer >= self.layout.num_layers:
+                raise InvalidArgument("boundary.layers", f"layer {layer} >= num_layers={self.layout.num_layers}")
+        self.counters.boundaries += 1
+        selection = self.policy.on_boundary(self.context(), query, layers or list(range(self.layout.num_layers)))
+        placement = self._place(selection)
+        return selection, placement
+
+    def _place(self, selection: Selection | None) -> Placement:
+        if selection is None:
+            return Placement(placed=0)
+        placement = self.ws.set_retrieved(self.store, selection.positions)
+        self.counters.bytes_host_to_device += placement.bytes_moved
+        return placement
+
+    def _require_ingested(self, what: str) -> None:
+        if not self.ingested:
+            raise FailedPrecondition(f"session {self.session_id}: {what} before IngestPrompt")
+
+    def release(self, device_pool: DevicePool) -> tuple[int, int]:
+        """Return every byte; idempotent. Returns (host bytes, device bytes) freed."""
+        if self.closed:
+            return 0, 0
+        self.closed = True
+        host = self.store.nbytes
+        device = self.segment.nbytes
+        self.store.release()
+        device_pool.free(self.segment)
+        return host, device
+
+
+class SessionRegistry:
+    """Admission, lookup by owner, per-worker quotas and lease expiry."""
+
+    def __init__(
+        self,
+        host_pool: HostPool,
+        device_pool: DevicePool,
+        default_lease: float,
+        max_lease: float = 3600.0,
+        worker_quota_bytes: int = 0,
+    ) -> None:
+        self.host_pool = host_pool
+        self.device_pool = device_pool
+        self.default_lease = default_lease
+        self.max_lease = max_lease
+        self.worker_quota_bytes = worker_quota_bytes
+        self.sessions: dict[str, Session] = {}
+
+    def worker_bytes(self, worker_id: str) -> int:
+        return sum(s.store.nbytes + s.segment.nbytes for s in self.sessions.values() if s.worker_id == worker_id)
+
+    def open(
+        self, worker_id: str, layout: ModelLayout, policy: Policy, transport: int, lease: float, tag: str
+    ) -> Session:
+        plan = policy.plan()
+        ws_bytes = SegmentLayout.of(layout, plan).nbytes
+        per_page = tokens_per_page(layout, self.host_pool.page_bytes)
+        host_bytes = -(-layout.max_tokens // max(per_page, 1)) * self.host_pool.page_bytes
+        if self.worker_quota_bytes:
+            used = self.worker_bytes(worker_id)
+            if used + ws_bytes + host_bytes > self.worker_quota_bytes:
+                raise ResourceExhausted(
+                    f"worker {worker_id!r} quota: {used} of {self.worker_quota_bytes} bytes in use, "
+                    f"this session needs {ws_bytes + host_bytes} more"
+                )
+        session_id = "s-" + secrets.token_hex(8)
+        store = SequenceStore(self.host_pool, layout, owner=worker_id)
+        try:
+            segment = self.device_pool.allocate(ws_bytes)
+        except BaseException:
+            store.release()
+            raise
+        ws = WorkingSet(segment, layout, plan)
+        lease = min(lease or self.default_lease, self.max_lease)
+        session = Session(session_id, worker_id, tag, transport, layout, policy, store, segment, ws, lease)
+        session.touch()
+        self.sessions[session_id] = session
+        return session
+
+    def get(self, session_id: str, worker_id: str | None, field_name: str = "session_id") -> Session:
+        if not session_id:
+            raise InvalidArgument(field_name, "required")
+        session = self.sessions.get(session_id)
+        if session is None or session.closed:
+            raise NotFound(f"{field_name}: no open session {session_id!r}")
+        if worker_id is not None and session.worker_id != worker_id:
+            # Same answer as a missing session: ids of other workers' sessions are not revealed.
+            raise NotFound(f"{field_name}: no open session {session_id!r} for worker {worker_id!r}")
+        return session
+
+    def close(self, session: Session) -> tuple[int, int]:
+        self.sessions.pop(session.session_id, None)
+        return session.release(self.device_pool)
+
+    def expired(self, now: float | None = None) -> list[Session]:
+        now = time.monotonic() if now is None else now
+        return [s for s in self.sessions.values() if s.lease_deadline < now]

@@ -1,0 +1,476 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_INT32: _ClassVar[DType]
+
+class TransportKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRANSPORT_UNSPECIFIED: _ClassVar[TransportKind]
+    TRANSPORT_SHM: _ClassVar[TransportKind]
+    TRANSPORT_CUDA_IPC: _ClassVar[TransportKind]
+    TRANSPORT_INLINE: _ClassVar[TransportKind]
+
+class BoundaryMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BOUNDARY_MODE_UNSPECIFIED: _ClassVar[BoundaryMode]
+    BOUNDARY_MODE_NEVER: _ClassVar[BoundaryMode]
+    BOUNDARY_MODE_EVERY_STEP: _ClassVar[BoundaryMode]
+    BOUNDARY_MODE_THRESHOLD: _ClassVar[BoundaryMode]
+
+class TaskType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_TYPE_UNSPECIFIED: _ClassVar[TaskType]
+    TASK_TYPE_LOCALIZATION: _ClassVar[TaskType]
+    TASK_TYPE_AGGREGATION: _ClassVar[TaskType]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT16: DType
+DTYPE_BFLOAT16: DType
+DTYPE_INT32: DType
+TRANSPORT_UNSPECIFIED: TransportKind
+TRANSPORT_SHM: TransportKind
+TRANSPORT_CUDA_IPC: TransportKind
+TRANSPORT_INLINE: TransportKind
+BOUNDARY_MODE_UNSPECIFIED: BoundaryMode
+BOUNDARY_MODE_NEVER: BoundaryMode
+BOUNDARY_MODE_EVERY_STEP: BoundaryMode
+BOUNDARY_MODE_THRESHOLD: BoundaryMode
+TASK_TYPE_UNSPECIFIED: TaskType
+TASK_TYPE_LOCALIZATION: TaskType
+TASK_TYPE_AGGREGATION: TaskType
+
+class ModelLayout(_message.Message):
+    __slots__ = ("num_layers", "num_kv_heads", "num_query_heads", "head_dim", "dtype", "max_tokens")
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUERY_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    num_layers: int
+    num_kv_heads: int
+    num_query_heads: int
+    head_dim: int
+    dtype: DType
+    max_tokens: int
+    def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., num_query_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
+class FullConfig(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StreamingConfig(_message.Message):
+    __slots__ = ("n_sink", "window")
+    N_SINK_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    n_sink: int
+    window: int
+    def __init__(self, n_sink: _Optional[int] = ..., window: _Optional[int] = ...) -> None: ...
+
+class LouisKVConfig(_message.Message):
+    __slots__ = ("budget", "n_sink", "window", "cluster_size", "kmeans_iters", "threshold", "max_segment")
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    N_SINK_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KMEANS_ITERS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    budget: int
+    n_sink: int
+    window: int
+    cluster_size: int
+    kmeans_iters: int
+    threshold: float
+    max_segment: int
+    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., cluster_size: _Optional[int] = ..., kmeans_iters: _Optional[int] = ..., threshold: _Optional[float] = ..., max_segment: _Optional[int] = ...) -> None: ...
+
+class QuestConfig(_message.Message):
+    __slots__ = ("budget", "n_sink", "window", "page_size")
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    N_SINK_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    budget: int
+    n_sink: int
+    window: int
+    page_size: int
+    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
+
+class SnapKVConfig(_message.Message):
+    __slots__ = ("budget", "n_sink", "window", "pool_kernel")
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    N_SINK_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    POOL_KERNEL_FIELD_NUMBER: _ClassVar[int]
+    budget: int
+    n_sink: int
+    window: int
+    pool_kernel: int
+    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., pool_kernel: _Optional[int] = ...) -> None: ...
+
+class WindowKVConfig(_message.Message):
+    __slots__ = ("budget", "n_sink", "window", "window_size", "group_size", "decay", "task", "keep_pruned_in_host", "threshold", "budget_fraction")
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    N_SINK_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DECAY_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    KEEP_PRUNED_IN_HOST_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    budget: int
+    n_sink: int
+    window: int
+    window_size: int
+    group_size: int
+    decay: bool
+    task: TaskType
+    keep_pruned_in_host: bool
+    threshold: float
+    budget_fraction: float
+    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., window_size: _Optional[int] = ..., group_size: _Optional[int] = ..., decay: bool = ..., task: _Optional[_Union[TaskType, str]] = ..., keep_pruned_in_host: bool = ..., threshold: _Optional[float] = ..., budget_fraction: _Optional[float] = ...) -> None: ...
+
+class PolicyConfig(_message.Message):
+    __slots__ = ("name", "full", "streaming", "louiskv", "quest", "snapkv", "windowkv")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
+    STREAMING_FIELD_NUMBER: _ClassVar[int]
+    LOUISKV_FIELD_NUMBER: _ClassVar[int]
+    QUEST_FIELD_NUMBER: _ClassVar[int]
+    SNAPKV_FIELD_NUMBER: _ClassVar[int]
+    WINDOWKV_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    full: FullConfig
+    streaming: StreamingConfig
+    louiskv: LouisKVConfig
+    quest: QuestConfig
+    snapkv: SnapKVConfig
+    windowkv: WindowKVConfig
+    def __init__(self, name: _Optional[str] = ..., full: _Optional[_Union[FullConfig, _Mapping]] = ..., streaming: _Optional[_Union[StreamingConfig, _Mapping]] = ..., louiskv: _Optional[_Union[LouisKVConfig, _Mapping]] = ..., quest: _Optional[_Union[QuestConfig, _Mapping]] = ..., snapkv: _Optional[_Union[SnapKVConfig, _Mapping]] = ..., windowkv: _Optional[_Union[WindowKVConfig, _Mapping]] = ...) -> None: ...
+
+class ShmRef(_message.Message):
+    __slots__ = ("name", "offset")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class CudaIpcRef(_message.Message):
+    __slots__ = ("handle", "offset", "device", "event_handle")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    handle: bytes
+    offset: int
+    device: int
+    event_handle: bytes
+    def __init__(self, handle: _Optional[bytes] = ..., offset: _Optional[int] = ..., device: _Optional[int] = ..., event_handle: _Optional[bytes] = ...) -> None: ...
+
+class TensorRef(_message.Message):
+    __slots__ = ("dtype", "shape", "shm", "cuda_ipc", "inline_data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
+    INLINE_DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    shm: ShmRef
+    cuda_ipc: CudaIpcRef
+    inline_data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcRef, _Mapping]] = ..., inline_data: _Optional[bytes] = ...) -> None: ...
+
+class WorkingSetInfo(_message.Message):
+    __slots__ = ("capacity", "n_sink", "retrieved", "window", "keys", "values", "slot_pos", "query")
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    N_SINK_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVED_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    SLOT_POS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    capacity: int
+    n_sink: int
+    retrieved: int
+    window: int
+    keys: TensorRef
+    values: TensorRef
+    slot_pos: TensorRef
+    query: TensorRef
+    def __init__(self, capacity: _Optional[int] = ..., n_sink: _Optional[int] = ..., retrieved: _Optional[int] = ..., window: _Optional[int] = ..., keys: _Optional[_Union[TensorRef, _Mapping]] = ..., values: _Optional[_Union[TensorRef, _Mapping]] = ..., slot_pos: _Optional[_Union[TensorRef, _Mapping]] = ..., query: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
+
+class WorkingSetDelta(_message.Message):
+    __slots__ = ("slots", "positions", "keys", "values")
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    slots: bytes
+    positions: bytes
+    keys: bytes
+    values: bytes
+    def __init__(self, slots: _Optional[bytes] = ..., positions: _Optional[bytes] = ..., keys: _Optional[bytes] = ..., values: _Optional[bytes] = ...) -> None: ...
+
+class BoundaryRule(_message.Message):
+    __slots__ = ("mode", "threshold")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    mode: BoundaryMode
+    threshold: float
+    def __init__(self, mode: _Optional[_Union[BoundaryMode, str]] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("worker_id", "layout", "policy", "transport", "lease_seconds", "tp_rank", "tp_size", "tag")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TP_RANK_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    layout: ModelLayout
+    policy: PolicyConfig
+    transport: TransportKind
+    lease_seconds: int
+    tp_rank: int
+    tp_size: int
+    tag: str
+    def __init__(self, worker_id: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., policy: _Optional[_Union[PolicyConfig, _Mapping]] = ..., transport: _Optional[_Union[TransportKind, str]] = ..., lease_seconds: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., tag: _Optional[str] = ...) -> None: ...
+
+class OpenSessionResponse(_message.Message):
+    __slots__ = ("session_id", "working_set", "spill_every", "boundary", "lease_seconds", "observation", "policy", "policy_config_json")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKING_SET_FIELD_NUMBER: _ClassVar[int]
+    SPILL_EVERY_FIELD_NUMBER: _ClassVar[int]
+    BOUNDARY_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    POLICY_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    working_set: WorkingSetInfo
+    spill_every: int
+    boundary: BoundaryRule
+    lease_seconds: int
+    observation: int
+    policy: str
+    policy_config_json: str
+    def __init__(self, session_id: _Optional[str] = ..., working_set: _Optional[_Union[WorkingSetInfo, _Mapping]] = ..., spill_every: _Optional[int] = ..., boundary: _Optional[_Union[BoundaryRule, _Mapping]] = ..., lease_seconds: _Optional[int] = ..., observation: _Optional[int] = ..., policy: _Optional[str] = ..., policy_config_json: _Optional[str] = ...) -> None: ...
+
+class IngestPromptRequest(_message.Message):
+    __slots__ = ("session_id", "kv", "queries", "num_tokens")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    kv: TensorRef
+    queries: TensorRef
+    num_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., kv: _Optional[_Union[TensorRef, _Mapping]] = ..., queries: _Optional[_Union[TensorRef, _Mapping]] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+
+class IngestPromptResponse(_message.Message):
+    __slots__ = ("resident_tokens", "host_tokens", "units", "delta", "seconds")
+    RESIDENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HOST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    resident_tokens: int
+    host_tokens: int
+    units: int
+    delta: WorkingSetDelta
+    seconds: float
+    def __init__(self, resident_tokens: _Optional[int] = ..., host_tokens: _Optional[int] = ..., units: _Optional[int] = ..., delta: _Optional[_Union[WorkingSetDelta, _Mapping]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class AppendNotice(_message.Message):
+    __slots__ = ("upto", "kv")
+    UPTO_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
+    upto: int
+    kv: TensorRef
+    def __init__(self, upto: _Optional[int] = ..., kv: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
+
+class BoundaryEvent(_message.Message):
+    __slots__ = ("position", "layers", "query")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    query: TensorRef
+    def __init__(self, position: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., query: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
+
+class DecodeRequest(_message.Message):
+    __slots__ = ("seq", "session_id", "append", "boundary")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    APPEND_FIELD_NUMBER: _ClassVar[int]
+    BOUNDARY_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    session_id: str
+    append: AppendNotice
+    boundary: BoundaryEvent
+    def __init__(self, seq: _Optional[int] = ..., session_id: _Optional[str] = ..., append: _Optional[_Union[AppendNotice, _Mapping]] = ..., boundary: _Optional[_Union[BoundaryEvent, _Mapping]] = ...) -> None: ...
+
+class AppendAck(_message.Message):
+    __slots__ = ("spilled_upto", "evicted")
+    SPILLED_UPTO_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    spilled_upto: int
+    evicted: int
+    def __init__(self, spilled_upto: _Optional[int] = ..., evicted: _Optional[int] = ...) -> None: ...
+
+class RetrievalResult(_message.Message):
+    __slots__ = ("units_selected", "tokens_placed", "tokens_gathered", "bytes_moved", "seconds")
+    UNITS_SELECTED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PLACED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_GATHERED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    units_selected: int
+    tokens_placed: int
+    tokens_gathered: int
+    bytes_moved: int
+    seconds: float
+    def __init__(self, units_selected: _Optional[int] = ..., tokens_placed: _Optional[int] = ..., tokens_gathered: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class DecodeResponse(_message.Message):
+    __slots__ = ("seq", "append", "retrieval", "delta")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    APPEND_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    append: AppendAck
+    retrieval: RetrievalResult
+    delta: WorkingSetDelta
+    def __init__(self, seq: _Optional[int] = ..., append: _Optional[_Union[AppendAck, _Mapping]] = ..., retrieval: _Optional[_Union[RetrievalResult, _Mapping]] = ..., delta: _Optional[_Union[WorkingSetDelta, _Mapping]] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ("host_bytes_freed", "device_bytes_freed")
+    HOST_BYTES_FREED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_BYTES_FREED_FIELD_NUMBER: _ClassVar[int]
+    host_bytes_freed: int
+    device_bytes_freed: int
+    def __init__(self, host_bytes_freed: _Optional[int] = ..., device_bytes_freed: _Optional[int] = ...) -> None: ...
+
+class KeepAliveRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class KeepAliveResponse(_message.Message):
+    __slots__ = ("lease_seconds_left",)
+    LEASE_SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    lease_seconds_left: int
+    def __init__(self, lease_seconds_left: _Optional[int] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class PoolStats(_message.Message):
+    __slots__ = ("tier", "capacity_bytes", "used_bytes", "free_bytes", "kind")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    capacity_bytes: int
+    used_bytes: int
+    free_bytes: int
+    kind: str
+    def __init__(self, tier: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class SessionStats(_message.Message):
+    __slots__ = ("session_id", "worker_id", "policy", "prompt_tokens", "tokens", "steps", "boundaries", "appends", "bytes_host_to_device", "resident_tokens", "max_resident_tokens", "host_tokens", "units", "host_bytes", "device_bytes", "tag")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BOUNDARIES_FIELD_NUMBER: _ClassVar[int]
+    APPENDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_HOST_TO_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESIDENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HOST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    worker_id: str
+    policy: str
+    prompt_tokens: int
+    tokens: int
+    steps: int
+    boundaries: int
+    appends: int
+    bytes_host_to_device: int
+    resident_tokens: int
+    max_resident_tokens: int
+    host_tokens: int
+    units: int
+    host_bytes: int
+    device_bytes: int
+    tag: str
+    def __init__(self, session_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., policy: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., tokens: _Optional[int] = ..., steps: _Optional[int] = ..., boundaries: _Optional[int] = ..., appends: _Optional[int] = ..., bytes_host_to_device: _Optional[int] = ..., resident_tokens: _Optional[int] = ..., max_resident_tokens: _Optional[int] = ..., host_tokens: _Optional[int] = ..., units: _Optional[int] = ..., host_bytes: _Optional[int] = ..., device_bytes: _Optional[int] = ..., tag: _Optional[str] = ...) -> None: ...
+
+class WorkerStats(_message.Message):
+    __slots__ = ("worker_id", "sessions", "host_bytes", "device_bytes")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    sessions: int
+    host_bytes: int
+    device_bytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., sessions: _Optional[int] = ..., host_bytes: _Optional[int] = ..., device_bytes: _Optional[int] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("pools", "sessions", "workers", "version", "device")
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    pools: _containers.RepeatedCompositeFieldContainer[PoolStats]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionStats]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStats]
+    version: str
+    device: str
+    def __init__(self, pools: _Optional[_Iterable[_Union[PoolStats, _Mapping]]] = ..., sessions: _Optional[_Iterable[_Union[SessionStats, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., version: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
