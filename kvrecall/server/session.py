@@ -60,8 +60,8 @@ class Session:
     def plan(self):
         return self.ws.plan
 
-    def context(self) -> PolicyContext:
-        return PolicyContext(self.layout, self.store, self.ws, self.prompt_tokens)
+    def context(self, prompt_kv: torch.Tensor | None = None) -> PolicyContext:
+        return PolicyContext(self.layout, self.store, self.ws, self.prompt_tokens, self.evicted_upto, prompt_kv)
 
     def touch(self) -> None:
         self.lease_deadline = time.monotonic() + self.lease_seconds
@@ -82,7 +82,7 @@ class Session:
         self.spilled_upto = T
         self.evicted_upto = window_from
         self.ingested = True
-        self._place(self.policy.on_ingest(self.context(), queries))
+        self._place(self.policy.on_ingest(self.context(kv), queries))
         self.counters.units = self.policy.num_units
 
     def append(self, upto: int, kv: torch.Tensor | None) -> tuple[int, int]:
@@ -110,8 +110,9 @@ class Session:
         evicted = 0
         if evict_to > self.evicted_upto:
             first = self.evicted_upto
-            self.policy.on_evict(self.context(), first, evict_to)
+            selection = self.policy.on_evict(self.context(), first, evict_to)
             self.ws.clear_window(first, evict_to)
+            self._place(selection)
             self.evicted_upto = evict_to
             evicted = evict_to - first
         self.ws._note_resident()

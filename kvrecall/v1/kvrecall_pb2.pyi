@@ -110,16 +110,18 @@ class QuestConfig(_message.Message):
     def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
 
 class SnapKVConfig(_message.Message):
-    __slots__ = ("budget", "n_sink", "window", "pool_kernel")
+    __slots__ = ("budget", "n_sink", "window", "pool_kernel", "observation")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     N_SINK_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     POOL_KERNEL_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATION_FIELD_NUMBER: _ClassVar[int]
     budget: int
     n_sink: int
     window: int
     pool_kernel: int
-    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., pool_kernel: _Optional[int] = ...) -> None: ...
+    observation: int
+    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., pool_kernel: _Optional[int] = ..., observation: _Optional[int] = ...) -> None: ...
 
 class WindowKVConfig(_message.Message):
     __slots__ = ("budget", "n_sink", "window", "window_size", "group_size", "decay", "task", "keep_pruned_in_host", "threshold", "budget_fraction")

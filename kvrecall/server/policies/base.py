@@ -31,6 +31,8 @@ class PolicyContext:
     store: SequenceStore
     ws: WorkingSet
     prompt_tokens: int = 0
+    evicted_upto: int = 0  # tokens [n_sink, evicted_upto) have left the window
+    prompt_kv: torch.Tensor | None = None  # [L, 2, H, T, D], during on_ingest only
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,9 @@ class Policy:
         """The prompt is in the host tier and sinks/window are placed. queries: [L, Hq, n_obs, D]."""
         return None
 
-    def on_evict(self, ctx: PolicyContext, start: int, end: int) -> None:
-        """Tokens [start, end) left the window (they are in the host tier)."""
+    def on_evict(self, ctx: PolicyContext, start: int, end: int) -> Selection | None:
+        """Tokens [start, end) left the window (they are in the host tier); may re-place them."""
+        return None
 
     def on_boundary(self, ctx: PolicyContext, query: torch.Tensor, layers: list[int]) -> Selection | None:
         """query: [L, Hq, D] (the worker's latest per-layer query). Return what to retrieve."""
@@ -82,6 +85,37 @@ class Policy:
     @property
     def num_units(self) -> int:
         return 0
+
+
+_FAR = torch.iinfo(torch.int64).max
+
+
+def fill_free_slots(ctx: PolicyContext, start: int, end: int) -> Selection | None:
+    """Place the newest of the tokens [start, end) that just left the window into free
+    retrieved slots (all heads alike), so an unfilled budget holds recent context and a
+    budget >= the sequence length keeps every token (exactness)."""
+    current = ctx.ws.retrieved_positions()
+    if current.shape[-1] == 0:
+        return None
+    free = int((current < 0).sum(dim=-1).min())
+    if free == 0:
+        return None
+    fresh = torch.arange(max(start, end - free), end, dtype=torch.int64)
+    L, H, R = current.shape
+    merged = torch.cat((current, fresh.expand(L, H, -1)), dim=-1)
+    merged = torch.where(merged >= 0, merged, _FAR).sort(dim=-1).values[..., :R]
+    return Selection(torch.where(merged == _FAR, -1, merged))
+
+
+def compact(keep: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
+    """Per row, the positions where `keep` is set, ascending, padded with -1 to `width`.
+
+    keep: [B, M] bool; positions: [B, M] int64 -> [B, width] int64."""
+    picked = torch.where(keep, positions, _FAR).sort(dim=1).values[:, :width]
+    if picked.shape[1] < width:
+        pad = torch.full((picked.shape[0], width - picked.shape[1]), _FAR, device=picked.device, dtype=picked.dtype)
+        picked = torch.cat((picked, pad), dim=1)
+    return torch.where(picked == _FAR, -1, picked)
 
 
 _REGISTRY: dict[str, type[Policy]] = {}

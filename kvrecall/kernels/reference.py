@@ -1,0 +1,255 @@
+"""Plain PyTorch reference of every kvrecall kernel (float32 math, any device).
+
+These are the ground truth the Triton kernels are tested against, and what the daemon runs on
+CPU, so they are vectorised (no Python loop over tokens). They trust their arguments: the
+public functions in `kvrecall.kernels` validate first.
+
+B is a batch of independent (layer, kv-head) problems throughout. Ops and the papers they serve:
+
+* kmeans_assign / kmeans_update / kmeans: spherical k-means over keys (LouisKV, arXiv 2510.11292)
+* score_units, select_under_budget: rank retrieval units, take them under a token budget (LouisKV)
+* gather_rows: copy rows of the host tier into the working set (every retrieving policy)
+* cosine_similarity: the query-drift boundary test (LouisKV)
+* window_scores: per-window importance of attention mass (WindowKV)
+* quest_page_bounds / quest_page_scores: Quest's per-page key bounds and upper-bound scores
+* masked_attention / attention_at_positions: decode attention over a working set, and the
+  ground truth it must equal
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+EPS = 1e-6
+# The reference's largest temporary ([B, chunk, K] similarities) in elements: bounds memory.
+_CHUNK_ELEMENTS = 1 << 24
+
+AssignFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+UpdateFn = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _unit_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm in float32 (rows of norm < EPS are divided by EPS)."""
+    vectors = vectors.float()
+    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(EPS)
+
+
+def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid by cosine: x [B, N, D], centroids [B, K, D] -> assign [B, N] int64.
+
+    assign[b, n] = argmax_k dot(x[b, n], centroids[b, k] / |centroids[b, k]|); ties go to the
+    lowest k. Needs K >= 1 when N >= 1.
+    """
+    batch, num_points, _ = x.shape
+    assign = torch.zeros(batch, num_points, dtype=torch.int64, device=x.device)
+    if num_points == 0:
+        return assign
+    unit_t = _unit_rows(centroids).transpose(1, 2)  # [B, D, K]
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * centroids.shape[1]))
+    for start in range(0, num_points, chunk):
+        sims = torch.bmm(x[:, start : start + chunk].float(), unit_t)
+        assign[:, start : start + chunk] = sims.argmax(dim=-1)  # first maximum wins ties
+    return assign
+
+
+def kmeans_update(x: torch.Tensor, assign: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster means: x [B, N, D], assign [B, N] -> (centroids [B, k, D] f32, counts [B, k] int64).
+
+    Points whose assign is outside [0, k) (e.g. -1 padding) belong to no cluster. An empty
+    cluster gets a zero centroid and count 0.
+    """
+    batch, num_points, dim = x.shape
+    member = (assign >= 0) & (assign < k)
+    offsets = torch.arange(batch, device=x.device).unsqueeze(1) * k
+    spill = batch * k  # one extra bin collects the non-members
+    flat = torch.where(member, assign.long() + offsets, spill).reshape(-1)
+    sums = torch.zeros(spill + 1, dim, dtype=torch.float32, device=x.device)
+    sums.index_add_(0, flat, x.reshape(batch * num_points, dim).float())
+    counts = torch.bincount(flat, minlength=spill + 1)[:spill].view(batch, k)
+    centroids = sums[:spill].view(batch, k, dim) / counts.clamp_min(1).unsqueeze(-1)
+    return centroids, counts
+
+
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    iters: int,
+    seed: int = 0,
+    assign_fn: AssignFn = kmeans_assign,
+    update_fn: UpdateFn = kmeans_update,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spherical k-means: x [B, N, D] -> (centroids [B, K, D] f32, assign [B, N], counts [B, K]).
+
+    K = min(k, N). Init: the K evenly spaced points x[:, (i * N // K + seed) % N] (deterministic;
+    `seed` only rotates the grid). Then `iters` Lloyd iterations of assign + update; a cluster
+    left empty by an update keeps its previous centroid (no re-seeding), so no centroid is
+    ever the zero vector. Finally every point is assigned to its nearest returned centroid and
+    counts are that assignment's cluster sizes (a count may be 0); the centroids are the means
+    of the previous assignment (equal to the final members' means once converged).
+    `assign_fn` / `update_fn` choose the implementation of the two steps.
+    """
+    batch, num_points, dim = x.shape
+    k = min(k, num_points)
+    if k == 0:
+        return (
+            x.new_zeros(batch, 0, dim, dtype=torch.float32),
+            torch.zeros(batch, num_points, dtype=torch.int64, device=x.device),
+            torch.zeros(batch, 0, dtype=torch.int64, device=x.device),
+        )
+    init = ((torch.arange(k, device=x.device) * num_points) // k + seed) % num_points
+    centroids = x[:, init].float()
+    for _ in range(iters):
+        means, counts = update_fn(x, assign_fn(x, centroids), k)
+        centroids = torch.where(counts.unsqueeze(-1) > 0, means, centroids)
+    assign = assign_fn(x, centroids)
+    counts = torch.zeros(batch, k, dtype=torch.int64, device=x.device)
+    counts.scatter_add_(1, assign, torch.ones_like(assign))
+    return centroids, assign, counts
+
+
+def score_units(
+    query: torch.Tensor, reps: torch.Tensor, valid: torch.Tensor, agg: str = "max"
+) -> torch.Tensor:
+    """Unit scores: query [B, G, D], reps [B, U, D], valid [B, U] -> [B, U] f32.
+
+    scores[b, u] = agg_g dot(query[b, g], reps[b, u]) with agg "max" or "sum" over the G query
+    heads of the group; invalid units score -inf.
+    """
+    per_head = torch.bmm(reps.float(), query.float().transpose(1, 2))  # [B, U, G]
+    scores = per_head.amax(dim=-1) if agg == "max" else per_head.sum(dim=-1)
+    return scores.masked_fill(~valid.bool(), float("-inf"))
+
+
+def select_under_budget(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> torch.Tensor:
+    """Greedy selection: scores [B, U], sizes [B, U] -> tokens taken per unit [B, U] int64.
+
+    Units are visited by descending score (ties: lower index first); each takes
+    min(size, budget left), so the last one taken may be partial. Units scoring -inf or NaN
+    take nothing; negative sizes count as 0.
+    """
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    takeable = torch.where(scores > float("-inf"), sizes.long().clamp_min(0), 0)
+    ordered = takeable.gather(1, order)
+    before = ordered.cumsum(dim=1) - ordered
+    taken = torch.minimum(ordered, (budget - before).clamp_min(0))
+    return torch.zeros_like(takeable).scatter_(1, order, taken)
+
+
+def gather_rows(
+    src: torch.Tensor, src_start: torch.Tensor, dst: torch.Tensor, dst_start: torch.Tensor, row_len: int
+) -> None:
+    """dst[dst_start[i] : dst_start[i] + row_len] = src[src_start[i] : ... + row_len], in place.
+
+    src, dst: 1-D, same dtype, may live on different devices; starts [N] in elements.
+    Overlapping destination rows leave an unspecified one of the writers.
+    """
+    if src_start.numel() == 0 or row_len == 0:
+        return
+    rows = src.unfold(0, row_len, 1)[src_start.to(src.device).long()]  # [N, row_len], one copy
+    columns = torch.arange(row_len, device=dst.device)
+    dst_index = (dst_start.to(dst.device).long().unsqueeze(1) + columns).reshape(-1)
+    dst.index_copy_(0, dst_index, rows.reshape(-1).to(dst.device))
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a, b [B, H, D] -> [B, H] f32: dot(a, b) / (max(|a|, EPS) * max(|b|, EPS))."""
+    a = a.float()
+    b = b.float()
+    norms = a.norm(dim=-1).clamp_min(EPS) * b.norm(dim=-1).clamp_min(EPS)
+    return (a * b).sum(dim=-1) / norms
+
+
+def window_lengths(num_tokens: int, window_size: int, device: torch.device) -> torch.Tensor:
+    """Real length of each of the ceil(T / W) windows [P] int64 (the last may be short)."""
+    starts = torch.arange(0, num_tokens, window_size, device=device)
+    return (num_tokens - starts).clamp_max(window_size)
+
+
+def window_scores(attn: torch.Tensor, window_size: int, mode: str = "mean") -> torch.Tensor:
+    """Per-window scores: attn [B, T] -> [B, ceil(T / W)] f32 for W = window_size.
+
+    "mean": mean of the window's values; "topmean": mean of its ceil(n / 2) largest values,
+    n being the window's real length.
+    """
+    batch, num_tokens = attn.shape
+    num_windows = -(-num_tokens // window_size)
+    if num_windows == 0:
+        return attn.new_zeros(batch, 0, dtype=torch.float32)
+    lengths = window_lengths(num_tokens, window_size, attn.device)
+    pad_value = 0.0 if mode == "mean" else float("-inf")
+    padded = attn.new_full((batch, num_windows * window_size), pad_value, dtype=torch.float32)
+    padded[:, :num_tokens] = attn
+    windows = padded.view(batch, num_windows, window_size)
+    if mode == "mean":
+        return windows.sum(dim=-1) / lengths
+    halves = (lengths + 1) // 2
+    top = windows.topk((window_size + 1) // 2, dim=-1).values  # sorted, padding (-inf) last
+    keep = torch.arange(top.shape[-1], device=attn.device) < halves.unsqueeze(1)
+    return torch.where(keep, top, 0.0).sum(dim=-1) / halves
+
+
+def quest_page_bounds(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quest page bounds: keys [B, T, D] -> (kmin, kmax) [B, ceil(T / page_size), D], keys' dtype.
+
+    Elementwise min / max of the keys of each page of page_size consecutive tokens (the last
+    page may be short).
+    """
+    batch, num_tokens, dim = keys.shape
+    full = num_tokens // page_size
+    pages = keys[:, : full * page_size].reshape(batch, full, page_size, dim)
+    kmin, kmax = pages.amin(dim=2), pages.amax(dim=2)
+    if full * page_size < num_tokens:
+        tail = keys[:, full * page_size :]
+        kmin = torch.cat([kmin, tail.amin(dim=1, keepdim=True)], dim=1)
+        kmax = torch.cat([kmax, tail.amax(dim=1, keepdim=True)], dim=1)
+    return kmin, kmax
+
+
+def quest_page_scores(
+    query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Quest upper bounds: query [B, G, D], kmin/kmax [B, P, D], valid [B, P] -> [B, P] f32.
+
+    score = max_g sum_d max(q_d * kmin_d, q_d * kmax_d); invalid pages -inf. Since kmin <= kmax,
+    the sum is relu(q) . kmax + min(q, 0) . kmin: two batched products, no [B, G, P, D] temporary.
+    """
+    q = query.float()
+    per_head = torch.bmm(kmax.float(), q.clamp_min(0).transpose(1, 2))
+    per_head += torch.bmm(kmin.float(), q.clamp_max(0).transpose(1, 2))  # [B, P, G]
+    return per_head.amax(dim=-1).masked_fill(~valid.bool(), float("-inf"))
+
+
+def masked_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """GQA decode attention over valid slots: query [Hq, D], keys/values [Hkv, C, D], valid [Hkv, C].
+
+    Query head h reads kv head h // (Hq / Hkv). Returns [Hq, D] f32; a head with no valid slot
+    outputs zeros.
+    """
+    num_kv_heads, _, dim = keys.shape
+    group = query.shape[0] // num_kv_heads
+    q = query.float().view(num_kv_heads, group, dim)
+    logits = torch.bmm(q, keys.float().transpose(1, 2)) * scale  # [Hkv, G, C]
+    valid = valid.bool().unsqueeze(1)
+    probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
+    probs = torch.where(valid.any(dim=-1, keepdim=True), probs, 0.0)  # all -inf rows are NaN
+    return torch.bmm(probs, values.float()).view(num_kv_heads * group, dim)
+
+
+def attention_at_positions(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Full attention restricted to `positions`: the ground truth for a working set.
+
+    query [Hq, D]; keys/values [Hkv, T, D] hold every token; positions [Hkv, R] int (-1 = none,
+    duplicates allowed). Attention over a working set whose slots hold the tokens at slot_pos
+    must equal this with positions = slot_pos, whatever the slot order.
+    """
+    num_kv_heads, num_tokens, _ = keys.shape
+    chosen = positions >= 0
+    mask = torch.zeros(num_kv_heads, num_tokens + 1, dtype=torch.bool, device=keys.device)
+    mask.scatter_(1, torch.where(chosen, positions.long(), num_tokens), True)  # column T: padding
+    return masked_attention(query, keys, values, mask[:, :num_tokens], scale)

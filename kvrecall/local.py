@@ -1,0 +1,89 @@
+"""LocalDaemon: start a real `kvrecall serve` process on a private unix socket.
+
+Used by `kvrecall demo` / `eval` when no --target is given, and by the integration tests,
+which always talk real gRPC to a real daemon process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+class LocalDaemon:
+    def __init__(
+        self,
+        host_pool_gb: float = 2.0,
+        device_pool_gb: float = 1.0,
+        device: str = "cpu",
+        extra_args: list[str] | None = None,
+        log_path: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self._dir = tempfile.mkdtemp(prefix="kvrecall-")
+        self.socket = os.path.join(self._dir, "kvrecall.sock")
+        self.target = f"unix://{self.socket}"
+        self.log_path = log_path or os.path.join(self._dir, "daemon.log")
+        self.args = [
+            sys.executable, "-m", "kvrecall.cli", "serve", "--listen", self.target, "--device", device,
+            "--host-pool-gb", str(host_pool_gb), "--device-pool-gb", str(device_pool_gb), *(extra_args or []),
+        ]
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> LocalDaemon:
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + timeout
+        from kvrecall.client import KVRecallClient, KVRecallClientError
+
+        client = KVRecallClient(self.target, "local-probe", connect_retries=0, timeout=2.0)
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"daemon exited with {self.process.returncode}: {self.log()[-2000:]}")
+                if Path(self.socket).exists():
+                    try:
+                        if client.health(timeout=2.0) == "SERVING":
+                            return self
+                    except KVRecallClientError:
+                        pass
+                time.sleep(0.1)
+        finally:
+            client.close()
+        self.stop()
+        raise TimeoutError(f"daemon not serving after {timeout}s: {self.log()[-2000:]}")
+
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> LocalDaemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

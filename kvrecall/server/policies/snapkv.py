@@ -1,0 +1,88 @@
+"""`snapkv` (SnapKV, Li et al., arXiv 2404.14469): observation-window token selection.
+
+At ingest the queries of the last `observation` prompt tokens attend over the prompt; the
+attention mass each token receives (summed over the observation queries and the grouped
+query heads, then max-pooled over `pool_kernel` neighbours) ranks the tokens that left the
+window, and the top `budget` per (layer, KV head) are kept. Nothing is retrieved later.
+Shapes: queries [L, Hq, n_obs, D]; prompt keys [L, H, T, D]; selection [L, H, R].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvrecall.server.layout import WorkingSetPlan
+from kvrecall.server.policies.base import (
+    DEFAULT_SPILL_EVERY,
+    Policy,
+    PolicyContext,
+    Selection,
+    check,
+    fill_free_slots,
+    register,
+)
+
+
+@dataclass
+class SnapKVConfig:
+    budget: int = 512       # selected prompt tokens per (layer, KV head)
+    n_sink: int = 16
+    window: int = 64
+    pool_kernel: int = 7    # odd max-pool width over token scores
+    observation: int = 16   # last prompt tokens whose queries vote
+
+    def __post_init__(self) -> None:
+        check(1 <= self.budget <= 1 << 20, "budget", "must be in [1, 1048576]")
+        check(self.n_sink <= 4096, "n_sink", "must be <= 4096")
+        check(2 * DEFAULT_SPILL_EVERY <= self.window <= 1 << 16, "window", f"must be in [{2 * DEFAULT_SPILL_EVERY}, 65536]")
+        check(self.pool_kernel % 2 == 1 and self.pool_kernel <= 63, "pool_kernel", "must be odd and <= 63")
+        check(1 <= self.observation <= 1024, "observation", "must be in [1, 1024]")
+
+
+def observation_scores(queries: torch.Tensor, keys: torch.Tensor, group: int) -> torch.Tensor:
+    """Attention mass per prompt token: queries [Hq, n, D] (the last n prompt tokens),
+    keys [H, T, D] -> [H, T] float32 (causal among the observation tokens)."""
+    Hq, n, D = queries.shape
+    T = keys.shape[1]
+    k = keys.float().repeat_interleave(group, dim=0)
+    logits = queries.float() @ k.transpose(1, 2) / D**0.5  # [Hq, n, T]
+    future = torch.arange(T, device=keys.device)[None, :] > (T - n + torch.arange(n, device=keys.device))[:, None]
+    probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+    return probs.sum(dim=1).view(-1, group, T).sum(dim=1)
+
+
+@register
+class SnapKVPolicy(Policy):
+    name = "snapkv"
+    proto_field = "snapkv"
+    Config = SnapKVConfig
+
+    def plan(self) -> WorkingSetPlan:
+        c = self.config
+        return WorkingSetPlan(n_sink=c.n_sink, retrieved=c.budget, window=c.window, spill_every=DEFAULT_SPILL_EVERY)
+
+    def observation(self) -> int:
+        return self.config.observation
+
+    def on_ingest(self, ctx: PolicyContext, queries: torch.Tensor | None) -> Selection | None:
+        start, end = min(ctx.ws.plan.n_sink, ctx.prompt_tokens), ctx.evicted_upto
+        if queries is None or end <= start:
+            return None
+        L, H = self.layout.num_layers, self.layout.num_kv_heads
+        R = self.config.budget
+        keys = ctx.prompt_kv[:, 0]  # [L, H, T, D]
+        selection = torch.full((L, H, R), -1, dtype=torch.int64)
+        count = min(R, end - start)
+        pad = self.config.pool_kernel // 2
+        for layer in range(L):
+            mass = observation_scores(queries[layer], keys[layer], self.layout.group_size)
+            pooled = F.max_pool1d(mass[None], self.config.pool_kernel, stride=1, padding=pad)[0]
+            top = pooled[:, start:end].topk(count, dim=-1).indices + start
+            selection[layer, :, :count] = top.sort(dim=-1).values.cpu()
+        return Selection(selection, units=L * H * count)
+
+    def on_evict(self, ctx: PolicyContext, start: int, end: int) -> Selection | None:
+        return fill_free_slots(ctx, start, end)

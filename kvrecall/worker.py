@@ -1,0 +1,91 @@
+"""Decoding a transformers model through a kvrecall session (the model-worker side).
+
+`decode` runs prefill + greedy decoding, `teacher_force` replays a given continuation and
+returns the logits at every step (for fidelity against full attention).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from kvrecall.client.hf import KVRecallCache, spec_for, use_kvrecall_attention
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]
+    logits: list[torch.Tensor] = field(repr=False)  # per generated step, [vocab] float32
+    prefill_seconds: float
+    decode_seconds: float
+    boundaries: int
+    appends: int
+    max_resident: int
+    host_tokens: int
+    similarities: list[float] = field(default_factory=list, repr=False)
+
+
+def open_model_session(client, model, policy: str, config: dict | None, max_tokens: int, tag: str = ""):
+    """A session shaped for `model`, and the cache that decodes through it."""
+    session = client.open_session(spec_for(model, max_tokens), policy, config, tag=tag)
+    use_kvrecall_attention(model)
+    return session, KVRecallCache(session, record_similarity=True)
+
+
+@torch.no_grad()
+def decode(
+    model,
+    cache: KVRecallCache,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_ids: set[int] | None = None,
+    forced: list[int] | None = None,
+    progress: bool = False,
+) -> DecodeResult:
+    """Prefill `input_ids` [1, T], then decode greedily (or feed `forced` tokens: teacher forcing)."""
+    started = time.perf_counter()
+    if progress:
+        print(f"prefill: {input_ids.shape[1]} tokens ...", flush=True)
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    prefill = time.perf_counter() - started
+    logits = [out.logits[0, -1].float()]
+    tokens: list[int] = []
+    steps = len(forced) if forced is not None else max_new_tokens
+    started = time.perf_counter()
+    position = input_ids.shape[1]
+    bar = tqdm(total=steps, desc="decode", unit="tok", disable=not progress, leave=False)
+    for step in range(steps):
+        token = forced[step] if forced is not None else int(logits[-1].argmax())
+        tokens.append(token)
+        bar.update(1)
+        if forced is None and eos_token_ids and token in eos_token_ids:
+            break
+        if step == steps - 1:
+            break
+        ids = torch.tensor([[token]], device=input_ids.device)
+        out = model(
+            input_ids=ids,
+            past_key_values=cache,
+            use_cache=True,
+            position_ids=torch.tensor([[position]], device=input_ids.device),
+            cache_position=torch.tensor([position], device=input_ids.device),
+        )
+        position += 1
+        logits.append(out.logits[0, -1].float())
+    bar.close()
+    cache.session.flush()
+    stats = cache.session.stats()
+    return DecodeResult(
+        tokens=tokens,
+        logits=logits[: len(tokens)],
+        prefill_seconds=prefill,
+        decode_seconds=time.perf_counter() - started,
+        boundaries=cache.stats.boundaries,
+        appends=cache.stats.appends,
+        max_resident=max(cache.stats.max_resident, stats.max_resident_tokens),
+        host_tokens=stats.host_tokens,
+        similarities=list(cache.stats.similarities),
+    )
