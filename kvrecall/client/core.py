@@ -88,7 +88,7 @@ class SessionCore:
             tensors[2].fill_(-1)
             mapped: list[MappedTensor] = []
         else:
-            mapped = [open_ref(r, name) for r, name in zip(refs, ("keys", "values", "slot_pos", "query"))]
+            mapped = [open_ref(r, name) for r, name in zip(refs, ("keys", "values", "slot_pos", "query"), strict=True)]
             tensors = [m.tensor for m in mapped]
         core = SessionCore(response.session_id, spec, transport, response, *tensors, _mapped=mapped)
         return core

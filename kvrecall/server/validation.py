@@ -67,7 +67,7 @@ def tensor_ref(
     require(dtype in dtypes, f"{field}.dtype", f"{dtype} does not match the session layout ({dtypes[0]})")
     expected = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
     require(
-        len(actual) == len(shape) and all(e is None or e == a for e, a in zip(shape, actual)),
+        len(actual) == len(shape) and all(e is None or e == a for e, a in zip(shape, actual, strict=True)),
         f"{field}.shape",
         f"{list(actual)} does not match {expected}",
     )

@@ -36,6 +36,7 @@ from kvrecall.server.policies.base import (
 )
 from kvrecall.v1 import kvrecall_pb2 as pb
 
+
 @dataclass
 class LouisKVConfig:
     """Defaults chosen by measurement on SmolLM2-135M (docs/TUNING.md)."""
@@ -143,7 +144,7 @@ class LouisKVPolicy(Policy):
         R, G, B = self.config.budget, self.layout.group_size, L * H
         device = ctx.ws.keys.device
         q = query.float().reshape(L, H, G, D).reshape(B, G, D)
-        reps, sizes, kinds = [], [], []
+        reps, sizes = [], []
         if self.prompt is not None:
             reps.append(self.prompt.centroids)
             sizes.append(self.prompt.sizes)
