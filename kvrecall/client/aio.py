@@ -1,0 +1,203 @@
+"""The asyncio SDK: the same sessions as kvrecall.client.session, on grpc.aio.
+
+    async with AsyncKVRecallClient("unix:///tmp/kvrecall.sock", "worker-0") as client:
+        session = await client.open_session(spec, "louiskv", {"budget": 512})
+        await session.ingest(kv, queries)
+        ...  # session.write_token(...); await session.advance()
+        await session.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+import torch
+
+from kvrecall.client.core import (
+    ModelSpec,
+    SessionCore,
+    channel_options,
+    choose_transport,
+    credentials,
+    metadata,
+    policy_message,
+)
+from kvrecall.client.errors import KVRecallClientError, UnavailableError, from_rpc_error
+from kvrecall.client.staging import staged
+from kvrecall.transport import inline_ref
+from kvrecall.v1 import kvrecall_pb2 as pb
+from kvrecall.v1 import kvrecall_pb2_grpc as pb_grpc
+
+log = logging.getLogger("kvrecall.client.aio")
+
+
+class AsyncKVRecallClient:
+    def __init__(
+        self,
+        target: str,
+        worker_id: str,
+        *,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        timeout: float = 30.0,
+        connect_retries: int = 5,
+        max_message_mb: int = 512,
+    ) -> None:
+        self.target = target
+        self.worker_id = worker_id
+        self.timeout = timeout
+        self.connect_retries = connect_retries
+        self._metadata = metadata(worker_id, token)
+        creds = credentials(tls_ca, tls_cert, tls_key)
+        options = channel_options(max_message_mb)
+        self.channel = (
+            grpc.aio.secure_channel(target, creds, options) if creds else grpc.aio.insecure_channel(target, options)
+        )
+        self.stub = pb_grpc.KVRecallStub(self.channel)
+
+    async def call(self, method, request, *, retry: bool = False, timeout: float | None = None):
+        attempts = self.connect_retries + 1 if retry else 1
+        delay = 0.1
+        for attempt in range(attempts):
+            try:
+                return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            except grpc.aio.AioRpcError as exc:
+                error = from_rpc_error(exc)
+                if isinstance(error, UnavailableError) and attempt + 1 < attempts:
+                    log.warning("daemon %s unavailable (%s); retrying in %.1fs", self.target, error.details, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                raise error from None
+        raise AssertionError("unreachable")
+
+    async def stats(self, session_id: str = "") -> pb.StatsResponse:
+        return await self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id), retry=True)
+
+    async def open_session(
+        self,
+        spec: ModelSpec,
+        policy: str,
+        config: dict[str, Any] | None = None,
+        *,
+        transport: str | None = None,
+        device: torch.device | str | None = None,
+        lease_seconds: int = 0,
+        tag: str = "",
+    ) -> AsyncWorkerSession:
+        device = torch.device(device) if device is not None else None
+        kind = choose_transport(self.target, device, transport)
+        request = pb.OpenSessionRequest(
+            worker_id=self.worker_id, layout=spec.to_proto(), policy=policy_message(policy, config),
+            transport=kind, lease_seconds=lease_seconds, tag=tag,
+        )
+        response = await self.call(self.stub.OpenSession, request, retry=True)
+        try:
+            core = SessionCore.from_open(response, spec, kind)
+        except Exception:
+            await self.call(self.stub.CloseSession, pb.CloseSessionRequest(session_id=response.session_id))
+            raise
+        return AsyncWorkerSession(self, core)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncKVRecallClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncWorkerSession:
+    def __init__(self, client: AsyncKVRecallClient, core: SessionCore) -> None:
+        self.client = client
+        self.core = core
+        self._stream: Any = None
+        lease = max(1, core.info.lease_seconds)
+        self._keepalive = asyncio.create_task(self._keep_alive(lease / 3.0))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.core, name)
+
+    async def ingest(self, kv: torch.Tensor, queries: torch.Tensor | None = None) -> pb.IngestPromptResponse:
+        core = self.core
+        request = pb.IngestPromptRequest(session_id=core.session_id, num_tokens=kv.shape[3])
+        with staged(kv, core.transport) as ref:
+            request.kv.CopyFrom(ref)
+            if queries is not None:
+                request.queries.CopyFrom(inline_ref(queries.to(kv.dtype)))
+            response = await self.client.call(self.client.stub.IngestPrompt, request, timeout=max(self.client.timeout, 300))
+        core.apply_delta(response.delta)
+        core.position = core.noticed_upto = kv.shape[3]
+        return response
+
+    async def _stream_call(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
+        if self._stream is None:
+            self._stream = self.client.stub.Decode(metadata=self.client._metadata)
+        try:
+            await self._stream.write(request)
+            response = await asyncio.wait_for(self._stream.read(), self.client.timeout)
+        except grpc.aio.AioRpcError as exc:
+            self._stream = None
+            raise from_rpc_error(exc) from None
+        if response is grpc.aio.EOF:
+            self._stream = None
+            raise KVRecallClientError("decode stream ended unexpectedly")
+        self.core.apply_answer(request, response)
+        return response
+
+    async def append(self) -> pb.AppendAck:
+        return (await self._stream_call(self.core.append_request())).append
+
+    async def boundary(self, layers: list[int] | None = None) -> pb.RetrievalResult:
+        return (await self._stream_call(self.core.boundary_request(layers))).retrieval
+
+    async def advance(self) -> pb.AppendAck | None:
+        self.core.position += 1
+        if self.core.needs_append():
+            return await self.append()
+        return None
+
+    async def flush(self) -> None:
+        if self.core.position > self.core.noticed_upto:
+            await self.append()
+
+    async def stats(self) -> pb.SessionStats:
+        return (await self.client.stats(self.core.session_id)).sessions[0]
+
+    async def close(self) -> pb.CloseSessionResponse | None:
+        if self.core.closed:
+            return None
+        self.core.closed = True
+        self._keepalive.cancel()
+        if self._stream is not None:
+            await self._stream.done_writing()
+            self._stream = None
+        try:
+            return await self.client.call(
+                self.client.stub.CloseSession, pb.CloseSessionRequest(session_id=self.core.session_id)
+            )
+        finally:
+            self.core.unmap()
+
+    async def __aenter__(self) -> AsyncWorkerSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _keep_alive(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.client.call(
+                    self.client.stub.KeepAlive, pb.KeepAliveRequest(session_id=self.core.session_id), timeout=5.0
+                )
+            except KVRecallClientError as exc:
+                log.warning("keep-alive for session %s failed: %s", self.core.session_id, exc)
