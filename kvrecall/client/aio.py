@@ -140,6 +140,7 @@ class AsyncWorkerSession:
     async def _stream_call(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
         if self._stream is None:
             self._stream = self.client.stub.Decode(metadata=self.client._metadata)
+        self.core.publish()
         try:
             await self._stream.write(request)
             response = await asyncio.wait_for(self._stream.read(), self.client.timeout)

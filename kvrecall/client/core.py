@@ -199,6 +199,12 @@ class SessionCore:
             self.noticed_upto = response.append.spilled_upto
         self.apply_delta(response.delta)
 
+    def publish(self) -> None:
+        """Make this worker's writes to a GPU working set visible before the daemon reads it
+        (a sync of the current stream, not of the device)."""
+        if self.keys.is_cuda:
+            torch.cuda.current_stream(self.keys.device).synchronize()
+
     def unmap(self) -> None:
         for m in self._mapped:
             m.close()

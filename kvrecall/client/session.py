@@ -211,6 +211,7 @@ class WorkerSession:
                     yield item
 
             self._responses = self.client.stub.Decode(requests(), metadata=self.client._metadata)
+        self.core.publish()
         self._requests.put(request)
         try:
             response = next(self._responses)

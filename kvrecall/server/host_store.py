@@ -21,7 +21,7 @@ def tokens_per_page(layout: ModelLayout, page_bytes: int) -> int:
 
 
 class SequenceStore:
-    def __init__(self, pool: HostPool, layout: ModelLayout, owner: str) -> None:
+    def __init__(self, pool: HostPool, layout: ModelLayout, owner: str, device: torch.device | None = None) -> None:
         self.pool = pool
         self.layout = layout
         self.owner = owner
@@ -37,6 +37,8 @@ class SequenceStore:
         self._flat = pool.view(layout.dtype)
         page_elems = pool.page_bytes // itemsize(layout.dtype)
         self._page_base = torch.tensor(self.pages, dtype=torch.int64) * page_elems
+        # Row offsets are computed where the working set lives (the gather's index tensors).
+        self._page_base_dev = self._page_base.to(device) if device is not None else self._page_base
         L, H, D, P = layout.num_layers, layout.num_kv_heads, layout.head_dim, self.tokens_per_page
         self._page_shape = (L, 2, H, P, D)
         self._page_numel = L * 2 * H * P * D
@@ -88,7 +90,7 @@ class SequenceStore:
         L, _, H, P, D = self._page_shape
         page_index = torch.div(position, P, rounding_mode="floor")
         in_page = position - page_index * P
-        return self._page_base[page_index] + (((layer * 2 + kv_index) * H + head) * P + in_page) * D
+        return self._page_base_dev[page_index] + (((layer * 2 + kv_index) * H + head) * P + in_page) * D
 
     @property
     def flat(self) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 from kvrecall import __version__
 from kvrecall.server import validation as check
 from kvrecall.server.errors import (
+    FailedPrecondition,
     InvalidArgument,
     KVRecallError,
     PermissionDenied,
@@ -117,8 +118,8 @@ class KVRecallService(pb_grpc.KVRecallServicer):
     async def OpenSession(self, request: pb.OpenSessionRequest, context) -> pb.OpenSessionResponse:
         started = time.perf_counter()
         try:
+            self._caller(context, request.worker_id)  # authenticate before validating anything
             worker = check.worker_id(request.worker_id)
-            self._caller(context, worker)
             layout = check.layout(request.layout, request.HasField("layout"))
             check.require(request.HasField("policy"), "policy", "required")
             policy = build_policy(request.policy, layout)
@@ -301,6 +302,8 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         kv = None
         mapped = None
         if session.transport == pb.TRANSPORT_INLINE:
+            if not session.ingested:  # before sizing append.kv against a prompt that is not there
+                raise FailedPrecondition(f"session {session.session_id}: append before IngestPrompt")
             n = notice.upto - session.spilled_upto
             check.require(notice.HasField("kv"), "append.kv", "required for TRANSPORT_INLINE sessions")
             check.require(n >= 1, "append.upto", f"{notice.upto} is not past the {session.spilled_upto} tokens already appended")

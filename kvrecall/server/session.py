@@ -84,6 +84,7 @@ class Session:
         self.ingested = True
         self._place(self.policy.on_ingest(self.context(kv), queries))
         self.counters.units = self.policy.num_units
+        self.finish()
 
     def append(self, upto: int, kv: torch.Tensor | None) -> tuple[int, int]:
         """Tokens [spilled_upto, upto) are in the ring (kv carries them for inline sessions).
@@ -116,6 +117,7 @@ class Session:
             self.evicted_upto = evict_to
             evicted = evict_to - first
         self.ws._note_resident()
+        self.finish()
         return upto, evicted
 
     def boundary(self, position: int, layers: list[int], query: torch.Tensor) -> tuple[Selection | None, Placement]:
@@ -132,6 +134,7 @@ class Session:
         self.counters.boundaries += 1
         selection = self.policy.on_boundary(self.context(), query, layers or list(range(self.layout.num_layers)))
         placement = self._place(selection)
+        self.finish()
         return selection, placement
 
     def _place(self, selection: Selection | None) -> Placement:
@@ -140,6 +143,12 @@ class Session:
         placement = self.ws.set_retrieved(self.store, selection.positions)
         self.counters.bytes_host_to_device += placement.bytes_moved
         return placement
+
+    def finish(self) -> None:
+        """Complete this session's queued GPU work before the answer lets the worker read
+        (the daemon's current stream only; never a device-wide sync)."""
+        if self.ws.keys.is_cuda:
+            torch.cuda.current_stream(self.ws.keys.device).synchronize()
 
     def _require_ingested(self, what: str) -> None:
         if not self.ingested:
@@ -193,7 +202,7 @@ class SessionRegistry:
                     f"this session needs {ws_bytes + host_bytes} more"
                 )
         session_id = "s-" + secrets.token_hex(8)
-        store = SequenceStore(self.host_pool, layout, owner=worker_id)
+        store = SequenceStore(self.host_pool, layout, owner=worker_id, device=self.device_pool.device)
         try:
             segment = self.device_pool.allocate(ws_bytes)
         except BaseException:

@@ -97,12 +97,13 @@ class WorkingSet:
         """
         L, H = self.layout.num_layers, self.layout.num_kv_heads
         R, S = self.plan.retrieved, self.plan.n_sink
-        selection = selection.to(device="cpu", dtype=torch.int64)
-        current = self.retrieved_positions().cpu()
+        device = self.slot_pos.device
+        selection = selection.to(device=device, dtype=torch.int64)
+        current = self.retrieved_positions()
         if selection.shape != (L, H, R):
             raise ValueError(f"selection shape {tuple(selection.shape)} != {(L, H, R)}")
         span = self.layout.max_tokens + 1
-        row = torch.arange(L * H, dtype=torch.int64).view(L, H, 1)
+        row = torch.arange(L * H, dtype=torch.int64, device=device).view(L, H, 1)
         cur_valid, sel_valid = current >= 0, selection >= 0
         cur_key = torch.where(cur_valid, row * span + current, -1)
         sel_key = torch.where(sel_valid, row * span + selection, -2)
@@ -111,7 +112,7 @@ class WorkingSet:
         free = ~keep
         # k-th new token of a row goes to the k-th free slot of that row.
         free_rank = torch.cumsum(free.view(L * H, R), dim=1) - 1
-        table = torch.full((L * H, R), -1, dtype=torch.int64)
+        table = torch.full((L * H, R), -1, dtype=torch.int64, device=device)
         free_rows, free_cols = free.view(L * H, R).nonzero(as_tuple=True)
         table[free_rows, free_rank[free_rows, free_cols]] = free_cols
         new_rank = torch.cumsum(new.view(L * H, R), dim=1) - 1
@@ -119,10 +120,8 @@ class WorkingSet:
         target = table[new_rows, new_rank[new_rows, new_cols]]
         positions = selection.view(L * H, R)[new_rows, new_cols]
         # Empty every slot that is not kept, then fill the targets.
-        dropped = free & cur_valid
-        if bool(dropped.any()):
-            d = dropped.nonzero(as_tuple=True)
-            self.slot_pos[d[0], d[1], S + d[2]] = -1
+        d = (free & cur_valid).nonzero(as_tuple=True)
+        self.slot_pos[d[0], d[1], S + d[2]] = -1
         moved = self.gather(store, new_rows // H, new_rows % H, S + target, positions)
         self._note_resident()
         return Placement(placed=int(sel_valid.sum()), gathered=int(positions.numel()), bytes_moved=moved)
@@ -135,21 +134,17 @@ class WorkingSet:
         slot: torch.Tensor,
         position: torch.Tensor,
     ) -> int:
-        """Copy K and V rows of (layer, head, position) from the host tier into `slot`.
-
-        Returns the bytes moved."""
+        """Copy K and V rows of (layer, head, position) from the host tier into `slot`
+        (index tensors on the working set's device). Returns the bytes moved."""
         n = int(position.numel())
         if n == 0:
             return 0
         H, C, D = self.layout.num_kv_heads, self.plan.capacity, self.layout.head_dim
         dst = ((layer * H + head) * C + slot) * D
-        device = self.keys.device
         for kv_index, target in ((0, self.keys), (1, self.values)):
             src = store.row_offsets(layer, kv_index, head, position)
-            kernels.gather_rows(store.flat, src.to(device), target.view(-1), dst.to(device), D)
-        self.slot_pos[layer.to(device), head.to(device), slot.to(device)] = position.to(
-            device=device, dtype=torch.int32
-        )
+            kernels.gather_rows(store.flat, src, target.view(-1), dst, D)
+        self.slot_pos[layer, head, slot] = position.to(torch.int32)
         return 2 * n * D * self.keys.element_size()
 
     # ---- accounting --------------------------------------------------------------------

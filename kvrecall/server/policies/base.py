@@ -100,7 +100,7 @@ def fill_free_slots(ctx: PolicyContext, start: int, end: int) -> Selection | Non
     free = int((current < 0).sum(dim=-1).min())
     if free == 0:
         return None
-    fresh = torch.arange(max(start, end - free), end, dtype=torch.int64)
+    fresh = torch.arange(max(start, end - free), end, dtype=torch.int64, device=current.device)
     L, H, R = current.shape
     merged = torch.cat((current, fresh.expand(L, H, -1)), dim=-1)
     merged = torch.where(merged >= 0, merged, _FAR).sort(dim=-1).values[..., :R]
