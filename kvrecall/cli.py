@@ -35,18 +35,26 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from kvrecall.client import KVRecallClient, KVRecallClientError
+    # grpc only (no torch import): container health probes stay cheap.
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    client = KVRecallClient(
-        args.target, "health-probe", token=args.token, tls_ca=args.tls_ca, connect_retries=0, timeout=args.timeout
-    )
+    if args.tls_ca:
+        with open(args.tls_ca, "rb") as f:
+            channel = grpc.secure_channel(args.target, grpc.ssl_channel_credentials(f.read()))
+    else:
+        channel = grpc.insecure_channel(args.target)
+    metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
     try:
-        status = client.health(timeout=args.timeout)
-    except KVRecallClientError as exc:
-        print(f"NOT_SERVING ({exc})")
+        response = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=args.timeout, metadata=metadata
+        )
+    except grpc.RpcError as exc:
+        print(f"NOT_SERVING ({exc.code().name}: {exc.details()})")
         return 1
     finally:
-        client.close()
+        channel.close()
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(status)
     return 0 if status == "SERVING" else 1
 
@@ -55,6 +63,12 @@ def _demo(args: argparse.Namespace) -> int:
     from kvrecall.demo import run_demo
 
     return run_demo(args)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from kvrecall.demo import run_worker
+
+    return run_worker(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     demo.set_defaults(func=_demo)
+
+    worker = sub.add_parser("worker", help="a model worker: run decode sessions of the bundled model, then exit")
+    worker.add_argument("--target", required=True, help="daemon address")
+    worker.add_argument("--policy", default="louiskv")
+    worker.add_argument("--worker-id", required=True)
+    worker.add_argument("--sessions", type=int, default=1, help="sessions to run one after another")
+    worker.add_argument("--context-tokens", type=int, default=2048)
+    worker.add_argument("--budget", type=int)
+    worker.add_argument("--max-new-tokens", type=int, default=16)
+    worker.add_argument("--device", default=None, help="cpu | cuda[:N] (default: $KVRECALL_DEVICE or cpu)")
+    worker.add_argument("--token", help="bearer token (remote daemons with --tokens-file)")
+    worker.set_defaults(func=_worker)
     return parser
 
 

@@ -89,3 +89,37 @@ def run_demo(args: argparse.Namespace) -> int:
             f"in the working set, {report['host_tokens']} in the host tier; {report['seconds']} s in all"
         )
     return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """`kvrecall worker`: run `--sessions` decode sessions of the bundled model against a daemon
+    (one after another, seeds 0..N-1), print one JSON line per session, exit 0 when all ran."""
+    import os
+
+    from kvrecall.client import KVRecallClient
+    from kvrecall.eval.tasks import demo_sample, score
+    from kvrecall.models.smollm import load_model
+    from kvrecall.worker import decode, open_model_session
+
+    device = args.device or os.environ.get("KVRECALL_DEVICE", "cpu")
+    model, tokenizer = load_model(device=device)
+    eos = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    eos.discard(None)
+    with KVRecallClient(args.target, args.worker_id, token=args.token) as client:
+        for seed in range(args.sessions):
+            sample = demo_sample(args.context_tokens, seed=seed, tokenizer=tokenizer)
+            input_ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(device)
+            max_tokens = input_ids.shape[1] + args.max_new_tokens + 16
+            session, cache = open_model_session(
+                client, model, args.policy, policy_config(args.policy, args.budget), max_tokens, tag=args.worker_id
+            )
+            with session:
+                result = decode(model, cache, input_ids, args.max_new_tokens, eos)
+            answer = tokenizer.decode(result.tokens, skip_special_tokens=True).strip()
+            print(json.dumps({
+                "worker": args.worker_id, "seed": seed, "policy": args.policy,
+                "prompt_tokens": int(input_ids.shape[1]), "generated_tokens": len(result.tokens),
+                "correct": bool(score(sample, answer) >= 1.0), "retrievals": result.boundaries,
+                "gpu_resident_tokens": result.max_resident,
+            }), flush=True)
+    return 0
