@@ -74,6 +74,7 @@ class SnapKVPolicy(Policy):
         L, H = self.layout.num_layers, self.layout.num_kv_heads
         R = self.config.budget
         keys = ctx.prompt_kv[:, 0]  # [L, H, T, D]
+        queries = queries.to(keys.device)
         selection = torch.full((L, H, R), -1, dtype=torch.int64)
         count = min(R, end - start)
         pad = self.config.pool_kernel // 2
