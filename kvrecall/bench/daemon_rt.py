@@ -17,7 +17,7 @@ import json
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> dict:
     spec = ModelSpec(L, H, Hq, D, dtype, max_tokens=T + args.steps + 64)
     host_gb = spec.max_tokens * L * 2 * H * D * (2 if dtype == torch.bfloat16 else 4) / 2**30 + 1
     result: dict = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
