@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
-from kvrecall.client import KVRecallClient, ModelSpec
-from kvrecall.local import LocalDaemon
+if not torch.cuda.is_available():
+    # Triton reads this when it is first imported: set it before any test module imports it,
+    # so the kernel tests run their Triton kernels in the interpreter on CPU machines.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kvrecall.client import KVRecallClient, ModelSpec  # noqa: E402
+from kvrecall.local import LocalDaemon  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -64,3 +64,36 @@ def check_int(name: str, value: object, minimum: int) -> None:
 def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def check_rows(
+    src_start: torch.Tensor,
+    dst_start: torch.Tensor,
+    row_len: int,
+    src_numel: int,
+    dst_numel: int,
+    multiple: int,
+) -> bool:
+    """Rows [start, start + row_len) lie inside src / dst; returns whether every start is a
+    multiple of `multiple`. One host round trip for all of it (a sync if the starts are on a GPU).
+    """
+    if src_start.numel() == 0 or row_len == 0:
+        return True
+    dst_start = dst_start.to(src_start.device)
+    src_low, src_high, dst_low, dst_high, src_off, dst_off = torch.stack(
+        [
+            src_start.min(),
+            src_start.max(),
+            dst_start.min(),
+            dst_start.max(),
+            (src_start % multiple).max(),
+            (dst_start % multiple).max(),
+        ]
+    ).tolist()
+    for name, low, high, numel in (
+        ("src_start", src_low, src_high, src_numel),
+        ("dst_start", dst_low, dst_high, dst_numel),
+    ):
+        if low < 0 or high + row_len > numel:
+            raise ValueError(f"{name}: rows span [{low}, {high + row_len}), outside the {numel} elements")
+    return src_off == 0 and dst_off == 0

@@ -18,6 +18,8 @@ import os
 import torch
 
 IMPLS = ("auto", "triton", "reference")
+# tl.dot on float32 operands: three TF32 passes, float32-level error at tensor-core speed.
+FP32_DOT_PRECISION = "tf32x3"
 _TRUE = ("1", "true", "on", "yes")
 
 
@@ -66,6 +68,17 @@ def use_triton(impl: str, device: torch.device) -> bool:
             f"impl='triton' on {device.type} tensors needs TRITON_INTERPRET=1 set before triton is first imported"
         )
     return True
+
+
+def native_dot(*dtypes: torch.dtype) -> bool:
+    """Whether tl.dot may run on these operand dtypes as they are: one 16-bit dtype for all.
+
+    Exact wherever one operand is 0/1 or both are 16-bit values (fp32 accumulation). Not
+    under the interpreter for bfloat16: it multiplies bf16 dot operands wrongly (Triton 3.9).
+    """
+    if len(set(dtypes)) != 1 or dtypes[0] not in (torch.float16, torch.bfloat16):
+        return False
+    return dtypes[0] == torch.float16 or not interpreting()
 
 
 def next_power_of_2(n: int) -> int:

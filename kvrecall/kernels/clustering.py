@@ -5,8 +5,10 @@ ties to the lowest index). kmeans_update_triton: x [B, N, D], assign [B, N], k -
 (centroids [B, k, D] f32, counts [B, k] int64). Both match `reference.kmeans_assign` /
 `reference.kmeans_update`; the Lloyd loop itself is `reference.kmeans`, fed these steps.
 
-The update is a one-hot matrix product per (problem, cluster block): deterministic, no
-atomics, and it runs on tensor cores for 16-bit inputs (0/1 times a 16-bit value is exact).
+The assign step is a float32 matrix product in three TF32 passes (float32-level error; on an
+H200 it ran ~3x faster than single-pass "ieee" float32) with a running argmax over centroid
+blocks. The update is a one-hot matrix product per (problem, cluster block): deterministic,
+no atomics, and on tensor cores for 16-bit inputs (0/1 times a 16-bit value is exact).
 Imported only when Triton is (see `_triton`).
 """
 
@@ -15,7 +17,7 @@ import triton
 import triton.language as tl
 
 from kvrecall.kernels import reference
-from kvrecall.kernels._triton import interpreting, next_power_of_2
+from kvrecall.kernels._triton import FP32_DOT_PRECISION, native_dot, next_power_of_2
 
 
 @triton.jit
@@ -23,7 +25,8 @@ def _assign_kernel(
     x_ptr, c_ptr, out_ptr,
     N, K, D,
     stride_xb, stride_xn, stride_cb, stride_ck, stride_ob,
-    EPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    EPS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK_N points of problem b against all K centroids, K in blocks.
     blocks = tl.cdiv(N, BLOCK_N)
@@ -46,7 +49,7 @@ def _assign_kernel(
             xs = tl.load(x_rows + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
             cs = tl.load(c_rows + offs_d[None, :], mask=k_mask[:, None] & d_mask[None, :], other=0.0)
             cs = cs.to(tl.float32)
-            dots = tl.dot(xs.to(tl.float32), tl.trans(cs), dots, input_precision="ieee")
+            dots = tl.dot(xs.to(tl.float32), tl.trans(cs), dots, input_precision=PRECISION)
             sq_norms += tl.sum(cs * cs, axis=1)
         sims = dots / tl.maximum(tl.sqrt(sq_norms), EPS)[None, :]
         sims = tl.where(k_mask[None, :], sims, float("-inf"))
@@ -63,7 +66,7 @@ def _update_kernel(
     x_ptr, a_ptr, cent_ptr, count_ptr,
     N, K, D,
     stride_xb, stride_xn, stride_ab,
-    IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    NATIVE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # One program: the sums of BLOCK_K clusters over BLOCK_D dims of problem b, N in blocks.
     blocks = tl.cdiv(K, BLOCK_K)
@@ -83,10 +86,10 @@ def _update_kernel(
         member = cluster[None, :] == offs_k[:, None]  # [BLOCK_K, BLOCK_N]
         x_rows = x_ptr + b * stride_xb + offs_n[:, None].to(tl.int64) * stride_xn
         xs = tl.load(x_rows + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        if IEEE:
-            sums = tl.dot(member.to(tl.float32), xs.to(tl.float32), sums, input_precision="ieee")
-        else:
+        if NATIVE_DOT:  # 0/1 times a 16-bit value is exact: tensor cores, no rounding
             sums = tl.dot(member.to(xs.dtype), xs, sums)
+        else:
+            sums = tl.dot(member.to(tl.float32), xs.to(tl.float32), sums, input_precision="ieee")
         counts += tl.sum(member.to(tl.int64), axis=1)
     means = sums / tl.maximum(counts, 1).to(tl.float32)[:, None]
     out_rows = (b * K + offs_k[:, None]) * D
@@ -99,13 +102,6 @@ def _block_d(dim: int) -> int:
     return min(128, max(16, next_power_of_2(dim)))  # tl.dot needs every block dim >= 16
 
 
-def _exact_native_dot(dtype: torch.dtype) -> bool:
-    """Whether 0/1 times x can run as a tl.dot on x's own dtype (16-bit: exact, tensor cores)."""
-    if dtype == torch.bfloat16:
-        return not interpreting()  # Triton's interpreter (3.9) multiplies bf16 dot operands wrongly
-    return dtype == torch.float16
-
-
 def kmeans_assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Launch the assign kernel on checked arguments (see `kvrecall.kernels.kmeans_assign`)."""
     batch, num_points, dim = x.shape
@@ -113,13 +109,14 @@ def kmeans_assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tens
     assign = torch.empty(batch, num_points, dtype=torch.int64, device=x.device)
     if assign.numel() == 0:
         return assign
-    block_n, block_k = 64, 64
+    block_n, block_k = 128, 64
     grid = (batch * triton.cdiv(num_points, block_n),)
     _assign_kernel[grid](
         x, centroids, assign,
         num_points, num_clusters, dim,
         x.stride(0), x.stride(1), centroids.stride(0), centroids.stride(1), assign.stride(0),
-        EPS=reference.EPS, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=_block_d(dim),
+        EPS=reference.EPS, PRECISION=FP32_DOT_PRECISION, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=_block_d(dim),
+        num_warps=8,
     )  # fmt: skip
     return assign
 
@@ -137,6 +134,6 @@ def kmeans_update_triton(x: torch.Tensor, assign: torch.Tensor, k: int) -> tuple
         x, assign, centroids, counts,
         num_points, k, dim,
         x.stride(0), x.stride(1), assign.stride(0),
-        IEEE=not _exact_native_dot(x.dtype), BLOCK_N=64, BLOCK_K=block_k, BLOCK_D=block_d,
+        NATIVE_DOT=native_dot(x.dtype), BLOCK_N=64, BLOCK_K=block_k, BLOCK_D=block_d,
     )  # fmt: skip
     return centroids, counts

@@ -8,6 +8,10 @@ pinned (page-locked or cudaHostRegister'ed) host `src` is read straight over PCI
 GPU: no staging copy. It is wide for that: each program moves ROWS rows of up to BLOCK
 elements per step, with 16-byte accesses when every start, row_len and base address allows.
 Elements move as same-width integers, so any 1/2/4/8-byte dtype is copied bit for bit.
+Measured on an H200 (Triton 3.6): the kernel alone reads pinned host memory at ~51 GB/s for
+256 B to 16 KB rows, against ~55 GB/s for a contiguous pinned-to-device copy; through
+`gather_rows`, whose checks take one host round trip per call, ~47 GB/s for 4 KB rows
+moved 128 MB at a time.
 Imported only when Triton is (see `_triton`).
 """
 
@@ -41,38 +45,37 @@ def _gather_kernel(
         tl.store(dst_ptr + dst_row[:, None] + cols[None, :], values, mask=mask)
 
 
-def _vector_width(
-    src: torch.Tensor, src_start: torch.Tensor, dst: torch.Tensor, dst_start: torch.Tensor, row_len: int
-) -> int:
-    """Elements per 16-byte access when every row start is that aligned, else 1."""
-    vec = max(1, _VECTOR_BYTES // src.element_size())
-    if vec == 1 or row_len % vec or src.data_ptr() % _VECTOR_BYTES or dst.data_ptr() % _VECTOR_BYTES:
-        return 1
-    misaligned = (src_start % vec).any().item() or (dst_start % vec).any().item()  # syncs if on GPU
-    return 1 if misaligned else vec
-
-
 def gather_rows_triton(
-    src: torch.Tensor, src_start: torch.Tensor, dst: torch.Tensor, dst_start: torch.Tensor, row_len: int
+    src: torch.Tensor,
+    src_start: torch.Tensor,
+    dst: torch.Tensor,
+    dst_start: torch.Tensor,
+    row_len: int,
+    starts_aligned: bool,
 ) -> None:
-    """Launch on checked arguments (see `kvrecall.kernels.gather_rows`)."""
+    """Launch on checked arguments (see `kvrecall.kernels.gather_rows`).
+
+    starts_aligned: every start is a multiple of 16 bytes' worth of elements (the caller
+    checked it together with the bounds), which allows 16-byte accesses.
+    """
     num_rows = src_start.numel()
     if num_rows == 0 or row_len == 0:
         return
     device = dst.device if dst.device.type == "cuda" else src.device
-    for tensor in (src, dst):
-        if tensor.device != device and not tensor.is_pinned():
-            # Pageable host memory is out of the GPU's reach: let PyTorch stage it.
-            reference.gather_rows(src, src_start, dst, dst_start, row_len)
-            return
-    src_start = src_start.to(device)
-    dst_start = dst_start.to(device)
-    bits = _BITS_OF_SIZE[src.element_size()]
+    reachable = all(t.device == device or t.is_pinned() for t in (src, dst))
+    if not reachable or src.element_size() not in _BITS_OF_SIZE:
+        # Pageable host memory is out of the GPU's reach (and odd widths have no kernel): PyTorch stages it.
+        reference.gather_rows(src, src_start, dst, dst_start, row_len)
+        return
+    vector = _VECTOR_BYTES // src.element_size()
+    aligned = starts_aligned and row_len % vector == 0
+    aligned = aligned and src.data_ptr() % _VECTOR_BYTES == 0 and dst.data_ptr() % _VECTOR_BYTES == 0
     block = min(triton.next_power_of_2(row_len), _TILE_BYTES // src.element_size())
     rows = max(1, _TILE_BYTES // src.element_size() // block)
+    bits = _BITS_OF_SIZE[src.element_size()]
     _gather_kernel[(triton.cdiv(num_rows, rows),)](
-        src.view(bits), src_start, dst.view(bits), dst_start,
+        src.view(bits), src_start.to(device), dst.view(bits), dst_start.to(device),
         num_rows,
-        ROW_LEN=row_len, ROWS=rows, BLOCK=block, VEC=_vector_width(src, src_start, dst, dst_start, row_len),
+        ROW_LEN=row_len, ROWS=rows, BLOCK=block, VEC=vector if aligned else 1,
         num_warps=8,
     )  # fmt: skip

@@ -143,3 +143,13 @@ def test_validation_errors_name_the_argument(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         call(device)
+
+
+def test_float32_reps_with_a_16bit_query(
+    triton_device: torch.device, randn: MakeTensor, close: Callable[..., None]
+) -> None:
+    query = randn(8, 3, 4, 64, dtype=torch.bfloat16)  # the working set's query
+    reps = randn(9, 3, 50, 64)  # float32 k-means centroids
+    valid = random_valid(10, 3, 50, triton_device)
+    got = K.score_units(query, reps, valid, impl="triton")
+    close(got, K.score_units(query, reps, valid, impl="reference"))
