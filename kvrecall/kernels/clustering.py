@@ -110,13 +110,15 @@ def kmeans_assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tens
     if assign.numel() == 0:
         return assign
     block_n, block_k = 128, 64
+    # Wide float32 rows (D > 128) with the default pipelining overflow Hopper's shared memory.
+    block_d = 64 if dim > 128 else _block_d(dim)
     grid = (batch * triton.cdiv(num_points, block_n),)
     _assign_kernel[grid](
         x, centroids, assign,
         num_points, num_clusters, dim,
         x.stride(0), x.stride(1), centroids.stride(0), centroids.stride(1), assign.stride(0),
-        EPS=reference.EPS, PRECISION=FP32_DOT_PRECISION, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=_block_d(dim),
-        num_warps=8,
+        EPS=reference.EPS, PRECISION=FP32_DOT_PRECISION, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
+        num_warps=8, num_stages=2,
     )  # fmt: skip
     return assign
 
