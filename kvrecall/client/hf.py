@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvrecall.client.boundary import BoundaryDetector
 from kvrecall.client.core import ModelSpec
@@ -178,10 +179,16 @@ class KVRecallCache(Cache):
 
 
 def kvrecall_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: query [1, Hq, q, D], key/value [1, H, kv, D]."""
+    """transformers attention function: query [1, Hq, q, D], key/value [1, H, kv, D].
+
+    A KVRecallCache marks itself active in each layer's cache update; a forward pass without
+    one (an ordinary cache, or none) gets plain SDPA attention, so the model stays usable."""
     cache = _ACTIVE.get()
     if cache is None:
-        raise RuntimeError("kvrecall attention used without a KVRecallCache (pass past_key_values=KVRecallCache(...))")
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    _ACTIVE.set(None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if cache.ingested and query.shape[2] == 1:
         out = cache._decode_attention(module, query, key, value, scale)
