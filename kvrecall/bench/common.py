@@ -1,0 +1,169 @@
+"""Timing, CUDA graphs, memory helpers and run metadata shared by the benchmark's parts."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+GiB = 1 << 30
+
+
+def log(msg: str) -> None:
+    """Progress line (the device tool returns only the output's tail, so keep lines short)."""
+    print(msg, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    """Return cached blocks (and dead graphs' pools) to the driver between configurations."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def run_metadata(device: torch.device, argv: list[str]) -> dict[str, Any]:
+    """Device, software versions, date and command line of this run."""
+    meta: dict[str, Any] = {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join([sys.executable, "-m", "kvrecall.bench", *argv]),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "device_type": device.type,
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    try:
+        import cupy
+
+        meta["cupy"] = cupy.__version__
+    except ImportError:
+        meta["cupy"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        meta.update(device=props.name, sm_count=props.multi_processor_count,
+                    gpu_memory_bytes=props.total_memory,
+                    l2_bytes=getattr(props, "L2_cache_size", None),
+                    capability=f"{props.major}.{props.minor}")
+    else:
+        meta["device"] = "cpu"
+    return meta
+
+
+@dataclass
+class Timing:
+    """Milliseconds per call: median and spread over ``reps`` measured repetitions."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    reps: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"median_ms": self.median_ms, "p10_ms": self.p10_ms, "p90_ms": self.p90_ms, "reps": self.reps}
+
+
+def _summarise(samples: list[float]) -> Timing:
+    samples = sorted(samples)
+    pick = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))]  # noqa: E731
+    return Timing(statistics.median(samples), pick(0.1), pick(0.9), len(samples))
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3, reps: int = 10,
+            inner: int = 1) -> Timing:
+    """Time ``fn``: warm up, then ``reps`` samples of ``inner`` back-to-back calls each.
+
+    On a GPU each sample is bracketed by CUDA events on the current stream (the device time of
+    the calls, launch gaps included); on a CPU by a host clock after the calls return.
+    Returns per-call milliseconds.
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    samples = []
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in pairs:
+            start.record(stream)
+            for _ in range(inner):
+                fn()
+            end.record(stream)
+        torch.cuda.synchronize(device)
+        samples = [start.elapsed_time(end) / inner for start, end in pairs]
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples.append((time.perf_counter() - t0) * 1e3 / inner)
+    return _summarise(samples)
+
+
+def inner_for(fn: Callable[[], Any], device: torch.device, target_ms: float = 1.0, cap: int = 200) -> int:
+    """How many back-to-back calls make one sample last about ``target_ms`` (small kernels)."""
+    probe = time_fn(fn, device, warmup=1, reps=3)
+    return max(1, min(cap, int(target_ms / max(probe.median_ms, 1e-4))))
+
+
+class GraphStep:
+    """Runs a step function as a CUDA graph replay where it can be captured, else eagerly.
+
+    ``graphed`` says which; ``error`` holds why capture failed. The function is warmed up twice
+    on a side stream first (compilation, cuBLAS handles, workspace allocation stay out of the
+    graph), as PyTorch recommends. The graph's memory pool is freed when this object is.
+    """
+
+    def __init__(self, fn: Callable[[], Any], device: torch.device, use_graph: bool = True):
+        self.fn = fn
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.error: str | None = None
+        if device.type != "cuda" or not use_graph:
+            fn()
+            return
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            self.graph = graph
+        except Exception as exc:  # capture failed: time eagerly and say so
+            self.error = f"{type(exc).__name__}: {exc}"[:300]
+            torch.cuda.synchronize(device)
+
+    @property
+    def graphed(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.fn()
+
+
+def gbps(n_bytes: float, ms: float) -> float:
+    """Gigabytes (1e9) per second."""
+    return n_bytes / (ms * 1e-3) / 1e9
