@@ -1,0 +1,102 @@
+"""Smoke test of ``python -m kvrecall.bench --quick``: tiny shapes, runs on a CPU in seconds.
+
+It runs the benchmark as a subprocess (the benchmark sets process-wide torch state) and checks
+that the JSON has every part, positive numbers where something was measured, and passing
+correctness checks. A second run exercises the Triton kernels under the interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+POLICIES = ("full", "bound", "louiskv", "perstep-host-a", "perstep-host-b")
+
+
+def run_bench(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-m", "kvrecall.bench", "--quick", "--out", str(out), *args],
+                          cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "== decode step ms" in proc.stdout  # the table was printed
+    return json.loads(out.read_text())
+
+
+def positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+@pytest.mark.timeout(120)
+def test_quick_run_writes_every_part(tmp_path: Path) -> None:
+    results = run_bench(tmp_path)
+    for key in ("meta", "config", "notes", "ceilings", "gather", "decode", "concurrency", "clustering", "checks"):
+        assert key in results, key
+    assert results["errors"] == {}
+    meta = results["meta"]
+    for key in ("device", "torch", "triton", "date_utc", "command"):
+        assert key in meta, key
+    assert "--quick" in meta["command"]
+
+    ceilings = results["ceilings"]
+    assert positive((ceilings.get("h2d_pinned") or ceilings["host_copy"])["GBps"])
+
+    gather = results["gather"]
+    assert gather["backends"], "no gather backend ran"
+    for backend, report in gather["backends"].items():
+        assert all(v == "ok" for v in gather["checks"][backend].values()), gather["checks"]
+        assert all(positive(p["GBps"]) and positive(p["pct_of_copy_ceiling"]) for p in report["points"])
+
+    decode = results["decode"]
+    assert results["checks"]["plan_fetch"] == "ok"
+    assert len(decode["configs"]) == 4
+    for config in decode["configs"]:
+        policies = config["policies"]
+        assert set(POLICIES) <= set(policies), policies.keys()
+        for name in ("full", "bound", "perstep-host-a", "perstep-host-b"):
+            assert positive(policies[name]["step_ms"]), (name, policies[name])
+            assert positive(policies[name]["gpu_kv_bytes"])
+        louis = policies["louiskv"]
+        assert louis["check"] == "ok" and policies["perstep-host-b"]["check"] == "ok"
+        assert positive(louis["plain_step_ms"]) and positive(louis["boundary_step_ms"])
+        assert set(louis["avg_step_ms"]) == {f"{r:g}" for r in decode["rates"]}
+        assert louis["gpu_kv_bytes"] < policies["full"]["gpu_kv_bytes"]
+        ratios = config["ratios"][f"r={decode['measured_rate']:g}"]
+        assert positive(ratios["louiskv_over_bound"]) and positive(ratios["louiskv_speedup_vs_full"])
+
+    concurrency = results["concurrency"]
+    assert positive(concurrency["full"]["tokens_per_s"])
+    assert positive(concurrency["louiskv"]["host_limited"]["tokens_per_s"])
+    assert positive(concurrency["louiskv"]["host_limited"]["speedup_vs_full"])
+
+    clustering = results["clustering"]
+    assert positive(clustering["prefill"]["median_ms"])
+    assert positive(clustering["kmeans"]["torch"]["median_ms"]) and clustering["kmeans"]["torch"]["check"] == "ok"
+    assert positive(clustering["best_share_of_prefill"])
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert Path(results["plot"]).is_file()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_kernels_under_interpreter(tmp_path: Path) -> None:
+    """The Triton gather and residency-plan kernels inside the decode policies, checked against
+    the host rows, with TRITON_INTERPRET=1 (what a CPU can check of the GPU path)."""
+    results = run_bench(tmp_path, "--parts", "gather,decode", "--contexts", "256", "--batches", "2",
+                        "--gather-backend", "triton", env={"TRITON_INTERPRET": "1"})
+    assert results["errors"] == {}
+    assert all(v == "ok" for v in results["gather"]["checks"]["triton"].values())
+    assert results["decode"]["gather"]["default_backend"] == "triton"
+    assert results["decode"]["plan_backend"] == "triton"
+    assert results["checks"]["plan_fetch"] == "ok"
+    policies = results["decode"]["configs"][0]["policies"]
+    assert policies["louiskv"]["check"] == "ok"
+    assert policies["perstep-host-b"]["check"] == "ok"
