@@ -71,6 +71,18 @@ def _worker(args: argparse.Namespace) -> int:
     return run_worker(args)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from kvrecall.eval.harness import run_eval
+
+    return run_eval(args)
+
+
+def _soak(args: argparse.Namespace) -> int:
+    from kvrecall.soak import main as run_soak
+
+    return run_soak(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvrecall", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--device", default=None, help="cpu | cuda[:N] (default: $KVRECALL_DEVICE or cpu)")
     worker.add_argument("--token", help="bearer token (remote daemons with --tokens-file)")
     worker.set_defaults(func=_worker)
+    eval_ = sub.add_parser("eval", help="accuracy + fidelity of every policy x budget against full KV")
+    from kvrecall.eval.harness import add_arguments as eval_arguments
+
+    eval_arguments(eval_)
+    eval_.set_defaults(func=_eval)
+    soak = sub.add_parser("soak", help="N concurrent sessions x M decode steps; RSS and pool bytes over time")
+    from kvrecall.soak import add_arguments as soak_arguments
+
+    soak_arguments(soak)
+    soak.set_defaults(func=_soak)
     return parser
 
 

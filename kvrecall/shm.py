@@ -9,6 +9,7 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+import stat
 from dataclasses import dataclass, field
 
 import torch
@@ -52,9 +53,13 @@ class ShmSegment:
         """Map an existing segment (worker side, or the daemon reading ingest staging)."""
         if "/" in name or not name:
             raise ValueError(f"bad shared-memory name {name!r}")
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+        # O_NOFOLLOW + a regular-file check: a name must not lead the daemon to other files.
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError(f"{name!r} is not a shared-memory segment")
+            size = info.st_size
             if size < min_bytes:
                 raise ValueError(f"segment {name!r} holds {size} bytes, {min_bytes} needed")
             mapping = mmap.mmap(fd, size)
@@ -70,10 +75,12 @@ class ShmSegment:
             except FileNotFoundError:
                 pass
         self.tensor = torch.empty(0, dtype=torch.uint8)
+        # torch.frombuffer does not pin the mapping: callers must drop every view first
+        # (sessions release under their lock, after the last operation on them).
         try:
             self._mmap.close()
         except BufferError:
-            pass  # a view is still alive; the mapping goes with its last reference
+            pass
 
 
 def remove_stale_segments() -> list[str]:

@@ -31,7 +31,7 @@ from kvrecall.client.core import (
     metadata,
     policy_message,
 )
-from kvrecall.client.errors import KVRecallClientError, UnavailableError, from_rpc_error
+from kvrecall.client.errors import KVRecallClientError, NotFoundError, UnavailableError, from_rpc_error
 from kvrecall.client.staging import staged
 from kvrecall.transport import inline_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
@@ -75,6 +75,7 @@ class KVRecallClient:
         """One unary call with a deadline; retries UNAVAILABLE with backoff when `retry`."""
         attempts = self.connect_retries + 1 if retry else 1
         delay = 0.1
+        started = time.monotonic()
         for attempt in range(attempts):
             try:
                 return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
@@ -85,8 +86,18 @@ class KVRecallClient:
                     time.sleep(delay)
                     delay = min(delay * 2, 2.0)
                     continue
+                if isinstance(error, UnavailableError):
+                    elapsed = time.monotonic() - started
+                    error = self.unavailable(error, f"{attempt + 1} attempt(s) over {elapsed:.1f}s")
                 raise error from None
         raise AssertionError("unreachable")
+
+    def unavailable(self, error: KVRecallClientError, what: str) -> UnavailableError:
+        """An UnavailableError that says what is down and what it means for open sessions."""
+        return UnavailableError(
+            f"kvrecall daemon at {self.target} is unavailable (not running or restarting; {what}): "
+            f"{error.details}. Sessions do not survive a daemon restart: open new ones once it is back."
+        )
 
     def health(self, timeout: float = 5.0) -> str:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -189,14 +200,24 @@ class WorkerSession:
             return self.client.call(
                 self.client.stub.CloseSession, pb.CloseSessionRequest(session_id=self.core.session_id)
             )
+        except NotFoundError:
+            # Already gone (lease expired, or the daemon restarted): nothing left to free.
+            log.info("session %s was already gone on the daemon", self.core.session_id)
+            return None
         finally:
             self.core.unmap()
 
     def __enter__(self) -> WorkerSession:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            self.close()
+        except KVRecallClientError as error:
+            if exc_type is None:
+                raise
+            # do not mask the error that ended the block (e.g. the daemon went away)
+            log.warning("closing session %s failed: %s", self.core.session_id, error)
 
     # ---- decode stream ---------------------------------------------------------------
     def _stream_call(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
@@ -217,7 +238,10 @@ class WorkerSession:
             response = next(self._responses)
         except grpc.RpcError as exc:
             self._responses = None  # the stream is over; the next call opens a new one
-            raise from_rpc_error(exc) from None
+            error = from_rpc_error(exc)
+            if isinstance(error, UnavailableError):
+                error = self.client.unavailable(error, "decode stream broken")
+            raise error from None
         except StopIteration:
             self._responses = None
             raise KVRecallClientError("decode stream ended unexpectedly") from None
@@ -257,5 +281,11 @@ class WorkerSession:
                 self.client.call(
                     self.client.stub.KeepAlive, pb.KeepAliveRequest(session_id=self.core.session_id), timeout=5.0
                 )
+            except NotFoundError:
+                # The daemon no longer has it (restarted, or the lease ran out): stop pinging.
+                log.warning("session %s is gone on the daemon; keep-alive stopped", self.core.session_id)
+                return
             except KVRecallClientError as exc:
                 log.warning("keep-alive for session %s failed: %s", self.core.session_id, exc)
+            except ValueError:  # the client's channel was closed under an open session
+                return

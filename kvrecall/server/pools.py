@@ -92,7 +92,8 @@ class HostPool:
 
     def free(self, pages: list[int], owner: str) -> None:
         with self._lock:
-            self._free.extend(pages)
+            # Most recently freed first: reused pages are already resident, so RSS stays flat.
+            self._free.extendleft(pages)
             left = self._owner_pages.get(owner, 0) - len(pages)
             if left > 0:
                 self._owner_pages[owner] = left

@@ -59,6 +59,24 @@ def _is_local_peer(peer: str) -> bool:
     return peer.startswith("unix:") or peer.startswith("ipv4:127.") or peer.startswith("ipv6:[::1]")
 
 
+async def _in_thread(func, *args):
+    """Run a session operation in a worker thread. If the RPC is cancelled meanwhile (client
+    gone, deadline, shutdown), still wait for the thread before unwinding: the caller's lock
+    and its cleanup (unmapping the tensors the thread reads) must not run under it."""
+    task = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError:
+                continue
+        if not task.cancelled():
+            task.exception()  # retrieved: nobody is left to report it
+        raise
+
+
 class KVRecallService(pb_grpc.KVRecallServicer):
     def __init__(self, registry: SessionRegistry, device: torch.device, metrics: Metrics, auth: AuthConfig) -> None:
         self.registry = registry
@@ -227,7 +245,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                     mapped.append(open_ref(request.queries, "queries"))
                     queries = mapped[-1].tensor.float()
                 snapshot = self._snapshot(session)
-                await asyncio.to_thread(session.ingest, mapped[0].tensor, queries)
+                await _in_thread(session.ingest, mapped[0].tensor, queries)
                 response = pb.IngestPromptResponse(
                     resident_tokens=session.ws.resident_tokens(),
                     host_tokens=session.spilled_upto,
@@ -315,7 +333,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             mapped = open_ref(notice.kv, "append.kv")
             kv = mapped.tensor
         try:
-            spilled, evicted = await asyncio.to_thread(session.append, notice.upto, kv)
+            spilled, evicted = await _in_thread(session.append, notice.upto, kv)
         finally:
             if mapped is not None:
                 mapped.close()
@@ -340,7 +358,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             )
             query = session.ws.query.float()
         try:
-            selection, placement = await asyncio.to_thread(session.boundary, event.position, list(event.layers), query)
+            selection, placement = await _in_thread(session.boundary, event.position, list(event.layers), query)
         finally:
             if mapped is not None:
                 mapped.close()

@@ -9,8 +9,10 @@ up for their owner only, and closes those whose lease ran out.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +37,21 @@ class SessionCounters:
     units: int = 0
 
 
+def _exclusive(method):
+    """Run a session operation under the session's `busy` lock and refuse closed sessions:
+    release() takes the same lock, so memory is never unmapped under a running operation
+    (a cancelled RPC's worker thread may still be inside one when the daemon shuts down)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self.busy:
+            if self.closed:
+                raise NotFound(f"session_id: no open session {self.session_id!r}")
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 @dataclass
 class Session:
     session_id: str
@@ -55,6 +72,7 @@ class Session:
     closed: bool = False
     counters: SessionCounters = field(default_factory=SessionCounters)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    busy: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def plan(self):
@@ -67,6 +85,7 @@ class Session:
         self.lease_deadline = time.monotonic() + self.lease_seconds
 
     # ---- operations (run in a worker thread, under self.lock) ----------------------------
+    @_exclusive
     def ingest(self, kv: torch.Tensor, queries: torch.Tensor | None) -> None:
         """kv: [L, 2, H, T, D] prompt keys and values; queries: [L, Hq, n_obs, D] or None."""
         if self.ingested:
@@ -86,6 +105,7 @@ class Session:
         self.counters.units = self.policy.num_units
         self.finish()
 
+    @_exclusive
     def append(self, upto: int, kv: torch.Tensor | None) -> tuple[int, int]:
         """Tokens [spilled_upto, upto) are in the ring (kv carries them for inline sessions).
         Spill them to host, evict what leaves the window. Returns (spilled_upto, evicted)."""
@@ -120,6 +140,7 @@ class Session:
         self.finish()
         return upto, evicted
 
+    @_exclusive
     def boundary(self, position: int, layers: list[int], query: torch.Tensor) -> tuple[Selection | None, Placement]:
         self._require_ingested("boundary")
         if position < self.spilled_upto or position > self.spilled_upto + self.plan.spill_every:
@@ -155,15 +176,17 @@ class Session:
             raise FailedPrecondition(f"session {self.session_id}: {what} before IngestPrompt")
 
     def release(self, device_pool: DevicePool) -> tuple[int, int]:
-        """Return every byte; idempotent. Returns (host bytes, device bytes) freed."""
-        if self.closed:
-            return 0, 0
-        self.closed = True
-        host = self.store.nbytes
-        device = self.segment.nbytes
-        self.store.release()
-        device_pool.free(self.segment)
-        return host, device
+        """Return every byte; idempotent. Returns (host bytes, device bytes) freed.
+        Waits for an operation still running in a worker thread."""
+        with self.busy:
+            if self.closed:
+                return 0, 0
+            self.closed = True
+            host = self.store.nbytes
+            device = self.segment.nbytes
+            self.store.release()
+            device_pool.free(self.segment)
+            return host, device
 
 
 class SessionRegistry:
