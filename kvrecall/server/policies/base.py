@@ -167,5 +167,21 @@ def check(condition: bool, field: str, problem: str) -> None:
         raise ValueError(f"{field} {problem}")
 
 
+def check_resident(config: Any) -> None:
+    """The checks every retrieving config (budget, n_sink, window) shares."""
+    check(1 <= config.budget <= 1 << 20, "budget", "must be in [1, 1048576]")
+    check(config.n_sink <= 4096, "n_sink", "must be <= 4096")
+    check(
+        2 * DEFAULT_SPILL_EVERY <= config.window <= 1 << 16, "window", f"must be in [{2 * DEFAULT_SPILL_EVERY}, 65536]"
+    )
+
+
+def resident_plan(config: Any) -> WorkingSetPlan:
+    """[n_sink | budget retrieved | window] for a retrieving config."""
+    return WorkingSetPlan(
+        n_sink=config.n_sink, retrieved=config.budget, window=config.window, spill_every=DEFAULT_SPILL_EVERY
+    )
+
+
 def config_json(policy: Policy) -> dict[str, Any]:
     return dataclasses.asdict(policy.config)

@@ -24,15 +24,16 @@ import torch
 from kvrecall import kernels
 from kvrecall.server.layout import WorkingSetPlan
 from kvrecall.server.policies.base import (
-    DEFAULT_SPILL_EVERY,
     BoundaryRule,
     Policy,
     PolicyContext,
     Selection,
     check,
+    check_resident,
     compact,
     fill_free_slots,
     register,
+    resident_plan,
 )
 from kvrecall.v1 import kvrecall_pb2 as pb
 
@@ -51,9 +52,7 @@ class LouisKVConfig:
     aggregate: str = "max"   # grouped query heads: "max" or "sum" of unit scores
 
     def __post_init__(self) -> None:
-        check(1 <= self.budget <= 1 << 20, "budget", "must be in [1, 1048576]")
-        check(self.n_sink <= 4096, "n_sink", "must be <= 4096")
-        check(2 * DEFAULT_SPILL_EVERY <= self.window <= 1 << 16, "window", f"must be in [{2 * DEFAULT_SPILL_EVERY}, 65536]")
+        check_resident(self)
         check(1 <= self.cluster_size <= 4096, "cluster_size", "must be in [1, 4096]")
         check(0 <= self.kmeans_iters <= 100, "kmeans_iters", "must be in [0, 100]")
         check(-1.0 <= self.threshold <= 1.0, "threshold", "must be in [-1, 1]")
@@ -85,8 +84,7 @@ class LouisKVPolicy(Policy):
         self.closed_upto = 0  # tokens [prompt_evicted, closed_upto) are in closed segments
 
     def plan(self) -> WorkingSetPlan:
-        c = self.config
-        return WorkingSetPlan(n_sink=c.n_sink, retrieved=c.budget, window=c.window, spill_every=DEFAULT_SPILL_EVERY)
+        return resident_plan(self.config)
 
     def boundary_rule(self) -> BoundaryRule:
         return BoundaryRule(pb.BOUNDARY_MODE_THRESHOLD, self.config.threshold)

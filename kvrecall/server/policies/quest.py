@@ -17,15 +17,16 @@ import torch
 from kvrecall import kernels
 from kvrecall.server.layout import WorkingSetPlan
 from kvrecall.server.policies.base import (
-    DEFAULT_SPILL_EVERY,
     BoundaryRule,
     Policy,
     PolicyContext,
     Selection,
     check,
+    check_resident,
     compact,
     fill_free_slots,
     register,
+    resident_plan,
 )
 from kvrecall.v1 import kvrecall_pb2 as pb
 
@@ -38,9 +39,7 @@ class QuestConfig:
     page_size: int = 16   # tokens per page
 
     def __post_init__(self) -> None:
-        check(1 <= self.budget <= 1 << 20, "budget", "must be in [1, 1048576]")
-        check(self.n_sink <= 4096, "n_sink", "must be <= 4096")
-        check(2 * DEFAULT_SPILL_EVERY <= self.window <= 1 << 16, "window", f"must be in [{2 * DEFAULT_SPILL_EVERY}, 65536]")
+        check_resident(self)
         check(1 <= self.page_size <= 1024, "page_size", "must be in [1, 1024]")
 
 
@@ -58,8 +57,7 @@ class QuestPolicy(Policy):
         self.kmax: torch.Tensor | None = None
 
     def plan(self) -> WorkingSetPlan:
-        c = self.config
-        return WorkingSetPlan(n_sink=c.n_sink, retrieved=c.budget, window=c.window, spill_every=DEFAULT_SPILL_EVERY)
+        return resident_plan(self.config)
 
     def boundary_rule(self) -> BoundaryRule:
         return BoundaryRule(pb.BOUNDARY_MODE_EVERY_STEP, 1.0)

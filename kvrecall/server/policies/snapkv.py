@@ -16,13 +16,14 @@ import torch.nn.functional as F
 
 from kvrecall.server.layout import WorkingSetPlan
 from kvrecall.server.policies.base import (
-    DEFAULT_SPILL_EVERY,
     Policy,
     PolicyContext,
     Selection,
     check,
+    check_resident,
     fill_free_slots,
     register,
+    resident_plan,
 )
 
 
@@ -35,9 +36,7 @@ class SnapKVConfig:
     observation: int = 16   # last prompt tokens whose queries vote
 
     def __post_init__(self) -> None:
-        check(1 <= self.budget <= 1 << 20, "budget", "must be in [1, 1048576]")
-        check(self.n_sink <= 4096, "n_sink", "must be <= 4096")
-        check(2 * DEFAULT_SPILL_EVERY <= self.window <= 1 << 16, "window", f"must be in [{2 * DEFAULT_SPILL_EVERY}, 65536]")
+        check_resident(self)
         check(self.pool_kernel % 2 == 1 and self.pool_kernel <= 63, "pool_kernel", "must be odd and <= 63")
         check(1 <= self.observation <= 1024, "observation", "must be in [1, 1024]")
 
@@ -61,8 +60,7 @@ class SnapKVPolicy(Policy):
     Config = SnapKVConfig
 
     def plan(self) -> WorkingSetPlan:
-        c = self.config
-        return WorkingSetPlan(n_sink=c.n_sink, retrieved=c.budget, window=c.window, spill_every=DEFAULT_SPILL_EVERY)
+        return resident_plan(self.config)
 
     def observation(self) -> int:
         return self.config.observation
