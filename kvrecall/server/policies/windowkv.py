@@ -1,0 +1,217 @@
+"""`windowkv` (WindowKV: task-adaptive group-wise window selection, ../shared/DESIGN.md).
+
+At ingest the queries of the last `suffix` prompt tokens (32 for localisation / QA, 16 for
+aggregation tasks) attend over the prompt; the attention mass each token receives (summed
+over the observation queries and the grouped query heads of each KV head) is cut into
+windows of `window_size` consecutive tokens. A window scores the mean of its top half of
+values (localisation) or its plain mean (aggregation); whole windows are kept by rank until
+the layer's budget, and the suffix is always kept. Layers form groups of `group_size`: the
+first layer of a group selects, the others reuse its positions. The per-layer budget is
+uniform or decays arithmetically across groups (`decay`; the mean over layers stays `budget`).
+
+Pruned prompt KV is never retrieved again, unless `keep_pruned_in_host`: then the session
+also runs louiskv's boundary retrieval (clustered prompt, segmented output, THRESHOLD rule),
+so the WindowKV selection serves until the first boundary and louiskv recalls afterwards,
+`budget` tokens per layer, from everything in the host tier.
+
+Shapes: queries [L, Hq, n_obs, D]; prompt keys [L, H, T, D]; selection [L, H, R], where R
+(the working set's retrieved slots) is the largest layer budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvrecall import kernels
+from kvrecall.kernels.reference import window_lengths
+from kvrecall.server.layout import WorkingSetPlan
+from kvrecall.server.policies.base import (
+    DEFAULT_SPILL_EVERY,
+    BoundaryRule,
+    Policy,
+    PolicyContext,
+    Selection,
+    check,
+    check_resident,
+    compact,
+    fill_free_slots,
+    register,
+)
+from kvrecall.server.policies.louiskv import LouisKVConfig, LouisKVPolicy
+from kvrecall.server.policies.snapkv import observation_scores
+from kvrecall.v1 import kvrecall_pb2 as pb
+
+LOCALIZATION, AGGREGATION = pb.TASK_TYPE_LOCALIZATION, pb.TASK_TYPE_AGGREGATION
+SUFFIX = {LOCALIZATION: 32, AGGREGATION: 16}
+SCORE_MODE = {LOCALIZATION: "topmean", AGGREGATION: "mean"}
+# With `decay`, the last group's budget is this fraction of `budget` (the first gets the rest).
+DECAY_LAST = 0.5
+
+
+@dataclass
+class WindowKVConfig:
+    """Defaults and their reasons: docs/TUNING.md (WindowKV)."""
+
+    budget: int = 512  # kept prompt tokens per layer and KV head, mean over layers
+    n_sink: int = 16
+    window: int = 64
+    window_size: int = 8  # tokens per scored window
+    group_size: int = 8  # layers per group sharing one selection
+    decay: bool = False  # arithmetic budget decay across groups
+    task: int = pb.TASK_TYPE_UNSPECIFIED  # unspecified at the daemon = localisation
+    keep_pruned_in_host: bool = False  # louiskv retrieval at boundaries after the prefill selection
+    threshold: float = 0.85  # boundary threshold (keep_pruned_in_host only)
+    budget_fraction: float | None = None  # budget = round(fraction * prompt tokens), overrides budget
+
+    def __post_init__(self) -> None:
+        check_resident(self)
+        check(1 <= self.window_size <= 4096, "window_size", "must be in [1, 4096]")
+        check(1 <= self.group_size <= 1024, "group_size", "must be in [1, 1024]")
+        check(self.task in pb.TaskType.values(), "task", f"must be one of {pb.TaskType.keys()}")
+        check(-1.0 <= self.threshold <= 1.0, "threshold", "must be in [-1, 1]")
+        if self.budget_fraction is not None:
+            check(0.0 < self.budget_fraction <= 1.0, "budget_fraction", "must be in (0, 1]")
+
+    @property
+    def resolved_task(self) -> int:
+        return LOCALIZATION if self.task == pb.TASK_TYPE_UNSPECIFIED else self.task
+
+
+def layer_budgets(num_layers: int, group_size: int, budget: int, decay: bool) -> list[int]:
+    """Tokens each layer keeps: `budget` everywhere, or with `decay` a per-group arithmetic
+    sequence from large (first group) to DECAY_LAST * budget (last group) whose mean over
+    layers is `budget` (within one token: groups keep whole-token budgets)."""
+    groups = [layer // group_size for layer in range(num_layers)]
+    last = groups[-1]
+    if not decay or last == 0:
+        return [budget] * num_layers
+    center = sum(groups) / num_layers  # the layer-weighted mean group index
+    step = budget * (1.0 - DECAY_LAST) / (last - center)
+    per_group = [budget + step * (center - g) for g in range(last + 1)]
+    rounded = [max(1, round(b)) for b in per_group]
+    # Move the rounding error onto the first group, which holds the most layers per token.
+    error = budget * num_layers - sum(rounded[g] for g in groups)
+    rounded[0] = max(1, rounded[0] + round(error / groups.count(0)))
+    return [rounded[g] for g in groups]
+
+
+def select_windows(mass: torch.Tensor, budget: int, window_size: int, mode: str) -> torch.Tensor:
+    """Whole windows by rank: mass [H, N] float (attention per candidate token) -> keep [H, N] bool.
+
+    Windows are [0, W), [W, 2W), ... (the last may be short); each scores by `mode`
+    ("topmean" or "mean", kernels.window_scores) and the best windows are kept while they fit
+    whole in `budget` tokens."""
+    H, N = mass.shape
+    if N == 0 or budget <= 0:
+        return torch.zeros(H, N, dtype=torch.bool, device=mass.device)
+    scores = kernels.window_scores(mass.float().contiguous(), window_size, mode)  # [H, P]
+    sizes = window_lengths(N, window_size, mass.device).repeat(H, 1)
+    take = kernels.select_under_budget(scores, sizes, budget)
+    whole = take == sizes
+    return whole.repeat_interleave(window_size, dim=1)[:, :N]
+
+
+@register
+class WindowKVPolicy(Policy):
+    name = "windowkv"
+    proto_field = "windowkv"
+    Config = WindowKVConfig
+
+    def __init__(self, config: WindowKVConfig, layout) -> None:
+        super().__init__(config, layout)
+        self.task = config.resolved_task
+        self.suffix = SUFFIX[self.task]
+        self.recall: LouisKVPolicy | None = None  # keep_pruned_in_host: louiskv over the host tier
+        self.budgets: list[int] = []  # per layer, resolved at ingest
+
+    def _plan_budget(self) -> int:
+        """The mean budget the working set must hold (with budget_fraction: for max_tokens)."""
+        if self.config.budget_fraction is None:
+            return self.config.budget
+        return max(1, math.ceil(self.config.budget_fraction * self.layout.max_tokens))
+
+    def plan(self) -> WorkingSetPlan:
+        c = self.config
+        widest = max(layer_budgets(self.layout.num_layers, c.group_size, self._plan_budget(), c.decay))
+        # The suffix tokens the window ring does not hold must fit in the retrieved region.
+        outside_ring = max(0, self.suffix - (c.window - DEFAULT_SPILL_EVERY))
+        return WorkingSetPlan(
+            n_sink=c.n_sink,
+            retrieved=max(widest, outside_ring),
+            window=c.window,
+            spill_every=DEFAULT_SPILL_EVERY,
+        )
+
+    def boundary_rule(self) -> BoundaryRule:
+        if self.config.keep_pruned_in_host:
+            return BoundaryRule(pb.BOUNDARY_MODE_THRESHOLD, self.config.threshold)
+        return BoundaryRule()
+
+    def observation(self) -> int:
+        return self.suffix
+
+    @property
+    def num_units(self) -> int:
+        return 0 if self.recall is None else self.recall.num_units
+
+    def on_ingest(self, ctx: PolicyContext, queries: torch.Tensor | None) -> Selection | None:
+        c, T = self.config, ctx.prompt_tokens
+        budget = c.budget if c.budget_fraction is None else max(1, round(c.budget_fraction * T))
+        self.budgets = layer_budgets(self.layout.num_layers, c.group_size, budget, c.decay)
+        if c.keep_pruned_in_host:
+            self.recall = LouisKVPolicy(
+                LouisKVConfig(budget=budget, n_sink=c.n_sink, window=c.window, threshold=c.threshold),
+                self.layout,
+            )
+            self.recall.on_ingest(ctx, None)  # clusters the prompt; selects nothing yet
+        start, end = min(ctx.ws.plan.n_sink, T), ctx.evicted_upto
+        if queries is None or end <= start:
+            return None
+        return self._select(ctx, queries[:, :, -self.suffix :], start, end)
+
+    def _select(self, ctx: PolicyContext, queries: torch.Tensor, start: int, end: int) -> Selection:
+        """Positions in [start, end) (prompt tokens outside sinks and ring) for every layer."""
+        L, H, R = self.layout.num_layers, self.layout.num_kv_heads, ctx.ws.plan.retrieved
+        keys = ctx.prompt_kv[:, 0]  # [L, H, T, D]
+        queries = queries.to(keys.device)
+        cut = max(start, min(end, ctx.prompt_tokens - self.suffix))  # suffix tokens from `cut` on are kept
+        positions = torch.arange(start, end, dtype=torch.int64, device=keys.device).expand(H, -1)
+        forced = torch.zeros(H, end - start, dtype=torch.bool, device=keys.device)
+        forced[:, cut - start :] = True
+        selection = torch.full((L, H, R), -1, dtype=torch.int64)
+        mode, kept = SCORE_MODE[self.task], 0
+        for first in range(0, L, self.config.group_size):
+            mass = observation_scores(queries[first], keys[first], self.layout.group_size)[:, start:cut]
+            chosen = select_windows(mass, self.budgets[first] - (end - cut), self.config.window_size, mode)
+            keep = torch.cat((chosen, forced[:, cut - start :]), dim=1)
+            picked = compact(keep, positions, R).cpu()
+            group = slice(first, min(L, first + self.config.group_size))
+            selection[group] = picked
+            kept += int((picked >= 0).sum()) * (group.stop - group.start)
+        return Selection(selection, units=kept)
+
+    def on_evict(self, ctx: PolicyContext, start: int, end: int) -> Selection | None:
+        if self.recall is not None:
+            return self.recall.on_evict(ctx, start, end)
+        return fill_free_slots(ctx, start, end)
+
+    def on_boundary(self, ctx: PolicyContext, query: torch.Tensor, layers: list[int]) -> Selection | None:
+        if self.recall is None:
+            return None
+        L = self.layout.num_layers
+        recalled = self.recall.on_boundary(ctx, query, list(range(L)))
+        if recalled is None:
+            return None
+        current = ctx.ws.retrieved_positions().cpu()
+        width = current.shape[-1]
+        new = recalled.positions.cpu()  # [L, H, budget], budget <= width
+        if new.shape[-1] < width:
+            new = torch.cat(
+                (new, torch.full((*new.shape[:2], width - new.shape[-1]), -1, dtype=new.dtype)), dim=-1
+            )
+        index = torch.tensor(layers, dtype=torch.int64)
+        current[index] = new[index]
+        return Selection(current, units=recalled.units)
