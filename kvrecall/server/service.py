@@ -156,8 +156,13 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             check.require(request.lease_seconds <= 86400, "lease_seconds", "must be <= 86400")
             if request.tp_size > 1:
                 check.require(request.tp_rank < request.tp_size, "tp_rank", f"must be < tp_size={request.tp_size}")
+            else:
+                check.require(request.tp_rank == 0, "tp_rank", f"must be 0 when tp_size={request.tp_size} (no tensor parallelism)")
             check.require(len(request.tag) <= 256, "tag", "at most 256 characters")
-            session = self.registry.open(worker, layout, policy, transport, float(request.lease_seconds), request.tag)
+            session = self.registry.open(
+                worker, layout, policy, transport, float(request.lease_seconds), request.tag,
+                request.tp_rank, request.tp_size,
+            )
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             await self._fail(context, "OpenSession", exc)
             raise AssertionError("unreachable") from None
@@ -179,10 +184,10 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         self._update_pool_gauges()
         self.metrics.rpc_latency.labels("OpenSession").observe(time.perf_counter() - started)
         log.info(
-            "session %s opened: worker=%s policy=%s %s layout=%dx%dx%dx%d %s max_tokens=%d slots=%d tag=%r",
-            session.session_id, worker, policy.name, json.dumps(config_json(policy)), layout.num_layers,
-            layout.num_kv_heads, layout.num_query_heads, layout.head_dim, layout.dtype, layout.max_tokens,
-            plan.capacity, request.tag,
+            "session %s opened: worker=%s tp=%d/%d policy=%s %s layout=%dx%dx%dx%d %s max_tokens=%d slots=%d tag=%r",
+            session.session_id, worker, session.tp_rank, session.tp_size, policy.name, json.dumps(config_json(policy)),
+            layout.num_layers, layout.num_kv_heads, layout.num_query_heads, layout.head_dim, layout.dtype,
+            layout.max_tokens, plan.capacity, request.tag,
         )
         return response
 
@@ -418,6 +423,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 bytes_host_to_device=c.bytes_host_to_device, resident_tokens=s.ws.resident_tokens(),
                 max_resident_tokens=s.ws.max_resident, host_tokens=s.spilled_upto, units=s.policy.num_units,
                 host_bytes=s.store.nbytes, device_bytes=s.segment.nbytes, tag=s.tag,
+                tp_rank=s.tp_rank, tp_size=s.tp_size,
             )
             w = workers.setdefault(s.worker_id, pb.WorkerStats(worker_id=s.worker_id))
             w.sessions += 1

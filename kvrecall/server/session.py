@@ -65,6 +65,8 @@ class Session:
     ws: WorkingSet
     lease_seconds: float
     lease_deadline: float = 0.0
+    tp_rank: int = 0        # the worker's tensor-parallel rank (shown in stats and logs)
+    tp_size: int = 0        # its world size; 0 or 1: no tensor parallelism
     prompt_tokens: int = 0
     spilled_upto: int = 0   # tokens [0, spilled_upto) are in the host tier
     evicted_upto: int = 0   # tokens [n_sink, evicted_upto) have left the window
@@ -211,7 +213,8 @@ class SessionRegistry:
         return sum(s.store.nbytes + s.segment.nbytes for s in self.sessions.values() if s.worker_id == worker_id)
 
     def open(
-        self, worker_id: str, layout: ModelLayout, policy: Policy, transport: int, lease: float, tag: str
+        self, worker_id: str, layout: ModelLayout, policy: Policy, transport: int, lease: float, tag: str,
+        tp_rank: int = 0, tp_size: int = 0,
     ) -> Session:
         plan = policy.plan()
         ws_bytes = SegmentLayout.of(layout, plan).nbytes
@@ -234,6 +237,7 @@ class SessionRegistry:
         ws = WorkingSet(segment, layout, plan)
         lease = min(lease or self.default_lease, self.max_lease)
         session = Session(session_id, worker_id, tag, transport, layout, policy, store, segment, ws, lease)
+        session.tp_rank, session.tp_size = tp_rank, tp_size
         session.touch()
         self.sessions[session_id] = session
         return session

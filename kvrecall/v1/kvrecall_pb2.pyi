@@ -416,7 +416,7 @@ class PoolStats(_message.Message):
     def __init__(self, tier: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class SessionStats(_message.Message):
-    __slots__ = ("session_id", "worker_id", "policy", "prompt_tokens", "tokens", "steps", "boundaries", "appends", "bytes_host_to_device", "resident_tokens", "max_resident_tokens", "host_tokens", "units", "host_bytes", "device_bytes", "tag")
+    __slots__ = ("session_id", "worker_id", "policy", "prompt_tokens", "tokens", "steps", "boundaries", "appends", "bytes_host_to_device", "resident_tokens", "max_resident_tokens", "host_tokens", "units", "host_bytes", "device_bytes", "tag", "tp_rank", "tp_size")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -433,6 +433,8 @@ class SessionStats(_message.Message):
     HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
+    TP_RANK_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     worker_id: str
     policy: str
@@ -449,7 +451,9 @@ class SessionStats(_message.Message):
     host_bytes: int
     device_bytes: int
     tag: str
-    def __init__(self, session_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., policy: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., tokens: _Optional[int] = ..., steps: _Optional[int] = ..., boundaries: _Optional[int] = ..., appends: _Optional[int] = ..., bytes_host_to_device: _Optional[int] = ..., resident_tokens: _Optional[int] = ..., max_resident_tokens: _Optional[int] = ..., host_tokens: _Optional[int] = ..., units: _Optional[int] = ..., host_bytes: _Optional[int] = ..., device_bytes: _Optional[int] = ..., tag: _Optional[str] = ...) -> None: ...
+    tp_rank: int
+    tp_size: int
+    def __init__(self, session_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., policy: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., tokens: _Optional[int] = ..., steps: _Optional[int] = ..., boundaries: _Optional[int] = ..., appends: _Optional[int] = ..., bytes_host_to_device: _Optional[int] = ..., resident_tokens: _Optional[int] = ..., max_resident_tokens: _Optional[int] = ..., host_tokens: _Optional[int] = ..., units: _Optional[int] = ..., host_bytes: _Optional[int] = ..., device_bytes: _Optional[int] = ..., tag: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
     __slots__ = ("worker_id", "sessions", "host_bytes", "device_bytes")
