@@ -72,6 +72,19 @@ def kmeans_update(x: torch.Tensor, assign: torch.Tensor, k: int) -> tuple[torch.
     return centroids, counts
 
 
+def assign_centroids(centroids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The centroids an assignment step compares points of `dtype` with.
+
+    float32 points: the float32 centroids as they are. 16-bit points: the unit centroids
+    rounded to that dtype, so a kernel multiplies 16-bit by 16-bit in one tensor-core pass
+    (exact products, float32 sums). Rounding moves a cosine by at most ~2^-8 relative: only
+    near-ties can change cluster (LouisKV's units are approximate by construction).
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        return centroids
+    return _unit_rows(centroids).to(dtype)
+
+
 def kmeans(
     x: torch.Tensor,
     k: int,
@@ -88,7 +101,8 @@ def kmeans(
     ever the zero vector. Finally every point is assigned to its nearest returned centroid and
     counts are that assignment's cluster sizes (a count may be 0); the centroids are the means
     of the previous assignment (equal to the final members' means once converged).
-    `assign_fn` / `update_fn` choose the implementation of the two steps.
+    For 16-bit x, "nearest" is measured against the unit centroids rounded to x's dtype (see
+    `assign_centroids`). `assign_fn` / `update_fn` choose the implementation of the two steps.
     """
     batch, num_points, dim = x.shape
     k = min(k, num_points)
@@ -101,9 +115,9 @@ def kmeans(
     init = ((torch.arange(k, device=x.device) * num_points) // k + seed) % num_points
     centroids = x[:, init].float()
     for _ in range(iters):
-        means, counts = update_fn(x, assign_fn(x, centroids), k)
+        means, counts = update_fn(x, assign_fn(x, assign_centroids(centroids, x.dtype)), k)
         centroids = torch.where(counts.unsqueeze(-1) > 0, means, centroids)
-    assign = assign_fn(x, centroids)
+    assign = assign_fn(x, assign_centroids(centroids, x.dtype))
     counts = torch.zeros(batch, k, dtype=torch.int64, device=x.device)
     counts.scatter_add_(1, assign, torch.ones_like(assign))
     return centroids, assign, counts
