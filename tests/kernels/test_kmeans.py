@@ -60,7 +60,16 @@ def test_assign_ties_go_to_lowest_index(triton_device: torch.device, randn: Make
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize(
-    ("batch", "n", "k", "dim"), [(1, 1, 1, 1), (2, 37, 5, 20), (2, 150, 70, 130), (2, 0, 3, 8)]
+    ("batch", "n", "k", "dim"),
+    [
+        (1, 1, 1, 1),
+        (2, 37, 5, 20),
+        (2, 150, 70, 130),
+        (2, 0, 3, 8),
+        (1, 100, 1, 16),  # one cluster spans many 16-point chunks
+        (2, 5, 40, 8),  # more clusters than points: most stay empty
+        (3, 257, 9, 64),
+    ],
 )
 def test_update_matches_reference(
     triton_device: torch.device,
@@ -80,6 +89,61 @@ def test_update_matches_reference(
     want_centroids, want_counts = K.kmeans_update(x, assign, k, impl="reference")
     assert torch.equal(got_counts, want_counts)
     close(got_centroids, want_centroids, dtype)
+
+
+@pytest.mark.parametrize("k", [1, 4, 300])
+def test_sort_by_cluster_orders_points_stably(triton_device: torch.device, k: int) -> None:
+    from kvrecall.kernels.clustering import sort_by_cluster
+
+    generator = torch.Generator().manual_seed(k)
+    assign = torch.randint(-1, k + 1, (3, 500), generator=generator).to(triton_device)
+    order, bounds = sort_by_cluster(assign, k)
+    assert bounds.shape == (3, k + 1) and order.shape == (3, 500)
+    for b in range(3):
+        for c in (0, k // 2, k - 1):
+            members = order[b, bounds[b, c] : bounds[b, c + 1]]
+            assert torch.equal(members, (assign[b] == c).nonzero().squeeze(1))  # ascending index
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("batch", "n", "k", "dim"),
+    [(1, 1, 1, 1), (2, 129, 130, 64), (1, 200, 257, 128), (2, 40, 7, 200), (1, 300, 3, 16)],
+)
+def test_assign_with_16bit_centroids_matches_reference(
+    triton_device: torch.device, randn: MakeTensor, dtype: torch.dtype, batch: int, n: int, k: int, dim: int
+) -> None:
+    # What Lloyd's loop hands the kernel for 16-bit keys: unit centroids in the keys' dtype
+    # (one tensor-core pass, exact products): only float32 summation order differs.
+    x = randn(12, batch, n, dim, dtype=dtype)
+    centroids = reference.assign_centroids(randn(13, batch, k, dim), dtype)
+    got = K.kmeans_assign(x, centroids, impl="triton")
+    want = K.kmeans_assign(x, centroids, impl="reference")
+    sims = cosine_sims(x, centroids)
+    gap = sims.gather(2, want.unsqueeze(-1)) - sims.gather(2, got.unsqueeze(-1))
+    assert gap.abs().max().item() < 1e-5
+    assert (got == want).float().mean().item() > 0.99
+
+
+def test_assign_centroids_rounds_unit_rows_for_16bit_points_only(randn: MakeTensor) -> None:
+    centroids = randn(14, 2, 5, 8) * 3
+    assert reference.assign_centroids(centroids, torch.float32) is centroids
+    rounded = reference.assign_centroids(centroids, torch.bfloat16)
+    assert rounded.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        rounded.float().norm(dim=-1), torch.ones(2, 5, device=centroids.device), atol=1e-2, rtol=0
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kmeans_16bit_triton_matches_reference(
+    triton_device: torch.device, randn: MakeTensor, dtype: torch.dtype
+) -> None:
+    x = blobs(randn, 15, batch=3, n=160, k=10, dim=64).to(dtype)
+    got = K.kmeans(x, 10, iters=3, impl="triton")
+    want = K.kmeans(x, 10, iters=3, impl="reference")
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
 
 
 def test_update_empty_cluster_is_zero_with_count_zero(device: torch.device, randn: MakeTensor) -> None:

@@ -48,6 +48,82 @@ def test_matches_reference(
     assert torch.equal(got, want)
 
 
+VARIANTS = ["triton", "triton+sort", "cupy", "cupy+sort"]
+
+
+def gather_with(
+    variant: str,
+    src: torch.Tensor,
+    src_start: torch.Tensor,
+    dst: torch.Tensor,
+    dst_start: torch.Tensor,
+    row_len: int,
+) -> None:
+    """The launcher with an explicit variant, on arguments checked as `gather_rows` checks them."""
+    from kvrecall.kernels._checks import check_rows
+    from kvrecall.kernels.row_gather import GatherVariant, gather_rows_triton
+
+    vector = max(1, 16 // src.element_size())
+    aligned = check_rows(src_start, dst_start, row_len, src.numel(), dst.numel(), vector)
+    gather_rows_triton(src, src_start, dst, dst_start, row_len, aligned, GatherVariant.parse(variant))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    ("dtype", "n_rows", "row_len", "align"),
+    [
+        (torch.bfloat16, 1, 8, 8),
+        (torch.bfloat16, 300, 64, 8),  # 128-byte rows, aligned: the vector paths
+        (torch.float32, 77, 36, 4),
+        (torch.int64, 9, 1000, 2),  # rows wider than a small tile
+        (torch.float16, 50, 13, 1),  # unaligned: the cupy engine falls back to Triton
+        (torch.uint8, 0, 16, 16),
+    ],
+)
+def test_variants_match_reference(
+    triton_device: torch.device, variant: str, dtype: torch.dtype, n_rows: int, row_len: int, align: int
+) -> None:
+    src = filled(dtype, 20000, n_rows, triton_device)
+    src_start, dst_start = random_rows(n_rows + 1, n_rows, row_len, src.numel(), align)
+    dst_len = int(dst_start.max()) + row_len + 3 if n_rows else 8
+    got = torch.zeros(dst_len, dtype=dtype, device=triton_device)
+    want = torch.zeros_like(got)
+    gather_with(variant, src, src_start.to(triton_device), got, dst_start.to(triton_device), row_len)
+    K.gather_rows(src, src_start, want, dst_start, row_len, impl="reference")
+    assert torch.equal(got, want)
+
+
+def test_sort_rows_keeps_each_source_with_its_destination(device: torch.device) -> None:
+    from kvrecall.kernels._triton import triton_importable
+
+    if not triton_importable():
+        pytest.skip("triton is not importable")
+    from kvrecall.kernels.row_gather import sort_rows
+
+    src = torch.tensor([40, 8, 8, 0, 24], device=device)
+    dst = torch.tensor([0, 1, 2, 3, 4], device=device)
+    src_sorted, dst_sorted = sort_rows(src, dst)
+    assert src_sorted.tolist() == [0, 8, 8, 24, 40]
+    assert sorted(zip(src_sorted.tolist(), dst_sorted.tolist(), strict=True)) == sorted(
+        zip(src.tolist(), dst.tolist(), strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "message"), [("numba", "engine"), ("triton+shuffle", "variant"), ("", "engine")]
+)
+def test_variant_names_are_validated(name: str, message: str) -> None:
+    from kvrecall.kernels._triton import triton_importable
+
+    if not triton_importable():
+        pytest.skip("triton is not importable")
+    from kvrecall.kernels.row_gather import GatherVariant
+
+    with pytest.raises(ValueError, match=message):
+        GatherVariant.parse(name)
+    assert GatherVariant.parse("cupy+sort") == GatherVariant("cupy", sort=True)
+
+
 def test_copies_bits_exactly_nan_payloads_included(triton_device: torch.device) -> None:
     src = torch.arange(64, dtype=torch.int32, device=triton_device)
     src[3] = 0x7FC00001  # a NaN with a payload, when read as float32
@@ -191,3 +267,22 @@ def test_pageable_host_source_falls_back_to_a_staged_copy() -> None:
     starts = torch.tensor([0, 1024])
     K.gather_rows(src, starts + 7, dst, starts, 1024, impl="triton")
     torch.testing.assert_close(dst.cpu(), torch.cat([src[7:1031], src[1031:2055]]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("row_bytes", "n_rows"), [(128, 65536), (256, 3000), (4096, 100), (48, 1000)])
+def test_variants_read_pinned_host_memory(variant: str, row_bytes: int, n_rows: int) -> None:
+    from kvrecall.kernels.row_gather import cupy_available
+
+    if variant.startswith("cupy") and not cupy_available():
+        pytest.skip("cupy is not importable: the cupy engine cannot be checked here")
+    row_len = row_bytes // 2
+    src = filled(torch.bfloat16, 1 << 24, 3, torch.device("cpu")).pin_memory()
+    src_start, dst_start = random_rows(4, n_rows, row_len, src.numel(), 8)
+    dst = torch.zeros(int(dst_start.max()) + row_len, dtype=torch.bfloat16, device="cuda")
+    gather_with(variant, src, src_start.cuda(), dst, dst_start.cuda(), row_len)
+    want = torch.zeros(dst.numel(), dtype=torch.bfloat16)
+    K.gather_rows(src, src_start, want, dst_start, row_len, impl="reference")
+    assert torch.equal(dst.cpu().view(torch.int16), want.view(torch.int16))
