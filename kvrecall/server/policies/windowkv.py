@@ -136,6 +136,7 @@ class WindowKVPolicy(Policy):
     def plan(self) -> WorkingSetPlan:
         c = self.config
         widest = max(layer_budgets(self.layout.num_layers, c.group_size, self._plan_budget(), c.decay))
+        widest = min(widest, self.layout.max_tokens)  # no layer can keep more tokens than exist
         # The suffix tokens the window ring does not hold must fit in the retrieved region.
         outside_ring = max(0, self.suffix - (c.window - DEFAULT_SPILL_EVERY))
         return WorkingSetPlan(
