@@ -13,7 +13,8 @@ A kernel's launcher still falls back to the reference for sizes its kernel does 
 (noted per op). Triton is imported lazily, only when a kernel is asked for. Float inputs may
 be float32, float16 or bfloat16; math is float32. B is a batch of independent
 (layer, kv-head) problems. Files: clustering.py (k-means), unit_scores.py, budget.py,
-row_gather.py, cosine.py, windows.py, quest.py; reference.py holds every op in PyTorch.
+row_gather.py, cosine.py, windows.py, quest.py, placement.py; reference.py holds every op in
+PyTorch.
 """
 
 from __future__ import annotations
@@ -43,10 +44,12 @@ __all__ = [
     "kmeans_assign",
     "kmeans_update",
     "masked_attention",
+    "place_retrieved",
     "quest_page_bounds",
     "quest_page_scores",
     "score_units",
     "select_under_budget",
+    "spill_ring",
     "window_scores",
 ]
 
@@ -195,6 +198,112 @@ def gather_rows(
         gather_rows_triton(src, src_start, dst, dst_start, row_len, starts_aligned)
         return
     reference.gather_rows(src, src_start, dst, dst_start, row_len)
+
+
+
+def _check_host_pages(
+    keys: torch.Tensor, values: torch.Tensor, host: torch.Tensor, page_base: torch.Tensor, tokens_per_page: int,
+    num_kv_heads: int,
+) -> None:
+    check_tensor("keys", keys, rank=3)
+    if values.shape != keys.shape or values.dtype != keys.dtype:
+        raise ValueError(f"values: {tuple(values.shape)} {values.dtype}, expected keys' {tuple(keys.shape)} {keys.dtype}")
+    for name, tensor in (("keys", keys), ("values", values)):
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name}: must be contiguous")
+    check_tensor("host", host, rank=1)
+    if host.dtype != keys.dtype:
+        raise ValueError(f"host: dtype {host.dtype} differs from keys' {keys.dtype}")
+    check_tensor("page_base", page_base, rank=1, dtypes=(torch.int64,))
+    if page_base.device != keys.device:
+        raise ValueError(f"page_base: on {page_base.device}, expected {keys.device} (like keys)")
+    check_int("tokens_per_page", tokens_per_page, 1)
+    check_int("num_kv_heads", num_kv_heads, 1)
+    if keys.shape[0] % num_kv_heads:
+        raise ValueError(f"keys: {keys.shape[0]} rows is not a multiple of num_kv_heads={num_kv_heads}")
+    if keys.device.type == host.device.type == "cuda" and keys.device != host.device:
+        raise ValueError(f"host: on {host.device}, keys on {keys.device}: one GPU only")
+
+
+def place_retrieved(
+    slot_pos: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    selection: torch.Tensor,
+    first_slot: int,
+    host: torch.Tensor,
+    page_base: torch.Tensor,
+    tokens_per_page: int,
+    num_kv_heads: int,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Make slots [first_slot, first_slot + R) of each row hold `selection`, in place -> [B, 2] int32.
+
+    slot_pos [B, C] int32, keys / values [B, C, D] contiguous (row b = layer b // H, head
+    b % H), selection [B, R] int (-1 = none; distinct per row). Tokens already resident keep
+    their slots, the k-th new one goes to the k-th freed slot and its K/V rows are copied from
+    `host` (the flat pool: pinned memory read by the GPU directly), pages [L, 2, H, P, D] at
+    offsets page_base [pages] int64 (on keys' device). Positions past the pages count as none.
+    Returns per row (selected, gathered) on slot_pos' device, with no host sync.
+    Kernel: R <= placement.MAX_RETRIEVED, else the reference.
+    """
+    check_tensor("slot_pos", slot_pos, rank=2, dtypes=(torch.int32,))
+    _check_host_pages(keys, values, host, page_base, tokens_per_page, num_kv_heads)
+    check_tensor("selection", selection, rank=2, dtypes=INDEX_DTYPES)
+    check_size("keys", keys, 0, slot_pos.shape[0], "B of slot_pos")
+    check_size("keys", keys, 1, slot_pos.shape[1], "C of slot_pos")
+    check_size("selection", selection, 0, slot_pos.shape[0], "B of slot_pos")
+    check_int("first_slot", first_slot, 0)
+    if first_slot + selection.shape[1] > slot_pos.shape[1]:
+        raise ValueError(
+            f"selection: {selection.shape[1]} slots from first_slot={first_slot} pass capacity {slot_pos.shape[1]}"
+        )
+    if not slot_pos.is_contiguous():
+        raise ValueError("slot_pos: must be contiguous")
+    device = check_same_device(slot_pos=slot_pos, keys=keys, values=values, selection=selection)
+    if use_triton(impl, device):
+        from kvrecall.kernels.placement import place_retrieved_triton
+
+        return place_retrieved_triton(
+            slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads
+        )
+    return reference.place_retrieved(
+        slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads
+    )
+
+
+def spill_ring(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    start: int,
+    end: int,
+    ring_start: int,
+    ring_size: int,
+    host: torch.Tensor,
+    page_base: torch.Tensor,
+    tokens_per_page: int,
+    num_kv_heads: int,
+    impl: str = "auto",
+) -> None:
+    """Copy tokens [start, end) of every row from the ring (slot ring_start + position %
+    ring_size of keys / values [B, C, D]) into the host pages (layout of `place_retrieved`).
+    The GPU writes pinned host memory directly: no D2H sync. end - start <= ring_size."""
+    _check_host_pages(keys, values, host, page_base, tokens_per_page, num_kv_heads)
+    check_int("start", start, 0)
+    check_int("end", end, start)
+    check_int("ring_size", ring_size, max(1, end - start))
+    check_int("ring_start", ring_start, 0)
+    if ring_start + ring_size > keys.shape[1]:
+        raise ValueError(f"ring_size: slots [{ring_start}, {ring_start + ring_size}) pass capacity {keys.shape[1]}")
+    if end > page_base.numel() * tokens_per_page:
+        raise ValueError(f"end: {end} is past the {page_base.numel() * tokens_per_page} positions of the pages")
+    device = keys.device if keys.device.type == "cuda" else host.device
+    if use_triton(impl, device):
+        from kvrecall.kernels.placement import spill_ring_triton
+
+        spill_ring_triton(keys, values, start, end, ring_start, ring_size, host, page_base, tokens_per_page, num_kv_heads)
+        return
+    reference.spill_ring(keys, values, start, end, ring_start, ring_size, host, page_base, tokens_per_page, num_kv_heads)
 
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor, impl: str = "auto") -> torch.Tensor:

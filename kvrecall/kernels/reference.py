@@ -9,6 +9,8 @@ B is a batch of independent (layer, kv-head) problems throughout. Ops and the pa
 * kmeans_assign / kmeans_update / kmeans: spherical k-means over keys (LouisKV, arXiv 2510.11292)
 * score_units, select_under_budget: rank retrieval units, take them under a token budget (LouisKV)
 * gather_rows: copy rows of the host tier into the working set (every retrieving policy)
+* place_retrieved / spill_ring: make a working set's retrieved region hold a selection (keep
+  what is resident, gather the rest from the host pages) and spill the window ring to them
 * cosine_similarity: the query-drift boundary test (LouisKV)
 * window_scores: per-window importance of attention mass (WindowKV)
 * quest_page_bounds / quest_page_scores: Quest's per-page key bounds and upper-bound scores
@@ -165,6 +167,109 @@ def gather_rows(
     columns = torch.arange(row_len, device=dst.device)
     dst_index = (dst_start.to(dst.device).long().unsqueeze(1) + columns).reshape(-1)
     dst.index_copy_(0, dst_index, rows.reshape(-1).to(dst.device))
+
+
+def host_rows(
+    page_base: torch.Tensor, rows: torch.Tensor, kv: int, positions: torch.Tensor, tokens_per_page: int,
+    num_kv_heads: int, row_len: int,
+) -> torch.Tensor:
+    """Element offsets in the flat host pool of (row = layer * H + head, kv, position) for
+    pages laid out [L, 2, H, P, D]; page_base [pages] holds each page's offset."""
+    layer, head = rows // num_kv_heads, rows % num_kv_heads
+    page = torch.div(positions, tokens_per_page, rounding_mode="floor")
+    in_page = positions - page * tokens_per_page
+    return page_base[page] + (((layer * 2 + kv) * num_kv_heads + head) * tokens_per_page + in_page) * row_len
+
+
+def place_retrieved(
+    slot_pos: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    selection: torch.Tensor,
+    first_slot: int,
+    host: torch.Tensor,
+    page_base: torch.Tensor,
+    tokens_per_page: int,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """Make slots [first_slot, first_slot + R) of every row hold `selection`, in place.
+
+    slot_pos [B, C] int32, keys / values [B, C, D], selection [B, R] (-1 or >= the host's
+    positions = none). Per row: tokens already resident keep their slots; the k-th new entry
+    of the selection goes to the k-th slot (ascending) that is not kept and its K/V rows are
+    copied from the host pages; the other slots become -1. Returns [B, 2] int32: (valid
+    entries of the selection, rows gathered). Valid entries of one row are expected distinct.
+    """
+    rows, _ = slot_pos.shape
+    retrieved = selection.shape[1]
+    device = slot_pos.device
+    counts = torch.zeros(rows, 2, dtype=torch.int32, device=device)
+    if rows == 0 or retrieved == 0:
+        return counts
+    num_positions = page_base.numel() * tokens_per_page
+    region = slot_pos[:, first_slot : first_slot + retrieved]
+    current = region.long()
+    selection = selection.to(device).long()
+    cur_ok = current >= 0
+    sel_ok = (selection >= 0) & (selection < num_positions)
+    row = torch.arange(rows, device=device).unsqueeze(1) * (num_positions + 1)
+    cur_key = torch.where(cur_ok, row + current, -1)
+    sel_key = torch.where(sel_ok, row + selection, -2)
+    keep = cur_ok & torch.isin(cur_key, sel_key)
+    new = sel_ok & ~torch.isin(sel_key, cur_key)
+    free = ~keep
+    free_rank = free.cumsum(dim=1) - 1
+    new_rank = new.cumsum(dim=1) - 1
+    n_new = new.sum(dim=1, keepdim=True)
+    filled = free & (free_rank < n_new)
+    pos_of_rank = torch.full((rows, retrieved + 1), -1, dtype=torch.int64, device=device)
+    pos_of_rank.scatter_(1, torch.where(new, new_rank, retrieved), torch.where(new, selection, -1))
+    incoming = pos_of_rank.gather(1, torch.where(filled, free_rank, retrieved))
+    final = torch.where(keep, current, torch.where(filled, incoming, -1))
+    region.copy_(final)
+    counts[:, 0] = sel_ok.sum(dim=1)
+    counts[:, 1] = n_new.squeeze(1)
+    row_index, column = filled.nonzero(as_tuple=True)
+    if row_index.numel():
+        dim = keys.shape[2]
+        capacity = slot_pos.shape[1]
+        positions = final[row_index, column]
+        page_base = page_base.to(host.device)
+        dst = (row_index * capacity + first_slot + column) * dim
+        for kv, target in ((0, keys), (1, values)):
+            src = host_rows(
+                page_base, row_index.to(host.device), kv, positions.to(host.device), tokens_per_page, num_kv_heads, dim
+            )
+            gather_rows(host, src, target.view(-1), dst, dim)
+    return counts
+
+
+def spill_ring(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    start: int,
+    end: int,
+    ring_start: int,
+    ring_size: int,
+    host: torch.Tensor,
+    page_base: torch.Tensor,
+    tokens_per_page: int,
+    num_kv_heads: int,
+) -> None:
+    """Copy tokens [start, end) of every row from ring slots ring_start + position % ring_size
+    of keys / values [B, C, D] into the host pages (layout of `place_retrieved`)."""
+    rows, capacity, dim = keys.shape
+    if rows == 0 or end <= start:
+        return
+    device = host.device
+    positions = torch.arange(start, end, device=device)
+    row_index = torch.arange(rows, device=device).repeat_interleave(end - start)
+    positions = positions.repeat(rows)
+    slots = ((row_index * capacity + ring_start + positions % ring_size) * dim).to(keys.device)
+    page_base = page_base.to(device)
+    for kv, source in ((0, keys), (1, values)):
+        dst = host_rows(page_base, row_index, kv, positions, tokens_per_page, num_kv_heads, dim)
+        gather_rows(source.reshape(-1), slots, host, dst, dim)
 
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

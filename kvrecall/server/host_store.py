@@ -93,6 +93,12 @@ class SequenceStore:
         return self._page_base_dev[page_index] + (((layer * 2 + kv_index) * H + head) * P + in_page) * D
 
     @property
+    def page_table(self) -> torch.Tensor:
+        """Element offset of each of this sequence's pages in `flat`, int64 [pages], on the
+        working set's device (what the placement kernels address host rows by)."""
+        return self._page_base_dev
+
+    @property
     def flat(self) -> torch.Tensor:
         """The pool's flat view in this layout's dtype (the gather source)."""
         return self._flat

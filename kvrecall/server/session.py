@@ -9,6 +9,7 @@ up for their owner only, and closes those whose lease ran out.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import secrets
@@ -65,11 +66,11 @@ class Session:
     ws: WorkingSet
     lease_seconds: float
     lease_deadline: float = 0.0
-    tp_rank: int = 0        # the worker's tensor-parallel rank (shown in stats and logs)
-    tp_size: int = 0        # its world size; 0 or 1: no tensor parallelism
+    tp_rank: int = 0  # the worker's tensor-parallel rank (shown in stats and logs)
+    tp_size: int = 0  # its world size; 0 or 1: no tensor parallelism
     prompt_tokens: int = 0
-    spilled_upto: int = 0   # tokens [0, spilled_upto) are in the host tier
-    evicted_upto: int = 0   # tokens [n_sink, evicted_upto) have left the window
+    spilled_upto: int = 0  # tokens [0, spilled_upto) are in the host tier
+    evicted_upto: int = 0  # tokens [n_sink, evicted_upto) have left the window
     ingested: bool = False
     closed: bool = False
     counters: SessionCounters = field(default_factory=SessionCounters)
@@ -81,7 +82,9 @@ class Session:
         return self.ws.plan
 
     def context(self, prompt_kv: torch.Tensor | None = None) -> PolicyContext:
-        return PolicyContext(self.layout, self.store, self.ws, self.prompt_tokens, self.evicted_upto, prompt_kv)
+        return PolicyContext(
+            self.layout, self.store, self.ws, self.prompt_tokens, self.evicted_upto, prompt_kv
+        )
 
     def touch(self) -> None:
         self.lease_deadline = time.monotonic() + self.lease_seconds
@@ -98,14 +101,15 @@ class Session:
         n_sink = min(plan.n_sink, T)
         self.ws.write_tokens(kv, 0, 0, n_sink, torch.arange(n_sink, device=self.ws.keys.device))
         window_from = max(n_sink, T - plan.min_window)
-        self.ws.write_tokens(kv, 0, window_from, T, self.ws.window_slots(window_from, T).to(self.ws.keys.device))
+        self.ws.write_tokens(kv, 0, window_from, T, self.ws.window_slots(window_from, T))
         self.prompt_tokens = T
         self.spilled_upto = T
         self.evicted_upto = window_from
         self.ingested = True
-        self._place(self.policy.on_ingest(self.context(kv), queries))
+        placement = self._place(self.policy.on_ingest(self.context(kv), queries))
         self.counters.units = self.policy.num_units
-        self.finish()
+        self.ws.note_resident()
+        self.finish(placement)
 
     @_exclusive
     def append(self, upto: int, kv: torch.Tensor | None) -> tuple[int, int]:
@@ -124,26 +128,29 @@ class Session:
         if upto > self.layout.max_tokens:
             raise InvalidArgument("append.upto", f"{upto} is past max_tokens={self.layout.max_tokens}")
         if kv is not None:
-            self.ws.write_tokens(kv, start, start, upto, self.ws.window_slots(start, upto).to(self.ws.keys.device))
-        self.store.write(start, self.ws.read_window(start, upto).to(self.store.flat.device))
+            self.ws.write_tokens(kv, start, start, upto, self.ws.window_slots(start, upto))
+        self.ws.spill(self.store, start, upto)
         self.spilled_upto = upto
         self.counters.steps += upto - start
         self.counters.appends += 1
         evict_to = upto - plan.min_window
         evicted = 0
+        placement = None
         if evict_to > self.evicted_upto:
             first = self.evicted_upto
             selection = self.policy.on_evict(self.context(), first, evict_to)
             self.ws.clear_window(first, evict_to)
-            self._place(selection)
+            placement = self._place(selection)
             self.evicted_upto = evict_to
             evicted = evict_to - first
-        self.ws._note_resident()
-        self.finish()
+        self.ws.note_resident()
+        self.finish(placement)
         return upto, evicted
 
     @_exclusive
-    def boundary(self, position: int, layers: list[int], query: torch.Tensor) -> tuple[Selection | None, Placement]:
+    def boundary(
+        self, position: int, layers: list[int], query: torch.Tensor
+    ) -> tuple[Selection | None, Placement]:
         self._require_ingested("boundary")
         if position < self.spilled_upto or position > self.spilled_upto + self.plan.spill_every:
             raise InvalidArgument(
@@ -153,25 +160,33 @@ class Session:
             )
         for layer in layers:
             if layer >= self.layout.num_layers:
-                raise InvalidArgument("boundary.layers", f"layer {layer} >= num_layers={self.layout.num_layers}")
+                raise InvalidArgument(
+                    "boundary.layers", f"layer {layer} >= num_layers={self.layout.num_layers}"
+                )
         self.counters.boundaries += 1
-        selection = self.policy.on_boundary(self.context(), query, layers or list(range(self.layout.num_layers)))
+        selection = self.policy.on_boundary(
+            self.context(), query, layers or list(range(self.layout.num_layers))
+        )
         placement = self._place(selection)
-        self.finish()
+        self.ws.note_resident()
+        self.finish(placement)
+        if selection is not None:
+            selection = dataclasses.replace(selection, units=placement.units)
         return selection, placement
 
     def _place(self, selection: Selection | None) -> Placement:
         if selection is None:
-            return Placement(placed=0)
-        placement = self.ws.set_retrieved(self.store, selection.positions)
-        self.counters.bytes_host_to_device += placement.bytes_moved
-        return placement
+            return Placement()
+        return self.ws.set_retrieved(self.store, selection.positions, selection.units)
 
-    def finish(self) -> None:
+    def finish(self, placement: Placement | None = None) -> None:
         """Complete this session's queued GPU work before the answer lets the worker read
-        (the daemon's current stream only; never a device-wide sync)."""
+        (the daemon's current stream only; never a device-wide sync), then account the
+        operation's placement (its counts are on the host by then)."""
         if self.ws.keys.is_cuda:
             torch.cuda.current_stream(self.ws.keys.device).synchronize()
+        if placement is not None:
+            self.counters.bytes_host_to_device += placement.bytes_moved
 
     def _require_ingested(self, what: str) -> None:
         if not self.ingested:
@@ -210,11 +225,20 @@ class SessionRegistry:
         self.sessions: dict[str, Session] = {}
 
     def worker_bytes(self, worker_id: str) -> int:
-        return sum(s.store.nbytes + s.segment.nbytes for s in self.sessions.values() if s.worker_id == worker_id)
+        return sum(
+            s.store.nbytes + s.segment.nbytes for s in self.sessions.values() if s.worker_id == worker_id
+        )
 
     def open(
-        self, worker_id: str, layout: ModelLayout, policy: Policy, transport: int, lease: float, tag: str,
-        tp_rank: int = 0, tp_size: int = 0,
+        self,
+        worker_id: str,
+        layout: ModelLayout,
+        policy: Policy,
+        transport: int,
+        lease: float,
+        tag: str,
+        tp_rank: int = 0,
+        tp_size: int = 0,
     ) -> Session:
         plan = policy.plan()
         ws_bytes = SegmentLayout.of(layout, plan).nbytes

@@ -2,11 +2,11 @@
 
 The memory is a DeviceSegment the worker maps too (docs/ARCHITECTURE.md). The daemon
 writes it only while the worker waits for an answer, so no locking is needed here.
+Nothing on the decode path (spill, evict, place) waits for the GPU: index tensors are made
+on the device, counts stay there until read, and ring ranges are plain slices.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -16,13 +16,51 @@ from kvrecall.server.layout import ModelLayout, SegmentLayout, WorkingSetPlan
 from kvrecall.server.pools import DeviceSegment
 
 
-@dataclass
 class Placement:
-    """What one retrieval did to the retrieved region (summed over layers and heads)."""
+    """What one retrieval did to the retrieved region (summed over layers and heads).
 
-    placed: int = 0     # retrieved slots filled afterwards
-    gathered: int = 0   # rows moved from the host tier now
-    bytes_moved: int = 0
+    The counts are computed on the working set's device and copied to host memory without a
+    sync; the first read waits for that copy (after Session.finish() it waits for nothing).
+    """
+
+    def __init__(self, counts: torch.Tensor | None = None, row_bytes: int = 0) -> None:
+        """counts: int64 [3] (slots filled, rows gathered, units chosen); row_bytes: one K row."""
+        self.row_bytes = row_bytes
+        self._values: list[int] | None = [0, 0, 0] if counts is None else None
+        self._ready: torch.cuda.Event | None = None
+        if counts is not None and counts.is_cuda:
+            self._host = torch.empty(3, dtype=torch.int64, pin_memory=True)
+            self._host.copy_(counts, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(counts.device))
+        elif counts is not None:
+            self._host = counts
+
+    def _read(self) -> list[int]:
+        if self._values is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            self._values = self._host.tolist()
+        return self._values
+
+    @property
+    def placed(self) -> int:
+        """Retrieved slots filled afterwards."""
+        return self._read()[0]
+
+    @property
+    def gathered(self) -> int:
+        """Rows moved from the host tier now (K and V count once)."""
+        return self._read()[1]
+
+    @property
+    def units(self) -> int:
+        """Retrieval units the selection came from (policy-defined)."""
+        return self._read()[2]
+
+    @property
+    def bytes_moved(self) -> int:
+        return 2 * self.gathered * self.row_bytes
 
 
 class WorkingSet:
@@ -53,15 +91,35 @@ class WorkingSet:
         self.slot_pos = view(o.slot_pos_offset, torch.int32, (L, H, C))
         self.query = view(o.query_offset, layout.dtype, (L, Hq, D))
         self.slot_pos.fill_(-1)
-        self.max_resident = 0
+        self._max_resident = torch.zeros((), dtype=torch.int64, device=self.slot_pos.device)
+        self.last_placement: Placement | None = None
+
+    @property
+    def rows(self) -> int:
+        """(layer, KV head) rows: L * H."""
+        return self.layout.num_layers * self.layout.num_kv_heads
 
     # ---- slots -------------------------------------------------------------------------
     def window_slots(self, start: int, end: int) -> torch.Tensor:
-        """Ring slots of tokens [start, end), int64 [n]."""
-        positions = torch.arange(start, end, dtype=torch.int64)
+        """Ring slots of tokens [start, end), int64 [n] on the working set's device."""
+        positions = torch.arange(start, end, dtype=torch.int64, device=self.slot_pos.device)
         return self.plan.window_start + positions % self.plan.window
 
-    def write_tokens(self, kv: torch.Tensor, token_offset: int, start: int, end: int, slots: torch.Tensor) -> None:
+    def ring_spans(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The ring slots of tokens [start, end) (at most `window` of them) as slot ranges:
+        one, or two where the range wraps."""
+        if end <= start:
+            return []
+        first, W = self.plan.window_start, self.plan.window
+        lo = start % W
+        hi = lo + (end - start)
+        if hi <= W:
+            return [(first + lo, first + hi)]
+        return [(first + lo, first + W), (first, first + hi - W)]
+
+    def write_tokens(
+        self, kv: torch.Tensor, token_offset: int, start: int, end: int, slots: torch.Tensor
+    ) -> None:
         """Copy tokens [start, end) of kv [L, 2, H, n, D] (token 0 = position token_offset)
         into `slots` of every layer and head, and record their positions."""
         if end <= start:
@@ -71,17 +129,21 @@ class WorkingSet:
         self.values[:, :, slots] = src[:, 1]
         positions = torch.arange(start, end, dtype=torch.int32, device=self.slot_pos.device)
         self.slot_pos[:, :, slots] = positions
-        self._note_resident()
 
-    def read_window(self, start: int, end: int) -> torch.Tensor:
-        """Tokens [start, end) from the ring as [L, 2, H, n, D] (for spilling to host)."""
-        slots = self.window_slots(start, end).to(self.keys.device)
-        return torch.stack((self.keys[:, :, slots], self.values[:, :, slots]), dim=1)
+    def spill(self, store: SequenceStore, start: int, end: int) -> None:
+        """Copy tokens [start, end) from the ring to the host tier (the GPU writes the pinned
+        pages itself: no D2H sync)."""
+        L, H, C, D = self.keys.shape
+        kernels.spill_ring(
+            self.keys.view(L * H, C, D), self.values.view(L * H, C, D), start, end, self.plan.window_start,
+            self.plan.window, store.flat, store.page_table, store.tokens_per_page, H,
+        )  # fmt: skip
+        store.num_tokens = max(store.num_tokens, end)
 
     def clear_window(self, start: int, end: int) -> None:
         """Empty the ring slots of tokens [start, end)."""
-        if end > start:
-            self.slot_pos[:, :, self.window_slots(start, end).to(self.slot_pos.device)] = -1
+        for lo, hi in self.ring_spans(start, end):
+            self.slot_pos[:, :, lo:hi] = -1
 
     # ---- retrieved region --------------------------------------------------------------
     def retrieved_positions(self) -> torch.Tensor:
@@ -89,68 +151,58 @@ class WorkingSet:
         s, r = self.plan.n_sink, self.plan.retrieved
         return self.slot_pos[:, :, s : s + r].to(torch.int64)
 
-    def set_retrieved(self, store: SequenceStore, selection: torch.Tensor) -> Placement:
-        """Make the retrieved region hold exactly `selection` (int64 [L, H, R], -1 padded).
+    def retrieved_full(self) -> bool:
+        """Whether the last placement filled every retrieved slot of every row (only
+        set_retrieved writes the region). Reads that placement's counts: free after finish()."""
+        last = self.last_placement
+        return last is not None and last.placed == self.rows * self.plan.retrieved
+
+    def set_retrieved(
+        self, store: SequenceStore, selection: torch.Tensor, units: int | torch.Tensor = 0
+    ) -> Placement:
+        """Make the retrieved region hold exactly `selection` (int [L, H, R], -1 padded).
 
         Tokens already resident stay in their slots; only the rest are gathered from the
-        host tier into slots that fell free.
+        host tier into slots that fell free (kernels.place_retrieved: one launch, no sync).
+        `units` (an int or a device scalar) rides along in the Placement's counts.
         """
         L, H = self.layout.num_layers, self.layout.num_kv_heads
-        R, S = self.plan.retrieved, self.plan.n_sink
-        device = self.slot_pos.device
-        selection = selection.to(device=device, dtype=torch.int64)
-        current = self.retrieved_positions()
+        R, S, C, D = self.plan.retrieved, self.plan.n_sink, self.plan.capacity, self.layout.head_dim
         if selection.shape != (L, H, R):
             raise ValueError(f"selection shape {tuple(selection.shape)} != {(L, H, R)}")
-        span = self.layout.max_tokens + 1
-        row = torch.arange(L * H, dtype=torch.int64, device=device).view(L, H, 1)
-        cur_valid, sel_valid = current >= 0, selection >= 0
-        cur_key = torch.where(cur_valid, row * span + current, -1)
-        sel_key = torch.where(sel_valid, row * span + selection, -2)
-        keep = cur_valid & torch.isin(cur_key, sel_key)
-        new = sel_valid & ~torch.isin(sel_key, cur_key)
-        free = ~keep
-        # k-th new token of a row goes to the k-th free slot of that row.
-        free_rank = torch.cumsum(free.view(L * H, R), dim=1) - 1
-        table = torch.full((L * H, R), -1, dtype=torch.int64, device=device)
-        free_rows, free_cols = free.view(L * H, R).nonzero(as_tuple=True)
-        table[free_rows, free_rank[free_rows, free_cols]] = free_cols
-        new_rank = torch.cumsum(new.view(L * H, R), dim=1) - 1
-        new_rows, new_cols = new.view(L * H, R).nonzero(as_tuple=True)
-        target = table[new_rows, new_rank[new_rows, new_cols]]
-        positions = selection.view(L * H, R)[new_rows, new_cols]
-        # Empty every slot that is not kept, then fill the targets.
-        d = (free & cur_valid).nonzero(as_tuple=True)
-        self.slot_pos[d[0], d[1], S + d[2]] = -1
-        moved = self.gather(store, new_rows // H, new_rows % H, S + target, positions)
-        self._note_resident()
-        return Placement(placed=int(sel_valid.sum()), gathered=int(positions.numel()), bytes_moved=moved)
-
-    def gather(
-        self,
-        store: SequenceStore,
-        layer: torch.Tensor,
-        head: torch.Tensor,
-        slot: torch.Tensor,
-        position: torch.Tensor,
-    ) -> int:
-        """Copy K and V rows of (layer, head, position) from the host tier into `slot`
-        (index tensors on the working set's device). Returns the bytes moved."""
-        n = int(position.numel())
-        if n == 0:
-            return 0
-        H, C, D = self.layout.num_kv_heads, self.plan.capacity, self.layout.head_dim
-        dst = ((layer * H + head) * C + slot) * D
-        for kv_index, target in ((0, self.keys), (1, self.values)):
-            src = store.row_offsets(layer, kv_index, head, position)
-            kernels.gather_rows(store.flat, src, target.view(-1), dst, D)
-        self.slot_pos[layer, head, slot] = position.to(torch.int32)
-        return 2 * n * D * self.keys.element_size()
+        device = self.slot_pos.device
+        counts = kernels.place_retrieved(
+            self.slot_pos.view(L * H, C), self.keys.view(L * H, C, D), self.values.view(L * H, C, D),
+            to_device(selection, device).reshape(L * H, R), S, store.flat, store.page_table,
+            store.tokens_per_page, H,
+        )  # fmt: skip
+        if not isinstance(units, torch.Tensor):
+            units = torch.full((), units, dtype=torch.int64, device=device)
+        totals = torch.cat((counts.sum(dim=0), to_device(units, device).reshape(1).to(torch.int64)))
+        self.last_placement = Placement(totals, row_bytes=D * self.keys.element_size())
+        return self.last_placement
 
     # ---- accounting --------------------------------------------------------------------
     def resident_tokens(self) -> int:
-        """Most filled slots of any (layer, head)."""
+        """Most filled slots of any (layer, head) (a host sync: for answers, not the decode path)."""
         return int((self.slot_pos >= 0).sum(dim=-1).max())
 
-    def _note_resident(self) -> None:
-        self.max_resident = max(self.max_resident, self.resident_tokens())
+    def note_resident(self) -> None:
+        """Fold the current resident count into max_resident, on the device (no sync)."""
+        now = (self.slot_pos >= 0).sum(dim=-1).amax()
+        torch.maximum(self._max_resident, now, out=self._max_resident)
+
+    @property
+    def max_resident(self) -> int:
+        """Most resident tokens of any (layer, head) seen at the end of an operation."""
+        return int(self._max_resident)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; a host tensor goes to a GPU through pinned memory, asynchronously
+    (a plain .to() from pageable memory waits for the stream)."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

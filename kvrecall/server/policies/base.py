@@ -46,7 +46,9 @@ class Selection:
     """Token positions for the retrieved region: int64 [L, H, R], -1 padded."""
 
     positions: torch.Tensor
-    units: int = 0  # retrieval units chosen (for stats)
+    units: int | torch.Tensor = (
+        0  # retrieval units chosen (stats; a device scalar is read after the operation)
+    )
 
 
 class Policy:
@@ -87,35 +89,34 @@ class Policy:
         return 0
 
 
-_FAR = torch.iinfo(torch.int64).max
-
-
 def fill_free_slots(ctx: PolicyContext, start: int, end: int) -> Selection | None:
     """Place the newest of the tokens [start, end) that just left the window into free
     retrieved slots (all heads alike), so an unfilled budget holds recent context and a
-    budget >= the sequence length keeps every token (exactness)."""
+    budget >= the sequence length keeps every token (exactness).
+
+    No host sync: "how many slots are free" stays on the device; once a placement filled
+    the region (the usual state after the first retrieval) this returns None at once."""
+    if ctx.ws.plan.retrieved == 0 or ctx.ws.retrieved_full():
+        return None
     current = ctx.ws.retrieved_positions()
-    if current.shape[-1] == 0:
-        return None
-    free = int((current < 0).sum(dim=-1).min())
-    if free == 0:
-        return None
-    fresh = torch.arange(max(start, end - free), end, dtype=torch.int64, device=current.device)
     L, H, R = current.shape
-    merged = torch.cat((current, fresh.expand(L, H, -1)), dim=-1)
-    merged = torch.where(merged >= 0, merged, _FAR).sort(dim=-1).values[..., :R]
-    return Selection(torch.where(merged == _FAR, -1, merged))
+    free = (current < 0).sum(dim=-1).amin()
+    fresh = torch.arange(start, end, dtype=torch.int64, device=current.device)
+    fresh = torch.where(fresh >= end - free, fresh, -1)  # the newest `free` of them
+    merged = torch.cat((current, fresh.expand(L, H, -1)), dim=-1).view(L * H, -1)
+    return Selection(compact(merged >= 0, merged, R).view(L, H, R))
 
 
 def compact(keep: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
-    """Per row, the positions where `keep` is set, ascending, padded with -1 to `width`.
+    """Per row, the first `width` positions where `keep` is set, in their order, padded
+    with -1 to `width` (prefix sums and one scatter: no sort, no host sync).
 
     keep: [B, M] bool; positions: [B, M] int64 -> [B, width] int64."""
-    picked = torch.where(keep, positions, _FAR).sort(dim=1).values[:, :width]
-    if picked.shape[1] < width:
-        pad = torch.full((picked.shape[0], width - picked.shape[1]), _FAR, device=picked.device, dtype=picked.dtype)
-        picked = torch.cat((picked, pad), dim=1)
-    return torch.where(picked == _FAR, -1, picked)
+    rank = keep.cumsum(dim=1) - 1
+    column = torch.where(keep & (rank < width), rank, width)  # column `width` collects the rest
+    picked = torch.full((keep.shape[0], width + 1), -1, dtype=torch.int64, device=keep.device)
+    picked.scatter_(1, column, torch.where(keep, positions, -1).expand_as(column))
+    return picked[:, :width]
 
 
 _REGISTRY: dict[str, type[Policy]] = {}
@@ -172,7 +173,9 @@ def check_resident(config: Any) -> None:
     check(1 <= config.budget <= 1 << 20, "budget", "must be in [1, 1048576]")
     check(config.n_sink <= 4096, "n_sink", "must be <= 4096")
     check(
-        2 * DEFAULT_SPILL_EVERY <= config.window <= 1 << 16, "window", f"must be in [{2 * DEFAULT_SPILL_EVERY}, 65536]"
+        2 * DEFAULT_SPILL_EVERY <= config.window <= 1 << 16,
+        "window",
+        f"must be in [{2 * DEFAULT_SPILL_EVERY}, 65536]",
     )
 
 

@@ -35,6 +35,7 @@ from kvrecall.server.policies.base import (
     register,
     resident_plan,
 )
+from kvrecall.server.working_set import to_device
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 
@@ -42,14 +43,14 @@ from kvrecall.v1 import kvrecall_pb2 as pb
 class LouisKVConfig:
     """Defaults chosen by measurement on SmolLM2-135M (docs/TUNING.md)."""
 
-    budget: int = 512        # retrieved tokens per (layer, KV head)
-    n_sink: int = 16         # first tokens always resident
-    window: int = 64         # recent-window ring slots
-    cluster_size: int = 16   # mean prompt tokens per cluster
-    kmeans_iters: int = 4    # Lloyd iterations
+    budget: int = 512  # retrieved tokens per (layer, KV head)
+    n_sink: int = 16  # first tokens always resident
+    window: int = 64  # recent-window ring slots
+    cluster_size: int = 16  # mean prompt tokens per cluster
+    kmeans_iters: int = 4  # Lloyd iterations
     threshold: float = 0.85  # boundary when mean query cosine similarity < threshold
-    max_segment: int = 64    # an open output segment closes at this many tokens
-    aggregate: str = "max"   # grouped query heads: "max" or "sum" of unit scores
+    max_segment: int = 64  # an open output segment closes at this many tokens
+    aggregate: str = "max"  # grouped query heads: "max" or "sum" of unit scores
 
     def __post_init__(self) -> None:
         check_resident(self)
@@ -63,10 +64,32 @@ class LouisKVConfig:
 @dataclass
 class _PromptUnits:
     centroids: torch.Tensor  # [B, U, D] float32
-    order: torch.Tensor      # [B, N] positions sorted by unit
-    unit_of: torch.Tensor    # [B, N] unit of each entry of `order`
-    start: torch.Tensor      # [B, U] first index of each unit in `order`
-    sizes: torch.Tensor      # [B, U] tokens per unit
+    order: torch.Tensor  # [B, N] positions sorted by unit
+    unit_of: torch.Tensor  # [B, N] unit of each entry of `order`
+    rank: torch.Tensor  # [B, N] index of each entry of `order` inside its unit
+    sizes: torch.Tensor  # [B, U] tokens per unit
+
+
+class _Growing:
+    """A device buffer whose dimension `dim` grows by doubling; `view()` is the filled part."""
+
+    def __init__(self, like: torch.Tensor, dim: int) -> None:
+        self.dim, self.length = dim, 0
+        self.data = like.new_empty(like.shape[:dim] + (16,) + like.shape[dim + 1 :])
+
+    def append(self, chunk: torch.Tensor) -> None:
+        n = chunk.shape[self.dim]
+        if self.length + n > self.data.shape[self.dim]:
+            shape = list(self.data.shape)
+            shape[self.dim] = max(2 * shape[self.dim], self.length + n)
+            bigger = self.data.new_empty(shape)
+            bigger.narrow(self.dim, 0, self.length).copy_(self.view())
+            self.data = bigger
+        self.data.narrow(self.dim, self.length, n).copy_(chunk)
+        self.length += n
+
+    def view(self) -> torch.Tensor:
+        return self.data.narrow(self.dim, 0, self.length)
 
 
 @register
@@ -78,10 +101,16 @@ class LouisKVPolicy(Policy):
     def __init__(self, config: LouisKVConfig, layout) -> None:
         super().__init__(config, layout)
         self.prompt: _PromptUnits | None = None
-        self.seg_reps: list[torch.Tensor] = []  # each [B, D] float32
         self.seg_bounds: list[tuple[int, int]] = []
-        self.open_start = 0   # first token of the open output segment
+        self.open_start = 0  # first token of the open output segment
         self.closed_upto = 0  # tokens [prompt_evicted, closed_upto) are in closed segments
+        # Closed segments, on the device: reps [B, Sg, D] f32, sizes [Sg], and per output
+        # token (from the first segment's start) its segment and its index inside it.
+        self.seg_reps: _Growing | None = None
+        self.seg_sizes: _Growing | None = None
+        self.token_seg: _Growing | None = None
+        self.token_rank: _Growing | None = None
+        self.open_sum: torch.Tensor | None = None  # [B, D] f32: keys of the open segment, summed
 
     def plan(self) -> WorkingSetPlan:
         return resident_plan(self.config)
@@ -106,9 +135,15 @@ class LouisKVPolicy(Policy):
             self.prompt = self._cluster(keys.to(ctx.ws.keys.device), start)
         if queries is None:
             return None
-        return self._select(ctx, queries[:, :, -1].to(ctx.ws.keys.device), list(range(self.layout.num_layers)))
+        return self._select(
+            ctx, queries[:, :, -1].to(ctx.ws.keys.device), list(range(self.layout.num_layers))
+        )
 
     def on_evict(self, ctx: PolicyContext, start: int, end: int) -> Selection | None:
+        # The evicted tokens are still in the ring: their keys join the open segment's sum.
+        for lo, hi in ctx.ws.ring_spans(start, end):
+            part = ctx.ws.keys[:, :, lo:hi].float().sum(dim=2).view(-1, self.layout.head_dim)
+            self.open_sum = part if self.open_sum is None else self.open_sum + part
         if end - self.open_start >= self.config.max_segment:
             self._close_segment(ctx, end)
         return fill_free_slots(ctx, start, end)
@@ -125,34 +160,50 @@ class LouisKVPolicy(Policy):
         centroids, assign, counts = kernels.kmeans(x, k, self.config.kmeans_iters)
         unit_sorted, order = torch.sort(assign, dim=1, stable=True)
         start = torch.cumsum(counts, dim=1) - counts
-        return _PromptUnits(centroids.float(), order + first, unit_sorted, start, counts)
+        rank = torch.arange(N, device=keys.device).expand(L * H, -1) - torch.gather(start, 1, unit_sorted)
+        return _PromptUnits(centroids.float(), order + first, unit_sorted, rank, counts)
 
     def _close_segment(self, ctx: PolicyContext, end: int) -> None:
-        if end <= self.open_start:
+        """Tokens [open_start, end) (all evicted, so summed in open_sum) become a unit whose
+        representative is their mean key."""
+        if end <= self.open_start or self.open_sum is None:
             return
-        L, H = self.layout.num_layers, self.layout.num_kv_heads
-        reps = torch.stack([ctx.store.keys(layer, self.open_start, end).float().mean(dim=1) for layer in range(L)])
-        self.seg_reps.append(reps.reshape(L * H, -1).to(ctx.ws.keys.device))
+        n = end - self.open_start
+        device = self.open_sum.device
+        mean = (self.open_sum / n).unsqueeze(1)  # [B, 1, D]
+        if self.seg_reps is None:
+            self.seg_reps = _Growing(mean, 1)
+            self.seg_sizes = _Growing(torch.empty(1, dtype=torch.int64, device=device), 0)
+            self.token_seg = _Growing(torch.empty(1, dtype=torch.int64, device=device), 0)
+            self.token_rank = _Growing(torch.empty(1, dtype=torch.int64, device=device), 0)
+        index = len(self.seg_bounds)
+        self.seg_reps.append(mean)
+        self.seg_sizes.append(torch.full((1,), n, dtype=torch.int64, device=device))
+        self.token_seg.append(torch.full((n,), index, dtype=torch.int64, device=device))
+        self.token_rank.append(torch.arange(n, dtype=torch.int64, device=device))
         self.seg_bounds.append((self.open_start, end))
         self.open_start = self.closed_upto = end
+        self.open_sum = None
 
     def _select(self, ctx: PolicyContext, query: torch.Tensor, layers: list[int]) -> Selection:
-        """query [L, Hq, D] -> the retrieved positions [L, H, R] for `layers` (others kept)."""
+        """query [L, Hq, D] -> the retrieved positions [L, H, R] for `layers` (others kept).
+
+        All on the device, no host sync: the number of units chosen stays a device scalar."""
         L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
         R, G, B = self.config.budget, self.layout.group_size, L * H
         device = ctx.ws.keys.device
-        q = query.float().reshape(L, H, G, D).reshape(B, G, D)
+        q = query.float().reshape(B, G, D)
         reps, sizes = [], []
         if self.prompt is not None:
             reps.append(self.prompt.centroids)
             sizes.append(self.prompt.sizes)
-        if self.seg_reps:
-            reps.append(torch.stack(self.seg_reps, dim=1))
-            seg_sizes = torch.tensor([b - a for a, b in self.seg_bounds], dtype=torch.int64, device=device)
-            sizes.append(seg_sizes.expand(B, -1))
+        if self.seg_bounds:
+            reps.append(self.seg_reps.view())
+            sizes.append(self.seg_sizes.view().expand(B, -1))
         if not reps:
             return Selection(ctx.ws.retrieved_positions())
-        all_reps, all_sizes = torch.cat(reps, dim=1), torch.cat(sizes, dim=1)
+        all_reps = reps[0] if len(reps) == 1 else torch.cat(reps, dim=1)
+        all_sizes = sizes[0] if len(sizes) == 1 else torch.cat(sizes, dim=1)
         scores = kernels.score_units(q, all_reps, all_sizes > 0, agg=self.config.aggregate)
         take = kernels.select_under_budget(scores, all_sizes, R)  # [B, U + Sg]
         candidates, chosen = [], []
@@ -160,22 +211,18 @@ class LouisKVPolicy(Policy):
         if self.prompt is not None:
             p = self.prompt
             U = p.sizes.shape[1]
-            rank = torch.arange(p.order.shape[1], device=device).expand(B, -1) - torch.gather(p.start, 1, p.unit_of)
             candidates.append(p.order)
-            chosen.append(rank < torch.gather(take[:, :U], 1, p.unit_of))
+            chosen.append(p.rank < torch.gather(take[:, :U], 1, p.unit_of))
         if self.seg_bounds:
-            first, last = self.seg_bounds[0][0], self.seg_bounds[-1][1]
-            positions = torch.arange(first, last, dtype=torch.int64, device=device)
-            seg_start = torch.tensor([a for a, _ in self.seg_bounds], dtype=torch.int64, device=device)
-            seg_of = torch.bucketize(positions, seg_start, right=True) - 1
-            rank = positions - seg_start[seg_of]
-            candidates.append(positions.expand(B, -1))
-            chosen.append(rank.expand(B, -1) < take[:, U:][:, seg_of])
+            first = self.seg_bounds[0][0]
+            seg_of = self.token_seg.view()
+            candidates.append(torch.arange(first, first + seg_of.shape[0], device=device).expand(B, -1))
+            chosen.append(self.token_rank.view() < take[:, U:][:, seg_of])
         new = compact(torch.cat(chosen, dim=1), torch.cat(candidates, dim=1), R).view(L, H, R)
-        units = int((take > 0).sum())
+        units = (take > 0).sum()
         if len(layers) < L:
-            current = ctx.ws.retrieved_positions().to(device)
-            index = torch.tensor(layers, device=device)
+            current = ctx.ws.retrieved_positions()
+            index = to_device(torch.tensor(layers), device)
             current[index] = new[index]
             new = current
         return Selection(new, units=units)

@@ -1,0 +1,230 @@
+"""place_retrieved / spill_ring: Triton vs reference, and what a placement must leave behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvrecall.kernels as K
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+class Pages:
+    """A host pool of `pages` pages [L, 2, H, P, D] at shuffled offsets (as a SequenceStore has)."""
+
+    def __init__(
+        self, layers: int, heads: int, dim: int, per_page: int, pages: int, dtype, device, seed: int
+    ):
+        generator = torch.Generator().manual_seed(seed)
+        self.layers, self.heads, self.dim, self.per_page = layers, heads, dim, per_page
+        self.page_numel = layers * 2 * heads * per_page * dim
+        self.host = torch.randn((2 * pages + 1) * self.page_numel, generator=generator).to(dtype)
+        order = torch.randperm(2 * pages, generator=generator)[:pages]
+        self.page_base = (order * self.page_numel).to(device)
+        self.positions = pages * per_page
+
+    def row(self, b: int, kv: int, position: int) -> torch.Tensor:
+        layer, head = divmod(b, self.heads)
+        page, in_page = divmod(position, self.per_page)
+        start = (
+            int(self.page_base[page])
+            + (((layer * 2 + kv) * self.heads + head) * self.per_page + in_page) * self.dim
+        )
+        return self.host[start : start + self.dim]
+
+
+def random_case(pages: Pages, capacity: int, first: int, retrieved: int, seed: int):
+    """Current slots (some empty) and a selection keeping a random part of them, -1 padded
+    anywhere, with a few positions past the pages (ignored)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = pages.layers * pages.heads
+    slot_pos = torch.full((rows, capacity), -1, dtype=torch.int32)
+    selection = torch.full((rows, retrieved), -1, dtype=torch.int64)
+
+    def pick(n: int, low: int, high: int) -> torch.Tensor:
+        return torch.randperm(high - low, generator=generator)[:n] + low
+
+    for b in range(rows):
+        pool = pick(2 * retrieved + 4, 0, pages.positions + 3)  # distinct; a few past the pages
+        held = int(torch.randint(0, retrieved + 1, (1,), generator=generator))
+        current = pick(held, 0, pages.positions)
+        slot_pos[b, first + pick(held, 0, retrieved)] = current.int()
+        kept = current[pick(int(torch.randint(0, held + 1, (1,), generator=generator)), 0, held)]
+        fresh = pool[~torch.isin(pool, current)]
+        fresh = fresh[: int(torch.randint(0, retrieved - len(kept) + 1, (1,), generator=generator))]
+        chosen = torch.cat((kept, fresh))
+        selection[b, pick(len(chosen), 0, retrieved)] = chosen
+    return slot_pos, selection
+
+
+def run(impl: str, pages: Pages, slot_pos, keys, values, selection, first: int, device):
+    slot_pos, keys, values = (t.clone().to(device) for t in (slot_pos, keys, values))
+    counts = K.place_retrieved(
+        slot_pos,
+        keys,
+        values,
+        selection.to(device),
+        first,
+        pages.host,
+        pages.page_base,
+        pages.per_page,
+        pages.heads,
+        impl=impl,
+    )
+    return slot_pos.cpu(), keys.cpu(), values.cpu(), counts.cpu()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("layers", "heads", "dim", "retrieved", "first", "window"),
+    [(1, 1, 8, 1, 0, 0), (2, 3, 16, 7, 2, 4), (1, 2, 24, 33, 1, 5), (2, 2, 64, 64, 4, 8)],
+)
+def test_matches_reference(triton_device, dtype, layers, heads, dim, retrieved, first, window) -> None:
+    pages = Pages(layers, heads, dim, per_page=5, pages=30, dtype=dtype, device=triton_device, seed=retrieved)
+    capacity = first + retrieved + window
+    slot_pos, selection = random_case(pages, capacity, first, retrieved, seed=dim)
+    rows = layers * heads
+    keys = torch.randn(rows, capacity, dim).to(dtype)
+    values = torch.randn(rows, capacity, dim).to(dtype)
+    got = run("triton", pages, slot_pos, keys, values, selection, first, triton_device)
+    want = run("reference", pages, slot_pos, keys, values, selection, first, torch.device("cpu"))
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_placement_keeps_residents_and_gathers_the_rest(triton_device, impl) -> None:
+    device = torch.device("cpu") if impl == "reference" else triton_device
+    pages = Pages(2, 2, 8, per_page=4, pages=20, dtype=torch.float32, device=device, seed=1)
+    first, retrieved, capacity = 3, 12, 20
+    slot_pos, selection = random_case(pages, capacity, first, retrieved, seed=5)
+    keys, values = torch.randn(4, capacity, 8), torch.randn(4, capacity, 8)
+    new_pos, new_keys, new_values, counts = run(impl, pages, slot_pos, keys, values, selection, first, device)
+    valid = (selection >= 0) & (selection < pages.positions)
+    assert counts[:, 0].tolist() == valid.sum(dim=1).tolist()
+    outside = torch.ones(capacity, dtype=torch.bool)
+    outside[first : first + retrieved] = False
+    assert torch.equal(new_pos[:, outside], slot_pos[:, outside])  # sinks and window untouched
+    for b in range(4):
+        region = new_pos[b, first : first + retrieved]
+        assert sorted(region[region >= 0].tolist()) == sorted(selection[b][valid[b]].tolist())
+        gathered = 0
+        for slot in range(first, first + retrieved):
+            position = int(new_pos[b, slot])
+            if position >= 0 and position == int(slot_pos[b, slot]):
+                assert torch.equal(new_keys[b, slot], keys[b, slot])  # kept in place, not copied
+            elif position >= 0:
+                gathered += 1
+                assert torch.equal(new_keys[b, slot], pages.row(b, 0, position))
+                assert torch.equal(new_values[b, slot], pages.row(b, 1, position))
+        assert counts[b, 1] == gathered
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_same_selection_moves_nothing(triton_device, impl) -> None:
+    device = torch.device("cpu") if impl == "reference" else triton_device
+    pages = Pages(1, 2, 8, per_page=4, pages=8, dtype=torch.float32, device=device, seed=2)
+    slot_pos = torch.tensor([[7, -1, 3, 20, -1], [-1, -1, -1, -1, -1]], dtype=torch.int32)
+    keys, values = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    selection = torch.tensor([[20, 3, 7, -1, -1], [-1, -1, -1, -1, -1]])  # another order: still resident
+    new_pos, new_keys, _, counts = run(impl, pages, slot_pos, keys, values, selection, 0, device)
+    assert torch.equal(new_pos, slot_pos) and torch.equal(new_keys, keys)
+    assert counts.tolist() == [[3, 0], [0, 0]]
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_kth_new_token_takes_the_kth_free_slot(triton_device, impl) -> None:
+    device = torch.device("cpu") if impl == "reference" else triton_device
+    pages = Pages(1, 1, 4, per_page=4, pages=8, dtype=torch.float32, device=device, seed=3)
+    slot_pos = torch.tensor([[9, 1, -1, 5, 2, 30]], dtype=torch.int32)  # slot 0: a sink
+    selection = torch.tensor([[-1, 11, 5, 4, -1]])  # keeps 5; 11 and 4 are new
+    new_pos, *_, counts = run(
+        impl, pages, slot_pos, torch.zeros(1, 6, 4), torch.zeros(1, 6, 4), selection, 1, device
+    )
+    assert new_pos.tolist() == [[9, 11, 4, 5, -1, -1]]
+    assert counts.tolist() == [[3, 2]]
+
+
+def test_empty_rows_and_region(device) -> None:
+    pages = Pages(1, 1, 4, per_page=4, pages=2, dtype=torch.float32, device=device, seed=4)
+    slot_pos = torch.full((1, 3), -1, dtype=torch.int32, device=device)
+    keys = torch.zeros(1, 3, 4, device=device)
+    counts = K.place_retrieved(
+        slot_pos,
+        keys,
+        keys.clone(),
+        torch.empty(1, 0, dtype=torch.int64, device=device),
+        1,
+        pages.host,
+        pages.page_base,
+        4,
+        1,
+    )
+    assert counts.tolist() == [[0, 0]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("start", "end"), [(0, 1), (3, 11), (13, 21), (5, 5)])
+def test_spill_matches_reference_and_lands_in_pages(triton_device, dtype, start, end) -> None:
+    pages = Pages(2, 3, 16, per_page=3, pages=10, dtype=dtype, device=triton_device, seed=end)
+    rows, ring_start, ring = 6, 4, 8
+    keys = torch.randn(rows, ring_start + ring + 2, 16).to(dtype)
+    values = torch.randn(rows, ring_start + ring + 2, 16).to(dtype)
+    got, want = pages.host.clone(), pages.host.clone()
+    K.spill_ring(
+        keys.to(triton_device),
+        values.to(triton_device),
+        start,
+        end,
+        ring_start,
+        ring,
+        got,
+        pages.page_base,
+        3,
+        3,
+        impl="triton",
+    )
+    K.spill_ring(
+        keys, values, start, end, ring_start, ring, want, pages.page_base.cpu(), 3, 3, impl="reference"
+    )
+    assert torch.equal(got, want)
+    pages.host = want
+    for b in range(rows):
+        for position in range(start, end):
+            slot = ring_start + position % ring
+            assert torch.equal(pages.row(b, 0, position), keys[b, slot])
+            assert torch.equal(pages.row(b, 1, position), values[b, slot])
+
+
+def test_arguments_are_checked(device) -> None:
+    pages = Pages(1, 2, 4, per_page=4, pages=2, dtype=torch.float32, device=device, seed=5)
+    slot_pos = torch.full((2, 6), -1, dtype=torch.int32, device=device)
+    keys = torch.zeros(2, 6, 4, device=device)
+    selection = torch.full((2, 4), -1, dtype=torch.int64, device=device)
+
+    def place(**change):
+        args = dict(
+            slot_pos=slot_pos,
+            keys=keys,
+            values=keys.clone(),
+            selection=selection,
+            first_slot=1,
+            host=pages.host,
+            page_base=pages.page_base,
+            tokens_per_page=4,
+            num_kv_heads=2,
+        )
+        args.update(change)
+        return K.place_retrieved(**args)
+
+    with pytest.raises(ValueError, match="selection: 4 slots from first_slot=3"):
+        place(first_slot=3)
+    with pytest.raises(ValueError, match="slot_pos: dtype int64"):
+        place(slot_pos=slot_pos.long())
+    with pytest.raises(ValueError, match="host: dtype"):
+        place(host=pages.host.half())
+    with pytest.raises(ValueError, match="num_kv_heads=3"):
+        place(num_kv_heads=3)
+    with pytest.raises(ValueError, match="end: 9 is past the 8 positions"):
+        K.spill_ring(keys, keys.clone(), 4, 9, 0, 6, pages.host, pages.page_base, 4, 2)
