@@ -161,10 +161,13 @@ class WindowKVPolicy(Policy):
     def on_ingest(self, ctx: PolicyContext, queries: torch.Tensor | None) -> Selection | None:
         c, T = self.config, ctx.prompt_tokens
         budget = c.budget if c.budget_fraction is None else max(1, round(c.budget_fraction * T))
-        self.budgets = layer_budgets(self.layout.num_layers, c.group_size, budget, c.decay)
+        R = ctx.ws.plan.retrieved
+        self.budgets = [
+            min(b, R) for b in layer_budgets(self.layout.num_layers, c.group_size, budget, c.decay)
+        ]
         if c.keep_pruned_in_host:
             self.recall = LouisKVPolicy(
-                LouisKVConfig(budget=budget, n_sink=c.n_sink, window=c.window, threshold=c.threshold),
+                LouisKVConfig(budget=min(budget, R), n_sink=c.n_sink, window=c.window, threshold=c.threshold),
                 self.layout,
             )
             self.recall.on_ingest(ctx, None)  # clusters the prompt; selects nothing yet
@@ -180,14 +183,13 @@ class WindowKVPolicy(Policy):
         queries = queries.to(keys.device)
         cut = max(start, min(end, ctx.prompt_tokens - self.suffix))  # suffix tokens from `cut` on are kept
         positions = torch.arange(start, end, dtype=torch.int64, device=keys.device).expand(H, -1)
-        forced = torch.zeros(H, end - start, dtype=torch.bool, device=keys.device)
-        forced[:, cut - start :] = True
+        suffix = torch.ones(H, end - cut, dtype=torch.bool, device=keys.device)
         selection = torch.full((L, H, R), -1, dtype=torch.int64)
         mode, kept = SCORE_MODE[self.task], 0
         for first in range(0, L, self.config.group_size):
             mass = observation_scores(queries[first], keys[first], self.layout.group_size)[:, start:cut]
             chosen = select_windows(mass, self.budgets[first] - (end - cut), self.config.window_size, mode)
-            keep = torch.cat((chosen, forced[:, cut - start :]), dim=1)
+            keep = torch.cat((chosen, suffix), dim=1)
             picked = compact(keep, positions, R).cpu()
             group = slice(first, min(L, first + self.config.group_size))
             selection[group] = picked
