@@ -1,7 +1,8 @@
 """TPGroup: the tensor-parallel process group a worker rank belongs to.
 
-A thin wrapper over torch.distributed that also covers size 1 (no process group: every
-collective is a no-op), so one code path serves TP=1 baselines and TP=N runs. Backend: gloo
+A thin wrapper over torch.distributed's default group that also covers size 1 (no process
+group: every collective is a no-op), so one code path serves TP=1 baselines and TP=N runs;
+`from_env` joins the group (collectives of a size > 1 group need it). Backend: gloo
 on CPU (tests), NCCL on GPUs. Rank r drives cuda:r and talks to the daemon of that GPU.
 """
 
@@ -25,8 +26,6 @@ class TPGroup:
             raise ValueError(f"size: {self.size} must be >= 1")
         if not 0 <= self.rank < self.size:
             raise ValueError(f"rank: {self.rank} must be in [0, size={self.size})")
-        if self.size > 1 and not dist.is_initialized():
-            raise RuntimeError("TPGroup of size > 1 needs torch.distributed initialised (TPGroup.from_env)")
 
     @staticmethod
     def single() -> TPGroup:
