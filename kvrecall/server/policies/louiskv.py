@@ -61,35 +61,64 @@ class LouisKVConfig:
         check(self.aggregate in ("max", "sum"), "aggregate", "must be 'max' or 'sum'")
 
 
-@dataclass
-class _PromptUnits:
-    centroids: torch.Tensor  # [B, U, D] float32
-    order: torch.Tensor  # [B, N] positions sorted by unit
-    unit_of: torch.Tensor  # [B, N] unit of each entry of `order`
-    rank: torch.Tensor  # [B, N] index of each entry of `order` inside its unit
-    sizes: torch.Tensor  # [B, U] tokens per unit
-
-
 class _Growing:
-    """A device buffer whose dimension `dim` grows by doubling; `view()` is the filled part."""
+    """A device buffer growing along dim 1 (amortised: by a quarter at least); `view()` is
+    the filled part."""
 
-    def __init__(self, like: torch.Tensor, dim: int) -> None:
-        self.dim, self.length = dim, 0
-        self.data = like.new_empty(like.shape[:dim] + (16,) + like.shape[dim + 1 :])
+    def __init__(self, first: torch.Tensor) -> None:
+        self.data, self.length = first.contiguous(), first.shape[1]
 
     def append(self, chunk: torch.Tensor) -> None:
-        n = chunk.shape[self.dim]
-        if self.length + n > self.data.shape[self.dim]:
+        n = chunk.shape[1]
+        if self.length + n > self.data.shape[1]:
             shape = list(self.data.shape)
-            shape[self.dim] = max(2 * shape[self.dim], self.length + n)
+            shape[1] = max(self.length + n, self.length * 5 // 4 + 64)
             bigger = self.data.new_empty(shape)
-            bigger.narrow(self.dim, 0, self.length).copy_(self.view())
+            bigger[:, : self.length] = self.view()
             self.data = bigger
-        self.data.narrow(self.dim, self.length, n).copy_(chunk)
+        self.data[:, self.length : self.length + n] = chunk
         self.length += n
 
     def view(self) -> torch.Tensor:
-        return self.data.narrow(self.dim, 0, self.length)
+        return self.data[:, : self.length]
+
+
+class _UnitTable:
+    """Every retrieval unit of one session on the device, prompt clusters first, then closed
+    output segments, so a boundary reads them as views (no concatenation, no host data).
+
+    Per unit: reps [B, U, D] f32, sizes [B, U]. Per candidate token, grouped by unit:
+    position [B, M], unit [B, M] and rank inside its unit [B, M] (int32)."""
+
+    def __init__(
+        self,
+        reps: torch.Tensor,
+        sizes: torch.Tensor,
+        position: torch.Tensor,
+        unit: torch.Tensor,
+        rank: torch.Tensor,
+    ) -> None:
+        self.reps, self.sizes = _Growing(reps), _Growing(sizes)
+        self.position, self.unit, self.rank = _Growing(position), _Growing(unit), _Growing(rank.int())
+
+    @property
+    def num_units(self) -> int:
+        return self.sizes.length
+
+    def append(
+        self,
+        reps: torch.Tensor,
+        sizes: torch.Tensor,
+        position: torch.Tensor,
+        unit: torch.Tensor,
+        rank: torch.Tensor,
+    ) -> None:
+        for part, chunk in zip(
+            (self.reps, self.sizes, self.position, self.unit, self.rank),
+            (reps, sizes, position, unit, rank),
+            strict=True,
+        ):
+            part.append(chunk)
 
 
 @register
@@ -100,16 +129,11 @@ class LouisKVPolicy(Policy):
 
     def __init__(self, config: LouisKVConfig, layout) -> None:
         super().__init__(config, layout)
-        self.prompt: _PromptUnits | None = None
+        self.units: _UnitTable | None = None
+        self.prompt_units = 0  # non-empty prompt clusters over all rows
         self.seg_bounds: list[tuple[int, int]] = []
         self.open_start = 0  # first token of the open output segment
         self.closed_upto = 0  # tokens [prompt_evicted, closed_upto) are in closed segments
-        # Closed segments, on the device: reps [B, Sg, D] f32, sizes [Sg], and per output
-        # token (from the first segment's start) its segment and its index inside it.
-        self.seg_reps: _Growing | None = None
-        self.seg_sizes: _Growing | None = None
-        self.token_seg: _Growing | None = None
-        self.token_rank: _Growing | None = None
         self.open_sum: torch.Tensor | None = None  # [B, D] f32: keys of the open segment, summed
 
     def plan(self) -> WorkingSetPlan:
@@ -123,8 +147,7 @@ class LouisKVPolicy(Policy):
 
     @property
     def num_units(self) -> int:
-        prompt = 0 if self.prompt is None else int((self.prompt.sizes > 0).sum())
-        return prompt + len(self.seg_bounds) * self.layout.num_layers * self.layout.num_kv_heads
+        return self.prompt_units + len(self.seg_bounds) * self.layout.num_layers * self.layout.num_kv_heads
 
     # ---- hooks ------------------------------------------------------------------------
     def on_ingest(self, ctx: PolicyContext, queries: torch.Tensor | None) -> Selection | None:
@@ -132,7 +155,7 @@ class LouisKVPolicy(Policy):
         self.open_start = self.closed_upto = end
         if end > start:
             keys = ctx.prompt_kv[:, 0, :, start:end]  # [L, H, N, D]
-            self.prompt = self._cluster(keys.to(ctx.ws.keys.device), start)
+            self._cluster(keys.to(ctx.ws.keys.device), start)
         if queries is None:
             return None
         return self._select(
@@ -153,7 +176,8 @@ class LouisKVPolicy(Policy):
         return self._select(ctx, query.to(ctx.ws.keys.device), layers)
 
     # ---- units --------------------------------------------------------------------------
-    def _cluster(self, keys: torch.Tensor, first: int) -> _PromptUnits:
+    def _cluster(self, keys: torch.Tensor, first: int) -> None:
+        """Prompt keys [L, H, N, D] (token 0 = position `first`) -> the first units of the table."""
         L, H, N, D = keys.shape
         k = max(1, math.ceil(N / self.config.cluster_size))
         x = keys.reshape(L * H, N, D)
@@ -161,26 +185,26 @@ class LouisKVPolicy(Policy):
         unit_sorted, order = torch.sort(assign, dim=1, stable=True)
         start = torch.cumsum(counts, dim=1) - counts
         rank = torch.arange(N, device=keys.device).expand(L * H, -1) - torch.gather(start, 1, unit_sorted)
-        return _PromptUnits(centroids.float(), order + first, unit_sorted, rank, counts)
+        self.units = _UnitTable(centroids.float(), counts, order + first, unit_sorted, rank)
+        self.prompt_units = int((counts > 0).sum())
 
     def _close_segment(self, ctx: PolicyContext, end: int) -> None:
         """Tokens [open_start, end) (all evicted, so summed in open_sum) become a unit whose
         representative is their mean key."""
         if end <= self.open_start or self.open_sum is None:
             return
-        n = end - self.open_start
+        n, B = end - self.open_start, self.open_sum.shape[0]
         device = self.open_sum.device
         mean = (self.open_sum / n).unsqueeze(1)  # [B, 1, D]
-        if self.seg_reps is None:
-            self.seg_reps = _Growing(mean, 1)
-            self.seg_sizes = _Growing(torch.empty(1, dtype=torch.int64, device=device), 0)
-            self.token_seg = _Growing(torch.empty(1, dtype=torch.int64, device=device), 0)
-            self.token_rank = _Growing(torch.empty(1, dtype=torch.int64, device=device), 0)
-        index = len(self.seg_bounds)
-        self.seg_reps.append(mean)
-        self.seg_sizes.append(torch.full((1,), n, dtype=torch.int64, device=device))
-        self.token_seg.append(torch.full((n,), index, dtype=torch.int64, device=device))
-        self.token_rank.append(torch.arange(n, dtype=torch.int64, device=device))
+        sizes = torch.full((B, 1), n, dtype=torch.int64, device=device)
+        positions = torch.arange(self.open_start, end, device=device).expand(B, -1)
+        rank = torch.arange(n, dtype=torch.int32, device=device).expand(B, -1)
+        index = 0 if self.units is None else self.units.num_units
+        unit = torch.full((B, n), index, dtype=torch.int64, device=device)
+        if self.units is None:
+            self.units = _UnitTable(mean, sizes, positions, unit, rank)
+        else:
+            self.units.append(mean, sizes, positions, unit, rank)
         self.seg_bounds.append((self.open_start, end))
         self.open_start = self.closed_upto = end
         self.open_sum = None
@@ -191,38 +215,19 @@ class LouisKVPolicy(Policy):
         All on the device, no host sync: the number of units chosen stays a device scalar."""
         L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
         R, G, B = self.config.budget, self.layout.group_size, L * H
-        device = ctx.ws.keys.device
-        q = query.float().reshape(B, G, D)
-        reps, sizes = [], []
-        if self.prompt is not None:
-            reps.append(self.prompt.centroids)
-            sizes.append(self.prompt.sizes)
-        if self.seg_bounds:
-            reps.append(self.seg_reps.view())
-            sizes.append(self.seg_sizes.view().expand(B, -1))
-        if not reps:
+        table = self.units
+        if table is None:
             return Selection(ctx.ws.retrieved_positions())
-        all_reps = reps[0] if len(reps) == 1 else torch.cat(reps, dim=1)
-        all_sizes = sizes[0] if len(sizes) == 1 else torch.cat(sizes, dim=1)
-        scores = kernels.score_units(q, all_reps, all_sizes > 0, agg=self.config.aggregate)
-        take = kernels.select_under_budget(scores, all_sizes, R)  # [B, U + Sg]
-        candidates, chosen = [], []
-        U = 0
-        if self.prompt is not None:
-            p = self.prompt
-            U = p.sizes.shape[1]
-            candidates.append(p.order)
-            chosen.append(p.rank < torch.gather(take[:, :U], 1, p.unit_of))
-        if self.seg_bounds:
-            first = self.seg_bounds[0][0]
-            seg_of = self.token_seg.view()
-            candidates.append(torch.arange(first, first + seg_of.shape[0], device=device).expand(B, -1))
-            chosen.append(self.token_rank.view() < take[:, U:][:, seg_of])
-        new = compact(torch.cat(chosen, dim=1), torch.cat(candidates, dim=1), R).view(L, H, R)
+        sizes = table.sizes.view()
+        q = query.float().reshape(B, G, D)
+        scores = kernels.score_units(q, table.reps.view(), sizes > 0, agg=self.config.aggregate)
+        take = kernels.select_under_budget(scores, sizes, R)  # [B, units]
+        chosen = table.rank.view() < torch.gather(take, 1, table.unit.view())
+        new = compact(chosen, table.position.view(), R).view(L, H, R)
         units = (take > 0).sum()
         if len(layers) < L:
             current = ctx.ws.retrieved_positions()
-            index = to_device(torch.tensor(layers), device)
+            index = to_device(torch.tensor(layers), new.device)
             current[index] = new[index]
             new = current
         return Selection(new, units=units)
