@@ -19,10 +19,16 @@ class Pages:
         generator = torch.Generator().manual_seed(seed)
         self.layers, self.heads, self.dim, self.per_page = layers, heads, dim, per_page
         self.page_numel = layers * 2 * heads * per_page * dim
-        self.host = torch.randn((2 * pages + 1) * self.page_numel, generator=generator).to(dtype)
+        self.pinned = device.type == "cuda"  # on a GPU the kernels read (and write) it in place (UVA)
+        self.host = self.copy_of(
+            torch.randn((2 * pages + 1) * self.page_numel, generator=generator).to(dtype)
+        )
         order = torch.randperm(2 * pages, generator=generator)[:pages]
         self.page_base = (order * self.page_numel).to(device)
         self.positions = pages * per_page
+
+    def copy_of(self, host: torch.Tensor) -> torch.Tensor:
+        return host.clone().pin_memory() if self.pinned else host.clone()
 
     def row(self, b: int, kv: int, position: int) -> torch.Tensor:
         layer, head = divmod(b, self.heads)
@@ -171,7 +177,7 @@ def test_spill_matches_reference_and_lands_in_pages(triton_device, dtype, start,
     rows, ring_start, ring = 6, 4, 8
     keys = torch.randn(rows, ring_start + ring + 2, 16).to(dtype)
     values = torch.randn(rows, ring_start + ring + 2, 16).to(dtype)
-    got, want = pages.host.clone(), pages.host.clone()
+    got, want = pages.copy_of(pages.host), pages.host.clone()
     K.spill_ring(
         keys.to(triton_device),
         values.to(triton_device),
