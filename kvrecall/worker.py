@@ -28,11 +28,14 @@ class DecodeResult:
     similarities: list[float] = field(default_factory=list, repr=False)
 
 
-def open_model_session(client, model, policy: str, config: dict | None, max_tokens: int, tag: str = ""):
-    """A session shaped for `model`, and the cache that decodes through it."""
+def open_model_session(
+    client, model, policy: str, config: dict | None, max_tokens: int, tag: str = "", signal: str = "post"
+):
+    """A session shaped for `model`, and the cache that decodes through it (`signal`: the
+    boundary signal's query view, see KVRecallCache)."""
     session = client.open_session(spec_for(model, max_tokens), policy, config, tag=tag)
     use_kvrecall_attention(model)
-    return session, KVRecallCache(session, record_similarity=True)
+    return session, KVRecallCache(session, record_similarity=True, signal=signal)
 
 
 @torch.no_grad()

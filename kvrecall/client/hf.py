@@ -84,8 +84,13 @@ class _Layer(DynamicLayer):
 class KVRecallCache(Cache):
     """A transformers Cache whose KV lives in a kvrecall session (batch size 1)."""
 
-    def __init__(self, session, aggregate: str = "mean", record_similarity: bool = False) -> None:
+    def __init__(
+        self, session, aggregate: str = "mean", record_similarity: bool = False, signal: str = "post"
+    ) -> None:
+        if signal not in ("pre", "post"):
+            raise ValueError("signal must be 'pre' (RoPE undone) or 'post' (the attention's query)")
         self.session = session
+        self.signal = signal
         spec = session.spec
         self.num_layers = spec.num_layers
         self.group = spec.num_query_heads // spec.num_kv_heads
@@ -98,6 +103,10 @@ class KVRecallCache(Cache):
         self._obs_queries: list[torch.Tensor] = []
         self.ingested = False
         self.seq_length = 0
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope_at = -1
+        self._attention_modules: list | None = None
+        self._step_signal: list[torch.Tensor] = []
 
     # ---- the transformers side ----------------------------------------------------------
     def _update(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
@@ -126,6 +135,9 @@ class KVRecallCache(Cache):
             query, key, value, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=self.group > 1
         )
         layer = module.layer_idx
+        if layer == 0:
+            self._attention_modules = []
+        self._attention_modules.append(module)
         n_obs = max(1, self.session.observation)
         self._obs_queries.append(query[0, :, -n_obs:].detach())
         if layer == self.num_layers - 1:
@@ -136,8 +148,7 @@ class KVRecallCache(Cache):
         kv = torch.stack([torch.stack(pair) for pair in self._prefill_kv])  # [L, 2, H, T, D]
         queries = torch.stack(self._obs_queries)                              # [L, Hq, n_obs, D]
         self.session.ingest(kv, queries)
-        for layer in range(self.num_layers):
-            self.detector.set_reference(layer, queries[layer, :, -1])
+        self._reference_all(queries[:, :, -1], num_tokens - 1)
         self._prefill_kv.clear()
         self._obs_queries.clear()
         self.ingested = True
@@ -149,16 +160,45 @@ class KVRecallCache(Cache):
         s = self.session
         q = query[0, :, 0]  # [Hq, D]
         s.query[layer] = q.to(s.query.dtype)
-        self.detector.observe(layer, q)
+        signal_q = self._signal_query(module, q, self.seq_length)
+        self.detector.observe(layer, signal_q)
+        if layer == 0:
+            self._step_signal = []
+        self._step_signal.append(signal_q)
         if self.per_layer_retrieval:
             s.boundary([layer])
-            self.detector.set_reference(layer, q)
+            self.detector.set_reference(layer, signal_q)
         valid = s.slot_pos[layer] >= 0  # [H, C]
         mask = valid.repeat_interleave(self.group, dim=0)[None, :, None, :]
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=self.group > 1)
         if layer == self.num_layers - 1:
             self._end_step()
         return out
+
+    def _signal_query(self, module, q: torch.Tensor, position: int) -> torch.Tensor:
+        """The boundary signal's view of query q [Hq, D] at `position`: the attention's
+        (post-RoPE) query, or with the rotary embedding undone ("pre": position-free)."""
+        rotary = getattr(module, "_kvrecall_rotary", None)
+        if self.signal == "post" or rotary is None:
+            return q
+        if self._rope_at != position:
+            ids = torch.tensor([[position]], device=q.device)
+            cos, sin = rotary(q.unsqueeze(0), ids)
+            self._rope = (cos[0, 0].to(q.dtype), sin[0, 0].to(q.dtype))
+            self._rope_at = position
+        cos, sin = self._rope
+        half = q.shape[-1] // 2
+        unrotated = torch.cat((q[..., half:], -q[..., :half]), dim=-1)  # rotate_half inverted
+        return q * cos + unrotated * sin
+
+    def _reference_all(self, queries: torch.Tensor, position: int) -> None:
+        """Reset every layer's reference to queries [L, Hq, D] (post-RoPE) at `position`."""
+        modules = self._attention_modules or [None] * self.num_layers
+        for layer in range(self.num_layers):
+            q = queries[layer]
+            if modules[layer] is not None:
+                q = self._signal_query(modules[layer], q, position)
+            self.detector.set_reference(layer, q)
 
     def _end_step(self) -> None:
         s = self.session
@@ -172,8 +212,8 @@ class KVRecallCache(Cache):
         if not self.per_layer_retrieval and self.detector.is_boundary():
             s.boundary()
             self.stats.boundaries += 1
-            for layer in range(self.num_layers):
-                self.detector.set_reference(layer, s.query[layer])
+            for layer, q in enumerate(self._step_signal):
+                self.detector.set_reference(layer, q)
         elif self.per_layer_retrieval:
             self.stats.boundaries += 1
 
@@ -200,6 +240,11 @@ def kvrecall_attention(module, query, key, value, attention_mask, scaling=None, 
 def use_kvrecall_attention(model: torch.nn.Module) -> None:
     """Route the model's attention through kvrecall (registers the function once)."""
     AttentionInterface.register(ATTENTION_NAME, kvrecall_attention)
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is not None:
+        for layer in getattr(model.model, "layers", []):
+            # Lets KVRecallCache(signal="pre") undo RoPE for the boundary signal.
+            object.__setattr__(layer.self_attn, "_kvrecall_rotary", rotary)
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTENTION_NAME)
     else:
