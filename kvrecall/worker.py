@@ -33,7 +33,8 @@ def open_model_session(
 ):
     """A session shaped for `model`, and the cache that decodes through it (`signal`: the
     boundary signal's query view, see KVRecallCache)."""
-    session = client.open_session(spec_for(model, max_tokens), policy, config, tag=tag)
+    device = next(model.parameters()).device
+    session = client.open_session(spec_for(model, max_tokens), policy, config, tag=tag, device=device)
     use_kvrecall_attention(model)
     return session, KVRecallCache(session, record_similarity=True, signal=signal)
 

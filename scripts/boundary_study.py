@@ -82,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--prompts", type=int, default=2)
-    ap.add_argument("--long-input", type=int, default=2048, help="also one long-input sample of this many tokens (0: none)")
+    ap.add_argument(
+        "--long-input",
+        type=int,
+        default=2048,
+        help="also one long-input sample of this many tokens (0: none)",
+    )
     ap.add_argument("--out", default="bench/results/boundary-study.json")
     args = ap.parse_args(argv)
     started = time.time()
@@ -113,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                         "rate": rates,
                     }
                 )
-                print(f"{kind:14s} {variant:4s} {aggregate:4s} " + " ".join(f"{th}:{r:.2f}" for th, r in rates.items()))
+                print(
+                    f"{kind:14s} {variant:4s} {aggregate:4s} "
+                    + " ".join(f"{th}:{r:.2f}" for th, r in rates.items())
+                )
     out = {
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.machine()} {platform.processor()} cpu, torch {torch.__version__}",

@@ -40,7 +40,9 @@ def cases(tokenizer, args) -> list[tuple[str, torch.Tensor, int, int]]:
         out.append((f"short-in/long-out #{i}", ids, args.tokens, args.budget))
     if args.long_input:
         sample = make_sample("qa", args.long_input, 0, tokenizer=tokenizer)
-        ids = tokenizer(sample.prompt + " Then summarise the document in detail.", return_tensors="pt").input_ids
+        ids = tokenizer(
+            sample.prompt + " Then summarise the document in detail.", return_tensors="pt"
+        ).input_ids
         out.append((f"long-in/long-out qa@{args.long_input}", ids, args.long_tokens, args.budget))
     return out
 
@@ -55,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-segments", default="64", help="comma-separated louiskv max_segment values")
     ap.add_argument("--signals", default="post,pre")
     ap.add_argument("--thresholds", default="0.6,0.7,0.75,0.8,0.85")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="bench/results/louiskv-sweep.json")
     args = ap.parse_args(argv)
     started = time.time()
     torch.manual_seed(0)
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(device=args.device)
     segments = [int(m) for m in args.max_segments.split(",")]
     grid = [
         (s, float(t), m)
@@ -68,8 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     grid += [("post", 1.0, segments[0]), ("post", -1.0, segments[0])]  # every step / never
     rows = []
     with contextlib.ExitStack() as stack:
-        client = stack.enter_context(KVRecallClient(stack.enter_context(LocalDaemon()).target, "sweep"))
+        client = stack.enter_context(
+            KVRecallClient(
+                stack.enter_context(LocalDaemon(device="cuda:0" if args.device == "cuda" else "cpu")).target,
+                "sweep",
+            )
+        )
         for name, ids, n_new, budget in cases(tokenizer, args):
+            ids = ids.to(args.device)
             max_tokens = ids.shape[1] + n_new + 16
             session, cache = open_model_session(client, model, "full", None, max_tokens)
             with session:
@@ -77,22 +86,32 @@ def main(argv: list[str] | None = None) -> int:
             ref_logp = torch.stack([log_softmax(x.double(), -1) for x in ref.logits])
             for signal, threshold, max_segment in grid:
                 config = {"budget": budget, "threshold": threshold, "max_segment": max_segment}
-                session, cache = open_model_session(client, model, "louiskv", config, max_tokens, signal=signal)
+                session, cache = open_model_session(
+                    client, model, "louiskv", config, max_tokens, signal=signal
+                )
                 with session:
                     out = decode(model, cache, ids, n_new, forced=ref.tokens)
                 logp = torch.stack([log_softmax(x.double(), -1) for x in out.logits])
                 kl = float((ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0).mean())
                 row = {
-                    "case": name, "prompt_tokens": int(ids.shape[1]), "generated": len(ref.tokens),
-                    "budget": budget, "signal": signal, "threshold": threshold, "max_segment": max_segment,
+                    "case": name,
+                    "prompt_tokens": int(ids.shape[1]),
+                    "generated": len(ref.tokens),
+                    "budget": budget,
+                    "signal": signal,
+                    "threshold": threshold,
+                    "max_segment": max_segment,
                     "top1": round(float((logp.argmax(-1) == ref_logp.argmax(-1)).double().mean()), 4),
-                    "kl": round(kl, 5), "rate": round(out.boundaries / len(ref.tokens), 4),
+                    "kl": round(kl, 5),
+                    "rate": round(out.boundaries / len(ref.tokens), 4),
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     result = {
         "date": dt.date.today().isoformat(),
-        "machine": f"{platform.platform()}, CPU, torch {torch.__version__}",
+        "machine": f"{platform.platform()}, {args.device}"
+        + (f" {torch.cuda.get_device_name(0)}" if args.device == "cuda" else "")
+        + f", torch {torch.__version__}",
         "command": "python " + " ".join(sys.argv),
         "seconds": round(time.time() - started, 1),
         "rows": rows,
