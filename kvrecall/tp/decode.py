@@ -82,7 +82,8 @@ def _agreed_token(model: TPLlama, logits: torch.Tensor) -> int:
     return int(model.group.gather(choice)[0, 0])  # rank 0's choice
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -96,7 +97,7 @@ def tp_decode(
     device = input_ids.device
     started = time.perf_counter()
     logits = [model(input_ids, 0, cache)]
-    _sync(device)
+    sync(device)
     prefill = time.perf_counter() - started
     position = input_ids.shape[1]
     tokens: list[int] = []
@@ -111,7 +112,7 @@ def tp_decode(
         boundaries, appends = cache.stats.boundaries, cache.stats.appends
         started = time.perf_counter()
         logits.append(model(torch.tensor([[token]], device=device), position, cache))
-        _sync(device)
+        sync(device)
         step_seconds.append(time.perf_counter() - started)
         if cache.stats.boundaries > boundaries:
             boundary_steps.append(step)

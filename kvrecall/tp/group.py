@@ -40,10 +40,14 @@ class TPGroup:
         if size == 1:
             return TPGroup.single()
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        device = None
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+            torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
+            dist.init_process_group(
+                backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s), device_id=device
+            )
         return TPGroup(dist.get_rank(), dist.get_world_size())
 
     def shard(self, total: int, what: str) -> tuple[int, int]:

@@ -2,8 +2,9 @@
 
 Rank r of a group of size N holds, per layer:
 
-* column-parallel q/k/v (its Hq/N query heads and H/N KV heads) and gate/up (I/N rows of
-  the MLP), so attention and the MLP's activation need nothing from the other ranks;
+* column-parallel q/k/v (its Hq/N query heads and H/N KV heads, fused in one matrix) and
+  gate/up (I/N rows of the MLP, fused), so attention and the MLP's activation need nothing
+  from the other ranks;
 * row-parallel o/down (the matching input columns), whose partial outputs are summed over
   the ranks with one all-reduce each (two per layer);
 * replicated embedding, norms and lm_head (vocab not split: every rank has the logits).
@@ -80,9 +81,7 @@ class TPShape:
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """LlamaRMSNorm: normalise in float32, scale in the input dtype."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 class TPAttention(nn.Module):
@@ -98,17 +97,14 @@ class TPAttention(nn.Module):
         self.is_causal = True
         self.num_key_value_groups = shape.num_query_heads // shape.num_kv_heads
         D = shape.head_dim
-        self.q_proj = nn.Linear(shape.hidden, shape.num_query_heads * D, bias=False)
-        self.k_proj = nn.Linear(shape.hidden, shape.num_kv_heads * D, bias=False)
-        self.v_proj = nn.Linear(shape.hidden, shape.num_kv_heads * D, bias=False)
+        self.split = (shape.num_query_heads * D, shape.num_kv_heads * D, shape.num_kv_heads * D)
+        self.qkv_proj = nn.Linear(shape.hidden, sum(self.split), bias=False)  # q, k, v rows stacked
         self.o_proj = nn.Linear(shape.num_query_heads * D, shape.hidden, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
         """x [1, T, hidden] -> this rank's share of the attention output, summed over ranks."""
         T, D = x.shape[1], self.head_dim
-        q = self.q_proj(x).view(1, T, -1, D).transpose(1, 2)
-        k = self.k_proj(x).view(1, T, -1, D).transpose(1, 2)
-        v = self.v_proj(x).view(1, T, -1, D).transpose(1, 2)
+        q, k, v = (t.view(1, T, -1, D).transpose(1, 2) for t in self.qkv_proj(x).split(self.split, dim=-1))
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         k, v = cache.update(k, v, self.layer_idx)
         out, _ = kvrecall_attention(self, q, k, v, None, scaling=self.scaling)  # [1, T, Hq_local, D]
@@ -119,12 +115,12 @@ class TPMLP(nn.Module):
     def __init__(self, shape: TPShape, group: TPGroup) -> None:
         super().__init__()
         self.group = group
-        self.gate_proj = nn.Linear(shape.hidden, shape.intermediate, bias=False)
-        self.up_proj = nn.Linear(shape.hidden, shape.intermediate, bias=False)
+        self.gate_up_proj = nn.Linear(shape.hidden, 2 * shape.intermediate, bias=False)  # gate, up rows
         self.down_proj = nn.Linear(shape.intermediate, shape.hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.group.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.group.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class TPDecoderLayer(nn.Module):
@@ -189,13 +185,19 @@ class TPLlama(nn.Module):
             src, dst = f"model.layers.{i}.", f"layers.{i}."
             mine[dst + "input_layernorm"] = state[src + "input_layernorm.weight"]
             mine[dst + "post_attention_layernorm"] = state[src + "post_attention_layernorm.weight"]
-            mine[dst + "self_attn.q_proj.weight"] = state[src + "self_attn.q_proj.weight"][q]
-            mine[dst + "self_attn.k_proj.weight"] = state[src + "self_attn.k_proj.weight"][kv]
-            mine[dst + "self_attn.v_proj.weight"] = state[src + "self_attn.v_proj.weight"][kv]
-            mine[dst + "self_attn.o_proj.weight"] = state[src + "self_attn.o_proj.weight"][:, q]
-            mine[dst + "mlp.gate_proj.weight"] = state[src + "mlp.gate_proj.weight"][mlp]
-            mine[dst + "mlp.up_proj.weight"] = state[src + "mlp.up_proj.weight"][mlp]
-            mine[dst + "mlp.down_proj.weight"] = state[src + "mlp.down_proj.weight"][:, mlp]
+            attn, ff = src + "self_attn.", src + "mlp."
+            mine[dst + "self_attn.qkv_proj.weight"] = torch.cat(
+                (
+                    state[attn + "q_proj.weight"][q],
+                    state[attn + "k_proj.weight"][kv],
+                    state[attn + "v_proj.weight"][kv],
+                )
+            )
+            mine[dst + "self_attn.o_proj.weight"] = state[attn + "o_proj.weight"][:, q]
+            mine[dst + "mlp.gate_up_proj.weight"] = torch.cat(
+                (state[ff + "gate_proj.weight"][mlp], state[ff + "up_proj.weight"][mlp])
+            )
+            mine[dst + "mlp.down_proj.weight"] = state[ff + "down_proj.weight"][:, mlp]
         own = self.state_dict()
         missing = sorted(set(own) - set(mine))
         if missing:

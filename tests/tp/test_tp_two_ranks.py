@@ -29,6 +29,7 @@ def ranks(tmp_path_factory):
             WORLD,
             out,
             timeout=600,
+            env={"OMP_NUM_THREADS": "1"},  # two ranks and two daemons share the CPU cores
         )
         pools = []
         for daemon in daemons:
