@@ -3,6 +3,11 @@
 Handles travel as raw 64-byte cudaIpcMemHandle_t bytes (never pickled). CuPy's runtime
 bindings do the calls; each working set is its own cudaMalloc allocation so a worker maps
 its session's memory and nothing else. Imported only on CUDA hosts.
+
+Ordering across the two processes: an interprocess CUDA event per session (64-byte
+cudaIpcEventHandle_t, CudaIpcRef.event_handle). The writer records it on its stream after
+its writes; the reader's stream waits on it (cudaStreamWaitEvent): the GPU orders the work,
+no host waits for anything.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ def _cupy():
     try:
         import cupy
     except ImportError as exc:  # pragma: no cover - GPU hosts only
-        raise RuntimeError("the CUDA IPC transport needs cupy (pip install cupy-cuda12x or -cuda13x)") from exc
+        raise RuntimeError(
+            "the CUDA IPC transport needs cupy (pip install cupy-cuda12x or -cuda13x)"
+        ) from exc
     return cupy
 
 
@@ -59,3 +66,22 @@ def open_handle(
             cupy.cuda.runtime.ipcCloseMemHandle(ptr)
 
     return MappedTensor(tensor, [close])
+
+
+def create_event(device: torch.device) -> tuple[torch.cuda.Event, bytes]:
+    """A fresh interprocess event on `device` and its 64-byte IPC handle."""
+    with torch.cuda.device(device):
+        event = torch.cuda.Event(interprocess=True)
+        return event, bytes(event.ipc_handle())
+
+
+def open_event(handle: bytes, device: int, field_name: str) -> torch.cuda.Event:
+    """A peer's interprocess event, to record or wait on in this process."""
+    if len(handle) != 64:
+        raise TensorRefError(f"{field_name}.cuda_ipc.event_handle", f"{len(handle)} bytes, 64 expected")
+    if device < 0 or device >= torch.cuda.device_count():
+        raise TensorRefError(f"{field_name}.cuda_ipc.device", f"no CUDA device {device}")
+    try:
+        return torch.cuda.Event.from_ipc_handle(device, handle)
+    except RuntimeError as exc:
+        raise TensorRefError(f"{field_name}.cuda_ipc.event_handle", f"cannot open: {exc}") from None

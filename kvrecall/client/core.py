@@ -72,6 +72,8 @@ class SessionCore:
     slot_pos: torch.Tensor = field(repr=False)  # [L, H, C] int32
     query: torch.Tensor = field(repr=False)     # [L, Hq, D]
     _mapped: list[MappedTensor] = field(default_factory=list, repr=False)
+    # CUDA IPC: the daemon's interprocess event publish() records (None: a stream sync instead).
+    publish_event: torch.cuda.Event | None = field(default=None, repr=False)
     position: int = 0        # tokens in the sequence (prompt + generated) so far
     noticed_upto: int = 0    # tokens announced to the daemon with AppendNotices
     seq: int = 0
@@ -91,6 +93,10 @@ class SessionCore:
             mapped = [open_ref(r, name) for r, name in zip(refs, ("keys", "values", "slot_pos", "query"), strict=True)]
             tensors = [m.tensor for m in mapped]
         core = SessionCore(response.session_id, spec, transport, response, *tensors, _mapped=mapped)
+        if transport == pb.TRANSPORT_CUDA_IPC and ws.query.cuda_ipc.event_handle:
+            from kvrecall.cuda_ipc import open_event
+
+            core.publish_event = open_event(ws.query.cuda_ipc.event_handle, ws.query.cuda_ipc.device, "query")
         return core
 
     # ---- the plan the daemon chose --------------------------------------------------
@@ -200,9 +206,12 @@ class SessionCore:
         self.apply_delta(response.delta)
 
     def publish(self) -> None:
-        """Make this worker's writes to a GPU working set visible before the daemon reads it
-        (a sync of the current stream, not of the device)."""
-        if self.keys.is_cuda:
+        """Make this worker's writes to a GPU working set visible before the daemon reads it:
+        record the session's interprocess event on the current stream (the daemon's stream
+        waits on it; nothing waits on the host), else sync the current stream (never the device)."""
+        if self.publish_event is not None:
+            self.publish_event.record(torch.cuda.current_stream(self.keys.device))
+        elif self.keys.is_cuda:
             torch.cuda.current_stream(self.keys.device).synchronize()
 
     def unmap(self) -> None:

@@ -217,6 +217,8 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 ref.cuda_ipc.handle = segment.ipc_handle
                 ref.cuda_ipc.offset = offset
                 ref.cuda_ipc.device = segment.device.index or 0
+        if session.worker_event_handle:  # the worker records it after writing; the daemon waits on it
+            info.query.cuda_ipc.event_handle = session.worker_event_handle
         return info
 
     def _locations(self, session: Session) -> tuple[str, ...]:
@@ -361,7 +363,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             check.require(
                 session.transport != pb.TRANSPORT_INLINE, "boundary.query", "required for TRANSPORT_INLINE sessions"
             )
-            query = session.ws.query.float()
+            query = None  # the session reads the working set's, after the worker's writes
         try:
             selection, placement = await _in_thread(session.boundary, event.position, list(event.layers), query)
         finally:

@@ -25,6 +25,7 @@ from kvrecall.server.layout import ModelLayout, SegmentLayout
 from kvrecall.server.policies.base import Policy, PolicyContext, Selection
 from kvrecall.server.pools import DevicePool, HostPool
 from kvrecall.server.working_set import Placement, WorkingSet
+from kvrecall.v1 import kvrecall_pb2 as pb
 
 log = logging.getLogger("kvrecall.session")
 
@@ -74,6 +75,10 @@ class Session:
     ingested: bool = False
     closed: bool = False
     counters: SessionCounters = field(default_factory=SessionCounters)
+    # CUDA IPC: the worker records this interprocess event after writing the working set;
+    # the daemon's stream waits on it before an operation (no host sync on either side).
+    worker_event: torch.cuda.Event | None = None
+    worker_event_handle: bytes = b""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     busy: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -95,6 +100,7 @@ class Session:
         """kv: [L, 2, H, T, D] prompt keys and values; queries: [L, Hq, n_obs, D] or None."""
         if self.ingested:
             raise FailedPrecondition(f"session {self.session_id}: prompt already ingested")
+        self._after_worker()
         T = kv.shape[3]
         plan = self.plan
         self.store.write(0, kv)
@@ -127,6 +133,7 @@ class Session:
             )
         if upto > self.layout.max_tokens:
             raise InvalidArgument("append.upto", f"{upto} is past max_tokens={self.layout.max_tokens}")
+        self._after_worker()
         if kv is not None:
             self.ws.write_tokens(kv, start, start, upto, self.ws.window_slots(start, upto))
         self.ws.spill(self.store, start, upto)
@@ -149,8 +156,9 @@ class Session:
 
     @_exclusive
     def boundary(
-        self, position: int, layers: list[int], query: torch.Tensor
+        self, position: int, layers: list[int], query: torch.Tensor | None = None
     ) -> tuple[Selection | None, Placement]:
+        """query [L, Hq, D] (inline transport), or None: the working set's query tensor."""
         self._require_ingested("boundary")
         if position < self.spilled_upto or position > self.spilled_upto + self.plan.spill_every:
             raise InvalidArgument(
@@ -164,6 +172,9 @@ class Session:
                     "boundary.layers", f"layer {layer} >= num_layers={self.layout.num_layers}"
                 )
         self.counters.boundaries += 1
+        self._after_worker()
+        if query is None:  # the worker wrote it into the working set
+            query = self.ws.query.float()
         selection = self.policy.on_boundary(
             self.context(), query, layers or list(range(self.layout.num_layers))
         )
@@ -173,6 +184,11 @@ class Session:
         if selection is not None:
             selection = dataclasses.replace(selection, units=placement.units)
         return selection, placement
+
+    def _after_worker(self) -> None:
+        """Order this operation's GPU work after the worker's published writes."""
+        if self.worker_event is not None:
+            torch.cuda.current_stream(self.ws.keys.device).wait_event(self.worker_event)
 
     def _place(self, selection: Selection | None) -> Placement:
         if selection is None:
@@ -262,6 +278,10 @@ class SessionRegistry:
         lease = min(lease or self.default_lease, self.max_lease)
         session = Session(session_id, worker_id, tag, transport, layout, policy, store, segment, ws, lease)
         session.tp_rank, session.tp_size = tp_rank, tp_size
+        if transport == pb.TRANSPORT_CUDA_IPC and segment.device.type == "cuda":
+            from kvrecall.cuda_ipc import create_event
+
+            session.worker_event, session.worker_event_handle = create_event(segment.device)
         session.touch()
         self.sessions[session_id] = session
         return session
