@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -66,6 +67,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one rank of a tensor-parallel group (docs/MULTIGPU.md)
+        from kvrecall.tp.worker import run_tp_worker
+
+        return run_tp_worker(args)
     from kvrecall.demo import run_worker
 
     return run_worker(args)

@@ -145,9 +145,13 @@ def main(argv: list[str] | None = None) -> int:
 
             return run
 
-        _phase(results, "check", deadline, 0.3, check)
-        _phase(results, "tp", deadline, 0.5, timing(args.world))
-        _phase(results, "single", deadline, 0.9, timing(1))
+        for name, share, fn in (
+            ("check", 0.3, check),
+            ("tp", 0.5, timing(args.world)),
+            ("single", 0.9, timing(1)),
+        ):
+            _phase(results, name, deadline, share, fn)
+            (out / "tp_bench.json").write_text(json.dumps(results, indent=1))  # kept if a later phase hangs
     tp, single = results["tp"].get("ranks"), results["single"].get("ranks")
     if tp and single:
         slowest = max(r["step"]["median_ms"] for r in tp)

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from kvrecall.local import LocalDaemon
@@ -56,9 +56,15 @@ def rank_daemons(
 
 
 def run_ranks(
-    module: str, args: list[str], world: int, log_dir: Path, timeout: float, env: dict[str, str] | None = None
-) -> None:
-    """Run `python -m module *args` as ranks 0..world-1; raise RankFailed with the failing log."""
+    module: str,
+    args: Sequence[str] | Callable[[int], Sequence[str]],
+    world: int,
+    log_dir: Path,
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> list[str]:
+    """Run `python -m module *args` as ranks 0..world-1 (`args(rank)` when each rank needs its
+    own); return each rank's output, or raise RankFailed with the failing rank's log."""
     log_dir.mkdir(parents=True, exist_ok=True)
     port = str(free_port())
     procs: list[tuple[subprocess.Popen, Path]] = []
@@ -76,7 +82,10 @@ def run_ranks(
         log = log_dir / f"{module.rsplit('.', 1)[-1]}-w{world}-rank{rank}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", module, *args], env=rank_env, stdout=out, stderr=subprocess.STDOUT
+                [sys.executable, "-m", module, *(args(rank) if callable(args) else args)],
+                env=rank_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         procs.append((proc, log))
     deadline = time.monotonic() + timeout
@@ -100,3 +109,4 @@ def run_ranks(
         rank, code, log = failed
         what = f"timed out after {timeout:.0f}s" if rank < 0 else f"rank {rank} exited with {code}"
         raise RankFailed(f"{module}: {what}; {log}:\n{log.read_text(errors='replace')[-4000:]}")
+    return [log.read_text(errors="replace") for _, log in procs]
