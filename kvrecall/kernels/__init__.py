@@ -13,8 +13,8 @@ A kernel's launcher still falls back to the reference for sizes its kernel does 
 (noted per op). Triton is imported lazily, only when a kernel is asked for. Float inputs may
 be float32, float16 or bfloat16; math is float32. B is a batch of independent
 (layer, kv-head) problems. Files: clustering.py (k-means), unit_scores.py, budget.py,
-row_gather.py, cosine.py, windows.py, quest.py, placement.py; reference.py holds every op in
-PyTorch.
+row_gather.py, cosine.py, windows.py, quest.py, expand.py, placement.py; reference.py holds
+every op in PyTorch.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from kvrecall.kernels._triton import IMPLS, use_triton
 __all__ = [
     "attention_at_positions",
     "cosine_similarity",
+    "expand_selection",
     "gather_rows",
     "kmeans",
     "kmeans_assign",
@@ -199,6 +200,40 @@ def gather_rows(
         return
     reference.gather_rows(src, src_start, dst, dst_start, row_len)
 
+
+
+def expand_selection(
+    take: torch.Tensor,
+    unit: torch.Tensor,
+    rank: torch.Tensor,
+    position: torch.Tensor,
+    width: int,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Token positions of the units a selection took -> [B, width] int64, -1 padded (LouisKV).
+
+    take [B, U] int (tokens per unit, from select_under_budget); per candidate token unit
+    [B, M] int64 (in [0, U)), rank [B, M] int (its index inside the unit), position [B, M]
+    int64. A candidate is chosen when rank < take[unit]; the first `width` chosen positions
+    in candidate order. No sort, no host sync.
+    """
+    check_tensor("take", take, rank=2, dtypes=INDEX_DTYPES)
+    check_tensor("unit", unit, rank=2, dtypes=(torch.int64,))
+    check_tensor("rank", rank, rank=2, dtypes=INDEX_DTYPES)
+    check_tensor("position", position, rank=2, dtypes=(torch.int64,))
+    for name, tensor in (("unit", unit), ("rank", rank), ("position", position)):
+        if tensor.shape != unit.shape:
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} differs from unit's {tuple(unit.shape)}")
+    check_size("take", take, 0, unit.shape[0], "B of unit")
+    check_int("width", width, 0)
+    if take.shape[1] == 0 and unit.shape[1] > 0:
+        raise ValueError("take: no units but unit has candidates")
+    device = check_same_device(take=take, unit=unit, rank=rank, position=position)
+    if use_triton(impl, device):
+        from kvrecall.kernels.expand import expand_selection_triton
+
+        return expand_selection_triton(take, unit, rank, position, width)
+    return reference.expand_selection(take, unit, rank, position, width)
 
 
 def _check_host_pages(

@@ -9,6 +9,7 @@ B is a batch of independent (layer, kv-head) problems throughout. Ops and the pa
 * kmeans_assign / kmeans_update / kmeans: spherical k-means over keys (LouisKV, arXiv 2510.11292)
 * score_units, select_under_budget: rank retrieval units, take them under a token budget (LouisKV)
 * gather_rows: copy rows of the host tier into the working set (every retrieving policy)
+* expand_selection: the token positions of the units a budget selection took (LouisKV)
 * place_retrieved / spill_ring: make a working set's retrieved region hold a selection (keep
   what is resident, gather the rest from the host pages) and spill the window ring to them
 * cosine_similarity: the query-drift boundary test (LouisKV)
@@ -167,6 +168,22 @@ def gather_rows(
     columns = torch.arange(row_len, device=dst.device)
     dst_index = (dst_start.to(dst.device).long().unsqueeze(1) + columns).reshape(-1)
     dst.index_copy_(0, dst_index, rows.reshape(-1).to(dst.device))
+
+
+def expand_selection(
+    take: torch.Tensor, unit: torch.Tensor, rank: torch.Tensor, position: torch.Tensor, width: int
+) -> torch.Tensor:
+    """Positions of the chosen candidates: take [B, U], unit / rank / position [B, M] -> [B, width].
+
+    Candidate m of row b is chosen when rank[b, m] < take[b, unit[b, m]]; the first `width`
+    chosen positions in candidate order, -1 padded (prefix sums and one scatter)."""
+    rows = unit.shape[0]
+    chosen = rank < take.gather(1, unit.long())
+    column = chosen.cumsum(dim=1)  # 1-based output column; column 0 collects the rest
+    column = torch.where(chosen & (column <= width), column, 0)
+    out = torch.full((rows, width + 1), -1, dtype=torch.int64, device=unit.device)
+    out.scatter_(1, column, position.long())
+    return out[:, 1:]
 
 
 def host_rows(

@@ -30,7 +30,6 @@ from kvrecall.server.policies.base import (
     Selection,
     check,
     check_resident,
-    compact,
     fill_free_slots,
     register,
     resident_plan,
@@ -222,8 +221,8 @@ class LouisKVPolicy(Policy):
         q = query.float().reshape(B, G, D)
         scores = kernels.score_units(q, table.reps.view(), sizes > 0, agg=self.config.aggregate)
         take = kernels.select_under_budget(scores, sizes, R)  # [B, units]
-        chosen = table.rank.view() < torch.gather(take, 1, table.unit.view())
-        new = compact(chosen, table.position.view(), R).view(L, H, R)
+        new = kernels.expand_selection(take, table.unit.view(), table.rank.view(), table.position.view(), R)
+        new = new.view(L, H, R)
         units = (take > 0).sum()
         if len(layers) < L:
             current = ctx.ws.retrieved_positions()

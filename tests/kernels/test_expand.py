@@ -1,0 +1,67 @@
+"""expand_selection: Triton vs reference, and the positions a budget selection stands for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvrecall.kernels as K
+
+
+def random_units(rows: int, units: int, seed: int, budget: int):
+    """Candidates grouped by unit (like clustered prompt tokens), a take from the real selection."""
+    generator = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(0, 6, (rows, units), generator=generator)
+    candidates = int(sizes.sum(dim=1).max()) if units else 0
+    unit = torch.zeros(rows, candidates, dtype=torch.int64)
+    rank = torch.zeros(rows, candidates, dtype=torch.int32)
+    position = torch.full((rows, candidates), 10_000, dtype=torch.int64)
+    for b in range(rows):
+        m = 0
+        for u in range(units):
+            n = int(sizes[b, u])
+            unit[b, m : m + n] = u
+            rank[b, m : m + n] = torch.arange(n, dtype=torch.int32)
+            m += n
+        unit[b, m:] = 0
+        rank[b, m:] = 1 << 20  # padding: never chosen
+        position[b, :m] = torch.randperm(4 * max(m, 1), generator=generator)[:m]
+    scores = torch.randn(rows, units, generator=generator)
+    take = K.select_under_budget(scores, sizes, budget, impl="reference")
+    return take, unit, rank, position
+
+
+@pytest.mark.parametrize(
+    ("rows", "units", "budget", "width"),
+    [(1, 1, 1, 1), (3, 7, 9, 9), (4, 300, 200, 256), (2, 50, 40, 13), (2, 0, 5, 5), (5, 20, 0, 8)],
+)
+def test_matches_reference(triton_device, rows, units, budget, width) -> None:
+    take, unit, rank, position = random_units(rows, units, seed=units + width, budget=budget)
+    got = K.expand_selection(
+        *(t.to(triton_device) for t in (take, unit, rank, position)), width, impl="triton"
+    )
+    want = K.expand_selection(take, unit, rank, position, width, impl="reference")
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_chosen_positions_in_candidate_order(triton_device, impl) -> None:
+    device = torch.device("cpu") if impl == "reference" else triton_device
+    take = torch.tensor([[2, 0, 1]])
+    unit = torch.tensor([[0, 0, 0, 1, 2, 2]])
+    rank = torch.tensor([[0, 1, 2, 0, 0, 1]])
+    position = torch.tensor([[40, 41, 42, 7, 90, 91]])
+    args = [t.to(device) for t in (take, unit, rank, position)]
+    assert K.expand_selection(*args, 5, impl=impl).tolist() == [[40, 41, 90, -1, -1]]
+    assert K.expand_selection(*args, 2, impl=impl).tolist() == [[40, 41]]  # the first `width`
+
+
+def test_arguments_are_checked(device) -> None:
+    take = torch.zeros(2, 3, dtype=torch.int64, device=device)
+    unit = torch.zeros(2, 4, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="rank: shape"):
+        K.expand_selection(take, unit, unit[:, :3], unit, 4)
+    with pytest.raises(ValueError, match="take: dim 0 is 2, expected 1"):
+        K.expand_selection(take, unit[:1], unit[:1], unit[:1], 4)
+    with pytest.raises(ValueError, match="unit: dtype int32"):
+        K.expand_selection(take, unit.int(), unit, unit, 4)
