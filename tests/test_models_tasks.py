@@ -151,6 +151,15 @@ def test_seeded_depths_are_in_range():
     assert len(set(depths)) > 10
 
 
+def test_longdoc_names_every_person_and_asks_for_a_report():
+    s = T.make_sample("longdoc", 2048, seed=1, tokenizer=T.APPROX)
+    assert s.task == "longdoc" and s.answer == "" and abs(s.context_tokens - 2048) <= 0.02 * 2048
+    assert len(s.meta["names"]) == 8 and all(f"is named {n}." in s.prompt for n in s.meta["names"])
+    assert s.prompt.endswith("<|im_start|>assistant\n") and "detailed report" in s.prompt
+    assert len(T.longdoc(256, seed=1, tokenizer=T.APPROX).meta["names"]) == 2
+    assert s.prompt == T.longdoc(2048, seed=1, tokenizer=T.APPROX).prompt
+
+
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="depth"):
         T.niah_single(1024, depth=1.5, tokenizer=T.APPROX)

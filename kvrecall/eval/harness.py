@@ -1,23 +1,29 @@
 """`kvrecall eval`: every KV policy on the bundled model, against full KV, in one run.
 
-Two measurements, both through a real daemon (a :class:`~kvrecall.local.LocalDaemon` unless
-``--target`` is given) with the model loaded once:
+Three measurements, all through a real daemon (a :class:`~kvrecall.local.LocalDaemon` on the
+model's device unless ``--target`` is given):
 
 * **Long input, short output.** Seeded RULER-style samples from :mod:`kvrecall.eval.tasks`
   (only formats the model solves with full KV, see ``FORMATS.md``) are decoded greedily with
-  ``full`` first, then with every policy x budget on the same samples, and scored with
+  ``full`` and with every policy x budget on the same samples, and scored with
   :func:`kvrecall.eval.tasks.score`.
-* **Short input, long output (fidelity).** ``full`` generates N tokens greedily from a short
+* **Short input, long output (fidelity).** Full KV generates N tokens greedily from a short
   prompt; every policy x budget then replays those tokens teacher-forced. Reported: top-1
   agreement with full's argmax, mean KL(full || policy) over the N steps, and the retrieval
   rate (boundaries per generated token).
+* **Long input, long output.** The same fidelity metrics after a long document
+  (:func:`kvrecall.eval.tasks.longdoc`) asking for a long report.
 
-Budgets. ``B`` is the retrieved-token budget per (layer, KV head). louiskv, quest and snapkv
-take ``{"budget": B}`` and keep ``n_sink=16`` sinks and a ``window=64`` ring on top;
-streaming has no retrieved region, so it gets ``{"window": B + 64}``: the same resident size
-(16 + B + 64) as the others. ``"12%"`` means 12% of the prompt tokens of each sample (for
-fidelity: 12% of prompt + generated tokens, the context the policy has to compress).
-``full`` has no budget; its entries use the budget label ``"*"``.
+Budgets and policy configs: :mod:`kvrecall.eval.cells`. Work is split into units
+(:mod:`kvrecall.eval.runner`) run by one in-process model or ``--workers N`` subprocesses
+(:mod:`kvrecall.eval.pool`); each prompt is prefilled once per process and its KV handed to
+every policy's session. ``--time-budget-s`` stops starting units after that many seconds: the
+report then says which units were skipped. Output (``--out``): ``accuracy-<suite>-<date>.json``
+(``results[policy][budget][task][length] = {score, n, ci95}``, ``fidelity``, ``long_fidelity``,
+``depth_grid``, ``relative_to_full``, every sample, and the date, machine and command), the
+same as markdown, and PNG plots (:mod:`kvrecall.eval.report`). With ``--json`` the LAST stdout
+line is a JSON summary whose ``relative_to_full`` maps ``"<policy>@<budget>"`` to that
+policy's score divided by full's on the same samples.
 """
 
 from __future__ import annotations
@@ -30,14 +36,13 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-POLICIES = ("full", "streaming", "snapkv", "quest", "louiskv")
-FULL_BUDGET = "*"
-N_SINK, WINDOW = 16, 64
+from kvrecall.eval.cells import BUDGET_NOTE, POLICIES, available_policies, cells, check_budget_label
 
 FIDELITY_PROMPTS = (
     "Write a long, detailed essay about the history of the printing press and how it changed Europe.",
@@ -45,6 +50,10 @@ FIDELITY_PROMPTS = (
     "Tell a long story about a lighthouse keeper who finds a message in a bottle.",
     "Describe in detail how to plan and plant a vegetable garden through a whole year.",
 )
+
+KV_BYTES_PER_TOKEN = 30 * 3 * 64 * 2 * 4
+"""Host / working-set bytes of one token of the bundled model (30 layers x 3 KV heads x 64 x K,V
+x float32), for sizing the local daemon's pools."""
 
 
 @dataclass(frozen=True)
@@ -58,275 +67,376 @@ class Suite:
     depths: tuple[float | None, ...] = (None,)  # None: the seed draws the depth
     fidelity_prompts: int = 1
     fidelity_tokens: int = 64
+    long_lengths: tuple[int, ...] = ()  # document lengths of the long-input, long-output part
+    long_docs: int = 1  # documents per length (seeds 0..N-1)
+    long_tokens: int = 64
+    fidelity_budgets: tuple[str, ...] | None = None  # budgets of the short-input replays (None: budgets)
+    long_budgets: tuple[str, ...] | None = None  # budgets of the long-input replays (None: budgets)
+
+    def __post_init__(self) -> None:
+        from kvrecall.eval.tasks import TASKS
+
+        for task in self.tasks:
+            if task not in TASKS:
+                raise ValueError(f"tasks: unknown task {task!r}")
+        for name in ("lengths", "long_lengths"):
+            if any(n < 128 for n in getattr(self, name)):
+                raise ValueError(f"{name}: every length must be at least 128 tokens")
+        for label in self.budgets + (self.fidelity_budgets or ()) + (self.long_budgets or ()):
+            try:
+                check_budget_label(label)
+            except ValueError as exc:
+                raise ValueError(f"budgets: {exc}") from None
+        if not 0 <= self.fidelity_prompts <= len(FIDELITY_PROMPTS):
+            raise ValueError(f"fidelity_prompts: must be in [0, {len(FIDELITY_PROMPTS)}]")
+        if self.fidelity_tokens < 1 or self.long_tokens < 1:
+            raise ValueError("fidelity_tokens / long_tokens: must be at least 1")
 
 
 SUITES: dict[str, Suite] = {
-    "ci": Suite(("niah_single",), (600,), (0,), ("128",), fidelity_prompts=1, fidelity_tokens=32),
-    # 2 tasks x 1 seed: one ~1K-token run costs ~18 s on 2 contended cores (prefill + ingest),
-    # so 2 samples x 9 cells + fidelity fits the 10-minute budget; 2 seeds would not.
-    "smoke": Suite(("niah_single", "qa"), (1024,), (0,), ("128", "12%"), fidelity_prompts=1, fidelity_tokens=64),
+    # CI: one ~600-token needle, a 32-token replay of a short prompt, 16 tokens after a 256-token document.
+    "ci": Suite(
+        ("niah_single",),
+        (600,),
+        (0,),
+        ("128",),
+        fidelity_prompts=1,
+        fidelity_tokens=32,
+        long_lengths=(256,),
+        long_tokens=16,
+    ),
+    # <= 10 minutes on 2 CPU cores: 2 samples x 11 cells (one prefill each), 64-token replays.
+    "smoke": Suite(
+        ("niah_single", "qa"),
+        (1024,),
+        (0,),
+        ("128", "12%"),
+        fidelity_prompts=1,
+        fidelity_tokens=64,
+        long_lengths=(1024,),
+        long_tokens=64,
+    ),
+    # One GPU call of ~7 minutes (see FORMATS.md, "The full suite on one GPU"): 4 tasks x 3 lengths
+    # x 3 depths at 5 budgets; 1024-token replays of one short prompt (budgets 128, 512) and after
+    # one 2K-token document (512, 1024). 8000, not 8192: prompt + answer stay within 8192 positions.
     "full": Suite(
         ("niah_single", "niah_multikey", "niah_multivalue", "qa"),
-        (2048, 4096, 8192),
-        (0, 1),
+        (2048, 4096, 8000),
+        (0,),
         ("128", "256", "512", "1024", "12%"),
-        depths=(0.1, 0.3, 0.5, 0.7, 0.9),
-        fidelity_prompts=4,
+        depths=(0.1, 0.5, 0.9),
+        fidelity_prompts=1,
         fidelity_tokens=1024,
+        long_lengths=(2048,),
+        long_docs=1,
+        long_tokens=1024,
+        fidelity_budgets=("128", "512"),
+        long_budgets=("512", "1024"),
     ),
 }
 
-
-def budget_tokens(label: str, context_tokens: int) -> int:
-    """Resolve a budget label ("512" or "12%") to tokens for a context of ``context_tokens``."""
-    if label.endswith("%"):
-        return max(1, round(float(label[:-1]) / 100 * context_tokens))
-    return int(label)
+SPREAD = (0.5, 0.1, 0.9, 0.3, 0.7)
+"""Depth order in which coverage grows evenly when a time budget cuts the run short."""
 
 
-def policy_config(policy: str, budget: int | None) -> dict | None:
-    """Session config of ``policy`` at retrieved budget ``budget`` (streaming: same resident size)."""
-    if policy == "full" or budget is None:
-        return None
-    if policy == "streaming":
-        return {"n_sink": N_SINK, "window": budget + WINDOW}
-    return {"budget": budget, "n_sink": N_SINK, "window": WINDOW}
+def _spread(depths: tuple[float | None, ...]) -> list[float | None]:
+    return sorted(depths, key=lambda d: SPREAD.index(d) if d in SPREAD else len(SPREAD))
 
 
-def interval95(mean: float, n: int) -> list[float]:
-    """Wilson 95% score interval of a mean score in [0, 1] over ``n`` samples."""
-    if n == 0:
-        return [0.0, 1.0]
-    z = 1.96
-    denom = 1 + z * z / n
-    center = (mean + z * z / (2 * n)) / denom
-    half = z * math.sqrt(max(0.0, mean * (1 - mean) / n + z * z / (4 * n * n))) / denom
-    return [round(max(0.0, center - half), 4), round(min(1.0, center + half), 4)]
-
-
-@dataclass
-class Runner:
-    """The model, tokenizer and daemon client shared by every run."""
-
-    model: Any
-    tokenizer: Any
-    client: Any
-    eos: set[int] = field(default_factory=set)
-
-    def decode(self, input_ids: Any, policy: str, budget: int | None, new_tokens: int,
-               forced: list[int] | None = None, stop: bool = True) -> Any:
-        """One session: prefill ``input_ids`` then greedy (or teacher-forced) decoding."""
-        from kvrecall.worker import decode, open_model_session
-
-        max_tokens = input_ids.shape[1] + (len(forced) if forced else new_tokens) + 16
-        session, cache = open_model_session(
-            self.client, self.model, policy, policy_config(policy, budget), max_tokens, tag="eval"
-        )
-        with session:
-            return decode(self.model, cache, input_ids, new_tokens, self.eos if stop else None, forced=forced)
-
-
-def _cells(suite: Suite, policies: list[str]) -> list[tuple[str, str]]:
-    """(policy, budget label) pairs, full first."""
-    return [("full", FULL_BUDGET)] + [(p, b) for p in policies if p != "full" for b in suite.budgets]
-
-
-def run_accuracy(runner: Runner, suite: Suite, policies: list[str], bar: Any) -> tuple[dict, list[dict]]:
-    """Long-input / short-output scores; returns (results, per-sample records)."""
-    from kvrecall.eval.tasks import make_sample, score
-
-    records: list[dict] = []
-    for task in suite.tasks:
-        for length in suite.lengths:
-            for depth in suite.depths:
-                for seed in suite.seeds:
-                    sample = make_sample(task, length, seed=seed, depth=depth, tokenizer=runner.tokenizer)
-                    ids = runner.tokenizer(sample.prompt, return_tensors="pt").input_ids.to(runner.model.device)
-                    prompt_tokens = int(ids.shape[1])
-                    for policy, label in _cells(suite, policies):
-                        budget = None if policy == "full" else budget_tokens(label, prompt_tokens)
-                        bar.set_postfix_str(f"{task}@{length} s{seed} {policy}@{label}")
-                        out = runner.decode(ids, policy, budget, sample.max_new_tokens)
-                        text = runner.tokenizer.decode(out.tokens, skip_special_tokens=True)
-                        records.append({
-                            "task": task, "length": length, "seed": seed, "depth": round(sample.depth, 3),
-                            "prompt_tokens": prompt_tokens, "policy": policy, "budget": label,
-                            "budget_tokens": budget, "score": score(sample, text), "answer": text.strip(),
-                            "expected": sample.answer, "boundaries": out.boundaries,
-                            "max_resident": out.max_resident,
-                        })
-                        bar.update(1)
-    results: dict = {}
-    for r in records:
-        cell = results.setdefault(r["policy"], {}).setdefault(r["budget"], {}).setdefault(r["task"], {})
-        cell.setdefault(str(r["length"]), []).append(r["score"])
-    for per_budget in results.values():
-        for per_task in per_budget.values():
-            for per_length in per_task.values():
-                for length, scores in per_length.items():
-                    mean = sum(scores) / len(scores)
-                    per_length[length] = {"score": round(mean, 4), "n": len(scores), "ci95": interval95(mean, len(scores))}
-    return results, records
-
-
-def run_fidelity(runner: Runner, suite: Suite, policies: list[str], bar: Any) -> dict:
-    """Teacher-forced replay of full's greedy output under each policy x budget."""
-    import torch
-    from torch.nn.functional import log_softmax
-
-    from kvrecall.eval.tasks import chat_prompt
-
-    sums: dict[tuple[str, str], dict[str, float]] = {}
-    for prompt in FIDELITY_PROMPTS[: suite.fidelity_prompts]:
-        ids = runner.tokenizer(chat_prompt(prompt, ""), return_tensors="pt").input_ids.to(runner.model.device)
-        bar.set_postfix_str("fidelity full")
-        ref = runner.decode(ids, "full", None, suite.fidelity_tokens, stop=False)
-        bar.update(1)
-        ref_logp = torch.stack([log_softmax(x.double(), -1) for x in ref.logits])
-        context = int(ids.shape[1]) + len(ref.tokens)
-        for policy, label in _cells(suite, policies)[1:]:
-            budget = budget_tokens(label, context)
-            bar.set_postfix_str(f"fidelity {policy}@{label}")
-            out = runner.decode(ids, policy, budget, len(ref.tokens), forced=ref.tokens, stop=False)
-            logp = torch.stack([log_softmax(x.double(), -1) for x in out.logits])
-            kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-            acc = sums.setdefault((policy, label), {"agree": 0, "kl": 0.0, "boundaries": 0, "n": 0, "context": 0})
-            acc["agree"] += int((logp.argmax(-1) == ref_logp.argmax(-1)).sum())
-            acc["kl"] += float(kl.clamp_min(0).sum())
-            acc["boundaries"] += out.boundaries
-            acc["n"] += len(ref.tokens)
-            acc["context"] = max(acc["context"], context)
-            bar.update(1)
-    fidelity: dict = {}
-    for (policy, label), a in sums.items():
-        fidelity.setdefault(policy, {})[label] = {
-            "top1": round(a["agree"] / a["n"], 6), "kl": a["kl"] / a["n"],
-            "retrieval_rate": round(a["boundaries"] / a["n"], 6), "n_tokens": int(a["n"]),
-            "max_context_tokens": int(a["context"]),
-        }
-    return fidelity
-
-
-def relative_to_full(records: list[dict]) -> dict[str, float | None]:
-    """``"<policy>@<budget>"`` -> sum of scores / sum of full's scores on the same samples."""
-    full = {(r["task"], r["length"], r["seed"], r["depth"]): r["score"] for r in records if r["policy"] == "full"}
-    totals: dict[str, list[float]] = {}
-    for r in records:
-        key = "full" if r["policy"] == "full" else f"{r['policy']}@{r['budget']}"
-        t = totals.setdefault(key, [0.0, 0.0])
-        t[0] += r["score"]
-        t[1] += full[(r["task"], r["length"], r["seed"], r["depth"])]
-    return {k: (round(s / f, 4) if f > 0 else None) for k, (s, f) in totals.items()}
-
-
-def markdown(report: dict) -> str:
-    """The report as markdown tables (scores, relative to full, fidelity)."""
-    meta = report["meta"]
-    lines = [
-        f"# kvrecall accuracy: suite `{meta['suite']}` ({meta['date']})", "",
-        f"* command: `{meta['command']}`", f"* machine: {meta['machine']}",
-        f"* wall time: {meta['wall_seconds']} s", f"* budgets: {meta['budget_note']}", "",
-        "## Long input, short output (mean score, n, Wilson 95% interval)", "",
-        "| policy | budget | task | length | score | n | ci95 |", "|---|---|---|---|---|---|---|",
+def accuracy_units(suite: Suite, policies: list[str]) -> list[tuple[float, dict]]:
+    """One unit per sample, ordered so that coverage grows evenly (seed, depth, length, task)."""
+    pairs = cells(policies, suite.budgets)
+    keys = [
+        (seed, depth, length, task)
+        for seed in suite.seeds
+        for depth in _spread(suite.depths)
+        for length in suite.lengths
+        for task in suite.tasks
     ]
-    for policy, per_budget in report["results"].items():
-        for label, per_task in per_budget.items():
-            for task, per_length in per_task.items():
-                for length, c in per_length.items():
-                    lines.append(f"| {policy} | {label} | {task} | {length} | {c['score']:.3f} | {c['n']} "
-                                 f"| {c['ci95'][0]:.2f}-{c['ci95'][1]:.2f} |")
-    lines += ["", "## Relative to full (same samples)", "", "| policy@budget | score / full |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in report["relative_to_full"].items()]
-    lines += ["", "## Fidelity (teacher-forced replay of full's greedy output)", "",
-              "| policy | budget | top-1 agreement | mean KL(full‖policy) | retrieval rate | tokens |",
-              "|---|---|---|---|---|---|"]
-    for policy, per_budget in report["fidelity"].items():
-        for label, f in per_budget.items():
-            lines.append(f"| {policy} | {label} | {f['top1']:.4f} | {f['kl']:.3g} | {f['retrieval_rate']:.4f} "
-                         f"| {f['n_tokens']} |")
-    return "\n".join(lines) + "\n"
+    return [
+        (
+            (i + 0.5) / len(keys),
+            {
+                "kind": "accuracy",
+                "id": f"acc:{task}:{length}:{depth}:{seed}",
+                "task": task,
+                "length": length,
+                "depth": depth,
+                "seed": seed,
+                "cells": pairs,
+            },
+        )
+        for i, (seed, depth, length, task) in enumerate(keys)
+    ]
 
 
-def machine() -> str:
+def reference_units(suite: Suite, tokenizer: Any) -> list[tuple[float, dict]]:
+    """Full KV's greedy output of each fidelity prompt: short prompts, then long documents."""
+    from kvrecall.eval.tasks import chat_prompt, longdoc
+
+    units = [
+        {
+            "kind": "reference",
+            "id": f"ref:short:{i}",
+            "group": "short",
+            "length": None,
+            "prompt": chat_prompt(p, ""),
+            "tokens": suite.fidelity_tokens,
+        }
+        for i, p in enumerate(FIDELITY_PROMPTS[: suite.fidelity_prompts])
+    ]
+    units += [
+        {
+            "kind": "reference",
+            "id": f"ref:long:{n}:{seed}",
+            "group": "long",
+            "length": n,
+            "prompt": longdoc(n, seed=seed, tokenizer=tokenizer).prompt,
+            "tokens": suite.long_tokens,
+        }
+        for n in suite.long_lengths
+        for seed in range(suite.long_docs)
+    ]
+    return [(-1.0, u) for u in units]
+
+
+def fidelity_units(
+    reference: dict, result: dict, index: int, total: int, pairs: list[tuple[str, str]]
+) -> list:
+    """The (policy, budget) replays of one finished reference; cell k of reference ``index`` of
+    ``total`` gets priority (k + index / total) / len(pairs), so references advance together."""
+    return [
+        (
+            (k + index / total + 0.5 / total) / len(pairs),
+            {
+                "kind": "fidelity",
+                "id": f"fid:{reference['id'][4:]}:{policy}@{label}",
+                "group": reference["group"],
+                "length": reference["length"],
+                "prompt": reference["prompt"],
+                "tokens": result["tokens"],
+                "policy": policy,
+                "budget": label,
+            },
+        )
+        for k, (policy, label) in enumerate(pairs)
+    ]
+
+
+def machine(device: str) -> str:
     """A one-line description of where this ran."""
     import torch
 
-    where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    where = torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU"
     return f"{platform.platform()}, {os.cpu_count()} CPU cores, {where}, torch {torch.__version__}"
 
 
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("kvrecall eval: --device cuda but CUDA is not available")
+    return device
+
+
+def _command() -> str:
+    if os.path.basename(sys.argv[0]) in ("kvrecall", "__main__.py", "cli.py"):
+        return " ".join(["kvrecall", *sys.argv[1:]])
+    return " ".join(sys.argv)
+
+
+def _policies(arg: str | None) -> list[str]:
+    registered = available_policies()
+    if not arg:
+        return registered
+    wanted = arg.split(",")
+    unknown = [p for p in wanted if p not in POLICIES]
+    if unknown:
+        raise SystemExit(
+            f"kvrecall eval: unknown policies: {', '.join(unknown)} (known: {', '.join(POLICIES)})"
+        )
+    missing = [p for p in wanted if p not in registered]
+    if missing:
+        raise SystemExit(f"kvrecall eval: policies not registered in this build: {', '.join(missing)}")
+    return ["full"] + [p for p in wanted if p != "full"]
+
+
 def run_eval(args: argparse.Namespace) -> int:
-    """Entry point of ``kvrecall eval``; writes JSON + markdown under ``--out``."""
+    """Entry point of ``kvrecall eval``; writes JSON, markdown and PNGs under ``--out``."""
     import torch
     from tqdm import tqdm
 
     from kvrecall.client import KVRecallClient
+    from kvrecall.eval import report as rep
+    from kvrecall.eval.pool import Schedule, WorkerProcess, run
+    from kvrecall.eval.runner import Runner
     from kvrecall.local import LocalDaemon
-    from kvrecall.models.smollm import load_model
+    from kvrecall.models.smollm import load_model, load_tokenizer
 
     started = time.perf_counter()
     suite = SUITES[args.suite]
     if args.budgets:
-        suite = Suite(**{**suite.__dict__, "budgets": tuple(args.budgets.split(","))})
-    policies = args.policies.split(",") if args.policies else list(POLICIES)
-    unknown = set(policies) - set(POLICIES)
-    if unknown:
-        raise SystemExit(f"unknown policies: {', '.join(sorted(unknown))}")
+        suite = replace(suite, budgets=tuple(args.budgets.split(",")))
+    policies = _policies(args.policies)
+    device = resolve_device(args.device or os.environ.get("KVRECALL_DEVICE", "auto"))
+    workers = max(1, args.workers)
     torch.manual_seed(0)
-    print(f"kvrecall eval: suite {args.suite}; loading the model ...", file=sys.stderr, flush=True)
-    model, tokenizer = load_model(device=args.device or os.environ.get("KVRECALL_DEVICE", "cpu"))
-    eos = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None}
-    cells = len(_cells(suite, policies))
-    n_samples = len(suite.tasks) * len(suite.lengths) * len(suite.depths) * len(suite.seeds)
-    with contextlib.ExitStack() as stack:
-        target = args.target or stack.enter_context(LocalDaemon()).target
-        client = stack.enter_context(KVRecallClient(target, "eval-worker"))
-        runner = Runner(model, tokenizer, client, eos)
-        with tqdm(total=n_samples * cells, desc="accuracy", unit="run", file=sys.stderr) as bar:
-            results, records = run_accuracy(runner, suite, policies, bar)
-        with tqdm(total=suite.fidelity_prompts * cells, desc="fidelity", unit="run", file=sys.stderr) as bar:
-            fidelity = run_fidelity(runner, suite, policies, bar)
+    print(
+        f"kvrecall eval: suite {args.suite} on {device}, {workers} worker(s), policies {','.join(policies)}",
+        file=sys.stderr,
+        flush=True,
+    )
+    tokenizer = load_tokenizer()
+    if args.time_budget_s:
+        # No unit starts after the budget; running ones give up a grace period later.
+        grace = max(30.0, 0.2 * args.time_budget_s)
+        schedule = Schedule(time.monotonic() + args.time_budget_s, time.time() + args.time_budget_s + grace)
+    else:
+        schedule = Schedule()
+    references = reference_units(suite, tokenizer)
+    schedule.add(references + accuracy_units(suite, policies))
+    ref_index = {u["id"]: (i, u) for i, (_, u) in enumerate(references)}
+    replays = {
+        "short": cells(policies, suite.fidelity_budgets or suite.budgets)[1:],
+        "long": cells(policies, suite.long_budgets or suite.budgets)[1:],
+    }
+    total = schedule.queued + sum(len(replays[u["group"]]) for _, u in references)
+    results: dict[str, list[dict]] = {"accuracy": [], "fidelity": [], "reference": []}
+    # Pools: every worker may hold one session of the longest context (host copy + working set).
+    max_context = max(
+        [n + 64 for n in suite.lengths]
+        + [n + suite.long_tokens + 16 for n in suite.long_lengths]
+        + [suite.fidelity_tokens + 128]
+    )
+    pool_gb = math.ceil(4 * (workers * max_context * KV_BYTES_PER_TOKEN * 2 / 2**30 + 0.5)) / 4
+
+    with contextlib.ExitStack() as stack, tqdm(total=total, desc="eval", unit="unit", file=sys.stderr) as bar:
+
+        def handle(result: dict) -> list:
+            bar.update(1)
+            bar.set_postfix_str(result["id"][:48])
+            if result["kind"] == "abandoned":
+                return []
+            if result["kind"] == "error":
+                print(
+                    f"kvrecall eval: unit {result['id']} failed: {result['error']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return []
+            results[result["kind"]].append(result)
+            if result["kind"] == "reference":
+                index, unit = ref_index[result["id"]]
+                return fidelity_units(unit, result, index, len(references), replays[unit["group"]])
+            return []
+
+        if args.target:
+            target = args.target
+        else:
+            daemon_device = "cuda:0" if device == "cuda" else device
+            target = stack.enter_context(
+                LocalDaemon(host_pool_gb=pool_gb, device_pool_gb=pool_gb, device=daemon_device)
+            ).target
+        if workers == 1:
+            model, _ = load_model(device=device)
+            client = stack.enter_context(KVRecallClient(target, "eval-worker"))
+            executors = [Runner(model, tokenizer, client).execute]
+        else:
+            logs = Path(tempfile.mkdtemp(prefix="kvrecall-eval-"))
+            threads = max(1, (os.cpu_count() or 2) // (workers + 1))
+            procs = [WorkerProcess(target, device, logs / f"worker{i}.log", threads) for i in range(workers)]
+            for proc in procs:
+                stack.callback(proc.close)
+            executors = [p.execute for p in procs]
+        run(schedule, executors, handle)
+
+    records = [r for unit in sorted(results["accuracy"], key=lambda u: u["id"]) for r in unit["records"]]
+    fidelity_cells = sorted(results["fidelity"], key=lambda u: u["id"])
     date = _dt.date.today().isoformat()
+    seconds_by_kind = {k: round(sum(u["seconds"] for u in v), 1) for k, v in results.items()}
     report = {
         "meta": {
-            "suite": args.suite, "date": date, "machine": machine(),
-            "command": " ".join(["kvrecall", *sys.argv[1:]]) if sys.argv[0].endswith("kvrecall") else " ".join(sys.argv),
-            "policies": policies, "budgets": list(suite.budgets), "suite_config": suite.__dict__,
-            "budget_note": "louiskv/quest/snapkv {budget: B, n_sink: 16, window: 64}; streaming "
-                           "{n_sink: 16, window: B + 64} (same resident size); 'P%' = P% of the prompt tokens "
-                           "(fidelity: of prompt + generated tokens)",
+            "suite": args.suite,
+            "date": date,
+            "machine": machine(device),
+            "device": device,
+            "workers": workers,
+            "command": _command(),
+            "policies": policies,
+            "budgets": list(suite.budgets),
+            "suite_config": asdict(suite),
+            "budget_note": BUDGET_NOTE,
             "wall_seconds": round(time.perf_counter() - started, 1),
+            "time_budget_s": args.time_budget_s,
+            "unit_seconds": seconds_by_kind,
+            "skipped_units": schedule.skipped,
+            "errors": schedule.errors,
         },
-        "results": results,
-        "fidelity": fidelity,
-        "relative_to_full": relative_to_full(records),
+        "results": rep.accuracy_results(records),
+        "fidelity": rep.fidelity_results(fidelity_cells, "short"),
+        "long_fidelity": rep.fidelity_results(fidelity_cells, "long"),
+        "depth_grid": rep.depth_grid(records),
+        "relative_to_full": rep.relative_to_full(records),
         "samples": records,
+        "fidelity_cells": fidelity_cells,
+        "references": [
+            {"id": r["id"], "tokens": r["tokens"]}
+            for r in sorted(results["reference"], key=lambda u: u["id"])
+        ],
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"accuracy-{args.suite}-{date}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(f"wrote {stem}.json and {stem}.md", file=sys.stderr, flush=True)
+    stem.with_suffix(".md").write_text(rep.markdown(report))
+    pngs = rep.plots(report, stem)
+    print(f"wrote {stem}.json, {stem}.md and {len(pngs)} plots", file=sys.stderr, flush=True)
     summary = {
         "relative_to_full": report["relative_to_full"],
-        "fidelity": {f"{p}@{b}": v for p, per in fidelity.items() for b, v in per.items()},
+        "fidelity": rep.flat_fidelity(report["fidelity"], report["long_fidelity"]),
         "wall_seconds": report["meta"]["wall_seconds"],
+        "skipped_units": len(schedule.skipped),
+        "errors": len(schedule.errors),
         "json": str(stem.with_suffix(".json")),
+        "markdown": str(stem.with_suffix(".md")),
+        "plots": pngs,
     }
     if args.json:
         print(json.dumps(summary))
     else:
-        print(markdown(report))
-    return 0
+        print(rep.markdown(report))
+    return 1 if schedule.errors else 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``kvrecall eval`` flags."""
     parser.add_argument("--suite", choices=sorted(SUITES), default="smoke")
-    parser.add_argument("--policies", help=f"comma-separated (default {','.join(POLICIES)})")
-    parser.add_argument("--budgets", help="comma-separated tokens or P%% of the prompt (default: the suite's)")
-    parser.add_argument("--out", default="bench/results", help="directory for the JSON and markdown files")
-    parser.add_argument("--target", help="daemon address (default: start a local daemon)")
-    parser.add_argument("--device", help="cpu | cuda[:N] (default: $KVRECALL_DEVICE or cpu)")
+    parser.add_argument(
+        "--policies", help=f"comma-separated (default: every registered one of {','.join(POLICIES)})"
+    )
+    parser.add_argument(
+        "--budgets", help="comma-separated tokens or P%% of the prompt (default: the suite's)"
+    )
+    parser.add_argument(
+        "--out", default="bench/results", help="directory for the JSON, markdown and PNG files"
+    )
+    parser.add_argument(
+        "--target", help="daemon address (default: start a local daemon on the model's device)"
+    )
+    parser.add_argument("--device", help="auto | cpu | cuda[:N] (default: $KVRECALL_DEVICE or auto)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="model processes sharing the device and the daemon (GPU: 4-8; CPU: 1)",
+    )
+    parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=None,
+        help="start no unit after this many seconds, give up running ones max(30, 20%%) later "
+        "(the report lists the skipped ones)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON summary object as the last line")

@@ -585,6 +585,45 @@ def qa(
     )
 
 
+def longdoc(
+    context_tokens: int,
+    seed: int = 0,
+    depth: float | None = None,
+    tokenizer: Any = None,
+    num_facts: int | None = None,
+) -> Sample:
+    """Long input, long output: a town document (``num_facts`` people and their roles, each
+    stated twice, in neutral prose; default one per 256 tokens, 2 to 8) followed by a request
+    for a long, detailed report on it.
+
+    Not scored: the harness replays full KV's greedy continuation under each policy and
+    measures fidelity (top-1 agreement, KL), which does not depend on the model's skill.
+    ``depth`` is ignored (nominal 0.5); ``answer`` is empty.
+    """
+    _check_len(context_tokens)
+    task = "longdoc"
+    rng = _rng(task, seed)
+    if num_facts is None:
+        num_facts = min(8, max(2, context_tokens // 256))
+    roles = rng.sample(ROLES, min(num_facts, len(ROLES)))
+    names = rng.sample(NAMES, len(roles))
+    facts = [f"The {r} of the town is named {n}. {n} is the {r}." for r, n in zip(roles, names, strict=True)]
+    depths = sorted(round(rng.uniform(0.0, 1.0), 3) for _ in facts)
+    head = "Read the following document about a small town.\n\n"
+    tail = (
+        "\n\nWrite a long and detailed report about the town in the document above. Describe every "
+        "person who is named, what their work is, and what daily life in the town is like."
+    )
+    count = _counter(tokenizer)
+
+    def build(n: int) -> tuple[str, dict[str, Any]]:
+        units, _ = _insert(_prose(n, f"kvrecall:longdoc-prose:{seed}"), list(zip(depths, facts, strict=True)))
+        return chat_prompt(head + " ".join(units) + tail, ""), {"names": names, "roles": roles}
+
+    prompt, got, meta = _fit(build, context_tokens, count, unit_tokens=13.0)
+    return Sample(task, prompt, "", got, 0.5, seed, (), 0, meta)
+
+
 GENERATORS: dict[str, Callable[..., Sample]] = {
     "niah_single": niah_single,
     "niah_multikey": niah_multikey,
@@ -592,17 +631,19 @@ GENERATORS: dict[str, Callable[..., Sample]] = {
     "vt": vt,
     "cwe": cwe,
     "qa": qa,
+    "longdoc": longdoc,
 }
 
 
 def make_sample(
     task: str, context_tokens: int, seed: int = 0, depth: float | None = None, tokenizer: Any = None
 ) -> Sample:
-    """Build one sample of ``task`` (a name in :data:`TASKS`) of about ``context_tokens`` tokens."""
+    """Build one sample of ``task`` (a name in :data:`TASKS`, or ``"longdoc"``) of about
+    ``context_tokens`` tokens."""
     try:
         gen = GENERATORS[task]
     except KeyError:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}") from None
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(GENERATORS)}") from None
     return gen(context_tokens, seed=seed, depth=depth, tokenizer=tokenizer)
 
 

@@ -1,0 +1,344 @@
+"""Turning eval records into the report: aggregated scores with Wilson intervals, fidelity,
+the markdown table and the PNG plots.
+
+``python -m kvrecall.eval.report accuracy-full-DATE.json`` re-renders the markdown and plots of
+a saved report (e.g. one written on a machine without matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from kvrecall.eval.cells import FULL_BUDGET
+
+DEPTH_BINS = (0.2, 0.4, 0.6, 0.8, 1.0)
+"""Upper edges of the needle-depth bins of the depth x length grid."""
+
+
+def interval95(mean: float, n: int) -> list[float]:
+    """Wilson 95% score interval of a mean score in [0, 1] over ``n`` samples."""
+    if n == 0:
+        return [0.0, 1.0]
+    z = 1.96
+    denom = 1 + z * z / n
+    center = (mean + z * z / (2 * n)) / denom
+    half = z * math.sqrt(max(0.0, mean * (1 - mean) / n + z * z / (4 * n * n))) / denom
+    return [round(max(0.0, center - half), 4), round(min(1.0, center + half), 4)]
+
+
+def _cell(scores: list[float]) -> dict:
+    mean = sum(scores) / len(scores)
+    return {"score": round(mean, 4), "n": len(scores), "ci95": interval95(mean, len(scores))}
+
+
+def accuracy_results(records: list[dict]) -> dict:
+    """``results[policy][budget][task][length] = {score, n, ci95}``."""
+    grouped: dict = {}
+    for r in records:
+        cell = grouped.setdefault(r["policy"], {}).setdefault(r["budget"], {}).setdefault(r["task"], {})
+        cell.setdefault(str(r["length"]), []).append(r["score"])
+    return {
+        p: {
+            b: {t: {n: _cell(s) for n, s in per_len.items()} for t, per_len in per_task.items()}
+            for b, per_task in per_budget.items()
+        }
+        for p, per_budget in grouped.items()
+    }
+
+
+def depth_bin(depth: float) -> str:
+    """The label of ``depth``'s bin, e.g. ``"0.4-0.6"``."""
+    lo = 0.0
+    for hi in DEPTH_BINS:
+        if depth <= hi:
+            return f"{lo:.1f}-{hi:.1f}"
+        lo = hi
+    return f"{DEPTH_BINS[-2]:.1f}-{DEPTH_BINS[-1]:.1f}"
+
+
+def depth_grid(records: list[dict]) -> dict:
+    """``grid[policy][budget][depth bin][length] = {score, n}`` over every task and seed."""
+    grouped: dict = {}
+    for r in records:
+        per = (
+            grouped.setdefault(r["policy"], {})
+            .setdefault(r["budget"], {})
+            .setdefault(depth_bin(r["depth"]), {})
+        )
+        per.setdefault(str(r["length"]), []).append(r["score"])
+    return {
+        p: {
+            b: {
+                d: {n: {"score": round(sum(s) / len(s), 4), "n": len(s)} for n, s in per_len.items()}
+                for d, per_len in per_depth.items()
+            }
+            for b, per_depth in per_budget.items()
+        }
+        for p, per_budget in grouped.items()
+    }
+
+
+def relative_to_full(records: list[dict]) -> dict[str, float | None]:
+    """``"<policy>@<budget>"`` -> sum of scores / sum of full's scores on the same samples."""
+    full = {
+        (r["task"], r["length"], r["seed"], r["depth"]): r["score"] for r in records if r["policy"] == "full"
+    }
+    totals: dict[str, list[float]] = {}
+    for r in records:
+        sample = (r["task"], r["length"], r["seed"], r["depth"])
+        if sample not in full:
+            continue
+        key = "full" if r["policy"] == "full" else f"{r['policy']}@{r['budget']}"
+        t = totals.setdefault(key, [0.0, 0.0])
+        t[0] += r["score"]
+        t[1] += full[sample]
+    return {k: (round(s / f, 4) if f > 0 else None) for k, (s, f) in totals.items()}
+
+
+def fidelity_results(cells: list[dict], group: str) -> dict:
+    """Fidelity cells of ``group`` ("short" or "long") summed per policy x budget (short) or per
+    policy x budget x document length (long): ``{top1, kl, kl_max, retrieval_rate, n_tokens,
+    n_prompts, max_context_tokens, budget_tokens}``."""
+    sums: dict = {}
+    for c in cells:
+        if c["group"] != group:
+            continue
+        key = (c["policy"], c["budget"]) + ((str(c["length"]),) if group == "long" else ())
+        a = sums.setdefault(key, defaultdict(float))
+        for name in ("agree", "kl_sum", "boundaries", "n"):
+            a[name] += c[name]
+        a["prompts"] += 1
+        a["kl_max"] = max(a["kl_max"], c["kl_max"])
+        a["context"] = max(a["context"], c["context_tokens"])
+        a["budget_tokens"] = max(a["budget_tokens"], c["budget_tokens"] or 0)
+    out: dict = {}
+    for key, a in sums.items():
+        node = out.setdefault(key[0], {})
+        if group == "long":
+            node = node.setdefault(key[1], {})
+        node[key[-1]] = {
+            "top1": round(a["agree"] / a["n"], 6),
+            "kl": a["kl_sum"] / a["n"],
+            "kl_max": a["kl_max"],
+            "retrieval_rate": round(a["boundaries"] / a["n"], 6),
+            "n_tokens": int(a["n"]),
+            "n_prompts": int(a["prompts"]),
+            "max_context_tokens": int(a["context"]),
+            "budget_tokens_max": int(a["budget_tokens"]),
+        }
+    return out
+
+
+def flat_fidelity(fidelity: dict, long_fidelity: dict) -> dict[str, dict]:
+    """``"<policy>@<budget>"`` (short) and ``"<policy>@<budget>/<length>"`` (long) -> metrics."""
+    flat = {f"{p}@{b}": v for p, per in fidelity.items() for b, v in per.items()}
+    flat.update(
+        {
+            f"{p}@{b}/{n}": v
+            for p, per in long_fidelity.items()
+            for b, per_n in per.items()
+            for n, v in per_n.items()
+        }
+    )
+    return flat
+
+
+# ---- markdown -------------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    """The report as markdown tables (scores, relative to full, fidelity)."""
+    meta = report["meta"]
+    lines = [
+        f"# kvrecall accuracy: suite `{meta['suite']}` ({meta['date']})",
+        "",
+        f"* command: `{meta['command']}`",
+        f"* machine: {meta['machine']}",
+        f"* wall time: {meta['wall_seconds']} s ({meta.get('workers', 1)} worker process(es))",
+        f"* budgets: {meta['budget_note']}",
+    ]
+    if meta.get("skipped_units") or meta.get("errors"):
+        lines.append(
+            f"* incomplete: {len(meta.get('skipped_units', []))} units skipped at the time budget, "
+            f"{len(meta.get('errors', []))} failed"
+        )
+    lines += [
+        "",
+        "## Long input, short output (mean score, n, Wilson 95% interval)",
+        "",
+        "| policy | budget | task | length | score | n | ci95 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for policy, per_budget in report["results"].items():
+        for label, per_task in per_budget.items():
+            for task, per_length in per_task.items():
+                for length, c in per_length.items():
+                    lines.append(
+                        f"| {policy} | {label} | {task} | {length} | {c['score']:.3f} | {c['n']} "
+                        f"| {c['ci95'][0]:.2f}-{c['ci95'][1]:.2f} |"
+                    )
+    lines += ["", "## Relative to full (same samples)", "", "| policy@budget | score / full |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in report["relative_to_full"].items()]
+    header = [
+        "| policy | budget | top-1 agreement | mean KL(full‖policy) | max KL | retrieval rate | tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def row(policy: str, label: str, f: dict, extra: str = "") -> str:
+        return (
+            f"| {policy} | {label}{extra} | {f['top1']:.4f} | {f['kl']:.3g} | {f['kl_max']:.3g} "
+            f"| {f['retrieval_rate']:.4f} | {f['n_tokens']} |"
+        )
+
+    lines += ["", "## Short input, long output (teacher-forced replay of full's greedy output)", "", *header]
+    for policy, per_budget in report["fidelity"].items():
+        lines += [row(policy, label, f) for label, f in per_budget.items()]
+    lines += ["", "## Long input, long output (document, then full's greedy report replayed)", "", *header]
+    for policy, per_budget in report["long_fidelity"].items():
+        for label, per_length in per_budget.items():
+            lines += [row(policy, label, f, f" @ {n} tokens") for n, f in per_length.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ---- plots ----------------------------------------------------------------------------------
+
+
+def _budget_order(labels: list[str]) -> list[str]:
+    return sorted(labels, key=lambda b: (b.endswith("%"), float(b.rstrip("%"))))
+
+
+def plots(report: dict, stem: Path) -> list[str]:
+    """Write ``<stem>-score.png``, ``-fidelity.png`` and ``-depth.png``; returns their paths
+    ([] when matplotlib is missing: re-render later with ``python -m kvrecall.eval.report``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    budgets = _budget_order(list(report["meta"]["budgets"]))
+    policies = [p for p in report["meta"]["policies"] if p != "full"]
+
+    # score vs budget: mean over every task x length x sample, one line per policy
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_cell: dict = defaultdict(list)
+    for r in report["samples"]:
+        by_cell[(r["policy"], r["budget"])].append(r["score"])
+    full = by_cell.get(("full", FULL_BUDGET))
+    if full:
+        ax.axhline(sum(full) / len(full), color="black", linestyle="--", label="full")
+    for policy in policies:
+        xs = [i for i, b in enumerate(budgets) if by_cell.get((policy, b))]
+        ax.plot(
+            xs,
+            [sum(by_cell[(policy, budgets[i])]) / len(by_cell[(policy, budgets[i])]) for i in xs],
+            marker="o",
+            label=policy,
+        )
+    ax.set_xticks(range(len(budgets)), budgets)
+    ax.set_xlabel("budget (tokens per layer and KV head, or % of the prompt)")
+    ax.set_ylabel("mean score")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"Long input, short output ({report['meta']['suite']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(f"{stem}-score.png", dpi=110)
+    plt.close(fig)
+    written.append(f"{stem}-score.png")
+
+    # fidelity vs budget: top-1 agreement and mean KL, short and long input
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), squeeze=False)
+    for col, (title, data) in enumerate(
+        (
+            ("short input, long output", report["fidelity"]),
+            ("long input, long output", report["long_fidelity"]),
+        )
+    ):
+        for policy in policies:
+            per_budget = data.get(policy, {})
+            pts = []
+            for i, b in enumerate(budgets):
+                if b not in per_budget:
+                    continue
+                f = per_budget[b]
+                if "top1" not in f:  # long: pool the document lengths
+                    n = sum(v["n_tokens"] for v in f.values())
+                    f = {
+                        "top1": sum(v["top1"] * v["n_tokens"] for v in f.values()) / n,
+                        "kl": sum(v["kl"] * v["n_tokens"] for v in f.values()) / n,
+                    }
+                pts.append((i, f["top1"], max(f["kl"], 1e-12)))
+            if pts:
+                axes[0][col].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+                axes[1][col].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=policy)
+        axes[0][col].set_title(title)
+        axes[0][col].set_ylabel("top-1 agreement with full")
+        axes[1][col].set_ylabel("mean KL(full || policy)")
+        axes[1][col].set_yscale("log")
+        for row in (0, 1):
+            axes[row][col].set_xticks(range(len(budgets)), budgets)
+            axes[row][col].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(f"{stem}-fidelity.png", dpi=110)
+    plt.close(fig)
+    written.append(f"{stem}-fidelity.png")
+
+    # needle depth x length grid: a row per policy, a column per budget
+    grid = report["depth_grid"]
+    rows = [p for p in report["meta"]["policies"] if p in grid]
+    cols = [FULL_BUDGET] + budgets
+    lengths = sorted({str(r["length"]) for r in report["samples"]}, key=int)
+    bins = [depth_bin(hi - 0.01) for hi in DEPTH_BINS]
+    if rows and lengths:
+        fig, axes = plt.subplots(
+            len(rows), len(cols), figsize=(1.9 * len(cols) + 1, 1.7 * len(rows) + 1), squeeze=False
+        )
+        for i, policy in enumerate(rows):
+            for j, label in enumerate(cols):
+                ax = axes[i][j]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                per_depth = grid[policy].get(label)
+                if per_depth is None:
+                    ax.axis("off")
+                    continue
+                values = [
+                    [per_depth.get(d, {}).get(n, {}).get("score", float("nan")) for n in lengths]
+                    for d in bins
+                ]
+                ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+                ax.set_title(f"{policy}@{label}", fontsize=8)
+                if j == 0 or (i == 0 and label == FULL_BUDGET):
+                    ax.set_yticks(range(len(bins)), bins, fontsize=6)
+                ax.set_xticks(range(len(lengths)), lengths, fontsize=6)
+        fig.suptitle("score by needle depth (rows) x prompt length (columns)", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(f"{stem}-depth.png", dpi=100)
+        plt.close(fig)
+        written.append(f"{stem}-depth.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-render the markdown and plots of a saved report JSON beside it."""
+    parser = argparse.ArgumentParser(prog="python -m kvrecall.eval.report", description=main.__doc__)
+    parser.add_argument("json_path")
+    args = parser.parse_args(argv)
+    path = Path(args.json_path)
+    report = json.loads(path.read_text())
+    stem = path.with_suffix("")
+    stem.with_suffix(".md").write_text(markdown(report))
+    for written in plots(report, stem):
+        print(written)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""The model side of ``kvrecall eval``: one process's model, tokenizer and daemon client, and the
+work units the harness schedules.
+
+Units and their results are plain JSON objects, so a unit runs the same in-process or in a
+worker subprocess (:mod:`kvrecall.eval.pool`):
+
+* ``accuracy``: one long-input sample (task, length, depth, seed), decoded greedily under every
+  (policy, budget) cell; returns one record per cell.
+* ``reference``: full KV's greedy continuation (``tokens`` tokens, EOS not stopping it) of a
+  fidelity prompt, with the model's own cache.
+* ``fidelity``: one (policy, budget) cell replaying a reference teacher-forced through the
+  daemon; returns top-1 agreement and KL(full || policy) sums against the reference's logits
+  (one batched forward pass of prompt + reference: exact full attention).
+
+A unit carrying ``abandon_at`` (a ``time.time()`` value: the run's hard deadline) gives up
+between decode steps once it has passed and returns ``{"kind": "abandoned"}``.
+
+The prompt's prefill is computed once per prompt and handed to every cell's session: the
+prompt KV and the last prompt queries are the same for every policy, only what the daemon
+keeps of them differs (:class:`PrefilledCache`). On CUDA the session uses the CUDA IPC
+transport (the working set is GPU memory the daemon shares), on CPU shared memory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.functional import log_softmax
+
+from kvrecall.client.hf import KVRecallCache, spec_for, use_kvrecall_attention
+from kvrecall.eval.cells import policy_config
+from kvrecall.v1 import kvrecall_pb2 as pb
+
+CAPTURED_QUERIES = 64
+"""Last prompt queries kept per layer from a prefill; a policy that observes more (snapkv's
+``observation`` can reach 1024) gets a fresh prefill instead."""
+
+
+@dataclass
+class Prefill:
+    """One prompt's prefill, as KVRecallCache would ingest it.
+
+    ``ids`` [1, T]; ``kv`` [L, 2, H, T, D] (keys after RoPE); ``queries`` [L, Hq, n, D] (the
+    last ``n = min(T, CAPTURED_QUERIES)`` prompt queries); ``logits`` [V] float32 at the last
+    prompt position; ``modules`` the attention modules KVRecallCache saw (or None)."""
+
+    ids: torch.Tensor
+    kv: torch.Tensor
+    queries: torch.Tensor
+    logits: torch.Tensor
+    modules: list | None
+    seconds: float
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.ids.shape[1])
+
+
+class _PrefillSink:
+    """Takes a session's place during one prefill: KVRecallCache hands it the prompt KV and the
+    last queries, which PrefilledCache then gives to each real session."""
+
+    boundary_mode = pb.BOUNDARY_MODE_NEVER
+    boundary_threshold = 0.0
+    observation = CAPTURED_QUERIES
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self.kv: torch.Tensor | None = None
+        self.queries: torch.Tensor | None = None
+
+    def ingest(self, kv: torch.Tensor, queries: torch.Tensor) -> None:
+        self.kv, self.queries = kv, queries
+
+    def resident_tokens(self) -> int:
+        return 0
+
+
+class Abandoned(RuntimeError):
+    """The unit passed its ``abandon_at`` time (the run's hard deadline) and was given up."""
+
+
+class TooFewQueries(ValueError):
+    """The session's policy observes more prompt queries than a Prefill captured."""
+
+
+class PrefilledCache(KVRecallCache):
+    """A KVRecallCache that starts from a Prefill computed once for every session of a prompt.
+
+    :meth:`ingest_prefill` leaves the cache exactly as KVRecallCache's own prefill would: the
+    per-layer prompt K/V and last queries it collects during the forward pass are put in place,
+    then its ingest runs (tests/test_eval_smoke.py checks the logits match a fresh prefill)."""
+
+    def ingest_prefill(self, prefill: Prefill) -> None:
+        n_obs = max(1, self.session.observation)
+        if n_obs > prefill.queries.shape[2] and prefill.queries.shape[2] < prefill.num_tokens:
+            raise TooFewQueries(
+                f"policy observes {n_obs} queries, the prefill kept {prefill.queries.shape[2]}"
+            )
+        self._prefill_kv = [
+            (prefill.kv[layer, 0], prefill.kv[layer, 1]) for layer in range(prefill.kv.shape[0])
+        ]
+        self._obs_queries = list(prefill.queries[:, :, -n_obs:].unbind(0))
+        if prefill.modules is not None:
+            self._attention_modules = list(prefill.modules)
+        self._ingest(prefill.num_tokens)
+
+
+@dataclass
+class CellResult:
+    tokens: list[int]
+    logits: list[torch.Tensor]  # per generated step, [V] float32
+    boundaries: int
+    max_resident: int
+    seconds: float
+
+
+class Runner:
+    """The model, tokenizer and daemon client one process decodes with."""
+
+    def __init__(self, model: Any, tokenizer: Any, client: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.client = client
+        self.device = next(model.parameters()).device
+        self.eos = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None}
+        self._prefills: dict[str, Prefill] = {}
+        self._references: dict[str, torch.Tensor] = {}
+        self.abandon_at: float | None = None  # time.time() after which the running unit gives up
+        use_kvrecall_attention(model)
+
+    # ---- building blocks ----------------------------------------------------------------
+    def ids(self, prompt: str) -> torch.Tensor:
+        return self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
+
+    @torch.no_grad()
+    def prefill(self, prompt: str) -> Prefill:
+        """The prompt's prefill (the last one is kept: units of one prompt run back to back)."""
+        if prompt in self._prefills:
+            return self._prefills[prompt]
+        started = time.perf_counter()
+        ids = self.ids(prompt)
+        sink = _PrefillSink(spec_for(self.model, ids.shape[1] + 1))
+        cache = KVRecallCache(sink)
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        prefill = Prefill(
+            ids,
+            sink.kv,
+            sink.queries,
+            out.logits[0, -1].float(),
+            getattr(cache, "_attention_modules", None),
+            time.perf_counter() - started,
+        )
+        self._prefills = {prompt: prefill}
+        return prefill
+
+    @torch.no_grad()
+    def decode_cell(
+        self,
+        prefill: Prefill,
+        policy: str,
+        config: dict | None,
+        new_tokens: int,
+        forced: list[int] | None = None,
+        stop: bool = True,
+    ) -> CellResult:
+        """One session of ``policy``: ingest the prefill, then decode greedily (stopping at EOS
+        when ``stop``) or teacher-forced on ``forced``."""
+        started = time.perf_counter()
+        steps = len(forced) if forced is not None else new_tokens
+        spec = spec_for(self.model, prefill.num_tokens + steps + 16)
+        with self.client.open_session(spec, policy, config, tag="eval", device=self.device) as session:
+            cache = PrefilledCache(session)
+            try:
+                cache.ingest_prefill(prefill)
+                logits = [prefill.logits]
+            except TooFewQueries:
+                out = self.model(
+                    input_ids=prefill.ids, past_key_values=cache, use_cache=True, logits_to_keep=1
+                )
+                logits = [out.logits[0, -1].float()]
+            tokens: list[int] = []
+            position = prefill.num_tokens
+            for step in range(steps):
+                if self.abandon_at is not None and time.time() > self.abandon_at:
+                    raise Abandoned(f"{policy}: stopped at step {step} of {steps}")
+                token = forced[step] if forced is not None else int(logits[-1].argmax())
+                tokens.append(token)
+                if step == steps - 1 or (forced is None and stop and token in self.eos):
+                    break
+                out = self.model(
+                    input_ids=torch.tensor([[token]], device=self.device),
+                    past_key_values=cache,
+                    use_cache=True,
+                    position_ids=torch.tensor([[position]], device=self.device),
+                    cache_position=torch.tensor([position], device=self.device),
+                )
+                position += 1
+                logits.append(out.logits[0, -1].float())
+            session.flush()
+            resident = max(cache.stats.max_resident, session.stats().max_resident_tokens)
+        return CellResult(
+            tokens, logits[: len(tokens)], cache.stats.boundaries, resident, time.perf_counter() - started
+        )
+
+    @torch.no_grad()
+    def greedy_full(self, prompt: str, new_tokens: int) -> list[int]:
+        """Full KV's greedy continuation with the model's own cache (EOS does not stop it)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        out = self.model(input_ids=self.ids(prompt), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tokens: list[int] = []
+        for step in range(new_tokens):
+            tokens.append(int(out.logits[0, -1].argmax()))
+            if step == new_tokens - 1:
+                break
+            ids = torch.tensor([[tokens[-1]]], device=self.device)
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return tokens
+
+    @torch.no_grad()
+    def reference_logp(self, prompt: str, tokens: list[int]) -> torch.Tensor:
+        """Full attention's log-probabilities [n, V] float64 at each of the n forced steps: one
+        forward pass over prompt + tokens[:-1] (kept for the prompt's next cells)."""
+        key = f"{prompt}\x00{len(tokens)}"
+        if key not in self._references:
+            forced = torch.tensor([tokens[:-1]], device=self.device, dtype=torch.long)
+            ids = torch.cat([self.ids(prompt), forced], dim=1)
+            logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=len(tokens)).logits[0]
+            self._references = {key: log_softmax(logits.double(), -1)}
+        return self._references[key]
+
+    # ---- units ----------------------------------------------------------------------------
+    def execute(self, unit: dict) -> dict:
+        """Run one work unit (see the module docstring) and return its JSON-able result."""
+        started = time.perf_counter()
+        kind = unit["kind"]
+        self.abandon_at = unit.get("abandon_at")
+        try:
+            result = self._run(kind, unit)
+        except Abandoned as exc:
+            return {"kind": "abandoned", "id": unit["id"], "error": str(exc)}
+        return {"kind": kind, "id": unit["id"], "seconds": round(time.perf_counter() - started, 3), **result}
+
+    def _run(self, kind: str, unit: dict) -> dict:
+        if kind == "accuracy":
+            result = {"records": self._accuracy(unit)}
+        elif kind == "reference":
+            result = {"tokens": self.greedy_full(unit["prompt"], unit["tokens"])}
+        elif kind == "fidelity":
+            result = self._fidelity(unit)
+        else:
+            raise ValueError(f"unknown unit kind {kind!r}")
+        return result
+
+    def _accuracy(self, unit: dict) -> list[dict]:
+        from kvrecall.eval.tasks import make_sample, score
+
+        sample = make_sample(
+            unit["task"], unit["length"], seed=unit["seed"], depth=unit["depth"], tokenizer=self.tokenizer
+        )
+        prefill = self.prefill(sample.prompt)
+        records = []
+        for policy, label in unit["cells"]:
+            config, budget = policy_config(policy, label, prefill.num_tokens)
+            out = self.decode_cell(prefill, policy, config, sample.max_new_tokens)
+            text = self.tokenizer.decode(out.tokens, skip_special_tokens=True)
+            records.append(
+                {
+                    "task": sample.task,
+                    "length": unit["length"],
+                    "seed": sample.seed,
+                    "depth": round(sample.depth, 3),
+                    "prompt_tokens": prefill.num_tokens,
+                    "policy": policy,
+                    "budget": label,
+                    "budget_tokens": budget,
+                    "score": score(sample, text),
+                    "answer": text.strip(),
+                    "expected": sample.answer,
+                    "boundaries": out.boundaries,
+                    "max_resident": out.max_resident,
+                    "seconds": round(out.seconds, 3),
+                }
+            )
+        return records
+
+    def _fidelity(self, unit: dict) -> dict:
+        tokens = unit["tokens"]
+        ref = self.reference_logp(unit["prompt"], tokens)
+        prefill = self.prefill(unit["prompt"])
+        context = prefill.num_tokens + len(tokens)
+        config, budget = policy_config(unit["policy"], unit["budget"], context)
+        if unit["policy"] == "windowkv" and unit["budget"].endswith("%"):
+            budget = round(float(unit["budget"][:-1]) / 100 * prefill.num_tokens)
+        out = self.decode_cell(prefill, unit["policy"], config, len(tokens), forced=tokens, stop=False)
+        logp = log_softmax(torch.stack(out.logits).double(), -1)
+        kl = (ref.exp() * (ref - logp)).sum(-1).clamp_min(0)
+        return {
+            "group": unit["group"],
+            "length": unit["length"],
+            "policy": unit["policy"],
+            "budget": unit["budget"],
+            "budget_tokens": budget,
+            "agree": int((logp.argmax(-1) == ref.argmax(-1)).sum()),
+            "kl_sum": float(kl.sum()),
+            "kl_max": float(kl.max()),
+            "boundaries": out.boundaries,
+            "n": len(tokens),
+            "context_tokens": context,
+            "max_resident": out.max_resident,
+        }

