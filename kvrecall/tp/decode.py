@@ -34,6 +34,10 @@ def _plan(session) -> list[float]:
     return [float(getattr(session, name)) for name in PLAN_FIELDS]
 
 
+class RankOpenError(RuntimeError):
+    """Another rank could not open its session (this rank closed its own)."""
+
+
 def open_tp_session(
     client,
     model: TPLlama,
@@ -44,20 +48,35 @@ def open_tp_session(
     tag: str = "",
     record_similarity: bool = False,
 ):
-    """(session, cache) for this rank: its heads' layout, its rank, an agreeing detector."""
+    """(session, cache) for this rank: its heads' layout, its rank, an agreeing detector.
+
+    Collective: every rank of the group must call it. If any rank's daemon refuses (a full
+    pool, say) or the plans differ, every rank closes what it opened and raises, so no rank
+    is left waiting for a peer that will never decode."""
     group = model.group
     weight = model.lm_head.weight
     spec = model.shape.spec(max_tokens, weight.dtype)
-    session = client.open_session(
-        spec, policy, config, device=weight.device, tag=tag, tp_rank=group.rank, tp_size=group.size
-    )
+    session, error = None, None
     try:
-        plans = group.gather(torch.tensor(_plan(session), dtype=torch.float64, device=weight.device)).cpu()
-        differing = [name for i, name in enumerate(PLAN_FIELDS) if len(set(plans[:, i].tolist())) > 1]
-        if differing:
-            raise RuntimeError(
-                f"tensor-parallel ranks were given different plans ({differing}): {plans.tolist()}"
-            )
+        session = client.open_session(
+            spec, policy, config, device=weight.device, tag=tag, tp_rank=group.rank, tp_size=group.size
+        )
+        row = [1.0, *_plan(session)]
+    except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it
+        error, row = exc, [0.0] * (1 + len(PLAN_FIELDS))
+    rows = group.gather(torch.tensor(row, dtype=torch.float64, device=weight.device)).cpu()
+    failed = [rank for rank in range(group.size) if rows[rank, 0] == 0]
+    differing = [name for i, name in enumerate(PLAN_FIELDS, 1) if len(set(rows[:, i].tolist())) > 1]
+    if error is not None:
+        raise error
+    if failed or differing:
+        session.close()
+        if failed:
+            raise RankOpenError(f"ranks {failed} could not open their sessions (see their logs)")
+        raise RankOpenError(
+            f"tensor-parallel ranks were given different plans ({differing}): {rows.tolist()}"
+        )
+    try:
         cache = KVRecallCache(session, record_similarity=record_similarity)
         cache.detector = AgreedBoundaryDetector.replacing(cache.detector, group)
     except BaseException:
