@@ -27,7 +27,7 @@ from kvrecall.kernels._triton import next_power_of_2
 MAX_RETRIEVED = 4096  # the sort keeps a row in registers
 _BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _TILE_BYTES = 8192  # bytes of K (and as many of V) one copy step moves per program
-_ABSENT = 1 << 62  # sorts after every position
+_ABSENT = tl.constexpr(1 << 62)  # sorts after every position
 
 
 @triton.jit
