@@ -80,7 +80,10 @@ def table(results: dict[str, Any]) -> str:
                 f"{r['prefill_and_ingest_s']:>10.1f}{r.get('max_memory_allocated_gib', 0.0):>7.1f}"
             )
     if results.get("speedup_median_step"):
-        lines.append(f"TP median step / single median step: {results['speedup_median_step']:.2f}x faster")
+        ratio = results["speedup_median_step"]
+        lines.append(
+            f"one-GPU median step / slowest TP rank's median step = {ratio:.2f} (above 1: TP is faster)"
+        )
     return "\n".join(lines)
 
 
