@@ -270,6 +270,7 @@ def place_retrieved(
     page_base: torch.Tensor,
     tokens_per_page: int,
     num_kv_heads: int,
+    resident_max: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Make slots [first_slot, first_slot + R) of each row hold `selection`, in place -> [B, 2] int32.
@@ -280,7 +281,8 @@ def place_retrieved(
     `host` (the flat pool: pinned memory read by the GPU directly), pages [L, 2, H, P, D] at
     offsets page_base [pages] int64 (on keys' device). Positions past the pages count as none.
     Returns per row (selected, gathered) on slot_pos' device, with no host sync.
-    Kernel: R <= placement.MAX_RETRIEVED, else the reference.
+    resident_max (int64 scalar on that device), if given, is raised to the most filled slots
+    (all C) of any row afterwards. Kernel: R <= placement.MAX_RETRIEVED, else the reference.
     """
     check_tensor("slot_pos", slot_pos, rank=2, dtypes=(torch.int32,))
     _check_host_pages(keys, values, host, page_base, tokens_per_page, num_kv_heads)
@@ -296,14 +298,18 @@ def place_retrieved(
     if not slot_pos.is_contiguous():
         raise ValueError("slot_pos: must be contiguous")
     device = check_same_device(slot_pos=slot_pos, keys=keys, values=values, selection=selection)
+    if resident_max is not None:
+        check_tensor("resident_max", resident_max, rank=0, dtypes=(torch.int64,))
+        check_same_device(slot_pos=slot_pos, resident_max=resident_max)
     if use_triton(impl, device):
         from kvrecall.kernels.placement import place_retrieved_triton
 
         return place_retrieved_triton(
-            slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads
-        )
+            slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads,
+            resident_max,
+        )  # fmt: skip
     return reference.place_retrieved(
-        slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads
+        slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads, resident_max
     )
 
 

@@ -58,9 +58,10 @@ def _host_row(page_base_ptr, row, kv, pos, mask, tokens_per_page, num_kv_heads, 
 
 @triton.jit
 def _place_kernel(
-    slot_pos_ptr, keys_ptr, values_ptr, sel_ptr, host_ptr, page_base_ptr, scratch_ptr, counts_ptr,
+    slot_pos_ptr, keys_ptr, values_ptr, sel_ptr, host_ptr, page_base_ptr, scratch_ptr, counts_ptr, resident_ptr,
     R, C, first_slot, sel_stride, num_positions, tokens_per_page, num_kv_heads,
     D: tl.constexpr, BLOCK_R: tl.constexpr, STEPS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    TRACK_RESIDENT: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, BLOCK_R)
@@ -93,6 +94,14 @@ def _place_kernel(
     tl.store(region + r, final.to(tl.int32), mask=in_row)
     tl.store(counts_ptr + 2 * b, tl.sum(sel_ok.to(tl.int32), 0))
     tl.store(counts_ptr + 2 * b + 1, n_new)
+    if TRACK_RESIDENT:  # the row's filled slots, sinks and window included, into a running max
+        resident = tl.sum((final >= 0).to(tl.int32), 0)
+        for c0 in range(0, C, BLOCK_R):
+            c = c0 + r
+            outside = (c < C) & ((c < first_slot) | (c >= first_slot + R))
+            held = tl.load(slot_pos_ptr + b * C + c, mask=outside, other=-1)
+            resident += tl.sum((held >= 0).to(tl.int32), 0)
+        tl.atomic_max(resident_ptr, resident.to(tl.int64))
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
     for k0 in range(0, n_new, ROWS):
@@ -157,30 +166,33 @@ def place_retrieved_triton(
     page_base: torch.Tensor,
     tokens_per_page: int,
     num_kv_heads: int,
+    resident_max: torch.Tensor | None,
 ) -> torch.Tensor:
     """Launch on checked arguments (see `kvrecall.kernels.place_retrieved`)."""
     rows, capacity = slot_pos.shape
     retrieved, dim = selection.shape[1], keys.shape[2]
     if (
-        retrieved > MAX_RETRIEVED
+        rows == 0
+        or retrieved == 0
+        or retrieved > MAX_RETRIEVED
         or not _reachable(host, keys.device)
         or keys.element_size() not in _BITS_OF_SIZE
     ):
         return reference.place_retrieved(
-            slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads
-        )
-    counts = torch.zeros(rows, 2, dtype=torch.int32, device=slot_pos.device)
-    if rows == 0 or retrieved == 0:
-        return counts
+            slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads,
+            resident_max,
+        )  # fmt: skip
+    counts = torch.empty(rows, 2, dtype=torch.int32, device=slot_pos.device)  # the kernel writes every row
     block_r = max(16, next_power_of_2(retrieved))
     scratch = torch.empty(rows, 4 * block_r, dtype=torch.int64, device=slot_pos.device)
     copy_rows, block_d = _copy_tile(dim, keys.element_size())
     _place_kernel[(rows,)](
         slot_pos, _bits(keys), _bits(values), selection, _bits(host), page_base, scratch, counts,
+        counts if resident_max is None else resident_max,
         retrieved, capacity, first_slot, selection.stride(0), page_base.numel() * tokens_per_page,
         tokens_per_page, num_kv_heads,
         D=dim, BLOCK_R=block_r, STEPS=block_r.bit_length(), ROWS=copy_rows, BLOCK_D=block_d,
-        num_warps=8 if block_r >= 1024 else 4,
+        TRACK_RESIDENT=resident_max is not None, num_warps=8 if block_r >= 1024 else 4,
     )  # fmt: skip
     return counts
 

@@ -208,6 +208,7 @@ def place_retrieved(
     page_base: torch.Tensor,
     tokens_per_page: int,
     num_kv_heads: int,
+    resident_max: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Make slots [first_slot, first_slot + R) of every row hold `selection`, in place.
 
@@ -216,13 +217,31 @@ def place_retrieved(
     of the selection goes to the k-th slot (ascending) that is not kept and its K/V rows are
     copied from the host pages; the other slots become -1. Returns [B, 2] int32: (valid
     entries of the selection, rows gathered). Valid entries of one row are expected distinct.
+    resident_max (an int64 scalar), if given, is raised to the most filled slots of any row.
     """
-    rows, _ = slot_pos.shape
-    retrieved = selection.shape[1]
-    device = slot_pos.device
-    counts = torch.zeros(rows, 2, dtype=torch.int32, device=device)
-    if rows == 0 or retrieved == 0:
-        return counts
+    rows = slot_pos.shape[0]
+    counts = torch.zeros(rows, 2, dtype=torch.int32, device=slot_pos.device)
+    if rows and selection.shape[1]:
+        _place(slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads, counts)
+    if resident_max is not None and rows:
+        torch.maximum(resident_max, (slot_pos >= 0).sum(dim=1).amax(), out=resident_max)
+    return counts
+
+
+def _place(
+    slot_pos: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    selection: torch.Tensor,
+    first_slot: int,
+    host: torch.Tensor,
+    page_base: torch.Tensor,
+    tokens_per_page: int,
+    num_kv_heads: int,
+    counts: torch.Tensor,
+) -> None:
+    """place_retrieved's work on a non-empty region; fills counts [B, 2]."""
+    rows, retrieved, device = slot_pos.shape[0], selection.shape[1], slot_pos.device
     num_positions = page_base.numel() * tokens_per_page
     region = slot_pos[:, first_slot : first_slot + retrieved]
     current = region.long()
@@ -258,7 +277,6 @@ def place_retrieved(
                 page_base, row_index.to(host.device), kv, positions.to(host.device), tokens_per_page, num_kv_heads, dim
             )
             gather_rows(host, src, target.view(-1), dst, dim)
-    return counts
 
 
 def spill_ring(

@@ -112,9 +112,8 @@ class Session:
         self.spilled_upto = T
         self.evicted_upto = window_from
         self.ingested = True
-        placement = self._place(self.policy.on_ingest(self.context(kv), queries))
+        placement = self._place(self.policy.on_ingest(self.context(kv), queries), note_resident=True)
         self.counters.units = self.policy.num_units
-        self.ws.note_resident()
         self.finish(placement)
 
     @_exclusive
@@ -178,8 +177,7 @@ class Session:
         selection = self.policy.on_boundary(
             self.context(), query, layers or list(range(self.layout.num_layers))
         )
-        placement = self._place(selection)
-        self.ws.note_resident()
+        placement = self._place(selection, note_resident=True)
         self.finish(placement)
         if selection is not None:
             selection = dataclasses.replace(selection, units=placement.units)
@@ -190,10 +188,14 @@ class Session:
         if self.worker_event is not None:
             torch.cuda.current_stream(self.ws.keys.device).wait_event(self.worker_event)
 
-    def _place(self, selection: Selection | None) -> Placement:
-        if selection is None:
-            return Placement()
-        return self.ws.set_retrieved(self.store, selection.positions, selection.units)
+    def _place(self, selection: Selection | None, note_resident: bool = False) -> Placement:
+        """Place a selection (which notes max_resident itself); without one, note it here
+        if asked."""
+        if selection is not None:
+            return self.ws.set_retrieved(self.store, selection.positions, selection.units)
+        if note_resident:
+            self.ws.note_resident()
+        return Placement()
 
     def finish(self, placement: Placement | None = None) -> None:
         """Complete this session's queued GPU work before the answer lets the worker read

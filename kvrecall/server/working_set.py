@@ -163,8 +163,9 @@ class WorkingSet:
         """Make the retrieved region hold exactly `selection` (int [L, H, R], -1 padded).
 
         Tokens already resident stay in their slots; only the rest are gathered from the
-        host tier into slots that fell free (kernels.place_retrieved: one launch, no sync).
-        `units` (an int or a device scalar) rides along in the Placement's counts.
+        host tier into slots that fell free (kernels.place_retrieved: one launch, no sync,
+        max_resident noted on the way). `units` (an int or a device scalar) rides along in the
+        Placement's counts.
         """
         L, H = self.layout.num_layers, self.layout.num_kv_heads
         R, S, C, D = self.plan.retrieved, self.plan.n_sink, self.plan.capacity, self.layout.head_dim
@@ -174,11 +175,14 @@ class WorkingSet:
         counts = kernels.place_retrieved(
             self.slot_pos.view(L * H, C), self.keys.view(L * H, C, D), self.values.view(L * H, C, D),
             to_device(selection, device).reshape(L * H, R), S, store.flat, store.page_table,
-            store.tokens_per_page, H,
+            store.tokens_per_page, H, resident_max=self._max_resident,
         )  # fmt: skip
-        if not isinstance(units, torch.Tensor):
-            units = torch.full((), units, dtype=torch.int64, device=device)
-        totals = torch.cat((counts.sum(dim=0), to_device(units, device).reshape(1).to(torch.int64)))
+        totals = torch.empty(3, dtype=torch.int64, device=device)
+        torch.sum(counts, dim=0, out=totals[:2])
+        if isinstance(units, torch.Tensor):
+            totals[2:].copy_(to_device(units, device).reshape(1))
+        else:
+            totals[2] = units
         self.last_placement = Placement(totals, row_bytes=D * self.keys.element_size())
         return self.last_placement
 
