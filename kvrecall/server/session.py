@@ -172,8 +172,8 @@ class Session:
                 )
         self.counters.boundaries += 1
         self._after_worker()
-        if query is None:  # the worker wrote it into the working set
-            query = self.ws.query.float()
+        if query is None:  # the worker wrote it into the working set (read in place)
+            query = self.ws.query
         selection = self.policy.on_boundary(
             self.context(), query, layers or list(range(self.layout.num_layers))
         )

@@ -86,8 +86,8 @@ class _UnitTable:
     """Every retrieval unit of one session on the device, prompt clusters first, then closed
     output segments, so a boundary reads them as views (no concatenation, no host data).
 
-    Per unit: reps [B, U, D] f32, sizes [B, U]. Per candidate token, grouped by unit:
-    position [B, M], unit [B, M] and rank inside its unit [B, M] (int32)."""
+    Per unit: reps [B, U, D] f32, sizes [B, U] and valid (size > 0). Per candidate token,
+    grouped by unit: position [B, M], unit [B, M] and rank inside its unit [B, M] (int32)."""
 
     def __init__(
         self,
@@ -97,7 +97,7 @@ class _UnitTable:
         unit: torch.Tensor,
         rank: torch.Tensor,
     ) -> None:
-        self.reps, self.sizes = _Growing(reps), _Growing(sizes)
+        self.reps, self.sizes, self.valid = _Growing(reps), _Growing(sizes), _Growing(sizes > 0)
         self.position, self.unit, self.rank = _Growing(position), _Growing(unit), _Growing(rank.int())
 
     @property
@@ -112,11 +112,8 @@ class _UnitTable:
         unit: torch.Tensor,
         rank: torch.Tensor,
     ) -> None:
-        for part, chunk in zip(
-            (self.reps, self.sizes, self.position, self.unit, self.rank),
-            (reps, sizes, position, unit, rank),
-            strict=True,
-        ):
+        parts = (self.reps, self.sizes, self.valid, self.position, self.unit, self.rank)
+        for part, chunk in zip(parts, (reps, sizes, sizes > 0, position, unit, rank), strict=True):
             part.append(chunk)
 
 
@@ -217,10 +214,9 @@ class LouisKVPolicy(Policy):
         table = self.units
         if table is None:
             return Selection(ctx.ws.retrieved_positions())
-        sizes = table.sizes.view()
-        q = query.float().reshape(B, G, D)
-        scores = kernels.score_units(q, table.reps.view(), sizes > 0, agg=self.config.aggregate)
-        take = kernels.select_under_budget(scores, sizes, R)  # [B, units]
+        q = query.reshape(B, G, D)  # its own dtype: the scoring computes in float32
+        scores = kernels.score_units(q, table.reps.view(), table.valid.view(), agg=self.config.aggregate)
+        take = kernels.select_under_budget(scores, table.sizes.view(), R)  # [B, units]
         new = kernels.expand_selection(take, table.unit.view(), table.rank.view(), table.position.view(), R)
         new = new.view(L, H, R)
         units = (take > 0).sum()
