@@ -29,7 +29,7 @@ class DecodeResult:
 
 
 def open_model_session(
-    client, model, policy: str, config: dict | None, max_tokens: int, tag: str = "", signal: str = "post"
+    client, model, policy: str, config: dict | None, max_tokens: int, tag: str = "", signal: str | None = None
 ):
     """A session shaped for `model`, and the cache that decodes through it (`signal`: the
     boundary signal's query view, see KVRecallCache)."""

@@ -129,6 +129,10 @@ class SessionCore:
         return self.info.boundary.threshold
 
     @property
+    def boundary_pre_rope(self) -> bool:
+        return self.info.boundary.pre_rope
+
+    @property
     def observation(self) -> int:
         return self.info.observation
 

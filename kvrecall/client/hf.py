@@ -85,8 +85,10 @@ class KVRecallCache(Cache):
     """A transformers Cache whose KV lives in a kvrecall session (batch size 1)."""
 
     def __init__(
-        self, session, aggregate: str = "mean", record_similarity: bool = False, signal: str = "post"
+        self, session, aggregate: str = "mean", record_similarity: bool = False, signal: str | None = None
     ) -> None:
+        if signal is None:  # the daemon's boundary rule decides
+            signal = "pre" if getattr(session, "boundary_pre_rope", False) else "post"
         if signal not in ("pre", "post"):
             raise ValueError("signal must be 'pre' (RoPE undone) or 'post' (the attention's query)")
         self.session = session

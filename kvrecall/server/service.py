@@ -179,6 +179,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         rule = policy.boundary_rule()
         response.boundary.mode = rule.mode
         response.boundary.threshold = rule.threshold
+        response.boundary.pre_rope = rule.pre_rope
         self.metrics.sessions.labels(worker).inc()
         self.metrics.sessions_opened.labels(policy.name).inc()
         self._update_pool_gauges()

@@ -80,7 +80,7 @@ class StreamingConfig(_message.Message):
     def __init__(self, n_sink: _Optional[int] = ..., window: _Optional[int] = ...) -> None: ...
 
 class LouisKVConfig(_message.Message):
-    __slots__ = ("budget", "n_sink", "window", "cluster_size", "kmeans_iters", "threshold", "max_segment")
+    __slots__ = ("budget", "n_sink", "window", "cluster_size", "kmeans_iters", "threshold", "max_segment", "pre_rope")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     N_SINK_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,7 @@ class LouisKVConfig(_message.Message):
     KMEANS_ITERS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MAX_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    PRE_ROPE_FIELD_NUMBER: _ClassVar[int]
     budget: int
     n_sink: int
     window: int
@@ -95,7 +96,8 @@ class LouisKVConfig(_message.Message):
     kmeans_iters: int
     threshold: float
     max_segment: int
-    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., cluster_size: _Optional[int] = ..., kmeans_iters: _Optional[int] = ..., threshold: _Optional[float] = ..., max_segment: _Optional[int] = ...) -> None: ...
+    pre_rope: bool
+    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., cluster_size: _Optional[int] = ..., kmeans_iters: _Optional[int] = ..., threshold: _Optional[float] = ..., max_segment: _Optional[int] = ..., pre_rope: bool = ...) -> None: ...
 
 class QuestConfig(_message.Message):
     __slots__ = ("budget", "n_sink", "window", "page_size")
@@ -232,12 +234,14 @@ class WorkingSetDelta(_message.Message):
     def __init__(self, slots: _Optional[bytes] = ..., positions: _Optional[bytes] = ..., keys: _Optional[bytes] = ..., values: _Optional[bytes] = ...) -> None: ...
 
 class BoundaryRule(_message.Message):
-    __slots__ = ("mode", "threshold")
+    __slots__ = ("mode", "threshold", "pre_rope")
     MODE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    PRE_ROPE_FIELD_NUMBER: _ClassVar[int]
     mode: BoundaryMode
     threshold: float
-    def __init__(self, mode: _Optional[_Union[BoundaryMode, str]] = ..., threshold: _Optional[float] = ...) -> None: ...
+    pre_rope: bool
+    def __init__(self, mode: _Optional[_Union[BoundaryMode, str]] = ..., threshold: _Optional[float] = ..., pre_rope: bool = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("worker_id", "layout", "policy", "transport", "lease_seconds", "tp_rank", "tp_size", "tag")

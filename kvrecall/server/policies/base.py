@@ -39,6 +39,7 @@ class PolicyContext:
 class BoundaryRule:
     mode: int = pb.BOUNDARY_MODE_NEVER  # a pb.BoundaryMode value
     threshold: float = 0.0
+    pre_rope: bool = False  # the worker compares queries with RoPE undone
 
 
 @dataclass(frozen=True)
