@@ -60,7 +60,15 @@ VIEW_OPS = {
 }  # fmt: skip
 CUDA_LAUNCH = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 CUDA_SYNC = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
-KERNEL_OPS = ("score_units", "select_under_budget", "place_retrieved", "spill_ring", "gather_rows", "kmeans")
+KERNEL_OPS = (
+    "score_units",
+    "select_under_budget",
+    "expand_selection",
+    "place_retrieved",
+    "spill_ring",
+    "gather_rows",
+    "kmeans",
+)
 KERNEL_MARK = "kvrecall.kernels."
 
 

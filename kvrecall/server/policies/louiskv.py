@@ -161,7 +161,7 @@ class LouisKVPolicy(Policy):
     def on_evict(self, ctx: PolicyContext, start: int, end: int) -> Selection | None:
         # The evicted tokens are still in the ring: their keys join the open segment's sum.
         for lo, hi in ctx.ws.ring_spans(start, end):
-            part = ctx.ws.keys[:, :, lo:hi].float().sum(dim=2).view(-1, self.layout.head_dim)
+            part = ctx.ws.keys[:, :, lo:hi].sum(dim=2, dtype=torch.float32).view(-1, self.layout.head_dim)
             self.open_sum = part if self.open_sum is None else self.open_sum + part
         if end - self.open_start >= self.config.max_segment:
             self._close_segment(ctx, end)
