@@ -31,9 +31,8 @@ def test_a_busy_worker_stream_still_orders_its_query_before_the_daemon_reads_it(
             assert session.core.publish_event is not None  # the daemon sent its event handle
             if not use_event:
                 session.core.publish_event = None  # the fallback: a stream sync in publish()
-            session.ingest(
-                kv, torch.randn(SPEC.num_layers, SPEC.num_query_heads, 1, SPEC.head_dim).bfloat16()
-            )
+            queries = torch.randn(SPEC.num_layers, SPEC.num_query_heads, 1, SPEC.head_dim, device="cuda")
+            session.ingest(kv, queries.bfloat16())
             for _ in range(3):
                 query = torch.randn(
                     SPEC.num_layers, SPEC.num_query_heads, SPEC.head_dim, device="cuda"
