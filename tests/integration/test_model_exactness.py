@@ -43,6 +43,8 @@ def reference(smollm, prompt):
         ("louiskv", {"budget": 2048}, None, 64),
         ("quest", {"budget": 2048}, 600, 32),
         ("snapkv", {"budget": 2048}, 600, 32),
+        ("windowkv", {"budget": 2048}, 600, 32),
+        ("windowkv", {"budget": 2048, "decay": True, "keep_pruned_in_host": True}, 600, 32),
     ],
 )
 def test_budget_covering_the_sequence_reproduces_full_attention(
