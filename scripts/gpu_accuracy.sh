@@ -8,8 +8,8 @@
 # Device call 1 (carry .whl/model1), a few seconds:   bash scripts/gpu_accuracy.sh stage
 # Device call 2 (carry .whl/model2 and .whl/eval):    bash scripts/gpu_accuracy.sh
 # Writes under $OUT: accuracy-<suite>-<date>.json/.md, -score/-fidelity/-depth.png, eval.log, env.txt
-# (the JSON holds the date, device and command). Knobs: SUITE (full), WORKERS (6), BUDGET_S (300:
-# no unit starts later; running ones give up 60 s after), EXTRA (more `kvrecall eval` flags).
+# (the JSON holds the date, device and command). Knobs: SUITE (full), WORKERS (8), BUDGET_S (330:
+# no unit starts later; running ones give up 66 s after), EXTRA (more `kvrecall eval` flags).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
@@ -40,8 +40,8 @@ export PYTHONPATH=$SITE:$REPO
   nproc
 } 2>&1 | tee "$OUT/env.txt"
 SECONDS=0
-timeout 560 python3 -m kvrecall.cli eval --suite "${SUITE:-full}" --device cuda --workers "${WORKERS:-6}" \
-  --time-budget-s "${BUDGET_S:-300}" --json --out "$OUT" ${EXTRA:-} 2> "$OUT/eval.log"
+timeout 560 python3 -m kvrecall.cli eval --suite "${SUITE:-full}" --device cuda --workers "${WORKERS:-8}" \
+  --time-budget-s "${BUDGET_S:-330}" --json --out "$OUT" ${EXTRA:-} 2> "$OUT/eval.log"
 rc=$?
 echo "kvrecall eval exited $rc after ${SECONDS}s"; tail -c 3000 "$OUT/eval.log" | tr '\r' '\n' | tail -15
 exit $rc

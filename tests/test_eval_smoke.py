@@ -92,7 +92,7 @@ def test_reused_prefill_decodes_like_a_fresh_prefill():
     model, tokenizer = load_model()
     prompt = make_sample("niah_single", 300, seed=1, tokenizer=tokenizer).prompt
     forced = tokenizer(" 12345. The code", add_special_tokens=False).input_ids
-    config = {"budget": 32, "n_sink": 4, "window": 16}
+    config = {"budget": 32, "n_sink": 4, "window": 32}
     with LocalDaemon() as daemon, KVRecallClient(daemon.target, "eval-test") as client:
         runner = Runner(model, tokenizer, client)
         prefill = runner.prefill(prompt)

@@ -315,7 +315,7 @@ def plots(report: dict, stem: Path) -> list[str]:
                 ]
                 ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
                 ax.set_title(f"{policy}@{label}", fontsize=8)
-                if j == 0 or (i == 0 and label == FULL_BUDGET):
+                if j == (0 if policy == "full" else 1):
                     ax.set_yticks(range(len(bins)), bins, fontsize=6)
                 ax.set_xticks(range(len(lengths)), lengths, fontsize=6)
         fig.suptitle("score by needle depth (rows) x prompt length (columns)", fontsize=10)
