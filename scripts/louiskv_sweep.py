@@ -85,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
                 ref = decode(model, cache, ids, n_new)
             ref_logp = torch.stack([log_softmax(x.double(), -1) for x in ref.logits])
             for signal, threshold, max_segment in grid:
-                config = {"budget": budget, "threshold": threshold, "max_segment": max_segment}
-                session, cache = open_model_session(
-                    client, model, "louiskv", config, max_tokens, signal=signal
-                )
+                config = {
+                    "budget": budget,
+                    "threshold": threshold,
+                    "max_segment": max_segment,
+                    "pre_rope": signal == "pre",
+                }
+                session, cache = open_model_session(client, model, "louiskv", config, max_tokens)
                 with session:
                     out = decode(model, cache, ids, n_new, forced=ref.tokens)
                 logp = torch.stack([log_softmax(x.double(), -1) for x in out.logits])

@@ -49,6 +49,7 @@ class LouisKVConfig:
     kmeans_iters: int = 4  # Lloyd iterations
     threshold: float = 0.85  # boundary when mean query cosine similarity < threshold
     max_segment: int = 64  # an open output segment closes at this many tokens
+    pre_rope: bool = False  # boundary signal on queries with RoPE undone (position-free)
     aggregate: str = "max"  # grouped query heads: "max" or "sum" of unit scores
 
     def __post_init__(self) -> None:
@@ -136,7 +137,7 @@ class LouisKVPolicy(Policy):
         return resident_plan(self.config)
 
     def boundary_rule(self) -> BoundaryRule:
-        return BoundaryRule(pb.BOUNDARY_MODE_THRESHOLD, self.config.threshold)
+        return BoundaryRule(pb.BOUNDARY_MODE_THRESHOLD, self.config.threshold, self.config.pre_rope)
 
     def observation(self) -> int:
         return 1
