@@ -39,6 +39,18 @@ CAPTURED_QUERIES = 64
 ``observation`` can reach 1024) gets a fresh prefill instead."""
 
 
+CACHED = 2
+"""Prefills and reference log-probabilities kept per process (short and long replays interleave)."""
+
+
+def _keep_last(cache: dict, key: str, value: Any) -> None:
+    """Insert ``key`` and drop the oldest entries beyond :data:`CACHED`."""
+    cache.pop(key, None)
+    cache[key] = value
+    while len(cache) > CACHED:
+        cache.pop(next(iter(cache)))
+
+
 @dataclass
 class Prefill:
     """One prompt's prefill, as KVRecallCache would ingest it.
@@ -138,7 +150,7 @@ class Runner:
 
     @torch.no_grad()
     def prefill(self, prompt: str) -> Prefill:
-        """The prompt's prefill (the last one is kept: units of one prompt run back to back)."""
+        """The prompt's prefill (the last CACHED ones are kept: a prompt's units run close together)."""
         if prompt in self._prefills:
             return self._prefills[prompt]
         started = time.perf_counter()
@@ -154,7 +166,7 @@ class Runner:
             getattr(cache, "_attention_modules", None),
             time.perf_counter() - started,
         )
-        self._prefills = {prompt: prefill}
+        _keep_last(self._prefills, prompt, prefill)
         return prefill
 
     @torch.no_grad()
@@ -225,13 +237,13 @@ class Runner:
     @torch.no_grad()
     def reference_logp(self, prompt: str, tokens: list[int]) -> torch.Tensor:
         """Full attention's log-probabilities [n, V] float64 at each of the n forced steps: one
-        forward pass over prompt + tokens[:-1] (kept for the prompt's next cells)."""
+        forward pass over prompt + tokens[:-1] (the last CACHED are kept for their next cells)."""
         key = f"{prompt}\x00{len(tokens)}"
         if key not in self._references:
             forced = torch.tensor([tokens[:-1]], device=self.device, dtype=torch.long)
             ids = torch.cat([self.ids(prompt), forced], dim=1)
             logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=len(tokens)).logits[0]
-            self._references = {key: log_softmax(logits.double(), -1)}
+            _keep_last(self._references, key, log_softmax(logits.double(), -1))
         return self._references[key]
 
     # ---- units ----------------------------------------------------------------------------
