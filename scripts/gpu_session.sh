@@ -53,13 +53,24 @@ b)
   OUT=$LOGS/tp TP_BUDGET_S=${TP_BUDGET_S:-150} TP_STEPS=${TP_STEPS:-64} bash scripts/gpu_tp.sh 2>&1 | tail -40
   cp "$LOGS/tp/tp_bench.json" "$OUT/" 2>/dev/null
   echo "== louiskv sweep (GPU 0) || decode + concurrency bench (GPU 1)  [${SECONDS}s]"
-  CUDA_VISIBLE_DEVICES=0 timeout 330 python3 scripts/louiskv_sweep.py --device cuda --prompts 2 --tokens 512 \
-    --long-input 4096 --long-tokens 256 --budget 128 --signals post,pre --thresholds 0.6,0.7,0.75,0.8,0.85 \
-    --max-segments 16,64 --out "$OUT/louiskv_sweep.json" > "$LOGS/sweep.log" 2>&1 &
+  # four sweep shards share GPU 0 (the 135M model leaves it mostly idle: the steps are Python-bound)
+  shard=0
+  for sig in post pre; do for seg in 16 64; do
+    refs=--no-references; [ $shard = 0 ] && refs=
+    CUDA_VISIBLE_DEVICES=0 timeout 330 python3 scripts/louiskv_sweep.py --device cuda --prompts 2 --tokens 384 \
+      --long-input 4096 --long-tokens 256 --budget 128 --signals $sig --thresholds 0.6,0.7,0.75,0.8,0.85 \
+      --max-segments $seg $refs --out "$LOGS/sweep$shard.json" > "$LOGS/sweep$shard.log" 2>&1 &
+    shard=$((shard + 1))
+  done; done
   CUDA_VISIBLE_DEVICES=1 timeout 330 python3 -m kvrecall.bench --parts decode,concurrency --time-budget-s 270 \
     --measured-rate "${RATE:-0.1}" --out "$OUT/decode.json" > "$LOGS/decode.log" 2>&1 &
   wait
-  tail -80 "$LOGS/decode.log"; grep '^{' "$LOGS/sweep.log" | tail -60
+  tail -80 "$LOGS/decode.log"; tail -3 "$LOGS"/sweep*.log
+  python3 - "$LOGS"/sweep?.json > "$OUT/louiskv_sweep.json" <<'PY'
+import json, sys
+parts = [json.load(open(p)) for p in sys.argv[1:]]
+print(json.dumps({**parts[0], "shards": [p["command"] for p in parts], "rows": [r for p in parts for r in p["rows"]]}, indent=1))
+PY
   python3 scripts/pick_boundary_rule.py "$OUT/louiskv_sweep.json" --out /tmp/kvrecall-rule.json
   ;;
 c)

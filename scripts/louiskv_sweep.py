@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-segments", default="64", help="comma-separated louiskv max_segment values")
     ap.add_argument("--signals", default="post,pre")
     ap.add_argument("--thresholds", default="0.6,0.7,0.75,0.8,0.85")
+    ap.add_argument("--no-references", action="store_true", help="skip the every-step / never rows (shards)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="bench/results/louiskv-sweep.json")
     args = ap.parse_args(argv)
@@ -68,15 +69,28 @@ def main(argv: list[str] | None = None) -> int:
         (s, float(t), m)
         for s, t, m in itertools.product(args.signals.split(","), args.thresholds.split(","), segments)
     ]
-    grid += [("post", 1.0, segments[0]), ("post", -1.0, segments[0])]  # every step / never
-    rows = []
+    if not args.no_references:
+        grid += [("post", 1.0, segments[0]), ("post", -1.0, segments[0])]  # every step / never
+    rows: list[dict] = []
+
+    def save() -> None:
+        machine = f"{platform.platform()}, {args.device}"
+        if args.device == "cuda":
+            machine += f" {torch.cuda.get_device_name(0)}"
+        result = {
+            "date": dt.date.today().isoformat(),
+            "machine": f"{machine}, torch {torch.__version__}",
+            "command": "python " + " ".join(sys.argv),
+            "seconds": round(time.time() - started, 1),
+            "rows": rows,
+        }
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+
     with contextlib.ExitStack() as stack:
-        client = stack.enter_context(
-            KVRecallClient(
-                stack.enter_context(LocalDaemon(device="cuda:0" if args.device == "cuda" else "cpu")).target,
-                "sweep",
-            )
-        )
+        daemon = stack.enter_context(LocalDaemon(device="cuda:0" if args.device == "cuda" else "cpu"))
+        client = stack.enter_context(KVRecallClient(daemon.target, "sweep"))
+        references = []  # full KV's greedy output per case, first, so a cut-short run has whole rows
         for name, ids, n_new, budget in cases(tokenizer, args):
             ids = ids.to(args.device)
             max_tokens = ids.shape[1] + n_new + 16
@@ -84,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             with session:
                 ref = decode(model, cache, ids, n_new)
             ref_logp = torch.stack([log_softmax(x.double(), -1) for x in ref.logits])
-            for signal, threshold, max_segment in grid:
+            references.append((name, ids, budget, max_tokens, ref, ref_logp))
+        for signal, threshold, max_segment in grid:
+            for name, ids, budget, max_tokens, ref, ref_logp in references:
                 config = {
                     "budget": budget,
                     "threshold": threshold,
@@ -93,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 session, cache = open_model_session(client, model, "louiskv", config, max_tokens)
                 with session:
-                    out = decode(model, cache, ids, n_new, forced=ref.tokens)
+                    out = decode(model, cache, ids, len(ref.tokens), forced=ref.tokens)
                 logp = torch.stack([log_softmax(x.double(), -1) for x in out.logits])
                 kl = float((ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0).mean())
                 row = {
@@ -110,18 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    result = {
-        "date": dt.date.today().isoformat(),
-        "machine": f"{platform.platform()}, {args.device}"
-        + (f" {torch.cuda.get_device_name(0)}" if args.device == "cuda" else "")
-        + f", torch {torch.__version__}",
-        "command": "python " + " ".join(sys.argv),
-        "seconds": round(time.time() - started, 1),
-        "rows": rows,
-    }
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=1)
-    print(json.dumps({"out": args.out, "seconds": result["seconds"]}))
+            save()  # after every whole configuration
+    save()
+    print(json.dumps({"out": args.out, "seconds": round(time.time() - started, 1)}))
     return 0
 
 

@@ -50,13 +50,18 @@ def pick(table: list[dict], tolerance: float, max_rate: float) -> tuple[dict, di
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sweep")
+    ap.add_argument("sweep", nargs="+", help="louiskv_sweep.py JSON files (shards are merged)")
     ap.add_argument("--tolerance", type=float, default=0.005)
     ap.add_argument("--max-rate", type=float, default=0.2)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    with open(args.sweep) as fh:
-        table = summarise(json.load(fh)["rows"])
+    rows = []
+    for path in args.sweep:
+        with open(path) as fh:
+            rows += json.load(fh)["rows"]
+    table = summarise(rows)
+    whole = max(t["cases"] for t in table)
+    table = [t for t in table if t["cases"] == whole]  # a shard cut short leaves partial configurations
     chosen, reference = pick(table, args.tolerance, args.max_rate)
     for t in table:
         mark = " <- chosen" if t is chosen else (" (every step)" if t is reference else "")
