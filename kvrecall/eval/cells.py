@@ -12,6 +12,9 @@ prefill). ``full`` has no budget; its cells use the label :data:`FULL_BUDGET`.
 
 from __future__ import annotations
 
+import json
+import os
+
 POLICIES = ("full", "streaming", "snapkv", "quest", "louiskv", "windowkv")
 """Every policy the harness knows, in report order; only the registered ones run."""
 
@@ -54,9 +57,43 @@ def budget_tokens(label: str, context_tokens: int) -> int:
     return int(label)
 
 
+OVERRIDES_ENV = "KVRECALL_EVAL_POLICY_CONFIG"
+"""JSON {policy: {field: value}} merged into every cell's config (``--policy-config``); an
+environment variable so that the eval's worker processes see it too."""
+
+
+def parse_overrides(specs: list[str]) -> dict[str, dict]:
+    """``["louiskv={\"threshold\": 0.7}", ...]`` -> ``{"louiskv": {"threshold": 0.7}}``."""
+    out: dict[str, dict] = {}
+    for spec in specs:
+        policy, sep, text = spec.partition("=")
+        if not sep or policy not in POLICIES:
+            raise ValueError(f"--policy-config {spec!r}: expected <policy>=<JSON object>, policy one of {POLICIES}")
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--policy-config {spec!r}: not JSON ({exc})") from None
+        if not isinstance(fields, dict):
+            raise ValueError(f"--policy-config {spec!r}: the config must be a JSON object")
+        out.setdefault(policy, {}).update(fields)
+    return out
+
+
+def overrides() -> dict[str, dict]:
+    return json.loads(os.environ.get(OVERRIDES_ENV) or "{}")
+
+
 def policy_config(policy: str, label: str, context_tokens: int) -> tuple[dict | None, int | None]:
     """``(session config, budget in tokens)`` of ``policy`` at budget ``label`` for a context of
-    ``context_tokens`` tokens (``full``: ``(None, None)``)."""
+    ``context_tokens`` tokens (``full``: ``(None, None)``), with ``--policy-config`` overrides."""
+    config, budget = _policy_config(policy, label, context_tokens)
+    extra = overrides().get(policy)
+    if extra:
+        config = {**(config or {}), **extra}
+    return config, budget
+
+
+def _policy_config(policy: str, label: str, context_tokens: int) -> tuple[dict | None, int | None]:
     if policy == "full":
         return None, None
     budget = budget_tokens(label, context_tokens)

@@ -42,7 +42,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kvrecall.eval.cells import BUDGET_NOTE, POLICIES, available_policies, cells, check_budget_label
+from kvrecall.eval.cells import (
+    BUDGET_NOTE,
+    OVERRIDES_ENV,
+    POLICIES,
+    available_policies,
+    cells,
+    check_budget_label,
+    parse_overrides,
+)
 
 FIDELITY_PROMPTS = (
     "Write a long, detailed essay about the history of the printing press and how it changed Europe.",
@@ -279,6 +287,11 @@ def run_eval(args: argparse.Namespace) -> int:
     suite = SUITES[args.suite]
     if args.budgets:
         suite = replace(suite, budgets=tuple(args.budgets.split(",")))
+    if args.policy_config:
+        try:
+            os.environ[OVERRIDES_ENV] = json.dumps(parse_overrides(args.policy_config))
+        except ValueError as exc:
+            raise SystemExit(f"kvrecall eval: {exc}") from None
     policies = _policies(args.policies)
     device = resolve_device(args.device or os.environ.get("KVRECALL_DEVICE", "auto"))
     workers = max(1, args.workers)
@@ -368,6 +381,7 @@ def run_eval(args: argparse.Namespace) -> int:
             "budgets": list(suite.budgets),
             "suite_config": asdict(suite),
             "budget_note": BUDGET_NOTE,
+            "policy_config_overrides": json.loads(os.environ.get(OVERRIDES_ENV) or "{}"),
             "wall_seconds": round(time.perf_counter() - started, 1),
             "time_budget_s": args.time_budget_s,
             "unit_seconds": seconds_by_kind,
@@ -438,5 +452,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="start no unit after this many seconds, give up running ones max(30, 20%%) later "
         "(the report lists the skipped ones)",
+    )
+    parser.add_argument(
+        "--policy-config",
+        action="append",
+        default=[],
+        metavar="POLICY=JSON",
+        help='extra config fields for every cell of a policy, e.g. louiskv=\'{"threshold": 0.7}\' (repeatable)',
     )
     parser.add_argument("--json", action="store_true", help="print one JSON summary object as the last line")
