@@ -32,6 +32,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from kvrecall.eval.tasks import demo_sample, score
     from kvrecall.local import LocalDaemon
     from kvrecall.models.smollm import load_model
+    from kvrecall.tasktype import with_task
     from kvrecall.worker import decode, open_model_session
 
     torch.manual_seed(args.seed)
@@ -52,9 +53,8 @@ def run_demo(args: argparse.Namespace) -> int:
             target = stack.enter_context(LocalDaemon()).target
         client = stack.enter_context(KVRecallClient(target, "demo-worker"))
         max_tokens = input_ids.shape[1] + args.max_new_tokens + 16
-        session, cache = open_model_session(
-            client, model, args.policy, policy_config(args.policy, args.budget), max_tokens, tag="demo"
-        )
+        config = with_task(model, args.policy, policy_config(args.policy, args.budget), input_ids)
+        session, cache = open_model_session(client, model, args.policy, config, max_tokens, tag="demo")
         with session:
             eos = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
             eos.discard(None)
@@ -99,6 +99,7 @@ def run_worker(args: argparse.Namespace) -> int:
     from kvrecall.client import KVRecallClient
     from kvrecall.eval.tasks import demo_sample, score
     from kvrecall.models.smollm import load_model
+    from kvrecall.tasktype import with_task
     from kvrecall.worker import decode, open_model_session
 
     device = args.device or os.environ.get("KVRECALL_DEVICE", "cpu")
@@ -110,8 +111,9 @@ def run_worker(args: argparse.Namespace) -> int:
             sample = demo_sample(args.context_tokens, seed=seed, tokenizer=tokenizer)
             input_ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(device)
             max_tokens = input_ids.shape[1] + args.max_new_tokens + 16
+            config = with_task(model, args.policy, policy_config(args.policy, args.budget), input_ids)
             session, cache = open_model_session(
-                client, model, args.policy, policy_config(args.policy, args.budget), max_tokens, tag=args.worker_id
+                client, model, args.policy, config, max_tokens, tag=args.worker_id
             )
             with session:
                 result = decode(model, cache, input_ids, args.max_new_tokens, eos)

@@ -1,0 +1,48 @@
+"""The shipped task classifier: its weights load without pickle and it labels fresh prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvrecall.tasktype import classifier
+from kvrecall.tasktype.prompts import CATEGORIES, labelled_prompts
+from kvrecall.v1 import kvrecall_pb2 as pb
+
+
+def test_shipped_weights_are_plain_arrays():
+    with np.load(classifier.WEIGHTS, allow_pickle=False) as data:
+        assert set(data.files) == {"meta", "mean", "scale", "weight", "bias"}
+    head = classifier.shipped()
+    assert head.hidden_size == 576 and head.num_layers == 30 and 0 <= head.layer <= 30
+    assert head.weight.shape == head.mean.shape == head.scale.shape == (2 * 576,)
+    assert np.isfinite(head.weight).all() and (head.scale > 0).all()
+
+
+def test_prompt_set_has_both_labels_and_held_out_phrasings():
+    prompts = labelled_prompts(4, seed=5)
+    assert len(prompts) == 4 * len(CATEGORIES)
+    assert {p.label for p in prompts} == {pb.TASK_TYPE_LOCALIZATION, pb.TASK_TYPE_AGGREGATION}
+    assert any(p.phrasing == 0 for p in prompts) and all(p.text.startswith("<|im_start|>") for p in prompts)
+
+
+def test_explicit_hints_and_other_policies_pass_through():
+    hint = {"budget": 64, "task": pb.TASK_TYPE_AGGREGATION}
+    assert classifier.with_task(None, "windowkv", hint, None) is hint
+    assert classifier.with_task(None, "snapkv", {"budget": 64}, None) == {"budget": 64}
+
+
+@pytest.mark.model
+def test_classifies_fresh_prompts_of_each_kind(smollm):
+    model, tokenizer = smollm
+    prompts = labelled_prompts(2, seed=12345)  # seeds the training run never drew
+    predicted = [
+        classifier.classify(model, tokenizer(p.text, return_tensors="pt").input_ids) for p in prompts
+    ]
+    for label in (pb.TASK_TYPE_LOCALIZATION, pb.TASK_TYPE_AGGREGATION):
+        picked = [q == p.label for p, q in zip(prompts, predicted, strict=True) if p.label == label]
+        assert sum(picked) / len(picked) >= 0.8, f"{pb.TaskType.Name(label)}: {sum(picked)}/{len(picked)}"
+    config = classifier.with_task(
+        model, "windowkv", {"budget": 64}, tokenizer(prompts[0].text, return_tensors="pt").input_ids
+    )
+    assert config == {"budget": 64, "task": predicted[0]}
