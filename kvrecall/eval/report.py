@@ -234,12 +234,13 @@ def plots(report: dict, stem: Path) -> list[str]:
     full = by_cell.get(("full", FULL_BUDGET))
     if full:
         ax.axhline(sum(full) / len(full), color="black", linestyle="--", label="full")
-    for policy in policies:
+    for k, policy in enumerate(policies):
         xs = [i for i, b in enumerate(budgets) if by_cell.get((policy, b))]
+        nudge = 0.04 * (k - (len(policies) - 1) / 2)  # equal scores stay visible side by side
         ax.plot(
-            xs,
+            [x + nudge for x in xs],
             [sum(by_cell[(policy, budgets[i])]) / len(by_cell[(policy, budgets[i])]) for i in xs],
-            marker="o",
+            marker="os^vDP"[k % 6],
             label=policy,
         )
     ax.set_xticks(range(len(budgets)), budgets)
