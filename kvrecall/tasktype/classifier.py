@@ -77,7 +77,7 @@ class TaskClassifier:
     def probability(self, x: torch.Tensor) -> torch.Tensor:
         """P(AGGREGATION) for features x [F] or [N, F]."""
         z = (x.double().numpy() - self.mean) / self.scale
-        return torch.from_numpy(1.0 / (1.0 + np.exp(-(z @ self.weight + self.bias))))
+        return torch.as_tensor(1.0 / (1.0 + np.exp(-(z @ self.weight + self.bias))))
 
     def classify(self, model, input_ids: torch.Tensor) -> int:
         """pb.TaskType of the prompt `input_ids` [1, T]."""
