@@ -68,7 +68,9 @@ def parse_overrides(specs: list[str]) -> dict[str, dict]:
     for spec in specs:
         policy, sep, text = spec.partition("=")
         if not sep or policy not in POLICIES:
-            raise ValueError(f"--policy-config {spec!r}: expected <policy>=<JSON object>, policy one of {POLICIES}")
+            raise ValueError(
+                f"--policy-config {spec!r}: expected <policy>=<JSON object>, policy one of {POLICIES}"
+            )
         try:
             fields = json.loads(text)
         except json.JSONDecodeError as exc:

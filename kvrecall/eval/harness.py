@@ -458,6 +458,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="POLICY=JSON",
-        help='extra config fields for every cell of a policy, e.g. louiskv=\'{"threshold": 0.7}\' (repeatable)',
+        help="extra config fields for every cell of a policy, e.g. louiskv='{\"threshold\": 0.7}' (repeatable)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON summary object as the last line")
