@@ -65,6 +65,7 @@ class Prefill:
     logits: torch.Tensor
     modules: list | None
     seconds: float
+    windowkv_task: int | None = None  # the task classifier's hint for this prompt, once asked
 
     @property
     def num_tokens(self) -> int:
@@ -246,6 +247,20 @@ class Runner:
             _keep_last(self._references, key, log_softmax(logits.double(), -1))
         return self._references[key]
 
+    def cell_config(
+        self, prefill: Prefill, policy: str, label: str, context: int
+    ) -> tuple[dict | None, int | None]:
+        """:func:`policy_config`, with windowkv's task hint filled by the shipped classifier like
+        ``kvrecall demo`` / ``worker`` do (once per prompt; an explicit ``task`` is kept)."""
+        config, budget = policy_config(policy, label, context)
+        if policy == "windowkv" and "task" not in (config or {}):
+            if prefill.windowkv_task is None:
+                from kvrecall.tasktype import classify
+
+                prefill.windowkv_task = int(classify(self.model, prefill.ids))
+            config = {**(config or {}), "task": prefill.windowkv_task}
+        return config, budget
+
     # ---- units ----------------------------------------------------------------------------
     def execute(self, unit: dict) -> dict:
         """Run one work unit (see the module docstring) and return its JSON-able result."""
@@ -278,7 +293,7 @@ class Runner:
         prefill = self.prefill(sample.prompt)
         records = []
         for policy, label in unit["cells"]:
-            config, budget = policy_config(policy, label, prefill.num_tokens)
+            config, budget = self.cell_config(prefill, policy, label, prefill.num_tokens)
             out = self.decode_cell(prefill, policy, config, sample.max_new_tokens)
             text = self.tokenizer.decode(out.tokens, skip_special_tokens=True)
             records.append(
@@ -306,7 +321,7 @@ class Runner:
         ref = self.reference_logp(unit["prompt"], tokens)
         prefill = self.prefill(unit["prompt"])
         context = prefill.num_tokens + len(tokens)
-        config, budget = policy_config(unit["policy"], unit["budget"], context)
+        config, budget = self.cell_config(prefill, unit["policy"], unit["budget"], context)
         if unit["policy"] == "windowkv" and unit["budget"].endswith("%"):
             budget = round(float(unit["budget"][:-1]) / 100 * prefill.num_tokens)
         out = self.decode_cell(prefill, unit["policy"], config, len(tokens), forced=tokens, stop=False)
