@@ -64,8 +64,9 @@ def findings(source: str, path: str) -> list[str]:
             keywords = {k.arg: k.value for k in node.keywords if k.arg}
             if isinstance(node.func, ast.Name) and name in BANNED_BUILTINS:
                 add(node, f"{name}()")
-            if name in BANNED_CALLS:
-                add(node, f"{name}()")
+            pickle_off = isinstance(keywords.get("allow_pickle"), ast.Constant) and keywords["allow_pickle"].value is False
+            if name in BANNED_CALLS and not (name in ("np.load", "numpy.load") and pickle_off):
+                add(node, f"{name}()")  # np.load(..., allow_pickle=False) reads plain arrays only
             if name in ("yaml.load",):
                 loader = _dotted(keywords["Loader"]) if "Loader" in keywords else ""
                 if not loader.endswith(("SafeLoader", "CSafeLoader")):
@@ -90,7 +91,11 @@ def test_scanner_catches_what_it_should():
     for what in ("import pickle", "from marshal", "allow_pickle=True", "torch.load()", "eval()", "exec()",
                  "yaml.load() without SafeLoader", "weights_only=False", "def __reduce__"):
         assert any(what in h for h in hits), (what, hits)
-    ok = "import yaml\nmodel.eval()\nyaml.load(s, Loader=yaml.SafeLoader)\nnp.frombuffer(b, dtype=np.float32)\n"
+    assert any("np.load()" in h for h in findings("a = np.load(f)\n", "plain.py"))  # pickle not ruled out
+    ok = (
+        "import yaml\nmodel.eval()\nyaml.load(s, Loader=yaml.SafeLoader)\nnp.frombuffer(b, dtype=np.float32)\n"
+        "a = np.load(f, allow_pickle=False)\n"
+    )
     assert findings(ok, "fine.py") == []
 
 
