@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single", action="store_true", help="rank 0 also runs the single-process session")
     args = parser.parse_args(argv)
 
-    group = TPGroup.from_env()
+    group = TPGroup.from_env("nccl" if args.device == "cuda" else "gloo")
     targets = args.targets.split(",")
     if len(targets) != group.size:
         raise SystemExit(f"--targets: {len(targets)} addresses for {group.size} ranks")
@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             if name == "small":
                 small_logits = run.logits
         if args.single and group.rank == 0:
-            session = client.open_session(spec_for(hf, max_tokens), "louiskv", {"budget": args.small_budget})
+            session = client.open_session(
+                spec_for(hf, max_tokens), "louiskv", {"budget": args.small_budget}, device=device
+            )
             use_kvrecall_attention(hf)
             with session:
                 cache = KVRecallCache(session)

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrievals", type=int, default=8, help="timed stand-alone retrievals of each kind")
     args = parser.parse_args(argv)
 
-    group = TPGroup.from_env()
+    group = TPGroup.from_env("nccl" if args.device == "cuda" else "gloo")
     targets = args.targets.split(",")
     if len(targets) != group.size:
         raise SystemExit(f"--targets: {len(targets)} addresses for {group.size} ranks")

@@ -23,11 +23,12 @@ from kvrecall.tp.group import TPGroup
 from kvrecall.tp.model import TPLlama
 
 
-def _device(args: argparse.Namespace, group: TPGroup) -> torch.device:
+def _device(args: argparse.Namespace) -> torch.device:
+    """--device / $KVRECALL_DEVICE, else cuda:LOCAL_RANK where there is CUDA, else the CPU."""
     name = args.device or os.environ.get("KVRECALL_DEVICE")
     if name:
         return torch.device(name)
-    local = int(os.environ.get("LOCAL_RANK", group.rank))
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
     return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
 
 
@@ -43,8 +44,8 @@ def _load(device: torch.device, group: TPGroup) -> TPLlama:
 
 
 def run_tp_worker(args: argparse.Namespace) -> int:
-    group = TPGroup.from_env()
-    device = _device(args, group)
+    device = _device(args)
+    group = TPGroup.from_env("nccl" if device.type == "cuda" else "gloo")
     model = _load(device, group)
     config = {"budget": args.budget} if args.budget else None
     vocab = model.shape.vocab

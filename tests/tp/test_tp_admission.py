@@ -28,6 +28,7 @@ def test_a_refused_rank_stops_the_whole_group(tmp_path):
             env = {
                 **os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
+                "KVRECALL_DEVICE": "cpu",  # the daemons run on the CPU, also where there is a GPU
             }  # fmt: skip
             argv = [
                 sys.executable, "-m", "kvrecall.cli", "worker", "--target", daemon.target, "--worker-id", "tp",
