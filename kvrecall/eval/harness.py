@@ -124,6 +124,16 @@ SUITES: dict[str, Suite] = {
         long_lengths=(1024,),
         long_tokens=64,
     ),
+    # Prompt-side selection on CPU (~10 minutes on 2 cores): one 4K needle at five depths, two
+    # budgets, no replays (the prefill is shared by every cell of a sample).
+    "needle": Suite(
+        ("niah_single",),
+        (4096,),
+        (0,),
+        ("128", "512"),
+        depths=(0.1, 0.3, 0.5, 0.7, 0.9),
+        fidelity_prompts=0,
+    ),
     # One GPU call of ~7 minutes (see FORMATS.md, "The full suite on one GPU"): 3 tasks x 3 lengths
     # x 3 depths at 5 budgets; 1024-token replays of one short prompt (budgets 128, 512) and after
     # one 2K-token document (512, 1024). 8000, not 8192: prompt + answer stay within 8192 positions.

@@ -80,7 +80,7 @@ class StreamingConfig(_message.Message):
     def __init__(self, n_sink: _Optional[int] = ..., window: _Optional[int] = ...) -> None: ...
 
 class LouisKVConfig(_message.Message):
-    __slots__ = ("budget", "n_sink", "window", "cluster_size", "kmeans_iters", "threshold", "max_segment", "pre_rope")
+    __slots__ = ("budget", "n_sink", "window", "cluster_size", "kmeans_iters", "threshold", "max_segment", "pre_rope", "observation", "ingest_select")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     N_SINK_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,8 @@ class LouisKVConfig(_message.Message):
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MAX_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     PRE_ROPE_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATION_FIELD_NUMBER: _ClassVar[int]
+    INGEST_SELECT_FIELD_NUMBER: _ClassVar[int]
     budget: int
     n_sink: int
     window: int
@@ -97,7 +99,9 @@ class LouisKVConfig(_message.Message):
     threshold: float
     max_segment: int
     pre_rope: bool
-    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., cluster_size: _Optional[int] = ..., kmeans_iters: _Optional[int] = ..., threshold: _Optional[float] = ..., max_segment: _Optional[int] = ..., pre_rope: bool = ...) -> None: ...
+    observation: int
+    ingest_select: str
+    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., cluster_size: _Optional[int] = ..., kmeans_iters: _Optional[int] = ..., threshold: _Optional[float] = ..., max_segment: _Optional[int] = ..., pre_rope: bool = ..., observation: _Optional[int] = ..., ingest_select: _Optional[str] = ...) -> None: ...
 
 class QuestConfig(_message.Message):
     __slots__ = ("budget", "n_sink", "window", "page_size")

@@ -34,8 +34,11 @@ from kvrecall.server.policies.base import (
     register,
     resident_plan,
 )
+from kvrecall.server.policies.snapkv import select_by_observation
 from kvrecall.server.working_set import to_device
 from kvrecall.v1 import kvrecall_pb2 as pb
+
+POOL_KERNEL = 7  # max-pool width of the token votes at ingest (SnapKV's)
 
 
 @dataclass
@@ -47,9 +50,11 @@ class LouisKVConfig:
     window: int = 64  # recent-window ring slots
     cluster_size: int = 16  # mean prompt tokens per cluster
     kmeans_iters: int = 4  # Lloyd iterations
-    threshold: float = 0.85  # boundary when mean query cosine similarity < threshold
+    threshold: float = 0.75  # boundary when mean query cosine similarity < threshold
     max_segment: int = 64  # an open output segment closes at this many tokens
     pre_rope: bool = False  # boundary signal on queries with RoPE undone (position-free)
+    observation: int = 16  # last prompt queries choosing the first retrieval, at ingest
+    ingest_select: str = "tokens"  # first retrieval: "tokens" (observation attention) or "units"
     aggregate: str = "max"  # grouped query heads: "max" or "sum" of unit scores
 
     def __post_init__(self) -> None:
@@ -59,6 +64,8 @@ class LouisKVConfig:
         check(-1.0 <= self.threshold <= 1.0, "threshold", "must be in [-1, 1]")
         check(1 <= self.max_segment <= 1 << 16, "max_segment", "must be in [1, 65536]")
         check(self.aggregate in ("max", "sum"), "aggregate", "must be 'max' or 'sum'")
+        check(1 <= self.observation <= 256, "observation", "must be in [1, 256]")
+        check(self.ingest_select in ("tokens", "units"), "ingest_select", "must be 'tokens' or 'units'")
 
 
 class _Growing:
@@ -140,7 +147,7 @@ class LouisKVPolicy(Policy):
         return BoundaryRule(pb.BOUNDARY_MODE_THRESHOLD, self.config.threshold, self.config.pre_rope)
 
     def observation(self) -> int:
-        return 1
+        return self.config.observation
 
     @property
     def num_units(self) -> int:
@@ -155,9 +162,13 @@ class LouisKVPolicy(Policy):
             self._cluster(keys.to(ctx.ws.keys.device), start)
         if queries is None:
             return None
-        return self._select(
-            ctx, queries[:, :, -1].to(ctx.ws.keys.device), list(range(self.layout.num_layers))
-        )
+        obs = queries[:, :, -self.config.observation :]
+        if self.config.ingest_select == "tokens":
+            # The prompt's keys are all at hand once: the first retrieval takes single tokens by
+            # the attention the last prompt queries pay them (SnapKV's vote); units serve later.
+            return select_by_observation(ctx, obs, self.config.budget, POOL_KERNEL)
+        # Or every unit scored by those queries, the best over them (as over a group's heads).
+        return self._select(ctx, obs.to(ctx.ws.keys.device), list(range(self.layout.num_layers)))
 
     def on_evict(self, ctx: PolicyContext, start: int, end: int) -> Selection | None:
         # The evicted tokens are still in the ring: their keys join the open segment's sum.
@@ -207,15 +218,16 @@ class LouisKVPolicy(Policy):
         self.open_sum = None
 
     def _select(self, ctx: PolicyContext, query: torch.Tensor, layers: list[int]) -> Selection:
-        """query [L, Hq, D] -> the retrieved positions [L, H, R] for `layers` (others kept).
+        """query [L, Hq, D] or [L, Hq, n, D] (n queries per head) -> the retrieved positions
+        [L, H, R] for `layers` (others kept).
 
         All on the device, no host sync: the number of units chosen stays a device scalar."""
         L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
-        R, G, B = self.config.budget, self.layout.group_size, L * H
+        R, B = self.config.budget, L * H
         table = self.units
         if table is None:
             return Selection(ctx.ws.retrieved_positions())
-        q = query.reshape(B, G, D)  # its own dtype: the scoring computes in float32
+        q = query.reshape(B, -1, D)  # [B, G * n, D], its own dtype: scoring computes in float32
         scores = kernels.score_units(q, table.reps.view(), table.valid.view(), agg=self.config.aggregate)
         take = kernels.select_under_budget(scores, table.sizes.view(), R)  # [B, units]
         new = kernels.expand_selection(take, table.unit.view(), table.rank.view(), table.position.view(), R)

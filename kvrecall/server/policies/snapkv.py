@@ -53,6 +53,30 @@ def observation_scores(queries: torch.Tensor, keys: torch.Tensor, group: int) ->
     return probs.sum(dim=1).view(-1, group, T).sum(dim=1)
 
 
+def select_by_observation(
+    ctx: PolicyContext, queries: torch.Tensor | None, budget: int, pool_kernel: int
+) -> Selection | None:
+    """Per (layer, KV head), the `budget` tokens that left the window at ingest receiving the
+    most attention from the observation queries [L, Hq, n, D] (max-pooled over `pool_kernel`
+    neighbours), ascending, -1 padded: [L, H, budget]."""
+    start, end = min(ctx.ws.plan.n_sink, ctx.prompt_tokens), ctx.evicted_upto
+    if queries is None or end <= start:
+        return None
+    layout = ctx.layout
+    L, H = layout.num_layers, layout.num_kv_heads
+    keys = ctx.prompt_kv[:, 0]  # [L, H, T, D]
+    queries = queries.to(keys.device)
+    selection = torch.full((L, H, budget), -1, dtype=torch.int64)
+    count = min(budget, end - start)
+    pad = pool_kernel // 2
+    for layer in range(L):
+        mass = observation_scores(queries[layer], keys[layer], layout.group_size)
+        pooled = F.max_pool1d(mass[None], pool_kernel, stride=1, padding=pad)[0]
+        top = pooled[:, start:end].topk(count, dim=-1).indices + start
+        selection[layer, :, :count] = top.sort(dim=-1).values.cpu()
+    return Selection(selection, units=L * H * count)
+
+
 @register
 class SnapKVPolicy(Policy):
     name = "snapkv"
@@ -66,22 +90,7 @@ class SnapKVPolicy(Policy):
         return self.config.observation
 
     def on_ingest(self, ctx: PolicyContext, queries: torch.Tensor | None) -> Selection | None:
-        start, end = min(ctx.ws.plan.n_sink, ctx.prompt_tokens), ctx.evicted_upto
-        if queries is None or end <= start:
-            return None
-        L, H = self.layout.num_layers, self.layout.num_kv_heads
-        R = self.config.budget
-        keys = ctx.prompt_kv[:, 0]  # [L, H, T, D]
-        queries = queries.to(keys.device)
-        selection = torch.full((L, H, R), -1, dtype=torch.int64)
-        count = min(R, end - start)
-        pad = self.config.pool_kernel // 2
-        for layer in range(L):
-            mass = observation_scores(queries[layer], keys[layer], self.layout.group_size)
-            pooled = F.max_pool1d(mass[None], self.config.pool_kernel, stride=1, padding=pad)[0]
-            top = pooled[:, start:end].topk(count, dim=-1).indices + start
-            selection[layer, :, :count] = top.sort(dim=-1).values.cpu()
-        return Selection(selection, units=L * H * count)
+        return select_by_observation(ctx, queries, self.config.budget, self.config.pool_kernel)
 
     def on_evict(self, ctx: PolicyContext, start: int, end: int) -> Selection | None:
         return fill_free_slots(ctx, start, end)

@@ -63,7 +63,7 @@ class WindowKVConfig:
     decay: bool = False  # arithmetic budget decay across groups
     task: int = pb.TASK_TYPE_UNSPECIFIED  # unspecified at the daemon = localisation
     keep_pruned_in_host: bool = False  # louiskv retrieval at boundaries after the prefill selection
-    threshold: float = 0.85  # boundary threshold (keep_pruned_in_host only)
+    threshold: float = 0.75  # boundary threshold (keep_pruned_in_host only; as louiskv)
     budget_fraction: float | None = None  # budget = round(fraction * prompt tokens), overrides budget
 
     def __post_init__(self) -> None:

@@ -1,0 +1,55 @@
+"""louiskv's first retrieval at ingest: single tokens by the observation queries' attention
+("tokens", the default) or whole clusters ("units"); both through a real daemon."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvrecall.client import InvalidArgumentError
+from tests.conftest import SMALL, random_kv
+
+PROMPT, NEEDLE = 300, 137
+
+
+def needle_prompt() -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt KV whose token NEEDLE's key is what every observation query looks for."""
+    kv = random_kv(SMALL, PROMPT, seed=3) * 0.1
+    direction = torch.zeros(SMALL.head_dim)
+    direction[0] = 1.0
+    kv[:, 0, :, NEEDLE] = 8.0 * direction
+    queries = 4.0 * direction.expand(SMALL.num_layers, SMALL.num_query_heads, 16, -1).clone()
+    return kv, queries
+
+
+@pytest.mark.parametrize("mode", ["tokens", "units"])
+def test_the_needle_is_retrieved_at_ingest(client, mode):
+    kv, queries = needle_prompt()
+    config = {"budget": 16, "n_sink": 4, "window": 32, "cluster_size": 4, "ingest_select": mode}
+    with client.open_session(SMALL, "louiskv", config) as session:
+        assert session.observation == 16
+        session.ingest(kv, queries)
+        for layer in range(SMALL.num_layers):
+            for head in range(SMALL.num_kv_heads):
+                positions = set(session.slot_pos[layer, head].tolist())
+                assert NEEDLE in positions, (mode, layer, head)
+                slot = session.slot_pos[layer, head].tolist().index(NEEDLE)
+                assert torch.equal(session.keys[layer, head, slot], kv[layer, 0, head, NEEDLE])
+
+
+def test_tokens_mode_takes_the_neighbours_not_a_cluster(client):
+    kv, queries = needle_prompt()
+    config = {"budget": 8, "n_sink": 4, "window": 32, "ingest_select": "tokens"}
+    with client.open_session(SMALL, "louiskv", config) as session:
+        session.ingest(kv, queries)
+        retrieved = session.slot_pos[0, 0, 4:12].tolist()
+    # max-pooled votes: the needle and its 3 neighbours on each side rank first
+    assert set(range(NEEDLE - 3, NEEDLE + 4)) <= set(retrieved)
+
+
+@pytest.mark.parametrize(
+    "field,value", [("ingest_select", "clusters"), ("observation", 0), ("observation", 999)]
+)
+def test_bad_ingest_settings_are_refused(client, field, value):
+    with pytest.raises(InvalidArgumentError, match=f"policy.louiskv.*{field}|{field}"):
+        client.open_session(SMALL, "louiskv", {"budget": 16, "window": 32, field: value})
