@@ -16,62 +16,32 @@ from typing import Any
 import grpc
 import torch
 
-from kvrecall.client.core import (
-    ModelSpec,
-    SessionCore,
-    channel_options,
-    choose_transport,
-    credentials,
-    metadata,
-    policy_message,
-)
+from kvrecall.client.core import ClientBase, ModelSpec, SessionCore
 from kvrecall.client.errors import KVRecallClientError, UnavailableError, from_rpc_error
 from kvrecall.client.staging import staged
 from kvrecall.transport import inline_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
-from kvrecall.v1 import kvrecall_pb2_grpc as pb_grpc
 
 log = logging.getLogger("kvrecall.client.aio")
 
 
-class AsyncKVRecallClient:
-    def __init__(
-        self,
-        target: str,
-        worker_id: str,
-        *,
-        token: str | None = None,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        timeout: float = 30.0,
-        connect_retries: int = 5,
-        max_message_mb: int = 512,
-    ) -> None:
-        self.target = target
-        self.worker_id = worker_id
-        self.timeout = timeout
-        self.connect_retries = connect_retries
-        self._metadata = metadata(worker_id, token)
-        creds = credentials(tls_ca, tls_cert, tls_key)
-        options = channel_options(max_message_mb)
-        self.channel = (
-            grpc.aio.secure_channel(target, creds, options) if creds else grpc.aio.insecure_channel(target, options)
-        )
-        self.stub = pb_grpc.KVRecallStub(self.channel)
+class AsyncKVRecallClient(ClientBase):
+    """The asyncio twin of KVRecallClient (arguments: see ClientBase)."""
+
+    def _make_channel(self, creds, options):
+        if creds:
+            return grpc.aio.secure_channel(self.target, creds, options)
+        return grpc.aio.insecure_channel(self.target, options)
 
     async def call(self, method, request, *, retry: bool = False, timeout: float | None = None):
-        attempts = self.connect_retries + 1 if retry else 1
-        delay = 0.1
-        for attempt in range(attempts):
+        for delay in self.retry_delays(retry):
             try:
                 return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
                 error = from_rpc_error(exc)
-                if isinstance(error, UnavailableError) and attempt + 1 < attempts:
+                if isinstance(error, UnavailableError) and delay is not None:
                     log.warning("daemon %s unavailable (%s); retrying in %.1fs", self.target, error.details, delay)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
                     continue
                 raise error from None
         raise AssertionError("unreachable")
@@ -89,12 +59,11 @@ class AsyncKVRecallClient:
         device: torch.device | str | None = None,
         lease_seconds: int = 0,
         tag: str = "",
+        tp_rank: int = 0,
+        tp_size: int = 0,
     ) -> AsyncWorkerSession:
-        device = torch.device(device) if device is not None else None
-        kind = choose_transport(self.target, device, transport)
-        request = pb.OpenSessionRequest(
-            worker_id=self.worker_id, layout=spec.to_proto(), policy=policy_message(policy, config),
-            transport=kind, lease_seconds=lease_seconds, tag=tag,
+        request, kind = self.open_request(
+            spec, policy, config, transport, device, lease_seconds, tag, tp_rank, tp_size
         )
         response = await self.call(self.stub.OpenSession, request, retry=True)
         try:

@@ -8,6 +8,7 @@ and never does I/O itself.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from kvrecall.dtypes import WIRE_OF_TORCH
 from kvrecall.transport import MappedTensor, inline_ref, open_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
+from kvrecall.v1 import kvrecall_pb2_grpc as pb_grpc
 
 TRANSPORTS = {"shm": pb.TRANSPORT_SHM, "cuda_ipc": pb.TRANSPORT_CUDA_IPC, "inline": pb.TRANSPORT_INLINE}
 
@@ -222,6 +224,70 @@ class SessionCore:
         for m in self._mapped:
             m.close()
         self._mapped.clear()
+
+
+class ClientBase:
+    """What the sync and asyncio clients share: identity, deadlines, the channel's settings,
+    the retry schedule and the OpenSession request. Subclasses make the channel."""
+
+    def __init__(
+        self,
+        target: str,
+        worker_id: str,
+        *,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        timeout: float = 30.0,
+        connect_retries: int = 5,
+        max_message_mb: int = 512,
+    ) -> None:
+        self.target = target
+        self.worker_id = worker_id
+        self.timeout = timeout
+        self.connect_retries = connect_retries
+        self._metadata = metadata(worker_id, token)
+        self.channel = self._make_channel(credentials(tls_ca, tls_cert, tls_key), channel_options(max_message_mb))
+        self.stub = pb_grpc.KVRecallStub(self.channel)
+
+    def _make_channel(self, creds: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]) -> Any:
+        raise NotImplementedError
+
+    def retry_delays(self, retry: bool) -> Iterator[float | None]:
+        """Per attempt, the pause before the next one (None: the last attempt)."""
+        attempts = self.connect_retries + 1 if retry else 1
+        delay = 0.1
+        for attempt in range(attempts):
+            yield delay if attempt + 1 < attempts else None
+            delay = min(delay * 2, 2.0)
+
+    def open_request(
+        self,
+        spec: ModelSpec,
+        policy: str,
+        config: dict[str, Any] | None,
+        transport: str | None,
+        device: torch.device | str | None,
+        lease_seconds: int,
+        tag: str,
+        tp_rank: int,
+        tp_size: int,
+    ) -> tuple[pb.OpenSessionRequest, int]:
+        """The OpenSession request and the transport it asks for (see choose_transport)."""
+        device = torch.device(device) if device is not None else None
+        kind = choose_transport(self.target, device, transport)
+        request = pb.OpenSessionRequest(
+            worker_id=self.worker_id,
+            layout=spec.to_proto(),
+            policy=policy_message(policy, config),
+            transport=kind,
+            lease_seconds=lease_seconds,
+            tag=tag,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+        )
+        return request, kind
 
 
 def metadata(worker_id: str, token: str | None) -> tuple[tuple[str, str], ...]:

@@ -22,20 +22,11 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
-from kvrecall.client.core import (
-    ModelSpec,
-    SessionCore,
-    channel_options,
-    choose_transport,
-    credentials,
-    metadata,
-    policy_message,
-)
+from kvrecall.client.core import ClientBase, ModelSpec, SessionCore
 from kvrecall.client.errors import KVRecallClientError, NotFoundError, UnavailableError, from_rpc_error
 from kvrecall.client.staging import staged
 from kvrecall.transport import inline_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
-from kvrecall.v1 import kvrecall_pb2_grpc as pb_grpc
 
 log = logging.getLogger("kvrecall.client")
 
@@ -43,48 +34,23 @@ T = TypeVar("T")
 _END = object()
 
 
-class KVRecallClient:
-    """A connection to one daemon, for one worker identity."""
+class KVRecallClient(ClientBase):
+    """A connection to one daemon, for one worker identity (arguments: see ClientBase)."""
 
-    def __init__(
-        self,
-        target: str,
-        worker_id: str,
-        *,
-        token: str | None = None,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        timeout: float = 30.0,
-        connect_retries: int = 5,
-        max_message_mb: int = 512,
-    ) -> None:
-        self.target = target
-        self.worker_id = worker_id
-        self.timeout = timeout
-        self.connect_retries = connect_retries
-        self._metadata = metadata(worker_id, token)
-        creds = credentials(tls_ca, tls_cert, tls_key)
-        options = channel_options(max_message_mb)
-        self.channel = (
-            grpc.secure_channel(target, creds, options) if creds else grpc.insecure_channel(target, options)
-        )
-        self.stub = pb_grpc.KVRecallStub(self.channel)
+    def _make_channel(self, creds, options):
+        return grpc.secure_channel(self.target, creds, options) if creds else grpc.insecure_channel(self.target, options)
 
     def call(self, method: Callable[..., T], request: Any, *, retry: bool = False, timeout: float | None = None) -> T:
         """One unary call with a deadline; retries UNAVAILABLE with backoff when `retry`."""
-        attempts = self.connect_retries + 1 if retry else 1
-        delay = 0.1
         started = time.monotonic()
-        for attempt in range(attempts):
+        for attempt, delay in enumerate(self.retry_delays(retry)):
             try:
                 return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 error = from_rpc_error(exc)
-                if isinstance(error, UnavailableError) and attempt + 1 < attempts:
+                if isinstance(error, UnavailableError) and delay is not None:
                     log.warning("daemon %s unavailable (%s); retrying in %.1fs", self.target, error.details, delay)
                     time.sleep(delay)
-                    delay = min(delay * 2, 2.0)
                     continue
                 if isinstance(error, UnavailableError):
                     elapsed = time.monotonic() - started
@@ -123,17 +89,8 @@ class KVRecallClient:
         tp_size: int = 0,
     ) -> WorkerSession:
         """Open a session; `transport` defaults to shm (local CPU), cuda_ipc (local GPU) or inline."""
-        device = torch.device(device) if device is not None else None
-        kind = choose_transport(self.target, device, transport)
-        request = pb.OpenSessionRequest(
-            worker_id=self.worker_id,
-            layout=spec.to_proto(),
-            policy=policy_message(policy, config),
-            transport=kind,
-            lease_seconds=lease_seconds,
-            tag=tag,
-            tp_rank=tp_rank,
-            tp_size=tp_size,
+        request, kind = self.open_request(
+            spec, policy, config, transport, device, lease_seconds, tag, tp_rank, tp_size
         )
         response = self.call(self.stub.OpenSession, request, retry=True)
         try:
