@@ -115,6 +115,8 @@ def policy_configs(draw):
                 setattr(sub, f.name, draw(st.booleans()))
             elif f.type == f.TYPE_ENUM:
                 setattr(sub, f.name, draw(st.integers(0, 5)))
+            elif f.type == f.TYPE_STRING:
+                setattr(sub, f.name, draw(st.one_of(st.sampled_from(["tokens", "units", ""]), st.text(max_size=16))))
             else:
                 setattr(sub, f.name, draw(st.one_of(st.integers(0, 600), u32)))
     return message
