@@ -130,7 +130,7 @@ class SnapKVConfig(_message.Message):
     def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., pool_kernel: _Optional[int] = ..., observation: _Optional[int] = ...) -> None: ...
 
 class WindowKVConfig(_message.Message):
-    __slots__ = ("budget", "n_sink", "window", "window_size", "group_size", "decay", "task", "keep_pruned_in_host", "threshold", "budget_fraction")
+    __slots__ = ("budget", "n_sink", "window", "window_size", "group_size", "decay", "task", "keep_pruned_in_host", "threshold", "budget_fraction", "group_select")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     N_SINK_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class WindowKVConfig(_message.Message):
     KEEP_PRUNED_IN_HOST_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SELECT_FIELD_NUMBER: _ClassVar[int]
     budget: int
     n_sink: int
     window: int
@@ -151,7 +152,8 @@ class WindowKVConfig(_message.Message):
     keep_pruned_in_host: bool
     threshold: float
     budget_fraction: float
-    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., window_size: _Optional[int] = ..., group_size: _Optional[int] = ..., decay: bool = ..., task: _Optional[_Union[TaskType, str]] = ..., keep_pruned_in_host: bool = ..., threshold: _Optional[float] = ..., budget_fraction: _Optional[float] = ...) -> None: ...
+    group_select: str
+    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., window_size: _Optional[int] = ..., group_size: _Optional[int] = ..., decay: bool = ..., task: _Optional[_Union[TaskType, str]] = ..., keep_pruned_in_host: bool = ..., threshold: _Optional[float] = ..., budget_fraction: _Optional[float] = ..., group_select: _Optional[str] = ...) -> None: ...
 
 class PolicyConfig(_message.Message):
     __slots__ = ("name", "full", "streaming", "louiskv", "quest", "snapkv", "windowkv")

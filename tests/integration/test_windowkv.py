@@ -177,3 +177,23 @@ def test_pruned_in_host_is_recalled_at_boundaries(client):
         assert set(planted) <= set(resident(session, 1, 0))
         assert not set(planted) & set(resident(session, 0, 0)), "layers the boundary did not name stay"
         check_contents(session, kv)
+
+
+@pytest.mark.parametrize("group_select", ["first", "sum"])
+def test_who_selects_for_a_group(client, group_select):
+    """A needle only the group's second layer attends to: the summed vote keeps it for the whole
+    group; the first layer alone does not see it (so neither layer keeps it)."""
+    prompt, needle = 200, 101
+    kv = random_kv(SPEC, prompt, seed=9) * 0.05
+    direction = torch.zeros(SPEC.head_dim)
+    direction[0] = 1.0
+    kv[1, 0, :, needle] = 6.0 * direction  # layer 1's key of the needle matches the queries
+    queries = 6.0 * direction.expand(SPEC.num_layers, SPEC.num_query_heads, 32, -1).clone()
+    queries[0] = queries[0].roll(1, dims=-1)  # layer 0's queries look elsewhere
+    config = dict(BASE, budget=32, task="TASK_TYPE_LOCALIZATION", group_select=group_select)  # 16 for windows
+    with client.open_session(SPEC, "windowkv", config) as session:
+        session.ingest(kv, queries)
+        for layer in (0, 1):
+            for head in range(SPEC.num_kv_heads):
+                kept = needle in retrieved(session, layer, head, prompt)
+                assert kept == (group_select == "sum"), (layer, head)

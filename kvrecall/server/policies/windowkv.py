@@ -5,8 +5,11 @@ aggregation tasks) attend over the prompt; the attention mass each token receive
 over the observation queries and the grouped query heads of each KV head) is cut into
 windows of `window_size` consecutive tokens. A window scores the mean of its top half of
 values (localisation) or its plain mean (aggregation); whole windows are kept by rank until
-the layer's budget, and the suffix is always kept. Layers form groups of `group_size`: the
-first layer of a group selects, the others reuse its positions. The per-layer budget is
+the layer's budget, and the suffix is always kept. Layers form groups of `group_size` that
+share one selection: by default every layer of the group votes (their attention masses are
+summed, `group_select="sum"`); the paper's rule, the group's first layer selecting alone, is
+`group_select="first"` (on SmolLM2 it loses needles its first layer does not attend to:
+docs/TUNING.md). The per-layer budget is
 uniform or decays arithmetically across groups (`decay`; the mean over layers stays `budget`).
 
 Pruned prompt KV is never retrieved again, unless `keep_pruned_in_host`: then the session
@@ -60,6 +63,7 @@ class WindowKVConfig:
     window: int = 64
     window_size: int = 8  # tokens per scored window
     group_size: int = 8  # layers per group sharing one selection
+    group_select: str = "sum"  # a group's selector: the "sum" of its layers' votes, or its "first" layer
     decay: bool = False  # arithmetic budget decay across groups
     task: int = pb.TASK_TYPE_UNSPECIFIED  # unspecified at the daemon = localisation
     keep_pruned_in_host: bool = False  # louiskv retrieval at boundaries after the prefill selection
@@ -70,6 +74,7 @@ class WindowKVConfig:
         check_resident(self)
         check(1 <= self.window_size <= 4096, "window_size", "must be in [1, 4096]")
         check(1 <= self.group_size <= 1024, "group_size", "must be in [1, 1024]")
+        check(self.group_select in ("first", "sum"), "group_select", "must be 'first' or 'sum'")
         check(self.task in pb.TaskType.values(), "task", f"must be one of {pb.TaskType.keys()}")
         check(-1.0 <= self.threshold <= 1.0, "threshold", "must be in [-1, 1]")
         if self.budget_fraction is not None:
@@ -187,7 +192,11 @@ class WindowKVPolicy(Policy):
         selection = torch.full((L, H, R), -1, dtype=torch.int64)
         mode, kept = SCORE_MODE[self.task], 0
         for first in range(0, L, self.config.group_size):
-            mass = observation_scores(queries[first], keys[first], self.layout.group_size)[:, start:cut]
+            voters = [first]
+            if self.config.group_select == "sum":  # every layer of the group votes, equally
+                voters = range(first, min(L, first + self.config.group_size))
+            mass = sum(observation_scores(queries[v], keys[v], self.layout.group_size) for v in voters)
+            mass = mass[:, start:cut]
             chosen = select_windows(mass, self.budgets[first] - (end - cut), self.config.window_size, mode)
             keep = torch.cat((chosen, suffix), dim=1)
             picked = compact(keep, positions, R).cpu()
