@@ -39,6 +39,19 @@ def open_model_session(
     return session, KVRecallCache(session, record_similarity=True, signal=signal)
 
 
+def decode_step(model, cache, token: int, position: int, device: torch.device) -> torch.Tensor:
+    """Feed `token` at `position` through `model` (on `device`) with `cache`; the next-token
+    logits [V] float32."""
+    out = model(
+        input_ids=torch.tensor([[token]], device=device),
+        past_key_values=cache,
+        use_cache=True,
+        position_ids=torch.tensor([[position]], device=device),
+        cache_position=torch.tensor([position], device=device),
+    )
+    return out.logits[0, -1].float()
+
+
 @torch.no_grad()
 def decode(
     model,
@@ -69,16 +82,8 @@ def decode(
             break
         if step == steps - 1:
             break
-        ids = torch.tensor([[token]], device=input_ids.device)
-        out = model(
-            input_ids=ids,
-            past_key_values=cache,
-            use_cache=True,
-            position_ids=torch.tensor([[position]], device=input_ids.device),
-            cache_position=torch.tensor([position], device=input_ids.device),
-        )
+        logits.append(decode_step(model, cache, token, position, input_ids.device))
         position += 1
-        logits.append(out.logits[0, -1].float())
     bar.close()
     cache.session.flush()
     stats = cache.session.stats()

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from kvrecall.client.hf import undo_rope
 from kvrecall.eval.harness import FIDELITY_PROMPTS
 from kvrecall.eval.tasks import chat_prompt, make_sample
 from kvrecall.models.smollm import load_model
@@ -45,12 +46,8 @@ def _recording_attention(module, query, key, value, attention_mask, **kwargs):
 
 def unrope(model, q: torch.Tensor, position: int) -> torch.Tensor:
     """Undo the rotary embedding of q [L, Hq, D] at `position`."""
-    pos = torch.tensor([[position]])
-    cos, sin = model.model.rotary_emb(q, pos)  # [1, 1, D]
-    cos, sin = cos[0, 0].float(), sin[0, 0].float()
-    half = q.shape[-1] // 2
-    rotated = torch.cat((q[..., half:], -q[..., :half]), dim=-1)  # inverse of rotate_half
-    return q * cos + rotated * sin
+    cos, sin = model.model.rotary_emb(q, torch.tensor([[position]]))  # [1, 1, D]
+    return undo_rope(q, cos[0, 0].float(), sin[0, 0].float())
 
 
 def record(model, tokenizer, text: str, tokens: int) -> tuple[torch.Tensor, int]:

@@ -188,19 +188,13 @@ class KVRecallCache(Cache):
             cos, sin = rotary(q.unsqueeze(0), ids)
             self._rope = (cos[0, 0].to(q.dtype), sin[0, 0].to(q.dtype))
             self._rope_at = position
-        cos, sin = self._rope
-        half = q.shape[-1] // 2
-        unrotated = torch.cat((q[..., half:], -q[..., :half]), dim=-1)  # rotate_half inverted
-        return q * cos + unrotated * sin
+        return undo_rope(q, *self._rope)
 
     def _reference_all(self, queries: torch.Tensor, position: int) -> None:
         """Reset every layer's reference to queries [L, Hq, D] (post-RoPE) at `position`."""
         modules = self._attention_modules or [None] * self.num_layers
         for layer in range(self.num_layers):
-            q = queries[layer]
-            if modules[layer] is not None:
-                q = self._signal_query(modules[layer], q, position)
-            self.detector.set_reference(layer, q)
+            self.detector.set_reference(layer, self._signal_query(modules[layer], queries[layer], position))
 
     def _end_step(self) -> None:
         s = self.session
@@ -218,6 +212,13 @@ class KVRecallCache(Cache):
                 self.detector.set_reference(layer, q)
         elif self.per_layer_retrieval:
             self.stats.boundaries += 1
+
+
+def undo_rope(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The inverse of transformers' apply_rotary_pos_emb for q [..., D] rotated by cos/sin [D]."""
+    half = q.shape[-1] // 2
+    unrotated = torch.cat((q[..., half:], -q[..., :half]), dim=-1)  # rotate_half inverted
+    return q * cos + unrotated * sin
 
 
 def kvrecall_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -33,6 +33,7 @@ from torch.nn.functional import log_softmax
 from kvrecall.client.hf import KVRecallCache, spec_for, use_kvrecall_attention
 from kvrecall.eval.cells import policy_config
 from kvrecall.v1 import kvrecall_pb2 as pb
+from kvrecall.worker import decode_step
 
 CAPTURED_QUERIES = 64
 """Last prompt queries kept per layer from a prefill; a policy that observes more (snapkv's
@@ -204,15 +205,8 @@ class Runner:
                 tokens.append(token)
                 if step == steps - 1 or (forced is None and stop and token in self.eos):
                     break
-                out = self.model(
-                    input_ids=torch.tensor([[token]], device=self.device),
-                    past_key_values=cache,
-                    use_cache=True,
-                    position_ids=torch.tensor([[position]], device=self.device),
-                    cache_position=torch.tensor([position], device=self.device),
-                )
+                logits.append(decode_step(self.model, cache, token, position, self.device))
                 position += 1
-                logits.append(out.logits[0, -1].float())
             session.flush()
             resident = max(cache.stats.max_resident, session.stats().max_resident_tokens)
         return CellResult(
