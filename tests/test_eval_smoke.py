@@ -71,9 +71,16 @@ def test_full_suite_units_cover_every_sample_once():
     assert (
         len({u["id"] for _, u in units})
         == len(units)
-        == (len(suite.tasks) * len(suite.lengths) * len(suite.depths) * len(suite.seeds))
+        == ((len(suite.tasks) * len(suite.lengths) - len(suite.skip)) * len(suite.depths) * len(suite.seeds))
     )
     assert units[0][1]["depth"] == 0.5  # coverage grows evenly if a time budget cuts the run
+    assert not {(u["task"], u["length"]) for _, u in units} & set(suite.skip)
+
+
+def test_suite_skip_names_its_own_pairs():
+    Suite(("qa", "niah_single"), (1024, 2048), (0,), ("128",), skip=(("qa", 2048),))
+    with pytest.raises(ValueError, match="skip"):
+        Suite(("qa",), (1024,), (0,), ("128",), skip=(("qa", 2048),))
 
 
 @pytest.mark.model

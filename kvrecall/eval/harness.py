@@ -80,6 +80,7 @@ class Suite:
     long_tokens: int = 64
     fidelity_budgets: tuple[str, ...] | None = None  # budgets of the short-input replays (None: budgets)
     long_budgets: tuple[str, ...] | None = None  # budgets of the long-input replays (None: budgets)
+    skip: tuple[tuple[str, int], ...] = ()  # (task, length) pairs not run: full KV fails them (FORMATS.md)
 
     def __post_init__(self) -> None:
         from kvrecall.eval.tasks import TASKS
@@ -87,6 +88,9 @@ class Suite:
         for task in self.tasks:
             if task not in TASKS:
                 raise ValueError(f"tasks: unknown task {task!r}")
+        for task, length in self.skip:
+            if task not in self.tasks or length not in self.lengths:
+                raise ValueError(f"skip: ({task!r}, {length}) is not one of the suite's (task, length) pairs")
         for name in ("lengths", "long_lengths"):
             if any(n < 128 for n in getattr(self, name)):
                 raise ValueError(f"{name}: every length must be at least 128 tokens")
@@ -134,13 +138,14 @@ SUITES: dict[str, Suite] = {
         depths=(0.1, 0.3, 0.5, 0.7, 0.9),
         fidelity_prompts=0,
     ),
-    # One GPU call of ~7 minutes (see FORMATS.md, "The full suite on one GPU"): 3 tasks x 3 lengths
-    # x 3 depths at 5 budgets; 1024-token replays of one short prompt (budgets 128, 512) and after
-    # one 2K-token document (512, 1024). 8000, not 8192: prompt + answer stay within 8192 positions.
+    # One GPU call of ~9 minutes on 2 GPUs, 16 workers (see FORMATS.md, "The full suite on the
+    # GPU"): 3 tasks x 3 lengths x 3 depths x 2 seeds at 5 budgets, less qa at 8000 (full KV 3/6
+    # there); 1024-token replays of one short prompt (budgets 128, 512) and after one 2K-token
+    # document (512, 1024). 8000, not 8192: prompt + answer stay within 8192 positions.
     "full": Suite(
         ("niah_single", "niah_multikey", "qa"),  # niah_multivalue: < 80% with full KV (FORMATS.md)
         (2048, 4096, 8000),
-        (0,),
+        (0, 1),
         ("128", "256", "512", "1024", "12%"),
         depths=(0.1, 0.5, 0.9),
         fidelity_prompts=1,
@@ -150,6 +155,7 @@ SUITES: dict[str, Suite] = {
         long_tokens=1024,
         fidelity_budgets=("128", "512"),
         long_budgets=("512", "1024"),
+        skip=(("qa", 8000),),
     ),
 }
 
@@ -170,6 +176,7 @@ def accuracy_units(suite: Suite, policies: list[str]) -> list[tuple[float, dict]
         for depth in _spread(suite.depths)
         for length in suite.lengths
         for task in suite.tasks
+        if (task, length) not in suite.skip
     ]
     return [
         (
@@ -245,8 +252,27 @@ def machine(device: str) -> str:
     """A one-line description of where this ran."""
     import torch
 
-    where = torch.cuda.get_device_name(0) if device.startswith("cuda") else "CPU"
+    where = "CPU"
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count()
+        where = torch.cuda.get_device_name(0) if count == 1 else f"{count}x {torch.cuda.get_device_name(0)}"
     return f"{platform.platform()}, {os.cpu_count()} CPU cores, {where}, torch {torch.__version__}"
+
+
+def worker_devices(device: str, workers: int, gpu_count: int) -> list[str]:
+    """The device of each worker: with ``device == "cuda"`` and several GPUs, workers are dealt
+    round-robin over them (``cuda:0``, ``cuda:1``, ...); otherwise every worker uses ``device``."""
+    if workers < 1:
+        raise ValueError(f"workers: must be at least 1, got {workers}")
+    if device != "cuda" or gpu_count <= 1:
+        return [device] * workers
+    return [f"cuda:{i % gpu_count}" for i in range(workers)]
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def resolve_device(device: str) -> str:
@@ -333,7 +359,6 @@ def run_eval(args: argparse.Namespace) -> int:
         + [n + suite.long_tokens + 16 for n in suite.long_lengths]
         + [suite.fidelity_tokens + 128]
     )
-    pool_gb = math.ceil(4 * (workers * max_context * KV_BYTES_PER_TOKEN * 2 / 2**30 + 0.5)) / 4
 
     with contextlib.ExitStack() as stack, tqdm(total=total, desc="eval", unit="unit", file=sys.stderr) as bar:
 
@@ -355,21 +380,30 @@ def run_eval(args: argparse.Namespace) -> int:
                 return fidelity_units(unit, result, index, len(references), replays[unit["group"]])
             return []
 
+        devices = worker_devices(device, workers, _cuda_count() if device == "cuda" else 0)
         if args.target:
-            target = args.target
+            targets = {d: args.target for d in devices}
         else:
-            daemon_device = "cuda:0" if device == "cuda" else device
-            target = stack.enter_context(
-                LocalDaemon(host_pool_gb=pool_gb, device_pool_gb=pool_gb, device=daemon_device)
-            ).target
+            # One daemon per GPU the workers use (each worker talks to its own GPU's daemon, so
+            # its tensors come over CUDA IPC on that device); its pools sized for its workers.
+            targets = {}
+            for d in dict.fromkeys(devices):
+                share = devices.count(d)
+                gb = math.ceil(4 * (share * max_context * KV_BYTES_PER_TOKEN * 2 / 2**30 + 0.5)) / 4
+                daemon_device = "cuda:0" if d == "cuda" else d
+                targets[d] = stack.enter_context(
+                    LocalDaemon(host_pool_gb=gb, device_pool_gb=gb, device=daemon_device)
+                ).target
         if workers == 1:
-            model, _ = load_model(device=device)
-            client = stack.enter_context(KVRecallClient(target, "eval-worker"))
+            model, _ = load_model(device=devices[0])
+            client = stack.enter_context(KVRecallClient(targets[devices[0]], "eval-worker"))
             executors = [Runner(model, tokenizer, client).execute]
         else:
             logs = Path(tempfile.mkdtemp(prefix="kvrecall-eval-"))
-            threads = max(1, (os.cpu_count() or 2) // (workers + 1))
-            procs = [WorkerProcess(target, device, logs / f"worker{i}.log", threads) for i in range(workers)]
+            threads = max(1, (os.cpu_count() or 2) // (workers + len(targets)))
+            procs = [
+                WorkerProcess(targets[d], d, logs / f"worker{i}.log", threads) for i, d in enumerate(devices)
+            ]
             for proc in procs:
                 stack.callback(proc.close)
             executors = [p.execute for p in procs]
@@ -386,6 +420,7 @@ def run_eval(args: argparse.Namespace) -> int:
             "machine": machine(device),
             "device": device,
             "workers": workers,
+            "worker_devices": sorted(set(devices)),
             "command": _command(),
             "policies": policies,
             "budgets": list(suite.budgets),

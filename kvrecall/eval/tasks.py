@@ -24,6 +24,7 @@ greedy decoding; see ``kvrecall/eval/FORMATS.md`` for the accuracy table and how
 from __future__ import annotations
 
 import argparse
+import itertools
 import dataclasses
 import random
 import re
@@ -318,12 +319,14 @@ def niah_single(
 
 
 def niah_multikey(
-    context_tokens: int, seed: int = 0, depth: float | None = None, tokenizer: Any = None, num_keys: int = 4
+    context_tokens: int, seed: int = 0, depth: float | None = None, tokenizer: Any = None, num_keys: int = 2
 ) -> Sample:
-    """Multi-key needles: ``num_keys`` codes, each for a different word; the question asks one.
+    """Multi-key needles: ``num_keys`` codes, each for a different word (each stated twice); the
+    question, asked before and after the text, names one.
 
     ``depth`` places the queried needle; the distractor needles are spread at seeded depths.
-    Answer: the queried word's 5-digit code.
+    Answer: the queried word's 5-digit code. Two keys by default: with 3 or 4 the test model
+    answers a distractor's code too often even with full KV (FORMATS.md).
     """
     _check_len(context_tokens)
     task = "niah_multikey"
@@ -332,10 +335,14 @@ def niah_multikey(
     keys = rng.sample(KEY_WORDS, num_keys)
     codes = _numbers(rng, num_keys)
     depths = [d] + [round(rng.uniform(0.0, 1.0), 3) for _ in range(num_keys - 1)]
-    needles = [f"The secret code for {k} is {c}." for k, c in zip(keys, codes, strict=True)]
+    needles = [
+        f"The secret code for {k} is {c}. Remember it: the secret code for {k} is {c}."
+        for k, c in zip(keys, codes, strict=True)
+    ]
     head = (
         "Several secret codes are hidden inside the following text, each one for a different "
-        "word. Find them and remember which code belongs to which word.\n\n"
+        f"word. Find them and remember which code belongs to which word. Question: What is the "
+        f"secret code for {keys[0]}?\n\n"
     )
     tail = (
         f"\n\nWhat is the secret code for {keys[0]} mentioned in the text above? Answer with the number only."
@@ -718,8 +725,15 @@ def generate_full_kv(model: Any, tokenizer: Any, sample: Sample, max_new_tokens:
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=False)
 
 
-def measure(tasks: Sequence[str], lengths: Sequence[int], seeds: Sequence[int], verbose: bool = True) -> dict:
-    """Full-KV greedy accuracy of each task at each length over ``seeds``.
+def measure(
+    tasks: Sequence[str],
+    lengths: Sequence[int],
+    seeds: Sequence[int],
+    depths: Sequence[float | None] = (None,),
+    verbose: bool = True,
+) -> dict:
+    """Full-KV greedy accuracy of each task at each length over ``seeds`` x ``depths`` (``None``:
+    the seed draws the depth).
 
     Returns ``{(task, length): (sum_of_scores, n)}``; prints one line per sample when verbose.
     """
@@ -733,8 +747,8 @@ def measure(tasks: Sequence[str], lengths: Sequence[int], seeds: Sequence[int], 
     for task in tasks:
         for length in lengths:
             total = 0.0
-            for seed in seeds:
-                s = make_sample(task, length, seed=seed, tokenizer=tokenizer)
+            for seed, depth in itertools.product(seeds, depths):
+                s = make_sample(task, length, seed=seed, depth=depth, tokenizer=tokenizer)
                 t0 = time.perf_counter()
                 text = generate_full_kv(model, tokenizer, s)
                 sc = score(s, text)
@@ -745,9 +759,10 @@ def measure(tasks: Sequence[str], lengths: Sequence[int], seeds: Sequence[int], 
                         f"score={sc:.2f} ans={s.answer!r} got={text!r} [{time.perf_counter() - t0:.1f}s]",
                         flush=True,
                     )
-            results[(task, length)] = (total, len(seeds))
+            n = len(seeds) * len(depths)
+            results[(task, length)] = (total, n)
             if verbose:
-                print(f"== {task} @ {length}: {total:g}/{len(seeds)}", flush=True)
+                print(f"== {task} @ {length}: {total:g}/{n}", flush=True)
     return results
 
 
@@ -758,6 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--length", type=int, action="append", help="context length(s) in tokens")
     p.add_argument("--seeds", type=int, default=8, help="number of seeds (0..N-1)")
     p.add_argument("--seed-offset", type=int, default=0)
+    p.add_argument("--depth", type=float, action="append", help="needle depth(s) (default: drawn by the seed)")
     p.add_argument("--measure", action="store_true", help="run the model (full KV, greedy)")
     a = p.parse_args(argv)
     tasks = a.task or list(TASKS)
@@ -768,7 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             s = make_sample(t, lengths[0], seed=seeds[0])
             print(f"--- {t}: {s.context_tokens} tokens, depth {s.depth}, answer {s.answer!r}\n{s.prompt}\n")
         return 0
-    results = measure(tasks, lengths, seeds)
+    results = measure(tasks, lengths, seeds, a.depth or [None])
     print("\n| task | " + " | ".join(f"{n} tokens" for n in lengths) + " |")
     print("|---|" + "---|" * len(lengths))
     for t in tasks:
