@@ -24,8 +24,8 @@ greedy decoding; see ``kvrecall/eval/FORMATS.md`` for the accuracy table and how
 from __future__ import annotations
 
 import argparse
-import itertools
 import dataclasses
+import itertools
 import random
 import re
 import sys
