@@ -35,7 +35,8 @@ def ranks(tmp_path_factory):
         worker_logs = run_ranks(
             "kvrecall.cli",
             lambda rank: [
-                "worker", "--target", daemons[rank].target, "--policy", "louiskv", "--worker-id", "tp-worker",
+                "worker", "--target", daemons[rank].target, "--device", "cpu", "--policy", "louiskv",
+                "--worker-id", "tp-worker",
                 "--sessions", "1", "--context-tokens", "120", "--budget", "32", "--max-new-tokens", "8",
             ],
             WORLD,
