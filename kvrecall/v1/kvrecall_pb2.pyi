@@ -80,7 +80,7 @@ class StreamingConfig(_message.Message):
     def __init__(self, n_sink: _Optional[int] = ..., window: _Optional[int] = ...) -> None: ...
 
 class LouisKVConfig(_message.Message):
-    __slots__ = ("budget", "n_sink", "window", "cluster_size", "kmeans_iters", "threshold", "max_segment", "pre_rope", "observation", "ingest_select")
+    __slots__ = ("budget", "n_sink", "window", "cluster_size", "kmeans_iters", "threshold", "max_segment", "pre_rope", "observation", "ingest_select", "pin_ingest")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     N_SINK_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class LouisKVConfig(_message.Message):
     PRE_ROPE_FIELD_NUMBER: _ClassVar[int]
     OBSERVATION_FIELD_NUMBER: _ClassVar[int]
     INGEST_SELECT_FIELD_NUMBER: _ClassVar[int]
+    PIN_INGEST_FIELD_NUMBER: _ClassVar[int]
     budget: int
     n_sink: int
     window: int
@@ -101,7 +102,8 @@ class LouisKVConfig(_message.Message):
     pre_rope: bool
     observation: int
     ingest_select: str
-    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., cluster_size: _Optional[int] = ..., kmeans_iters: _Optional[int] = ..., threshold: _Optional[float] = ..., max_segment: _Optional[int] = ..., pre_rope: bool = ..., observation: _Optional[int] = ..., ingest_select: _Optional[str] = ...) -> None: ...
+    pin_ingest: float
+    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., cluster_size: _Optional[int] = ..., kmeans_iters: _Optional[int] = ..., threshold: _Optional[float] = ..., max_segment: _Optional[int] = ..., pre_rope: bool = ..., observation: _Optional[int] = ..., ingest_select: _Optional[str] = ..., pin_ingest: _Optional[float] = ...) -> None: ...
 
 class QuestConfig(_message.Message):
     __slots__ = ("budget", "n_sink", "window", "page_size")

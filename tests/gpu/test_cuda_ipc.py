@@ -33,12 +33,14 @@ def check_contents(session, kv: torch.Tensor) -> int:
     return checked
 
 
-@pytest.mark.parametrize("policy", ["full", "louiskv", "quest", "snapkv", "streaming"])
+@pytest.mark.parametrize("policy", ["full", "louiskv", "quest", "snapkv", "streaming", "louiskv-pinned"])
 def test_cuda_ipc_session(gpu_daemon, policy):
     torch.manual_seed(0)
     total, prompt = 1500, 1200
     kv = torch.randn(SPEC.num_layers, 2, SPEC.num_kv_heads, total, SPEC.head_dim, device="cuda").to(torch.bfloat16)
     config = None if policy == "full" else ({"window": 64} if policy == "streaming" else {"budget": 256})
+    if policy == "louiskv-pinned":  # a quarter of the budget keeps the ingest selection's best tokens
+        policy, config = "louiskv", {"budget": 256, "pin_ingest": 0.25}
     with KVRecallClient(gpu_daemon.target, "gpu-worker") as client:
         with client.open_session(SPEC, policy, config, device="cuda:0") as session:
             assert session.keys.is_cuda and session.transport == 2  # TRANSPORT_CUDA_IPC
@@ -56,6 +58,10 @@ def test_cuda_ipc_session(gpu_daemon, policy):
             session.flush()
             torch.cuda.synchronize()
             check_contents(session, kv)
+            pos = session.slot_pos.cpu()
+            for row in pos.flatten(0, 1):  # no token is resident twice
+                held = row[row >= 0]
+                assert len(held) == len(held.unique())
             stats = session.stats()
             assert stats.tokens == total
             if policy == "full":

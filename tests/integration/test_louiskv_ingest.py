@@ -53,3 +53,35 @@ def test_tokens_mode_takes_the_neighbours_not_a_cluster(client):
 def test_bad_ingest_settings_are_refused(client, field, value):
     with pytest.raises(InvalidArgumentError, match=f"policy.louiskv.*{field}|{field}"):
         client.open_session(SMALL, "louiskv", {"budget": 16, "window": 32, field: value})
+
+
+@pytest.mark.parametrize("pin", [0.0, 0.5])
+def test_pinned_ingest_tokens_survive_a_retrieval_elsewhere(client, pin):
+    """A boundary whose query looks away from the needle replaces the whole ingest selection,
+    unless `pin_ingest` keeps its best tokens (then each token is resident once)."""
+    kv, queries = needle_prompt()
+    config = {"budget": 16, "n_sink": 4, "window": 32, "cluster_size": 4, "pin_ingest": pin}
+    away = torch.zeros(SMALL.head_dim)
+    away[1] = 1.0
+    with client.open_session(SMALL, "louiskv", config) as session:
+        session.ingest(kv, queries)
+        assert all(
+            NEEDLE in session.slot_pos[l, h].tolist()
+            for l in range(SMALL.num_layers)
+            for h in range(SMALL.num_kv_heads)
+        )
+        session.query.copy_(4.0 * away.expand_as(session.query))
+        session.boundary()
+        for layer in range(SMALL.num_layers):
+            for head in range(SMALL.num_kv_heads):
+                positions = [p for p in session.slot_pos[layer, head].tolist() if p >= 0]
+                assert len(positions) == len(set(positions)), (layer, head)
+                assert (NEEDLE in positions) == (pin > 0), (pin, layer, head)
+                if pin:
+                    slot = session.slot_pos[layer, head].tolist().index(NEEDLE)
+                    assert torch.equal(session.keys[layer, head, slot], kv[layer, 0, head, NEEDLE])
+
+
+def test_pin_ingest_out_of_range_is_refused(client):
+    with pytest.raises(InvalidArgumentError, match="pin_ingest"):
+        client.open_session(SMALL, "louiskv", {"budget": 16, "window": 32, "pin_ingest": 1.5})

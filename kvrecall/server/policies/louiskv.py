@@ -34,7 +34,7 @@ from kvrecall.server.policies.base import (
     register,
     resident_plan,
 )
-from kvrecall.server.policies.snapkv import select_by_observation
+from kvrecall.server.policies.snapkv import ascending, rank_by_observation
 from kvrecall.server.working_set import to_device
 from kvrecall.v1 import kvrecall_pb2 as pb
 
@@ -56,6 +56,7 @@ class LouisKVConfig:
     observation: int = 16  # last prompt queries choosing the first retrieval, at ingest
     ingest_select: str = "tokens"  # first retrieval: "tokens" (observation attention) or "units"
     aggregate: str = "max"  # grouped query heads: "max" or "sum" of unit scores
+    pin_ingest: float = 0.0  # budget fraction keeping the best ingest tokens through retrievals
 
     def __post_init__(self) -> None:
         check_resident(self)
@@ -66,6 +67,12 @@ class LouisKVConfig:
         check(self.aggregate in ("max", "sum"), "aggregate", "must be 'max' or 'sum'")
         check(1 <= self.observation <= 256, "observation", "must be in [1, 256]")
         check(self.ingest_select in ("tokens", "units"), "ingest_select", "must be 'tokens' or 'units'")
+        check(0.0 <= self.pin_ingest <= 1.0, "pin_ingest", "must be in [0, 1]")
+
+    @property
+    def pinned_tokens(self) -> int:
+        """Retrieved slots held by the ingest selection's best tokens (ingest_select=tokens)."""
+        return round(self.pin_ingest * self.budget) if self.ingest_select == "tokens" else 0
 
 
 class _Growing:
@@ -139,6 +146,7 @@ class LouisKVPolicy(Policy):
         self.open_start = 0  # first token of the open output segment
         self.closed_upto = 0  # tokens [prompt_evicted, closed_upto) are in closed segments
         self.open_sum: torch.Tensor | None = None  # [B, D] f32: keys of the open segment, summed
+        self.pinned: torch.Tensor | None = None  # [B, P] ascending, -1 padded: kept by every retrieval
 
     def plan(self) -> WorkingSetPlan:
         return resident_plan(self.config)
@@ -165,8 +173,19 @@ class LouisKVPolicy(Policy):
         obs = queries[:, :, -self.config.observation :]
         if self.config.ingest_select == "tokens":
             # The prompt's keys are all at hand once: the first retrieval takes single tokens by
-            # the attention the last prompt queries pay them (SnapKV's vote); units serve later.
-            return select_by_observation(ctx, obs, self.config.budget, POOL_KERNEL)
+            # the attention the last prompt queries pay them (SnapKV's vote); units serve later,
+            # next to the best `pinned_tokens` of them, which every retrieval keeps.
+            ranked = rank_by_observation(ctx, obs, self.config.budget, POOL_KERNEL)
+            if ranked is None:
+                return None
+            pinned = self.config.pinned_tokens
+            if pinned:
+                rows = ascending(ranked[:, :, :pinned]).view(-1, pinned)
+                self.pinned = to_device(rows, ctx.ws.keys.device)
+            count = int((ranked[0, 0] >= 0).sum())
+            return Selection(
+                ascending(ranked), units=self.layout.num_layers * self.layout.num_kv_heads * count
+            )
         # Or every unit scored by those queries, the best over them (as over a group's heads).
         return self._select(ctx, obs.to(ctx.ws.keys.device), list(range(self.layout.num_layers)))
 
@@ -227,10 +246,18 @@ class LouisKVPolicy(Policy):
         table = self.units
         if table is None:
             return Selection(ctx.ws.retrieved_positions())
+        pinned = self.pinned
+        free = R - (0 if pinned is None else pinned.shape[1])  # slots the units fill
+        if free == 0:
+            return Selection(pinned.view(L, H, R))
         q = query.reshape(B, -1, D)  # [B, G * n, D], its own dtype: scoring computes in float32
         scores = kernels.score_units(q, table.reps.view(), table.valid.view(), agg=self.config.aggregate)
-        take = kernels.select_under_budget(scores, table.sizes.view(), R)  # [B, units]
-        new = kernels.expand_selection(take, table.unit.view(), table.rank.view(), table.position.view(), R)
+        take = kernels.select_under_budget(scores, table.sizes.view(), free)  # [B, units]
+        new = kernels.expand_selection(
+            take, table.unit.view(), table.rank.view(), table.position.view(), free
+        )
+        if pinned is not None:
+            new = torch.cat([pinned, _drop_members(new, pinned)], dim=1)
         new = new.view(L, H, R)
         units = (take > 0).sum()
         if len(layers) < L:
@@ -239,3 +266,13 @@ class LouisKVPolicy(Policy):
             current[index] = new[index]
             new = current
         return Selection(new, units=units)
+
+
+def _drop_members(positions: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:
+    """positions [B, n] with every entry that row b of `pinned` [B, P] (ascending, -1 padded)
+    holds set to -1, so a row of the two together names each token once. No host sync."""
+    big = torch.iinfo(pinned.dtype).max
+    keys = torch.where(pinned < 0, big, pinned)  # still ascending: the padding is last
+    at = torch.searchsorted(keys, positions.contiguous()).clamp_(max=keys.shape[1] - 1)
+    member = (torch.gather(keys, 1, at) == positions) & (positions >= 0)
+    return torch.where(member, -1, positions)

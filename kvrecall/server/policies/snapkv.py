@@ -29,11 +29,11 @@ from kvrecall.server.policies.base import (
 
 @dataclass
 class SnapKVConfig:
-    budget: int = 512       # selected prompt tokens per (layer, KV head)
+    budget: int = 512  # selected prompt tokens per (layer, KV head)
     n_sink: int = 16
     window: int = 64
-    pool_kernel: int = 7    # odd max-pool width over token scores
-    observation: int = 16   # last prompt tokens whose queries vote
+    pool_kernel: int = 7  # odd max-pool width over token scores
+    observation: int = 16  # last prompt tokens whose queries vote
 
     def __post_init__(self) -> None:
         check_resident(self)
@@ -48,7 +48,9 @@ def observation_scores(queries: torch.Tensor, keys: torch.Tensor, group: int) ->
     T = keys.shape[1]
     k = keys.float().repeat_interleave(group, dim=0)
     logits = queries.float() @ k.transpose(1, 2) / D**0.5  # [Hq, n, T]
-    future = torch.arange(T, device=keys.device)[None, :] > (T - n + torch.arange(n, device=keys.device))[:, None]
+    future = (
+        torch.arange(T, device=keys.device)[None, :] > (T - n + torch.arange(n, device=keys.device))[:, None]
+    )
     probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
     return probs.sum(dim=1).view(-1, group, T).sum(dim=1)
 
@@ -59,6 +61,25 @@ def select_by_observation(
     """Per (layer, KV head), the `budget` tokens that left the window at ingest receiving the
     most attention from the observation queries [L, Hq, n, D] (max-pooled over `pool_kernel`
     neighbours), ascending, -1 padded: [L, H, budget]."""
+    ranked = rank_by_observation(ctx, queries, budget, pool_kernel)
+    if ranked is None:
+        return None
+    count = int((ranked[0, 0] >= 0).sum())
+    return Selection(ascending(ranked), units=ctx.layout.num_layers * ctx.layout.num_kv_heads * count)
+
+
+def ascending(positions: torch.Tensor) -> torch.Tensor:
+    """Positions [..., R] (-1 = none) sorted ascending with the -1 padding last."""
+    big = torch.iinfo(positions.dtype).max
+    ordered = torch.where(positions < 0, big, positions).sort(dim=-1).values
+    return torch.where(ordered == big, -1, ordered)
+
+
+def rank_by_observation(
+    ctx: PolicyContext, queries: torch.Tensor | None, budget: int, pool_kernel: int
+) -> torch.Tensor | None:
+    """select_by_observation's tokens best first (CPU int64 [L, H, budget], -1 padded), so
+    the first k of a row are its top k; None without queries or evicted prompt tokens."""
     start, end = min(ctx.ws.plan.n_sink, ctx.prompt_tokens), ctx.evicted_upto
     if queries is None or end <= start:
         return None
@@ -66,15 +87,14 @@ def select_by_observation(
     L, H = layout.num_layers, layout.num_kv_heads
     keys = ctx.prompt_kv[:, 0]  # [L, H, T, D]
     queries = queries.to(keys.device)
-    selection = torch.full((L, H, budget), -1, dtype=torch.int64)
+    ranked = torch.full((L, H, budget), -1, dtype=torch.int64)
     count = min(budget, end - start)
     pad = pool_kernel // 2
     for layer in range(L):
         mass = observation_scores(queries[layer], keys[layer], layout.group_size)
         pooled = F.max_pool1d(mass[None], pool_kernel, stride=1, padding=pad)[0]
-        top = pooled[:, start:end].topk(count, dim=-1).indices + start
-        selection[layer, :, :count] = top.sort(dim=-1).values.cpu()
-    return Selection(selection, units=L * H * count)
+        ranked[layer, :, :count] = (pooled[:, start:end].topk(count, dim=-1).indices + start).cpu()
+    return ranked
 
 
 @register
