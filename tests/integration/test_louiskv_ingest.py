@@ -66,8 +66,8 @@ def test_pinned_ingest_tokens_survive_a_retrieval_elsewhere(client, pin):
     with client.open_session(SMALL, "louiskv", config) as session:
         session.ingest(kv, queries)
         assert all(
-            NEEDLE in session.slot_pos[l, h].tolist()
-            for l in range(SMALL.num_layers)
+            NEEDLE in session.slot_pos[layer, h].tolist()
+            for layer in range(SMALL.num_layers)
             for h in range(SMALL.num_kv_heads)
         )
         session.query.copy_(4.0 * away.expand_as(session.query))
