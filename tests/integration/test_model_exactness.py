@@ -41,6 +41,8 @@ def reference(smollm, prompt):
     [
         ("full", None, 600, 32),
         ("louiskv", {"budget": 2048}, None, 64),
+        ("louiskv", {"budget": 2048, "pin_ingest": 0.5}, None, 64),
+        ("louiskv", {"budget": 2048, "pin_ingest": 0.0}, None, 64),
         ("quest", {"budget": 2048}, 600, 32),
         ("snapkv", {"budget": 2048}, 600, 32),
         ("windowkv", {"budget": 2048}, 600, 32),

@@ -56,7 +56,7 @@ class LouisKVConfig:
     observation: int = 16  # last prompt queries choosing the first retrieval, at ingest
     ingest_select: str = "tokens"  # first retrieval: "tokens" (observation attention) or "units"
     aggregate: str = "max"  # grouped query heads: "max" or "sum" of unit scores
-    pin_ingest: float = 0.0  # budget fraction keeping the best ingest tokens through retrievals
+    pin_ingest: float = 0.25  # budget fraction keeping the best ingest tokens through retrievals
 
     def __post_init__(self) -> None:
         check_resident(self)
@@ -248,16 +248,20 @@ class LouisKVPolicy(Policy):
             return Selection(ctx.ws.retrieved_positions())
         pinned = self.pinned
         free = R - (0 if pinned is None else pinned.shape[1])  # slots the units fill
-        if free == 0:
-            return Selection(pinned.view(L, H, R))
         q = query.reshape(B, -1, D)  # [B, G * n, D], its own dtype: scoring computes in float32
         scores = kernels.score_units(q, table.reps.view(), table.valid.view(), agg=self.config.aggregate)
-        take = kernels.select_under_budget(scores, table.sizes.view(), free)  # [B, units]
-        new = kernels.expand_selection(
-            take, table.unit.view(), table.rank.view(), table.position.view(), free
-        )
+        sizes = table.sizes.view()
+        take = kernels.select_under_budget(scores, sizes, free)  # [B, units]
         if pinned is not None:
-            new = torch.cat([pinned, _drop_members(new, pinned)], dim=1)
+            # A row whose units all fit the budget takes them all (exact, its pinned tokens among
+            # them); the others keep their pinned tokens and fill the rest with the best units.
+            whole = torch.where(scores > float("-inf"), sizes.long().clamp_min(0), 0)
+            fits = whole.sum(dim=1, keepdim=True) <= R  # [B, 1]
+            take = torch.where(fits, whole, take)
+        new = kernels.expand_selection(take, table.unit.view(), table.rank.view(), table.position.view(), R)
+        if pinned is not None:
+            mixed = torch.cat([pinned, _drop_members(new[:, :free], pinned)], dim=1)
+            new = torch.where(fits, new, mixed)
         new = new.view(L, H, R)
         units = (take > 0).sum()
         if len(layers) < L:
