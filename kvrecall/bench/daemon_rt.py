@@ -87,6 +87,31 @@ def op_counts(prof) -> dict[str, int]:
     }
 
 
+def op_times(prof) -> dict:
+    """Where one profiled operation's time went (microseconds): GPU kernel time by kernel, the
+    host time spent in launch calls and in sync calls (waiting for the GPU), and each kernel
+    op's host time (launcher included)."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    kernels: dict[str, list[float]] = {}
+    for e in events:
+        if e.device_type == DeviceType.CUDA:
+            kernels.setdefault(e.name[:80], []).append(e.device_time)
+    ops: dict[str, float] = {}
+    for e in events:
+        if e.name.startswith(KERNEL_MARK):
+            ops[e.name[len(KERNEL_MARK) :]] = ops.get(e.name[len(KERNEL_MARK) :], 0.0) + e.cpu_time_total
+    top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:10]
+    return {
+        "gpu_kernel_us": round(sum(sum(v) for v in kernels.values()), 1),
+        "launch_host_us": round(sum(e.cpu_time_total for e in events if e.name in CUDA_LAUNCH), 1),
+        "sync_host_us": round(sum(e.cpu_time_total for e in events if e.name in CUDA_SYNC), 1),
+        "kernel_op_host_us": {k: round(v, 1) for k, v in sorted(ops.items(), key=lambda kv: -kv[1])},
+        "top_gpu_kernels": [{"name": k, "n": len(v), "us": round(sum(v), 1)} for k, v in top],
+    }
+
+
 def _under(event, prefixes: tuple[str, ...]) -> bool:
     parent = event.cpu_parent
     while parent is not None:
@@ -169,7 +194,18 @@ def profile_ops(args: argparse.Namespace) -> dict:
     ):
         with labelled_kernels(), profile(activities=activities) as prof:
             call()
-        counts[name] = op_counts(prof)
+        counts[name] = {**op_counts(prof), **op_times(prof)}
+    # In-process wall time of a boundary (no gRPC): the same query, and alternating fresh ones.
+    queries = [torch.randn(L, Hq, D, device=device) for _ in range(2)]
+    for name, pick in (("boundary_same_query", lambda i: query), ("boundary_fresh_query", lambda i: queries[i % 2])):
+        walls = []
+        for i in range(24):
+            q = pick(i)
+            sync(device)
+            t0 = time.perf_counter()
+            session.boundary(position, [], q)
+            walls.append(time.perf_counter() - t0)
+        counts[name]["in_process_p50_us"] = round(1e6 * statistics.median(walls[4:]), 1)
     registry.close(session)
     host.close()
     return counts
@@ -209,6 +245,7 @@ def run(args: argparse.Namespace) -> dict:
             result["ingest_daemon_seconds"] = ingest.seconds
             result["units"] = ingest.units
             appends, same, fresh, gathered = [], [], [], []
+            served: dict[str, list[float]] = {"same": [], "fresh": []}
             position = T
             for step in range(args.steps):
                 session.write_token(position, kv[:, 0, :, position], kv[:, 1, :, position])
@@ -226,12 +263,18 @@ def run(args: argparse.Namespace) -> dict:
                     r = session.boundary()
                     fresh.append(time.perf_counter() - t0)
                     gathered.append(r.tokens_gathered)
+                    served["fresh"].append(r.seconds)
                     t0 = time.perf_counter()
-                    session.boundary()
+                    r = session.boundary()
                     same.append(time.perf_counter() - t0)
+                    served["same"].append(r.seconds)
             result["append"] = percentiles(appends)
             result["boundary_same_query"] = percentiles(same)
             result["boundary_fresh_query"] = percentiles(fresh)
+            # the daemon's own time per boundary (RetrievalResult.seconds: the handler's work,
+            # worker-thread hop included; the rest of the round trip is gRPC and the client)
+            result["boundary_same_query"]["daemon_p50_us"] = 1e6 * statistics.median(served["same"])
+            result["boundary_fresh_query"]["daemon_p50_us"] = 1e6 * statistics.median(served["fresh"])
             result["fresh_rows_gathered_mean"] = statistics.fmean(gathered) if gathered else 0
             result["bytes_per_fresh_boundary"] = (
                 result["fresh_rows_gathered_mean"] * 2 * D * (2 if dtype == torch.bfloat16 else 4)
@@ -273,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'what':28s} {'p50 us':>10s} {'p99 us':>10s} {'n':>5s} {'p50/step':>9s}")
         for key in ("append", "boundary_same_query", "boundary_fresh_query"):
             r = result[key]
-            print(f"{key:28s} {r['p50_us']:10.0f} {r['p99_us']:10.0f} {r['n']:5d} {r['share_of_step']:9.1%}")
+            daemon = f"  (daemon {r['daemon_p50_us']:.0f})" if "daemon_p50_us" in r else ""
+            print(f"{key:28s} {r['p50_us']:10.0f} {r['p99_us']:10.0f} {r['n']:5d} {r['share_of_step']:9.1%}{daemon}")
         print(
             f"ingest {result['ingest_seconds']:.2f}s for {args.prompt} tokens; {result['units']} units; "
             f"{result['fresh_rows_gathered_mean']:.0f} rows gathered per fresh boundary; step {args.step_us:.0f} us"
