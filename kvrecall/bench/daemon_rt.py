@@ -96,7 +96,8 @@ def op_times(prof) -> dict:
     events = prof.events()
     kernels: dict[str, list[float]] = {}
     for e in events:
-        if e.device_type == DeviceType.CUDA:
+        # (the kernel ops' profiler labels show up on the GPU timeline too: not kernels)
+        if e.device_type == DeviceType.CUDA and not e.name.startswith(KERNEL_MARK):
             kernels.setdefault(e.name[:80], []).append(e.device_time)
     ops: dict[str, float] = {}
     for e in events:
