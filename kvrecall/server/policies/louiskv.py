@@ -4,10 +4,14 @@
   k-means into units of ~`cluster_size` tokens; a unit's representative is its centroid.
 * Output: tokens leaving the window join an open *segment*; a segment closes at a boundary
   (or at `max_segment` tokens) and its representative is the mean of its keys.
+* Ingest (`ingest_select="tokens"`): the first selection takes single prompt tokens by the
+  attention the last `observation` prompt queries pay them (SnapKV's vote, max-pooled); the
+  best `pin_ingest` fraction of the budget of them stays pinned through later retrievals.
 * Boundary (the worker saw its query drift below `threshold`): the query [L, Hq, D] scores
   every unit per KV head (grouped query heads aggregated by `aggregate`), the best units fill
-  `budget` tokens (the last one partially), and the working set keeps what is already
-  resident and gathers the rest from the host tier.
+  the unpinned part of `budget` (the last one partially; a row whose units all fit takes them
+  all), and the working set keeps what is already resident and gathers the rest from the
+  host tier.
 * Between boundaries nothing is retrieved; while the retrieved region has free slots the
   tokens leaving the window fill them (so budget >= sequence length is exact).
 
