@@ -1,10 +1,13 @@
-"""`kvrecall` command line: serve | health | demo | eval | bench | soak | worker."""
+"""`kvrecall` command line: serve | health | stats | demo | eval | soak | worker (the GPU
+benchmark is `python -m kvrecall.bench`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from kvrecall import stats_view
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -93,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the daemon")
-    serve.add_argument("--listen", help="comma-separated unix:///path or HOST:PORT (default unix:///tmp/kvrecall.sock)")
+    serve.add_argument(
+        "--listen", help="comma-separated unix:///path or HOST:PORT (default unix:///tmp/kvrecall.sock)"
+    )
     serve.add_argument("--device", help="cpu | cuda | cuda:N (default cpu)")
     serve.add_argument("--host-pool-gb", type=float, help="host tier size in GiB (default 4)")
     serve.add_argument("--device-pool-gb", type=float, help="working-set pool size in GiB (default 2)")
@@ -106,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tokens-file", help="file of 'worker_id token' lines: bearer-token auth")
     serve.add_argument("--worker-quota-gb", type=float, help="pool GiB one worker may hold (0 = unlimited)")
     serve.add_argument("--log-level", help="DEBUG | INFO | WARNING | ERROR")
-    serve.add_argument("--config", help="JSON or TOML file of the same settings (flags and KVRECALL_* env win)")
+    serve.add_argument(
+        "--config", help="JSON or TOML file of the same settings (flags and KVRECALL_* env win)"
+    )
     serve.set_defaults(func=_serve)
 
     health = sub.add_parser("health", help="check a daemon with the standard gRPC health service")
@@ -115,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--tls-ca")
     health.add_argument("--timeout", type=float, default=5.0)
     health.set_defaults(func=_health)
+
+    stats = sub.add_parser("stats", help="what a running daemon holds: pools, sessions, workers")
+    stats_view.add_arguments(stats)
+    stats.set_defaults(func=stats_view.run)
 
     demo = sub.add_parser("demo", help="run the bundled test model through the daemon on a long prompt")
     demo.add_argument("--target", help="daemon address (default: start a local daemon)")
@@ -126,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     demo.set_defaults(func=_demo)
 
-    worker = sub.add_parser("worker", help="a model worker: run decode sessions of the bundled model, then exit")
+    worker = sub.add_parser(
+        "worker", help="a model worker: run decode sessions of the bundled model, then exit"
+    )
     worker.add_argument("--target", required=True, help="daemon address")
     worker.add_argument("--policy", default="louiskv")
     worker.add_argument("--worker-id", required=True)

@@ -1,0 +1,108 @@
+"""`kvrecall stats`: what a running daemon holds, for an operator (pools, sessions, workers).
+
+One GetStats call, rendered as tables (or `--json`: the StatsResponse as JSON, field names as
+in the proto). gRPC only, no torch import, so it is as cheap to run as `kvrecall health`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+GIB = 1 << 30
+
+
+def _bytes(n: int) -> str:
+    if n >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+    return [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+
+
+def render(response) -> str:
+    """A StatsResponse as the tables an operator reads."""
+    lines = [f"kvrecall {response.version} on {response.device}", ""]
+    lines += _table(
+        ["pool", "kind", "capacity", "used", "free", "used %"],
+        [
+            [
+                p.tier, p.kind, _bytes(p.capacity_bytes), _bytes(p.used_bytes), _bytes(p.free_bytes),
+                f"{100 * p.used_bytes / p.capacity_bytes:.1f}" if p.capacity_bytes else "-",
+            ]
+            for p in response.pools
+        ],
+    )  # fmt: skip
+    lines += ["", f"sessions: {len(response.sessions)}"]
+    if response.sessions:
+        lines += _table(
+            ["session", "worker", "policy", "tag", "tp", "prompt", "tokens", "resident (max)", "boundaries",
+             "appends", "host->gpu", "host", "gpu"],
+            [
+                [
+                    s.session_id, s.worker_id, s.policy, s.tag or "-",
+                    f"{s.tp_rank}/{s.tp_size}" if s.tp_size else "-",
+                    str(s.prompt_tokens), str(s.tokens), f"{s.resident_tokens} ({s.max_resident_tokens})",
+                    str(s.boundaries), str(s.appends), _bytes(s.bytes_host_to_device), _bytes(s.host_bytes),
+                    _bytes(s.device_bytes),
+                ]
+                for s in response.sessions
+            ],
+        )  # fmt: skip
+    if response.workers:
+        lines += ["", "workers:"]
+        lines += _table(
+            ["worker", "sessions", "host", "gpu"],
+            [
+                [w.worker_id, str(w.sessions), _bytes(w.host_bytes), _bytes(w.device_bytes)]
+                for w in response.workers
+            ],
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `kvrecall stats`: 0 on an answer, 1 when the daemon cannot be asked."""
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from kvrecall.v1 import kvrecall_pb2 as pb
+    from kvrecall.v1 import kvrecall_pb2_grpc as pb_grpc
+
+    if args.tls_ca:
+        with open(args.tls_ca, "rb") as f:
+            channel = grpc.secure_channel(args.target, grpc.ssl_channel_credentials(f.read()))
+    else:
+        channel = grpc.insecure_channel(args.target)
+    metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
+    try:
+        response = pb_grpc.KVRecallStub(channel).GetStats(
+            pb.StatsRequest(session_id=args.session or ""), timeout=args.timeout, metadata=metadata
+        )
+    except grpc.RpcError as exc:
+        print(f"kvrecall stats: {args.target}: {exc.code().name}: {exc.details()}")
+        return 1
+    finally:
+        channel.close()
+    if args.json:
+        print(json.dumps(MessageToDict(response, preserving_proto_field_name=True), indent=1))
+    else:
+        print(render(response))
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="unix:///tmp/kvrecall.sock")
+    parser.add_argument("--session", help="one session id (default: every session)")
+    parser.add_argument("--token", help="bearer token, where the daemon has auth on")
+    parser.add_argument("--tls-ca", help="CA certificate of a TLS daemon")
+    parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--json", action="store_true", help="the StatsResponse as JSON")
