@@ -25,8 +25,6 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 MiB = 1 << 20
 
 # (policy, config, transport) per session index, round-robin
@@ -164,6 +162,8 @@ class _Worker(threading.Thread):
         self.error: str | None = None
 
     def run(self) -> None:
+        import torch  # here, not at import: `kvrecall --help` / health / stats stay torch-free
+
         from kvrecall.client import KVRecallClient, ModelSpec
         from kvrecall.v1 import kvrecall_pb2 as pb
 
