@@ -28,6 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
         "tokens_file": args.tokens_file,
         "worker_quota_gb": args.worker_quota_gb,
         "log_level": args.log_level,
+        "session_ops": args.session_ops,
     }
     try:
         config = load_config(args.config, overrides)
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tokens-file", help="file of 'worker_id token' lines: bearer-token auth")
     serve.add_argument("--worker-quota-gb", type=float, help="pool GiB one worker may hold (0 = unlimited)")
     serve.add_argument("--log-level", help="DEBUG | INFO | WARNING | ERROR")
+    serve.add_argument(
+        "--session-ops", choices=("thread", "inline"),
+        help="run appends and boundaries in a worker thread (default) or on the event loop (no thread hop)",
+    )  # fmt: skip
     serve.add_argument(
         "--config", help="JSON or TOML file of the same settings (flags and KVRECALL_* env win)"
     )

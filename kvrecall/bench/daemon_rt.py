@@ -234,7 +234,9 @@ def run(args: argparse.Namespace) -> dict:
         },
         "budget": args.budget,
     }
-    with LocalDaemon(host_pool_gb=host_gb, device_pool_gb=2.0, device=str(device)) as daemon:
+    result["session_ops"] = args.session_ops
+    extra = ["--session-ops", args.session_ops]
+    with LocalDaemon(host_pool_gb=host_gb, device_pool_gb=2.0, device=str(device), extra_args=extra) as daemon:
         with KVRecallClient(daemon.target, "bench-worker", timeout=600) as client:
             session = client.open_session(spec, "louiskv", {"budget": args.budget}, device=device)
             kv = torch.randn(L, 2, H, T + args.steps, D, device=device, dtype=dtype)
@@ -301,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         "--ops", action="store_true", help="also profile op / launch / sync counts in-process"
     )
     parser.add_argument("--ops-only", action="store_true", help="only the in-process op counts (no daemon)")
+    parser.add_argument(
+        "--session-ops", choices=("thread", "inline"), default="thread",
+        help="the daemon's --session-ops (inline: appends and boundaries on its event loop)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     result = {} if args.ops_only else run(args)
     if args.ops or args.ops_only:

@@ -40,6 +40,8 @@ class ServerConfig:
     tls_client_ca: str = ""             # PEM CA bundle: require client certificates (mutual TLS)
     tokens_file: str = ""               # lines "worker_id token": bearer-token auth
     log_level: str = "INFO"
+    session_ops: str = "thread"         # append / boundary work: "thread" (a worker thread, sessions
+                                        # overlap) or "inline" (on the event loop: no thread hop)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -73,6 +75,8 @@ class ServerConfig:
                 raise ConfigError(f"{name}: no file {path!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("log_level: DEBUG, INFO, WARNING or ERROR")
+        if self.session_ops not in ("thread", "inline"):
+            raise ConfigError(f"session_ops: {self.session_ops!r} must be thread or inline")
 
     @property
     def host_pool_bytes(self) -> int:

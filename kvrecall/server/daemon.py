@@ -55,7 +55,9 @@ class Daemon:
             worker_quota_bytes=int(config.worker_quota_gb * (1 << 30)),
         )
         self.metrics = Metrics()
-        self.service = KVRecallService(self.registry, self.device, self.metrics, AuthConfig(config.tokens()))
+        self.service = KVRecallService(
+            self.registry, self.device, self.metrics, AuthConfig(config.tokens()), config.session_ops
+        )
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self._stopping = asyncio.Event()

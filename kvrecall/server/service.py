@@ -78,11 +78,27 @@ async def _in_thread(func, *args):
 
 
 class KVRecallService(pb_grpc.KVRecallServicer):
-    def __init__(self, registry: SessionRegistry, device: torch.device, metrics: Metrics, auth: AuthConfig) -> None:
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        device: torch.device,
+        metrics: Metrics,
+        auth: AuthConfig,
+        session_ops: str = "thread",
+    ) -> None:
         self.registry = registry
         self.device = device
         self.metrics = metrics
         self.auth = auth
+        self.inline_ops = session_ops == "inline"
+
+    async def _session_op(self, func, *args):
+        """An append or boundary: in a worker thread (other sessions' RPCs go on meanwhile), or,
+        with session_ops=inline, right here on the event loop (no thread hop each way; the loop
+        waits for the operation, GPU sync included)."""
+        if self.inline_ops:
+            return func(*args)
+        return await _in_thread(func, *args)
 
     # ---- plumbing ----------------------------------------------------------------------
     def _caller(self, context: grpc.aio.ServicerContext, claimed: str | None = None) -> str | None:
@@ -341,7 +357,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             mapped = open_ref(notice.kv, "append.kv")
             kv = mapped.tensor
         try:
-            spilled, evicted = await _in_thread(session.append, notice.upto, kv)
+            spilled, evicted = await self._session_op(session.append, notice.upto, kv)
         finally:
             if mapped is not None:
                 mapped.close()
@@ -366,7 +382,9 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             )
             query = None  # the session reads the working set's, after the worker's writes
         try:
-            selection, placement = await _in_thread(session.boundary, event.position, list(event.layers), query)
+            selection, placement = await self._session_op(
+                session.boundary, event.position, list(event.layers), query
+            )
         finally:
             if mapped is not None:
                 mapped.close()
