@@ -8,6 +8,8 @@
 #            (GPU 1)
 #   stage t (carry as stage a): the GPU tests, then the TP=2 check and bench (scripts/gpu_tp.sh)
 #            instead of the single-GPU benches
+#   stage r (carry the two grpc wheels in .whl/; any one-GPU kind): the boundary round trip
+#            broken down, --session-ops thread vs inline, and the bare gRPC floor
 #   stage s (carry as stage a): stash the model's first half, run only $GPU_TESTS (tests/tp)
 #   stage v (carry .whl/eval .whl/model2): louiskv variants ($VARIANTS) on the full suite, one
 #            eval per variant, side by side over the GPUs
@@ -20,7 +22,7 @@
 # Each stage writes at most 8 files under $OUT (the device tool's limit): JSON results and a
 # tarball of the logs.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh a|t|b|c|s|v}
+stage=${1:?usage: gpu_session.sh a|t|b|c|s|v|r}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 REPO=$PWD SITE=/tmp/kvrecall-site STASH=/tmp/kvrecall-model LOGS=/tmp/kvrecall-logs/$stage
@@ -28,7 +30,7 @@ GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p "$LOGS" "$SITE"
 # stage a carries the two small grpc wheels at .whl/ (next to the 56 MiB model half); b and c
 # carry .whl/eval (those two, gguf, transformers, regex)
-wheels=.whl/eval; case $stage in a|t|s) wheels=.whl ;; esac
+wheels=.whl/eval; case $stage in a|t|s|r) wheels=.whl ;; esac
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$wheels"/*.whl || exit 2
 export PYTHONPATH=$SITE:$REPO
 pack() { tar -czf "$OUT/logs-$stage.tar.gz" -C "$LOGS" . ; ls -l "$OUT"; }
@@ -101,6 +103,16 @@ c)
     --time-budget-s "${BUDGET_S:-330}" --policy-config "louiskv=$rule" --json --out "$OUT" 2> "$LOGS/eval.log"
   rc=$?
   echo "kvrecall eval exited $rc after ${SECONDS}s"; tail -c 3000 "$LOGS/eval.log" | tr '\r' '\n' | tail -15
+  ;;
+r)
+  # the boundary round trip, broken down (--ops), with the daemon's session work in a worker
+  # thread and then inline on its event loop, and the bare gRPC floor of this machine
+  for mode in thread inline; do
+    timeout 200 python3 -m kvrecall.bench.daemon_rt --prompt 8192 --steps 160 --ops --session-ops $mode \
+      --out "$OUT/daemon_rt-$mode.json" > "$LOGS/daemon_rt-$mode.log" 2>&1
+    grep -E "^(append|boundary)" "$LOGS/daemon_rt-$mode.log" | sed "s/^/$mode /"
+  done
+  python3 scripts/grpc_echo_floor.py plain; python3 scripts/grpc_echo_floor.py thread
   ;;
 s)
   # stash the model's first half and run only the GPU tests named in $GPU_TESTS
