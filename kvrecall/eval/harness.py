@@ -269,6 +269,15 @@ def worker_devices(device: str, workers: int, gpu_count: int) -> list[str]:
     return [f"cuda:{i % gpu_count}" for i in range(workers)]
 
 
+def auto_workers(device: str, gpu_count: int, cpu_count: int) -> int:
+    """``--workers 0``: one process on a CPU (it has the cores to itself); on CUDA 8 per GPU
+    (a step of the test model is launch-bound, so processes share a GPU well), at most half the
+    CPU cores (each process's Python needs one, the daemons the rest)."""
+    if not device.startswith("cuda"):
+        return 1
+    return max(1, min(8 * max(1, gpu_count), cpu_count // 2))
+
+
 def _cuda_count() -> int:
     import torch
 
@@ -330,7 +339,9 @@ def run_eval(args: argparse.Namespace) -> int:
             raise SystemExit(f"kvrecall eval: {exc}") from None
     policies = _policies(args.policies)
     device = resolve_device(args.device or os.environ.get("KVRECALL_DEVICE", "auto"))
-    workers = max(1, args.workers)
+    if args.workers < 0:
+        raise SystemExit(f"kvrecall eval: --workers must be 0 (auto) or more, got {args.workers}")
+    workers = args.workers or auto_workers(device, _cuda_count() if device == "cuda" else 0, os.cpu_count() or 1)
     torch.manual_seed(0)
     print(
         f"kvrecall eval: suite {args.suite} on {device}, {workers} worker(s), policies {','.join(policies)}",
@@ -488,8 +499,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="model processes sharing the device and the daemon (GPU: 4-8; CPU: 1)",
+        default=0,
+        help="model processes (0 = auto: 1 on a CPU; on CUDA 8 per GPU, at most half the CPU cores)",
     )
     parser.add_argument(
         "--time-budget-s",
