@@ -138,6 +138,16 @@ SUITES: dict[str, Suite] = {
         depths=(0.1, 0.3, 0.5, 0.7, 0.9),
         fidelity_prompts=0,
     ),
+    # Short input, long output only: every fidelity prompt, 1024 replayed tokens, budgets 128
+    # and 512 (the full suite replays one prompt; this one runs on a CPU in ~40 minutes).
+    "fidelity": Suite(
+        (),
+        (),
+        (0,),
+        ("128", "512"),
+        fidelity_prompts=len(FIDELITY_PROMPTS),
+        fidelity_tokens=1024,
+    ),
     # One GPU call of ~9 minutes on 2 GPUs, 16 workers (see FORMATS.md, "The full suite on the
     # GPU"): 3 tasks x 3 lengths x 3 depths x 2 seeds at 5 budgets, less qa at 8000 (full KV 3/6
     # there); 1024-token replays of one short prompt (budgets 128, 512) and after one 2K-token
