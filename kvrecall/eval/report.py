@@ -167,23 +167,24 @@ def markdown(report: dict) -> str:
             f"* incomplete: {len(meta.get('skipped_units', []))} units skipped at the time budget, "
             f"{len(meta.get('errors', []))} failed"
         )
-    lines += [
-        "",
-        "## Long input, short output (mean score, n, Wilson 95% interval)",
-        "",
-        "| policy | budget | task | length | score | n | ci95 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for policy, per_budget in report["results"].items():
-        for label, per_task in per_budget.items():
-            for task, per_length in per_task.items():
-                for length, c in per_length.items():
-                    lines.append(
-                        f"| {policy} | {label} | {task} | {length} | {c['score']:.3f} | {c['n']} "
-                        f"| {c['ci95'][0]:.2f}-{c['ci95'][1]:.2f} |"
-                    )
-    lines += ["", "## Relative to full (same samples)", "", "| policy@budget | score / full |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in report["relative_to_full"].items()]
+    if report["results"]:  # a suite of replays only ("fidelity") has no accuracy tables
+        lines += [
+            "",
+            "## Long input, short output (mean score, n, Wilson 95% interval)",
+            "",
+            "| policy | budget | task | length | score | n | ci95 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for policy, per_budget in report["results"].items():
+            for label, per_task in per_budget.items():
+                for task, per_length in per_task.items():
+                    for length, c in per_length.items():
+                        lines.append(
+                            f"| {policy} | {label} | {task} | {length} | {c['score']:.3f} | {c['n']} "
+                            f"| {c['ci95'][0]:.2f}-{c['ci95'][1]:.2f} |"
+                        )
+        lines += ["", "## Relative to full (same samples)", "", "| policy@budget | score / full |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in report["relative_to_full"].items()]
     header = [
         "| policy | budget | top-1 agreement | mean KL(full‖policy) | max KL | retrieval rate | tokens |",
         "|---|---|---|---|---|---|---|",
@@ -195,13 +196,15 @@ def markdown(report: dict) -> str:
             f"| {f['retrieval_rate']:.4f} | {f['n_tokens']} |"
         )
 
-    lines += ["", "## Short input, long output (teacher-forced replay of full's greedy output)", "", *header]
-    for policy, per_budget in report["fidelity"].items():
-        lines += [row(policy, label, f) for label, f in per_budget.items()]
-    lines += ["", "## Long input, long output (document, then full's greedy report replayed)", "", *header]
-    for policy, per_budget in report["long_fidelity"].items():
-        for label, per_length in per_budget.items():
-            lines += [row(policy, label, f, f" @ {n} tokens") for n, f in per_length.items()]
+    if report["fidelity"]:
+        lines += ["", "## Short input, long output (teacher-forced replay of full's greedy output)", "", *header]
+        for policy, per_budget in report["fidelity"].items():
+            lines += [row(policy, label, f) for label, f in per_budget.items()]
+    if report["long_fidelity"]:
+        lines += ["", "## Long input, long output (document, then full's greedy report replayed)", "", *header]
+        for policy, per_budget in report["long_fidelity"].items():
+            for label, per_length in per_budget.items():
+                lines += [row(policy, label, f, f" @ {n} tokens") for n, f in per_length.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -213,7 +216,8 @@ def _budget_order(labels: list[str]) -> list[str]:
 
 
 def plots(report: dict, stem: Path) -> list[str]:
-    """Write ``<stem>-score.png``, ``-fidelity.png`` and ``-depth.png``; returns their paths
+    """Write ``<stem>-score.png`` and ``-depth.png`` (when there are accuracy samples) and
+    ``-fidelity.png``; returns their paths
     ([] when matplotlib is missing: re-render later with ``python -m kvrecall.eval.report``)."""
     try:
         import matplotlib
@@ -226,33 +230,35 @@ def plots(report: dict, stem: Path) -> list[str]:
     budgets = _budget_order(list(report["meta"]["budgets"]))
     policies = [p for p in report["meta"]["policies"] if p != "full"]
 
-    # score vs budget: mean over every task x length x sample, one line per policy
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_cell: dict = defaultdict(list)
-    for r in report["samples"]:
-        by_cell[(r["policy"], r["budget"])].append(r["score"])
-    full = by_cell.get(("full", FULL_BUDGET))
-    if full:
-        ax.axhline(sum(full) / len(full), color="black", linestyle="--", label="full")
-    for k, policy in enumerate(policies):
-        xs = [i for i, b in enumerate(budgets) if by_cell.get((policy, b))]
-        nudge = 0.04 * (k - (len(policies) - 1) / 2)  # equal scores stay visible side by side
-        ax.plot(
-            [x + nudge for x in xs],
-            [sum(by_cell[(policy, budgets[i])]) / len(by_cell[(policy, budgets[i])]) for i in xs],
-            marker="os^vDP"[k % 6],
-            label=policy,
-        )
-    ax.set_xticks(range(len(budgets)), budgets)
-    ax.set_xlabel("budget (tokens per layer and KV head, or % of the prompt)")
-    ax.set_ylabel("mean score")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"Long input, short output ({report['meta']['suite']})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(f"{stem}-score.png", dpi=110)
-    plt.close(fig)
-    written.append(f"{stem}-score.png")
+    # score vs budget: mean over every task x length x sample, one line per policy (a suite
+    # with no accuracy samples, e.g. "fidelity", gets no score plot)
+    if report["samples"]:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        by_cell: dict = defaultdict(list)
+        for r in report["samples"]:
+            by_cell[(r["policy"], r["budget"])].append(r["score"])
+        full = by_cell.get(("full", FULL_BUDGET))
+        if full:
+            ax.axhline(sum(full) / len(full), color="black", linestyle="--", label="full")
+        for k, policy in enumerate(policies):
+            xs = [i for i, b in enumerate(budgets) if by_cell.get((policy, b))]
+            nudge = 0.04 * (k - (len(policies) - 1) / 2)  # equal scores stay visible side by side
+            ax.plot(
+                [x + nudge for x in xs],
+                [sum(by_cell[(policy, budgets[i])]) / len(by_cell[(policy, budgets[i])]) for i in xs],
+                marker="os^vDP"[k % 6],
+                label=policy,
+            )
+        ax.set_xticks(range(len(budgets)), budgets)
+        ax.set_xlabel("budget (tokens per layer and KV head, or % of the prompt)")
+        ax.set_ylabel("mean score")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"Long input, short output ({report['meta']['suite']})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(f"{stem}-score.png", dpi=110)
+        plt.close(fig)
+        written.append(f"{stem}-score.png")
 
     # fidelity vs budget: top-1 agreement and mean KL, short and long input
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), squeeze=False)
@@ -285,7 +291,8 @@ def plots(report: dict, stem: Path) -> list[str]:
         axes[1][col].set_yscale("log")
         for row in (0, 1):
             axes[row][col].set_xticks(range(len(budgets)), budgets)
-            axes[row][col].legend(fontsize=7)
+            if axes[row][col].lines:  # a suite without this kind of replay leaves the panel empty
+                axes[row][col].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(f"{stem}-fidelity.png", dpi=110)
     plt.close(fig)
