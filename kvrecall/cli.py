@@ -44,12 +44,7 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    if args.tls_ca:
-        with open(args.tls_ca, "rb") as f:
-            channel = grpc.secure_channel(args.target, grpc.ssl_channel_credentials(f.read()))
-    else:
-        channel = grpc.insecure_channel(args.target)
-    metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
+    channel, metadata = stats_view.connect(args)
     try:
         response = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=""), timeout=args.timeout, metadata=metadata
@@ -122,10 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     health = sub.add_parser("health", help="check a daemon with the standard gRPC health service")
-    health.add_argument("--target", default="unix:///tmp/kvrecall.sock")
-    health.add_argument("--token")
-    health.add_argument("--tls-ca")
-    health.add_argument("--timeout", type=float, default=5.0)
+    stats_view.add_connection_arguments(health)
     health.set_defaults(func=_health)
 
     stats = sub.add_parser("stats", help="what a running daemon holds: pools, sessions, workers")

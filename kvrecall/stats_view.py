@@ -69,6 +69,20 @@ def render(response) -> str:
     return "\n".join(lines)
 
 
+def connect(args: argparse.Namespace):
+    """The channel and call metadata for `--target` / `--tls-ca` / `--token` (see
+    add_connection_arguments); `kvrecall health` uses it too. The caller closes the channel."""
+    import grpc
+
+    if args.tls_ca:
+        with open(args.tls_ca, "rb") as f:
+            channel = grpc.secure_channel(args.target, grpc.ssl_channel_credentials(f.read()))
+    else:
+        channel = grpc.insecure_channel(args.target)
+    metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
+    return channel, metadata
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of `kvrecall stats`: 0 on an answer, 1 when the daemon cannot be asked."""
     import grpc
@@ -77,12 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from kvrecall.v1 import kvrecall_pb2 as pb
     from kvrecall.v1 import kvrecall_pb2_grpc as pb_grpc
 
-    if args.tls_ca:
-        with open(args.tls_ca, "rb") as f:
-            channel = grpc.secure_channel(args.target, grpc.ssl_channel_credentials(f.read()))
-    else:
-        channel = grpc.insecure_channel(args.target)
-    metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
+    channel, metadata = connect(args)
     try:
         response = pb_grpc.KVRecallStub(channel).GetStats(
             pb.StatsRequest(session_id=args.session or ""), timeout=args.timeout, metadata=metadata
@@ -99,10 +108,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """--target, --token, --tls-ca and --timeout of the commands that ask a running daemon."""
     parser.add_argument("--target", default="unix:///tmp/kvrecall.sock")
-    parser.add_argument("--session", help="one session id (default: every session)")
     parser.add_argument("--token", help="bearer token, where the daemon has auth on")
     parser.add_argument("--tls-ca", help="CA certificate of a TLS daemon")
     parser.add_argument("--timeout", type=float, default=5.0)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_connection_arguments(parser)
+    parser.add_argument("--session", help="one session id (default: every session)")
     parser.add_argument("--json", action="store_true", help="the StatsResponse as JSON")

@@ -102,7 +102,8 @@ def op_times(prof) -> dict:
     ops: dict[str, float] = {}
     for e in events:
         if e.name.startswith(KERNEL_MARK):
-            ops[e.name[len(KERNEL_MARK) :]] = ops.get(e.name[len(KERNEL_MARK) :], 0.0) + e.cpu_time_total
+            op = e.name[len(KERNEL_MARK) :]
+            ops[op] = ops.get(op, 0.0) + e.cpu_time_total
     top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:10]
     return {
         "gpu_kernel_us": round(sum(sum(v) for v in kernels.values()), 1),

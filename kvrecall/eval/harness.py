@@ -351,7 +351,8 @@ def run_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device or os.environ.get("KVRECALL_DEVICE", "auto"))
     if args.workers < 0:
         raise SystemExit(f"kvrecall eval: --workers must be 0 (auto) or more, got {args.workers}")
-    workers = args.workers or auto_workers(device, _cuda_count() if device == "cuda" else 0, os.cpu_count() or 1)
+    gpus = _cuda_count() if device == "cuda" else 0  # "cuda" deals workers over them all
+    workers = args.workers or auto_workers(device, gpus, os.cpu_count() or 1)
     torch.manual_seed(0)
     print(
         f"kvrecall eval: suite {args.suite} on {device}, {workers} worker(s), policies {','.join(policies)}",
@@ -401,7 +402,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 return fidelity_units(unit, result, index, len(references), replays[unit["group"]])
             return []
 
-        devices = worker_devices(device, workers, _cuda_count() if device == "cuda" else 0)
+        devices = worker_devices(device, workers, gpus)
         if args.target:
             targets = {d: args.target for d in devices}
         else:

@@ -341,7 +341,7 @@ def niah_multikey(
     ]
     head = (
         "Several secret codes are hidden inside the following text, each one for a different "
-        f"word. Find them and remember which code belongs to which word. Question: What is the "
+        "word. Find them and remember which code belongs to which word. Question: What is the "
         f"secret code for {keys[0]}?\n\n"
     )
     tail = (

@@ -38,7 +38,7 @@ from kvrecall.server.policies.base import (
     register,
     resident_plan,
 )
-from kvrecall.server.policies.snapkv import ascending, rank_by_observation
+from kvrecall.server.policies.snapkv import ascending, rank_by_observation, ranked_selection
 from kvrecall.server.working_set import to_device
 from kvrecall.v1 import kvrecall_pb2 as pb
 
@@ -186,10 +186,7 @@ class LouisKVPolicy(Policy):
             if pinned:
                 rows = ascending(ranked[:, :, :pinned]).view(-1, pinned)
                 self.pinned = to_device(rows, ctx.ws.keys.device)
-            count = int((ranked[0, 0] >= 0).sum())
-            return Selection(
-                ascending(ranked), units=self.layout.num_layers * self.layout.num_kv_heads * count
-            )
+            return ranked_selection(ranked)
         # Or every unit scored by those queries, the best over them (as over a group's heads).
         return self._select(ctx, obs.to(ctx.ws.keys.device), list(range(self.layout.num_layers)))
 

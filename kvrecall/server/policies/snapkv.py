@@ -62,10 +62,14 @@ def select_by_observation(
     most attention from the observation queries [L, Hq, n, D] (max-pooled over `pool_kernel`
     neighbours), ascending, -1 padded: [L, H, budget]."""
     ranked = rank_by_observation(ctx, queries, budget, pool_kernel)
-    if ranked is None:
-        return None
-    count = int((ranked[0, 0] >= 0).sum())
-    return Selection(ascending(ranked), units=ctx.layout.num_layers * ctx.layout.num_kv_heads * count)
+    return None if ranked is None else ranked_selection(ranked)
+
+
+def ranked_selection(ranked: torch.Tensor) -> Selection:
+    """The Selection of rank_by_observation's tokens [L, H, budget]: ascending, -1 padded."""
+    L, H, _ = ranked.shape
+    count = int((ranked[0, 0] >= 0).sum())  # every row ranks the same number of tokens
+    return Selection(ascending(ranked), units=L * H * count)
 
 
 def ascending(positions: torch.Tensor) -> torch.Tensor:
