@@ -16,7 +16,7 @@ import grpc
 import torch
 
 from kvrecall.dtypes import WIRE_OF_TORCH
-from kvrecall.transport import MappedTensor, inline_ref, open_ref
+from kvrecall.transport import MappedTensor, inline_ref, map_segment, open_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
 from kvrecall.v1 import kvrecall_pb2_grpc as pb_grpc
 
@@ -84,15 +84,20 @@ class SessionCore:
     @staticmethod
     def from_open(response: pb.OpenSessionResponse, spec: ModelSpec, transport: int) -> SessionCore:
         ws = response.working_set
-        refs = (ws.keys, ws.values, ws.slot_pos, ws.query)
+        refs = [ws.keys, ws.values, ws.slot_pos, ws.query]
+        names = ["keys", "values", "slot_pos", "query"]
         if transport == pb.TRANSPORT_INLINE:
             from kvrecall.dtypes import TORCH_OF_WIRE
 
             tensors = [torch.zeros(tuple(r.shape), dtype=TORCH_OF_WIRE[r.dtype]) for r in refs]
             tensors[2].fill_(-1)
             mapped: list[MappedTensor] = []
+        elif transport == pb.TRANSPORT_SHM:
+            segment = receive_working_set(response)
+            tensors = map_segment(segment, refs, names)
+            mapped = [MappedTensor(segment.tensor, [segment.release])]
         else:
-            mapped = [open_ref(r, name) for r, name in zip(refs, ("keys", "values", "slot_pos", "query"), strict=True)]
+            mapped = [open_ref(r, name) for r, name in zip(refs, names, strict=True)]
             tensors = [m.tensor for m in mapped]
         core = SessionCore(response.session_id, spec, transport, response, *tensors, _mapped=mapped)
         if transport == pb.TRANSPORT_CUDA_IPC and ws.query.cuda_ipc.event_handle:
@@ -100,6 +105,11 @@ class SessionCore:
 
             core.publish_event = open_event(ws.query.cuda_ipc.event_handle, ws.query.cuda_ipc.device, "query")
         return core
+
+    @property
+    def capability(self) -> str:
+        """The secret every call on this session presents (OpenSessionResponse.capability)."""
+        return self.info.capability
 
     # ---- the plan the daemon chose --------------------------------------------------
     @property
@@ -166,13 +176,25 @@ class SessionCore:
         return int((self.slot_pos >= 0).sum(dim=-1).max())
 
     # ---- request builders / answer appliers ------------------------------------------
+    def ingest_request(self, num_tokens: int) -> pb.IngestPromptRequest:
+        return pb.IngestPromptRequest(session_id=self.session_id, capability=self.capability, num_tokens=num_tokens)
+
+    def keepalive_request(self) -> pb.KeepAliveRequest:
+        return pb.KeepAliveRequest(session_id=self.session_id, capability=self.capability)
+
+    def close_request(self) -> pb.CloseSessionRequest:
+        return close_request(self.info)
+
+    def stats_request(self) -> pb.StatsRequest:
+        return pb.StatsRequest(session_id=self.session_id, capability=self.capability)
+
     def next_seq(self) -> int:
         self.seq += 1
         return self.seq
 
     def append_request(self) -> pb.DecodeRequest:
         upto = self.position
-        request = pb.DecodeRequest(seq=self.next_seq(), session_id=self.session_id)
+        request = pb.DecodeRequest(seq=self.next_seq(), session_id=self.session_id, capability=self.capability)
         request.append.upto = upto
         if self.transport == pb.TRANSPORT_INLINE:
             start = self.noticed_upto
@@ -183,7 +205,7 @@ class SessionCore:
         return request
 
     def boundary_request(self, layers: list[int] | None = None) -> pb.DecodeRequest:
-        request = pb.DecodeRequest(seq=self.next_seq(), session_id=self.session_id)
+        request = pb.DecodeRequest(seq=self.next_seq(), session_id=self.session_id, capability=self.capability)
         request.boundary.position = self.position
         request.boundary.layers.extend(layers or [])
         if self.transport == pb.TRANSPORT_INLINE:
@@ -224,6 +246,21 @@ class SessionCore:
         for m in self._mapped:
             m.close()
         self._mapped.clear()
+
+
+def close_request(response: pb.OpenSessionResponse) -> pb.CloseSessionRequest:
+    """CloseSession for the session `response` opened."""
+    return pb.CloseSessionRequest(session_id=response.session_id, capability=response.capability)
+
+
+def receive_working_set(response: pb.OpenSessionResponse):
+    """Map a CPU daemon's working-set segment: a sealed memfd received over its fd socket."""
+    from kvrecall.fdpass import receive_fd
+    from kvrecall.shm import ShmSegment
+
+    shm = response.working_set.keys.shm
+    fd = receive_fd(shm.fd_socket, response.session_id, response.capability)
+    return ShmSegment.map_fd(fd, shm.name, 0)
 
 
 class ClientBase:

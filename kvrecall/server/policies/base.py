@@ -122,6 +122,11 @@ def compact(keep: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Te
 
 _REGISTRY: dict[str, type[Policy]] = {}
 
+# Config fields counted in tokens of the sequence: none may exceed layout.max_tokens.
+TOKEN_COUNT_FIELDS = (
+    "budget", "n_sink", "window", "observation", "cluster_size", "max_segment", "window_size", "page_size",
+)
+
 
 def register(cls: type[Policy]) -> type[Policy]:
     _REGISTRY[cls.name] = cls
@@ -156,6 +161,15 @@ def build_policy(message: pb.PolicyConfig, layout: ModelLayout) -> Policy:
             elif descriptor.enum_type is not None:
                 if getattr(sub, field.name) != 0:
                     fields[field.name] = getattr(sub, field.name)
+    for name in TOKEN_COUNT_FIELDS:
+        if fields.get(name, 0) > layout.max_tokens:
+            raise InvalidArgument(
+                f"policy.{cls.proto_field}.{name}",
+                f"{fields[name]} is larger than the sequence can be (layout.max_tokens={layout.max_tokens})",
+            )
+    if "budget" not in fields and any(f.name == "budget" for f in dataclasses.fields(cls.Config)):
+        # The default budget never sizes a working set beyond what the sequence can hold.
+        fields["budget"] = min(cls.Config.budget, layout.max_tokens)
     try:
         config = cls.Config(**fields)
     except ValueError as exc:
