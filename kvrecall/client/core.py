@@ -328,7 +328,9 @@ class ClientBase:
 
 
 def metadata(worker_id: str, token: str | None) -> tuple[tuple[str, str], ...]:
-    md = [("kvrecall-worker-id", worker_id)]
+    """The call metadata; an empty worker_id names none (the operator's view on a local
+    daemon without auth: GetStats lists every tenant's sessions)."""
+    md = [("kvrecall-worker-id", worker_id)] if worker_id else []
     if token:
         md.append(("authorization", f"Bearer {token}"))
     return tuple(md)
