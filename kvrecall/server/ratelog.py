@@ -8,6 +8,9 @@ import time
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+BURST = 10      # lines per key and period
+PERIOD = 60.0   # seconds
+
 
 @dataclass
 class _Bucket:
@@ -20,7 +23,7 @@ class RateLimitedLog:
     """At most `burst` lines per `period` seconds per key; the first line of the next period
     says how many were dropped. Keys are few (an RPC and a status code), so buckets are kept."""
 
-    def __init__(self, logger: logging.Logger, burst: int = 10, period: float = 60.0) -> None:
+    def __init__(self, logger: logging.Logger, burst: int = BURST, period: float = PERIOD) -> None:
         self.logger = logger
         self.burst = burst
         self.period = period
