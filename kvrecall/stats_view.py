@@ -102,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
         channel.close()
     if args.session:
         kept = [s for s in response.sessions if s.session_id == args.session]
+        if not kept:
+            print(f"kvrecall stats: {args.target}: NOT_FOUND: session_id: no open session {args.session!r} this caller may see")
+            return 1
         del response.sessions[:]
         response.sessions.extend(kept)
     if args.json:
