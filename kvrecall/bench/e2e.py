@@ -268,7 +268,9 @@ class Bench:
         device_gib = 24.0 if self.device.type == "cuda" else 1.0
         log(f"e2e: {self.meta.get('device')} shape={self.shape} host pool {host_gib:.1f} GiB")
         started = time.perf_counter()
-        with LocalDaemon(host_pool_gb=host_gib, device_pool_gb=device_gib, device=str(self.device)) as daemon:
+        # Pinning a large host tier takes a while (minutes for ~100 GiB on a fresh VM).
+        daemon = LocalDaemon(host_pool_gb=host_gib, device_pool_gb=device_gib, device=str(self.device))
+        with daemon.start(timeout=600.0):
             self.meta["daemon_start_s"] = round(time.perf_counter() - started, 1)
             with KVRecallClient(daemon.target, "bench-e2e", timeout=600.0) as client:
                 if "step" in parts:
