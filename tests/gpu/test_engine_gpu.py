@@ -41,8 +41,8 @@ def run(client, model, use_graph: bool, picks):
     spec = spec_for(model, max_tokens=1024)
     sessions, slots, logits = [], [], []
     for policy, config, prompt in picks:
-        session = client.open_session(spec, policy, config)
-        assert session.transport == pb.TRANSPORT_CUDA_IPC or session.keys.is_cuda
+        session = client.open_session(spec, policy, config, device="cuda")
+        assert session.transport == pb.TRANSPORT_CUDA_IPC and session.keys.is_cuda
         sessions.append(session)
         slots.append(engine.add(session, prompt))
     for _ in range(STEPS):
