@@ -24,7 +24,7 @@ echo "== bench e2e  [${SECONDS}s]"
 CUDA_VISIBLE_DEVICES=0 timeout ${STEP_S:-380} python3 -m kvrecall.cli bench e2e --parts step --contexts "$CONTEXTS" \
   --batches "$BATCHES" --out "$OUT/e2e-step.json" > "$OUT/e2e-step.log" 2>&1 &
 step=$!
-CUDA_VISIBLE_DEVICES=1 timeout ${LOAD_S:-380} python3 -m kvrecall.cli bench e2e --parts capped,many --host-cap-gib 60 \
+CUDA_VISIBLE_DEVICES=1 timeout ${LOAD_S:-380} python3 -m kvrecall.cli bench e2e --parts capped,many --host-cap-gib 48 \
   --many 64 --many-context 4096 --out "$OUT/e2e-load.json" > "$OUT/e2e-load.log" 2>&1 &
 load=$!
 wait $step; echo "step bench exit $?"; wait $load; echo "load bench exit $?"

@@ -267,7 +267,7 @@ class Bench:
         policies = [p for p in args.policies.split(",") if p]
         rates = [float(r) for r in args.rates.split(",") if r]
         need = max(
-            [c * b for c in contexts for b in batches]
+            [c * b for c in contexts for b in batches if "step" in parts]
             + [args.many * args.many_context if "many" in parts else 0]
             + [int(args.host_cap_gib * GiB / self.token_bytes) if "capped" in parts else 0]
         )  # fmt: skip

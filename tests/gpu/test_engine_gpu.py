@@ -36,7 +36,7 @@ def tiny_llama():
 
 def run(client, model, use_graph: bool, picks):
     weights = DecoderWeights.from_hf(model)
-    engine = Engine(weights, batch=len(picks), max_capacity=1024, use_graph=use_graph)
+    engine = Engine(weights, batch=len(picks), max_capacity=2048, use_graph=use_graph)
     assert engine.graph.graphed == use_graph, engine.graph.error
     spec = spec_for(model, max_tokens=1024)
     sessions, slots, logits = [], [], []
