@@ -233,7 +233,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args()
-    with LocalDaemon(host_pool_gb=0.25, device_pool_gb=0.125, extra_args=["--page-kb", "256"]) as daemon:
+    with LocalDaemon(host_pool_gb=0.25, device_pool_gb=0.125, extra_args=["--page-kb", "256"], worker_share=None) as daemon:
         fuzzer = Fuzzer(daemon.target, args.seed)
         pid = daemon.process.pid
         fuzzer.refresh_sessions()

@@ -34,6 +34,7 @@ def rdaemon():
         device_pool_gb=0.125,
         extra_args=["--page-kb", "256"],
         env={"KVRECALL_MAX_MESSAGE_MB": str(MAX_MESSAGE_MB)},
+        worker_share=None,  # the daemon's defaults, fair shares included
     ) as d:
         yield d
 

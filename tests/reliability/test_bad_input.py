@@ -508,7 +508,7 @@ def auth_daemon(tmp_path_factory):
     tokens = tmp_path_factory.mktemp("auth") / "tokens"
     tokens.write_text("alice alice-token\nbob bob-token\ncarol carol-token\n")
     with LocalDaemon(host_pool_gb=0.0625, device_pool_gb=0.0625, extra_args=["--tokens-file", str(tokens)],
-                     env={"KVRECALL_OPERATORS": "carol"}) as d:
+                     env={"KVRECALL_OPERATORS": "carol"}, worker_share=None) as d:
         r = Raw(d.target)
         yield r
         r.close()

@@ -20,7 +20,7 @@ SPEC = ModelSpec(num_layers=4, num_kv_heads=4, num_query_heads=4, head_dim=64, d
 @pytest.fixture(scope="module")
 def shared_daemon():
     """Default worker_share (half of each pool), a small host pool."""
-    with LocalDaemon(host_pool_gb=1 / 32, device_pool_gb=1 / 16, extra_args=["--page-kb", "256"]) as d:
+    with LocalDaemon(host_pool_gb=1 / 32, device_pool_gb=1 / 16, extra_args=["--page-kb", "256"], worker_share=None) as d:
         yield d
 
 

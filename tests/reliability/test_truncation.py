@@ -41,7 +41,7 @@ BIG = ModelSpec(num_layers=4, num_kv_heads=4, num_query_heads=4, head_dim=64, dt
 
 @pytest.fixture(scope="module")
 def tdaemon():
-    with LocalDaemon(host_pool_gb=0.25, device_pool_gb=0.125, extra_args=["--page-kb", "256"]) as d:
+    with LocalDaemon(host_pool_gb=0.25, device_pool_gb=0.125, extra_args=["--page-kb", "256"], worker_share=None) as d:
         yield d
 
 
