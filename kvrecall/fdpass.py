@@ -90,7 +90,12 @@ class FdServer:
         loop = asyncio.get_running_loop()
         assert self._sock is not None
         while True:
-            conn, _ = await loop.sock_accept(self._sock)
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except OSError as exc:  # e.g. out of file descriptors: keep serving once it passes
+                log.warning("fd socket %s: accept failed: %s", self.path, exc)
+                await asyncio.sleep(0.1)
+                continue
             loop.create_task(self._serve(conn))
 
     async def _serve(self, conn: socket.socket) -> None:
