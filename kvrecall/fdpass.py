@@ -68,6 +68,7 @@ class FdServer:
         self.lookup = lookup
         self._sock: socket.socket | None = None
         self._task: asyncio.Task | None = None
+        self._serving: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         try:
@@ -96,7 +97,9 @@ class FdServer:
                 log.warning("fd socket %s: accept failed: %s", self.path, exc)
                 await asyncio.sleep(0.1)
                 continue
-            loop.create_task(self._serve(conn))
+            task = loop.create_task(self._serve(conn))
+            self._serving.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(self._serving.discard)
 
     async def _serve(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
