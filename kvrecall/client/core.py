@@ -16,6 +16,7 @@ import grpc
 import torch
 
 from kvrecall.dtypes import WIRE_OF_TORCH
+from kvrecall.sizes import TOKEN_COUNT_FIELDS
 from kvrecall.transport import MappedTensor, inline_ref, map_segment, open_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
 from kvrecall.v1 import kvrecall_pb2_grpc as pb_grpc
@@ -59,6 +60,14 @@ def policy_message(name: str, config: dict[str, Any] | None) -> pb.PolicyConfig:
     elif hasattr(message, name):
         getattr(message, name).SetInParent()
     return message
+
+
+def fit_to_sequence(config: dict[str, Any] | None, max_tokens: int) -> dict[str, Any] | None:
+    """`config` with every token count capped at `max_tokens`: for sweeps whose budgets may
+    exceed a short sequence (such a budget covers it, as `max_tokens` does)."""
+    if not config:
+        return config
+    return {k: min(v, max_tokens) if k in TOKEN_COUNT_FIELDS else v for k, v in config.items()}
 
 
 @dataclass

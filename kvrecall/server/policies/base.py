@@ -17,6 +17,7 @@ from kvrecall.server.errors import InvalidArgument
 from kvrecall.server.host_store import SequenceStore
 from kvrecall.server.layout import ModelLayout, WorkingSetPlan
 from kvrecall.server.working_set import WorkingSet
+from kvrecall.sizes import TOKEN_COUNT_FIELDS
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 # Tokens appended between AppendNotices unless a policy says otherwise.
@@ -121,11 +122,6 @@ def compact(keep: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Te
 
 
 _REGISTRY: dict[str, type[Policy]] = {}
-
-# Config fields counted in tokens of the sequence: none may exceed layout.max_tokens.
-TOKEN_COUNT_FIELDS = (
-    "budget", "n_sink", "window", "observation", "cluster_size", "max_segment", "window_size", "page_size",
-)
 
 
 def register(cls: type[Policy]) -> type[Policy]:
