@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rates", default=f"0,{MEASURED_RATE},1", help="louiskv boundary rates (share of steps)")
     p.add_argument("--budget", type=int, default=1024, help="retrieved tokens per layer and KV head")
     p.add_argument("--steps", type=int, default=64, help="timed steps per configuration")
-    p.add_argument("--warmup", type=int, default=8, help="untimed steps first")
+    p.add_argument("--warmup", type=int, default=24, help="untimed steps first")
     p.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
     p.add_argument("--capped-context", type=int, default=32768, help="context of the capped-GPU-KV throughput part")
     p.add_argument("--gpu-kv-cap-gib", type=float, default=16.0, help="GPU KV cap of that part")

@@ -60,7 +60,7 @@ class Engine:
         self.decoder = Decoder(weights, batch)
         self.backend = SessionBatch(
             batch, s.num_layers, s.num_query_heads, s.num_kv_heads, s.head_dim, max_capacity, self.device,
-            self.decoder.scale, impl,
+            weights.dtype, self.decoder.scale, impl,
         )  # fmt: skip
         self.sequences: list[Sequence | None] = [None] * batch
         self.force_boundary = force_boundary
