@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host-cap-gib", type=float, default=100.0, help="host tier the capped and many parts may use")
     p.add_argument("--many", type=int, default=64, help="sequences of the daemon-sustain part")
     p.add_argument("--many-context", type=int, default=8192, help="their prompt tokens")
+    p.add_argument("--host-pool-gib", type=float, default=None,
+                   help="daemon host tier (default: what the largest configuration needs); configurations that do "
+                   "not fit are skipped and listed under skipped")
     p.add_argument("--no-graph", action="store_true", help="run steps eagerly")
     p.add_argument("--out", default="e2e.json")
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
@@ -271,7 +274,9 @@ class Bench:
             + [args.many * args.many_context if "many" in parts else 0]
             + [int(args.host_cap_gib * GiB / self.token_bytes) if "capped" in parts else 0]
         )  # fmt: skip
-        host_gib = max(1.0, need * self.token_bytes * 1.1 / GiB + 1)
+        host_gib = args.host_pool_gib or max(1.0, need * self.token_bytes * 1.1 / GiB + 1)
+        self.meta["host_pool_gib"] = host_gib
+        self.meta["skipped"] = []
         device_gib = 24.0 if self.device.type == "cuda" else 1.0
         log(f"e2e: {self.meta.get('device')} shape={self.shape} host pool {host_gib:.1f} GiB")
         started = time.perf_counter()
@@ -283,6 +288,9 @@ class Bench:
                 if "step" in parts:
                     for context in contexts:
                         for batch in batches:
+                            if context * batch * self.token_bytes > host_gib * GiB * 0.97:
+                                self.meta["skipped"].append(f"{context}x{batch}: host tier of {host_gib} GiB too small")
+                                continue
                             log(f"step: context {context}, batch {batch}")
                             self.guarded(f"full {context}x{batch}", lambda c=context, b=batch: self.add(self.full("step", c, b)))
                             for policy in policies:
