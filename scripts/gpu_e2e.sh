@@ -27,7 +27,7 @@ echo "== bench e2e  [${SECONDS}s]"
 step=; load=
 case ,$PARTS, in *,step,*)
 CUDA_VISIBLE_DEVICES=0 timeout ${STEP_S:-380} python3 -m kvrecall.cli bench e2e --parts step --contexts "$CONTEXTS" \
-  --batches "$BATCHES" --out "$OUT/e2e-step.json" > "$OUT/e2e-step.log" 2>&1 &
+  --batches "$BATCHES" ${STEP_ARGS:-} --out "$OUT/e2e-step.json" > "$OUT/e2e-step.log" 2>&1 &
 step=$! ;;
 esac
 case ,$PARTS, in *,load,*)
