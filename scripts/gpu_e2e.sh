@@ -24,6 +24,18 @@ timeout ${TEST_S:-200} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_e
   tests/kernels/test_ws_decode.py tests/gpu/test_cuda_ipc.py 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
 esac
 echo "== bench e2e  [${SECONDS}s]"
+# The VM's memory grows as it is touched (about 3 s per 8 GiB): pinning a large host tier at once
+# gets the daemon OOM-killed, so touch GROW_GIB first, 8 GiB at a time.
+if [ "${GROW_GIB:-0}" -gt 0 ]; then
+  python3 - "$GROW_GIB" <<'PY'
+import sys, time, torch
+chunks = []
+for _ in range(int(sys.argv[1]) // 8):
+    chunks.append(torch.ones(8 << 30, dtype=torch.uint8))
+    time.sleep(0.5)
+PY
+  free -g | head -2; echo "grown [${SECONDS}s]"
+fi
 step=; load=
 case ,$PARTS, in *,step,*)
 CUDA_VISIBLE_DEVICES=0 timeout ${STEP_S:-380} python3 -m kvrecall.cli bench e2e --parts step --contexts "$CONTEXTS" \
