@@ -27,6 +27,7 @@ import random
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import replace
 from typing import Any
 
@@ -260,6 +261,7 @@ class Bench:
             fn()
         except Exception as exc:  # a failed configuration is recorded; the next one still runs
             message = f"{what}: {type(exc).__name__}: {exc}"[:800]
+            traceback.print_exc()
             log("  ERROR " + message)
             self.errors.append(message)
             self.write()

@@ -201,7 +201,8 @@ class Engine:
         real = (core.keys, core.values, core.slot_pos, core.query)
         shadow = next((sh for sh in self._shadows if all(a.shape == r.shape for a, r in zip(sh, real, strict=True))), None)
         if shadow is None:
-            shadow = tuple(torch.empty_like(t) for t in real)
+            with torch.inference_mode(False):  # ordinary tensors: written outside step() too
+                shadow = tuple(torch.empty_like(t) for t in real)
         else:
             self._shadows.remove(shadow)
         for copy, source in zip(shadow, real, strict=True):
