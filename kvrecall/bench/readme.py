@@ -5,6 +5,7 @@ the block between the README's perf markers; tests check the block equals the re
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ def rewrite(readme: Path, json_path: Path) -> str:
     text = readme.read_text()
     if START not in text or END not in text:
         raise SystemExit(f"{readme}: no perf markers")
-    block = render(json.loads(json_path.read_text()), str(json_path))
+    block = render(json.loads(json_path.read_text()), os.path.relpath(json_path, readme.parent))
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{START}\n{block}\n{END}{tail}"
