@@ -201,8 +201,9 @@ class SessionCore:
         self.seq += 1
         return self.seq
 
-    def append_request(self) -> pb.DecodeRequest:
-        upto = self.position
+    def append_request(self, upto: int | None = None) -> pb.DecodeRequest:
+        """An AppendNotice for the tokens written up to `upto` (default: all of them)."""
+        upto = self.position if upto is None else upto
         request = pb.DecodeRequest(seq=self.next_seq(), session_id=self.session_id, capability=self.capability)
         request.append.upto = upto
         if self.transport == pb.TRANSPORT_INLINE:
@@ -213,9 +214,10 @@ class SessionCore:
             request.append.kv.CopyFrom(inline_ref(kv))
         return request
 
-    def boundary_request(self, layers: list[int] | None = None) -> pb.DecodeRequest:
+    def boundary_request(self, layers: list[int] | None = None, position: int | None = None) -> pb.DecodeRequest:
+        """A BoundaryEvent at `position` (default: the tokens written so far)."""
         request = pb.DecodeRequest(seq=self.next_seq(), session_id=self.session_id, capability=self.capability)
-        request.boundary.position = self.position
+        request.boundary.position = self.position if position is None else position
         request.boundary.layers.extend(layers or [])
         if self.transport == pb.TRANSPORT_INLINE:
             request.boundary.query.CopyFrom(inline_ref(self.query))

@@ -211,15 +211,15 @@ class WorkerSession:
             self._requests.put(_END)
             self._responses = None
 
-    def append(self) -> pb.AppendAck:
+    def append(self, upto: int | None = None) -> pb.AppendAck:
         """Tell the daemon about the tokens written since the last notice (blocks for the ack)."""
         self.stats_appends += 1
-        return self._stream_call(self.core.append_request()).append
+        return self._stream_call(self.core.append_request(upto)).append
 
-    def boundary(self, layers: list[int] | None = None) -> pb.RetrievalResult:
+    def boundary(self, layers: list[int] | None = None, position: int | None = None) -> pb.RetrievalResult:
         """Ask for retrieval for the query in `self.query` (write it first)."""
         self.stats_boundaries += 1
-        return self._stream_call(self.core.boundary_request(layers)).retrieval
+        return self._stream_call(self.core.boundary_request(layers, position)).retrieval
 
     def advance(self) -> pb.AppendAck | None:
         """Count one token written at `position`; send an AppendNotice when one is due."""
