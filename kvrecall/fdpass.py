@@ -11,11 +11,17 @@ The daemon looks the session up exactly as an RPC would (a wrong capability is N
 and hands out a duplicate of the fd: the worker maps and closes it, the daemon's stays open
 until the session closes. The kernel tells the daemon who connected (SO_PEERCRED); the
 daemon logs the pid and uid with the session it served.
+
+A daemon never takes over an fd socket another daemon is still serving: workers connect
+afresh for every session, so they would reach a daemon that does not know the sessions their
+gRPC channel (still connected to the first daemon) opened, and every open would fail with
+NOT_FOUND. Only a stale socket file (nobody listening) is replaced.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -26,10 +32,32 @@ log = logging.getLogger("kvrecall.fdpass")
 
 MAX_REQUEST = 256
 REQUEST_TIMEOUT = 5.0
+PROBE_TIMEOUT = 2.0
 
 
 class FdPassError(RuntimeError):
     """The daemon refused (or could not serve) a file-descriptor request."""
+
+
+def claim_socket_path(path: str) -> None:
+    """Make `path` free to bind: remove a stale socket file; raise OSError(EADDRINUSE) when a
+    process listens on it (connecting succeeds, or waits on a full backlog)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(PROBE_TIMEOUT)
+        try:
+            probe.connect(path)
+        except FileNotFoundError:
+            return
+        except ConnectionRefusedError:  # a socket file nobody listens on any more
+            os.unlink(path)
+            return
+        except TimeoutError:
+            pass
+    raise OSError(
+        errno.EADDRINUSE,
+        f"fd socket {path}: another daemon is serving on it; stop that daemon, or give this one its "
+        "own unix socket (--listen) or fd socket (config key fd_socket)",
+    )
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -69,12 +97,10 @@ class FdServer:
         self._sock: socket.socket | None = None
         self._task: asyncio.Task | None = None
         self._serving: set[asyncio.Task] = set()
+        self._inode = 0  # of the socket file this server bound: close() removes only that one
 
     async def start(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        claim_socket_path(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o777 & ~self.mode)
         try:
@@ -82,6 +108,7 @@ class FdServer:
         finally:
             os.umask(old)
         os.chmod(self.path, self.mode)
+        self._inode = os.stat(self.path).st_ino
         sock.listen(64)
         sock.setblocking(False)
         self._sock = sock
@@ -148,6 +175,7 @@ class FdServer:
         if self._sock is not None:
             self._sock.close()
         try:
-            os.unlink(self.path)
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
         except FileNotFoundError:
             pass
