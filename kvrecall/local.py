@@ -90,6 +90,8 @@ class LocalDaemon:
             self.process.wait()
 
     def __enter__(self) -> LocalDaemon:
+        if self.process is not None and self.process.poll() is None:
+            return self  # already started (e.g. `with daemon.start(timeout=...)`)
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
