@@ -55,7 +55,7 @@ def claim_socket_path(path: str) -> None:
             pass
     raise OSError(
         errno.EADDRINUSE,
-        f"fd socket {path}: another daemon is serving on it; stop that daemon, or give this one its "
+        f"unix socket {path}: another daemon is serving on it; stop that daemon, or give this one its "
         "own unix socket (--listen) or fd socket (config key fd_socket)",
     )
 

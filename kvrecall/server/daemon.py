@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvrecall import __version__
-from kvrecall.fdpass import FdServer
+from kvrecall.fdpass import FdServer, claim_socket_path
 from kvrecall.server.config import ServerConfig
 from kvrecall.server.metrics import Metrics
 from kvrecall.server.pools import DevicePool, HostPool
@@ -96,9 +96,7 @@ class Daemon:
         credentials = self._server_credentials()
         for address in c.listen:
             if address.startswith("unix://"):
-                path = address[len("unix://") :]
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                claim_socket_path(address[len("unix://") :])  # a live daemon's socket is never taken over
                 old = os.umask(0o777 & ~c.socket_mode)
                 try:
                     self.server.add_insecure_port(address)

@@ -41,7 +41,6 @@ def open_and_close(client: KVRecallClient, tag: str) -> str:
 
 def test_second_daemon_on_the_same_socket_does_not_take_over_the_fd_socket():
     with LocalDaemon(host_pool_gb=0.125, device_pool_gb=0.0625, extra_args=["--page-kb", "256"]) as first:
-        fd_socket = first.socket + ".fds"
         with KVRecallClient(first.target, "fd-race", timeout=30.0) as client:
             open_and_close(client, "before")  # the channel is connected to the first daemon
             log_path = os.path.join(tempfile.mkdtemp(prefix="kvrecall-second-"), "daemon.log")
@@ -60,9 +59,10 @@ def test_second_daemon_on_the_same_socket_does_not_take_over_the_fd_socket():
                 with ThreadPoolExecutor(max_workers=4) as pool:
                     ids += list(pool.map(lambda i: open_and_close(client, f"par-{i}"), range(16)))
                 assert len(set(ids)) == 24
-                # ... because the second daemon refused to start, saying why.
+                # ... because the second daemon refused to start, saying why (its gRPC socket is
+                # claimed first, and is the first daemon's too).
                 assert second.wait() != 0
-                assert f"fd socket {fd_socket}: another daemon is serving on it" in _read(log_path)
+                assert f"unix socket {first.socket}: another daemon is serving on it" in _read(log_path)
             finally:
                 if second.poll() is None:
                     second.kill()
