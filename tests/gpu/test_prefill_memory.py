@@ -61,7 +61,7 @@ def test_prefill_holds_about_one_layer_of_prompt_kv(model):
                 start = torch.cuda.memory_allocated()
                 STAGED.reset()
                 prefill(model, cache, ids)
-                ours = peak_above(start)
+                ours = peak_above(start) + STAGED.peak  # staging is cudaMalloc'd outside torch's allocator
                 assert STAGED.peak == layer_bytes(model)
                 assert session.stats().prompt_tokens == TOKENS
     # full holds all LAYERS layers of KV at its peak; the streamed ingest about two (the
