@@ -174,6 +174,10 @@ class KVRecallCache(Cache):
     def _end_prompt(self, num_tokens: int) -> None:
         prompt, self._prompt = self._prompt, None
         prompt.finish()
+        self._after_prompt(num_tokens)
+
+    def _after_prompt(self, num_tokens: int) -> None:
+        """The prompt is ingested: decode from here (references: this pass's last queries)."""
         self.ingested = True
         self.seq_length = num_tokens
         self._reference_all(torch.stack(self._last_queries), num_tokens - 1)
