@@ -184,10 +184,11 @@ class LouisKVPolicy(Policy):
 
     # ---- device metadata ---------------------------------------------------------------
     def _table_shape(self) -> tuple[int, int, torch.dtype]:
-        """(units, candidate tokens, rep dtype) per row. Every unit but the prompt's last
-        cluster and the open segment holds at least `unit_min` tokens on average: k-means
-        makes ceil(N / cluster_size) clusters of a prompt and N // cluster_size of a chunk,
-        and a segment closes with at least spill_every (or max_segment) tokens."""
+        """(units, candidate tokens, rep dtype) per row. A unit holds `unit_min` tokens or more
+        on average (k-means makes ceil(N / cluster_size) clusters of a prompt and
+        N // cluster_size of a chunk; a decode segment grows by spill_every tokens per notice
+        and closes at a boundary or at max_segment); the table is allocated at this size once
+        and a segment that would not fit stays open (_close_segment)."""
         T = self.layout.max_tokens
         unit_min = max(1, min(self.config.cluster_size, DEFAULT_SPILL_EVERY, self.config.max_segment))
         dtype = self.layout.dtype if self.layout.dtype in (torch.float16, torch.bfloat16) else torch.float32
