@@ -156,9 +156,7 @@ class Session:
         self.store.write(start, kv)
         self.spilled_upto = end
         self.counters.appends += 1
-        if start < plan.n_sink:  # a prompt shorter than the sinks: the chunk's first tokens are sinks
-            sink_end = min(end, plan.n_sink)
-            self.ws.write_tokens(kv, start, start, sink_end, torch.arange(start, sink_end, device=self.ws.keys.device))
+        # (After a prompt shorter than n_sink the sinks are its tokens: later ones never become sinks.)
         first = self.evicted_upto
         window_from = max(first, end - plan.min_window)
         placements = []
@@ -169,7 +167,8 @@ class Session:
             placements.append(self._place(selection))
             self.evicted_upto = ring_end
         if window_from > start:  # the chunk's oldest tokens never enter it
-            placements.append(self._place(self.policy.on_evict(self.context(Chunk(start, kv)), start, window_from)))
+            evicted = self.policy.on_evict(self.context(Chunk(start, kv)), start, window_from)
+            placements.append(self._place(evicted))
             self.evicted_upto = window_from
         ring_from = max(window_from, start)
         self.ws.write_tokens(kv, start, ring_from, end, self.ws.window_slots(ring_from, end))

@@ -100,6 +100,9 @@ def full_attention_logits(model, ids: torch.Tensor, steps: int) -> tuple[list[in
     ("louiskv", {"budget": 512, "cluster_size": 8}, 70),
     ("quest", {"budget": 512}, 70),
     ("snapkv", {"budget": 512}, 90),
+    ("louiskv", {"budget": 512, "cluster_size": 8}, 10),  # a first chunk shorter than the 16 sinks
+    ("quest", {"budget": 512}, 10),
+    ("windowkv", {"budget": 512}, 10),
 ])
 def test_model_prefill_streams_layers_and_stays_exact(client, tiny_llama, policy, config, chunk):
     from kvrecall.worker import decode, open_model_session

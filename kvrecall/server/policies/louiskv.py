@@ -231,7 +231,7 @@ class LouisKVPolicy(Policy):
 
     def on_ingest_done(self, ctx: PolicyContext) -> Selection | None:
         start, end = ctx.ingest_range
-        self.open_start = self.closed_upto = end
+        self.open_start = self.closed_upto = ctx.evicted_upto  # later evictions start there
         if self.units is not None and end > start:
             k = max(1, math.ceil((end - start) / self.config.cluster_size))
             self.units.advance(min(k, end - start), end - start)

@@ -92,7 +92,6 @@ class QuestPolicy(Policy):
 
     def on_ingest_layer(self, ctx: PolicyContext, layer: int, kv: torch.Tensor, queries: torch.Tensor | None) -> None:
         start, end = ctx.ingest_range
-        self.first = self.end = start
         if end > start:
             device = ctx.ws.keys.device
             self._allocate(device)
@@ -104,7 +103,7 @@ class QuestPolicy(Policy):
 
     def on_ingest_done(self, ctx: PolicyContext) -> Selection | None:
         start, end = ctx.ingest_range
-        self.first, self.end = start, max(start, end)
+        self.first, self.end = start, max(start, end)  # pages start after the sinks
         self.pages = -(-(self.end - self.first) // self.config.page_size)
         if len(self.last_queries) < self.layout.num_layers:
             return None
