@@ -147,8 +147,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     daemon_args = ["--warmup", args.daemon_warmup, "--page-kb", str(args.page_kb)]
     results: dict[str, Any] = {"contexts": {}}
     started = time.perf_counter()
-    with LocalDaemon(host_pool_gb=host_gb, device_pool_gb=args.device_pool_gb, device=str(device),
-                     extra_args=daemon_args) as daemon:  # fmt: skip
+    daemon = LocalDaemon(host_pool_gb=host_gb, device_pool_gb=args.device_pool_gb, device=str(device),
+                         extra_args=daemon_args)  # fmt: skip
+    daemon.start(timeout=900.0)  # pinning a large host tier and the kernel warm-up take minutes
+    try:
         results["daemon_start_s"] = time.perf_counter() - started
         with KVRecallClient(daemon.target, "bench-prefill", timeout=600.0) as client:
             for T in contexts:
@@ -170,11 +172,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         "prefill_first_vs_full": first["prefill_s"] / full["prefill_s"],
                     },
                 }  # fmt: skip
+    finally:
+        daemon.stop()
     results["config"] = {
         "shape": args.shape, "layers": layers, "dtype": str(dtype).removeprefix("torch."), "contexts": contexts,
         "chunk": args.chunk, "budget": args.budget, "steps": args.steps, "policy": "louiskv",
         "daemon_warmup": args.daemon_warmup,
     }  # fmt: skip
+    results["notes"] = (
+        "kvrecall_first: the first session at that context (for the first context, the first after daemon "
+        "start); kvrecall: a second, warm one. peak_worker_bytes: torch's peak above the weights plus the peak "
+        "of the cudaMalloc'd staging buffers (an upper bound). daemon_device_bytes: working set + policy metadata."
+    )
     return results
 
 
