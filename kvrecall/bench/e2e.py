@@ -27,6 +27,7 @@ import random
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import replace
 from typing import Any
 
@@ -56,13 +57,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rates", default=f"0,{MEASURED_RATE},1", help="louiskv boundary rates (share of steps)")
     p.add_argument("--budget", type=int, default=1024, help="retrieved tokens per layer and KV head")
     p.add_argument("--steps", type=int, default=64, help="timed steps per configuration")
-    p.add_argument("--warmup", type=int, default=8, help="untimed steps first")
+    p.add_argument("--warmup", type=int, default=24, help="untimed steps first")
+    p.add_argument("--lag", type=int, default=1,
+                   help="steps a slot reads its shadow while the daemon retrieves (0: retrieval blocks the next step)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
     p.add_argument("--capped-context", type=int, default=32768, help="context of the capped-GPU-KV throughput part")
     p.add_argument("--gpu-kv-cap-gib", type=float, default=16.0, help="GPU KV cap of that part")
     p.add_argument("--host-cap-gib", type=float, default=100.0, help="host tier the capped and many parts may use")
     p.add_argument("--many", type=int, default=64, help="sequences of the daemon-sustain part")
     p.add_argument("--many-context", type=int, default=8192, help="their prompt tokens")
+    p.add_argument("--host-pool-gib", type=float, default=None,
+                   help="daemon host tier (default: what the largest configuration needs); configurations that do "
+                   "not fit are skipped and listed under skipped")
     p.add_argument("--no-graph", action="store_true", help="run steps eagerly")
     p.add_argument("--out", default="e2e.json")
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
@@ -200,7 +206,7 @@ class Bench:
                 opened.append(client.open_session(self.spec(context), policy, config, device=self.device))
             capacity = opened[0].capacity
             force = schedule if policy == "louiskv" else None
-            engine = Engine(self.weights, batch, capacity, use_graph=not args.no_graph, force_boundary=force)
+            engine = Engine(self.weights, batch, capacity, use_graph=not args.no_graph, force_boundary=force, lag=args.lag)
             first = torch.randint(0, self.shape.vocab, (batch,)).tolist()
             ingest = []
             for session, token in zip(opened, first, strict=True):
@@ -231,7 +237,7 @@ class Bench:
                     "median_ms": round(statistics.median(samples), 3), "p90_ms": round(_percentile(samples, 0.9), 3),
                     "mean_ms": round(mean, 3), "tokens_per_s": round(batch * 1e3 / mean, 1),
                     "boundary_share": round(crossed / (args.steps * batch), 4), "graphed": engine.graph.graphed,
-                    "capacity": capacity, "budget": config.get("budget"),
+                    "capacity": capacity, "budget": config.get("budget"), "lag": args.lag,
                     "ingest_s_first": round(ingest[0], 3), "ingest_s_mean": round(statistics.fmean(ingest), 3),
                     "setup_s": round(setup_s, 2), "worker_peak_gib": self.worker_peak(),
                     "daemon_gpu_gib": _gib(daemon_device), "host_gib": _gib(host_bytes),
@@ -255,6 +261,7 @@ class Bench:
             fn()
         except Exception as exc:  # a failed configuration is recorded; the next one still runs
             message = f"{what}: {type(exc).__name__}: {exc}"[:800]
+            traceback.print_exc()
             log("  ERROR " + message)
             self.errors.append(message)
             self.write()
@@ -271,7 +278,9 @@ class Bench:
             + [args.many * args.many_context if "many" in parts else 0]
             + [int(args.host_cap_gib * GiB / self.token_bytes) if "capped" in parts else 0]
         )  # fmt: skip
-        host_gib = max(1.0, need * self.token_bytes * 1.1 / GiB + 1)
+        host_gib = args.host_pool_gib or max(1.0, need * self.token_bytes * 1.1 / GiB + 1)
+        self.meta["host_pool_gib"] = host_gib
+        self.meta["skipped"] = []
         device_gib = 24.0 if self.device.type == "cuda" else 1.0
         log(f"e2e: {self.meta.get('device')} shape={self.shape} host pool {host_gib:.1f} GiB")
         started = time.perf_counter()
@@ -283,6 +292,9 @@ class Bench:
                 if "step" in parts:
                     for context in contexts:
                         for batch in batches:
+                            if context * batch * self.token_bytes > host_gib * GiB * 0.97:
+                                self.meta["skipped"].append(f"{context}x{batch}: host tier of {host_gib} GiB too small")
+                                continue
                             log(f"step: context {context}, batch {batch}")
                             self.guarded(f"full {context}x{batch}", lambda c=context, b=batch: self.add(self.full("step", c, b)))
                             for policy in policies:
@@ -405,6 +417,8 @@ NOTES = [
     f"Random weights drift on every step: louiskv's boundaries follow a schedule at `rate` "
     f"({MEASURED_RATE} is the rate measured on the real model); the device flag is still computed.",
     "quest retrieves after every step (rate 1). graph_only_ms: the captured step without daemon calls.",
+    "lag: steps a slot that crossed a boundary reads a shadow copy of its working set while the daemon "
+    "retrieves into the real one (engine/engine.py); 0 = the retrieval blocks the next step.",
     "The prompt's KV is random and ingested as it is (this bench times decode; prefill memory and time "
     "are `python -m kvrecall.bench.prefill`).",
 ]

@@ -172,8 +172,9 @@ class SessionCore:
         self.seq += 1
         return self.seq
 
-    def append_request(self) -> pb.DecodeRequest:
-        upto = self.position
+    def append_request(self, upto: int | None = None) -> pb.DecodeRequest:
+        """An AppendNotice for the tokens written up to `upto` (default: all of them)."""
+        upto = self.position if upto is None else upto
         request = pb.DecodeRequest(seq=self.next_seq(), session_id=self.session_id)
         request.append.upto = upto
         if self.transport == pb.TRANSPORT_INLINE:
@@ -184,9 +185,13 @@ class SessionCore:
             request.append.kv.CopyFrom(inline_ref(kv))
         return request
 
-    def boundary_request(self, layers: list[int] | None = None, queries: torch.Tensor | None = None) -> pb.DecodeRequest:
+    def boundary_request(
+        self, layers: list[int] | None = None, position: int | None = None, queries: torch.Tensor | None = None
+    ) -> pb.DecodeRequest:
+        """A BoundaryEvent at `position` (default: the tokens written so far), for the query in
+        the working set or for `queries` (several per head, inline)."""
         request = pb.DecodeRequest(seq=self.next_seq(), session_id=self.session_id)
-        request.boundary.position = self.position
+        request.boundary.position = self.position if position is None else position
         request.boundary.layers.extend(layers or [])
         if queries is not None:
             request.boundary.queries.CopyFrom(inline_ref(queries.to(self.spec.dtype)))

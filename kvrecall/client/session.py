@@ -213,16 +213,18 @@ class WorkerSession:
             self._requests.put(_END)
             self._responses = None
 
-    def append(self) -> pb.AppendAck:
+    def append(self, upto: int | None = None) -> pb.AppendAck:
         """Tell the daemon about the tokens written since the last notice (blocks for the ack)."""
         self.stats_appends += 1
-        return self._stream_call(self.core.append_request()).append
+        return self._stream_call(self.core.append_request(upto)).append
 
-    def boundary(self, layers: list[int] | None = None, queries: torch.Tensor | None = None) -> pb.RetrievalResult:
+    def boundary(
+        self, layers: list[int] | None = None, position: int | None = None, queries: torch.Tensor | None = None
+    ) -> pb.RetrievalResult:
         """Ask for retrieval for the query in `self.query` (write it first), or for `queries`
         [len(layers) or L, Hq, n, D] (several per head: a chunk's last queries, sent inline)."""
         self.stats_boundaries += 1
-        return self._stream_call(self.core.boundary_request(layers, queries)).retrieval
+        return self._stream_call(self.core.boundary_request(layers, position, queries)).retrieval
 
     def chunk(self, kv: StagingBuffer) -> pb.AppendAck:
         """Hand over a chunk of n new tokens after the ingest, kv.tensor [L, 2, H, n, D],

@@ -27,13 +27,13 @@ class SessionBatch:
 
     def __init__(
         self, batch: int, num_layers: int, num_query_heads: int, num_kv_heads: int, head_dim: int,
-        max_capacity: int, device: torch.device, scale: float, impl: str = "auto",
+        max_capacity: int, device: torch.device, dtype: torch.dtype, scale: float, impl: str = "auto",
     ) -> None:  # fmt: skip
         self.num_layers = num_layers
         self.max_capacity = max_capacity
         self.scale = scale
         self.impl = impl
-        self.tables = SlotTables.empty(batch, device)
+        self.tables = SlotTables.empty(batch, device, dtype)
         self.workspace = AttendWorkspace(
             batch, num_kv_heads, num_query_heads // num_kv_heads, head_dim, max_capacity, device
         )

@@ -2,9 +2,9 @@
 
 A decode engine that batches B sequences cannot stack their working sets: each session's
 [sinks | retrieved | window] tensors are a separate allocation the daemon shares with the
-worker (a worker maps its own sessions' memory and nothing else). So both ops read a
-*pointer table*: int64 [B] base addresses of every sequence's keys, values, slot_pos and
-query tensors, plus int32 [B] per-sequence geometry (capacity, window start, window size;
+worker (a worker maps its own sessions' memory and nothing else). So both ops read
+*offset tables*: int64 [B] element offsets of every sequence's keys, values, slot_pos and
+query tensors from one aligned anchor tensor, plus int32 [B] per-sequence geometry (capacity, window start, window size;
 capacity 0 = an empty batch slot). The tables are ordinary device tensors, so a captured
 CUDA graph stays valid when sequences join or leave: only the tables' contents change.
 
@@ -29,14 +29,21 @@ import torch
 
 from kvrecall.kernels._triton import next_power_of_2, use_triton
 
+# Working-set tensors start on 256-byte boundaries (SegmentLayout) of page-aligned memory, and
+# the anchors are allocator-aligned: every element offset below is a multiple of this.
+OFFSET_ALIGN = 16
+
 
 @dataclass
 class SlotTables:
-    """Pointer and geometry tables of a batch (all on the batch's device).
+    """Offset and geometry tables of a batch (all on the batch's device).
 
-    keys / values / slot_pos / query: int64 [B] data_ptr() of each sequence's tensors (0 for
-    an empty slot); capacity / window_start / window: int32 [B]. `tensors` keeps, per slot,
-    the (keys, values, slot_pos, query) tensors themselves for the reference path."""
+    keys / values / query: int64 [B] element offsets of each sequence's tensors from `anchor`
+    (a 1-element tensor of the layout dtype); slot_pos: from `anchor_pos` (int32). The kernels
+    address slot b's keys as anchor + keys[b]: a tensor argument plus an offset the compiler
+    knows is aligned, so loads are vectorised. capacity / window_start / window: int32 [B]
+    (capacity 0 = an empty slot). `tensors` keeps, per slot, the (keys, values, slot_pos,
+    query) tensors themselves: the reference path reads them, and they stay mapped."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -45,27 +52,43 @@ class SlotTables:
     capacity: torch.Tensor
     window_start: torch.Tensor
     window: torch.Tensor
+    anchor: torch.Tensor
+    anchor_pos: torch.Tensor
     tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None]
 
     @staticmethod
-    def empty(batch: int, device: torch.device) -> SlotTables:
-        def z(dtype: torch.dtype) -> torch.Tensor:
-            return torch.zeros(batch, dtype=dtype, device=device)
+    def empty(batch: int, device: torch.device, dtype: torch.dtype) -> SlotTables:
+        def z(kind: torch.dtype) -> torch.Tensor:
+            return torch.zeros(batch, dtype=kind, device=device)
 
         return SlotTables(
             z(torch.int64), z(torch.int64), z(torch.int64), z(torch.int64),
-            z(torch.int32), z(torch.int32), z(torch.int32), [None] * batch,
+            z(torch.int32), z(torch.int32), z(torch.int32),
+            torch.zeros(1, dtype=dtype, device=device), torch.zeros(1, dtype=torch.int32, device=device),
+            [None] * batch,
         )  # fmt: skip
+
+    def _offset(self, tensor: torch.Tensor, anchor: torch.Tensor) -> int:
+        if tensor.dtype != anchor.dtype or tensor.device != anchor.device:
+            raise ValueError(f"working-set tensor of {tensor.dtype} on {tensor.device}, batch of {anchor.dtype}")
+        if not tensor.is_contiguous():
+            raise ValueError("working-set tensors must be contiguous")
+        distance = tensor.data_ptr() - anchor.data_ptr()
+        offset, rest = divmod(distance, tensor.element_size())
+        if rest or offset % OFFSET_ALIGN:
+            raise ValueError(f"working-set tensor at {tensor.data_ptr():#x} is not {OFFSET_ALIGN}-element aligned")
+        return offset
 
     def set(
         self, b: int, keys: torch.Tensor, values: torch.Tensor, slot_pos: torch.Tensor, query: torch.Tensor,
         window_start: int, window: int,
     ) -> None:  # fmt: skip
         """Slot b reads this working set (keys [L, H, C, D], slot_pos [L, H, C], query [L, Hq, D])."""
-        for table, tensor in ((self.keys, keys), (self.values, values), (self.slot_pos, slot_pos), (self.query, query)):
-            if not tensor.is_contiguous():
-                raise ValueError("working-set tensors must be contiguous")
-            table[b] = tensor.data_ptr()
+        pairs = ((self.keys, keys, self.anchor), (self.values, values, self.anchor),
+                 (self.slot_pos, slot_pos, self.anchor_pos), (self.query, query, self.anchor))  # fmt: skip
+        offsets = [self._offset(tensor, anchor) for _, tensor, anchor in pairs]
+        for (table, _, _), offset in zip(pairs, offsets, strict=True):
+            table[b] = offset
         self.capacity[b] = keys.shape[2]
         self.window_start[b] = window_start
         self.window[b] = window
@@ -134,8 +157,11 @@ class AttendWorkspace:
 
     def __init__(
         self, batch: int, kv_heads: int, group: int, head_dim: int, max_capacity: int, device: torch.device,
-        block_c: int = 64, target_programs: int = 256,
+        block_c: int = 64, target_programs: int | None = None,
     ) -> None:  # fmt: skip
+        if target_programs is None:  # enough to fill the GPU several times over; 256 elsewhere
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
+            target_programs = 16 * sms
         self.kv_heads = kv_heads
         self.group_padded = max(16, next_power_of_2(group))
         self.block_c = block_c

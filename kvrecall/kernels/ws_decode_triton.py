@@ -10,9 +10,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _at(anchor, table, b):
+    """Slot b's tensor: the anchor plus its aligned element offset."""
+    return anchor + tl.multiple_of(tl.load(table + b), 16)
+
+
+@triton.jit
 def _write_step_kernel(
-    k_ptr, v_ptr, q_ptr, pos_ptr, keys_tab, values_tab, slot_tab, query_tab, cap_tab, wstart_tab, wsize_tab,
-    layer, H, HQ, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    k_ptr, v_ptr, q_ptr, pos_ptr, anchor, anchor_pos, keys_tab, values_tab, slot_tab, query_tab,
+    cap_tab, wstart_tab, wsize_tab, layer, H, HQ, D: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -22,23 +28,22 @@ def _write_step_kernel(
         slot = tl.load(wstart_tab + b).to(tl.int64) + pos % tl.load(wsize_tab + b).to(tl.int64)
         offs = tl.arange(0, BLOCK_D)
         dmask = offs < D
-        elem = k_ptr.dtype.element_ty
         if h < H:
             row = ((layer * H + h) * cap.to(tl.int64) + slot) * D
-            keys = tl.load(keys_tab + b).to(tl.pointer_type(elem))
-            values = tl.load(values_tab + b).to(tl.pointer_type(elem))
+            keys = _at(anchor, keys_tab, b)
+            values = _at(anchor, values_tab, b)
             tl.store(keys + row + offs, tl.load(k_ptr + (b * H + h) * D + offs, mask=dmask), mask=dmask)
             tl.store(values + row + offs, tl.load(v_ptr + (b * H + h) * D + offs, mask=dmask), mask=dmask)
-            slot_pos = tl.load(slot_tab + b).to(tl.pointer_type(tl.int32))
+            slot_pos = _at(anchor_pos, slot_tab, b)
             tl.store(slot_pos + (layer * H + h) * cap.to(tl.int64) + slot, pos.to(tl.int32))
-        query = tl.load(query_tab + b).to(tl.pointer_type(elem))
+        query = _at(anchor, query_tab, b)
         tl.store(
             query + (layer * HQ + h) * D + offs, tl.load(q_ptr + (b * HQ + h) * D + offs, mask=dmask), mask=dmask
         )
 
 @triton.jit
 def _attend_split_kernel(
-    q_ptr, keys_tab, values_tab, slot_tab, cap_tab, part_acc, part_m, part_l,
+    q_ptr, anchor, anchor_pos, keys_tab, values_tab, slot_tab, cap_tab, part_acc, part_m, part_l,
     layer, H, scale, slots_per_split,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -58,9 +63,9 @@ def _attend_split_kernel(
     start = split * slots_per_split
     end = tl.minimum(start + slots_per_split, cap)
     if cap > 0:
-        keys = tl.load(keys_tab + b).to(tl.pointer_type(elem))
-        values = tl.load(values_tab + b).to(tl.pointer_type(elem))
-        slot_pos = tl.load(slot_tab + b).to(tl.pointer_type(tl.int32))
+        keys = _at(anchor, keys_tab, b)
+        values = _at(anchor, values_tab, b)
+        slot_pos = _at(anchor_pos, slot_tab, b)
         base = (layer * H + h) * cap
         for c0 in range(start, end, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
@@ -124,7 +129,7 @@ def write_step_triton(tables, layer: int, k: torch.Tensor, v: torch.Tensor, q: t
     B, H, D = k.shape
     HQ = q.shape[1]
     _write_step_kernel[(B, HQ)](
-        k.contiguous(), v.contiguous(), q.contiguous(), positions, tables.keys, tables.values, tables.slot_pos,
+        k.contiguous(), v.contiguous(), q.contiguous(), positions, tables.anchor, tables.anchor_pos, tables.keys, tables.values, tables.slot_pos,
         tables.query, tables.capacity, tables.window_start, tables.window, layer, H, HQ,
         D=D, BLOCK_D=triton.next_power_of_2(D),
     )  # fmt: skip
@@ -136,7 +141,7 @@ def attend_triton(tables, layer: int, q: torch.Tensor, scale: float, workspace) 
     G = HQ // H
     out = torch.empty_like(q)
     _attend_split_kernel[(B, H, workspace.splits)](
-        q.contiguous(), tables.keys, tables.values, tables.slot_pos, tables.capacity,
+        q.contiguous(), tables.anchor, tables.anchor_pos, tables.keys, tables.values, tables.slot_pos, tables.capacity,
         workspace.acc, workspace.m, workspace.l, layer, H, scale, workspace.slots_per_split,
         G=G, GP=workspace.group_padded, D=D, BLOCK_C=workspace.block_c, IEEE=q.dtype == torch.float32,
     )  # fmt: skip

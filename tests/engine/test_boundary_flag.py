@@ -15,7 +15,7 @@ def test_device_flag_equals_the_worker_rule(device):
     """SessionBatch's in-step flag against BoundaryDetector (mean over heads, then layers)."""
     torch.manual_seed(5)
     B, L, Hq, H, D = 4, 3, 8, 2, 64
-    batch = SessionBatch(B, L, Hq, H, D, 256, torch.device(device), D**-0.5, impl="reference")
+    batch = SessionBatch(B, L, Hq, H, D, 256, torch.device(device), torch.float32, D**-0.5, impl="reference")
     reference = torch.randn(B, L, Hq, D, device=device)
     batch.reference.copy_(reference)
     thresholds = [0.2, 0.5, 0.9, -2.0]

@@ -18,7 +18,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def tables_pair(capacities, L, H, G, D, dtype, seed):
     """Two SlotTables over identical copies of random working sets (0 = an empty slot)."""
     g = torch.Generator().manual_seed(seed)
-    pair = (SlotTables.empty(len(capacities), DEVICE), SlotTables.empty(len(capacities), DEVICE))
+    pair = (SlotTables.empty(len(capacities), DEVICE, dtype), SlotTables.empty(len(capacities), DEVICE, dtype))
     for b, C in enumerate(capacities):
         if C == 0:
             continue
