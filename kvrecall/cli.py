@@ -29,6 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
         "worker_share": args.worker_share,
         "log_level": args.log_level,
         "session_ops": args.session_ops,
+        "warmup": args.warmup,
     }
     try:
         config = load_config(args.config, overrides)
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--session-ops", choices=("thread", "inline"),
         help="run appends and boundaries in a worker thread (default) or on the event loop (no thread hop)",
     )  # fmt: skip
+    serve.add_argument(
+        "--warmup", help="dtype:head_dim pairs whose kernels compile at start on CUDA, e.g. bfloat16:128 ('' = none)"
+    )
     serve.add_argument(
         "--config", help="JSON or TOML file of the same settings (flags and KVRECALL_* env win)"
     )

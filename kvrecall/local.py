@@ -42,7 +42,8 @@ class LocalDaemon:
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60.0) -> LocalDaemon:
+    def start(self, timeout: float = 300.0) -> LocalDaemon:
+        """Start the process and wait until it serves (a CUDA daemon compiles its kernels first)."""
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout

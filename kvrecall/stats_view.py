@@ -45,14 +45,14 @@ def render(response) -> str:
     if response.sessions:
         lines += _table(
             ["session", "worker", "policy", "tag", "tp", "prompt", "tokens", "resident (max)", "boundaries",
-             "appends", "host->gpu", "host", "gpu"],
+             "appends", "host->gpu", "host", "gpu", "of it metadata"],
             [
                 [
                     s.session_id, s.worker_id, s.policy, s.tag or "-",
                     f"{s.tp_rank}/{s.tp_size}" if s.tp_size else "-",
                     str(s.prompt_tokens), str(s.tokens), f"{s.resident_tokens} ({s.max_resident_tokens})",
                     str(s.boundaries), str(s.appends), _bytes(s.bytes_host_to_device), _bytes(s.host_bytes),
-                    _bytes(s.device_bytes),
+                    _bytes(s.device_bytes), _bytes(s.metadata_bytes),
                 ]
                 for s in response.sessions
             ],

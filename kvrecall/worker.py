@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from kvrecall.client.hf import KVRecallCache, spec_for, use_kvrecall_attention
+from kvrecall.client.hf import KVRecallCache, prefill, spec_for, use_kvrecall_attention
 
 
 @dataclass
@@ -29,14 +29,14 @@ class DecodeResult:
 
 
 def open_model_session(
-    client, model, policy: str, config: dict | None, max_tokens: int, tag: str = "", signal: str | None = None
+    client, model, policy: str, config: dict | None, max_tokens: int, tag: str = "", signal: str | None = None,
+    chunk_tokens: int | None = None,
 ):
     """A session shaped for `model`, and the cache that decodes through it (`signal`: the
-    boundary signal's query view, see KVRecallCache)."""
-    device = next(model.parameters()).device
-    session = client.open_session(spec_for(model, max_tokens), policy, config, tag=tag, device=device)
+    boundary signal's query view; `chunk_tokens`: prefill in chunks; see KVRecallCache)."""
+    session = client.open_session(spec_for(model, max_tokens), policy, config, tag=tag)
     use_kvrecall_attention(model)
-    return session, KVRecallCache(session, record_similarity=True, signal=signal)
+    return session, KVRecallCache(session, record_similarity=True, signal=signal, chunk_tokens=chunk_tokens)
 
 
 def decode_step(model, cache, token: int, position: int, device: torch.device) -> torch.Tensor:
@@ -62,17 +62,17 @@ def decode(
     forced: list[int] | None = None,
     progress: bool = False,
 ) -> DecodeResult:
-    """Prefill `input_ids` [1, T], then decode greedily (or feed `forced` tokens: teacher forcing)."""
+    """Prefill `input_ids` [1, T] (after what the cache holds already; in the cache's chunks),
+    then decode greedily (or feed `forced` tokens: teacher forcing)."""
     started = time.perf_counter()
     if progress:
         print(f"prefill: {input_ids.shape[1]} tokens ...", flush=True)
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-    prefill = time.perf_counter() - started
-    logits = [out.logits[0, -1].float()]
+    logits = [prefill(model, cache, input_ids)]
+    prefill_seconds = time.perf_counter() - started
     tokens: list[int] = []
     steps = len(forced) if forced is not None else max_new_tokens
     started = time.perf_counter()
-    position = input_ids.shape[1]
+    position = cache.seq_length
     bar = tqdm(total=steps, desc="decode", unit="tok", disable=not progress, leave=False)
     for step in range(steps):
         token = forced[step] if forced is not None else int(logits[-1].argmax())
@@ -90,7 +90,7 @@ def decode(
     return DecodeResult(
         tokens=tokens,
         logits=logits[: len(tokens)],
-        prefill_seconds=prefill,
+        prefill_seconds=prefill_seconds,
         decode_seconds=time.perf_counter() - started,
         boundaries=cache.stats.boundaries,
         appends=cache.stats.appends,

@@ -26,7 +26,8 @@ TRANSPORTS = {"shm": pb.TRANSPORT_SHM, "cuda_ipc": pb.TRANSPORT_CUDA_IPC, "inlin
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The model layout a session is opened with."""
+    """The model layout a session is opened with; `device` ("cuda:0", "cpu", "": unknown) is
+    where the worker's model runs, which picks the transport when open_session is given none."""
 
     num_layers: int
     num_kv_heads: int
@@ -34,6 +35,7 @@ class ModelSpec:
     head_dim: int
     dtype: torch.dtype
     max_tokens: int
+    device: str = ""
 
     def to_proto(self) -> pb.ModelLayout:
         return pb.ModelLayout(
@@ -214,13 +216,25 @@ class SessionCore:
             request.append.kv.CopyFrom(inline_ref(kv))
         return request
 
-    def boundary_request(self, layers: list[int] | None = None, position: int | None = None) -> pb.DecodeRequest:
-        """A BoundaryEvent at `position` (default: the tokens written so far)."""
+    def boundary_request(
+        self, layers: list[int] | None = None, position: int | None = None, queries: torch.Tensor | None = None
+    ) -> pb.DecodeRequest:
+        """A BoundaryEvent at `position` (default: the tokens written so far), for the query in
+        the working set or for `queries` (several per head, inline)."""
         request = pb.DecodeRequest(seq=self.next_seq(), session_id=self.session_id, capability=self.capability)
         request.boundary.position = self.position if position is None else position
         request.boundary.layers.extend(layers or [])
-        if self.transport == pb.TRANSPORT_INLINE:
+        if queries is not None:
+            request.boundary.queries.CopyFrom(inline_ref(queries.to(self.spec.dtype)))
+        elif self.transport == pb.TRANSPORT_INLINE:
             request.boundary.query.CopyFrom(inline_ref(self.query))
+        return request
+
+    def chunk_request(self, kv) -> pb.DecodeRequest:
+        """ChunkAppend of the tokens in staging buffer `kv` (a StagingBuffer), from `position`."""
+        request = pb.DecodeRequest(seq=self.next_seq(), session_id=self.session_id, capability=self.capability)
+        request.chunk.start = self.position
+        request.chunk.kv.CopyFrom(kv.ref())
         return request
 
     def apply_delta(self, delta: pb.WorkingSetDelta) -> None:
@@ -240,7 +254,7 @@ class SessionCore:
     def apply_answer(self, request: pb.DecodeRequest, response: pb.DecodeResponse) -> None:
         if response.seq != request.seq:
             raise RuntimeError(f"answer seq {response.seq} for request {request.seq}: stream out of order")
-        if request.WhichOneof("event") == "append":
+        if request.WhichOneof("event") in ("append", "chunk"):
             self.noticed_upto = response.append.spilled_upto
         self.apply_delta(response.delta)
 
@@ -322,9 +336,10 @@ class ClientBase:
         tp_rank: int,
         tp_size: int,
     ) -> tuple[pb.OpenSessionRequest, int]:
-        """The OpenSession request and the transport it asks for (see choose_transport)."""
-        device = torch.device(device) if device is not None else None
-        kind = choose_transport(self.target, device, transport)
+        """The OpenSession request and the transport it asks for (see choose_transport; the
+        device defaults to the spec's)."""
+        device = device if device is not None else (spec.device or None)
+        kind = choose_transport(self.target, torch.device(device) if device is not None else None, transport)
         request = pb.OpenSessionRequest(
             worker_id=self.worker_id,
             layout=spec.to_proto(),
@@ -377,6 +392,8 @@ def credentials(tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -
 
 
 def choose_transport(target: str, device: torch.device | None, transport: str | None) -> int:
+    """`transport` by name; else inline for a remote target, CUDA IPC for a local one when the
+    worker's tensors are on a GPU, shared memory otherwise."""
     if transport:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {sorted(TRANSPORTS)}")

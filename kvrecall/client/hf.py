@@ -5,14 +5,20 @@
     use_kvrecall_attention(model)
     model.generate(input_ids, past_key_values=cache, max_new_tokens=64, do_sample=False)
 
-Prefill runs ordinary causal attention over the prompt; at its last layer the cache hands
-the prompt KV (and the last prompt queries the policy asked for) to the daemon once. Each
-decode step writes the new token's K/V into the working set's window ring and attends over
-the resident slots ([sinks | retrieved | window], masked by slot_pos). After the step the
-cache announces appended tokens every `spill_every` tokens and, when the BoundaryDetector
-fires, asks the daemon to retrieve for the step's queries (serving the next step).
-Policies that retrieve every step (quest) retrieve per layer before that layer's attention.
-Batch size 1 (one session per sequence).
+The first forward pass is the prompt (the ingest): ordinary causal attention, and each
+layer's K/V (with the last prompt queries the policy asked for) streams to the daemon right
+after that layer's attention used it (client/ingest.py), so the worker never holds the whole
+prompt's KV. A later forward pass of n > 1 tokens is a chunk (a question after a cached
+document, a chat turn, the next piece of a long prompt: `prefill(model, cache, ids)` feeds a
+prompt in chunks of `chunk_tokens`): per layer, policies that retrieve first retrieve for the
+chunk's last queries, then the chunk attends over the resident slots and causally over
+itself; after the last layer the chunk's K/V goes to the daemon (ChunkAppend), which puts it
+in the host tier and the window ring. A pass of one token is a decode step: its K/V goes into
+the window ring and it attends over the resident slots ([sinks | retrieved | window], masked
+by slot_pos); after the step the cache announces appended tokens every `spill_every` tokens
+and, when the BoundaryDetector fires, asks the daemon to retrieve for the step's queries
+(serving the next step). Policies that retrieve every step (quest) retrieve per layer before
+that layer's attention. Batch size 1 (one session per sequence).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvrecall.client.boundary import BoundaryDetector
 from kvrecall.client.core import ModelSpec
+from kvrecall.client.ingest import PromptStream
+from kvrecall.client.staging import StagingBuffer
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 ATTENTION_NAME = "kvrecall"
@@ -39,13 +47,15 @@ def spec_for(model: torch.nn.Module, max_tokens: int, dtype: torch.dtype | None 
     config = model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    weight = next(model.parameters())
     return ModelSpec(
         num_layers=config.num_hidden_layers,
         num_kv_heads=getattr(config, "num_key_value_heads", heads),
         num_query_heads=heads,
         head_dim=head_dim,
-        dtype=dtype or next(model.parameters()).dtype,
+        dtype=dtype or weight.dtype,
         max_tokens=max_tokens,
+        device=str(weight.device),
     )
 
 
@@ -82,27 +92,37 @@ class _Layer(DynamicLayer):
 
 
 class KVRecallCache(Cache):
-    """A transformers Cache whose KV lives in a kvrecall session (batch size 1)."""
+    """A transformers Cache whose KV lives in a kvrecall session (batch size 1).
+
+    chunk_tokens: the chunk size `prefill()` feeds a prompt in (None: the whole prompt in one
+    pass); chunk_queries: how many of a chunk's last queries per head pick its retrieval."""
 
     def __init__(
-        self, session, aggregate: str = "mean", record_similarity: bool = False, signal: str | None = None
+        self, session, aggregate: str = "mean", record_similarity: bool = False, signal: str | None = None,
+        chunk_tokens: int | None = None, chunk_queries: int = 32,
     ) -> None:
         if signal is None:  # the daemon's boundary rule decides
             signal = "pre" if getattr(session, "boundary_pre_rope", False) else "post"
         if signal not in ("pre", "post"):
             raise ValueError("signal must be 'pre' (RoPE undone) or 'post' (the attention's query)")
+        if chunk_tokens is not None and chunk_tokens < 1:
+            raise ValueError("chunk_tokens must be >= 1")
         self.session = session
         self.signal = signal
+        self.chunk_tokens = chunk_tokens
+        self.chunk_queries = max(1, chunk_queries)
         spec = session.spec
         self.num_layers = spec.num_layers
         self.group = spec.num_query_heads // spec.num_kv_heads
         super().__init__(layers=[_Layer(self, i) for i in range(spec.num_layers)])
         self.detector = BoundaryDetector(session.boundary_mode, session.boundary_threshold, spec.num_layers, aggregate)
         self.per_layer_retrieval = session.boundary_mode == pb.BOUNDARY_MODE_EVERY_STEP
+        self.retrieves = session.boundary_mode in (pb.BOUNDARY_MODE_EVERY_STEP, pb.BOUNDARY_MODE_THRESHOLD)
         self.stats = StepStats()
         self.record_similarity = record_similarity
-        self._prefill_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._obs_queries: list[torch.Tensor] = []
+        self._prompt: PromptStream | None = None
+        self._chunk: StagingBuffer | None = None  # [L, 2, H, n, D]: the chunk in this forward pass
+        self._last_queries: list[torch.Tensor] = []  # per layer, the pass's last query [Hq, D]
         self.ingested = False
         self.seq_length = 0
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -115,11 +135,8 @@ class KVRecallCache(Cache):
         if key_states.shape[0] != 1:
             raise ValueError("KVRecallCache serves batch size 1 (open one session per sequence)")
         _ACTIVE.set(self)
-        if not self.ingested:
-            self._prefill_kv.append((key_states[0], value_states[0]))
+        if not self.ingested or key_states.shape[2] > 1:  # the prompt or a chunk: the attention sends it on
             return key_states, value_states
-        if key_states.shape[2] != 1:
-            raise ValueError("after the prompt, KVRecallCache takes one token per forward pass")
         s = self.session
         s.write_token(s.position, key_states[0, :, 0], value_states[0, :, 0], layer=layer)
         return s.keys[layer].unsqueeze(0), s.values[layer].unsqueeze(0)
@@ -132,30 +149,73 @@ class KVRecallCache(Cache):
         return False
 
     # ---- called by the attention function -----------------------------------------------
+    def _note_layer(self, module, query: torch.Tensor) -> int:
+        """Record the layer's module and last query [Hq, D] for this pass; its index."""
+        layer = module.layer_idx
+        if layer == 0:
+            self._attention_modules, self._last_queries = [], []
+        self._attention_modules.append(module)
+        self._last_queries.append(query[0, :, -1].detach())
+        return layer
+
     def _prefill_attention(self, module, query, key, value, scaling: float) -> torch.Tensor:
         out = F.scaled_dot_product_attention(
             query, key, value, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=self.group > 1
         )
-        layer = module.layer_idx
+        layer = self._note_layer(module, query)
         if layer == 0:
-            self._attention_modules = []
-        self._attention_modules.append(module)
+            self._prompt = self.session.prompt_stream(key.shape[2])
         n_obs = max(1, self.session.observation)
-        self._obs_queries.append(query[0, :, -n_obs:].detach())
+        self._prompt.send(layer, key[0], value[0], query[0, :, -n_obs:].detach())
         if layer == self.num_layers - 1:
-            self._ingest(query.shape[2])
+            self._end_prompt(query.shape[2])
         return out
 
-    def _ingest(self, num_tokens: int) -> None:
-        kv = torch.stack([torch.stack(pair) for pair in self._prefill_kv])  # [L, 2, H, T, D]
-        queries = torch.stack(self._obs_queries)                              # [L, Hq, n_obs, D]
-        self.session.ingest(kv, queries)
-        self._reference_all(queries[:, :, -1], num_tokens - 1)
-        self._prefill_kv.clear()
-        self._obs_queries.clear()
+    def _end_prompt(self, num_tokens: int) -> None:
+        prompt, self._prompt = self._prompt, None
+        prompt.finish()
+        self._after_prompt(num_tokens)
+
+    def _after_prompt(self, num_tokens: int) -> None:
+        """The prompt is ingested: decode from here (references: this pass's last queries)."""
         self.ingested = True
         self.seq_length = num_tokens
+        self._reference_all(torch.stack(self._last_queries), num_tokens - 1)
         self.stats.max_resident = self.session.resident_tokens()
+
+    def _chunk_attention(self, module, query, key, value, scaling: float) -> torch.Tensor:
+        """n > 1 new tokens after the ingest: retrieve for their last queries (retrieving
+        policies), attend over the resident slots and causally over the chunk."""
+        s = self.session
+        layer = self._note_layer(module, query)
+        if layer == 0:
+            s.flush()  # tokens decoded before the chunk reach the host tier first
+            shape = (self.num_layers, 2, *key.shape[1:])
+            self._chunk = StagingBuffer(shape, s.spec.dtype, s.transport, key.device)
+        chunk = self._chunk.tensor[layer]
+        chunk[0].copy_(key[0])
+        chunk[1].copy_(value[0])
+        if self.retrieves:
+            s.boundary([layer], queries=query[:, :, -self.chunk_queries :].detach())
+        out = chunk_attention(
+            query, s.keys[layer], s.values[layer], s.slot_pos[layer], chunk[0], chunk[1], scaling, self.group
+        )
+        if layer == self.num_layers - 1:
+            self._end_chunk(query.shape[2])
+        return out
+
+    def _end_chunk(self, num_tokens: int) -> None:
+        chunk, self._chunk = self._chunk, None
+        try:
+            self.session.chunk(chunk)
+        finally:
+            chunk.release()
+        self.seq_length += num_tokens
+        self.stats.appends += 1
+        if self.retrieves:
+            self.stats.boundaries += 1
+        self._reference_all(torch.stack(self._last_queries), self.seq_length - 1)
+        self.stats.max_resident = max(self.stats.max_resident, self.session.resident_tokens())
 
     def _decode_attention(self, module, query, key, value, scaling: float) -> torch.Tensor:
         layer = module.layer_idx
@@ -214,6 +274,56 @@ class KVRecallCache(Cache):
             self.stats.boundaries += 1
 
 
+# Bool mask elements one SDPA call of chunk_attention may build (query rows are blocked to fit).
+MAX_MASK_ELEMENTS = 1 << 26
+
+
+def chunk_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot_pos: torch.Tensor,
+    chunk_keys: torch.Tensor, chunk_values: torch.Tensor, scale: float, group: int,
+) -> torch.Tensor:
+    """Attention of n new tokens: query [1, Hq, n, D]; the resident slots keys / values
+    [H, C, D] with slot_pos [H, C] (-1: empty); the chunk's own chunk_keys / values [H, n, D].
+    Token i attends over every resident slot and over chunk tokens [0, i]. -> [1, Hq, n, D].
+    Query rows go in blocks so that no mask exceeds MAX_MASK_ELEMENTS."""
+    Hq, n = query.shape[1], query.shape[2]
+    C = keys.shape[1]
+    k = torch.cat((keys, chunk_keys.to(keys.dtype)), dim=1)[None]
+    v = torch.cat((values, chunk_values.to(values.dtype)), dim=1)[None]
+    valid = (slot_pos >= 0).repeat_interleave(group, dim=0)[:, None, :]  # [Hq, 1, C]
+    block = max(1, min(n, MAX_MASK_ELEMENTS // (Hq * (C + n))))
+    rows = torch.arange(n, device=query.device)
+    out = []
+    for first in range(0, n, block):
+        last = min(n, first + block)
+        causal = rows[None, :last] <= rows[first:last, None]  # [b, last]
+        mask = torch.cat((valid.expand(Hq, last - first, C), causal.expand(Hq, -1, -1)), dim=-1)[None]
+        out.append(F.scaled_dot_product_attention(
+            query[:, :, first:last], k[:, :, : C + last], v[:, :, : C + last], attn_mask=mask, scale=scale,
+            enable_gqa=group > 1,
+        ))  # fmt: skip
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+
+@torch.no_grad()
+def prefill(model, cache: KVRecallCache, input_ids: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
+    """Feed `input_ids` [1, T] through `model` with `cache` (the next tokens of its sequence):
+    in chunks of `chunk_tokens` (default: the cache's; None: one pass). The first pass of a
+    fresh cache is its ingest, the others chunks. Returns the last position's logits [V] f32."""
+    size = chunk_tokens or cache.chunk_tokens or input_ids.shape[1]
+    start = cache.seq_length
+    logits = None
+    for offset in range(0, input_ids.shape[1], size):
+        ids = input_ids[:, offset : offset + size]
+        positions = torch.arange(start + offset, start + offset + ids.shape[1], device=ids.device)
+        out = model(
+            input_ids=ids, past_key_values=cache, use_cache=True, position_ids=positions[None],
+            cache_position=positions, logits_to_keep=1,
+        )
+        logits = out.logits[0, -1].float()
+    return logits
+
+
 def undo_rope(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The inverse of transformers' apply_rotary_pos_emb for q [..., D] rotated by cos/sin [D]."""
     half = q.shape[-1] // 2
@@ -233,10 +343,12 @@ def kvrecall_attention(module, query, key, value, attention_mask, scaling=None, 
         )
     _ACTIVE.set(None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if cache.ingested and query.shape[2] == 1:
+    if not cache.ingested:
+        out = cache._prefill_attention(module, query, key, value, scale)
+    elif query.shape[2] == 1:
         out = cache._decode_attention(module, query, key, value, scale)
     else:
-        out = cache._prefill_attention(module, query, key, value, scale)
+        out = cache._chunk_attention(module, query, key, value, scale)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -24,8 +24,8 @@ import torch
 
 from kvrecall.client.core import ClientBase, ModelSpec, SessionCore, close_request
 from kvrecall.client.errors import KVRecallClientError, NotFoundError, UnavailableError, from_rpc_error
-from kvrecall.client.staging import staged
-from kvrecall.transport import inline_ref
+from kvrecall.client.ingest import PromptStream
+from kvrecall.client.staging import StagingBuffer
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 log = logging.getLogger("kvrecall.client")
@@ -132,17 +132,20 @@ class WorkerSession:
     # ---- unary -----------------------------------------------------------------------
     def ingest(self, kv: torch.Tensor, queries: torch.Tensor | None = None) -> pb.IngestPromptResponse:
         """Hand the prompt KV over once: kv [L, 2, H, T, D]; queries [L, Hq, n_obs, D] of the
-        last prompt tokens (OpenSessionResponse.observation says how many the policy wants)."""
-        core = self.core
-        request = core.ingest_request(kv.shape[3])
-        with staged(kv, core.transport) as ref:
-            request.kv.CopyFrom(ref)
-            if queries is not None:
-                request.queries.CopyFrom(inline_ref(queries.to(kv.dtype)))
-            response = self.client.call(self.client.stub.IngestPrompt, request, timeout=max(self.client.timeout, 300))
-        core.apply_delta(response.delta)
-        core.position = core.noticed_upto = kv.shape[3]
-        return response
+        last prompt tokens (OpenSessionResponse.observation says how many the policy wants).
+        It travels layer by layer (a PromptStream): one layer of staging at a time."""
+        stream = PromptStream(self, kv.shape[3])
+        try:
+            for layer in range(kv.shape[0]):
+                stream.send(layer, kv[layer, 0], kv[layer, 1], None if queries is None else queries[layer])
+        except BaseException:
+            stream.close()
+            raise
+        return stream.finish()
+
+    def prompt_stream(self, num_tokens: int) -> PromptStream:
+        """A streamed ingest of a `num_tokens`-token prompt (send() each layer, then finish())."""
+        return PromptStream(self, num_tokens)
 
     def stats(self) -> pb.SessionStats:
         return self.client.stats(self.core.session_id, self.core.capability).sessions[0]
@@ -216,10 +219,21 @@ class WorkerSession:
         self.stats_appends += 1
         return self._stream_call(self.core.append_request(upto)).append
 
-    def boundary(self, layers: list[int] | None = None, position: int | None = None) -> pb.RetrievalResult:
-        """Ask for retrieval for the query in `self.query` (write it first)."""
+    def boundary(
+        self, layers: list[int] | None = None, position: int | None = None, queries: torch.Tensor | None = None
+    ) -> pb.RetrievalResult:
+        """Ask for retrieval for the query in `self.query` (write it first), or for `queries`
+        [len(layers) or L, Hq, n, D] (several per head: a chunk's last queries, sent inline)."""
         self.stats_boundaries += 1
-        return self._stream_call(self.core.boundary_request(layers, position)).retrieval
+        return self._stream_call(self.core.boundary_request(layers, position, queries)).retrieval
+
+    def chunk(self, kv: StagingBuffer) -> pb.AppendAck:
+        """Hand over a chunk of n new tokens after the ingest, kv.tensor [L, 2, H, n, D],
+        at `position` (announce tokens written before it with flush() first)."""
+        self.stats_appends += 1
+        ack = self._stream_call(self.core.chunk_request(kv)).append
+        self.core.position = ack.spilled_upto
+        return ack
 
     def advance(self) -> pb.AppendAck | None:
         """Count one token written at `position`; send an AppendNotice when one is due."""

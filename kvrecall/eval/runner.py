@@ -75,8 +75,8 @@ class Prefill:
 
 
 class _PrefillSink:
-    """Takes a session's place during one prefill: KVRecallCache hands it the prompt KV and the
-    last queries, which PrefilledCache then gives to each real session."""
+    """Takes a session's place during one prefill: KVRecallCache streams it the prompt KV and
+    the last queries layer by layer, which PrefilledCache then gives to each real session."""
 
     boundary_mode = pb.BOUNDARY_MODE_NEVER
     boundary_threshold = 0.0
@@ -84,11 +84,20 @@ class _PrefillSink:
 
     def __init__(self, spec: Any) -> None:
         self.spec = spec
+        self.layers: list[torch.Tensor] = []
+        self.layer_queries: list[torch.Tensor] = []
         self.kv: torch.Tensor | None = None
         self.queries: torch.Tensor | None = None
 
-    def ingest(self, kv: torch.Tensor, queries: torch.Tensor) -> None:
-        self.kv, self.queries = kv, queries
+    def prompt_stream(self, num_tokens: int) -> _PrefillSink:
+        return self
+
+    def send(self, layer: int, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> None:
+        self.layers.append(torch.stack((keys, values)))
+        self.layer_queries.append(queries)
+
+    def finish(self) -> None:
+        self.kv, self.queries = torch.stack(self.layers), torch.stack(self.layer_queries)
 
     def resident_tokens(self) -> int:
         return 0
@@ -106,8 +115,9 @@ class PrefilledCache(KVRecallCache):
     """A KVRecallCache that starts from a Prefill computed once for every session of a prompt.
 
     :meth:`ingest_prefill` leaves the cache exactly as KVRecallCache's own prefill would: the
-    per-layer prompt K/V and last queries it collects during the forward pass are put in place,
-    then its ingest runs (tests/test_eval_smoke.py checks the logits match a fresh prefill)."""
+    session ingests the prompt K/V and last queries, and the cache takes the attention modules
+    and last queries its forward pass would have seen (tests/test_eval_smoke.py checks the
+    logits match a fresh prefill)."""
 
     def ingest_prefill(self, prefill: Prefill) -> None:
         n_obs = max(1, self.session.observation)
@@ -115,13 +125,11 @@ class PrefilledCache(KVRecallCache):
             raise TooFewQueries(
                 f"policy observes {n_obs} queries, the prefill kept {prefill.queries.shape[2]}"
             )
-        self._prefill_kv = [
-            (prefill.kv[layer, 0], prefill.kv[layer, 1]) for layer in range(prefill.kv.shape[0])
-        ]
-        self._obs_queries = list(prefill.queries[:, :, -n_obs:].unbind(0))
+        self.session.ingest(prefill.kv, prefill.queries[:, :, -n_obs:])
+        self._last_queries = list(prefill.queries[:, :, -1].unbind(0))
         if prefill.modules is not None:
             self._attention_modules = list(prefill.modules)
-        self._ingest(prefill.num_tokens)
+        self._after_prompt(prefill.num_tokens)
 
 
 @dataclass

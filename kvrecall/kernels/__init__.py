@@ -213,14 +213,14 @@ def expand_selection(
     """Token positions of the units a selection took -> [B, width] int64, -1 padded (LouisKV).
 
     take [B, U] int (tokens per unit, from select_under_budget); per candidate token unit
-    [B, M] int64 (in [0, U)), rank [B, M] int (its index inside the unit), position [B, M]
-    int64. A candidate is chosen when rank < take[unit]; the first `width` chosen positions
-    in candidate order. No sort, no host sync.
+    [B, M] int (in [0, U)), rank [B, M] int (its index inside the unit), position [B, M]
+    int (int32 or int64 each). A candidate is chosen when rank < take[unit]; the first `width`
+    chosen positions in candidate order. No sort, no host sync.
     """
     check_tensor("take", take, rank=2, dtypes=INDEX_DTYPES)
-    check_tensor("unit", unit, rank=2, dtypes=(torch.int64,))
+    check_tensor("unit", unit, rank=2, dtypes=INDEX_DTYPES)
     check_tensor("rank", rank, rank=2, dtypes=INDEX_DTYPES)
-    check_tensor("position", position, rank=2, dtypes=(torch.int64,))
+    check_tensor("position", position, rank=2, dtypes=INDEX_DTYPES)
     for name, tensor in (("unit", unit), ("rank", rank), ("position", position)):
         if tensor.shape != unit.shape:
             raise ValueError(f"{name}: shape {tuple(tensor.shape)} differs from unit's {tuple(unit.shape)}")

@@ -1,8 +1,8 @@
 """Units -> token positions on the GPU (LouisKV, arXiv 2510.11292: the chosen units fill the budget).
 
 expand_selection_triton: take [B, U] int (tokens each unit contributes, from
-select_under_budget), per candidate token unit [B, M] int64, rank [B, M] int (index inside its
-unit) and position [B, M] int64 -> [B, width] int64: the positions of the candidates with
+select_under_budget), per candidate token unit [B, M] int, rank [B, M] int (index inside its
+unit) and position [B, M] int (int32 or int64) -> [B, width] int64: the positions of the candidates with
 rank < take[unit], in candidate order, the first `width` of them, -1 padded.
 
 One program per row walks the candidates in blocks, keeping a running count: a prefix sum

@@ -47,6 +47,8 @@ class ServerConfig:
     log_level: str = "INFO"
     session_ops: str = "thread"         # append / boundary work: "thread" (a worker thread, sessions
                                         # overlap) or "inline" (on the event loop: no thread hop)
+    warmup: str = "bfloat16:128"        # dtype:head_dim pairs whose kernels compile at start (CUDA only;
+                                        # "" = none), e.g. "bfloat16:128,float16:64"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -86,6 +88,12 @@ class ServerConfig:
             raise ConfigError("log_level: DEBUG, INFO, WARNING or ERROR")
         if self.session_ops not in ("thread", "inline"):
             raise ConfigError(f"session_ops: {self.session_ops!r} must be thread or inline")
+        parse_warmup(self.warmup)
+
+    @property
+    def warmup_shapes(self) -> list[tuple[Any, int]]:
+        """The warmup setting as (torch dtype, head dim) pairs."""
+        return parse_warmup(self.warmup)
 
     @property
     def fd_socket_path(self) -> str:
@@ -122,6 +130,24 @@ class ServerConfig:
 
     def summary(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_warmup(text: str) -> list[tuple[Any, int]]:
+    """"bfloat16:128,float16:64" -> [(torch.bfloat16, 128), (torch.float16, 64)]."""
+    import torch
+
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    shapes = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        dtype, _, dim = item.partition(":")
+        if dtype not in dtypes or not dim.isdigit() or not 1 <= int(dim) <= 1024:
+            raise ConfigError(
+                f"warmup: {item!r} must be DTYPE:HEAD_DIM, DTYPE one of {sorted(dtypes)}, HEAD_DIM in [1, 1024]"
+            )
+        shapes.append((dtypes[dtype], int(dim)))
+    return shapes
 
 
 def _coerce(name: str, raw: Any, current: Any) -> Any:

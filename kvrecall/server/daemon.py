@@ -22,6 +22,7 @@ from kvrecall.server.pools import DevicePool, HostPool
 from kvrecall.server.service import AuthConfig, KVRecallService
 from kvrecall.server.session import SessionRegistry
 from kvrecall.server.wire import add_service
+from kvrecall.server.warmup import warm_up
 from kvrecall.shm import remove_stale_segments
 from kvrecall.v1 import kvrecall_pb2 as pb
 
@@ -82,6 +83,9 @@ class Daemon:
 
     async def start(self) -> None:
         c = self.config
+        if self.device.type == "cuda" and c.warmup_shapes:  # before serving: the first session pays nothing
+            seconds = warm_up(self.registry, c.warmup_shapes)
+            log.info("warm-up: kernels for %s ready in %.1fs", c.warmup, seconds)
         max_bytes = c.max_message_mb * (1 << 20)
         self.server = grpc.aio.server(
             options=[

@@ -63,11 +63,12 @@ class SequenceStore:
             yield index, slot, count, pos - start
             pos += count
 
-    def write(self, start: int, kv: torch.Tensor) -> None:
-        """Store kv [L, 2, H_kv, n, D] as tokens [start, start + n)."""
-        n = kv.shape[3]
+    def write(self, start: int, kv: torch.Tensor, first_layer: int = 0) -> None:
+        """Store kv [l, 2, H_kv, n, D] (layers [first_layer, first_layer + l)) as tokens
+        [start, start + n)."""
+        n, layers = kv.shape[3], slice(first_layer, first_layer + kv.shape[0])
         for index, slot, count, offset in self._chunks(start, start + n):
-            self.page(index)[:, :, :, slot : slot + count].copy_(kv[:, :, :, offset : offset + count])
+            self.page(index)[layers, :, :, slot : slot + count].copy_(kv[:, :, :, offset : offset + count])
         self.num_tokens = max(self.num_tokens, start + n)
 
     def read(self, kv_index: int, layer: int, start: int, end: int) -> torch.Tensor:

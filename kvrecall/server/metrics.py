@@ -16,6 +16,10 @@ class Metrics:
         )
         self.pool_used = Gauge("kvrecall_pool_used_bytes", "Pool bytes in use", ["tier"], registry=r)
         self.pool_free = Gauge("kvrecall_pool_free_bytes", "Pool bytes free", ["tier"], registry=r)
+        self.pool_metadata = Gauge(
+            "kvrecall_pool_metadata_bytes", "Of the pool's used bytes, those reserved for policy metadata", ["tier"],
+            registry=r,
+        )
         self.boundaries = Counter("kvrecall_boundaries", "Boundary retrievals served", ["policy"], registry=r)
         self.appends = Counter("kvrecall_appends", "Append notices served", registry=r)
         self.bytes_moved = Counter(

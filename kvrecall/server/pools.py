@@ -6,8 +6,9 @@
   them on release. Pages are reused, so memory stays flat over long serving.
 * DevicePool: working sets, one segment each (GPU memory mapped by CUDA IPC, or a sealed
   memfd on a CPU-only host, handed to its worker by file descriptor), so a worker maps its
-  own session's memory and nothing else, and cannot shrink it under the daemon. The pool
-  counts bytes against its capacity.
+  own session's memory and nothing else, and cannot shrink it under the daemon; plus each
+  session's policy metadata (reserved beside its segment: the policy allocates it on the
+  device itself). The pool counts both against its capacity.
 
 Both answer "full" with ResourceExhausted naming what is free, never by crashing, and never
 touch memory that is already handed out.
@@ -113,8 +114,9 @@ class HostPool:
 class DeviceSegment:
     """One working set's memory: a uint8 tensor plus how a worker maps it."""
 
-    def __init__(self, nbytes: int, device: torch.device) -> None:
+    def __init__(self, nbytes: int, device: torch.device, metadata_bytes: int = 0) -> None:
         self.nbytes = nbytes
+        self.metadata_bytes = metadata_bytes  # reserved for the session's policy metadata
         self.device = device
         self.shm: ShmSegment | None = None
         self.ipc_handle: bytes | None = None
@@ -141,31 +143,42 @@ class DevicePool:
         self.device = device
         self.kind = "cuda" if device.type == "cuda" else "shm"
         self._used = 0
+        self._metadata = 0
         self._lock = threading.Lock()
 
     @property
     def used_bytes(self) -> int:
         return self._used
 
+    @property
+    def metadata_bytes(self) -> int:
+        """Of used_bytes, the part reserved for policy metadata."""
+        return self._metadata
+
     def usage(self) -> PoolUsage:
         return PoolUsage("device", self.kind, self.capacity_bytes, self._used)
 
-    def allocate(self, nbytes: int) -> DeviceSegment:
+    def allocate(self, nbytes: int, metadata_bytes: int = 0) -> DeviceSegment:
+        """A working-set segment of `nbytes`, with `metadata_bytes` reserved beside it."""
+        total = nbytes + metadata_bytes
         with self._lock:
-            if self._used + nbytes > self.capacity_bytes:
+            if self._used + total > self.capacity_bytes:
                 raise ResourceExhausted(
-                    f"device pool: working set of {nbytes} bytes requested, "
-                    f"{self.capacity_bytes - self._used} bytes free of {self.capacity_bytes}"
+                    f"device pool: working set of {nbytes} bytes + policy metadata of {metadata_bytes} bytes "
+                    f"requested, {self.capacity_bytes - self._used} bytes free of {self.capacity_bytes}"
                 )
-            self._used += nbytes
+            self._used += total
+            self._metadata += metadata_bytes
         try:
-            return DeviceSegment(nbytes, self.device)
+            return DeviceSegment(nbytes, self.device, metadata_bytes)
         except BaseException:
             with self._lock:
-                self._used -= nbytes
+                self._used -= total
+                self._metadata -= metadata_bytes
             raise
 
     def free(self, segment: DeviceSegment) -> None:
         segment.release()
         with self._lock:
-            self._used -= segment.nbytes
+            self._used -= segment.nbytes + segment.metadata_bytes
+            self._metadata -= segment.metadata_bytes

@@ -46,6 +46,7 @@ log = logging.getLogger("kvrecall.service")
 limited = RateLimitedLog(log)
 
 WORKER_METADATA = "kvrecall-worker-id"
+MAX_BOUNDARY_QUERIES = 4096  # queries per head one BoundaryEvent may carry (a chunk's last ones)
 
 
 @dataclass
@@ -160,6 +161,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             usage = pool.usage()
             self.metrics.pool_used.labels(usage.tier).set(usage.used_bytes)
             self.metrics.pool_free.labels(usage.tier).set(usage.free_bytes)
+        self.metrics.pool_metadata.labels("device").set(self.registry.device_pool.metadata_bytes)
 
     def _close(self, session: Session, reason: str) -> tuple[int, int]:
         freed = self.registry.close(session)
@@ -232,6 +234,8 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             layout.num_layers, layout.num_kv_heads, layout.num_query_heads, layout.head_dim, layout.dtype,
             layout.max_tokens, plan.capacity, request.tag,
         )
+        log.info("session %s device bytes: working set %d + policy metadata %d",
+                 session.session_id, session.segment.nbytes, session.segment.metadata_bytes)
         return response
 
     def _working_set_info(self, session: Session) -> pb.WorkingSetInfo:
@@ -283,12 +287,17 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             L, H, Hq, D = layout.num_layers, layout.num_kv_heads, layout.num_query_heads, layout.head_dim
             T = request.num_tokens
             check.require(1 <= T <= layout.max_tokens, "num_tokens", f"{T} must be in [1, max_tokens={layout.max_tokens}]")
+            first = request.first_layer
+            check.require(first < L, "first_layer", f"{first} must be < num_layers={L}")
             check.require(request.HasField("kv"), "kv", "required")
-            check.tensor_ref(request.kv, "kv", (layout.dtype,), (L, 2, H, T, D), self._locations(session))
+            layers = check.tensor_ref(request.kv, "kv", (layout.dtype,), (None, 2, H, T, D), self._locations(session))[0]
+            check.require(
+                1 <= layers <= L - first, "kv.shape", f"{layers} layers from first_layer={first}: past num_layers={L}"
+            )
             queries = None
             if request.HasField("queries"):
                 shape = check.tensor_ref(
-                    request.queries, "queries", (layout.dtype, torch.float32), (L, Hq, None, D), self._locations(session)
+                    request.queries, "queries", (layout.dtype, torch.float32), (layers, Hq, None, D), self._locations(session)
                 )
                 check.require(1 <= shape[2] <= T, "queries.shape", f"n_obs={shape[2]} must be in [1, num_tokens={T}]")
             async with session.lock:
@@ -297,12 +306,13 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                     mapped.append(open_ref(request.queries, "queries"))
                     queries = mapped[-1].tensor.float()
                 snapshot = self._snapshot(session)
-                await _in_thread(session.ingest, mapped[0].tensor, queries)
+                await _in_thread(session.ingest, first, mapped[0].tensor, queries)
                 response = pb.IngestPromptResponse(
                     resident_tokens=session.ws.resident_tokens(),
                     host_tokens=session.spilled_upto,
                     units=session.policy.num_units,
                     seconds=time.perf_counter() - started,
+                    layers_done=session.layers_ingested,
                 )
                 self._delta(session, snapshot, response.delta)
         except Exception as exc:  # noqa: BLE001
@@ -311,12 +321,13 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         finally:
             for m in mapped:
                 m.close()
-        self.metrics.bytes_moved.labels("worker_to_host").inc(session.store.layout.token_bytes * T)
+        self.metrics.bytes_moved.labels("worker_to_host").inc(session.store.layout.token_bytes * T * layers // L)
         self.metrics.rpc_latency.labels("IngestPrompt").observe(time.perf_counter() - started)
-        log.info(
-            "session %s ingested %d tokens in %.3fs: %d units, %d resident",
-            session.session_id, T, response.seconds, response.units, response.resident_tokens,
-        )
+        if session.ingested:
+            log.info(
+                "session %s ingested %d tokens (last %d of %d layers in %.3fs): %d units, %d resident",
+                session.session_id, T, layers, L, response.seconds, response.units, response.resident_tokens,
+            )
         return response
 
     def _snapshot(self, session: Session) -> torch.Tensor | None:
@@ -364,8 +375,10 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                         await self._append(session, request.append, response)
                     elif which == "boundary":
                         await self._boundary(session, request.boundary, response)
+                    elif which == "chunk":
+                        await self._chunk(session, request.chunk, response)
                     else:
-                        raise InvalidArgument("event", "one of append or boundary is required")
+                        raise InvalidArgument("event", "one of append, boundary or chunk is required")
                     self._delta(session, snapshot, response.delta)
                 self.metrics.rpc_latency.labels(f"Decode.{which}").observe(time.perf_counter() - started)
                 yield response
@@ -401,6 +414,30 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         response.append.evicted = evicted
         self.metrics.appends.inc()
 
+    async def _chunk(self, session: Session, chunk: pb.ChunkAppend, response: pb.DecodeResponse) -> None:
+        if not session.ingested:  # before sizing chunk.kv against a prompt that is not there
+            raise FailedPrecondition(f"session {session.session_id}: chunk before IngestPrompt")
+        layout = session.layout
+        check.require(chunk.HasField("kv"), "chunk.kv", "required")
+        n = check.tensor_ref(
+            chunk.kv, "chunk.kv", (layout.dtype,), (layout.num_layers, 2, layout.num_kv_heads, None, layout.head_dim),
+            self._locations(session),
+        )[3]
+        check.require(n >= 1, "chunk.kv.shape", "the chunk holds no tokens")
+        check.require(
+            chunk.start + n <= layout.max_tokens, "chunk.kv.shape",
+            f"tokens [{chunk.start}, {chunk.start + n}) run past max_tokens={layout.max_tokens}",
+        )
+        mapped = open_ref(chunk.kv, "chunk.kv")
+        try:
+            spilled, evicted = await self._session_op(session.chunk, chunk.start, mapped.tensor)
+        finally:
+            mapped.close()
+        response.append.spilled_upto = spilled
+        response.append.evicted = evicted
+        self.metrics.appends.inc()
+        self.metrics.bytes_moved.labels("worker_to_host").inc(layout.token_bytes * n)
+
     async def _boundary(self, session: Session, event: pb.BoundaryEvent, response: pb.DecodeResponse) -> None:
         layout = session.layout
         started = time.perf_counter()
@@ -409,7 +446,17 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             event.position <= layout.max_tokens, "boundary.position",
             f"{event.position} is past max_tokens={layout.max_tokens}",
         )
-        if event.HasField("query"):
+        if event.HasField("queries"):
+            rows = len(event.layers) or layout.num_layers
+            shape = check.tensor_ref(
+                event.queries, "boundary.queries", (layout.dtype, torch.float32),
+                (rows, layout.num_query_heads, None, layout.head_dim), ("inline_data",),
+            )
+            check.require(1 <= shape[2] <= MAX_BOUNDARY_QUERIES, "boundary.queries.shape",
+                          f"{shape[2]} queries per head: must be in [1, {MAX_BOUNDARY_QUERIES}]")
+            mapped = open_ref(event.queries, "boundary.queries")
+            query = mapped.tensor.float()
+        elif event.HasField("query"):
             check.tensor_ref(
                 event.query, "boundary.query", (layout.dtype, torch.float32),
                 (layout.num_layers, layout.num_query_heads, layout.head_dim), ("inline_data",),
@@ -489,13 +536,13 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 tokens=s.spilled_upto, steps=c.steps, boundaries=c.boundaries, appends=c.appends,
                 bytes_host_to_device=c.bytes_host_to_device, resident_tokens=s.ws.resident_tokens(),
                 max_resident_tokens=s.ws.max_resident, host_tokens=s.spilled_upto, units=s.policy.num_units,
-                host_bytes=s.store.nbytes, device_bytes=s.segment.nbytes, tag=s.tag,
-                tp_rank=s.tp_rank, tp_size=s.tp_size,
+                host_bytes=s.store.nbytes, device_bytes=s.device_bytes, tag=s.tag,
+                tp_rank=s.tp_rank, tp_size=s.tp_size, metadata_bytes=s.segment.metadata_bytes,
             )
             w = workers.setdefault(s.worker_id, pb.WorkerStats(worker_id=s.worker_id))
             w.sessions += 1
             w.host_bytes += s.store.nbytes
-            w.device_bytes += s.segment.nbytes
+            w.device_bytes += s.device_bytes
         response.workers.extend(workers.values())
         return response
 

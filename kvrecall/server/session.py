@@ -23,7 +23,7 @@ import torch
 from kvrecall.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from kvrecall.server.host_store import SequenceStore, tokens_per_page
 from kvrecall.server.layout import ModelLayout, SegmentLayout
-from kvrecall.server.policies.base import Policy, PolicyContext, Selection
+from kvrecall.server.policies.base import Chunk, Policy, PolicyContext, Selection
 from kvrecall.server.pools import DevicePool, HostPool
 from kvrecall.server.working_set import Placement, WorkingSet
 from kvrecall.v1 import kvrecall_pb2 as pb
@@ -74,6 +74,7 @@ class Session:
     prompt_tokens: int = 0
     spilled_upto: int = 0  # tokens [0, spilled_upto) are in the host tier
     evicted_upto: int = 0  # tokens [n_sink, evicted_upto) have left the window
+    layers_ingested: int = 0  # prompt layers [0, layers_ingested) are in (streamed ingest)
     ingested: bool = False
     closed: bool = False
     counters: SessionCounters = field(default_factory=SessionCounters)
@@ -88,35 +89,94 @@ class Session:
     def plan(self):
         return self.ws.plan
 
-    def context(self, prompt_kv: torch.Tensor | None = None) -> PolicyContext:
-        return PolicyContext(
-            self.layout, self.store, self.ws, self.prompt_tokens, self.evicted_upto, prompt_kv
-        )
+    @property
+    def device_bytes(self) -> int:
+        """Device-pool bytes this session holds: its working set and its policy's metadata."""
+        return self.segment.nbytes + self.segment.metadata_bytes
+
+    def context(self, chunk: Chunk | None = None) -> PolicyContext:
+        return PolicyContext(self.layout, self.store, self.ws, self.prompt_tokens, self.evicted_upto, chunk)
 
     def touch(self) -> None:
         self.lease_deadline = time.monotonic() + self.lease_seconds
 
     # ---- operations (run in a worker thread, under self.lock) ----------------------------
     @_exclusive
-    def ingest(self, kv: torch.Tensor, queries: torch.Tensor | None) -> None:
-        """kv: [L, 2, H, T, D] prompt keys and values; queries: [L, Hq, n_obs, D] or None."""
+    def ingest(self, first_layer: int, kv: torch.Tensor, queries: torch.Tensor | None) -> None:
+        """Prompt layers [first_layer, first_layer + n) arrive (streamed ingest: in order, each
+        once): kv [n, 2, H, T, D], queries [n, Hq, n_obs, D] or None. Each layer goes to the
+        host tier, its sinks and window to the working set, and to the policy at once; the
+        call with the last layer completes the ingest (the policy's first selection)."""
         if self.ingested:
             raise FailedPrecondition(f"session {self.session_id}: prompt already ingested")
-        self._after_worker()
-        T = kv.shape[3]
+        T, done = kv.shape[3], self.layers_ingested
+        if first_layer != done:
+            problem = "was already ingested" if first_layer < done else "skips layers"
+            raise InvalidArgument("first_layer", f"layer {first_layer} {problem}: layers arrive in order, the next is {done}")
+        if done and T != self.prompt_tokens:
+            raise InvalidArgument("num_tokens", f"{T} differs from the {self.prompt_tokens} tokens of the layers before")
         plan = self.plan
-        self.store.write(0, kv)
         n_sink = min(plan.n_sink, T)
-        self.ws.write_tokens(kv, 0, 0, n_sink, torch.arange(n_sink, device=self.ws.keys.device))
         window_from = max(n_sink, T - plan.min_window)
-        self.ws.write_tokens(kv, 0, window_from, T, self.ws.window_slots(window_from, T))
-        self.prompt_tokens = T
-        self.spilled_upto = T
-        self.evicted_upto = window_from
-        self.ingested = True
-        placement = self._place(self.policy.on_ingest(self.context(kv), queries), note_resident=True)
-        self.counters.units = self.policy.num_units
+        self.prompt_tokens, self.evicted_upto = T, window_from
+        self._after_worker()
+        ctx = self.context()
+        for i in range(kv.shape[0]):
+            layer = slice(first_layer + i, first_layer + i + 1)
+            self.store.write(0, kv[i : i + 1], first_layer=layer.start)
+            sinks = torch.arange(n_sink, device=self.ws.keys.device)
+            self.ws.write_tokens(kv[i : i + 1], 0, 0, n_sink, sinks, layers=layer)
+            self.ws.write_tokens(kv[i : i + 1], 0, window_from, T, self.ws.window_slots(window_from, T), layers=layer)
+            self.policy.on_ingest_layer(ctx, layer.start, kv[i], None if queries is None else queries[i])
+            self.layers_ingested += 1
+        placement = None
+        if self.layers_ingested == self.layout.num_layers:
+            self.spilled_upto = T
+            self.ingested = True
+            placement = self._place(self.policy.on_ingest_done(ctx), note_resident=True)
+            self.counters.units = self.policy.num_units
         self.finish(placement)
+
+    @_exclusive
+    def chunk(self, start: int, kv: torch.Tensor) -> tuple[int, int]:
+        """A chunk of new tokens [start, start + n) after the ingest: kv [L, 2, H, n, D]. It goes
+        to the host tier; its newest tokens fill the window ring and the tokens that leave the
+        window (the ring's oldest, then the chunk's own) go to the policy as evictions.
+        Returns (spilled_upto, evicted)."""
+        self._require_ingested("chunk")
+        n, plan = kv.shape[3], self.plan
+        end = start + n
+        if start != self.spilled_upto:
+            raise InvalidArgument(
+                "chunk.start",
+                f"{start} must equal the {self.spilled_upto} tokens in the host tier "
+                "(announce tokens written before the chunk with an AppendNotice first)",
+            )
+        if end > self.layout.max_tokens:
+            raise InvalidArgument("chunk.kv.shape", f"tokens [{start}, {end}) run past max_tokens={self.layout.max_tokens}")
+        self._after_worker()
+        self.store.write(start, kv)
+        self.spilled_upto = end
+        self.counters.appends += 1
+        # (After a prompt shorter than n_sink the sinks are its tokens: later ones never become sinks.)
+        first = self.evicted_upto
+        window_from = max(first, end - plan.min_window)
+        placements = []
+        ring_end = min(start, window_from)
+        if ring_end > first:  # the ring's oldest tokens leave the window
+            selection = self.policy.on_evict(self.context(), first, ring_end)
+            self.ws.clear_window(first, ring_end)
+            placements.append(self._place(selection))
+            self.evicted_upto = ring_end
+        if window_from > start:  # the chunk's oldest tokens never enter it
+            evicted = self.policy.on_evict(self.context(Chunk(start, kv)), start, window_from)
+            placements.append(self._place(evicted))
+            self.evicted_upto = window_from
+        ring_from = max(window_from, start)
+        self.ws.write_tokens(kv, start, ring_from, end, self.ws.window_slots(ring_from, end))
+        self.ws.note_resident()
+        self.finish(*placements)
+        return end, window_from - first
 
     @_exclusive
     def append(self, upto: int, kv: torch.Tensor | None) -> tuple[int, int]:
@@ -176,6 +236,11 @@ class Session:
         self._after_worker()
         if query is None:  # the worker wrote it into the working set (read in place)
             query = self.ws.query
+        elif query.dim() == 4 and query.shape[0] != self.layout.num_layers:
+            # several queries per head for `layers` only: the policies index queries by layer
+            full = query.new_zeros((self.layout.num_layers, *query.shape[1:]))
+            full[torch.tensor(layers)] = query
+            query = full
         selection = self.policy.on_boundary(
             self.context(), query, layers or list(range(self.layout.num_layers))
         )
@@ -199,14 +264,15 @@ class Session:
             self.ws.note_resident()
         return Placement()
 
-    def finish(self, placement: Placement | None = None) -> None:
+    def finish(self, *placements: Placement | None) -> None:
         """Complete this session's queued GPU work before the answer lets the worker read
         (the daemon's current stream only; never a device-wide sync), then account the
-        operation's placement (its counts are on the host by then)."""
+        operation's placements (their counts are on the host by then)."""
         if self.ws.keys.is_cuda:
             torch.cuda.current_stream(self.ws.keys.device).synchronize()
-        if placement is not None:
-            self.counters.bytes_host_to_device += placement.bytes_moved
+        for placement in placements:
+            if placement is not None:
+                self.counters.bytes_host_to_device += placement.bytes_moved
 
     def _require_ingested(self, what: str) -> None:
         if not self.ingested:
@@ -220,7 +286,7 @@ class Session:
                 return 0, 0
             self.closed = True
             host = self.store.nbytes
-            device = self.segment.nbytes
+            device = self.device_bytes
             self.store.release()
             device_pool.free(self.segment)
             return host, device
@@ -249,11 +315,11 @@ class SessionRegistry:
     def worker_usage(self, worker_id: str) -> tuple[int, int]:
         """(host bytes, device bytes) the worker's sessions hold."""
         mine = [s for s in self.sessions.values() if s.worker_id == worker_id]
-        return sum(s.store.nbytes for s in mine), sum(s.segment.nbytes for s in mine)
+        return sum(s.store.nbytes for s in mine), sum(s.device_bytes for s in mine)
 
     def _admit(self, worker_id: str, host_bytes: int, ws_bytes: int) -> None:
         """RESOURCE_EXHAUSTED naming the limit when the worker's share of a pool, or its quota,
-        cannot take a session of host_bytes + ws_bytes."""
+        cannot take a session of host_bytes + ws_bytes (working set and policy metadata)."""
         used_host, used_device = self.worker_usage(worker_id)
         if self.worker_share < 1:
             for pool, used, need in ((self.host_pool, used_host, host_bytes), (self.device_pool, used_device, ws_bytes)):
@@ -286,13 +352,14 @@ class SessionRegistry:
     ) -> Session:
         plan = policy.plan()
         ws_bytes = SegmentLayout.of(layout, plan).nbytes
+        metadata_bytes = policy.metadata_bytes()
         per_page = tokens_per_page(layout, self.host_pool.page_bytes)
         host_bytes = -(-layout.max_tokens // max(per_page, 1)) * self.host_pool.page_bytes
-        self._admit(worker_id, host_bytes, ws_bytes)
+        self._admit(worker_id, host_bytes, ws_bytes + metadata_bytes)
         session_id = "s-" + secrets.token_hex(8)
         store = SequenceStore(self.host_pool, layout, owner=worker_id, device=self.device_pool.device)
         try:
-            segment = self.device_pool.allocate(ws_bytes)
+            segment = self.device_pool.allocate(ws_bytes, metadata_bytes)
         except BaseException:
             store.release()
             raise

@@ -118,17 +118,18 @@ class WorkingSet:
         return [(first + lo, first + W), (first, first + hi - W)]
 
     def write_tokens(
-        self, kv: torch.Tensor, token_offset: int, start: int, end: int, slots: torch.Tensor
+        self, kv: torch.Tensor, token_offset: int, start: int, end: int, slots: torch.Tensor,
+        layers: slice = slice(None),
     ) -> None:
-        """Copy tokens [start, end) of kv [L, 2, H, n, D] (token 0 = position token_offset)
-        into `slots` of every layer and head, and record their positions."""
+        """Copy tokens [start, end) of kv [l, 2, H, n, D] (token 0 = position token_offset)
+        into `slots` of `layers` (all: l = L) and every head, and record their positions."""
         if end <= start:
             return
         src = kv[:, :, :, start - token_offset : end - token_offset].to(self.keys.device)
-        self.keys[:, :, slots] = src[:, 0]
-        self.values[:, :, slots] = src[:, 1]
+        self.keys[layers, :, slots] = src[:, 0]
+        self.values[layers, :, slots] = src[:, 1]
         positions = torch.arange(start, end, dtype=torch.int32, device=self.slot_pos.device)
-        self.slot_pos[:, :, slots] = positions
+        self.slot_pos[layers, :, slots] = positions
 
     def spill(self, store: SequenceStore, start: int, end: int) -> None:
         """Copy tokens [start, end) from the ring to the host tier (the GPU writes the pinned

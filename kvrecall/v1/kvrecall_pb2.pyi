@@ -296,32 +296,36 @@ class OpenSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., working_set: _Optional[_Union[WorkingSetInfo, _Mapping]] = ..., spill_every: _Optional[int] = ..., boundary: _Optional[_Union[BoundaryRule, _Mapping]] = ..., lease_seconds: _Optional[int] = ..., observation: _Optional[int] = ..., policy: _Optional[str] = ..., policy_config_json: _Optional[str] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class IngestPromptRequest(_message.Message):
-    __slots__ = ("session_id", "kv", "queries", "num_tokens", "capability")
+    __slots__ = ("session_id", "kv", "queries", "num_tokens", "first_layer", "capability")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
     CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     kv: TensorRef
     queries: TensorRef
     num_tokens: int
+    first_layer: int
     capability: str
-    def __init__(self, session_id: _Optional[str] = ..., kv: _Optional[_Union[TensorRef, _Mapping]] = ..., queries: _Optional[_Union[TensorRef, _Mapping]] = ..., num_tokens: _Optional[int] = ..., capability: _Optional[str] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., kv: _Optional[_Union[TensorRef, _Mapping]] = ..., queries: _Optional[_Union[TensorRef, _Mapping]] = ..., num_tokens: _Optional[int] = ..., first_layer: _Optional[int] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class IngestPromptResponse(_message.Message):
-    __slots__ = ("resident_tokens", "host_tokens", "units", "delta", "seconds")
+    __slots__ = ("resident_tokens", "host_tokens", "units", "delta", "seconds", "layers_done")
     RESIDENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HOST_TOKENS_FIELD_NUMBER: _ClassVar[int]
     UNITS_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_DONE_FIELD_NUMBER: _ClassVar[int]
     resident_tokens: int
     host_tokens: int
     units: int
     delta: WorkingSetDelta
     seconds: float
-    def __init__(self, resident_tokens: _Optional[int] = ..., host_tokens: _Optional[int] = ..., units: _Optional[int] = ..., delta: _Optional[_Union[WorkingSetDelta, _Mapping]] = ..., seconds: _Optional[float] = ...) -> None: ...
+    layers_done: int
+    def __init__(self, resident_tokens: _Optional[int] = ..., host_tokens: _Optional[int] = ..., units: _Optional[int] = ..., delta: _Optional[_Union[WorkingSetDelta, _Mapping]] = ..., seconds: _Optional[float] = ..., layers_done: _Optional[int] = ...) -> None: ...
 
 class AppendNotice(_message.Message):
     __slots__ = ("upto", "kv")
@@ -332,28 +336,40 @@ class AppendNotice(_message.Message):
     def __init__(self, upto: _Optional[int] = ..., kv: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
 
 class BoundaryEvent(_message.Message):
-    __slots__ = ("position", "layers", "query")
+    __slots__ = ("position", "layers", "query", "queries")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
     position: int
     layers: _containers.RepeatedScalarFieldContainer[int]
     query: TensorRef
-    def __init__(self, position: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., query: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
+    queries: TensorRef
+    def __init__(self, position: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., query: _Optional[_Union[TensorRef, _Mapping]] = ..., queries: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
+
+class ChunkAppend(_message.Message):
+    __slots__ = ("start", "kv")
+    START_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    kv: TensorRef
+    def __init__(self, start: _Optional[int] = ..., kv: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("seq", "session_id", "append", "boundary", "capability")
+    __slots__ = ("seq", "session_id", "append", "boundary", "chunk", "capability")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     APPEND_FIELD_NUMBER: _ClassVar[int]
     BOUNDARY_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
     CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     seq: int
     session_id: str
     append: AppendNotice
     boundary: BoundaryEvent
+    chunk: ChunkAppend
     capability: str
-    def __init__(self, seq: _Optional[int] = ..., session_id: _Optional[str] = ..., append: _Optional[_Union[AppendNotice, _Mapping]] = ..., boundary: _Optional[_Union[BoundaryEvent, _Mapping]] = ..., capability: _Optional[str] = ...) -> None: ...
+    def __init__(self, seq: _Optional[int] = ..., session_id: _Optional[str] = ..., append: _Optional[_Union[AppendNotice, _Mapping]] = ..., boundary: _Optional[_Union[BoundaryEvent, _Mapping]] = ..., chunk: _Optional[_Union[ChunkAppend, _Mapping]] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class AppendAck(_message.Message):
     __slots__ = ("spilled_upto", "evicted")
@@ -442,7 +458,7 @@ class PoolStats(_message.Message):
     def __init__(self, tier: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class SessionStats(_message.Message):
-    __slots__ = ("session_id", "worker_id", "policy", "prompt_tokens", "tokens", "steps", "boundaries", "appends", "bytes_host_to_device", "resident_tokens", "max_resident_tokens", "host_tokens", "units", "host_bytes", "device_bytes", "tag", "tp_rank", "tp_size")
+    __slots__ = ("session_id", "worker_id", "policy", "prompt_tokens", "tokens", "steps", "boundaries", "appends", "bytes_host_to_device", "resident_tokens", "max_resident_tokens", "host_tokens", "units", "host_bytes", "device_bytes", "tag", "tp_rank", "tp_size", "metadata_bytes")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -461,6 +477,7 @@ class SessionStats(_message.Message):
     TAG_FIELD_NUMBER: _ClassVar[int]
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_BYTES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     worker_id: str
     policy: str
@@ -479,7 +496,8 @@ class SessionStats(_message.Message):
     tag: str
     tp_rank: int
     tp_size: int
-    def __init__(self, session_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., policy: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., tokens: _Optional[int] = ..., steps: _Optional[int] = ..., boundaries: _Optional[int] = ..., appends: _Optional[int] = ..., bytes_host_to_device: _Optional[int] = ..., resident_tokens: _Optional[int] = ..., max_resident_tokens: _Optional[int] = ..., host_tokens: _Optional[int] = ..., units: _Optional[int] = ..., host_bytes: _Optional[int] = ..., device_bytes: _Optional[int] = ..., tag: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
+    metadata_bytes: int
+    def __init__(self, session_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., policy: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., tokens: _Optional[int] = ..., steps: _Optional[int] = ..., boundaries: _Optional[int] = ..., appends: _Optional[int] = ..., bytes_host_to_device: _Optional[int] = ..., resident_tokens: _Optional[int] = ..., max_resident_tokens: _Optional[int] = ..., host_tokens: _Optional[int] = ..., units: _Optional[int] = ..., host_bytes: _Optional[int] = ..., device_bytes: _Optional[int] = ..., tag: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., metadata_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
     __slots__ = ("worker_id", "sessions", "host_bytes", "device_bytes")

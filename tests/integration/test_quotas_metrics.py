@@ -6,6 +6,7 @@ import socket
 import urllib.request
 
 import pytest
+from prometheus_client.utils import floatToGoString
 
 from kvrecall.client import KVRecallClient, ResourceExhaustedError
 from kvrecall.local import LocalDaemon
@@ -51,7 +52,11 @@ def test_metrics_endpoint_serves_kvrecall_series(quota_daemon):
         with client.open_session(SMALL, "louiskv", {"budget": 32, "window": 32}) as session:
             session.ingest(random_kv(SMALL, 200, seed=5))
             session.boundary()
+            metadata = session.stats().metadata_bytes
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            assert metadata > 0 and f'kvrecall_pool_metadata_bytes{{tier="device"}} {floatToGoString(metadata)}' in body
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'kvrecall_pool_metadata_bytes{tier="device"} 0.0' in body  # returned on close
     for series in (
         "kvrecall_sessions", "kvrecall_pool_used_bytes", "kvrecall_pool_free_bytes", "kvrecall_boundaries_total",
         "kvrecall_bytes_moved_total", "kvrecall_rpc_seconds_bucket", "kvrecall_sessions_opened_total",

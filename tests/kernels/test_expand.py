@@ -35,8 +35,10 @@ def random_units(rows: int, units: int, seed: int, budget: int):
     ("rows", "units", "budget", "width"),
     [(1, 1, 1, 1), (3, 7, 9, 9), (4, 300, 200, 256), (2, 50, 40, 13), (2, 0, 5, 5), (5, 20, 0, 8)],
 )
-def test_matches_reference(triton_device, rows, units, budget, width) -> None:
+@pytest.mark.parametrize("index", [torch.int64, torch.int32])
+def test_matches_reference(triton_device, rows, units, budget, width, index) -> None:
     take, unit, rank, position = random_units(rows, units, seed=units + width, budget=budget)
+    unit, position = unit.to(index), position.to(index)  # louiskv keeps int32 tables
     got = K.expand_selection(
         *(t.to(triton_device) for t in (take, unit, rank, position)), width, impl="triton"
     )
@@ -63,5 +65,5 @@ def test_arguments_are_checked(device) -> None:
         K.expand_selection(take, unit, unit[:, :3], unit, 4)
     with pytest.raises(ValueError, match="take: dim 0 is 2, expected 1"):
         K.expand_selection(take, unit[:1], unit[:1], unit[:1], 4)
-    with pytest.raises(ValueError, match="unit: dtype int32"):
-        K.expand_selection(take, unit.int(), unit, unit, 4)
+    with pytest.raises(ValueError, match="unit: dtype float32"):
+        K.expand_selection(take, unit.float(), unit, unit, 4)

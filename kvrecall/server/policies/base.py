@@ -1,8 +1,10 @@
 """The Policy interface every KV method implements, and the registry that finds them.
 
-A policy is a `@dataclass` of hyper-parameters (validated in `__post_init__`) plus four
-hooks; one instance lives per session (STYLE.md §1: adding a method is adding a file).
-Shapes: L layers, H KV heads, Hq query heads, D head dim, R retrieved slots.
+A policy is a `@dataclass` of hyper-parameters (validated in `__post_init__`) plus a few
+hooks; one instance lives per session (adding a method is adding a file). The prompt
+arrives layer by layer (`on_ingest_layer`, then `on_ingest_done`), so a policy does its
+prompt work per layer while the worker computes the next ones.
+Shapes: L layers, H KV heads, Hq query heads, D head dim, R retrieved slots, T max tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +26,19 @@ from kvrecall.v1 import kvrecall_pb2 as pb
 DEFAULT_SPILL_EVERY = 16
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """The KV of a chunk of new tokens (ChunkAppend): kv [L, 2, H, n, D] for tokens
+    [start, start + n), on the daemon's device or mapped from the worker."""
+
+    start: int
+    kv: torch.Tensor
+
+    def keys(self, start: int, end: int) -> torch.Tensor:
+        """Keys of tokens [start, end) (inside the chunk): [L, H, end - start, D]."""
+        return self.kv[:, 0, :, start - self.start : end - self.start]
+
+
 @dataclass
 class PolicyContext:
     """What a policy may touch: its session's layout, host KV and working set."""
@@ -33,7 +48,12 @@ class PolicyContext:
     ws: WorkingSet
     prompt_tokens: int = 0
     evicted_upto: int = 0  # tokens [n_sink, evicted_upto) have left the window
-    prompt_kv: torch.Tensor | None = None  # [L, 2, H, T, D], during on_ingest only
+    chunk: Chunk | None = None  # during a ChunkAppend: the chunk whose tokens on_evict sees
+
+    @property
+    def ingest_range(self) -> tuple[int, int]:
+        """The prompt tokens that left the window at ingest: [min(n_sink, T), evicted_upto)."""
+        return min(self.ws.plan.n_sink, self.prompt_tokens), self.evicted_upto
 
 
 @dataclass(frozen=True)
@@ -74,12 +94,27 @@ class Policy:
         """How many last-prompt-token queries IngestPrompt should carry."""
         return 0
 
-    def on_ingest(self, ctx: PolicyContext, queries: torch.Tensor | None) -> Selection | None:
-        """The prompt is in the host tier and sinks/window are placed. queries: [L, Hq, n_obs, D]."""
+    def metadata_bytes(self) -> int:
+        """Upper bound of the device bytes this policy's per-session state (centroids, unit
+        tables, page bounds, ...) will hold for `layout.max_tokens` tokens: reserved in the
+        device pool at OpenSession. Scratch space of a single operation is not counted."""
+        return 0
+
+    def on_ingest_layer(
+        self, ctx: PolicyContext, layer: int, kv: torch.Tensor, queries: torch.Tensor | None
+    ) -> None:
+        """Layer `layer` of the prompt is in the host tier and its sinks/window are placed.
+        kv: [2, H, T, D] (read it now: it is not kept); queries: [Hq, n_obs, D] f32 or None.
+        Layers arrive in order, each once; ctx.prompt_tokens / evicted_upto are final."""
+
+    def on_ingest_done(self, ctx: PolicyContext) -> Selection | None:
+        """Every layer arrived: the first selection."""
         return None
 
     def on_evict(self, ctx: PolicyContext, start: int, end: int) -> Selection | None:
-        """Tokens [start, end) left the window (they are in the host tier); may re-place them."""
+        """Tokens [start, end) left the window (they are in the host tier); may re-place them.
+        They were in the window ring, or, when ctx.chunk holds them, came in a chunk and never
+        entered it (their keys are in ctx.chunk)."""
         return None
 
     def on_boundary(self, ctx: PolicyContext, query: torch.Tensor, layers: list[int]) -> Selection | None:

@@ -4,6 +4,8 @@
   k-means into units of ~`cluster_size` tokens; a unit's representative is its centroid.
 * Output: tokens leaving the window join an open *segment*; a segment closes at a boundary
   (or at `max_segment` tokens) and its representative is the mean of its keys.
+* Chunks (several tokens in one forward pass after the ingest): the tokens that leave the
+  window without entering the ring are clustered like the prompt, with the open segment.
 * Ingest (`ingest_select="tokens"`): the first selection takes single prompt tokens by the
   attention the last `observation` prompt queries pay them (SnapKV's vote, max-pooled); the
   best `pin_ingest` fraction of the budget of them stays pinned through later retrievals.
@@ -15,11 +17,12 @@
 * Between boundaries nothing is retrieved; while the retrieved region has free slots the
   tokens leaving the window fill them (so budget >= sequence length is exact).
 
-Shapes: B = L * H problems; prompt units [B, U, D]; segments [B, Sg, D]; selection [L, H, R].
+Shapes: B = L * H problems; units [B, U, D] (prompt and chunk clusters, segments); selection [L, H, R].
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -28,6 +31,7 @@ import torch
 from kvrecall import kernels
 from kvrecall.server.layout import WorkingSetPlan
 from kvrecall.server.policies.base import (
+    DEFAULT_SPILL_EVERY,
     BoundaryRule,
     Policy,
     PolicyContext,
@@ -38,9 +42,11 @@ from kvrecall.server.policies.base import (
     register,
     resident_plan,
 )
-from kvrecall.server.policies.snapkv import ascending, rank_by_observation, ranked_selection
+from kvrecall.server.policies.snapkv import ObservationRanking, ascending, ranked_selection
 from kvrecall.server.working_set import to_device
 from kvrecall.v1 import kvrecall_pb2 as pb
+
+log = logging.getLogger("kvrecall.louiskv")
 
 POOL_KERNEL = 7  # max-pool width of the token votes at ingest (SnapKV's)
 
@@ -79,61 +85,69 @@ class LouisKVConfig:
         return round(self.pin_ingest * self.budget) if self.ingest_select == "tokens" else 0
 
 
-class _Growing:
-    """A device buffer growing along dim 1 (amortised: by a quarter at least); `view()` is
-    the filled part."""
-
-    def __init__(self, first: torch.Tensor) -> None:
-        self.data, self.length = first.contiguous(), first.shape[1]
-
-    def append(self, chunk: torch.Tensor) -> None:
-        n = chunk.shape[1]
-        if self.length + n > self.data.shape[1]:
-            shape = list(self.data.shape)
-            shape[1] = max(self.length + n, self.length * 5 // 4 + 64)
-            bigger = self.data.new_empty(shape)
-            bigger[:, : self.length] = self.view()
-            self.data = bigger
-        self.data[:, self.length : self.length + n] = chunk
-        self.length += n
-
-    def view(self) -> torch.Tensor:
-        return self.data[:, : self.length]
-
-
 class _UnitTable:
-    """Every retrieval unit of one session on the device, prompt clusters first, then closed
-    output segments, so a boundary reads them as views (no concatenation, no host data).
+    """Every retrieval unit of one session on the device, prompt clusters first, then chunk
+    clusters and closed output segments, so a boundary reads them as views (no concatenation,
+    no host data). Allocated once at its capacity (what metadata_bytes reserves).
 
-    Per unit: reps [B, U, D] f32, sizes [B, U] and valid (size > 0). Per candidate token,
-    grouped by unit: position [B, M], unit [B, M] and rank inside its unit [B, M] (int32)."""
+    Per unit: reps [B, U, D] (the layout dtype when 16-bit, else f32), sizes [B, U] int32 and
+    valid (size > 0). Per candidate token, grouped by unit: position, unit and rank inside its
+    unit [B, M] int32."""
 
-    def __init__(
-        self,
-        reps: torch.Tensor,
-        sizes: torch.Tensor,
-        position: torch.Tensor,
-        unit: torch.Tensor,
-        rank: torch.Tensor,
-    ) -> None:
-        self.reps, self.sizes, self.valid = _Growing(reps), _Growing(sizes), _Growing(sizes > 0)
-        self.position, self.unit, self.rank = _Growing(position), _Growing(unit), _Growing(rank.int())
+    def __init__(self, rows: int, units: int, tokens: int, dim: int, rep_dtype: torch.dtype, device) -> None:
+        self.reps = torch.zeros(rows, units, dim, dtype=rep_dtype, device=device)
+        self.sizes = torch.zeros(rows, units, dtype=torch.int32, device=device)
+        self.valid = torch.zeros(rows, units, dtype=torch.bool, device=device)
+        self.position, self.unit, self.rank = (
+            torch.zeros(rows, tokens, dtype=torch.int32, device=device) for _ in range(3)
+        )
+        self.num_units = 0  # filled columns of the unit tensors
+        self.num_tokens = 0  # filled columns of the candidate tensors
+
+    @staticmethod
+    def nbytes(rows: int, units: int, tokens: int, dim: int, rep_dtype: torch.dtype) -> int:
+        rep = torch.empty((), dtype=rep_dtype).element_size()
+        return rows * (units * (dim * rep + 4 + 1) + tokens * 3 * 4)
 
     @property
-    def num_units(self) -> int:
-        return self.sizes.length
+    def room(self) -> int:
+        """Units that still fit."""
+        return self.sizes.shape[1] - self.num_units
 
-    def append(
-        self,
-        reps: torch.Tensor,
-        sizes: torch.Tensor,
-        position: torch.Tensor,
+    def put(
+        self, rows: slice, reps: torch.Tensor, sizes: torch.Tensor, position: torch.Tensor, rank: torch.Tensor,
         unit: torch.Tensor,
-        rank: torch.Tensor,
     ) -> None:
-        parts = (self.reps, self.sizes, self.valid, self.position, self.unit, self.rank)
-        for part, chunk in zip(parts, (reps, sizes, sizes > 0, position, unit, rank), strict=True):
-            part.append(chunk)
+        """Write units [num_units, + u) and candidates [num_tokens, + m) of `rows` (unit: the
+        candidates' unit index inside the new ones); advance() makes them visible."""
+        u, m = sizes.shape[1], position.shape[1]
+        U, M = self.num_units, self.num_tokens
+        self.reps[rows, U : U + u] = reps
+        self.sizes[rows, U : U + u] = sizes
+        self.valid[rows, U : U + u] = sizes > 0
+        self.position[rows, M : M + m] = position
+        self.unit[rows, M : M + m] = unit + U
+        self.rank[rows, M : M + m] = rank
+
+    def advance(self, units: int, tokens: int) -> None:
+        self.num_units += units
+        self.num_tokens += tokens
+
+    def view(self, name: str) -> torch.Tensor:
+        width = self.num_units if name in ("reps", "sizes", "valid") else self.num_tokens
+        return getattr(self, name)[:, :width]
+
+
+def cluster_pieces(keys: torch.Tensor, k: int, iters: int, first: int) -> tuple[torch.Tensor, ...]:
+    """k-means of keys [B, N, D] (token 0 = position `first`) into k clusters per row ->
+    (centroids [B, k, D] f32, sizes [B, k], positions [B, N], ranks [B, N], units [B, N]),
+    the candidates grouped by cluster."""
+    B, N, _ = keys.shape
+    centroids, assign, counts = kernels.kmeans(keys, k, iters)
+    unit_sorted, order = torch.sort(assign, dim=1, stable=True)
+    start = torch.cumsum(counts, dim=1) - counts
+    rank = torch.arange(N, device=keys.device).expand(B, -1) - torch.gather(start, 1, unit_sorted)
+    return centroids, counts, order + first, rank, unit_sorted
 
 
 @register
@@ -145,12 +159,15 @@ class LouisKVPolicy(Policy):
     def __init__(self, config: LouisKVConfig, layout) -> None:
         super().__init__(config, layout)
         self.units: _UnitTable | None = None
-        self.prompt_units = 0  # non-empty prompt clusters over all rows
+        self.prompt_units = 0  # non-empty prompt and chunk clusters over all rows
         self.seg_bounds: list[tuple[int, int]] = []
         self.open_start = 0  # first token of the open output segment
-        self.closed_upto = 0  # tokens [prompt_evicted, closed_upto) are in closed segments
+        self.closed_upto = 0  # tokens [prompt_evicted, closed_upto) are in closed units
         self.open_sum: torch.Tensor | None = None  # [B, D] f32: keys of the open segment, summed
         self.pinned: torch.Tensor | None = None  # [B, P] ascending, -1 padded: kept by every retrieval
+        self.ranking = ObservationRanking(layout.num_layers, layout.num_kv_heads, config.budget, POOL_KERNEL)
+        self.observed: list[torch.Tensor] = []  # ingest_select="units": each layer's observation queries
+        self._capacity_warned = False
 
     def plan(self) -> WorkingSetPlan:
         return resident_plan(self.config)
@@ -165,38 +182,87 @@ class LouisKVPolicy(Policy):
     def num_units(self) -> int:
         return self.prompt_units + len(self.seg_bounds) * self.layout.num_layers * self.layout.num_kv_heads
 
+    # ---- device metadata ---------------------------------------------------------------
+    def _table_shape(self) -> tuple[int, int, torch.dtype]:
+        """(units, candidate tokens, rep dtype) per row. A unit holds `unit_min` tokens or more
+        on average (k-means makes ceil(N / cluster_size) clusters of a prompt and
+        N // cluster_size of a chunk; a decode segment grows by spill_every tokens per notice
+        and closes at a boundary or at max_segment); the table is allocated at this size once
+        and a segment that would not fit stays open (_close_segment)."""
+        T = self.layout.max_tokens
+        unit_min = max(1, min(self.config.cluster_size, DEFAULT_SPILL_EVERY, self.config.max_segment))
+        dtype = self.layout.dtype if self.layout.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        return -(-T // unit_min) + 2, T, dtype
+
+    def metadata_bytes(self) -> int:
+        L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
+        units, tokens, dtype = self._table_shape()
+        pinned = L * H * self.config.pinned_tokens * 8
+        return _UnitTable.nbytes(L * H, units, tokens, D, dtype) + L * H * D * 4 + pinned
+
+    def _table(self, device) -> _UnitTable:
+        if self.units is None:
+            units, tokens, dtype = self._table_shape()
+            L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
+            self.units = _UnitTable(L * H, units, tokens, D, dtype, device)
+        return self.units
+
     # ---- hooks ------------------------------------------------------------------------
-    def on_ingest(self, ctx: PolicyContext, queries: torch.Tensor | None) -> Selection | None:
-        start, end = min(ctx.ws.plan.n_sink, ctx.prompt_tokens), ctx.evicted_upto
-        self.open_start = self.closed_upto = end
+    def on_ingest_layer(self, ctx: PolicyContext, layer: int, kv: torch.Tensor, queries: torch.Tensor | None) -> None:
+        start, end = ctx.ingest_range
+        device = ctx.ws.keys.device
+        keys = kv[0].to(device)  # [H, T, D]
         if end > start:
-            keys = ctx.prompt_kv[:, 0, :, start:end]  # [L, H, N, D]
-            self._cluster(keys.to(ctx.ws.keys.device), start)
+            H = self.layout.num_kv_heads
+            k = max(1, math.ceil((end - start) / self.config.cluster_size))
+            centroids, sizes, position, rank, unit = cluster_pieces(
+                keys[:, start:end], k, self.config.kmeans_iters, start
+            )
+            rows = slice(layer * H, (layer + 1) * H)
+            self._table(device).put(rows, centroids, sizes, position, rank, unit)
+            self.prompt_units += int((sizes > 0).sum())
         if queries is None:
-            return None
-        obs = queries[:, :, -self.config.observation :]
+            return
+        obs = queries[:, -self.config.observation :]
         if self.config.ingest_select == "tokens":
-            # The prompt's keys are all at hand once: the first retrieval takes single tokens by
-            # the attention the last prompt queries pay them (SnapKV's vote); units serve later,
-            # next to the best `pinned_tokens` of them, which every retrieval keeps.
-            ranked = rank_by_observation(ctx, obs, self.config.budget, POOL_KERNEL)
-            if ranked is None:
+            self.ranking.rank_layer(ctx, layer, keys, obs)
+        else:
+            self.observed.append(obs)
+
+    def on_ingest_done(self, ctx: PolicyContext) -> Selection | None:
+        start, end = ctx.ingest_range
+        self.open_start = self.closed_upto = ctx.evicted_upto  # later evictions start there
+        if self.units is not None and end > start:
+            k = max(1, math.ceil((end - start) / self.config.cluster_size))
+            self.units.advance(min(k, end - start), end - start)
+        if self.config.ingest_select == "tokens":
+            # The prompt's keys were at hand layer by layer: the first retrieval takes single
+            # tokens by the attention the last prompt queries pay them (SnapKV's vote); units
+            # serve later, next to the best `pinned_tokens` of them, which every retrieval keeps.
+            if not self.ranking.any:
                 return None
+            ranked = self.ranking.ranked
             pinned = self.config.pinned_tokens
             if pinned:
                 rows = ascending(ranked[:, :, :pinned]).view(-1, pinned)
                 self.pinned = to_device(rows, ctx.ws.keys.device)
             return ranked_selection(ranked)
+        if len(self.observed) < self.layout.num_layers:
+            return None
         # Or every unit scored by those queries, the best over them (as over a group's heads).
-        return self._select(ctx, obs.to(ctx.ws.keys.device), list(range(self.layout.num_layers)))
+        obs = torch.stack(self.observed).to(ctx.ws.keys.device)
+        self.observed = []
+        return self._select(ctx, obs, list(range(self.layout.num_layers)))
 
     def on_evict(self, ctx: PolicyContext, start: int, end: int) -> Selection | None:
-        # The evicted tokens are still in the ring: their keys join the open segment's sum.
-        for lo, hi in ctx.ws.ring_spans(start, end):
-            part = ctx.ws.keys[:, :, lo:hi].sum(dim=2, dtype=torch.float32).view(-1, self.layout.head_dim)
-            self.open_sum = part if self.open_sum is None else self.open_sum + part
-        if end - self.open_start >= self.config.max_segment:
-            self._close_segment(ctx, end)
+        if ctx.chunk is not None and start >= ctx.chunk.start:
+            self._absorb_chunk(ctx, start, end)
+        else:
+            # The evicted tokens are still in the ring: their keys join the open segment's sum.
+            for lo, hi in ctx.ws.ring_spans(start, end):
+                self._add_to_open(ctx.ws.keys[:, :, lo:hi])
+            if end - self.open_start >= self.config.max_segment:
+                self._close_segment(ctx, end)
         return fill_free_slots(ctx, start, end)
 
     def on_boundary(self, ctx: PolicyContext, query: torch.Tensor, layers: list[int]) -> Selection | None:
@@ -204,73 +270,103 @@ class LouisKVPolicy(Policy):
         return self._select(ctx, query.to(ctx.ws.keys.device), layers)
 
     # ---- units --------------------------------------------------------------------------
-    def _cluster(self, keys: torch.Tensor, first: int) -> None:
-        """Prompt keys [L, H, N, D] (token 0 = position `first`) -> the first units of the table."""
+    def _add_to_open(self, keys: torch.Tensor) -> None:
+        """keys [L, H, n, D] join the open segment."""
+        part = keys.sum(dim=2, dtype=torch.float32).view(-1, self.layout.head_dim)
+        self.open_sum = part if self.open_sum is None else self.open_sum + part
+
+    def _absorb_chunk(self, ctx: PolicyContext, start: int, end: int) -> None:
+        """Chunk tokens [start, end) left the window without entering the ring. A chunk is
+        prompt-like text (a question, the rest of a long prompt) whose important keys are
+        scattered, so it is clustered like the prompt (LouisKV's input rule), together with
+        the open segment; fewer than cluster_size tokens join the open segment instead."""
+        device = ctx.ws.keys.device
+        keys = ctx.chunk.keys(start, end).to(device)  # [L, H, n, D]
+        first = self.open_start
+        count = end - first
+        k = min(count // self.config.cluster_size, self._table(device).room)
+        if k == 0:
+            self._add_to_open(keys)
+            return
+        if first < start:  # the open segment's tokens (in the host tier) join the clustering
+            L = self.layout.num_layers
+            held = torch.stack([ctx.store.keys(layer, first, start) for layer in range(L)]).to(device)
+            keys = torch.cat((held, keys), dim=2)
         L, H, N, D = keys.shape
-        k = max(1, math.ceil(N / self.config.cluster_size))
-        x = keys.reshape(L * H, N, D)
-        centroids, assign, counts = kernels.kmeans(x, k, self.config.kmeans_iters)
-        unit_sorted, order = torch.sort(assign, dim=1, stable=True)
-        start = torch.cumsum(counts, dim=1) - counts
-        rank = torch.arange(N, device=keys.device).expand(L * H, -1) - torch.gather(start, 1, unit_sorted)
-        self.units = _UnitTable(centroids.float(), counts, order + first, unit_sorted, rank)
-        self.prompt_units = int((counts > 0).sum())
+        centroids, sizes, position, rank, unit = cluster_pieces(
+            keys.reshape(L * H, N, D), k, self.config.kmeans_iters, first
+        )
+        self.units.put(slice(None), centroids, sizes, position, rank, unit)
+        self.units.advance(k, N)
+        self.prompt_units += int((sizes > 0).sum())
+        self.open_start = self.closed_upto = end
+        self.open_sum = None
 
     def _close_segment(self, ctx: PolicyContext, end: int) -> None:
         """Tokens [open_start, end) (all evicted, so summed in open_sum) become a unit whose
-        representative is their mean key."""
+        representative is their mean key (while the table has room: else it stays open)."""
         if end <= self.open_start or self.open_sum is None:
+            return
+        table = self._table(self.open_sum.device)
+        if table.room == 0:
+            if not self._capacity_warned:
+                log.warning("louiskv unit table full (%d units per row): segments stay open", table.num_units)
+                self._capacity_warned = True
             return
         n, B = end - self.open_start, self.open_sum.shape[0]
         device = self.open_sum.device
         mean = (self.open_sum / n).unsqueeze(1)  # [B, 1, D]
-        sizes = torch.full((B, 1), n, dtype=torch.int64, device=device)
+        sizes = torch.full((B, 1), n, dtype=torch.int32, device=device)
         positions = torch.arange(self.open_start, end, device=device).expand(B, -1)
-        rank = torch.arange(n, dtype=torch.int32, device=device).expand(B, -1)
-        index = 0 if self.units is None else self.units.num_units
-        unit = torch.full((B, n), index, dtype=torch.int64, device=device)
-        if self.units is None:
-            self.units = _UnitTable(mean, sizes, positions, unit, rank)
-        else:
-            self.units.append(mean, sizes, positions, unit, rank)
+        rank = torch.arange(n, device=device).expand(B, -1)
+        table.put(slice(None), mean, sizes, positions, rank, torch.zeros_like(rank))
+        table.advance(1, n)
         self.seg_bounds.append((self.open_start, end))
         self.open_start = self.closed_upto = end
         self.open_sum = None
 
     def _select(self, ctx: PolicyContext, query: torch.Tensor, layers: list[int]) -> Selection:
         """query [L, Hq, D] or [L, Hq, n, D] (n queries per head) -> the retrieved positions
-        [L, H, R] for `layers` (others kept).
+        [L, H, R] for `layers` (others kept; only their rows are scored).
 
         All on the device, no host sync: the number of units chosen stays a device scalar."""
         L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
-        R, B = self.config.budget, L * H
+        R = self.config.budget
         table = self.units
-        if table is None:
+        if table is None or table.num_units == 0:
             return Selection(ctx.ws.retrieved_positions())
-        pinned = self.pinned
+        device = table.reps.device
+        every = len(layers) == L
+        index = to_device(torch.tensor(layers), device)
+        rows = (index[:, None] * H + torch.arange(H, device=device)).view(-1)
+
+        def pick(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor if every else tensor[rows]
+
+        pinned = None if self.pinned is None else pick(self.pinned)
         free = R - (0 if pinned is None else pinned.shape[1])  # slots the units fill
-        q = query.reshape(B, -1, D)  # [B, G * n, D], its own dtype: scoring computes in float32
-        scores = kernels.score_units(q, table.reps.view(), table.valid.view(), agg=self.config.aggregate)
-        sizes = table.sizes.view()
-        take = kernels.select_under_budget(scores, sizes, free)  # [B, units]
+        q = (query if every else query[index]).reshape(len(layers) * H, -1, D)  # its own dtype: scored in f32
+        scores = kernels.score_units(q, pick(table.view("reps")), pick(table.view("valid")), agg=self.config.aggregate)
+        sizes = pick(table.view("sizes"))
+        take = kernels.select_under_budget(scores, sizes, free)  # [rows, units]
         if pinned is not None:
             # A row whose units all fit the budget takes them all (exact, its pinned tokens among
             # them); the others keep their pinned tokens and fill the rest with the best units.
             whole = torch.where(scores > float("-inf"), sizes.long().clamp_min(0), 0)
-            fits = whole.sum(dim=1, keepdim=True) <= R  # [B, 1]
+            fits = whole.sum(dim=1, keepdim=True) <= R  # [rows, 1]
             take = torch.where(fits, whole, take)
-        new = kernels.expand_selection(take, table.unit.view(), table.rank.view(), table.position.view(), R)
+        new = kernels.expand_selection(
+            take, pick(table.view("unit")), pick(table.view("rank")), pick(table.view("position")), R
+        )
         if pinned is not None:
             mixed = torch.cat([pinned, _drop_members(new[:, :free], pinned)], dim=1)
             new = torch.where(fits, new, mixed)
-        new = new.view(L, H, R)
         units = (take > 0).sum()
-        if len(layers) < L:
-            current = ctx.ws.retrieved_positions()
-            index = to_device(torch.tensor(layers), new.device)
-            current[index] = new[index]
-            new = current
-        return Selection(new, units=units)
+        if every:
+            return Selection(new.view(L, H, R), units=units)
+        current = ctx.ws.retrieved_positions().view(L * H, R)
+        current[rows] = new
+        return Selection(current.view(L, H, R), units=units)
 
 
 def _drop_members(positions: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:

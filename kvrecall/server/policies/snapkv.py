@@ -55,18 +55,8 @@ def observation_scores(queries: torch.Tensor, keys: torch.Tensor, group: int) ->
     return probs.sum(dim=1).view(-1, group, T).sum(dim=1)
 
 
-def select_by_observation(
-    ctx: PolicyContext, queries: torch.Tensor | None, budget: int, pool_kernel: int
-) -> Selection | None:
-    """Per (layer, KV head), the `budget` tokens that left the window at ingest receiving the
-    most attention from the observation queries [L, Hq, n, D] (max-pooled over `pool_kernel`
-    neighbours), ascending, -1 padded: [L, H, budget]."""
-    ranked = rank_by_observation(ctx, queries, budget, pool_kernel)
-    return None if ranked is None else ranked_selection(ranked)
-
-
 def ranked_selection(ranked: torch.Tensor) -> Selection:
-    """The Selection of rank_by_observation's tokens [L, H, budget]: ascending, -1 padded."""
+    """The Selection of ObservationRanking's tokens [L, H, budget]: ascending, -1 padded."""
     L, H, _ = ranked.shape
     count = int((ranked[0, 0] >= 0).sum())  # every row ranks the same number of tokens
     return Selection(ascending(ranked), units=L * H * count)
@@ -79,26 +69,26 @@ def ascending(positions: torch.Tensor) -> torch.Tensor:
     return torch.where(ordered == big, -1, ordered)
 
 
-def rank_by_observation(
-    ctx: PolicyContext, queries: torch.Tensor | None, budget: int, pool_kernel: int
-) -> torch.Tensor | None:
-    """select_by_observation's tokens best first (CPU int64 [L, H, budget], -1 padded), so
-    the first k of a row are its top k; None without queries or evicted prompt tokens."""
-    start, end = min(ctx.ws.plan.n_sink, ctx.prompt_tokens), ctx.evicted_upto
-    if queries is None or end <= start:
-        return None
-    layout = ctx.layout
-    L, H = layout.num_layers, layout.num_kv_heads
-    keys = ctx.prompt_kv[:, 0]  # [L, H, T, D]
-    queries = queries.to(keys.device)
-    ranked = torch.full((L, H, budget), -1, dtype=torch.int64)
-    count = min(budget, end - start)
-    pad = pool_kernel // 2
-    for layer in range(L):
-        mass = observation_scores(queries[layer], keys[layer], layout.group_size)
-        pooled = F.max_pool1d(mass[None], pool_kernel, stride=1, padding=pad)[0]
-        ranked[layer, :, :count] = (pooled[:, start:end].topk(count, dim=-1).indices + start).cpu()
-    return ranked
+class ObservationRanking:
+    """Per layer, the `budget` tokens that left the window at ingest receiving the most
+    attention from the observation queries (max-pooled over `pool_kernel` neighbours), best
+    first: `ranked` CPU int64 [L, H, budget], -1 padded, so the first k of a row are its top k."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, budget: int, pool_kernel: int) -> None:
+        self.ranked = torch.full((num_layers, num_kv_heads, budget), -1, dtype=torch.int64)
+        self.pool_kernel = pool_kernel
+        self.any = False  # whether a layer was ranked
+
+    def rank_layer(self, ctx: PolicyContext, layer: int, keys: torch.Tensor, queries: torch.Tensor | None) -> None:
+        """keys [H, T, D] of `layer`'s prompt, queries [Hq, n, D] (None: nothing to rank)."""
+        start, end = ctx.ingest_range
+        if queries is None or end <= start:
+            return
+        count = min(self.ranked.shape[-1], end - start)
+        mass = observation_scores(queries.to(keys.device), keys, ctx.layout.group_size)
+        pooled = F.max_pool1d(mass[None], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)[0]
+        self.ranked[layer, :, :count] = (pooled[:, start:end].topk(count, dim=-1).indices + start).cpu()
+        self.any = True
 
 
 @register
@@ -113,8 +103,15 @@ class SnapKVPolicy(Policy):
     def observation(self) -> int:
         return self.config.observation
 
-    def on_ingest(self, ctx: PolicyContext, queries: torch.Tensor | None) -> Selection | None:
-        return select_by_observation(ctx, queries, self.config.budget, self.config.pool_kernel)
+    def __init__(self, config: SnapKVConfig, layout) -> None:
+        super().__init__(config, layout)
+        self.ranking = ObservationRanking(layout.num_layers, layout.num_kv_heads, config.budget, config.pool_kernel)
+
+    def on_ingest_layer(self, ctx: PolicyContext, layer: int, kv: torch.Tensor, queries: torch.Tensor | None) -> None:
+        self.ranking.rank_layer(ctx, layer, kv[0], queries)
+
+    def on_ingest_done(self, ctx: PolicyContext) -> Selection | None:
+        return ranked_selection(self.ranking.ranked) if self.ranking.any else None
 
     def on_evict(self, ctx: PolicyContext, start: int, end: int) -> Selection | None:
         return fill_free_slots(ctx, start, end)

@@ -129,8 +129,17 @@ class WindowKVPolicy(Policy):
         super().__init__(config, layout)
         self.task = config.resolved_task
         self.suffix = SUFFIX[self.task]
-        self.recall: LouisKVPolicy | None = None  # keep_pruned_in_host: louiskv over the host tier
         self.budgets: list[int] = []  # per layer, resolved at ingest
+        self.selection: torch.Tensor | None = None  # [L, H, R] CPU, filled group by group at ingest
+        self.kept = 0  # selected tokens over all layers and heads
+        self.votes: torch.Tensor | None = None  # [H, T] the current group's summed attention mass
+        self.recall: LouisKVPolicy | None = None  # keep_pruned_in_host: louiskv over the host tier
+        if config.keep_pruned_in_host:  # sized for the plan's budget; rebuilt at ingest for the prompt's
+            self.recall = LouisKVPolicy(
+                LouisKVConfig(budget=min(self._plan_budget(), 1 << 20), n_sink=config.n_sink, window=config.window,
+                              threshold=config.threshold),
+                layout,
+            )
 
     def _plan_budget(self) -> int:
         """The mean budget the working set must hold (with budget_fraction: for max_tokens)."""
@@ -163,47 +172,61 @@ class WindowKVPolicy(Policy):
     def num_units(self) -> int:
         return 0 if self.recall is None else self.recall.num_units
 
-    def on_ingest(self, ctx: PolicyContext, queries: torch.Tensor | None) -> Selection | None:
-        c, T = self.config, ctx.prompt_tokens
+    def metadata_bytes(self) -> int:
+        return 0 if self.recall is None else self.recall.metadata_bytes()
+
+    def on_ingest_layer(self, ctx: PolicyContext, layer: int, kv: torch.Tensor, queries: torch.Tensor | None) -> None:
+        c, L = self.config, self.layout.num_layers
+        if layer == 0:
+            self._start_ingest(ctx)
+        if self.recall is not None:
+            self.recall.on_ingest_layer(ctx, layer, kv, None)  # clusters the prompt; selects nothing yet
+        start, end = ctx.ingest_range
+        if queries is None or end <= start:
+            return
+        first = layer - layer % c.group_size
+        last = min(L, first + c.group_size) - 1
+        if c.group_select == "sum" or layer == first:  # every layer of the group votes, equally
+            mass = observation_scores(queries[:, -self.suffix :].to(kv.device), kv[0], self.layout.group_size)
+            self.votes = mass if self.votes is None else self.votes + mass
+        if layer == last:
+            self._select_group(ctx, first, last + 1, self.votes)
+            self.votes = None
+
+    def _start_ingest(self, ctx: PolicyContext) -> None:
+        """Per-layer budgets for this prompt, an empty selection, and the recall policy."""
+        c, T, R = self.config, ctx.prompt_tokens, ctx.ws.plan.retrieved
+        L, H = self.layout.num_layers, self.layout.num_kv_heads
         budget = c.budget if c.budget_fraction is None else max(1, round(c.budget_fraction * T))
-        R = ctx.ws.plan.retrieved
-        self.budgets = [
-            min(b, R) for b in layer_budgets(self.layout.num_layers, c.group_size, budget, c.decay)
-        ]
+        self.budgets = [min(b, R) for b in layer_budgets(L, c.group_size, budget, c.decay)]
+        self.selection = torch.full((L, H, R), -1, dtype=torch.int64)
+        self.kept, self.votes = 0, None
         if c.keep_pruned_in_host:
             self.recall = LouisKVPolicy(
                 LouisKVConfig(budget=min(budget, R), n_sink=c.n_sink, window=c.window, threshold=c.threshold),
                 self.layout,
             )
-            self.recall.on_ingest(ctx, None)  # clusters the prompt; selects nothing yet
-        start, end = min(ctx.ws.plan.n_sink, T), ctx.evicted_upto
-        if queries is None or end <= start:
-            return None
-        return self._select(ctx, queries[:, :, -self.suffix :], start, end)
 
-    def _select(self, ctx: PolicyContext, queries: torch.Tensor, start: int, end: int) -> Selection:
-        """Positions in [start, end) (prompt tokens outside sinks and ring) for every layer."""
-        L, H, R = self.layout.num_layers, self.layout.num_kv_heads, ctx.ws.plan.retrieved
-        keys = ctx.prompt_kv[:, 0]  # [L, H, T, D]
-        queries = queries.to(keys.device)
+    def on_ingest_done(self, ctx: PolicyContext) -> Selection | None:
+        if self.recall is not None:
+            self.recall.on_ingest_done(ctx)
+        if self.kept == 0 and bool((self.selection < 0).all()):
+            return None
+        return Selection(self.selection, units=self.kept)
+
+    def _select_group(self, ctx: PolicyContext, first: int, stop: int, mass: torch.Tensor) -> None:
+        """Layers [first, stop) keep the windows their summed votes mass [H, T] rank best, among
+        the prompt tokens outside sinks and ring; the suffix is always kept."""
+        start, end = ctx.ingest_range
+        H, R = self.layout.num_kv_heads, ctx.ws.plan.retrieved
         cut = max(start, min(end, ctx.prompt_tokens - self.suffix))  # suffix tokens from `cut` on are kept
-        positions = torch.arange(start, end, dtype=torch.int64, device=keys.device).expand(H, -1)
-        suffix = torch.ones(H, end - cut, dtype=torch.bool, device=keys.device)
-        selection = torch.full((L, H, R), -1, dtype=torch.int64)
-        mode, kept = SCORE_MODE[self.task], 0
-        for first in range(0, L, self.config.group_size):
-            voters = [first]
-            if self.config.group_select == "sum":  # every layer of the group votes, equally
-                voters = range(first, min(L, first + self.config.group_size))
-            mass = sum(observation_scores(queries[v], keys[v], self.layout.group_size) for v in voters)
-            mass = mass[:, start:cut]
-            chosen = select_windows(mass, self.budgets[first] - (end - cut), self.config.window_size, mode)
-            keep = torch.cat((chosen, suffix), dim=1)
-            picked = compact(keep, positions, R).cpu()
-            group = slice(first, min(L, first + self.config.group_size))
-            selection[group] = picked
-            kept += int((picked >= 0).sum()) * (group.stop - group.start)
-        return Selection(selection, units=kept)
+        positions = torch.arange(start, end, dtype=torch.int64, device=mass.device).expand(H, -1)
+        suffix = torch.ones(H, end - cut, dtype=torch.bool, device=mass.device)
+        chosen = select_windows(mass[:, start:cut], self.budgets[first] - (end - cut), self.config.window_size,
+                                SCORE_MODE[self.task])  # fmt: skip
+        picked = compact(torch.cat((chosen, suffix), dim=1), positions, R).cpu()
+        self.selection[first:stop] = picked
+        self.kept += int((picked >= 0).sum()) * (stop - first)
 
     def on_evict(self, ctx: PolicyContext, start: int, end: int) -> Selection | None:
         if self.recall is not None:

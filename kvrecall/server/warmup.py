@@ -1,0 +1,71 @@
+"""Warm-up at daemon start: run the serving path once per configured (dtype, head dim), so
+Triton compiles its kernels (or loads them from its on-disk cache, TRITON_CACHE_DIR) before
+the first session instead of inside it.
+
+Each shape gets a few throw-away sessions (louiskv, quest, windowkv, snapkv) on the serving
+device: a streamed ingest, an append, a boundary with one and with several queries per head,
+and a chunk; then they are closed, so the pools are back to zero when the daemon serves. On
+a CPU daemon the kernels are PyTorch references with nothing to compile: nothing runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from kvrecall.server.layout import ModelLayout
+from kvrecall.server.policies import build_policy
+from kvrecall.server.session import SessionRegistry
+from kvrecall.v1 import kvrecall_pb2 as pb
+
+log = logging.getLogger("kvrecall.warmup")
+
+WORKER = "kvrecall-warmup"
+PROMPT = 640
+POLICIES = (
+    pb.PolicyConfig(name="louiskv", louiskv=pb.LouisKVConfig(budget=128)),
+    pb.PolicyConfig(name="louiskv", louiskv=pb.LouisKVConfig(budget=128, ingest_select="units")),
+    pb.PolicyConfig(name="quest", quest=pb.QuestConfig(budget=128)),
+    pb.PolicyConfig(name="windowkv", windowkv=pb.WindowKVConfig(budget=128, keep_pruned_in_host=True)),
+    pb.PolicyConfig(name="snapkv", snapkv=pb.SnapKVConfig(budget=128)),
+)
+
+
+def warm_up(registry: SessionRegistry, shapes: list[tuple[torch.dtype, int]]) -> float:
+    """Run every policy's serving path for each (dtype, head dim); returns the seconds taken."""
+    device = registry.device_pool.device
+    if device.type != "cuda" or not shapes:
+        return 0.0
+    started = time.perf_counter()
+    generator = torch.Generator(device=device).manual_seed(0)
+    for dtype, head_dim in shapes:
+        layout = ModelLayout(num_layers=2, num_kv_heads=8, num_query_heads=32, head_dim=head_dim, dtype=dtype,
+                             max_tokens=PROMPT + 256)  # fmt: skip
+        for message in POLICIES:
+            _one_session(registry, layout, message, device, generator)
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def _one_session(registry, layout: ModelLayout, message: pb.PolicyConfig, device, generator) -> None:
+    L, H, Hq, D = layout.num_layers, layout.num_kv_heads, layout.num_query_heads, layout.head_dim
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, generator=generator).to(layout.dtype)
+
+    policy = build_policy(message, layout)
+    session = registry.open(WORKER, layout, policy, pb.TRANSPORT_INLINE, 60.0, "warm-up")
+    try:
+        kv = randn(L, 2, H, PROMPT + 80, D)
+        queries = randn(L, Hq, max(1, policy.observation()), D).float()
+        for layer in range(L):  # streamed, as workers send it
+            session.ingest(layer, kv[layer : layer + 1, :, :, :PROMPT], queries[layer : layer + 1])
+        spill = session.plan.spill_every
+        session.append(PROMPT + spill, kv[:, :, :, PROMPT : PROMPT + spill])
+        session.boundary(PROMPT + spill, [], randn(L, Hq, D).float())
+        session.boundary(PROMPT + spill, [1], randn(1, Hq, 8, D).float())
+        session.chunk(PROMPT + spill, kv[:, :, :, PROMPT + spill :].contiguous())
+    finally:
+        registry.close(session)

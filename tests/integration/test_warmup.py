@@ -1,0 +1,38 @@
+"""The daemon's start-up warm-up: its serving path (streamed ingest, append, boundaries with one
+and several queries per head, a chunk) runs in-process on real pools and leaves nothing
+behind. On a CUDA daemon this is what compiles the kernels before the first session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvrecall.server.config import ConfigError, ServerConfig, parse_warmup
+from kvrecall.server.layout import ModelLayout
+from kvrecall.server.pools import DevicePool, HostPool
+from kvrecall.server.session import SessionRegistry
+from kvrecall.server.warmup import POLICIES, _one_session, warm_up
+
+
+def test_every_warmup_session_runs_and_returns_its_memory():
+    host, device = HostPool(64 << 20, page_bytes=256 << 10), DevicePool(64 << 20, torch.device("cpu"))
+    registry = SessionRegistry(host, device, default_lease=30.0)
+    try:
+        layout = ModelLayout(num_layers=2, num_kv_heads=2, num_query_heads=4, head_dim=16, dtype=torch.float32,
+                             max_tokens=900)  # fmt: skip
+        generator = torch.Generator().manual_seed(0)
+        for message in POLICIES:
+            _one_session(registry, layout, message, torch.device("cpu"), generator)
+        assert not registry.sessions and host.used_bytes == 0 and device.used_bytes == 0
+        assert warm_up(registry, [(torch.bfloat16, 128)]) == 0.0  # CPU: the references compile nothing
+    finally:
+        host.close()
+
+
+def test_the_warmup_setting_is_validated():
+    assert parse_warmup("bfloat16:128, float16:64") == [(torch.bfloat16, 128), (torch.float16, 64)]
+    assert parse_warmup("") == []
+    with pytest.raises(ConfigError, match="warmup"):
+        ServerConfig(warmup="bf16:128")
+    with pytest.raises(ConfigError, match="warmup"):
+        ServerConfig(warmup="bfloat16:0")
