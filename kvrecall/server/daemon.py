@@ -21,8 +21,8 @@ from kvrecall.server.metrics import Metrics
 from kvrecall.server.pools import DevicePool, HostPool
 from kvrecall.server.service import AuthConfig, KVRecallService
 from kvrecall.server.session import SessionRegistry
-from kvrecall.server.wire import add_service
 from kvrecall.server.warmup import warm_up
+from kvrecall.server.wire import add_service
 from kvrecall.shm import remove_stale_segments
 from kvrecall.v1 import kvrecall_pb2 as pb
 
