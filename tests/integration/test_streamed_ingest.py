@@ -32,7 +32,7 @@ def layer_bytes(spec: ModelSpec, tokens: int) -> int:
 
 def whole_prompt_ingest(client, session, kv: torch.Tensor, queries: torch.Tensor) -> None:
     """The pre-streaming path: every layer in one IngestPrompt (still accepted)."""
-    request = pb.IngestPromptRequest(session_id=session.session_id, num_tokens=kv.shape[3])
+    request = session.core.ingest_request(kv.shape[3])
     with staged(kv, session.transport) as ref:
         request.kv.CopyFrom(ref)
         request.queries.CopyFrom(inline_ref(queries))
@@ -96,13 +96,13 @@ def full_attention_logits(model, ids: torch.Tensor, steps: int) -> tuple[list[in
 
 
 @pytest.mark.parametrize("policy,config,chunk", [
-    ("louiskv", {"budget": 512, "cluster_size": 8}, None),
-    ("louiskv", {"budget": 512, "cluster_size": 8}, 70),
-    ("quest", {"budget": 512}, 70),
-    ("snapkv", {"budget": 512}, 90),
-    ("louiskv", {"budget": 512, "cluster_size": 8}, 10),  # a first chunk shorter than the 16 sinks
-    ("quest", {"budget": 512}, 10),
-    ("windowkv", {"budget": 512}, 10),
+    ("louiskv", {"budget": 256, "cluster_size": 8}, None),
+    ("louiskv", {"budget": 256, "cluster_size": 8}, 70),
+    ("quest", {"budget": 256}, 70),
+    ("snapkv", {"budget": 256}, 90),
+    ("louiskv", {"budget": 256, "cluster_size": 8}, 10),  # a first chunk shorter than the 16 sinks
+    ("quest", {"budget": 256}, 10),
+    ("windowkv", {"budget": 256}, 10),
 ])
 def test_model_prefill_streams_layers_and_stays_exact(client, tiny_llama, policy, config, chunk):
     from kvrecall.worker import decode, open_model_session

@@ -16,19 +16,22 @@ C = grpc.StatusCode
 L, H, HQ, D = SPEC.num_layers, SPEC.num_kv_heads, SPEC.num_query_heads, SPEC.head_dim
 PROMPT = 40
 NEAR_MAX = 64  # max_tokens of the near_max session
+CAPABILITIES: dict[str, str] = {}  # session id -> its capability (every call presents it)
 
 
 def ingest(session_id: str, first_layer: int, layers: int, tokens: int = PROMPT, seed: int = 0) -> pb.IngestPromptRequest:
     """Layers [first_layer, first_layer + layers) of a random prompt (layer data: layer 0's
     onward, whatever first_layer says)."""
     kv = random_kv(SPEC, tokens, seed)[:layers]
-    request = pb.IngestPromptRequest(session_id=session_id, num_tokens=tokens, first_layer=first_layer)
+    request = pb.IngestPromptRequest(
+        session_id=session_id, capability=CAPABILITIES[session_id], num_tokens=tokens, first_layer=first_layer
+    )
     request.kv.CopyFrom(inline_ref(kv.contiguous()))
     return request
 
 
 def chunk(session_id: str, start: int, kv: torch.Tensor | None, seq: int = 1) -> pb.DecodeRequest:
-    request = pb.DecodeRequest(seq=seq, session_id=session_id)
+    request = pb.DecodeRequest(seq=seq, session_id=session_id, capability=CAPABILITIES[session_id])
     request.chunk.start = start
     if kv is not None:
         request.chunk.kv.CopyFrom(inline_ref(kv))
@@ -36,11 +39,17 @@ def chunk(session_id: str, start: int, kv: torch.Tensor | None, seq: int = 1) ->
 
 
 def boundary_queries(session_id: str, position: int, layers: list[int], queries: torch.Tensor) -> pb.DecodeRequest:
-    request = pb.DecodeRequest(seq=1, session_id=session_id)
+    request = pb.DecodeRequest(seq=1, session_id=session_id, capability=CAPABILITIES[session_id])
     request.boundary.position = position
     request.boundary.layers.extend(layers)
     request.boundary.queries.CopyFrom(inline_ref(queries))
     return request
+
+
+def opened_id(raw, request) -> str:
+    answer = raw.ok("OpenSession", request)
+    CAPABILITIES[answer.session_id] = answer.capability
+    return answer.session_id
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +57,18 @@ def sessions(raw):
     baseline = raw.pools()
     near = SPEC.__class__(**{**SPEC.__dict__, "max_tokens": NEAR_MAX})
     opened = {
-        "fresh": raw.ok("OpenSession", open_request(transport=pb.TRANSPORT_INLINE)).session_id,
-        "half": raw.ok("OpenSession", open_request(transport=pb.TRANSPORT_INLINE)).session_id,
-        "ingested": raw.ok("OpenSession", open_request(policy="louiskv", config={"budget": 32, "n_sink": 4, "window": 32},
-                                                       transport=pb.TRANSPORT_INLINE)).session_id,
-        "near_max": raw.ok("OpenSession", open_request(spec=near, transport=pb.TRANSPORT_INLINE)).session_id,
+        "fresh": opened_id(raw, open_request(transport=pb.TRANSPORT_INLINE)),
+        "half": opened_id(raw, open_request(transport=pb.TRANSPORT_INLINE)),
+        "ingested": opened_id(raw, open_request(policy="louiskv", config={"budget": 32, "n_sink": 4, "window": 32},
+                                                       transport=pb.TRANSPORT_INLINE)),
+        "near_max": opened_id(raw, open_request(spec=near, transport=pb.TRANSPORT_INLINE)),
     }
     raw.ok("IngestPrompt", ingest(opened["half"], 0, 1))  # layer 0 of 2 only
     raw.ok("IngestPrompt", ingest(opened["ingested"], 0, L))
     raw.ok("IngestPrompt", ingest(opened["near_max"], 0, L, tokens=60))
     yield opened, baseline
     for session_id in opened.values():
-        raw.call("CloseSession", pb.CloseSessionRequest(session_id=session_id))
+        raw.call("CloseSession", pb.CloseSessionRequest(session_id=session_id, capability=CAPABILITIES[session_id]))
 
 
 INGEST_CASES = [
@@ -126,10 +135,10 @@ def test_sessions_carry_on_and_return_every_byte(raw, sessions):
         responses, answer = raw.stream([queries, chunk(opened[name], PROMPT, kv, seq=2)])
         assert answer.code == C.OK, answer.details
         assert responses[-1].append.spilled_upto == PROMPT + 6
-        stats = raw.ok("GetStats", pb.StatsRequest(session_id=opened[name])).sessions[0]
+        stats = raw.ok("GetStats", pb.StatsRequest(session_id=opened[name], capability=CAPABILITIES[opened[name]])).sessions[0]
         assert stats.tokens == PROMPT + 6
     assert raw.health() == "SERVING"
     for session_id in opened.values():
-        raw.ok("CloseSession", pb.CloseSessionRequest(session_id=session_id))
+        raw.ok("CloseSession", pb.CloseSessionRequest(session_id=session_id, capability=CAPABILITIES[session_id]))
     opened.clear()
     assert raw.pools() == baseline
