@@ -38,6 +38,8 @@ class Daemon:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and self.device.index is None:  # --device cuda: the first GPU
+            self.device = torch.device("cuda", 0)
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
                 raise SystemExit("device: CUDA requested but torch sees no CUDA device")
