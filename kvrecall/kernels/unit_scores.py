@@ -76,6 +76,11 @@ def _score_kernel(
     tl.store(out_ptr + b * U + offs_u, tl.where(valid, scores, float("-inf")), mask=u_mask)
 
 
+# Query rows per launch: a [BLOCK_U, BLOCK_G] accumulator and its pipelined operand tiles
+# must fit shared memory (128 rows of float32 needed 288 KiB on an H200, whose limit is 227).
+MAX_BLOCK_G = 32
+
+
 def launch_scores(
     query: torch.Tensor,
     hi: torch.Tensor,
@@ -85,8 +90,18 @@ def launch_scores(
     split_sign: bool,
     agg_max: bool,
 ) -> torch.Tensor:
-    """Run `_score_kernel` on checked arguments: query [B, G, D], hi/lo [B, U, D] -> [B, U] f32."""
+    """Run `_score_kernel` on checked arguments: query [B, G, D], hi/lo [B, U, D] -> [B, U] f32.
+    More than MAX_BLOCK_G query rows (a chunk's queries) run as several launches, combined."""
     batch, num_heads, dim = query.shape
+    if num_heads > MAX_BLOCK_G:
+        parts = [
+            launch_scores(query[:, g : g + MAX_BLOCK_G], hi, lo, valid, split_sign=split_sign, agg_max=agg_max)
+            for g in range(0, num_heads, MAX_BLOCK_G)
+        ]
+        combined = parts[0]
+        for part in parts[1:]:
+            combined = torch.maximum(combined, part) if agg_max else combined + part
+        return combined
     num_units = hi.shape[1]
     scores = torch.empty(batch, num_units, dtype=torch.float32, device=query.device)
     if scores.numel() == 0:

@@ -22,7 +22,7 @@ def random_valid(seed: int, batch: int, units: int, device: torch.device) -> tor
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize(
     ("batch", "heads", "units", "dim"),
-    [(1, 1, 1, 1), (2, 3, 37, 20), (3, 8, 130, 64), (2, 17, 5, 130), (2, 4, 0, 16)],
+    [(1, 1, 1, 1), (2, 3, 37, 20), (3, 8, 130, 64), (2, 17, 5, 130), (2, 4, 0, 16), (2, 72, 40, 32)],  # 72: a chunk
 )
 def test_matches_reference(
     triton_device: torch.device,
