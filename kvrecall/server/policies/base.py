@@ -1,7 +1,7 @@
 """The Policy interface every KV method implements, and the registry that finds them.
 
 A policy is a `@dataclass` of hyper-parameters (validated in `__post_init__`) plus four
-hooks; one instance lives per session (STYLE.md §1: adding a method is adding a file).
+hooks; one instance lives per session (adding a method is adding a file).
 Shapes: L layers, H KV heads, Hq query heads, D head dim, R retrieved slots.
 """
 
