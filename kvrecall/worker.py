@@ -44,7 +44,7 @@ def decode_step(model, cache, token: int, position: int, device: torch.device) -
     logits [V] float32."""
     out = model(
         input_ids=torch.tensor([[token]], device=device),
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
         position_ids=torch.tensor([[position]], device=device),
         cache_position=torch.tensor([position], device=device),
@@ -66,7 +66,7 @@ def decode(
     started = time.perf_counter()
     if progress:
         print(f"prefill: {input_ids.shape[1]} tokens ...", flush=True)
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=input_ids, cache=cache, use_cache=True)
     prefill = time.perf_counter() - started
     logits = [out.logits[0, -1].float()]
     tokens: list[int] = []

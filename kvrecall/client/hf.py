@@ -3,7 +3,7 @@
     session = client.open_session(spec_for(model, max_tokens), policy="louiskv")
     cache = KVRecallCache(session)
     use_kvrecall_attention(model)
-    model.generate(input_ids, past_key_values=cache, max_new_tokens=64, do_sample=False)
+    model.generate(input_ids, cache=cache, max_new_tokens=64, do_sample=False)
 
 Prefill runs ordinary causal attention over the prompt; at its last layer the cache hands
 the prompt KV (and the last prompt queries the policy asked for) to the daemon once. Each
