@@ -110,10 +110,12 @@ def run(args: argparse.Namespace) -> int:
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     """--target, --token, --tls-ca and --timeout of the commands that ask a running daemon."""
-    parser.add_argument("--target", default="unix:///tmp/kvrecall.sock")
+    parser.add_argument(
+        "--target", default="unix:///tmp/kvrecall.sock", help="daemon address (default unix:///tmp/kvrecall.sock)"
+    )
     parser.add_argument("--token", help="bearer token, where the daemon has auth on")
     parser.add_argument("--tls-ca", help="CA certificate of a TLS daemon")
-    parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
