@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import grpc
 import torch
 
 from kvrecall.client.core import ClientBase, ModelSpec, SessionCore
-from kvrecall.client.errors import KVRecallClientError, UnavailableError, from_rpc_error
+from kvrecall.client.errors import KVRecallClientError, UnavailableError
 from kvrecall.client.staging import staged
 from kvrecall.transport import inline_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
@@ -33,21 +34,23 @@ class AsyncKVRecallClient(ClientBase):
             return grpc.aio.secure_channel(self.target, creds, options)
         return grpc.aio.insecure_channel(self.target, options)
 
-    async def call(self, method, request, *, retry: bool = False, timeout: float | None = None):
-        for delay in self.retry_delays(retry):
-            try:
-                return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
-            except grpc.aio.AioRpcError as exc:
-                error = from_rpc_error(exc)
-                if isinstance(error, UnavailableError) and delay is not None:
-                    log.warning("daemon %s unavailable (%s); retrying in %.1fs", self.target, error.details, delay)
-                    await asyncio.sleep(delay)
-                    continue
-                raise error from None
-        raise AssertionError("unreachable")
+    async def call(self, method, request, *, timeout: float | None = None):
+        """One unary call with a deadline (the channel retries RETRIED_METHODS on UNAVAILABLE)."""
+        started = time.monotonic()
+        try:
+            return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise self.client_error(exc, method, started) from None
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until the channel is connected (see KVRecallClient.wait_ready)."""
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), timeout)
+        except TimeoutError:
+            raise self.unavailable(UnavailableError("no connection"), f"waited {timeout:.1f}s") from None
 
     async def stats(self, session_id: str = "") -> pb.StatsResponse:
-        return await self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id), retry=True)
+        return await self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id))
 
     async def open_session(
         self,
@@ -65,7 +68,7 @@ class AsyncKVRecallClient(ClientBase):
         request, kind = self.open_request(
             spec, policy, config, transport, device, lease_seconds, tag, tp_rank, tp_size
         )
-        response = await self.call(self.stub.OpenSession, request, retry=True)
+        response = await self.call(self.stub.OpenSession, request)
         try:
             core = SessionCore.from_open(response, spec, kind)
         except Exception:
@@ -115,7 +118,7 @@ class AsyncWorkerSession:
             response = await asyncio.wait_for(self._stream.read(), self.client.timeout)
         except grpc.aio.AioRpcError as exc:
             self._stream = None
-            raise from_rpc_error(exc) from None
+            raise self.client.stream_error(exc) from None
         if response is grpc.aio.EOF:
             self._stream = None
             raise KVRecallClientError("decode stream ended unexpectedly")

@@ -23,7 +23,7 @@ import grpc
 import torch
 
 from kvrecall.client.core import ClientBase, ModelSpec, SessionCore
-from kvrecall.client.errors import KVRecallClientError, NotFoundError, UnavailableError, from_rpc_error
+from kvrecall.client.errors import KVRecallClientError, NotFoundError, UnavailableError
 from kvrecall.client.staging import staged
 from kvrecall.transport import inline_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
@@ -40,30 +40,21 @@ class KVRecallClient(ClientBase):
     def _make_channel(self, creds, options):
         return grpc.secure_channel(self.target, creds, options) if creds else grpc.insecure_channel(self.target, options)
 
-    def call(self, method: Callable[..., T], request: Any, *, retry: bool = False, timeout: float | None = None) -> T:
-        """One unary call with a deadline; retries UNAVAILABLE with backoff when `retry`."""
+    def call(self, method: Callable[..., T], request: Any, *, timeout: float | None = None) -> T:
+        """One unary call with a deadline (the channel retries RETRIED_METHODS on UNAVAILABLE)."""
         started = time.monotonic()
-        for attempt, delay in enumerate(self.retry_delays(retry)):
-            try:
-                return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                error = from_rpc_error(exc)
-                if isinstance(error, UnavailableError) and delay is not None:
-                    log.warning("daemon %s unavailable (%s); retrying in %.1fs", self.target, error.details, delay)
-                    time.sleep(delay)
-                    continue
-                if isinstance(error, UnavailableError):
-                    elapsed = time.monotonic() - started
-                    error = self.unavailable(error, f"{attempt + 1} attempt(s) over {elapsed:.1f}s")
-                raise error from None
-        raise AssertionError("unreachable")
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self.client_error(exc, method, started) from None
 
-    def unavailable(self, error: KVRecallClientError, what: str) -> UnavailableError:
-        """An UnavailableError that says what is down and what it means for open sessions."""
-        return UnavailableError(
-            f"kvrecall daemon at {self.target} is unavailable (not running or restarting; {what}): "
-            f"{error.details}. Sessions do not survive a daemon restart: open new ones once it is back."
-        )
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until the channel is connected: after a daemon restart it reconnects by itself,
+        within its reconnect backoff (at most 2 s); UnavailableError after `timeout` seconds."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise self.unavailable(UnavailableError("no connection"), f"waited {timeout:.1f}s") from None
 
     def health(self, timeout: float = 5.0) -> str:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -73,7 +64,7 @@ class KVRecallClient(ClientBase):
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def stats(self, session_id: str = "") -> pb.StatsResponse:
-        return self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id), retry=True)
+        return self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id))
 
     def open_session(
         self,
@@ -92,7 +83,7 @@ class KVRecallClient(ClientBase):
         request, kind = self.open_request(
             spec, policy, config, transport, device, lease_seconds, tag, tp_rank, tp_size
         )
-        response = self.call(self.stub.OpenSession, request, retry=True)
+        response = self.call(self.stub.OpenSession, request)
         try:
             core = SessionCore.from_open(response, spec, kind)
         except Exception:
@@ -195,10 +186,7 @@ class WorkerSession:
             response = next(self._responses)
         except grpc.RpcError as exc:
             self._responses = None  # the stream is over; the next call opens a new one
-            error = from_rpc_error(exc)
-            if isinstance(error, UnavailableError):
-                error = self.client.unavailable(error, "decode stream broken")
-            raise error from None
+            raise self.client.stream_error(exc) from None
         except StopIteration:
             self._responses = None
             raise KVRecallClientError("decode stream ended unexpectedly") from None
