@@ -12,15 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Unpack
 
 import grpc
 import torch
 
-from kvrecall.client.core import ClientBase, ModelSpec, SessionCore
+from kvrecall.client.core import ClientBase, ModelSpec, OpenOptions, SessionCore
 from kvrecall.client.errors import KVRecallClientError, UnavailableError
 from kvrecall.client.staging import staged
-from kvrecall.transport import inline_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 log = logging.getLogger("kvrecall.client.aio")
@@ -53,21 +52,10 @@ class AsyncKVRecallClient(ClientBase):
         return await self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id))
 
     async def open_session(
-        self,
-        spec: ModelSpec,
-        policy: str,
-        config: dict[str, Any] | None = None,
-        *,
-        transport: str | None = None,
-        device: torch.device | str | None = None,
-        lease_seconds: int = 0,
-        tag: str = "",
-        tp_rank: int = 0,
-        tp_size: int = 0,
+        self, spec: ModelSpec, policy: str, config: dict[str, Any] | None = None, **options: Unpack[OpenOptions]
     ) -> AsyncWorkerSession:
-        request, kind = self.open_request(
-            spec, policy, config, transport, device, lease_seconds, tag, tp_rank, tp_size
-        )
+        """Open a session (options: see ClientBase.open_request)."""
+        request, kind = self.open_request(spec, policy, config, **options)
         response = await self.call(self.stub.OpenSession, request)
         try:
             core = SessionCore.from_open(response, spec, kind)
@@ -99,14 +87,10 @@ class AsyncWorkerSession:
 
     async def ingest(self, kv: torch.Tensor, queries: torch.Tensor | None = None) -> pb.IngestPromptResponse:
         core = self.core
-        request = pb.IngestPromptRequest(session_id=core.session_id, num_tokens=kv.shape[3])
         with staged(kv, core.transport) as ref:
-            request.kv.CopyFrom(ref)
-            if queries is not None:
-                request.queries.CopyFrom(inline_ref(queries.to(kv.dtype)))
+            request = core.ingest_request(kv, queries, ref)
             response = await self.client.call(self.client.stub.IngestPrompt, request, timeout=max(self.client.timeout, 300))
-        core.apply_delta(response.delta)
-        core.position = core.noticed_upto = kv.shape[3]
+        core.apply_ingest(response, kv.shape[3])
         return response
 
     async def _stream_call(self, request: pb.DecodeRequest) -> pb.DecodeResponse:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 import torch
@@ -171,6 +171,19 @@ class SessionCore:
         self.seq += 1
         return self.seq
 
+    def ingest_request(
+        self, kv: torch.Tensor, queries: torch.Tensor | None, kv_ref: pb.TensorRef
+    ) -> pb.IngestPromptRequest:
+        """IngestPrompt for prompt KV kv [L, 2, H, T, D] staged as `kv_ref`; queries inline."""
+        request = pb.IngestPromptRequest(session_id=self.session_id, num_tokens=kv.shape[3], kv=kv_ref)
+        if queries is not None:
+            request.queries.CopyFrom(inline_ref(queries.to(kv.dtype)))
+        return request
+
+    def apply_ingest(self, response: pb.IngestPromptResponse, num_tokens: int) -> None:
+        self.apply_delta(response.delta)
+        self.position = self.noticed_upto = num_tokens
+
     def append_request(self) -> pb.DecodeRequest:
         upto = self.position
         request = pb.DecodeRequest(seq=self.next_seq(), session_id=self.session_id)
@@ -248,6 +261,17 @@ def retry_service_config(connect_retries: int) -> str:
     return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
 
 
+class OpenOptions(TypedDict, total=False):
+    """The keyword arguments of open_session (see ClientBase.open_request)."""
+
+    transport: str | None
+    device: torch.device | str | None
+    lease_seconds: int
+    tag: str
+    tp_rank: int
+    tp_size: int
+
+
 class ClientBase:
     """What the sync and asyncio clients share: identity, deadlines, the channel's settings
     (retries included: `connect_retries` in [0, 4], see RETRIED_METHODS), the mapping of gRPC
@@ -306,14 +330,16 @@ class ClientBase:
         spec: ModelSpec,
         policy: str,
         config: dict[str, Any] | None,
-        transport: str | None,
-        device: torch.device | str | None,
-        lease_seconds: int,
-        tag: str,
-        tp_rank: int,
-        tp_size: int,
+        *,
+        transport: str | None = None,
+        device: torch.device | str | None = None,
+        lease_seconds: int = 0,
+        tag: str = "",
+        tp_rank: int = 0,
+        tp_size: int = 0,
     ) -> tuple[pb.OpenSessionRequest, int]:
-        """The OpenSession request and the transport it asks for (see choose_transport)."""
+        """The OpenSession request and the transport it asks for: `transport` defaults to shm
+        (local CPU), cuda_ipc (local GPU) or inline (see choose_transport)."""
         device = torch.device(device) if device is not None else None
         kind = choose_transport(self.target, device, transport)
         request = pb.OpenSessionRequest(

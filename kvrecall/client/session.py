@@ -17,15 +17,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import grpc
 import torch
 
-from kvrecall.client.core import ClientBase, ModelSpec, SessionCore
+from kvrecall.client.core import ClientBase, ModelSpec, OpenOptions, SessionCore
 from kvrecall.client.errors import KVRecallClientError, NotFoundError, UnavailableError
 from kvrecall.client.staging import staged
-from kvrecall.transport import inline_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 log = logging.getLogger("kvrecall.client")
@@ -67,22 +66,10 @@ class KVRecallClient(ClientBase):
         return self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id))
 
     def open_session(
-        self,
-        spec: ModelSpec,
-        policy: str,
-        config: dict[str, Any] | None = None,
-        *,
-        transport: str | None = None,
-        device: torch.device | str | None = None,
-        lease_seconds: int = 0,
-        tag: str = "",
-        tp_rank: int = 0,
-        tp_size: int = 0,
+        self, spec: ModelSpec, policy: str, config: dict[str, Any] | None = None, **options: Unpack[OpenOptions]
     ) -> WorkerSession:
-        """Open a session; `transport` defaults to shm (local CPU), cuda_ipc (local GPU) or inline."""
-        request, kind = self.open_request(
-            spec, policy, config, transport, device, lease_seconds, tag, tp_rank, tp_size
-        )
+        """Open a session (options: see ClientBase.open_request)."""
+        request, kind = self.open_request(spec, policy, config, **options)
         response = self.call(self.stub.OpenSession, request)
         try:
             core = SessionCore.from_open(response, spec, kind)
@@ -124,14 +111,10 @@ class WorkerSession:
         """Hand the prompt KV over once: kv [L, 2, H, T, D]; queries [L, Hq, n_obs, D] of the
         last prompt tokens (OpenSessionResponse.observation says how many the policy wants)."""
         core = self.core
-        request = pb.IngestPromptRequest(session_id=core.session_id, num_tokens=kv.shape[3])
         with staged(kv, core.transport) as ref:
-            request.kv.CopyFrom(ref)
-            if queries is not None:
-                request.queries.CopyFrom(inline_ref(queries.to(kv.dtype)))
+            request = core.ingest_request(kv, queries, ref)
             response = self.client.call(self.client.stub.IngestPrompt, request, timeout=max(self.client.timeout, 300))
-        core.apply_delta(response.delta)
-        core.position = core.noticed_upto = kv.shape[3]
+        core.apply_ingest(response, kv.shape[3])
         return response
 
     def stats(self) -> pb.SessionStats:
