@@ -1,5 +1,4 @@
-"""`kvrecall` command line: serve | health | stats | demo | eval | soak | worker (the GPU
-benchmark is `python -m kvrecall.bench`)."""
+"""`kvrecall` command line: serve | health | stats | demo | eval | soak | worker | bench."""
 
 from __future__ import annotations
 
@@ -99,6 +98,20 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=int, help="retrieved-token budget (policies that take one)")
 
 
+BENCHES = {
+    "e2e": ("kvrecall.bench.e2e", "decode through the worker engine and the daemon vs the best full-KV step"),
+    "kernels": ("kvrecall.bench.cli", "kernel ceilings, gather, clustering and the emulated decode step"),
+    "daemon": ("kvrecall.bench.daemon_rt", "append / boundary round trips through a daemon"),
+}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(BENCHES[args.which][0])
+    return int(module.main(args.bench_args) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvrecall", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kvrecall {__version__}")
@@ -168,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     soak_arguments(soak)
     soak.set_defaults(func=_soak)
+    bench = sub.add_parser(
+        "bench", help="GPU benchmarks: " + "; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()),
+        description="Each benchmark prints a table and writes JSON; `kvrecall bench WHICH --help` for its flags.",
+    )  # fmt: skip
+    bench.add_argument("which", choices=sorted(BENCHES), help="which benchmark")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -16,7 +16,7 @@ be float32, float16 or bfloat16; math is float32. B is a batch of independent
 
 One module per op holds its public function(s) (argument checks and the dispatch):
 clustering.py (k-means), unit_scores.py, budget.py, row_gather.py, expand.py, placement.py,
-cosine.py, windows.py, quest.py, attention.py (reference only). Beside each, `<op>_triton.py`
+cosine.py, windows.py, quest.py, ws_decode.py, attention.py (reference only). Beside each, `<op>_triton.py`
 holds the Triton kernel and its launcher; reference.py holds every op in PyTorch. This file
 only re-exports.
 """

@@ -1,4 +1,5 @@
-"""Per-head cosine similarity: the LouisKV boundary signal (client/boundary.py, tp/boundary.py).
+"""Per-head cosine similarity: the LouisKV boundary signal (client/boundary.py, tp/boundary.py,
+the batched engine's engine/sessions.py).
 
 Argument checks (ValueError naming the argument), then the implementation `impl` picks
 (see `kvrecall.kernels`): the Triton kernel and launcher in `cosine_triton.py`, imported only
