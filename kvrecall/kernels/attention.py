@@ -1,7 +1,6 @@
 """Decode attention over a working set and its ground truth (reference only: exactness tests).
 
-Argument checks (ValueError naming the argument), then the PyTorch reference in
-`reference.py`: there is no Triton kernel (impl="triton" is refused).
+Reference only: no Triton kernel.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """Greedy selection under a token budget (LouisKV's units, Quest's pages).
 
-Argument checks (ValueError naming the argument), then the implementation `impl` picks
-(see `kvrecall.kernels`): the Triton kernel and launcher in `budget_triton.py`, imported only
-when a kernel runs, or the PyTorch reference in `reference.py`.
+Kernel: `budget_triton.py`; reference: `reference.py`; dispatch: `kvrecall.kernels`.
 """
 
 from __future__ import annotations

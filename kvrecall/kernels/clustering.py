@@ -1,8 +1,6 @@
 """Spherical k-means for LouisKV's prompt units (arXiv 2510.11292): keys clustered per (layer, KV head).
 
-Argument checks (ValueError naming the argument), then the implementation `impl` picks
-(see `kvrecall.kernels`): the Triton kernel and launcher in `clustering_triton.py`, imported only
-when a kernel runs, or the PyTorch reference in `reference.py`.
+Kernel: `clustering_triton.py`; reference: `reference.py`; dispatch: `kvrecall.kernels`.
 """
 
 from __future__ import annotations

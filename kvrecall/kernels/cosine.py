@@ -1,9 +1,7 @@
 """Per-head cosine similarity: the LouisKV boundary signal (client/boundary.py, tp/boundary.py,
 the batched engine's engine/sessions.py).
 
-Argument checks (ValueError naming the argument), then the implementation `impl` picks
-(see `kvrecall.kernels`): the Triton kernel and launcher in `cosine_triton.py`, imported only
-when a kernel runs, or the PyTorch reference in `reference.py`.
+Kernel: `cosine_triton.py`; reference: `reference.py`; dispatch: `kvrecall.kernels`.
 """
 
 from __future__ import annotations

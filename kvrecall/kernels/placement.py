@@ -1,8 +1,6 @@
 """Retrieved-region placement and ring spill: the daemon's working-set writes (WorkingSet).
 
-Argument checks (ValueError naming the argument), then the implementation `impl` picks
-(see `kvrecall.kernels`): the Triton kernel and launcher in `placement_triton.py`, imported only
-when a kernel runs, or the PyTorch reference in `reference.py`.
+Kernel: `placement_triton.py`; reference: `reference.py`; dispatch: `kvrecall.kernels`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """Row gather host tier -> working set (every retrieving policy).
 
-Argument checks (ValueError naming the argument), then the implementation `impl` picks
-(see `kvrecall.kernels`): the Triton kernel and launcher in `row_gather_triton.py`, imported only
-when a kernel runs, or the PyTorch reference in `reference.py`.
+Kernel: `row_gather_triton.py`; reference: `reference.py`; dispatch: `kvrecall.kernels`.
 """
 
 from __future__ import annotations
