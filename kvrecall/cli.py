@@ -31,6 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
         "tls_client_ca": args.tls_client_ca,
         "tokens_file": args.tokens_file,
         "worker_quota_gb": args.worker_quota_gb,
+        "worker_share": args.worker_share,
         "log_level": args.log_level,
         "session_ops": args.session_ops,
     }
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-client-ca", help="PEM CA: require client certificates (mutual TLS)")
     serve.add_argument("--tokens-file", help="file of 'worker_id token' lines: bearer-token auth")
     serve.add_argument("--worker-quota-gb", type=float, help="pool GiB one worker may hold (0 = unlimited)")
+    serve.add_argument(
+        "--worker-share", type=float, help="fraction of each pool one worker may hold (default 0.5; 1 = no limit)"
+    )
     serve.add_argument("--log-level", help="DEBUG | INFO | WARNING | ERROR")
     serve.add_argument(
         "--session-ops", choices=("thread", "inline"),

@@ -43,7 +43,7 @@ CUDA_VISIBLE_DEVICES=0 timeout ${STEP_S:-380} python3 -m kvrecall.cli bench e2e 
 step=$! ;;
 esac
 case ,$PARTS, in *,load,*)
-CUDA_VISIBLE_DEVICES=1 timeout ${LOAD_S:-380} python3 -m kvrecall.cli bench e2e --parts capped,many --host-cap-gib 48 \
+CUDA_VISIBLE_DEVICES=1 timeout ${LOAD_S:-380} python3 -m kvrecall.cli bench e2e --parts capped,many ${LOAD_ARGS:---host-cap-gib 48} \
   --many 64 --many-context 4096 --out "$OUT/e2e-load.json" > "$OUT/e2e-load.log" 2>&1 &
 load=$! ;;
 esac

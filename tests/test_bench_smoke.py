@@ -109,7 +109,7 @@ def test_bench_e2e_runs_on_cpu(tmp_path):
 
     out = tmp_path / "e2e.json"
     argv = ["bench", "e2e", "--device", "cpu", "--shape", "tiny", "--contexts", "200", "--batches", "2",
-            "--policies", "louiskv", "--rates", "0,0.117,1", "--steps", "3", "--warmup", "1", "--many", "2",
+            "--policies", "louiskv", "--budget", "64", "--rates", "0,0.117,1", "--steps", "3", "--warmup", "1", "--many", "2",
             "--many-context", "100", "--capped-context", "200", "--gpu-kv-cap-gib", "0.0005",
             "--host-cap-gib", "0.002", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0

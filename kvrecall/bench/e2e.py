@@ -27,6 +27,7 @@ import random
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import replace
 from typing import Any
 
@@ -57,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=int, default=1024, help="retrieved tokens per layer and KV head")
     p.add_argument("--steps", type=int, default=64, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=24, help="untimed steps first")
+    p.add_argument("--lag", type=int, default=1,
+                   help="steps a slot reads its shadow while the daemon retrieves (0: retrieval blocks the next step)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
     p.add_argument("--capped-context", type=int, default=32768, help="context of the capped-GPU-KV throughput part")
     p.add_argument("--gpu-kv-cap-gib", type=float, default=16.0, help="GPU KV cap of that part")
@@ -203,7 +206,7 @@ class Bench:
                 opened.append(client.open_session(self.spec(context), policy, config, device=self.device))
             capacity = opened[0].capacity
             force = schedule if policy == "louiskv" else None
-            engine = Engine(self.weights, batch, capacity, use_graph=not args.no_graph, force_boundary=force)
+            engine = Engine(self.weights, batch, capacity, use_graph=not args.no_graph, force_boundary=force, lag=args.lag)
             first = torch.randint(0, self.shape.vocab, (batch,)).tolist()
             ingest = []
             for session, token in zip(opened, first, strict=True):
@@ -234,7 +237,7 @@ class Bench:
                     "median_ms": round(statistics.median(samples), 3), "p90_ms": round(_percentile(samples, 0.9), 3),
                     "mean_ms": round(mean, 3), "tokens_per_s": round(batch * 1e3 / mean, 1),
                     "boundary_share": round(crossed / (args.steps * batch), 4), "graphed": engine.graph.graphed,
-                    "capacity": capacity, "budget": config.get("budget"),
+                    "capacity": capacity, "budget": config.get("budget"), "lag": args.lag,
                     "ingest_s_first": round(ingest[0], 3), "ingest_s_mean": round(statistics.fmean(ingest), 3),
                     "setup_s": round(setup_s, 2), "worker_peak_gib": self.worker_peak(),
                     "daemon_gpu_gib": _gib(daemon_device), "host_gib": _gib(host_bytes),
@@ -258,6 +261,7 @@ class Bench:
             fn()
         except Exception as exc:  # a failed configuration is recorded; the next one still runs
             message = f"{what}: {type(exc).__name__}: {exc}"[:800]
+            traceback.print_exc()
             log("  ERROR " + message)
             self.errors.append(message)
             self.write()
@@ -413,6 +417,8 @@ NOTES = [
     f"Random weights drift on every step: louiskv's boundaries follow a schedule at `rate` "
     f"({MEASURED_RATE} is the rate measured on the real model); the device flag is still computed.",
     "quest retrieves after every step (rate 1). graph_only_ms: the captured step without daemon calls.",
+    "lag: steps a slot that crossed a boundary reads a shadow copy of its working set while the daemon "
+    "retrieves into the real one (engine/engine.py); 0 = the retrieval blocks the next step.",
     "The prompt's KV is random and ingested as it is (this bench times decode; prefill memory and time "
     "are `python -m kvrecall.bench.prefill`).",
 ]

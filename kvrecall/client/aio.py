@@ -17,7 +17,7 @@ from typing import Any, Unpack
 import grpc
 import torch
 
-from kvrecall.client.core import ClientBase, ModelSpec, OpenOptions, SessionCore
+from kvrecall.client.core import ClientBase, ModelSpec, OpenOptions, SessionCore, close_request
 from kvrecall.client.errors import KVRecallClientError, UnavailableError
 from kvrecall.client.staging import staged
 from kvrecall.v1 import kvrecall_pb2 as pb
@@ -48,8 +48,9 @@ class AsyncKVRecallClient(ClientBase):
         except TimeoutError:
             raise self.unavailable(UnavailableError("no connection"), f"waited {timeout:.1f}s") from None
 
-    async def stats(self, session_id: str = "") -> pb.StatsResponse:
-        return await self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id))
+    async def stats(self, session_id: str = "", capability: str = "") -> pb.StatsResponse:
+        """Daemon-wide (the caller's tenant's sessions), or one session given its capability."""
+        return await self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id, capability=capability))
 
     async def open_session(
         self, spec: ModelSpec, policy: str, config: dict[str, Any] | None = None, **options: Unpack[OpenOptions]
@@ -60,7 +61,7 @@ class AsyncKVRecallClient(ClientBase):
         try:
             core = SessionCore.from_open(response, spec, kind)
         except Exception:
-            await self.call(self.stub.CloseSession, pb.CloseSessionRequest(session_id=response.session_id))
+            await self.call(self.stub.CloseSession, close_request(response))
             raise
         return AsyncWorkerSession(self, core)
 
@@ -126,7 +127,7 @@ class AsyncWorkerSession:
             await self.append()
 
     async def stats(self) -> pb.SessionStats:
-        return (await self.client.stats(self.core.session_id)).sessions[0]
+        return (await self.client.stats(self.core.session_id, self.core.capability)).sessions[0]
 
     async def close(self) -> pb.CloseSessionResponse | None:
         if self.core.closed:
@@ -138,7 +139,7 @@ class AsyncWorkerSession:
             self._stream = None
         try:
             return await self.client.call(
-                self.client.stub.CloseSession, pb.CloseSessionRequest(session_id=self.core.session_id)
+                self.client.stub.CloseSession, self.core.close_request()
             )
         finally:
             self.core.unmap()
@@ -154,7 +155,7 @@ class AsyncWorkerSession:
             await asyncio.sleep(interval)
             try:
                 await self.client.call(
-                    self.client.stub.KeepAlive, pb.KeepAliveRequest(session_id=self.core.session_id), timeout=5.0
+                    self.client.stub.KeepAlive, self.core.keepalive_request(), timeout=5.0
                 )
             except KVRecallClientError as exc:
                 log.warning("keep-alive for session %s failed: %s", self.core.session_id, exc)

@@ -22,7 +22,7 @@ from typing import Any, TypeVar, Unpack
 import grpc
 import torch
 
-from kvrecall.client.core import ClientBase, ModelSpec, OpenOptions, SessionCore
+from kvrecall.client.core import ClientBase, ModelSpec, OpenOptions, SessionCore, close_request
 from kvrecall.client.errors import KVRecallClientError, NotFoundError, UnavailableError
 from kvrecall.client.staging import staged
 from kvrecall.v1 import kvrecall_pb2 as pb
@@ -62,8 +62,9 @@ class KVRecallClient(ClientBase):
         response = self.call(stub.Check, health_pb2.HealthCheckRequest(service=""), timeout=timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
-    def stats(self, session_id: str = "") -> pb.StatsResponse:
-        return self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id))
+    def stats(self, session_id: str = "", capability: str = "") -> pb.StatsResponse:
+        """Daemon-wide (the caller's tenant's sessions), or one session given its capability."""
+        return self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id, capability=capability))
 
     def open_session(
         self, spec: ModelSpec, policy: str, config: dict[str, Any] | None = None, **options: Unpack[OpenOptions]
@@ -74,7 +75,7 @@ class KVRecallClient(ClientBase):
         try:
             core = SessionCore.from_open(response, spec, kind)
         except Exception:
-            self.call(self.stub.CloseSession, pb.CloseSessionRequest(session_id=response.session_id))
+            self.call(self.stub.CloseSession, close_request(response))
             raise
         return WorkerSession(self, core)
 
@@ -118,7 +119,7 @@ class WorkerSession:
         return response
 
     def stats(self) -> pb.SessionStats:
-        return self.client.stats(self.core.session_id).sessions[0]
+        return self.client.stats(self.core.session_id, self.core.capability).sessions[0]
 
     def close(self) -> pb.CloseSessionResponse | None:
         """Close the session and unmap its memory (idempotent)."""
@@ -129,7 +130,7 @@ class WorkerSession:
         self._end_stream()
         try:
             return self.client.call(
-                self.client.stub.CloseSession, pb.CloseSessionRequest(session_id=self.core.session_id)
+                self.client.stub.CloseSession, self.core.close_request()
             )
         except NotFoundError:
             # Already gone (lease expired, or the daemon restarted): nothing left to free.
@@ -181,15 +182,15 @@ class WorkerSession:
             self._requests.put(_END)
             self._responses = None
 
-    def append(self) -> pb.AppendAck:
+    def append(self, upto: int | None = None) -> pb.AppendAck:
         """Tell the daemon about the tokens written since the last notice (blocks for the ack)."""
         self.stats_appends += 1
-        return self._stream_call(self.core.append_request()).append
+        return self._stream_call(self.core.append_request(upto)).append
 
-    def boundary(self, layers: list[int] | None = None) -> pb.RetrievalResult:
+    def boundary(self, layers: list[int] | None = None, position: int | None = None) -> pb.RetrievalResult:
         """Ask for retrieval for the query in `self.query` (write it first)."""
         self.stats_boundaries += 1
-        return self._stream_call(self.core.boundary_request(layers)).retrieval
+        return self._stream_call(self.core.boundary_request(layers, position)).retrieval
 
     def advance(self) -> pb.AppendAck | None:
         """Count one token written at `position`; send an AppendNotice when one is due."""
@@ -207,7 +208,7 @@ class WorkerSession:
         while not self._stop.wait(interval):
             try:
                 self.client.call(
-                    self.client.stub.KeepAlive, pb.KeepAliveRequest(session_id=self.core.session_id), timeout=5.0
+                    self.client.stub.KeepAlive, self.core.keepalive_request(), timeout=5.0
                 )
             except NotFoundError:
                 # The daemon no longer has it (restarted, or the lease ran out): stop pinging.

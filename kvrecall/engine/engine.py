@@ -11,8 +11,19 @@ A step is one static-shaped launch sequence over every slot (one CUDA graph on a
 captured when the engine is built, while no slot is in use). After it, the host reads one
 boundary flag per slot (a pinned copy, the only sync of the step), then, for the slots that
 need it, sends the window's AppendNotice and the boundary's retrieval, all slots' calls
-concurrently (each session has its own Decode stream). The retrieval serves the next step,
-as in LouisKV: the query that crossed the threshold becomes the slot's new reference.
+concurrently (each session has its own Decode stream). The query that crossed the threshold
+becomes the slot's new reference (LouisKV).
+
+Boundaries off the critical path (`lag` >= 1, the default 1): a slot that crossed first
+copies its working set to a *shadow* (a device copy, ordered before the daemon may write),
+the batch reads the shadow for the next `lag` steps while the daemon retrieves into the
+real working set, and then the slot switches back: the tokens written meanwhile are copied
+into the real window ring and the retrieval serves from there on. The switch happens after
+exactly `lag` steps (waiting for the answer if it is late), so decoding is deterministic.
+Before it reads a shadow, a slot announces every token written so far (an early
+AppendNotice when one would fall due meanwhile), so none falls due while the daemon works on
+the real working set; `lag` must stay below the session's spill_every. `lag=0` retrieves
+before the next step.
 
 Policies that retrieve every step (quest) retrieve after each step for the next one (the
 transformers path retrieves per layer inside the step; a captured step cannot wait for the
@@ -22,7 +33,7 @@ daemon). With a budget covering the sequence every policy is exact either way.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +54,9 @@ class Sequence:
     boundaries: int = 0
     appends: int = 0
     steps: int = 0
+    pending: Future | None = None  # the boundary's daemon calls while the slot reads its shadow
+    pending_from: int = 0  # first position written into the shadow
+    shadow: tuple[torch.Tensor, ...] | None = None
 
 
 class Engine:
@@ -53,8 +67,11 @@ class Engine:
 
     def __init__(
         self, weights: DecoderWeights, batch: int, max_capacity: int, *, use_graph: bool = True,
-        impl: str = "auto", force_boundary: Callable[[int, int], bool | None] | None = None,
+        impl: str = "auto", force_boundary: Callable[[int, int], bool | None] | None = None, lag: int = 1,
     ) -> None:  # fmt: skip
+        if lag < 0:
+            raise ValueError("lag must be >= 0")
+        self.lag = lag
         s = weights.shape
         self.device = weights.device
         self.decoder = Decoder(weights, batch)
@@ -65,6 +82,7 @@ class Engine:
         self.sequences: list[Sequence | None] = [None] * batch
         self.force_boundary = force_boundary
         self.steps = 0
+        self._shadows: list[tuple[torch.Tensor, ...]] = []  # free shadow working sets, reused
         self._calls = ThreadPoolExecutor(max_workers=batch, thread_name_prefix="kvrecall-engine")
         # Captured while no slot is in use: the warm-up steps write nothing anywhere.
         self.graph = GraphStep(lambda: self.decoder.step(self.backend), self.device, use_graph)
@@ -94,6 +112,8 @@ class Engine:
         slot = next((b for b, seq in enumerate(self.sequences) if seq is None), None)
         if slot is None:
             raise RuntimeError(f"all {self.batch} slots are in use")
+        if self.lag >= session.spill_every:
+            raise ValueError(f"lag={self.lag} must be below the session's spill_every={session.spill_every}")
         if session.capacity > self.backend.max_capacity:
             raise ValueError(
                 f"session {session.session_id}: working set of {session.capacity} slots exceeds the "
@@ -118,6 +138,8 @@ class Engine:
         seq = self.sequences[slot]
         if seq is None:
             raise KeyError(f"slot {slot} is empty")
+        if seq.pending is not None:
+            self._switch_back(seq)
         self.backend.clear_slot(slot)
         self.sequences[slot] = None
         return seq
@@ -132,34 +154,88 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         tokens, flags = self._tokens_host.tolist(), self._flags_host.tolist()
-        calls = []
+        appends, crossings = [], []
         for seq in self.active:
             b = seq.slot
             core = seq.session.core
             core.position += 1
             seq.steps += 1
             seq.tokens.append(tokens[b])
+            if seq.pending is not None:
+                if core.position - seq.pending_from < self.lag:
+                    continue  # no notice falls due while it reads its shadow (see below)
+                self._switch_back(seq)
             forced = self.force_boundary(self.steps, b) if self.force_boundary is not None else None
             crossed = flags[b] if forced is None else forced
-            append = core.needs_append()
+            # A slot about to read its shadow for `lag` steps announces its tokens first, so its
+            # ring (copied into the shadow) has room for them without evicting anything.
+            early = crossed and self.lag > 0 and core.position + self.lag > core.noticed_upto + core.spill_every
+            if core.needs_append() or early:
+                seq.appends += 1
+                appends.append(self._calls.submit(_serve, seq.session, core.position, True, False, early))
             if crossed:
                 self.backend.set_reference(b)
                 seq.boundaries += 1
-            seq.appends += int(append)
-            if append or crossed:
-                calls.append(self._calls.submit(_serve, seq.session, append, crossed))
+                crossings.append(seq)
+        for call in appends:
+            call.result()
+        calls = []
+        for seq in crossings:
+            core = seq.session.core
+            if self.lag > 0:
+                self._to_shadow(seq)
+                seq.pending = self._calls.submit(_serve, seq.session, core.position, False, True)
+            else:
+                calls.append(self._calls.submit(_serve, seq.session, core.position, False, True))
         for call in calls:
             call.result()
         self.steps += 1
         return {seq.slot: tokens[seq.slot] for seq in self.active}
 
+    # ---- shadows (boundaries off the critical path) -----------------------------------------
+    def _to_shadow(self, seq: Sequence) -> None:
+        """Copy the slot's working set to a shadow and point the batch at it. The copy is queued
+        before the boundary's call publishes the worker's writes, so the daemon (which waits on
+        that) writes the real working set only after the copy has read it."""
+        core = seq.session.core
+        real = (core.keys, core.values, core.slot_pos, core.query)
+        shadow = next((sh for sh in self._shadows if all(a.shape == r.shape for a, r in zip(sh, real, strict=True))), None)
+        if shadow is None:
+            with torch.inference_mode(False):  # ordinary tensors: written outside step() too
+                shadow = tuple(torch.empty_like(t) for t in real)
+        else:
+            self._shadows.remove(shadow)
+        for copy, source in zip(shadow, real, strict=True):
+            copy.copy_(source)
+        seq.shadow, seq.pending_from = shadow, core.position
+        self.backend.tables.set(seq.slot, *shadow, core.n_sink + core.retrieved, core.window)
+
+    def _switch_back(self, seq: Sequence) -> None:
+        """Wait for the boundary's answer, copy the tokens written meanwhile into the real window
+        ring and point the batch at the real working set again."""
+        seq.pending.result()
+        core = seq.session.core
+        keys, values, slot_pos, _ = seq.shadow
+        positions = torch.arange(seq.pending_from, core.position, device=keys.device)
+        slots = core.n_sink + core.retrieved + positions % core.window
+        core.keys[:, :, slots] = keys[:, :, slots]
+        core.values[:, :, slots] = values[:, :, slots]
+        core.slot_pos[:, :, slots] = slot_pos[:, :, slots]
+        self.backend.tables.set(seq.slot, core.keys, core.values, core.slot_pos, core.query,
+                                core.n_sink + core.retrieved, core.window)  # fmt: skip
+        self._shadows.append(seq.shadow)
+        seq.pending, seq.shadow = None, None
+
     def close(self) -> None:
         self._calls.shutdown(wait=True)
 
 
-def _serve(session, append: bool, boundary: bool) -> None:
-    """The daemon calls one slot needs after a step: the window's notice, then the retrieval."""
-    if append:
-        session.append()
+def _serve(session, position: int, append: bool, boundary: bool, flush: bool = False) -> None:
+    """The daemon calls one slot needs after a step, for the `position` tokens written by then
+    (the engine may go on writing meanwhile): the window's notice (every token written, when
+    `flush`), then the retrieval."""
+    core = session.core
+    if append and (flush or position - core.noticed_upto >= core.spill_every):
+        session.append(position)
     if boundary:
-        session.boundary()
+        session.boundary(position=position)

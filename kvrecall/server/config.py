@@ -56,21 +56,26 @@ class ServerConfig(BaseModel):
     max_lease_seconds: Annotated[float, Field(gt=0)] = 3600.0
     max_message_mb: Annotated[int, Field(ge=1)] = 512  # largest gRPC message accepted
     worker_quota_gb: Annotated[float, Field(ge=0)] = 0.0  # per-worker pool bytes (0 = unlimited)
+    worker_share: Annotated[float, Field(gt=0, le=1)] = 0.5  # most of each pool one worker (tenant)
+                                        # may hold, as a fraction; 1 = no fair-share limit
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0  # Prometheus /metrics port (0 = off)
     metrics_addr: str = "0.0.0.0"
     socket_mode: FileMode = 0o600       # unix socket permissions
-    shm_mode: FileMode = 0o600          # working-set segment permissions (0o660 to share with a group)
+    fd_socket: str = ""                 # unix socket handing working-set fds to workers (CPU daemons);
+                                        # "" = beside the first unix listener ("<path>.fds")
     tls_cert: str = ""                  # PEM server certificate for TCP listeners
     tls_key: str = ""
     tls_client_ca: str = ""             # PEM CA bundle: require client certificates (mutual TLS)
     tokens_file: str = ""               # lines "worker_id token": bearer-token auth
+    operators: list[str] = []           # worker ids (of tokens_file) that see every tenant's
+                                        # sessions in GetStats; comma-separated
     log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)] = "INFO"
     session_ops: Literal["thread", "inline"] = "thread"  # append / boundary work: a worker thread
                                         # (sessions overlap) or on the event loop (no thread hop)
 
-    @field_validator("listen", mode="before")
+    @field_validator("listen", "operators", mode="before")
     @classmethod
-    def _split_listen(cls, raw: Any) -> Any:
+    def _split_commas(cls, raw: Any) -> Any:
         return [a for a in raw.split(",") if a] if isinstance(raw, str) else raw
 
     @field_validator("listen")
@@ -106,6 +111,16 @@ class ServerConfig(BaseModel):
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("tls_client_ca: needs tls_cert and tls_key")
         return self
+
+    @property
+    def fd_socket_path(self) -> str:
+        """Where workers fetch their working sets' file descriptors."""
+        if self.fd_socket:
+            return self.fd_socket
+        for address in self.listen:
+            if address.startswith("unix://"):
+                return address[len("unix://") :] + ".fds"
+        return f"/tmp/kvrecall-{os.getpid()}.fds"
 
     @property
     def host_pool_bytes(self) -> int:

@@ -67,11 +67,13 @@ def decode(engine: Engine, client, model, picks, steps: int):
     "impl",
     ["reference", pytest.param("triton", marks=pytest.mark.skipif(not interpreter_ready(), reason="needs TRITON_INTERPRET=1"))],
 )
-def test_batch_matches_full_attention_with_a_covering_budget(daemon, tiny_llama, impl):
+@pytest.mark.parametrize("lag", [0, 2])
+def test_batch_matches_full_attention_with_a_covering_budget(daemon, tiny_llama, impl, lag):
     """Four sequences of different lengths and policies in one batch: every step's logits equal
-    transformers' full-attention forward over the same tokens (fp32, 1e-4)."""
+    transformers' full-attention forward over the same tokens (fp32, 1e-4), whether retrievals
+    serve the next step (lag 0) or two steps later (lag 2: boundaries off the critical path)."""
     weights = DecoderWeights.from_hf(tiny_llama)
-    engine = Engine(weights, batch=4, max_capacity=1024, impl=impl)
+    engine = Engine(weights, batch=4, max_capacity=1024, impl=impl, lag=lag)
     picks = [(p, c, prompt) for (p, c), prompt in zip(POLICIES, prompts(128), strict=True)]
     with KVRecallClient(daemon.target, "engine-test") as client:
         results = decode(engine, client, tiny_llama, picks, STEPS)
