@@ -6,7 +6,12 @@ import argparse
 import os
 import sys
 
-from kvrecall import stats_view
+from kvrecall import __version__, stats_view
+from kvrecall.v1 import kvrecall_pb2 as pb
+
+# The policies a session can name: PolicyConfig's config fields (tests/test_cli.py checks that
+# they are the daemon's registry, kvrecall.server.policies, which imports torch).
+POLICY_CHOICES = tuple(field.name for field in pb.PolicyConfig.DESCRIPTOR.oneofs_by_name["config"].fields)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -88,6 +93,13 @@ def _soak(args: argparse.Namespace) -> int:
     return run_soak(args)
 
 
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--policy", default="louiskv", choices=POLICY_CHOICES, help="the session's KV policy (default louiskv)"
+    )
+    parser.add_argument("--budget", type=int, help="retrieved-token budget (policies that take one)")
+
+
 BENCHES = {
     "e2e": ("kvrecall.bench.e2e", "decode through the worker engine and the daemon vs the best full-KV step"),
     "kernels": ("kvrecall.bench.cli", "kernel ceilings, gather, clustering and the emulated decode step"),
@@ -104,6 +116,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvrecall", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"kvrecall {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the daemon")
@@ -147,11 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the bundled test model through the daemon on a long prompt")
     demo.add_argument("--target", help="daemon address (default: start a local daemon)")
-    demo.add_argument("--policy", default="louiskv")
-    demo.add_argument("--budget", type=int, help="retrieved-token budget (policies that take one)")
-    demo.add_argument("--context-tokens", type=int, default=2000)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--max-new-tokens", type=int, default=24)
+    add_policy_arguments(demo)
+    demo.add_argument("--context-tokens", type=int, default=2000, help="prompt length in tokens (default 2000)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the generated prompt and its code (default 0)")
+    demo.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate (default 24)")
     demo.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     demo.set_defaults(func=_demo)
 
@@ -159,12 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         "worker", help="a model worker: run decode sessions of the bundled model, then exit"
     )
     worker.add_argument("--target", required=True, help="daemon address")
-    worker.add_argument("--policy", default="louiskv")
-    worker.add_argument("--worker-id", required=True)
+    add_policy_arguments(worker)
+    worker.add_argument("--worker-id", required=True, help="this worker's id: it owns its sessions")
     worker.add_argument("--sessions", type=int, default=1, help="sessions to run one after another")
-    worker.add_argument("--context-tokens", type=int, default=2048)
-    worker.add_argument("--budget", type=int)
-    worker.add_argument("--max-new-tokens", type=int, default=16)
+    worker.add_argument("--context-tokens", type=int, default=2048, help="prompt length in tokens (default 2048)")
+    worker.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate per session (default 16)")
     worker.add_argument("--device", default=None, help="cpu | cuda[:N] (default: $KVRECALL_DEVICE or cpu)")
     worker.add_argument("--token", help="bearer token (remote daemons with --tokens-file)")
     worker.set_defaults(func=_worker)

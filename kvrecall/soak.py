@@ -349,5 +349,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reopen-every", type=int, default=250, help="close and reopen sessions after this many steps")
     parser.add_argument("--sample-seconds", type=float, default=1.0, help="sampling interval")
     parser.add_argument("--daemon-pid", type=int, help="sample this process's RSS (with --target)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic KV and queries (default 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")

@@ -1,6 +1,6 @@
 """`kvrecall stats`: what a running daemon holds, for an operator (pools, sessions, workers).
 
-One GetStats call, rendered as tables (or `--json`: the StatsResponse as JSON, field names as
+One GetStats call, rendered as tables by rich (or `--json`: the StatsResponse as JSON, field names as
 in the proto). gRPC only, no torch import, so it is as cheap to run as `kvrecall health`.
 """
 
@@ -20,18 +20,29 @@ def _bytes(n: int) -> str:
     return f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
-    return [
-        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
+def _table(title: str | None, header: list[str], rows: list[list[str]]):
+    from rich import box
+    from rich.table import Table
+
+    table = Table(*header, title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in table.columns:
+        column.no_wrap = True
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def render(response) -> str:
-    """A StatsResponse as the tables an operator reads."""
-    lines = [f"kvrecall {response.version} on {response.device}", ""]
-    lines += _table(
+    """A StatsResponse as the tables an operator reads (rows are never cut: ids stay whole)."""
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    console = Console(file=out, width=1000, color_system=None, highlight=False)
+    console.print(f"kvrecall {response.version} on {response.device}")
+    console.print(_table(
+        None,
         ["pool", "kind", "capacity", "used", "free", "used %"],
         [
             [
@@ -40,10 +51,11 @@ def render(response) -> str:
             ]
             for p in response.pools
         ],
-    )  # fmt: skip
-    lines += ["", f"sessions: {len(response.sessions)}"]
+    ))  # fmt: skip
+    console.print(f"sessions: {len(response.sessions)}")
     if response.sessions:
-        lines += _table(
+        console.print(_table(
+            None,
             ["session", "worker", "policy", "tag", "tp", "prompt", "tokens", "resident (max)", "boundaries",
              "appends", "host->gpu", "host", "gpu", "of it metadata"],
             [
@@ -56,17 +68,17 @@ def render(response) -> str:
                 ]
                 for s in response.sessions
             ],
-        )  # fmt: skip
+        ))  # fmt: skip
     if response.workers:
-        lines += ["", "workers:"]
-        lines += _table(
+        console.print(_table(
+            "workers:",
             ["worker", "sessions", "host", "gpu"],
             [
                 [w.worker_id, str(w.sessions), _bytes(w.host_bytes), _bytes(w.device_bytes)]
                 for w in response.workers
             ],
-        )
-    return "\n".join(lines)
+        ))  # fmt: skip
+    return "\n".join(line.rstrip() for line in out.getvalue().rstrip().splitlines())
 
 
 def connect(args: argparse.Namespace):
@@ -116,10 +128,12 @@ def run(args: argparse.Namespace) -> int:
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     """--target, --token, --tls-ca and --timeout of the commands that ask a running daemon."""
-    parser.add_argument("--target", default="unix:///tmp/kvrecall.sock")
+    parser.add_argument(
+        "--target", default="unix:///tmp/kvrecall.sock", help="daemon address (default unix:///tmp/kvrecall.sock)"
+    )
     parser.add_argument("--token", help="bearer token, where the daemon has auth on")
     parser.add_argument("--tls-ca", help="CA certificate of a TLS daemon")
-    parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

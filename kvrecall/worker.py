@@ -44,7 +44,7 @@ def decode_step(model, cache, token: int, position: int, device: torch.device) -
     logits [V] float32."""
     out = model(
         input_ids=torch.tensor([[token]], device=device),
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
         position_ids=torch.tensor([[position]], device=device),
         cache_position=torch.tensor([position], device=device),

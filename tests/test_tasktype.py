@@ -46,3 +46,68 @@ def test_classifies_fresh_prompts_of_each_kind(smollm):
         model, "windowkv", {"budget": 64}, tokenizer(prompts[0].text, return_tensors="pt").input_ids
     )
     assert config == {"budget": 64, "task": predicted[0]}
+
+
+# Hand-written prompts in topics and phrasings that kvrecall.tasktype.prompts never produces
+# (short, no shared templates), sent through the tokenizer's own chat template.
+
+
+HANDWRITTEN_LOCALIZATION = [
+    "The museum opened in 1921. Its first curator was Edith Marlowe, who catalogued the "
+    "collection of Roman coins. In 1954 a fire destroyed the east wing, which was rebuilt "
+    "in 1958 under the architect Tomas Brandt. The gift shop sells postcards and maps.\n\n"
+    "Which architect rebuilt the east wing?",
+    "Shipping manifest:\n- crate A17: ceramic tiles, 40 kg, port of Genoa\n- crate B02: "
+    "olive oil, 120 kg, port of Valencia\n- crate C33: copper wire, 75 kg, port of Hamburg\n"
+    "- crate D09: wool blankets, 30 kg, port of Oslo\n\nFrom which port did crate C33 leave?",
+    "Meeting notes. Priya will book the venue. Jonas handles catering and must confirm "
+    "the menu by Friday. Mei is responsible for the speaker list. The budget owner is "
+    "Alvaro.\n\nQuestion: who is responsible for the catering?",
+    "Here is a list of employee badges: Greta 4471, Samuel 9032, Ilse 1185, Oren 6620, "
+    "Kaveh 3307. What badge number does Ilse have?",
+    "In the novel, the lighthouse keeper keeps a red notebook hidden under the third stair. "
+    "The children later find a brass key inside the clock. The storm arrives on the ninth "
+    "night.\n\nWhere is the red notebook hidden?",
+    "Config file:\nmax_connections = 250\ntimeout_ms = 4000\nretry_limit = 7\n"
+    "log_dir = /var/log/app\n\nWhat value does retry_limit have?",
+]
+
+HANDWRITTEN_AGGREGATION = [
+    "Email 1: The server was slow on Monday. Email 2: We upgraded the database on Tuesday. "
+    "Email 3: Users reported faster pages on Wednesday. Email 4: Costs rose by ten percent.\n\n"
+    "Write a two-sentence summary of this email thread.",
+    "Translate each word to French, following the examples.\ncat -> chat\ndog -> chien\n"
+    "house -> maison\nbread -> pain\nwater ->",
+    "Write a Python function `mean_of_squares(xs)` that returns the mean of the squares of "
+    "a list of numbers, with a docstring and a check for the empty list.",
+    "Reviews: 'Great battery, poor screen.' 'Screen is dim, battery lasts days.' "
+    "'Love the battery.' 'The screen scratches easily.'\n\nWhat do the reviewers think "
+    "overall? Give the general sentiment about battery and screen.",
+    "Count how many times the word 'river' appears in this text: The river bends near the "
+    "mill. Children swim in the river. The old river road floods each spring, and the river "
+    "carries leaves to the sea.",
+    "Here are the quarterly sales: Q1 120, Q2 135, Q3 150, Q4 170. Describe the overall "
+    "trend over the year in a short paragraph.",
+]
+
+
+@pytest.mark.model
+def test_classifies_handwritten_prompts_better_than_a_constant_guess(smollm):
+    """Measured (2026-11-30): 8 of 12 right: AGGREGATION 5/6 (the email-thread summary reads
+    as LOCALIZATION); LOCALIZATION 3/6 (list-shaped lookups, a badge list and a config file,
+    read as AGGREGATION). The floor keeps what holds: better than any constant answer, and at
+    least half of each kind."""
+    model, tokenizer = smollm
+    right = {}
+    for label, prompts in (
+        (pb.TASK_TYPE_LOCALIZATION, HANDWRITTEN_LOCALIZATION),
+        (pb.TASK_TYPE_AGGREGATION, HANDWRITTEN_AGGREGATION),
+    ):
+        ids = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )["input_ids"]
+            for text in prompts
+        ]
+        right[pb.TaskType.Name(label)] = sum(classifier.classify(model, x) == label for x in ids)
+    assert sum(right.values()) >= 8 and min(right.values()) >= 3, right

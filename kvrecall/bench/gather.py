@@ -8,7 +8,7 @@ Two measurements:
 
 * ``triton`` / ``cupy``: the benchmark's own kernels (``kvrecall.bench.kernels``), one random
   index set per point reused by every timed call (address translations stay warm);
-* ``kv-<variant>``: the project's kernel (``kvrecall.kernels.row_gather``: triton, triton+sort,
+* ``kv-<variant>``: the project's kernel (``kvrecall.kernels.row_gather_triton``: triton, triton+sort,
   cupy, cupy+sort), every call in a timed batch reading a *fresh* index set (cold
   translations, as a retrieval that fetches new rows), batches replayed as CUDA graphs so host
   launch overhead stays out. ``kvrecall_fastest`` names the variant to make the default.
@@ -267,7 +267,7 @@ def kvrecall_variants(device: torch.device, want_cupy: bool) -> tuple[list[str],
     """The project gather variants that can run here, and why the others cannot."""
     if not kernels.triton_usable(device):
         return [], {"kv-*": "the project kernels need CUDA or TRITON_INTERPRET=1"}
-    from kvrecall.kernels.row_gather import cupy_available
+    from kvrecall.kernels.row_gather_triton import cupy_available
 
     names, skipped = ["triton", "triton+sort"], {}
     if not want_cupy:
@@ -281,7 +281,7 @@ def kvrecall_variants(device: torch.device, want_cupy: bool) -> tuple[list[str],
 
 def _launcher(variant: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], None]:
     """The project launcher for one variant, on arguments this module built (16-byte aligned)."""
-    from kvrecall.kernels.row_gather import GatherVariant, gather_rows_triton
+    from kvrecall.kernels.row_gather_triton import GatherVariant, gather_rows_triton
 
     parsed = GatherVariant.parse(variant)
 

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+import time
+from typing import Any, Unpack
 
 import grpc
 import torch
 
-from kvrecall.client.core import ClientBase, ModelSpec, SessionCore, close_request
-from kvrecall.client.errors import KVRecallClientError, UnavailableError, from_rpc_error
+from kvrecall.client.core import ClientBase, ModelSpec, OpenOptions, SessionCore, close_request
+from kvrecall.client.errors import KVRecallClientError, UnavailableError
 from kvrecall.client.staging import staged
-from kvrecall.transport import inline_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 log = logging.getLogger("kvrecall.client.aio")
@@ -33,40 +33,31 @@ class AsyncKVRecallClient(ClientBase):
             return grpc.aio.secure_channel(self.target, creds, options)
         return grpc.aio.insecure_channel(self.target, options)
 
-    async def call(self, method, request, *, retry: bool = False, timeout: float | None = None):
-        for delay in self.retry_delays(retry):
-            try:
-                return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
-            except grpc.aio.AioRpcError as exc:
-                error = from_rpc_error(exc)
-                if isinstance(error, UnavailableError) and delay is not None:
-                    log.warning("daemon %s unavailable (%s); retrying in %.1fs", self.target, error.details, delay)
-                    await asyncio.sleep(delay)
-                    continue
-                raise error from None
-        raise AssertionError("unreachable")
+    async def call(self, method, request, *, timeout: float | None = None):
+        """One unary call with a deadline (the channel retries RETRIED_METHODS on UNAVAILABLE)."""
+        started = time.monotonic()
+        try:
+            return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise self.client_error(exc, method, started) from None
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until the channel is connected (see KVRecallClient.wait_ready)."""
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), timeout)
+        except TimeoutError:
+            raise self.unavailable(UnavailableError("no connection"), f"waited {timeout:.1f}s") from None
 
     async def stats(self, session_id: str = "", capability: str = "") -> pb.StatsResponse:
         """Daemon-wide (the caller's tenant's sessions), or one session given its capability."""
-        return await self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id, capability=capability), retry=True)
+        return await self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id, capability=capability))
 
     async def open_session(
-        self,
-        spec: ModelSpec,
-        policy: str,
-        config: dict[str, Any] | None = None,
-        *,
-        transport: str | None = None,
-        device: torch.device | str | None = None,
-        lease_seconds: int = 0,
-        tag: str = "",
-        tp_rank: int = 0,
-        tp_size: int = 0,
+        self, spec: ModelSpec, policy: str, config: dict[str, Any] | None = None, **options: Unpack[OpenOptions]
     ) -> AsyncWorkerSession:
-        request, kind = self.open_request(
-            spec, policy, config, transport, device, lease_seconds, tag, tp_rank, tp_size
-        )
-        response = await self.call(self.stub.OpenSession, request, retry=True)
+        """Open a session (options: see ClientBase.open_request)."""
+        request, kind = self.open_request(spec, policy, config, **options)
+        response = await self.call(self.stub.OpenSession, request)
         try:
             core = SessionCore.from_open(response, spec, kind)
         except Exception:
@@ -97,14 +88,10 @@ class AsyncWorkerSession:
 
     async def ingest(self, kv: torch.Tensor, queries: torch.Tensor | None = None) -> pb.IngestPromptResponse:
         core = self.core
-        request = core.ingest_request(kv.shape[3])
         with staged(kv, core.transport) as ref:
-            request.kv.CopyFrom(ref)
-            if queries is not None:
-                request.queries.CopyFrom(inline_ref(queries.to(kv.dtype)))
+            request = core.ingest_request(kv.shape[3], ref, None if queries is None else queries.to(kv.dtype))
             response = await self.client.call(self.client.stub.IngestPrompt, request, timeout=max(self.client.timeout, 300))
-        core.apply_delta(response.delta)
-        core.position = core.noticed_upto = kv.shape[3]
+        core.apply_ingest(response, kv.shape[3])
         return response
 
     async def _stream_call(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
@@ -116,7 +103,7 @@ class AsyncWorkerSession:
             response = await asyncio.wait_for(self._stream.read(), self.client.timeout)
         except grpc.aio.AioRpcError as exc:
             self._stream = None
-            raise from_rpc_error(exc) from None
+            raise self.client.stream_error(exc) from None
         if response is grpc.aio.EOF:
             self._stream = None
             raise KVRecallClientError("decode stream ended unexpectedly")

@@ -4,7 +4,8 @@ Critical KVs barely change inside a semantic segment, so retrieval is triggered 
 the current query drifts from the query that triggered the last retrieval. Per layer the
 signal is the cosine similarity of the two queries, averaged over query heads; layers are
 aggregated by `aggregate` ("mean" by default, chosen by measurement: docs/TUNING.md). No RPC
-is involved: the detector reads the queries the attention already computed.
+is involved: the detector reads the queries the attention already computed. The cosine is
+`kvrecall.kernels.cosine_similarity` (the Triton kernel on CUDA queries, else the reference).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvrecall import kernels
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 
@@ -35,15 +37,17 @@ class BoundaryDetector:
         """query: [Hq, D], the query a retrieval was made for."""
         self.reference[layer] = query.detach().float().clone()
 
-    def observe(self, layer: int, query: torch.Tensor) -> None:
-        """Record this step's query [Hq, D] for `layer`."""
+    def head_similarity(self, layer: int, query: torch.Tensor) -> torch.Tensor | None:
+        """Cosine of each head of `query` [Hq, D] with the layer's reference -> [Hq] f32 (None: no reference)."""
         ref = self.reference[layer]
         if ref is None:
-            self.similarity[layer] = -1.0
-            return
-        q = query.detach().float()
-        sim = torch.nn.functional.cosine_similarity(q, ref, dim=-1, eps=1e-6)
-        self.similarity[layer] = float(sim.mean())
+            return None
+        return kernels.cosine_similarity(query.detach()[None], ref[None])[0]
+
+    def observe(self, layer: int, query: torch.Tensor) -> None:
+        """Record this step's query [Hq, D] for `layer`."""
+        sim = self.head_similarity(layer, query)
+        self.similarity[layer] = -1.0 if sim is None else float(sim.mean())
 
     def score(self) -> float:
         if self.aggregate == "min":

@@ -8,13 +8,14 @@ and never does I/O itself.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 import torch
 
+from kvrecall.client.errors import KVRecallClientError, UnavailableError, from_rpc_error
 from kvrecall.dtypes import WIRE_OF_TORCH
 from kvrecall.sizes import TOKEN_COUNT_FIELDS
 from kvrecall.transport import MappedTensor, inline_ref, map_segment, open_ref
@@ -187,9 +188,6 @@ class SessionCore:
         return int((self.slot_pos >= 0).sum(dim=-1).max())
 
     # ---- request builders / answer appliers ------------------------------------------
-    def ingest_request(self, num_tokens: int) -> pb.IngestPromptRequest:
-        return pb.IngestPromptRequest(session_id=self.session_id, capability=self.capability, num_tokens=num_tokens)
-
     def keepalive_request(self) -> pb.KeepAliveRequest:
         return pb.KeepAliveRequest(session_id=self.session_id, capability=self.capability)
 
@@ -202,6 +200,25 @@ class SessionCore:
     def next_seq(self) -> int:
         self.seq += 1
         return self.seq
+
+    def ingest_request(
+        self, num_tokens: int, kv_ref: pb.TensorRef | None = None, queries: torch.Tensor | None = None,
+        first_layer: int = 0,
+    ) -> pb.IngestPromptRequest:  # fmt: skip
+        """IngestPrompt of a `num_tokens`-token prompt: layers [first_layer, ...) of its KV staged
+        as `kv_ref`, their observation queries inline (in `kv_ref`'s dtype is the caller's job)."""
+        request = pb.IngestPromptRequest(
+            session_id=self.session_id, capability=self.capability, num_tokens=num_tokens, first_layer=first_layer
+        )
+        if kv_ref is not None:
+            request.kv.CopyFrom(kv_ref)
+        if queries is not None:
+            request.queries.CopyFrom(inline_ref(queries))
+        return request
+
+    def apply_ingest(self, response: pb.IngestPromptResponse, num_tokens: int) -> None:
+        self.apply_delta(response.delta)
+        self.position = self.noticed_upto = num_tokens
 
     def append_request(self, upto: int | None = None) -> pb.DecodeRequest:
         """An AppendNotice for the tokens written up to `upto` (default: all of them)."""
@@ -288,9 +305,42 @@ def receive_working_set(response: pb.OpenSessionResponse):
     return ShmSegment.map_fd(fd, shm.name, 0)
 
 
+# Calls gRPC retries on UNAVAILABLE (the daemon not up yet, or restarting): nothing is created
+# on the daemon before it answers them, so a retry cannot open a session twice.
+RETRIED_METHODS = ("OpenSession", "GetStats")
+MAX_CONNECT_RETRIES = 4  # gRPC makes at most 5 attempts of a call
+
+
+def retry_service_config(connect_retries: int) -> str:
+    """The channel's service config: RETRIED_METHODS retry UNAVAILABLE up to `connect_retries`
+    times, gRPC waiting a random time up to 0.1 s, 0.2 s, 0.4 s, ... (at most 2 s) between attempts."""
+    service = pb.DESCRIPTOR.services_by_name["KVRecall"].full_name
+    policy = {
+        "maxAttempts": connect_retries + 1,
+        "initialBackoff": "0.1s",
+        "maxBackoff": "2s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    names = [{"service": service, "method": method} for method in RETRIED_METHODS]
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
+
+
+class OpenOptions(TypedDict, total=False):
+    """The keyword arguments of open_session (see ClientBase.open_request)."""
+
+    transport: str | None
+    device: torch.device | str | None
+    lease_seconds: int
+    tag: str
+    tp_rank: int
+    tp_size: int
+
+
 class ClientBase:
-    """What the sync and asyncio clients share: identity, deadlines, the channel's settings,
-    the retry schedule and the OpenSession request. Subclasses make the channel."""
+    """What the sync and asyncio clients share: identity, deadlines, the channel's settings
+    (retries included: `connect_retries` in [0, 4], see RETRIED_METHODS), the mapping of gRPC
+    errors and the OpenSession request. Subclasses make the channel."""
 
     def __init__(
         self,
@@ -302,39 +352,56 @@ class ClientBase:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         timeout: float = 30.0,
-        connect_retries: int = 5,
+        connect_retries: int = MAX_CONNECT_RETRIES,
         max_message_mb: int = 512,
     ) -> None:
+        if not 0 <= connect_retries <= MAX_CONNECT_RETRIES:
+            raise ValueError(f"connect_retries: must be in [0, {MAX_CONNECT_RETRIES}] (gRPC makes at most 5 attempts)")
         self.target = target
         self.worker_id = worker_id
         self.timeout = timeout
         self.connect_retries = connect_retries
         self._metadata = metadata(worker_id, token)
-        self.channel = self._make_channel(credentials(tls_ca, tls_cert, tls_key), channel_options(max_message_mb))
+        options = channel_options(max_message_mb, connect_retries)
+        self.channel = self._make_channel(credentials(tls_ca, tls_cert, tls_key), options)
         self.stub = pb_grpc.KVRecallStub(self.channel)
+        self._retried = {getattr(self.stub, method) for method in RETRIED_METHODS}
 
     def _make_channel(self, creds: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]) -> Any:
         raise NotImplementedError
 
-    def retry_delays(self, retry: bool) -> Iterator[float | None]:
-        """Per attempt, the pause before the next one (None: the last attempt)."""
-        attempts = self.connect_retries + 1 if retry else 1
-        delay = 0.1
-        for attempt in range(attempts):
-            yield delay if attempt + 1 < attempts else None
-            delay = min(delay * 2, 2.0)
+    def client_error(self, exc: grpc.RpcError, method: Any, started: float) -> KVRecallClientError:
+        """The typed error of a failed unary call of stub `method` begun at `started` (monotonic)."""
+        error = from_rpc_error(exc)
+        if isinstance(error, UnavailableError):
+            attempts = self.connect_retries + 1 if method in self._retried else 1
+            error = self.unavailable(error, f"{attempts} attempt(s) over {time.monotonic() - started:.1f}s")
+        return error
+
+    def stream_error(self, exc: grpc.RpcError) -> KVRecallClientError:
+        """The typed error of a broken Decode stream."""
+        error = from_rpc_error(exc)
+        return self.unavailable(error, "decode stream broken") if isinstance(error, UnavailableError) else error
+
+    def unavailable(self, error: KVRecallClientError, what: str) -> UnavailableError:
+        """An UnavailableError that says what is down and what it means for open sessions."""
+        return UnavailableError(
+            f"kvrecall daemon at {self.target} is unavailable (not running or restarting; {what}): "
+            f"{error.details}. Sessions do not survive a daemon restart: open new ones once it is back."
+        )
 
     def open_request(
         self,
         spec: ModelSpec,
         policy: str,
         config: dict[str, Any] | None,
-        transport: str | None,
-        device: torch.device | str | None,
-        lease_seconds: int,
-        tag: str,
-        tp_rank: int,
-        tp_size: int,
+        *,
+        transport: str | None = None,
+        device: torch.device | str | None = None,
+        lease_seconds: int = 0,
+        tag: str = "",
+        tp_rank: int = 0,
+        tp_size: int = 0,
     ) -> tuple[pb.OpenSessionRequest, int]:
         """The OpenSession request and the transport it asks for (see choose_transport; the
         device defaults to the spec's)."""
@@ -362,15 +429,18 @@ def metadata(worker_id: str, token: str | None) -> tuple[tuple[str, str], ...]:
     return tuple(md)
 
 
-def channel_options(max_message_mb: int) -> list[tuple[str, Any]]:
+def channel_options(max_message_mb: int, connect_retries: int) -> list[tuple[str, Any]]:
     n = max_message_mb << 20
-    return [
+    options = [
         ("grpc.max_send_message_length", n),
         ("grpc.max_receive_message_length", n),
-        ("grpc.enable_retries", 1),
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 2000),
+        ("grpc.service_config_disable_resolution", 1),  # ours, not one a DNS record names
     ]
+    if connect_retries:
+        options += [("grpc.enable_retries", 1), ("grpc.service_config", retry_service_config(connect_retries))]
+    return options
 
 
 def normalise_target(target: str) -> str:

@@ -3,7 +3,7 @@
     session = client.open_session(spec_for(model, max_tokens), policy="louiskv")
     cache = KVRecallCache(session)
     use_kvrecall_attention(model)
-    model.generate(input_ids, past_key_values=cache, max_new_tokens=64, do_sample=False)
+    model.generate(input_ids, cache=cache, max_new_tokens=64, do_sample=False)
 
 The first forward pass is the prompt (the ingest): ordinary causal attention, and each
 layer's K/V (with the last prompt queries the policy asked for) streams to the daemon right

@@ -56,8 +56,7 @@ class PromptStream:
         if ready is not None:
             ready.synchronize()
         client, core = self.session.client, self.session.core
-        request = core.ingest_request(self.num_tokens)
-        request.first_layer = layer
+        request = core.ingest_request(self.num_tokens, first_layer=layer)
         request.kv.CopyFrom(self.buffer.ref())
         if queries is not None:
             request.queries.CopyFrom(inline_ref(queries.unsqueeze(0)))

@@ -17,13 +17,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import grpc
 import torch
 
-from kvrecall.client.core import ClientBase, ModelSpec, SessionCore, close_request
-from kvrecall.client.errors import KVRecallClientError, NotFoundError, UnavailableError, from_rpc_error
+from kvrecall.client.core import ClientBase, ModelSpec, OpenOptions, SessionCore, close_request
+from kvrecall.client.errors import KVRecallClientError, NotFoundError, UnavailableError
 from kvrecall.client.ingest import PromptStream
 from kvrecall.client.staging import StagingBuffer
 from kvrecall.v1 import kvrecall_pb2 as pb
@@ -40,30 +40,21 @@ class KVRecallClient(ClientBase):
     def _make_channel(self, creds, options):
         return grpc.secure_channel(self.target, creds, options) if creds else grpc.insecure_channel(self.target, options)
 
-    def call(self, method: Callable[..., T], request: Any, *, retry: bool = False, timeout: float | None = None) -> T:
-        """One unary call with a deadline; retries UNAVAILABLE with backoff when `retry`."""
+    def call(self, method: Callable[..., T], request: Any, *, timeout: float | None = None) -> T:
+        """One unary call with a deadline (the channel retries RETRIED_METHODS on UNAVAILABLE)."""
         started = time.monotonic()
-        for attempt, delay in enumerate(self.retry_delays(retry)):
-            try:
-                return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                error = from_rpc_error(exc)
-                if isinstance(error, UnavailableError) and delay is not None:
-                    log.warning("daemon %s unavailable (%s); retrying in %.1fs", self.target, error.details, delay)
-                    time.sleep(delay)
-                    continue
-                if isinstance(error, UnavailableError):
-                    elapsed = time.monotonic() - started
-                    error = self.unavailable(error, f"{attempt + 1} attempt(s) over {elapsed:.1f}s")
-                raise error from None
-        raise AssertionError("unreachable")
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self.client_error(exc, method, started) from None
 
-    def unavailable(self, error: KVRecallClientError, what: str) -> UnavailableError:
-        """An UnavailableError that says what is down and what it means for open sessions."""
-        return UnavailableError(
-            f"kvrecall daemon at {self.target} is unavailable (not running or restarting; {what}): "
-            f"{error.details}. Sessions do not survive a daemon restart: open new ones once it is back."
-        )
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until the channel is connected: after a daemon restart it reconnects by itself,
+        within its reconnect backoff (at most 2 s); UnavailableError after `timeout` seconds."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise self.unavailable(UnavailableError("no connection"), f"waited {timeout:.1f}s") from None
 
     def health(self, timeout: float = 5.0) -> str:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -74,26 +65,14 @@ class KVRecallClient(ClientBase):
 
     def stats(self, session_id: str = "", capability: str = "") -> pb.StatsResponse:
         """Daemon-wide (the caller's tenant's sessions), or one session given its capability."""
-        return self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id, capability=capability), retry=True)
+        return self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id, capability=capability))
 
     def open_session(
-        self,
-        spec: ModelSpec,
-        policy: str,
-        config: dict[str, Any] | None = None,
-        *,
-        transport: str | None = None,
-        device: torch.device | str | None = None,
-        lease_seconds: int = 0,
-        tag: str = "",
-        tp_rank: int = 0,
-        tp_size: int = 0,
+        self, spec: ModelSpec, policy: str, config: dict[str, Any] | None = None, **options: Unpack[OpenOptions]
     ) -> WorkerSession:
-        """Open a session; `transport` defaults to shm (local CPU), cuda_ipc (local GPU) or inline."""
-        request, kind = self.open_request(
-            spec, policy, config, transport, device, lease_seconds, tag, tp_rank, tp_size
-        )
-        response = self.call(self.stub.OpenSession, request, retry=True)
+        """Open a session (options: see ClientBase.open_request)."""
+        request, kind = self.open_request(spec, policy, config, **options)
+        response = self.call(self.stub.OpenSession, request)
         try:
             core = SessionCore.from_open(response, spec, kind)
         except Exception:
@@ -199,10 +178,7 @@ class WorkerSession:
             response = next(self._responses)
         except grpc.RpcError as exc:
             self._responses = None  # the stream is over; the next call opens a new one
-            error = from_rpc_error(exc)
-            if isinstance(error, UnavailableError):
-                error = self.client.unavailable(error, "decode stream broken")
-            raise error from None
+            raise self.client.stream_error(exc) from None
         except StopIteration:
             self._responses = None
             raise KVRecallClientError("decode stream ended unexpectedly") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from kvrecall import kernels
 from kvrecall.kernels.ws_decode import AttendWorkspace, SlotTables, attend, write_step
 from kvrecall.v1 import kvrecall_pb2 as pb
 
@@ -50,7 +51,7 @@ class SessionBatch:
         write_step(self.tables, layer, k, v, q, positions, impl=self.impl)
         signal = q.float()
         self.latest[:, layer] = signal
-        cosine = torch.nn.functional.cosine_similarity(signal, self.reference[:, layer], dim=-1, eps=1e-6)
+        cosine = kernels.cosine_similarity(signal, self.reference[:, layer], impl=self.impl)  # [B, Hq]
         self.similarity[:, layer] = cosine.mean(dim=-1)
         out = attend(self.tables, layer, q, self.scale, self.workspace, impl=self.impl)
         if layer == self.num_layers - 1:

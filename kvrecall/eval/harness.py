@@ -493,7 +493,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``kvrecall eval`` flags."""
-    parser.add_argument("--suite", choices=sorted(SUITES), default="smoke")
+    parser.add_argument(
+        "--suite",
+        choices=sorted(SUITES),
+        default="smoke",
+        help="ci: one short sample (CI); smoke: ~10 min on 2 CPU cores; needle: one 4K needle at five "
+        "depths; fidelity: long-output replays; full: the GPU suite (default smoke)",
+    )
     parser.add_argument(
         "--policies", help=f"comma-separated (default: every registered one of {','.join(POLICIES)})"
     )

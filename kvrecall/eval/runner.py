@@ -168,7 +168,7 @@ class Runner:
         ids = self.ids(prompt)
         sink = _PrefillSink(spec_for(self.model, ids.shape[1] + 1))
         cache = KVRecallCache(sink)
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         prefill = Prefill(
             ids,
             sink.kv,
@@ -203,7 +203,7 @@ class Runner:
                 logits = [prefill.logits]
             except TooFewQueries:
                 out = self.model(
-                    input_ids=prefill.ids, past_key_values=cache, use_cache=True, logits_to_keep=1
+                    input_ids=prefill.ids, cache=cache, use_cache=True, logits_to_keep=1
                 )
                 logits = [out.logits[0, -1].float()]
             tokens: list[int] = []
@@ -229,14 +229,14 @@ class Runner:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        out = self.model(input_ids=self.ids(prompt), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=self.ids(prompt), cache=cache, use_cache=True, logits_to_keep=1)
         tokens: list[int] = []
         for step in range(new_tokens):
             tokens.append(int(out.logits[0, -1].argmax()))
             if step == new_tokens - 1:
                 break
             ids = torch.tensor([[tokens[-1]]], device=self.device)
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         return tokens
 
     @torch.no_grad()

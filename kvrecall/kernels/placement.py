@@ -1,162 +1,48 @@
-"""Retrieved-region placement and ring spill on the GPU: no host sync, no nonzero (LouisKV, Quest, WindowKV).
+"""Retrieved-region placement and ring spill: the daemon's working-set writes (WorkingSet).
 
-place_retrieved_triton: one program per (layer, KV head) row. It diffs the row's current
-retrieved slots against the new selection, keeps resident tokens in their slots, gives the
-k-th new token the k-th freed slot, writes slot_pos and copies the new tokens' K/V rows
-straight from the host pages (UVA: the pinned pool is read over PCIe, no staging copy).
-Membership is a binary search in the row's sorted selection / sorted current slots (kept in
-a per-launch scratch); ranks are prefix sums, and two scatters through the scratch turn
-"k-th new token" / "k-th free slot" into per-slot answers. Counts per row come back as a
-device tensor. Rows wider than MAX_RETRIEVED fall back to the reference.
-
-spill_ring_triton: copy tokens [start, end) from the window ring of every row into the
-host pages (UVA writes into the pinned pool): the AppendNotice spill without a D2H sync.
-
-Host pages are laid out [L, 2, H, P, D] (host_store.py); `page_base[i]` is the element
-offset of the sequence's page i in the flat pool. Row b of the working set is layer b // H,
-head b % H. Imported only when Triton is (see `_triton`).
+Kernel: `placement_triton.py`; reference: `reference.py`; dispatch: `kvrecall.kernels`.
 """
 
+from __future__ import annotations
+
 import torch
-import triton
-import triton.language as tl
 
 from kvrecall.kernels import reference
-from kvrecall.kernels._triton import next_power_of_2
-
-MAX_RETRIEVED = 4096  # the sort keeps a row in registers
-_BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_TILE_BYTES = 8192  # bytes of K (and as many of V) one copy step moves per program
-_ABSENT = tl.constexpr(1 << 62)  # sorts after every position
-
-
-@triton.jit
-def _contains(sorted_ptr, x, BLOCK: tl.constexpr, STEPS: tl.constexpr):
-    """Whether each x is in the BLOCK ascending values at sorted_ptr (vectorised lower bound)."""
-    lo = tl.zeros(x.shape, tl.int32)
-    hi = lo + BLOCK
-    for _ in tl.static_range(STEPS):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        below = tl.load(sorted_ptr + tl.minimum(mid, BLOCK - 1)) < x
-        lo = tl.where(active & below, mid + 1, lo)
-        hi = tl.where(active & ~below, mid, hi)
-    return tl.load(sorted_ptr + tl.minimum(lo, BLOCK - 1)) == x
+from kvrecall.kernels._checks import (
+    INDEX_DTYPES,
+    check_int,
+    check_same_device,
+    check_size,
+    check_tensor,
+)
+from kvrecall.kernels._triton import use_triton
 
 
-@triton.jit
-def _host_row(page_base_ptr, row, kv, pos, mask, tokens_per_page, num_kv_heads, D: tl.constexpr):
-    """Element offset of (row = layer * H + head, kv, token pos) in the flat host pool."""
-    layer = row // num_kv_heads
-    head = row - layer * num_kv_heads
-    page = pos // tokens_per_page
-    base = tl.load(page_base_ptr + page, mask=mask, other=0)
-    return (
-        base + (((layer * 2 + kv) * num_kv_heads + head) * tokens_per_page + pos - page * tokens_per_page) * D
-    )
+def _check_host_pages(
+    keys: torch.Tensor, values: torch.Tensor, host: torch.Tensor, page_base: torch.Tensor, tokens_per_page: int,
+    num_kv_heads: int,
+) -> None:
+    check_tensor("keys", keys, rank=3)
+    if values.shape != keys.shape or values.dtype != keys.dtype:
+        raise ValueError(f"values: {tuple(values.shape)} {values.dtype}, expected keys' {tuple(keys.shape)} {keys.dtype}")
+    for name, tensor in (("keys", keys), ("values", values)):
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name}: must be contiguous")
+    check_tensor("host", host, rank=1)
+    if host.dtype != keys.dtype:
+        raise ValueError(f"host: dtype {host.dtype} differs from keys' {keys.dtype}")
+    check_tensor("page_base", page_base, rank=1, dtypes=(torch.int64,))
+    if page_base.device != keys.device:
+        raise ValueError(f"page_base: on {page_base.device}, expected {keys.device} (like keys)")
+    check_int("tokens_per_page", tokens_per_page, 1)
+    check_int("num_kv_heads", num_kv_heads, 1)
+    if keys.shape[0] % num_kv_heads:
+        raise ValueError(f"keys: {keys.shape[0]} rows is not a multiple of num_kv_heads={num_kv_heads}")
+    if keys.device.type == host.device.type == "cuda" and keys.device != host.device:
+        raise ValueError(f"host: on {host.device}, keys on {keys.device}: one GPU only")
 
 
-@triton.jit
-def _place_kernel(
-    slot_pos_ptr, keys_ptr, values_ptr, sel_ptr, host_ptr, page_base_ptr, scratch_ptr, counts_ptr, resident_ptr,
-    R, C, first_slot, sel_stride, num_positions, tokens_per_page, num_kv_heads,
-    D: tl.constexpr, BLOCK_R: tl.constexpr, STEPS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRACK_RESIDENT: tl.constexpr,
-):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    r = tl.arange(0, BLOCK_R)
-    in_row = r < R
-    region = slot_pos_ptr + b * C + first_slot
-    cur = tl.load(region + r, mask=in_row, other=-1).to(tl.int64)
-    sel = tl.load(sel_ptr + b * sel_stride + r, mask=in_row, other=-1).to(tl.int64)
-    cur_ok = cur >= 0
-    sel_ok = (sel >= 0) & (sel < num_positions)
-    scratch = scratch_ptr + b * (4 * BLOCK_R)
-    sorted_sel = scratch
-    sorted_cur = scratch + BLOCK_R
-    pos_of_rank = scratch + 2 * BLOCK_R  # k-th new token's position
-    slot_of_rank = scratch + 3 * BLOCK_R  # k-th free slot
-    tl.store(sorted_sel + r, tl.sort(tl.where(sel_ok, sel, _ABSENT)))
-    tl.store(sorted_cur + r, tl.sort(tl.where(cur_ok, cur, _ABSENT)))
-    tl.debug_barrier()
-    keep = cur_ok & _contains(sorted_sel, cur, BLOCK_R, STEPS)
-    new = sel_ok & ~_contains(sorted_cur, sel, BLOCK_R, STEPS)
-    free = in_row & ~keep
-    free_rank = tl.cumsum(free.to(tl.int32), 0) - 1
-    new_rank = tl.cumsum(new.to(tl.int32), 0) - 1
-    n_new = tl.sum(new.to(tl.int32), 0)
-    filled = free & (free_rank < n_new)
-    tl.store(pos_of_rank + new_rank, sel, mask=new)
-    tl.store(slot_of_rank + free_rank, r.to(tl.int64), mask=filled)
-    tl.debug_barrier()
-    incoming = tl.load(pos_of_rank + free_rank, mask=filled, other=-1)
-    final = tl.where(keep, cur, tl.where(filled, incoming, -1))
-    tl.store(region + r, final.to(tl.int32), mask=in_row)
-    tl.store(counts_ptr + 2 * b, tl.sum(sel_ok.to(tl.int32), 0))
-    tl.store(counts_ptr + 2 * b + 1, n_new)
-    if TRACK_RESIDENT:  # the row's filled slots, sinks and window included, into a running max
-        resident = tl.sum((final >= 0).to(tl.int32), 0)
-        for c0 in range(0, C, BLOCK_R):
-            c = c0 + r
-            outside = (c < C) & ((c < first_slot) | (c >= first_slot + R))
-            held = tl.load(slot_pos_ptr + b * C + c, mask=outside, other=-1)
-            resident += tl.sum((held >= 0).to(tl.int32), 0)
-        tl.atomic_max(resident_ptr, resident.to(tl.int64))
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    for k0 in range(0, n_new, ROWS):
-        k = k0 + tl.arange(0, ROWS)
-        ok = k < n_new
-        slot = tl.load(slot_of_rank + k, mask=ok, other=0)
-        pos = tl.load(pos_of_rank + k, mask=ok, other=0)
-        dst = ((b * C + first_slot + slot) * D)[:, None] + cols[None, :]
-        mask = ok[:, None] & col_ok[None, :]
-        for kv in tl.static_range(2):
-            src = _host_row(page_base_ptr, b, kv, pos, ok, tokens_per_page, num_kv_heads, D)
-            rows = tl.load(host_ptr + src[:, None] + cols[None, :], mask=mask)
-            if kv == 0:
-                tl.store(keys_ptr + dst, rows, mask=mask)
-            else:
-                tl.store(values_ptr + dst, rows, mask=mask)
-
-
-@triton.jit
-def _spill_kernel(
-    keys_ptr, values_ptr, host_ptr, page_base_ptr,
-    start, n, C, ring_start, ring_size, tokens_per_page, num_kv_heads,
-    D: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    i = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
-    ok = i < n
-    pos = start + i.to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    src = ((b * C + ring_start + pos % ring_size) * D)[:, None] + cols[None, :]
-    mask = ok[:, None] & (cols < D)[None, :]
-    for kv in tl.static_range(2):
-        dst = _host_row(page_base_ptr, b, kv, pos, ok, tokens_per_page, num_kv_heads, D)
-        if kv == 0:
-            rows = tl.load(keys_ptr + src, mask=mask)
-        else:
-            rows = tl.load(values_ptr + src, mask=mask)
-        tl.store(host_ptr + dst[:, None] + cols[None, :], rows, mask=mask)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The same memory as same-width integers: the copies move bits, whatever the dtype."""
-    return t.view(_BITS_OF_SIZE[t.element_size()])
-
-
-def _reachable(host: torch.Tensor, device: torch.device) -> bool:
-    return host.device == device or host.is_pinned()
-
-
-def _copy_tile(row_len: int, element_size: int) -> tuple[int, int]:
-    block_d = next_power_of_2(row_len)
-    return max(1, _TILE_BYTES // element_size // block_d), block_d
-
-
-def place_retrieved_triton(
+def place_retrieved(
     slot_pos: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -166,38 +52,50 @@ def place_retrieved_triton(
     page_base: torch.Tensor,
     tokens_per_page: int,
     num_kv_heads: int,
-    resident_max: torch.Tensor | None,
+    resident_max: torch.Tensor | None = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
-    """Launch on checked arguments (see `kvrecall.kernels.place_retrieved`)."""
-    rows, capacity = slot_pos.shape
-    retrieved, dim = selection.shape[1], keys.shape[2]
-    if (
-        rows == 0
-        or retrieved == 0
-        or retrieved > MAX_RETRIEVED
-        or not _reachable(host, keys.device)
-        or keys.element_size() not in _BITS_OF_SIZE
-    ):
-        return reference.place_retrieved(
+    """Make slots [first_slot, first_slot + R) of each row hold `selection`, in place -> [B, 2] int32.
+
+    slot_pos [B, C] int32, keys / values [B, C, D] contiguous (row b = layer b // H, head
+    b % H), selection [B, R] int (-1 = none; distinct per row). Tokens already resident keep
+    their slots, the k-th new one goes to the k-th freed slot and its K/V rows are copied from
+    `host` (the flat pool: pinned memory read by the GPU directly), pages [L, 2, H, P, D] at
+    offsets page_base [pages] int64 (on keys' device). Positions past the pages count as none.
+    Returns per row (selected, gathered) on slot_pos' device, with no host sync.
+    resident_max (int64 scalar on that device), if given, is raised to the most filled slots
+    (all C) of any row afterwards. Kernel: R <= placement_triton.MAX_RETRIEVED, else the reference.
+    """
+    check_tensor("slot_pos", slot_pos, rank=2, dtypes=(torch.int32,))
+    _check_host_pages(keys, values, host, page_base, tokens_per_page, num_kv_heads)
+    check_tensor("selection", selection, rank=2, dtypes=INDEX_DTYPES)
+    check_size("keys", keys, 0, slot_pos.shape[0], "B of slot_pos")
+    check_size("keys", keys, 1, slot_pos.shape[1], "C of slot_pos")
+    check_size("selection", selection, 0, slot_pos.shape[0], "B of slot_pos")
+    check_int("first_slot", first_slot, 0)
+    if first_slot + selection.shape[1] > slot_pos.shape[1]:
+        raise ValueError(
+            f"selection: {selection.shape[1]} slots from first_slot={first_slot} pass capacity {slot_pos.shape[1]}"
+        )
+    if not slot_pos.is_contiguous():
+        raise ValueError("slot_pos: must be contiguous")
+    device = check_same_device(slot_pos=slot_pos, keys=keys, values=values, selection=selection)
+    if resident_max is not None:
+        check_tensor("resident_max", resident_max, rank=0, dtypes=(torch.int64,))
+        check_same_device(slot_pos=slot_pos, resident_max=resident_max)
+    if use_triton(impl, device):
+        from kvrecall.kernels.placement_triton import place_retrieved_triton
+
+        return place_retrieved_triton(
             slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads,
             resident_max,
         )  # fmt: skip
-    counts = torch.empty(rows, 2, dtype=torch.int32, device=slot_pos.device)  # the kernel writes every row
-    block_r = max(16, next_power_of_2(retrieved))
-    scratch = torch.empty(rows, 4 * block_r, dtype=torch.int64, device=slot_pos.device)
-    copy_rows, block_d = _copy_tile(dim, keys.element_size())
-    _place_kernel[(rows,)](
-        slot_pos, _bits(keys), _bits(values), selection, _bits(host), page_base, scratch, counts,
-        counts if resident_max is None else resident_max,
-        retrieved, capacity, first_slot, selection.stride(0), page_base.numel() * tokens_per_page,
-        tokens_per_page, num_kv_heads,
-        D=dim, BLOCK_R=block_r, STEPS=block_r.bit_length(), ROWS=copy_rows, BLOCK_D=block_d,
-        TRACK_RESIDENT=resident_max is not None, num_warps=8 if block_r >= 1024 else 4,
-    )  # fmt: skip
-    return counts
+    return reference.place_retrieved(
+        slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads, resident_max
+    )
 
 
-def spill_ring_triton(
+def spill_ring(
     keys: torch.Tensor,
     values: torch.Tensor,
     start: int,
@@ -208,20 +106,24 @@ def spill_ring_triton(
     page_base: torch.Tensor,
     tokens_per_page: int,
     num_kv_heads: int,
+    impl: str = "auto",
 ) -> None:
-    """Launch on checked arguments (see `kvrecall.kernels.spill_ring`)."""
-    rows, capacity, dim = keys.shape
-    if not _reachable(host, keys.device) or keys.element_size() not in _BITS_OF_SIZE:
-        reference.spill_ring(
-            keys, values, start, end, ring_start, ring_size, host, page_base, tokens_per_page, num_kv_heads
-        )
+    """Copy tokens [start, end) of every row from the ring (slot ring_start + position %
+    ring_size of keys / values [B, C, D]) into the host pages (layout of `place_retrieved`).
+    The GPU writes pinned host memory directly: no D2H sync. end - start <= ring_size."""
+    _check_host_pages(keys, values, host, page_base, tokens_per_page, num_kv_heads)
+    check_int("start", start, 0)
+    check_int("end", end, start)
+    check_int("ring_size", ring_size, max(1, end - start))
+    check_int("ring_start", ring_start, 0)
+    if ring_start + ring_size > keys.shape[1]:
+        raise ValueError(f"ring_size: slots [{ring_start}, {ring_start + ring_size}) pass capacity {keys.shape[1]}")
+    if end > page_base.numel() * tokens_per_page:
+        raise ValueError(f"end: {end} is past the {page_base.numel() * tokens_per_page} positions of the pages")
+    device = keys.device if keys.device.type == "cuda" else host.device
+    if use_triton(impl, device):
+        from kvrecall.kernels.placement_triton import spill_ring_triton
+
+        spill_ring_triton(keys, values, start, end, ring_start, ring_size, host, page_base, tokens_per_page, num_kv_heads)
         return
-    n = end - start
-    if rows == 0 or n <= 0:
-        return
-    copy_rows, block_d = _copy_tile(dim, keys.element_size())
-    _spill_kernel[(rows, triton.cdiv(n, copy_rows))](
-        _bits(keys), _bits(values), _bits(host), page_base,
-        start, n, capacity, ring_start, ring_size, tokens_per_page, num_kv_heads,
-        D=dim, ROWS=copy_rows, BLOCK_D=block_d, num_warps=4,
-    )  # fmt: skip
+    reference.spill_ring(keys, values, start, end, ring_start, ring_size, host, page_base, tokens_per_page, num_kv_heads)

@@ -12,10 +12,13 @@ transformers dequantises the GGUF weights into a regular llama-architecture mode
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import io
 import os
 import pathlib
+import sys
 from typing import Any
 
 import torch
@@ -93,9 +96,17 @@ def load_model(device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple
             "pip install 'kvrecall[model]'"
         ) from exc
     tokenizer = load_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, local_files_only=True, dtype=dtype
-    )
+    # transformers draws its own progress bars while it dequantises the GGUF file: the caller
+    # announces the load itself, so they are shown only when the load fails.
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(chatter):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, local_files_only=True, dtype=dtype
+            )
+    except Exception:
+        sys.stderr.write(chatter.getvalue())
+        raise
     model.to(device)
     model.eval()
     return model, tokenizer

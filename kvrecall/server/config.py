@@ -1,16 +1,27 @@
 """ServerConfig: one typed configuration from defaults < file < environment < flags.
 
-Validated once, at start, with errors that name the setting; logged in full at start.
+The settings are a pydantic model: types, coercion of strings from the environment and the
+range checks live on the fields. `load_config` layers the sources and turns a validation
+error into one ConfigError naming the setting where it came from (the file, the KVRECALL_*
+variable or the flag's setting name). Validated once, at start; logged in full at start.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 GiB = 1 << 30
 ENV_PREFIX = "KVRECALL_"
@@ -20,75 +31,97 @@ class ConfigError(ValueError):
     pass
 
 
-@dataclass
-class ServerConfig:
-    listen: list[str] = field(default_factory=lambda: ["unix:///tmp/kvrecall.sock"])  # unix:///path or HOST:PORT
+def _int_any_base(raw: Any) -> Any:
+    """'0o660' / '0x1b0' / '432' -> int: file modes are written in octal."""
+    return int(raw, 0) if isinstance(raw, str) else raw
+
+
+def _upper(raw: Any) -> Any:
+    return raw.upper() if isinstance(raw, str) else raw
+
+
+FileMode = Annotated[int, BeforeValidator(_int_any_base), Field(ge=0, le=0o777)]
+PoolGiB = Annotated[float, Field(gt=0, le=4096)]
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    listen: list[str] = ["unix:///tmp/kvrecall.sock"]  # unix:///path or HOST:PORT, comma-separated
     device: str = "cpu"                 # cpu | cuda | cuda:N
-    host_pool_gb: float = 4.0           # host tier (pinned on CUDA, shared memory on CPU)
-    device_pool_gb: float = 2.0         # working sets (GPU memory, or shared memory on CPU)
-    page_kb: int = 2048                 # host page size
-    lease_seconds: float = 30.0         # default session lease
-    max_lease_seconds: float = 3600.0
-    max_message_mb: int = 512           # largest gRPC message accepted
-    worker_quota_gb: float = 0.0        # per-worker pool bytes (0 = unlimited)
-    worker_share: float = 0.5           # most of each pool one worker (tenant) may hold, as a
-                                        # fraction; 1 = no fair-share limit (single-tenant hosts)
-    metrics_port: int = 0               # Prometheus /metrics port (0 = off)
+    host_pool_gb: PoolGiB = 4.0         # host tier (pinned on CUDA, shared memory on CPU)
+    device_pool_gb: PoolGiB = 2.0       # working sets (GPU memory, or shared memory on CPU)
+    page_kb: Annotated[int, Field(ge=4, multiple_of=4)] = 2048  # host page size
+    lease_seconds: Annotated[float, Field(gt=0)] = 30.0  # default session lease
+    max_lease_seconds: Annotated[float, Field(gt=0)] = 3600.0
+    max_message_mb: Annotated[int, Field(ge=1)] = 512  # largest gRPC message accepted
+    worker_quota_gb: Annotated[float, Field(ge=0)] = 0.0  # per-worker pool bytes (0 = unlimited)
+    worker_share: Annotated[float, Field(gt=0, le=1)] = 0.5  # most of each pool one worker (tenant)
+                                        # may hold, as a fraction; 1 = no fair-share limit
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0  # Prometheus /metrics port (0 = off)
     metrics_addr: str = "0.0.0.0"
-    socket_mode: int = 0o600            # unix socket permissions
+    socket_mode: FileMode = 0o600       # unix socket permissions
     fd_socket: str = ""                 # unix socket handing working-set fds to workers (CPU daemons);
                                         # "" = beside the first unix listener ("<path>.fds")
     tls_cert: str = ""                  # PEM server certificate for TCP listeners
     tls_key: str = ""
     tls_client_ca: str = ""             # PEM CA bundle: require client certificates (mutual TLS)
     tokens_file: str = ""               # lines "worker_id token": bearer-token auth
-    operators: list[str] = field(default_factory=list)  # worker ids (of tokens_file) that see every
-                                        # tenant's sessions in GetStats
-    log_level: str = "INFO"
-    session_ops: str = "thread"         # append / boundary work: "thread" (a worker thread, sessions
-                                        # overlap) or "inline" (on the event loop: no thread hop)
+    operators: list[str] = []           # worker ids (of tokens_file) that see every tenant's
+                                        # sessions in GetStats; comma-separated
+    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)] = "INFO"
+    session_ops: Literal["thread", "inline"] = "thread"  # append / boundary work: a worker thread
+                                        # (sessions overlap) or on the event loop (no thread hop)
     warmup: str = "bfloat16:128"        # dtype:head_dim pairs whose kernels compile at start (CUDA only;
                                         # "" = none), e.g. "bfloat16:128,float16:64"
 
-    def __post_init__(self) -> None:
-        self.validate()
+    @field_validator("listen", "operators", mode="before")
+    @classmethod
+    def _split_commas(cls, raw: Any) -> Any:
+        return [a for a in raw.split(",") if a] if isinstance(raw, str) else raw
 
-    def validate(self) -> None:
-        if isinstance(self.listen, str):
-            self.listen = [a for a in self.listen.split(",") if a]
-        if not self.listen:
-            raise ConfigError("listen: at least one address is required")
-        for address in self.listen:
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, listen: list[str]) -> list[str]:
+        if not listen:
+            raise ValueError("at least one address is required")
+        for address in listen:
             if not address.startswith("unix://") and ":" not in address:
-                raise ConfigError(f"listen: {address!r} must be unix:///path or HOST:PORT")
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
-            raise ConfigError(f"device: {self.device!r} must be cpu, cuda or cuda:N")
-        for name in ("host_pool_gb", "device_pool_gb"):
-            if not 0 < getattr(self, name) <= 4096:
-                raise ConfigError(f"{name}: must be in (0, 4096]")
-        if self.page_kb < 4 or self.page_kb % 4:
-            raise ConfigError("page_kb: must be a multiple of 4, at least 4")
-        if not 0 < self.lease_seconds <= self.max_lease_seconds:
-            raise ConfigError("lease_seconds: must be in (0, max_lease_seconds]")
-        if not 0 < self.worker_share <= 1:
-            raise ConfigError("worker_share: must be in (0, 1]")
-        if isinstance(self.operators, str):
-            self.operators = [a for a in self.operators.split(",") if a]
-        if not 0 <= self.metrics_port < 65536:
-            raise ConfigError("metrics_port: must be in [0, 65535]")
+                raise ValueError(f"{address!r} must be unix:///path or HOST:PORT")
+        return listen
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, device: str) -> str:
+        if not (device in ("cpu", "cuda") or device.startswith("cuda:")):
+            raise ValueError(f"{device!r} must be cpu, cuda or cuda:N")
+        return device
+
+    @field_validator("tls_cert", "tls_key", "tls_client_ca", "tokens_file")
+    @classmethod
+    def _check_file(cls, path: str) -> str:
+        if path and not Path(path).is_file():
+            raise ValueError(f"no file {path!r}")
+        return path
+
+    @model_validator(mode="after")
+    def _check_together(self) -> ServerConfig:
+        if self.lease_seconds > self.max_lease_seconds:
+            raise ValueError("lease_seconds: must be in (0, max_lease_seconds]")
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ConfigError("tls_cert and tls_key: give both or neither")
+            raise ValueError("tls_cert and tls_key: give both or neither")
         if self.tls_client_ca and not self.tls_cert:
-            raise ConfigError("tls_client_ca: needs tls_cert and tls_key")
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "tokens_file"):
-            path = getattr(self, name)
-            if path and not Path(path).is_file():
-                raise ConfigError(f"{name}: no file {path!r}")
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError("log_level: DEBUG, INFO, WARNING or ERROR")
-        if self.session_ops not in ("thread", "inline"):
-            raise ConfigError(f"session_ops: {self.session_ops!r} must be thread or inline")
-        parse_warmup(self.warmup)
+            raise ValueError("tls_client_ca: needs tls_cert and tls_key")
+        return self
+
+    @field_validator("warmup")
+    @classmethod
+    def _check_warmup(cls, warmup: str) -> str:
+        try:
+            parse_warmup(warmup)
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("warmup: ")) from None
+        return warmup
 
     @property
     def warmup_shapes(self) -> list[tuple[Any, int]]:
@@ -129,7 +162,7 @@ class ServerConfig:
         return tokens
 
     def summary(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
 
 def parse_warmup(text: str) -> list[tuple[Any, int]]:
@@ -150,46 +183,42 @@ def parse_warmup(text: str) -> list[tuple[Any, int]]:
     return shapes
 
 
-def _coerce(name: str, raw: Any, current: Any) -> Any:
-    try:
-        if isinstance(current, bool):
-            return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
-        if isinstance(current, int):
-            return int(raw, 0) if isinstance(raw, str) else int(raw)
-        if isinstance(current, float):
-            return float(raw)
-        if isinstance(current, list):
-            return [a for a in raw.split(",") if a] if isinstance(raw, str) else list(raw)
-        return str(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: cannot read {raw!r} as {type(current).__name__}") from None
+def _read_file(file: str) -> dict[str, Any]:
+    path = Path(file)
+    if not path.is_file():
+        raise ConfigError(f"config: no file {file!r}")
+    if path.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(path.read_text())
+    return json.loads(path.read_text())
 
 
-def load_config(file: str | None = None, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> ServerConfig:
+def load_config(
+    file: str | None = None, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None
+) -> ServerConfig:
     """defaults < JSON/TOML file < KVRECALL_* environment < explicit overrides (flags)."""
-    defaults = ServerConfig()
-    values: dict[str, Any] = dataclasses.asdict(defaults)
-    names = set(values)
-    if file:
-        path = Path(file)
-        if not path.is_file():
-            raise ConfigError(f"config: no file {file!r}")
-        if path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(path.read_text())
-        else:
-            data = json.loads(path.read_text())
-        for key, raw in data.items():
-            if key not in names:
-                raise ConfigError(f"config {file}: unknown setting {key!r}")
-            values[key] = _coerce(key, raw, values[key])
+    names = set(ServerConfig.model_fields)
+    values: dict[str, Any] = {}
+    source: dict[str, str] = {}  # setting -> how an error names it
+    for key, raw in (_read_file(file) if file else {}).items():
+        if key not in names:
+            raise ConfigError(f"config {file}: unknown setting {key!r}")
+        values[key], source[key] = raw, f"config {file}: {key}"
     env = os.environ if env is None else env
     for key in names:
         raw = env.get(ENV_PREFIX + key.upper())
         if raw is not None:
-            values[key] = _coerce(ENV_PREFIX + key.upper(), raw, getattr(defaults, key))
+            values[key], source[key] = raw, ENV_PREFIX + key.upper()
     for key, raw in (overrides or {}).items():
         if raw is not None:
-            values[key] = _coerce(key, raw, getattr(defaults, key))
-    return ServerConfig(**values)
+            values[key], source[key] = raw, key
+    try:
+        return ServerConfig(**values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        problem = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:  # a rule across settings: the message names them
+            raise ConfigError(problem) from None
+        key = str(error["loc"][0])
+        raise ConfigError(f"{source.get(key, key)}: {problem} (got {error['input']!r})") from None

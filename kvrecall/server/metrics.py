@@ -9,30 +9,30 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.sessions = Gauge("kvrecall_sessions", "Open sessions", ["worker"], registry=r)
-        self.sessions_opened = Counter("kvrecall_sessions_opened", "Sessions opened", ["policy"], registry=r)
+        self.sessions = Gauge("kvrecall_sessions", "Open sessions, by worker id", ["worker"], registry=r)
+        self.sessions_opened = Counter("kvrecall_sessions_opened", "Sessions opened, by policy name", ["policy"], registry=r)
         self.sessions_closed = Counter(
-            "kvrecall_sessions_closed", "Sessions closed", ["reason"], registry=r
+            "kvrecall_sessions_closed", "Sessions closed; reason: closed | lease_expired | shutdown", ["reason"], registry=r
         )
-        self.pool_used = Gauge("kvrecall_pool_used_bytes", "Pool bytes in use", ["tier"], registry=r)
-        self.pool_free = Gauge("kvrecall_pool_free_bytes", "Pool bytes free", ["tier"], registry=r)
+        self.pool_used = Gauge("kvrecall_pool_used_bytes", "Pool bytes in use; tier: host | device", ["tier"], registry=r)
+        self.pool_free = Gauge("kvrecall_pool_free_bytes", "Pool bytes free; tier: host | device", ["tier"], registry=r)
         self.pool_metadata = Gauge(
-            "kvrecall_pool_metadata_bytes", "Of the pool's used bytes, those reserved for policy metadata", ["tier"],
-            registry=r,
+            "kvrecall_pool_metadata_bytes", "Of the pool's used bytes, those reserved for policy metadata; tier: device",
+            ["tier"], registry=r,
         )
-        self.boundaries = Counter("kvrecall_boundaries", "Boundary retrievals served", ["policy"], registry=r)
+        self.boundaries = Counter("kvrecall_boundaries", "Boundary retrievals served, by policy name", ["policy"], registry=r)
         self.appends = Counter("kvrecall_appends", "Append notices served", registry=r)
         self.bytes_moved = Counter(
-            "kvrecall_bytes_moved", "Bytes moved between tiers", ["direction"], registry=r
+            "kvrecall_bytes_moved", "Bytes moved between tiers; direction: worker_to_host | host_to_device", ["direction"], registry=r
         )
         self.rpc_latency = Histogram(
             "kvrecall_rpc_seconds",
-            "Daemon-side handling time per RPC or stream message",
+            "Daemon-side handling time per RPC or Decode stream message (method: e.g. OpenSession, Decode.boundary)",
             ["method"],
             buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 2.5, 10.0),
             registry=r,
         )
-        self.errors = Counter("kvrecall_errors", "Requests answered with an error", ["method", "code"], registry=r)
+        self.errors = Counter("kvrecall_errors", "Requests answered with an error; code: the gRPC status name", ["method", "code"], registry=r)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         start_http_server(port, addr=addr, registry=self.registry)

@@ -41,11 +41,10 @@ class AgreedBoundaryDetector(BoundaryDetector):
         if self.local is None or self.local.device != query.device:
             self.local = torch.zeros(self.num_layers, 2, dtype=torch.float64, device=query.device)
         heads = query.shape[0]
-        ref = self.reference[layer]
-        if ref is None:
+        sim = self.head_similarity(layer, query)
+        if sim is None:
             self.local[layer, 0] = -float(heads)  # the single-GPU detector's -1 per layer
         else:
-            sim = torch.nn.functional.cosine_similarity(query.detach().float(), ref, dim=-1, eps=1e-6)
             self.local[layer, 0] = sim.double().sum()
         self.local[layer, 1] = heads
         self.pending = True

@@ -53,26 +53,26 @@ def tiny_model(seed: int = 0) -> LlamaForCausalLM:
 def full_attention(model, input_ids: torch.Tensor, steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens and per-step logits of the model's own attention over its full cache."""
     cache = DynamicCache()
-    logits = [model(input_ids, past_key_values=cache, use_cache=True).logits[0, -1]]
+    logits = [model(input_ids, cache=cache, use_cache=True).logits[0, -1]]
     tokens: list[int] = []
     for _ in range(steps):
         tokens.append(int(logits[-1].argmax()))
         ids = torch.tensor([[tokens[-1]]], device=input_ids.device)
-        logits.append(model(ids, past_key_values=cache, use_cache=True).logits[0, -1])
+        logits.append(model(ids, cache=cache, use_cache=True).logits[0, -1])
     return tokens, [x.float().cpu() for x in logits[:steps]]
 
 
 @torch.no_grad()
 def single_kvrecall(model, cache: KVRecallCache, input_ids: torch.Tensor, forced: list[int]):
     """The one-process transformers path: logits per step and the steps after which it retrieved."""
-    logits = [model(input_ids, past_key_values=cache, use_cache=True).logits[0, -1]]
+    logits = [model(input_ids, cache=cache, use_cache=True).logits[0, -1]]
     boundary_steps: list[int] = []
     position = input_ids.shape[1]
     for step, token in enumerate(forced[:-1]):
         before = cache.stats.boundaries
         ids = torch.tensor([[token]], device=input_ids.device)
         positions = torch.tensor([[position]], device=input_ids.device)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, position_ids=positions)
+        out = model(input_ids=ids, cache=cache, use_cache=True, position_ids=positions)
         logits.append(out.logits[0, -1])
         if cache.stats.boundaries > before:
             boundary_steps.append(step)

@@ -28,8 +28,8 @@ SOCKET_DIR = "/run/kvrecall"
 SOCKET_ADDRESS = "unix:///run/kvrecall/kvrecall.sock"
 IMAGE_UID = 10001
 
-# The CLI contract (kvrecall/cli.py): the flags the deployment files may use. When the CLI
-# is importable, tests/deploy/test_deploy_cli.py also parses every command with it.
+# The CLI contract (kvrecall/cli.py): the flags the deployment files may use;
+# tests/deploy/test_deploy_cli.py also parses every command with the real CLI parser.
 SERVE_FLAGS = {
     "--listen",
     "--device",
@@ -138,11 +138,9 @@ def compose_errors(doc: dict) -> list[str]:
 
 
 def cli_parser():
-    """kvrecall's own argparse parser, or None while kvrecall.cli cannot be imported."""
-    try:
-        from kvrecall.cli import build_parser
-    except ImportError:
-        return None
+    """kvrecall's own argparse parser. A broken import of kvrecall.cli fails the caller."""
+    from kvrecall.cli import build_parser
+
     return build_parser()
 
 

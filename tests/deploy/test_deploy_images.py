@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tomllib
 
 import pytest
 from deploy_helpers import (
@@ -24,11 +25,6 @@ from deploy_helpers import (
     shared_part,
 )
 from packaging.specifiers import SpecifierSet
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    tomllib = pytest.importorskip("tomli")
 
 IMAGES = {"daemon": DOCKER / "Dockerfile.daemon", "worker": DOCKER / "Dockerfile.worker"}
 MARKERS = {"daemon": "# ---- daemon-specific", "worker": "# ---- worker-specific"}

@@ -3,13 +3,11 @@ that compose.yaml gives the `cpu` profile's services, the way Compose would star
 workers once the daemon's health check passes), on this machine.
 
 Only the socket's directory moves (to a temporary one), the pools shrink and the workers run
-one short session each, so it fits a CI machine. It is skipped until the CLI is importable.
+one short session each, so it fits a CI machine.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import shutil
 import signal
@@ -20,7 +18,7 @@ import time
 import urllib.request
 
 import pytest
-from deploy_helpers import SOCKET_ADDRESS, cli_parser, command_list, environment, load_compose
+from deploy_helpers import SOCKET_ADDRESS, command_list, environment, load_compose
 
 pytestmark = [pytest.mark.slow, pytest.mark.model, pytest.mark.timeout(900)]
 
@@ -75,14 +73,6 @@ def _healthy(address: str, env: dict[str, str]) -> bool:
 
 def test_one_daemon_and_two_workers_as_compose_starts_them(tmp_path):
     services = load_compose()["services"]
-    parser = cli_parser()
-    if parser is None:
-        pytest.skip("kvrecall.cli is not importable")
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            parser.parse_args(command_list(services[WORKERS[0]]))
-    except SystemExit:
-        pytest.skip("the CLI does not take the compose worker command yet (test_deploy_cli says why)")
     address = f"unix://{tmp_path}/kvrecall.sock"
     metrics_port = _free_port()
     logs = {}

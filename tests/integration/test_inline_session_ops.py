@@ -43,6 +43,6 @@ def test_bad_session_ops_setting_is_refused():
     with pytest.raises(RuntimeError, match="--session-ops"):
         with LocalDaemon(extra_args=["--session-ops", "threads"]):
             pass
-    with pytest.raises(RuntimeError, match="session_ops: 'threads' must be thread or inline"):
+    with pytest.raises(RuntimeError, match="KVRECALL_SESSION_OPS: Input should be 'thread' or 'inline'"):
         with LocalDaemon(env={"KVRECALL_SESSION_OPS": "threads"}):
             pass

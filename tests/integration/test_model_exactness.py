@@ -78,13 +78,13 @@ def test_budget_covering_the_sequence_reproduces_full_attention(
 
 
 def test_generate_decodes_through_the_daemon(smollm, client, prompt):
-    """model.generate(past_key_values=KVRecallCache) works and answers as full attention does."""
+    """model.generate(cache=KVRecallCache) works and answers as full attention does."""
     model, tokenizer = smollm
     ids = prompt[:, :700]
     tokens, _ = reference_run(model, ids, 12)
     session, cache = open_model_session(client, model, "louiskv", {"budget": 128}, ids.shape[1] + 32)
     with session, torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
+        out = model.generate(ids, cache=cache, max_new_tokens=12, do_sample=False)
         assert cache.stats.steps >= 11
         assert session.stats().max_resident_tokens <= 128 + 16 + 64
     generated = out[0, ids.shape[1]:].tolist()

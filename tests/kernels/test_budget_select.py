@@ -63,7 +63,7 @@ def test_nan_scores_and_negative_sizes_take_nothing(triton_device: torch.device)
 def test_long_rows_fall_back_to_the_reference(
     triton_device: torch.device, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kvrecall.kernels import budget as budget_module
+    from kvrecall.kernels import budget_triton as budget_module
 
     monkeypatch.setattr(budget_module, "MAX_UNITS", 8)
     scores, sizes = random_problem(1, 2, 20, triton_device)

@@ -93,7 +93,7 @@ def test_update_matches_reference(
 
 @pytest.mark.parametrize("k", [1, 4, 300])
 def test_sort_by_cluster_orders_points_stably(triton_device: torch.device, k: int) -> None:
-    from kvrecall.kernels.clustering import sort_by_cluster
+    from kvrecall.kernels.clustering_triton import sort_by_cluster
 
     generator = torch.Generator().manual_seed(k)
     assign = torch.randint(-1, k + 1, (3, 500), generator=generator).to(triton_device)

@@ -263,7 +263,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kvrecall.kernels import expand, placement
+from kvrecall.kernels import expand_triton as expand, placement_triton as placement
 
 INDEX = {name: "i32" for name in ("R", "C", "first_slot", "sel_stride", "num_positions", "tokens_per_page",
          "num_kv_heads", "start", "n", "ring_start", "ring_size", "M", "width", "stride_t", "stride_u",

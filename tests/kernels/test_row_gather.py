@@ -61,7 +61,7 @@ def gather_with(
 ) -> None:
     """The launcher with an explicit variant, on arguments checked as `gather_rows` checks them."""
     from kvrecall.kernels._checks import check_rows
-    from kvrecall.kernels.row_gather import GatherVariant, gather_rows_triton
+    from kvrecall.kernels.row_gather_triton import GatherVariant, gather_rows_triton
 
     vector = max(1, 16 // src.element_size())
     aligned = check_rows(src_start, dst_start, row_len, src.numel(), dst.numel(), vector)
@@ -98,7 +98,7 @@ def test_sort_rows_keeps_each_source_with_its_destination(device: torch.device) 
 
     if not triton_importable():
         pytest.skip("triton is not importable")
-    from kvrecall.kernels.row_gather import sort_rows
+    from kvrecall.kernels.row_gather_triton import sort_rows
 
     src = torch.tensor([40, 8, 8, 0, 24], device=device)
     dst = torch.tensor([0, 1, 2, 3, 4], device=device)
@@ -117,7 +117,7 @@ def test_variant_names_are_validated(name: str, message: str) -> None:
 
     if not triton_importable():
         pytest.skip("triton is not importable")
-    from kvrecall.kernels.row_gather import GatherVariant
+    from kvrecall.kernels.row_gather_triton import GatherVariant
 
     with pytest.raises(ValueError, match=message):
         GatherVariant.parse(name)
@@ -274,7 +274,7 @@ def test_pageable_host_source_falls_back_to_a_staged_copy() -> None:
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(("row_bytes", "n_rows"), [(128, 65536), (256, 3000), (4096, 100), (48, 1000)])
 def test_variants_read_pinned_host_memory(variant: str, row_bytes: int, n_rows: int) -> None:
-    from kvrecall.kernels.row_gather import cupy_available
+    from kvrecall.kernels.row_gather_triton import cupy_available
 
     if variant.startswith("cupy") and not cupy_available():
         pytest.skip("cupy is not importable: the cupy engine cannot be checked here")

@@ -47,7 +47,7 @@ def test_matches_reference(
 def test_wide_windows_fall_back_to_the_reference(
     triton_device: torch.device, randn: MakeTensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kvrecall.kernels import windows
+    from kvrecall.kernels import windows_triton as windows
 
     monkeypatch.setattr(windows, "MAX_WINDOW", 4)
     attn = randn(3, 2, 40)

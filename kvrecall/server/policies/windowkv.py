@@ -1,4 +1,4 @@
-"""`windowkv` (WindowKV: task-adaptive group-wise window selection, ../shared/DESIGN.md).
+"""`windowkv` (WindowKV: task-adaptive group-wise window selection).
 
 At ingest the queries of the last `suffix` prompt tokens (32 for localisation / QA, 16 for
 aggregation tasks) attend over the prompt; the attention mass each token receives (summed

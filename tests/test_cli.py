@@ -1,0 +1,45 @@
+"""The command line a first-time user meets: `--version`, help on every flag, and `--policy`
+choices that are the daemon's policy registry."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+import kvrecall
+from kvrecall.cli import POLICY_CHOICES, build_parser, main
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kvrecall {kvrecall.__version__}"
+
+
+def test_every_flag_has_help():
+    missing = [
+        f"kvrecall {name} {action.option_strings[0]}"
+        for name, parser in subcommands().items()
+        for action in parser._actions
+        if action.option_strings and not isinstance(action, argparse._HelpAction) and not action.help
+    ]
+    assert not missing, f"flags without help: {missing}"
+
+
+def test_policy_choices_are_the_registry():
+    from kvrecall.server.policies import policy_names
+
+    assert sorted(POLICY_CHOICES) == policy_names()
+    for name in ("demo", "worker"):
+        (policy,) = [a for a in subcommands()[name]._actions if "--policy" in a.option_strings]
+        assert tuple(policy.choices) == POLICY_CHOICES
+        assert all(p in subcommands()[name].format_help() for p in POLICY_CHOICES)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--policy", "nope"])

@@ -1,0 +1,72 @@
+"""The daemon's settings: defaults < file < KVRECALL_* environment < flags, typed, and every
+error names the setting where it came from."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvrecall.server.config import ConfigError, load_config
+
+
+def test_defaults():
+    config = load_config(env={})
+    assert config.listen == ["unix:///tmp/kvrecall.sock"] and config.host_pool_gb == 4.0
+    assert config.socket_mode == 0o600 and config.session_ops == "thread"
+    assert config.host_pool_bytes == 4 << 30
+
+
+def test_layers_in_order(tmp_path):
+    file = tmp_path / "kvrecall.json"
+    file.write_text(json.dumps({"host_pool_gb": 8, "page_kb": 64, "lease_seconds": 10, "log_level": "debug"}))
+    env = {"KVRECALL_PAGE_KB": "128", "KVRECALL_LEASE_SECONDS": "20", "KVRECALL_SOCKET_MODE": "0o660",
+           "KVRECALL_LISTEN": "unix:///tmp/a.sock,127.0.0.1:7000"}  # fmt: skip
+    config = load_config(str(file), overrides={"lease_seconds": 40, "device": None}, env=env)
+    assert config.host_pool_gb == 8.0  # file
+    assert config.page_kb == 128  # env beats file
+    assert config.lease_seconds == 40.0  # flag beats env
+    assert config.log_level == "DEBUG" and config.socket_mode == 0o660
+    assert config.listen == ["unix:///tmp/a.sock", "127.0.0.1:7000"]
+    assert config.device == "cpu"  # an unset flag (None) leaves the layers below
+    assert load_config(env={"KVRECALL_OPERATORS": "ops-a,ops-b"}).operators == ["ops-a", "ops-b"]
+
+
+def test_toml_file(tmp_path):
+    file = tmp_path / "kvrecall.toml"
+    file.write_text('device_pool_gb = 0.5\nlisten = ["127.0.0.1:7001"]\n')
+    config = load_config(str(file), env={})
+    assert config.device_pool_gb == 0.5 and config.listen == ["127.0.0.1:7001"]
+
+
+@pytest.mark.parametrize(
+    ("env", "overrides", "message"),
+    [
+        ({"KVRECALL_PAGE_KB": "lots"}, {}, "KVRECALL_PAGE_KB: .*integer"),
+        ({"KVRECALL_PAGE_KB": "6"}, {}, "KVRECALL_PAGE_KB: .*multiple of 4"),
+        ({}, {"host_pool_gb": 0}, "host_pool_gb: .*greater than 0"),
+        ({"KVRECALL_DEVICE": "tpu"}, {}, "KVRECALL_DEVICE: 'tpu' must be cpu, cuda or cuda:N"),
+        ({}, {"listen": "nowhere"}, "listen: 'nowhere' must be unix:///path or HOST:PORT"),
+        ({}, {"log_level": "loud"}, "log_level: "),
+        ({}, {"session_ops": "fork"}, "session_ops: "),
+        ({}, {"tls_cert": "/no/such.pem"}, "tls_cert: no file '/no/such.pem'"),
+        ({}, {"lease_seconds": 7200}, r"lease_seconds: must be in \(0, max_lease_seconds\]"),
+        ({"KVRECALL_METRICS_PORT": "70000"}, {}, "KVRECALL_METRICS_PORT: .*65535"),
+        ({"KVRECALL_WORKER_SHARE": "1.5"}, {}, "KVRECALL_WORKER_SHARE: .*less than or equal to 1"),
+    ],
+)
+def test_errors_name_the_setting(env, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides, env=env)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    file = tmp_path / "bad.json"
+    file.write_text(json.dumps({"page_kb": "big"}))
+    with pytest.raises(ConfigError, match=f"config {file}: page_kb: "):
+        load_config(str(file), env={})
+    file.write_text(json.dumps({"pool_gb": 1}))
+    with pytest.raises(ConfigError, match="unknown setting 'pool_gb'"):
+        load_config(str(file), env={})
+    with pytest.raises(ConfigError, match="config: no file"):
+        load_config(str(tmp_path / "missing.json"), env={})
