@@ -3,6 +3,7 @@
 #
 #   <image>                       -> kvrecall <the image's CMD>
 #   <image> serve --device cpu    -> kvrecall serve --device cpu     (any kvrecall subcommand)
+#   <image> bench --quick         -> python -m kvrecall.bench --quick
 #   <image> --device cpu          -> kvrecall serve --device cpu     (flags only: the daemon)
 #   <image> sh -c '...'           -> runs that command as is         (debugging)
 #
@@ -14,8 +15,13 @@ case "${1:-}" in
   "" | -*)
     set -- kvrecall serve "$@"
     ;;
-  serve | health | worker | demo | eval | bench | soak)
+  serve | health | stats | worker | demo | eval | soak)
     set -- kvrecall "$@"
+    ;;
+  bench)
+    # The benchmark is a module of its own, not a kvrecall subcommand.
+    shift
+    set -- python -m kvrecall.bench "$@"
     ;;
 esac
 

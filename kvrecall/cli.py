@@ -1,5 +1,5 @@
-"""`kvrecall` command line: serve | health | stats | demo | eval | soak | worker (the GPU
-benchmark is `python -m kvrecall.bench`)."""
+"""`kvrecall` command line: serve | health | stats | demo | eval | soak | worker (`worker --serve`:
+the OpenAI-compatible server; the GPU benchmark is `python -m kvrecall.bench`)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,25 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _http_health(url: str, timeout: float) -> int:
+    """A serving worker's readiness: 200 from its /health (which asks its daemon)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            print(response.read().decode(errors="replace"))
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"NOT_READY (HTTP {exc.code}: {exc.read().decode(errors='replace')})")
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"NOT_READY ({exc})")
+    return 1
+
+
 def _health(args: argparse.Namespace) -> int:
+    if args.http:
+        return _http_health(args.http, args.timeout)
     # grpc only (no torch import): container health probes stay cheap.
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -125,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     health = sub.add_parser("health", help="check a daemon with the standard gRPC health service")
     stats_view.add_connection_arguments(health)
+    health.add_argument("--http", help="check a serving worker instead: URL of its /health")
     health.set_defaults(func=_health)
 
     stats = sub.add_parser("stats", help="what a running daemon holds: pools, sessions, workers")
