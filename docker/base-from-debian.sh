@@ -33,7 +33,8 @@ fi
 # $1: image name; stdin: the Dockerfile body after FROM (built without a context).
 stand_in() {
   exists "$1" && return 0
-  { echo "FROM $base"; cat; } | docker build -q -t "$1" - >/dev/null
+  local out
+  out=$({ echo "FROM $base"; cat; } | docker build -q -t "$1" - 2>&1) || { echo "$out"; return 1; }
   echo "base-from-debian: built $1"
 }
 

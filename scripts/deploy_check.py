@@ -48,7 +48,9 @@ def daemon_sessions(project: str) -> list[dict]:
         "ps", "-q", "--filter", f"label=com.docker.compose.project={project}",
         "--filter", "label=com.docker.compose.service=kvrecall",
     ).split()  # fmt: skip
-    stats = docker("exec", daemon, "kvrecall", "stats", "--json", "--target", "unix:///run/kvrecall/kvrecall.sock")
+    stats = docker(
+        "exec", daemon, "kvrecall", "stats", "--json", "--target", "unix:///run/kvrecall/kvrecall.sock"
+    )
     return json.loads(stats).get("sessions", [])
 
 
@@ -58,7 +60,10 @@ def check_completions(api: openai.OpenAI, expected_workers: set[str]) -> None:
         for _ in range(2):
             started = time.perf_counter()
             response = api.completions.create(
-                model=MODEL, prompt=PROMPT, max_tokens=4, extra_body={"kvrecall": {"policy": policy, "budget": 64}}
+                model=MODEL,
+                prompt=PROMPT,
+                max_tokens=4,
+                extra_body={"kvrecall": {"policy": policy, "budget": 64}},
             )
             extra = response.model_extra["kvrecall"]
             assert extra["policy"] == policy, extra
@@ -135,7 +140,9 @@ def check_worker_loss(api: openai.OpenAI, project: str, lease_timeout: float) ->
     while [s for s in daemon_sessions(project) if s.get("worker_id") == victim_id]:
         assert time.monotonic() - killed_at < lease_timeout, f"{victim_id}'s session still open"
         time.sleep(1)
-    say(f"OK the daemon reclaimed the dead worker's session {time.monotonic() - killed_at:.1f} s after the kill")
+    say(
+        f"OK the daemon reclaimed the dead worker's session {time.monotonic() - killed_at:.1f} s after the kill"
+    )
 
 
 def main() -> int:

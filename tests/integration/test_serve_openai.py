@@ -49,7 +49,9 @@ def server(daemon, tmp_path_factory):
     deadline = time.monotonic() + 300
     try:
         while True:
-            assert process.poll() is None, f"worker exited {process.returncode}: {log_path.read_text()[-3000:]}"
+            assert process.poll() is None, (
+                f"worker exited {process.returncode}: {log_path.read_text()[-3000:]}"
+            )
             assert time.monotonic() < deadline, f"worker not ready: {log_path.read_text()[-3000:]}"
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
