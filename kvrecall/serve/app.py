@@ -19,7 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from kvrecall.client import (
@@ -101,17 +101,17 @@ def create_app(engine: SerialEngine, settings: ServeSettings) -> FastAPI:
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, http: Request):
         if isinstance(body.prompt, str):
             prompt_ids = tokenizer(body.prompt).input_ids
         else:
             prompt_ids = list(body.prompt)
             if any(not 0 <= t < len(tokenizer) for t in prompt_ids):
                 raise RequestError(f"prompt: token ids must be in [0, {len(tokenizer)})", "prompt")
-        return await respond(body, prompt_ids, "prompt", chat=False)
+        return await respond(http, body, prompt_ids, "prompt", chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, http: Request):
         messages = [m.model_dump() for m in body.messages]
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -120,7 +120,7 @@ def create_app(engine: SerialEngine, settings: ServeSettings) -> FastAPI:
                 f"messages: the model's chat template refused them: {exc}", "messages"
             ) from None
         prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
-        return await respond(body, prompt_ids, "messages", chat=True)
+        return await respond(http, body, prompt_ids, "messages", chat=True)
 
     def generation_request(body, prompt_ids: list[int], prompt_field: str, chat: bool) -> GenerationRequest:
         window = settings.max_model_len
@@ -143,33 +143,51 @@ def create_app(engine: SerialEngine, settings: ServeSettings) -> FastAPI:
             raise RequestError(f"kvrecall.budget: {exc}", "kvrecall.budget") from None
         return GenerationRequest(prompt_ids=prompt_ids, max_tokens=limit, policy=policy, policy_config=config)
 
-    async def respond(body, prompt_ids: list[int], prompt_field: str, chat: bool):
+    async def respond(http: Request, body, prompt_ids: list[int], prompt_field: str, chat: bool):
+        """Answer one request; a client that leaves stops its decoding (queued: before it starts)."""
         if body.model is not None and body.model != loaded.name:
             raise RequestError(
                 f"model {body.model!r} is not served here (this worker serves {loaded.name!r})",
                 "model", status=404, code="model_not_found",
             )  # fmt: skip
         request = generation_request(body, prompt_ids, prompt_field, chat)
-        generation = await start(request)
-        stream = TextStream(tokenizer, body.stop_strings())
-        request_id = new_id("chatcmpl" if chat else "cmpl")
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            events = sse(request_id, request, generation, stream, chat, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream")
+        watcher = asyncio.create_task(cancel_on_disconnect(http, asyncio.current_task()))
         try:
-            async for token in generation:
-                stream.push(token)
-                if stream.stopped:
-                    generation.cancel()
-        except Exception as exc:  # noqa: BLE001 - the engine logged it; the client gets a 5xx
-            raise decoding_failed(exc) from None
+            generation = await start(request)
+            stream = TextStream(tokenizer, body.stop_strings())
+            request_id = new_id("chatcmpl" if chat else "cmpl")
+            if body.stream:
+                watcher.cancel()  # from here StreamingResponse watches the connection
+                include_usage = body.stream_options is not None and body.stream_options.include_usage
+                events = sse(request_id, request, generation, stream, chat, include_usage)
+                return StreamingResponse(events, media_type="text/event-stream")
+            try:
+                async for token in generation:
+                    stream.push(token)
+                    if stream.stopped:
+                        generation.cancel()
+            except Exception as exc:  # noqa: BLE001 - the engine logged it; the client gets a 5xx
+                raise decoding_failed(exc) from None
+            finally:
+                generation.cancel()
+        except asyncio.CancelledError:
+            if not watcher.done() or watcher.cancelled():
+                raise  # not the client leaving: the server is stopping
+            asyncio.current_task().uncancel()
+            return Response(status_code=499)  # nobody reads it: the client is gone
         finally:
-            generation.cancel()
+            watcher.cancel()
         extra = {"usage": usage(len(prompt_ids), len(stream.tokens)), "kvrecall": report(request, generation)}
         return completion_body(
             request_id, loaded.name, stream.text, finish_reason(generation, stream), extra, chat
         )
+
+    async def cancel_on_disconnect(http: Request, handler: asyncio.Task) -> None:
+        """Cancel `handler` (a non-streamed request's) when its client disconnects: the body is
+        read, so the next ASGI message is the disconnect."""
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        handler.cancel()
 
     async def start(request: GenerationRequest) -> Generation:
         try:

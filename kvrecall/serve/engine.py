@@ -55,7 +55,7 @@ _END = object()
 
 class Generation:
     """One request's tokens as they are decoded. Async-iterate for token ids; `finish_reason`
-    ("stop": an EOS token, "length": max_tokens) is set when the iteration ends. `cancel()`
+    ("stop": an EOS token, "length": max_tokens, "cancelled") is set when the iteration ends. `cancel()`
     (a client gone, a stop string) ends decoding after the current step."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -130,6 +130,7 @@ class SerialEngine:
 
     def _run(self, request: GenerationRequest, generation: Generation, opened: asyncio.Future) -> None:
         if generation.cancelled:  # the client left while the request waited
+            log.info("a request left the queue before it started (%d prompt tokens)", len(request.prompt_ids))
             self._settle(opened, asyncio.CancelledError())
             return
         model = self.loaded.model
@@ -146,17 +147,25 @@ class SerialEngine:
         self._settle(opened, None)
         stats = generation.stats
         stats.session_id, stats.policy_config = session.session_id, session.policy_config
+        tokens = 0
         try:
             with session:
                 eos = self.loaded.eos_token_ids
                 for token, _ in stream_tokens(model, cache, input_ids, request.max_tokens, eos):
                     if generation.cancelled:
+                        generation.finish_reason = "cancelled"
                         break
                     if token in eos:
                         generation.finish_reason = "stop"
                         break
                     generation.put(token)
+                    tokens += 1
             stats.retrievals, stats.appends = cache.stats.boundaries, cache.stats.appends
+            log.info(
+                "session %s: %s %s, %d prompt + %d tokens, %d retrievals (%s)", stats.session_id,
+                request.policy, stats.policy_config.get("budget", ""), len(request.prompt_ids), tokens,
+                stats.retrievals, generation.finish_reason,
+            )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - the stream ends with it
             log.exception("session %s: decoding failed", stats.session_id)
             generation.put(exc)

@@ -35,9 +35,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(daemon, tmp_path_factory):
+def log_path(tmp_path_factory):
+    """The worker server's output."""
+    return tmp_path_factory.mktemp("serve") / "worker.log"
+
+
+@pytest.fixture(scope="module")
+def server(daemon, log_path):
     port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "worker.log"
     argv = [
         sys.executable, "-m", "kvrecall.cli", "worker", "--serve", "--target", daemon.target,
         "--worker-id", WORKER_ID, "--port", str(port), "--host", "127.0.0.1",
@@ -185,3 +190,19 @@ def test_every_request_closes_its_session(daemon, api):
     with KVRecallClient(daemon.target, "serve-test-probe") as probe:
         open_sessions = [s for s in probe.stats().sessions if s.worker_id == WORKER_ID]
     assert open_sessions == []
+
+
+def test_a_client_that_leaves_stops_its_decoding(server, api, log_path):
+    """A long non-streamed request whose client gives up after a second: the worker stops
+    decoding it (it logs the session as cancelled, far short of max_tokens) and serves on."""
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": WINDOW - 16}).encode()
+    request = urllib.request.Request(
+        f"{server}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    with pytest.raises(OSError):  # the client's own timeout
+        urllib.request.urlopen(request, timeout=1)
+    assert api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1).choices[0].text
+    lines = [line for line in log_path.read_text().splitlines() if "(cancelled)" in line]
+    assert lines, "the abandoned request was decoded to the end"
+    generated = int(lines[-1].split(" + ")[1].split(" tokens")[0])
+    assert generated < WINDOW - 16, lines[-1]
