@@ -3,7 +3,7 @@
 #
 #   <image>                       -> kvrecall <the image's CMD>
 #   <image> serve --device cpu    -> kvrecall serve --device cpu     (any kvrecall subcommand)
-#   <image> bench --quick         -> python -m kvrecall.bench --quick
+#   <image> bench e2e --help      -> kvrecall bench e2e --help
 #   <image> --device cpu          -> kvrecall serve --device cpu     (flags only: the daemon)
 #   <image> sh -c '...'           -> runs that command as is         (debugging)
 #
@@ -15,13 +15,8 @@ case "${1:-}" in
   "" | -*)
     set -- kvrecall serve "$@"
     ;;
-  serve | health | stats | worker | demo | eval | soak)
+  serve | health | stats | worker | demo | eval | soak | bench)
     set -- kvrecall "$@"
-    ;;
-  bench)
-    # The benchmark is a module of its own, not a kvrecall subcommand.
-    shift
-    set -- python -m kvrecall.bench "$@"
     ;;
 esac
 

@@ -1,5 +1,5 @@
 """`kvrecall` command line: serve | health | stats | demo | eval | soak | worker (`worker --serve`:
-the OpenAI-compatible server; the GPU benchmark is `python -m kvrecall.bench`)."""
+the OpenAI-compatible server) | bench."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
         "tls_client_ca": args.tls_client_ca,
         "tokens_file": args.tokens_file,
         "worker_quota_gb": args.worker_quota_gb,
+        "worker_share": args.worker_share,
         "log_level": args.log_level,
         "session_ops": args.session_ops,
     }
@@ -112,6 +113,20 @@ def _soak(args: argparse.Namespace) -> int:
     return run_soak(args)
 
 
+BENCHES = {
+    "e2e": ("kvrecall.bench.e2e", "decode through the worker engine and the daemon vs the best full-KV step"),
+    "kernels": ("kvrecall.bench.cli", "kernel ceilings, gather, clustering and the emulated decode step"),
+    "daemon": ("kvrecall.bench.daemon_rt", "append / boundary round trips through a daemon"),
+}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(BENCHES[args.which][0])
+    return int(module.main(args.bench_args) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvrecall", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-client-ca", help="PEM CA: require client certificates (mutual TLS)")
     serve.add_argument("--tokens-file", help="file of 'worker_id token' lines: bearer-token auth")
     serve.add_argument("--worker-quota-gb", type=float, help="pool GiB one worker may hold (0 = unlimited)")
+    serve.add_argument(
+        "--worker-share", type=float, help="fraction of each pool one worker may hold (default 0.5; 1 = no limit)"
+    )
     serve.add_argument("--log-level", help="DEBUG | INFO | WARNING | ERROR")
     serve.add_argument(
         "--session-ops", choices=("thread", "inline"),
@@ -198,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     soak_arguments(soak)
     soak.set_defaults(func=_soak)
+    bench = sub.add_parser(
+        "bench", help="GPU benchmarks: " + "; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()),
+        description="Each benchmark prints a table and writes JSON; `kvrecall bench WHICH --help` for its flags.",
+    )  # fmt: skip
+    bench.add_argument("which", choices=sorted(BENCHES), help="which benchmark")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
+    bench.set_defaults(func=_bench)
     return parser
 
 

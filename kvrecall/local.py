@@ -15,6 +15,10 @@ from pathlib import Path
 
 
 class LocalDaemon:
+    """A daemon on a private socket, for one caller (a tool, a benchmark, a test): its pools
+    are sized for that caller, so the per-worker fair share is off (`worker_share=1`) unless
+    asked for (`worker_share=None`: the daemon's default, or a fraction)."""
+
     def __init__(
         self,
         host_pool_gb: float = 2.0,
@@ -23,6 +27,7 @@ class LocalDaemon:
         extra_args: list[str] | None = None,
         log_path: str | None = None,
         env: dict[str, str] | None = None,
+        worker_share: float | None = 1.0,
     ) -> None:
         self._dir = tempfile.mkdtemp(prefix="kvrecall-")
         self.socket = os.path.join(self._dir, "kvrecall.sock")
@@ -32,6 +37,8 @@ class LocalDaemon:
             sys.executable, "-m", "kvrecall.cli", "serve", "--listen", self.target, "--device", device,
             "--host-pool-gb", str(host_pool_gb), "--device-pool-gb", str(device_pool_gb), *(extra_args or []),
         ]
+        if worker_share is not None:
+            self.args += ["--worker-share", str(worker_share)]
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
 

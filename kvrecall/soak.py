@@ -223,7 +223,7 @@ def run_soak(config: SoakConfig, log=None) -> SoakResult:
             stack.enter_context(daemon)
             target, pid = daemon.target, daemon.process.pid
             log(f"soak: local daemon pid {pid} on {target} (log {daemon.log_path})")
-        monitor = stack.enter_context(KVRecallClient(target, "soak-monitor", timeout=30.0))
+        monitor = stack.enter_context(KVRecallClient(target, "", timeout=30.0))
         result.pool_baseline = _pools(monitor)
         result.pool_peak = dict(result.pool_baseline)
         total = config.sessions * config.steps

@@ -93,14 +93,20 @@ def run(args: argparse.Namespace) -> int:
 
     channel, metadata = connect(args)
     try:
-        response = pb_grpc.KVRecallStub(channel).GetStats(
-            pb.StatsRequest(session_id=args.session or ""), timeout=args.timeout, metadata=metadata
-        )
+        # Daemon-wide (session-scoped stats need the session's capability); --session filters.
+        response = pb_grpc.KVRecallStub(channel).GetStats(pb.StatsRequest(), timeout=args.timeout, metadata=metadata)
     except grpc.RpcError as exc:
         print(f"kvrecall stats: {args.target}: {exc.code().name}: {exc.details()}")
         return 1
     finally:
         channel.close()
+    if args.session:
+        kept = [s for s in response.sessions if s.session_id == args.session]
+        if not kept:
+            print(f"kvrecall stats: {args.target}: NOT_FOUND: session_id: no open session {args.session!r} this caller may see")
+            return 1
+        del response.sessions[:]
+        response.sessions.extend(kept)
     if args.json:
         print(json.dumps(MessageToDict(response, preserving_proto_field_name=True), indent=1))
     else:

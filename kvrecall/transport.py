@@ -3,7 +3,9 @@
 Three locations (proto TensorRef.location): a POSIX shared-memory segment, a CUDA IPC
 handle, or inline bytes. Bytes are raw little-endian array data described by dtype and
 shape; nothing is ever unpickled. Opening a ref returns a `MappedTensor` whose `close()`
-unmaps it; the tensor must not be used after close.
+unmaps it; the tensor must not be used after close. A worker's shared-memory segment is
+copied, never mapped (kvrecall.shm.read_segment): the worker cannot fault the reader by
+truncating it. Working sets are mapped from file descriptors (`map_segment`).
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ def ref_dtype_shape(ref: pb.TensorRef, field_name: str) -> tuple[torch.dtype, tu
     return dtype, shape, nbytes
 
 
-def open_ref(ref: pb.TensorRef, field_name: str, device: torch.device | None = None) -> MappedTensor:
-    """Map (shm, cuda_ipc) or view (inline) the tensor a ref describes."""
+def open_ref(ref: pb.TensorRef, field_name: str) -> MappedTensor:
+    """Copy (shm), map (cuda_ipc) or view (inline) the tensor a ref describes."""
     dtype, shape, nbytes = ref_dtype_shape(ref, field_name)
     which = ref.WhichOneof("location")
     if which == "inline_data":
@@ -69,25 +71,37 @@ def open_ref(ref: pb.TensorRef, field_name: str, device: torch.device | None = N
             return MappedTensor(torch.empty(shape, dtype=dtype))
         return MappedTensor(torch.frombuffer(bytearray(data), dtype=dtype).view(shape))
     if which == "shm":
-        from kvrecall.shm import ShmSegment
+        from kvrecall.shm import read_segment
 
+        offset = ref.shm.offset
+        if offset % itemsize(dtype):
+            raise TensorRefError(f"{field_name}.shm.offset", f"{offset} is not aligned to {dtype}")
         try:
-            segment = ShmSegment.open(ref.shm.name, ref.shm.offset + nbytes)
+            data = read_segment(ref.shm.name, offset, nbytes)
         except FileNotFoundError:
             raise TensorRefError(f"{field_name}.shm.name", f"no shared-memory segment {ref.shm.name!r}") from None
         except (ValueError, OSError) as exc:
             raise TensorRefError(f"{field_name}.shm", str(exc)) from None
-        offset = ref.shm.offset
-        if offset % itemsize(dtype):
-            segment.release()
-            raise TensorRefError(f"{field_name}.shm.offset", f"{offset} is not aligned to {dtype}")
-        tensor = segment.tensor[offset : offset + nbytes].view(dtype).view(shape)
-        return MappedTensor(tensor, [segment.release])
+        return MappedTensor(data.view(dtype).view(shape))
     if which == "cuda_ipc":
         from kvrecall.cuda_ipc import open_handle
 
         return open_handle(ref.cuda_ipc, dtype, shape, nbytes, field_name)
     raise TensorRefError(field_name, "no location set (shm, cuda_ipc or inline_data)")
+
+
+def map_segment(
+    segment, refs: list[pb.TensorRef], names: list[str]
+) -> list[torch.Tensor]:
+    """Views of a mapped working-set segment (kvrecall.shm.ShmSegment) at each ref's offset."""
+    views = []
+    for ref, name in zip(refs, names, strict=True):
+        dtype, shape, nbytes = ref_dtype_shape(ref, name)
+        offset = ref.shm.offset
+        if offset % itemsize(dtype) or offset + nbytes > segment.nbytes:
+            raise TensorRefError(f"{name}.shm.offset", f"{offset} (+{nbytes} bytes) does not fit the segment")
+        views.append(segment.tensor[offset : offset + nbytes].view(dtype).view(shape))
+    return views
 
 
 def inline_ref(tensor: torch.Tensor) -> pb.TensorRef:

@@ -100,3 +100,26 @@ def test_triton_kernels_under_interpreter(tmp_path: Path) -> None:
     policies = results["decode"]["configs"][0]["policies"]
     assert policies["louiskv"]["check"] == "ok"
     assert policies["perstep-host-b"]["check"] == "ok"
+
+
+def test_bench_e2e_runs_on_cpu(tmp_path):
+    """`kvrecall bench e2e` end to end on tiny shapes: a real daemon, every part, the JSON keys
+    the README renderer reads (no timing is asserted)."""
+    from kvrecall.cli import main
+
+    out = tmp_path / "e2e.json"
+    argv = ["bench", "e2e", "--device", "cpu", "--shape", "tiny", "--contexts", "200", "--batches", "2",
+            "--policies", "louiskv", "--budget", "64", "--rates", "0,0.117,1", "--steps", "3", "--warmup", "1", "--many", "2",
+            "--many-context", "100", "--capped-context", "200", "--gpu-kv-cap-gib", "0.0005",
+            "--host-cap-gib", "0.002", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert not result["errors"]
+    parts = {(r["part"], r["policy"]) for r in result["rows"]}
+    assert parts == {("step", "full"), ("step", "louiskv"), ("capped", "full"), ("capped", "louiskv"),
+                     ("many", "louiskv")}  # fmt: skip
+    louiskv = [r for r in result["rows"] if r["part"] == "step" and r["policy"] == "louiskv"]
+    assert [r["rate"] for r in louiskv] == [0.0, 0.117, 1.0]
+    assert louiskv[0]["boundary_share"] == 0.0 and louiskv[2]["boundary_share"] == 1.0
+    assert {"speedup_vs_full_0K_b2", "over_bound_0K_b2"} <= set(result["meta"]["ratios"])
+    assert (tmp_path / "e2e.png").exists()

@@ -33,8 +33,9 @@ PARTS = ("ceilings", "gather", "decode", "concurrency", "clustering")
 NOTES = [
     "Timing: CUDA events, median over repetitions after warm-up. Decode steps are captured as CUDA "
     "graphs and timed by replay (each entry says graphed=true/false).",
-    "Decode attention is torch SDPA with GQA folded into the query length (the G query heads of a KV "
-    "head are G query rows of that head): exact for one decode token, each KV head read once.",
+    "EMULATION: this benchmark models the decode step (random weights, strided fake clusters, a fixed "
+    "boundary rate averaged in); `kvrecall bench e2e` measures the product path (engine + daemon).",
+    "Decode attention is torch SDPA's GQA kernel (enable_gqa, query heads as heads), for every policy.",
     "Every ratio is computed from numbers measured in this run.",
     "Host KV: one pinned pool; layer l of sequence b uses host slot (l % Lh, b % Bh), as many as the "
     "pool holds (host_shared says when). Rows are gathered at random from GiBs of pinned memory, so "

@@ -1,9 +1,7 @@
 """A random-weight Llama-shaped decoder (RMSNorm, RoPE, GQA attention, SwiGLU MLP), bf16.
 
 Only the layer arithmetic lives here; where attention reads its keys and values from is the
-policy's business (``policies.py``). Decode attention folds GQA into the query length: the
-``G = n_heads / n_kv_heads`` query heads of one KV head are passed to SDPA as G query rows of
-that head, which is exact for a single decode token and reads each KV head once.
+policy's business (``policies.py``). Decode attention is SDPA's GQA kernel (`enable_gqa`).
 """
 
 from __future__ import annotations
@@ -151,8 +149,16 @@ class RandomLlama:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q [B, Hkv, G, D] over k, v [B, Hkv, T, D] -> [B, Hkv, G, D]; no mask (one decode token)."""
-    return F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))
+    """q [B, Hkv, G, D] over k, v [B, Hkv, T, D] -> [B, Hkv, G, D]; no mask (one decode token).
+
+    SDPA's GQA kernel (the query heads as heads, `enable_gqa`), the fastest standard kernel:
+    folding the group into the query length instead measured 7.6x / 10.9x slower at 32K / 128K,
+    batch 1, on an H200 (same output)."""
+    batch, kv_heads, group, dim = q.shape
+    out = F.scaled_dot_product_attention(
+        q.reshape(batch, kv_heads * group, 1, dim), k, v, scale=1.0 / math.sqrt(dim), enable_gqa=group > 1
+    )
+    return out.view(batch, kv_heads, group, dim)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
     python -m kvrecall.bench.serve_load --url http://127.0.0.1:8000 --clients 1,4,16
 
-For each concurrency level, that many clients send completions back to back (each waits for
-its answer before the next), `--requests-per-client` each, after one untimed warm-up round. Prints requests/s, generated tokens/s and p50/p99 latency per level, and writes the
+For each concurrency level, that many clients send `--requests` completions between them,
+back to back (each client waits for its answer before its next), after one untimed warm-up
+request per client. Prints requests/s, generated tokens/s and p50/p99 latency per level, and writes the
 table and the run's settings as JSON (`--out`). Plain HTTP from threads: no client library.
 """
 
@@ -35,7 +36,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_level(url: str, body: bytes, clients: int, per_client: int) -> dict:
+def run_level(url: str, body: bytes, clients: int, requests: int) -> dict:
+    per_client = max(1, requests // clients)
+
     def client(_: int) -> list[tuple[float, int, str]]:
         return [complete(url, body) for _ in range(per_client)]
 
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels, comma separated")
-    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=16, help="timed requests per level (>= clients)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--prompt-words", type=int, default=48, help="a prompt of about this many words")
     parser.add_argument("--policy", default="louiskv")
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt": prompt + " Summarise:", "max_tokens": args.max_tokens,
         "kvrecall": {"policy": args.policy, "budget": args.budget},
     }).encode()  # fmt: skip
-    levels = [run_level(args.url, body, int(c), args.requests_per_client) for c in args.clients.split(",")]
+    levels = [run_level(args.url, body, int(c), args.requests) for c in args.clients.split(",")]
     print(f"\n{args.url}: {args.max_tokens} tokens per request, ~{args.prompt_words}-word prompt, "
           f"{args.policy} budget {args.budget}")  # fmt: skip
     print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7}  per worker")
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{level['requests_per_worker']}")  # fmt: skip
     report = {
         "url": args.url, "max_tokens": args.max_tokens, "prompt_words": args.prompt_words,
-        "policy": args.policy, "budget": args.budget, "requests_per_client": args.requests_per_client,
+        "policy": args.policy, "budget": args.budget, "requests": args.requests,
         "host": platform.node(), "note": args.note, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "levels": levels,
     }  # fmt: skip

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import torch
 
-from kvrecall.client.core import ClientBase, ModelSpec, SessionCore
+from kvrecall.client.core import ClientBase, ModelSpec, SessionCore, close_request
 from kvrecall.client.errors import KVRecallClientError, UnavailableError, from_rpc_error
 from kvrecall.client.staging import staged
 from kvrecall.transport import inline_ref
@@ -46,8 +46,9 @@ class AsyncKVRecallClient(ClientBase):
                 raise error from None
         raise AssertionError("unreachable")
 
-    async def stats(self, session_id: str = "") -> pb.StatsResponse:
-        return await self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id), retry=True)
+    async def stats(self, session_id: str = "", capability: str = "") -> pb.StatsResponse:
+        """Daemon-wide (the caller's tenant's sessions), or one session given its capability."""
+        return await self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id, capability=capability), retry=True)
 
     async def open_session(
         self,
@@ -69,7 +70,7 @@ class AsyncKVRecallClient(ClientBase):
         try:
             core = SessionCore.from_open(response, spec, kind)
         except Exception:
-            await self.call(self.stub.CloseSession, pb.CloseSessionRequest(session_id=response.session_id))
+            await self.call(self.stub.CloseSession, close_request(response))
             raise
         return AsyncWorkerSession(self, core)
 
@@ -96,7 +97,7 @@ class AsyncWorkerSession:
 
     async def ingest(self, kv: torch.Tensor, queries: torch.Tensor | None = None) -> pb.IngestPromptResponse:
         core = self.core
-        request = pb.IngestPromptRequest(session_id=core.session_id, num_tokens=kv.shape[3])
+        request = core.ingest_request(kv.shape[3])
         with staged(kv, core.transport) as ref:
             request.kv.CopyFrom(ref)
             if queries is not None:
@@ -139,7 +140,7 @@ class AsyncWorkerSession:
             await self.append()
 
     async def stats(self) -> pb.SessionStats:
-        return (await self.client.stats(self.core.session_id)).sessions[0]
+        return (await self.client.stats(self.core.session_id, self.core.capability)).sessions[0]
 
     async def close(self) -> pb.CloseSessionResponse | None:
         if self.core.closed:
@@ -151,7 +152,7 @@ class AsyncWorkerSession:
             self._stream = None
         try:
             return await self.client.call(
-                self.client.stub.CloseSession, pb.CloseSessionRequest(session_id=self.core.session_id)
+                self.client.stub.CloseSession, self.core.close_request()
             )
         finally:
             self.core.unmap()
@@ -167,7 +168,7 @@ class AsyncWorkerSession:
             await asyncio.sleep(interval)
             try:
                 await self.client.call(
-                    self.client.stub.KeepAlive, pb.KeepAliveRequest(session_id=self.core.session_id), timeout=5.0
+                    self.client.stub.KeepAlive, self.core.keepalive_request(), timeout=5.0
                 )
             except KVRecallClientError as exc:
                 log.warning("keep-alive for session %s failed: %s", self.core.session_id, exc)

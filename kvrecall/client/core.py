@@ -16,7 +16,8 @@ import grpc
 import torch
 
 from kvrecall.dtypes import WIRE_OF_TORCH
-from kvrecall.transport import MappedTensor, inline_ref, open_ref
+from kvrecall.sizes import TOKEN_COUNT_FIELDS
+from kvrecall.transport import MappedTensor, inline_ref, map_segment, open_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
 from kvrecall.v1 import kvrecall_pb2_grpc as pb_grpc
 
@@ -61,6 +62,14 @@ def policy_message(name: str, config: dict[str, Any] | None) -> pb.PolicyConfig:
     return message
 
 
+def fit_to_sequence(config: dict[str, Any] | None, max_tokens: int) -> dict[str, Any] | None:
+    """`config` with every token count capped at `max_tokens`: for sweeps whose budgets may
+    exceed a short sequence (such a budget covers it, as `max_tokens` does)."""
+    if not config:
+        return config
+    return {k: min(v, max_tokens) if k in TOKEN_COUNT_FIELDS else v for k, v in config.items()}
+
+
 @dataclass
 class SessionCore:
     """What a worker holds for one open session."""
@@ -84,15 +93,20 @@ class SessionCore:
     @staticmethod
     def from_open(response: pb.OpenSessionResponse, spec: ModelSpec, transport: int) -> SessionCore:
         ws = response.working_set
-        refs = (ws.keys, ws.values, ws.slot_pos, ws.query)
+        refs = [ws.keys, ws.values, ws.slot_pos, ws.query]
+        names = ["keys", "values", "slot_pos", "query"]
         if transport == pb.TRANSPORT_INLINE:
             from kvrecall.dtypes import TORCH_OF_WIRE
 
             tensors = [torch.zeros(tuple(r.shape), dtype=TORCH_OF_WIRE[r.dtype]) for r in refs]
             tensors[2].fill_(-1)
             mapped: list[MappedTensor] = []
+        elif transport == pb.TRANSPORT_SHM:
+            segment = receive_working_set(response)
+            tensors = map_segment(segment, refs, names)
+            mapped = [MappedTensor(segment.tensor, [segment.release])]
         else:
-            mapped = [open_ref(r, name) for r, name in zip(refs, ("keys", "values", "slot_pos", "query"), strict=True)]
+            mapped = [open_ref(r, name) for r, name in zip(refs, names, strict=True)]
             tensors = [m.tensor for m in mapped]
         core = SessionCore(response.session_id, spec, transport, response, *tensors, _mapped=mapped)
         if transport == pb.TRANSPORT_CUDA_IPC and ws.query.cuda_ipc.event_handle:
@@ -100,6 +114,11 @@ class SessionCore:
 
             core.publish_event = open_event(ws.query.cuda_ipc.event_handle, ws.query.cuda_ipc.device, "query")
         return core
+
+    @property
+    def capability(self) -> str:
+        """The secret every call on this session presents (OpenSessionResponse.capability)."""
+        return self.info.capability
 
     # ---- the plan the daemon chose --------------------------------------------------
     @property
@@ -166,13 +185,26 @@ class SessionCore:
         return int((self.slot_pos >= 0).sum(dim=-1).max())
 
     # ---- request builders / answer appliers ------------------------------------------
+    def ingest_request(self, num_tokens: int) -> pb.IngestPromptRequest:
+        return pb.IngestPromptRequest(session_id=self.session_id, capability=self.capability, num_tokens=num_tokens)
+
+    def keepalive_request(self) -> pb.KeepAliveRequest:
+        return pb.KeepAliveRequest(session_id=self.session_id, capability=self.capability)
+
+    def close_request(self) -> pb.CloseSessionRequest:
+        return close_request(self.info)
+
+    def stats_request(self) -> pb.StatsRequest:
+        return pb.StatsRequest(session_id=self.session_id, capability=self.capability)
+
     def next_seq(self) -> int:
         self.seq += 1
         return self.seq
 
-    def append_request(self) -> pb.DecodeRequest:
-        upto = self.position
-        request = pb.DecodeRequest(seq=self.next_seq(), session_id=self.session_id)
+    def append_request(self, upto: int | None = None) -> pb.DecodeRequest:
+        """An AppendNotice for the tokens written up to `upto` (default: all of them)."""
+        upto = self.position if upto is None else upto
+        request = pb.DecodeRequest(seq=self.next_seq(), session_id=self.session_id, capability=self.capability)
         request.append.upto = upto
         if self.transport == pb.TRANSPORT_INLINE:
             start = self.noticed_upto
@@ -182,9 +214,10 @@ class SessionCore:
             request.append.kv.CopyFrom(inline_ref(kv))
         return request
 
-    def boundary_request(self, layers: list[int] | None = None) -> pb.DecodeRequest:
-        request = pb.DecodeRequest(seq=self.next_seq(), session_id=self.session_id)
-        request.boundary.position = self.position
+    def boundary_request(self, layers: list[int] | None = None, position: int | None = None) -> pb.DecodeRequest:
+        """A BoundaryEvent at `position` (default: the tokens written so far)."""
+        request = pb.DecodeRequest(seq=self.next_seq(), session_id=self.session_id, capability=self.capability)
+        request.boundary.position = self.position if position is None else position
         request.boundary.layers.extend(layers or [])
         if self.transport == pb.TRANSPORT_INLINE:
             request.boundary.query.CopyFrom(inline_ref(self.query))
@@ -224,6 +257,21 @@ class SessionCore:
         for m in self._mapped:
             m.close()
         self._mapped.clear()
+
+
+def close_request(response: pb.OpenSessionResponse) -> pb.CloseSessionRequest:
+    """CloseSession for the session `response` opened."""
+    return pb.CloseSessionRequest(session_id=response.session_id, capability=response.capability)
+
+
+def receive_working_set(response: pb.OpenSessionResponse):
+    """Map a CPU daemon's working-set segment: a sealed memfd received over its fd socket."""
+    from kvrecall.fdpass import receive_fd
+    from kvrecall.shm import ShmSegment
+
+    shm = response.working_set.keys.shm
+    fd = receive_fd(shm.fd_socket, response.session_id, response.capability)
+    return ShmSegment.map_fd(fd, shm.name, 0)
 
 
 class ClientBase:
@@ -291,7 +339,9 @@ class ClientBase:
 
 
 def metadata(worker_id: str, token: str | None) -> tuple[tuple[str, str], ...]:
-    md = [("kvrecall-worker-id", worker_id)]
+    """The call metadata; an empty worker_id names none (the operator's view on a local
+    daemon without auth: GetStats lists every tenant's sessions)."""
+    md = [("kvrecall-worker-id", worker_id)] if worker_id else []
     if token:
         md.append(("authorization", f"Bearer {token}"))
     return tuple(md)

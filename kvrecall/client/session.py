@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
-from kvrecall.client.core import ClientBase, ModelSpec, SessionCore
+from kvrecall.client.core import ClientBase, ModelSpec, SessionCore, close_request
 from kvrecall.client.errors import KVRecallClientError, NotFoundError, UnavailableError, from_rpc_error
 from kvrecall.client.staging import staged
 from kvrecall.transport import inline_ref
@@ -72,8 +72,9 @@ class KVRecallClient(ClientBase):
         response = self.call(stub.Check, health_pb2.HealthCheckRequest(service=""), timeout=timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
-    def stats(self, session_id: str = "") -> pb.StatsResponse:
-        return self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id), retry=True)
+    def stats(self, session_id: str = "", capability: str = "") -> pb.StatsResponse:
+        """Daemon-wide (the caller's tenant's sessions), or one session given its capability."""
+        return self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id, capability=capability), retry=True)
 
     def open_session(
         self,
@@ -96,7 +97,7 @@ class KVRecallClient(ClientBase):
         try:
             core = SessionCore.from_open(response, spec, kind)
         except Exception:
-            self.call(self.stub.CloseSession, pb.CloseSessionRequest(session_id=response.session_id))
+            self.call(self.stub.CloseSession, close_request(response))
             raise
         return WorkerSession(self, core)
 
@@ -133,7 +134,7 @@ class WorkerSession:
         """Hand the prompt KV over once: kv [L, 2, H, T, D]; queries [L, Hq, n_obs, D] of the
         last prompt tokens (OpenSessionResponse.observation says how many the policy wants)."""
         core = self.core
-        request = pb.IngestPromptRequest(session_id=core.session_id, num_tokens=kv.shape[3])
+        request = core.ingest_request(kv.shape[3])
         with staged(kv, core.transport) as ref:
             request.kv.CopyFrom(ref)
             if queries is not None:
@@ -144,7 +145,7 @@ class WorkerSession:
         return response
 
     def stats(self) -> pb.SessionStats:
-        return self.client.stats(self.core.session_id).sessions[0]
+        return self.client.stats(self.core.session_id, self.core.capability).sessions[0]
 
     def close(self) -> pb.CloseSessionResponse | None:
         """Close the session and unmap its memory (idempotent)."""
@@ -155,7 +156,7 @@ class WorkerSession:
         self._end_stream()
         try:
             return self.client.call(
-                self.client.stub.CloseSession, pb.CloseSessionRequest(session_id=self.core.session_id)
+                self.client.stub.CloseSession, self.core.close_request()
             )
         except NotFoundError:
             # Already gone (lease expired, or the daemon restarted): nothing left to free.
@@ -210,15 +211,15 @@ class WorkerSession:
             self._requests.put(_END)
             self._responses = None
 
-    def append(self) -> pb.AppendAck:
+    def append(self, upto: int | None = None) -> pb.AppendAck:
         """Tell the daemon about the tokens written since the last notice (blocks for the ack)."""
         self.stats_appends += 1
-        return self._stream_call(self.core.append_request()).append
+        return self._stream_call(self.core.append_request(upto)).append
 
-    def boundary(self, layers: list[int] | None = None) -> pb.RetrievalResult:
+    def boundary(self, layers: list[int] | None = None, position: int | None = None) -> pb.RetrievalResult:
         """Ask for retrieval for the query in `self.query` (write it first)."""
         self.stats_boundaries += 1
-        return self._stream_call(self.core.boundary_request(layers)).retrieval
+        return self._stream_call(self.core.boundary_request(layers, position)).retrieval
 
     def advance(self) -> pb.AppendAck | None:
         """Count one token written at `position`; send an AppendNotice when one is due."""
@@ -236,7 +237,7 @@ class WorkerSession:
         while not self._stop.wait(interval):
             try:
                 self.client.call(
-                    self.client.stub.KeepAlive, pb.KeepAliveRequest(session_id=self.core.session_id), timeout=5.0
+                    self.client.stub.KeepAlive, self.core.keepalive_request(), timeout=5.0
                 )
             except NotFoundError:
                 # The daemon no longer has it (restarted, or the lease ran out): stop pinging.

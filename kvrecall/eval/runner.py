@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch.nn.functional import log_softmax
 
+from kvrecall.client.core import fit_to_sequence
 from kvrecall.client.hf import KVRecallCache, spec_for, use_kvrecall_attention
 from kvrecall.eval.cells import policy_config
 from kvrecall.v1 import kvrecall_pb2 as pb
@@ -186,6 +187,7 @@ class Runner:
         started = time.perf_counter()
         steps = len(forced) if forced is not None else new_tokens
         spec = spec_for(self.model, prefill.num_tokens + steps + 16)
+        config = fit_to_sequence(config, spec.max_tokens)  # a budget past a short sequence covers it
         with self.client.open_session(spec, policy, config, tag="eval", device=self.device) as session:
             cache = PrefilledCache(session)
             try:

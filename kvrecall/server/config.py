@@ -31,14 +31,19 @@ class ServerConfig:
     max_lease_seconds: float = 3600.0
     max_message_mb: int = 512           # largest gRPC message accepted
     worker_quota_gb: float = 0.0        # per-worker pool bytes (0 = unlimited)
+    worker_share: float = 0.5           # most of each pool one worker (tenant) may hold, as a
+                                        # fraction; 1 = no fair-share limit (single-tenant hosts)
     metrics_port: int = 0               # Prometheus /metrics port (0 = off)
     metrics_addr: str = "0.0.0.0"
     socket_mode: int = 0o600            # unix socket permissions
-    shm_mode: int = 0o600               # working-set segment permissions (0o660 to share with a group)
+    fd_socket: str = ""                 # unix socket handing working-set fds to workers (CPU daemons);
+                                        # "" = beside the first unix listener ("<path>.fds")
     tls_cert: str = ""                  # PEM server certificate for TCP listeners
     tls_key: str = ""
     tls_client_ca: str = ""             # PEM CA bundle: require client certificates (mutual TLS)
     tokens_file: str = ""               # lines "worker_id token": bearer-token auth
+    operators: list[str] = field(default_factory=list)  # worker ids (of tokens_file) that see every
+                                        # tenant's sessions in GetStats
     log_level: str = "INFO"
     session_ops: str = "thread"         # append / boundary work: "thread" (a worker thread, sessions
                                         # overlap) or "inline" (on the event loop: no thread hop)
@@ -63,6 +68,10 @@ class ServerConfig:
             raise ConfigError("page_kb: must be a multiple of 4, at least 4")
         if not 0 < self.lease_seconds <= self.max_lease_seconds:
             raise ConfigError("lease_seconds: must be in (0, max_lease_seconds]")
+        if not 0 < self.worker_share <= 1:
+            raise ConfigError("worker_share: must be in (0, 1]")
+        if isinstance(self.operators, str):
+            self.operators = [a for a in self.operators.split(",") if a]
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError("metrics_port: must be in [0, 65535]")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -77,6 +86,16 @@ class ServerConfig:
             raise ConfigError("log_level: DEBUG, INFO, WARNING or ERROR")
         if self.session_ops not in ("thread", "inline"):
             raise ConfigError(f"session_ops: {self.session_ops!r} must be thread or inline")
+
+    @property
+    def fd_socket_path(self) -> str:
+        """Where workers fetch their working sets' file descriptors."""
+        if self.fd_socket:
+            return self.fd_socket
+        for address in self.listen:
+            if address.startswith("unix://"):
+                return address[len("unix://") :] + ".fds"
+        return f"/tmp/kvrecall-{os.getpid()}.fds"
 
     @property
     def host_pool_bytes(self) -> int:

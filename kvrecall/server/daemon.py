@@ -15,14 +15,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvrecall import __version__
+from kvrecall.fdpass import FdServer
 from kvrecall.server.config import ServerConfig
 from kvrecall.server.metrics import Metrics
 from kvrecall.server.pools import DevicePool, HostPool
 from kvrecall.server.service import AuthConfig, KVRecallService
 from kvrecall.server.session import SessionRegistry
+from kvrecall.server.wire import add_service
 from kvrecall.shm import remove_stale_segments
 from kvrecall.v1 import kvrecall_pb2 as pb
-from kvrecall.v1 import kvrecall_pb2_grpc as pb_grpc
 
 log = logging.getLogger("kvrecall.daemon")
 
@@ -46,18 +47,21 @@ class Daemon:
         self.host_pool = HostPool(
             config.host_pool_bytes, page_bytes=config.page_kb * 1024, pinned=self.device.type == "cuda"
         )
-        self.device_pool = DevicePool(config.device_pool_bytes, self.device, shm_mode=config.shm_mode)
+        self.device_pool = DevicePool(config.device_pool_bytes, self.device)
         self.registry = SessionRegistry(
             self.host_pool,
             self.device_pool,
             default_lease=config.lease_seconds,
             max_lease=config.max_lease_seconds,
             worker_quota_bytes=int(config.worker_quota_gb * (1 << 30)),
+            worker_share=config.worker_share,
         )
         self.metrics = Metrics()
-        self.service = KVRecallService(
-            self.registry, self.device, self.metrics, AuthConfig(config.tokens()), config.session_ops
-        )
+        auth = AuthConfig(config.tokens(), tuple(config.operators))
+        # Working sets in shared memory (a CPU daemon) reach their workers as file descriptors.
+        fd_socket = config.fd_socket_path if self.device.type == "cpu" else ""
+        self.service = KVRecallService(self.registry, self.device, self.metrics, auth, config.session_ops, fd_socket)
+        self.fd_server = FdServer(fd_socket, config.socket_mode, self.service.segment_fd) if fd_socket else None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self._stopping = asyncio.Event()
@@ -86,7 +90,7 @@ class Daemon:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_KVRecallServicer_to_server(self.service, self.server)
+        add_service(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME, health.SERVICE_NAME), self.server)
         credentials = self._server_credentials()
@@ -104,6 +108,8 @@ class Daemon:
                 self.server.add_secure_port(address, credentials)
             else:
                 self.server.add_insecure_port(address)
+        if self.fd_server is not None:
+            await self.fd_server.start()
         await self.server.start()
         for address in c.listen:
             if address.startswith("unix://"):
@@ -150,6 +156,8 @@ class Daemon:
             await self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server is not None:
             await self.server.stop(grace)
+        if self.fd_server is not None:
+            await self.fd_server.close()
         for session in list(self.registry.sessions.values()):
             self.service._close(session, "shutdown")
         self.host_pool.close()

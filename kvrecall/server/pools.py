@@ -1,12 +1,13 @@
 """The daemon's two memory tiers and their accounting.
 
 * HostPool: the full KV of every sequence, in fixed-size pages of one big buffer — pinned
-  host memory when CUDA is present (so the GPU can read it directly), a shared-memory
-  segment otherwise. The pool owns every page; a SequenceStore borrows pages and returns
+  host memory when CUDA is present (so the GPU can read it directly), a sealed memfd
+  otherwise (kvrecall/shm.py). The pool owns every page; a SequenceStore borrows pages and returns
   them on release. Pages are reused, so memory stays flat over long serving.
-* DevicePool: working sets, one segment each (GPU memory mapped by CUDA IPC, or a shared-
-  memory segment on a CPU-only host), so a worker maps its own session's memory and
-  nothing else. The pool counts bytes against its capacity.
+* DevicePool: working sets, one segment each (GPU memory mapped by CUDA IPC, or a sealed
+  memfd on a CPU-only host, handed to its worker by file descriptor), so a worker maps its
+  own session's memory and nothing else, and cannot shrink it under the daemon. The pool
+  counts bytes against its capacity.
 
 Both answer "full" with ResourceExhausted naming what is free, never by crashing, and never
 touch memory that is already handed out.
@@ -55,9 +56,9 @@ class HostPool:
             self.kind = "pinned"
             self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         else:
-            # Shared memory commits pages lazily: an idle pool costs no RAM.
+            # A memfd commits pages lazily (an idle pool costs no RAM); sealed, nobody can shrink it.
             self.kind = "shm"
-            self._segment = ShmSegment.create(shm_name("host"), nbytes)
+            self._segment = ShmSegment.create_sealed(shm_name("host"), nbytes)
             self.buffer = self._segment.tensor
         self._free: deque[int] = deque(range(self.num_pages))
         self._owner_pages: dict[str, int] = {}
@@ -112,7 +113,7 @@ class HostPool:
 class DeviceSegment:
     """One working set's memory: a uint8 tensor plus how a worker maps it."""
 
-    def __init__(self, nbytes: int, device: torch.device, shm_mode: int) -> None:
+    def __init__(self, nbytes: int, device: torch.device) -> None:
         self.nbytes = nbytes
         self.device = device
         self.shm: ShmSegment | None = None
@@ -122,7 +123,7 @@ class DeviceSegment:
 
             self.tensor, self.ipc_handle, self._cuda_owner = allocate_shareable(nbytes, device)
         else:
-            self.shm = ShmSegment.create(shm_name("ws"), nbytes, mode=shm_mode)
+            self.shm = ShmSegment.create_sealed(shm_name("ws"), nbytes, keep_fd=True)
             self.tensor = self.shm.tensor
 
     def release(self) -> None:
@@ -135,11 +136,10 @@ class DeviceSegment:
 class DevicePool:
     """Byte-accounted working-set segments on the serving device."""
 
-    def __init__(self, capacity_bytes: int, device: torch.device, shm_mode: int = 0o600) -> None:
+    def __init__(self, capacity_bytes: int, device: torch.device) -> None:
         self.capacity_bytes = capacity_bytes
         self.device = device
         self.kind = "cuda" if device.type == "cuda" else "shm"
-        self.shm_mode = shm_mode
         self._used = 0
         self._lock = threading.Lock()
 
@@ -159,7 +159,7 @@ class DevicePool:
                 )
             self._used += nbytes
         try:
-            return DeviceSegment(nbytes, self.device, self.shm_mode)
+            return DeviceSegment(nbytes, self.device)
         except BaseException:
             with self._lock:
                 self._used -= nbytes

@@ -2,7 +2,12 @@
 
 Heavy work (ingest, clustering, retrieval) runs in a thread under the session's lock so one
 session never blocks the event loop for the others. Any error becomes one status with a
-message naming the field; the daemon and the other sessions carry on.
+message naming the field; the daemon and the other sessions carry on, and the log gets at
+most a few lines a minute per kind of rejection (ratelog.py).
+
+Who may do what: every call on a session presents the capability OpenSession returned
+(registry.get); daemon-wide GetStats lists the caller's tenant's sessions only, all of them
+for an operator (`_sees_all`).
 """
 
 from __future__ import annotations
@@ -30,12 +35,15 @@ from kvrecall.server.layout import SegmentLayout
 from kvrecall.server.metrics import Metrics
 from kvrecall.server.policies import build_policy
 from kvrecall.server.policies.base import config_json
+from kvrecall.server.ratelog import RateLimitedLog
 from kvrecall.server.session import Session, SessionRegistry
+from kvrecall.server.wire import Undecodable, require_decoded
 from kvrecall.transport import TensorRefError, open_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
 from kvrecall.v1 import kvrecall_pb2_grpc as pb_grpc
 
 log = logging.getLogger("kvrecall.service")
+limited = RateLimitedLog(log)
 
 WORKER_METADATA = "kvrecall-worker-id"
 
@@ -45,6 +53,7 @@ class AuthConfig:
     """Bearer tokens per worker identity; empty = no token auth (local unix socket)."""
 
     tokens: dict[str, str]  # token -> worker id
+    operators: tuple[str, ...] = ()  # worker ids whose token sees every tenant's sessions
 
     @property
     def enabled(self) -> bool:
@@ -85,12 +94,14 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         metrics: Metrics,
         auth: AuthConfig,
         session_ops: str = "thread",
+        fd_socket: str = "",
     ) -> None:
         self.registry = registry
         self.device = device
         self.metrics = metrics
         self.auth = auth
         self.inline_ops = session_ops == "inline"
+        self.fd_socket = fd_socket  # where shm workers receive their working set (fdpass.py)
 
     async def _session_op(self, func, *args):
         """An append or boundary: in a worker thread (other sessions' RPCs go on meanwhile), or,
@@ -116,19 +127,32 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             return identity
         return claimed or md.get(WORKER_METADATA) or None
 
+    def _sees_all(self, context: grpc.aio.ServicerContext, caller: str | None) -> bool:
+        """The operator role: with auth, a token whose worker is in `operators`; without, a
+        local caller that names no worker (e.g. `kvrecall stats` on the unix socket)."""
+        if self.auth.enabled:
+            return caller in self.auth.operators
+        return caller is None and _is_local_peer(context.peer())
+
+    def segment_fd(self, session_id: str, capability: str) -> int:
+        """The working-set memfd of a session, for its capability's holder (fdpass.FdServer)."""
+        session = self.registry.get(session_id, None, capability)
+        if session.segment.shm is None or session.segment.shm.fd < 0:
+            raise InvalidArgument("session_id", f"session {session_id!r} has no shared-memory working set")
+        return session.segment.shm.fd
+
     async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
         if isinstance(exc, KVRecallError):
             code, message = exc.code, exc.message
         elif isinstance(exc, TensorRefError):
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         else:
-            log.exception("internal error in %s", method)
             code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
         self.metrics.errors.labels(method, code.name).inc()
         if code == grpc.StatusCode.INTERNAL:
-            log.error("%s failed: %s", method, message)
+            limited.log(logging.ERROR, (method, code), "%s failed: %s", method, message, exc_info=True)
         else:
-            log.info("%s rejected (%s): %s", method, code.name, message)
+            limited.log(logging.INFO, (method, code), "%s rejected (%s): %s", method, code.name, message)
         await context.abort(code, message)
 
     def _update_pool_gauges(self) -> None:
@@ -152,6 +176,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
     async def OpenSession(self, request: pb.OpenSessionRequest, context) -> pb.OpenSessionResponse:
         started = time.perf_counter()
         try:
+            require_decoded(request)
             self._caller(context, request.worker_id)  # authenticate before validating anything
             worker = check.worker_id(request.worker_id)
             layout = check.layout(request.layout, request.HasField("layout"))
@@ -191,6 +216,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             observation=policy.observation(),
             policy=policy.name,
             policy_config_json=json.dumps(config_json(policy)),
+            capability=session.capability,
         )
         rule = policy.boundary_rule()
         response.boundary.mode = rule.mode
@@ -230,6 +256,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             if session.transport == pb.TRANSPORT_SHM:
                 ref.shm.name = segment.shm.name
                 ref.shm.offset = offset
+                ref.shm.fd_socket = self.fd_socket
             elif session.transport == pb.TRANSPORT_CUDA_IPC:
                 ref.cuda_ipc.handle = segment.ipc_handle
                 ref.cuda_ipc.offset = offset
@@ -249,7 +276,8 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         started = time.perf_counter()
         mapped = []
         try:
-            session = self.registry.get(request.session_id, self._caller(context))
+            require_decoded(request)
+            session = self.registry.get(request.session_id, self._caller(context), request.capability)
             session.touch()
             layout = session.layout
             L, H, Hq, D = layout.num_layers, layout.num_kv_heads, layout.num_query_heads, layout.head_dim
@@ -317,8 +345,12 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             caller = self._caller(context)
             async for request in request_iterator:
                 started = time.perf_counter()
+                if isinstance(request, Undecodable):  # the stream ends here: one line at most
+                    limited.log(logging.WARNING, "Decode.undecodable", "Decode stream of %s (session %s): %s",
+                                context.peer(), session.session_id if session else "-", request.error)
+                    require_decoded(request)
                 if session is None or session.closed:
-                    session = self.registry.get(request.session_id, caller, "session_id")
+                    session = self.registry.get(request.session_id, caller, request.capability)
                 elif request.session_id and request.session_id != session.session_id:
                     raise InvalidArgument("session_id", f"this stream is bound to {session.session_id!r}")
                 session.touch()
@@ -343,6 +375,10 @@ class KVRecallService(pb_grpc.KVRecallServicer):
     async def _append(self, session: Session, notice: pb.AppendNotice, response: pb.DecodeResponse) -> None:
         kv = None
         mapped = None
+        check.require(
+            notice.upto <= session.layout.max_tokens, "append.upto",
+            f"{notice.upto} is past max_tokens={session.layout.max_tokens}",
+        )
         if session.transport == pb.TRANSPORT_INLINE:
             if not session.ingested:  # before sizing append.kv against a prompt that is not there
                 raise FailedPrecondition(f"session {session.session_id}: append before IngestPrompt")
@@ -369,6 +405,10 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         layout = session.layout
         started = time.perf_counter()
         mapped = None
+        check.require(
+            event.position <= layout.max_tokens, "boundary.position",
+            f"{event.position} is past max_tokens={layout.max_tokens}",
+        )
         if event.HasField("query"):
             check.tensor_ref(
                 event.query, "boundary.query", (layout.dtype, torch.float32),
@@ -399,7 +439,8 @@ class KVRecallService(pb_grpc.KVRecallServicer):
 
     async def KeepAlive(self, request: pb.KeepAliveRequest, context) -> pb.KeepAliveResponse:
         try:
-            session = self.registry.get(request.session_id, self._caller(context))
+            require_decoded(request)
+            session = self.registry.get(request.session_id, self._caller(context), request.capability)
         except Exception as exc:  # noqa: BLE001
             await self._fail(context, "KeepAlive", exc)
             raise AssertionError("unreachable") from None
@@ -408,7 +449,8 @@ class KVRecallService(pb_grpc.KVRecallServicer):
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.CloseSessionResponse:
         try:
-            session = self.registry.get(request.session_id, self._caller(context))
+            require_decoded(request)
+            session = self.registry.get(request.session_id, self._caller(context), request.capability)
             async with session.lock:
                 if session.closed:
                     raise InvalidArgument("session_id", f"session {request.session_id!r} is already closed")
@@ -420,12 +462,16 @@ class KVRecallService(pb_grpc.KVRecallServicer):
 
     async def GetStats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         try:
+            require_decoded(request)
             caller = self._caller(context)
-            sessions = (
-                [self.registry.get(request.session_id, caller)]
-                if request.session_id
-                else [s for s in self.registry.sessions.values() if not s.closed]
-            )
+            if request.session_id:
+                sessions = [self.registry.get(request.session_id, caller, request.capability)]
+            else:
+                sees_all = self._sees_all(context, caller)
+                sessions = [
+                    s for s in self.registry.sessions.values()
+                    if not s.closed and (sees_all or s.worker_id == caller)
+                ]
         except Exception as exc:  # noqa: BLE001
             await self._fail(context, "GetStats", exc)
             raise AssertionError("unreachable") from None

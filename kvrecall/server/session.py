@@ -2,8 +2,9 @@
 
 A Session owns its SequenceStore (host pages), its DeviceSegment (working set) and its
 policy state, and returns all of them on close(). The SessionRegistry admits sessions
-(RESOURCE_EXHAUSTED with what is free when a pool or a worker quota is full), looks them
-up for their owner only, and closes those whose lease ran out.
+(RESOURCE_EXHAUSTED with what is free when a pool, a worker's share of it or a worker quota
+is full), looks them up for the holder of their capability only, and closes those whose
+lease ran out.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Session:
     segment: object  # DeviceSegment
     ws: WorkingSet
     lease_seconds: float
+    capability: str = field(default="", repr=False)  # the secret every call on the session presents
     lease_deadline: float = 0.0
     tp_rank: int = 0  # the worker's tensor-parallel rank (shown in stats and logs)
     tp_size: int = 0  # its world size; 0 or 1: no tensor parallelism
@@ -225,7 +227,7 @@ class Session:
 
 
 class SessionRegistry:
-    """Admission, lookup by owner, per-worker quotas and lease expiry."""
+    """Admission, lookup by capability, per-worker shares and quotas, and lease expiry."""
 
     def __init__(
         self,
@@ -234,18 +236,42 @@ class SessionRegistry:
         default_lease: float,
         max_lease: float = 3600.0,
         worker_quota_bytes: int = 0,
+        worker_share: float = 1.0,
     ) -> None:
         self.host_pool = host_pool
         self.device_pool = device_pool
         self.default_lease = default_lease
         self.max_lease = max_lease
         self.worker_quota_bytes = worker_quota_bytes
+        self.worker_share = worker_share
         self.sessions: dict[str, Session] = {}
 
-    def worker_bytes(self, worker_id: str) -> int:
-        return sum(
-            s.store.nbytes + s.segment.nbytes for s in self.sessions.values() if s.worker_id == worker_id
-        )
+    def worker_usage(self, worker_id: str) -> tuple[int, int]:
+        """(host bytes, device bytes) the worker's sessions hold."""
+        mine = [s for s in self.sessions.values() if s.worker_id == worker_id]
+        return sum(s.store.nbytes for s in mine), sum(s.segment.nbytes for s in mine)
+
+    def _admit(self, worker_id: str, host_bytes: int, ws_bytes: int) -> None:
+        """RESOURCE_EXHAUSTED naming the limit when the worker's share of a pool, or its quota,
+        cannot take a session of host_bytes + ws_bytes."""
+        used_host, used_device = self.worker_usage(worker_id)
+        if self.worker_share < 1:
+            for pool, used, need in ((self.host_pool, used_host, host_bytes), (self.device_pool, used_device, ws_bytes)):
+                usage = pool.usage()
+                share = int(self.worker_share * usage.capacity_bytes)
+                if used + need > share:
+                    raise ResourceExhausted(
+                        f"{usage.tier} pool: worker {worker_id!r} share quota (worker_share={self.worker_share:g} of "
+                        f"{usage.capacity_bytes} bytes = {share}): {used} bytes in use, this session needs {need} "
+                        f"more; {usage.free_bytes} bytes free in the pool"
+                    )
+        if self.worker_quota_bytes:
+            used = used_host + used_device
+            if used + ws_bytes + host_bytes > self.worker_quota_bytes:
+                raise ResourceExhausted(
+                    f"worker {worker_id!r} quota: {used} of {self.worker_quota_bytes} bytes in use, "
+                    f"this session needs {ws_bytes + host_bytes} more"
+                )
 
     def open(
         self,
@@ -262,13 +288,7 @@ class SessionRegistry:
         ws_bytes = SegmentLayout.of(layout, plan).nbytes
         per_page = tokens_per_page(layout, self.host_pool.page_bytes)
         host_bytes = -(-layout.max_tokens // max(per_page, 1)) * self.host_pool.page_bytes
-        if self.worker_quota_bytes:
-            used = self.worker_bytes(worker_id)
-            if used + ws_bytes + host_bytes > self.worker_quota_bytes:
-                raise ResourceExhausted(
-                    f"worker {worker_id!r} quota: {used} of {self.worker_quota_bytes} bytes in use, "
-                    f"this session needs {ws_bytes + host_bytes} more"
-                )
+        self._admit(worker_id, host_bytes, ws_bytes)
         session_id = "s-" + secrets.token_hex(8)
         store = SequenceStore(self.host_pool, layout, owner=worker_id, device=self.device_pool.device)
         try:
@@ -278,7 +298,10 @@ class SessionRegistry:
             raise
         ws = WorkingSet(segment, layout, plan)
         lease = min(lease or self.default_lease, self.max_lease)
-        session = Session(session_id, worker_id, tag, transport, layout, policy, store, segment, ws, lease)
+        session = Session(
+            session_id, worker_id, tag, transport, layout, policy, store, segment, ws, lease,
+            capability=secrets.token_urlsafe(32),
+        )
         session.tp_rank, session.tp_size = tp_rank, tp_size
         if transport == pb.TRANSPORT_CUDA_IPC and segment.device.type == "cuda":
             from kvrecall.cuda_ipc import create_event
@@ -288,15 +311,22 @@ class SessionRegistry:
         self.sessions[session_id] = session
         return session
 
-    def get(self, session_id: str, worker_id: str | None, field_name: str = "session_id") -> Session:
+    def get(
+        self, session_id: str, worker_id: str | None, capability: str, field_name: str = "session_id"
+    ) -> Session:
+        """The open session `session_id` for the caller holding its capability (and, when the
+        caller names a worker, owned by that worker). Anything else is the same NOT_FOUND as a
+        missing session: nothing tells a caller that another tenant's session exists."""
         if not session_id:
             raise InvalidArgument(field_name, "required")
         session = self.sessions.get(session_id)
-        if session is None or session.closed:
-            raise NotFound(f"{field_name}: no open session {session_id!r}")
-        if worker_id is not None and session.worker_id != worker_id:
-            # Same answer as a missing session: ids of other workers' sessions are not revealed.
-            raise NotFound(f"{field_name}: no open session {session_id!r} for worker {worker_id!r}")
+        if (
+            session is None
+            or session.closed
+            or not secrets.compare_digest(session.capability.encode(), capability.encode())
+            or (worker_id is not None and session.worker_id != worker_id)
+        ):
+            raise NotFound(f"{field_name}: no open session {session_id!r} for this caller and capability")
         return session
 
     def close(self, session: Session) -> tuple[int, int]:

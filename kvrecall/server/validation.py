@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 
 import torch
@@ -10,7 +9,6 @@ import torch
 from kvrecall.dtypes import KV_DTYPES, TORCH_OF_WIRE
 from kvrecall.server.errors import InvalidArgument
 from kvrecall.server.layout import ModelLayout
-from kvrecall.shm import SHM_PREFIX
 from kvrecall.transport import TensorRefError, ref_dtype_shape
 from kvrecall.v1 import kvrecall_pb2 as pb
 
@@ -76,9 +74,4 @@ def tensor_ref(
     where = ref.WhichOneof("location")
     require(where is not None, f"{field}", "no location set (shm, cuda_ipc or inline_data)")
     require(where in locations, f"{field}.{where}", f"not allowed for this session's transport (use {', '.join(locations)})")
-    if where == "shm":
-        # The daemon's own segments (host pool, working sets) hold other sessions' KV: never
-        # read them on a worker's behalf. Workers stage tensors in segments they created.
-        own = tuple(f"{SHM_PREFIX}{os.getpid()}-{kind}-" for kind in ("host", "ws"))
-        require(not ref.shm.name.startswith(own), f"{field}.shm.name", "names a segment owned by the daemon")
     return actual

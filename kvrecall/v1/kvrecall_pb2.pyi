@@ -176,12 +176,14 @@ class PolicyConfig(_message.Message):
     def __init__(self, name: _Optional[str] = ..., full: _Optional[_Union[FullConfig, _Mapping]] = ..., streaming: _Optional[_Union[StreamingConfig, _Mapping]] = ..., louiskv: _Optional[_Union[LouisKVConfig, _Mapping]] = ..., quest: _Optional[_Union[QuestConfig, _Mapping]] = ..., snapkv: _Optional[_Union[SnapKVConfig, _Mapping]] = ..., windowkv: _Optional[_Union[WindowKVConfig, _Mapping]] = ...) -> None: ...
 
 class ShmRef(_message.Message):
-    __slots__ = ("name", "offset")
+    __slots__ = ("name", "offset", "fd_socket")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    FD_SOCKET_FIELD_NUMBER: _ClassVar[int]
     name: str
     offset: int
-    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    fd_socket: str
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., fd_socket: _Optional[str] = ...) -> None: ...
 
 class CudaIpcRef(_message.Message):
     __slots__ = ("handle", "offset", "device", "event_handle")
@@ -272,7 +274,7 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., policy: _Optional[_Union[PolicyConfig, _Mapping]] = ..., transport: _Optional[_Union[TransportKind, str]] = ..., lease_seconds: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., tag: _Optional[str] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "working_set", "spill_every", "boundary", "lease_seconds", "observation", "policy", "policy_config_json")
+    __slots__ = ("session_id", "working_set", "spill_every", "boundary", "lease_seconds", "observation", "policy", "policy_config_json", "capability")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     WORKING_SET_FIELD_NUMBER: _ClassVar[int]
     SPILL_EVERY_FIELD_NUMBER: _ClassVar[int]
@@ -281,6 +283,7 @@ class OpenSessionResponse(_message.Message):
     OBSERVATION_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     POLICY_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     working_set: WorkingSetInfo
     spill_every: int
@@ -289,19 +292,22 @@ class OpenSessionResponse(_message.Message):
     observation: int
     policy: str
     policy_config_json: str
-    def __init__(self, session_id: _Optional[str] = ..., working_set: _Optional[_Union[WorkingSetInfo, _Mapping]] = ..., spill_every: _Optional[int] = ..., boundary: _Optional[_Union[BoundaryRule, _Mapping]] = ..., lease_seconds: _Optional[int] = ..., observation: _Optional[int] = ..., policy: _Optional[str] = ..., policy_config_json: _Optional[str] = ...) -> None: ...
+    capability: str
+    def __init__(self, session_id: _Optional[str] = ..., working_set: _Optional[_Union[WorkingSetInfo, _Mapping]] = ..., spill_every: _Optional[int] = ..., boundary: _Optional[_Union[BoundaryRule, _Mapping]] = ..., lease_seconds: _Optional[int] = ..., observation: _Optional[int] = ..., policy: _Optional[str] = ..., policy_config_json: _Optional[str] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class IngestPromptRequest(_message.Message):
-    __slots__ = ("session_id", "kv", "queries", "num_tokens")
+    __slots__ = ("session_id", "kv", "queries", "num_tokens", "capability")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     kv: TensorRef
     queries: TensorRef
     num_tokens: int
-    def __init__(self, session_id: _Optional[str] = ..., kv: _Optional[_Union[TensorRef, _Mapping]] = ..., queries: _Optional[_Union[TensorRef, _Mapping]] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    capability: str
+    def __init__(self, session_id: _Optional[str] = ..., kv: _Optional[_Union[TensorRef, _Mapping]] = ..., queries: _Optional[_Union[TensorRef, _Mapping]] = ..., num_tokens: _Optional[int] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class IngestPromptResponse(_message.Message):
     __slots__ = ("resident_tokens", "host_tokens", "units", "delta", "seconds")
@@ -336,16 +342,18 @@ class BoundaryEvent(_message.Message):
     def __init__(self, position: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., query: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("seq", "session_id", "append", "boundary")
+    __slots__ = ("seq", "session_id", "append", "boundary", "capability")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     APPEND_FIELD_NUMBER: _ClassVar[int]
     BOUNDARY_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     seq: int
     session_id: str
     append: AppendNotice
     boundary: BoundaryEvent
-    def __init__(self, seq: _Optional[int] = ..., session_id: _Optional[str] = ..., append: _Optional[_Union[AppendNotice, _Mapping]] = ..., boundary: _Optional[_Union[BoundaryEvent, _Mapping]] = ...) -> None: ...
+    capability: str
+    def __init__(self, seq: _Optional[int] = ..., session_id: _Optional[str] = ..., append: _Optional[_Union[AppendNotice, _Mapping]] = ..., boundary: _Optional[_Union[BoundaryEvent, _Mapping]] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class AppendAck(_message.Message):
     __slots__ = ("spilled_upto", "evicted")
@@ -382,10 +390,12 @@ class DecodeResponse(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., append: _Optional[_Union[AppendAck, _Mapping]] = ..., retrieval: _Optional[_Union[RetrievalResult, _Mapping]] = ..., delta: _Optional[_Union[WorkingSetDelta, _Mapping]] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "capability")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    capability: str
+    def __init__(self, session_id: _Optional[str] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class CloseSessionResponse(_message.Message):
     __slots__ = ("host_bytes_freed", "device_bytes_freed")
@@ -396,10 +406,12 @@ class CloseSessionResponse(_message.Message):
     def __init__(self, host_bytes_freed: _Optional[int] = ..., device_bytes_freed: _Optional[int] = ...) -> None: ...
 
 class KeepAliveRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "capability")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    capability: str
+    def __init__(self, session_id: _Optional[str] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class KeepAliveResponse(_message.Message):
     __slots__ = ("lease_seconds_left",)
@@ -408,10 +420,12 @@ class KeepAliveResponse(_message.Message):
     def __init__(self, lease_seconds_left: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "capability")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    capability: str
+    def __init__(self, session_id: _Optional[str] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class PoolStats(_message.Message):
     __slots__ = ("tier", "capacity_bytes", "used_bytes", "free_bytes", "kind")

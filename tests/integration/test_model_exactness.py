@@ -36,17 +36,20 @@ def reference(smollm, prompt):
     return reference_run(model, prompt, 64)
 
 
+COVER = -1  # a budget of exactly max_tokens: it covers the sequence (a larger one is refused)
+
+
 @pytest.mark.parametrize(
     "policy,config,prompt_tokens,steps",
     [
         ("full", None, 600, 32),
-        ("louiskv", {"budget": 2048}, None, 64),
-        ("louiskv", {"budget": 2048, "pin_ingest": 0.5}, None, 64),
-        ("louiskv", {"budget": 2048, "pin_ingest": 0.0}, None, 64),
-        ("quest", {"budget": 2048}, 600, 32),
-        ("snapkv", {"budget": 2048}, 600, 32),
-        ("windowkv", {"budget": 2048}, 600, 32),
-        ("windowkv", {"budget": 2048, "decay": True, "keep_pruned_in_host": True}, 600, 32),
+        ("louiskv", {"budget": COVER}, None, 64),
+        ("louiskv", {"budget": COVER, "pin_ingest": 0.5}, None, 64),
+        ("louiskv", {"budget": COVER, "pin_ingest": 0.0}, None, 64),
+        ("quest", {"budget": COVER}, 600, 32),
+        ("snapkv", {"budget": COVER}, 600, 32),
+        ("windowkv", {"budget": COVER}, 600, 32),
+        ("windowkv", {"budget": COVER, "decay": True, "keep_pruned_in_host": True}, 600, 32),
     ],
 )
 def test_budget_covering_the_sequence_reproduces_full_attention(
@@ -59,7 +62,12 @@ def test_budget_covering_the_sequence_reproduces_full_attention(
     else:
         tokens, logits = reference_run(model, ids, steps)
     assert ids.shape[1] >= 512 and (policy != "louiskv" or ids.shape[1] >= 1000)
-    session, cache = open_model_session(client, model, policy, config, ids.shape[1] + steps + 8)
+    max_tokens = ids.shape[1] + steps + 8
+    if config and config.get("decay"):
+        max_tokens *= 2  # the last layer group keeps DECAY_LAST = 0.5 of the mean budget
+    if config and config.get("budget") == COVER:
+        config = {**config, "budget": max_tokens}
+    session, cache = open_model_session(client, model, policy, config, max_tokens)
     with session:
         result = decode(model, cache, ids, steps, forced=tokens[:steps])
         stats = session.stats()

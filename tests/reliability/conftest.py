@@ -34,6 +34,7 @@ def rdaemon():
         device_pool_gb=0.125,
         extra_args=["--page-kb", "256"],
         env={"KVRECALL_MAX_MESSAGE_MB": str(MAX_MESSAGE_MB)},
+        worker_share=None,  # the daemon's defaults, fair shares included
     ) as d:
         yield d
 
@@ -48,7 +49,11 @@ class Answer:
 
 
 class Raw:
-    """The generated stub on a plain channel: for requests the SDK would never build."""
+    """The generated stub on a plain channel: for requests the SDK would never build.
+
+    It remembers the capability of every session it opened and fills it into later requests
+    naming that session (unless the request sets one, or `fill=False`), as the SDK does.
+    Requests given as bytes are sent as they are (for bytes that do not parse)."""
 
     def __init__(self, target: str, worker: str = "rel-worker", token: str | None = None) -> None:
         self.target = target
@@ -59,6 +64,18 @@ class Raw:
             target, options=[("grpc.max_send_message_length", big), ("grpc.max_receive_message_length", big)]
         )
         self.stub = pb_grpc.KVRecallStub(self.channel)
+        self.capabilities: dict[str, str] = {}  # session id -> capability, from OpenSession answers
+
+    def fill(self, request) -> None:
+        if request.session_id in self.capabilities and not request.capability:
+            request.capability = self.capabilities[request.session_id]
+
+    def _send(self, method: str, request, fill: bool):
+        if isinstance(request, bytes):
+            return self.channel.unary_unary(f"/kvrecall.v1.KVRecall/{method}")
+        if fill and method != "OpenSession":
+            self.fill(request)
+        return getattr(self.stub, method)
 
     def metadata(self, worker: str | None = None, token: str | None = None) -> tuple:
         md = []
@@ -71,11 +88,14 @@ class Raw:
         return tuple(md)
 
     def call(self, method: str, request, *, worker: str | None = None, token: str | None = None,
-             timeout: float = CALL_TIMEOUT) -> Answer:
+             timeout: float = CALL_TIMEOUT, fill: bool = True) -> Answer:
         try:
-            response = getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata(worker, token))
+            stub = self._send(method, request, fill)
+            response = stub(request, timeout=timeout, metadata=self.metadata(worker, token))
         except grpc.RpcError as exc:
             return Answer(None, exc.code(), exc.details() or "")
+        if method == "OpenSession" and not isinstance(response, bytes):
+            self.capabilities[response.session_id] = response.capability
         return Answer(response, grpc.StatusCode.OK, "")
 
     def ok(self, method: str, request, **kw):
@@ -84,11 +104,18 @@ class Raw:
         return answer.response
 
     def stream(self, requests: list, *, worker: str | None = None, token: str | None = None,
-               timeout: float = CALL_TIMEOUT) -> tuple[list, Answer]:
+               timeout: float = CALL_TIMEOUT, fill: bool = True) -> tuple[list, Answer]:
         """Send `requests` on one Decode stream; returns the answers and how the stream ended."""
         responses = []
+        for request in requests if fill else ():
+            if not isinstance(request, bytes):
+                self.fill(request)
+        decode = self.stub.Decode
+        if any(isinstance(r, bytes) for r in requests):
+            decode = self.channel.stream_stream("/kvrecall.v1.KVRecall/Decode")
+            requests = [r if isinstance(r, bytes) else r.SerializeToString() for r in requests]
         try:
-            for response in self.stub.Decode(iter(requests), timeout=timeout, metadata=self.metadata(worker, token)):
+            for response in decode(iter(requests), timeout=timeout, metadata=self.metadata(worker, token)):
                 responses.append(response)
         except grpc.RpcError as exc:
             return responses, Answer(None, exc.code(), exc.details() or "")

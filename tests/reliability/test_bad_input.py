@@ -97,6 +97,11 @@ def boundary(session_id: str, position: int, layers=(), query: pb.TensorRef | No
     return request
 
 
+def with_capability(request, capability: str):
+    request.capability = capability
+    return request
+
+
 def opening(**changes) -> Callable[[Ctx], pb.OpenSessionRequest]:
     """An OpenSession request with fields of the valid one replaced (layout.* for the layout)."""
 
@@ -136,6 +141,13 @@ class Case:
     worker: str | None = None             # metadata worker id (None = the default)
     answered: int = 0                     # Decode: answers expected before the error
     xfail: str = ""                       # a known gap (strict: passing means remove the marker)
+    fill: bool = True                     # send the session's capability (Raw.fill) unless set
+
+
+# Bytes that are no valid message: field 1 (a string in every request) claims 5 bytes, has 2.
+UNDECODABLE = b"\x0a\x05ab"
+# Field 1 as a string of invalid UTF-8 (proto3 strings must be UTF-8).
+BAD_UTF8 = b"\x0a\x02\xff\xfe"
 
 
 CASES = [
@@ -180,6 +192,18 @@ CASES = [
     Case("open-tp-rank-past-size", "OpenSession", opening(tp_size=2, tp_rank=2), C.INVALID_ARGUMENT, ("tp_rank",)),
     Case("open-tag-too-long", "OpenSession", opening(tag="x" * 300), C.INVALID_ARGUMENT, ("tag",)),
     Case("open-oversized-message", "OpenSession", opening(tag="x" * (2 << 20)), C.RESOURCE_EXHAUSTED, ("larger than max",)),
+    Case("open-undecodable", "OpenSession", lambda c: UNDECODABLE, C.INVALID_ARGUMENT, ("request", "OpenSessionRequest")),
+    Case("open-bad-utf8", "OpenSession", lambda c: BAD_UTF8, C.INVALID_ARGUMENT, ("request", "OpenSessionRequest")),
+    # ---- OpenSession: policy sizes against the sequence (layout.max_tokens = 512) ----------
+    *[Case(f"open-policy-{name}-budget-past-max-tokens", "OpenSession", opening(policy=policy(name, budget=513)),
+           C.INVALID_ARGUMENT, (f"policy.{name}.budget", "max_tokens")) for name in ("louiskv", "quest", "snapkv", "windowkv")],
+    Case("open-policy-n-sink-past-max-tokens", "OpenSession", opening(policy=policy("streaming", n_sink=600)),
+         C.INVALID_ARGUMENT, ("policy.streaming.n_sink", "max_tokens")),
+    Case("open-policy-window-past-max-tokens", "OpenSession", opening(policy=policy("louiskv", window=4096)),
+         C.INVALID_ARGUMENT, ("policy.louiskv.window", "max_tokens")),
+    Case("open-policy-observation-past-max-tokens", "OpenSession",
+         opening(layout_max_tokens=8, policy=policy("snapkv", budget=4, window=32, observation=16)),
+         C.INVALID_ARGUMENT, ("policy.snapkv", "max_tokens")),
 
     # ---- IngestPrompt: session ids ---------------------------------------------------------
     Case("ingest-session-id-missing", "IngestPrompt", lambda c: ingest("", inline_kv()), C.INVALID_ARGUMENT, ("session_id", "required")),
@@ -187,6 +211,16 @@ CASES = [
     Case("ingest-session-id-garbage", "IngestPrompt", lambda c: ingest("\u2603" * 40, inline_kv()), C.NOT_FOUND, ("session_id",)),
     Case("ingest-session-closed", "IngestPrompt", lambda c: ingest(c.closed, shm_kv(c)), C.NOT_FOUND, ("session_id",)),
     Case("ingest-other-workers-session", "IngestPrompt", lambda c: ingest(c.other, shm_kv(c)), C.NOT_FOUND, ("session_id",)),
+    # ---- IngestPrompt: the session capability -------------------------------------------------
+    Case("ingest-capability-missing", "IngestPrompt", lambda c: ingest(c.victim, shm_kv(c)), C.NOT_FOUND,
+         ("session_id",), fill=False),
+    Case("ingest-capability-wrong", "IngestPrompt", lambda c: with_capability(ingest(c.victim, shm_kv(c)), "guess"),
+         C.NOT_FOUND, ("session_id",)),
+    Case("ingest-capability-of-another-session", "IngestPrompt",
+         lambda c: with_capability(ingest(c.victim, shm_kv(c)), c.raw.capabilities[c.fresh]), C.NOT_FOUND, ("session_id",)),
+    Case("ingest-no-worker-id-into-another-workers-session", "IngestPrompt", lambda c: ingest(c.other, shm_kv(c)),
+         C.NOT_FOUND, ("session_id",), worker="", fill=False),
+    Case("ingest-undecodable", "IngestPrompt", lambda c: UNDECODABLE, C.INVALID_ARGUMENT, ("request", "IngestPromptRequest")),
     # ---- IngestPrompt: sizes -----------------------------------------------------------------
     Case("ingest-num-tokens-zero", "IngestPrompt", lambda c: ingest(c.fresh, shm_kv(c), num_tokens=0), C.INVALID_ARGUMENT, ("num_tokens",)),
     Case("ingest-num-tokens-past-max", "IngestPrompt", lambda c: ingest(c.fresh, kv_ref(600), num_tokens=600),
@@ -263,6 +297,16 @@ CASES = [
     Case("decode-session-id-unknown", "Decode", lambda c: [append("s-ffffffffffffffff", 1)], C.NOT_FOUND, ("session_id",)),
     Case("decode-session-closed", "Decode", lambda c: [append(c.closed, PROMPT + 1)], C.NOT_FOUND, ("session_id",)),
     Case("decode-other-workers-session", "Decode", lambda c: [append(c.other, PROMPT + 1)], C.NOT_FOUND, ("session_id",)),
+    Case("decode-no-worker-id-other-workers-session", "Decode", lambda c: [boundary(c.ingested, PROMPT)], C.NOT_FOUND,
+         ("session_id",), worker="", fill=False),
+    Case("decode-capability-wrong", "Decode", lambda c: [with_capability(boundary(c.ingested, PROMPT), "guess")],
+         C.NOT_FOUND, ("session_id",)),
+    Case("decode-undecodable-first-message", "Decode", lambda c: [UNDECODABLE], C.INVALID_ARGUMENT,
+         ("request", "DecodeRequest")),
+    Case("decode-undecodable-after-a-good-one", "Decode", lambda c: [boundary(c.ingested, PROMPT), UNDECODABLE],
+         C.INVALID_ARGUMENT, ("request", "DecodeRequest"), answered=1),
+    Case("decode-boundary-position-past-max-tokens", "Decode", lambda c: [boundary(c.near_max, NEAR_MAX + 1)],
+         C.INVALID_ARGUMENT, ("boundary.position", "max_tokens")),
     Case("decode-no-event", "Decode", lambda c: [pb.DecodeRequest(seq=1, session_id=c.ingested)], C.INVALID_ARGUMENT, ("event",)),
     Case("decode-append-before-ingest", "Decode", lambda c: [append(c.fresh, 1)], C.FAILED_PRECONDITION,
          ("append", "IngestPrompt")),
@@ -327,6 +371,9 @@ CASES = [
     Case("keepalive-session-closed", "KeepAlive", lambda c: pb.KeepAliveRequest(session_id=c.closed), C.NOT_FOUND, ("session_id",)),
     Case("keepalive-other-workers-session", "KeepAlive", lambda c: pb.KeepAliveRequest(session_id=c.other), C.NOT_FOUND,
          ("session_id",)),
+    Case("keepalive-capability-missing", "KeepAlive", lambda c: pb.KeepAliveRequest(session_id=c.fresh), C.NOT_FOUND,
+         ("session_id",), fill=False),
+    Case("keepalive-undecodable", "KeepAlive", lambda c: UNDECODABLE, C.INVALID_ARGUMENT, ("request",)),
 
     # ---- CloseSession ------------------------------------------------------------------------
     Case("close-session-id-missing", "CloseSession", lambda c: pb.CloseSessionRequest(), C.INVALID_ARGUMENT, ("session_id", "required")),
@@ -334,6 +381,11 @@ CASES = [
     Case("close-twice", "CloseSession", lambda c: pb.CloseSessionRequest(session_id=c.closed), C.NOT_FOUND, ("session_id",)),
     Case("close-other-workers-session", "CloseSession", lambda c: pb.CloseSessionRequest(session_id=c.other), C.NOT_FOUND,
          ("session_id",)),
+    Case("close-capability-missing", "CloseSession", lambda c: pb.CloseSessionRequest(session_id=c.fresh), C.NOT_FOUND,
+         ("session_id",), fill=False),
+    Case("close-no-worker-id-capability-wrong", "CloseSession",
+         lambda c: pb.CloseSessionRequest(session_id=c.fresh, capability="guess"), C.NOT_FOUND, ("session_id",), worker=""),
+    Case("close-undecodable", "CloseSession", lambda c: BAD_UTF8, C.INVALID_ARGUMENT, ("request",)),
 
     # ---- GetStats ----------------------------------------------------------------------------
     Case("stats-session-unknown", "GetStats", lambda c: pb.StatsRequest(session_id="s-0"), C.NOT_FOUND, ("session_id",)),
@@ -341,6 +393,9 @@ CASES = [
     Case("stats-other-workers-session", "GetStats", lambda c: pb.StatsRequest(session_id=c.other), C.NOT_FOUND, ("session_id",)),
     Case("stats-session-of-another-caller", "GetStats", lambda c: pb.StatsRequest(session_id=c.ingested), C.NOT_FOUND,
          ("session_id",), worker="someone-else"),
+    Case("stats-capability-missing", "GetStats", lambda c: pb.StatsRequest(session_id=c.ingested), C.NOT_FOUND,
+         ("session_id",), worker="", fill=False),
+    Case("stats-undecodable", "GetStats", lambda c: UNDECODABLE, C.INVALID_ARGUMENT, ("request",)),
 ]
 
 
@@ -423,10 +478,10 @@ def test_catalogue_is_large_and_covers_every_rpc():
 def test_bad_input(ctx, case: Case):
     request = case.build(ctx)
     if case.rpc == "Decode":
-        responses, answer = ctx.raw.stream(request, worker=case.worker)
+        responses, answer = ctx.raw.stream(request, worker=case.worker, fill=case.fill)
         assert len(responses) == case.answered, responses
     else:
-        answer = ctx.raw.call(case.rpc, request, worker=case.worker)
+        answer = ctx.raw.call(case.rpc, request, worker=case.worker, fill=case.fill)
         if answer.code == C.OK and case.rpc == "OpenSession":  # never leave a session behind
             ctx.raw.ok("CloseSession", pb.CloseSessionRequest(session_id=answer.response.session_id))
     assert answer.code == case.code, f"{case.id}: {answer.code.name}: {answer.details}"
@@ -451,8 +506,9 @@ AUTH_CASES = [
 @pytest.fixture(scope="module")
 def auth_daemon(tmp_path_factory):
     tokens = tmp_path_factory.mktemp("auth") / "tokens"
-    tokens.write_text("alice alice-token\nbob bob-token\n")
-    with LocalDaemon(host_pool_gb=0.0625, device_pool_gb=0.0625, extra_args=["--tokens-file", str(tokens)]) as d:
+    tokens.write_text("alice alice-token\nbob bob-token\ncarol carol-token\n")
+    with LocalDaemon(host_pool_gb=0.0625, device_pool_gb=0.0625, extra_args=["--tokens-file", str(tokens)],
+                     env={"KVRECALL_OPERATORS": "carol"}, worker_share=None) as d:
         r = Raw(d.target)
         yield r
         r.close()
@@ -474,15 +530,21 @@ def test_bad_credentials(auth_daemon, case):
         assert needle.lower() in answer.details.lower(), (needle, answer.details)
 
 
-def test_good_token_works(auth_daemon):
+def test_good_token_works_and_stats_show_a_tenant_its_own_sessions(auth_daemon):
     answer = auth_daemon.call("OpenSession", open_request(worker="alice"), worker="alice", token="alice-token")
     assert answer.code == C.OK, answer.details
-    closed = auth_daemon.call("CloseSession", pb.CloseSessionRequest(session_id=answer.response.session_id),
-                              worker="alice", token="alice-token")
+    alice = answer.response.session_id
+
+    def listed(token: str) -> set[str]:
+        return {s.session_id for s in auth_daemon.ok("GetStats", pb.StatsRequest(), worker="", token=token).sessions}
+
+    # bob's valid token neither lists alice's session nor reaches it, capability or not
+    assert listed("bob-token") == set()
+    assert auth_daemon.call("KeepAlive", pb.KeepAliveRequest(session_id=alice), worker="", token="bob-token").code == C.NOT_FOUND
+    assert listed("alice-token") == {alice}
+    assert listed("carol-token") == {alice}  # the operator sees every tenant
+    closed = auth_daemon.call("CloseSession", pb.CloseSessionRequest(session_id=alice), worker="alice", token="alice-token")
     assert closed.code == C.OK
-    # bob's valid token does not reach alice's sessions
-    stats = auth_daemon.call("GetStats", pb.StatsRequest(), worker="", token="bob-token")
-    assert stats.code == C.OK
 
 
 # ---- after the catalogue ------------------------------------------------------------------

@@ -358,6 +358,28 @@ def test_fuzz_unary_session_calls(fuzz):
     run()
 
 
+def test_fuzz_raw_bytes_on_every_rpc(fuzz):
+    """Bytes that may not parse at all, on every RPC (Decode: a stream of one to three):
+    INVALID_ARGUMENT for what does not parse, never INTERNAL. A long run over mutations of
+    valid messages: scripts/reliability_fuzz.py."""
+    r = fuzz["raw"]
+
+    @FUZZ
+    @given(method=st.sampled_from(["OpenSession", "IngestPrompt", "Decode", "KeepAlive", "CloseSession", "GetStats"]),
+           payloads=st.lists(st.binary(max_size=64), min_size=1, max_size=3))
+    def run(method, payloads):
+        if method == "Decode":
+            _, answer = r.stream(payloads, timeout=TIMEOUT)
+        else:
+            answer = r.call(method, payloads[0], timeout=TIMEOUT)
+            if answer.code == C.OK and method == "OpenSession":  # bytes that parse to a valid request
+                opened = pb.OpenSessionResponse.FromString(answer.response)
+                r.ok("CloseSession", pb.CloseSessionRequest(session_id=opened.session_id, capability=opened.capability))
+        check(answer, f"{method} (raw bytes)")
+
+    run()
+
+
 def test_daemon_healthy_after_fuzzing(fuzz, rdaemon):
     r = fuzz["raw"]
     assert r.health() == "SERVING"

@@ -36,7 +36,7 @@ WORKER = textwrap.dedent(
     session = client.open_session(spec, "louiskv", {"budget": 32, "n_sink": 4, "window": 32, "cluster_size": 8},
                                   lease_seconds=int(sys.argv[2]))
     session.ingest(torch.randn(2, 2, 2, 200, 16), torch.randn(2, 4, max(1, session.observation), 16))
-    print("SESSION", session.session_id, flush=True)
+    print("SESSION", session.session_id, session.capability, flush=True)
     position = 200
     while position < 4000:
         session.write_token(position, torch.randn(2, 2, 16), torch.randn(2, 2, 16))
@@ -54,7 +54,7 @@ WORKER = textwrap.dedent(
 
 
 def _session_listed(raw: Raw, session_id: str) -> bool:
-    stats = raw.ok("GetStats", pb.StatsRequest())
+    stats = raw.ok("GetStats", pb.StatsRequest(), worker="")  # no worker id: the operator's view
     return any(s.session_id == session_id for s in stats.sessions)
 
 
@@ -75,8 +75,8 @@ def test_sigkilled_worker_memory_returns_within_the_lease(rdaemon, raw):
         reader.start()
         assert wait_for(lambda: "DECODING" in lines or worker.poll() is not None, 120), "worker never decoded"
         assert "DECODING" in lines, f"worker died: {worker.stderr.read()[-3000:]}"
-        session_id = next(line.split()[1] for line in lines if line.startswith("SESSION"))
-        stats = raw.ok("GetStats", pb.StatsRequest(session_id=session_id), worker="doomed-worker")
+        session_id, capability = next(line.split()[1:] for line in lines if line.startswith("SESSION"))
+        stats = raw.ok("GetStats", pb.StatsRequest(session_id=session_id, capability=capability), worker="doomed-worker")
         assert stats.sessions[0].appends >= 1 and stats.sessions[0].boundaries >= 1  # really mid-decode
         held = raw.pools()
         assert held["host"] > baseline["host"] and held["device"] > baseline["device"]
@@ -95,7 +95,7 @@ def test_sigkilled_worker_memory_returns_within_the_lease(rdaemon, raw):
     elapsed = time.monotonic() - killed
     assert elapsed <= bound, f"memory came back after {elapsed:.1f}s, lease {LEASE}s + reaper {REAP_INTERVAL}s"
     assert not _session_listed(raw, session_id)
-    answer = raw.call("KeepAlive", pb.KeepAliveRequest(session_id=session_id), worker="doomed-worker")
+    answer = raw.call("KeepAlive", pb.KeepAliveRequest(session_id=session_id, capability=capability), worker="doomed-worker")
     assert answer.code == grpc.StatusCode.NOT_FOUND
     assert "lease expired" in rdaemon.log() and session_id in rdaemon.log()
     assert raw.health() == "SERVING"

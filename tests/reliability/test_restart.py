@@ -14,6 +14,7 @@ import torch
 
 from kvrecall.client import KVRecallClient, NotFoundError, UnavailableError
 from kvrecall.local import LocalDaemon
+from kvrecall.shm import ShmSegment
 from tests.reliability.conftest import SPEC, random_kv
 
 LONG = SPEC.__class__(**{**SPEC.__dict__, "max_tokens": 50_000})  # decodes for a while without hitting the end
@@ -114,18 +115,23 @@ def test_client_created_while_daemon_is_down_connects_later(restartable):
 
 
 def test_restart_cleans_up_shared_memory(restartable):
-    """A SIGKILLed daemon leaves its segments; the next start removes them."""
+    """A SIGKILLed daemon leaves nothing in /dev/shm (its pools and working sets are memfds,
+    gone with the process and its workers' mappings); named segments left by dead processes
+    (a dead worker's ingest staging) are removed by the next start."""
     daemon = restartable.start()
     client = KVRecallClient(daemon.target, "kill-worker", timeout=10.0, connect_retries=2)
     session = client.open_session(SPEC, "full")
     pid = daemon.process.pid
     prefix = f"kvrecall-{pid}-"
-    assert [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+    stale = ShmSegment.create(f"{prefix}stage-left-behind", 4096)  # named after the dying pid
     daemon.kill()
     daemon.stop()
     daemon.start()
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+    assert not os.path.exists(os.path.join("/dev/shm", stale.name))
+    stale.owner = False  # already unlinked by the daemon
+    stale.release()
     with pytest.raises(NotFoundError):
-        client.stats(session.session_id)
+        client.stats(session.session_id, session.capability)
     session.close()
     client.close()

@@ -41,7 +41,7 @@ def test_a_refused_rank_stops_the_whole_group(tmp_path):
         assert all(p.returncode != 0 for p in procs), outputs
         assert "RESOURCE_EXHAUSTED" in outputs[1] or "ResourceExhausted" in outputs[1], outputs[1][-2000:]
         assert "RankOpenError" in outputs[0] and "ranks [1]" in outputs[0], outputs[0][-2000:]
-        with KVRecallClient(roomy.target, "probe") as client:
+        with KVRecallClient(roomy.target, "") as client:
             stats = client.stats()
             assert len(stats.sessions) == 0, "rank 0 must close the session it opened"
             assert {p.tier: p.used_bytes for p in stats.pools} == {"host": 0, "device": 0}

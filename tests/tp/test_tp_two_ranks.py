@@ -46,7 +46,7 @@ def ranks(tmp_path_factory):
         )  # fmt: skip
         pools = []
         for daemon in daemons:
-            with KVRecallClient(daemon.target, "tp-test") as client:
+            with KVRecallClient(daemon.target, "") as client:  # no worker id: every session
                 stats = client.stats()
                 pools.append(({p.tier: p.used_bytes for p in stats.pools}, len(stats.sessions)))
     results = [json.loads((out / f"check-rank{r}.json").read_text()) for r in range(WORLD)]

@@ -17,6 +17,7 @@ from kvrecall.server.errors import InvalidArgument
 from kvrecall.server.host_store import SequenceStore
 from kvrecall.server.layout import ModelLayout, WorkingSetPlan
 from kvrecall.server.working_set import WorkingSet
+from kvrecall.sizes import TOKEN_COUNT_FIELDS
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 # Tokens appended between AppendNotices unless a policy says otherwise.
@@ -156,6 +157,15 @@ def build_policy(message: pb.PolicyConfig, layout: ModelLayout) -> Policy:
             elif descriptor.enum_type is not None:
                 if getattr(sub, field.name) != 0:
                     fields[field.name] = getattr(sub, field.name)
+    for name in TOKEN_COUNT_FIELDS:
+        if fields.get(name, 0) > layout.max_tokens:
+            raise InvalidArgument(
+                f"policy.{cls.proto_field}.{name}",
+                f"{fields[name]} is larger than the sequence can be (layout.max_tokens={layout.max_tokens})",
+            )
+    if "budget" not in fields and any(f.name == "budget" for f in dataclasses.fields(cls.Config)):
+        # The default budget never sizes a working set beyond what the sequence can hold.
+        fields["budget"] = min(cls.Config.budget, layout.max_tokens)
     try:
         config = cls.Config(**fields)
     except ValueError as exc:

@@ -1,0 +1,449 @@
+"""`kvrecall bench e2e`: decode through the real product path, against the best full-KV step.
+
+kvrecall rows: the engine (kvrecall/engine) decodes B sequences, each its own session of a
+real daemon process (CUDA IPC working sets, pinned host tier), one graph-captured step for all
+of them, then the step's AppendNotices and boundary retrievals over gRPC. Each step is timed
+on the host clock around `Engine.step()` (it ends with the step's only sync), so the daemon's
+answers are inside the figure.
+
+full rows: the same engine and weights with every token's K/V on the GPU, attention by torch
+SDPA's GQA kernel over the live length, the step captured as a CUDA graph and timed by replay
+with CUDA events (engine/full.py).
+
+Random weights: the prompt's KV is random (ingested as it is, not prefilled), and queries drift
+on every step, so the boundary decision is set by a schedule at a given rate (`--rates`; the
+rate measured on the real model is 11.7%, docs/TUNING.md); the device still computes its flag
+in every step. `bound` is the same engine at rate 0 (appends only): the sparse step's floor.
+Prints a table, writes JSON (rewritten after every configuration) and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from kvrecall.bench.common import GiB, log, run_metadata, time_fn
+from kvrecall.client import KVRecallClient, ModelSpec
+from kvrecall.engine import LLAMA3_8B, DecoderShape, DecoderWeights, Engine
+from kvrecall.engine.decoder import Decoder
+from kvrecall.engine.full import FullKV
+from kvrecall.engine.graph import GraphStep
+from kvrecall.local import LocalDaemon
+
+TINY = DecoderShape(2, 256, 4, 2, 64, 512, 1000)
+MEASURED_RATE = 0.117  # louiskv's boundary rate on the real model at the default threshold (docs/TUNING.md)
+PARTS = ("step", "capped", "many")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kvrecall bench e2e", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", choices=("llama3-8b", "tiny"), default="llama3-8b", help="model shape (random weights)")
+    p.add_argument("--layers", type=int, help="override the shape's layer count (quick runs)")
+    p.add_argument("--contexts", default="32768,131072", help="prompt tokens, comma-separated")
+    p.add_argument("--batches", default="1,8", help="sequences per step, comma-separated")
+    p.add_argument("--policies", default="louiskv,quest", help="kvrecall policies beside full")
+    p.add_argument("--rates", default=f"0,{MEASURED_RATE},1", help="louiskv boundary rates (share of steps)")
+    p.add_argument("--budget", type=int, default=1024, help="retrieved tokens per layer and KV head")
+    p.add_argument("--steps", type=int, default=64, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=24, help="untimed steps first")
+    p.add_argument("--lag", type=int, default=1,
+                   help="steps a slot reads its shadow while the daemon retrieves (0: retrieval blocks the next step)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
+    p.add_argument("--capped-context", type=int, default=32768, help="context of the capped-GPU-KV throughput part")
+    p.add_argument("--gpu-kv-cap-gib", type=float, default=16.0, help="GPU KV cap of that part")
+    p.add_argument("--host-cap-gib", type=float, default=100.0, help="host tier the capped and many parts may use")
+    p.add_argument("--many", type=int, default=64, help="sequences of the daemon-sustain part")
+    p.add_argument("--many-context", type=int, default=8192, help="their prompt tokens")
+    p.add_argument("--host-pool-gib", type=float, default=None,
+                   help="daemon host tier (default: what the largest configuration needs); configurations that do "
+                   "not fit are skipped and listed under skipped")
+    p.add_argument("--no-graph", action="store_true", help="run steps eagerly")
+    p.add_argument("--out", default="e2e.json")
+    p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
+    return p.parse_args(argv)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _daemon_device(device: torch.device) -> str:
+    """`kvrecall serve --device` wants an index on CUDA."""
+    if device.type == "cuda":
+        return f"cuda:{device.index or 0}"
+    return "cpu"
+
+
+def _gib(n: float) -> float:
+    return round(n / GiB, 3)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, argv: list[str]) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        shape = LLAMA3_8B if args.shape == "llama3-8b" else TINY
+        if args.layers:
+            shape = replace(shape, num_layers=args.layers)
+        self.shape = shape
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = dtype
+        self.weights = DecoderWeights.random(shape, self.device, dtype)
+        self.rows: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+        self.meta = run_metadata(self.device, argv)
+        self.meta["command"] = " ".join(["kvrecall", "bench", "e2e", *argv])
+        self.meta["weights_gib"] = _gib(self.weights.nbytes)
+        self.token_bytes = shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * torch.finfo(dtype).bits // 8
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def free(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def worker_peak(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        return _gib(torch.cuda.max_memory_allocated(self.device) - self.weights.nbytes)
+
+    def prompt(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random prompt KV [L, 2, H, T, D] and observation queries [L, Hq, 16, D]."""
+        s = self.shape
+        g = torch.Generator(device=self.device).manual_seed(tokens)
+        kv = torch.randn(s.num_layers, 2, s.num_kv_heads, tokens, s.head_dim, device=self.device,
+                         dtype=self.dtype, generator=g)  # fmt: skip
+        queries = torch.randn(s.num_layers, s.num_query_heads, 16, s.head_dim, device=self.device,
+                              dtype=self.dtype, generator=g)  # fmt: skip
+        return kv, queries
+
+    def spec(self, tokens: int) -> ModelSpec:
+        s = self.shape
+        steps = self.args.steps * 4 + self.args.warmup * 4 + 64
+        return ModelSpec(s.num_layers, s.num_kv_heads, s.num_query_heads, s.head_dim, self.dtype, tokens + steps)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        log("  " + ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("part",)))
+        self.write()
+
+    def write(self) -> None:
+        with open(self.args.out, "w") as f:
+            json.dump({"meta": self.meta, "rows": self.rows, "errors": self.errors, "notes": NOTES}, f, indent=1)
+
+    # ---- full KV on the GPU --------------------------------------------------------------------
+    def full(self, part: str, context: int, batch: int) -> dict[str, Any]:
+        s, args = self.shape, self.args
+        self.free()
+        max_tokens = context + 4 * (args.steps + args.warmup) + 8
+        per_layer = 2 * batch * s.num_kv_heads * max_tokens * s.head_dim * self.dtype.itemsize
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            kv_layers = max(1, min(s.num_layers, int((free - 6 * GiB) * 0.9 // per_layer)))
+        else:
+            kv_layers = s.num_layers
+        backend = FullKV(batch, s.num_layers, s.num_kv_heads, s.head_dim, max_tokens, self.dtype, self.device,
+                         s.head_dim**-0.5, kv_layers)  # fmt: skip
+        backend.keys.normal_()
+        backend.values.normal_()
+        backend.live = context
+        decoder = Decoder(self.weights, batch)
+        decoder.positions.fill_(context - 1)
+        step = GraphStep(lambda: decoder.step(backend), self.device, not args.no_graph)
+        decoder.positions.fill_(context - 1)
+        timing = time_fn(step, self.device, warmup=args.warmup, reps=args.steps)
+        row = {
+            "part": part, "policy": "full", "context": context, "batch": batch, "rate": None,
+            "median_ms": round(timing.median_ms, 3), "p90_ms": round(timing.p90_ms, 3),
+            "mean_ms": round(timing.median_ms, 3), "tokens_per_s": round(batch * 1e3 / timing.median_ms, 1),
+            "graphed": step.graphed, "kv_layers": kv_layers, "kv_layers_shared": kv_layers < s.num_layers,
+            "gpu_kv_gib": _gib(batch * context * self.token_bytes), "worker_peak_gib": self.worker_peak(),
+            "daemon_gpu_gib": 0.0,
+        }  # fmt: skip
+        return row
+
+    # ---- kvrecall sessions through the daemon ---------------------------------------------------------
+    def sessions(
+        self, client: KVRecallClient, part: str, policy: str, context: int, batch: int, rates: list[float]
+    ) -> list[dict[str, Any]]:
+        args = self.args
+        self.free()
+        config = {} if policy in ("full", "streaming") else {"budget": args.budget}
+        kv, queries = self.prompt(context)
+        rate_now = [0.0]
+
+        def schedule(step: int, slot: int) -> bool:
+            return random.Random(step * 100_003 + slot).random() < rate_now[0]
+
+        opened = []
+        engine = None
+        try:
+            t0 = time.perf_counter()
+            for _ in range(batch):
+                opened.append(client.open_session(self.spec(context), policy, config, device=self.device))
+            capacity = opened[0].capacity
+            force = schedule if policy == "louiskv" else None
+            engine = Engine(self.weights, batch, capacity, use_graph=not args.no_graph, force_boundary=force, lag=args.lag)
+            first = torch.randint(0, self.shape.vocab, (batch,)).tolist()
+            ingest = []
+            for session, token in zip(opened, first, strict=True):
+                t1 = time.perf_counter()
+                engine.add(session, kv=kv, queries=queries, first_token=token)
+                ingest.append(time.perf_counter() - t1)
+            del kv, queries
+            setup_s = time.perf_counter() - t0
+            self.free()
+            stats = client.stats()
+            daemon_device = next(p.used_bytes for p in stats.pools if p.tier == "device")
+            host_bytes = next(p.used_bytes for p in stats.pools if p.tier == "host")
+            rows = []
+            for rate in rates if policy == "louiskv" else [1.0 if policy == "quest" else 0.0]:
+                rate_now[0] = rate
+                for _ in range(args.warmup):
+                    engine.step()
+                before = sum(seq.boundaries for seq in engine.active)
+                samples = []
+                for _ in range(args.steps):
+                    t1 = time.perf_counter()
+                    engine.step()
+                    samples.append((time.perf_counter() - t1) * 1e3)
+                crossed = sum(seq.boundaries for seq in engine.active) - before
+                mean = statistics.fmean(samples)
+                rows.append({
+                    "part": part, "policy": policy, "context": context, "batch": batch, "rate": rate,
+                    "median_ms": round(statistics.median(samples), 3), "p90_ms": round(_percentile(samples, 0.9), 3),
+                    "mean_ms": round(mean, 3), "tokens_per_s": round(batch * 1e3 / mean, 1),
+                    "boundary_share": round(crossed / (args.steps * batch), 4), "graphed": engine.graph.graphed,
+                    "capacity": capacity, "budget": config.get("budget"), "lag": args.lag,
+                    "ingest_s_first": round(ingest[0], 3), "ingest_s_mean": round(statistics.fmean(ingest), 3),
+                    "setup_s": round(setup_s, 2), "worker_peak_gib": self.worker_peak(),
+                    "daemon_gpu_gib": _gib(daemon_device), "host_gib": _gib(host_bytes),
+                    "gpu_kv_gib_full_equivalent": _gib(batch * context * self.token_bytes),
+                })  # fmt: skip
+            # The captured step alone (no daemon calls, CUDA events): what the host side adds.
+            graph_only = time_fn(engine.graph, self.device, warmup=2, reps=max(8, args.steps // 2))
+            for row in rows:
+                row["graph_only_ms"] = round(graph_only.median_ms, 3)
+            return rows
+        finally:
+            if engine is not None:
+                engine.close()
+            for session in opened:
+                session.close()
+            self.free()
+
+    # ---- parts -----------------------------------------------------------------------------------
+    def guarded(self, what: str, fn) -> None:
+        try:
+            fn()
+        except Exception as exc:  # a failed configuration is recorded; the next one still runs
+            message = f"{what}: {type(exc).__name__}: {exc}"[:800]
+            traceback.print_exc()
+            log("  ERROR " + message)
+            self.errors.append(message)
+            self.write()
+            self.free()
+
+    def run(self) -> int:
+        args = self.args
+        parts = [p for p in args.parts.split(",") if p]
+        contexts, batches = _ints(args.contexts), _ints(args.batches)
+        policies = [p for p in args.policies.split(",") if p]
+        rates = [float(r) for r in args.rates.split(",") if r]
+        need = max(
+            [c * b for c in contexts for b in batches if "step" in parts]
+            + [args.many * args.many_context if "many" in parts else 0]
+            + [int(args.host_cap_gib * GiB / self.token_bytes) if "capped" in parts else 0]
+        )  # fmt: skip
+        host_gib = args.host_pool_gib or max(1.0, need * self.token_bytes * 1.1 / GiB + 1)
+        self.meta["host_pool_gib"] = host_gib
+        self.meta["skipped"] = []
+        device_gib = 24.0 if self.device.type == "cuda" else 1.0
+        log(f"e2e: {self.meta.get('device')} shape={self.shape} host pool {host_gib:.1f} GiB")
+        started = time.perf_counter()
+        # Pinning a large host tier takes a while (minutes for ~100 GiB on a fresh VM).
+        daemon = LocalDaemon(host_pool_gb=host_gib, device_pool_gb=device_gib, device=_daemon_device(self.device))
+        with daemon.start(timeout=600.0):
+            self.meta["daemon_start_s"] = round(time.perf_counter() - started, 1)
+            with KVRecallClient(daemon.target, "bench-e2e", timeout=600.0) as client:
+                if "step" in parts:
+                    for context in contexts:
+                        for batch in batches:
+                            if context * batch * self.token_bytes > host_gib * GiB * 0.97:
+                                self.meta["skipped"].append(f"{context}x{batch}: host tier of {host_gib} GiB too small")
+                                continue
+                            log(f"step: context {context}, batch {batch}")
+                            self.guarded(f"full {context}x{batch}", lambda c=context, b=batch: self.add(self.full("step", c, b)))
+                            for policy in policies:
+                                self.guarded(
+                                    f"{policy} {context}x{batch}",
+                                    lambda p=policy, c=context, b=batch: [
+                                        self.add(r) for r in self.sessions(client, "step", p, c, b, rates)
+                                    ],
+                                )  # fmt: skip
+                if "capped" in parts:
+                    self.guarded("capped", lambda: self.capped(client))
+                if "many" in parts:
+                    log(f"many: {args.many} sequences at {args.many_context}")
+                    self.guarded("many", lambda: [
+                        self.add(r) for r in self.sessions(client, "many", "louiskv", args.many_context, args.many,
+                                                           [0.0, MEASURED_RATE])
+                    ])  # fmt: skip
+        self.meta["wall_s"] = round(time.perf_counter() - started, 1)
+        self.summarise()
+        self.write()
+        print(format_table(self.rows))
+        for line in self.summary_lines:
+            print(line)
+        self.plot()
+        return 0 if not self.errors else 1
+
+    def capped(self, client: KVRecallClient) -> None:
+        """Sustained tokens/s with the GPU's KV capped: full fits cap / per-sequence KV sequences,
+        kvrecall as many as its working sets (and the host tier) allow."""
+        args, context = self.args, self.args.capped_context
+        cap = args.gpu_kv_cap_gib * GiB
+        full_batch = max(1, int(cap // (context * self.token_bytes)))
+        log(f"capped: {args.gpu_kv_cap_gib} GiB GPU KV at {context}: full {full_batch} sequences")
+        self.add(self.full("capped", context, full_batch))
+        probe = client.open_session(self.spec(context), "louiskv", {"budget": args.budget}, device=self.device)
+        ws_bytes = probe.stats().device_bytes
+        probe.close()
+        host_limit = int(args.host_cap_gib * GiB // (context * self.token_bytes))
+        batch = max(1, min(int(cap // max(ws_bytes, 1)), host_limit, 64))
+        log(f"capped: kvrecall {batch} sequences (working set {ws_bytes / 2**20:.0f} MiB each)")
+        for row in self.sessions(client, "capped", "louiskv", context, batch, [MEASURED_RATE]):
+            row["limited_by"] = "host tier" if batch == host_limit else "GPU cap"
+            self.add(row)
+
+    # ---- summary ---------------------------------------------------------------------------------
+    def summarise(self) -> None:
+        lines = []
+        ratios: dict[str, float] = {}
+
+        def find(part, policy, context, batch, rate=None):
+            for r in self.rows:
+                if (r["part"], r["policy"], r["context"], r["batch"]) == (part, policy, context, batch) and (
+                    rate is None or r["rate"] == rate
+                ):
+                    return r
+            return None
+
+        for r in self.rows:
+            if r["part"] != "step" or r["policy"] != "louiskv" or r["rate"] != MEASURED_RATE:
+                continue
+            c, b = r["context"], r["batch"]
+            full = find("step", "full", c, b)
+            bound = find("step", "louiskv", c, b, 0.0)
+            key = f"{c // 1024}K_b{b}"
+            if full:
+                ratios[f"speedup_vs_full_{key}"] = round(full["median_ms"] / r["mean_ms"], 3)
+            if bound:
+                ratios[f"over_bound_{key}"] = round(r["mean_ms"] / bound["mean_ms"], 3)
+                ratios[f"over_graph_only_{key}"] = round(r["mean_ms"] / r["graph_only_ms"], 3)
+        full_c = [r for r in self.rows if r["part"] == "capped" and r["policy"] == "full"]
+        kv_c = [r for r in self.rows if r["part"] == "capped" and r["policy"] == "louiskv"]
+        if full_c and kv_c:
+            ratios["capped_tokens_per_s_vs_full"] = round(kv_c[0]["tokens_per_s"] / full_c[0]["tokens_per_s"], 3)
+        many = {r["rate"]: r for r in self.rows if r["part"] == "many"}
+        if 0.0 in many and MEASURED_RATE in many:
+            ratios["many_step_at_measured_rate_over_rate0"] = round(
+                many[MEASURED_RATE]["mean_ms"] / many[0.0]["mean_ms"], 3
+            )
+        self.meta["ratios"] = ratios
+        for key, value in ratios.items():
+            lines.append(f"{key}: {value}")
+        self.summary_lines = lines
+
+    def plot(self) -> None:
+        path = self.args.plot or os.path.splitext(self.args.out)[0] + ".png"
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        series: dict[str, list[tuple[int, float]]] = {}
+        for r in self.rows:
+            if r["part"] != "step":
+                continue
+            label = f"{r['policy']} b{r['batch']}" + ("" if r["rate"] is None else f" r={r['rate']:g}")
+            series.setdefault(label, []).append((r["context"], r["mean_ms"]))
+        for label, points in sorted(series.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("decode step (ms, mean)")
+        ax.set_title(f"kvrecall bench e2e: {self.meta.get('device')}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+NOTES = [
+    "kvrecall rows: host wall clock per Engine.step() (graph replay + the step's only sync + the daemon "
+    "calls it needed: AppendNotices every 16 tokens, boundary retrievals), mean over the timed steps; "
+    "tokens_per_s = batch / mean step.",
+    "full rows: the same engine's step with full KV on the GPU (SDPA enable_gqa over the live length), "
+    "graph replay timed with CUDA events (median). kv_layers_shared: fewer KV buffers than layers "
+    "because all would not fit; every layer still reads a full-size buffer.",
+    f"Random weights drift on every step: louiskv's boundaries follow a schedule at `rate` "
+    f"({MEASURED_RATE} is the rate measured on the real model); the device flag is still computed.",
+    "quest retrieves after every step (rate 1). graph_only_ms: the captured step without daemon calls.",
+    "lag: steps a slot that crossed a boundary reads a shadow copy of its working set while the daemon "
+    "retrieves into the real one (engine/engine.py); 0 = the retrieval blocks the next step.",
+    "The prompt's KV is random and ingested as it is (this bench times decode; prefill memory and time "
+    "are `python -m kvrecall.bench.prefill`).",
+]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'part':7} {'policy':8} {'ctx':>7} {'B':>3} {'rate':>6} {'median':>8} {'p90':>8} {'mean':>8} {'tok/s':>9} {'GPU GiB w/d':>12}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        rate = "" if r["rate"] is None else f"{r['rate']:.3g}"
+        mem = f"{r.get('worker_peak_gib') or 0:.1f}/{r.get('daemon_gpu_gib') or 0:.1f}"
+        lines.append(
+            f"{r['part']:7} {r['policy']:8} {r['context']:>7} {r['batch']:>3} {rate:>6} {r['median_ms']:>8.2f} "
+            f"{r['p90_ms']:>8.2f} {r['mean_ms']:>8.2f} {r['tokens_per_s']:>9.1f} {mem:>12}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    return Bench(args, argv).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

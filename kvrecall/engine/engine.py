@@ -1,0 +1,241 @@
+"""Engine: batched decode of many kvrecall sessions through one model, one step at a time.
+
+    engine = Engine(weights, client, batch=8, max_capacity=2048)
+    slot = engine.add(client.open_session(spec, "louiskv", {"budget": 1024}, device="cuda"), prompt_ids)
+    for _ in range(64):
+        tokens = engine.step()          # {slot: token generated this step}
+    engine.remove(slot).close()
+
+Sequences join and leave between steps (continuous batching); each keeps its own session.
+A step is one static-shaped launch sequence over every slot (one CUDA graph on a GPU,
+captured when the engine is built, while no slot is in use). After it, the host reads one
+boundary flag per slot (a pinned copy, the only sync of the step), then, for the slots that
+need it, sends the window's AppendNotice and the boundary's retrieval, all slots' calls
+concurrently (each session has its own Decode stream). The query that crossed the threshold
+becomes the slot's new reference (LouisKV).
+
+Boundaries off the critical path (`lag` >= 1, the default 1): a slot that crossed first
+copies its working set to a *shadow* (a device copy, ordered before the daemon may write),
+the batch reads the shadow for the next `lag` steps while the daemon retrieves into the
+real working set, and then the slot switches back: the tokens written meanwhile are copied
+into the real window ring and the retrieval serves from there on. The switch happens after
+exactly `lag` steps (waiting for the answer if it is late), so decoding is deterministic.
+Before it reads a shadow, a slot announces every token written so far (an early
+AppendNotice when one would fall due meanwhile), so none falls due while the daemon works on
+the real working set; `lag` must stay below the session's spill_every. `lag=0` retrieves
+before the next step.
+
+Policies that retrieve every step (quest) retrieve after each step for the next one (the
+transformers path retrieves per layer inside the step; a captured step cannot wait for the
+daemon). With a budget covering the sequence every policy is exact either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from kvrecall.engine.decoder import Decoder
+from kvrecall.engine.graph import GraphStep
+from kvrecall.engine.sessions import SessionBatch
+from kvrecall.engine.weights import DecoderWeights
+
+
+@dataclass
+class Sequence:
+    """One slot's sequence: its session and what it did."""
+
+    session: object  # kvrecall.client.WorkerSession
+    slot: int
+    tokens: list[int] = field(default_factory=list)
+    boundaries: int = 0
+    appends: int = 0
+    steps: int = 0
+    pending: Future | None = None  # the boundary's daemon calls while the slot reads its shadow
+    pending_from: int = 0  # first position written into the shadow
+    shadow: tuple[torch.Tensor, ...] | None = None
+
+
+class Engine:
+    """Batched greedy decode over up to `batch` sessions (see the module docstring).
+
+    `force_boundary(step, slot) -> bool | None` overrides the device's boundary decision
+    (benchmarks with random weights set a measured rate this way; None keeps the flag)."""
+
+    def __init__(
+        self, weights: DecoderWeights, batch: int, max_capacity: int, *, use_graph: bool = True,
+        impl: str = "auto", force_boundary: Callable[[int, int], bool | None] | None = None, lag: int = 1,
+    ) -> None:  # fmt: skip
+        if lag < 0:
+            raise ValueError("lag must be >= 0")
+        self.lag = lag
+        s = weights.shape
+        self.device = weights.device
+        self.decoder = Decoder(weights, batch)
+        self.backend = SessionBatch(
+            batch, s.num_layers, s.num_query_heads, s.num_kv_heads, s.head_dim, max_capacity, self.device,
+            weights.dtype, self.decoder.scale, impl,
+        )  # fmt: skip
+        self.sequences: list[Sequence | None] = [None] * batch
+        self.force_boundary = force_boundary
+        self.steps = 0
+        self._shadows: list[tuple[torch.Tensor, ...]] = []  # free shadow working sets, reused
+        self._calls = ThreadPoolExecutor(max_workers=batch, thread_name_prefix="kvrecall-engine")
+        # Captured while no slot is in use: the warm-up steps write nothing anywhere.
+        self.graph = GraphStep(lambda: self.decoder.step(self.backend), self.device, use_graph)
+        self.decoder.tokens.zero_()
+        self.decoder.positions.zero_()
+        pin = self.device.type == "cuda"
+        self._tokens_host = torch.zeros(batch, dtype=torch.int64, pin_memory=pin)
+        self._flags_host = torch.zeros(batch, dtype=torch.bool, pin_memory=pin)
+
+    @property
+    def batch(self) -> int:
+        return self.decoder.batch
+
+    @property
+    def active(self) -> list[Sequence]:
+        return [seq for seq in self.sequences if seq is not None]
+
+    # ---- joining and leaving -------------------------------------------------------------------
+    def add(
+        self, session, prompt: torch.Tensor | None = None, *, kv: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None, first_token: int = 0,
+    ) -> int:  # fmt: skip
+        """Put a freshly opened session into a free slot. Either `prompt` (int64 [T] token ids:
+        prefilled here, its KV ingested, the first generated token is its greedy next token) or
+        a prompt's `kv` [L, 2, H, T, D] (+ optional observation `queries` [L, Hq, n, D]) with
+        the `first_token` to feed. Returns the slot."""
+        slot = next((b for b, seq in enumerate(self.sequences) if seq is None), None)
+        if slot is None:
+            raise RuntimeError(f"all {self.batch} slots are in use")
+        if self.lag >= session.spill_every:
+            raise ValueError(f"lag={self.lag} must be below the session's spill_every={session.spill_every}")
+        if session.capacity > self.backend.max_capacity:
+            raise ValueError(
+                f"session {session.session_id}: working set of {session.capacity} slots exceeds the "
+                f"engine's max_capacity={self.backend.max_capacity}"
+            )
+        if prompt is not None:
+            kv, queries, logits = self.decoder.prefill(prompt.to(self.device), n_obs=max(1, session.observation))
+            first_token = int(logits.argmax())
+        if kv is None:
+            raise ValueError("give the prompt's token ids or its kv")
+        session.ingest(kv, queries)
+        self.backend.set_slot(slot, session.core)
+        if queries is not None:
+            self.backend.set_reference(slot, queries[:, :, -1])
+        self.decoder.tokens[slot] = first_token
+        self.decoder.positions[slot] = kv.shape[3]
+        self.sequences[slot] = Sequence(session, slot, [first_token])
+        return slot
+
+    def remove(self, slot: int) -> Sequence:
+        """Free the slot (the caller closes the session)."""
+        seq = self.sequences[slot]
+        if seq is None:
+            raise KeyError(f"slot {slot} is empty")
+        if seq.pending is not None:
+            self._switch_back(seq)
+        self.backend.clear_slot(slot)
+        self.sequences[slot] = None
+        return seq
+
+    # ---- decoding --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> dict[int, int]:
+        """One token for every active slot; returns {slot: its new token}."""
+        self.graph()
+        self._tokens_host.copy_(self.decoder.tokens, non_blocking=True)
+        self._flags_host.copy_(self.backend.flags, non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        tokens, flags = self._tokens_host.tolist(), self._flags_host.tolist()
+        appends, crossings = [], []
+        for seq in self.active:
+            b = seq.slot
+            core = seq.session.core
+            core.position += 1
+            seq.steps += 1
+            seq.tokens.append(tokens[b])
+            if seq.pending is not None:
+                if core.position - seq.pending_from < self.lag:
+                    continue  # no notice falls due while it reads its shadow (see below)
+                self._switch_back(seq)
+            forced = self.force_boundary(self.steps, b) if self.force_boundary is not None else None
+            crossed = flags[b] if forced is None else forced
+            # A slot about to read its shadow for `lag` steps announces its tokens first, so its
+            # ring (copied into the shadow) has room for them without evicting anything.
+            early = crossed and self.lag > 0 and core.position + self.lag > core.noticed_upto + core.spill_every
+            if core.needs_append() or early:
+                seq.appends += 1
+                appends.append(self._calls.submit(_serve, seq.session, core.position, True, False, early))
+            if crossed:
+                self.backend.set_reference(b)
+                seq.boundaries += 1
+                crossings.append(seq)
+        for call in appends:
+            call.result()
+        calls = []
+        for seq in crossings:
+            core = seq.session.core
+            if self.lag > 0:
+                self._to_shadow(seq)
+                seq.pending = self._calls.submit(_serve, seq.session, core.position, False, True)
+            else:
+                calls.append(self._calls.submit(_serve, seq.session, core.position, False, True))
+        for call in calls:
+            call.result()
+        self.steps += 1
+        return {seq.slot: tokens[seq.slot] for seq in self.active}
+
+    # ---- shadows (boundaries off the critical path) -----------------------------------------
+    def _to_shadow(self, seq: Sequence) -> None:
+        """Copy the slot's working set to a shadow and point the batch at it. The copy is queued
+        before the boundary's call publishes the worker's writes, so the daemon (which waits on
+        that) writes the real working set only after the copy has read it."""
+        core = seq.session.core
+        real = (core.keys, core.values, core.slot_pos, core.query)
+        shadow = next((sh for sh in self._shadows if all(a.shape == r.shape for a, r in zip(sh, real, strict=True))), None)
+        if shadow is None:
+            with torch.inference_mode(False):  # ordinary tensors: written outside step() too
+                shadow = tuple(torch.empty_like(t) for t in real)
+        else:
+            self._shadows.remove(shadow)
+        for copy, source in zip(shadow, real, strict=True):
+            copy.copy_(source)
+        seq.shadow, seq.pending_from = shadow, core.position
+        self.backend.tables.set(seq.slot, *shadow, core.n_sink + core.retrieved, core.window)
+
+    def _switch_back(self, seq: Sequence) -> None:
+        """Wait for the boundary's answer, copy the tokens written meanwhile into the real window
+        ring and point the batch at the real working set again."""
+        seq.pending.result()
+        core = seq.session.core
+        keys, values, slot_pos, _ = seq.shadow
+        positions = torch.arange(seq.pending_from, core.position, device=keys.device)
+        slots = core.n_sink + core.retrieved + positions % core.window
+        core.keys[:, :, slots] = keys[:, :, slots]
+        core.values[:, :, slots] = values[:, :, slots]
+        core.slot_pos[:, :, slots] = slot_pos[:, :, slots]
+        self.backend.tables.set(seq.slot, core.keys, core.values, core.slot_pos, core.query,
+                                core.n_sink + core.retrieved, core.window)  # fmt: skip
+        self._shadows.append(seq.shadow)
+        seq.pending, seq.shadow = None, None
+
+    def close(self) -> None:
+        self._calls.shutdown(wait=True)
+
+
+def _serve(session, position: int, append: bool, boundary: bool, flush: bool = False) -> None:
+    """The daemon calls one slot needs after a step, for the `position` tokens written by then
+    (the engine may go on writing meanwhile): the window's notice (every token written, when
+    `flush`), then the retrieval."""
+    core = session.core
+    if append and (flush or position - core.noticed_upto >= core.spill_every):
+        session.append(position)
+    if boundary:
+        session.boundary(position=position)

@@ -1,0 +1,78 @@
+"""SessionBatch: the attention backend over B kvrecall sessions' working sets.
+
+Each slot of the batch is one sequence with its own session (its own working set, host tier
+and boundaries); one attention launch per layer covers every slot through pointer tables
+(kernels/ws_decode.py). Inside the step, everything stays on the device: the new K/V and the
+query go into each working set, and the boundary signal (LouisKV's query drift: cosine of
+each layer's query against the query of the last retrieval, mean over query heads, then over
+layers) becomes one flag per slot. The host reads the flags after the step
+(engine/engine.py) and asks the daemon to retrieve for the slots that crossed; the retrieval
+serves the next step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvrecall.kernels.ws_decode import AttendWorkspace, SlotTables, attend, write_step
+from kvrecall.v1 import kvrecall_pb2 as pb
+
+# Thresholds that make the flag constant: similarity is in [-1, 1].
+NEVER = -2.0
+ALWAYS = 2.0
+
+
+class SessionBatch:
+    """Pointer tables, boundary references and flags for up to `batch` sessions."""
+
+    def __init__(
+        self, batch: int, num_layers: int, num_query_heads: int, num_kv_heads: int, head_dim: int,
+        max_capacity: int, device: torch.device, dtype: torch.dtype, scale: float, impl: str = "auto",
+    ) -> None:  # fmt: skip
+        self.num_layers = num_layers
+        self.max_capacity = max_capacity
+        self.scale = scale
+        self.impl = impl
+        self.tables = SlotTables.empty(batch, device, dtype)
+        self.workspace = AttendWorkspace(
+            batch, num_kv_heads, num_query_heads // num_kv_heads, head_dim, max_capacity, device
+        )
+        shape = (batch, num_layers, num_query_heads, head_dim)
+        self.reference = torch.zeros(shape, dtype=torch.float32, device=device)  # last retrieval's query
+        self.latest = torch.zeros(shape, dtype=torch.float32, device=device)  # this step's query
+        self.similarity = torch.zeros(batch, num_layers, dtype=torch.float32, device=device)
+        self.threshold = torch.full((batch,), NEVER, dtype=torch.float32, device=device)
+        self.flags = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        write_step(self.tables, layer, k, v, q, positions, impl=self.impl)
+        signal = q.float()
+        self.latest[:, layer] = signal
+        cosine = torch.nn.functional.cosine_similarity(signal, self.reference[:, layer], dim=-1, eps=1e-6)
+        self.similarity[:, layer] = cosine.mean(dim=-1)
+        out = attend(self.tables, layer, q, self.scale, self.workspace, impl=self.impl)
+        if layer == self.num_layers - 1:
+            torch.lt(self.similarity.mean(dim=1), self.threshold, out=self.flags)
+        return out
+
+    # ---- slots (host side, between steps) ---------------------------------------------------
+    def set_slot(self, b: int, core) -> None:
+        """Slot b reads the working set of session `core` (a client SessionCore)."""
+        window_start = core.n_sink + core.retrieved
+        self.tables.set(b, core.keys, core.values, core.slot_pos, core.query, window_start, core.window)
+        mode = core.boundary_mode
+        threshold = {pb.BOUNDARY_MODE_THRESHOLD: core.boundary_threshold, pb.BOUNDARY_MODE_EVERY_STEP: ALWAYS}
+        self.threshold[b] = threshold.get(mode, NEVER)
+        self.reference[b].zero_()
+        self.flags[b] = False
+
+    def clear_slot(self, b: int) -> None:
+        self.tables.clear(b)
+        self.threshold[b] = NEVER
+        self.flags[b] = False
+
+    def set_reference(self, b: int, queries: torch.Tensor | None = None) -> None:
+        """The query of slot b's last retrieval: queries [L, Hq, D], or this step's."""
+        self.reference[b].copy_(self.latest[b] if queries is None else queries.float())

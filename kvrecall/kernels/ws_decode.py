@@ -1,0 +1,192 @@
+"""Batched decode over B sessions' working sets, each its own allocation (CUDA IPC mapped).
+
+A decode engine that batches B sequences cannot stack their working sets: each session's
+[sinks | retrieved | window] tensors are a separate allocation the daemon shares with the
+worker (a worker maps its own sessions' memory and nothing else). So both ops read
+*offset tables*: int64 [B] element offsets of every sequence's keys, values, slot_pos and
+query tensors from one aligned anchor tensor, plus int32 [B] per-sequence geometry (capacity, window start, window size;
+capacity 0 = an empty batch slot). The tables are ordinary device tensors, so a captured
+CUDA graph stays valid when sequences join or leave: only the tables' contents change.
+
+* `write_step`: the step's new K/V [B, H, D] of one layer go into each sequence's window
+  ring slot (window_start + position % window) with slot_pos = position, and its query
+  [B, Hq, D] into the session's query tensor (what the daemon retrieves for at a boundary).
+* `attend`: decode attention of q [B, Hq, D] over each sequence's slots of one layer whose
+  slot_pos >= 0; GQA native (the G query heads of a KV head share one pass over its keys),
+  split over the slots (flash-decoding) and combined by a second launch.
+
+Working-set layout per sequence (WorkingSetInfo): keys/values [L, H, C, D], slot_pos
+[L, H, C] int32, query [L, Hq, D]. `*_reference` are the plain PyTorch versions (CPU, and
+the check the Triton kernels are tested against on a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvrecall.kernels._triton import next_power_of_2, use_triton
+
+# Working-set tensors start on 256-byte boundaries (SegmentLayout) of page-aligned memory, and
+# the anchors are allocator-aligned: every element offset below is a multiple of this.
+OFFSET_ALIGN = 16
+
+
+@dataclass
+class SlotTables:
+    """Offset and geometry tables of a batch (all on the batch's device).
+
+    keys / values / query: int64 [B] element offsets of each sequence's tensors from `anchor`
+    (a 1-element tensor of the layout dtype); slot_pos: from `anchor_pos` (int32). The kernels
+    address slot b's keys as anchor + keys[b]: a tensor argument plus an offset the compiler
+    knows is aligned, so loads are vectorised. capacity / window_start / window: int32 [B]
+    (capacity 0 = an empty slot). `tensors` keeps, per slot, the (keys, values, slot_pos,
+    query) tensors themselves: the reference path reads them, and they stay mapped."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    slot_pos: torch.Tensor
+    query: torch.Tensor
+    capacity: torch.Tensor
+    window_start: torch.Tensor
+    window: torch.Tensor
+    anchor: torch.Tensor
+    anchor_pos: torch.Tensor
+    tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None]
+
+    @staticmethod
+    def empty(batch: int, device: torch.device, dtype: torch.dtype) -> SlotTables:
+        def z(kind: torch.dtype) -> torch.Tensor:
+            return torch.zeros(batch, dtype=kind, device=device)
+
+        return SlotTables(
+            z(torch.int64), z(torch.int64), z(torch.int64), z(torch.int64),
+            z(torch.int32), z(torch.int32), z(torch.int32),
+            torch.zeros(1, dtype=dtype, device=device), torch.zeros(1, dtype=torch.int32, device=device),
+            [None] * batch,
+        )  # fmt: skip
+
+    def _offset(self, tensor: torch.Tensor, anchor: torch.Tensor) -> int:
+        if tensor.dtype != anchor.dtype or tensor.device != anchor.device:
+            raise ValueError(f"working-set tensor of {tensor.dtype} on {tensor.device}, batch of {anchor.dtype}")
+        if not tensor.is_contiguous():
+            raise ValueError("working-set tensors must be contiguous")
+        distance = tensor.data_ptr() - anchor.data_ptr()
+        offset, rest = divmod(distance, tensor.element_size())
+        if rest or offset % OFFSET_ALIGN:
+            raise ValueError(f"working-set tensor at {tensor.data_ptr():#x} is not {OFFSET_ALIGN}-element aligned")
+        return offset
+
+    def set(
+        self, b: int, keys: torch.Tensor, values: torch.Tensor, slot_pos: torch.Tensor, query: torch.Tensor,
+        window_start: int, window: int,
+    ) -> None:  # fmt: skip
+        """Slot b reads this working set (keys [L, H, C, D], slot_pos [L, H, C], query [L, Hq, D])."""
+        pairs = ((self.keys, keys, self.anchor), (self.values, values, self.anchor),
+                 (self.slot_pos, slot_pos, self.anchor_pos), (self.query, query, self.anchor))  # fmt: skip
+        offsets = [self._offset(tensor, anchor) for _, tensor, anchor in pairs]
+        for (table, _, _), offset in zip(pairs, offsets, strict=True):
+            table[b] = offset
+        self.capacity[b] = keys.shape[2]
+        self.window_start[b] = window_start
+        self.window[b] = window
+        self.tensors[b] = (keys, values, slot_pos, query)
+
+    def clear(self, b: int) -> None:
+        for table in (self.keys, self.values, self.slot_pos, self.query, self.capacity, self.window_start, self.window):
+            table[b] = 0
+        self.tensors[b] = None
+
+
+# ---- references ---------------------------------------------------------------------------
+def write_step_reference(
+    tables: SlotTables, layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, positions: torch.Tensor
+) -> None:
+    """k, v [B, H, D]; q [B, Hq, D]; positions int64 [B] (the new token's position)."""
+    for b, views in enumerate(tables.tensors):
+        if views is None:
+            continue
+        keys, values, slot_pos, query = views
+        pos = int(positions[b])
+        slot = int(tables.window_start[b]) + pos % int(tables.window[b])
+        keys[layer, :, slot] = k[b]
+        values[layer, :, slot] = v[b]
+        slot_pos[layer, :, slot] = pos
+        query[layer] = q[b]
+
+
+def attend_reference(tables: SlotTables, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, Hq, D] -> [B, Hq, D]: softmax attention over each sequence's valid slots of
+    `layer` (an empty batch slot, or one with no valid slot, gives zeros)."""
+    out = torch.zeros_like(q)
+    for b, views in enumerate(tables.tensors):
+        if views is None:
+            continue
+        keys, values, slot_pos, _ = views
+        H, C, D = keys.shape[1:]
+        G = q.shape[1] // H
+        qb = q[b].view(H, G, D).float()
+        scores = torch.einsum("hgd,hcd->hgc", qb, keys[layer].float()) * scale
+        valid = (slot_pos[layer] >= 0)[:, None, :]
+        scores = scores.masked_fill(~valid, float("-inf"))
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        out[b] = torch.einsum("hgc,hcd->hgd", weights, values[layer].float()).reshape(-1, D).to(q.dtype)
+    return out
+
+
+def write_step(
+    tables: SlotTables, layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
+    impl: str = "auto",
+) -> None:  # fmt: skip
+    """Write one layer's new K/V and query for every sequence (see the module docstring)."""
+    if not use_triton(impl, k.device):
+        write_step_reference(tables, layer, k, v, q, positions)
+        return
+    from kvrecall.kernels.ws_decode_triton import write_step_triton
+
+    write_step_triton(tables, layer, k, v, q, positions)
+
+
+class AttendWorkspace:
+    """The split partials of `attend` for one batch shape, allocated once (graph-safe).
+
+    The slots of a sequence are cut into `splits` ranges of `slots_per_split` so that about
+    `target_programs` programs share the work at any batch size (flash-decoding)."""
+
+    def __init__(
+        self, batch: int, kv_heads: int, group: int, head_dim: int, max_capacity: int, device: torch.device,
+        block_c: int = 64, target_programs: int | None = None,
+    ) -> None:  # fmt: skip
+        if target_programs is None:  # enough to fill the GPU several times over; 256 elsewhere
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
+            target_programs = 16 * sms
+        self.kv_heads = kv_heads
+        self.group_padded = max(16, next_power_of_2(group))
+        self.block_c = block_c
+        blocks = max(1, math.ceil(max_capacity / block_c))
+        want = max(1, target_programs // max(1, batch * kv_heads))
+        self.splits = max(1, min(blocks, want, 64))
+        self.slots_per_split = math.ceil(blocks / self.splits) * block_c
+        shape = (batch, kv_heads, self.splits, self.group_padded)
+        self.acc = torch.empty((*shape, head_dim), dtype=torch.float32, device=device)
+        self.m = torch.empty(shape, dtype=torch.float32, device=device)
+        self.l = torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def attend(
+    tables: SlotTables, layer: int, q: torch.Tensor, scale: float, workspace: AttendWorkspace | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:  # fmt: skip
+    """Decode attention: q [B, Hq, D] over every sequence's valid slots of `layer` -> [B, Hq, D].
+    `workspace` (for the Triton kernel) is made here when not given (not graph-safe then)."""
+    if not use_triton(impl, q.device):
+        return attend_reference(tables, layer, q, scale)
+    from kvrecall.kernels.ws_decode_triton import attend_triton
+
+    if workspace is None:
+        kv_heads = next(t[0].shape[1] for t in tables.tensors if t is not None)
+        capacity = max(t[0].shape[2] for t in tables.tensors if t is not None)
+        workspace = AttendWorkspace(q.shape[0], kv_heads, q.shape[1] // kv_heads, q.shape[2], capacity, q.device)
+    return attend_triton(tables, layer, q, scale, workspace)

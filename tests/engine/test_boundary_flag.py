@@ -1,0 +1,35 @@
+"""The in-step boundary flag (engine/sessions.py) against the worker-side rule (BoundaryDetector)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvrecall.client.boundary import BoundaryDetector
+from kvrecall.engine.sessions import SessionBatch
+from kvrecall.v1 import kvrecall_pb2 as pb
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_device_flag_equals_the_worker_rule(device):
+    """SessionBatch's in-step flag against BoundaryDetector (mean over heads, then layers)."""
+    torch.manual_seed(5)
+    B, L, Hq, H, D = 4, 3, 8, 2, 64
+    batch = SessionBatch(B, L, Hq, H, D, 256, torch.device(device), torch.float32, D**-0.5, impl="reference")
+    reference = torch.randn(B, L, Hq, D, device=device)
+    batch.reference.copy_(reference)
+    thresholds = [0.2, 0.5, 0.9, -2.0]
+    batch.threshold.copy_(torch.tensor(thresholds, device=device))
+    queries = [reference[:, layer] + 0.9 * torch.randn(B, Hq, D, device=device) for layer in range(L)]
+    k = torch.randn(B, H, D, device=device)
+    for layer, q in enumerate(queries):
+        batch.attend(layer, q, k, k, torch.zeros(B, dtype=torch.int64, device=device))
+    flags = batch.flags.tolist()
+    assert any(flags) and not all(flags), "the case must cross on some slots and not on others"
+    for b in range(B):
+        mode = pb.BOUNDARY_MODE_THRESHOLD if thresholds[b] > -1 else pb.BOUNDARY_MODE_NEVER
+        detector = BoundaryDetector(mode, thresholds[b], L)
+        for layer in range(L):
+            detector.set_reference(layer, reference[b, layer])
+            detector.observe(layer, queries[layer][b])
+        assert flags[b] == detector.is_boundary(), (b, detector.score())

@@ -1,0 +1,147 @@
+"""The batched decode engine against a real daemon: exact where the budget covers the
+sequence, and a batch decodes like its sequences alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvrecall.client import KVRecallClient
+from kvrecall.client.hf import spec_for
+from kvrecall.engine import DecoderWeights, Engine
+from kvrecall.kernels._triton import interpreter_ready
+
+transformers = pytest.importorskip("transformers")
+
+POLICIES = [
+    ("full", None),
+    ("louiskv", {"budget": 256, "threshold": 0.9}),
+    ("quest", {"budget": 256, "page_size": 8}),
+    ("snapkv", {"budget": 256}),
+]
+PROMPTS = (40, 57, 75, 90)
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    return model
+
+
+def prompts(vocab: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (n,), generator=g) for n in PROMPTS]
+
+
+def decode(engine: Engine, client, model, picks, steps: int):
+    """Add each (policy, config, prompt) to the engine, decode `steps`; per sequence the
+    tokens and the logits of every step."""
+    slots, logits = [], {}
+    spec = spec_for(model, max_tokens=512)
+    sessions = []
+    for policy, config, prompt in picks:
+        session = client.open_session(spec, policy, config)
+        sessions.append(session)
+        slot = engine.add(session, prompt)
+        slots.append(slot)
+        logits[slot] = []
+    for _ in range(steps):
+        engine.step()
+        for slot in slots:
+            logits[slot].append(engine.decoder.logits[slot].clone())
+    out = []
+    for slot, session in zip(slots, sessions, strict=True):
+        seq = engine.remove(slot)
+        out.append((seq, torch.stack(logits[slot])))
+        session.close()
+    return out
+
+
+@pytest.mark.parametrize(
+    "impl",
+    ["reference", pytest.param("triton", marks=pytest.mark.skipif(not interpreter_ready(), reason="needs TRITON_INTERPRET=1"))],
+)
+@pytest.mark.parametrize("lag", [0, 2])
+def test_batch_matches_full_attention_with_a_covering_budget(daemon, tiny_llama, impl, lag):
+    """Four sequences of different lengths and policies in one batch: every step's logits equal
+    transformers' full-attention forward over the same tokens (fp32, 1e-4), whether retrievals
+    serve the next step (lag 0) or two steps later (lag 2: boundaries off the critical path)."""
+    weights = DecoderWeights.from_hf(tiny_llama)
+    engine = Engine(weights, batch=4, max_capacity=1024, impl=impl, lag=lag)
+    picks = [(p, c, prompt) for (p, c), prompt in zip(POLICIES, prompts(128), strict=True)]
+    with KVRecallClient(daemon.target, "engine-test") as client:
+        results = decode(engine, client, tiny_llama, picks, STEPS)
+    engine.close()
+    for (policy, _, prompt), (seq, logits) in zip(picks, results, strict=True):
+        tokens = torch.cat([prompt, torch.tensor(seq.tokens[:-1])])
+        with torch.no_grad():
+            expected = tiny_llama(tokens[None]).logits[0, len(prompt) :]
+        assert expected.shape == logits.shape
+        diff = (expected - logits).abs().max().item()
+        assert diff < 1e-4, f"{policy}: logits differ by {diff}"
+        assert seq.appends >= 1, f"{policy}: the window never spilled"
+    louiskv = results[1][0]
+    assert louiskv.boundaries >= 1, "louiskv crossed no boundary: the test exercises no retrieval"
+
+
+def test_batch_decodes_like_each_sequence_alone(daemon, tiny_llama):
+    """Tight budgets (retrieval matters): a batch of 4 gives each sequence the tokens it gets
+    alone in a batch of one."""
+    weights = DecoderWeights.from_hf(tiny_llama)
+    tight = [("louiskv", {"budget": 16, "n_sink": 4, "window": 32, "threshold": 0.9}),
+             ("quest", {"budget": 16, "n_sink": 4, "window": 32, "page_size": 4}),
+             ("snapkv", {"budget": 16, "n_sink": 4, "window": 32}),
+             ("streaming", {"n_sink": 4, "window": 32})]  # fmt: skip
+    picks = [(p, c, prompt) for (p, c), prompt in zip(tight, prompts(128), strict=True)]
+    with KVRecallClient(daemon.target, "engine-test") as client:
+        together = Engine(weights, batch=4, max_capacity=1024)
+        batched = decode(together, client, tiny_llama, picks, STEPS)
+        together.close()
+        alone = []
+        for pick in picks:
+            single = Engine(weights, batch=1, max_capacity=1024)
+            alone += decode(single, client, tiny_llama, [pick], STEPS)
+            single.close()
+    for (policy, _, _), (seq_b, logits_b), (seq_a, logits_a) in zip(picks, batched, alone, strict=True):
+        assert seq_b.tokens == seq_a.tokens, policy
+        assert seq_b.boundaries == seq_a.boundaries, policy
+        assert (logits_b - logits_a).abs().max().item() < 1e-4, policy
+
+
+def test_sequences_join_and_leave_between_steps(daemon, tiny_llama):
+    """Continuous batching: a sequence joining a running batch decodes as it would alone, and
+    a freed slot takes a new sequence."""
+    weights = DecoderWeights.from_hf(tiny_llama)
+    spec = spec_for(tiny_llama, max_tokens=512)
+    first, second, third = prompts(128)[:3]
+    with KVRecallClient(daemon.target, "engine-test") as client:
+        alone_engine = Engine(weights, batch=1, max_capacity=1024)
+        (alone, _), = decode(alone_engine, client, tiny_llama, [("full", None, second)], 7)
+        alone_engine.close()
+        engine = Engine(weights, batch=2, max_capacity=1024)
+        s1 = client.open_session(spec, "full")
+        slot1 = engine.add(s1, first)
+        engine.step()
+        engine.step()
+        s2 = client.open_session(spec, "full")
+        slot2 = engine.add(s2, second)
+        for _ in range(6):
+            engine.step()
+        engine.remove(slot1)
+        s1.close()
+        s3 = client.open_session(spec, "full")
+        slot3 = engine.add(s3, third)
+        assert slot3 == slot1
+        engine.step()
+        joined = engine.remove(slot2)
+        engine.remove(slot3)
+        s2.close()
+        s3.close()
+        engine.close()
+    assert joined.tokens == alone.tokens

@@ -1,0 +1,37 @@
+"""A flood of bad requests cannot flood the daemon's log.
+
+Undecodable Decode-stream messages and bad unary calls are answered (INVALID_ARGUMENT /
+NOT_FOUND) and logged rate-limited: at most `burst` lines per kind a minute plus one line
+saying how many were dropped, never a traceback."""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+
+from kvrecall.server.ratelog import BURST
+from kvrecall.v1 import kvrecall_pb2 as pb
+
+C = grpc.StatusCode
+FLOOD = 300
+
+
+def test_bad_request_flood_leaves_a_bounded_log(rdaemon, raw):
+    before = os.path.getsize(rdaemon.log_path)
+    for _ in range(FLOOD):
+        _, answer = raw.stream([b"\x0a\x05ab"])
+        assert answer.code == C.INVALID_ARGUMENT and answer.details.startswith("request:"), answer.details
+        answer = raw.call("KeepAlive", pb.KeepAliveRequest(session_id="s-0000000000000000", capability="x"))
+        assert answer.code == C.NOT_FOUND
+    with open(rdaemon.log_path, errors="replace") as f:
+        f.seek(before)
+        grown = f.read()
+    assert "Traceback" not in grown, grown[-3000:]
+    warnings = [line for line in grown.splitlines() if "WARNING" in line and "Decode stream of" in line]
+    # a window may roll over during the flood: two windows' worth at most
+    assert 1 <= len(warnings) <= 2 * BURST, warnings
+    lines = grown.splitlines()
+    assert len(lines) <= 3 * 2 * (BURST + 1), lines[-40:]  # three kinds of line, two windows, the dropped counts
+    assert raw.health() == "SERVING"
+    print(f"{2 * FLOOD} rejected requests grew the log by {len(grown)} bytes in {len(lines)} lines")
