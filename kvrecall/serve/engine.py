@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from kvrecall.client import KVRecallClient
+from kvrecall.client.core import fit_to_sequence
 from kvrecall.models.pretrained import LoadedModel
 from kvrecall.tasktype import with_task
 from kvrecall.worker import open_model_session, stream_tokens
@@ -136,8 +137,9 @@ class SerialEngine:
         model = self.loaded.model
         input_ids = torch.tensor([request.prompt_ids], device=self.device)
         try:
-            config = with_task(model, request.policy, request.policy_config, input_ids)
             capacity = len(request.prompt_ids) + request.max_tokens + SESSION_MARGIN
+            # A budget past the sequence covers it: cap it (the daemon refuses larger ones).
+            config = fit_to_sequence(with_task(model, request.policy, request.policy_config, input_ids), capacity)
             session, cache = open_model_session(
                 self.client, model, request.policy, config, capacity, tag=self.client.worker_id
             )

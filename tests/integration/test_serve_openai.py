@@ -46,7 +46,7 @@ def server(daemon, log_path):
     argv = [
         sys.executable, "-m", "kvrecall.cli", "worker", "--serve", "--target", daemon.target,
         "--worker-id", WORKER_ID, "--port", str(port), "--host", "127.0.0.1",
-        "--max-model-len", str(WINDOW), "--policy", "louiskv", "--budget", "64",
+        "--max-model-len", str(WINDOW), "--policy", "louiskv", "--budget", "16",
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
@@ -111,13 +111,20 @@ def test_completion_with_two_policies_matches_full_kv(api):
 
 
 def test_request_budget_reaches_the_daemon(api):
+    """Budgets within the session (prompt + max_tokens + a margin) reach the daemon as given;
+    a larger one covers the sequence and is capped to it."""
     response = api.completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"kvrecall": {"policy": "quest", "budget": 32}}
+        model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"kvrecall": {"policy": "quest", "budget": 8}}
     )
-    assert response.model_extra["kvrecall"]["policy_config"]["budget"] == 32
+    assert response.model_extra["kvrecall"]["policy_config"]["budget"] == 8
     default = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
     assert default.model_extra["kvrecall"]["policy"] == "louiskv"
-    assert default.model_extra["kvrecall"]["policy_config"]["budget"] == 64  # the server's --budget
+    assert default.model_extra["kvrecall"]["policy_config"]["budget"] == 16  # the server's --budget
+    large = api.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"kvrecall": {"budget": 100_000}}
+    )
+    session_tokens = large.usage.prompt_tokens + 2 + 16
+    assert large.model_extra["kvrecall"]["policy_config"]["budget"] == session_tokens
 
 
 def test_streamed_completion_equals_the_whole_one(api):
