@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 
 log = logging.getLogger("kvrecall.serve")
@@ -17,6 +18,10 @@ def worker_id(args: argparse.Namespace) -> str:
     return args.worker_id or os.environ.get("KVRECALL_WORKER_ID") or socket.gethostname()
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def run_server(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -26,6 +31,9 @@ def run_server(args: argparse.Namespace) -> int:
     from kvrecall.serve.engine import SerialEngine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for this handler:
+    # leave through the `finally`s below (engine, client) and exit 0, as a stopped container should.
+    signal.signal(signal.SIGTERM, _stop)
     device = args.device or os.environ.get("KVRECALL_DEVICE", "cpu")
     identity = worker_id(args)
     loaded = load(args.model, device=device)
@@ -44,4 +52,5 @@ def run_server(args: argparse.Namespace) -> int:
             uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="warning")
         finally:
             engine.close()
+            log.info("worker %s stopped", identity)
     return 0
