@@ -3,6 +3,7 @@
 #
 #   <image>                       -> kvrecall <the image's CMD>
 #   <image> serve --device cpu    -> kvrecall serve --device cpu     (any kvrecall subcommand)
+#   <image> bench e2e --help      -> kvrecall bench e2e --help
 #   <image> --device cpu          -> kvrecall serve --device cpu     (flags only: the daemon)
 #   <image> sh -c '...'           -> runs that command as is         (debugging)
 #
@@ -14,7 +15,7 @@ case "${1:-}" in
   "" | -*)
     set -- kvrecall serve "$@"
     ;;
-  serve | health | worker | demo | eval | bench | soak)
+  serve | health | stats | worker | demo | eval | soak | bench)
     set -- kvrecall "$@"
     ;;
 esac

@@ -1,4 +1,5 @@
-"""`kvrecall` command line: serve | health | stats | demo | eval | soak | worker | bench."""
+"""`kvrecall` command line: serve | health | stats | demo | eval | soak | worker (`worker --serve`:
+the OpenAI-compatible server) | bench."""
 
 from __future__ import annotations
 
@@ -45,7 +46,25 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _http_health(url: str, timeout: float) -> int:
+    """A serving worker's readiness: 200 from its /health (which asks its daemon)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            print(response.read().decode(errors="replace"))
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"NOT_READY (HTTP {exc.code}: {exc.read().decode(errors='replace')})")
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"NOT_READY ({exc})")
+    return 1
+
+
 def _health(args: argparse.Namespace) -> int:
+    if args.http:
+        return _http_health(args.http, args.timeout)
     # grpc only (no torch import): container health probes stay cheap.
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -72,10 +91,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from kvrecall.serve.server import worker_id
+
+    args.worker_id = worker_id(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one rank of a tensor-parallel group (docs/MULTIGPU.md)
         from kvrecall.tp.worker import run_tp_worker
 
         return run_tp_worker(args)
+    if args.serve:
+        from kvrecall.serve.server import run_server
+
+        return run_server(args)
     from kvrecall.demo import run_worker
 
     return run_worker(args)
@@ -152,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     health = sub.add_parser("health", help="check a daemon with the standard gRPC health service")
     stats_view.add_connection_arguments(health)
+    health.add_argument("--http", help="check a serving worker instead: URL of its /health")
     health.set_defaults(func=_health)
 
     stats = sub.add_parser("stats", help="what a running daemon holds: pools, sessions, workers")
@@ -168,16 +195,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     worker = sub.add_parser(
-        "worker", help="a model worker: run decode sessions of the bundled model, then exit"
+        "worker",
+        help="a model worker: with --serve an OpenAI-compatible HTTP server; without, run decode "
+        "sessions of the bundled model, then exit",
     )
     worker.add_argument("--target", required=True, help="daemon address")
     add_policy_arguments(worker)
-    worker.add_argument("--worker-id", required=True, help="this worker's id: it owns its sessions")
+    worker.add_argument(
+        "--worker-id", help="identity on the daemon (quotas, stats; default: $KVRECALL_WORKER_ID or the host name)"
+    )
     worker.add_argument("--sessions", type=int, default=1, help="sessions to run one after another")
     worker.add_argument("--context-tokens", type=int, default=2048, help="prompt length in tokens (default 2048)")
-    worker.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate per session (default 16)")
+    worker.add_argument(
+        "--max-new-tokens", type=int, default=16, help="tokens per session (--serve: chat requests without max_tokens)"
+    )
     worker.add_argument("--device", default=None, help="cpu | cuda[:N] (default: $KVRECALL_DEVICE or cpu)")
     worker.add_argument("--token", help="bearer token (remote daemons with --tokens-file)")
+    worker.add_argument("--serve", action="store_true", help="serve OpenAI-compatible HTTP requests until stopped")
+    worker.add_argument("--host", default="0.0.0.0", help="--serve: address to listen on")
+    worker.add_argument("--port", type=int, default=8000, help="--serve: HTTP port")
+    worker.add_argument(
+        "--model", help="--serve: a transformers model directory (default: the bundled SmolLM2-135M-Instruct)"
+    )
+    worker.add_argument(
+        "--max-model-len", type=int, help="--serve: prompt + completion tokens per request (default: the model's window)"
+    )
     worker.set_defaults(func=_worker)
     eval_ = sub.add_parser("eval", help="accuracy + fidelity of every policy x budget against full KV")
     from kvrecall.eval.harness import add_arguments as eval_arguments

@@ -18,13 +18,22 @@ import torch
 POLICY_BUDGET_FIELD = {"louiskv": "budget", "quest": "budget", "snapkv": "budget", "windowkv": "budget", "streaming": "window"}
 
 
-def policy_config(policy: str, budget: int | None) -> dict | None:
+def budget_config(policy: str, budget: int | None) -> dict | None:
+    """The policy config that sets `budget` (None without one); ValueError when `policy` takes none."""
     if budget is None:
         return None
     field = POLICY_BUDGET_FIELD.get(policy)
     if field is None:
-        raise SystemExit(f"--budget does not apply to policy {policy!r}")
+        raise ValueError(f"budget does not apply to policy {policy!r} (policies with one: {sorted(POLICY_BUDGET_FIELD)})")
     return {field: budget}
+
+
+def policy_config(policy: str, budget: int | None) -> dict | None:
+    """budget_config for the command line: exits with the problem."""
+    try:
+        return budget_config(policy, budget)
+    except ValueError as exc:
+        raise SystemExit(f"--{exc}") from None
 
 
 def run_demo(args: argparse.Namespace) -> int:

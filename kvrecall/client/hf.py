@@ -317,7 +317,7 @@ def prefill(model, cache: KVRecallCache, input_ids: torch.Tensor, chunk_tokens: 
         ids = input_ids[:, offset : offset + size]
         positions = torch.arange(start + offset, start + offset + ids.shape[1], device=ids.device)
         out = model(
-            input_ids=ids, past_key_values=cache, use_cache=True, position_ids=positions[None],
+            input_ids=ids, cache=cache, use_cache=True, position_ids=positions[None],
             cache_position=positions, logits_to_keep=1,
         )
         logits = out.logits[0, -1].float()

@@ -54,7 +54,7 @@ def gguf_path() -> pathlib.Path:
     )
 
 
-def _set_offline() -> None:
+def set_offline() -> None:
     """Forbid any hub access for this process (nothing may download at run time)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -68,7 +68,7 @@ def load_tokenizer() -> Any:
     Building it from the GGUF vocabulary takes about a second; no weights are read.
     """
     path = gguf_path()
-    _set_offline()
+    set_offline()
     try:
         from transformers import AutoTokenizer
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -87,7 +87,7 @@ def load_model(device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple
     cores (the Q4_1 weights are dequantised to float32 by transformers + gguf).
     """
     path = gguf_path()
-    _set_offline()
+    set_offline()
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as exc:  # pragma: no cover - depends on the environment

@@ -46,7 +46,10 @@ SERVE_FLAGS = {
     "--log-level",
     "--config",
 }
-WORKER_FLAGS = {"--target", "--policy", "--worker-id", "--sessions", "--context-tokens"}
+WORKER_FLAGS = {"--target", "--policy", "--worker-id", "--sessions", "--context-tokens", "--budget"}
+# `kvrecall worker --serve`: the serving worker's own flags.
+SERVING_FLAGS = {"--serve", "--port", "--host", "--model", "--max-model-len", "--max-new-tokens"}
+HTTP_PORT = 8000  # a serving worker's OpenAI-compatible API inside its container
 POLICIES = {"full", "streaming", "louiskv", "quest", "snapkv", "windowkv"}  # proto PolicyConfig
 
 
@@ -113,6 +116,17 @@ def _walk_interpolate(node, env):
     return node
 
 
+def dotenv() -> dict[str, str]:
+    """The .env file beside compose.yaml (Compose reads it for every command)."""
+    lines = (REPO / ".env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def default_profiles() -> set[str]:
+    """The profiles a plain `docker compose up` activates (.env's COMPOSE_PROFILES)."""
+    return {p for p in dotenv().get("COMPOSE_PROFILES", "").split(",") if p}
+
+
 def compose_raw_text() -> str:
     return COMPOSE_FILE.read_text()
 
@@ -160,6 +174,11 @@ def flag_value(argv: list[str], flag: str) -> str | None:
 
 def flags_of(argv: list[str]) -> set[str]:
     return {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
+def serving(service: dict) -> bool:
+    """A `kvrecall worker --serve` service (an HTTP server, not a batch run)."""
+    return role(service) == "worker" and "--serve" in command_list(service)
 
 
 def role(service: dict) -> str | None:

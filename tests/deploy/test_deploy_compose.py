@@ -10,9 +10,11 @@ import yaml
 from deploy_helpers import (
     COMPOSE_FILE,
     DOCKER,
+    HTTP_PORT,
     POLICIES,
     REPO,
     SERVE_FLAGS,
+    SERVING_FLAGS,
     SOCKET_ADDRESS,
     SOCKET_DIR,
     WORKER_FLAGS,
@@ -21,16 +23,21 @@ from deploy_helpers import (
     compose_errors,
     compose_raw_text,
     compose_variables,
+    default_profiles,
     device_of,
+    dotenv,
     flag_value,
     flags_of,
     gpu_reservations,
     load_compose,
     role,
+    serving,
     volume_mounts,
 )
 
 NS_HOLDER = "kvrecall-ns"
+LOAD_BALANCERS = ("lb", "lb-gpu")
+WORKER_ALIAS = "openai-worker"  # what docker/nginx.conf balances over
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +86,7 @@ def test_the_schema_check_catches_mistakes(compose):
     # The schema is strict (unknown keys are errors); make sure that strictness is in force.
     broken = copy.deepcopy(compose)
     broken["services"]["kvrecall"]["ipcs"] = "host"
-    broken["services"]["kvrecall"]["deploy"]["resources"]["reservations"]["devices"][0]["capability"] = [
+    broken["services"]["kvrecall-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["capability"] = [
         "gpu"
     ]
     errors = compose_errors(broken)
@@ -88,7 +95,7 @@ def test_the_schema_check_catches_mistakes(compose):
 
 
 def test_every_variable_has_a_default():
-    # `docker compose up` must work with no .env file.
+    # `docker compose up` must work with an .env file that sets only the profile.
     missing = sorted({name for name, op, _ in compose_variables(compose_raw_text()) if op not in (":-", "-")})
     assert not missing, f"variables without a default: {missing}"
 
@@ -96,26 +103,34 @@ def test_every_variable_has_a_default():
 def test_file_is_plain_yaml_without_version_key():
     raw = yaml.safe_load(COMPOSE_FILE.read_text())
     assert "version" not in raw, "the top-level version key is obsolete in the Compose Specification"
-    assert raw.get("name") == "kvrecall"
+    # The project name comes from .env: the top-level `name` key breaks Compose v1 (Debian's).
+    assert "name" not in raw and dotenv()["COMPOSE_PROJECT_NAME"] == "kvrecall"
 
 
 # ---- topology ----------------------------------------------------------------------------
 
 
-def test_default_up_starts_one_daemon_and_two_workers_on_one_gpu(compose, services):
-    default = active_services(compose, set())
+def test_default_up_starts_the_cpu_stack(compose):
+    assert default_profiles() == {"cpu"}
+    default = active_services(compose, default_profiles())
     assert set(_by_role(default, "daemon")) == {"kvrecall"}
-    assert set(_by_role(default, "worker")) == {"worker-a", "worker-b"}
-    assert {NS_HOLDER, "prometheus"} <= set(default)
-    gpus = {
-        tuple(gpu_reservations(default[n])[0]["device_ids"]) for n in ("kvrecall", "worker-a", "worker-b")
-    }
-    assert len(gpus) == 1, f"daemon and workers must share one GPU, got {gpus}"
+    assert set(_by_role(default, "worker")) == {"worker"}
+    assert set(default) == {NS_HOLDER, "kvrecall", "worker", "lb", "prometheus"}
+    assert int(default["worker"]["deploy"]["replicas"]) == 2
+    assert not any(gpu_reservations(s) for s in default.values()), "plain up must run without a GPU"
+
+
+def test_gpu_profile_starts_the_gpu_stack_alone(compose):
+    gpu = active_services(compose, {"gpu"})
+    assert set(gpu) == {NS_HOLDER, "kvrecall-gpu", "worker-gpu", "lb-gpu", "prometheus"}
+    assert int(gpu["worker-gpu"]["deploy"]["replicas"]) == 2
+    ids = {tuple(gpu_reservations(gpu[n])[0]["device_ids"]) for n in ("kvrecall-gpu", "worker-gpu")}
+    assert len(ids) == 1, f"daemon and workers must share one GPU, got {ids}"
 
 
 def test_every_kvrecall_service_has_a_known_role(services):
     for name, svc in services.items():
-        if name in (NS_HOLDER, "prometheus"):
+        if name in (NS_HOLDER, "prometheus", *LOAD_BALANCERS):
             continue
         assert role(svc) in ("daemon", "worker"), f"{name}: command must start with serve or worker"
 
@@ -130,17 +145,20 @@ def test_commands_use_only_the_cli_flags(services):
             for needed in ("--listen", "--device", "--metrics-port"):
                 assert flag_value(argv, needed), f"{name}: {needed} missing"
         elif role(svc) == "worker":
-            assert flags_of(argv) <= WORKER_FLAGS, (
-                f"{name}: unknown worker flags {flags_of(argv) - WORKER_FLAGS}"
-            )
-            for needed in ("--target", "--policy", "--worker-id"):
+            allowed = WORKER_FLAGS | SERVING_FLAGS if serving(svc) else WORKER_FLAGS
+            assert flags_of(argv) <= allowed, f"{name}: unknown worker flags {flags_of(argv) - allowed}"
+            for needed in ("--target", "--policy"):
                 assert flag_value(argv, needed), f"{name}: {needed} missing"
             assert flag_value(argv, "--policy") in POLICIES, name
+            # A serving worker's id is its host name: every replica its own quota.
+            assert (flag_value(argv, "--worker-id") is None) == serving(svc), name
 
 
 def test_worker_ids_are_unique_per_daemon(services):
     seen: dict[tuple[str, str], str] = {}
     for name, svc in _by_role(services, "worker").items():
+        if serving(svc):
+            continue  # ids from host names
         key = (_daemon_of(services, svc), flag_value(command_list(svc), "--worker-id"))
         assert key not in seen, f"{name} and {seen[key]} use the same worker id on one daemon"
         seen[key] = name
@@ -182,8 +200,9 @@ def test_workers_mount_the_same_volume_as_their_daemon_and_wait_for_it(services)
         )
 
 
-def test_default_workers_share_the_default_daemons_socket(services):
-    vols = {n: volume_mounts(services[n])[SOCKET_DIR] for n in ("kvrecall", "worker-a", "worker-b")}
+@pytest.mark.parametrize("daemon, worker", [("kvrecall", "worker"), ("kvrecall-gpu", "worker-gpu")])
+def test_stack_workers_share_their_daemons_socket(services, daemon, worker):
+    vols = {n: volume_mounts(services[n])[SOCKET_DIR] for n in (daemon, worker)}
     assert len(set(vols.values())) == 1, vols
 
 
@@ -242,7 +261,7 @@ def test_workers_reserve_their_daemons_gpu(services):
 
 
 def test_multi_gpu_profile_runs_one_daemon_per_gpu(compose):
-    stack = active_services(compose, {"multi-gpu"})
+    stack = active_services(compose, {"gpu", "multi-gpu"})
     daemons = _by_role(stack, "daemon")
     assert len(daemons) >= 2, f"multi-gpu profile starts daemons {sorted(daemons)}"
     gpu_ids = [tuple(gpu_reservations(s)[0]["device_ids"]) for s in daemons.values()]
@@ -257,13 +276,16 @@ def test_multi_gpu_profile_runs_one_daemon_per_gpu(compose):
 
 def test_cpu_profile_services_have_no_gpu_anything(compose, services):
     cpu = {n: s for n, s in services.items() if "cpu" in (s.get("profiles") or [])}
-    assert set(_by_role(cpu, "daemon")) == {"kvrecall-cpu"}
-    assert set(_by_role(cpu, "worker")) == {"worker-a-cpu", "worker-b-cpu"}
+    assert set(_by_role(cpu, "daemon")) == {"kvrecall"}
+    assert set(_by_role(cpu, "worker")) == {"worker"}
     for name, svc in cpu.items():
         assert not gpu_reservations(svc), f"{name}: GPU reservation in the cpu profile"
         assert "gpus" not in svc and "runtime" not in svc, name
+        if name in LOAD_BALANCERS:
+            continue
         assert device_of(svc) == "cpu", f"{name}: device {device_of(svc)!r}"
         assert svc["build"]["args"]["VARIANT"] == "cpu", f"{name}: must build the CPU variant"
+        assert "ulimits" not in svc, f"{name}: the CPU stack pins no memory (and low-memlock hosts refuse -1)"
         # Everything a cpu service depends on must run without a GPU too.
         for dep in svc.get("depends_on") or {}:
             assert not gpu_reservations(services[dep]), f"{name} depends on GPU service {dep}"
@@ -361,3 +383,33 @@ def test_environment_values_are_strings(services):
         if isinstance(env, dict):
             for key, value in env.items():
                 assert isinstance(value, str), f"{name}: environment {key} = {value!r} is not a string"
+
+
+# ---- serving workers and the load balancer ---------------------------------------------------
+
+
+def test_serving_workers_are_ready_when_they_answer_http(services):
+    for name, svc in services.items():
+        if not serving(svc):
+            continue
+        argv = command_list(svc)
+        assert flag_value(argv, "--port") == str(HTTP_PORT), name
+        test = svc["healthcheck"]["test"]
+        assert test[1:4] == ["kvrecall", "health", "--http"], f"{name}: readiness is {test}"
+        assert test[4] == f"http://127.0.0.1:{HTTP_PORT}/health", name
+        assert svc["restart"] == "unless-stopped", f"{name}: a server is restarted when it fails"
+        assert WORKER_ALIAS in svc["networks"]["default"]["aliases"], f"{name}: the balancer cannot find it"
+        assert any(str(p).endswith(f"::{HTTP_PORT}") for p in svc["ports"]), f"{name}: publish {HTTP_PORT}"
+        assert volume_mounts(svc).get("/models") == "kvrecall-models", f"{name}: no model volume"
+
+
+@pytest.mark.parametrize("lb, worker", [("lb", "worker"), ("lb-gpu", "worker-gpu")])
+def test_load_balancer_fronts_its_stacks_workers(services, lb, worker):
+    svc = services[lb]
+    assert svc["profiles"] == services[worker]["profiles"]
+    assert svc["depends_on"][worker]["condition"] == "service_healthy"
+    assert volume_mounts(svc)["/etc/nginx/nginx.conf"] == "./docker/nginx.conf"
+    assert any(str(p).endswith(":8080") for p in svc["ports"])
+    conf = (DOCKER / "nginx.conf").read_text()
+    assert f"server {WORKER_ALIAS}:{HTTP_PORT}" in conf and "listen 8080;" in conf
+    assert "proxy_buffering off;" in conf, "server-sent events must stream through"

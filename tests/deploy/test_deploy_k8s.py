@@ -11,6 +11,7 @@ from deploy_helpers import (
     IMAGE_UID,
     POLICIES,
     SERVE_FLAGS,
+    SERVING_FLAGS,
     SOCKET_ADDRESS,
     SOCKET_DIR,
     WORKER_FLAGS,
@@ -182,20 +183,40 @@ def test_daemon_is_a_native_sidecar_with_kvrecall_health_probes(manifest):
             )
 
 
-def test_workers_talk_to_the_daemon_socket(manifest):
+def test_workers_are_servers_that_talk_to_the_daemon_socket(manifest):
     name, docs = manifest
     for wl in _workloads(docs):
         spec = pod_spec(wl)
         workers = _workers(spec)
-        assert len(workers) >= 2, f"{name}: expected at least two workers in the pod"
-        ids = set()
+        assert workers, f"{name}: no worker in the pod"
+        ports = set()
         for w in workers:
             args = w["args"]
-            assert flags_of(args) <= WORKER_FLAGS, f"{name}: {w['name']}: {flags_of(args) - WORKER_FLAGS}"
+            allowed = WORKER_FLAGS | SERVING_FLAGS
+            assert flags_of(args) <= allowed, f"{name}: {w['name']}: {flags_of(args) - allowed}"
+            assert "--serve" in args, f"{name}: {w['name']} must serve (a batch run would crash-loop)"
             assert flag_value(args, "--target") == SOCKET_ADDRESS
             assert flag_value(args, "--policy") in POLICIES
-            ids.add(flag_value(args, "--worker-id"))
-        assert len(ids) == len(workers), f"{name}: worker ids must be unique"
+            port = int(flag_value(args, "--port"))
+            ports.add(port)
+            assert {"name": "openai", "containerPort": port} in w["ports"], f"{name}: {w['name']} port"
+            for probe in ("startupProbe", "readinessProbe"):
+                assert w[probe]["httpGet"] == {"path": "/health", "port": port}, f"{name}: {w['name']} {probe}"
+        assert len(ports) == len(workers), f"{name}: the pod's workers share one network namespace"
+        # One worker per pod: its id is the pod's host name (more workers would need --worker-id).
+        assert len(workers) == 1 or all(flag_value(w["args"], "--worker-id") for w in workers)
+
+
+def test_openai_service_selects_the_pods_on_the_worker_port(manifest):
+    name, docs = manifest
+    (svc,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "kvrecall-openai"]
+    (wl,) = _workloads(docs)
+    labels = wl["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert svc["spec"].get("clusterIP") != "None", f"{name}: a balancing Service, not a headless one"
+    (worker,) = _workers(pod_spec(wl))
+    (port,) = svc["spec"]["ports"]
+    assert port["targetPort"] == int(flag_value(worker["args"], "--port"))
 
 
 def test_metrics_port_annotation_and_service_agree(manifest):
@@ -209,10 +230,9 @@ def test_metrics_port_annotation_and_service_agree(manifest):
         ann = wl["spec"]["template"]["metadata"]["annotations"]
         assert ann["prometheus.io/scrape"] == "true" and int(ann["prometheus.io/port"]) == port
         assert ann.get("prometheus.io/path", "/metrics") == "/metrics"
-        for svc in (d for d in docs if d["kind"] == "Service"):
-            assert any(
-                p["port"] == port and p["targetPort"] in ("metrics", port) for p in svc["spec"]["ports"]
-            )
+        (svc,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "kvrecall-metrics"]
+        # A number: a named port of a native sidecar resolves only from Kubernetes 1.32.
+        assert any(p["port"] == port and p["targetPort"] == port for p in svc["spec"]["ports"]), name
 
 
 # ---- GPU -----------------------------------------------------------------------------------

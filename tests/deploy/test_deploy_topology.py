@@ -1,13 +1,15 @@
-"""The compose topology without Docker: one daemon and two workers started from the commands
-that compose.yaml gives the `cpu` profile's services, the way Compose would start them (the
-workers once the daemon's health check passes), on this machine.
+"""The compose topology without Docker: one daemon and two serving worker replicas started
+from the commands that compose.yaml gives the CPU stack's services, the way Compose would start
+them (the workers once the daemon's health check passes), on this machine.
 
-Only the socket's directory moves (to a temporary one), the pools shrink and the workers run
-one short session each, so it fits a CI machine.
+Only the socket's directory moves (to a temporary one), the pools shrink, and each replica gets
+its own HTTP port and worker id (in containers: their own network namespace and host name), so
+it fits a CI machine. scripts/test-deploy.sh runs the real thing in containers.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -22,13 +25,8 @@ from deploy_helpers import SOCKET_ADDRESS, command_list, environment, load_compo
 
 pytestmark = [pytest.mark.slow, pytest.mark.model, pytest.mark.timeout(900)]
 
-DAEMON, WORKERS = "kvrecall-cpu", ("worker-a-cpu", "worker-b-cpu")
-OVERRIDES = {
-    "--host-pool-gb": "1",
-    "--device-pool-gb": "1",
-    "--sessions": "1",
-    "--context-tokens": "256",
-}
+DAEMON, WORKER, REPLICAS = "kvrecall", "worker", 2
+OVERRIDES = {"--host-pool-gb": "1", "--device-pool-gb": "1", "--budget": "64"}
 
 
 def _kvrecall() -> list[str]:
@@ -46,13 +44,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _argv(service: dict, address: str, metrics_port: int) -> list[str]:
+def _argv(service: dict, address: str, port: int) -> list[str]:
+    """The service's command on this machine, `port` for its --metrics-port or --port."""
     argv = [a.replace(SOCKET_ADDRESS, address) for a in command_list(service)]
     for i, arg in enumerate(argv[:-1]):
         if arg in OVERRIDES:
             argv[i + 1] = OVERRIDES[arg]
-        elif arg == "--metrics-port":
-            argv[i + 1] = str(metrics_port)
+        elif arg in ("--metrics-port", "--port"):
+            argv[i + 1] = str(port)
     return argv
 
 
@@ -71,18 +70,35 @@ def _healthy(address: str, env: dict[str, str]) -> bool:
     return out.returncode == 0 and "SERVING" in out.stdout
 
 
-def test_one_daemon_and_two_workers_as_compose_starts_them(tmp_path):
+def _ready(port: int) -> bool:
+    """The worker's readiness check (compose.yaml): GET /health answers 200."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _complete(port: int) -> dict:
+    body = json.dumps({"prompt": "The capital of France is", "max_tokens": 2}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def test_one_daemon_and_two_serving_workers_as_compose_starts_them(tmp_path):
     services = load_compose()["services"]
     address = f"unix://{tmp_path}/kvrecall.sock"
     metrics_port = _free_port()
     logs = {}
 
-    def start(name: str) -> subprocess.Popen:
+    def start(name: str, service: str, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
         logs[name] = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 (closed below)
-        argv = _argv(services[name], address, metrics_port)
         return subprocess.Popen(
-            [*_kvrecall(), *argv],
-            env=_env(services[name]),
+            [*_kvrecall(), *_argv(services[service], address, port)],
+            env={**_env(services[service]), **(env or {})},
             stdout=logs[name],
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -92,8 +108,8 @@ def test_one_daemon_and_two_workers_as_compose_starts_them(tmp_path):
         logs[name].flush()
         return (tmp_path / f"{name}.log").read_text()[-4000:]
 
-    daemon = start(DAEMON)
-    workers: dict[str, subprocess.Popen] = {}
+    daemon = start(DAEMON, DAEMON, metrics_port)
+    workers: dict[str, tuple[subprocess.Popen, int]] = {}
     try:
         # depends_on: condition: service_healthy
         deadline = time.monotonic() + 120
@@ -101,21 +117,30 @@ def test_one_daemon_and_two_workers_as_compose_starts_them(tmp_path):
             assert daemon.poll() is None, f"daemon exited {daemon.returncode}:\n{tail(DAEMON)}"
             assert time.monotonic() < deadline, f"daemon not healthy in 120 s:\n{tail(DAEMON)}"
             time.sleep(0.5)
-
-        workers = {name: start(name) for name in WORKERS}  # concurrently, as compose does
-        for name, proc in workers.items():
-            code = proc.wait(timeout=780)
-            assert code == 0, f"{name} exited {code}:\n{tail(name)}"
+        for replica in range(1, REPLICAS + 1):  # concurrently, as compose does
+            name, port = f"{WORKER}-{replica}", _free_port()
+            workers[name] = (start(name, WORKER, port, {"KVRECALL_WORKER_ID": name}), port)
+        deadline = time.monotonic() + 600
+        for name, (proc, port) in workers.items():
+            while not _ready(port):
+                assert proc.poll() is None, f"{name} exited {proc.returncode}:\n{tail(name)}"
+                assert time.monotonic() < deadline, f"{name} not ready:\n{tail(name)}"
+                time.sleep(1)
+            answer = _complete(port)
+            assert answer["choices"][0]["text"] and answer["kvrecall"]["worker"] == name, answer
 
         # What Prometheus scrapes.
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
         assert "kvrecall_" in body
 
-        # docker compose stop: SIGTERM, then SIGKILL after stop_grace_period (30 s).
+        # docker compose stop: SIGTERM, then SIGKILL after stop_grace_period.
+        for name, (proc, _) in workers.items():
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0, f"{name} did not stop cleanly:\n{tail(name)}"
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0, f"daemon did not stop cleanly:\n{tail(DAEMON)}"
     finally:
-        for proc in (daemon, *workers.values()):
+        for proc in (daemon, *(p for p, _ in workers.values())):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()

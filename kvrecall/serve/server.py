@@ -1,0 +1,56 @@
+"""`kvrecall worker --serve`: load a model and serve it over HTTP (OpenAI-compatible) with uvicorn,
+decoding every request through the daemon at `--target`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+
+log = logging.getLogger("kvrecall.serve")
+
+
+def worker_id(args: argparse.Namespace) -> str:
+    """--worker-id, else $KVRECALL_WORKER_ID, else the host name: every container of a scaled
+    service has its own, so each gets its own quota and stats on the daemon."""
+    return args.worker_id or os.environ.get("KVRECALL_WORKER_ID") or socket.gethostname()
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvrecall.client import KVRecallClient
+    from kvrecall.models.pretrained import load
+    from kvrecall.serve.app import ServeSettings, create_app
+    from kvrecall.serve.engine import SerialEngine
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for this handler:
+    # leave through the `finally`s below (engine, client) and exit 0, as a stopped container should.
+    signal.signal(signal.SIGTERM, _stop)
+    device = args.device or os.environ.get("KVRECALL_DEVICE", "cpu")
+    identity = worker_id(args)
+    loaded = load(args.model, device=device)
+    window = min(args.max_model_len or loaded.max_positions, loaded.max_positions)
+    settings = ServeSettings(
+        worker_id=identity, policy=args.policy, budget=args.budget, max_model_len=window,
+        default_max_tokens=args.max_new_tokens,
+    )  # fmt: skip
+    with KVRecallClient(args.target, identity, token=args.token) as client:
+        engine = SerialEngine(loaded, client, device)
+        log.info(
+            "worker %s serves %s (%d-token window, default policy %s budget %s) on http://%s:%d, daemon %s",
+            identity, loaded.name, window, args.policy, args.budget, args.host, args.port, args.target,
+        )  # fmt: skip
+        try:
+            uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="warning")
+        finally:
+            engine.close()
+            log.info("worker %s stopped", identity)
+    return 0
