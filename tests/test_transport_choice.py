@@ -28,7 +28,7 @@ from tests.conftest import SMALL
 def test_transport_follows_the_models_device(target, spec_device, device, kind):
     spec = dataclasses.replace(SMALL, device=spec_device)
     with KVRecallClient(target, "w") as client:
-        request, chosen = client.open_request(spec, "full", None, None, device, 0, "", 0, 0)
+        request, chosen = client.open_request(spec, "full", None, device=device)
     assert chosen == kind and request.transport == kind
 
 

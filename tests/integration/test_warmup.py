@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvrecall.server.config import ConfigError, ServerConfig, parse_warmup
+from kvrecall.server.config import ConfigError, load_config, parse_warmup
 from kvrecall.server.layout import ModelLayout
 from kvrecall.server.pools import DevicePool, HostPool
 from kvrecall.server.session import SessionRegistry
@@ -33,6 +33,6 @@ def test_the_warmup_setting_is_validated():
     assert parse_warmup("bfloat16:128, float16:64") == [(torch.bfloat16, 128), (torch.float16, 64)]
     assert parse_warmup("") == []
     with pytest.raises(ConfigError, match="warmup"):
-        ServerConfig(warmup="bf16:128")
+        load_config(None, {"warmup": "bf16:128"}, env={})
     with pytest.raises(ConfigError, match="warmup"):
-        ServerConfig(warmup="bfloat16:0")
+        load_config(None, {"warmup": "bfloat16:0"}, env={})
