@@ -122,48 +122,6 @@ def inner_for(fn: Callable[[], Any], device: torch.device, target_ms: float = 1.
     return max(1, min(cap, int(target_ms / max(probe.median_ms, 1e-4))))
 
 
-class GraphStep:
-    """Runs a step function as a CUDA graph replay where it can be captured, else eagerly.
-
-    ``graphed`` says which; ``error`` holds why capture failed. The function is warmed up twice
-    on a side stream first (compilation, cuBLAS handles, workspace allocation stay out of the
-    graph), as PyTorch recommends. The graph's memory pool is freed when this object is.
-    """
-
-    def __init__(self, fn: Callable[[], Any], device: torch.device, use_graph: bool = True):
-        self.fn = fn
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.error: str | None = None
-        if device.type != "cuda" or not use_graph:
-            fn()
-            return
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            fn()
-            fn()
-        torch.cuda.current_stream(device).wait_stream(side)
-        torch.cuda.synchronize(device)
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            self.graph = graph
-        except Exception as exc:  # capture failed: time eagerly and say so
-            self.error = f"{type(exc).__name__}: {exc}"[:300]
-            torch.cuda.synchronize(device)
-
-    @property
-    def graphed(self) -> bool:
-        return self.graph is not None
-
-    def __call__(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self.fn()
-
-
 def gbps(n_bytes: float, ms: float) -> float:
     """Gigabytes (1e9) per second."""
     return n_bytes / (ms * 1e-3) / 1e9

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from kvrecall.bench.ceilings import HostPool
-from kvrecall.bench.common import GiB, GraphStep, free_memory, log, time_fn
+from kvrecall.bench.common import GiB, free_memory, log, time_fn
 from kvrecall.bench.model import RandomLlama
 from kvrecall.bench.policies import (
     DecodeStep,
@@ -26,6 +26,7 @@ from kvrecall.bench.policies import (
     ResidentLayout,
     ResidentSet,
 )
+from kvrecall.engine.graph import GraphStep
 
 
 @dataclass
