@@ -108,7 +108,8 @@ def run_kvrecall(model, client, ids: torch.Tensor, args: argparse.Namespace, dev
 
     T = ids.shape[1]
     spec = spec_for(model, T + args.steps + 64)
-    with client.open_session(spec, "louiskv", {"budget": args.budget}, tag="bench-prefill") as session:
+    budget = min(args.budget, spec.max_tokens)  # the daemon refuses a budget past the sequence
+    with client.open_session(spec, "louiskv", {"budget": budget}, tag="bench-prefill") as session:
         use_kvrecall_attention(model)
         cache = KVRecallCache(session, chunk_tokens=args.chunk)
         start = reset_peak(device)

@@ -19,11 +19,11 @@ pytestmark = pytest.mark.model
 DOCUMENT, QUESTION, STEPS = 260, 30, 6
 COVERING = [
     ("full", None),
-    ("streaming", {"n_sink": 4, "window": 512}),
-    ("snapkv", {"budget": 512}),
-    ("quest", {"budget": 512}),
-    ("louiskv", {"budget": 512}),
-    ("windowkv", {"budget": 512}),
+    ("streaming", {"n_sink": 4, "window": 296}),
+    ("snapkv", {"budget": 300}),
+    ("quest", {"budget": 300}),
+    ("louiskv", {"budget": 300}),
+    ("windowkv", {"budget": 300}),
 ]
 
 
