@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch.nn.functional import log_softmax
 
-from kvrecall.client.hf import KVRecallCache, prefill as feed, spec_for, use_kvrecall_attention
+from kvrecall.client.hf import KVRecallCache, spec_for, use_kvrecall_attention
+from kvrecall.client.hf import prefill as feed
 from kvrecall.eval.cells import policy_config
 from kvrecall.v1 import kvrecall_pb2 as pb
 from kvrecall.worker import decode_step
@@ -81,6 +82,7 @@ class _PrefillSink:
 
     boundary_mode = pb.BOUNDARY_MODE_NEVER
     boundary_threshold = 0.0
+    boundary_target_rate = 0.0
     observation = CAPTURED_QUERIES
 
     def __init__(self, spec: Any) -> None:
