@@ -36,6 +36,7 @@ Shapes: queries [L, Hq, n_obs, D]; prompt keys [L, H, T, D]; selection [L, H, R]
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -59,6 +60,8 @@ from kvrecall.server.policies.base import (
 from kvrecall.server.policies.louiskv import LouisKVConfig, LouisKVPolicy
 from kvrecall.server.policies.snapkv import observation_scores
 from kvrecall.v1 import kvrecall_pb2 as pb
+
+log = logging.getLogger("kvrecall.windowkv")
 
 LOCALIZATION, AGGREGATION = pb.TASK_TYPE_LOCALIZATION, pb.TASK_TYPE_AGGREGATION
 SUFFIX = {LOCALIZATION: 32, AGGREGATION: 16}
@@ -197,6 +200,8 @@ class WindowKVPolicy(Policy):
     def __init__(self, config: WindowKVConfig, layout) -> None:
         super().__init__(config, layout)
         self.task = config.resolved_task
+        if config.task == pb.TASK_TYPE_UNSPECIFIED:
+            log.info("windowkv session without a task hint: falling back to %s", pb.TaskType.Name(self.task))
         self.suffix = SUFFIX[self.task]
         self.budgets: list[int] = []  # per layer, resolved at ingest
         self.selection: torch.Tensor | None = None  # [L, H, R] CPU, filled group by group at ingest
