@@ -23,19 +23,26 @@ COVERING = [
 ]
 
 
+@pytest.fixture(scope="module")
+def doc_first(smollm):
+    """(document text, question ids [1, n], full attention's forced tokens and logits)."""
+    model, tokenizer = smollm
+    sample = document_first(make_sample("niah_single", 320, seed=2, tokenizer=tokenizer))
+    document = sample.prompt[: sample.question_at]
+    question = tokenizer(sample.prompt[sample.question_at :], add_special_tokens=False, return_tensors="pt").input_ids
+    ids = torch.cat((tokenizer(document, return_tensors="pt").input_ids, question), dim=1)
+    return document, question, *reference_run(model, ids, STEPS)
+
+
 @pytest.mark.parametrize("policy,config", COVERING, ids=[f"{p}-{(c or {}).get('variant', '')}" for p, c in COVERING])
-def test_doc_first_cell_with_a_covering_budget_is_full_attention(smollm, client, policy, config):
+def test_doc_first_cell_with_a_covering_budget_is_full_attention(smollm, client, doc_first, policy, config):
     from kvrecall.eval.runner import Runner
 
     model, tokenizer = smollm
-    sample = document_first(make_sample("niah_single", 320, seed=2, tokenizer=tokenizer))
-    document = tokenizer(sample.prompt[: sample.question_at], return_tensors="pt").input_ids
-    question = tokenizer(sample.prompt[sample.question_at :], add_special_tokens=False, return_tensors="pt").input_ids
+    document, question, tokens, logits = doc_first
     assert question.shape[1] > 20  # the question arrives as one multi-token chunk
-    tokens, logits = reference_run(model, torch.cat((document, question), dim=1), STEPS)
     runner = Runner(model, tokenizer, client)
-    prefill = runner.prefill(sample.prompt[: sample.question_at])
-    assert torch.equal(prefill.ids, document)
+    prefill = runner.prefill(document)
     out = runner.decode_cell(prefill, policy, config, STEPS, forced=tokens, stop=False, question=question)
     assert out.tokens == tokens
     diff = max(float((a - b).abs().max()) for a, b in zip(logits, out.logits, strict=True))
