@@ -78,3 +78,19 @@ def test_next_threshold_per_slot_tensor_matches_the_scalar_rule():
 def test_target_rate_range():
     with pytest.raises(ValueError, match="target_rate"):
         BoundaryDetector(pb.BOUNDARY_MODE_THRESHOLD, 0.75, 4, target_rate=1.0)
+
+
+def test_louiskv_target_rate_reaches_the_workers_detector(client):
+    from kvrecall.client import InvalidArgumentError
+    from kvrecall.client.core import ModelSpec
+    from kvrecall.client.hf import KVRecallCache
+
+    spec = ModelSpec(num_layers=2, num_kv_heads=1, num_query_heads=2, head_dim=16, dtype=torch.float32, max_tokens=256)
+    base = {"budget": 32, "n_sink": 4, "window": 32}
+    with client.open_session(spec, "louiskv", {**base, "target_rate": 0.15}) as session:
+        assert session.boundary_target_rate == pytest.approx(0.15)
+        assert KVRecallCache(session).detector.target_rate == pytest.approx(0.15)
+    with client.open_session(spec, "louiskv", base) as session:
+        assert session.boundary_target_rate == 0.0 and session.boundary_threshold == pytest.approx(0.75)
+    with pytest.raises(InvalidArgumentError, match="target_rate"):
+        client.open_session(spec, "louiskv", {**base, "target_rate": 1.0})
