@@ -80,3 +80,21 @@ def test_markdown_marks_indicative_cells():
     text = rep.markdown(report)
     assert "| louiskv@128/doc_first | 0.0* | 1 |" in text
     assert "| louiskv | 128 | niah_single/doc_first | 1024 | 0.000* | 1 |" in text
+
+
+def test_flags_narrow_a_suite():
+    import argparse
+
+    from kvrecall.eval.harness import suite_with_overrides
+
+    args = argparse.Namespace(budgets="512", tasks="niah_single,qa", lengths="2048", families="doc_first")
+    suite = suite_with_overrides(SUITES["full"], args)
+    assert (suite.budgets, suite.tasks, suite.lengths, suite.families) == (
+        ("512",), ("niah_single", "qa"), (2048,), ("doc_first",)
+    )
+    assert suite.skip == () and suite.depths == SUITES["full"].depths
+    assert suite_with_overrides(SUITES["full"], argparse.Namespace(tasks="qa")).skip == (("qa", 8000),)
+    with pytest.raises(ValueError, match="lengths"):
+        suite_with_overrides(SUITES["full"], argparse.Namespace(lengths="2K"))
+    with pytest.raises(ValueError, match="families"):
+        suite_with_overrides(SUITES["full"], argparse.Namespace(families="later"))

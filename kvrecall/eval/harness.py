@@ -351,6 +351,28 @@ def _policies(arg: str | None) -> list[str]:
     return ["full"] + [p for p in wanted if p != "full"]
 
 
+OVERRIDABLE = {"budgets": str, "tasks": str, "lengths": int, "families": str}
+"""Suite fields a comma-separated flag of the same name replaces, with the type of its items."""
+
+
+def suite_with_overrides(suite: Suite, args: argparse.Namespace) -> Suite:
+    """``suite`` with the fields given as flags (``--tasks qa --lengths 2048``) replaced; a
+    skip pair left without its task or length is dropped. Raises ValueError naming the field."""
+    fields = {}
+    for name, kind in OVERRIDABLE.items():
+        value = getattr(args, name, None)
+        if value:
+            try:
+                fields[name] = tuple(kind(item) for item in value.split(","))
+            except ValueError:
+                raise ValueError(f"--{name}: {value!r} is not a comma-separated list of {kind.__name__}") from None
+    if not fields:
+        return suite
+    merged = replace(suite, **fields, skip=())
+    skip = tuple((t, n) for t, n in suite.skip if t in merged.tasks and n in merged.lengths)
+    return replace(merged, skip=skip)
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """Entry point of ``kvrecall eval``; writes JSON, markdown and PNGs under ``--out``."""
     import torch
@@ -364,9 +386,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from kvrecall.models.smollm import load_model, load_tokenizer
 
     started = time.perf_counter()
-    suite = SUITES[args.suite]
-    if args.budgets:
-        suite = replace(suite, budgets=tuple(args.budgets.split(",")))
+    try:
+        suite = suite_with_overrides(SUITES[args.suite], args)
+    except ValueError as exc:
+        raise SystemExit(f"kvrecall eval: {exc}") from None
     if args.policy_config:
         try:
             os.environ[OVERRIDES_ENV] = json.dumps(parse_overrides(args.policy_config))
@@ -526,6 +549,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--budgets", help="comma-separated tokens or P%% of the prompt (default: the suite's)"
     )
+    parser.add_argument("--tasks", help="comma-separated task names (default: the suite's)")
+    parser.add_argument("--lengths", help="comma-separated prompt lengths in tokens (default: the suite's)")
+    parser.add_argument("--families", help="comma-separated: in_prompt, doc_first (default: the suite's)")
     parser.add_argument(
         "--out", default="bench/results", help="directory for the JSON, markdown and PNG files"
     )
