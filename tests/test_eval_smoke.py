@@ -71,7 +71,10 @@ def test_full_suite_units_cover_every_sample_once():
     assert (
         len({u["id"] for _, u in units})
         == len(units)
-        == ((len(suite.tasks) * len(suite.lengths) - len(suite.skip)) * len(suite.depths) * len(suite.seeds))
+        == (
+            (len(suite.tasks) * len(suite.lengths) - len(suite.skip))
+            * len(suite.depths) * len(suite.seeds) * len(suite.families)
+        )
     )
     assert units[0][1]["depth"] == 0.5  # coverage grows evenly if a time budget cuts the run
     assert not {(u["task"], u["length"]) for _, u in units} & set(suite.skip)

@@ -111,3 +111,24 @@ def test_classifies_handwritten_prompts_better_than_a_constant_guess(smollm):
         ]
         right[pb.TaskType.Name(label)] = sum(classifier.classify(model, x) == label for x in ids)
     assert sum(right.values()) >= 8 and min(right.values()) >= 3, right
+
+
+def test_another_model_falls_back_to_localization_and_says_so(caplog):
+    """No shipped head fits a non-SmolLM2 model: classify never raises, answers LOCALIZATION
+    and logs the fallback once per model shape."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=100,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    ids = torch.arange(20)[None]
+    with caplog.at_level("WARNING", logger="kvrecall.tasktype"):
+        assert classifier.classify(model, ids) == classifier.FALLBACK == pb.TASK_TYPE_LOCALIZATION
+        assert classifier.with_task(model, "windowkv", {"budget": 64}, ids) == {
+            "budget": 64, "task": pb.TASK_TYPE_LOCALIZATION,
+        }  # fmt: skip
+    notes = [r.getMessage() for r in caplog.records if "fall back to TASK_TYPE_LOCALIZATION" in r.getMessage()]
+    assert len(notes) == 1 and "hidden_size=64, num_hidden_layers=2" in notes[0]

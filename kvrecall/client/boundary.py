@@ -6,6 +6,16 @@ signal is the cosine similarity of the two queries, averaged over query heads; l
 aggregated by `aggregate` ("mean" by default, chosen by measurement: docs/TUNING.md). No RPC
 is involved: the detector reads the queries the attention already computed. The cosine is
 `kvrecall.kernels.cosine_similarity` (the Triton kernel on CUDA queries, else the reference).
+
+Two rules decide on that signal (BOUNDARY_MODE_THRESHOLD):
+
+* a fixed threshold (`target_rate` 0): fire when the signal < `threshold`; the threshold was
+  tuned on one model and may fire on 0% or 90% of the steps of another;
+* a target retrieval rate (`target_rate` r in (0, 1)): the threshold starts at `threshold` and
+  after every step moves by `RATE_STEP * (r - fired)` (:func:`next_threshold`): an online
+  r-quantile of the session's own signal (stochastic approximation). Summed over T steps the
+  moves telescope, so the session's rate is r within |threshold_T - threshold_0| /
+  (RATE_STEP * T): it holds r on any model, the signal being bounded (a cosine).
 """
 
 from __future__ import annotations
@@ -17,6 +27,17 @@ import torch
 from kvrecall import kernels
 from kvrecall.v1 import kvrecall_pb2 as pb
 
+RATE_STEP = 0.01
+"""How far one step moves a target-rate threshold (similarity units): small enough that one
+step's noise barely moves it, large enough to settle within a few hundred steps."""
+
+
+def next_threshold(threshold, fired, target_rate):
+    """The threshold after a step: unchanged where `target_rate` <= 0 (the fixed rule), else
+    `threshold + RATE_STEP * (target_rate - fired)`. Floats, or tensors (`fired` as float; the
+    batched engine applies it per slot on the device)."""
+    return threshold - RATE_STEP * (fired - target_rate) * (target_rate > 0)
+
 
 @dataclass
 class BoundaryDetector:
@@ -24,12 +45,15 @@ class BoundaryDetector:
     threshold: float
     num_layers: int
     aggregate: str = "mean"   # "mean" | "min" over layers
+    target_rate: float = 0.0  # > 0: hold this share of steps retrieving (the threshold adapts)
     reference: list[torch.Tensor | None] = field(default_factory=list)  # per layer [Hq, D]
     similarity: list[float] = field(default_factory=list)               # per layer, this step
 
     def __post_init__(self) -> None:
         if self.aggregate not in ("mean", "min"):
             raise ValueError("aggregate must be 'mean' or 'min'")
+        if not 0.0 <= self.target_rate < 1.0:
+            raise ValueError("target_rate must be in [0, 1)")
         self.reference = [None] * self.num_layers
         self.similarity = [1.0] * self.num_layers
 
@@ -58,5 +82,7 @@ class BoundaryDetector:
         if self.mode == pb.BOUNDARY_MODE_EVERY_STEP:
             return True
         if self.mode == pb.BOUNDARY_MODE_THRESHOLD:
-            return self.score() < self.threshold
+            fired = self.score() < self.threshold
+            self.threshold = next_threshold(self.threshold, fired, self.target_rate)
+            return fired
         return False

@@ -153,6 +153,11 @@ class SessionCore:
         return self.info.boundary.threshold
 
     @property
+    def boundary_target_rate(self) -> float:
+        # the policy's target retrieval rate (louiskv `target_rate`; 0: the fixed threshold)
+        return float(self.policy_config.get("target_rate") or 0.0)
+
+    @property
     def boundary_pre_rope(self) -> bool:
         return self.info.boundary.pre_rope
 

@@ -115,7 +115,9 @@ class KVRecallCache(Cache):
         self.num_layers = spec.num_layers
         self.group = spec.num_query_heads // spec.num_kv_heads
         super().__init__(layers=[_Layer(self, i) for i in range(spec.num_layers)])
-        self.detector = BoundaryDetector(session.boundary_mode, session.boundary_threshold, spec.num_layers, aggregate)
+        self.detector = BoundaryDetector(
+            session.boundary_mode, session.boundary_threshold, spec.num_layers, aggregate, session.boundary_target_rate
+        )
         self.per_layer_retrieval = session.boundary_mode == pb.BOUNDARY_MODE_EVERY_STEP
         self.retrieves = session.boundary_mode in (pb.BOUNDARY_MODE_EVERY_STEP, pb.BOUNDARY_MODE_THRESHOLD)
         self.stats = StepStats()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from kvrecall import kernels
+from kvrecall.client.boundary import next_threshold
 from kvrecall.kernels.ws_decode import AttendWorkspace, SlotTables, attend, write_step
 from kvrecall.v1 import kvrecall_pb2 as pb
 
@@ -43,6 +44,7 @@ class SessionBatch:
         self.latest = torch.zeros(shape, dtype=torch.float32, device=device)  # this step's query
         self.similarity = torch.zeros(batch, num_layers, dtype=torch.float32, device=device)
         self.threshold = torch.full((batch,), NEVER, dtype=torch.float32, device=device)
+        self.target_rate = torch.zeros(batch, dtype=torch.float32, device=device)  # > 0: the threshold adapts
         self.flags = torch.zeros(batch, dtype=torch.bool, device=device)
 
     def attend(
@@ -56,6 +58,7 @@ class SessionBatch:
         out = attend(self.tables, layer, q, self.scale, self.workspace, impl=self.impl)
         if layer == self.num_layers - 1:
             torch.lt(self.similarity.mean(dim=1), self.threshold, out=self.flags)
+            self.threshold.copy_(next_threshold(self.threshold, self.flags.float(), self.target_rate))
         return out
 
     # ---- slots (host side, between steps) ---------------------------------------------------
@@ -66,12 +69,14 @@ class SessionBatch:
         mode = core.boundary_mode
         threshold = {pb.BOUNDARY_MODE_THRESHOLD: core.boundary_threshold, pb.BOUNDARY_MODE_EVERY_STEP: ALWAYS}
         self.threshold[b] = threshold.get(mode, NEVER)
+        self.target_rate[b] = core.boundary_target_rate if mode == pb.BOUNDARY_MODE_THRESHOLD else 0.0
         self.reference[b].zero_()
         self.flags[b] = False
 
     def clear_slot(self, b: int) -> None:
         self.tables.clear(b)
         self.threshold[b] = NEVER
+        self.target_rate[b] = 0.0
         self.flags[b] = False
 
     def set_reference(self, b: int, queries: torch.Tensor | None = None) -> None:

@@ -6,7 +6,10 @@ model's device unless ``--target`` is given):
 * **Long input, short output.** Seeded RULER-style samples from :mod:`kvrecall.eval.tasks`
   (only formats the model solves with full KV, see ``FORMATS.md``) are decoded greedily with
   ``full`` and with every policy x budget on the same samples, and scored with
-  :func:`kvrecall.eval.tasks.score`.
+  :func:`kvrecall.eval.tasks.score`. Each sample runs in the suite's families: ``in_prompt``
+  (the question inside the ingested prompt) and ``doc_first`` (the document ingested alone,
+  then the question as one chunk after the ingest, then greedy decoding: a cached document
+  asked later, where only decode-time retrieval can find what the question needs).
 * **Short input, long output (fidelity).** Full KV generates N tokens greedily from a short
   prompt; every policy x budget then replays those tokens teacher-forced. Reported: top-1
   agreement with full's argmax, mean KL(full || policy) over the N steps, and the retrieval
@@ -22,8 +25,9 @@ report then says which units were skipped. Output (``--out``): ``accuracy-<suite
 (``results[policy][budget][task][length] = {score, n, ci95}``, ``fidelity``, ``long_fidelity``,
 ``depth_grid``, ``relative_to_full``, every sample, and the date, machine and command), the
 same as markdown, and PNG plots (:mod:`kvrecall.eval.report`). With ``--json`` the LAST stdout
-line is a JSON summary whose ``relative_to_full`` maps ``"<policy>@<budget>"`` to that
-policy's score divided by full's on the same samples.
+line is a JSON summary whose ``relative_to_full`` maps ``"<policy>@<budget>"`` (question in
+the prompt) and ``"<policy>@<budget>/doc_first"`` to that policy's score divided by full's on
+the same samples. Every reported cell carries n and a 95% interval; n < 20 is marked indicative.
 """
 
 from __future__ import annotations
@@ -81,10 +85,14 @@ class Suite:
     fidelity_budgets: tuple[str, ...] | None = None  # budgets of the short-input replays (None: budgets)
     long_budgets: tuple[str, ...] | None = None  # budgets of the long-input replays (None: budgets)
     skip: tuple[tuple[str, int], ...] = ()  # (task, length) pairs not run: full KV fails them (FORMATS.md)
+    families: tuple[str, ...] = ("in_prompt",)  # how the question arrives (kvrecall.eval.tasks.FAMILIES)
 
     def __post_init__(self) -> None:
-        from kvrecall.eval.tasks import TASKS
+        from kvrecall.eval.tasks import FAMILIES, TASKS
 
+        for family in self.families:
+            if family not in FAMILIES:
+                raise ValueError(f"families: unknown family {family!r} (known: {', '.join(FAMILIES)})")
         for task in self.tasks:
             if task not in TASKS:
                 raise ValueError(f"tasks: unknown task {task!r}")
@@ -117,7 +125,8 @@ SUITES: dict[str, Suite] = {
         long_lengths=(256,),
         long_tokens=16,
     ),
-    # <= 10 minutes on 2 CPU cores: 2 samples x 11 cells (one prefill each), 64-token replays.
+    # <= 10 minutes on 2 CPU cores: 2 samples x 11 cells (one prefill each) with the question in
+    # the prompt and the same 2 with the document first, 64-token replays.
     "smoke": Suite(
         ("niah_single", "qa"),
         (1024,),
@@ -127,6 +136,18 @@ SUITES: dict[str, Suite] = {
         fidelity_tokens=64,
         long_lengths=(1024,),
         long_tokens=64,
+        families=("in_prompt", "doc_first"),
+    ),
+    # The document first, the question after it (a cached document asked later): every scored
+    # task at 2K and 4K, five depths, budgets 128 / 512; the in-prompt twins of the same samples.
+    "doc_first": Suite(
+        ("niah_single", "niah_multikey", "qa"),
+        (2048, 4096),
+        (0,),
+        ("128", "512"),
+        depths=(0.1, 0.3, 0.5, 0.7, 0.9),
+        fidelity_prompts=0,
+        families=("in_prompt", "doc_first"),
     ),
     # Prompt-side selection on CPU (~10 minutes on 2 cores): one 4K needle at five depths, two
     # budgets, no replays (the prefill is shared by every cell of a sample).
@@ -148,9 +169,9 @@ SUITES: dict[str, Suite] = {
         fidelity_prompts=len(FIDELITY_PROMPTS),
         fidelity_tokens=1024,
     ),
-    # One GPU call of ~9 minutes on 2 GPUs, 16 workers (see FORMATS.md, "The full suite on the
-    # GPU"): 3 tasks x 3 lengths x 3 depths x 2 seeds at 5 budgets, less qa at 8000 (full KV 3/6
-    # there); 1024-token replays of one short prompt (budgets 128, 512) and after one 2K-token
+    # One GPU call of ~9 minutes on 2 GPUs, 16 workers before the document-first family doubled
+    # its accuracy units (see FORMATS.md, "The full suite on the GPU"): 3 tasks x 3 lengths x 3
+    # depths x 2 seeds x 2 families at 5 budgets, less qa at 8000 (full KV 3/6 there); 1024-token replays of one short prompt (budgets 128, 512) and after one 2K-token
     # document (512, 1024). 8000, not 8192: prompt + answer stay within 8192 positions.
     "full": Suite(
         ("niah_single", "niah_multikey", "qa"),  # niah_multivalue: < 80% with full KV (FORMATS.md)
@@ -166,6 +187,7 @@ SUITES: dict[str, Suite] = {
         fidelity_budgets=("128", "512"),
         long_budgets=("512", "1024"),
         skip=(("qa", 8000),),
+        families=("in_prompt", "doc_first"),
     ),
 }
 
@@ -178,30 +200,33 @@ def _spread(depths: tuple[float | None, ...]) -> list[float | None]:
 
 
 def accuracy_units(suite: Suite, policies: list[str]) -> list[tuple[float, dict]]:
-    """One unit per sample, ordered so that coverage grows evenly (seed, depth, length, task)."""
+    """One unit per sample and family, ordered so that coverage grows evenly (seed, depth,
+    length, task, family: a sample's families run side by side)."""
     pairs = cells(policies, suite.budgets)
     keys = [
-        (seed, depth, length, task)
+        (seed, depth, length, task, family)
         for seed in suite.seeds
         for depth in _spread(suite.depths)
         for length in suite.lengths
         for task in suite.tasks
         if (task, length) not in suite.skip
+        for family in suite.families
     ]
     return [
         (
             (i + 0.5) / len(keys),
             {
                 "kind": "accuracy",
-                "id": f"acc:{task}:{length}:{depth}:{seed}",
+                "id": f"acc:{task}:{length}:{depth}:{seed}" + ("" if family == "in_prompt" else f":{family}"),
                 "task": task,
                 "length": length,
                 "depth": depth,
                 "seed": seed,
+                "family": family,
                 "cells": pairs,
             },
         )
-        for i, (seed, depth, length, task) in enumerate(keys)
+        for i, (seed, depth, length, task, family) in enumerate(keys)
     ]
 
 
@@ -326,6 +351,28 @@ def _policies(arg: str | None) -> list[str]:
     return ["full"] + [p for p in wanted if p != "full"]
 
 
+OVERRIDABLE = {"budgets": str, "tasks": str, "lengths": int, "depths": float, "families": str}
+"""Suite fields a comma-separated flag of the same name replaces, with the type of its items."""
+
+
+def suite_with_overrides(suite: Suite, args: argparse.Namespace) -> Suite:
+    """``suite`` with the fields given as flags (``--tasks qa --lengths 2048``) replaced; a
+    skip pair left without its task or length is dropped. Raises ValueError naming the field."""
+    fields = {}
+    for name, kind in OVERRIDABLE.items():
+        value = getattr(args, name, None)
+        if value:
+            try:
+                fields[name] = tuple(kind(item) for item in value.split(","))
+            except ValueError:
+                raise ValueError(f"--{name}: {value!r} is not a comma-separated list of {kind.__name__}") from None
+    if not fields:
+        return suite
+    merged = replace(suite, **fields, skip=())
+    skip = tuple((t, n) for t, n in suite.skip if t in merged.tasks and n in merged.lengths)
+    return replace(merged, skip=skip)
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """Entry point of ``kvrecall eval``; writes JSON, markdown and PNGs under ``--out``."""
     import torch
@@ -339,9 +386,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from kvrecall.models.smollm import load_model, load_tokenizer
 
     started = time.perf_counter()
-    suite = SUITES[args.suite]
-    if args.budgets:
-        suite = replace(suite, budgets=tuple(args.budgets.split(",")))
+    try:
+        suite = suite_with_overrides(SUITES[args.suite], args)
+    except ValueError as exc:
+        raise SystemExit(f"kvrecall eval: {exc}") from None
     if args.policy_config:
         try:
             os.environ[OVERRIDES_ENV] = json.dumps(parse_overrides(args.policy_config))
@@ -460,6 +508,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "long_fidelity": rep.fidelity_results(fidelity_cells, "long"),
         "depth_grid": rep.depth_grid(records),
         "relative_to_full": rep.relative_to_full(records),
+        "relative_detail": rep.relative_detail(records),
         "samples": records,
         "fidelity_cells": fidelity_cells,
         "references": [
@@ -506,6 +555,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--budgets", help="comma-separated tokens or P%% of the prompt (default: the suite's)"
     )
+    parser.add_argument("--tasks", help="comma-separated task names (default: the suite's)")
+    parser.add_argument("--lengths", help="comma-separated prompt lengths in tokens (default: the suite's)")
+    parser.add_argument("--depths", help="comma-separated needle depths in [0, 1] (default: the suite's)")
+    parser.add_argument("--families", help="comma-separated: in_prompt, doc_first (default: the suite's)")
     parser.add_argument(
         "--out", default="bench/results", help="directory for the JSON, markdown and PNG files"
     )

@@ -31,16 +31,30 @@ def interval95(mean: float, n: int) -> list[float]:
     return [round(max(0.0, center - half), 4), round(min(1.0, center + half), 4)]
 
 
+INDICATIVE_BELOW = 20
+"""Cells of fewer samples are marked ``indicative``: their interval is too wide to rank policies."""
+
+
 def _cell(scores: list[float]) -> dict:
     mean = sum(scores) / len(scores)
-    return {"score": round(mean, 4), "n": len(scores), "ci95": interval95(mean, len(scores))}
+    n = len(scores)
+    return {"score": round(mean, 4), "n": n, "ci95": interval95(mean, n), "indicative": n < INDICATIVE_BELOW}
+
+
+def family_suffix(record: dict) -> str:
+    """``""`` for a question-in-prompt record, ``"/doc_first"`` for a document-first one: the
+    suffix of its task key in ``results`` and of its key in ``relative_to_full``."""
+    family = record.get("family", "in_prompt")
+    return "" if family == "in_prompt" else f"/{family}"
 
 
 def accuracy_results(records: list[dict]) -> dict:
-    """``results[policy][budget][task][length] = {score, n, ci95}``."""
+    """``results[policy][budget][task][length] = {score, n, ci95, indicative}``; a document-first
+    record's task is ``"<task>/doc_first"``."""
     grouped: dict = {}
     for r in records:
-        cell = grouped.setdefault(r["policy"], {}).setdefault(r["budget"], {}).setdefault(r["task"], {})
+        task = r["task"] + family_suffix(r)
+        cell = grouped.setdefault(r["policy"], {}).setdefault(r["budget"], {}).setdefault(task, {})
         cell.setdefault(str(r["length"]), []).append(r["score"])
     return {
         p: {
@@ -62,11 +76,12 @@ def depth_bin(depth: float) -> str:
 
 
 def depth_grid(records: list[dict]) -> dict:
-    """``grid[policy][budget][depth bin][length] = {score, n}`` over every task and seed."""
+    """``grid[policy][budget][depth bin][length] = {score, n, ci95, indicative}`` over every
+    task and seed; document-first records under ``"<policy>/doc_first"``."""
     grouped: dict = {}
     for r in records:
         per = (
-            grouped.setdefault(r["policy"], {})
+            grouped.setdefault(r["policy"] + family_suffix(r), {})
             .setdefault(r["budget"], {})
             .setdefault(depth_bin(r["depth"]), {})
         )
@@ -74,7 +89,7 @@ def depth_grid(records: list[dict]) -> dict:
     return {
         p: {
             b: {
-                d: {n: {"score": round(sum(s) / len(s), 4), "n": len(s)} for n, s in per_len.items()}
+                d: {n: _cell(s) for n, s in per_len.items()}
                 for d, per_len in per_depth.items()
             }
             for b, per_depth in per_budget.items()
@@ -83,21 +98,49 @@ def depth_grid(records: list[dict]) -> dict:
     }
 
 
-def relative_to_full(records: list[dict]) -> dict[str, float | None]:
-    """``"<policy>@<budget>"`` -> sum of scores / sum of full's scores on the same samples."""
-    full = {
-        (r["task"], r["length"], r["seed"], r["depth"]): r["score"] for r in records if r["policy"] == "full"
-    }
-    totals: dict[str, list[float]] = {}
+def _sample(record: dict) -> tuple:
+    return (record["task"], record["length"], record["seed"], record["depth"], family_suffix(record))
+
+
+def _relative_totals(records: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
+    """``"<policy>@<budget>[/<family>]"`` -> (its scores, full's scores on the same samples)."""
+    full = {_sample(r): r["score"] for r in records if r["policy"] == "full"}
+    totals: dict[str, tuple[list[float], list[float]]] = {}
     for r in records:
-        sample = (r["task"], r["length"], r["seed"], r["depth"])
+        sample = _sample(r)
         if sample not in full:
             continue
-        key = "full" if r["policy"] == "full" else f"{r['policy']}@{r['budget']}"
-        t = totals.setdefault(key, [0.0, 0.0])
-        t[0] += r["score"]
-        t[1] += full[sample]
-    return {k: (round(s / f, 4) if f > 0 else None) for k, (s, f) in totals.items()}
+        key = ("full" if r["policy"] == "full" else f"{r['policy']}@{r['budget']}") + sample[-1]
+        scores, reference = totals.setdefault(key, ([], []))
+        scores.append(r["score"])
+        reference.append(full[sample])
+    return totals
+
+
+def relative_to_full(records: list[dict]) -> dict[str, float | None]:
+    """``"<policy>@<budget>"`` (question in the prompt) and ``"<policy>@<budget>/doc_first"``
+    -> sum of scores / sum of full's scores on the same samples (``full``, ``full/doc_first``: 1)."""
+    return {
+        k: (round(sum(s) / sum(f), 4) if sum(f) > 0 else None) for k, (s, f) in _relative_totals(records).items()
+    }
+
+
+def relative_detail(records: list[dict]) -> dict[str, dict]:
+    """Each :func:`relative_to_full` key -> ``{ratio, n, score, ci95, full_score, full_ci95,
+    indicative}``: the ratio with the two means it divides and their Wilson intervals."""
+    out = {}
+    for key, (scores, full) in _relative_totals(records).items():
+        mine, theirs = _cell(scores), _cell(full)
+        out[key] = {
+            "ratio": round(sum(scores) / sum(full), 4) if sum(full) > 0 else None,
+            "n": mine["n"],
+            "score": mine["score"],
+            "ci95": mine["ci95"],
+            "full_score": theirs["score"],
+            "full_ci95": theirs["ci95"],
+            "indicative": mine["indicative"],
+        }
+    return out
 
 
 def fidelity_results(cells: list[dict], group: str) -> dict:
@@ -121,8 +164,11 @@ def fidelity_results(cells: list[dict], group: str) -> dict:
         node = out.setdefault(key[0], {})
         if group == "long":
             node = node.setdefault(key[1], {})
+        top1 = a["agree"] / a["n"]
         node[key[-1]] = {
-            "top1": round(a["agree"] / a["n"], 6),
+            "top1": round(top1, 6),
+            "top1_ci95": interval95(top1, int(a["n"])),  # over tokens, which are not independent
+            "indicative": a["prompts"] < INDICATIVE_BELOW,
             "kl": a["kl_sum"] / a["n"],
             "kl_max": a["kl_max"],
             "retrieval_rate": round(a["boundaries"] / a["n"], 6),
@@ -172,6 +218,9 @@ def markdown(report: dict) -> str:
             "",
             "## Long input, short output (mean score, n, Wilson 95% interval)",
             "",
+            f"Tasks ending in `/doc_first`: the document ingested alone, the question after it. "
+            f"`*`: n < {INDICATIVE_BELOW}, indicative only.",
+            "",
             "| policy | budget | task | length | score | n | ci95 |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -180,20 +229,38 @@ def markdown(report: dict) -> str:
                 for task, per_length in per_task.items():
                     for length, c in per_length.items():
                         lines.append(
-                            f"| {policy} | {label} | {task} | {length} | {c['score']:.3f} | {c['n']} "
+                            f"| {policy} | {label} | {task} | {length} | {c['score']:.3f}{_mark(c)} | {c['n']} "
                             f"| {c['ci95'][0]:.2f}-{c['ci95'][1]:.2f} |"
                         )
-        lines += ["", "## Relative to full (same samples)", "", "| policy@budget | score / full |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in report["relative_to_full"].items()]
+        lines += [
+            "",
+            "## Relative to full (same samples)",
+            "",
+            "| policy@budget | score / full | n | score (ci95) | full (ci95) |",
+            "|---|---|---|---|---|",
+        ]
+        detail = report.get("relative_detail", {})
+        for key, ratio in report["relative_to_full"].items():
+            d = detail.get(key)
+            if d is None:  # a report written before the detail existed
+                lines.append(f"| {key} | {ratio} | | | |")
+                continue
+            lines.append(
+                f"| {key} | {ratio}{_mark(d)} | {d['n']} | {d['score']:.3f} ({d['ci95'][0]:.2f}-{d['ci95'][1]:.2f}) "
+                f"| {d['full_score']:.3f} ({d['full_ci95'][0]:.2f}-{d['full_ci95'][1]:.2f}) |"
+            )
     header = [
-        "| policy | budget | top-1 agreement | mean KL(full‖policy) | max KL | retrieval rate | tokens |",
-        "|---|---|---|---|---|---|---|",
+        "| policy | budget | top-1 agreement (ci95 over tokens) | mean KL(full‖policy) | max KL | retrieval rate "
+        "| tokens | prompts |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def row(policy: str, label: str, f: dict, extra: str = "") -> str:
+        ci = f.get("top1_ci95")
+        interval = f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
         return (
-            f"| {policy} | {label}{extra} | {f['top1']:.4f} | {f['kl']:.3g} | {f['kl_max']:.3g} "
-            f"| {f['retrieval_rate']:.4f} | {f['n_tokens']} |"
+            f"| {policy} | {label}{extra} | {f['top1']:.4f}{interval} | {f['kl']:.3g} | {f['kl_max']:.3g} "
+            f"| {f['retrieval_rate']:.4f} | {f['n_tokens']} | {f['n_prompts']}{_mark(f)} |"
         )
 
     if report["fidelity"]:
@@ -206,6 +273,10 @@ def markdown(report: dict) -> str:
             for label, per_length in per_budget.items():
                 lines += [row(policy, label, f, f" @ {n} tokens") for n, f in per_length.items()]
     return "\n".join(lines) + "\n"
+
+
+def _mark(cell: dict) -> str:
+    return "*" if cell.get("indicative") else ""
 
 
 # ---- plots ----------------------------------------------------------------------------------
@@ -236,19 +307,27 @@ def plots(report: dict, stem: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         by_cell: dict = defaultdict(list)
         for r in report["samples"]:
-            by_cell[(r["policy"], r["budget"])].append(r["score"])
-        full = by_cell.get(("full", FULL_BUDGET))
-        if full:
-            ax.axhline(sum(full) / len(full), color="black", linestyle="--", label="full")
+            by_cell[(r["policy"] + family_suffix(r), r["budget"])].append(r["score"])
+        # the question in the prompt: solid lines; the document first: dashed, same marker
+        suffixes = sorted({family_suffix(r) for r in report["samples"]})
+        for suffix in suffixes:
+            full = by_cell.get(("full" + suffix, FULL_BUDGET))
+            if full:
+                ax.axhline(sum(full) / len(full), color="black", linestyle=":" if suffix else "--",
+                           label="full" + suffix)  # fmt: skip
         for k, policy in enumerate(policies):
-            xs = [i for i, b in enumerate(budgets) if by_cell.get((policy, b))]
-            nudge = 0.04 * (k - (len(policies) - 1) / 2)  # equal scores stay visible side by side
-            ax.plot(
-                [x + nudge for x in xs],
-                [sum(by_cell[(policy, budgets[i])]) / len(by_cell[(policy, budgets[i])]) for i in xs],
-                marker="os^vDP"[k % 6],
-                label=policy,
-            )
+            for suffix in suffixes:
+                name = policy + suffix
+                xs = [i for i, b in enumerate(budgets) if by_cell.get((name, b))]
+                nudge = 0.04 * (k - (len(policies) - 1) / 2)  # equal scores stay visible side by side
+                ax.plot(
+                    [x + nudge for x in xs],
+                    [sum(by_cell[(name, budgets[i])]) / len(by_cell[(name, budgets[i])]) for i in xs],
+                    marker="os^vDP"[k % 6],
+                    linestyle="--" if suffix else "-",
+                    color=f"C{k}",
+                    label=name,
+                )
         ax.set_xticks(range(len(budgets)), budgets)
         ax.set_xlabel("budget (tokens per layer and KV head, or % of the prompt)")
         ax.set_ylabel("mean score")
@@ -300,7 +379,7 @@ def plots(report: dict, stem: Path) -> list[str]:
 
     # needle depth x length grid: a row per policy, a column per budget
     grid = report["depth_grid"]
-    rows = [p for p in report["meta"]["policies"] if p in grid]
+    rows = [p + f for f in ("", "/doc_first") for p in report["meta"]["policies"] if p + f in grid]
     cols = [FULL_BUDGET] + budgets
     lengths = sorted({str(r["length"]) for r in report["samples"]}, key=int)
     bins = [depth_bin(hi - 0.01) for hi in DEPTH_BINS]
@@ -323,7 +402,7 @@ def plots(report: dict, stem: Path) -> list[str]:
                 ]
                 ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
                 ax.set_title(f"{policy}@{label}", fontsize=8)
-                if j == (0 if policy == "full" else 1):
+                if j == (0 if policy.startswith("full") else 1):
                     ax.set_yticks(range(len(bins)), bins, fontsize=6)
                 ax.set_xticks(range(len(lengths)), lengths, fontsize=6)
         fig.suptitle("score by needle depth (rows) x prompt length (columns)", fontsize=10)

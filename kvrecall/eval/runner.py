@@ -4,8 +4,10 @@ work units the harness schedules.
 Units and their results are plain JSON objects, so a unit runs the same in-process or in a
 worker subprocess (:mod:`kvrecall.eval.pool`):
 
-* ``accuracy``: one long-input sample (task, length, depth, seed), decoded greedily under every
-  (policy, budget) cell; returns one record per cell.
+* ``accuracy``: one long-input sample (task, length, depth, seed, family), decoded greedily
+  under every (policy, budget) cell; returns one record per cell. Family ``doc_first``: the
+  document is the prefill (the ingest) and the question one chunk after it
+  (:func:`kvrecall.client.hf.prefill`), then greedy decoding.
 * ``reference``: full KV's greedy continuation (``tokens`` tokens, EOS not stopping it) of a
   fidelity prompt, with the model's own cache.
 * ``fidelity``: one (policy, budget) cell replaying a reference teacher-forced through the
@@ -32,6 +34,7 @@ from torch.nn.functional import log_softmax
 
 from kvrecall.client.core import fit_to_sequence
 from kvrecall.client.hf import KVRecallCache, spec_for, use_kvrecall_attention
+from kvrecall.client.hf import prefill as feed
 from kvrecall.eval.cells import policy_config
 from kvrecall.v1 import kvrecall_pb2 as pb
 from kvrecall.worker import decode_step
@@ -80,6 +83,7 @@ class _PrefillSink:
 
     boundary_mode = pb.BOUNDARY_MODE_NEVER
     boundary_threshold = 0.0
+    boundary_target_rate = 0.0
     observation = CAPTURED_QUERIES
 
     def __init__(self, spec: Any) -> None:
@@ -189,12 +193,15 @@ class Runner:
         new_tokens: int,
         forced: list[int] | None = None,
         stop: bool = True,
+        question: torch.Tensor | None = None,
     ) -> CellResult:
-        """One session of ``policy``: ingest the prefill, then decode greedily (stopping at EOS
-        when ``stop``) or teacher-forced on ``forced``."""
+        """One session of ``policy``: ingest the prefill, feed ``question`` [1, n] (if any) as
+        one chunk after it, then decode greedily (stopping at EOS when ``stop``) or
+        teacher-forced on ``forced``."""
         started = time.perf_counter()
         steps = len(forced) if forced is not None else new_tokens
-        spec = spec_for(self.model, prefill.num_tokens + steps + 16)
+        asked = 0 if question is None else int(question.shape[1])
+        spec = spec_for(self.model, prefill.num_tokens + asked + steps + 16)
         config = fit_to_sequence(config, spec.max_tokens)  # a budget past a short sequence covers it
         with self.client.open_session(spec, policy, config, tag="eval", device=self.device) as session:
             cache = PrefilledCache(session)
@@ -206,8 +213,10 @@ class Runner:
                     input_ids=prefill.ids, cache=cache, use_cache=True, logits_to_keep=1
                 )
                 logits = [out.logits[0, -1].float()]
+            if question is not None:
+                logits = [feed(self.model, cache, question, chunk_tokens=asked)]
             tokens: list[int] = []
-            position = prefill.num_tokens
+            position = prefill.num_tokens + asked
             for step in range(steps):
                 if self.abandon_at is not None and time.time() > self.abandon_at:
                     raise Abandoned(f"{policy}: stopped at step {step} of {steps}")
@@ -289,24 +298,36 @@ class Runner:
         return result
 
     def _accuracy(self, unit: dict) -> list[dict]:
-        from kvrecall.eval.tasks import make_sample, score
+        from kvrecall.eval.tasks import document_first, make_sample, score
 
         sample = make_sample(
             unit["task"], unit["length"], seed=unit["seed"], depth=unit["depth"], tokenizer=self.tokenizer
         )
-        prefill = self.prefill(sample.prompt)
+        family = unit.get("family", "in_prompt")
+        question = None
+        if family == "doc_first":
+            sample = document_first(sample)
+            prefill = self.prefill(sample.prompt[: sample.question_at])
+            question = self.tokenizer(
+                sample.prompt[sample.question_at :], add_special_tokens=False, return_tensors="pt"
+            ).input_ids.to(self.device)
+        else:
+            prefill = self.prefill(sample.prompt)
+        context = prefill.num_tokens + (0 if question is None else int(question.shape[1]))
         records = []
         for policy, label in unit["cells"]:
+            # a "P%" budget is of the document: what the ingest holds when the question arrives
             config, budget = self.cell_config(prefill, policy, label, prefill.num_tokens)
-            out = self.decode_cell(prefill, policy, config, sample.max_new_tokens)
+            out = self.decode_cell(prefill, policy, config, sample.max_new_tokens, question=question)
             text = self.tokenizer.decode(out.tokens, skip_special_tokens=True)
             records.append(
                 {
                     "task": sample.task,
+                    "family": family,
                     "length": unit["length"],
                     "seed": sample.seed,
                     "depth": round(sample.depth, 3),
-                    "prompt_tokens": prefill.num_tokens,
+                    "prompt_tokens": context,
                     "policy": policy,
                     "budget": label,
                     "budget_tokens": budget,

@@ -78,6 +78,7 @@ class Sample:
     answers: tuple[str, ...] = ()
     max_new_tokens: int = 12
     meta: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+    question_at: int = 0  # document-first samples: prompt[:question_at] is the document, the rest the question
 
 
 # --------------------------------------------------------------------------------------------
@@ -662,6 +663,41 @@ def demo_sample(context_tokens: int = 1000, seed: int = 0, tokenizer: Any = None
     """
     s = niah_single(context_tokens, seed=seed, depth=None, tokenizer=tokenizer)
     return dataclasses.replace(s, task="demo")
+
+
+FAMILIES: tuple[str, ...] = ("in_prompt", "doc_first")
+"""How a sample reaches the model: ``in_prompt``, the question inside the ingested prompt (the
+generators' prompts); ``doc_first``, the document ingested alone and the question after it
+(:func:`document_first`)."""
+
+DOCUMENT_HEAD = "Read the following text.\n\n"
+"""The document-first user turn's opening: it names no task, so nothing at ingest hints at the
+question."""
+
+_USER, _ASSISTANT = "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def document_first(sample: Sample) -> Sample:
+    """``sample`` with its document cached before the question exists: the prompt becomes
+    ``<chat opening> DOCUMENT_HEAD <haystack>`` (the ``question_at`` characters a session ingests
+    alone) followed by ``<the question> <assistant turn + primer>`` (fed after the ingest).
+
+    Every generator's user turn is ``head + "\n\n" + haystack + "\n\n" + question`` with the
+    haystack free of blank lines, so the head (which may state the task or the question) is
+    replaced by :data:`DOCUMENT_HEAD` and the question part is kept. Same haystack, needle,
+    answer and depth; ``context_tokens`` is re-estimated by the length change in characters."""
+    start = sample.prompt.index(_USER) + len(_USER)
+    end = sample.prompt.rindex(_ASSISTANT)
+    user = sample.prompt[start:end]
+    body_start, question_start = user.index("\n\n") + 2, user.rindex("\n\n")
+    if question_start < body_start:
+        raise ValueError(f"{sample.task}: the prompt has no head / haystack / question structure")
+    document = sample.prompt[:start] + DOCUMENT_HEAD + user[body_start:question_start]
+    prompt = document + user[question_start:] + sample.prompt[end:]
+    shrink = (len(sample.prompt) - len(prompt)) / CHARS_PER_TOKEN
+    return dataclasses.replace(
+        sample, prompt=prompt, question_at=len(document), context_tokens=round(sample.context_tokens - shrink)
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,13 +7,16 @@ tokens and at the last token, concatenated ([2 * hidden]), standardised, then
 
 The weights ship beside this file (`smollm2_135m.npz`, plain arrays, loaded with
 allow_pickle=False) and are made by `python -m kvrecall.tasktype.train`; they fit only the
-model they were trained on (hidden size and layer count are checked).
+model they were trained on (hidden size and layer count are checked). For any other model
+:func:`classify` falls back to LOCALIZATION (windowkv's default task) and logs it once per
+model shape: it never refuses a prompt.
 Cost: one forward pass over at most HEAD + TAIL tokens before the session opens.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import pathlib
 from dataclasses import dataclass
 
@@ -22,7 +25,12 @@ import torch
 
 from kvrecall.v1 import kvrecall_pb2 as pb
 
+log = logging.getLogger("kvrecall.tasktype")
+
 WEIGHTS = pathlib.Path(__file__).with_name("smollm2_135m.npz")
+FALLBACK = pb.TASK_TYPE_LOCALIZATION
+"""The task of a prompt no shipped head fits: windowkv's default (top-half window scores, a
+32-token observation suffix), the better one on retrieval tasks."""
 HEAD, TAIL = 64, 192
 
 
@@ -96,9 +104,25 @@ def shipped() -> TaskClassifier:
     return TaskClassifier.load(WEIGHTS)
 
 
+@functools.lru_cache(maxsize=16)
+def _log_fallback(hidden_size: int, num_layers: int) -> None:
+    head = shipped()
+    log.warning(
+        "task classifier: the shipped head fits hidden_size=%d, num_hidden_layers=%d, not this model "
+        "(hidden_size=%d, num_hidden_layers=%d): windowkv sessions without a task fall back to %s; "
+        "pass task explicitly or train a head (python -m kvrecall.tasktype.train)",
+        head.hidden_size, head.num_layers, hidden_size, num_layers, pb.TaskType.Name(FALLBACK),
+    )  # fmt: skip
+
+
 def classify(model, input_ids: torch.Tensor) -> int:
-    """The task type of a prompt for `model` with the shipped head (pb.TaskType)."""
-    return shipped().classify(model, input_ids)
+    """The task type of a prompt for `model` (pb.TaskType): the shipped head's answer, or
+    :data:`FALLBACK` (logged once per model shape) for a model it was not trained for."""
+    head = shipped()
+    if not head.fits(model):
+        _log_fallback(model.config.hidden_size, model.config.num_hidden_layers)
+        return FALLBACK
+    return head.classify(model, input_ids)
 
 
 def with_task(model, policy: str, config: dict | None, input_ids: torch.Tensor) -> dict | None:

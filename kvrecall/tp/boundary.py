@@ -33,7 +33,8 @@ class AgreedBoundaryDetector(BoundaryDetector):
     def replacing(detector: BoundaryDetector, group: TPGroup) -> AgreedBoundaryDetector:
         """The agreeing twin of `detector` (same rule, threshold, layers and aggregation)."""
         return AgreedBoundaryDetector(
-            detector.mode, detector.threshold, detector.num_layers, detector.aggregate, group=group
+            detector.mode, detector.threshold, detector.num_layers, detector.aggregate, detector.target_rate,
+            group=group,
         )
 
     def observe(self, layer: int, query: torch.Tensor) -> None:

@@ -80,7 +80,7 @@ class StreamingConfig(_message.Message):
     def __init__(self, n_sink: _Optional[int] = ..., window: _Optional[int] = ...) -> None: ...
 
 class LouisKVConfig(_message.Message):
-    __slots__ = ("budget", "n_sink", "window", "cluster_size", "kmeans_iters", "threshold", "max_segment", "pre_rope", "observation", "ingest_select", "pin_ingest")
+    __slots__ = ("budget", "n_sink", "window", "cluster_size", "kmeans_iters", "threshold", "max_segment", "pre_rope", "observation", "ingest_select", "pin_ingest", "target_rate")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     N_SINK_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class LouisKVConfig(_message.Message):
     OBSERVATION_FIELD_NUMBER: _ClassVar[int]
     INGEST_SELECT_FIELD_NUMBER: _ClassVar[int]
     PIN_INGEST_FIELD_NUMBER: _ClassVar[int]
+    TARGET_RATE_FIELD_NUMBER: _ClassVar[int]
     budget: int
     n_sink: int
     window: int
@@ -103,7 +104,8 @@ class LouisKVConfig(_message.Message):
     observation: int
     ingest_select: str
     pin_ingest: float
-    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., cluster_size: _Optional[int] = ..., kmeans_iters: _Optional[int] = ..., threshold: _Optional[float] = ..., max_segment: _Optional[int] = ..., pre_rope: bool = ..., observation: _Optional[int] = ..., ingest_select: _Optional[str] = ..., pin_ingest: _Optional[float] = ...) -> None: ...
+    target_rate: float
+    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., cluster_size: _Optional[int] = ..., kmeans_iters: _Optional[int] = ..., threshold: _Optional[float] = ..., max_segment: _Optional[int] = ..., pre_rope: bool = ..., observation: _Optional[int] = ..., ingest_select: _Optional[str] = ..., pin_ingest: _Optional[float] = ..., target_rate: _Optional[float] = ...) -> None: ...
 
 class QuestConfig(_message.Message):
     __slots__ = ("budget", "n_sink", "window", "page_size")
@@ -132,7 +134,7 @@ class SnapKVConfig(_message.Message):
     def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., pool_kernel: _Optional[int] = ..., observation: _Optional[int] = ...) -> None: ...
 
 class WindowKVConfig(_message.Message):
-    __slots__ = ("budget", "n_sink", "window", "window_size", "group_size", "decay", "task", "keep_pruned_in_host", "threshold", "budget_fraction", "group_select")
+    __slots__ = ("budget", "n_sink", "window", "window_size", "group_size", "decay", "task", "keep_pruned_in_host", "threshold", "budget_fraction", "group_select", "variant")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     N_SINK_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +146,7 @@ class WindowKVConfig(_message.Message):
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FRACTION_FIELD_NUMBER: _ClassVar[int]
     GROUP_SELECT_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
     budget: int
     n_sink: int
     window: int
@@ -155,7 +158,8 @@ class WindowKVConfig(_message.Message):
     threshold: float
     budget_fraction: float
     group_select: str
-    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., window_size: _Optional[int] = ..., group_size: _Optional[int] = ..., decay: bool = ..., task: _Optional[_Union[TaskType, str]] = ..., keep_pruned_in_host: bool = ..., threshold: _Optional[float] = ..., budget_fraction: _Optional[float] = ..., group_select: _Optional[str] = ...) -> None: ...
+    variant: str
+    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., window_size: _Optional[int] = ..., group_size: _Optional[int] = ..., decay: bool = ..., task: _Optional[_Union[TaskType, str]] = ..., keep_pruned_in_host: bool = ..., threshold: _Optional[float] = ..., budget_fraction: _Optional[float] = ..., group_select: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class PolicyConfig(_message.Message):
     __slots__ = ("name", "full", "streaming", "louiskv", "quest", "snapkv", "windowkv")

@@ -33,3 +33,33 @@ def test_device_flag_equals_the_worker_rule(device):
             detector.set_reference(layer, reference[b, layer])
             detector.observe(layer, queries[layer][b])
         assert flags[b] == detector.is_boundary(), (b, detector.score())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_target_rate_thresholds_move_per_slot_like_the_worker_rule(device):
+    """Slots with a target rate move their threshold after each step exactly as
+    BoundaryDetector does; slots without keep theirs."""
+    torch.manual_seed(6)
+    B, L, Hq, H, D = 4, 2, 4, 2, 32
+    batch = SessionBatch(B, L, Hq, H, D, 128, torch.device(device), D**-0.5, impl="reference")
+    reference = torch.randn(B, L, Hq, D, device=device)
+    batch.reference.copy_(reference)
+    rates = [0.1, 0.0, 0.3, 0.5]
+    batch.threshold.fill_(0.3)
+    batch.target_rate.copy_(torch.tensor(rates, device=device))
+    detectors = [BoundaryDetector(pb.BOUNDARY_MODE_THRESHOLD, 0.3, L, target_rate=r) for r in rates]
+    for b, detector in enumerate(detectors):
+        for layer in range(L):
+            detector.set_reference(layer, reference[b, layer])
+    k = torch.randn(B, H, D, device=device)
+    for _ in range(12):
+        queries = [reference[:, layer] + 1.2 * torch.randn(B, Hq, D, device=device) for layer in range(L)]
+        for layer, q in enumerate(queries):
+            batch.attend(layer, q, k, k, torch.zeros(B, dtype=torch.int64, device=device))
+        for b, detector in enumerate(detectors):
+            for layer in range(L):
+                detector.observe(layer, queries[layer][b])
+            assert bool(batch.flags[b]) == detector.is_boundary()
+            assert float(batch.threshold[b]) == pytest.approx(detector.threshold, abs=1e-5)
+    assert float(batch.threshold[1]) == pytest.approx(0.3)
+    assert len({round(float(t), 4) for t in batch.threshold}) > 2

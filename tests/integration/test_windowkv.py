@@ -197,3 +197,59 @@ def test_who_selects_for_a_group(client, group_select):
             for head in range(SPEC.num_kv_heads):
                 kept = needle in retrieved(session, layer, head, prompt)
                 assert kept == (group_select == "sum"), (layer, head)
+
+
+# ---- variant "paper": the reference implementation's rule -------------------------------
+def test_paper_windows_are_scored_once_across_heads_hand_computed():
+    """Windows of 4 over 10 tokens ([0,4), [4,8), [8,10)), 2 query heads. Localisation: per
+    head the mean of its top 2 (= 4 // 2) values, then the mean over heads: w0 (0.5 + 2) / 2 =
+    1.25, w1 (1 + 1) / 2 = 1.0, w2 (1.5 + 0) / 2 = 0.75. Aggregation: the mean over heads and
+    tokens: w0 5 / 8, w1 4 / 8, w2 3 / 4."""
+    from kvrecall.server.policies.windowkv import paper_select, paper_window_scores
+
+    mass = torch.tensor([[1.0, 0, 0, 0, 0, 2, 0, 0, 3, 0], [0.0, 0, 0, 4, 0, 0, 1, 1, 0, 0]])
+    assert paper_window_scores(mass, 4, "topmean").tolist() == [1.25, 1.0, 0.75]
+    assert paper_window_scores(mass, 4, "mean").tolist() == [0.625, 0.5, 0.75]
+    # budget 6: ceil((10 - 6) / 4) = 1 window goes, the lowest; two stay (8 tokens: the reference
+    # counts windows, not tokens)
+    assert paper_select(mass, 6, 4, "topmean").nonzero().flatten().tolist() == list(range(8))
+    assert paper_select(mass, 6, 4, "mean").nonzero().flatten().tolist() == [0, 1, 2, 3, 8, 9]
+    assert bool(paper_select(mass, 10, 4, "mean").all())  # everything fits: everything stays
+    assert not bool(paper_select(mass, 1, 4, "mean").any())  # every window would go: none stays
+    tie = torch.ones(1, 12)
+    assert paper_select(tie, 8, 4, "mean").nonzero().flatten().tolist() == list(range(8))  # ties: earlier stays
+
+
+def test_paper_budget_decay_is_the_reference_arithmetic():
+    from kvrecall.server.policies.windowkv import paper_layer_budgets
+
+    # Llama-3-8B, 512: last = 512 * 8 // 14 = 292, first = 1024 - 292 = 732, step (732 - 292) // 3 = 146
+    assert paper_layer_budgets(32, 8, 512) == [732] * 8 + [586] * 8 + [440] * 8 + [292] * 8
+    # SmolLM2 (30 layers): 4 groups, the last of 6 layers; last 800 // 14 = 57, first 143, step 28
+    assert paper_layer_budgets(30, 8, 100) == [143] * 8 + [115] * 8 + [87] * 8 + [57] * 6
+    assert paper_layer_budgets(6, 8, 64) == [64] * 6
+
+
+@pytest.mark.parametrize("variant", ["paper", "tuned"])
+def test_paper_variant_shares_windows_across_heads(client, variant):
+    """A needle only KV head 0 attends to: the paper's head-shared choice keeps it for both
+    heads, the tuned per-head choice only for head 0."""
+    prompt, needle = 200, 101
+    kv = random_kv(SPEC, prompt, seed=9) * 0.05
+    direction = torch.zeros(SPEC.head_dim)
+    direction[0] = 1.0
+    kv[:, 0, 0, needle] = 6.0 * direction  # every layer, KV head 0: the needle's key matches
+    queries = 6.0 * direction.expand(SPEC.num_layers, SPEC.num_query_heads, 32, -1).clone()
+    config = dict(BASE, budget=32, group_size=4, task="TASK_TYPE_LOCALIZATION", variant=variant)  # one group: no decay
+    with client.open_session(SPEC, "windowkv", config) as session:
+        session.ingest(kv, queries)
+        for layer in range(SPEC.num_layers):
+            assert needle in retrieved(session, layer, 0, prompt), layer
+            assert (needle in retrieved(session, layer, 1, prompt)) == (variant == "paper"), layer
+            kept = [retrieved(session, layer, head, prompt) for head in range(SPEC.num_kv_heads)]
+            assert (kept[0] == kept[1]) == (variant == "paper")
+
+
+def test_bad_variant_is_refused(client):
+    with pytest.raises(InvalidArgumentError, match="variant"):
+        client.open_session(SPEC, "windowkv", dict(BASE, variant="published"))

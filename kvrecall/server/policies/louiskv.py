@@ -67,6 +67,7 @@ class LouisKVConfig:
     ingest_select: str = "tokens"  # first retrieval: "tokens" (observation attention) or "units"
     aggregate: str = "max"  # grouped query heads: "max" or "sum" of unit scores
     pin_ingest: float = 0.25  # budget fraction keeping the best ingest tokens through retrievals
+    target_rate: float = 0.0  # > 0: the worker's threshold adapts to retrieve on this share of steps
 
     def __post_init__(self) -> None:
         check_resident(self)
@@ -78,6 +79,7 @@ class LouisKVConfig:
         check(1 <= self.observation <= 256, "observation", "must be in [1, 256]")
         check(self.ingest_select in ("tokens", "units"), "ingest_select", "must be 'tokens' or 'units'")
         check(0.0 <= self.pin_ingest <= 1.0, "pin_ingest", "must be in [0, 1]")
+        check(0.0 <= self.target_rate < 1.0, "target_rate", "must be in [0, 1) (0: the fixed threshold)")
 
     @property
     def pinned_tokens(self) -> int:

@@ -11,6 +11,19 @@ summed, `group_select="sum"`); the paper's rule, the group's first layer selecti
 `group_select="first"` (on SmolLM2 it loses needles its first layer does not attend to:
 docs/TUNING.md). The per-layer budget is
 uniform or decays arithmetically across groups (`decay`; the mean over layers stays `budget`).
+Windows are chosen per KV head.
+
+`variant="paper"` runs the reference implementation's rule instead (WindowKV,
+arXiv 2503.17922, github.com/optim996/WindowKV `models/compress_utils.py`): each window is
+scored ONCE across all query heads (the mean of the heads' window scores: per head the mean of
+its top `window_size // 2` values for localisation, the mean for aggregation) and every head
+keeps the same windows; the group's first layer selects alone; the budget decays
+arithmetically from `2 * budget - last` (first group) to `last = budget * group_size // 14`
+(the reference's default beta) in equal integer steps; the `ceil((N - budget) / window_size)`
+lowest windows are dropped (N the candidate tokens). Kept from this implementation in both
+variants: sinks and the window ring around the selection, and a budget that counts the
+observation suffix (so resident sizes match the other policies at equal `budget`).
+`group_select` and `decay` are the tuned variant's settings; `paper` ignores them.
 
 Pruned prompt KV is never retrieved again, unless `keep_pruned_in_host`: then the session
 also runs louiskv's boundary retrieval (clustered prompt, segmented output, THRESHOLD rule),
@@ -23,6 +36,7 @@ Shapes: queries [L, Hq, n_obs, D]; prompt keys [L, H, T, D]; selection [L, H, R]
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -47,11 +61,15 @@ from kvrecall.server.policies.louiskv import LouisKVConfig, LouisKVPolicy
 from kvrecall.server.policies.snapkv import observation_scores
 from kvrecall.v1 import kvrecall_pb2 as pb
 
+log = logging.getLogger("kvrecall.windowkv")
+
 LOCALIZATION, AGGREGATION = pb.TASK_TYPE_LOCALIZATION, pb.TASK_TYPE_AGGREGATION
 SUFFIX = {LOCALIZATION: 32, AGGREGATION: 16}
 SCORE_MODE = {LOCALIZATION: "topmean", AGGREGATION: "mean"}
 # With `decay`, the last group's budget is this fraction of `budget` (the first gets the rest).
 DECAY_LAST = 0.5
+PAPER_BETA = 14  # the reference implementation's default: last group budget = budget * group_size // beta
+VARIANTS = ("tuned", "paper")
 
 
 @dataclass
@@ -69,12 +87,14 @@ class WindowKVConfig:
     keep_pruned_in_host: bool = False  # louiskv retrieval at boundaries after the prefill selection
     threshold: float = 0.75  # boundary threshold (keep_pruned_in_host only; as louiskv)
     budget_fraction: float | None = None  # budget = round(fraction * prompt tokens), overrides budget
+    variant: str = "tuned"  # "tuned" (this page's defaults) or "paper" (the reference implementation's rule)
 
     def __post_init__(self) -> None:
         check_resident(self)
         check(1 <= self.window_size <= 4096, "window_size", "must be in [1, 4096]")
         check(1 <= self.group_size <= 1024, "group_size", "must be in [1, 1024]")
         check(self.group_select in ("first", "sum"), "group_select", "must be 'first' or 'sum'")
+        check(self.variant in VARIANTS, "variant", f"must be one of {VARIANTS}")
         check(self.task in pb.TaskType.values(), "task", f"must be one of {pb.TaskType.keys()}")
         check(-1.0 <= self.threshold <= 1.0, "threshold", "must be in [-1, 1]")
         if self.budget_fraction is not None:
@@ -103,6 +123,58 @@ def layer_budgets(num_layers: int, group_size: int, budget: int, decay: bool) ->
     return [rounded[g] for g in groups]
 
 
+def paper_layer_budgets(num_layers: int, group_size: int, budget: int, beta: int = PAPER_BETA) -> list[int]:
+    """The reference implementation's arithmetic decay: the last group keeps
+    `budget * group_size // beta`, the first `2 * budget` minus that, the groups between step
+    down by `(first - last) // (groups - 1)`. Groups are ceil(num_layers / group_size) (the
+    reference assumes they divide evenly); one group keeps `budget`."""
+    groups = -(-num_layers // group_size)
+    if groups == 1:
+        return [budget] * num_layers
+    last = budget * group_size // beta
+    first = 2 * budget - last
+    step = (first - last) // (groups - 1)
+    per_group = [first - g * step for g in range(groups - 1)] + [last]
+    return [max(1, per_group[layer // group_size]) for layer in range(num_layers)]
+
+
+def paper_window_scores(mass: torch.Tensor, window_size: int, mode: str) -> torch.Tensor:
+    """The reference's window score, one per window for all heads: mass [Hq, N] (attention per
+    query head and candidate token) -> [P] float32, P = ceil(N / window_size). "topmean": the
+    mean over heads of each head's mean of its top min(window_size // 2, n) values (n the
+    window's length); "mean": the mean over heads and tokens."""
+    heads, num_tokens = mass.shape
+    lengths = window_lengths(num_tokens, window_size, mass.device)
+    count = lengths.numel()
+    pad = float("-inf") if mode == "topmean" else 0.0
+    padded = mass.new_full((heads, count * window_size), pad, dtype=torch.float32)
+    padded[:, :num_tokens] = mass.float()
+    windows = padded.view(heads, count, window_size)
+    if mode == "mean":
+        return windows.sum(dim=-1).mean(dim=0) / lengths
+    k = max(1, window_size // 2)
+    taken = lengths.clamp_max(k)  # [P]
+    top = windows.topk(k, dim=-1).values  # [Hq, P, k], -inf padding last
+    keep = torch.arange(k, device=mass.device) < taken[:, None]
+    return (torch.where(keep, top, 0.0).sum(dim=-1) / taken).mean(dim=0)
+
+
+def paper_select(mass: torch.Tensor, budget: int, window_size: int, mode: str) -> torch.Tensor:
+    """The reference's choice, shared by every head: mass [Hq, N] -> keep [N] bool. All N
+    tokens when they fit; else the ceil((N - budget) / window_size) lowest-scoring windows go
+    (ties: the later window goes first) and the rest stay, or none when that is every window
+    (a short last window kept makes that up to window_size - 1 tokens over the budget)."""
+    num_tokens = mass.shape[1]
+    if num_tokens <= budget:
+        return torch.ones(num_tokens, dtype=torch.bool, device=mass.device)
+    scores = paper_window_scores(mass, window_size, mode)
+    drop = -(-(num_tokens - max(0, budget)) // window_size)
+    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=mass.device)
+    if drop < scores.numel():
+        keep[torch.sort(scores, descending=True, stable=True).indices[: scores.numel() - drop]] = True
+    return keep.repeat_interleave(window_size)[:num_tokens]
+
+
 def select_windows(mass: torch.Tensor, budget: int, window_size: int, mode: str) -> torch.Tensor:
     """Whole windows by rank: mass [H, N] float (attention per candidate token) -> keep [H, N] bool.
 
@@ -128,6 +200,8 @@ class WindowKVPolicy(Policy):
     def __init__(self, config: WindowKVConfig, layout) -> None:
         super().__init__(config, layout)
         self.task = config.resolved_task
+        if config.task == pb.TASK_TYPE_UNSPECIFIED:
+            log.info("windowkv session without a task hint: falling back to %s", pb.TaskType.Name(self.task))
         self.suffix = SUFFIX[self.task]
         self.budgets: list[int] = []  # per layer, resolved at ingest
         self.selection: torch.Tensor | None = None  # [L, H, R] CPU, filled group by group at ingest
@@ -147,15 +221,23 @@ class WindowKVPolicy(Policy):
             return self.config.budget
         return max(1, math.ceil(self.config.budget_fraction * self.layout.max_tokens))
 
+    def _layer_budgets(self, budget: int) -> list[int]:
+        c, L = self.config, self.layout.num_layers
+        if c.variant == "paper":
+            return paper_layer_budgets(L, c.group_size, budget)
+        return layer_budgets(L, c.group_size, budget, c.decay)
+
     def plan(self) -> WorkingSetPlan:
         c = self.config
-        widest = max(layer_budgets(self.layout.num_layers, c.group_size, self._plan_budget(), c.decay))
+        widest = max(self._layer_budgets(self._plan_budget()))
         widest = min(widest, self.layout.max_tokens)  # no layer can keep more tokens than exist
         # The suffix tokens the window ring does not hold must fit in the retrieved region.
         outside_ring = max(0, self.suffix - (c.window - DEFAULT_SPILL_EVERY))
+        # the reference's window count may overshoot the budget by a short last window
+        overshoot = c.window_size - 1 if c.variant == "paper" else 0
         return WorkingSetPlan(
             n_sink=c.n_sink,
-            retrieved=max(widest, outside_ring),
+            retrieved=max(min(widest + overshoot, self.layout.max_tokens), outside_ring),
             window=c.window,
             spill_every=DEFAULT_SPILL_EVERY,
         )
@@ -186,8 +268,12 @@ class WindowKVPolicy(Policy):
             return
         first = layer - layer % c.group_size
         last = min(L, first + c.group_size) - 1
-        if c.group_select == "sum" or layer == first:  # every layer of the group votes, equally
-            mass = observation_scores(queries[:, -self.suffix :].to(kv.device), kv[0], self.layout.group_size)
+        observed = queries[:, -self.suffix :].to(kv.device)
+        if c.variant == "paper":
+            if layer == first:  # the group's first layer selects, from every query head's own mass
+                self.votes = observation_scores(observed, kv[0].repeat_interleave(self.layout.group_size, 0), 1)
+        elif c.group_select == "sum" or layer == first:  # every layer of the group votes, equally
+            mass = observation_scores(observed, kv[0], self.layout.group_size)
             self.votes = mass if self.votes is None else self.votes + mass
         if layer == last:
             self._select_group(ctx, first, last + 1, self.votes)
@@ -198,7 +284,7 @@ class WindowKVPolicy(Policy):
         c, T, R = self.config, ctx.prompt_tokens, ctx.ws.plan.retrieved
         L, H = self.layout.num_layers, self.layout.num_kv_heads
         budget = c.budget if c.budget_fraction is None else max(1, round(c.budget_fraction * T))
-        self.budgets = [min(b, R) for b in layer_budgets(L, c.group_size, budget, c.decay)]
+        self.budgets = [min(b, R) for b in self._layer_budgets(budget)]
         self.selection = torch.full((L, H, R), -1, dtype=torch.int64)
         self.kept, self.votes = 0, None
         if c.keep_pruned_in_host:
@@ -215,15 +301,19 @@ class WindowKVPolicy(Policy):
         return Selection(self.selection, units=self.kept)
 
     def _select_group(self, ctx: PolicyContext, first: int, stop: int, mass: torch.Tensor) -> None:
-        """Layers [first, stop) keep the windows their summed votes mass [H, T] rank best, among
-        the prompt tokens outside sinks and ring; the suffix is always kept."""
+        """Layers [first, stop) keep the windows their votes mass (tuned: [H, T] per KV head;
+        paper: [Hq, T] per query head, one choice for all heads) rank best, among the prompt
+        tokens outside sinks and ring; the suffix is always kept."""
         start, end = ctx.ingest_range
         H, R = self.layout.num_kv_heads, ctx.ws.plan.retrieved
         cut = max(start, min(end, ctx.prompt_tokens - self.suffix))  # suffix tokens from `cut` on are kept
         positions = torch.arange(start, end, dtype=torch.int64, device=mass.device).expand(H, -1)
         suffix = torch.ones(H, end - cut, dtype=torch.bool, device=mass.device)
-        chosen = select_windows(mass[:, start:cut], self.budgets[first] - (end - cut), self.config.window_size,
-                                SCORE_MODE[self.task])  # fmt: skip
+        budget, size, mode = self.budgets[first] - (end - cut), self.config.window_size, SCORE_MODE[self.task]
+        if self.config.variant == "paper":
+            chosen = paper_select(mass[:, start:cut], budget, size, mode).expand(H, -1)
+        else:
+            chosen = select_windows(mass[:, start:cut], budget, size, mode)
         picked = compact(torch.cat((chosen, suffix), dim=1), positions, R).cpu()
         self.selection[first:stop] = picked
         self.kept += int((picked >= 0).sum()) * (stop - first)
