@@ -41,7 +41,7 @@ def test_target_rate_thresholds_move_per_slot_like_the_worker_rule(device):
     BoundaryDetector does; slots without keep theirs."""
     torch.manual_seed(6)
     B, L, Hq, H, D = 4, 2, 4, 2, 32
-    batch = SessionBatch(B, L, Hq, H, D, 128, torch.device(device), D**-0.5, impl="reference")
+    batch = SessionBatch(B, L, Hq, H, D, 128, torch.device(device), torch.float32, D**-0.5, impl="reference")
     reference = torch.randn(B, L, Hq, D, device=device)
     batch.reference.copy_(reference)
     rates = [0.1, 0.0, 0.3, 0.5]

@@ -19,7 +19,6 @@ COVERING = [
     ("quest", {"budget": 512}),
     ("louiskv", {"budget": 512}),
     ("windowkv", {"budget": 512}),
-    ("windowkv", {"budget": 512, "variant": "paper"}),
 ]
 
 
