@@ -84,13 +84,6 @@ def _percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _daemon_device(device: torch.device) -> str:
-    """`kvrecall serve --device` wants an index on CUDA."""
-    if device.type == "cuda":
-        return f"cuda:{device.index or 0}"
-    return "cpu"
-
-
 def _gib(n: float) -> float:
     return round(n / GiB, 3)
 
@@ -285,7 +278,7 @@ class Bench:
         log(f"e2e: {self.meta.get('device')} shape={self.shape} host pool {host_gib:.1f} GiB")
         started = time.perf_counter()
         # Pinning a large host tier takes a while (minutes for ~100 GiB on a fresh VM).
-        daemon = LocalDaemon(host_pool_gb=host_gib, device_pool_gb=device_gib, device=_daemon_device(self.device))
+        daemon = LocalDaemon(host_pool_gb=host_gib, device_pool_gb=device_gib, device=str(self.device))
         with daemon.start(timeout=600.0):
             self.meta["daemon_start_s"] = round(time.perf_counter() - started, 1)
             with KVRecallClient(daemon.target, "bench-e2e", timeout=600.0) as client:

@@ -103,13 +103,14 @@ def run_full(model, ids: torch.Tensor, steps: int, device: torch.device) -> dict
 
 @torch.no_grad()
 def run_kvrecall(model, client, ids: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from kvrecall.client.core import fit_to_sequence
     from kvrecall.client.hf import KVRecallCache, prefill, spec_for, use_kvrecall_attention
     from kvrecall.client.staging import STAGED
 
     T = ids.shape[1]
     spec = spec_for(model, T + args.steps + 64)
-    budget = min(args.budget, spec.max_tokens)  # the daemon refuses a budget past the sequence
-    with client.open_session(spec, "louiskv", {"budget": budget}, tag="bench-prefill") as session:
+    config = fit_to_sequence({"budget": args.budget}, spec.max_tokens)  # the daemon refuses a budget past it
+    with client.open_session(spec, "louiskv", config, tag="bench-prefill") as session:
         use_kvrecall_attention(model)
         cache = KVRecallCache(session, chunk_tokens=args.chunk)
         start = reset_peak(device)
