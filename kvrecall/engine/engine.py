@@ -82,7 +82,8 @@ class Engine:
         self.sequences: list[Sequence | None] = [None] * batch
         self.force_boundary = force_boundary
         self.steps = 0
-        self._shadows: list[tuple[torch.Tensor, ...]] = []  # free shadow working sets, reused
+        # Free shadow working sets, reused; at most `batch` kept (sessions' capacities vary).
+        self._shadows: list[tuple[torch.Tensor, ...]] = []
         self._calls = ThreadPoolExecutor(max_workers=batch, thread_name_prefix="kvrecall-engine")
         # Captured while no slot is in use: the warm-up steps write nothing anywhere.
         self.graph = GraphStep(lambda: self.decoder.step(self.backend), self.device, use_graph)
@@ -204,7 +205,7 @@ class Engine:
             with torch.inference_mode(False):  # ordinary tensors: written outside step() too
                 shadow = tuple(torch.empty_like(t) for t in real)
         else:
-            self._shadows.remove(shadow)
+            self._shadows = [sh for sh in self._shadows if sh is not shadow]  # tensors have no ==
         for copy, source in zip(shadow, real, strict=True):
             copy.copy_(source)
         seq.shadow, seq.pending_from = shadow, core.position
@@ -223,7 +224,7 @@ class Engine:
         core.slot_pos[:, :, slots] = slot_pos[:, :, slots]
         self.backend.tables.set(seq.slot, core.keys, core.values, core.slot_pos, core.query,
                                 core.n_sink + core.retrieved, core.window)  # fmt: skip
-        self._shadows.append(seq.shadow)
+        self._shadows = [seq.shadow, *self._shadows][: self.batch]
         seq.pending, seq.shadow = None, None
 
     def close(self) -> None:
