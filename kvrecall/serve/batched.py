@@ -90,9 +90,11 @@ class BatchedEngine:
         self.weights = DecoderWeights.from_hf(loaded.model)
         self.max_capacity = max_model_len + SESSION_MARGIN + CAPACITY_SLACK
         self.engine = self._new_engine()
-        self._lock = threading.Condition()  # guards _waiting; notified when it grows, and on close
+        # Guards the three stages a request goes through; notified when _waiting grows, and on close.
+        self._lock = threading.Condition()
         self._waiting: collections.deque[_Entry] = collections.deque()
-        self._running: dict[int, _Entry] = {}  # slot -> entry; the scheduler thread writes it
+        self._admitting: list[_Entry] = []  # taken from the queue for free slots, not yet in one
+        self._running: dict[int, _Entry] = {}  # slot -> entry
         self._closing = False
         self._thread = threading.Thread(target=self._schedule, name="kvrecall-batch", daemon=True)
         self._thread.start()
@@ -102,12 +104,13 @@ class BatchedEngine:
 
     def load(self) -> dict[str, int]:
         with self._lock:
-            return {"slots": self.slots, "running": len(self._running), "waiting": len(self._waiting)}
+            waiting = len(self._waiting) + len(self._admitting)
+            return {"slots": self.slots, "running": len(self._running), "waiting": waiting}
 
     async def start(self, request: GenerationRequest) -> Generation:
         entry = _Entry(request, Generation())
         with self._lock:
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) + len(self._admitting) + len(self._running) >= self.slots + self.max_queue:
                 raise queue_full(self.slots, self.max_queue)
             self._waiting.append(entry)
             self._lock.notify()
@@ -117,6 +120,7 @@ class BatchedEngine:
             with self._lock:
                 if entry in self._waiting:
                     self._waiting.remove(entry)
+                    log.info("a request left the queue before it started (%d prompt tokens)", len(request.prompt_ids))
             raise
         return entry.generation
 
@@ -135,12 +139,17 @@ class BatchedEngine:
                     self._lock.wait()
                 if self._closing:
                     break
-                admitted = []
-                while self._waiting and len(self._running) + len(admitted) < self.slots:
-                    admitted.append(self._waiting.popleft())
+                while self._waiting and len(self._running) + len(self._admitting) < self.slots:
+                    self._admitting.append(self._waiting.popleft())
+                admitting = list(self._admitting)
             try:
-                for entry in admitted:
-                    self._admit(entry)
+                for entry in admitting:
+                    try:
+                        self._admit(entry)
+                    finally:
+                        with self._lock:
+                            if entry in self._admitting:
+                                self._admitting.remove(entry)
                 if self._running:
                     self._step()
             except Exception as exc:  # noqa: BLE001 - the running requests end with it
@@ -177,7 +186,9 @@ class BatchedEngine:
         entry.session = session
         stats = generation.stats
         stats.session_id, stats.policy_config, stats.max_batch = session.session_id, session.policy_config, 1
-        self._running[entry.slot] = entry
+        with self._lock:
+            self._running[entry.slot] = entry
+            self._admitting.remove(entry)
         generation.opened()
         self._deliver(entry, self.engine.sequences[entry.slot].tokens[0])
 
@@ -197,7 +208,8 @@ class BatchedEngine:
             _close_quietly(entry.session)
             entry.generation.put(exc)
             entry.generation.end()
-        self._running.clear()
+        with self._lock:
+            self._running.clear()
         broken, self.engine = self.engine, self._new_engine()
         broken.close()
 
@@ -216,7 +228,8 @@ class BatchedEngine:
 
     def _finish(self, entry: _Entry, reason: str) -> None:
         sequence = self.engine.remove(entry.slot)
-        del self._running[entry.slot]
+        with self._lock:
+            del self._running[entry.slot]
         stats = entry.generation.stats
         stats.retrievals, stats.appends = sequence.boundaries, sequence.appends
         entry.generation.finish_reason = reason
