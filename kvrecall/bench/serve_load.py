@@ -7,14 +7,15 @@ back to back (each client waits for its answer before its next), after one untim
 request per client. Prints requests/s, generated tokens/s and p50/p99 latency per level, and writes the
 table and the run's settings as JSON (`--out`), with the host's load average around each level
 (on a shared machine, the other work's share of the CPU). Plain HTTP from threads: no client
-library. Several comma-separated `--url`s: client i talks to url i mod n (balancing without
-a load balancer).
+library. Several comma-separated `--url`s take the requests in turn (round robin, as a load
+balancer would).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import os
 import platform
@@ -42,12 +43,16 @@ def percentile(values: list[float], q: float) -> float:
 
 def run_level(urls: list[str], body: bytes, clients: int, requests: int) -> dict:
     per_client = max(1, requests // clients)
+    turn = itertools.count()  # next() is atomic: the clients' threads share it
 
-    def client(i: int) -> list[tuple[float, int, str]]:
-        return [complete(urls[i % len(urls)], body) for _ in range(per_client)]
+    def send() -> tuple[float, int, str]:
+        return complete(urls[next(turn) % len(urls)], body)
+
+    def client(_: int) -> list[tuple[float, int, str]]:
+        return [send() for _ in range(per_client)]
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        list(pool.map(lambda i: complete(urls[i % len(urls)], body), range(clients)))  # warm-up: not counted
+        list(pool.map(lambda _: send(), range(clients)))  # warm-up: not counted
         load_before = os.getloadavg()
         started = time.perf_counter()
         results = [r for batch in pool.map(client, range(clients)) for r in batch]
