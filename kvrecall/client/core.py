@@ -112,6 +112,9 @@ class SessionCore:
             mapped = [open_ref(r, name) for r, name in zip(refs, names, strict=True)]
             tensors = [m.tensor for m in mapped]
         core = SessionCore(response.session_id, spec, transport, response, *tensors, _mapped=mapped)
+        if response.prefix_tokens_held:  # the daemon holds the prompt's prefix: start after it
+            core.apply_delta(response.delta)
+            core.position = core.noticed_upto = response.prefix_tokens_held
         if transport == pb.TRANSPORT_CUDA_IPC and ws.query.cuda_ipc.event_handle:
             from kvrecall.cuda_ipc import open_event
 
@@ -122,6 +125,12 @@ class SessionCore:
     def capability(self) -> str:
         """The secret every call on this session presents (OpenSessionResponse.capability)."""
         return self.info.capability
+
+    @property
+    def prefix_held(self) -> int:
+        """Prompt tokens the daemon already held at open (a shared prefix; 0: none): the
+        session starts after them, its working set filled as if it had ingested them."""
+        return self.info.prefix_tokens_held
 
     # ---- the plan the daemon chose --------------------------------------------------
     @property
@@ -340,6 +349,7 @@ class OpenOptions(TypedDict, total=False):
     tag: str
     tp_rank: int
     tp_size: int
+    prefix: pb.PrefixDeclaration | None
 
 
 class ClientBase:
@@ -407,9 +417,11 @@ class ClientBase:
         tag: str = "",
         tp_rank: int = 0,
         tp_size: int = 0,
+        prefix: pb.PrefixDeclaration | None = None,
     ) -> tuple[pb.OpenSessionRequest, int]:
         """The OpenSession request and the transport it asks for (see choose_transport; the
-        device defaults to the spec's)."""
+        device defaults to the spec's). `prefix` (kvrecall.prefix.declare): the prompt starts
+        with this shareable prefix (SessionCore.prefix_held says whether the daemon held it)."""
         device = device if device is not None else (spec.device or None)
         kind = choose_transport(self.target, torch.device(device) if device is not None else None, transport)
         request = pb.OpenSessionRequest(
@@ -422,6 +434,8 @@ class ClientBase:
             tp_rank=tp_rank,
             tp_size=tp_size,
         )
+        if prefix is not None:
+            request.prefix.CopyFrom(prefix)
         return request, kind
 
 
