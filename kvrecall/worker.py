@@ -31,11 +31,12 @@ class DecodeResult:
 
 def open_model_session(
     client, model, policy: str, config: dict | None, max_tokens: int, tag: str = "", signal: str | None = None,
-    chunk_tokens: int | None = None,
+    chunk_tokens: int | None = None, prefix=None,
 ):
     """A session shaped for `model`, and the cache that decodes through it (`signal`: the
-    boundary signal's query view; `chunk_tokens`: prefill in chunks; see KVRecallCache)."""
-    session = client.open_session(spec_for(model, max_tokens), policy, config, tag=tag)
+    boundary signal's query view; `chunk_tokens`: prefill in chunks; see KVRecallCache;
+    `prefix`: the prompt's shareable prefix, a PrefixDeclaration: see kvrecall.prefix)."""
+    session = client.open_session(spec_for(model, max_tokens), policy, config, tag=tag, prefix=prefix)
     use_kvrecall_attention(model)
     return session, KVRecallCache(session, record_similarity=True, signal=signal, chunk_tokens=chunk_tokens)
 

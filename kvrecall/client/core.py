@@ -88,13 +88,16 @@ class SessionCore:
     _mapped: list[MappedTensor] = field(default_factory=list, repr=False)
     # CUDA IPC: the daemon's interprocess event publish() records (None: a stream sync instead).
     publish_event: torch.cuda.Event | None = field(default=None, repr=False)
+    prefix_tokens: int = 0   # tokens of the prefix declared at open (0: none declared)
     position: int = 0        # tokens in the sequence (prompt + generated) so far
     noticed_upto: int = 0    # tokens announced to the daemon with AppendNotices
     seq: int = 0
     closed: bool = False
 
     @staticmethod
-    def from_open(response: pb.OpenSessionResponse, spec: ModelSpec, transport: int) -> SessionCore:
+    def from_open(
+        response: pb.OpenSessionResponse, spec: ModelSpec, transport: int, prefix_tokens: int = 0
+    ) -> SessionCore:
         ws = response.working_set
         refs = [ws.keys, ws.values, ws.slot_pos, ws.query]
         names = ["keys", "values", "slot_pos", "query"]
@@ -111,7 +114,9 @@ class SessionCore:
         else:
             mapped = [open_ref(r, name) for r, name in zip(refs, names, strict=True)]
             tensors = [m.tensor for m in mapped]
-        core = SessionCore(response.session_id, spec, transport, response, *tensors, _mapped=mapped)
+        core = SessionCore(
+            response.session_id, spec, transport, response, *tensors, _mapped=mapped, prefix_tokens=prefix_tokens
+        )
         if response.prefix_tokens_held:  # the daemon holds the prompt's prefix: start after it
             core.apply_delta(response.delta)
             core.position = core.noticed_upto = response.prefix_tokens_held
