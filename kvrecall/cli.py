@@ -130,6 +130,7 @@ BENCHES = {
     "e2e": ("kvrecall.bench.e2e", "decode through the worker engine and the daemon vs the best full-KV step"),
     "kernels": ("kvrecall.bench.cli", "kernel ceilings, gather, clustering and the emulated decode step"),
     "daemon": ("kvrecall.bench.daemon_rt", "append / boundary round trips through a daemon"),
+    "prefixes": ("kvrecall.bench.prefixes", "N sessions over one shared document: host bytes and ingest time"),
 }
 
 
