@@ -283,10 +283,10 @@ class PrefixRegistry:
                 self._evict(prefix)
 
     # ---- accounting ----------------------------------------------------------------------
-    def visible(self, tenant: str | None) -> list[Prefix]:
-        """The tenant's prefixes (every tenant's for None: the operator)."""
+    def held(self) -> list[Prefix]:
+        """Every prefix held, of every tenant (callers filter by tenant)."""
         with self._lock:
-            return [p for p in self.prefixes.values() if tenant is None or p.tenant == tenant]
+            return list(self.prefixes.values())
 
     def in_use_bytes(self, tenant: str) -> int:
         """Host bytes of the tenant's referenced prefixes (cached ones are evictable: not counted)."""

@@ -165,7 +165,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             self.metrics.pool_used.labels(usage.tier).set(usage.used_bytes)
             self.metrics.pool_free.labels(usage.tier).set(usage.free_bytes)
         self.metrics.pool_metadata.labels("device").set(self.registry.device_pool.metadata_bytes)
-        held = self.registry.prefixes.visible(None)
+        held = self.registry.prefixes.held()
         self.metrics.prefixes.set(len(held))
         self.metrics.prefix_bytes.set(sum(p.host_bytes for p in held))
         self.metrics.prefix_refs.set(sum(p.refs for p in held))
@@ -576,7 +576,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         now = time.monotonic()
         if not request.session_id:
             response.prefixes.extend(
-                p.stats(now) for p in self.registry.prefixes.visible(None) if sees_all or p.tenant == caller
+                p.stats(now) for p in self.registry.prefixes.held() if sees_all or p.tenant == caller
             )
         response.prefix_evictions = self.registry.prefixes.evictions
         return response
