@@ -27,13 +27,9 @@ POLICIES = [("louiskv", {"budget": 48, "window": 32, "n_sink": 4}), ("quest", {"
 FINGERPRINT = "random-kv-model"
 
 
-def doc_kv() -> torch.Tensor:
-    return random_kv(SPEC, DOC, seed=7)
-
-
-def ingest(session, seed_queries: int = 3) -> None:
+def ingest(session, spec: ModelSpec = SPEC, device: str = "cpu") -> None:
     n_obs = max(1, session.observation)
-    session.ingest(doc_kv(), random_query(SPEC, seed_queries, n_obs))
+    session.ingest(random_kv(spec, DOC, seed=7).to(device), random_query(spec, 3, n_obs).to(device))
 
 
 def state(session) -> tuple[torch.Tensor, ...]:
@@ -46,18 +42,17 @@ def assert_same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> Non
         assert torch.equal(x, y)
 
 
-def question_and_retrieval(session, seed: int) -> tuple[torch.Tensor, ...]:
+def question_and_retrieval(session, seed: int, spec: ModelSpec = SPEC, device: str = "cpu") -> tuple[torch.Tensor, ...]:
     """The question as a chunk (with its retrieval for the chunk's queries), then a boundary."""
-    kv = random_kv(SPEC, QUESTION, seed=seed)
-    queries = random_query(SPEC, seed + 1, n_obs=8)
-    session.boundary(queries=queries)
-    buffer = StagingBuffer(tuple(kv.shape), SPEC.dtype, session.transport, kv.device)
+    kv = random_kv(spec, QUESTION, seed=seed).to(device)
+    session.boundary(queries=random_query(spec, seed + 1, n_obs=8).to(device))
+    buffer = StagingBuffer(tuple(kv.shape), spec.dtype, session.transport, kv.device)
     buffer.tensor.copy_(kv)
     try:
         session.chunk(buffer)
     finally:
         buffer.release()
-    session.query.copy_(random_query(SPEC, seed + 2)[:, :, 0])
+    session.query.copy_(random_query(spec, seed + 2)[:, :, 0].to(device))
     session.boundary()
     return state(session)
 
