@@ -21,7 +21,7 @@ SECONDS=0
 PARTS=${PARTS:-tests,step,load}
 case ,$PARTS, in *,tests,*)
 echo "== GPU tests (engine, ws_decode kernels)"
-timeout ${TEST_S:-300} python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+timeout ${TEST_S:-300} python3 -m pytest -q -rA -p no:cacheprovider --continue-on-collection-errors -m gpu ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
 esac
 echo "== bench e2e  [${SECONDS}s]"
 # The VM's memory grows as it is touched (about 3 s per 8 GiB): pinning a large host tier at once

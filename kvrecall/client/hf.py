@@ -22,11 +22,18 @@ by slot_pos); after the step the cache announces appended tokens every `spill_ev
 and, when the BoundaryDetector fires, asks the daemon to retrieve for the step's queries
 (serving the next step). Policies that retrieve every step (quest) retrieve per layer before
 that layer's attention. Batch size 1 (one session per sequence).
+
+Shared documents: open the session with `prefix=declare(document_ids, model_fingerprint(model))`
+(kvrecall.prefix) and `prefill` the whole prompt. When the daemon holds the document for
+this tenant, model and policy, the session starts after it (its working set already filled)
+and only the rest is prefilled, as chunks; otherwise the document is the first pass (the
+ingest), which registers it for the next sessions.
 """
 
 from __future__ import annotations
 
 import contextvars
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +71,16 @@ def spec_for(model: torch.nn.Module, max_tokens: int, dtype: torch.dtype | None 
         max_tokens=max_tokens,
         device=str(weight.device),
     )
+
+
+def model_fingerprint(model: torch.nn.Module, sample: int = 64) -> str:
+    """A digest of `model`'s configuration and weights (the first `sample` elements of every
+    parameter) for PrefixDeclaration.fingerprint: two models share prefix KV only when equal."""
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, parameter in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(parameter.detach().reshape(-1)[:sample].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -147,8 +164,9 @@ class KVRecallCache(Cache):
         self._chunk: StagingBuffer | None = None  # [L, 2, H, n, D]: the chunk in this forward pass
         self._layer_major: _LayerMajor | None = None  # set while prefill_layer_major runs
         self._last_queries: list[torch.Tensor] = []  # per layer, the pass's last query [Hq, D]
-        self.ingested = False
-        self.seq_length = 0
+        self.ingested = bool(session.prefix_held)  # a held prefix: the daemon ingested it
+        self.seq_length = session.prefix_held
+        self.fed = False  # no forward pass yet: prefill() skips or ingests a declared prefix
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rope_at = -1
         self._attention_modules: list | None = None
@@ -427,19 +445,37 @@ def prefill(model, cache: KVRecallCache, input_ids: torch.Tensor, chunk_tokens: 
     in chunks of `chunk_tokens` (default: the cache's; None: one pass). A fresh cache's prompt
     in chunks goes layer by layer (prefill_layer_major) when the model allows; otherwise the
     first pass of a fresh cache is its ingest and the others are chunks over the working set.
-    Returns the last position's logits [V] f32."""
+    Returns the last position's logits [V] f32.
+
+    A fresh cache whose session declared a prefix takes the whole prompt, which must go on at
+    least 2 tokens past the prefix (a chunk: it sets the boundary references): the tokens the
+    daemon held are skipped, and a prefix it did not hold is the first pass (the ingest)."""
     size = chunk_tokens or cache.chunk_tokens or input_ids.shape[1]
-    if not cache.ingested and size < input_ids.shape[1] and cache.layer_major and layer_major_supported(model):
+    session, total = cache.session, input_ids.shape[1]
+    if not cache.ingested and not session.prefix_tokens and size < total and cache.layer_major \
+            and layer_major_supported(model):  # fmt: skip
+        cache.fed = True
         return prefill_layer_major(model, cache, input_ids, size)
-    start = cache.seq_length
+    cuts, skip = [], 0
+    if session.prefix_tokens and not cache.fed:
+        if total < session.prefix_tokens + 2:
+            raise ValueError(f"the prompt ({total} tokens) must go on at least 2 tokens past its prefix "
+                             f"({session.prefix_tokens} tokens)")
+        skip = session.prefix_held
+        if not skip:
+            cuts.append(session.prefix_tokens)
+    begin = max([skip, *cuts])
+    cuts += list(range(begin + size, total, size)) + [total]
+    start = cache.seq_length - skip  # the position of input_ids[:, 0]
     logits = None
-    for offset in range(0, input_ids.shape[1], size):
-        ids = input_ids[:, offset : offset + size]
-        positions = torch.arange(start + offset, start + offset + ids.shape[1], device=ids.device)
+    for first, last in zip([skip, *cuts[:-1]], cuts, strict=True):
+        ids = input_ids[:, first:last]
+        positions = torch.arange(start + first, start + last, device=ids.device)
         out = model(
             input_ids=ids, cache=cache, use_cache=True, position_ids=positions[None],
             cache_position=positions, logits_to_keep=1,
         )
+        cache.fed = True
         logits = out.logits[0, -1].float()
     return logits
 
