@@ -3,8 +3,9 @@
 # (2 GPUs, 256 GiB host memory: the 128K x 8 host tier alone is 128 GiB). Carry .whl/eval
 # (scripts/fetch_gpu_wheels.sh: the grpc wheels the GPU image lacks and the transformers version
 # tested on CPU). Writes under $OUT: env.txt, tests.log, e2e-step.json/.png (GPU 0: contexts x
-# batches), e2e-load.json (GPU 1: capped GPU KV throughput and 64 sequences), prefill.json
-# (GPU 0, after the step bench), bench logs.
+# batches), prefill.json and e2e-load.json (capped GPU KV throughput and 64 sequences) from the
+# last GPU while GPU 0 runs the step bench, bench logs. Time limits per part: TEST_S, STEP_S,
+# PREFILL_S, LOAD_S; TESTS: the test paths (their gpu-marked tests run).
 #   usage: [PARTS=tests,step,load,prefill] bash scripts/gpu_e2e.sh [step-contexts] [batches]
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -19,11 +20,7 @@ export PYTHONPATH=$SITE:$PWD
 } 2>&1 | tee "$OUT/env.txt"
 SECONDS=0
 PARTS=${PARTS:-tests,step,load}
-case ,$PARTS, in *,tests,*)
-echo "== GPU tests (engine, ws_decode kernels)"
-timeout ${TEST_S:-300} python3 -m pytest -q -rA -p no:cacheprovider --continue-on-collection-errors -m gpu ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
-esac
-echo "== bench e2e  [${SECONDS}s]"
+has() { case ,$PARTS, in *,$1,*) return 0 ;; esac; return 1; }
 # The VM's memory grows as it is touched (about 3 s per 8 GiB): pinning a large host tier at once
 # gets the daemon OOM-killed, so touch GROW_GIB first, 8 GiB at a time.
 if [ "${GROW_GIB:-0}" -gt 0 ]; then
@@ -36,24 +33,36 @@ for _ in range(int(sys.argv[1]) // 8):
 PY
   free -g | head -2; echo "grown [${SECONDS}s]"
 fi
-step=; load=
-case ,$PARTS, in *,step,*)
-CUDA_VISIBLE_DEVICES=0 timeout ${STEP_S:-380} python3 -m kvrecall.cli bench e2e --parts step --contexts "$CONTEXTS" \
-  --batches "$BATCHES" ${STEP_ARGS:-} --out "$OUT/e2e-step.json" > "$OUT/e2e-step.log" 2>&1 &
-step=$! ;;
-esac
-case ,$PARTS, in *,load,*)
-CUDA_VISIBLE_DEVICES=1 timeout ${LOAD_S:-380} python3 -m kvrecall.cli bench e2e --parts capped,many ${LOAD_ARGS:---host-cap-gib 48} \
-  --many 64 --many-context 4096 --out "$OUT/e2e-load.json" > "$OUT/e2e-load.log" 2>&1 &
-load=$! ;;
-esac
-[ -n "$step" ] && { wait $step; echo "step bench exit $?"; tail -30 "$OUT/e2e-step.log"; }
-[ -n "$load" ] && { wait $load; echo "load bench exit $?"; tail -12 "$OUT/e2e-load.log"; }
-case ,$PARTS, in *,prefill,*)
-echo "== prefill bench  [${SECONDS}s]"
-CUDA_VISIBLE_DEVICES=0 timeout ${PREFILL_S:-400} python3 -m kvrecall.bench.prefill --device cuda \
-  --contexts "${PREFILL_CONTEXTS:-32768,131072}" --chunk ${PREFILL_CHUNK:-8192} ${PREFILL_ARGS:-} --out "$OUT/prefill.json" \
-  > "$OUT/prefill.log" 2>&1
-echo "prefill bench exit $?"; tail -12 "$OUT/prefill.log" ;;
-esac
+# GPU 0: the decode step bench. The last GPU (1 on a two-GPU machine, else 0 after the step
+# bench): the GPU tests, the prefill bench, then the load parts.
+LAST=$(( $(nvidia-smi -L | wc -l) - 1 ))
+step=
+if has step; then
+  echo "== bench e2e step on GPU 0  [${SECONDS}s]"
+  CUDA_VISIBLE_DEVICES=0 timeout ${STEP_S:-380} python3 -m kvrecall.cli bench e2e --parts step --contexts "$CONTEXTS" \
+    --batches "$BATCHES" ${STEP_ARGS:-} --out "$OUT/e2e-step.json" > "$OUT/e2e-step.log" 2>&1 &
+  step=$!
+  [ "$LAST" -eq 0 ] && { wait $step; echo "step bench exit $?"; step=; }
+fi
+if has tests; then
+  echo "== GPU tests on GPU $LAST  [${SECONDS}s]"
+  CUDA_VISIBLE_DEVICES=$LAST timeout ${TEST_S:-300} python3 -m pytest -q -rA -p no:cacheprovider \
+    --continue-on-collection-errors -m gpu ${TESTS:-tests} > "$OUT/tests.log" 2>&1
+  echo "tests exit $?"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -25
+fi
+if has prefill; then
+  echo "== prefill bench on GPU $LAST  [${SECONDS}s]"
+  CUDA_VISIBLE_DEVICES=$LAST timeout ${PREFILL_S:-400} python3 -m kvrecall.bench.prefill --device cuda \
+    --contexts "${PREFILL_CONTEXTS:-32768,131072}" --chunk ${PREFILL_CHUNK:-8192} ${PREFILL_ARGS:-} --out "$OUT/prefill.json" \
+    > "$OUT/prefill.log" 2>&1
+  echo "prefill bench exit $?"; tail -5 "$OUT/prefill.log"
+fi
+if has load; then
+  echo "== bench e2e capped,many on GPU $LAST  [${SECONDS}s]"
+  CUDA_VISIBLE_DEVICES=$LAST timeout ${LOAD_S:-380} python3 -m kvrecall.cli bench e2e --parts capped,many \
+    ${LOAD_ARGS:---host-cap-gib 48} --many 64 --many-context 4096 --out "$OUT/e2e-load.json" > "$OUT/e2e-load.log" 2>&1
+  echo "load bench exit $?"; tail -12 "$OUT/e2e-load.log"
+fi
+[ -n "$step" ] && { wait $step; echo "step bench exit $?"; }
+has step && tail -30 "$OUT/e2e-step.log"
 echo "done [${SECONDS}s]"
