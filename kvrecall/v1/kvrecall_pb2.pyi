@@ -528,3 +528,41 @@ class StatsResponse(_message.Message):
     version: str
     device: str
     def __init__(self, pools: _Optional[_Iterable[_Union[PoolStats, _Mapping]]] = ..., sessions: _Optional[_Iterable[_Union[SessionStats, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., version: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+
+class StepEvent(_message.Message):
+    __slots__ = ("session_id", "capability", "position", "notice", "retrieve")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    capability: str
+    position: int
+    notice: bool
+    retrieve: bool
+    def __init__(self, session_id: _Optional[str] = ..., capability: _Optional[str] = ..., position: _Optional[int] = ..., notice: bool = ..., retrieve: bool = ...) -> None: ...
+
+class BoundariesRequest(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[StepEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[StepEvent, _Mapping]]] = ...) -> None: ...
+
+class StepResult(_message.Message):
+    __slots__ = ("append", "retrieval")
+    APPEND_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
+    append: AppendAck
+    retrieval: RetrievalResult
+    def __init__(self, append: _Optional[_Union[AppendAck, _Mapping]] = ..., retrieval: _Optional[_Union[RetrievalResult, _Mapping]] = ...) -> None: ...
+
+class BoundariesResponse(_message.Message):
+    __slots__ = ("results", "seconds", "groups")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[StepResult]
+    seconds: float
+    groups: int
+    def __init__(self, results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ..., seconds: _Optional[float] = ..., groups: _Optional[int] = ...) -> None: ...
