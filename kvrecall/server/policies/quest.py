@@ -205,5 +205,5 @@ def choose_pages(
     take = kernels.select_under_budget(scores, sizes, R)
     offset = torch.arange(tokens, device=q.device)  # token offsets from each session's first
     page_of = offset // P
-    keep = (offset - page_of * P < take[:, page_of]) & (offset < end - first)
+    keep = offset - page_of * P < take[:, page_of]  # past a session's end its pages take nothing
     return compact(keep, first + offset, R), take
