@@ -66,14 +66,18 @@ class Sequence:
 
 @dataclass
 class DaemonTimes:
-    """Host-clock seconds the engine spent on the daemon (cleared by the caller at will)."""
+    """Host-clock seconds the engine spent on the daemon (the caller clears them at will).
+    A step waits for its notices (and, with lag 0, its retrievals) and for retrievals still
+    unanswered when their slots switch back (`late_s`); `answer_s` is each retrieving
+    Boundaries call's latency, sent to answered, whether or not a step waited for it."""
 
-    step_wait_s: list[float] = field(default_factory=list)  # per step: how long it waited on the daemon
-    answer_s: list[float] = field(default_factory=list)  # per Boundaries call that retrieved: sent -> answered
+    wait_s: list[float] = field(default_factory=list)  # per step: all its waiting on the daemon
+    late_s: list[float] = field(default_factory=list)  # per step: of that, waiting for late retrievals
+    answer_s: list[float] = field(default_factory=list)  # per retrieving call
 
     def clear(self) -> None:
-        self.step_wait_s.clear()
-        self.answer_s.clear()
+        for samples in (self.wait_s, self.late_s, self.answer_s):
+            samples.clear()
 
 
 class Engine:
@@ -175,7 +179,7 @@ class Engine:
         tokens, flags = self._tokens_host.tolist(), self._flags_host.tolist()
         notices: list[StepCall] = []
         crossings: list[Sequence] = []
-        waited = 0.0
+        late = 0.0
         for seq in self.active:
             b = seq.slot
             core = seq.session.core
@@ -185,7 +189,7 @@ class Engine:
             if seq.pending is not None:
                 if core.position - seq.pending_from < self.lag:
                     continue  # no notice falls due while it reads its shadow (see below)
-                waited += self._switch_back(seq)
+                late += self._switch_back(seq)
             forced = self.force_boundary(self.steps, b) if self.force_boundary is not None else None
             crossed = flags[b] if forced is None else forced
             # A slot about to read its shadow for `lag` steps announces its tokens first, so its
@@ -200,6 +204,7 @@ class Engine:
                 crossings.append(seq)
             if notice or (crossed and self.lag == 0):
                 notices.append(StepCall(seq.session, core.position, notice, crossed and self.lag == 0))
+        waited = late
         if notices:  # the notices (and with lag 0 the retrievals): the next step reads their effect
             waited += self._daemon(notices)
         if crossings and self.lag > 0:
@@ -209,7 +214,8 @@ class Engine:
             pending = self._calls.submit(self._daemon, calls)
             for seq in crossings:
                 seq.pending = pending
-        self.times.step_wait_s.append(waited)
+        self.times.wait_s.append(waited)
+        self.times.late_s.append(late)
         self.steps += 1
         return {seq.slot: tokens[seq.slot] for seq in self.active}
 
@@ -247,10 +253,12 @@ class Engine:
 
     def _switch_back(self, seq: Sequence) -> float:
         """Wait for the boundary's answer, copy the tokens written meanwhile into the real window
-        ring and point the batch at the real working set again. Returns the seconds waited."""
+        ring and point the batch at the real working set again. Returns the seconds waited for
+        an answer not in yet (0 when it was)."""
         started = time.perf_counter()
+        late = not seq.pending.done()
         seq.pending.result()
-        waited = time.perf_counter() - started
+        waited = time.perf_counter() - started if late else 0.0
         core = seq.session.core
         keys, values, slot_pos, _ = seq.shadow
         positions = torch.arange(seq.pending_from, core.position, device=keys.device)
