@@ -7,7 +7,8 @@ fell due) in one message. Here, in one worker thread, holding every session's `b
 2. the retrievals, grouped by policy class and `Policy.batch_key()`: a group is scored,
    selected and expanded together (`Policy.on_boundaries`: louiskv and quest stack their
    sessions' tables; the other policies serve their sessions one by one);
-3. each selection is placed into its session's working set (a gather per session);
+3. a group's selections are placed into their working sets in one launch
+   (`WorkingSet.set_retrieved_together`: kernels.place_retrieved_many);
 4. one sync of the daemon's stream for all of them, then each session accounts its work.
 
 The service validates every event before this runs (`check_events`), so a bad event refuses
@@ -22,8 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from kvrecall.server.errors import FailedPrecondition, InvalidArgument
+from kvrecall.server.policies.base import Selection
 from kvrecall.server.session import Session, check_append_upto, check_boundary_position
-from kvrecall.server.working_set import Placement
+from kvrecall.server.working_set import Placement, WorkingSet
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 
@@ -74,11 +76,26 @@ def serve_step(sessions: list[Session], events: list[pb.StepEvent]) -> tuple[lis
                 query = session.begin_boundary(events[i].position, [], None)
                 items.append((session.policy, session.context(), query))
             selections = type(items[0][0]).on_boundaries(items)
-            for i, selection in zip(members, selections, strict=True):
-                outcomes[i].placement = sessions[i].end_boundary(selection, finish=False)[1]
+            for i, placement in zip(members, _place([sessions[i] for i in members], selections), strict=True):
+                outcomes[i].placement = placement
         device = sessions[0].ws.keys.device if sessions else None
         if device is not None and device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()
         for session in sessions:
             session.finish()
     return outcomes, len(groups)
+
+
+def _place(sessions: list[Session], selections: list[Selection | None]) -> list[Placement]:
+    """A group's selections into their working sets: in one launch where there are several,
+    all chosen (their units device scalars) and placeable together, else one by one."""
+    if len(sessions) > 1 and all(s is not None and isinstance(s.units, torch.Tensor) for s in selections):
+        placements = WorkingSet.set_retrieved_together(
+            [session.ws for session in sessions], [session.store for session in sessions],
+            [selection.positions for selection in selections], [selection.units for selection in selections],
+        )  # fmt: skip
+        if placements is not None:
+            for session, placement in zip(sessions, placements, strict=True):
+                session.unfinished.append(placement)
+            return placements
+    return [session.end_boundary(selection, finish=False)[1] for session, selection in zip(sessions, selections, strict=True)]

@@ -181,7 +181,7 @@ class QuestPolicy(Policy):
             torch.cat([policy.kmax[:, :, :pages] for policy in policies]),
             spans, max(policy.end - policy.first for policy in policies), first.config,
         )  # fmt: skip
-        units = (take > 0).view(len(policies), -1).sum(dim=1).tolist()
+        units = (take > 0).view(len(policies), -1).sum(dim=1)  # stays on the device
         for (i, _, _), block, count in zip(paged, chosen.view(len(policies), L, H, -1), units, strict=True):
             out[i] = Selection(block, units=count)
         return out
