@@ -97,7 +97,7 @@ def place_retrieved_many(
     the same shapes and dtypes; selection [S * B, R], session s's rows first-to-last. The
     kernel is one launch over the S * B rows (pointer offsets per session); the reference, and
     the kernel where it cannot run (see place_retrieved, or tensors not at whole-element
-    distances), places session by session."""
+    distances), place session by session (place_retrieved)."""
     if not parts:
         raise ValueError("parts: at least one session is required")
     first = parts[0]
@@ -119,7 +119,12 @@ def place_retrieved_many(
         counts = place_retrieved_many_triton(parts, selection, first_slot, host, tokens_per_page, num_kv_heads)
         if counts is not None:
             return counts
-    return reference.place_retrieved_many(parts, selection, first_slot, host, tokens_per_page, num_kv_heads)
+    rows = first[0].shape[0]
+    return torch.cat([
+        place_retrieved(slot_pos, keys, values, selection[i * rows : (i + 1) * rows], first_slot, host, page_base,
+                        tokens_per_page, num_kv_heads, resident_max, impl)
+        for i, (slot_pos, keys, values, page_base, resident_max) in enumerate(parts)
+    ])  # fmt: skip
 
 
 def _check_place(

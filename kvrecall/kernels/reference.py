@@ -228,20 +228,6 @@ def place_retrieved(
     return counts
 
 
-def place_retrieved_many(
-    parts: list[tuple[torch.Tensor, ...]], selection: torch.Tensor, first_slot: int, host: torch.Tensor,
-    tokens_per_page: int, num_kv_heads: int,
-) -> torch.Tensor:
-    """place_retrieved of each session in turn: parts (slot_pos, keys, values, page_base,
-    resident_max) per session, selection [S * B, R] -> counts [S * B, 2]."""
-    rows = parts[0][0].shape[0]
-    return torch.cat([
-        place_retrieved(slot_pos, keys, values, selection[i * rows : (i + 1) * rows], first_slot, host, page_base,
-                        tokens_per_page, num_kv_heads, resident_max)
-        for i, (slot_pos, keys, values, page_base, resident_max) in enumerate(parts)
-    ])  # fmt: skip
-
-
 def _place(
     slot_pos: torch.Tensor,
     keys: torch.Tensor,

@@ -32,7 +32,8 @@ def open_ingested(client, policy: str, config: dict, tokens: int, seed: int, tra
 def write_step(session, kv: torch.Tensor, query: torch.Tensor) -> None:
     """A worker's step: the new token's K/V into the ring, the query into the working set."""
     position = session.core.position
-    session.write_token(position, kv[:, 0, :, position], kv[:, 1, :, position])
+    kv = kv[:, :, :, position].to(session.keys.device)
+    session.write_token(position, kv[:, 0], kv[:, 1])
     session.query.copy_(query)
     session.core.position += 1
 
@@ -42,15 +43,20 @@ def same_working_set(a, b) -> bool:
 
 
 def test_a_batch_equals_the_same_events_one_by_one(client):
-    """Sessions of three policies and three prompt lengths: each step, one Boundaries call for
+    """Sessions of three policies and four prompt lengths: each step, one Boundaries call for
     the batched twins and per-session Decode calls for the others; the working sets stay
     bitwise equal. louiskv and quest each retrieve as one group; windowkv serves alone."""
+    check_batch_equals_one_by_one(client, "shm")
+
+
+def check_batch_equals_one_by_one(client, transport: str) -> None:
+    """The test above for sessions of `transport` (tests/gpu runs it on a CUDA daemon)."""
     twins = []
     for policy, config in CASES:
         for tokens in PROMPTS:
             seed = 10 * len(twins)
-            twins.append((open_ingested(client, policy, config, tokens, seed),
-                          open_ingested(client, policy, config, tokens, seed), tokens + STEPS, seed))  # fmt: skip
+            twins.append((open_ingested(client, policy, config, tokens, seed, transport),
+                          open_ingested(client, policy, config, tokens, seed, transport), tokens + STEPS, seed))  # fmt: skip
     try:
         gathered = 0
         for step in range(STEPS):
@@ -58,7 +64,7 @@ def test_a_batch_equals_the_same_events_one_by_one(client):
             for i, (batched, alone, length, seed) in enumerate(twins):
                 kv = random_kv(SPEC, length, seed)
                 query = torch.randn(SPEC.num_layers, SPEC.num_query_heads, SPEC.head_dim,
-                                    generator=torch.Generator().manual_seed(1000 * step + i))  # fmt: skip
+                                    generator=torch.Generator().manual_seed(1000 * step + i)).to(batched.keys.device)  # fmt: skip
                 write_step(batched, kv, query)
                 write_step(alone, kv, query)
                 notice = batched.core.needs_append()
