@@ -21,7 +21,7 @@ PARTS=${PARTS:-tests,step,load}
 case ,$PARTS, in *,tests,*)
 echo "== GPU tests (engine, ws_decode kernels)"
 timeout ${TEST_S:-200} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_engine_gpu.py tests/engine/test_boundary_flag.py \
-  tests/kernels/test_ws_decode.py tests/gpu/test_cuda_ipc.py 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+  tests/kernels/test_ws_decode.py tests/kernels/test_placement.py tests/gpu/test_cuda_ipc.py tests/gpu/test_boundaries_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
 esac
 echo "== bench e2e  [${SECONDS}s]"
 # The VM's memory grows as it is touched (about 3 s per 8 GiB): pinning a large host tier at once
