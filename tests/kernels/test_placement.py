@@ -312,10 +312,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kvrecall.kernels import expand_triton as expand, placement_triton as placement
+from kvrecall.kernels import expand_triton as expand, placement_triton as placement, unit_append_triton as unit_append
 
 INDEX = {name: "i32" for name in ("R", "C", "first_slot", "sel_stride", "num_positions", "tokens_per_page",
-         "num_kv_heads", "rows_per_session", "start", "n", "ring_start", "ring_size", "M", "width", "stride_t",
+         "num_kv_heads", "rows_per_session", "rows", "U", "start", "n", "ring_start", "ring_size", "M", "width", "stride_t",
          "stride_u", "stride_r", "stride_p")}
 KERNELS = [
     (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i64 *i32",
@@ -326,6 +326,7 @@ KERNELS = [
      dict(D=128, BLOCK_R=1024, STEPS=11, ROWS=32, BLOCK_D=128, TRACK_RESIDENT=True, MANY=True)),
     (placement._spill_kernel, "*i16 *i16 *i16 *i64", dict(D=128, ROWS=32, BLOCK_D=128)),
     (expand._expand_kernel, "*i64 *i64 *i32 *i64 *i64", dict(BLOCK=1024)),
+    (unit_append._append_kernel, "*i16 *i32 *i8 *i32 *i32 *i32 *i16 *i64", dict(D=128, BLOCK_D=128, BLOCK_M=64)),
 ]
 for kernel, pointers, constexprs in KERNELS:
     names = kernel.arg_names
@@ -354,4 +355,4 @@ def test_kernels_compile_for_hopper_without_a_gpu() -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("compiled") == 5
+    assert done.stdout.count("compiled") == 6
