@@ -306,27 +306,7 @@ class LouisKVPolicy(Policy):
         self.open_sum = None
 
     def _close_segment(self, ctx: PolicyContext, end: int) -> None:
-        """Tokens [open_start, end) (all evicted, so summed in open_sum) become a unit whose
-        representative is their mean key (while the table has room: else it stays open)."""
-        if end <= self.open_start or self.open_sum is None:
-            return
-        table = self._table(self.open_sum.device)
-        if table.room == 0:
-            if not self._capacity_warned:
-                log.warning("louiskv unit table full (%d units per row): segments stay open", table.num_units)
-                self._capacity_warned = True
-            return
-        n, B = end - self.open_start, self.open_sum.shape[0]
-        device = self.open_sum.device
-        mean = (self.open_sum / n).unsqueeze(1)  # [B, 1, D]
-        sizes = torch.full((B, 1), n, dtype=torch.int32, device=device)
-        positions = torch.arange(self.open_start, end, device=device).expand(B, -1)
-        rank = torch.arange(n, device=device).expand(B, -1)
-        table.put(slice(None), mean, sizes, positions, rank, torch.zeros_like(rank))
-        table.advance(1, n)
-        self.seg_bounds.append((self.open_start, end))
-        self.open_start = self.closed_upto = end
-        self.open_sum = None
+        close_segments([(self, end)])
 
     def _select(self, ctx: PolicyContext, query: torch.Tensor, layers: list[int]) -> Selection:
         """query [L, Hq, D] or [L, Hq, n, D] (n queries per head) -> the retrieved positions
@@ -369,8 +349,8 @@ class LouisKVPolicy(Policy):
         selected and expanded together over their stacked tables (select_together)."""
         out: list[Selection | None] = []
         together = []
+        close_segments([(policy, ctx.evicted_upto) for policy, ctx, _ in items])
         for policy, ctx, query in items:
-            policy._close_segment(ctx, ctx.evicted_upto)
             table = policy.units
             if table is None or table.num_units == 0:
                 out.append(Selection(ctx.ws.retrieved_positions()))
@@ -385,6 +365,43 @@ class LouisKVPolicy(Policy):
 
 
 UNIT_FIELDS = ("reps", "valid", "sizes", "unit", "rank", "position")
+
+
+def close_segments(closing: list[tuple[LouisKVPolicy, int]]) -> None:
+    """Each policy's open segment, tokens [open_start, end) (all evicted, so summed in
+    open_sum), becomes a unit of every row whose representative is their mean key (while its
+    table has room: else it stays open). One append_units writes all of them."""
+    ready = []
+    for policy, end in closing:
+        if end <= policy.open_start or policy.open_sum is None:
+            continue
+        table = policy._table(policy.open_sum.device)
+        if table.room == 0:
+            if not policy._capacity_warned:
+                log.warning("louiskv unit table full (%d units per row): segments stay open", table.num_units)
+                policy._capacity_warned = True
+            continue
+        ready.append((policy, end, table))
+    if not ready:
+        return
+    device = ready[0][2].reps.device
+    lengths = [end - policy.open_start for policy, end, _ in ready]
+    sums = torch.stack([policy.open_sum for policy, _, _ in ready])  # [S, B, D] f32
+    counts = to_device(torch.tensor(lengths, dtype=torch.float32), device).view(-1, 1, 1)
+    means = (sums / counts).to(ready[0][2].reps.dtype)
+    kernels.append_units(
+        [tuple(getattr(table, name) for name in APPEND_FIELDS) for _, _, table in ready], means,
+        [table.num_units for _, _, table in ready], [table.num_tokens for _, _, table in ready],
+        [policy.open_start for policy, _, _ in ready], lengths,
+    )  # fmt: skip
+    for (policy, end, table), n in zip(ready, lengths, strict=True):
+        table.advance(1, n)
+        policy.seg_bounds.append((policy.open_start, end))
+        policy.open_start = policy.closed_upto = end
+        policy.open_sum = None
+
+
+APPEND_FIELDS = ("reps", "sizes", "valid", "position", "unit", "rank")  # kernels.append_units' order
 
 
 def choose_units(
