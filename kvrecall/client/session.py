@@ -32,6 +32,7 @@ from kvrecall.v1 import kvrecall_pb2 as pb
 log = logging.getLogger("kvrecall.client")
 
 T = TypeVar("T")
+_END = object()
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,6 @@ class StepCall:
     position: int
     notice: bool = False
     retrieve: bool = False
-_END = object()
 
 
 class KVRecallClient(ClientBase):
