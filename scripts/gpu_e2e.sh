@@ -4,7 +4,7 @@
 # (scripts/fetch_gpu_wheels.sh: the grpc wheels the GPU image lacks and the transformers version
 # tested on CPU). Writes under $OUT: env.txt, tests.log, e2e-step.json/.png (GPU 0: contexts x
 # batches), e2e-load.json (GPU 1: capped GPU KV throughput and 64 sequences), prefill.json
-# (GPU 0, after the step bench), bench logs.
+# (GPU 0, after the step bench), kernel-tests.log, bench logs.
 #   usage: [PARTS=tests,step,load,prefill] bash scripts/gpu_e2e.sh [step-contexts] [batches]
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -21,7 +21,10 @@ SECONDS=0
 PARTS=${PARTS:-tests,step,load}
 case ,$PARTS, in *,tests,*)
 echo "== GPU tests (engine, ws_decode kernels)"
-timeout ${TEST_S:-300} python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+timeout ${TEST_S:-300} python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -15
+# Kernel tests run natively here (on CPU they run in Triton's interpreter): the batched Boundaries kernels.
+timeout ${KERNEL_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider ${KERNEL_TESTS:-tests/kernels/test_placement.py tests/kernels/test_unit_append.py} \
+  2>&1 | tee "$OUT/kernel-tests.log" | tail -5 ;;
 esac
 echo "== bench e2e  [${SECONDS}s]"
 # The VM's memory grows as it is touched (about 3 s per 8 GiB): pinning a large host tier at once
