@@ -21,7 +21,7 @@ SECONDS=0
 PARTS=${PARTS:-tests,step,load}
 case ,$PARTS, in *,tests,*)
 echo "== GPU tests (engine, ws_decode kernels)"
-timeout ${TEST_S:-300} python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -15
+timeout ${TEST_S:-300} python3 -m pytest -q -rA -p no:cacheprovider --continue-on-collection-errors -m gpu ${TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -15
 # Kernel tests run natively here (on CPU they run in Triton's interpreter): the batched Boundaries kernels.
 timeout ${KERNEL_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider ${KERNEL_TESTS:-tests/kernels/test_placement.py tests/kernels/test_unit_append.py} \
   2>&1 | tee "$OUT/kernel-tests.log" | tail -5 ;;
