@@ -119,6 +119,18 @@ def _soak(args: argparse.Namespace) -> int:
     return run_soak(args)
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer >= `minimum`."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policy", default="louiskv", choices=POLICY_CHOICES, help="the session's KV policy (default louiskv)"
@@ -224,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--max-model-len", type=int, help="--serve: prompt + completion tokens per request (default: the model's window)"
+    )
+    worker.add_argument(
+        "--max-batch", type=_at_least(1), default=8, help="--serve: requests that share a decode step (default 8)"
+    )
+    worker.add_argument(
+        "--max-queue", type=_at_least(0), default=64,
+        help="--serve: requests that may wait for a slot; past it, HTTP 503 (default 64)",
     )
     worker.set_defaults(func=_worker)
     eval_ = sub.add_parser("eval", help="accuracy + fidelity of every policy x budget against full KV")

@@ -5,14 +5,19 @@
 For each concurrency level, that many clients send `--requests` completions between them,
 back to back (each client waits for its answer before its next), after one untimed warm-up
 request per client. Prints requests/s, generated tokens/s and p50/p99 latency per level, and writes the
-table and the run's settings as JSON (`--out`). Plain HTTP from threads: no client library.
+table and the run's settings as JSON (`--out`), with the host's load average around each level
+(on a shared machine, the other work's share of the CPU). Plain HTTP from threads: no client
+library. Several comma-separated `--url`s take the requests in turn (round robin, as a load
+balancer would).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
+import os
 import platform
 import statistics
 import time
@@ -36,17 +41,23 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_level(url: str, body: bytes, clients: int, requests: int) -> dict:
+def run_level(urls: list[str], body: bytes, clients: int, requests: int) -> dict:
     per_client = max(1, requests // clients)
+    turn = itertools.count()  # next() is atomic: the clients' threads share it
+
+    def send() -> tuple[float, int, str]:
+        return complete(urls[next(turn) % len(urls)], body)
 
     def client(_: int) -> list[tuple[float, int, str]]:
-        return [complete(url, body) for _ in range(per_client)]
+        return [send() for _ in range(per_client)]
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        list(pool.map(lambda _: complete(url, body), range(clients)))  # warm-up: not counted
+        list(pool.map(lambda _: send(), range(clients)))  # warm-up: not counted
+        load_before = os.getloadavg()
         started = time.perf_counter()
         results = [r for batch in pool.map(client, range(clients)) for r in batch]
         wall = time.perf_counter() - started
+        load_after = os.getloadavg()
     latencies = [seconds for seconds, _, _ in results]
     tokens = sum(n for _, n, _ in results)
     workers: dict[str, int] = {}
@@ -62,12 +73,14 @@ def run_level(url: str, body: bytes, clients: int, requests: int) -> dict:
         "latency_p99_s": round(percentile(latencies, 0.99), 3),
         "latency_max_s": round(max(latencies), 3),
         "requests_per_worker": workers,
-    }
+        "load_average_1_5_15min": {"before": [round(x, 2) for x in load_before],
+                                   "after": [round(x, 2) for x in load_after]},
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="one or more, comma separated")
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels, comma separated")
     parser.add_argument("--requests", type=int, default=16, help="timed requests per level (>= clients)")
     parser.add_argument("--max-tokens", type=int, default=16)
@@ -82,18 +95,19 @@ def main(argv: list[str] | None = None) -> int:
         "prompt": prompt + " Summarise:", "max_tokens": args.max_tokens,
         "kvrecall": {"policy": args.policy, "budget": args.budget},
     }).encode()  # fmt: skip
-    levels = [run_level(args.url, body, int(c), args.requests) for c in args.clients.split(",")]
+    urls = args.url.split(",")
+    levels = [run_level(urls, body, int(c), args.requests) for c in args.clients.split(",")]
     print(f"\n{args.url}: {args.max_tokens} tokens per request, ~{args.prompt_words}-word prompt, "
           f"{args.policy} budget {args.budget}")  # fmt: skip
-    print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7}  per worker")
+    print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} {'load':>5}  per worker")
     for level in levels:
         print(f"{level['clients']:>7} {level['requests']:>8} {level['requests_per_s']:>7.2f} "
-              f"{level['tokens_per_s']:>7.1f} {level['latency_p50_s']:>7.2f} {level['latency_p99_s']:>7.2f}  "
-              f"{level['requests_per_worker']}")  # fmt: skip
+              f"{level['tokens_per_s']:>7.1f} {level['latency_p50_s']:>7.2f} {level['latency_p99_s']:>7.2f} "
+              f"{level['load_average_1_5_15min']['after'][0]:>5.1f}  {level['requests_per_worker']}")  # fmt: skip
     report = {
         "url": args.url, "max_tokens": args.max_tokens, "prompt_words": args.prompt_words,
         "policy": args.policy, "budget": args.budget, "requests": args.requests,
-        "host": platform.node(), "note": args.note, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(), "cpus": os.cpu_count(), "note": args.note, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "levels": levels,
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

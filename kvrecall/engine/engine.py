@@ -103,7 +103,8 @@ class Engine:
         self.sequences: list[Sequence | None] = [None] * batch
         self.force_boundary = force_boundary
         self.steps = 0
-        self._shadows: list[tuple[torch.Tensor, ...]] = []  # free shadow working sets, reused
+        # Free shadow working sets, reused; at most `batch` kept (sessions' capacities vary).
+        self._shadows: list[tuple[torch.Tensor, ...]] = []
         # The retrievals in flight: one Boundaries call per step of the last `lag` steps.
         self._calls = ThreadPoolExecutor(max_workers=lag + 1, thread_name_prefix="kvrecall-engine")
         self.times = DaemonTimes()
@@ -245,7 +246,7 @@ class Engine:
             with torch.inference_mode(False):  # ordinary tensors: written outside step() too
                 shadow = tuple(torch.empty_like(t) for t in real)
         else:
-            self._shadows.remove(shadow)
+            self._shadows = [sh for sh in self._shadows if sh is not shadow]  # tensors have no ==
         for copy, source in zip(shadow, real, strict=True):
             copy.copy_(source)
         seq.shadow, seq.pending_from = shadow, core.position
@@ -268,7 +269,7 @@ class Engine:
         core.slot_pos[:, :, slots] = slot_pos[:, :, slots]
         self.backend.tables.set(seq.slot, core.keys, core.values, core.slot_pos, core.query,
                                 core.n_sink + core.retrieved, core.window)  # fmt: skip
-        self._shadows.append(seq.shadow)
+        self._shadows = [seq.shadow, *self._shadows][: self.batch]
         seq.pending, seq.shadow = None, None
         return waited
 

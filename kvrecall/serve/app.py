@@ -1,7 +1,8 @@
 """The HTTP side of a serving worker: OpenAI-compatible routes over a decode engine.
 
     POST /v1/completions, POST /v1/chat/completions   (stream: server-sent events)
-    GET  /v1/models, GET /health                       (health: 200 while the daemon serves)
+    GET  /v1/models, GET /health                       (health: 200 while the daemon serves,
+                                                        with the engine's slots and queue)
 
 Every refused request gets an OpenAI-style error body naming the field at fault; nothing a
 request sends can stop the worker from serving the next one.
@@ -29,7 +30,7 @@ from kvrecall.client import (
     UnavailableError,
 )
 from kvrecall.demo import POLICY_BUDGET_FIELD, budget_config
-from kvrecall.serve.engine import Generation, GenerationRequest, SerialEngine
+from kvrecall.serve.generation import DecodeEngine, Generation, GenerationRequest
 from kvrecall.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -57,7 +58,7 @@ class ServeSettings:
     default_max_tokens: int  # chat requests without max_tokens: at most this many
 
 
-def create_app(engine: SerialEngine, settings: ServeSettings) -> FastAPI:
+def create_app(engine: DecodeEngine, settings: ServeSettings) -> FastAPI:
     loaded = engine.loaded
     tokenizer = loaded.tokenizer
     app = FastAPI(title="kvrecall worker", docs_url=None, redoc_url=None)
@@ -91,7 +92,7 @@ def create_app(engine: SerialEngine, settings: ServeSettings) -> FastAPI:
         except KVRecallClientError as exc:
             status = f"unreachable ({exc})"
         body = {"status": "ok" if status == "SERVING" else "unavailable", "daemon": status,
-                "worker": settings.worker_id, "model": loaded.name}  # fmt: skip
+                "worker": settings.worker_id, "model": loaded.name, **engine.load()}  # fmt: skip
         return JSONResponse(body, status_code=200 if status == "SERVING" else 503)
 
     @app.get("/v1/models")
@@ -244,6 +245,7 @@ def create_app(engine: SerialEngine, settings: ServeSettings) -> FastAPI:
     def report(request: GenerationRequest, generation: Generation) -> dict[str, Any]:
         stats = generation.stats
         return {"worker": settings.worker_id, "policy": request.policy, "policy_config": stats.policy_config,
-                "session_id": stats.session_id, "retrievals": stats.retrievals, "appends": stats.appends}  # fmt: skip
+                "session_id": stats.session_id, "retrievals": stats.retrievals, "appends": stats.appends,
+                "max_batch": stats.max_batch}  # fmt: skip
 
     return app

@@ -1,5 +1,7 @@
 """`kvrecall worker --serve`: load a model and serve it over HTTP (OpenAI-compatible) with uvicorn,
-decoding every request through the daemon at `--target`."""
+decoding every request through the daemon at `--target`: in batched steps shared by up to
+`--max-batch` requests (serve/batched.py), or one at a time for models the batched engine
+cannot run (serve/serial.py)."""
 
 from __future__ import annotations
 
@@ -22,13 +24,24 @@ def _stop(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def make_engine(loaded, client, device: str, args: argparse.Namespace, window: int):
+    """The batched engine where it runs the model, else the serial one (and the log says why)."""
+    from kvrecall.serve.batched import BatchedEngine, unbatchable
+    from kvrecall.serve.serial import SerialEngine
+
+    reason = unbatchable(loaded.model)
+    if reason is None:
+        return BatchedEngine(loaded, client, args.max_batch, args.max_queue, window)
+    log.warning("%s: no batched decode (%s); requests decode one at a time", loaded.name, reason)
+    return SerialEngine(loaded, client, device, args.max_queue)
+
+
 def run_server(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kvrecall.client import KVRecallClient
     from kvrecall.models.pretrained import load
     from kvrecall.serve.app import ServeSettings, create_app
-    from kvrecall.serve.engine import SerialEngine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for this handler:
@@ -43,10 +56,11 @@ def run_server(args: argparse.Namespace) -> int:
         default_max_tokens=args.max_new_tokens,
     )  # fmt: skip
     with KVRecallClient(args.target, identity, token=args.token) as client:
-        engine = SerialEngine(loaded, client, device)
+        engine = make_engine(loaded, client, device, args, window)
         log.info(
-            "worker %s serves %s (%d-token window, default policy %s budget %s) on http://%s:%d, daemon %s",
-            identity, loaded.name, window, args.policy, args.budget, args.host, args.port, args.target,
+            "worker %s serves %s (%d-token window, default policy %s budget %s, %d decode slots, queue %d) "
+            "on http://%s:%d, daemon %s", identity, loaded.name, window, args.policy, args.budget,
+            engine.slots, args.max_queue, args.host, args.port, args.target,
         )  # fmt: skip
         try:
             uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="warning")

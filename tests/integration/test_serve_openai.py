@@ -1,5 +1,5 @@
 """`kvrecall worker --serve` answers the official `openai` client: a real worker server process
-(the bundled SmolLM2 on CPU) decoding through the real test daemon.
+(the bundled SmolLM2 on CPU, batched decode) decoding through the real test daemon.
 
 One server per module (loading the model takes ~20 s); tiny prompts, a few tokens each."""
 
@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -24,7 +25,9 @@ pytestmark = pytest.mark.model
 WORKER_ID = "serve-test"
 MODEL = "SmolLM2-135M-Instruct"
 WINDOW = 256  # --max-model-len: a prompt past it is cheap to build
+SLOTS, QUEUE = 4, 2  # --max-batch, --max-queue
 PROMPT = "The capital of France is"
+LONG_PROMPT = "Count from one to one hundred: one, two, three, four,"  # no early EOS
 CHAT = [{"role": "user", "content": "Name a colour."}]
 
 
@@ -47,6 +50,7 @@ def server(daemon, log_path):
         sys.executable, "-m", "kvrecall.cli", "worker", "--serve", "--target", daemon.target,
         "--worker-id", WORKER_ID, "--port", str(port), "--host", "127.0.0.1",
         "--max-model-len", str(WINDOW), "--policy", "louiskv", "--budget", "16",
+        "--max-batch", str(SLOTS), "--max-queue", str(QUEUE),
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
@@ -89,7 +93,8 @@ def test_models_and_health(server, api):
     assert card.id == MODEL
     with urllib.request.urlopen(f"{server}/health", timeout=5) as response:
         body = json.loads(response.read())
-    assert body == {"status": "ok", "daemon": "SERVING", "worker": WORKER_ID, "model": MODEL}
+    assert body == {"status": "ok", "daemon": "SERVING", "worker": WORKER_ID, "model": MODEL,
+                    "slots": SLOTS, "running": 0, "waiting": 0}  # fmt: skip
 
 
 def test_completion_with_two_policies_matches_full_kv(api):
@@ -213,3 +218,77 @@ def test_a_client_that_leaves_stops_its_decoding(server, api, log_path):
     assert lines, "the abandoned request was decoded to the end"
     generated = int(lines[-1].split(" + ")[1].split(" tokens")[0])
     assert generated < WINDOW - 16, lines[-1]
+
+
+def health(server: str) -> dict:
+    with urllib.request.urlopen(f"{server}/health", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def wait_for_load(server: str, running: int, waiting: int) -> None:
+    deadline = time.monotonic() + 120
+    while (load := health(server))["running"] != running or load["waiting"] != waiting:
+        assert time.monotonic() < deadline, f"never reached running={running} waiting={waiting}: {load}"
+        time.sleep(0.2)
+
+
+# Covering budgets (past the session, capped to it): every policy decodes what full KV does.
+CONCURRENT = [("full", None), ("louiskv", 512), ("quest", 512), ("windowkv", 512)]
+
+
+def test_concurrent_requests_of_four_policies_share_steps_and_answer_as_alone(api):
+    """Four requests, one per policy, two streamed and two not, sent at once while a long
+    streamed request decodes: they share decode steps (each reports a batch of >= 2), and
+    each answers what it answers alone, which is full KV's answer."""
+
+    def ask(i: int) -> tuple[str, dict]:
+        policy, budget = CONCURRENT[i]
+        options = {"kvrecall": {"policy": policy, **({"budget": budget} if budget else {})}}
+        if i % 2:
+            chunks = list(api.completions.create(
+                model=MODEL, prompt=PROMPT, max_tokens=6, stream=True, extra_body=options
+            ))  # fmt: skip
+            return "".join(c.choices[0].text for c in chunks), chunks[-1].model_extra["kvrecall"]
+        whole = api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, extra_body=options)
+        return whole.choices[0].text, whole.model_extra["kvrecall"]
+
+    alone = [ask(i) for i in range(len(CONCURRENT))]
+    anchor = api.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=WINDOW - 32, stream=True)
+    try:
+        next(iter(anchor))  # it decodes: the four join its batch
+        with ThreadPoolExecutor(len(CONCURRENT)) as pool:
+            together = list(pool.map(ask, range(len(CONCURRENT))))
+    finally:
+        anchor.close()
+    full_text = alone[0][0]
+    assert full_text.strip()
+    for (policy, _), (text, report), (alone_text, alone_report) in zip(CONCURRENT, together, alone, strict=True):
+        assert (text, alone_text) == (full_text, full_text), policy
+        assert report["policy"] == policy
+        assert report["max_batch"] >= 2 and alone_report["max_batch"] == 1, (policy, report, alone_report)
+
+
+def test_a_full_worker_answers_503_and_recovers(server, api):
+    """Every slot busy and the queue full: the next request is a 503 with an OpenAI-style
+    error; once the clients leave, slots and queue empty and the worker serves again."""
+    body = json.dumps({"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": WINDOW - 32}).encode()
+    port = int(server.rsplit(":", 1)[1])
+    wait_for_load(server, 0, 0)  # the earlier tests' requests are gone
+    held = []
+    try:
+        for _ in range(SLOTS + QUEUE):  # requests whose clients wait without reading
+            connection = socket.create_connection(("127.0.0.1", port))
+            connection.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            )
+            held.append(connection)
+        wait_for_load(server, SLOTS, QUEUE)
+        status, answer = post_raw(f"{server}/v1/completions", json.dumps({"prompt": PROMPT}).encode())
+        assert status == 503, answer
+        assert (answer["error"]["type"], answer["error"]["code"]) == ("server_error", "overloaded")
+    finally:
+        for connection in held:
+            connection.close()
+    wait_for_load(server, 0, 0)
+    assert api.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1).choices[0].text
