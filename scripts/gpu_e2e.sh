@@ -4,8 +4,8 @@
 # (scripts/fetch_gpu_wheels.sh: the grpc wheels the GPU image lacks and the transformers version
 # tested on CPU). Writes under $OUT: env.txt, tests.log, e2e-step.json/.png (GPU 0: contexts x
 # batches), prefill.json and e2e-load.json (capped GPU KV throughput and 64 sequences) from the
-# last GPU while GPU 0 runs the step bench, bench logs. Time limits per part: TEST_S, STEP_S,
-# PREFILL_S, LOAD_S; TESTS: the test paths (their gpu-marked tests run).
+# last GPU while GPU 0 runs the step bench, kernel-tests.log, bench logs. Time limits per part:
+# TEST_S, KERNEL_TEST_S, STEP_S, PREFILL_S, LOAD_S; TESTS: the test paths (their gpu-marked tests run).
 #   usage: [PARTS=tests,step,load,prefill] bash scripts/gpu_e2e.sh [step-contexts] [batches]
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -49,6 +49,10 @@ if has tests; then
   CUDA_VISIBLE_DEVICES=$LAST timeout ${TEST_S:-300} python3 -m pytest -q -rA -p no:cacheprovider \
     --continue-on-collection-errors -m gpu ${TESTS:-tests} > "$OUT/tests.log" 2>&1
   echo "tests exit $?"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -25
+  # Kernel tests natively here (on CPU they run in Triton's interpreter): the batched Boundaries kernels.
+  CUDA_VISIBLE_DEVICES=$LAST timeout ${KERNEL_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider \
+    ${KERNEL_TESTS:-tests/kernels/test_placement.py tests/kernels/test_unit_append.py} > "$OUT/kernel-tests.log" 2>&1
+  echo "kernel tests exit $?"; tail -3 "$OUT/kernel-tests.log"
 fi
 if has prefill; then
   echo "== prefill bench on GPU $LAST  [${SECONDS}s]"

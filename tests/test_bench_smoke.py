@@ -109,7 +109,7 @@ def test_bench_e2e_runs_on_cpu(tmp_path):
 
     out = tmp_path / "e2e.json"
     argv = ["bench", "e2e", "--device", "cpu", "--shape", "tiny", "--contexts", "200", "--batches", "2",
-            "--policies", "louiskv", "--budget", "64", "--rates", "0,0.117,1", "--steps", "3", "--warmup", "1", "--many", "2",
+            "--policies", "louiskv", "--budget", "64", "--rates", "0,0.117,1", "--steps", "3", "--warmup", "1", "--many", "4",
             "--many-context", "100", "--capped-context", "200", "--gpu-kv-cap-gib", "0.0005",
             "--host-cap-gib", "0.002", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
@@ -122,4 +122,11 @@ def test_bench_e2e_runs_on_cpu(tmp_path):
     assert [r["rate"] for r in louiskv] == [0.0, 0.117, 1.0]
     assert louiskv[0]["boundary_share"] == 0.0 and louiskv[2]["boundary_share"] == 1.0
     assert {"speedup_vs_full_0K_b2", "over_bound_0K_b2"} <= set(result["meta"]["ratios"])
+    # whether the steps waited on the daemon: per step waits, per retrieving call latencies
+    many = {r["rate"]: r for r in result["rows"] if r["part"] == "many"}
+    assert many[0.0]["answers"] == 0 and many[0.0]["answer_ms_median"] is None
+    every = louiskv[2]
+    assert every["answers"] == 3 and 0 < every["answer_ms_median"] <= every["answer_ms_p90"] <= every["answer_ms_max"]
+    assert 0 <= every["late_ms_mean"] <= every["wait_ms_mean"] and every["late_steps"] <= 3
+    assert {"many_wait_ms_mean_at_measured_rate", "many_late_steps_at_measured_rate"} <= set(result["meta"]["ratios"])
     assert (tmp_path / "e2e.png").exists()

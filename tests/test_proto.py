@@ -26,5 +26,5 @@ def test_enums_start_unspecified():
 def test_service_methods():
     service = pb.DESCRIPTOR.services_by_name["KVRecall"]
     assert [m.name for m in service.methods] == [
-        "OpenSession", "IngestPrompt", "Decode", "KeepAlive", "CloseSession", "GetStats",
+        "OpenSession", "IngestPrompt", "Decode", "KeepAlive", "CloseSession", "GetStats", "Boundaries",
     ]

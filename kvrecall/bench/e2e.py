@@ -37,6 +37,7 @@ from kvrecall.bench.common import GiB, log, run_metadata, time_fn
 from kvrecall.client import KVRecallClient, ModelSpec
 from kvrecall.engine import LLAMA3_8B, DecoderShape, DecoderWeights, Engine
 from kvrecall.engine.decoder import Decoder
+from kvrecall.engine.engine import DaemonTimes
 from kvrecall.engine.full import FullKV
 from kvrecall.engine.graph import GraphStep
 from kvrecall.local import LocalDaemon
@@ -218,6 +219,7 @@ class Bench:
                 for _ in range(args.warmup):
                     engine.step()
                 before = sum(seq.boundaries for seq in engine.active)
+                engine.times.clear()
                 samples = []
                 for _ in range(args.steps):
                     t1 = time.perf_counter()
@@ -235,6 +237,7 @@ class Bench:
                     "setup_s": round(setup_s, 2), "worker_peak_gib": self.worker_peak(),
                     "daemon_gpu_gib": _gib(daemon_device), "host_gib": _gib(host_bytes),
                     "gpu_kv_gib_full_equivalent": _gib(batch * context * self.token_bytes),
+                    **daemon_waits(engine.times),
                 })  # fmt: skip
             # The captured step alone (no daemon calls, CUDA events): what the host side adds.
             graph_only = time_fn(engine.graph, self.device, warmup=2, reps=max(8, args.steps // 2))
@@ -366,6 +369,10 @@ class Bench:
             ratios["many_step_at_measured_rate_over_rate0"] = round(
                 many[MEASURED_RATE]["mean_ms"] / many[0.0]["mean_ms"], 3
             )
+        if MEASURED_RATE in many:  # did the steps of the many sequences wait on the daemon?
+            for key in ("wait_ms_mean", "late_ms_mean", "late_steps", "answer_ms_median", "answer_ms_p90", "answer_ms_max"):
+                if many[MEASURED_RATE].get(key) is not None:
+                    ratios[f"many_{key}_at_measured_rate"] = many[MEASURED_RATE][key]
         self.meta["ratios"] = ratios
         for key, value in ratios.items():
             lines.append(f"{key}: {value}")
@@ -412,20 +419,43 @@ NOTES = [
     "quest retrieves after every step (rate 1). graph_only_ms: the captured step without daemon calls.",
     "lag: steps a slot that crossed a boundary reads a shadow copy of its working set while the daemon "
     "retrieves into the real one (engine/engine.py); 0 = the retrieval blocks the next step.",
+    "Daemon waits (host clock): wait_ms_* per step is what the step waited on the daemon (the step's "
+    "AppendNotices, one Boundaries call, plus late retrievals); late_ms_* / late_steps the part spent on "
+    "retrievals still unanswered when their slots switched back (0: the daemon kept up); answer_ms_* is each "
+    "step's retrieving Boundaries call, sent to answered (answers: how many).",
     "The prompt's KV is random and ingested as it is (this bench times decode; prefill memory and time "
     "are `python -m kvrecall.bench.prefill`).",
 ]
 
 
+def daemon_waits(times: DaemonTimes) -> dict[str, Any]:
+    """Whether the steps waited on the daemon: per step, the wait (notices, late retrievals)
+    and its late-retrieval part (mean, p90, max, steps that waited for one); per retrieving
+    Boundaries call, its answer latency (median, p90, max)."""
+    row: dict[str, Any] = {"answers": len(times.answer_s), "late_steps": sum(1 for s in times.late_s if s > 0)}
+    for name, samples in (("wait", times.wait_s), ("late", times.late_s)):
+        ms = [s * 1e3 for s in samples] or [0.0]
+        row |= {f"{name}_ms_mean": round(statistics.fmean(ms), 3), f"{name}_ms_p90": round(_percentile(ms, 0.9), 3),
+                f"{name}_ms_max": round(max(ms), 3)}  # fmt: skip
+    answers = [s * 1e3 for s in times.answer_s]
+    for key, value in (("median", statistics.median), ("p90", lambda a: _percentile(a, 0.9)), ("max", max)):
+        row[f"answer_ms_{key}"] = round(value(answers), 3) if answers else None
+    return row
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'part':7} {'policy':8} {'ctx':>7} {'B':>3} {'rate':>6} {'median':>8} {'p90':>8} {'mean':>8} {'tok/s':>9} {'GPU GiB w/d':>12}"
+    head = (f"{'part':7} {'policy':8} {'ctx':>7} {'B':>3} {'rate':>6} {'median':>8} {'p90':>8} {'mean':>8} {'tok/s':>9} "
+            f"{'GPU GiB w/d':>12} {'wait':>7} {'late':>5} {'ans p50/p90':>13}")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in rows:
         rate = "" if r["rate"] is None else f"{r['rate']:.3g}"
         mem = f"{r.get('worker_peak_gib') or 0:.1f}/{r.get('daemon_gpu_gib') or 0:.1f}"
+        wait = "" if "wait_ms_mean" not in r else f"{r['wait_ms_mean']:.2f}"
+        late = "" if "late_steps" not in r else str(r["late_steps"])
+        answer = "" if r.get("answer_ms_median") is None else f"{r['answer_ms_median']:.1f}/{r['answer_ms_p90']:.1f}"
         lines.append(
             f"{r['part']:7} {r['policy']:8} {r['context']:>7} {r['batch']:>3} {rate:>6} {r['median_ms']:>8.2f} "
-            f"{r['p90_ms']:>8.2f} {r['mean_ms']:>8.2f} {r['tokens_per_s']:>9.1f} {mem:>12}"
+            f"{r['p90_ms']:>8.2f} {r['mean_ms']:>8.2f} {r['tokens_per_s']:>9.1f} {mem:>12} {wait:>7} {late:>5} {answer:>13}"
         )
     return "\n".join(lines)
 

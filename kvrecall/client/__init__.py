@@ -14,7 +14,7 @@ from kvrecall.client.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from kvrecall.client.session import KVRecallClient, ModelSpec, WorkerSession
+from kvrecall.client.session import KVRecallClient, ModelSpec, StepCall, WorkerSession
 
 __all__ = [
     "DeadlineExceededError",
@@ -26,6 +26,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "StepCall",
     "UnauthenticatedError",
     "UnavailableError",
     "WorkerSession",

@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar, Unpack
 
 import grpc
@@ -32,6 +33,17 @@ log = logging.getLogger("kvrecall.client")
 
 T = TypeVar("T")
 _END = object()
+
+
+@dataclass(frozen=True)
+class StepCall:
+    """One session's part of KVRecallClient.boundaries: announce the tokens up to `position`
+    (`notice`), then retrieve for the query in its working set (`retrieve`)."""
+
+    session: WorkerSession
+    position: int
+    notice: bool = False
+    retrieve: bool = False
 
 
 class KVRecallClient(ClientBase):
@@ -66,6 +78,28 @@ class KVRecallClient(ClientBase):
     def stats(self, session_id: str = "", capability: str = "") -> pb.StatsResponse:
         """Daemon-wide (the caller's tenant's sessions), or one session given its capability."""
         return self.call(self.stub.GetStats, pb.StatsRequest(session_id=session_id, capability=capability))
+
+    def boundaries(self, calls: list[StepCall], timeout: float | None = None) -> pb.BoundariesResponse:
+        """One decode step's AppendNotices and retrievals of many sessions in ONE call (the
+        Boundaries RPC; shm / CUDA IPC sessions, at most one call each): each session's writes
+        are published first, then the daemon notices, retrieves (policies that batch: all
+        their sessions together) and answers once. On success every notice's session has
+        `noticed_upto` advanced. A bad call refuses them all (the error names events[i])."""
+        request = pb.BoundariesRequest()
+        for call in calls:
+            core = call.session.core
+            core.publish()
+            request.events.add(
+                session_id=core.session_id, capability=core.capability, position=call.position,
+                notice=call.notice, retrieve=call.retrieve,
+            )  # fmt: skip
+        response = self.call(self.stub.Boundaries, request, timeout=timeout)
+        for call, result in zip(calls, response.results, strict=True):
+            if call.notice:
+                call.session.core.noticed_upto = result.append.spilled_upto
+                call.session.stats_appends += 1
+            call.session.stats_boundaries += call.retrieve
+        return response
 
     def open_session(
         self, spec: ModelSpec, policy: str, config: dict[str, Any] | None = None, **options: Unpack[OpenOptions]

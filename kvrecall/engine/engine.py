@@ -9,17 +9,20 @@
 Sequences join and leave between steps (continuous batching); each keeps its own session.
 A step is one static-shaped launch sequence over every slot (one CUDA graph on a GPU,
 captured when the engine is built, while no slot is in use). After it, the host reads one
-boundary flag per slot (a pinned copy, the only sync of the step), then, for the slots that
-need it, sends the window's AppendNotice and the boundary's retrieval, all slots' calls
-concurrently (each session has its own Decode stream). The query that crossed the threshold
-becomes the slot's new reference (LouisKV).
+boundary flag per slot (a pinned copy, the only sync of the step), then sends the step's
+AppendNotices and boundary retrievals of all slots in ONE Boundaries call
+(KVRecallClient.boundaries; the daemon retrieves the sessions of a policy together). The
+query that crossed the threshold becomes the slot's new reference (LouisKV).
 
 Boundaries off the critical path (`lag` >= 1, the default 1): a slot that crossed first
 copies its working set to a *shadow* (a device copy, ordered before the daemon may write),
 the batch reads the shadow for the next `lag` steps while the daemon retrieves into the
 real working set, and then the slot switches back: the tokens written meanwhile are copied
-into the real window ring and the retrieval serves from there on. The switch happens after
+into the real window ring and the retrieval serves from there on. (The step's notices are
+answered first, in their own call, as the next step reads what they evict; the crossed
+slots' retrievals follow in one call the step does not wait for.) The switch happens after
 exactly `lag` steps (waiting for the answer if it is late), so decoding is deterministic.
+`times` records how long each step waited on the daemon and how long each retrieval call took.
 Before it reads a shadow, a slot announces every token written so far (an early
 AppendNotice when one would fall due meanwhile), so none falls due while the daemon works on
 the real working set; `lag` must stay below the session's spill_every. `lag=0` retrieves
@@ -32,12 +35,14 @@ daemon). With a budget covering the sequence every policy is exact either way.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from kvrecall.client.session import StepCall
 from kvrecall.engine.decoder import Decoder
 from kvrecall.engine.graph import GraphStep
 from kvrecall.engine.sessions import SessionBatch
@@ -57,6 +62,22 @@ class Sequence:
     pending: Future | None = None  # the boundary's daemon calls while the slot reads its shadow
     pending_from: int = 0  # first position written into the shadow
     shadow: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class DaemonTimes:
+    """Host-clock seconds the engine spent on the daemon (the caller clears them at will).
+    A step waits for its notices (and, with lag 0, its retrievals) and for retrievals still
+    unanswered when their slots switch back (`late_s`); `answer_s` is each retrieving
+    Boundaries call's latency, sent to answered, whether or not a step waited for it."""
+
+    wait_s: list[float] = field(default_factory=list)  # per step: all its waiting on the daemon
+    late_s: list[float] = field(default_factory=list)  # per step: of that, waiting for late retrievals
+    answer_s: list[float] = field(default_factory=list)  # per retrieving call
+
+    def clear(self) -> None:
+        for samples in (self.wait_s, self.late_s, self.answer_s):
+            samples.clear()
 
 
 class Engine:
@@ -84,7 +105,9 @@ class Engine:
         self.steps = 0
         # Free shadow working sets, reused; at most `batch` kept (sessions' capacities vary).
         self._shadows: list[tuple[torch.Tensor, ...]] = []
-        self._calls = ThreadPoolExecutor(max_workers=batch, thread_name_prefix="kvrecall-engine")
+        # The retrievals in flight: one Boundaries call per step of the last `lag` steps.
+        self._calls = ThreadPoolExecutor(max_workers=lag + 1, thread_name_prefix="kvrecall-engine")
+        self.times = DaemonTimes()
         # Captured while no slot is in use: the warm-up steps write nothing anywhere.
         self.graph = GraphStep(lambda: self.decoder.step(self.backend), self.device, use_graph)
         self.decoder.tokens.zero_()
@@ -155,7 +178,9 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         tokens, flags = self._tokens_host.tolist(), self._flags_host.tolist()
-        appends, crossings = [], []
+        notices: list[StepCall] = []
+        crossings: list[Sequence] = []
+        late = 0.0
         for seq in self.active:
             b = seq.slot
             core = seq.session.core
@@ -165,33 +190,49 @@ class Engine:
             if seq.pending is not None:
                 if core.position - seq.pending_from < self.lag:
                     continue  # no notice falls due while it reads its shadow (see below)
-                self._switch_back(seq)
+                late += self._switch_back(seq)
             forced = self.force_boundary(self.steps, b) if self.force_boundary is not None else None
             crossed = flags[b] if forced is None else forced
             # A slot about to read its shadow for `lag` steps announces its tokens first, so its
             # ring (copied into the shadow) has room for them without evicting anything.
             early = crossed and self.lag > 0 and core.position + self.lag > core.noticed_upto + core.spill_every
-            if core.needs_append() or early:
+            notice = core.needs_append() or early
+            if notice:
                 seq.appends += 1
-                appends.append(self._calls.submit(_serve, seq.session, core.position, True, False, early))
             if crossed:
                 self.backend.set_reference(b)
                 seq.boundaries += 1
                 crossings.append(seq)
-        for call in appends:
-            call.result()
-        calls = []
-        for seq in crossings:
-            core = seq.session.core
-            if self.lag > 0:
+            if notice or (crossed and self.lag == 0):
+                notices.append(StepCall(seq.session, core.position, notice, crossed and self.lag == 0))
+        waited = late
+        if notices:  # the notices (and with lag 0 the retrievals): the next step reads their effect
+            waited += self._daemon(notices)
+        if crossings and self.lag > 0:
+            for seq in crossings:
                 self._to_shadow(seq)
-                seq.pending = self._calls.submit(_serve, seq.session, core.position, False, True)
-            else:
-                calls.append(self._calls.submit(_serve, seq.session, core.position, False, True))
-        for call in calls:
-            call.result()
+            calls = [StepCall(seq.session, seq.session.core.position, retrieve=True) for seq in crossings]
+            pending = self._calls.submit(self._daemon, calls)
+            for seq in crossings:
+                seq.pending = pending
+        self.times.wait_s.append(waited)
+        self.times.late_s.append(late)
         self.steps += 1
         return {seq.slot: tokens[seq.slot] for seq in self.active}
+
+    def _daemon(self, calls: list[StepCall]) -> float:
+        """One Boundaries call per daemon client for `calls` (one in practice); its answer's
+        host-clock latency goes to `times` when it retrieves. Returns the seconds it took."""
+        started = time.perf_counter()
+        by_client: dict[int, list[StepCall]] = {}
+        for call in calls:
+            by_client.setdefault(id(call.session.client), []).append(call)
+        for group in by_client.values():
+            group[0].session.client.boundaries(group)
+        seconds = time.perf_counter() - started
+        if any(call.retrieve for call in calls):
+            self.times.answer_s.append(seconds)
+        return seconds
 
     # ---- shadows (boundaries off the critical path) -----------------------------------------
     def _to_shadow(self, seq: Sequence) -> None:
@@ -211,10 +252,14 @@ class Engine:
         seq.shadow, seq.pending_from = shadow, core.position
         self.backend.tables.set(seq.slot, *shadow, core.n_sink + core.retrieved, core.window)
 
-    def _switch_back(self, seq: Sequence) -> None:
+    def _switch_back(self, seq: Sequence) -> float:
         """Wait for the boundary's answer, copy the tokens written meanwhile into the real window
-        ring and point the batch at the real working set again."""
+        ring and point the batch at the real working set again. Returns the seconds waited for
+        an answer not in yet (0 when it was)."""
+        started = time.perf_counter()
+        late = not seq.pending.done()
         seq.pending.result()
+        waited = time.perf_counter() - started if late else 0.0
         core = seq.session.core
         keys, values, slot_pos, _ = seq.shadow
         positions = torch.arange(seq.pending_from, core.position, device=keys.device)
@@ -226,17 +271,7 @@ class Engine:
                                 core.n_sink + core.retrieved, core.window)  # fmt: skip
         self._shadows = [seq.shadow, *self._shadows][: self.batch]
         seq.pending, seq.shadow = None, None
+        return waited
 
     def close(self) -> None:
         self._calls.shutdown(wait=True)
-
-
-def _serve(session, position: int, append: bool, boundary: bool, flush: bool = False) -> None:
-    """The daemon calls one slot needs after a step, for the `position` tokens written by then
-    (the engine may go on writing meanwhile): the window's notice (every token written, when
-    `flush`), then the retrieval."""
-    core = session.core
-    if append and (flush or position - core.noticed_upto >= core.spill_every):
-        session.append(position)
-    if boundary:
-        session.boundary(position=position)

@@ -16,9 +16,9 @@ be float32, float16 or bfloat16; math is float32. B is a batch of independent
 
 One module per op holds its public function(s) (argument checks and the dispatch):
 clustering.py (k-means), unit_scores.py, budget.py, row_gather.py, expand.py, placement.py,
-cosine.py, windows.py, quest.py, ws_decode.py, attention.py (reference only). Beside each, `<op>_triton.py`
-holds the Triton kernel and its launcher; reference.py holds every op in PyTorch. This file
-only re-exports.
+cosine.py, windows.py, quest.py, ws_decode.py, unit_append.py, attention.py (reference only).
+Beside each, `<op>_triton.py` holds the Triton kernel and its launcher; reference.py holds
+every op in PyTorch. This file only re-exports.
 """
 
 from kvrecall.kernels.attention import attention_at_positions, masked_attention
@@ -26,15 +26,17 @@ from kvrecall.kernels.budget import select_under_budget
 from kvrecall.kernels.clustering import kmeans, kmeans_assign, kmeans_update
 from kvrecall.kernels.cosine import cosine_similarity
 from kvrecall.kernels.expand import expand_selection
-from kvrecall.kernels.placement import place_retrieved, spill_ring
+from kvrecall.kernels.placement import place_retrieved, place_retrieved_many, spill_ring
 from kvrecall.kernels.quest import quest_page_bounds, quest_page_scores
 from kvrecall.kernels.row_gather import gather_rows
+from kvrecall.kernels.unit_append import append_units
 from kvrecall.kernels.unit_scores import AGGREGATIONS, score_units
 from kvrecall.kernels.windows import WINDOW_MODES, window_scores
 
 __all__ = [
     "AGGREGATIONS",
     "WINDOW_MODES",
+    "append_units",
     "attention_at_positions",
     "cosine_similarity",
     "expand_selection",
@@ -44,6 +46,7 @@ __all__ = [
     "kmeans_update",
     "masked_attention",
     "place_retrieved",
+    "place_retrieved_many",
     "quest_page_bounds",
     "quest_page_scores",
     "score_units",

@@ -66,6 +66,73 @@ def place_retrieved(
     resident_max (int64 scalar on that device), if given, is raised to the most filled slots
     (all C) of any row afterwards. Kernel: R <= placement_triton.MAX_RETRIEVED, else the reference.
     """
+    device = _check_place(slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page,
+                          num_kv_heads, resident_max)  # fmt: skip
+    if use_triton(impl, device):
+        from kvrecall.kernels.placement_triton import place_retrieved_triton
+
+        return place_retrieved_triton(
+            slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads,
+            resident_max,
+        )  # fmt: skip
+    return reference.place_retrieved(
+        slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads, resident_max
+    )
+
+
+def place_retrieved_many(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    selection: torch.Tensor,
+    first_slot: int,
+    host: torch.Tensor,
+    tokens_per_page: int,
+    num_kv_heads: int,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """place_retrieved for S sessions of one shape at once -> [S * B, 2] int32 (session s's
+    rows at [s * B, (s + 1) * B)).
+
+    parts: per session (slot_pos [B, C], keys / values [B, C, D], page_base [pages] (its host
+    pages in the shared pool `host`), resident_max int64 scalar), every session's tensors of
+    the same shapes and dtypes; selection [S * B, R], session s's rows first-to-last. The
+    kernel is one launch over the S * B rows (pointer offsets per session); the reference, and
+    the kernel where it cannot run (see place_retrieved, or tensors not at whole-element
+    distances), place session by session (place_retrieved)."""
+    if not parts:
+        raise ValueError("parts: at least one session is required")
+    first = parts[0]
+    check_tensor("selection", selection, rank=2, dtypes=INDEX_DTYPES)
+    check_size("selection", selection, 0, len(parts) * first[0].shape[0], "S * B of the parts")
+    for i, (slot_pos, keys, values, page_base, resident_max) in enumerate(parts):
+        for name, tensor, like in (("slot_pos", slot_pos, first[0]), ("keys", keys, first[1]), ("values", values, first[2])):
+            if tensor.shape != like.shape or tensor.dtype != like.dtype or tensor.device != like.device:
+                raise ValueError(f"parts[{i}].{name}: {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}, "
+                                 f"unlike parts[0]'s {tuple(like.shape)} {like.dtype} on {like.device}")  # fmt: skip
+        if resident_max is None:
+            raise ValueError(f"parts[{i}]: resident_max is required")
+        rows = slice(i * slot_pos.shape[0], (i + 1) * slot_pos.shape[0])
+        device = _check_place(slot_pos, keys, values, selection[rows], first_slot, host, page_base, tokens_per_page,
+                              num_kv_heads, resident_max)  # fmt: skip
+    if use_triton(impl, device):
+        from kvrecall.kernels.placement_triton import place_retrieved_many_triton
+
+        counts = place_retrieved_many_triton(parts, selection, first_slot, host, tokens_per_page, num_kv_heads)
+        if counts is not None:
+            return counts
+    rows = first[0].shape[0]
+    return torch.cat([
+        place_retrieved(slot_pos, keys, values, selection[i * rows : (i + 1) * rows], first_slot, host, page_base,
+                        tokens_per_page, num_kv_heads, resident_max, impl)
+        for i, (slot_pos, keys, values, page_base, resident_max) in enumerate(parts)
+    ])  # fmt: skip
+
+
+def _check_place(
+    slot_pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, selection: torch.Tensor, first_slot: int,
+    host: torch.Tensor, page_base: torch.Tensor, tokens_per_page: int, num_kv_heads: int,
+    resident_max: torch.Tensor | None,
+) -> torch.device:  # fmt: skip
+    """place_retrieved's argument checks (ValueError naming the argument) -> the device."""
     check_tensor("slot_pos", slot_pos, rank=2, dtypes=(torch.int32,))
     _check_host_pages(keys, values, host, page_base, tokens_per_page, num_kv_heads)
     check_tensor("selection", selection, rank=2, dtypes=INDEX_DTYPES)
@@ -83,16 +150,7 @@ def place_retrieved(
     if resident_max is not None:
         check_tensor("resident_max", resident_max, rank=0, dtypes=(torch.int64,))
         check_same_device(slot_pos=slot_pos, resident_max=resident_max)
-    if use_triton(impl, device):
-        from kvrecall.kernels.placement_triton import place_retrieved_triton
-
-        return place_retrieved_triton(
-            slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads,
-            resident_max,
-        )  # fmt: skip
-    return reference.place_retrieved(
-        slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads, resident_max
-    )
+    return device
 
 
 def spill_ring(

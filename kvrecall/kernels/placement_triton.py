@@ -30,6 +30,9 @@ RETRIEVED_BLOCKS = (256, 1024, MAX_RETRIEVED)
 _BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _TILE_BYTES = 8192  # bytes of K (and as many of V) one copy step moves per program
 _ABSENT = tl.constexpr(1 << 62)  # sorts after every position
+# Per session of place_retrieved_many_triton: element offsets of its slot_pos, keys, values,
+# page table and resident counter from the first session's, and its positions.
+SESSION_FIELDS = tl.constexpr(6)
 
 
 @triton.jit
@@ -61,14 +64,24 @@ def _host_row(page_base_ptr, row, kv, pos, mask, tokens_per_page, num_kv_heads, 
 @triton.jit
 def _place_kernel(
     slot_pos_ptr, keys_ptr, values_ptr, sel_ptr, host_ptr, page_base_ptr, scratch_ptr, counts_ptr, resident_ptr,
-    R, C, first_slot, sel_stride, num_positions, tokens_per_page, num_kv_heads,
+    sessions_ptr, R, C, first_slot, sel_stride, num_positions, tokens_per_page, num_kv_heads, rows_per_session,
     D: tl.constexpr, BLOCK_R: tl.constexpr, STEPS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRACK_RESIDENT: tl.constexpr,
+    TRACK_RESIDENT: tl.constexpr, MANY: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(0).to(tl.int64)  # the row of the selection, scratch and counts
+    row = b  # the row of its session's working set and pages
+    if MANY:  # session b // rows_per_session: its tensors at element offsets from the first session's
+        session = sessions_ptr + (b // rows_per_session) * SESSION_FIELDS
+        row = b % rows_per_session
+        slot_pos_ptr += tl.load(session)
+        keys_ptr += tl.load(session + 1)
+        values_ptr += tl.load(session + 2)
+        page_base_ptr += tl.load(session + 3)
+        resident_ptr += tl.load(session + 4)
+        num_positions = tl.load(session + 5)
     r = tl.arange(0, BLOCK_R)
     in_row = r < R
-    region = slot_pos_ptr + b * C + first_slot
+    region = slot_pos_ptr + row * C + first_slot
     cur = tl.load(region + r, mask=in_row, other=-1).to(tl.int64)
     sel = tl.load(sel_ptr + b * sel_stride + r, mask=in_row, other=-1).to(tl.int64)
     cur_ok = cur >= 0
@@ -101,7 +114,7 @@ def _place_kernel(
         for c0 in range(0, C, BLOCK_R):
             c = c0 + r
             outside = (c < C) & ((c < first_slot) | (c >= first_slot + R))
-            held = tl.load(slot_pos_ptr + b * C + c, mask=outside, other=-1)
+            held = tl.load(slot_pos_ptr + row * C + c, mask=outside, other=-1)
             resident += tl.sum((held >= 0).to(tl.int32), 0)
         tl.atomic_max(resident_ptr, resident.to(tl.int64))
     cols = tl.arange(0, BLOCK_D)
@@ -111,10 +124,10 @@ def _place_kernel(
         ok = k < n_new
         slot = tl.load(slot_of_rank + k, mask=ok, other=0)
         pos = tl.load(pos_of_rank + k, mask=ok, other=0)
-        dst = ((b * C + first_slot + slot) * D)[:, None] + cols[None, :]
+        dst = ((row * C + first_slot + slot) * D)[:, None] + cols[None, :]
         mask = ok[:, None] & col_ok[None, :]
         for kv in tl.static_range(2):
-            src = _host_row(page_base_ptr, b, kv, pos, ok, tokens_per_page, num_kv_heads, D)
+            src = _host_row(page_base_ptr, row, kv, pos, ok, tokens_per_page, num_kv_heads, D)
             rows = tl.load(host_ptr + src[:, None] + cols[None, :], mask=mask)
             if kv == 0:
                 tl.store(keys_ptr + dst, rows, mask=mask)
@@ -171,8 +184,7 @@ def place_retrieved_triton(
     resident_max: torch.Tensor | None,
 ) -> torch.Tensor:
     """Launch on checked arguments (see `kvrecall.kernels.place_retrieved`)."""
-    rows, capacity = slot_pos.shape
-    retrieved, dim = selection.shape[1], keys.shape[2]
+    rows, retrieved = slot_pos.shape[0], selection.shape[1]
     if (
         rows == 0
         or retrieved == 0
@@ -184,19 +196,68 @@ def place_retrieved_triton(
             slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads,
             resident_max,
         )  # fmt: skip
-    counts = torch.empty(rows, 2, dtype=torch.int32, device=slot_pos.device)  # the kernel writes every row
+    return _launch_place(
+        slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads,
+        resident_max, None, rows,
+    )  # fmt: skip
+
+
+def _launch_place(
+    slot_pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, selection: torch.Tensor, first_slot: int,
+    host: torch.Tensor, page_base: torch.Tensor, tokens_per_page: int, num_kv_heads: int,
+    resident_max: torch.Tensor | None, sessions: torch.Tensor | None, rows_per_session: int,
+) -> torch.Tensor:  # fmt: skip
+    """One launch over every row of `selection` (sessions: see place_retrieved_many_triton)."""
+    rows, retrieved = selection.shape
+    counts = torch.empty(rows, 2, dtype=torch.int32, device=selection.device)  # the kernel writes every row
     block_r = next(size for size in RETRIEVED_BLOCKS if retrieved <= size)  # a few variants: see warmup
-    scratch = torch.empty(rows, 4 * block_r, dtype=torch.int64, device=slot_pos.device)
-    copy_rows, block_d = _copy_tile(dim, keys.element_size())
+    scratch = torch.empty(rows, 4 * block_r, dtype=torch.int64, device=selection.device)
+    copy_rows, block_d = _copy_tile(keys.shape[2], keys.element_size())
     _place_kernel[(rows,)](
         slot_pos, _bits(keys), _bits(values), selection, _bits(host), page_base, scratch, counts,
-        counts if resident_max is None else resident_max,
-        retrieved, capacity, first_slot, selection.stride(0), page_base.numel() * tokens_per_page,
-        tokens_per_page, num_kv_heads,
-        D=dim, BLOCK_R=block_r, STEPS=block_r.bit_length(), ROWS=copy_rows, BLOCK_D=block_d,
-        TRACK_RESIDENT=resident_max is not None, num_warps=8 if block_r >= 1024 else 4,
+        counts if resident_max is None else resident_max, counts if sessions is None else sessions,
+        retrieved, slot_pos.shape[1], first_slot, selection.stride(0), page_base.numel() * tokens_per_page,
+        tokens_per_page, num_kv_heads, rows_per_session,
+        D=keys.shape[2], BLOCK_R=block_r, STEPS=block_r.bit_length(), ROWS=copy_rows, BLOCK_D=block_d,
+        TRACK_RESIDENT=resident_max is not None, MANY=sessions is not None, num_warps=8 if block_r >= 1024 else 4,
     )  # fmt: skip
     return counts
+
+
+def place_retrieved_many_triton(
+    parts: list[tuple[torch.Tensor, ...]], selection: torch.Tensor, first_slot: int, host: torch.Tensor,
+    tokens_per_page: int, num_kv_heads: int,
+) -> torch.Tensor | None:
+    """Launch on checked arguments (see `kvrecall.kernels.place_retrieved_many`): one program
+    per row of every session, each session's tensors addressed by their element offsets from
+    the first session's (one address space: device memory and the pinned pool). None where
+    the kernel cannot run (the caller takes the reference)."""
+    slot_pos, keys, values, page_base, resident_max = parts[0]
+    retrieved = selection.shape[1]
+    if (
+        retrieved == 0
+        or retrieved > MAX_RETRIEVED
+        or not _reachable(host, keys.device)
+        or keys.element_size() not in _BITS_OF_SIZE
+    ):
+        return None
+    firsts = (slot_pos, _bits(keys), _bits(values), page_base, resident_max)
+    table = []
+    for part in parts:
+        offsets = []
+        for tensor, first in zip((part[0], _bits(part[1]), _bits(part[2]), part[3], part[4]), firsts, strict=True):
+            gap = tensor.data_ptr() - first.data_ptr()
+            if gap % tensor.element_size():
+                return None
+            offsets.append(gap // tensor.element_size())
+        table.append([*offsets, part[3].numel() * tokens_per_page])
+    sessions = torch.tensor(table, dtype=torch.int64)
+    if selection.is_cuda:  # through pinned memory: no wait for the stream
+        sessions = sessions.pin_memory().to(selection.device, non_blocking=True)
+    return _launch_place(
+        slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads,
+        resident_max, sessions, slot_pos.shape[0],
+    )  # fmt: skip
 
 
 def spill_ring_triton(

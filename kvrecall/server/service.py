@@ -14,6 +14,7 @@ OpenSession finds them only among its own, GetStats lists its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -39,6 +40,7 @@ from kvrecall.server.policies import build_policy
 from kvrecall.server.policies.base import config_json
 from kvrecall.server.ratelog import RateLimitedLog
 from kvrecall.server.session import Session, SessionRegistry
+from kvrecall.server.step_batch import check_events, serve_step
 from kvrecall.server.wire import Undecodable, require_decoded
 from kvrecall.transport import TensorRefError, open_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
@@ -511,6 +513,62 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         r.seconds = time.perf_counter() - started
         self.metrics.boundaries.labels(session.policy.name).inc()
         self.metrics.bytes_moved.labels("host_to_device").inc(placement.bytes_moved)
+
+    async def Boundaries(self, request: pb.BoundariesRequest, context) -> pb.BoundariesResponse:
+        """One step's notices and retrievals of many sessions (server/step_batch.py): every
+        event is checked first, under all their locks; one bad event refuses the whole call."""
+        started = time.perf_counter()
+        try:
+            require_decoded(request)
+            caller = self._caller(context)
+            sessions = self._step_sessions(request.events, caller)
+            async with contextlib.AsyncExitStack() as held:
+                for session in sorted(sessions, key=lambda s: s.session_id):
+                    await held.enter_async_context(session.lock)
+                for i, session in enumerate(sessions):
+                    if session.closed:
+                        raise InvalidArgument(f"events[{i}].session_id", f"session {session.session_id!r} was closed")
+                    session.touch()
+                check_events(sessions, list(request.events))
+                outcomes, groups = await self._session_op(serve_step, sessions, list(request.events))
+        except Exception as exc:  # noqa: BLE001
+            await self._fail(context, "Boundaries", exc)
+            raise AssertionError("unreachable") from None
+        seconds = time.perf_counter() - started
+        response = pb.BoundariesResponse(seconds=seconds, groups=groups)
+        moved = 0
+        for session, outcome in zip(sessions, outcomes, strict=True):
+            result = response.results.add()
+            if outcome.append is not None:
+                result.append.spilled_upto, result.append.evicted = outcome.append
+                self.metrics.appends.inc()
+            if outcome.placement is not None:
+                placement = outcome.placement
+                r = result.retrieval
+                r.units_selected, r.tokens_placed = placement.units, placement.placed
+                r.tokens_gathered, r.bytes_moved, r.seconds = placement.gathered, placement.bytes_moved, seconds
+                moved += placement.bytes_moved
+                self.metrics.boundaries.labels(session.policy.name).inc()
+        self.metrics.bytes_moved.labels("host_to_device").inc(moved)
+        self.metrics.rpc_latency.labels("Boundaries").observe(seconds)
+        return response
+
+    def _step_sessions(self, events, caller: str | None) -> list[Session]:
+        """The session of every event, for the caller holding its capability: one event per
+        session, shm / cuda_ipc sessions only (the query and tokens are in the working set)."""
+        check.require(len(events) >= 1, "events", "at least one event is required")
+        sessions: list[Session] = []
+        seen: dict[str, int] = {}
+        for i, event in enumerate(events):
+            field = f"events[{i}].session_id"
+            if event.session_id in seen:
+                raise InvalidArgument(field, f"session {event.session_id!r} is also events[{seen[event.session_id]}]")
+            session = self.registry.get(event.session_id, caller, event.capability, field)
+            check.require(session.transport != pb.TRANSPORT_INLINE, field,
+                          "TRANSPORT_INLINE sessions send their boundaries on Decode (the query travels inline)")
+            seen[event.session_id] = i
+            sessions.append(session)
+        return sessions
 
     async def KeepAlive(self, request: pb.KeepAliveRequest, context) -> pb.KeepAliveResponse:
         try:

@@ -89,7 +89,9 @@ class Session:
     worker_event: torch.cuda.Event | None = None
     worker_event_handle: bytes = b""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    busy: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Reentrant: a Boundaries call holds the busy locks of all its sessions around their operations.
+    busy: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    unfinished: list[Placement | None] = field(default_factory=list, repr=False)  # placements awaiting finish()
 
     @property
     def plan(self):
@@ -216,21 +218,14 @@ class Session:
         return end, window_from - first
 
     @_exclusive
-    def append(self, upto: int, kv: torch.Tensor | None) -> tuple[int, int]:
+    def append(self, upto: int, kv: torch.Tensor | None, finish: bool = True) -> tuple[int, int]:
         """Tokens [spilled_upto, upto) are in the ring (kv carries them for inline sessions).
-        Spill them to host, evict what leaves the window. Returns (spilled_upto, evicted)."""
+        Spill them to host, evict what leaves the window. Returns (spilled_upto, evicted).
+        Without `finish` the caller finishes (see end_boundary)."""
         self._require_ingested("append")
         plan = self.plan
         start = self.spilled_upto
-        if upto <= start:
-            raise InvalidArgument("append.upto", f"{upto} is not past the {start} tokens already appended")
-        if upto - start > plan.spill_every:
-            raise InvalidArgument(
-                "append.upto",
-                f"{upto - start} tokens since the last notice; send one every spill_every={plan.spill_every}",
-            )
-        if upto > self.layout.max_tokens:
-            raise InvalidArgument("append.upto", f"{upto} is past max_tokens={self.layout.max_tokens}")
+        check_append_upto(self, upto, "append.upto")
         self._after_worker()
         if kv is not None:
             self.ws.write_tokens(kv, start, start, upto, self.ws.window_slots(start, upto))
@@ -249,7 +244,10 @@ class Session:
             self.evicted_upto = evict_to
             evicted = evict_to - first
         self.ws.note_resident()
-        self.finish(placement)
+        if finish:
+            self.finish(placement)
+        else:
+            self.unfinished.append(placement)
         return upto, evicted
 
     @_exclusive
@@ -257,13 +255,15 @@ class Session:
         self, position: int, layers: list[int], query: torch.Tensor | None = None
     ) -> tuple[Selection | None, Placement]:
         """query [L, Hq, D] (inline transport), or None: the working set's query tensor."""
+        query = self.begin_boundary(position, layers, query)
+        selection = self.policy.on_boundary(self.context(), query, layers or list(range(self.layout.num_layers)))
+        return self.end_boundary(selection)
+
+    def begin_boundary(self, position: int, layers: list[int], query: torch.Tensor | None = None) -> torch.Tensor:
+        """A boundary's checks and ordering, under `busy` (boundary(), or a Boundaries call
+        that holds it): the query the policy scores, [L, Hq, D] or [L, Hq, n, D]."""
         self._require_ingested("boundary")
-        if position < self.spilled_upto or position > self.spilled_upto + self.plan.spill_every:
-            raise InvalidArgument(
-                "boundary.position",
-                f"{position} is outside [{self.spilled_upto}, {self.spilled_upto + self.plan.spill_every}] "
-                "(appended tokens not yet noticed must be at most spill_every)",
-            )
+        check_boundary_position(self, position, "boundary.position")
         for layer in layers:
             if layer >= self.layout.num_layers:
                 raise InvalidArgument(
@@ -272,16 +272,21 @@ class Session:
         self.counters.boundaries += 1
         self._after_worker()
         if query is None:  # the worker wrote it into the working set (read in place)
-            query = self.ws.query
-        elif query.dim() == 4 and query.shape[0] != self.layout.num_layers:
+            return self.ws.query
+        if query.dim() == 4 and query.shape[0] != self.layout.num_layers:
             # several queries per head for `layers` only: the policies index queries by layer
             full = query.new_zeros((self.layout.num_layers, *query.shape[1:]))
             full[torch.tensor(layers)] = query
-            query = full
-        selection = self.policy.on_boundary(
-            self.context(), query, layers or list(range(self.layout.num_layers))
-        )
+            return full
+        return query
+
+    def end_boundary(self, selection: Selection | None, finish: bool = True) -> tuple[Selection | None, Placement]:
+        """Place the policy's selection. Without `finish` the caller calls finish() (after one
+        stream sync for many sessions) before it reads the placement's counts."""
         placement = self._place(selection, note_resident=True)
+        if not finish:
+            self.unfinished.append(placement)
+            return selection, placement
         self.finish(placement)
         if selection is not None:
             selection = dataclasses.replace(selection, units=placement.units)
@@ -304,9 +309,12 @@ class Session:
     def finish(self, *placements: Placement | None) -> None:
         """Complete this session's queued GPU work before the answer lets the worker read
         (the daemon's current stream only; never a device-wide sync), then account the
-        operation's placements (their counts are on the host by then)."""
+        operation's placements (their counts are on the host by then), those of operations
+        run without `finish` included."""
         if self.ws.keys.is_cuda:
             torch.cuda.current_stream(self.ws.keys.device).synchronize()
+        placements = (*self.unfinished, *placements)
+        self.unfinished.clear()
         for placement in placements:
             if placement is not None:
                 self.counters.bytes_host_to_device += placement.bytes_moved
@@ -327,6 +335,30 @@ class Session:
             self.store.release()
             device_pool.free(self.segment)
             return host, device
+
+
+def check_append_upto(session: Session, upto: int, field_name: str) -> None:
+    """An AppendNotice's end lies past the tokens already appended, at most spill_every past
+    them and not past max_tokens."""
+    start, spill_every = session.spilled_upto, session.plan.spill_every
+    if upto <= start:
+        raise InvalidArgument(field_name, f"{upto} is not past the {start} tokens already appended")
+    if upto - start > spill_every:
+        raise InvalidArgument(
+            field_name, f"{upto - start} tokens since the last notice; send one every spill_every={spill_every}"
+        )
+    if upto > session.layout.max_tokens:
+        raise InvalidArgument(field_name, f"{upto} is past max_tokens={session.layout.max_tokens}")
+
+
+def check_boundary_position(session: Session, position: int, field_name: str) -> None:
+    """A boundary's position lies in [spilled_upto, spilled_upto + spill_every]."""
+    low, high = session.spilled_upto, session.spilled_upto + session.plan.spill_every
+    if not low <= position <= high:
+        raise InvalidArgument(
+            field_name,
+            f"{position} is outside [{low}, {high}] (appended tokens not yet noticed must be at most spill_every)",
+        )
 
 
 class SessionRegistry:

@@ -4,7 +4,7 @@ the first session instead of inside it.
 
 Each shape gets a few throw-away sessions (louiskv, quest, windowkv, snapkv) on the serving
 device: a streamed ingest, an append, a boundary with one and with several queries per head,
-and a chunk; then they are closed, so the pools are back to zero when the daemon serves. On
+a chunk, and a Boundaries call over two sessions of a policy; then they are closed, so the pools are back to zero when the daemon serves. On
 a CPU daemon the kernels are PyTorch references with nothing to compile: nothing runs.
 """
 
@@ -18,6 +18,7 @@ import torch
 from kvrecall.server.layout import ModelLayout
 from kvrecall.server.policies import build_policy
 from kvrecall.server.session import SessionRegistry
+from kvrecall.server.step_batch import serve_step
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 log = logging.getLogger("kvrecall.warmup")
@@ -50,29 +51,40 @@ def warm_up(registry: SessionRegistry, shapes: list[tuple[torch.dtype, int]]) ->
         for message, prompt in POLICIES:
             layout = ModelLayout(num_layers=2, num_kv_heads=8, num_query_heads=32, head_dim=head_dim, dtype=dtype,
                                  max_tokens=prompt + 256)  # fmt: skip
-            _one_session(registry, layout, message, prompt, device, generator)
+            _run_policy(registry, layout, message, prompt, device, generator)
     torch.cuda.synchronize(device)
     return time.perf_counter() - started
 
 
-def _one_session(registry, layout: ModelLayout, message: pb.PolicyConfig, prompt: int, device, generator) -> None:
+def _run_policy(registry, layout: ModelLayout, message: pb.PolicyConfig, prompt: int, device, generator) -> None:
+    """One policy's serving path: a session through a streamed ingest, an append, boundaries
+    and a chunk; a second one beside it, then a Boundaries call retrieving for both (the
+    batched retrieval, segment closing and placement kernels)."""
     L, H, Hq, D = layout.num_layers, layout.num_kv_heads, layout.num_query_heads, layout.head_dim
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device=device, generator=generator).to(layout.dtype)
 
-    policy = build_policy(message, layout)
-    session = registry.open(WORKER, layout, policy, pb.TRANSPORT_INLINE, 60.0, "warm-up")
+    sessions = []
     try:
+        for _ in range(2):
+            policy = build_policy(message, layout)
+            sessions.append(registry.open(WORKER, layout, policy, pb.TRANSPORT_INLINE, 60.0, "warm-up"))
         kv = randn(L, 2, H, prompt + 80, D)
         queries = randn(L, Hq, max(1, policy.observation()), D).float()
-        for layer in range(L):  # streamed, as workers send it
-            session.ingest(layer, kv[layer : layer + 1, :, :, :prompt], queries[layer : layer + 1])
+        for session in sessions:
+            for layer in range(L):  # streamed, as workers send it
+                session.ingest(layer, kv[layer : layer + 1, :, :, :prompt], queries[layer : layer + 1])
+        session = sessions[0]
         spill = session.plan.spill_every
         session.append(prompt + spill, kv[:, :, :, prompt : prompt + spill])
         session.boundary(prompt + spill, [], randn(L, Hq, D).float())
         for n in (8, 32):  # several queries per head: a chunk's retrieval (KVRecallCache.chunk_queries)
             session.boundary(prompt + spill, [1], randn(1, Hq, n, D).float())
         session.chunk(prompt + spill, kv[:, :, :, prompt + spill :].contiguous())
+        for other in sessions:
+            other.ws.query.copy_(randn(L, Hq, D))
+        serve_step(sessions, [pb.StepEvent(position=other.spilled_upto, retrieve=True) for other in sessions])
     finally:
-        registry.close(session)
+        for session in sessions:
+            registry.close(session)

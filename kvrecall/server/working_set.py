@@ -36,6 +36,17 @@ class Placement:
         elif counts is not None:
             self._host = counts
 
+    @classmethod
+    def many(cls, counts: torch.Tensor, row_bytes: int) -> list[Placement]:
+        """One Placement per row of counts int64 [S, 3], sharing one copy to host memory."""
+        whole = cls(counts.reshape(-1), row_bytes)
+        placements = []
+        for row in whole._host.view(-1, 3):
+            placement = cls(None, row_bytes)
+            placement._values, placement._host, placement._ready = None, row, whole._ready
+            placements.append(placement)
+        return placements
+
     def _read(self) -> list[int]:
         if self._values is None:
             if self._ready is not None:
@@ -186,6 +197,38 @@ class WorkingSet:
             totals[2] = units
         self.last_placement = Placement(totals, row_bytes=D * self.keys.element_size())
         return self.last_placement
+
+    @staticmethod
+    def set_retrieved_together(
+        sets: list[WorkingSet], stores: list[SequenceStore], selections: list[torch.Tensor],
+        units: list[torch.Tensor],
+    ) -> list[Placement] | None:
+        """set_retrieved for several sessions of one layout and plan whose host pages share one
+        pool, in one placement launch (kernels.place_retrieved_many) and one copy of the counts;
+        units: device scalars. None where they differ (the caller places them one by one)."""
+        first, pool = sets[0], stores[0].flat
+        if any(ws.layout != first.layout or ws.plan != first.plan for ws in sets) or any(
+            store.flat.data_ptr() != pool.data_ptr() or store.tokens_per_page != stores[0].tokens_per_page
+            for store in stores
+        ):
+            return None
+        L, H = first.layout.num_layers, first.layout.num_kv_heads
+        R, S, C, D = first.plan.retrieved, first.plan.n_sink, first.plan.capacity, first.layout.head_dim
+        device = first.slot_pos.device
+        parts = [
+            (ws.slot_pos.view(L * H, C), ws.keys.view(L * H, C, D), ws.values.view(L * H, C, D), store.page_table,
+             ws._max_resident)
+            for ws, store in zip(sets, stores, strict=True)
+        ]  # fmt: skip
+        selection = torch.cat([to_device(chosen, device).reshape(L * H, R) for chosen in selections])
+        counts = kernels.place_retrieved_many(parts, selection, S, pool, stores[0].tokens_per_page, H)
+        totals = torch.empty(len(sets), 3, dtype=torch.int64, device=device)
+        torch.sum(counts.view(len(sets), L * H, 2), dim=1, out=totals[:, :2])
+        totals[:, 2] = torch.stack([to_device(u, device) for u in units])
+        placements = Placement.many(totals, row_bytes=D * first.keys.element_size())
+        for ws, placement in zip(sets, placements, strict=True):
+            ws.last_placement = placement
+        return placements
 
     # ---- accounting --------------------------------------------------------------------
     def resident_tokens(self) -> int:

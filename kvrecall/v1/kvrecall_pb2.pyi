@@ -580,3 +580,41 @@ class PrefixStats(_message.Message):
     hits: int
     idle_seconds: float
     def __init__(self, prefix_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., policy: _Optional[str] = ..., tokens: _Optional[int] = ..., host_bytes: _Optional[int] = ..., device_bytes: _Optional[int] = ..., refs: _Optional[int] = ..., hits: _Optional[int] = ..., idle_seconds: _Optional[float] = ...) -> None: ...
+
+class StepEvent(_message.Message):
+    __slots__ = ("session_id", "capability", "position", "notice", "retrieve")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    capability: str
+    position: int
+    notice: bool
+    retrieve: bool
+    def __init__(self, session_id: _Optional[str] = ..., capability: _Optional[str] = ..., position: _Optional[int] = ..., notice: bool = ..., retrieve: bool = ...) -> None: ...
+
+class BoundariesRequest(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[StepEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[StepEvent, _Mapping]]] = ...) -> None: ...
+
+class StepResult(_message.Message):
+    __slots__ = ("append", "retrieval")
+    APPEND_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
+    append: AppendAck
+    retrieval: RetrievalResult
+    def __init__(self, append: _Optional[_Union[AppendAck, _Mapping]] = ..., retrieval: _Optional[_Union[RetrievalResult, _Mapping]] = ...) -> None: ...
+
+class BoundariesResponse(_message.Message):
+    __slots__ = ("results", "seconds", "groups")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[StepResult]
+    seconds: float
+    groups: int
+    def __init__(self, results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ..., seconds: _Optional[float] = ..., groups: _Optional[int] = ...) -> None: ...

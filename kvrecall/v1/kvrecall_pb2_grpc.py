@@ -64,6 +64,11 @@ class KVRecallStub(object):
                 request_serializer=kvrecall_dot_v1_dot_kvrecall__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvrecall_dot_v1_dot_kvrecall__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Boundaries = channel.unary_unary(
+                '/kvrecall.v1.KVRecall/Boundaries',
+                request_serializer=kvrecall_dot_v1_dot_kvrecall__pb2.BoundariesRequest.SerializeToString,
+                response_deserializer=kvrecall_dot_v1_dot_kvrecall__pb2.BoundariesResponse.FromString,
+                _registered_method=True)
 
 
 class KVRecallServicer(object):
@@ -105,6 +110,13 @@ class KVRecallServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Boundaries(self, request, context):
+        """One decode step's AppendNotices and boundary retrievals of many sessions in one call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVRecallServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +149,11 @@ def add_KVRecallServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=kvrecall_dot_v1_dot_kvrecall__pb2.StatsRequest.FromString,
                     response_serializer=kvrecall_dot_v1_dot_kvrecall__pb2.StatsResponse.SerializeToString,
+            ),
+            'Boundaries': grpc.unary_unary_rpc_method_handler(
+                    servicer.Boundaries,
+                    request_deserializer=kvrecall_dot_v1_dot_kvrecall__pb2.BoundariesRequest.FromString,
+                    response_serializer=kvrecall_dot_v1_dot_kvrecall__pb2.BoundariesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +318,33 @@ class KVRecall(object):
             '/kvrecall.v1.KVRecall/GetStats',
             kvrecall_dot_v1_dot_kvrecall__pb2.StatsRequest.SerializeToString,
             kvrecall_dot_v1_dot_kvrecall__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Boundaries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvrecall.v1.KVRecall/Boundaries',
+            kvrecall_dot_v1_dot_kvrecall__pb2.BoundariesRequest.SerializeToString,
+            kvrecall_dot_v1_dot_kvrecall__pb2.BoundariesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,5 +1,5 @@
 """The daemon's start-up warm-up: its serving path (streamed ingest, append, boundaries with one
-and several queries per head, a chunk) runs in-process on real pools and leaves nothing
+and several queries per head, a chunk, a Boundaries call over two sessions) runs in-process on real pools and leaves nothing
 behind. On a CUDA daemon this is what compiles the kernels before the first session."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from kvrecall.server.config import ConfigError, load_config, parse_warmup
 from kvrecall.server.layout import ModelLayout
 from kvrecall.server.pools import DevicePool, HostPool
 from kvrecall.server.session import SessionRegistry
-from kvrecall.server.warmup import POLICIES, _one_session, warm_up
+from kvrecall.server.warmup import POLICIES, _run_policy, warm_up
 
 
 def test_every_warmup_session_runs_and_returns_its_memory():
@@ -22,7 +22,7 @@ def test_every_warmup_session_runs_and_returns_its_memory():
         for message, prompt in POLICIES:
             layout = ModelLayout(num_layers=2, num_kv_heads=2, num_query_heads=4, head_dim=16, dtype=torch.float32,
                                  max_tokens=prompt + 256)  # fmt: skip
-            _one_session(registry, layout, message, prompt, torch.device("cpu"), generator)
+            _run_policy(registry, layout, message, prompt, torch.device("cpu"), generator)
         assert not registry.sessions and host.used_bytes == 0 and device.used_bytes == 0
         assert warm_up(registry, [(torch.bfloat16, 128)]) == 0.0  # CPU: the references compile nothing
     finally:

@@ -105,6 +105,55 @@ def test_matches_reference(triton_device, dtype, layers, heads, dim, retrieved, 
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_sessions_in_one_launch_match_each_alone(triton_device, impl, dtype) -> None:
+    """place_retrieved_many over 3 sessions (their own working sets, page tables and resident
+    counters; one host pool) leaves exactly what place_retrieved leaves session by session."""
+    device = torch.device("cpu") if impl == "reference" else triton_device
+    pages = Pages(2, 2, 16, per_page=4, pages=20, dtype=dtype, device=device, seed=3)
+    first, retrieved, capacity, rows = 2, 9, 16, 4
+    generator = torch.Generator().manual_seed(7)
+    sessions = []
+    for seed in range(3):
+        slot_pos, selection = random_case(pages, capacity, first, retrieved, seed=seed)
+        table = (torch.randperm(40, generator=generator)[:20] * pages.page_numel).to(device)
+        kv = [torch.randn(rows, capacity, 16, generator=generator).to(dtype) for _ in range(2)]
+        sessions.append((slot_pos, *kv, table, selection))
+
+    def working(session):
+        slot_pos, keys, values, table, _ = session
+        resident = torch.zeros((), dtype=torch.int64, device=device)
+        return slot_pos.clone().to(device), keys.clone().to(device), values.clone().to(device), table, resident
+
+    together = [working(session) for session in sessions]
+    selection = torch.cat([session[-1] for session in sessions]).to(device)
+    counts = K.place_retrieved_many(together, selection, first, pages.host, pages.per_page, pages.heads, impl=impl)
+    for part, session, got in zip(together, sessions, counts.view(3, rows, 2), strict=True):
+        alone = working(session)
+        want = K.place_retrieved(*alone[:3], session[-1].to(device), first, pages.host, alone[3], pages.per_page,
+                                 pages.heads, resident_max=alone[4], impl=impl)  # fmt: skip
+        assert torch.equal(got, want)
+        for a, b in zip(part, alone, strict=True):
+            assert torch.equal(a, b)
+        assert int(part[4]) > 0
+
+
+def test_many_sessions_of_unlike_shapes_are_refused(device) -> None:
+    pages = Pages(1, 2, 8, per_page=4, pages=4, dtype=torch.float32, device=device, seed=0)
+    part = (torch.full((2, 6), -1, dtype=torch.int32), torch.zeros(2, 6, 8), torch.zeros(2, 6, 8), pages.page_base,
+            torch.zeros((), dtype=torch.int64))  # fmt: skip
+    other = (torch.full((2, 7), -1, dtype=torch.int32), torch.zeros(2, 7, 8), torch.zeros(2, 7, 8), pages.page_base,
+             torch.zeros((), dtype=torch.int64))  # fmt: skip
+    selection = torch.full((4, 3), -1)
+    with pytest.raises(ValueError, match=r"parts\[1\].slot_pos"):
+        K.place_retrieved_many([part, other], selection, 1, pages.host, 4, 2)
+    with pytest.raises(ValueError, match="selection: .*S \\* B"):
+        K.place_retrieved_many([part], selection, 1, pages.host, 4, 2)
+    with pytest.raises(ValueError, match=r"parts\[0\]: resident_max"):
+        K.place_retrieved_many([part[:4] + (None,)], selection[:2], 1, pages.host, 4, 2)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
 def test_placement_keeps_residents_and_gathers_the_rest(triton_device, impl) -> None:
     device = torch.device("cpu") if impl == "reference" else triton_device
     pages = Pages(2, 2, 8, per_page=4, pages=20, dtype=torch.float32, device=device, seed=1)
@@ -263,18 +312,21 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kvrecall.kernels import expand_triton as expand, placement_triton as placement
+from kvrecall.kernels import expand_triton as expand, placement_triton as placement, unit_append_triton as unit_append
 
 INDEX = {name: "i32" for name in ("R", "C", "first_slot", "sel_stride", "num_positions", "tokens_per_page",
-         "num_kv_heads", "start", "n", "ring_start", "ring_size", "M", "width", "stride_t", "stride_u",
-         "stride_r", "stride_p")}
+         "num_kv_heads", "rows_per_session", "rows", "U", "start", "n", "ring_start", "ring_size", "M", "width", "stride_t",
+         "stride_u", "stride_r", "stride_p")}
 KERNELS = [
-    (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i64",
-     dict(D=128, BLOCK_R=1024, STEPS=11, ROWS=32, BLOCK_D=128, TRACK_RESIDENT=True)),
-    (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i32",
-     dict(D=64, BLOCK_R=16, STEPS=5, ROWS=64, BLOCK_D=64, TRACK_RESIDENT=False)),
+    (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i64 *i32",
+     dict(D=128, BLOCK_R=1024, STEPS=11, ROWS=32, BLOCK_D=128, TRACK_RESIDENT=True, MANY=False)),
+    (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i32 *i32",
+     dict(D=64, BLOCK_R=16, STEPS=5, ROWS=64, BLOCK_D=64, TRACK_RESIDENT=False, MANY=False)),
+    (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i64 *i64",
+     dict(D=128, BLOCK_R=1024, STEPS=11, ROWS=32, BLOCK_D=128, TRACK_RESIDENT=True, MANY=True)),
     (placement._spill_kernel, "*i16 *i16 *i16 *i64", dict(D=128, ROWS=32, BLOCK_D=128)),
     (expand._expand_kernel, "*i64 *i64 *i32 *i64 *i64", dict(BLOCK=1024)),
+    (unit_append._append_kernel, "*i16 *i32 *i8 *i32 *i32 *i32 *i16 *i64", dict(D=128, BLOCK_D=128, BLOCK_M=64)),
 ]
 for kernel, pointers, constexprs in KERNELS:
     names = kernel.arg_names
@@ -303,4 +355,4 @@ def test_kernels_compile_for_hopper_without_a_gpu() -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("compiled") == 4
+    assert done.stdout.count("compiled") == 6

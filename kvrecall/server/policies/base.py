@@ -10,6 +10,7 @@ Shapes: L layers, H KV heads, Hq query heads, D head dim, R retrieved slots, T m
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -120,6 +121,19 @@ class Policy:
     def on_boundary(self, ctx: PolicyContext, query: torch.Tensor, layers: list[int]) -> Selection | None:
         """query: [L, Hq, D] (the worker's latest per-layer query). Return what to retrieve."""
         return None
+
+    def batch_key(self) -> Hashable | None:
+        """Sessions of this policy class with equal keys (not None) retrieve together in a
+        Boundaries call (`on_boundaries`): their metadata has the same shapes. None: alone."""
+        return None
+
+    @classmethod
+    def on_boundaries(cls, items: list[tuple[Policy, PolicyContext, torch.Tensor]]) -> list[Selection | None]:
+        """Boundaries of several sessions at once, every layer: (policy, ctx, query [L, Hq, D])
+        each, all with one batch_key. A policy that batches scores, selects and expands them
+        together (the same selections as on_boundary one by one); this default runs them one
+        by one."""
+        return [policy.on_boundary(ctx, query, list(range(policy.layout.num_layers))) for policy, ctx, query in items]
 
     @property
     def num_units(self) -> int:

@@ -22,6 +22,7 @@ Shapes: B = L * H problems; units [B, U, D] (prompt and chunk clusters, segments
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -339,27 +340,7 @@ class LouisKVPolicy(Policy):
         self.open_sum = None
 
     def _close_segment(self, ctx: PolicyContext, end: int) -> None:
-        """Tokens [open_start, end) (all evicted, so summed in open_sum) become a unit whose
-        representative is their mean key (while the table has room: else it stays open)."""
-        if end <= self.open_start or self.open_sum is None:
-            return
-        table = self._table(self.open_sum.device)
-        if table.room == 0:
-            if not self._capacity_warned:
-                log.warning("louiskv unit table full (%d units per row): segments stay open", table.num_units)
-                self._capacity_warned = True
-            return
-        n, B = end - self.open_start, self.open_sum.shape[0]
-        device = self.open_sum.device
-        mean = (self.open_sum / n).unsqueeze(1)  # [B, 1, D]
-        sizes = torch.full((B, 1), n, dtype=torch.int32, device=device)
-        positions = torch.arange(self.open_start, end, device=device).expand(B, -1)
-        rank = torch.arange(n, device=device).expand(B, -1)
-        table.put(slice(None), mean, sizes, positions, rank, torch.zeros_like(rank))
-        table.advance(1, n)
-        self.seg_bounds.append((self.open_start, end))
-        self.open_start = self.closed_upto = end
-        self.open_sum = None
+        close_segments([(self, end)])
 
     def _select(self, ctx: PolicyContext, query: torch.Tensor, layers: list[int]) -> Selection:
         """query [L, Hq, D] or [L, Hq, n, D] (n queries per head) -> the retrieved positions
@@ -379,30 +360,134 @@ class LouisKVPolicy(Policy):
         def pick(tensor: torch.Tensor) -> torch.Tensor:
             return tensor if every else tensor[rows]
 
-        pinned = None if self.pinned is None else pick(self.pinned)
-        free = R - (0 if pinned is None else pinned.shape[1])  # slots the units fill
         q = (query if every else query[index]).reshape(len(layers) * H, -1, D)  # its own dtype: scored in f32
-        scores = kernels.score_units(q, pick(table.view("reps")), pick(table.view("valid")), agg=self.config.aggregate)
-        sizes = pick(table.view("sizes"))
-        take = kernels.select_under_budget(scores, sizes, free)  # [rows, units]
-        if pinned is not None:
-            # A row whose units all fit the budget takes them all (exact, its pinned tokens among
-            # them); the others keep their pinned tokens and fill the rest with the best units.
-            whole = torch.where(scores > float("-inf"), sizes.long().clamp_min(0), 0)
-            fits = whole.sum(dim=1, keepdim=True) <= R  # [rows, 1]
-            take = torch.where(fits, whole, take)
-        new = kernels.expand_selection(
-            take, pick(table.view("unit")), pick(table.view("rank")), pick(table.view("position")), R
-        )
-        if pinned is not None:
-            mixed = torch.cat([pinned, _drop_members(new[:, :free], pinned)], dim=1)
-            new = torch.where(fits, new, mixed)
+        new, take = choose_units(
+            q, *(pick(table.view(name)) for name in UNIT_FIELDS), None if self.pinned is None else pick(self.pinned),
+            R, self.config.aggregate,
+        )  # fmt: skip
         units = (take > 0).sum()
         if every:
             return Selection(new.view(L, H, R), units=units)
         current = ctx.ws.retrieved_positions().view(L * H, R)
         current[rows] = new
         return Selection(current.view(L, H, R), units=units)
+
+    # ---- several sessions at once (a Boundaries call) ------------------------------------
+    def batch_key(self) -> tuple:
+        """Same layout and settings (so the same table shapes) and the same pinned width."""
+        return self.layout, dataclasses.astuple(self.config), None if self.pinned is None else self.pinned.shape[1]
+
+    @classmethod
+    def on_boundaries(cls, items: list[tuple[Policy, PolicyContext, torch.Tensor]]) -> list[Selection | None]:
+        """Each session closes its open segment; then the sessions with units are scored,
+        selected and expanded together over their stacked tables (select_together)."""
+        out: list[Selection | None] = []
+        together = []
+        close_segments([(policy, ctx.evicted_upto) for policy, ctx, _ in items])
+        for policy, ctx, query in items:
+            table = policy.units
+            if table is None or table.num_units == 0:
+                out.append(Selection(ctx.ws.retrieved_positions()))
+            else:
+                out.append(None)
+                together.append((len(out) - 1, policy, query.to(table.reps.device)))
+        if together:
+            chosen = select_together([policy for _, policy, _ in together], [query for _, _, query in together])
+            for (i, _, _), selection in zip(together, chosen, strict=True):
+                out[i] = selection
+        return out
+
+
+UNIT_FIELDS = ("reps", "valid", "sizes", "unit", "rank", "position")
+
+
+def close_segments(closing: list[tuple[LouisKVPolicy, int]]) -> None:
+    """Each policy's open segment, tokens [open_start, end) (all evicted, so summed in
+    open_sum), becomes a unit of every row whose representative is their mean key (while its
+    table has room: else it stays open). One append_units writes all of them."""
+    ready = []
+    for policy, end in closing:
+        if end <= policy.open_start or policy.open_sum is None:
+            continue
+        table = policy._table(policy.open_sum.device)
+        if table.room == 0:
+            if not policy._capacity_warned:
+                log.warning("louiskv unit table full (%d units per row): segments stay open", table.num_units)
+                policy._capacity_warned = True
+            continue
+        ready.append((policy, end, table))
+    if not ready:
+        return
+    device = ready[0][2].reps.device
+    lengths = [end - policy.open_start for policy, end, _ in ready]
+    sums = torch.stack([policy.open_sum for policy, _, _ in ready])  # [S, B, D] f32
+    counts = to_device(torch.tensor(lengths, dtype=torch.float32), device).view(-1, 1, 1)
+    means = (sums / counts).to(ready[0][2].reps.dtype)
+    kernels.append_units(
+        [tuple(getattr(table, name) for name in APPEND_FIELDS) for _, _, table in ready], means,
+        [table.num_units for _, _, table in ready], [table.num_tokens for _, _, table in ready],
+        [policy.open_start for policy, _, _ in ready], lengths,
+    )  # fmt: skip
+    for (policy, end, table), n in zip(ready, lengths, strict=True):
+        table.advance(1, n)
+        policy.seg_bounds.append((policy.open_start, end))
+        policy.open_start = policy.closed_upto = end
+        policy.open_sum = None
+
+
+APPEND_FIELDS = ("reps", "sizes", "valid", "position", "unit", "rank")  # kernels.append_units' order
+
+
+def choose_units(
+    q: torch.Tensor, reps: torch.Tensor, valid: torch.Tensor, sizes: torch.Tensor, unit: torch.Tensor,
+    rank: torch.Tensor, position: torch.Tensor, pinned: torch.Tensor | None, budget: int, aggregate: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The retrieval of B independent rows: queries q [B, G, D] score the units (reps [B, U, D],
+    valid, sizes [B, U]), the best fill `budget` minus the pinned tokens (pinned [B, P]
+    ascending, -1 padded, or None) and expand to their candidates (unit, rank, position
+    [B, M]) -> (positions [B, budget] -1 padded, tokens taken per unit [B, U]). Rows never
+    mix: stacking several sessions' rows gives each the rows it gets alone."""
+    free = budget - (0 if pinned is None else pinned.shape[1])  # slots the units fill
+    scores = kernels.score_units(q, reps, valid, agg=aggregate)
+    take = kernels.select_under_budget(scores, sizes, free)  # [rows, units]
+    if pinned is not None:
+        # A row whose units all fit the budget takes them all (exact, its pinned tokens among
+        # them); the others keep their pinned tokens and fill the rest with the best units.
+        whole = torch.where(scores > float("-inf"), sizes.long().clamp_min(0), 0)
+        fits = whole.sum(dim=1, keepdim=True) <= budget  # [rows, 1]
+        take = torch.where(fits, whole, take)
+    new = kernels.expand_selection(take, unit, rank, position, budget)
+    if pinned is not None:
+        mixed = torch.cat([pinned, _drop_members(new[:, :free], pinned)], dim=1)
+        new = torch.where(fits, new, mixed)
+    return new, take
+
+
+def select_together(policies: list[LouisKVPolicy], queries: list[torch.Tensor]) -> list[Selection]:
+    """Every layer's retrieval of several sessions (one batch_key, tables not empty; queries
+    [L, Hq, D] each) in one pass: their tables are stacked row-wise up to the widest one
+    (a table's columns past its own units are invalid, and its candidates past its own are
+    masked), so each session gets what _select gives it alone. One concatenation per table
+    field, then one scoring, one selection and one expansion for all of them."""
+    first = policies[0]
+    L, H, D = first.layout.num_layers, first.layout.num_kv_heads, first.layout.head_dim
+    rows, R = L * H, first.config.budget
+    tables = [policy.units for policy in policies]
+    device = tables[0].reps.device
+    width = {"unit": max(t.num_units for t in tables), "token": max(t.num_tokens for t in tables)}
+    stacked = {
+        name: torch.cat([getattr(t, name)[:, : width["unit" if name in ("reps", "valid", "sizes") else "token"]]
+                         for t in tables])
+        for name in UNIT_FIELDS
+    }  # fmt: skip
+    filled = to_device(torch.tensor([t.num_tokens for t in tables]), device).repeat_interleave(rows)
+    beyond = torch.arange(width["token"], device=device) >= filled[:, None]
+    stacked["rank"] = stacked["rank"].masked_fill(beyond, torch.iinfo(stacked["rank"].dtype).max)
+    pinned = None if first.pinned is None else torch.cat([policy.pinned for policy in policies])
+    q = torch.cat([query.reshape(rows, -1, D) for query in queries])
+    new, take = choose_units(q, *(stacked[name] for name in UNIT_FIELDS), pinned, R, first.config.aggregate)
+    units = (take > 0).view(len(policies), -1).sum(dim=1)
+    return [Selection(block.view(L, H, R), units=units[i]) for i, block in enumerate(new.view(len(policies), rows, R))]
 
 
 def _drop_members(positions: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ boundary carries several queries per head: a page's bound is the best over all o
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ from kvrecall.server.policies.base import (
     register,
     resident_plan,
 )
+from kvrecall.server.working_set import to_device
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 
@@ -141,21 +143,67 @@ class QuestPolicy(Policy):
         if self.kmin is None or self.pages == 0:
             return Selection(current)
         device = self.kmin.device
-        H, D, R, P = self.layout.num_kv_heads, self.layout.head_dim, self.config.budget, self.config.page_size
         index = torch.tensor(layers, device=device)
-        n = len(layers) * H
-        q = query.to(device).float()[index].reshape(n, -1, D)  # [n, G (x queries per head), D]
-        pages = self.pages
-        kmin = self.kmin[index, :, :pages].reshape(n, pages, D)
-        kmax = self.kmax[index, :, :pages].reshape(n, pages, D)
-        page_start = self.first + torch.arange(pages, device=device) * P
-        sizes = (torch.clamp(self.end - page_start, max=P)).expand(n, -1).contiguous()
-        scores = kernels.quest_page_scores(q, kmin, kmax, sizes > 0)
-        take = kernels.select_under_budget(scores, sizes, R)
-        positions = torch.arange(self.first, self.end, device=device)
-        page_of = (positions - self.first) // P
-        keep = (positions - page_start[page_of]).expand(n, -1) < take[:, page_of]
-        chosen = compact(keep, positions.expand(n, -1), R).view(len(layers), H, R)
+        n = len(layers) * self.layout.num_kv_heads
+        chosen, take = choose_pages(
+            query.to(device)[index].reshape(n, -1, self.layout.head_dim), self.kmin[index, :, : self.pages],
+            self.kmax[index, :, : self.pages], torch.tensor([[self.first, self.end]], device=device),
+            self.end - self.first, self.config,
+        )  # fmt: skip
         current = current.to(device)
-        current[index] = chosen
+        current[index] = chosen.view(len(layers), self.layout.num_kv_heads, -1)
         return Selection(current, units=int((take > 0).sum()))
+
+    # ---- several sessions at once (a Boundaries call) ------------------------------------
+    def batch_key(self) -> tuple:
+        """Same layout and settings: the same page-bound shapes."""
+        return self.layout, dataclasses.astuple(self.config)
+
+    @classmethod
+    def on_boundaries(cls, items: list[tuple[Policy, PolicyContext, torch.Tensor]]) -> list[Selection | None]:
+        """The sessions with pages are scored, selected and expanded together: their page
+        bounds stacked up to the widest (a session's pages past its own are empty, so never
+        chosen), one scoring, one selection, one expansion; each gets what _select gives it."""
+        paged = [(i, policy, query) for i, (policy, _, query) in enumerate(items) if policy.pages and policy.kmin is not None]
+        out = [None if policy.pages and policy.kmin is not None else Selection(ctx.ws.retrieved_positions())
+               for policy, ctx, _ in items]  # fmt: skip
+        if not paged:
+            return out
+        policies = [policy for _, policy, _ in paged]
+        first = policies[0]
+        L, H, D = first.layout.num_layers, first.layout.num_kv_heads, first.layout.head_dim
+        device = first.kmin.device
+        pages = max(policy.pages for policy in policies)
+        spans = to_device(torch.tensor([[policy.first, policy.end] for policy in policies]), device)
+        chosen, take = choose_pages(
+            torch.cat([query.to(device).reshape(L * H, -1, D) for _, _, query in paged]),
+            torch.cat([policy.kmin[:, :, :pages] for policy in policies]),
+            torch.cat([policy.kmax[:, :, :pages] for policy in policies]),
+            spans, max(policy.end - policy.first for policy in policies), first.config,
+        )  # fmt: skip
+        units = (take > 0).view(len(policies), -1).sum(dim=1)  # stays on the device
+        for (i, _, _), block, count in zip(paged, chosen.view(len(policies), L, H, -1), units, strict=True):
+            out[i] = Selection(block, units=count)
+        return out
+
+
+def choose_pages(
+    q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, spans: torch.Tensor, tokens: int, config: QuestConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quest's retrieval for S sessions' rows at once: q [S * n, G, D] (n rows each),
+    kmin / kmax [S * l, H, P, D] with S * l * H = S * n, spans [S, 2] int64 (each session's
+    paged tokens [first, end)), `tokens` >= the most paged tokens of any session ->
+    (positions [S * n, budget] -1 padded, tokens taken per page [S * n, P]). A page past a
+    session's end has no tokens: it scores -inf and is never taken."""
+    P, R, D = config.page_size, config.budget, kmin.shape[-1]
+    rows, pages = q.shape[0], kmin.shape[2]
+    per_session = rows // spans.shape[0]
+    first, end = spans[:, :1].repeat_interleave(per_session, 0), spans[:, 1:].repeat_interleave(per_session, 0)
+    page_start = first + torch.arange(pages, device=q.device) * P  # [rows, P]
+    sizes = torch.clamp(end - page_start, max=P)
+    scores = kernels.quest_page_scores(q.float(), kmin.reshape(rows, pages, D), kmax.reshape(rows, pages, D), sizes > 0)
+    take = kernels.select_under_budget(scores, sizes, R)
+    offset = torch.arange(tokens, device=q.device)  # token offsets from each session's first
+    page_of = offset // P
+    keep = offset - page_of * P < take[:, page_of]  # past a session's end its pages take nothing
+    return compact(keep, first + offset, R), take
