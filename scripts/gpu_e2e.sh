@@ -44,29 +44,32 @@ if has step; then
   step=$!
   [ "$LAST" -eq 0 ] && { wait $step; echo "step bench exit $?"; step=; }
 fi
-if has tests; then
+run_tests() {
   echo "== GPU tests on GPU $LAST  [${SECONDS}s]"
   CUDA_VISIBLE_DEVICES=$LAST timeout ${TEST_S:-300} python3 -m pytest -q -rA -p no:cacheprovider \
     --continue-on-collection-errors -m gpu ${TESTS:-tests} > "$OUT/tests.log" 2>&1
   echo "tests exit $?"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -25
-  # Kernel tests natively here (on CPU they run in Triton's interpreter): the batched Boundaries kernels.
+  # Kernel tests natively here (on CPU they run in Triton's interpreter; KERNEL_TEST_S=0 skips them).
+  [ "${KERNEL_TEST_S:-200}" -gt 0 ] || return 0
   CUDA_VISIBLE_DEVICES=$LAST timeout ${KERNEL_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider \
     ${KERNEL_TESTS:-tests/kernels/test_placement.py tests/kernels/test_unit_append.py} > "$OUT/kernel-tests.log" 2>&1
   echo "kernel tests exit $?"; tail -3 "$OUT/kernel-tests.log"
-fi
-if has prefill; then
+}
+run_prefill() {
   echo "== prefill bench on GPU $LAST  [${SECONDS}s]"
   CUDA_VISIBLE_DEVICES=$LAST timeout ${PREFILL_S:-400} python3 -m kvrecall.bench.prefill --device cuda \
     --contexts "${PREFILL_CONTEXTS:-32768,131072}" --chunk ${PREFILL_CHUNK:-8192} ${PREFILL_ARGS:-} --out "$OUT/prefill.json" \
     > "$OUT/prefill.log" 2>&1
   echo "prefill bench exit $?"; tail -5 "$OUT/prefill.log"
-fi
-if has load; then
+}
+run_load() {
   echo "== bench e2e capped,many on GPU $LAST  [${SECONDS}s]"
   CUDA_VISIBLE_DEVICES=$LAST timeout ${LOAD_S:-380} python3 -m kvrecall.cli bench e2e --parts capped,many \
     ${LOAD_ARGS:---host-cap-gib 48} --many 64 --many-context 4096 --out "$OUT/e2e-load.json" > "$OUT/e2e-load.log" 2>&1
   echo "load bench exit $?"; tail -12 "$OUT/e2e-load.log"
-fi
+}
+# The last GPU's parts, in ORDER (default tests, prefill, load), those of PARTS only.
+for part in ${ORDER:-tests prefill load}; do has "$part" && "run_$part"; done
 [ -n "$step" ] && { wait $step; echo "step bench exit $?"; }
 has step && tail -30 "$OUT/e2e-step.log"
 echo "done [${SECONDS}s]"
