@@ -24,12 +24,13 @@ class Placement:
     """
 
     def __init__(self, counts: torch.Tensor | None = None, row_bytes: int = 0) -> None:
-        """counts: int64 [3] (slots filled, rows gathered, units chosen); row_bytes: one K row."""
+        """counts: int64 [3] (slots filled, rows gathered, units chosen; [3 S] for many()); row_bytes:
+        one K row."""
         self.row_bytes = row_bytes
         self._values: list[int] | None = [0, 0, 0] if counts is None else None
         self._ready: torch.cuda.Event | None = None
         if counts is not None and counts.is_cuda:
-            self._host = torch.empty(3, dtype=torch.int64, pin_memory=True)
+            self._host = torch.empty(counts.numel(), dtype=torch.int64, pin_memory=True)
             self._host.copy_(counts, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record(torch.cuda.current_stream(counts.device))
