@@ -87,12 +87,14 @@ def test_flags_narrow_a_suite():
 
     from kvrecall.eval.harness import suite_with_overrides
 
-    args = argparse.Namespace(budgets="512", tasks="niah_single,qa", lengths="2048", depths="0.5", families="doc_first")
+    args = argparse.Namespace(
+        budgets="512", tasks="niah_single,qa", lengths="2048", depths="0.5", seeds="0,1", families="doc_first"
+    )
     suite = suite_with_overrides(SUITES["full"], args)
     assert (suite.budgets, suite.tasks, suite.lengths, suite.families) == (
         ("512",), ("niah_single", "qa"), (2048,), ("doc_first",)
     )
-    assert suite.skip == () and suite.depths == (0.5,)
+    assert suite.skip == () and suite.depths == (0.5,) and suite.seeds == (0, 1)
     assert suite_with_overrides(SUITES["full"], argparse.Namespace(tasks="qa")).skip == (("qa", 8000),)
     with pytest.raises(ValueError, match="lengths"):
         suite_with_overrides(SUITES["full"], argparse.Namespace(lengths="2K"))
