@@ -130,6 +130,7 @@ BENCHES = {
     "e2e": ("kvrecall.bench.e2e", "decode through the worker engine and the daemon vs the best full-KV step"),
     "kernels": ("kvrecall.bench.cli", "kernel ceilings, gather, clustering and the emulated decode step"),
     "daemon": ("kvrecall.bench.daemon_rt", "append / boundary round trips through a daemon"),
+    "prefixes": ("kvrecall.bench.prefixes", "N sessions over one shared document: host bytes and ingest time"),
 }
 
 
@@ -191,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--context-tokens", type=int, default=2000, help="prompt length in tokens (default 2000)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the generated prompt and its code (default 0)")
     demo.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate (default 24)")
+    demo.add_argument(
+        "--questions", type=int, default=0,
+        help="ask N questions about one document through N sessions sharing it (a shared prefix)",
+    )
     demo.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     demo.set_defaults(func=_demo)
 

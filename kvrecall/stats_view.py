@@ -1,4 +1,4 @@
-"""`kvrecall stats`: what a running daemon holds, for an operator (pools, sessions, workers).
+"""`kvrecall stats`: what a running daemon holds, for an operator (pools, sessions, workers, shared prefixes).
 
 One GetStats call, rendered as tables by rich (or `--json`: the StatsResponse as JSON, field names as
 in the proto). gRPC only, no torch import, so it is as cheap to run as `kvrecall health`.
@@ -76,6 +76,18 @@ def render(response) -> str:
             [
                 [w.worker_id, str(w.sessions), _bytes(w.host_bytes), _bytes(w.device_bytes)]
                 for w in response.workers
+            ],
+        ))  # fmt: skip
+    if response.prefixes or response.prefix_evictions:
+        console.print(_table(
+            f"shared prefixes: {len(response.prefixes)} held, {response.prefix_evictions} evicted since start",
+            ["prefix", "worker", "policy", "tokens", "host", "gpu", "sessions", "hits", "idle"],
+            [
+                [
+                    p.prefix_id[:16], p.worker_id, p.policy, str(p.tokens), _bytes(p.host_bytes), _bytes(p.device_bytes),
+                    str(p.refs), str(p.hits), f"{p.idle_seconds:.0f}s" if not p.refs else "-",
+                ]
+                for p in response.prefixes
             ],
         ))  # fmt: skip
     return "\n".join(line.rstrip() for line in out.getvalue().rstrip().splitlines())

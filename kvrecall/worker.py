@@ -31,13 +31,17 @@ class DecodeResult:
 
 def open_model_session(
     client, model, policy: str, config: dict | None, max_tokens: int, tag: str = "", signal: str | None = None,
-    chunk_tokens: int | None = None,
+    chunk_tokens: int | None = None, layer_major: bool = True, prefix=None,
 ):
     """A session shaped for `model`, and the cache that decodes through it (`signal`: the
-    boundary signal's query view; `chunk_tokens`: prefill in chunks; see KVRecallCache)."""
-    session = client.open_session(spec_for(model, max_tokens), policy, config, tag=tag)
+    boundary signal's query view; `chunk_tokens`: prefill in chunks, `layer_major`: a fresh
+    prompt's chunks layer by layer; see KVRecallCache; `prefix`: the prompt's shareable prefix,
+    a PrefixDeclaration: see kvrecall.prefix)."""
+    session = client.open_session(spec_for(model, max_tokens), policy, config, tag=tag, prefix=prefix)
     use_kvrecall_attention(model)
-    return session, KVRecallCache(session, record_similarity=True, signal=signal, chunk_tokens=chunk_tokens)
+    return session, KVRecallCache(
+        session, record_similarity=True, signal=signal, chunk_tokens=chunk_tokens, layer_major=layer_major
+    )
 
 
 def decode_step(model, cache, token: int, position: int, device: torch.device) -> torch.Tensor:

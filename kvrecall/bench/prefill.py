@@ -101,6 +101,41 @@ def run_full(model, ids: torch.Tensor, steps: int, device: torch.device) -> dict
     return result
 
 
+class CallTimes:
+    """Seconds the worker spent inside each kind of session call (`--profile`): wraps the
+    session's methods in place. A call also waits for GPU work queued before it, so read
+    these as where the prefill waited, not as the daemon's own time."""
+
+    def __init__(self, session) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        for name in ("boundary", "chunk", "flush", "append"):
+            setattr(session, name, self._timed(name, getattr(session, name)))
+        open_stream = session.prompt_stream
+
+        def prompt_stream(num_tokens: int):
+            stream = open_stream(num_tokens)
+            stream.send = self._timed("ingest.send", stream.send)
+            stream.finish = self._timed("ingest.finish", stream.finish)
+            return stream
+
+        session.prompt_stream = prompt_stream
+
+    def _timed(self, name: str, call):
+        def timed(*args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
+                self.calls[name] = self.calls.get(name, 0) + 1
+
+        return timed
+
+    def report(self) -> dict[str, dict[str, float]]:
+        return {name: {"seconds": self.seconds[name], "calls": self.calls[name]} for name in sorted(self.seconds)}
+
+
 @torch.no_grad()
 def run_kvrecall(model, client, ids: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from kvrecall.client.core import fit_to_sequence
@@ -112,6 +147,7 @@ def run_kvrecall(model, client, ids: torch.Tensor, args: argparse.Namespace, dev
     config = fit_to_sequence({"budget": args.budget}, spec.max_tokens)  # the daemon refuses a budget past it
     with client.open_session(spec, "louiskv", config, tag="bench-prefill") as session:
         use_kvrecall_attention(model)
+        times = CallTimes(session) if args.profile else None
         cache = KVRecallCache(session, chunk_tokens=args.chunk)
         start = reset_peak(device)
         STAGED.reset()
@@ -119,6 +155,7 @@ def run_kvrecall(model, client, ids: torch.Tensor, args: argparse.Namespace, dev
         logits = prefill(model, cache, ids)
         sync(device)
         prefill_s = time.perf_counter() - began
+        prefill_calls = times.report() if times is not None else None
         step_s = greedy(model, cache, logits, T, args.steps, device)
         torch_peak = peak_bytes(device, start)
         stats = session.stats()
@@ -129,6 +166,8 @@ def run_kvrecall(model, client, ids: torch.Tensor, args: argparse.Namespace, dev
             "daemon_device_bytes": stats.device_bytes, "daemon_metadata_bytes": stats.metadata_bytes,
             "daemon_host_bytes": stats.host_bytes, "boundaries": stats.boundaries, "units": stats.units,
         }  # fmt: skip
+        if prefill_calls is not None:
+            result["prefill_calls"] = prefill_calls
     del cache
     free_memory(device)
     return result
@@ -179,7 +218,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     results["config"] = {
         "shape": args.shape, "layers": layers, "dtype": str(dtype).removeprefix("torch."), "contexts": contexts,
         "chunk": args.chunk, "budget": args.budget, "steps": args.steps, "policy": "louiskv",
-        "daemon_warmup": args.daemon_warmup,
+        "daemon_warmup": args.daemon_warmup, "profile": args.profile,
     }  # fmt: skip
     results["notes"] = (
         "kvrecall_first: the first session at that context (for the first context, the first after daemon "
@@ -218,6 +257,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=64, help="decode steps after the prefill")
     parser.add_argument("--device-pool-gb", type=float, default=16.0, help="the daemon's device pool")
     parser.add_argument("--page-kb", type=int, default=2048, help="the daemon's host page size")
+    parser.add_argument("--profile", action="store_true", help="record the seconds prefill spent in each kind of daemon call")
     parser.add_argument("--daemon-warmup", default="bfloat16:128", help="the daemon's --warmup ('' = none)")
     args = parser.parse_args(argv)
     if args.shape is None:

@@ -1,6 +1,8 @@
-"""Render README's performance table from a committed `kvrecall bench e2e` JSON, so text and
-numbers cannot drift: `python -m kvrecall.bench.readme bench/results/<run>-e2e.json` rewrites
-the block between the README's perf markers; tests check the block equals the rendering."""
+"""Render README's performance tables from committed benchmark JSON, so text and numbers cannot
+drift: `python -m kvrecall.bench.readme bench/results/<run>-e2e.json [bench/results/<run>-prefill.json]`
+rewrites the block between the README's perf markers (decode, `kvrecall bench e2e`) and the one
+between its prefill markers (`python -m kvrecall.bench.prefill`); tests check each block equals
+the rendering of the JSON it names."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 START, END = "<!-- perf:start (python -m kvrecall.bench.readme) -->", "<!-- perf:end -->"
+PREFILL_START, PREFILL_END = "<!-- prefill:start (python -m kvrecall.bench.readme) -->", "<!-- prefill:end -->"
 MEASURED_RATE = 0.117
 
 
@@ -53,22 +56,60 @@ def render(result: dict[str, Any], source: str) -> str:
     return "\n".join(lines)
 
 
-def rewrite(readme: Path, json_path: Path) -> str:
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme}: no perf markers")
-    block = render(json.loads(json_path.read_text()), os.path.relpath(json_path, readme.parent))
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{block}\n{END}{tail}"
+def render_prefill(result: dict[str, Any], source: str) -> str:
+    meta, config = result["meta"], result["config"]
+    gib = 1 / (1 << 30)
+    lines = [
+        f"Measured by `{meta['command']}` on {meta.get('device')} ({meta['date_utc'][:10]}; `{source}`). "
+        f"Llama-3-8B shape, random bf16 weights, transformers with SDPA for both columns; kvrecall: "
+        f"{config['policy']} at budget {config['budget']}, prompt in chunks of {config['chunk']} tokens layer by "
+        f"layer, a daemon on the same GPU. Peak worker GPU memory above the weights over prefill + "
+        f"{config['steps']} decode steps; prefill wall time (the first session after daemon start, and a "
+        "second one):",
+        "",
+        "| context | full KV peak | kvrecall peak | ratio | daemon GPU (share of full KV) | full prefill "
+        "| kvrecall, first session | kvrecall, warm |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for context, r in result["contexts"].items():
+        full, warm, first = r["full"], r["kvrecall"], r["kvrecall_first"]
+        lines.append(
+            f"| {int(context) // 1024}K | {full['peak_worker_bytes'] * gib:.2f} GiB | "
+            f"{warm['peak_worker_bytes'] * gib:.2f} GiB | {r['ratios']['worker_peak_vs_full']:.2f}x | "
+            f"{warm['daemon_device_bytes'] * gib:.2f} GiB ({100 * r['ratios']['daemon_device_vs_full_kv']:.1f}%) | "
+            f"{full['prefill_s']:.2f} s | {first['prefill_s']:.2f} s ({r['ratios']['prefill_first_vs_full']:.2f}x) | "
+            f"{warm['prefill_s']:.2f} s ({r['ratios']['prefill_warm_vs_full']:.2f}x) |"
+        )
+    return "\n".join(lines)
+
+
+def _replace(text: str, start: str, end: str, block: str, readme: Path) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme}: no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{block}\n{end}{tail}"
+
+
+def rewrite(readme: Path, json_path: Path, text: str | None = None) -> str:
+    """README's text with the block for `json_path` (an e2e or a prefill result) re-rendered."""
+    text = readme.read_text() if text is None else text
+    result = json.loads(json_path.read_text())
+    source = os.path.relpath(json_path, readme.parent)
+    if "rows" in result:
+        return _replace(text, START, END, render(result, source), readme)
+    return _replace(text, PREFILL_START, PREFILL_END, render_prefill(result, source), readme)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        raise SystemExit("usage: python -m kvrecall.bench.readme bench/results/<run>-e2e.json")
+    if not argv:
+        raise SystemExit("usage: python -m kvrecall.bench.readme bench/results/<run>-e2e.json [<run>-prefill.json]")
     readme = Path("README.md")
-    readme.write_text(rewrite(readme, Path(argv[0])))
+    text = readme.read_text()
+    for path in argv:
+        text = rewrite(readme, Path(path), text)
+    readme.write_text(text)
     return 0
 
 

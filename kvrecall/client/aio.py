@@ -59,7 +59,7 @@ class AsyncKVRecallClient(ClientBase):
         request, kind = self.open_request(spec, policy, config, **options)
         response = await self.call(self.stub.OpenSession, request)
         try:
-            core = SessionCore.from_open(response, spec, kind)
+            core = SessionCore.from_open(response, spec, kind, len(request.prefix.token_ids))
         except Exception:
             await self.call(self.stub.CloseSession, close_request(response))
             raise

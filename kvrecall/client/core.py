@@ -88,13 +88,16 @@ class SessionCore:
     _mapped: list[MappedTensor] = field(default_factory=list, repr=False)
     # CUDA IPC: the daemon's interprocess event publish() records (None: a stream sync instead).
     publish_event: torch.cuda.Event | None = field(default=None, repr=False)
+    prefix_tokens: int = 0   # tokens of the prefix declared at open (0: none declared)
     position: int = 0        # tokens in the sequence (prompt + generated) so far
     noticed_upto: int = 0    # tokens announced to the daemon with AppendNotices
     seq: int = 0
     closed: bool = False
 
     @staticmethod
-    def from_open(response: pb.OpenSessionResponse, spec: ModelSpec, transport: int) -> SessionCore:
+    def from_open(
+        response: pb.OpenSessionResponse, spec: ModelSpec, transport: int, prefix_tokens: int = 0
+    ) -> SessionCore:
         ws = response.working_set
         refs = [ws.keys, ws.values, ws.slot_pos, ws.query]
         names = ["keys", "values", "slot_pos", "query"]
@@ -111,7 +114,12 @@ class SessionCore:
         else:
             mapped = [open_ref(r, name) for r, name in zip(refs, names, strict=True)]
             tensors = [m.tensor for m in mapped]
-        core = SessionCore(response.session_id, spec, transport, response, *tensors, _mapped=mapped)
+        core = SessionCore(
+            response.session_id, spec, transport, response, *tensors, _mapped=mapped, prefix_tokens=prefix_tokens
+        )
+        if response.prefix_tokens_held:  # the daemon holds the prompt's prefix: start after it
+            core.apply_delta(response.delta)
+            core.position = core.noticed_upto = response.prefix_tokens_held
         if transport == pb.TRANSPORT_CUDA_IPC and ws.query.cuda_ipc.event_handle:
             from kvrecall.cuda_ipc import open_event
 
@@ -122,6 +130,12 @@ class SessionCore:
     def capability(self) -> str:
         """The secret every call on this session presents (OpenSessionResponse.capability)."""
         return self.info.capability
+
+    @property
+    def prefix_held(self) -> int:
+        """Prompt tokens the daemon already held at open (a shared prefix; 0: none): the
+        session starts after them, its working set filled as if it had ingested them."""
+        return self.info.prefix_tokens_held
 
     # ---- the plan the daemon chose --------------------------------------------------
     @property
@@ -340,6 +354,7 @@ class OpenOptions(TypedDict, total=False):
     tag: str
     tp_rank: int
     tp_size: int
+    prefix: pb.PrefixDeclaration | None
 
 
 class ClientBase:
@@ -407,9 +422,11 @@ class ClientBase:
         tag: str = "",
         tp_rank: int = 0,
         tp_size: int = 0,
+        prefix: pb.PrefixDeclaration | None = None,
     ) -> tuple[pb.OpenSessionRequest, int]:
         """The OpenSession request and the transport it asks for (see choose_transport; the
-        device defaults to the spec's)."""
+        device defaults to the spec's). `prefix` (kvrecall.prefix.declare): the prompt starts
+        with this shareable prefix (SessionCore.prefix_held says whether the daemon held it)."""
         device = device if device is not None else (spec.device or None)
         kind = choose_transport(self.target, torch.device(device) if device is not None else None, transport)
         request = pb.OpenSessionRequest(
@@ -422,6 +439,8 @@ class ClientBase:
             tp_rank=tp_rank,
             tp_size=tp_size,
         )
+        if prefix is not None:
+            request.prefix.CopyFrom(prefix)
         return request, kind
 
 

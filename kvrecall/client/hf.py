@@ -8,10 +8,13 @@
 The first forward pass is the prompt (the ingest): ordinary causal attention, and each
 layer's K/V (with the last prompt queries the policy asked for) streams to the daemon right
 after that layer's attention used it (client/ingest.py), so the worker never holds the whole
-prompt's KV. A later forward pass of n > 1 tokens is a chunk (a question after a cached
-document, a chat turn, the next piece of a long prompt: `prefill(model, cache, ids)` feeds a
-prompt in chunks of `chunk_tokens`): per layer, policies that retrieve first retrieve for the
-chunk's last queries, then the chunk attends over the resident slots and causally over
+prompt's KV. `prefill(model, cache, ids)` with `chunk_tokens` feeds a fresh long prompt
+layer by layer instead (llama-family models): each layer runs over the prompt chunk by chunk,
+each chunk attending exactly over that layer's K/V so far, and the layer's K/V goes to the
+daemon before the next layer starts; the worker holds the prompt's hidden states, one layer's
+K/V and one chunk's activations. A later forward pass of n > 1 tokens is a chunk (a question
+after a cached document, a chat turn): per layer, policies that retrieve first retrieve for
+the chunk's last queries, then the chunk attends over the resident slots and causally over
 itself; after the last layer the chunk's K/V goes to the daemon (ChunkAppend), which puts it
 in the host tier and the window ring. A pass of one token is a decode step: its K/V goes into
 the window ring and it attends over the resident slots ([sinks | retrieved | window], masked
@@ -19,15 +22,23 @@ by slot_pos); after the step the cache announces appended tokens every `spill_ev
 and, when the BoundaryDetector fires, asks the daemon to retrieve for the step's queries
 (serving the next step). Policies that retrieve every step (quest) retrieve per layer before
 that layer's attention. Batch size 1 (one session per sequence).
+
+Shared documents: open the session with `prefix=declare(document_ids, model_fingerprint(model))`
+(kvrecall.prefix) and `prefill` the whole prompt. When the daemon holds the document for
+this tenant, model and policy, the session starts after it (its working set already filled)
+and only the rest is prefilled, as chunks; otherwise the document is the first pass (the
+ingest), which registers it for the next sessions.
 """
 
 from __future__ import annotations
 
 import contextvars
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -39,6 +50,9 @@ from kvrecall.client.staging import StagingBuffer
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 ATTENTION_NAME = "kvrecall"
+# Models whose forward pass is embed -> decoder layers (with rotary embeddings) -> norm ->
+# lm_head, so prefill() may run it layer by layer (LAYER_MAJOR_MODELS: config.model_type).
+LAYER_MAJOR_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 _ACTIVE: contextvars.ContextVar[KVRecallCache | None] = contextvars.ContextVar("kvrecall_cache", default=None)
 
 
@@ -57,6 +71,27 @@ def spec_for(model: torch.nn.Module, max_tokens: int, dtype: torch.dtype | None 
         max_tokens=max_tokens,
         device=str(weight.device),
     )
+
+
+def model_fingerprint(model: torch.nn.Module, sample: int = 64) -> str:
+    """A digest of `model`'s configuration and weights (the first `sample` elements of every
+    parameter) for PrefixDeclaration.fingerprint: two models share prefix KV only when equal."""
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, parameter in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(parameter.detach().reshape(-1)[:sample].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class _LayerMajor:
+    """A fresh prompt of `total` tokens prefilled layer by layer (see prefill_layer_major):
+    the computing layer's prompt K/V [H, total, D], filled chunk by chunk up to `offset`."""
+
+    total: int
+    offset: int = 0
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
 
 @dataclass
@@ -95,11 +130,13 @@ class KVRecallCache(Cache):
     """A transformers Cache whose KV lives in a kvrecall session (batch size 1).
 
     chunk_tokens: the chunk size `prefill()` feeds a prompt in (None: the whole prompt in one
-    pass); chunk_queries: how many of a chunk's last queries per head pick its retrieval."""
+    pass); layer_major: a fresh prompt in chunks goes layer by layer (exact, see
+    prefill_layer_major) where the model allows, else chunk by chunk over the working set;
+    chunk_queries: how many of a chunk's last queries per head pick its retrieval."""
 
     def __init__(
         self, session, aggregate: str = "mean", record_similarity: bool = False, signal: str | None = None,
-        chunk_tokens: int | None = None, chunk_queries: int = 32,
+        chunk_tokens: int | None = None, chunk_queries: int = 32, layer_major: bool = True,
     ) -> None:
         if signal is None:  # the daemon's boundary rule decides
             signal = "pre" if getattr(session, "boundary_pre_rope", False) else "post"
@@ -111,6 +148,7 @@ class KVRecallCache(Cache):
         self.signal = signal
         self.chunk_tokens = chunk_tokens
         self.chunk_queries = max(1, chunk_queries)
+        self.layer_major = layer_major
         spec = session.spec
         self.num_layers = spec.num_layers
         self.group = spec.num_query_heads // spec.num_kv_heads
@@ -124,9 +162,11 @@ class KVRecallCache(Cache):
         self.record_similarity = record_similarity
         self._prompt: PromptStream | None = None
         self._chunk: StagingBuffer | None = None  # [L, 2, H, n, D]: the chunk in this forward pass
+        self._layer_major: _LayerMajor | None = None  # set while prefill_layer_major runs
         self._last_queries: list[torch.Tensor] = []  # per layer, the pass's last query [Hq, D]
-        self.ingested = False
-        self.seq_length = 0
+        self.ingested = bool(session.prefix_held)  # a held prefix: the daemon ingested it
+        self.seq_length = session.prefix_held
+        self.fed = False  # no forward pass yet: prefill() skips or ingests a declared prefix
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rope_at = -1
         self._attention_modules: list | None = None
@@ -172,6 +212,38 @@ class KVRecallCache(Cache):
         if layer == self.num_layers - 1:
             self._end_prompt(query.shape[2])
         return out
+
+    def _layer_major_attention(self, module, query, key, value, scaling: float) -> torch.Tensor:
+        """One chunk of one layer of a layer-major prefill: the chunk attends causally over the
+        layer's prompt K/V so far (exact); after the layer's last chunk its K/V goes to the
+        daemon, and the buffer serves the next layer."""
+        lm = self._layer_major
+        if lm.keys is None:
+            lm.keys = key.new_empty(key.shape[1], lm.total, key.shape[3])
+            lm.values = value.new_empty(value.shape[1], lm.total, value.shape[3])
+        start, end = lm.offset, lm.offset + key.shape[2]
+        lm.keys[:, start:end].copy_(key[0])
+        lm.values[:, start:end].copy_(value[0])
+        out = causal_attention(query, lm.keys[None, :, :end], lm.values[None, :, :end], scaling, self.group)
+        if end < lm.total:
+            lm.offset = end
+            return out
+        lm.offset = 0
+        layer = self._note_layer(module, query)
+        if layer == 0:
+            self._prompt = self.session.prompt_stream(lm.total)
+        n_obs = max(1, self.session.observation)
+        self._prompt.send(layer, lm.keys, lm.values, query[0, :, -n_obs:].detach())  # copies both
+        if layer == self.num_layers - 1:
+            self._layer_major = None
+            self._end_prompt(lm.total)
+        return out
+
+    def _abort_layer_major(self) -> None:
+        self._layer_major = None
+        prompt, self._prompt = self._prompt, None
+        if prompt is not None:
+            prompt.close()
 
     def _end_prompt(self, num_tokens: int) -> None:
         prompt, self._prompt = self._prompt, None
@@ -307,21 +379,103 @@ def chunk_attention(
     return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
+def causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, group: int):
+    """query [1, Hq, n, D], the last n of keys / values [1, H, S, D]: query i attends over keys
+    [0, S - n + i] (causal, aligned to the end; SDPA's own kernels, GQA unexpanded)."""
+    n, S = query.shape[2], keys.shape[2]
+    mask = None if n == S else causal_lower_right(n, S)
+    return F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, is_causal=n == S, scale=scale, enable_gqa=group > 1
+    )
+
+
+def layer_major_supported(model) -> bool:
+    """Whether prefill_layer_major can run `model` (a llama-family decoder, see LAYER_MAJOR_MODELS)."""
+    inner = getattr(model, "model", None)
+    config = getattr(model, "config", None)
+    return (
+        getattr(config, "model_type", None) in LAYER_MAJOR_MODELS
+        and hasattr(model, "lm_head")
+        and all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb"))
+    )
+
+
+def chunk_bounds(total: int, size: int, tail: int) -> list[tuple[int, int]]:
+    """[start, end) chunks of `size` tokens over `total`; a last chunk shorter than `tail`
+    joins the one before (the prompt's last `tail` queries come from one chunk)."""
+    bounds = [(start, min(total, start + size)) for start in range(0, total, size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < tail:
+        bounds[-2:] = [(bounds[-2][0], total)]
+    return bounds
+
+
+@torch.no_grad()
+def prefill_layer_major(model, cache: KVRecallCache, input_ids: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """A fresh prompt [1, T] through a llama-family `model`, layer by layer: each layer runs
+    over the prompt in chunks of `chunk_tokens`, every chunk attending over the layer's K/V so
+    far (exact: the logits are full attention's), then the layer's K/V streams to the daemon
+    (the ingest) while the next layer computes. The worker holds the prompt's hidden states,
+    one layer's K/V (plus its staging copy) and one chunk's activations; the FLOPs are a
+    one-pass prefill's. Returns the last position's logits [V] f32."""
+    if cache.ingested or cache._layer_major is not None:
+        raise ValueError("prefill_layer_major takes a fresh cache (the whole prompt is its ingest)")
+    inner = model.model
+    T = input_ids.shape[1]
+    bounds = chunk_bounds(T, chunk_tokens, max(1, cache.session.observation))
+    hidden = inner.embed_tokens(input_ids)  # [1, T, hidden]: each chunk's rows are rewritten per layer
+    positions = torch.arange(T, device=input_ids.device)[None]
+    rotary = [inner.rotary_emb(hidden, positions[:, a:b]) for a, b in bounds]
+    cache._layer_major = _LayerMajor(T)
+    try:
+        for layer in inner.layers[: model.config.num_hidden_layers]:
+            for (a, b), embeddings in zip(bounds, rotary, strict=True):
+                hidden[:, a:b] = layer(
+                    hidden[:, a:b], position_embeddings=embeddings, position_ids=positions[:, a:b], cache=cache,
+                    use_cache=True,
+                )  # fmt: skip
+    except BaseException:
+        cache._abort_layer_major()
+        raise
+    return model.lm_head(inner.norm(hidden[:, -1:]))[0, -1].float()
+
+
 @torch.no_grad()
 def prefill(model, cache: KVRecallCache, input_ids: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
     """Feed `input_ids` [1, T] through `model` with `cache` (the next tokens of its sequence):
-    in chunks of `chunk_tokens` (default: the cache's; None: one pass). The first pass of a
-    fresh cache is its ingest, the others chunks. Returns the last position's logits [V] f32."""
+    in chunks of `chunk_tokens` (default: the cache's; None: one pass). A fresh cache's prompt
+    in chunks goes layer by layer (prefill_layer_major) when the model allows; otherwise the
+    first pass of a fresh cache is its ingest and the others are chunks over the working set.
+    Returns the last position's logits [V] f32.
+
+    A fresh cache whose session declared a prefix takes the whole prompt, which must go on at
+    least 2 tokens past the prefix (a chunk: it sets the boundary references): the tokens the
+    daemon held are skipped, and a prefix it did not hold is the first pass (the ingest)."""
     size = chunk_tokens or cache.chunk_tokens or input_ids.shape[1]
-    start = cache.seq_length
+    session, total = cache.session, input_ids.shape[1]
+    if not cache.ingested and not session.prefix_tokens and size < total and cache.layer_major \
+            and layer_major_supported(model):  # fmt: skip
+        cache.fed = True
+        return prefill_layer_major(model, cache, input_ids, size)
+    cuts, skip = [], 0
+    if session.prefix_tokens and not cache.fed:
+        if total < session.prefix_tokens + 2:
+            raise ValueError(f"the prompt ({total} tokens) must go on at least 2 tokens past its prefix "
+                             f"({session.prefix_tokens} tokens)")
+        skip = session.prefix_held
+        if not skip:
+            cuts.append(session.prefix_tokens)
+    begin = max([skip, *cuts])
+    cuts += list(range(begin + size, total, size)) + [total]
+    start = cache.seq_length - skip  # the position of input_ids[:, 0]
     logits = None
-    for offset in range(0, input_ids.shape[1], size):
-        ids = input_ids[:, offset : offset + size]
-        positions = torch.arange(start + offset, start + offset + ids.shape[1], device=ids.device)
+    for first, last in zip([skip, *cuts[:-1]], cuts, strict=True):
+        ids = input_ids[:, first:last]
+        positions = torch.arange(start + first, start + last, device=ids.device)
         out = model(
             input_ids=ids, cache=cache, use_cache=True, position_ids=positions[None],
             cache_position=positions, logits_to_keep=1,
         )
+        cache.fed = True
         logits = out.logits[0, -1].float()
     return logits
 
@@ -345,7 +499,9 @@ def kvrecall_attention(module, query, key, value, attention_mask, scaling=None, 
         )
     _ACTIVE.set(None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if not cache.ingested:
+    if cache._layer_major is not None:
+        out = cache._layer_major_attention(module, query, key, value, scale)
+    elif not cache.ingested:
         out = cache._prefill_attention(module, query, key, value, scale)
     elif query.shape[2] == 1:
         out = cache._decode_attention(module, query, key, value, scale)

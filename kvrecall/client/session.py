@@ -74,7 +74,7 @@ class KVRecallClient(ClientBase):
         request, kind = self.open_request(spec, policy, config, **options)
         response = self.call(self.stub.OpenSession, request)
         try:
-            core = SessionCore.from_open(response, spec, kind)
+            core = SessionCore.from_open(response, spec, kind, len(request.prefix.token_ids))
         except Exception:
             self.call(self.stub.CloseSession, close_request(response))
             raise

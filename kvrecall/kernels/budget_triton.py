@@ -15,9 +15,9 @@ import triton
 import triton.language as tl
 
 from kvrecall.kernels import reference
-from kvrecall.kernels._triton import next_power_of_2
 
 MAX_UNITS = 4096
+SMALL_UNITS = 256
 
 
 @triton.jit
@@ -55,7 +55,9 @@ def select_under_budget_triton(scores: torch.Tensor, sizes: torch.Tensor, budget
     take = torch.empty(batch, num_units, dtype=torch.int64, device=scores.device)
     if take.numel() == 0:
         return take
-    block_u = max(2, next_power_of_2(num_units))
+    # Two compiled variants, not one per power of two: the daemon's warm-up compiles both, so a
+    # session's unit count never compiles a kernel while it waits (the sort is cheap either way).
+    block_u = SMALL_UNITS if num_units <= SMALL_UNITS else MAX_UNITS
     _select_kernel[(batch,)](
         scores, sizes, take,
         num_units, budget,

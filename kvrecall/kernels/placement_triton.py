@@ -25,6 +25,8 @@ from kvrecall.kernels import reference
 from kvrecall.kernels._triton import next_power_of_2
 
 MAX_RETRIEVED = 4096  # the sort keeps a row in registers
+# The compiled row sizes (the daemon's warm-up compiles each): a budget's kernel is one of these.
+RETRIEVED_BLOCKS = (256, 1024, MAX_RETRIEVED)
 _BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _TILE_BYTES = 8192  # bytes of K (and as many of V) one copy step moves per program
 _ABSENT = tl.constexpr(1 << 62)  # sorts after every position
@@ -183,7 +185,7 @@ def place_retrieved_triton(
             resident_max,
         )  # fmt: skip
     counts = torch.empty(rows, 2, dtype=torch.int32, device=slot_pos.device)  # the kernel writes every row
-    block_r = max(16, next_power_of_2(retrieved))
+    block_r = next(size for size in RETRIEVED_BLOCKS if retrieved <= size)  # a few variants: see warmup
     scratch = torch.empty(rows, 4 * block_r, dtype=torch.int64, device=slot_pos.device)
     copy_rows, block_d = _copy_tile(dim, keys.element_size())
     _place_kernel[(rows,)](

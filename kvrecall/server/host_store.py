@@ -3,7 +3,9 @@
 A page holds `tokens_per_page` (P) tokens laid out [L, 2, H_kv, P, D] (K then V), so the
 rows of one (layer, head) are contiguous inside a page and a gather reads whole rows of D
 elements. The store borrows its pages from the HostPool at admission (enough for
-`max_tokens`) and returns them all on release().
+`max_tokens`) and returns them all on release(). A session over a shared prefix starts
+with the prefix's full pages (`shared_pages`, owned by the prefix: read-only here, since a
+session writes only tokens past its prefix) and borrows the rest.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ def tokens_per_page(layout: ModelLayout, page_bytes: int) -> int:
 
 
 class SequenceStore:
-    def __init__(self, pool: HostPool, layout: ModelLayout, owner: str, device: torch.device | None = None) -> None:
+    def __init__(
+        self, pool: HostPool, layout: ModelLayout, owner: str, device: torch.device | None = None,
+        shared_pages: list[int] | None = None,
+    ) -> None:
         self.pool = pool
         self.layout = layout
         self.owner = owner
@@ -33,7 +38,9 @@ class SequenceStore:
                 f"({pool.page_bytes} bytes); start the daemon with a larger --page-kb",
             )
         num_pages = -(-layout.max_tokens // self.tokens_per_page)
-        self.pages = pool.allocate(num_pages, owner)
+        shared = list(shared_pages or [])
+        self.shared = len(shared)  # pages [0, shared) belong to a prefix: never freed here
+        self.pages = shared + pool.allocate(num_pages - self.shared, owner)
         self._flat = pool.view(layout.dtype)
         page_elems = pool.page_bytes // itemsize(layout.dtype)
         self._page_base = torch.tensor(self.pages, dtype=torch.int64) * page_elems
@@ -46,7 +53,17 @@ class SequenceStore:
 
     @property
     def nbytes(self) -> int:
-        return len(self.pages) * self.pool.page_bytes
+        """Bytes of the pages this store owns (a shared prefix's are the prefix's)."""
+        return (len(self.pages) - self.shared) * self.pool.page_bytes
+
+    def full_pages(self, num_tokens: int) -> int:
+        """Pages that tokens [0, num_tokens) fill completely."""
+        return num_tokens // self.tokens_per_page
+
+    def hand_over(self, num_pages: int) -> list[int]:
+        """Give pages [0, num_pages) to a prefix (which frees them); they stay mapped here."""
+        self.shared = num_pages
+        return self.pages[:num_pages]
 
     def page(self, index: int) -> torch.Tensor:
         """Page `index` of this sequence as [L, 2, H_kv, P, D]."""
@@ -107,5 +124,5 @@ class SequenceStore:
     def release(self) -> None:
         """Return every page to the pool (idempotent)."""
         if self.pages:
-            self.pool.free(self.pages, self.owner)
-            self.pages = []
+            self.pool.free(self.pages[self.shared :], self.owner)
+            self.pages, self.shared = [], 0

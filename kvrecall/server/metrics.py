@@ -32,6 +32,14 @@ class Metrics:
             buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 2.5, 10.0),
             registry=r,
         )
+        self.prefixes = Gauge("kvrecall_prefixes", "Shared prompt prefixes held (referenced or cached)", registry=r)
+        self.prefix_bytes = Gauge("kvrecall_prefix_bytes", "Host bytes of the shared prefixes held", registry=r)
+        self.prefix_refs = Gauge("kvrecall_prefix_refs", "Open sessions reading a shared prefix", registry=r)
+        self.prefix_hits = Counter("kvrecall_prefix_hits", "Sessions opened on a held prefix (no ingest of it)", registry=r)
+        self.prefix_registered = Counter("kvrecall_prefix_registered", "Prefixes registered after their first ingest", registry=r)
+        self.prefix_evictions = Counter(
+            "kvrecall_prefix_evictions", "Unreferenced prefixes evicted to admit a session or a prefix", registry=r
+        )
         self.errors = Counter("kvrecall_errors", "Requests answered with an error; code: the gRPC status name", ["method", "code"], registry=r)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:

@@ -102,6 +102,12 @@ class HostPool:
             else:
                 self._owner_pages.pop(owner, None)
 
+    def copy_page(self, source: int, target: int) -> None:
+        """Copy page `source` into page `target` (a shared prefix's last, partial page into a
+        session's own page, which the session then writes its next tokens into)."""
+        n = self.page_bytes
+        self.buffer[target * n : (target + 1) * n].copy_(self.buffer[source * n : (source + 1) * n])
+
     def view(self, dtype: torch.dtype) -> torch.Tensor:
         """The whole pool as a flat tensor of `dtype` (page_bytes is a multiple of every itemsize)."""
         return self.buffer.view(dtype)
@@ -176,6 +182,23 @@ class DevicePool:
                 self._used -= total
                 self._metadata -= metadata_bytes
             raise
+
+    def reserve(self, metadata_bytes: int) -> None:
+        """Count `metadata_bytes` of policy metadata held outside any session (a shared
+        prefix's prompt index); ResourceExhausted when they do not fit."""
+        with self._lock:
+            if self._used + metadata_bytes > self.capacity_bytes:
+                raise ResourceExhausted(
+                    f"device pool: policy metadata of {metadata_bytes} bytes requested, "
+                    f"{self.capacity_bytes - self._used} bytes free of {self.capacity_bytes}"
+                )
+            self._used += metadata_bytes
+            self._metadata += metadata_bytes
+
+    def unreserve(self, metadata_bytes: int) -> None:
+        with self._lock:
+            self._used -= metadata_bytes
+            self._metadata -= metadata_bytes
 
     def free(self, segment: DeviceSegment) -> None:
         segment.release()

@@ -7,7 +7,8 @@ most a few lines a minute per kind of rejection (ratelog.py).
 
 Who may do what: every call on a session presents the capability OpenSession returned
 (registry.get); daemon-wide GetStats lists the caller's tenant's sessions only, all of them
-for an operator (`_sees_all`).
+for an operator (`_sees_all`). Shared prefixes (prefixes.py) belong to the caller's tenant:
+OpenSession finds them only among its own, GetStats lists its own.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import grpc
 import torch
 
 from kvrecall import __version__
+from kvrecall.server import prefixes
 from kvrecall.server import validation as check
 from kvrecall.server.errors import (
     FailedPrecondition,
@@ -103,6 +105,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         self.auth = auth
         self.inline_ops = session_ops == "inline"
         self.fd_socket = fd_socket  # where shm workers receive their working set (fdpass.py)
+        registry.prefixes.on_evict = lambda prefix: self.metrics.prefix_evictions.inc()
 
     async def _session_op(self, func, *args):
         """An append or boundary: in a worker thread (other sessions' RPCs go on meanwhile), or,
@@ -162,6 +165,10 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             self.metrics.pool_used.labels(usage.tier).set(usage.used_bytes)
             self.metrics.pool_free.labels(usage.tier).set(usage.free_bytes)
         self.metrics.pool_metadata.labels("device").set(self.registry.device_pool.metadata_bytes)
+        held = self.registry.prefixes.held()
+        self.metrics.prefixes.set(len(held))
+        self.metrics.prefix_bytes.set(sum(p.host_bytes for p in held))
+        self.metrics.prefix_refs.set(sum(p.refs for p in held))
 
     def _close(self, session: Session, reason: str) -> tuple[int, int]:
         freed = self.registry.close(session)
@@ -202,9 +209,13 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             else:
                 check.require(request.tp_rank == 0, "tp_rank", f"must be 0 when tp_size={request.tp_size} (no tensor parallelism)")
             check.require(len(request.tag) <= 256, "tag", "at most 256 characters")
+            declared = prefix = None
+            if request.HasField("prefix"):
+                declared = prefixes.validate(request.prefix, layout)
+                prefix = self.registry.prefixes.find(worker, declared, layout, policy)
             session = self.registry.open(
                 worker, layout, policy, transport, float(request.lease_seconds), request.tag,
-                request.tp_rank, request.tp_size,
+                request.tp_rank, request.tp_size, prefix=prefix, declared=declared,
             )
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             await self._fail(context, "OpenSession", exc)
@@ -220,6 +231,15 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             policy_config_json=json.dumps(config_json(policy)),
             capability=session.capability,
         )
+        if declared is not None:
+            response.prefix_id = declared.prefix_id
+        if prefix is not None:
+            response.prefix_tokens_held = prefix.num_tokens
+            if session.transport == pb.TRANSPORT_INLINE:
+                self._delta(session, torch.full_like(session.ws.slot_pos, -1), response.delta)
+            self.metrics.prefix_hits.inc()
+            log.info("session %s starts from prefix %s (%d tokens, %d sessions on it)",
+                     session.session_id, prefix.prefix_id, prefix.num_tokens, prefix.refs)
         rule = policy.boundary_rule()
         response.boundary.mode = rule.mode
         response.boundary.threshold = rule.threshold
@@ -287,6 +307,9 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             L, H, Hq, D = layout.num_layers, layout.num_kv_heads, layout.num_query_heads, layout.head_dim
             T = request.num_tokens
             check.require(1 <= T <= layout.max_tokens, "num_tokens", f"{T} must be in [1, max_tokens={layout.max_tokens}]")
+            if session.declared is not None:
+                check.require(T == session.declared.num_tokens, "num_tokens",
+                              f"{T}: the session declared a prefix of {session.declared.num_tokens} tokens, its ingest")
             first = request.first_layer
             check.require(first < L, "first_layer", f"{first} must be < num_layers={L}")
             check.require(request.HasField("kv"), "kv", "required")
@@ -307,6 +330,11 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                     queries = mapped[-1].tensor.float()
                 snapshot = self._snapshot(session)
                 await _in_thread(session.ingest, first, mapped[0].tensor, queries)
+                if session.ingested and session.declared is not None:
+                    self.registry.register_prefix(session)
+                    if session.prefix is not None:
+                        self.metrics.prefix_registered.inc()
+                        self._update_pool_gauges()
                 response = pb.IngestPromptResponse(
                     resident_tokens=session.ws.resident_tokens(),
                     host_tokens=session.spilled_upto,
@@ -538,12 +566,19 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 max_resident_tokens=s.ws.max_resident, host_tokens=s.spilled_upto, units=s.policy.num_units,
                 host_bytes=s.store.nbytes, device_bytes=s.device_bytes, tag=s.tag,
                 tp_rank=s.tp_rank, tp_size=s.tp_size, metadata_bytes=s.segment.metadata_bytes,
+                prefix_id=s.prefix.prefix_id if s.prefix else "", prefix_tokens=s.prefix.num_tokens if s.prefix else 0,
             )
             w = workers.setdefault(s.worker_id, pb.WorkerStats(worker_id=s.worker_id))
             w.sessions += 1
             w.host_bytes += s.store.nbytes
             w.device_bytes += s.device_bytes
         response.workers.extend(workers.values())
+        now = time.monotonic()
+        if not request.session_id:
+            response.prefixes.extend(
+                p.stats(now) for p in self.registry.prefixes.held() if sees_all or p.tenant == caller
+            )
+        response.prefix_evictions = self.registry.prefixes.evictions
         return response
 
     # ---- leases ------------------------------------------------------------------------

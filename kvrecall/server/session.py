@@ -4,12 +4,14 @@ A Session owns its SequenceStore (host pages), its DeviceSegment (working set) a
 policy state, and returns all of them on close(). The SessionRegistry admits sessions
 (RESOURCE_EXHAUSTED with what is free when a pool, a worker's share of it or a worker quota
 is full), looks them up for the holder of their capability only, and closes those whose
-lease ran out.
+lease ran out. A session over a shared prefix (prefixes.py) maps the prefix's pages and
+starts from a copy of its policy state; closing it drops its reference.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import functools
 import logging
@@ -25,6 +27,7 @@ from kvrecall.server.host_store import SequenceStore, tokens_per_page
 from kvrecall.server.layout import ModelLayout, SegmentLayout
 from kvrecall.server.policies.base import Chunk, Policy, PolicyContext, Selection
 from kvrecall.server.pools import DevicePool, HostPool
+from kvrecall.server.prefixes import Declared, Prefix, PrefixRegistry
 from kvrecall.server.working_set import Placement, WorkingSet
 from kvrecall.v1 import kvrecall_pb2 as pb
 
@@ -78,6 +81,9 @@ class Session:
     ingested: bool = False
     closed: bool = False
     counters: SessionCounters = field(default_factory=SessionCounters)
+    prefix: Prefix | None = None  # the shared prefix it reads (holding a reference)
+    declared: Declared | None = None  # a declared prefix not held: this session's ingest registers it
+    first_selection: torch.Tensor | None = field(default=None, repr=False)  # the ingest's, until registered
     # CUDA IPC: the worker records this interprocess event after writing the working set;
     # the daemon's stream waits on it before an operation (no host sync on either side).
     worker_event: torch.cuda.Event | None = None
@@ -133,8 +139,39 @@ class Session:
         if self.layers_ingested == self.layout.num_layers:
             self.spilled_upto = T
             self.ingested = True
-            placement = self._place(self.policy.on_ingest_done(ctx), note_resident=True)
+            selection = self.policy.on_ingest_done(ctx)
+            if self.declared is not None and selection is not None:
+                self.first_selection = selection.positions.clone()
+            placement = self._place(selection, note_resident=True)
             self.counters.units = self.policy.num_units
+        self.finish(placement)
+
+    @_exclusive
+    def start_from(self, prefix: Prefix) -> None:
+        """Begin as if this session had ingested `prefix` itself (its store maps the prefix's
+        full pages already): the partial page copied, a copy of the policy state, sinks and
+        window read from the host tier and the first selection placed, in the ingest's order."""
+        T, plan, store = prefix.num_tokens, self.plan, self.store
+        if prefix.full_pages < len(prefix.pages):
+            store.pool.copy_page(prefix.pages[prefix.full_pages], store.pages[prefix.full_pages])
+        store.num_tokens = T
+        self.policy = copy.deepcopy(prefix.policy)
+        n_sink = min(plan.n_sink, T)
+        window_from = max(n_sink, T - plan.min_window)
+        self.prompt_tokens, self.evicted_upto, self.spilled_upto = T, window_from, T
+        self.layers_ingested, self.ingested = self.layout.num_layers, True
+        for start, end, slots in (
+            (0, n_sink, torch.arange(n_sink, device=self.ws.keys.device)),
+            (window_from, T, self.ws.window_slots(window_from, T)),
+        ):
+            kv = torch.stack([
+                torch.stack((store.read(0, layer, start, end), store.read(1, layer, start, end)))
+                for layer in range(self.layout.num_layers)
+            ])  # fmt: skip
+            self.ws.write_tokens(kv, start, start, end, slots)
+        selection = None if prefix.selection is None else Selection(prefix.selection)
+        placement = self._place(selection, note_resident=True)
+        self.counters.units = self.policy.num_units
         self.finish(placement)
 
     @_exclusive
@@ -311,11 +348,13 @@ class SessionRegistry:
         self.worker_quota_bytes = worker_quota_bytes
         self.worker_share = worker_share
         self.sessions: dict[str, Session] = {}
+        self.prefixes = PrefixRegistry(host_pool, device_pool)
 
     def worker_usage(self, worker_id: str) -> tuple[int, int]:
-        """(host bytes, device bytes) the worker's sessions hold."""
+        """(host bytes, device bytes) the worker's sessions hold, with the prefixes they use."""
         mine = [s for s in self.sessions.values() if s.worker_id == worker_id]
-        return sum(s.store.nbytes for s in mine), sum(s.device_bytes for s in mine)
+        host = sum(s.store.nbytes for s in mine) + self.prefixes.in_use_bytes(worker_id)
+        return host, sum(s.device_bytes for s in mine)
 
     def _admit(self, worker_id: str, host_bytes: int, ws_bytes: int) -> None:
         """RESOURCE_EXHAUSTED naming the limit when the worker's share of a pool, or its quota,
@@ -349,15 +388,32 @@ class SessionRegistry:
         tag: str,
         tp_rank: int = 0,
         tp_size: int = 0,
+        prefix: Prefix | None = None,
+        declared: Declared | None = None,
     ) -> Session:
+        """Admit a session: over `prefix` (held: it starts from it) or declaring `declared`
+        (not held: its ingest registers it). Unreferenced prefixes are evicted first when
+        a pool is short."""
+        if prefix is not None:
+            self.prefixes.acquire(prefix)  # before make_room: never evicted under the session
+        try:
+            return self._open(worker_id, layout, policy, transport, lease, tag, tp_rank, tp_size, prefix, declared)
+        except BaseException:
+            if prefix is not None:
+                self.prefixes.release(prefix)
+            raise
+
+    def _open(self, worker_id, layout, policy, transport, lease, tag, tp_rank, tp_size, prefix, declared) -> Session:
         plan = policy.plan()
         ws_bytes = SegmentLayout.of(layout, plan).nbytes
         metadata_bytes = policy.metadata_bytes()
-        per_page = tokens_per_page(layout, self.host_pool.page_bytes)
-        host_bytes = -(-layout.max_tokens // max(per_page, 1)) * self.host_pool.page_bytes
-        self._admit(worker_id, host_bytes, ws_bytes + metadata_bytes)
+        per_page = max(tokens_per_page(layout, self.host_pool.page_bytes), 1)
+        shared = prefix.pages[: prefix.full_pages] if prefix is not None else []
+        own_pages = -(-layout.max_tokens // per_page) - len(shared)
+        self.prefixes.make_room(own_pages, ws_bytes + metadata_bytes)
+        self._admit(worker_id, own_pages * self.host_pool.page_bytes, ws_bytes + metadata_bytes)
         session_id = "s-" + secrets.token_hex(8)
-        store = SequenceStore(self.host_pool, layout, owner=worker_id, device=self.device_pool.device)
+        store = SequenceStore(self.host_pool, layout, owner=worker_id, device=self.device_pool.device, shared_pages=shared)
         try:
             segment = self.device_pool.allocate(ws_bytes, metadata_bytes)
         except BaseException:
@@ -370,6 +426,13 @@ class SessionRegistry:
             capability=secrets.token_urlsafe(32),
         )
         session.tp_rank, session.tp_size = tp_rank, tp_size
+        session.prefix, session.declared = prefix, declared if prefix is None else None
+        if prefix is not None:
+            try:
+                session.start_from(prefix)
+            except BaseException:
+                session.release(self.device_pool)
+                raise
         if transport == pb.TRANSPORT_CUDA_IPC and segment.device.type == "cuda":
             from kvrecall.cuda_ipc import create_event
 
@@ -396,9 +459,20 @@ class SessionRegistry:
             raise NotFound(f"{field_name}: no open session {session_id!r} for this caller and capability")
         return session
 
+    def register_prefix(self, session: Session) -> None:
+        """After `session` ingested the prefix it declared: share it (prefixes.register)."""
+        declared, selection = session.declared, session.first_selection
+        session.declared, session.first_selection = None, None
+        if declared is not None and not session.closed:
+            session.prefix = self.prefixes.register(session, declared, selection)
+
     def close(self, session: Session) -> tuple[int, int]:
         self.sessions.pop(session.session_id, None)
-        return session.release(self.device_pool)
+        first = not session.closed
+        freed = session.release(self.device_pool)
+        if first and session.prefix is not None:
+            self.prefixes.release(session.prefix)
+        return freed
 
     def expired(self, now: float | None = None) -> list[Session]:
         now = time.monotonic() if now is None else now

@@ -24,12 +24,18 @@ log = logging.getLogger("kvrecall.warmup")
 
 WORKER = "kvrecall-warmup"
 PROMPT = 640
+LONG_PROMPT = 4800  # more than the selection kernel's small variant of units per row (256 at 16 tokens each)
+# (policy, prompt tokens): every policy once, and louiskv at budgets that reach each compiled
+# variant of the placement kernel (kvrecall.kernels.placement_triton.RETRIEVED_BLOCKS) and of
+# the selection kernel (budget_triton: up to SMALL_UNITS units per row, and more).
 POLICIES = (
-    pb.PolicyConfig(name="louiskv", louiskv=pb.LouisKVConfig(budget=128)),
-    pb.PolicyConfig(name="louiskv", louiskv=pb.LouisKVConfig(budget=128, ingest_select="units")),
-    pb.PolicyConfig(name="quest", quest=pb.QuestConfig(budget=128)),
-    pb.PolicyConfig(name="windowkv", windowkv=pb.WindowKVConfig(budget=128, keep_pruned_in_host=True)),
-    pb.PolicyConfig(name="snapkv", snapkv=pb.SnapKVConfig(budget=128)),
+    (pb.PolicyConfig(name="louiskv", louiskv=pb.LouisKVConfig(budget=128)), PROMPT),
+    (pb.PolicyConfig(name="louiskv", louiskv=pb.LouisKVConfig(budget=128, ingest_select="units")), PROMPT),
+    (pb.PolicyConfig(name="louiskv", louiskv=pb.LouisKVConfig(budget=1024)), LONG_PROMPT),
+    (pb.PolicyConfig(name="louiskv", louiskv=pb.LouisKVConfig(budget=4000)), LONG_PROMPT),
+    (pb.PolicyConfig(name="quest", quest=pb.QuestConfig(budget=128)), PROMPT),
+    (pb.PolicyConfig(name="windowkv", windowkv=pb.WindowKVConfig(budget=128, keep_pruned_in_host=True)), PROMPT),
+    (pb.PolicyConfig(name="snapkv", snapkv=pb.SnapKVConfig(budget=128)), PROMPT),
 )
 
 
@@ -41,15 +47,15 @@ def warm_up(registry: SessionRegistry, shapes: list[tuple[torch.dtype, int]]) ->
     started = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(0)
     for dtype, head_dim in shapes:
-        layout = ModelLayout(num_layers=2, num_kv_heads=8, num_query_heads=32, head_dim=head_dim, dtype=dtype,
-                             max_tokens=PROMPT + 256)  # fmt: skip
-        for message in POLICIES:
-            _one_session(registry, layout, message, device, generator)
+        for message, prompt in POLICIES:
+            layout = ModelLayout(num_layers=2, num_kv_heads=8, num_query_heads=32, head_dim=head_dim, dtype=dtype,
+                                 max_tokens=prompt + 256)  # fmt: skip
+            _one_session(registry, layout, message, prompt, device, generator)
     torch.cuda.synchronize(device)
     return time.perf_counter() - started
 
 
-def _one_session(registry, layout: ModelLayout, message: pb.PolicyConfig, device, generator) -> None:
+def _one_session(registry, layout: ModelLayout, message: pb.PolicyConfig, prompt: int, device, generator) -> None:
     L, H, Hq, D = layout.num_layers, layout.num_kv_heads, layout.num_query_heads, layout.head_dim
 
     def randn(*shape: int) -> torch.Tensor:
@@ -58,14 +64,15 @@ def _one_session(registry, layout: ModelLayout, message: pb.PolicyConfig, device
     policy = build_policy(message, layout)
     session = registry.open(WORKER, layout, policy, pb.TRANSPORT_INLINE, 60.0, "warm-up")
     try:
-        kv = randn(L, 2, H, PROMPT + 80, D)
+        kv = randn(L, 2, H, prompt + 80, D)
         queries = randn(L, Hq, max(1, policy.observation()), D).float()
         for layer in range(L):  # streamed, as workers send it
-            session.ingest(layer, kv[layer : layer + 1, :, :, :PROMPT], queries[layer : layer + 1])
+            session.ingest(layer, kv[layer : layer + 1, :, :, :prompt], queries[layer : layer + 1])
         spill = session.plan.spill_every
-        session.append(PROMPT + spill, kv[:, :, :, PROMPT : PROMPT + spill])
-        session.boundary(PROMPT + spill, [], randn(L, Hq, D).float())
-        session.boundary(PROMPT + spill, [1], randn(1, Hq, 8, D).float())
-        session.chunk(PROMPT + spill, kv[:, :, :, PROMPT + spill :].contiguous())
+        session.append(prompt + spill, kv[:, :, :, prompt : prompt + spill])
+        session.boundary(prompt + spill, [], randn(L, Hq, D).float())
+        for n in (8, 32):  # several queries per head: a chunk's retrieval (KVRecallCache.chunk_queries)
+            session.boundary(prompt + spill, [1], randn(1, Hq, n, D).float())
+        session.chunk(prompt + spill, kv[:, :, :, prompt + spill :].contiguous())
     finally:
         registry.close(session)

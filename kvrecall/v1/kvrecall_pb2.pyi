@@ -260,7 +260,7 @@ class BoundaryRule(_message.Message):
     def __init__(self, mode: _Optional[_Union[BoundaryMode, str]] = ..., threshold: _Optional[float] = ..., pre_rope: bool = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("worker_id", "layout", "policy", "transport", "lease_seconds", "tp_rank", "tp_size", "tag")
+    __slots__ = ("worker_id", "layout", "policy", "transport", "lease_seconds", "tp_rank", "tp_size", "tag", "prefix")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +269,7 @@ class OpenSessionRequest(_message.Message):
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     layout: ModelLayout
     policy: PolicyConfig
@@ -277,10 +278,11 @@ class OpenSessionRequest(_message.Message):
     tp_rank: int
     tp_size: int
     tag: str
-    def __init__(self, worker_id: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., policy: _Optional[_Union[PolicyConfig, _Mapping]] = ..., transport: _Optional[_Union[TransportKind, str]] = ..., lease_seconds: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., tag: _Optional[str] = ...) -> None: ...
+    prefix: PrefixDeclaration
+    def __init__(self, worker_id: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., policy: _Optional[_Union[PolicyConfig, _Mapping]] = ..., transport: _Optional[_Union[TransportKind, str]] = ..., lease_seconds: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., tag: _Optional[str] = ..., prefix: _Optional[_Union[PrefixDeclaration, _Mapping]] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "working_set", "spill_every", "boundary", "lease_seconds", "observation", "policy", "policy_config_json", "capability")
+    __slots__ = ("session_id", "working_set", "spill_every", "boundary", "lease_seconds", "observation", "policy", "policy_config_json", "capability", "prefix_tokens_held", "prefix_id", "delta")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     WORKING_SET_FIELD_NUMBER: _ClassVar[int]
     SPILL_EVERY_FIELD_NUMBER: _ClassVar[int]
@@ -290,6 +292,9 @@ class OpenSessionResponse(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     POLICY_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_HELD_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_ID_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     working_set: WorkingSetInfo
     spill_every: int
@@ -299,7 +304,10 @@ class OpenSessionResponse(_message.Message):
     policy: str
     policy_config_json: str
     capability: str
-    def __init__(self, session_id: _Optional[str] = ..., working_set: _Optional[_Union[WorkingSetInfo, _Mapping]] = ..., spill_every: _Optional[int] = ..., boundary: _Optional[_Union[BoundaryRule, _Mapping]] = ..., lease_seconds: _Optional[int] = ..., observation: _Optional[int] = ..., policy: _Optional[str] = ..., policy_config_json: _Optional[str] = ..., capability: _Optional[str] = ...) -> None: ...
+    prefix_tokens_held: int
+    prefix_id: str
+    delta: WorkingSetDelta
+    def __init__(self, session_id: _Optional[str] = ..., working_set: _Optional[_Union[WorkingSetInfo, _Mapping]] = ..., spill_every: _Optional[int] = ..., boundary: _Optional[_Union[BoundaryRule, _Mapping]] = ..., lease_seconds: _Optional[int] = ..., observation: _Optional[int] = ..., policy: _Optional[str] = ..., policy_config_json: _Optional[str] = ..., capability: _Optional[str] = ..., prefix_tokens_held: _Optional[int] = ..., prefix_id: _Optional[str] = ..., delta: _Optional[_Union[WorkingSetDelta, _Mapping]] = ...) -> None: ...
 
 class IngestPromptRequest(_message.Message):
     __slots__ = ("session_id", "kv", "queries", "num_tokens", "first_layer", "capability")
@@ -464,7 +472,7 @@ class PoolStats(_message.Message):
     def __init__(self, tier: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class SessionStats(_message.Message):
-    __slots__ = ("session_id", "worker_id", "policy", "prompt_tokens", "tokens", "steps", "boundaries", "appends", "bytes_host_to_device", "resident_tokens", "max_resident_tokens", "host_tokens", "units", "host_bytes", "device_bytes", "tag", "tp_rank", "tp_size", "metadata_bytes")
+    __slots__ = ("session_id", "worker_id", "policy", "prompt_tokens", "tokens", "steps", "boundaries", "appends", "bytes_host_to_device", "resident_tokens", "max_resident_tokens", "host_tokens", "units", "host_bytes", "device_bytes", "tag", "tp_rank", "tp_size", "metadata_bytes", "prefix_id", "prefix_tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -484,6 +492,8 @@ class SessionStats(_message.Message):
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     METADATA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     worker_id: str
     policy: str
@@ -503,7 +513,9 @@ class SessionStats(_message.Message):
     tp_rank: int
     tp_size: int
     metadata_bytes: int
-    def __init__(self, session_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., policy: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., tokens: _Optional[int] = ..., steps: _Optional[int] = ..., boundaries: _Optional[int] = ..., appends: _Optional[int] = ..., bytes_host_to_device: _Optional[int] = ..., resident_tokens: _Optional[int] = ..., max_resident_tokens: _Optional[int] = ..., host_tokens: _Optional[int] = ..., units: _Optional[int] = ..., host_bytes: _Optional[int] = ..., device_bytes: _Optional[int] = ..., tag: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., metadata_bytes: _Optional[int] = ...) -> None: ...
+    prefix_id: str
+    prefix_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., policy: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., tokens: _Optional[int] = ..., steps: _Optional[int] = ..., boundaries: _Optional[int] = ..., appends: _Optional[int] = ..., bytes_host_to_device: _Optional[int] = ..., resident_tokens: _Optional[int] = ..., max_resident_tokens: _Optional[int] = ..., host_tokens: _Optional[int] = ..., units: _Optional[int] = ..., host_bytes: _Optional[int] = ..., device_bytes: _Optional[int] = ..., tag: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., metadata_bytes: _Optional[int] = ..., prefix_id: _Optional[str] = ..., prefix_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
     __slots__ = ("worker_id", "sessions", "host_bytes", "device_bytes")
@@ -518,15 +530,55 @@ class WorkerStats(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., sessions: _Optional[int] = ..., host_bytes: _Optional[int] = ..., device_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("pools", "sessions", "workers", "version", "device")
+    __slots__ = ("pools", "sessions", "workers", "version", "device", "prefixes", "prefix_evictions")
     POOLS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     pools: _containers.RepeatedCompositeFieldContainer[PoolStats]
     sessions: _containers.RepeatedCompositeFieldContainer[SessionStats]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStats]
     version: str
     device: str
-    def __init__(self, pools: _Optional[_Iterable[_Union[PoolStats, _Mapping]]] = ..., sessions: _Optional[_Iterable[_Union[SessionStats, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., version: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    prefixes: _containers.RepeatedCompositeFieldContainer[PrefixStats]
+    prefix_evictions: int
+    def __init__(self, pools: _Optional[_Iterable[_Union[PoolStats, _Mapping]]] = ..., sessions: _Optional[_Iterable[_Union[SessionStats, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., prefixes: _Optional[_Iterable[_Union[PrefixStats, _Mapping]]] = ..., prefix_evictions: _Optional[int] = ...) -> None: ...
+
+class PrefixDeclaration(_message.Message):
+    __slots__ = ("fingerprint", "token_ids", "chunk_tokens", "chunk_hashes", "must_be_held")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    MUST_BE_HELD_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    chunk_tokens: int
+    chunk_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    must_be_held: bool
+    def __init__(self, fingerprint: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., chunk_tokens: _Optional[int] = ..., chunk_hashes: _Optional[_Iterable[bytes]] = ..., must_be_held: bool = ...) -> None: ...
+
+class PrefixStats(_message.Message):
+    __slots__ = ("prefix_id", "worker_id", "policy", "tokens", "host_bytes", "device_bytes", "refs", "hits", "idle_seconds")
+    PREFIX_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REFS_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    prefix_id: str
+    worker_id: str
+    policy: str
+    tokens: int
+    host_bytes: int
+    device_bytes: int
+    refs: int
+    hits: int
+    idle_seconds: float
+    def __init__(self, prefix_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., policy: _Optional[str] = ..., tokens: _Optional[int] = ..., host_bytes: _Optional[int] = ..., device_bytes: _Optional[int] = ..., refs: _Optional[int] = ..., hits: _Optional[int] = ..., idle_seconds: _Optional[float] = ...) -> None: ...

@@ -95,30 +95,55 @@ def full_attention_logits(model, ids: torch.Tensor, steps: int) -> tuple[list[in
     return out.sequences[0, ids.shape[1]:].tolist(), [step[0].float() for step in out.logits]
 
 
-@pytest.mark.parametrize("policy,config,chunk", [
-    ("louiskv", {"budget": 256, "cluster_size": 8}, None),
-    ("louiskv", {"budget": 256, "cluster_size": 8}, 70),
-    ("quest", {"budget": 256}, 70),
-    ("snapkv", {"budget": 256}, 90),
-    ("louiskv", {"budget": 256, "cluster_size": 8}, 10),  # a first chunk shorter than the 16 sinks
-    ("quest", {"budget": 256}, 10),
-    ("windowkv", {"budget": 256}, 10),
+@pytest.mark.parametrize("policy,config,chunk,layer_major", [
+    ("louiskv", {"budget": 256, "cluster_size": 8}, None, True),
+    ("louiskv", {"budget": 256, "cluster_size": 8}, 70, True),  # layer by layer, in chunks of 70
+    ("quest", {"budget": 256}, 10, True),
+    ("windowkv", {"budget": 256}, 10, True),
+    ("louiskv", {"budget": 256, "cluster_size": 8}, 70, False),  # an ingest, then chunks over the working set
+    ("quest", {"budget": 256}, 70, False),
+    ("snapkv", {"budget": 256}, 90, False),
+    ("louiskv", {"budget": 256, "cluster_size": 8}, 10, False),  # a first chunk shorter than the 16 sinks
+    ("quest", {"budget": 256}, 10, False),
+    ("windowkv", {"budget": 256}, 10, False),
 ])
-def test_model_prefill_streams_layers_and_stays_exact(client, tiny_llama, policy, config, chunk):
+def test_model_prefill_streams_layers_and_stays_exact(client, tiny_llama, policy, config, chunk, layer_major):
     from kvrecall.worker import decode, open_model_session
 
     ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(7))
     tokens, logits = full_attention_logits(tiny_llama, ids, 5)
-    session, cache = open_model_session(client, tiny_llama, policy, config, 256, chunk_tokens=chunk)
+    session, cache = open_model_session(
+        client, tiny_llama, policy, config, 256, chunk_tokens=chunk, layer_major=layer_major
+    )
     assert session.transport == pb.TRANSPORT_SHM  # spec_for recorded the model's device: cpu
     with session:
         STAGED.reset()
         result = decode(tiny_llama, cache, ids, 5, forced=tokens)
-        first = chunk or ids.shape[1]
         spec = session.spec
-        chunk_bytes = spec.num_layers * layer_bytes(spec, chunk) if chunk else 0
-        assert STAGED.peak == max(layer_bytes(spec, first), chunk_bytes)
+        if layer_major or chunk is None:  # one layer of the whole prompt at a time, nothing more
+            assert STAGED.peak == layer_bytes(spec, ids.shape[1])
+            assert session.stats().prompt_tokens == ids.shape[1]
+        else:  # the first chunk's layers, then each chunk's every layer
+            assert STAGED.peak == max(layer_bytes(spec, chunk), spec.num_layers * layer_bytes(spec, chunk))
+            assert session.stats().prompt_tokens == chunk
         assert STAGED.now == 0
     diff = max(float((a - b).abs().max()) for a, b in zip(logits, result.logits, strict=True))
     assert diff < 1e-4, diff
     assert result.tokens == tokens
+
+
+@pytest.mark.parametrize("policy,config", [("louiskv", {"budget": 24, "cluster_size": 8}), ("quest", {"budget": 32})])
+def test_layer_major_prefill_is_exact_whatever_the_budget(client, tiny_llama, policy, config):
+    """Chunks of a fresh prompt attend over the layer's whole K/V so far: the prefill's logits
+    are full attention's even when the budget covers a fraction of the prompt."""
+    from kvrecall.client.hf import prefill
+    from kvrecall.worker import open_model_session
+
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(11))
+    _, logits = full_attention_logits(tiny_llama, ids, 1)
+    session, cache = open_model_session(client, tiny_llama, policy, config, 256, chunk_tokens=48)
+    with session:
+        got = prefill(tiny_llama, cache, ids)
+        assert cache.ingested and cache.seq_length == ids.shape[1]
+        assert session.stats().prompt_tokens == ids.shape[1]
+    assert float((got - logits[0]).abs().max()) < 1e-4

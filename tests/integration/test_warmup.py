@@ -18,11 +18,11 @@ def test_every_warmup_session_runs_and_returns_its_memory():
     host, device = HostPool(64 << 20, page_bytes=256 << 10), DevicePool(64 << 20, torch.device("cpu"))
     registry = SessionRegistry(host, device, default_lease=30.0)
     try:
-        layout = ModelLayout(num_layers=2, num_kv_heads=2, num_query_heads=4, head_dim=16, dtype=torch.float32,
-                             max_tokens=900)  # fmt: skip
         generator = torch.Generator().manual_seed(0)
-        for message in POLICIES:
-            _one_session(registry, layout, message, torch.device("cpu"), generator)
+        for message, prompt in POLICIES:
+            layout = ModelLayout(num_layers=2, num_kv_heads=2, num_query_heads=4, head_dim=16, dtype=torch.float32,
+                                 max_tokens=prompt + 256)  # fmt: skip
+            _one_session(registry, layout, message, prompt, torch.device("cpu"), generator)
         assert not registry.sessions and host.used_bytes == 0 and device.used_bytes == 0
         assert warm_up(registry, [(torch.bfloat16, 128)]) == 0.0  # CPU: the references compile nothing
     finally:

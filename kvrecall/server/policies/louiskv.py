@@ -149,6 +149,10 @@ class _UnitTable:
         return getattr(self, name)[:, :width]
 
 
+# Prompt tokens per k-means segment at ingest (see cluster_segments).
+PROMPT_SEGMENT = 8192
+
+
 def cluster_pieces(keys: torch.Tensor, k: int, iters: int, first: int) -> tuple[torch.Tensor, ...]:
     """k-means of keys [B, N, D] (token 0 = position `first`) into k clusters per row ->
     (centroids [B, k, D] f32, sizes [B, k], positions [B, N], ranks [B, N], units [B, N]),
@@ -159,6 +163,37 @@ def cluster_pieces(keys: torch.Tensor, k: int, iters: int, first: int) -> tuple[
     start = torch.cumsum(counts, dim=1) - counts
     rank = torch.arange(N, device=keys.device).expand(B, -1) - torch.gather(start, 1, unit_sorted)
     return centroids, counts, order + first, rank, unit_sorted
+
+
+def cluster_segments(
+    keys: torch.Tensor, cluster_size: int, iters: int, first: int, segment: int = PROMPT_SEGMENT
+) -> tuple[torch.Tensor, ...]:
+    """cluster_pieces of a prompt's keys [B, N, D] into ceil(N / cluster_size) clusters per row,
+    k-means run within consecutive segments of `segment` tokens (rounded down to a multiple of
+    cluster_size; the segments of all rows in one batched call, the remainder in a second), so
+    the work grows with N rather than N^2 (k-means over N points into N / cluster_size clusters)
+    and one layer's clustering keeps up with the layer's prefill."""
+    B, N, D = keys.shape
+    per = max(1, segment // cluster_size) * cluster_size
+    if N <= per:
+        return cluster_pieces(keys, max(1, math.ceil(N / cluster_size)), iters, first)
+    n_full, k_full = N // per, per // cluster_size
+    centroids, sizes, position, rank, unit = cluster_pieces(
+        keys[:, : n_full * per].reshape(B * n_full, per, D), k_full, iters, 0
+    )
+    segment_index = torch.arange(n_full, device=keys.device)[None, :, None]
+    parts = [(
+        centroids.reshape(B, n_full * k_full, D),
+        sizes.reshape(B, n_full * k_full),
+        (position.view(B, n_full, per) + segment_index * per).reshape(B, -1) + first,
+        rank.reshape(B, -1),
+        (unit.view(B, n_full, per) + segment_index * k_full).reshape(B, -1),
+    )]  # fmt: skip
+    rest = N - n_full * per
+    if rest:
+        tail = cluster_pieces(keys[:, n_full * per :], math.ceil(rest / cluster_size), iters, first + n_full * per)
+        parts.append((*tail[:4], tail[4] + n_full * k_full))
+    return tuple(torch.cat(columns, dim=1) for columns in zip(*parts, strict=True))
 
 
 @register
@@ -225,9 +260,8 @@ class LouisKVPolicy(Policy):
         keys = kv[0].to(device)  # [H, T, D]
         if end > start:
             H = self.layout.num_kv_heads
-            k = max(1, math.ceil((end - start) / self.config.cluster_size))
-            centroids, sizes, position, rank, unit = cluster_pieces(
-                keys[:, start:end], k, self.config.kmeans_iters, start
+            centroids, sizes, position, rank, unit = cluster_segments(
+                keys[:, start:end], self.config.cluster_size, self.config.kmeans_iters, start
             )
             rows = slice(layer * H, (layer + 1) * H)
             self._table(device).put(rows, centroids, sizes, position, rank, unit)
