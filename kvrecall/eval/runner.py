@@ -85,6 +85,7 @@ class _PrefillSink:
     boundary_threshold = 0.0
     boundary_target_rate = 0.0
     observation = CAPTURED_QUERIES
+    prefix_held = 0  # no shared prefix: the prefill computes every token
 
     def __init__(self, spec: Any) -> None:
         self.spec = spec
