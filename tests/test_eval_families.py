@@ -87,14 +87,37 @@ def test_flags_narrow_a_suite():
 
     from kvrecall.eval.harness import suite_with_overrides
 
-    args = argparse.Namespace(budgets="512", tasks="niah_single,qa", lengths="2048", depths="0.5", families="doc_first")
+    args = argparse.Namespace(
+        budgets="512", tasks="niah_single,qa", lengths="2048", depths="0.5", seeds="0,1", families="doc_first"
+    )
     suite = suite_with_overrides(SUITES["full"], args)
     assert (suite.budgets, suite.tasks, suite.lengths, suite.families) == (
         ("512",), ("niah_single", "qa"), (2048,), ("doc_first",)
     )
-    assert suite.skip == () and suite.depths == (0.5,)
+    assert suite.skip == () and suite.depths == (0.5,) and suite.seeds == (0, 1)
     assert suite_with_overrides(SUITES["full"], argparse.Namespace(tasks="qa")).skip == (("qa", 8000),)
     with pytest.raises(ValueError, match="lengths"):
         suite_with_overrides(SUITES["full"], argparse.Namespace(lengths="2K"))
     with pytest.raises(ValueError, match="families"):
         suite_with_overrides(SUITES["full"], argparse.Namespace(families="later"))
+
+
+def test_relative_detail_reports_retrievals_per_generated_token():
+    records = [
+        {**_record("full", "*", "doc_first", 1.0, seed), "boundaries": 0, "steps": 10} for seed in range(2)
+    ] + [
+        {**_record("louiskv", "512", "doc_first", 1.0, 0), "boundaries": 1, "steps": 10},
+        {**_record("louiskv", "512", "doc_first", 1.0, 1), "boundaries": 3, "steps": 10},
+    ]
+    detail = rep.relative_detail(records)
+    assert detail["louiskv@512/doc_first"]["retrieval_rate"] == 0.2
+    assert detail["full/doc_first"]["retrieval_rate"] == 0.0
+    assert rep.relative_detail([_record("full", "*", "doc_first", 1.0)])["full/doc_first"]["retrieval_rate"] is None
+    text = rep.markdown(
+        {
+            "meta": {"suite": "t", "date": "d", "command": "c", "machine": "m", "wall_seconds": 1, "budget_note": "b"},
+            "results": rep.accuracy_results(records), "relative_to_full": rep.relative_to_full(records),
+            "relative_detail": detail, "fidelity": {}, "long_fidelity": {},
+        }
+    )  # fmt: skip
+    assert "| louiskv@512/doc_first | 1.0* | 2 |" in text and text.count("| 0.2 |") == 1

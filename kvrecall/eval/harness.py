@@ -351,7 +351,7 @@ def _policies(arg: str | None) -> list[str]:
     return ["full"] + [p for p in wanted if p != "full"]
 
 
-OVERRIDABLE = {"budgets": str, "tasks": str, "lengths": int, "depths": float, "families": str}
+OVERRIDABLE = {"budgets": str, "tasks": str, "lengths": int, "depths": float, "seeds": int, "families": str}
 """Suite fields a comma-separated flag of the same name replaces, with the type of its items."""
 
 
@@ -558,6 +558,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", help="comma-separated task names (default: the suite's)")
     parser.add_argument("--lengths", help="comma-separated prompt lengths in tokens (default: the suite's)")
     parser.add_argument("--depths", help="comma-separated needle depths in [0, 1] (default: the suite's)")
+    parser.add_argument("--seeds", help="comma-separated sample seeds (default: the suite's)")
     parser.add_argument("--families", help="comma-separated: in_prompt, doc_first (default: the suite's)")
     parser.add_argument(
         "--out", default="bench/results", help="directory for the JSON, markdown and PNG files"

@@ -102,34 +102,46 @@ def _sample(record: dict) -> tuple:
     return (record["task"], record["length"], record["seed"], record["depth"], family_suffix(record))
 
 
-def _relative_totals(records: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
-    """``"<policy>@<budget>[/<family>]"`` -> (its scores, full's scores on the same samples)."""
+def _relative_totals(records: list[dict]) -> dict[str, tuple[list[float], list[float], list[dict]]]:
+    """``"<policy>@<budget>[/<family>]"`` -> (its scores, full's scores on the same samples,
+    its records)."""
     full = {_sample(r): r["score"] for r in records if r["policy"] == "full"}
-    totals: dict[str, tuple[list[float], list[float]]] = {}
+    totals: dict[str, tuple[list[float], list[float], list[dict]]] = {}
     for r in records:
         sample = _sample(r)
         if sample not in full:
             continue
         key = ("full" if r["policy"] == "full" else f"{r['policy']}@{r['budget']}") + sample[-1]
-        scores, reference = totals.setdefault(key, ([], []))
+        scores, reference, mine = totals.setdefault(key, ([], [], []))
         scores.append(r["score"])
         reference.append(full[sample])
+        mine.append(r)
     return totals
+
+
+def retrieval_rate(records: list[dict]) -> float | None:
+    """Retrievals per generated token over ``records`` (a question chunk's retrieval counts as
+    one); None for records written before they counted their steps."""
+    steps = sum(r.get("steps", 0) for r in records)
+    if not steps or not all("steps" in r for r in records):
+        return None
+    return round(sum(r["boundaries"] for r in records) / steps, 4)
 
 
 def relative_to_full(records: list[dict]) -> dict[str, float | None]:
     """``"<policy>@<budget>"`` (question in the prompt) and ``"<policy>@<budget>/doc_first"``
     -> sum of scores / sum of full's scores on the same samples (``full``, ``full/doc_first``: 1)."""
     return {
-        k: (round(sum(s) / sum(f), 4) if sum(f) > 0 else None) for k, (s, f) in _relative_totals(records).items()
+        k: (round(sum(s) / sum(f), 4) if sum(f) > 0 else None) for k, (s, f, _) in _relative_totals(records).items()
     }
 
 
 def relative_detail(records: list[dict]) -> dict[str, dict]:
     """Each :func:`relative_to_full` key -> ``{ratio, n, score, ci95, full_score, full_ci95,
-    indicative}``: the ratio with the two means it divides and their Wilson intervals."""
+    indicative, retrieval_rate}``: the ratio with the two means it divides and their Wilson
+    intervals, and the cell's retrievals per generated token."""
     out = {}
-    for key, (scores, full) in _relative_totals(records).items():
+    for key, (scores, full, cell_records) in _relative_totals(records).items():
         mine, theirs = _cell(scores), _cell(full)
         out[key] = {
             "ratio": round(sum(scores) / sum(full), 4) if sum(full) > 0 else None,
@@ -139,6 +151,7 @@ def relative_detail(records: list[dict]) -> dict[str, dict]:
             "full_score": theirs["score"],
             "full_ci95": theirs["ci95"],
             "indicative": mine["indicative"],
+            "retrieval_rate": retrieval_rate(cell_records),
         }
     return out
 
@@ -236,18 +249,19 @@ def markdown(report: dict) -> str:
             "",
             "## Relative to full (same samples)",
             "",
-            "| policy@budget | score / full | n | score (ci95) | full (ci95) |",
-            "|---|---|---|---|---|",
+            "| policy@budget | score / full | n | score (ci95) | full (ci95) | retrievals / token |",
+            "|---|---|---|---|---|---|",
         ]
         detail = report.get("relative_detail", {})
         for key, ratio in report["relative_to_full"].items():
             d = detail.get(key)
             if d is None:  # a report written before the detail existed
-                lines.append(f"| {key} | {ratio} | | | |")
+                lines.append(f"| {key} | {ratio} | | | | |")
                 continue
             lines.append(
                 f"| {key} | {ratio}{_mark(d)} | {d['n']} | {d['score']:.3f} ({d['ci95'][0]:.2f}-{d['ci95'][1]:.2f}) "
-                f"| {d['full_score']:.3f} ({d['full_ci95'][0]:.2f}-{d['full_ci95'][1]:.2f}) |"
+                f"| {d['full_score']:.3f} ({d['full_ci95'][0]:.2f}-{d['full_ci95'][1]:.2f}) "
+                f"| {'' if d.get('retrieval_rate') is None else d['retrieval_rate']} |"
             )
     header = [
         "| policy | budget | top-1 agreement (ci95 over tokens) | mean KL(full‖policy) | max KL | retrieval rate "

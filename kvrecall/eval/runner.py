@@ -336,6 +336,7 @@ class Runner:
                     "answer": text.strip(),
                     "expected": sample.answer,
                     "boundaries": out.boundaries,
+                    "steps": len(out.tokens),
                     "max_resident": out.max_resident,
                     "seconds": round(out.seconds, 3),
                 }

@@ -1,4 +1,4 @@
-"""louiskv's first retrieval at ingest: single tokens by the observation queries' attention
+"""louiskv's first retrieval at ingest, and a chunk's: single tokens by the observation queries' attention
 ("tokens", the default) or whole clusters ("units"); both through a real daemon."""
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def test_tokens_mode_takes_the_neighbours_not_a_cluster(client):
 
 
 @pytest.mark.parametrize(
-    "field,value", [("ingest_select", "clusters"), ("observation", 0), ("observation", 999)]
+    "field,value",
+    [("ingest_select", "clusters"), ("chunk_select", "clusters"), ("observation", 0), ("observation", 999)],
 )
 def test_bad_ingest_settings_are_refused(client, field, value):
     with pytest.raises(InvalidArgumentError, match=f"policy.louiskv.*{field}|{field}"):
@@ -85,3 +86,36 @@ def test_pinned_ingest_tokens_survive_a_retrieval_elsewhere(client, pin):
 def test_pin_ingest_out_of_range_is_refused(client):
     with pytest.raises(InvalidArgumentError, match="pin_ingest"):
         client.open_session(SMALL, "louiskv", {"budget": 16, "window": 32, "pin_ingest": 1.5})
+
+
+DECOY = 60
+
+
+@pytest.mark.parametrize("mode", ["tokens", "units"])
+def test_a_chunks_queries_replace_the_pinned_ingest_tokens(client, mode):
+    """A document ingested before its question: the ingest's vote pins the tokens around a
+    decoy; the question chunk's queries look for the needle. With chunk_select "tokens" the
+    chunk's retrieval takes the needle and pins it, so a later retrieval that looks elsewhere
+    keeps it; with "units" the chunk's clusters bring it but the ingest's pin stays, and the
+    later retrieval drops it."""
+    kv, _ = needle_prompt()
+    e = torch.eye(SMALL.head_dim)
+    kv[:, 0, :, DECOY] = 8.0 * e[1]
+    L, Hq = SMALL.num_layers, SMALL.num_query_heads
+    # pin 8 tokens: the max-pooled vote ties the needle with its 3 neighbours on each side
+    config = {"budget": 16, "n_sink": 4, "window": 32, "cluster_size": 4, "pin_ingest": 0.5, "chunk_select": mode}
+    with client.open_session(SMALL, "louiskv", config) as session:
+        session.ingest(kv, 4.0 * e[1].expand(L, Hq, 16, -1).clone())
+        assert NEEDLE not in session.slot_pos.flatten().tolist()
+        session.boundary(list(range(L)), queries=4.0 * e[0].expand(L, Hq, 16, -1).clone())
+        for layer in range(L):
+            for head in range(SMALL.num_kv_heads):
+                assert NEEDLE in session.slot_pos[layer, head].tolist(), (mode, layer, head)
+        session.query.copy_(4.0 * e[2].expand_as(session.query))
+        session.boundary()
+        for layer in range(L):
+            for head in range(SMALL.num_kv_heads):
+                positions = [p for p in session.slot_pos[layer, head].tolist() if p >= 0]
+                assert len(positions) == len(set(positions)), (layer, head)
+                assert (NEEDLE in positions) == (mode == "tokens"), (mode, layer, head)
+                assert (DECOY in positions) == (mode == "units"), (mode, layer, head)

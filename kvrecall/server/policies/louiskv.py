@@ -9,6 +9,11 @@
 * Ingest (`ingest_select="tokens"`): the first selection takes single prompt tokens by the
   attention the last `observation` prompt queries pay them (SnapKV's vote, max-pooled); the
   best `pin_ingest` fraction of the budget of them stays pinned through later retrievals.
+* Chunk (`chunk_select="tokens"`): the retrieval a chunk's last queries ask for before it
+  attends (a question after a cached document) takes single tokens by the attention those
+  queries pay every token that left the window before it (the ingest's vote, question-aware
+  now), and its best `pin_ingest` fraction replaces the pinned set: the ingest chose it without
+  the question.
 * Boundary (the worker saw its query drift below `threshold`): the query [L, Hq, D] scores
   every unit per KV head (grouped query heads aggregated by `aggregate`), the best units fill
   the unpinned part of `budget` (the last one partially; a row whose units all fit takes them
@@ -43,7 +48,7 @@ from kvrecall.server.policies.base import (
     register,
     resident_plan,
 )
-from kvrecall.server.policies.snapkv import ObservationRanking, ascending, ranked_selection
+from kvrecall.server.policies.snapkv import ObservationRanking, ascending, ranked_selection, top_voted
 from kvrecall.server.working_set import to_device
 from kvrecall.v1 import kvrecall_pb2 as pb
 
@@ -66,6 +71,7 @@ class LouisKVConfig:
     pre_rope: bool = False  # boundary signal on queries with RoPE undone (position-free)
     observation: int = 16  # last prompt queries choosing the first retrieval, at ingest
     ingest_select: str = "tokens"  # first retrieval: "tokens" (observation attention) or "units"
+    chunk_select: str = "tokens"  # a chunk's retrieval: "tokens" (its queries' attention, re-pinned) or "units"
     aggregate: str = "max"  # grouped query heads: "max" or "sum" of unit scores
     pin_ingest: float = 0.25  # budget fraction keeping the best ingest tokens through retrievals
     target_rate: float = 0.0  # > 0: the worker's threshold adapts to retrieve on this share of steps
@@ -79,13 +85,16 @@ class LouisKVConfig:
         check(self.aggregate in ("max", "sum"), "aggregate", "must be 'max' or 'sum'")
         check(1 <= self.observation <= 256, "observation", "must be in [1, 256]")
         check(self.ingest_select in ("tokens", "units"), "ingest_select", "must be 'tokens' or 'units'")
+        check(self.chunk_select in ("tokens", "units"), "chunk_select", "must be 'tokens' or 'units'")
         check(0.0 <= self.pin_ingest <= 1.0, "pin_ingest", "must be in [0, 1]")
         check(0.0 <= self.target_rate < 1.0, "target_rate", "must be in [0, 1) (0: the fixed threshold)")
 
     @property
     def pinned_tokens(self) -> int:
-        """Retrieved slots held by the ingest selection's best tokens (ingest_select=tokens)."""
-        return round(self.pin_ingest * self.budget) if self.ingest_select == "tokens" else 0
+        """Retrieved slots held by the best tokens of the last token selection (at ingest or at a
+        chunk, whichever selects tokens)."""
+        by_tokens = "tokens" in (self.ingest_select, self.chunk_select)
+        return round(self.pin_ingest * self.budget) if by_tokens else 0
 
 
 class _UnitTable:
@@ -304,7 +313,10 @@ class LouisKVPolicy(Policy):
 
     def on_boundary(self, ctx: PolicyContext, query: torch.Tensor, layers: list[int]) -> Selection | None:
         self._close_segment(ctx, ctx.evicted_upto)
-        return self._select(ctx, query.to(ctx.ws.keys.device), layers)
+        query = query.to(ctx.ws.keys.device)
+        if query.dim() == 4 and self.config.chunk_select == "tokens":  # a chunk's last queries
+            return self._select_tokens(ctx, query, layers)
+        return self._select(ctx, query, layers)
 
     # ---- units --------------------------------------------------------------------------
     def _add_to_open(self, keys: torch.Tensor) -> None:
@@ -341,6 +353,34 @@ class LouisKVPolicy(Policy):
 
     def _close_segment(self, ctx: PolicyContext, end: int) -> None:
         close_segments([(self, end)])
+
+    def _select_tokens(self, ctx: PolicyContext, query: torch.Tensor, layers: list[int]) -> Selection | None:
+        """query [L, Hq, n, D] (a chunk's last n queries per head, rows of `layers`) -> the
+        `budget` single tokens of those that left the window before the chunk receiving the
+        most attention from its last `observation` queries (over every token before the
+        chunk, max-pooled: the ingest's vote), for `layers`; their best
+        `pinned_tokens` become those rows' pinned set. A question asked after its document
+        names what the answer needs; the ingest's vote could not, and clusters blur a needle
+        into its neighbours' centroid (docs/TUNING.md, document first)."""
+        first, end = min(ctx.ws.plan.n_sink, ctx.prompt_tokens), ctx.evicted_upto
+        if end <= first:
+            return None
+        current = ctx.ws.retrieved_positions()  # [L, H, R], a copy
+        L, H, R = current.shape
+        device = current.device
+        count, P = min(R, end - first), self.config.pinned_tokens
+        if P and self.pinned is None:
+            self.pinned = torch.full((L * H, P), -1, dtype=torch.int64, device=device)
+        for layer in layers:
+            keys = ctx.store.keys(layer, 0, ctx.store.num_tokens).to(device)  # [H, T, D], the ring's too
+            votes = query[layer][:, -self.config.observation :]  # the last queries, as at ingest
+            top = top_voted(votes, keys, self.layout.group_size, (first, end), count, POOL_KERNEL, causal=False)
+            row = torch.full((H, R), -1, dtype=torch.int64, device=device)
+            row[:, :count] = top
+            current[layer] = ascending(row)
+            if P:
+                self.pinned[layer * H : (layer + 1) * H] = ascending(row[:, :P])
+        return Selection(current, units=len(layers) * H * count)
 
     def _select(self, ctx: PolicyContext, query: torch.Tensor, layers: list[int]) -> Selection:
         """query [L, Hq, D] or [L, Hq, n, D] (n queries per head) -> the retrieved positions

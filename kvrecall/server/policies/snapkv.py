@@ -41,18 +41,34 @@ class SnapKVConfig:
         check(1 <= self.observation <= 1024, "observation", "must be in [1, 1024]")
 
 
-def observation_scores(queries: torch.Tensor, keys: torch.Tensor, group: int) -> torch.Tensor:
-    """Attention mass per prompt token: queries [Hq, n, D] (the last n prompt tokens),
-    keys [H, T, D] -> [H, T] float32 (causal among the observation tokens)."""
+def observation_scores(queries: torch.Tensor, keys: torch.Tensor, group: int, causal: bool = True) -> torch.Tensor:
+    """Attention mass per token: queries [Hq, n, D], keys [H, T, D] -> [H, T] float32. With
+    `causal` the queries are the last n of the T tokens (causal among themselves); without,
+    they come after every key (a chunk's queries over the tokens before it)."""
     Hq, n, D = queries.shape
     T = keys.shape[1]
     k = keys.float().repeat_interleave(group, dim=0)
     logits = queries.float() @ k.transpose(1, 2) / D**0.5  # [Hq, n, T]
-    future = (
-        torch.arange(T, device=keys.device)[None, :] > (T - n + torch.arange(n, device=keys.device))[:, None]
-    )
-    probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+    if causal:
+        future = (
+            torch.arange(T, device=keys.device)[None, :] > (T - n + torch.arange(n, device=keys.device))[:, None]
+        )
+        logits = logits.masked_fill(future, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     return probs.sum(dim=1).view(-1, group, T).sum(dim=1)
+
+
+def top_voted(
+    queries: torch.Tensor, keys: torch.Tensor, group: int, span: tuple[int, int], count: int, pool_kernel: int,
+    causal: bool = True,
+) -> torch.Tensor:
+    """The `count` tokens of positions [start, end) = `span` that receive the most attention mass
+    from queries [Hq, n, D] over keys [H, T, D] (max-pooled over `pool_kernel` neighbours), best
+    first: [H, count] int64 on the keys' device (see observation_scores for `causal`)."""
+    start, end = span
+    mass = observation_scores(queries.to(keys.device), keys, group, causal)
+    pooled = F.max_pool1d(mass[None], pool_kernel, stride=1, padding=pool_kernel // 2)[0]
+    return pooled[:, start:end].topk(count, dim=-1).indices + start
 
 
 def ranked_selection(ranked: torch.Tensor) -> Selection:
@@ -85,9 +101,8 @@ class ObservationRanking:
         if queries is None or end <= start:
             return
         count = min(self.ranked.shape[-1], end - start)
-        mass = observation_scores(queries.to(keys.device), keys, ctx.layout.group_size)
-        pooled = F.max_pool1d(mass[None], self.pool_kernel, stride=1, padding=self.pool_kernel // 2)[0]
-        self.ranked[layer, :, :count] = (pooled[:, start:end].topk(count, dim=-1).indices + start).cpu()
+        top = top_voted(queries, keys, ctx.layout.group_size, (start, end), count, self.pool_kernel)
+        self.ranked[layer, :, :count] = top.cpu()
         self.any = True
 
 
