@@ -12,6 +12,9 @@ _BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Per table: element offsets of reps, sizes, valid, position, unit, rank from the first
 # table's, then its unit column, token column, first position and length.
 TABLE_FIELDS = tl.constexpr(10)
+# Candidates written per loop step: one compiled variant whatever a segment's length (a length
+# picking the block would compile a new kernel inside a boundary the warm-up did not meet).
+_BLOCK_M = 256
 
 
 @triton.jit
@@ -63,6 +66,6 @@ def append_units_triton(tables, reps, unit_column, token_column, starts, lengths
     rows, units, dim = tables[0][0].shape
     _append_kernel[(len(tables), rows)](
         *firsts, _bits(reps.contiguous()), meta, rows, units, tables[0][3].shape[1],
-        D=dim, BLOCK_D=next_power_of_2(dim), BLOCK_M=min(1024, next_power_of_2(max(lengths))), num_warps=4,
+        D=dim, BLOCK_D=next_power_of_2(dim), BLOCK_M=_BLOCK_M, num_warps=4,
     )  # fmt: skip
     return True
