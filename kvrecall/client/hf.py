@@ -201,16 +201,8 @@ class KVRecallCache(Cache):
         return layer
 
     def _prefill_attention(self, module, query, key, value, scaling: float) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(
-            query, key, value, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=self.group > 1
-        )
-        layer = self._note_layer(module, query)
-        if layer == 0:
-            self._prompt = self.session.prompt_stream(key.shape[2])
-        n_obs = max(1, self.session.observation)
-        self._prompt.send(layer, key[0], value[0], query[0, :, -n_obs:].detach())
-        if layer == self.num_layers - 1:
-            self._end_prompt(query.shape[2])
+        out = causal_attention(query, key, value, scaling, self.group)
+        self._send_prompt_layer(module, query, key[0], value[0], key.shape[2])
         return out
 
     def _layer_major_attention(self, module, query, key, value, scaling: float) -> torch.Tensor:
@@ -229,15 +221,21 @@ class KVRecallCache(Cache):
             lm.offset = end
             return out
         lm.offset = 0
+        self._send_prompt_layer(module, query, lm.keys, lm.values, lm.total)  # send() copies both
+        return out
+
+    def _send_prompt_layer(self, module, query, keys: torch.Tensor, values: torch.Tensor, total: int) -> None:
+        """This pass's layer of the prompt, keys / values [H, total, D], to the daemon with the
+        layer's last queries (the first layer opens the stream); the last layer completes the
+        ingest."""
         layer = self._note_layer(module, query)
         if layer == 0:
-            self._prompt = self.session.prompt_stream(lm.total)
+            self._prompt = self.session.prompt_stream(total)
         n_obs = max(1, self.session.observation)
-        self._prompt.send(layer, lm.keys, lm.values, query[0, :, -n_obs:].detach())  # copies both
+        self._prompt.send(layer, keys, values, query[0, :, -n_obs:].detach())
         if layer == self.num_layers - 1:
             self._layer_major = None
-            self._end_prompt(lm.total)
-        return out
+            self._end_prompt(total)
 
     def _abort_layer_major(self) -> None:
         self._layer_major = None

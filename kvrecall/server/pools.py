@@ -167,41 +167,37 @@ class DevicePool:
     def allocate(self, nbytes: int, metadata_bytes: int = 0) -> DeviceSegment:
         """A working-set segment of `nbytes`, with `metadata_bytes` reserved beside it."""
         total = nbytes + metadata_bytes
-        with self._lock:
-            if self._used + total > self.capacity_bytes:
-                raise ResourceExhausted(
-                    f"device pool: working set of {nbytes} bytes + policy metadata of {metadata_bytes} bytes "
-                    f"requested, {self.capacity_bytes - self._used} bytes free of {self.capacity_bytes}"
-                )
-            self._used += total
-            self._metadata += metadata_bytes
+        self._claim(total, metadata_bytes, f"working set of {nbytes} bytes + policy metadata of {metadata_bytes} bytes")
         try:
             return DeviceSegment(nbytes, self.device, metadata_bytes)
         except BaseException:
-            with self._lock:
-                self._used -= total
-                self._metadata -= metadata_bytes
+            self._give_back(total, metadata_bytes)
             raise
 
     def reserve(self, metadata_bytes: int) -> None:
         """Count `metadata_bytes` of policy metadata held outside any session (a shared
         prefix's prompt index); ResourceExhausted when they do not fit."""
-        with self._lock:
-            if self._used + metadata_bytes > self.capacity_bytes:
-                raise ResourceExhausted(
-                    f"device pool: policy metadata of {metadata_bytes} bytes requested, "
-                    f"{self.capacity_bytes - self._used} bytes free of {self.capacity_bytes}"
-                )
-            self._used += metadata_bytes
-            self._metadata += metadata_bytes
+        self._claim(metadata_bytes, metadata_bytes, f"policy metadata of {metadata_bytes} bytes")
 
     def unreserve(self, metadata_bytes: int) -> None:
+        self._give_back(metadata_bytes, metadata_bytes)
+
+    def _claim(self, total: int, metadata_bytes: int, what: str) -> None:
+        """Count `total` bytes (`metadata_bytes` of them metadata), or ResourceExhausted naming `what`."""
         with self._lock:
-            self._used -= metadata_bytes
+            if self._used + total > self.capacity_bytes:
+                raise ResourceExhausted(
+                    f"device pool: {what} requested, {self.capacity_bytes - self._used} bytes free of "
+                    f"{self.capacity_bytes}"
+                )
+            self._used += total
+            self._metadata += metadata_bytes
+
+    def _give_back(self, total: int, metadata_bytes: int) -> None:
+        with self._lock:
+            self._used -= total
             self._metadata -= metadata_bytes
 
     def free(self, segment: DeviceSegment) -> None:
         segment.release()
-        with self._lock:
-            self._used -= segment.nbytes + segment.metadata_bytes
-            self._metadata -= segment.metadata_bytes
+        self._give_back(segment.nbytes + segment.metadata_bytes, segment.metadata_bytes)
