@@ -158,9 +158,7 @@ class BatchedEngine:
 
     def _admit(self, entry: _Entry) -> None:
         request, generation = entry.request, entry.generation
-        if generation.cancelled:
-            log.info("a request left the queue before it started (%d prompt tokens)", len(request.prompt_ids))
-            generation.opened(asyncio.CancelledError())
+        if generation.left_in_queue(request):
             return
         model = self.loaded.model
         try:

@@ -94,6 +94,15 @@ class Generation:
 
         self._call(settle)
 
+    def left_in_queue(self, request: GenerationRequest) -> bool:
+        """From the decoding thread, before opening a session: whether the client left while
+        the request waited (then it is settled as cancelled and logged)."""
+        if not self.cancelled:
+            return False
+        log.info("a request left the queue before it started (%d prompt tokens)", len(request.prompt_ids))
+        self.opened(asyncio.CancelledError())
+        return True
+
     def put(self, item: object) -> None:
         """From the decoding thread: a token id, an exception, or the end."""
         self._call(self._queue.put_nowait, item)

@@ -63,9 +63,7 @@ class SerialEngine:
             self._queued -= 1
 
     def _run(self, request: GenerationRequest, generation: Generation) -> None:
-        if generation.cancelled:  # the client left while the request waited
-            log.info("a request left the queue before it started (%d prompt tokens)", len(request.prompt_ids))
-            generation.opened(asyncio.CancelledError())
+        if generation.left_in_queue(request):
             return
         model = self.loaded.model
         try:
