@@ -1,4 +1,5 @@
-"""Retrieved-region placement and ring spill: the daemon's working-set writes (WorkingSet).
+"""Retrieved-region placement, ring spill and token stores: the daemon's working-set and
+host-tier writes (WorkingSet, SequenceStore).
 
 Kernel: `placement_triton.py`; reference: `reference.py`; dispatch: `kvrecall.kernels`.
 """
@@ -185,3 +186,42 @@ def spill_ring(
         spill_ring_triton(keys, values, start, end, ring_start, ring_size, host, page_base, tokens_per_page, num_kv_heads)
         return
     reference.spill_ring(keys, values, start, end, ring_start, ring_size, host, page_base, tokens_per_page, num_kv_heads)
+
+
+def store_tokens(
+    kv: torch.Tensor,
+    start: int,
+    first_layer: int,
+    host: torch.Tensor,
+    page_base: torch.Tensor,
+    tokens_per_page: int,
+    impl: str = "auto",
+) -> None:
+    """Copy kv [l, 2, H, n, D] (layers [first_layer, first_layer + l), K then V) into the host
+    pages (layout of `place_retrieved`) as tokens [start, start + n): a streamed ingest's
+    layer, a chunk. On a GPU one launch writes the pinned pool directly (UVA), where a copy
+    per page would cost a D2H transfer and a sync each (thousands per long layer)."""
+    check_tensor("kv", kv, rank=5)
+    if kv.shape[1] != 2:
+        raise ValueError(f"kv: shape {tuple(kv.shape)}, expected [layers, 2, heads, tokens, dim]")
+    check_tensor("host", host, rank=1)
+    if host.dtype != kv.dtype:
+        raise ValueError(f"host: dtype {host.dtype} differs from kv's {kv.dtype}")
+    check_tensor("page_base", page_base, rank=1, dtypes=(torch.int64,))
+    check_int("start", start, 0)
+    check_int("first_layer", first_layer, 0)
+    check_int("tokens_per_page", tokens_per_page, 1)
+    end = start + kv.shape[3]
+    if end > page_base.numel() * tokens_per_page:
+        raise ValueError(f"kv: tokens up to {end} pass the {page_base.numel() * tokens_per_page} positions of the pages")
+    if kv.is_cuda and page_base.device != kv.device:
+        raise ValueError(f"page_base: on {page_base.device}, expected {kv.device} (like kv)")
+    if kv.device.type == host.device.type == "cuda" and kv.device != host.device:
+        raise ValueError(f"host: on {host.device}, kv on {kv.device}: one GPU only")
+    device = kv.device if kv.device.type == "cuda" else host.device
+    if use_triton(impl, device):
+        from kvrecall.kernels.placement_triton import store_tokens_triton
+
+        store_tokens_triton(kv, start, first_layer, host, page_base, tokens_per_page)
+        return
+    reference.store_tokens(kv, start, first_layer, host, page_base, tokens_per_page)

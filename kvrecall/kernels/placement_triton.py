@@ -12,6 +12,9 @@ device tensor. Rows wider than MAX_RETRIEVED fall back to the reference.
 spill_ring_triton: copy tokens [start, end) from the window ring of every row into the
 host pages (UVA writes into the pinned pool): the AppendNotice spill without a D2H sync.
 
+store_tokens_triton: copy a block of tokens [l, 2, H, n, D] (an ingested layer, a chunk) into
+the host pages in one launch (UVA writes), instead of one D2H copy per page.
+
 Host pages are laid out [L, 2, H, P, D] (host_store.py); `page_base[i]` is the element
 offset of the sequence's page i in the flat pool. Row b of the working set is layer b // H,
 head b % H. Imported only when Triton is (see `_triton`).
@@ -157,6 +160,26 @@ def _spill_kernel(
         tl.store(host_ptr + dst[:, None] + cols[None, :], rows, mask=mask)
 
 
+@triton.jit
+def _store_kernel(
+    kv_ptr, host_ptr, page_base_ptr,
+    start, n, first_row, stride_l, stride_kv, stride_h, stride_t, tokens_per_page, num_kv_heads,
+    D: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)  # local row: layer b // H of kv, head b % H
+    i = tl.program_id(1).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    ok = i < n
+    layer = b // num_kv_heads
+    head = b - layer * num_kv_heads
+    cols = tl.arange(0, BLOCK_D)
+    mask = ok[:, None] & (cols < D)[None, :]
+    for kv in tl.static_range(2):
+        src = (layer * stride_l + kv * stride_kv + head * stride_h + i * stride_t)[:, None] + cols[None, :]
+        rows = tl.load(kv_ptr + src, mask=mask)
+        dst = _host_row(page_base_ptr, first_row + b, kv, start + i, ok, tokens_per_page, num_kv_heads, D)
+        tl.store(host_ptr + dst[:, None] + cols[None, :], rows, mask=mask)
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The same memory as same-width integers: the copies move bits, whatever the dtype."""
     return t.view(_BITS_OF_SIZE[t.element_size()])
@@ -286,5 +309,24 @@ def spill_ring_triton(
     _spill_kernel[(rows, triton.cdiv(n, copy_rows))](
         _bits(keys), _bits(values), _bits(host), page_base,
         start, n, capacity, ring_start, ring_size, tokens_per_page, num_kv_heads,
+        D=dim, ROWS=copy_rows, BLOCK_D=block_d, num_warps=4,
+    )  # fmt: skip
+
+
+def store_tokens_triton(
+    kv: torch.Tensor, start: int, first_layer: int, host: torch.Tensor, page_base: torch.Tensor,
+    tokens_per_page: int,
+) -> None:
+    """Launch on checked arguments (see `kvrecall.kernels.store_tokens`)."""
+    layers, _, heads, n, dim = kv.shape
+    if not _reachable(host, kv.device) or kv.element_size() not in _BITS_OF_SIZE or kv.stride(4) != 1:
+        reference.store_tokens(kv, start, first_layer, host, page_base, tokens_per_page)
+        return
+    if layers == 0 or n == 0:
+        return
+    copy_rows, block_d = _copy_tile(dim, kv.element_size())
+    _store_kernel[(layers * heads, triton.cdiv(n, copy_rows))](
+        _bits(kv), _bits(host), page_base,
+        start, n, first_layer * heads, kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), tokens_per_page, heads,
         D=dim, ROWS=copy_rows, BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip

@@ -323,6 +323,25 @@ def spill_ring(
         gather_rows(source.reshape(-1), slots, host, dst, dim)
 
 
+def store_tokens(
+    kv: torch.Tensor, start: int, first_layer: int, host: torch.Tensor, page_base: torch.Tensor, tokens_per_page: int
+) -> None:
+    """Copy kv [l, 2, H, n, D] (layers [first_layer, first_layer + l)) into the host pages as
+    tokens [start, start + n) (layout of `place_retrieved`)."""
+    layers, _, heads, n, dim = kv.shape
+    if layers == 0 or n == 0:
+        return
+    device = host.device
+    rows = torch.arange(layers * heads, device=device).repeat_interleave(n)
+    positions = torch.arange(start, start + n, device=device).repeat(layers * heads)
+    source = kv.permute(1, 0, 2, 3, 4).reshape(2, -1)  # [2, l * H * n * D]: rows in (layer, head, token) order
+    offsets = torch.arange(layers * heads * n, device=kv.device) * dim
+    page_base = page_base.to(device)
+    for index in range(2):
+        dst = host_rows(page_base, rows + first_layer * heads, index, positions, tokens_per_page, heads, dim)
+        gather_rows(source[index], offsets, host, dst, dim)
+
+
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a, b [B, H, D] -> [B, H] f32: dot(a, b) / (max(|a|, EPS) * max(|b|, EPS))."""
     a = a.float()

@@ -274,6 +274,32 @@ def test_spill_matches_reference_and_lands_in_pages(triton_device, dtype, start,
             assert torch.equal(pages.row(b, 1, position), values[b, slot])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("layers", "first_layer", "start", "n"), [(1, 0, 0, 1), (1, 1, 2, 13), (2, 0, 5, 25), (1, 2, 0, 30)])
+def test_store_tokens_matches_reference_and_lands_in_pages(triton_device, dtype, layers, first_layer, start, n) -> None:
+    pages = Pages(3, 2, 16, per_page=3, pages=11, dtype=dtype, device=triton_device, seed=n)
+    kv = torch.randn(layers, 2, 2, n + 4, 16).to(dtype)[:, :, :, 2 : 2 + n]  # strided in tokens, as a slice is
+    got, want = pages.copy_of(pages.host), pages.host.clone()
+    K.store_tokens(kv.to(triton_device), start, first_layer, got, pages.page_base, 3, impl="triton")
+    K.store_tokens(kv, start, first_layer, want, pages.page_base.cpu(), 3, impl="reference")
+    assert torch.equal(got.cpu(), want)
+    before = pages.host.clone()
+    pages.host = want
+    written = set()
+    for layer in range(layers):
+        for head in range(2):
+            b = (first_layer + layer) * 2 + head
+            for i in range(n):
+                for index in range(2):
+                    assert torch.equal(pages.row(b, index, start + i), kv[layer, index, head, i])
+                    offset = pages.row(b, index, start + i).data_ptr() - want.data_ptr()
+                    written.add(offset // want.element_size())
+    untouched = torch.ones(want.numel(), dtype=torch.bool)
+    for offset in written:
+        untouched[offset : offset + 16] = False
+    assert torch.equal(want[untouched], before.cpu()[untouched])  # nothing else moved
+
+
 def test_arguments_are_checked(device) -> None:
     pages = Pages(1, 2, 4, per_page=4, pages=2, dtype=torch.float32, device=device, seed=5)
     slot_pos = torch.full((2, 6), -1, dtype=torch.int32, device=device)
@@ -305,6 +331,13 @@ def test_arguments_are_checked(device) -> None:
         place(num_kv_heads=3)
     with pytest.raises(ValueError, match="end: 9 is past the 8 positions"):
         K.spill_ring(keys, keys.clone(), 4, 9, 0, 6, pages.host, pages.page_base, 4, 2)
+    kv = torch.zeros(1, 2, 2, 5, 4, device=device)
+    with pytest.raises(ValueError, match="kv: tokens up to 9 pass the 8 positions"):
+        K.store_tokens(kv, 4, 0, pages.host, pages.page_base, 4)
+    with pytest.raises(ValueError, match="kv: shape"):
+        K.store_tokens(torch.zeros(1, 3, 2, 5, 4, device=device), 0, 0, pages.host, pages.page_base, 4)
+    with pytest.raises(ValueError, match="host: dtype"):
+        K.store_tokens(kv, 0, 0, pages.host.half(), pages.page_base, 4)
 
 
 COMPILE_FOR_HOPPER = """
@@ -316,7 +349,7 @@ from kvrecall.kernels import expand_triton as expand, placement_triton as placem
 
 INDEX = {name: "i32" for name in ("R", "C", "first_slot", "sel_stride", "num_positions", "tokens_per_page",
          "num_kv_heads", "rows_per_session", "rows", "U", "start", "n", "ring_start", "ring_size", "M", "width", "stride_t",
-         "stride_u", "stride_r", "stride_p")}
+         "stride_u", "stride_r", "stride_p", "first_row", "stride_l", "stride_kv", "stride_h")}
 KERNELS = [
     (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i64 *i32",
      dict(D=128, BLOCK_R=1024, STEPS=11, ROWS=32, BLOCK_D=128, TRACK_RESIDENT=True, MANY=False)),
@@ -325,6 +358,7 @@ KERNELS = [
     (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i64 *i64",
      dict(D=128, BLOCK_R=1024, STEPS=11, ROWS=32, BLOCK_D=128, TRACK_RESIDENT=True, MANY=True)),
     (placement._spill_kernel, "*i16 *i16 *i16 *i64", dict(D=128, ROWS=32, BLOCK_D=128)),
+    (placement._store_kernel, "*i16 *i16 *i64", dict(D=128, ROWS=32, BLOCK_D=128)),
     (expand._expand_kernel, "*i64 *i64 *i32 *i64 *i64", dict(BLOCK=1024)),
     (unit_append._append_kernel, "*i16 *i32 *i8 *i32 *i32 *i32 *i16 *i64", dict(D=128, BLOCK_D=128, BLOCK_M=64)),
 ]
@@ -355,4 +389,4 @@ def test_kernels_compile_for_hopper_without_a_gpu() -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("compiled") == 6
+    assert done.stdout.count("compiled") == 7
