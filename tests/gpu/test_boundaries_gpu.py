@@ -8,12 +8,13 @@ import pytest
 
 from kvrecall.client import KVRecallClient
 from kvrecall.local import LocalDaemon
+from tests.gpu import NO_WARMUP
 from tests.integration.test_boundaries_batch import check_batch_equals_one_by_one
 
 pytestmark = pytest.mark.gpu
 
 
 def test_a_batch_equals_the_same_events_one_by_one_on_a_gpu():
-    with LocalDaemon(host_pool_gb=1.0, device_pool_gb=1.0, device="cuda:0") as daemon:
+    with LocalDaemon(host_pool_gb=1.0, device_pool_gb=1.0, device="cuda:0", extra_args=NO_WARMUP) as daemon:
         with KVRecallClient(daemon.target, "boundaries-gpu") as client:
             check_batch_equals_one_by_one(client, "cuda_ipc")

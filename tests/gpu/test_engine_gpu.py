@@ -11,6 +11,7 @@ from kvrecall.client import KVRecallClient
 from kvrecall.client.hf import spec_for
 from kvrecall.engine import DecoderWeights, Engine
 from kvrecall.local import LocalDaemon
+from tests.gpu import NO_WARMUP
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 pytestmark = pytest.mark.gpu
@@ -20,7 +21,7 @@ STEPS = 24
 
 @pytest.fixture(scope="module")
 def gpu_daemon():
-    with LocalDaemon(host_pool_gb=1.0, device_pool_gb=1.0, device="cuda:0") as d:
+    with LocalDaemon(host_pool_gb=1.0, device_pool_gb=1.0, device="cuda:0", extra_args=NO_WARMUP) as d:
         yield d
 
 

@@ -10,6 +10,7 @@ import torch
 from kvrecall.client import KVRecallClient
 from kvrecall.client.staging import STAGED
 from kvrecall.local import LocalDaemon
+from tests.gpu import NO_WARMUP
 
 pytestmark = pytest.mark.gpu
 
@@ -53,7 +54,7 @@ def test_layer_major_prefill_holds_about_one_layer_of_prompt_kv(model):
     start = torch.cuda.memory_allocated()
     model(input_ids=ids, cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
     full = peak_above(start)
-    with LocalDaemon(host_pool_gb=2.0, device_pool_gb=1.0, device="cuda:0") as daemon:
+    with LocalDaemon(host_pool_gb=2.0, device_pool_gb=1.0, device="cuda:0", extra_args=NO_WARMUP) as daemon:
         with KVRecallClient(daemon.target, "memory-worker") as client:
             with client.open_session(spec_for(model, TOKENS + 64), "louiskv", {"budget": 256}) as session:
                 assert session.core.publish_event is not None  # spec_for's device picked CUDA IPC

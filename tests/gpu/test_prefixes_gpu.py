@@ -8,6 +8,7 @@ import torch
 
 from kvrecall.client import KVRecallClient, ModelSpec
 from kvrecall.local import LocalDaemon
+from tests.gpu import NO_WARMUP
 from kvrecall.prefix import declare
 from tests.integration.test_prefixes import (
     DOC,
@@ -26,7 +27,7 @@ SPEC = ModelSpec(num_layers=4, num_kv_heads=2, num_query_heads=8, head_dim=64, d
 
 @pytest.mark.parametrize("policy,config", POLICIES, ids=[p for p, _ in POLICIES])
 def test_shared_prefix_on_cuda(policy, config):
-    with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.5, device="cuda:0", extra_args=["--page-kb", "64"]) as d:
+    with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.5, device="cuda:0", extra_args=["--page-kb", "64", *NO_WARMUP]) as d:
         with KVRecallClient(d.target, "gpu-prefix") as client:
             with client.open_session(SPEC, policy, config, device="cuda:0") as alone:
                 ingest(alone, SPEC, "cuda")

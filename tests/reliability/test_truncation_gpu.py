@@ -15,6 +15,7 @@ import torch
 
 from kvrecall.client import KVRecallClient, ModelSpec
 from kvrecall.local import LocalDaemon
+from tests.gpu import NO_WARMUP
 from tests.reliability.conftest import wait_for
 
 pytestmark = pytest.mark.gpu
@@ -44,10 +45,10 @@ DYING_WORKER = textwrap.dedent(
 
 @pytest.mark.parametrize("delay", [0.0, 0.01, 0.05])
 def test_worker_freeing_ipc_staging_and_dying_mid_ingest(delay):
-    with LocalDaemon(host_pool_gb=8.0, device_pool_gb=4.0, device="cuda:0") as daemon:
+    with LocalDaemon(host_pool_gb=8.0, device_pool_gb=4.0, device="cuda:0", extra_args=NO_WARMUP) as daemon:
         with KVRecallClient(daemon.target, "bystander") as client:
             small = ModelSpec(2, 2, 4, 64, torch.bfloat16, 1024)
-            with client.open_session(small, "full", device="cuda:0") as bystander:
+            with client.open_session(small, "full", device="cuda:0", extra_args=NO_WARMUP) as bystander:
                 kv = torch.randn(2, 2, 2, 512, 64, device="cuda:0", dtype=torch.bfloat16)
                 bystander.ingest(kv)
                 worker = subprocess.run(
