@@ -1,5 +1,7 @@
 """causal_attention (the layer-major prefill's chunk attention: a chunk's queries over the
-layer's K/V so far, aligned to the end) against an explicit mask on expanded heads."""
+layer's K/V so far, aligned to the end) against an explicit mask on expanded heads: the one-call
+masked path and the split path (earlier keys unmasked + the causal square, merged by
+log-sum-exp; flash on a GPU)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvrecall.client.hf import causal_attention, chunk_bounds
+from kvrecall.client.chunk_attention import causal_attention
+from kvrecall.client.hf import chunk_bounds
 
 
 def reference(query, keys, values, scale, group):
@@ -26,9 +29,10 @@ def inputs(n, S, Hq, H, D, dtype, device, seed):
 
 
 @pytest.mark.parametrize("n,S,Hq,H", [(5, 5, 4, 2), (7, 30, 4, 2), (16, 100, 8, 8), (1, 9, 6, 2), (33, 64, 4, 1)])
-def test_matches_an_explicit_end_aligned_mask(n, S, Hq, H):
+@pytest.mark.parametrize("split", [False, True])
+def test_matches_an_explicit_end_aligned_mask(n, S, Hq, H, split):
     q, k, v = inputs(n, S, Hq, H, 16, torch.float32, "cpu", n * S)
-    got = causal_attention(q, k, v, 0.25, Hq // H)
+    got = causal_attention(q, k, v, 0.25, Hq // H, split=split)
     assert torch.allclose(got, reference(q, k, v, 0.25, Hq // H), atol=1e-5)
 
 

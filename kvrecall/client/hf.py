@@ -38,12 +38,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvrecall.client.boundary import BoundaryDetector
+from kvrecall.client.chunk_attention import causal_attention
 from kvrecall.client.core import ModelSpec
 from kvrecall.client.ingest import PromptStream
 from kvrecall.client.staging import StagingBuffer
@@ -375,16 +375,6 @@ def chunk_attention(
             enable_gqa=group > 1,
         ))  # fmt: skip
     return out[0] if len(out) == 1 else torch.cat(out, dim=2)
-
-
-def causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, group: int):
-    """query [1, Hq, n, D], the last n of keys / values [1, H, S, D]: query i attends over keys
-    [0, S - n + i] (causal, aligned to the end; SDPA's own kernels, GQA unexpanded)."""
-    n, S = query.shape[2], keys.shape[2]
-    mask = None if n == S else causal_lower_right(n, S)
-    return F.scaled_dot_product_attention(
-        query, keys, values, attn_mask=mask, is_causal=n == S, scale=scale, enable_gqa=group > 1
-    )
 
 
 def layer_major_supported(model) -> bool:

@@ -43,7 +43,7 @@ def test_cuda_ipc_session(gpu_daemon, policy):
     if policy == "louiskv-pinned":  # a quarter of the budget keeps the ingest selection's best tokens
         policy, config = "louiskv", {"budget": 256, "pin_ingest": 0.25}
     with KVRecallClient(gpu_daemon.target, "gpu-worker") as client:
-        with client.open_session(SPEC, policy, config, device="cuda:0", extra_args=NO_WARMUP) as session:
+        with client.open_session(SPEC, policy, config, device="cuda:0") as session:
             assert session.keys.is_cuda and session.transport == 2  # TRANSPORT_CUDA_IPC
             queries = torch.randn(SPEC.num_layers, SPEC.num_query_heads, 16, SPEC.head_dim, device="cuda").bfloat16()
             session.ingest(kv[:, :, :, :prompt].contiguous(), queries[:, :, -max(1, session.observation):])

@@ -28,7 +28,7 @@ def test_a_busy_worker_stream_still_orders_its_query_before_the_daemon_reads_it(
     prompt = 900
     kv = torch.randn(SPEC.num_layers, 2, SPEC.num_kv_heads, prompt, SPEC.head_dim, device="cuda").bfloat16()
     with KVRecallClient(gpu_daemon.target, "event-worker") as client:
-        with client.open_session(SPEC, "louiskv", {"budget": 128}, device="cuda:0", extra_args=NO_WARMUP) as session:
+        with client.open_session(SPEC, "louiskv", {"budget": 128}, device="cuda:0") as session:
             assert session.core.publish_event is not None  # the daemon sent its event handle
             if not use_event:
                 session.core.publish_event = None  # the fallback: a stream sync in publish()
