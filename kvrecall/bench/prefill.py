@@ -173,6 +173,20 @@ def run_kvrecall(model, client, ids: torch.Tensor, args: argparse.Namespace, dev
     return result
 
 
+def profiled(device: torch.device, run) -> dict[str, Any]:
+    """`run` under torch.profiler: the top GPU kernels by total time (a table) and the sum of
+    the kernels' own time (prefill and decode steps together)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+    averages = prof.key_averages()
+    return {
+        "gpu_kernel_s": sum(event.self_device_time_total for event in averages) / 1e6,
+        "top": averages.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=70),
+    }
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     from kvrecall.client import KVRecallClient
     from kvrecall.local import LocalDaemon
@@ -202,6 +216,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 warm = run_kvrecall(model, client, ids, args, device)
                 log(f"context {T}: full KV ...")
                 full = run_full(model, ids, args.steps, device)
+                if args.kernels:  # diagnosis only: a profiled run of each, after the timed ones
+                    log(f"context {T}: profiled kvrecall and full prefills ...")
+                    results.setdefault("kernels", {})[str(T)] = {
+                        "kvrecall": profiled(device, lambda: run_kvrecall(model, client, ids, args, device)),
+                        "full": profiled(device, lambda: run_full(model, ids, args.steps, device)),
+                    }
                 full_kv = token_bytes * (T + args.steps)
                 results["contexts"][str(T)] = {
                     "full": full, "kvrecall_first": first, "kvrecall": warm, "full_kv_bytes": full_kv,
@@ -258,6 +278,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device-pool-gb", type=float, default=16.0, help="the daemon's device pool")
     parser.add_argument("--page-kb", type=int, default=2048, help="the daemon's host page size")
     parser.add_argument("--profile", action="store_true", help="record the seconds prefill spent in each kind of daemon call")
+    parser.add_argument("--kernels", action="store_true", help="after the timed runs, profile one of each: top GPU kernels")
     parser.add_argument("--daemon-warmup", default="bfloat16:128", help="the daemon's --warmup ('' = none)")
     args = parser.parse_args(argv)
     if args.shape is None:

@@ -48,7 +48,7 @@ def test_worker_freeing_ipc_staging_and_dying_mid_ingest(delay):
     with LocalDaemon(host_pool_gb=8.0, device_pool_gb=4.0, device="cuda:0", extra_args=NO_WARMUP) as daemon:
         with KVRecallClient(daemon.target, "bystander") as client:
             small = ModelSpec(2, 2, 4, 64, torch.bfloat16, 1024)
-            with client.open_session(small, "full", device="cuda:0", extra_args=NO_WARMUP) as bystander:
+            with client.open_session(small, "full", device="cuda:0") as bystander:
                 kv = torch.randn(2, 2, 2, 512, 64, device="cuda:0", dtype=torch.bfloat16)
                 bystander.ingest(kv)
                 worker = subprocess.run(
