@@ -9,7 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvrecall.client.chunk_attention import causal_attention
+from kvrecall.client.chunk_attention import (
+    attention_lse,
+    causal_attention,
+    choose_kernel,
+    merge,
+    reference_lse,
+)
 from kvrecall.client.hf import chunk_bounds
 
 
@@ -50,3 +56,28 @@ def test_chunk_bounds_keep_the_prompt_tail_in_one_chunk():
     assert chunk_bounds(10, 4, 3) == [(0, 4), (4, 10)]
     assert chunk_bounds(3, 4, 8) == [(0, 3)]
     assert chunk_bounds(8, 4, 4) == [(0, 4), (4, 8)]
+
+
+def test_the_lse_kernel_is_the_first_that_agrees_with_the_reference():
+    def log2_lse(q, k, v, scale, causal):  # a kernel with another convention for the log-sum-exp
+        out, lse = reference_lse(q, k, v, scale, causal)
+        return out, lse * 1.4426950408889634
+
+    def refuses(q, k, v, scale, causal):
+        raise RuntimeError("no kernel for this layout")
+
+    cpu = torch.device("cpu")
+    candidates = [("refuses", refuses), ("log2", log2_lse), ("reference", reference_lse), ("last", log2_lse)]
+    assert choose_kernel(candidates, cpu, torch.float32, 16)[0] == "reference"
+    assert choose_kernel(candidates[:2], cpu, torch.float32, 16)[0] == "log2"  # none agrees: the last
+
+
+@pytest.mark.parametrize("n,S", [(3, 10), (16, 16 + 40)])
+def test_the_two_halves_merge_into_attention_over_all_keys(n, S):
+    q, k, v = inputs(n, S, 4, 2, 16, torch.float32, "cpu", n)
+    earlier = S - n
+    stacked = q.reshape(1, 2, 2 * n, 16)
+    out, lse = attention_lse(stacked, k[:, :, :earlier], v[:, :, :earlier], 0.25, causal=False)
+    own = attention_lse(q, k[:, :, earlier:].repeat_interleave(2, 1), v[:, :, earlier:].repeat_interleave(2, 1), 0.25, True)
+    got = merge((out.reshape(1, 4, n, 16), lse.reshape(1, 4, n)), own)
+    assert torch.allclose(got, reference(q, k, v, 0.25, 2), atol=1e-5)

@@ -31,14 +31,19 @@ import torch
 from kvrecall.bench.common import run_metadata
 
 
-def _timed(device: torch.device, fn) -> float:
+def _timed(device: torch.device, fn, *args, **kwargs) -> float:
+    """Seconds fn(*args, **kwargs) takes, the device's queued work included."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    fn()
+    fn(*args, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started
+
+
+def _into(out: dict, fn, *args) -> None:
+    out["c"] = fn(*args)
 
 
 def profile_context(T: int, layers: int, device: torch.device, kernels: bool) -> dict:
@@ -64,19 +69,17 @@ def profile_context(T: int, layers: int, device: torch.device, kernels: bool) ->
     ctx = session.context()
     stages: dict[str, list[float]] = {name: [] for name in ("host_write", "window", "cluster", "rank", "table")}
     keys = kv[0, 0]
+    table = policy._table(device)
     for layer in range(layers - 1):  # the stages, layer by layer, outside the session (layer 0 warms)
-        part = kv[:, :, :, :]
-        times = {
-            "host_write": _timed(device, lambda: session.store.write(0, part, first_layer=layer)),
-            "window": _timed(device, lambda: session.ws.write_tokens(
-                part, 0, window_from, T, session.ws.window_slots(window_from, T), layers=slice(layer, layer + 1))),
-        }
+        slots = session.ws.window_slots(window_from, T)
         out = {}
-        times["cluster"] = _timed(device, lambda: out.setdefault(
-            "c", cluster_segments(keys, config.cluster_size, config.kmeans_iters, 0)))
-        times["rank"] = _timed(device, lambda: policy.ranking.rank_layer(ctx, layer, keys, queries[0]))
-        rows = slice(layer * H, (layer + 1) * H)
-        times["table"] = _timed(device, lambda: policy._table(device).put(rows, *out["c"]))
+        times = {
+            "host_write": _timed(device, session.store.write, 0, kv, first_layer=layer),
+            "window": _timed(device, session.ws.write_tokens, kv, 0, window_from, T, slots, layers=slice(layer, layer + 1)),
+            "cluster": _timed(device, _into, out, cluster_segments, keys, config.cluster_size, config.kmeans_iters, 0),
+            "rank": _timed(device, policy.ranking.rank_layer, ctx, layer, keys, queries[0]),
+        }  # fmt: skip
+        times["table"] = _timed(device, table.put, slice(layer * H, (layer + 1) * H), *out["c"])
         if layer:
             for name, seconds in times.items():
                 stages[name].append(seconds)
@@ -95,7 +98,7 @@ def profile_context(T: int, layers: int, device: torch.device, kernels: bool) ->
                 torch.cuda.synchronize(device)
             top = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
             continue
-        seconds = _timed(device, lambda: session.ingest(layer, kv, queries))
+        seconds = _timed(device, session.ingest, layer, kv, queries)
         if layer:
             ingest.append(seconds)
     session.release(registry.device_pool)

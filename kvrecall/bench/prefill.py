@@ -173,13 +173,13 @@ def run_kvrecall(model, client, ids: torch.Tensor, args: argparse.Namespace, dev
     return result
 
 
-def profiled(device: torch.device, run) -> dict[str, Any]:
-    """`run` under torch.profiler: the top GPU kernels by total time (a table) and the sum of
+def profiled(device: torch.device, run, *args) -> dict[str, Any]:
+    """run(*args) under torch.profiler: the top GPU kernels by total time (a table) and the sum of
     the kernels' own time (prefill and decode steps together)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run()
+        run(*args)
     averages = prof.key_averages()
     return {
         "gpu_kernel_s": sum(event.self_device_time_total for event in averages) / 1e6,
@@ -219,8 +219,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 if args.kernels:  # diagnosis only: a profiled run of each, after the timed ones
                     log(f"context {T}: profiled kvrecall and full prefills ...")
                     results.setdefault("kernels", {})[str(T)] = {
-                        "kvrecall": profiled(device, lambda: run_kvrecall(model, client, ids, args, device)),
-                        "full": profiled(device, lambda: run_full(model, ids, args.steps, device)),
+                        "kvrecall": profiled(device, run_kvrecall, model, client, ids, args, device),
+                        "full": profiled(device, run_full, model, ids, args.steps, device),
                     }
                 full_kv = token_bytes * (T + args.steps)
                 results["contexts"][str(T)] = {

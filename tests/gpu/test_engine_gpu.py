@@ -11,8 +11,8 @@ from kvrecall.client import KVRecallClient
 from kvrecall.client.hf import spec_for
 from kvrecall.engine import DecoderWeights, Engine
 from kvrecall.local import LocalDaemon
-from tests.gpu import NO_WARMUP
 from kvrecall.v1 import kvrecall_pb2 as pb
+from tests.gpu import NO_WARMUP
 
 pytestmark = pytest.mark.gpu
 transformers = pytest.importorskip("transformers")

@@ -8,8 +8,8 @@ import torch
 
 from kvrecall.client import KVRecallClient, ModelSpec
 from kvrecall.local import LocalDaemon
-from tests.gpu import NO_WARMUP
 from kvrecall.prefix import declare
+from tests.gpu import NO_WARMUP
 from tests.integration.test_prefixes import (
     DOC,
     DOC_IDS,
