@@ -26,13 +26,17 @@ log = logging.getLogger("kvrecall.warmup")
 WORKER = "kvrecall-warmup"
 PROMPT = 640
 LONG_PROMPT = 4800  # more than the selection kernel's small variant of units per row (256 at 16 tokens each)
+# Triton specialises an integer argument on whether it is a multiple of 16: 4,800 tokens make
+# 300 clusters (not one), 8,192 make 512 (one, as every full 8K k-means segment of a long prompt
+# does), so the k-means and selection kernels are compiled for both.
+SEGMENT_PROMPT = 8192
 # (policy, prompt tokens): every policy once, and louiskv at budgets that reach each compiled
 # variant of the placement kernel (kvrecall.kernels.placement_triton.RETRIEVED_BLOCKS) and of
 # the selection kernel (budget_triton: up to SMALL_UNITS units per row, and more).
 POLICIES = (
     (pb.PolicyConfig(name="louiskv", louiskv=pb.LouisKVConfig(budget=128)), PROMPT),
     (pb.PolicyConfig(name="louiskv", louiskv=pb.LouisKVConfig(budget=128, ingest_select="units")), PROMPT),
-    (pb.PolicyConfig(name="louiskv", louiskv=pb.LouisKVConfig(budget=1024)), LONG_PROMPT),
+    (pb.PolicyConfig(name="louiskv", louiskv=pb.LouisKVConfig(budget=1024)), SEGMENT_PROMPT),
     (pb.PolicyConfig(name="louiskv", louiskv=pb.LouisKVConfig(budget=4000)), LONG_PROMPT),
     (pb.PolicyConfig(name="quest", quest=pb.QuestConfig(budget=128)), PROMPT),
     (pb.PolicyConfig(name="windowkv", windowkv=pb.WindowKVConfig(budget=128, keep_pruned_in_host=True)), PROMPT),
