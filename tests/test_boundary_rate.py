@@ -94,3 +94,37 @@ def test_louiskv_target_rate_reaches_the_workers_detector(client):
         assert session.boundary_target_rate == 0.0 and session.boundary_threshold == pytest.approx(0.75)
     with pytest.raises(InvalidArgumentError, match="target_rate"):
         client.open_session(spec, "louiskv", {**base, "target_rate": 1.0})
+
+
+@pytest.mark.parametrize("gap", [0, 1, 3])
+def test_min_gap_keeps_the_rule_quiet_after_any_retrieval(gap):
+    """A signal always below the threshold fires at every step without a gap, and once every
+    gap + 1 steps with one; a retrieval outside the rule (a chunk's) restarts the count."""
+    detector = BoundaryDetector(pb.BOUNDARY_MODE_THRESHOLD, 0.75, 2, min_gap=gap)
+    detector.similarity = [0.1, 0.1]
+    fired = [detector.is_boundary() for _ in range(12)]
+    assert fired == [(step + 1) % (gap + 1) == 0 for step in range(12)]
+    detector.note_retrieval()
+    after = [detector.is_boundary() for _ in range(gap + 1)]
+    assert after == [False] * gap + [True]
+
+
+def test_min_gap_range():
+    with pytest.raises(ValueError, match="min_gap"):
+        BoundaryDetector(pb.BOUNDARY_MODE_THRESHOLD, 0.75, 4, min_gap=-1)
+
+
+def test_louiskv_min_gap_reaches_the_workers_detector(client):
+    from kvrecall.client import InvalidArgumentError
+    from kvrecall.client.core import ModelSpec
+    from kvrecall.client.hf import KVRecallCache
+
+    spec = ModelSpec(num_layers=2, num_kv_heads=1, num_query_heads=2, head_dim=16, dtype=torch.float32, max_tokens=256)
+    base = {"budget": 32, "n_sink": 4, "window": 32}
+    with client.open_session(spec, "louiskv", {**base, "min_gap": 4}) as session:
+        assert session.boundary_min_gap == 4
+        assert KVRecallCache(session).detector.min_gap == 4
+    with client.open_session(spec, "louiskv", base) as session:
+        assert session.boundary_min_gap == 0
+    with pytest.raises(InvalidArgumentError, match="min_gap"):
+        client.open_session(spec, "louiskv", {**base, "min_gap": 1 << 17})

@@ -16,6 +16,10 @@ Two rules decide on that signal (BOUNDARY_MODE_THRESHOLD):
   r-quantile of the session's own signal (stochastic approximation). Summed over T steps the
   moves telescope, so the session's rate is r within |threshold_T - threshold_0| /
   (RATE_STEP * T): it holds r on any model, the signal being bounded (a cosine).
+
+With `min_gap` g > 0 neither rule fires in the first g decode steps after a retrieval (the
+prompt's first selection, a chunk's, or a boundary's): a short answer right after a question
+does not re-retrieve while its first tokens drift from the question's last query.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class BoundaryDetector:
     num_layers: int
     aggregate: str = "mean"   # "mean" | "min" over layers
     target_rate: float = 0.0  # > 0: hold this share of steps retrieving (the threshold adapts)
+    min_gap: int = 0          # decode steps after a retrieval in which no boundary fires
     reference: list[torch.Tensor | None] = field(default_factory=list)  # per layer [Hq, D]
     similarity: list[float] = field(default_factory=list)               # per layer, this step
 
@@ -54,8 +59,15 @@ class BoundaryDetector:
             raise ValueError("aggregate must be 'mean' or 'min'")
         if not 0.0 <= self.target_rate < 1.0:
             raise ValueError("target_rate must be in [0, 1)")
+        if self.min_gap < 0:
+            raise ValueError("min_gap must be >= 0")
+        self.since = 0  # decode steps since the last retrieval
         self.reference = [None] * self.num_layers
         self.similarity = [1.0] * self.num_layers
+
+    def note_retrieval(self) -> None:
+        """A retrieval happened outside the rule (a prompt's or a chunk's): min_gap counts from here."""
+        self.since = 0
 
     def set_reference(self, layer: int, query: torch.Tensor) -> None:
         """query: [Hq, D], the query a retrieval was made for."""
@@ -82,7 +94,10 @@ class BoundaryDetector:
         if self.mode == pb.BOUNDARY_MODE_EVERY_STEP:
             return True
         if self.mode == pb.BOUNDARY_MODE_THRESHOLD:
-            fired = self.score() < self.threshold
+            self.since += 1
+            fired = self.score() < self.threshold and self.since > self.min_gap
             self.threshold = next_threshold(self.threshold, fired, self.target_rate)
+            if fired:
+                self.since = 0
             return fired
         return False

@@ -172,6 +172,11 @@ class SessionCore:
         return float(self.policy_config.get("target_rate") or 0.0)
 
     @property
+    def boundary_min_gap(self) -> int:
+        # decode steps after a retrieval in which the rule does not fire (louiskv `min_gap`)
+        return int(self.policy_config.get("min_gap") or 0)
+
+    @property
     def boundary_pre_rope(self) -> bool:
         return self.info.boundary.pre_rope
 

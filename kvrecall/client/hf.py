@@ -154,7 +154,8 @@ class KVRecallCache(Cache):
         self.group = spec.num_query_heads // spec.num_kv_heads
         super().__init__(layers=[_Layer(self, i) for i in range(spec.num_layers)])
         self.detector = BoundaryDetector(
-            session.boundary_mode, session.boundary_threshold, spec.num_layers, aggregate, session.boundary_target_rate
+            session.boundary_mode, session.boundary_threshold, spec.num_layers, aggregate,
+            session.boundary_target_rate, getattr(session, "boundary_min_gap", 0),
         )
         self.per_layer_retrieval = session.boundary_mode == pb.BOUNDARY_MODE_EVERY_STEP
         self.retrieves = session.boundary_mode in (pb.BOUNDARY_MODE_EVERY_STEP, pb.BOUNDARY_MODE_THRESHOLD)
@@ -325,6 +326,7 @@ class KVRecallCache(Cache):
     def _reference_all(self, queries: torch.Tensor, position: int) -> None:
         """Reset every layer's reference to queries [L, Hq, D] (post-RoPE) at `position`."""
         modules = self._attention_modules or [None] * self.num_layers
+        self.detector.note_retrieval()
         for layer in range(self.num_layers):
             self.detector.set_reference(layer, self._signal_query(modules[layer], queries[layer], position))
 

@@ -45,6 +45,8 @@ class SessionBatch:
         self.similarity = torch.zeros(batch, num_layers, dtype=torch.float32, device=device)
         self.threshold = torch.full((batch,), NEVER, dtype=torch.float32, device=device)
         self.target_rate = torch.zeros(batch, dtype=torch.float32, device=device)  # > 0: the threshold adapts
+        self.min_gap = torch.zeros(batch, dtype=torch.int32, device=device)  # steps after a retrieval with no flag
+        self.since = torch.zeros(batch, dtype=torch.int32, device=device)  # decode steps since the last retrieval
         self.flags = torch.zeros(batch, dtype=torch.bool, device=device)
 
     def attend(
@@ -57,7 +59,10 @@ class SessionBatch:
         self.similarity[:, layer] = cosine.mean(dim=-1)
         out = attend(self.tables, layer, q, self.scale, self.workspace, impl=self.impl)
         if layer == self.num_layers - 1:
+            self.since.add_(1)
             torch.lt(self.similarity.mean(dim=1), self.threshold, out=self.flags)
+            self.flags.logical_and_(self.since > self.min_gap)
+            self.since.masked_fill_(self.flags, 0)
             self.threshold.copy_(next_threshold(self.threshold, self.flags.float(), self.target_rate))
         return out
 
@@ -70,6 +75,8 @@ class SessionBatch:
         threshold = {pb.BOUNDARY_MODE_THRESHOLD: core.boundary_threshold, pb.BOUNDARY_MODE_EVERY_STEP: ALWAYS}
         self.threshold[b] = threshold.get(mode, NEVER)
         self.target_rate[b] = core.boundary_target_rate if mode == pb.BOUNDARY_MODE_THRESHOLD else 0.0
+        self.min_gap[b] = getattr(core, "boundary_min_gap", 0)
+        self.since[b] = 0
         self.reference[b].zero_()
         self.flags[b] = False
 
@@ -77,8 +84,10 @@ class SessionBatch:
         self.tables.clear(b)
         self.threshold[b] = NEVER
         self.target_rate[b] = 0.0
+        self.min_gap[b] = 0
         self.flags[b] = False
 
     def set_reference(self, b: int, queries: torch.Tensor | None = None) -> None:
         """The query of slot b's last retrieval: queries [L, Hq, D], or this step's."""
         self.reference[b].copy_(self.latest[b] if queries is None else queries.float())
+        self.since[b] = 0

@@ -34,7 +34,7 @@ class AgreedBoundaryDetector(BoundaryDetector):
         """The agreeing twin of `detector` (same rule, threshold, layers and aggregation)."""
         return AgreedBoundaryDetector(
             detector.mode, detector.threshold, detector.num_layers, detector.aggregate, detector.target_rate,
-            group=group,
+            detector.min_gap, group=group,
         )
 
     def observe(self, layer: int, query: torch.Tensor) -> None:

@@ -63,3 +63,37 @@ def test_target_rate_thresholds_move_per_slot_like_the_worker_rule(device):
             assert float(batch.threshold[b]) == pytest.approx(detector.threshold, abs=1e-5)
     assert float(batch.threshold[1]) == pytest.approx(0.3)
     assert len({round(float(t), 4) for t in batch.threshold}) > 2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_min_gap_silences_slots_like_the_worker_rule(device):
+    """Slots with a min_gap raise no flag in the steps after a retrieval (the flag's own, or a
+    reference set between steps), exactly as BoundaryDetector decides."""
+    torch.manual_seed(7)
+    B, L, Hq, H, D = 4, 2, 4, 2, 32
+    batch = SessionBatch(B, L, Hq, H, D, 128, torch.device(device), torch.float32, D**-0.5, impl="reference")
+    reference = torch.randn(B, L, Hq, D, device=device)
+    batch.reference.copy_(reference)
+    gaps = [0, 1, 2, 5]
+    batch.threshold.fill_(0.5)
+    batch.min_gap.copy_(torch.tensor(gaps, dtype=torch.int32, device=device))
+    detectors = [BoundaryDetector(pb.BOUNDARY_MODE_THRESHOLD, 0.5, L, min_gap=g) for g in gaps]
+    for b, detector in enumerate(detectors):
+        for layer in range(L):
+            detector.set_reference(layer, reference[b, layer])
+    k = torch.randn(B, H, D, device=device)
+    fired = [0] * B
+    for step in range(14):
+        if step == 7:  # a retrieval outside the rule on slot 3 (as a chunk's): both restart the count
+            batch.set_reference(3, reference[3])
+            detectors[3].note_retrieval()
+        queries = [reference[:, layer] + 2.0 * torch.randn(B, Hq, D, device=device) for layer in range(L)]
+        for layer, q in enumerate(queries):
+            batch.attend(layer, q, k, k, torch.zeros(B, dtype=torch.int64, device=device))
+        for b, detector in enumerate(detectors):
+            for layer in range(L):
+                detector.observe(layer, queries[layer][b])
+            decided = detector.is_boundary()
+            assert bool(batch.flags[b]) == decided, (step, b)
+            fired[b] += decided
+    assert fired[0] > fired[3] > 0

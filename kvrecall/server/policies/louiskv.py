@@ -75,6 +75,7 @@ class LouisKVConfig:
     aggregate: str = "max"  # grouped query heads: "max" or "sum" of unit scores
     pin_ingest: float = 0.25  # budget fraction keeping the best ingest tokens through retrievals
     target_rate: float = 0.0  # > 0: the worker's threshold adapts to retrieve on this share of steps
+    min_gap: int = 0  # decode steps after a retrieval (the prompt's, a chunk's, a boundary's) with no boundary
 
     def __post_init__(self) -> None:
         check_resident(self)
@@ -88,6 +89,7 @@ class LouisKVConfig:
         check(self.chunk_select in ("tokens", "units"), "chunk_select", "must be 'tokens' or 'units'")
         check(0.0 <= self.pin_ingest <= 1.0, "pin_ingest", "must be in [0, 1]")
         check(0.0 <= self.target_rate < 1.0, "target_rate", "must be in [0, 1) (0: the fixed threshold)")
+        check(0 <= self.min_gap <= 1 << 16, "min_gap", "must be in [0, 65536] (0: the rule may fire at any step)")
 
     @property
     def pinned_tokens(self) -> int:
