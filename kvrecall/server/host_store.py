@@ -85,14 +85,13 @@ class SequenceStore:
         """Store kv [l, 2, H_kv, n, D] (layers [first_layer, first_layer + l)) as tokens
         [start, start + n)."""
         n, layers = kv.shape[3], slice(first_layer, first_layer + kv.shape[0])
-        if kv.is_cuda and self._page_base_dev.device == kv.device and self._flat.is_pinned():
+        if kv.is_cuda and self.pool.kind == "pinned" and self._page_base_dev.device == kv.device:
             # One launch writing the pinned pages over PCIe; a copy per page would be a D2H
             # transfer and a stream sync each (2,048 per layer of a 32K prompt at 16 tokens a page).
             kernels.store_tokens(kv, start, first_layer, self._flat, self._page_base_dev, self.tokens_per_page)
-            self.num_tokens = max(self.num_tokens, start + n)
-            return
-        for index, slot, count, offset in self._chunks(start, start + n):
-            self.page(index)[layers, :, :, slot : slot + count].copy_(kv[:, :, :, offset : offset + count])
+        else:
+            for index, slot, count, offset in self._chunks(start, start + n):
+                self.page(index)[layers, :, :, slot : slot + count].copy_(kv[:, :, :, offset : offset + count])
         self.num_tokens = max(self.num_tokens, start + n)
 
     def read(self, kv_index: int, layer: int, start: int, end: int) -> torch.Tensor:
