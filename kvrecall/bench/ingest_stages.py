@@ -28,22 +28,16 @@ import time
 
 import torch
 
-from kvrecall.bench.common import run_metadata
+from kvrecall.bench.common import run_metadata, sync
 
 
-def _timed(device: torch.device, fn, *args, **kwargs) -> float:
-    """Seconds fn(*args, **kwargs) takes, the device's queued work included."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _timed(device: torch.device, fn, *args, **kwargs) -> tuple[float, object]:
+    """(seconds fn(*args, **kwargs) takes, the device's queued work included; its result)."""
+    sync(device)
     started = time.perf_counter()
-    fn(*args, **kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
-
-
-def _into(out: dict, fn, *args) -> None:
-    out["c"] = fn(*args)
+    value = fn(*args, **kwargs)
+    sync(device)
+    return time.perf_counter() - started, value
 
 
 def profile_context(T: int, layers: int, device: torch.device, kernels: bool) -> dict:
@@ -72,14 +66,13 @@ def profile_context(T: int, layers: int, device: torch.device, kernels: bool) ->
     table = policy._table(device)
     for layer in range(layers - 1):  # the stages, layer by layer, outside the session (layer 0 warms)
         slots = session.ws.window_slots(window_from, T)
-        out = {}
         times = {
-            "host_write": _timed(device, session.store.write, 0, kv, first_layer=layer),
-            "window": _timed(device, session.ws.write_tokens, kv, 0, window_from, T, slots, layers=slice(layer, layer + 1)),
-            "cluster": _timed(device, _into, out, cluster_segments, keys, config.cluster_size, config.kmeans_iters, 0),
-            "rank": _timed(device, policy.ranking.rank_layer, ctx, layer, keys, queries[0]),
+            "host_write": _timed(device, session.store.write, 0, kv, first_layer=layer)[0],
+            "window": _timed(device, session.ws.write_tokens, kv, 0, window_from, T, slots, layers=slice(layer, layer + 1))[0],
+            "rank": _timed(device, policy.ranking.rank_layer, ctx, layer, keys, queries[0])[0],
         }  # fmt: skip
-        times["table"] = _timed(device, table.put, slice(layer * H, (layer + 1) * H), *out["c"])
+        times["cluster"], clusters = _timed(device, cluster_segments, keys, config.cluster_size, config.kmeans_iters, 0)
+        times["table"] = _timed(device, table.put, slice(layer * H, (layer + 1) * H), *clusters)[0]
         if layer:
             for name, seconds in times.items():
                 stages[name].append(seconds)
@@ -98,7 +91,7 @@ def profile_context(T: int, layers: int, device: torch.device, kernels: bool) ->
                 torch.cuda.synchronize(device)
             top = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
             continue
-        seconds = _timed(device, session.ingest, layer, kv, queries)
+        seconds = _timed(device, session.ingest, layer, kv, queries)[0]
         if layer:
             ingest.append(seconds)
     session.release(registry.device_pool)
