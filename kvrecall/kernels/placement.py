@@ -29,18 +29,23 @@ def _check_host_pages(
     for name, tensor in (("keys", keys), ("values", values)):
         if not tensor.is_contiguous():
             raise ValueError(f"{name}: must be contiguous")
-    check_tensor("host", host, rank=1)
-    if host.dtype != keys.dtype:
-        raise ValueError(f"host: dtype {host.dtype} differs from keys' {keys.dtype}")
-    check_tensor("page_base", page_base, rank=1, dtypes=(torch.int64,))
+    _check_pages("keys", keys, host, page_base, tokens_per_page)
     if page_base.device != keys.device:
         raise ValueError(f"page_base: on {page_base.device}, expected {keys.device} (like keys)")
-    check_int("tokens_per_page", tokens_per_page, 1)
     check_int("num_kv_heads", num_kv_heads, 1)
     if keys.shape[0] % num_kv_heads:
         raise ValueError(f"keys: {keys.shape[0]} rows is not a multiple of num_kv_heads={num_kv_heads}")
-    if keys.device.type == host.device.type == "cuda" and keys.device != host.device:
-        raise ValueError(f"host: on {host.device}, keys on {keys.device}: one GPU only")
+
+
+def _check_pages(name: str, source: torch.Tensor, host: torch.Tensor, page_base: torch.Tensor, tokens_per_page: int) -> None:
+    """The host pool and page table a write of `source` (named `name`) goes through."""
+    check_tensor("host", host, rank=1)
+    if host.dtype != source.dtype:
+        raise ValueError(f"host: dtype {host.dtype} differs from {name}'s dtype {source.dtype}")
+    check_tensor("page_base", page_base, rank=1, dtypes=(torch.int64,))
+    check_int("tokens_per_page", tokens_per_page, 1)
+    if source.device.type == host.device.type == "cuda" and source.device != host.device:
+        raise ValueError(f"host: on {host.device}, {name} on {source.device}: one GPU only")
 
 
 def place_retrieved(
@@ -204,20 +209,14 @@ def store_tokens(
     check_tensor("kv", kv, rank=5)
     if kv.shape[1] != 2:
         raise ValueError(f"kv: shape {tuple(kv.shape)}, expected [layers, 2, heads, tokens, dim]")
-    check_tensor("host", host, rank=1)
-    if host.dtype != kv.dtype:
-        raise ValueError(f"host: dtype {host.dtype} differs from kv's {kv.dtype}")
-    check_tensor("page_base", page_base, rank=1, dtypes=(torch.int64,))
+    _check_pages("kv", kv, host, page_base, tokens_per_page)
     check_int("start", start, 0)
     check_int("first_layer", first_layer, 0)
-    check_int("tokens_per_page", tokens_per_page, 1)
     end = start + kv.shape[3]
     if end > page_base.numel() * tokens_per_page:
         raise ValueError(f"kv: tokens up to {end} pass the {page_base.numel() * tokens_per_page} positions of the pages")
     if kv.is_cuda and page_base.device != kv.device:
         raise ValueError(f"page_base: on {page_base.device}, expected {kv.device} (like kv)")
-    if kv.device.type == host.device.type == "cuda" and kv.device != host.device:
-        raise ValueError(f"host: on {host.device}, kv on {kv.device}: one GPU only")
     device = kv.device if kv.device.type == "cuda" else host.device
     if use_triton(impl, device):
         from kvrecall.kernels.placement_triton import store_tokens_triton
