@@ -155,7 +155,7 @@ class KVRecallCache(Cache):
         super().__init__(layers=[_Layer(self, i) for i in range(spec.num_layers)])
         self.detector = BoundaryDetector(
             session.boundary_mode, session.boundary_threshold, spec.num_layers, aggregate,
-            session.boundary_target_rate, getattr(session, "boundary_min_gap", 0),
+            session.boundary_target_rate, session.boundary_min_gap,
         )
         self.per_layer_retrieval = session.boundary_mode == pb.BOUNDARY_MODE_EVERY_STEP
         self.retrieves = session.boundary_mode in (pb.BOUNDARY_MODE_EVERY_STEP, pb.BOUNDARY_MODE_THRESHOLD)

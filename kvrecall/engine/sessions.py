@@ -75,7 +75,7 @@ class SessionBatch:
         threshold = {pb.BOUNDARY_MODE_THRESHOLD: core.boundary_threshold, pb.BOUNDARY_MODE_EVERY_STEP: ALWAYS}
         self.threshold[b] = threshold.get(mode, NEVER)
         self.target_rate[b] = core.boundary_target_rate if mode == pb.BOUNDARY_MODE_THRESHOLD else 0.0
-        self.min_gap[b] = getattr(core, "boundary_min_gap", 0)
+        self.min_gap[b] = core.boundary_min_gap
         self.since[b] = 0
         self.reference[b].zero_()
         self.flags[b] = False
