@@ -35,31 +35,51 @@ def test_device_flag_equals_the_worker_rule(device):
         assert flags[b] == detector.is_boundary(), (b, detector.score())
 
 
+B, L, Hq, H, D = 4, 2, 4, 2, 32  # the per-slot rule tests below
+
+
+def _slots_and_detectors(device, seed: int, threshold: float, **rule: list):
+    """A SessionBatch of B slots and a BoundaryDetector per slot, both at `threshold` with the
+    same random references; rule: one detector field (target_rate / min_gap) given per slot,
+    set on the batch's tensor of that name too. Returns (batch, reference, detectors, k)."""
+    torch.manual_seed(seed)
+    batch = SessionBatch(B, L, Hq, H, D, 128, torch.device(device), torch.float32, D**-0.5, impl="reference")
+    reference = torch.randn(B, L, Hq, D, device=device)
+    batch.reference.copy_(reference)
+    batch.threshold.fill_(threshold)
+    ((name, values),) = rule.items()
+    getattr(batch, name).copy_(torch.tensor(values, dtype=getattr(batch, name).dtype, device=device))
+    detectors = [BoundaryDetector(pb.BOUNDARY_MODE_THRESHOLD, threshold, L, **{name: value}) for value in values]
+    for b, detector in enumerate(detectors):
+        for layer in range(L):
+            detector.set_reference(layer, reference[b, layer])
+    return batch, reference, detectors, torch.randn(B, H, D, device=device)
+
+
+def _step(batch, detectors, reference, k, noise: float) -> list[bool]:
+    """One decode step of random queries `noise` away from the references, on the batch and on
+    every detector; returns the detectors' decisions."""
+    device = reference.device
+    queries = [reference[:, layer] + noise * torch.randn(B, Hq, D, device=device) for layer in range(L)]
+    for layer, q in enumerate(queries):
+        batch.attend(layer, q, k, k, torch.zeros(B, dtype=torch.int64, device=device))
+    decisions = []
+    for b, detector in enumerate(detectors):
+        for layer in range(L):
+            detector.observe(layer, queries[layer][b])
+        decisions.append(detector.is_boundary())
+    return decisions
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_target_rate_thresholds_move_per_slot_like_the_worker_rule(device):
     """Slots with a target rate move their threshold after each step exactly as
     BoundaryDetector does; slots without keep theirs."""
-    torch.manual_seed(6)
-    B, L, Hq, H, D = 4, 2, 4, 2, 32
-    batch = SessionBatch(B, L, Hq, H, D, 128, torch.device(device), torch.float32, D**-0.5, impl="reference")
-    reference = torch.randn(B, L, Hq, D, device=device)
-    batch.reference.copy_(reference)
-    rates = [0.1, 0.0, 0.3, 0.5]
-    batch.threshold.fill_(0.3)
-    batch.target_rate.copy_(torch.tensor(rates, device=device))
-    detectors = [BoundaryDetector(pb.BOUNDARY_MODE_THRESHOLD, 0.3, L, target_rate=r) for r in rates]
-    for b, detector in enumerate(detectors):
-        for layer in range(L):
-            detector.set_reference(layer, reference[b, layer])
-    k = torch.randn(B, H, D, device=device)
+    batch, reference, detectors, k = _slots_and_detectors(device, 6, 0.3, target_rate=[0.1, 0.0, 0.3, 0.5])
     for _ in range(12):
-        queries = [reference[:, layer] + 1.2 * torch.randn(B, Hq, D, device=device) for layer in range(L)]
-        for layer, q in enumerate(queries):
-            batch.attend(layer, q, k, k, torch.zeros(B, dtype=torch.int64, device=device))
+        decisions = _step(batch, detectors, reference, k, 1.2)
         for b, detector in enumerate(detectors):
-            for layer in range(L):
-                detector.observe(layer, queries[layer][b])
-            assert bool(batch.flags[b]) == detector.is_boundary()
+            assert bool(batch.flags[b]) == decisions[b]
             assert float(batch.threshold[b]) == pytest.approx(detector.threshold, abs=1e-5)
     assert float(batch.threshold[1]) == pytest.approx(0.3)
     assert len({round(float(t), 4) for t in batch.threshold}) > 2
@@ -69,31 +89,14 @@ def test_target_rate_thresholds_move_per_slot_like_the_worker_rule(device):
 def test_min_gap_silences_slots_like_the_worker_rule(device):
     """Slots with a min_gap raise no flag in the steps after a retrieval (the flag's own, or a
     reference set between steps), exactly as BoundaryDetector decides."""
-    torch.manual_seed(7)
-    B, L, Hq, H, D = 4, 2, 4, 2, 32
-    batch = SessionBatch(B, L, Hq, H, D, 128, torch.device(device), torch.float32, D**-0.5, impl="reference")
-    reference = torch.randn(B, L, Hq, D, device=device)
-    batch.reference.copy_(reference)
-    gaps = [0, 1, 2, 5]
-    batch.threshold.fill_(0.5)
-    batch.min_gap.copy_(torch.tensor(gaps, dtype=torch.int32, device=device))
-    detectors = [BoundaryDetector(pb.BOUNDARY_MODE_THRESHOLD, 0.5, L, min_gap=g) for g in gaps]
-    for b, detector in enumerate(detectors):
-        for layer in range(L):
-            detector.set_reference(layer, reference[b, layer])
-    k = torch.randn(B, H, D, device=device)
+    batch, reference, detectors, k = _slots_and_detectors(device, 7, 0.5, min_gap=[0, 1, 2, 5])
     fired = [0] * B
     for step in range(14):
         if step == 7:  # a retrieval outside the rule on slot 3 (as a chunk's): both restart the count
             batch.set_reference(3, reference[3])
             detectors[3].note_retrieval()
-        queries = [reference[:, layer] + 2.0 * torch.randn(B, Hq, D, device=device) for layer in range(L)]
-        for layer, q in enumerate(queries):
-            batch.attend(layer, q, k, k, torch.zeros(B, dtype=torch.int64, device=device))
-        for b, detector in enumerate(detectors):
-            for layer in range(L):
-                detector.observe(layer, queries[layer][b])
-            decided = detector.is_boundary()
-            assert bool(batch.flags[b]) == decided, (step, b)
-            fired[b] += decided
+        decisions = _step(batch, detectors, reference, k, 2.0)
+        for b in range(B):
+            assert bool(batch.flags[b]) == decisions[b], (step, b)
+            fired[b] += decisions[b]
     assert fired[0] > fired[3] > 0

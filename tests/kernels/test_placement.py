@@ -141,12 +141,12 @@ def test_many_sessions_in_one_launch_match_each_alone(triton_device, impl, dtype
 def test_many_sessions_of_unlike_shapes_are_refused(device) -> None:
     pages = Pages(1, 2, 8, per_page=4, pages=4, dtype=torch.float32, device=device, seed=0)
 
-    def part(capacity: int) -> tuple[torch.Tensor, ...]:
+    def session(capacity: int) -> tuple[torch.Tensor, ...]:
         return (torch.full((2, capacity), -1, dtype=torch.int32, device=device),
                 torch.zeros(2, capacity, 8, device=device), torch.zeros(2, capacity, 8, device=device),
                 pages.page_base, torch.zeros((), dtype=torch.int64, device=device))  # fmt: skip
 
-    part, other = part(6), part(7)
+    part, other = session(6), session(7)
     selection = torch.full((4, 3), -1, device=device)
     with pytest.raises(ValueError, match=r"parts\[1\].slot_pos"):
         K.place_retrieved_many([part, other], selection, 1, pages.host, 4, 2)
