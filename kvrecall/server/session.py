@@ -306,12 +306,13 @@ class Session:
             self.ws.note_resident()
         return Placement()
 
-    def finish(self, *placements: Placement | None) -> None:
+    def finish(self, *placements: Placement | None, synced: bool = False) -> None:
         """Complete this session's queued GPU work before the answer lets the worker read
-        (the daemon's current stream only; never a device-wide sync), then account the
-        operation's placements (their counts are on the host by then), those of operations
-        run without `finish` included."""
-        if self.ws.keys.is_cuda:
+        (the daemon's current stream only; never a device-wide sync; `synced`: the caller
+        just did, for several sessions at once), then account the operation's placements
+        (their counts are on the host by then), those of operations run without `finish`
+        included."""
+        if self.ws.keys.is_cuda and not synced:
             torch.cuda.current_stream(self.ws.keys.device).synchronize()
         placements = (*self.unfinished, *placements)
         self.unfinished.clear()

@@ -82,7 +82,7 @@ def serve_step(sessions: list[Session], events: list[pb.StepEvent]) -> tuple[lis
         if device is not None and device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()
         for session in sessions:
-            session.finish()
+            session.finish(synced=True)  # the one sync above covered every session's work
     return outcomes, len(groups)
 
 
