@@ -2,10 +2,14 @@
 # The GPU tests, `kvrecall bench e2e` and the prefill bench in one device call on nvidia-h200-x2
 # (2 GPUs, 256 GiB host memory: the 128K x 8 host tier alone is 128 GiB). Carry .whl/eval
 # (scripts/fetch_gpu_wheels.sh: the grpc wheels the GPU image lacks and the transformers version
-# tested on CPU). Writes under $OUT: env.txt, tests.log, e2e-step.json/.png (GPU 0: contexts x
+# tested on CPU), and .triton-cache when an earlier run left one (TRITON_CACHE_DIR: the daemon's
+# kernel warm-up then loads instead of compiling, minutes less per fresh machine).
+# Writes under $OUT (a device call returns 8 files): e2e-step.json/.png (GPU 0: contexts x
 # batches), prefill.json and e2e-load.json (capped GPU KV throughput and 64 sequences) from the
-# last GPU while GPU 0 runs the step bench, kernel-tests.log, bench logs. Time limits per part:
-# TEST_S, KERNEL_TEST_S, STEP_S, PREFILL_S, LOAD_S; TESTS: the test paths (their gpu-marked tests run).
+# last GPU while GPU 0 runs the step bench, logs.tgz (env.txt, the test and bench logs, the
+# kernels Triton compiled) and, with SAVE_CACHE=1, triton-cache.tgz to carry next time.
+# Time limits per part: FILE_S (per test file), STEP_S, PREFILL_S, LOAD_S; TESTS: the test files
+# (scripts/gpu_tests.sh), KERNEL_TESTS: kernel test files run natively.
 #   usage: [PARTS=tests,step,load,prefill] bash scripts/gpu_e2e.sh [step-contexts] [batches]
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -14,6 +18,8 @@ CONTEXTS=${1:-32768,131072} BATCHES=${2:-1,8}
 SITE=/tmp/kvrecall-site; mkdir -p "$SITE"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $(ls .whl/eval/*.whl 2>/dev/null | grep -v gguf || ls .whl/grpc/*.whl) || exit 2
 export PYTHONPATH=$SITE:$PWD
+export TRITON_CACHE_DIR=$PWD/.triton-cache; mkdir -p "$TRITON_CACHE_DIR"; STARTED=$(date +%s)
+echo "triton cache: $(find "$TRITON_CACHE_DIR" -name '*.json' ! -name '__grp__*' | wc -l) kernels carried"
 {
   date -u; nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv; nproc; free -g | head -2
   python3 -c "import torch,triton,grpc,cupy,transformers;print('torch',torch.__version__,'triton',triton.__version__,'grpc',grpc.__version__,'cupy',cupy.__version__,'transformers',transformers.__version__)"
@@ -46,14 +52,7 @@ if has step; then
 fi
 run_tests() {
   echo "== GPU tests on GPU $LAST  [${SECONDS}s]"
-  CUDA_VISIBLE_DEVICES=$LAST timeout ${TEST_S:-300} python3 -m pytest -q -rA -p no:cacheprovider \
-    --continue-on-collection-errors -m gpu ${TESTS:-tests} > "$OUT/tests.log" 2>&1
-  echo "tests exit $?"; grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -25
-  # Kernel tests natively here (on CPU they run in Triton's interpreter; KERNEL_TEST_S=0 skips them).
-  [ "${KERNEL_TEST_S:-200}" -gt 0 ] || return 0
-  CUDA_VISIBLE_DEVICES=$LAST timeout ${KERNEL_TEST_S:-200} python3 -m pytest -q -p no:cacheprovider \
-    ${KERNEL_TESTS:-tests/kernels/test_placement.py tests/kernels/test_unit_append.py} > "$OUT/kernel-tests.log" 2>&1
-  echo "kernel tests exit $?"; tail -3 "$OUT/kernel-tests.log"
+  CUDA_VISIBLE_DEVICES=$LAST KERNEL_TESTS=${KERNEL_TESTS:-} bash scripts/gpu_tests.sh ${TESTS:-}
 }
 run_prefill() {
   echo "== prefill bench on GPU $LAST  [${SECONDS}s]"
@@ -72,4 +71,8 @@ run_load() {
 for part in ${ORDER:-tests prefill load}; do has "$part" && "run_$part"; done
 [ -n "$step" ] && { wait $step; echo "step bench exit $?"; }
 has step && tail -30 "$OUT/e2e-step.log"
+python3 scripts/triton_compiles.py "$TRITON_CACHE_DIR" "$STARTED" > "$OUT/triton-compiles.txt" 2>&1
+tail -1 "$OUT/triton-compiles.txt"
+[ "${SAVE_CACHE:-0}" = 1 ] && tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . && ls -la "$OUT/triton-cache.tgz"
+(cd "$OUT" && tar czf logs.tgz --remove-files $(ls -d *.log *.txt tests 2>/dev/null))
 echo "done [${SECONDS}s]"

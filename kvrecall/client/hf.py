@@ -9,10 +9,10 @@ The first forward pass is the prompt (the ingest): ordinary causal attention, an
 layer's K/V (with the last prompt queries the policy asked for) streams to the daemon right
 after that layer's attention used it (client/ingest.py), so the worker never holds the whole
 prompt's KV. `prefill(model, cache, ids)` with `chunk_tokens` feeds a fresh long prompt
-layer by layer instead (llama-family models): each layer runs over the prompt chunk by chunk,
-each chunk attending exactly over that layer's K/V so far, and the layer's K/V goes to the
-daemon before the next layer starts; the worker holds the prompt's hidden states, one layer's
-K/V and one chunk's activations. A later forward pass of n > 1 tokens is a chunk (a question
+layer by layer instead (llama-family models): each layer's projections and MLP run chunk by
+chunk, its attention in one causal call over the whole prompt, and the layer's K/V goes to the
+daemon while the next layer computes; the worker holds the prompt's hidden states, one layer's
+queries and K/V and one chunk's activations. A later forward pass of n > 1 tokens is a chunk (a question
 after a cached document, a chat turn): per layer, policies that retrieve first retrieve for
 the chunk's last queries, then the chunk attends over the resident slots and causally over
 itself; after the last layer the chunk's K/V goes to the daemon (ChunkAppend), which puts it
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,8 @@ ATTENTION_NAME = "kvrecall"
 # Models whose forward pass is embed -> decoder layers (with rotary embeddings) -> norm ->
 # lm_head, so prefill() may run it layer by layer (LAYER_MAJOR_MODELS: config.model_type).
 LAYER_MAJOR_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")
 _ACTIVE: contextvars.ContextVar[KVRecallCache | None] = contextvars.ContextVar("kvrecall_cache", default=None)
 
 
@@ -81,17 +84,6 @@ def model_fingerprint(model: torch.nn.Module, sample: int = 64) -> str:
         digest.update(name.encode())
         digest.update(parameter.detach().reshape(-1)[:sample].float().cpu().numpy().tobytes())
     return digest.hexdigest()
-
-
-@dataclass
-class _LayerMajor:
-    """A fresh prompt of `total` tokens prefilled layer by layer (see prefill_layer_major):
-    the computing layer's prompt K/V [H, total, D], filled chunk by chunk up to `offset`."""
-
-    total: int
-    offset: int = 0
-    keys: torch.Tensor | None = None
-    values: torch.Tensor | None = None
 
 
 @dataclass
@@ -163,7 +155,6 @@ class KVRecallCache(Cache):
         self.record_similarity = record_similarity
         self._prompt: PromptStream | None = None
         self._chunk: StagingBuffer | None = None  # [L, 2, H, n, D]: the chunk in this forward pass
-        self._layer_major: _LayerMajor | None = None  # set while prefill_layer_major runs
         self._last_queries: list[torch.Tensor] = []  # per layer, the pass's last query [Hq, D]
         self.ingested = bool(session.prefix_held)  # a held prefix: the daemon ingested it
         self.seq_length = session.prefix_held
@@ -206,25 +197,6 @@ class KVRecallCache(Cache):
         self._send_prompt_layer(module, query, key[0], value[0], key.shape[2])
         return out
 
-    def _layer_major_attention(self, module, query, key, value, scaling: float) -> torch.Tensor:
-        """One chunk of one layer of a layer-major prefill: the chunk attends causally over the
-        layer's prompt K/V so far (exact); after the layer's last chunk its K/V goes to the
-        daemon, and the buffer serves the next layer."""
-        lm = self._layer_major
-        if lm.keys is None:
-            lm.keys = key.new_empty(key.shape[1], lm.total, key.shape[3])
-            lm.values = value.new_empty(value.shape[1], lm.total, value.shape[3])
-        start, end = lm.offset, lm.offset + key.shape[2]
-        lm.keys[:, start:end].copy_(key[0])
-        lm.values[:, start:end].copy_(value[0])
-        out = causal_attention(query, lm.keys[None, :, :end], lm.values[None, :, :end], scaling, self.group)
-        if end < lm.total:
-            lm.offset = end
-            return out
-        lm.offset = 0
-        self._send_prompt_layer(module, query, lm.keys, lm.values, lm.total)  # send() copies both
-        return out
-
     def _send_prompt_layer(self, module, query, keys: torch.Tensor, values: torch.Tensor, total: int) -> None:
         """This pass's layer of the prompt, keys / values [H, total, D], to the daemon with the
         layer's last queries (the first layer opens the stream); the last layer completes the
@@ -235,11 +207,9 @@ class KVRecallCache(Cache):
         n_obs = max(1, self.session.observation)
         self._prompt.send(layer, keys, values, query[0, :, -n_obs:].detach())
         if layer == self.num_layers - 1:
-            self._layer_major = None
             self._end_prompt(total)
 
-    def _abort_layer_major(self) -> None:
-        self._layer_major = None
+    def _abort_prompt(self) -> None:
         prompt, self._prompt = self._prompt, None
         if prompt is not None:
             prompt.close()
@@ -383,10 +353,13 @@ def layer_major_supported(model) -> bool:
     """Whether prefill_layer_major can run `model` (a llama-family decoder, see LAYER_MAJOR_MODELS)."""
     inner = getattr(model, "model", None)
     config = getattr(model, "config", None)
+    layers = getattr(inner, "layers", None) or [None]
     return (
         getattr(config, "model_type", None) in LAYER_MAJOR_MODELS
         and hasattr(model, "lm_head")
-        and all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb"))
+        and all(hasattr(inner, name) for name in ("embed_tokens", "norm", "rotary_emb"))
+        and all(hasattr(layers[0], name) for name in LAYER_PARTS)
+        and all(hasattr(layers[0].self_attn, name) for name in ATTENTION_PARTS)
     )
 
 
@@ -401,30 +374,48 @@ def chunk_bounds(total: int, size: int, tail: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def prefill_layer_major(model, cache: KVRecallCache, input_ids: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-    """A fresh prompt [1, T] through a llama-family `model`, layer by layer: each layer runs
-    over the prompt in chunks of `chunk_tokens`, every chunk attending over the layer's K/V so
-    far (exact: the logits are full attention's), then the layer's K/V streams to the daemon
-    (the ingest) while the next layer computes. The worker holds the prompt's hidden states,
-    one layer's K/V (plus its staging copy) and one chunk's activations; the FLOPs are a
-    one-pass prefill's. Returns the last position's logits [V] f32."""
-    if cache.ingested or cache._layer_major is not None:
+    """A fresh prompt [1, T] through a llama-family `model`, layer by layer. Each layer runs in
+    three phases: the projections chunk by chunk (`chunk_tokens` rows; the prompt's rotated
+    queries and the layer's K/V go into one buffer each), one causal attention over the whole
+    prompt (the very SDPA call of a one-pass prefill: cuDNN's fused kernel on Hopper), then
+    o_proj and the MLP chunk by chunk. The layer's K/V streams to the daemon (the ingest)
+    while the next layer computes. The worker holds the prompt's hidden states, its queries
+    and attention output for one layer, one layer's K/V (plus its staging copy) and one
+    chunk's activations; the FLOPs and the logits are a one-pass prefill's.
+    Returns the last position's logits [V] f32."""
+    if cache.ingested or cache._prompt is not None:
         raise ValueError("prefill_layer_major takes a fresh cache (the whole prompt is its ingest)")
-    inner = model.model
+    inner, spec = model.model, cache.session.spec
     T = input_ids.shape[1]
-    bounds = chunk_bounds(T, chunk_tokens, max(1, cache.session.observation))
+    Hq, H, D = spec.num_query_heads, spec.num_kv_heads, spec.head_dim
+    bounds = chunk_bounds(T, chunk_tokens, 1)
     hidden = inner.embed_tokens(input_ids)  # [1, T, hidden]: each chunk's rows are rewritten per layer
     positions = torch.arange(T, device=input_ids.device)[None]
     rotary = [inner.rotary_emb(hidden, positions[:, a:b]) for a, b in bounds]
-    cache._layer_major = _LayerMajor(T)
+    query = hidden.new_empty(1, Hq, T, D)
+    keys, values = hidden.new_empty(H, T, D), hidden.new_empty(H, T, D)
     try:
         for layer in inner.layers[: model.config.num_hidden_layers]:
-            for (a, b), embeddings in zip(bounds, rotary, strict=True):
-                hidden[:, a:b] = layer(
-                    hidden[:, a:b], position_embeddings=embeddings, position_ids=positions[:, a:b], cache=cache,
-                    use_cache=True,
-                )  # fmt: skip
+            attn = layer.self_attn
+            rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+            for (a, b), (cos, sin) in zip(bounds, rotary, strict=True):
+                x = layer.input_layernorm(hidden[:, a:b])
+                shape = (1, b - a, -1, D)
+                q, k = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape)
+                if getattr(attn, "q_norm", None) is not None:  # qwen3
+                    q, k = attn.q_norm(q), attn.k_norm(k)
+                q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+                query[:, :, a:b] = q
+                keys[:, a:b] = k[0]
+                values[:, a:b] = attn.v_proj(x).view(shape)[0].transpose(0, 1)
+            out = causal_attention(query, keys[None], values[None], attn.scaling, Hq // H)  # [1, Hq, T, D]
+            cache._send_prompt_layer(attn, query, keys, values, T)  # send() copies both
+            for a, b in bounds:
+                h = hidden[:, a:b] + attn.o_proj(out[:, :, a:b].transpose(1, 2).reshape(1, b - a, Hq * D))
+                hidden[:, a:b] = h + layer.mlp(layer.post_attention_layernorm(h))
+            del out
     except BaseException:
-        cache._abort_layer_major()
+        cache._abort_prompt()
         raise
     return model.lm_head(inner.norm(hidden[:, -1:]))[0, -1].float()
 
@@ -489,9 +480,7 @@ def kvrecall_attention(module, query, key, value, attention_mask, scaling=None, 
         )
     _ACTIVE.set(None)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if cache._layer_major is not None:
-        out = cache._layer_major_attention(module, query, key, value, scale)
-    elif not cache.ingested:
+    if not cache.ingested:
         out = cache._prefill_attention(module, query, key, value, scale)
     elif query.shape[2] == 1:
         out = cache._decode_attention(module, query, key, value, scale)

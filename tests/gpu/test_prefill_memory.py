@@ -42,8 +42,9 @@ def peak_above(start: int) -> int:
 @torch.no_grad()
 def test_layer_major_prefill_holds_about_one_layer_of_prompt_kv(model):
     """A prompt prefilled in chunks, layer by layer: the worker holds the hidden states, one
-    layer's K/V, its staging copy and one chunk's activations, where transformers' own cache
-    holds every layer's K/V and a whole pass's activations."""
+    layer's queries, attention output and K/V, the K/V's staging copy and one chunk's
+    activations, where transformers' own cache holds every layer's K/V and a whole pass's
+    activations."""
     from transformers import DynamicCache
 
     from kvrecall.client.hf import KVRecallCache, prefill, spec_for, use_kvrecall_attention
@@ -68,7 +69,10 @@ def test_layer_major_prefill_holds_about_one_layer_of_prompt_kv(model):
                 ours = peak_above(start) + STAGED.peak  # staging is cudaMalloc'd outside torch's allocator
                 assert STAGED.peak == layer_bytes(model)
                 assert session.stats().prompt_tokens == TOKENS
-    # full: LAYERS layers of K/V and a pass's activations; ours: about two layers (the layer's
-    # K/V and its staging copy) and the hidden states (an eighth of a layer's K/V here)
-    assert ours <= 4 * layer_bytes(model), (ours, full, layer_bytes(model))
+    # full: LAYERS layers of K/V and a pass's activations; ours: one layer's K/V and its
+    # staging copy, the layer's queries and attention output and the hidden states (half a
+    # layer's K/V each here), and one chunk's activations
+    c = model.config
+    held = 2 * layer_bytes(model) + 3 * TOKENS * c.hidden_size * 2
+    assert ours <= held * 1.15, (ours, held, full)
     assert ours <= full / 2, (ours, full)
