@@ -363,13 +363,9 @@ def layer_major_supported(model) -> bool:
     )
 
 
-def chunk_bounds(total: int, size: int, tail: int) -> list[tuple[int, int]]:
-    """[start, end) chunks of `size` tokens over `total`; a last chunk shorter than `tail`
-    joins the one before (the prompt's last `tail` queries come from one chunk)."""
-    bounds = [(start, min(total, start + size)) for start in range(0, total, size)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < tail:
-        bounds[-2:] = [(bounds[-2][0], total)]
-    return bounds
+def chunk_bounds(total: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) chunks of `size` tokens over `total`."""
+    return [(start, min(total, start + size)) for start in range(0, total, size)]
 
 
 @torch.no_grad()
@@ -388,7 +384,7 @@ def prefill_layer_major(model, cache: KVRecallCache, input_ids: torch.Tensor, ch
     inner, spec = model.model, cache.session.spec
     T = input_ids.shape[1]
     Hq, H, D = spec.num_query_heads, spec.num_kv_heads, spec.head_dim
-    bounds = chunk_bounds(T, chunk_tokens, 1)
+    bounds = chunk_bounds(T, chunk_tokens)
     hidden = inner.embed_tokens(input_ids)  # [1, T, hidden]: each chunk's rows are rewritten per layer
     positions = torch.arange(T, device=input_ids.device)[None]
     rotary = [inner.rotary_emb(hidden, positions[:, a:b]) for a, b in bounds]

@@ -19,6 +19,13 @@ clustering.py (k-means), unit_scores.py, budget.py, row_gather.py, expand.py, pl
 cosine.py, windows.py, quest.py, ws_decode.py, unit_append.py, attention.py (reference only).
 Beside each, `<op>_triton.py` holds the Triton kernel and its launcher; reference.py holds
 every op in PyTorch. This file only re-exports.
+
+Compiled variants: Triton specialises an integer argument on being 1 or a multiple of 16, so
+a kernel compiles again the first time a count (tokens, units, rows, a session's first slot)
+falls in the other class. The daemon's kernels name every argument that depends on the
+workload rather than on the model layout in `do_not_specialize`: a layout's kernels are then
+those the daemon's warm-up compiled, and no session pays a compile (strides of the K/V
+layout and the head dim stay specialised, as the loads' vectorisation depends on them).
 """
 
 from kvrecall.kernels.attention import attention_at_positions, masked_attention

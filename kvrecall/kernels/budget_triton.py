@@ -20,7 +20,7 @@ MAX_UNITS = 4096
 SMALL_UNITS = 256
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["U", "budget", "stride_sb", "stride_zb"])
 def _select_kernel(
     scores_ptr, sizes_ptr, take_ptr,
     U, budget,

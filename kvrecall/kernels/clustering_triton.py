@@ -29,7 +29,7 @@ _WHOLE_D_BYTES = 256  # x rows up to this many bytes stay in registers for the w
 _UPDATE_CLUSTERS = 8  # clusters summed by one update program, one after the other
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "K"])
 def _assign_kernel(
     x_ptr, c_ptr, inv_norm_ptr, out_ptr,
     N, K, D,
@@ -75,7 +75,7 @@ def _assign_kernel(
     tl.store(out_ptr + b * stride_ob + offs_n, best_k.to(tl.int64), mask=n_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "K"])
 def _update_kernel(
     x_ptr, order_ptr, bounds_ptr, cent_ptr,
     N, K, D,

@@ -14,7 +14,7 @@ from kvrecall.kernels import reference
 from kvrecall.kernels._triton import next_power_of_2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _cosine_kernel(
     a_ptr, b_ptr, out_ptr,
     n_rows, H, D,

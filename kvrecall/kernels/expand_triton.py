@@ -17,7 +17,7 @@ import triton.language as tl
 _BLOCK = 1024
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "width", "stride_t", "stride_u", "stride_r", "stride_p"])
 def _expand_kernel(
     take_ptr, unit_ptr, rank_ptr, pos_ptr, out_ptr,
     M, width, stride_t, stride_u, stride_r, stride_p,

@@ -64,7 +64,7 @@ def _host_row(page_base_ptr, row, kv, pos, mask, tokens_per_page, num_kv_heads, 
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "C", "first_slot", "sel_stride", "num_positions", "rows_per_session"])
 def _place_kernel(
     slot_pos_ptr, keys_ptr, values_ptr, sel_ptr, host_ptr, page_base_ptr, scratch_ptr, counts_ptr, resident_ptr,
     sessions_ptr, R, C, first_slot, sel_stride, num_positions, tokens_per_page, num_kv_heads, rows_per_session,
@@ -138,7 +138,7 @@ def _place_kernel(
                 tl.store(values_ptr + dst, rows, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start", "n", "C", "ring_start", "ring_size"])
 def _spill_kernel(
     keys_ptr, values_ptr, host_ptr, page_base_ptr,
     start, n, C, ring_start, ring_size, tokens_per_page, num_kv_heads,
@@ -160,7 +160,7 @@ def _spill_kernel(
         tl.store(host_ptr + dst[:, None] + cols[None, :], rows, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start", "n", "first_row"])
 def _store_kernel(
     kv_ptr, host_ptr, page_base_ptr,
     start, n, first_row, stride_l, stride_kv, stride_h, stride_t, tokens_per_page, num_kv_heads,

@@ -16,7 +16,7 @@ from kvrecall.kernels._triton import next_power_of_2
 from kvrecall.kernels.unit_scores_triton import launch_scores
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "P"])
 def _page_bounds_kernel(
     keys_ptr, kmin_ptr, kmax_ptr,
     T, P, D, PAGE,

@@ -78,7 +78,7 @@ class GatherVariant:
 DEFAULT_VARIANT = GatherVariant()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _gather_kernel(
     src_ptr, src_start_ptr, dst_ptr, dst_start_ptr,
     n_rows,

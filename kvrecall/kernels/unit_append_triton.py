@@ -17,7 +17,7 @@ TABLE_FIELDS = tl.constexpr(10)
 _BLOCK_M = 256
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows", "U", "M"])
 def _append_kernel(
     reps_ptr, sizes_ptr, valid_ptr, position_ptr, unit_ptr, rank_ptr, src_ptr, tables_ptr,
     rows, U, M, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,

@@ -35,7 +35,7 @@ def _dot_rows(a, b, acc, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr):
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G", "U", "stride_vb"])
 def _score_kernel(
     q_ptr, hi_ptr, lo_ptr, valid_ptr, out_ptr,
     G, U, D,

@@ -20,7 +20,7 @@ MAX_WINDOW = 4096
 _TILE = 4096  # elements per program
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "P", "W", "stride_ab"])
 def _window_kernel(
     attn_ptr, out_ptr,
     T, P, W,
