@@ -59,8 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=int, default=1024, help="retrieved tokens per layer and KV head")
     p.add_argument("--steps", type=int, default=64, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=24, help="untimed steps first")
-    p.add_argument("--lag", type=int, default=1,
-                   help="steps a slot reads its shadow while the daemon retrieves (0: retrieval blocks the next step)")
+    p.add_argument("--lag", default="1",
+                   help="steps a slot reads its shadow while the daemon retrieves (0: retrieval blocks the next "
+                   "step); comma-separated: each louiskv rate above 0 is measured at every lag")
     p.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
     p.add_argument("--capped-context", type=int, default=32768, help="context of the capped-GPU-KV throughput part")
     p.add_argument("--gpu-kv-cap-gib", type=float, default=16.0, help="GPU KV cap of that part")
@@ -200,7 +201,8 @@ class Bench:
                 opened.append(client.open_session(self.spec(context), policy, config, device=self.device))
             capacity = opened[0].capacity
             force = schedule if policy == "louiskv" else None
-            engine = Engine(self.weights, batch, capacity, use_graph=not args.no_graph, force_boundary=force, lag=args.lag)
+            lags = _ints(args.lag)
+            engine = Engine(self.weights, batch, capacity, use_graph=not args.no_graph, force_boundary=force, lag=lags[0])
             first = torch.randint(0, self.shape.vocab, (batch,)).tolist()
             ingest = []
             for session, token in zip(opened, first, strict=True):
@@ -214,8 +216,11 @@ class Bench:
             daemon_device = next(p.used_bytes for p in stats.pools if p.tier == "device")
             host_bytes = next(p.used_bytes for p in stats.pools if p.tier == "host")
             rows = []
-            for rate in rates if policy == "louiskv" else [1.0 if policy == "quest" else 0.0]:
+            phases = [(rate, lag) for rate in rates for lag in (lags if rate > 0 else lags[:1])] \
+                if policy == "louiskv" else [(1.0 if policy == "quest" else 0.0, lags[0])]  # fmt: skip
+            for rate, lag in phases:
                 rate_now[0] = rate
+                engine.set_lag(lag)
                 for _ in range(args.warmup):
                     engine.step()
                 before = sum(seq.boundaries for seq in engine.active)
@@ -232,7 +237,7 @@ class Bench:
                     "median_ms": round(statistics.median(samples), 3), "p90_ms": round(_percentile(samples, 0.9), 3),
                     "mean_ms": round(mean, 3), "tokens_per_s": round(batch * 1e3 / mean, 1),
                     "boundary_share": round(crossed / (args.steps * batch), 4), "graphed": engine.graph.graphed,
-                    "capacity": capacity, "budget": config.get("budget"), "lag": args.lag,
+                    "capacity": capacity, "budget": config.get("budget"), "lag": lag,
                     "ingest_s_first": round(ingest[0], 3), "ingest_s_mean": round(statistics.fmean(ingest), 3),
                     "setup_s": round(setup_s, 2), "worker_peak_gib": self.worker_peak(),
                     "daemon_gpu_gib": _gib(daemon_device), "host_gib": _gib(host_bytes),
@@ -354,7 +359,7 @@ class Bench:
             c, b = r["context"], r["batch"]
             full = find("step", "full", c, b)
             bound = find("step", "louiskv", c, b, 0.0)
-            key = f"{c // 1024}K_b{b}"
+            key = f"{c // 1024}K_b{b}_lag{r['lag']}"
             if full:
                 ratios[f"speedup_vs_full_{key}"] = round(full["median_ms"] / r["mean_ms"], 3)
             if bound:

@@ -48,6 +48,9 @@ from kvrecall.engine.graph import GraphStep
 from kvrecall.engine.sessions import SessionBatch
 from kvrecall.engine.weights import DecoderWeights
 
+# Boundaries calls in flight at once (one per step of the last `lag` steps, lag < spill_every).
+MAX_CALLS = 16
+
 
 @dataclass
 class Sequence:
@@ -106,7 +109,7 @@ class Engine:
         # Free shadow working sets, reused; at most `batch` kept (sessions' capacities vary).
         self._shadows: list[tuple[torch.Tensor, ...]] = []
         # The retrievals in flight: one Boundaries call per step of the last `lag` steps.
-        self._calls = ThreadPoolExecutor(max_workers=lag + 1, thread_name_prefix="kvrecall-engine")
+        self._calls = ThreadPoolExecutor(max_workers=MAX_CALLS, thread_name_prefix="kvrecall-engine")
         self.times = DaemonTimes()
         # Captured while no slot is in use: the warm-up steps write nothing anywhere.
         self.graph = GraphStep(lambda: self.decoder.step(self.backend), self.device, use_graph)
@@ -156,6 +159,19 @@ class Engine:
         self.decoder.positions[slot] = kv.shape[3]
         self.sequences[slot] = Sequence(session, slot, [first_token])
         return slot
+
+    def set_lag(self, lag: int) -> None:
+        """Change `lag` between steps: slots reading a shadow switch back first (waiting for
+        their answers), so every boundary from here on follows the new lag."""
+        if lag < 0:
+            raise ValueError("lag must be >= 0")
+        for seq in self.active:
+            if lag >= seq.session.spill_every:
+                raise ValueError(f"lag={lag} must be below the session's spill_every={seq.session.spill_every}")
+        for seq in self.active:
+            if seq.pending is not None:
+                self._switch_back(seq)
+        self.lag = lag
 
     def remove(self, slot: int) -> Sequence:
         """Free the slot (the caller closes the session)."""

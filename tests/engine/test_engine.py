@@ -145,3 +145,28 @@ def test_sequences_join_and_leave_between_steps(daemon, tiny_llama):
         s3.close()
         engine.close()
     assert joined.tokens == alone.tokens
+
+
+def test_set_lag_switches_pending_slots_back_first(daemon, tiny_llama):
+    """set_lag between steps: a slot reading its shadow switches back to its real working set
+    (its retrieval answered) before the new lag applies; a lag the session cannot take is
+    refused and changes nothing."""
+    weights = DecoderWeights.from_hf(tiny_llama)
+    engine = Engine(weights, batch=1, max_capacity=1024, lag=2, force_boundary=lambda step, slot: True)
+    spec = spec_for(tiny_llama, max_tokens=512)
+    with KVRecallClient(daemon.target, "engine-test") as client:
+        session = client.open_session(spec, "louiskv", {"budget": 16, "n_sink": 4, "window": 32})
+        slot = engine.add(session, prompts(128)[0])
+        engine.step()
+        seq = engine.sequences[slot]
+        assert seq.pending is not None and seq.shadow is not None, "the forced boundary left no retrieval in flight"
+        with pytest.raises(ValueError, match="spill_every"):
+            engine.set_lag(session.spill_every)
+        assert engine.lag == 2 and seq.pending is not None
+        engine.set_lag(0)
+        assert engine.lag == 0 and seq.pending is None and seq.shadow is None
+        engine.step()  # lag 0: the boundary's retrieval serves the next step, nothing pending
+        assert seq.pending is None and seq.boundaries == 2
+        engine.remove(slot)
+        session.close()
+    engine.close()
