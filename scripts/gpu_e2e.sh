@@ -28,8 +28,10 @@ SECONDS=0
 PARTS=${PARTS:-tests,step,load}
 has() { case ,$PARTS, in *,$1,*) return 0 ;; esac; return 1; }
 # The VM's memory grows as it is touched (about 3 s per 8 GiB): pinning a large host tier at once
-# gets the daemon OOM-killed, so touch GROW_GIB first, 8 GiB at a time.
-if [ "${GROW_GIB:-0}" -gt 0 ]; then
+# gets the daemon OOM-killed, so the step bench touches GROW_GIB first, 8 GiB at a time (the
+# last GPU's parts do not wait for it).
+grow() {
+  [ "${GROW_GIB:-0}" -gt 0 ] || return 0
   python3 - "$GROW_GIB" <<'PY'
 import sys, time, torch
 chunks = []
@@ -38,15 +40,15 @@ for _ in range(int(sys.argv[1]) // 8):
     time.sleep(0.5)
 PY
   free -g | head -2; echo "grown [${SECONDS}s]"
-fi
+}
 # GPU 0: the decode step bench. The last GPU (1 on a two-GPU machine, else 0 after the step
 # bench): the GPU tests, the prefill bench, then the load parts.
 LAST=$(( $(nvidia-smi -L | wc -l) - 1 ))
 step=
 if has step; then
   echo "== bench e2e step on GPU 0  [${SECONDS}s]"
-  CUDA_VISIBLE_DEVICES=0 timeout ${STEP_S:-380} python3 -m kvrecall.cli bench e2e --parts step --contexts "$CONTEXTS" \
-    --batches "$BATCHES" ${STEP_ARGS:-} --out "$OUT/e2e-step.json" > "$OUT/e2e-step.log" 2>&1 &
+  (grow; CUDA_VISIBLE_DEVICES=0 timeout ${STEP_S:-380} python3 -m kvrecall.cli bench e2e --parts step --contexts "$CONTEXTS" \
+    --batches "$BATCHES" ${STEP_ARGS:-} --out "$OUT/e2e-step.json") > "$OUT/e2e-step.log" 2>&1 &
   step=$!
   [ "$LAST" -eq 0 ] && { wait $step; echo "step bench exit $?"; step=; }
 fi

@@ -31,3 +31,10 @@ def test_readme_prefill_block_matches_its_json():
     assert rewrite(REPO / "README.md", REPO / source.group(1)) == text, (
         "README's prefill block drifted from its JSON: run python -m kvrecall.bench.readme " + source.group(1)
     )
+
+
+def test_the_readme_renders_the_engine_default_lag():
+    from kvrecall.bench import readme
+    from kvrecall.engine.engine import DEFAULT_LAG
+
+    assert readme.DEFAULT_LAG == DEFAULT_LAG

@@ -37,7 +37,7 @@ from kvrecall.bench.common import GiB, log, run_metadata, time_fn
 from kvrecall.client import KVRecallClient, ModelSpec
 from kvrecall.engine import LLAMA3_8B, DecoderShape, DecoderWeights, Engine
 from kvrecall.engine.decoder import Decoder
-from kvrecall.engine.engine import DaemonTimes
+from kvrecall.engine.engine import DEFAULT_LAG, DaemonTimes
 from kvrecall.engine.full import FullKV
 from kvrecall.engine.graph import GraphStep
 from kvrecall.local import LocalDaemon
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=int, default=1024, help="retrieved tokens per layer and KV head")
     p.add_argument("--steps", type=int, default=64, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=24, help="untimed steps first")
-    p.add_argument("--lag", default="1",
+    p.add_argument("--lag", default=str(DEFAULT_LAG),
                    help="steps a slot reads its shadow while the daemon retrieves (0: retrieval blocks the next "
                    "step); comma-separated: each louiskv rate above 0 is measured at every lag")
     p.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")

@@ -14,7 +14,7 @@ AppendNotices and boundary retrievals of all slots in ONE Boundaries call
 (KVRecallClient.boundaries; the daemon retrieves the sessions of a policy together). The
 query that crossed the threshold becomes the slot's new reference (LouisKV).
 
-Boundaries off the critical path (`lag` >= 1, the default 1): a slot that crossed first
+Boundaries off the critical path (`lag` >= 1, default DEFAULT_LAG): a slot that crossed first
 copies its working set to a *shadow* (a device copy, ordered before the daemon may write),
 the batch reads the shadow for the next `lag` steps while the daemon retrieves into the
 real working set, and then the slot switches back: the tokens written meanwhile are copied
@@ -48,6 +48,11 @@ from kvrecall.engine.graph import GraphStep
 from kvrecall.engine.sessions import SessionBatch
 from kvrecall.engine.weights import DecoderWeights
 
+# Steps a crossed slot reads its shadow. On one H200 (Llama-3-8B shape, bench e2e) a retrieval
+# answers in 11-14 ms at 32K and 23 ms at 128K against 6.5-13 ms steps: at lag 1 every boundary
+# made a later step wait for it (8 of 48 steps at batch 1, 34 at batch 8), at lag 3 none did
+# (bench/results/2026-11-30-h200x2-e2e-lag.json).
+DEFAULT_LAG = 3
 # Boundaries calls in flight at once (one per step of the last `lag` steps, lag < spill_every).
 MAX_CALLS = 16
 
@@ -91,7 +96,7 @@ class Engine:
 
     def __init__(
         self, weights: DecoderWeights, batch: int, max_capacity: int, *, use_graph: bool = True,
-        impl: str = "auto", force_boundary: Callable[[int, int], bool | None] | None = None, lag: int = 1,
+        impl: str = "auto", force_boundary: Callable[[int, int], bool | None] | None = None, lag: int = DEFAULT_LAG,
     ) -> None:  # fmt: skip
         if lag < 0:
             raise ValueError("lag must be >= 0")
