@@ -51,7 +51,7 @@ from kvrecall.engine.weights import DecoderWeights
 # Steps a crossed slot reads its shadow. On one H200 (Llama-3-8B shape, bench e2e) a retrieval
 # answers in 11-14 ms at 32K and 23 ms at 128K against 6.5-13 ms steps: at lag 1 every boundary
 # made a later step wait for it (8 of 48 steps at batch 1, 34 at batch 8), at lag 3 none did
-# (bench/results/2026-11-30-h200x2-e2e-lag.json).
+# (bench/results/2026-11-30-h200x2-lag-e2e.json).
 DEFAULT_LAG = 3
 # Boundaries calls in flight at once (one per step of the last `lag` steps, lag < spill_every).
 MAX_CALLS = 16
