@@ -4,7 +4,7 @@
 # CUDA contexts), then under CUDA MPS (kernels of both processes may run at once). MPS runs as a
 # user-space daemon with its pipe and log directories under /tmp and is stopped at the end; no
 # setting of the card changes. Carry .whl/eval and .triton-cache. Writes under $OUT:
-# nomps-e2e.json, mps-e2e.json, logs.tgz.
+# nomps-e2e.json, mps-e2e.json, logs.tgz. MPS=0: the time-sliced run only.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
@@ -17,6 +17,7 @@ ARGS="--parts step --contexts ${CONTEXT:-32768} --batches ${BATCH:-8} --policies
 SECONDS=0
 timeout ${RUN_S:-220} python3 -m kvrecall.cli bench e2e $ARGS --out "$OUT/nomps-e2e.json" > "$OUT/nomps.log" 2>&1
 echo "time-sliced: exit $? [${SECONDS}s]"; tail -6 "$OUT/nomps.log"
+[ "${MPS:-1}" = 1 ] || { (cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log)); exit 0; }
 export CUDA_MPS_PIPE_DIRECTORY=/tmp/kvrecall-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/kvrecall-mps/log
 mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
 if nvidia-cuda-mps-control -d; then

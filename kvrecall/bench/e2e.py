@@ -436,12 +436,16 @@ NOTES = [
 def daemon_waits(times: DaemonTimes) -> dict[str, Any]:
     """Whether the steps waited on the daemon: per step, the wait (notices, late retrievals)
     and its late-retrieval part (mean, p90, max, steps that waited for one); per retrieving
-    Boundaries call, its answer latency (median, p90, max)."""
+    Boundaries call, its answer latency (median, p90, max); where a step's time went (means:
+    launch to sync, the captured step's GPU time, host work not waiting on the daemon)."""
     row: dict[str, Any] = {"answers": len(times.answer_s), "late_steps": sum(1 for s in times.late_s if s > 0)}
     for name, samples in (("wait", times.wait_s), ("late", times.late_s)):
         ms = [s * 1e3 for s in samples] or [0.0]
         row |= {f"{name}_ms_mean": round(statistics.fmean(ms), 3), f"{name}_ms_p90": round(_percentile(ms, 0.9), 3),
                 f"{name}_ms_max": round(max(ms), 3)}  # fmt: skip
+    for name, samples in (("sync", times.sync_s), ("graph_gpu", times.graph_gpu_s), ("host", times.host_s)):
+        if samples:
+            row[f"{name}_ms_mean"] = round(statistics.fmean(samples) * 1e3, 3)
     answers = [s * 1e3 for s in times.answer_s]
     for key, value in (("median", statistics.median), ("p90", lambda a: _percentile(a, 0.9)), ("max", max)):
         row[f"answer_ms_{key}"] = round(value(answers), 3) if answers else None

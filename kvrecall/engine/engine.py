@@ -82,9 +82,15 @@ class DaemonTimes:
     wait_s: list[float] = field(default_factory=list)  # per step: all its waiting on the daemon
     late_s: list[float] = field(default_factory=list)  # per step: of that, waiting for late retrievals
     answer_s: list[float] = field(default_factory=list)  # per retrieving call
+    # Where a step's host time goes: launch to the step's sync (the captured step and any work
+    # queued on the stream before it), the step's own GPU time (CUDA events around the graph;
+    # 0 on a CPU), and the host work after the sync that is not waiting on the daemon.
+    sync_s: list[float] = field(default_factory=list)
+    graph_gpu_s: list[float] = field(default_factory=list)
+    host_s: list[float] = field(default_factory=list)
 
     def clear(self) -> None:
-        for samples in (self.wait_s, self.late_s, self.answer_s):
+        for samples in (self.wait_s, self.late_s, self.answer_s, self.sync_s, self.graph_gpu_s, self.host_s):
             samples.clear()
 
 
@@ -123,6 +129,7 @@ class Engine:
         pin = self.device.type == "cuda"
         self._tokens_host = torch.zeros(batch, dtype=torch.int64, pin_memory=pin)
         self._flags_host = torch.zeros(batch, dtype=torch.bool, pin_memory=pin)
+        self._events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if pin else []
 
     @property
     def batch(self) -> int:
@@ -193,11 +200,18 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> dict[int, int]:
         """One token for every active slot; returns {slot: its new token}."""
+        started = time.perf_counter()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            self._events[0].record()
         self.graph()
+        if cuda:
+            self._events[1].record()
         self._tokens_host.copy_(self.decoder.tokens, non_blocking=True)
         self._flags_host.copy_(self.backend.flags, non_blocking=True)
-        if self.device.type == "cuda":
+        if cuda:
             torch.cuda.current_stream(self.device).synchronize()
+        synced = time.perf_counter()
         tokens, flags = self._tokens_host.tolist(), self._flags_host.tolist()
         notices: list[StepCall] = []
         crossings: list[Sequence] = []
@@ -238,6 +252,9 @@ class Engine:
                 seq.pending = pending
         self.times.wait_s.append(waited)
         self.times.late_s.append(late)
+        self.times.sync_s.append(synced - started)
+        self.times.graph_gpu_s.append(self._events[0].elapsed_time(self._events[1]) / 1e3 if cuda else 0.0)
+        self.times.host_s.append(time.perf_counter() - synced - waited)
         self.steps += 1
         return {seq.slot: tokens[seq.slot] for seq in self.active}
 

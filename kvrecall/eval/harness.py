@@ -169,6 +169,20 @@ SUITES: dict[str, Suite] = {
         fidelity_prompts=len(FIDELITY_PROMPTS),
         fidelity_tokens=1024,
     ),
+    # Long input, long output only (reasoning after a document): 4,000 replayed tokens after one
+    # 2K and one 4K document (4,096 + 4,000 positions stay inside the model's 8,192), budgets
+    # 512 and 1024.
+    "long_output": Suite(
+        (),
+        (),
+        (0,),
+        ("512", "1024"),
+        fidelity_prompts=0,
+        long_lengths=(2048, 4096),
+        long_docs=1,
+        long_tokens=4000,
+        long_budgets=("512", "1024"),
+    ),
     # One GPU call of ~9 minutes on 2 GPUs, 16 workers before the document-first family doubled
     # its accuracy units (see FORMATS.md, "The full suite on the GPU"): 3 tasks x 3 lengths x 3
     # depths x 2 seeds x 2 families at 5 budgets, less qa at 8000 (full KV 3/6 there); 1024-token replays of one short prompt (budgets 128, 512) and after one 2K-token
@@ -547,7 +561,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(SUITES),
         default="smoke",
         help="ci: one short sample (CI); smoke: ~10 min on 2 CPU cores; needle: one 4K needle at five "
-        "depths; fidelity: long-output replays; full: the GPU suite (default smoke)",
+        "depths; fidelity: long-output replays; long_output: 4,000-token replays after a 2K and a 4K "
+        "document; full: the GPU suite (default smoke)",
     )
     parser.add_argument(
         "--policies", help=f"comma-separated (default: every registered one of {','.join(POLICIES)})"
