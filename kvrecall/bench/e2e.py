@@ -37,7 +37,7 @@ from kvrecall.bench.common import GiB, log, run_metadata, time_fn
 from kvrecall.client import KVRecallClient, ModelSpec
 from kvrecall.engine import LLAMA3_8B, DecoderShape, DecoderWeights, Engine
 from kvrecall.engine.decoder import Decoder
-from kvrecall.engine.engine import DEFAULT_LAG, DaemonTimes
+from kvrecall.engine.engine import DEFAULT_LAG, SWITCH_INTERVAL_S, DaemonTimes
 from kvrecall.engine.full import FullKV
 from kvrecall.engine.graph import GraphStep
 from kvrecall.local import LocalDaemon
@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lag", default=str(DEFAULT_LAG),
                    help="steps a slot reads its shadow while the daemon retrieves (0: retrieval blocks the next "
                    "step); comma-separated: each louiskv rate above 0 is measured at every lag")
+    p.add_argument("--switch-interval-ms", default=str(SWITCH_INTERVAL_S * 1e3),
+                   help="the interpreter's thread switch interval; comma-separated: each louiskv rate above 0 "
+                   "is measured at every value (and lag)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
     p.add_argument("--capped-context", type=int, default=32768, help="context of the capped-GPU-KV throughput part")
     p.add_argument("--gpu-kv-cap-gib", type=float, default=16.0, help="GPU KV cap of that part")
@@ -216,11 +219,14 @@ class Bench:
             daemon_device = next(p.used_bytes for p in stats.pools if p.tier == "device")
             host_bytes = next(p.used_bytes for p in stats.pools if p.tier == "host")
             rows = []
-            phases = [(rate, lag) for rate in rates for lag in (lags if rate > 0 else lags[:1])] \
-                if policy == "louiskv" else [(1.0 if policy == "quest" else 0.0, lags[0])]  # fmt: skip
-            for rate, lag in phases:
+            switches = [float(x) / 1e3 for x in args.switch_interval_ms.split(",") if x]
+            phases = [(rate, lag, sw) for rate in rates for lag in (lags if rate > 0 else lags[:1])
+                      for sw in (switches if rate > 0 else switches[:1])] \
+                if policy == "louiskv" else [(1.0 if policy == "quest" else 0.0, lags[0], switches[0])]  # fmt: skip
+            for rate, lag, switch in phases:
                 rate_now[0] = rate
                 engine.set_lag(lag)
+                sys.setswitchinterval(switch)
                 for _ in range(args.warmup):
                     engine.step()
                 before = sum(seq.boundaries for seq in engine.active)
@@ -238,6 +244,7 @@ class Bench:
                     "mean_ms": round(mean, 3), "tokens_per_s": round(batch * 1e3 / mean, 1),
                     "boundary_share": round(crossed / (args.steps * batch), 4), "graphed": engine.graph.graphed,
                     "capacity": capacity, "budget": config.get("budget"), "lag": lag,
+                    "switch_interval_ms": round(switch * 1e3, 3),
                     "ingest_s_first": round(ingest[0], 3), "ingest_s_mean": round(statistics.fmean(ingest), 3),
                     "setup_s": round(setup_s, 2), "worker_peak_gib": self.worker_peak(),
                     "daemon_gpu_gib": _gib(daemon_device), "host_gib": _gib(host_bytes),
@@ -359,7 +366,9 @@ class Bench:
             c, b = r["context"], r["batch"]
             full = find("step", "full", c, b)
             bound = find("step", "louiskv", c, b, 0.0)
-            key = f"{c // 1024}K_b{b}_lag{r['lag']}"
+            key = f"{c // 1024}K_b{b}_lag{r['lag']}" + (
+                f"_switch{r['switch_interval_ms']}ms" if r.get("switch_interval_ms") not in (None, SWITCH_INTERVAL_S * 1e3) else ""
+            )
             if full:
                 ratios[f"speedup_vs_full_{key}"] = round(full["median_ms"] / r["mean_ms"], 3)
             if bound:

@@ -35,6 +35,7 @@ daemon). With a budget covering the sequence every policy is exact either way.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,6 +54,10 @@ from kvrecall.engine.weights import DecoderWeights
 # made a later step wait for it (8 of 48 steps at batch 1, 34 at batch 8), at lag 3 none did
 # (bench/results/2026-11-30-h200x2-lag-e2e.json).
 DEFAULT_LAG = 3
+# The interpreter's thread switch interval while an engine runs (seconds; CPython's default is
+# 5 ms). The Boundaries calls run in threads: after the step's sync the decoding thread waits
+# for the GIL until a calling thread lets it go, up to the whole interval.
+SWITCH_INTERVAL_S = 0.0005
 # Boundaries calls in flight at once (one per step of the last `lag` steps, lag < spill_every).
 MAX_CALLS = 16
 
@@ -98,15 +103,19 @@ class Engine:
     """Batched greedy decode over up to `batch` sessions (see the module docstring).
 
     `force_boundary(step, slot) -> bool | None` overrides the device's boundary decision
-    (benchmarks with random weights set a measured rate this way; None keeps the flag)."""
+    (benchmarks with random weights set a measured rate this way; None keeps the flag).
+    `switch_interval`: sets the process's sys.setswitchinterval (None leaves it)."""
 
     def __init__(
         self, weights: DecoderWeights, batch: int, max_capacity: int, *, use_graph: bool = True,
         impl: str = "auto", force_boundary: Callable[[int, int], bool | None] | None = None, lag: int = DEFAULT_LAG,
+        switch_interval: float | None = SWITCH_INTERVAL_S,
     ) -> None:  # fmt: skip
         if lag < 0:
             raise ValueError("lag must be >= 0")
         self.lag = lag
+        if switch_interval is not None:
+            sys.setswitchinterval(switch_interval)
         s = weights.shape
         self.device = weights.device
         self.decoder = Decoder(weights, batch)
