@@ -46,6 +46,42 @@ class StepCall:
     retrieve: bool = False
 
 
+class PendingBoundaries:
+    """A Boundaries call in flight (KVRecallClient.boundaries_future). done() polls; result()
+    waits, applies the answer (notices' `noticed_upto`, stats) once and returns it, or raises
+    the call's typed error. `sent` / `answered`: host clock (perf_counter) when it was sent
+    and when its answer arrived (None before)."""
+
+    def __init__(self, client: KVRecallClient, calls: list[StepCall], future: grpc.Future, started: float) -> None:
+        self.sent = time.perf_counter()
+        self.answered: float | None = None
+        self._client, self._calls, self._future, self._started = client, calls, future, started
+        self._response: pb.BoundariesResponse | None = None
+        future.add_done_callback(self._stamp)
+
+    def _stamp(self, _future: grpc.Future) -> None:
+        self.answered = time.perf_counter()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self) -> pb.BoundariesResponse:
+        if self._response is None:
+            try:
+                response = self._future.result()
+            except grpc.RpcError as exc:
+                raise self._client.client_error(exc, self._client.stub.Boundaries, self._started) from None
+            if self.answered is None:  # the done-callback may run after result() returns
+                self.answered = time.perf_counter()
+            for call, result in zip(self._calls, response.results, strict=True):
+                if call.notice:
+                    call.session.core.noticed_upto = result.append.spilled_upto
+                    call.session.stats_appends += 1
+                call.session.stats_boundaries += call.retrieve
+            self._response = response
+        return self._response
+
+
 class KVRecallClient(ClientBase):
     """A connection to one daemon, for one worker identity (arguments: see ClientBase)."""
 
@@ -85,6 +121,13 @@ class KVRecallClient(ClientBase):
         are published first, then the daemon notices, retrieves (policies that batch: all
         their sessions together) and answers once. On success every notice's session has
         `noticed_upto` advanced. A bad call refuses them all (the error names events[i])."""
+        return self.boundaries_future(calls, timeout).result()
+
+    def boundaries_future(self, calls: list[StepCall], timeout: float | None = None) -> PendingBoundaries:
+        """`boundaries` without waiting: the call is sent (writes published) and its answer is
+        applied when the caller takes it (PendingBoundaries.result). No thread of this
+        process's interpreter waits for it (gRPC's own threads do), so a decoding thread does
+        not share the interpreter lock with a thread per call in flight."""
         request = pb.BoundariesRequest()
         for call in calls:
             core = call.session.core
@@ -93,13 +136,9 @@ class KVRecallClient(ClientBase):
                 session_id=core.session_id, capability=core.capability, position=call.position,
                 notice=call.notice, retrieve=call.retrieve,
             )  # fmt: skip
-        response = self.call(self.stub.Boundaries, request, timeout=timeout)
-        for call, result in zip(calls, response.results, strict=True):
-            if call.notice:
-                call.session.core.noticed_upto = result.append.spilled_upto
-                call.session.stats_appends += 1
-            call.session.stats_boundaries += call.retrieve
-        return response
+        started = time.monotonic()
+        future = self.stub.Boundaries.future(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        return PendingBoundaries(self, calls, future, started)
 
     def open_session(
         self, spec: ModelSpec, policy: str, config: dict[str, Any] | None = None, **options: Unpack[OpenOptions]

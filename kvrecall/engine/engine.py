@@ -38,7 +38,6 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -55,11 +54,32 @@ from kvrecall.engine.weights import DecoderWeights
 # (bench/results/2026-11-30-h200x2-lag-e2e.json).
 DEFAULT_LAG = 3
 # The interpreter's thread switch interval while an engine runs (seconds; CPython's default is
-# 5 ms). The Boundaries calls run in threads: after the step's sync the decoding thread waits
-# for the GIL until a calling thread lets it go, up to the whole interval.
+# 5 ms). gRPC's threads handle the answers in Python: after the step's sync the decoding thread
+# may wait for the interpreter lock until one lets it go, up to the whole interval (on an H200
+# at 32K x 8 with the calls in threads of their own, 0.5 ms took host time per step from 4.0 to
+# 2.8 ms: bench/results/2026-11-30-h200-switch-e2e.json).
 SWITCH_INTERVAL_S = 0.0005
-# Boundaries calls in flight at once (one per step of the last `lag` steps, lag < spill_every).
-MAX_CALLS = 16
+
+
+class _Pending:
+    """The Boundaries calls of one step's crossed slots (PendingBoundaries, one per client)."""
+
+    def __init__(self, calls: list) -> None:
+        self.calls = calls
+        self.recorded = False
+
+    def done(self) -> bool:
+        return all(call.done() for call in self.calls)
+
+    def result(self) -> float | None:
+        """Wait for every answer (raising a call's error); the first time, the seconds from
+        sending to the last answer, then None."""
+        for call in self.calls:
+            call.result()
+        if self.recorded:
+            return None
+        self.recorded = True
+        return max(call.answered for call in self.calls) - min(call.sent for call in self.calls)
 
 
 @dataclass
@@ -72,7 +92,7 @@ class Sequence:
     boundaries: int = 0
     appends: int = 0
     steps: int = 0
-    pending: Future | None = None  # the boundary's daemon calls while the slot reads its shadow
+    pending: _Pending | None = None  # the boundary's daemon calls while the slot reads its shadow
     pending_from: int = 0  # first position written into the shadow
     shadow: tuple[torch.Tensor, ...] | None = None
 
@@ -129,7 +149,6 @@ class Engine:
         # Free shadow working sets, reused; at most `batch` kept (sessions' capacities vary).
         self._shadows: list[tuple[torch.Tensor, ...]] = []
         # The retrievals in flight: one Boundaries call per step of the last `lag` steps.
-        self._calls = ThreadPoolExecutor(max_workers=MAX_CALLS, thread_name_prefix="kvrecall-engine")
         self.times = DaemonTimes()
         # Captured while no slot is in use: the warm-up steps write nothing anywhere.
         self.graph = GraphStep(lambda: self.decoder.step(self.backend), self.device, use_graph)
@@ -256,7 +275,7 @@ class Engine:
             for seq in crossings:
                 self._to_shadow(seq)
             calls = [StepCall(seq.session, seq.session.core.position, retrieve=True) for seq in crossings]
-            pending = self._calls.submit(self._daemon, calls)
+            pending = self._send(calls)
             for seq in crossings:
                 seq.pending = pending
         self.times.wait_s.append(waited)
@@ -267,19 +286,28 @@ class Engine:
         self.steps += 1
         return {seq.slot: tokens[seq.slot] for seq in self.active}
 
-    def _daemon(self, calls: list[StepCall]) -> float:
-        """One Boundaries call per daemon client for `calls` (one in practice); its answer's
-        host-clock latency goes to `times` when it retrieves. Returns the seconds it took."""
-        started = time.perf_counter()
-        by_client: dict[int, list[StepCall]] = {}
+    @staticmethod
+    def _by_client(calls: list[StepCall]) -> list[list[StepCall]]:
+        """`calls` grouped by daemon client (one group in practice)."""
+        groups: dict[int, list[StepCall]] = {}
         for call in calls:
-            by_client.setdefault(id(call.session.client), []).append(call)
-        for group in by_client.values():
+            groups.setdefault(id(call.session.client), []).append(call)
+        return list(groups.values())
+
+    def _daemon(self, calls: list[StepCall]) -> float:
+        """One Boundaries call per daemon client for `calls`, waited for; its host-clock latency
+        goes to `times` when it retrieves. Returns the seconds it took."""
+        started = time.perf_counter()
+        for group in self._by_client(calls):
             group[0].session.client.boundaries(group)
         seconds = time.perf_counter() - started
         if any(call.retrieve for call in calls):
             self.times.answer_s.append(seconds)
         return seconds
+
+    def _send(self, calls: list[StepCall]) -> _Pending:
+        """The Boundaries calls for `calls` sent, not waited for (no thread of ours waits)."""
+        return _Pending([group[0].session.client.boundaries_future(group) for group in self._by_client(calls)])
 
     # ---- shadows (boundaries off the critical path) -----------------------------------------
     def _to_shadow(self, seq: Sequence) -> None:
@@ -305,7 +333,9 @@ class Engine:
         an answer not in yet (0 when it was)."""
         started = time.perf_counter()
         late = not seq.pending.done()
-        seq.pending.result()
+        answer = seq.pending.result()
+        if answer is not None:  # the first slot of the call to switch back records its latency
+            self.times.answer_s.append(answer)
         waited = time.perf_counter() - started if late else 0.0
         core = seq.session.core
         keys, values, slot_pos, _ = seq.shadow
@@ -321,4 +351,6 @@ class Engine:
         return waited
 
     def close(self) -> None:
-        self._calls.shutdown(wait=True)
+        for seq in self.active:
+            if seq.pending is not None:
+                seq.pending.result()
