@@ -28,7 +28,8 @@ AppendNotice when one would fall due meanwhile), so none falls due while the dae
 the real working set; `lag` must stay below the session's spill_every. `lag=0` retrieves
 before the next step.
 
-Policies that retrieve every step (quest) retrieve after each step for the next one (the
+Policies that retrieve every step (quest) retrieve after each step for the next one, with a
+lag of at most 1 (a slot reading its shadow retrieves nothing, so a longer lag would skip steps; the
 transformers path retrieves per layer inside the step; a captured step cannot wait for the
 daemon). With a budget covering the sequence every policy is exact either way.
 """
@@ -47,6 +48,7 @@ from kvrecall.engine.decoder import Decoder
 from kvrecall.engine.graph import GraphStep
 from kvrecall.engine.sessions import SessionBatch
 from kvrecall.engine.weights import DecoderWeights
+from kvrecall.v1 import kvrecall_pb2 as pb
 
 # Steps a crossed slot reads its shadow. On one H200 (Llama-3-8B shape, bench e2e) a retrieval
 # answers in 11-14 ms at 32K and 23 ms at 128K against 6.5-13 ms steps: at lag 1 every boundary
@@ -200,6 +202,11 @@ class Engine:
         self.sequences[slot] = Sequence(session, slot, [first_token])
         return slot
 
+    def _lag(self, seq: Sequence) -> int:
+        """The slot's lag: the engine's, at most 1 for a policy that retrieves after every step
+        (a slot reading its shadow retrieves nothing, so a longer lag would skip steps)."""
+        return min(self.lag, 1) if seq.session.boundary_mode == pb.BOUNDARY_MODE_EVERY_STEP else self.lag
+
     def set_lag(self, lag: int) -> None:
         """Change `lag` between steps: slots reading a shadow switch back first (waiting for
         their answers), so every boundary from here on follows the new lag."""
@@ -250,28 +257,30 @@ class Engine:
             core.position += 1
             seq.steps += 1
             seq.tokens.append(tokens[b])
+            lag = self._lag(seq)
             if seq.pending is not None:
-                if core.position - seq.pending_from < self.lag:
+                if core.position - seq.pending_from < lag:
                     continue  # no notice falls due while it reads its shadow (see below)
                 late += self._switch_back(seq)
             forced = self.force_boundary(self.steps, b) if self.force_boundary is not None else None
             crossed = flags[b] if forced is None else forced
             # A slot about to read its shadow for `lag` steps announces its tokens first, so its
             # ring (copied into the shadow) has room for them without evicting anything.
-            early = crossed and self.lag > 0 and core.position + self.lag > core.noticed_upto + core.spill_every
+            early = crossed and lag > 0 and core.position + lag > core.noticed_upto + core.spill_every
             notice = core.needs_append() or early
             if notice:
                 seq.appends += 1
             if crossed:
                 self.backend.set_reference(b)
                 seq.boundaries += 1
-                crossings.append(seq)
-            if notice or (crossed and self.lag == 0):
-                notices.append(StepCall(seq.session, core.position, notice, crossed and self.lag == 0))
+                if lag > 0:
+                    crossings.append(seq)
+            if notice or (crossed and lag == 0):
+                notices.append(StepCall(seq.session, core.position, notice, crossed and lag == 0))
         waited = late
         if notices:  # the notices (and with lag 0 the retrievals): the next step reads their effect
             waited += self._daemon(notices)
-        if crossings and self.lag > 0:
+        if crossings:
             for seq in crossings:
                 self._to_shadow(seq)
             calls = [StepCall(seq.session, seq.session.core.position, retrieve=True) for seq in crossings]
