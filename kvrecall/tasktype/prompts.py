@@ -6,16 +6,19 @@ of one statement). AGGREGATION: the answer draws on the whole context (summaries
 occurrences, listing every X, tracking a value through the text, trends and totals, the most
 frequent item, overall sentiment, few-shot patterns, code over a whole module).
 
-Each family has TRAIN and HELD_OUT instruction templates with different wordings. `generated`
-assembles a prompt from a family's template, a filler document of documents.KINDS, a
-placement (instruction before, after, or on both sides of the document; a neutral preamble),
-and a chat wrapper (none, ChatML, Llama 3, Mistral, plain). The `train` split uses TRAIN
-templates and documents of TRAIN_WORDS words; `heldout` uses HELD_OUT templates and documents
-either shorter or longer than any in training (HELD_OUT_WORDS).
+`generated` assembles a prompt from a family's instruction, a filler document of
+documents.KINDS, a placement (instruction before, after, or on both sides of the document; a
+neutral preamble or opener) and a chat wrapper (none, ChatML, Llama 3, Mistral, plain). Splits:
 
-Two more sets check the head on prompts it was never built from: `harness` (the eval
-harness's own generators, kvrecall.eval.tasks, labelled by HARNESS_LABELS) and `HANDWRITTEN`
-(short prompts on other topics, written by hand).
+* `train`: the families' `train` grammars, documents of TRAIN_WORDS words;
+* `dev`: the families' `dev` sentences, looked at while the grammars were written (so its
+  accuracy flatters the head), documents of HELD_OUT_WORDS;
+* `heldout`: HELD_OUT sentences, written once the grammars were final and not used to tune
+  anything, documents of HELD_OUT_WORDS (shorter and longer than any in training).
+
+Two more sets check the head on prompts of other sources: `harness` (the eval harness's own
+generators, kvrecall.eval.tasks, labelled by HARNESS_LABELS; never trained on) and
+`handwritten` (short prompts on other topics, written by hand for the earlier classifier).
 """
 
 from __future__ import annotations
@@ -68,11 +71,17 @@ FAMILIES: dict[str, Family] = {
             "[What|Which] [value|number] is [assigned to|given for|stored under|configured for] {key}?",
             "{key}[:| -] what [is|was] it set to?",
             "What did the [document|file|text|config] set {key} to?",
+            "[Tell me|Show me|I need|Give] the [exact |current |][value|setting|figure|number] "
+            "[listed|written|given] for {key}.",
+            "[How large|How big|How high] is {key}[?| in the config?]",
+            "[Could you check|Check|Please check] what {key} is set to.",
         ),
         (
             "Which number does the text give for {key}?",
             "Report the exact figure listed for {key}.",
             "{key}: what's it configured as?",
+            "I need the number configured for {key}.",
+            "Quickly: {key} equals what?",
         ),
     ),
     "who": Family(
@@ -82,11 +91,17 @@ FAMILIES: dict[str, Family] = {
             "[Name|Identify|Tell me] the [person|employee|colleague] who [moved|carried|delivered|handled] the {item}.",
             "Who [reported|filed|sent] the {metric} [figures|numbers|report][?| for the {service} team?]",
             "[According to the text|Based on the document|In the passage], who [moved|took] the {item} to {city}?",
+            "[Who|Which person] [serves|acts|works] as [the |]{role}?",
+            "[Whose|Which person's] [name|job] is [given|listed] as {role}?",
+            "Tell me [the name of|who is] the {role}.",
+            "By whom was the {item} [moved|delivered|handled]?",
         ),
         (
             "Whose job is it to look after the {item}?",
             "Identify the individual that serves as {role}.",
             "Tell me which colleague handled the {metric} report.",
+            "Who was given the title of {role}?",
+            "The {item} was moved by whom?",
         ),
     ),
     "when": Family(
@@ -96,10 +111,13 @@ FAMILIES: dict[str, Family] = {
             "[When|On what date] was {key} [changed|set|updated]?",
             "[What date|When] did {name2} [report|submit|file] the {metric}[?| numbers?]",
             "On which day was the {item} [moved|sent] to {city}?",
+            "[Tell me|Give me|State] the [day|date|time] [when|on which] {name} [moved|shipped] the {item}.",
+            "What was the date [of|on] {name2}'s {metric} [report|entry]?",
         ),
         (
             "At what point in the week did the {item} arrive in {city}?",
             "Give the date on which {name2} filed the {metric} numbers.",
+            "Tell me the weekday the {item} went to {city}.",
         ),
     ),
     "where": Family(
@@ -108,10 +126,14 @@ FAMILIES: dict[str, Family] = {
             "[Where|In which city|In what place] [is|was] the {item} [kept|stored|moved|now]?",
             "Where does {name} [work|live|keep the {item}]?",
             "[To which city|Where] did {name} [take|send|move] the {item}?",
+            "[Name|Give|Tell me] the [city|place|location|town] [where|to which] {name} [took|sent|left] "
+            "the {item}.",
+            "What [place|city|location] [is|was] the {item} [sent|taken|moved] to?",
         ),
         (
             "What location does the text give for the {item}?",
             "Where did the {item} end up?",
+            "The {item} was taken to which place?",
         ),
     ),
     "which": Family(
@@ -121,18 +143,24 @@ FAMILIES: dict[str, Family] = {
             "Which [item|object|thing] did {name} [move|carry|order]?",
             "Which function [takes|accepts|has] the [argument|parameter] {arg}?",
             "[Which|What] team did {name2} report for?",
+            "[Pick out|Point out|Name] the [team|service|item] that {name2} [reported|filed] [for|about].",
+            "[Of the services|Among the teams], which [one |][failed|reported] first?",
         ),
         (
             "What is the name of the service whose error is mentioned first?",
             "Say which object {name} carried to {city}.",
+            "Of all the services, which single one raised an error first?",
+            "Pick out the team that {name2} filed numbers for.",
         ),
     ),
     "quote": Family(
         LOCALIZATION,
         (
-            "[Retrieve|Find|Locate|Return|Show] the [sentence|line|passage|entry] [that mentions|about|describing|"
-            "containing] [the {item}|{name}|{key}][.| and copy it.| verbatim.]",
+            "[Retrieve|Find|Locate|Return|Show] the [sentence|line|passage|entry] [that "
+            "mentions|about|describing|containing] [the {item}|{name}|{key}][.| and copy it.| verbatim.]",
             "[Quote|Copy|Repeat] the [line|sentence] where {name} [is mentioned|appears].",
+            "[Reproduce|Return|Paste|Give me] the [exact |][sentence|line|entry] [about|on|containing|that "
+            "names] [{name}|{key}|the {item}].",
         ),
         (
             "Copy out, word for word, the part describing the {item}.",
@@ -142,29 +170,39 @@ FAMILIES: dict[str, Family] = {
     "passkey": Family(
         LOCALIZATION,
         (
-            "[A|One] [special|secret|hidden] [passkey|password|code|number] is hidden in the [text|document|notes]. "
-            "[What is it?|Find it.|Give it to me.|Report it.]",
+            "[A|One] [special|secret|hidden] [passkey|password|code|number] is hidden in the "
+            "[text|document|notes]. [What is it?|Find it.|Give it to me.|Report it.]",
             "What is the [password|passkey|access code|secret token|PIN] [mentioned|hidden|given] in the [text|document]?",
             "[Find|Retrieve|Extract] the hidden [access code|passkey|number][ for {word}|].[ Answer with the number only.|]",
             "Somewhere in the [text|document|notes] there is a [secret|special] [number|code] for {word}. What is it?",
+            "[Output|Return|Tell me|Reveal] the [hidden|secret|buried] [key|code|password|number][.| and "
+            "nothing else.]",
+            "[The text|This document|Somewhere here] [hides|contains|conceals] a [secret|hidden] "
+            "[code|number|key]. [What is it?|Report it.|Give it.]",
         ),
         (
             "There is one magic number buried in the notes above; what is it?",
             "The document conceals a PIN. Tell me the PIN.",
+            "Buried in this text is a numeric key. Output the key.",
+            "What's the hidden password? Reply with just the password.",
         ),
     ),
     "check": Family(
         LOCALIZATION,
         (
-            "[Does|Did] the [document|text|passage] [say|state|mention] that {name} is the {role}?"
-            "[ Answer yes or no.| Yes or no.|]",
+            "[Does|Did] the [document|text|passage] [say|state|mention] that {name} is the {role}?[ Answer "
+            "yes or no.| Yes or no.|]",
             "Is {key} set to {value}[?| in the config?][ Answer yes or no.|]",
             "[Was|Is] the {item} [moved|sent|delivered] on {day}?",
             "Did {name2} [report|submit] the {metric}?[ Yes or no.| Answer with yes or no.|]",
+            "[Is it true|Is it correct|Can you confirm|Check whether|Verify] that {name} [is|works as] the "
+            "{role}[?|.]",
+            "[True or false|Yes or no]: {key} is {value}.",
         ),
         (
             "True or false: the text states that {name} took the {item} to {city}.",
             "Confirm whether {key} equals {value} in the document.",
+            "Verify: was the {item} sent to {city}?",
         ),
     ),
     "amount": Family(
@@ -174,6 +212,9 @@ FAMILIES: dict[str, Family] = {
             "How many [units|copies|boxes] of the {item} did {name} [order|buy|ship]?",
             "What [amount|number|figure] is [listed|recorded|given] for {name}[ in the table|]?",
             "How old is {name} according to the [record|entry|table]?",
+            "What [did|does] the {item} [sell for|cost|go for]?",
+            "[Give me|Tell me|What is] {name}'s [figure|amount|number] [from|in] the [table|record]?",
+            "[What price|How much] [was|is] [listed|paid] for the {item}?",
         ),
         (
             "What is the price recorded next to the {item}?",
@@ -186,10 +227,13 @@ FAMILIES: dict[str, Family] = {
             "What are the [two|three] [codes|values|numbers] [given|listed|recorded] for {key}?",
             "[Find|Give] both [phone numbers|codes|values] [listed|stated] for {name}.",
             "Which [two|three] [cities|dates] are given for the {item}?",
+            "[Which|What] [values|codes|numbers] [are attached to|belong to|are listed for] {key}?",
+            "Give [the two|both of the|the three] codes [stored under|given for] {word}.",
         ),
         (
             "{name} has more than one badge number in the notes; which are they?",
             "Report each of the codes that belong to {word}.",
+            "Which values are attached to {key}? There may be several.",
         ),
     ),
     "lookup_code": Family(
@@ -199,10 +243,13 @@ FAMILIES: dict[str, Family] = {
             "What does [the function |]{func} return?",
             "Which [argument|parameter] does {func} [take|accept]?",
             "[Where|On which line] is {func} defined?",
+            "What is the [signature|first line|default argument] of {func}?",
+            "[Which|What] value does {func} use for [factor|its factor] [by default|]?",
         ),
         (
             "In {func}, what is factor's default?",
             "Show me only the body of {func}.",
+            "What's the signature of {func}?",
         ),
         ("code",),
     ),
@@ -211,41 +258,57 @@ FAMILIES: dict[str, Family] = {
         (
             "What output [do|does] the [examples|example list] give for [the input |]{word}?",
             "[Which|Find the] example [has|with] the input {word}[? Give its output.| and give its output.]",
+            "[Look at|Check] the examples: what [does|did] {word} [become|map to|turn into]?",
         ),
-        ("In the examples above, what was {word} mapped to?",),
+        (
+            "In the examples above, what was {word} mapped to?",
+        ),
         ("examples",),
     ),
     # ---- aggregation -----------------------------------------------------------------------
     "summary": Family(
         AGGREGATION,
         (
-            "[Summarize|Summarise|Briefly summarize|Give a summary of|Write a summary of] the [text|document|"
-            "passage|notes|article|conversation|thread][ above| below|][.| in two sentences.| in one paragraph.]",
-            "[Write|Give|Provide] a [short|brief|concise|one-paragraph] [overview|summary|recap|synopsis] of the "
-            "[whole |entire |full |][text|document|passage].",
+            "[Summarize|Summarise|Briefly summarize|Give a summary of|Write a summary of] the "
+            "[text|document|passage|notes|article|conversation|thread][ above| below|][.| in two "
+            "sentences.| in one paragraph.]",
+            "[Write|Give|Provide] a [short|brief|concise|one-paragraph] [overview|summary|recap|synopsis] "
+            "of the [whole |entire |full |][text|document|passage].",
             "Provide a TL;DR[ of these notes| of the document|].",
-            "What is [this|the] [document|text|passage] about? [Summarize it.|Give a short summary.|Answer in a few "
-            "sentences.]",
+            "What is [this|the] [document|text|passage] about? [Summarize it.|Give a short summary.|Answer "
+            "in a few sentences.]",
             "[Summarise|Recap] the main points[ of the document| of the discussion|].",
+            "Give [me |][the gist|an outline|the main idea|a digest] of [this|the] "
+            "[text|document|passage][.| in a few lines.]",
+            "[Boil|Condense|Shorten|Reduce] [this|the] [document|text|passage] [down |][to|into] [its "
+            "essentials|a few sentences|a short paragraph|bullet points].",
+            "[Can you|Could you|Please] [summarize|recap|outline] [this|the whole|the entire] "
+            "[text|document]?",
         ),
         (
             "Condense this document into three bullet points.",
             "What is this text about overall? Answer in two sentences.",
             "Sum up the key takeaways of the entire report.",
+            "Can you boil this document down to its essentials?",
         ),
     ),
     "count": Family(
         AGGREGATION,
         (
-            "How many times [is|was] [the {item}|{name}|{city}|the word {word}] mentioned[ in the text| in the "
-            "document| in total|]?",
+            "How many times [is|was] [the {item}|{name}|{city}|the word {word}] mentioned[ in the text| in "
+            "the document| in total|]?",
             "How many times does [the {item}|{name}|the word {word}] [appear|occur][ in the text| in total|]?",
             "Count [the number of|how many|all] [entries|lines|rows|sentences|emails] [that mention|about] "
             "[{name}|{city}|the {item}].",
-            "How many [errors|warnings|entries|rows|reviews] [are there|appear|are listed] in [the log|the table|the "
-            "document][?| altogether?]",
+            "How many [errors|warnings|entries|rows|reviews] [are there|appear|are listed] in [the log|the "
+            "table|the document][?| altogether?]",
             "Count how often [the word |]{word} [occurs|appears|is used].",
             "What is the number of [distinct|different|unique] [names|cities|items] in the [text|document|list]?",
+            "[Determine|Work out|Find out|Tell me] how [often|frequently|many times] {name} [shows "
+            "up|appears|is named] [across|in] the [document|text].",
+            "How many [entries|lines|records|rows] [mention|refer to|include] [{city}|{name}|the {item}][ "
+            "altogether| in total| in all|]?",
+            "[Tally|Count] [up |][the |][occurrences|mentions|appearances] of [{name}|the {item}|{word}].",
         ),
         (
             "Tally every occurrence of the word {word}.",
@@ -256,29 +319,39 @@ FAMILIES: dict[str, Family] = {
     "list_all": Family(
         AGGREGATION,
         (
-            "List [all|every one of] the [names|people|items|dates|cities|services|errors] [that appear|mentioned|"
-            "that occur] in the [document|text|notes|log].",
-            "[Enumerate|Name|Extract] [all|every|each] [person|item|date|city] [mentioned|in the text|that is "
-            "mentioned][.|, without duplicates.]",
+            "List [all|every one of] the [names|people|items|dates|cities|services|errors] [that "
+            "appear|mentioned|that occur] in the [document|text|notes|log].",
+            "[Enumerate|Name|Extract] [all|every|each] [person|item|date|city] [mentioned|in the text|that "
+            "is mentioned][.|, without duplicates.]",
             "Find all the [services|people|rows] that [logged a warning|mention {city}|ordered the {item}].",
             "Make a list of [every|all] [item|name|date] in the [text|document].",
+            "[Write down|Collect|Gather|Return] [each|every|all the] [name|date|city|item][s|] [you can "
+            "find|mentioned|that appear] in the [text|document|notes][.| as a list.]",
+            "Who [are all the people|are the people] [mentioned|named|referred to] [anywhere |][in the "
+            "text|in the notes]?",
         ),
         (
             "Give me every person referred to anywhere in the notes.",
             "Extract each distinct city the text mentions.",
             "Which people appear in the document? Include all of them.",
+            "Collect all dates mentioned and return them as a list.",
         ),
     ),
     "track": Family(
         AGGREGATION,
         (
             "Track [how|every change in|the value of] {key} [changes |][throughout|across|over] the [document|text|log].",
-            "Describe how {name}'s [situation|role|work] [evolves|changes|develops] [over the course of|throughout|"
-            "across] the [text|document].",
+            "Describe how {name}'s [situation|role|work] [evolves|changes|develops] [over the course "
+            "of|throughout|across] the [text|document].",
             "Put [all |][the |]events in chronological order.",
             "Follow [every|each] change to the {item} from beginning to end.",
-            "[Keep track of|Track] [each|every] [update|change|move] of the {item} [through the text|across the "
-            "document].",
+            "[Keep track of|Track] [each|every] [update|change|move] of the {item} [through the text|across "
+            "the document].",
+            "How does {key} change from [the first mention to the last|start to end|beginning to end]?",
+            "[Walk through|Describe|Trace] the [history|sequence of changes|story] of [the {item}|{key}] "
+            "[across|through] the [whole|entire] [log|document|text].",
+            "[Build|Make|Draw up] a [timeline|chronology|history] of [the events|everything that "
+            "happens|all changes].",
         ),
         (
             "Trace each update to {key} from start to finish.",
@@ -288,12 +361,16 @@ FAMILIES: dict[str, Family] = {
     "trend": Family(
         AGGREGATION,
         (
-            "What is the [overall|general|long-term] trend [of|in] the [numbers|values|amounts|{metric}][ in the "
-            "table| across the report|]?",
-            "[Compute|Calculate|What is] the [average|median|total|sum of the] [amount|{metric}|value] [across|over|"
-            "of] all [rows|entries|records|lines].",
+            "What is the [overall|general|long-term] trend [of|in] the [numbers|values|amounts|{metric}][ "
+            "in the table| across the report|]?",
+            "[Compute|Calculate|What is] the [average|median|total|sum of the] [amount|{metric}|value] "
+            "[across|over|of] all [rows|entries|records|lines].",
             "How did the {metric} [develop|change|move] over the [whole|entire] [period|year|report]?",
             "What is the total {metric} [over|across|for] all the [entries|rows|days]?",
+            "[Overall|In general|Across the report], [are|do] the [amounts|numbers|values] [increasing or "
+            "decreasing|go up or down|rise or fall]?",
+            "What's the [grand total|sum|overall total|mean|average] of [all |every one of |][the "
+            "amounts|the values|the numbers]?",
         ),
         (
             "Is {metric} generally rising or falling across the report?",
@@ -304,10 +381,13 @@ FAMILIES: dict[str, Family] = {
     "frequent": Family(
         AGGREGATION,
         (
-            "Which [word|name|item|city] [occurs|appears|is mentioned] most [often|frequently][ in the list| in the "
-            "document|]?",
+            "Which [word|name|item|city] [occurs|appears|is mentioned] most [often|frequently][ in the "
+            "list| in the document|]?",
             "What are the [three|five|top three|top ten] most [common|frequent] [words|items|names][ in the text|]?",
             "Find the most [frequent|common] [word|item|name|service] in the [text|list|log].",
+            "Which [item|word|name] [turns up|shows up|comes up|is repeated] the most [times|often]?",
+            "[Tell me|List|Give] the [five|three|ten] [words|names|items] that [occur|appear|repeat] most[ "
+            "often|].",
         ),
         (
             "Find the entry that is repeated more than any other.",
@@ -318,14 +398,19 @@ FAMILIES: dict[str, Family] = {
         AGGREGATION,
         (
             "What is the [overall|general] [sentiment|opinion|tone|mood] of the [reviews|emails|conversation|text]?",
-            "What are the [main|key|recurring|common] [themes|topics|issues] [across|in] [all of the|the] [emails|"
-            "reviews|notes|document]?",
+            "What are the [main|key|recurring|common] [themes|topics|issues] [across|in] [all of the|the] "
+            "[emails|reviews|notes|document]?",
             "Describe the [general|overall] [mood|attitude|tone] of the [whole |entire |][text|discussion].",
             "What do the [people|speakers|reviewers] [agree on|complain about|like] [overall|in general|most]?",
+            "What's the [prevailing|dominant|general] [attitude|feeling|opinion] of the "
+            "[reviewers|writers|customers]?",
+            "[Overall|On the whole|In general], are [people|the customers|the writers] [happy or "
+            "unhappy|satisfied or not|positive or negative]?",
+            "How do [the customers|the reviewers|people] feel [overall|in general|on the whole]?",
         ),
         (
-            "How do the customers feel in general?",
             "Characterize the tone of the conversation as a whole.",
+            "Overall, are people happy or unhappy in these emails?",
         ),
     ),
     "compare": Family(
@@ -335,6 +420,10 @@ FAMILIES: dict[str, Family] = {
             "What do [all of the|all the|the] [entries|emails|records|reviews] have in common?",
             "Group the [records|rows|entries] by [city|item|name|service] and [describe|summarize|count] each group.",
             "How do the [different|various] [speakers|reviewers|sections] [differ|compare]?",
+            "How is the [start|beginning|first part] of the [text|document] different from the "
+            "[ending|end|rest]?",
+            "[Sort|Split|Divide] the [records|rows|entries] into groups by [city|item|name] and "
+            "[describe|summarize] the groups.",
         ),
         (
             "Contrast the views expressed by the different speakers.",
@@ -348,6 +437,11 @@ FAMILIES: dict[str, Family] = {
             "Rewrite the [whole |entire |][document|text] in [plain|simple|formal] language.",
             "Turn [these notes|this document|the log] into a [structured|formal|short] report[ with headings|].",
             "[Proofread|Edit] the [whole|entire] [text|document] for [grammar|clarity].",
+            "Rewrite [all of this|the whole thing|everything above] as [a bulleted list|a table|a short "
+            "story].",
+            "Make the [entire|whole] [text|document] sound [more friendly|more formal|less technical].",
+            "[Paraphrase|Restate] [everything|the whole text|the document] [for a child|in simpler words|in "
+            "your own words].",
         ),
         (
             "Convert the full document into a formal letter.",
@@ -357,13 +451,19 @@ FAMILIES: dict[str, Family] = {
     "fewshot": Family(
         AGGREGATION,
         (
-            "Follow the [pattern|format|rule] of the examples and [give|write|produce] the output for the [last|final|"
-            "new] input.",
+            "Follow the [pattern|format|rule] of the examples and [give|write|produce] the output for the "
+            "[last|final|new] input.",
             "Continue [with|using] the same [rule|pattern|mapping] as the examples.",
-            "[Learn|Work out|Figure out] the [mapping|rule|transformation] from the examples and apply it to the "
-            "[final|last] input.",
+            "[Learn|Work out|Figure out] the [mapping|rule|transformation] from the examples and apply it "
+            "to the [final|last] input.",
+            "Using the examples as a [guide|model|template], [produce|write|give] the [missing|next|last] "
+            "output.",
+            "[Infer|Deduce|Find] the [rule|pattern] [behind|from|in] the examples and [apply|use] it "
+            "[on|for] the [new|last|final] [case|input|item].",
         ),
-        ("Infer the rule from the examples and apply it to the new case.",),
+        (
+            "Infer the rule from the examples and apply it to the new case.",
+        ),
         ("examples",),
     ),
     "code": Family(
@@ -371,61 +471,140 @@ FAMILIES: dict[str, Family] = {
         (
             "[Complete|Finish|Implement] the [last|final|unfinished] function [of|in] this [module|file|script].",
             "[Explain|Describe] what [this|the] [program|module|code|script] does [as a whole|overall|in general].",
-            "Write a docstring for the [module|file|code] that describes [all of its|each of its|every one of its] "
-            "functions.",
+            "Write a docstring for the [module|file|code] that describes [all of its|each of its|every one "
+            "of its] functions.",
             "Refactor the [code|module|file] to remove [the duplication|repetition] [between|across] the functions.",
             "[Add|Write] [type hints|unit tests|comments] for [all|every one] of the functions[ in this module|].",
+            "[Add|Write] [error handling|logging|docstrings|tests] [to|for] every function in this "
+            "[file|module].",
+            "What is the [purpose|overall goal|job] of this [module|file|program][ overall| as a whole|]?",
+            "[Finish|Complete] the [code|script|program] below so that it [runs|works|passes its tests].",
+            "Review the [whole |entire |][file|module|code] and [list|describe] its "
+            "[problems|bugs|weaknesses].",
         ),
-        (
-            "Finish the code below so that it runs.",
-            "Review the whole file and list its problems.",
-        ),
+        ("Rename the variables across the whole module so they read better.",),
         ("code",),
     ),
 }
 
 HELD_OUT: dict[str, tuple[str, ...]] = {
-    # The final test's wordings, written before the last round of training grammars and read
-    # only through the reported accuracy (not used to tune anything).
-    "value": ("I need the number configured for {key}.", "Quickly: {key} equals what?"),
-    "who": ("Who was given the title of {role}?", "The {item} was moved by whom?"),
-    "when": ("Tell me the weekday the {item} went to {city}.", "What was the date of {name2}'s {metric} report?"),
-    "where": ("The {item} was taken to which place?", "Name the town where {name} left the {item}."),
+    # The final test's wordings: written after the training grammars were final, and used only
+    # through the reported accuracy (nothing was tuned on them). No training grammar expands to
+    # any of them (tests/test_tasktype.py checks).
+    "value": (
+        "Hey, do you know what number {key} was given in this file?",
+        "Look through the settings and tell me {key}'s number, nothing else.",
+        "I'm debugging: which setting did they pick for {key}?",
+    ),
+    "who": (
+        "Somebody is named as the {role} in here. Who?",
+        "I forgot who took the {item} to {city}; can you remind me?",
+        "Which colleague carries the title {role}?",
+    ),
+    "when": (
+        "Remind me which day of the week the {item} left for {city}.",
+        "By what date had {name2} sent in the {metric} figures?",
+        "When exactly does the text say {name} moved the {item}?",
+    ),
+    "where": (
+        "Where on earth did the {item} go?",
+        "What's the destination city of the {item}?",
+        "{name} left with the {item}. Where to?",
+    ),
     "which": (
-        "Of all the services, which single one raised an error first?",
-        "Pick out the team that {name2} filed numbers for.",
+        "I want to know which one of the services threw the earliest error.",
+        "Out of everything {name} handled, which object went to {city}?",
+        "Tell me the team {name2} is reporting for.",
     ),
-    "quote": ("Reproduce the exact sentence about {name}.", "Paste the line containing {key}."),
+    "quote": (
+        "Cite the sentence in which {name} appears, word for word.",
+        "Give me the original wording of the entry on {key}.",
+        "Which sentence talks about the {item}? Please copy it exactly.",
+    ),
     "passkey": (
-        "Buried in this text is a numeric key. Output the key.",
-        "What's the hidden password? Reply with just the password.",
+        "I hid a number somewhere in this text. Can you spot it?",
+        "What's the secret combination mentioned somewhere in the notes?",
+        "Dig out the concealed passcode and print it.",
     ),
-    "check": ("Is it correct that {name} works as the {role}?", "Verify: was the {item} sent to {city}?"),
-    "amount": ("What did the {item} sell for?", "Give me {name}'s figure from the table."),
-    "multivalue": ("Which values are attached to {key}? There may be several.", "Give both of the codes stored under {word}."),
-    "lookup_code": ("What's the signature of {func}?", "Which value does {func} use for factor by default?"),
-    "lookup_example": ("Look at the examples: what does {word} become?",),
-    "summary": ("Give me the gist of this text in a few lines.", "Can you boil this document down to its essentials?"),
-    "count": ("Determine how frequently {name} shows up across the document.", "How many entries mention {city} altogether?"),
-    "list_all": ("Write down each name you can find in the text.", "Collect all dates mentioned and return them as a list."),
+    "check": (
+        "Am I right that {name} is the {role} here?",
+        "Quick check: does {key} have the value {value}?",
+        "Was it {name2} who reported the {metric}, yes or no?",
+    ),
+    "amount": (
+        "What's the cost of the {item} on record?",
+        "Read off the quantity next to {name}.",
+        "How much was charged for the {item}?",
+    ),
+    "multivalue": (
+        "{word} has several codes in the text. Give me those codes.",
+        "Some setting appears with more than one value for {key}; what are the values?",
+        "Tell me the two cities named for the {item}.",
+    ),
+    "lookup_code": (
+        "What default does {func} give to factor?",
+        "Print just the definition of {func}.",
+        "What argument name does {func} expect?",
+    ),
+    "lookup_example": (
+        "According to the examples, what is the output when the input is {word}?",
+        "Find {word} among the examples and tell me its output.",
+    ),
+    "summary": (
+        "Can you give me the short version of all this?",
+        "I don't have time to read this. What does it say, in a nutshell?",
+        "Please write an abstract for the document.",
+    ),
+    "count": (
+        "How often is {city} brought up, all told?",
+        "Tell me the number of log lines at WARN level.",
+        "Go through the text and count every reference to {name}.",
+    ),
+    "list_all": (
+        "Name everybody who appears in these notes.",
+        "Produce a complete list of the items in the document.",
+        "Pull out all of the dates and show them one per line.",
+    ),
     "track": (
-        "How does {key} change from the first mention to the last?",
-        "Walk through the history of the {item} across the whole log.",
+        "Describe every change {key} goes through, in order.",
+        "How did things develop for {name} from the beginning of the text to the end?",
+        "Lay out the sequence of events as they happen in the log.",
     ),
-    "trend": ("Overall, are the amounts increasing or decreasing?", "What's the grand total of all the amounts?"),
-    "frequent": ("Which item turns up the most times?", "Tell me the five words that occur most."),
+    "trend": (
+        "Do the figures go up or down over time?",
+        "Give the mean of the amounts in the table.",
+        "What is the overall direction of {metric} in these records?",
+    ),
+    "frequent": (
+        "Which word shows up more than all the others?",
+        "What name comes up most often here?",
+        "Give the three items mentioned the largest number of times.",
+    ),
     "sentiment": (
-        "What's the prevailing attitude of the reviewers?",
-        "Overall, are people happy or unhappy in these emails?",
+        "Are the reviews mostly positive or mostly negative?",
+        "How would you describe the mood across these messages?",
+        "What worries come up again and again in the emails?",
     ),
     "compare": (
-        "How is the start of the text different from the ending?",
-        "Sort the records into groups by city and describe the groups.",
+        "Point out the differences between the early entries and the later ones.",
+        "What themes do the speakers share, and where do they disagree?",
+        "Split the rows by city and explain what separates the groups.",
     ),
-    "rewrite": ("Rewrite all of this as a bulleted list.", "Make the entire text sound more friendly."),
-    "fewshot": ("Using the examples as a guide, produce the missing output.",),
-    "code": ("Add error handling to every function in this file.", "What is the purpose of this module overall?"),
-}  # fmt: skip
+    "rewrite": (
+        "Turn the whole passage into a poem.",
+        "Please simplify all of the text above so a beginner understands it.",
+        "Translate everything into Italian.",
+    ),
+    "fewshot": (
+        "Here are some input/output pairs. What should the output be for the last one?",
+        "Apply the same transformation shown in the examples to the final input.",
+    ),
+    "code": (
+        "What does this entire script accomplish?",
+        "Write unit tests covering all the functions in this file.",
+        "Fix the bugs in this module.",
+    ),
+}
 
 PREAMBLES = (
     "", "", "Read the following text.", "Here is a document.", "Below is some context.", "Context:",
@@ -434,6 +613,7 @@ PREAMBLES = (
 SUFFIXES = ("", "", "", "Be concise.", "Answer briefly.", "Think step by step.", "Only use the document.")
 SYSTEMS = ("You are a helpful assistant.", "You are a careful analyst.", "Answer truthfully.")
 PRIMERS = ("", "", "", "Answer:", "Sure.", "Here is my answer:")
+OPENERS = ("Quick question:", "Hi!", "Hello,", "One more thing:", "Here is my request:", "I need your help.")
 
 
 def _wrap(rng: random.Random, user: str) -> str:
@@ -461,6 +641,8 @@ def _wrap(rng: random.Random, user: str) -> str:
 def _user_turn(rng: random.Random, instruction: str, document: str) -> str:
     preamble, suffix = rng.choice(PREAMBLES), rng.choice(SUFFIXES)
     ask = f"{instruction} {suffix}".strip()
+    if rng.random() < 0.2:
+        ask = f"{rng.choice(OPENERS)} {ask}"
     if rng.random() < 0.3:
         ask = f"{rng.choice(('Question:', 'Task:', 'Instruction:', 'Q:'))} {ask}"
     where = rng.random()

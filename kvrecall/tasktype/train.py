@@ -1,25 +1,28 @@
-"""Train the shipped task classifier: `python -m kvrecall.tasktype.train [--train N] [--heldout N]`.
+"""Train the shipped task classifier: `python -m kvrecall.tasktype.train [--train N] [--eval N]`.
 
-1. Generates labelled prompts (prompts.py): the `train` split (TRAIN templates, documents of
-   TRAIN_WORDS words) and the `heldout` split (other templates, shorter and longer documents),
-   plus the check sets `harness` (the eval harness's generators) and `handwritten`.
+1. Generates labelled prompts (prompts.py): the `train` split (TRAIN grammars, documents of
+   TRAIN_WORDS words); the `dev` and `heldout` splits (other wordings, documents shorter and
+   longer than any in training; `dev` was looked at while the grammars were written,
+   `heldout` was not); and the check sets `harness` (the eval harness's own generators) and
+   `handwritten`. Only `train` is fitted on.
 2. Featurises each prompt's text (features.py: hashed n-grams of its head and tail).
 3. Picks the L2 strength by cross-validation on the training split with folds by template
    (each fold is scored by a head that never saw its templates), then fits the head on the
    whole training split (L-BFGS logistic regression, float64).
 4. Writes the weights (kvrecall/tasktype/text_head.npz) and a JSON report: accuracy and
-   confusion counts per evaluation set, per held-out family and document length.
+   confusion counts per set, per family and per held-out document length.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import pathlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +39,7 @@ from kvrecall.tasktype.prompts import (
     harness,
 )
 
-L2 = (1e-4, 1e-3, 1e-2, 1e-1)
+L2 = (1e-4, 1e-3, 1e-2)
 FOLDS = 3
 MAX_ITER = 100  # L-BFGS function evaluations per fit
 LABELS = {False: "localization", True: "aggregation"}
@@ -109,10 +112,12 @@ def scores(predicted: np.ndarray, truth: np.ndarray) -> dict:
     return {"n": n, "accuracy": round(float((predicted == truth).mean()), 4) if n else None, "confusion": confusion}
 
 
-def cross_validate(rows: Rows, templates: np.ndarray, config: FeatureConfig) -> tuple[float, float]:
+def cross_validate(
+    rows: Rows, templates: np.ndarray, config: FeatureConfig, l2s: Sequence[float] = L2
+) -> tuple[float, float]:
     """(best l2, its mean accuracy) over FOLDS folds by template index within each family."""
-    best = (L2[0], -1.0)
-    for l2 in L2:
+    best = (l2s[0], -1.0)
+    for l2 in l2s:
         accuracies = []
         for k in range(FOLDS):
             held = templates % FOLDS == k
@@ -124,61 +129,61 @@ def cross_validate(rows: Rows, templates: np.ndarray, config: FeatureConfig) -> 
     return best
 
 
-def train(n_train: int, n_heldout: int, seed: int = 0, config: FeatureConfig | None = None) -> tuple[TaskClassifier, dict]:
-    """Fit the head on `n_train` generated prompts; evaluate it on `n_heldout` held-out ones and
-    the check sets. Returns the head and the report (sizes, l2, accuracies, confusions)."""
+def train(
+    n_train: int, n_eval: int, seed: int = 0, config: FeatureConfig | None = None, l2s: Sequence[float] = L2
+) -> tuple[TaskClassifier, dict]:
+    """Fit the head on `n_train` generated prompts; evaluate it on `n_eval` prompts of each of the
+    dev and held-out splits and on the check sets. Returns the head and the report."""
     config = config or FeatureConfig()
     started = time.perf_counter()
     sets = {
         "train": generated(n_train, "train", seed),
-        "heldout": generated(n_heldout, "heldout", seed),
+        "dev": generated(n_eval, "dev", seed),
+        "heldout": generated(n_eval, "heldout", seed),
         "harness": harness(),
         "handwritten": handwritten(),
     }
     rows = {name: Rows.of(prompts, config) for name, prompts in sets.items()}
-    templates = np.array([p.template for p in sets["train"]])
-    l2, cv = cross_validate(rows["train"], templates, config)
+    l2, cv = cross_validate(rows["train"], np.array([p.template for p in sets["train"]]), config, l2s)
     head = fit(rows["train"], l2, config)
     predicted = {name: predict(head, r) for name, r in rows.items()}
 
-    def by(name: str, key) -> dict:
-        groups = dict.fromkeys(key(p) for p in sets[name])
-        return {
-            g: scores(*(a[np.array([key(p) == g for p in sets[name]])] for a in (predicted[name], rows[name].aggregation)))
-            for g in groups
-        }
+    def by(name: str, key: Callable[[LabelledPrompt], str]) -> dict:
+        keys = np.array([key(p) for p in sets[name]])
+        return {g: scores(predicted[name][keys == g], rows[name].aggregation[keys == g]) for g in dict.fromkeys(keys)}
 
-    short = HELD_OUT_WORDS[0]
+    def length(p: LabelledPrompt) -> str:
+        low, high = next(bucket for bucket in HELD_OUT_WORDS if bucket[0] <= p.words <= bucket[1])
+        return f"{low}-{high} words"
+
     report = {
-        "classifier": "logistic regression on hashed word 1-2-grams and character n-grams of the prompt's "
-        "first and last characters (kvrecall/tasktype/features.py)",
-        "features": {k: int(v) for k, v in zip(
-            ("n_features", "head_chars", "tail_chars", "char_min", "char_max"), config.as_array(), strict=True)},
+        "classifier": "logistic regression on hashed word and character n-grams of the prompt's first and last "
+        "characters (kvrecall/tasktype/features.py)",
+        "features": dataclasses.asdict(config),
         "l2": l2,
         "cv_accuracy_unseen_templates": round(cv, 4),
         "sizes": {name: len(prompts) for name, prompts in sets.items()},
         "sets": {name: scores(predicted[name], rows[name].aggregation) for name in sets},
-        "heldout_by_length_words": by(
-            "heldout", lambda p: f"{short[0]}-{short[1]}" if p.words <= short[1] else f"{HELD_OUT_WORDS[1][0]}-{HELD_OUT_WORDS[1][1]}"
-        ),
+        "heldout_by_length": by("heldout", length),
         "heldout_by_family": by("heldout", lambda p: p.family),
+        "dev_by_family": by("dev", lambda p: p.family),
         "harness_by_task": by("harness", lambda p: p.family.removeprefix("harness:")),
         "seed": seed,
         "seconds": round(time.perf_counter() - started, 1),
-    }  # fmt: skip
+    }
     return head, report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train", type=int, default=4400, help="generated training prompts")
-    parser.add_argument("--heldout", type=int, default=1100, help="generated held-out prompts")
+    parser.add_argument("--eval", type=int, default=1100, help="generated prompts of each of dev and heldout")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", type=pathlib.Path, default=WEIGHTS)
     parser.add_argument("--report", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
 
-    head, report = train(args.train, args.heldout, args.seed)
+    head, report = train(args.train, args.eval, args.seed)
     head.save(args.weights)
     report = {
         "command": " ".join(["python -m kvrecall.tasktype.train", *(sys.argv[1:] if argv is None else argv)]),
