@@ -74,14 +74,14 @@ class TaskClassifier:
         return float(values.astype(np.float64) @ self.weight[indices].astype(np.float64)) + self.bias
 
     def probability(self, text: str) -> float:
-        """P(AGGREGATION) of `text`; raises Unreadable for text with no words."""
+        """P(AGGREGATION) of `text`; raises Unreadable for text with no content words."""
         indices, values = featurise(text, self.features)
         if not len(indices):
-            raise Unreadable("the prompt has no text to read (empty, or chat markup only)")
+            raise Unreadable("the prompt has no text to read (empty, or chat markup and stop words only)")
         return float(1.0 / (1.0 + np.exp(-self.logit(indices, values))))
 
     def task(self, text: str) -> int:
-        """pb.TaskType of `text`; raises Unreadable for text with no words."""
+        """pb.TaskType of `text`; raises Unreadable for text with no content words."""
         return pb.TASK_TYPE_AGGREGATION if self.probability(text) > 0.5 else pb.TASK_TYPE_LOCALIZATION
 
 
@@ -93,8 +93,9 @@ def shipped() -> TaskClassifier:
 
 def prompt_text(prompt: Prompt, tokenizer: Any = None, config: FeatureConfig | None = None) -> str:
     """The text the head reads: `prompt` itself, or its token ids' head and tail decoded by
-    `tokenizer` (special tokens skipped; at most 2 * head_chars + 2 * tail_chars ids, since
-    a token decodes to at least one character unless it is special). Raises Unreadable."""
+    `tokenizer` (at most 2 * head_chars + 2 * tail_chars ids: a token decodes to at least one
+    character unless it is special). Special tokens become spaces, as chat markup does in
+    features.normalise. Raises Unreadable."""
     if isinstance(prompt, str):
         return prompt
     try:
@@ -102,16 +103,19 @@ def prompt_text(prompt: Prompt, tokenizer: Any = None, config: FeatureConfig | N
     except (TypeError, ValueError, RuntimeError):
         raise Unreadable(f"the prompt is neither text nor token ids ({type(prompt).__name__})") from None
     if not ids:
-        raise Unreadable("the prompt has no text to read (empty, or chat markup only)")
+        raise Unreadable("the prompt has no text to read (empty, or chat markup and stop words only)")
     if tokenizer is None:
         raise Unreadable("the prompt is token ids and no tokenizer was given to decode them")
     config = config or shipped().features
     head, tail = 2 * config.head_chars, 2 * config.tail_chars
     parts = [ids] if len(ids) <= head + tail else [ids[:head], ids[-tail:]]
     try:
-        return "\n".join(tokenizer.decode(part, skip_special_tokens=True) for part in parts)
+        text = "\n".join(tokenizer.decode(part, skip_special_tokens=False) for part in parts)
+        for special in getattr(tokenizer, "all_special_tokens", ()):
+            text = text.replace(special, " ")
     except Exception as exc:  # noqa: BLE001 - any tokenizer failure means "cannot read", never a refusal
         raise Unreadable(f"the tokenizer could not decode the prompt ({type(exc).__name__})") from None
+    return text
 
 
 @functools.lru_cache(maxsize=64)

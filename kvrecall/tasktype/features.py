@@ -31,6 +31,7 @@ STOPWORDS = frozenset(
     "was were be been being am do does did has have had it its this that these those there here i you he she "
     "we they me him her us them my your his our their not no yes 0 s".split()
 )
+ROLES = frozenset("system user assistant human model".split())  # chat turns' names, left by the markup
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,15 @@ def _grams(view: str, config: FeatureConfig) -> tuple[list[str], list[str]]:
 
 def featurise(text: str, config: FeatureConfig) -> tuple[np.ndarray, np.ndarray]:
     """The sparse feature vector of `text`: (indices int64 [nnz], values float32 [nnz]),
-    indices unique and sorted; empty for text with no word characters. Each distinct gram of
-    a region adds its sign (+1 or -1) to its bucket."""
+    indices unique and sorted; empty for text with no content word (only stop words, chat
+    markup and role names). Each distinct gram of a region adds its sign (+1 or -1) to its
+    bucket."""
+    regions = views(text, config)
+    if not any(w not in STOPWORDS and w not in ROLES for view in regions for w in _WORD.findall(view)):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
     mask = config.n_features - 1
     buckets: dict[int, float] = {}
-    for region, view in zip(("h", "H", "t", "T"), views(text, config), strict=True):
+    for region, view in zip(("h", "H", "t", "T"), regions, strict=True):
         for kind, grams in zip(("w", "c"), _grams(view, config), strict=True):
             for gram in set(grams):
                 h = zlib.crc32(f"{region}{kind}:{gram}".encode())
