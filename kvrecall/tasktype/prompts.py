@@ -703,7 +703,9 @@ HARNESS_LABELS = {
 }
 """windowkv's task for each kvrecall.eval.tasks generator. vt is labelled LOCALIZATION: its
 answer sits in two or three short assignments among noise (RULER files it under multi-hop
-tracing, apart from its aggregation tasks), which favours the needle-friendly window score."""
+tracing, apart from its aggregation tasks), which favours the needle-friendly window score. A
+CPU run did not separate the modes on it (windowkv answers as full KV in either, at 2,000
+tokens and budget 128: bench/results/2026-11-30-cpu-windowkv-vt-task-mode.json)."""
 
 
 def harness(lengths: tuple[int, ...] = (500, 2000, 8000), seeds: int = 4) -> list[LabelledPrompt]:
