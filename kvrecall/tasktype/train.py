@@ -41,7 +41,7 @@ from kvrecall.tasktype.prompts import (
 
 L2 = (1e-4, 1e-3, 1e-2)
 FOLDS = 3
-MAX_ITER = 100  # L-BFGS function evaluations per fit
+MAX_ITER = 100  # L-BFGS iterations per fit
 LABELS = {False: "localization", True: "aggregation"}
 
 
