@@ -69,7 +69,7 @@ def run_demo(args: argparse.Namespace) -> int:
             target = stack.enter_context(LocalDaemon()).target
         client = stack.enter_context(KVRecallClient(target, "demo-worker"))
         max_tokens = input_ids.shape[1] + args.max_new_tokens + 16
-        config = with_task(model, args.policy, policy_config(args.policy, args.budget), input_ids)
+        config = with_task(args.policy, policy_config(args.policy, args.budget), sample.prompt)
         session, cache = open_model_session(client, model, args.policy, config, max_tokens, tag="demo")
         with session:
             eos = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
@@ -150,7 +150,7 @@ def run_questions(args: argparse.Namespace) -> int:
     asked = [tokenizer(q, return_tensors="pt", add_special_tokens=False).input_ids for q, _ in questions]
     max_tokens = doc_ids.shape[1] + max(q.shape[1] for q in asked) + args.max_new_tokens + 16  # one layout for all
     declaration = declare(doc_ids[0].tolist(), model_fingerprint(model))
-    config = with_task(model, args.policy, policy_config(args.policy, args.budget), doc_ids)
+    config = with_task(args.policy, policy_config(args.policy, args.budget), document)
     eos = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     eos.discard(None)
     rows = []
@@ -217,7 +217,7 @@ def run_worker(args: argparse.Namespace) -> int:
             sample = demo_sample(args.context_tokens, seed=seed, tokenizer=tokenizer)
             input_ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(device)
             max_tokens = input_ids.shape[1] + args.max_new_tokens + 16
-            config = with_task(model, args.policy, policy_config(args.policy, args.budget), input_ids)
+            config = with_task(args.policy, policy_config(args.policy, args.budget), sample.prompt)
             session, cache = open_model_session(
                 client, model, args.policy, config, max_tokens, tag=args.worker_id
             )

@@ -1,135 +1,205 @@
-"""The shipped task classifier: its weights load without pickle and it labels fresh prompts."""
+"""The shipped task classifier: plain weights, held-out accuracy, any model, and the fallbacks
+(the classifier's and the daemon's) named in the logs."""
 
 from __future__ import annotations
 
+import json
+import pathlib
+import re
+
 import numpy as np
-import pytest
+import torch
 
 from kvrecall.tasktype import classifier
-from kvrecall.tasktype.prompts import CATEGORIES, labelled_prompts
+from kvrecall.tasktype.features import FeatureConfig, featurise, normalise
+from kvrecall.tasktype.prompts import (
+    FAMILIES,
+    HELD_OUT,
+    expansions,
+    generated,
+    handwritten,
+    harness,
+)
+from kvrecall.tasktype.train import Rows, predict, train
 from kvrecall.v1 import kvrecall_pb2 as pb
 
+REPORT = pathlib.Path(__file__).parents[1] / "bench/results/2026-11-30-cpu-tasktype-text.json"
+AGG, LOC = pb.TASK_TYPE_AGGREGATION, pb.TASK_TYPE_LOCALIZATION
 
-def test_shipped_weights_are_plain_arrays():
+
+def accuracy(prompts) -> float:
+    return float(np.mean([classifier.classify(p.text) == p.label for p in prompts]))
+
+
+def test_shipped_weights_are_small_plain_arrays():
+    assert classifier.WEIGHTS.stat().st_size < 256 * 1024
     with np.load(classifier.WEIGHTS, allow_pickle=False) as data:
-        assert set(data.files) == {"meta", "mean", "scale", "weight", "bias"}
+        assert set(data.files) == {"features", "weight", "bias"}
     head = classifier.shipped()
-    assert head.hidden_size == 576 and head.num_layers == 30 and 0 <= head.layer <= 30
-    assert head.weight.shape == head.mean.shape == head.scale.shape == (2 * 576,)
-    assert np.isfinite(head.weight).all() and (head.scale > 0).all()
+    assert head.weight.shape == (head.features.n_features,) and head.weight.dtype == np.float32
+    assert np.isfinite(head.weight).all() and np.isfinite(head.bias)
+    assert head.features == FeatureConfig()  # the weights were trained on today's featurisation
 
 
-def test_prompt_set_has_both_labels_and_held_out_phrasings():
-    prompts = labelled_prompts(4, seed=5)
-    assert len(prompts) == 4 * len(CATEGORIES)
-    assert {p.label for p in prompts} == {pb.TASK_TYPE_LOCALIZATION, pb.TASK_TYPE_AGGREGATION}
-    assert any(p.phrasing == 0 for p in prompts) and all(p.text.startswith("<|im_start|>") for p in prompts)
+def test_held_out_wordings_are_not_training_expansions():
+    """dev and held-out prompts use sentences no training grammar can produce."""
+
+    def key(text: str) -> str:
+        return re.sub(r"[^a-z0-9{} ]", "", text.lower()).strip()
+
+    trained = {key(e) for family in FAMILIES.values() for t in family.train for e in expansions(t)}
+    assert set(HELD_OUT) == set(FAMILIES)
+    for name, family in FAMILIES.items():
+        for sentence in (*family.dev, *HELD_OUT[name]):
+            assert key(sentence) not in trained, (name, sentence)
+
+
+def test_held_out_accuracy():
+    """Measured (bench/results/2026-11-30-cpu-tasktype-text.json): 0.827 on 1,100 held-out
+    prompts (LOCALIZATION 0.90, AGGREGATION 0.75); 0.805 on these first 220 (0.86 / 0.75).
+    The eval harness's prompts: 72 / 84 (every niah_multivalue prompt reads as AGGREGATION);
+    hand-written: 11 / 12 (the meeting-notes lookup reads as AGGREGATION). Floors leave margin."""
+    prompts = generated(220, "heldout")
+    by_label = {label: accuracy([p for p in prompts if p.label == label]) for label in (LOC, AGG)}
+    assert accuracy(prompts) >= 0.72 and min(by_label.values()) >= 0.62, by_label
+    assert accuracy(harness()) >= 0.8
+    assert accuracy(handwritten()) >= 10 / 12
+
+
+def test_report_matches_the_shipped_weights():
+    """The report's held-out figures are the shipped head's (recomputed on a slice)."""
+    report = json.loads(REPORT.read_text())
+    assert report["weights"] == classifier.WEIGHTS.name and report["features"] == vars(FeatureConfig())
+    assert report["sets"]["handwritten"]["accuracy"] == round(accuracy(handwritten()), 4)
+    assert report["sets"]["harness"]["accuracy"] == round(accuracy(harness()), 4)
+
+
+def test_training_reproduces_the_shipped_accuracy_on_a_small_run(tmp_path):
+    """A fifth of the training set, one L2 strength: held-out accuracy near the shipped head's
+    (measured: 0.745 on 220 prompts, 8 s, against the shipped 0.827 on 1,100)."""
+    head, report = train(880, 220, l2s=(1e-4,))
+    shipped = json.loads(REPORT.read_text())["sets"]["heldout"]["accuracy"]
+    assert report["sets"]["train"]["accuracy"] >= 0.99
+    assert report["sets"]["heldout"]["accuracy"] >= shipped - 0.12, (report["sets"]["heldout"], shipped)
+    head.save(tmp_path / "head.npz")
+    again = classifier.TaskClassifier.load(tmp_path / "head.npz")
+    rows = Rows.of(generated(40, "heldout", seed=3), again.features)
+    assert (predict(again, rows) == predict(head, rows)).all()
+
+
+def test_unreadable_prompts_get_the_fallback_named_once_per_reason(caplog):
+    classifier._log_fallback.cache_clear()
+    with caplog.at_level("WARNING", logger="kvrecall.tasktype"):
+        for prompt in ("", "   ", "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n", "", []):
+            assert classifier.classify(prompt) == classifier.FALLBACK == LOC
+        assert classifier.classify([1, 2, 3]) == LOC  # token ids, no tokenizer
+        assert classifier.with_task("windowkv", {"budget": 64}, "") == {"budget": 64, "task": LOC}
+    notes = [r.getMessage() for r in caplog.records]
+    empty = [n for n in notes if "no text to read" in n]
+    assert len(empty) == 1 and "falls back to TASK_TYPE_LOCALIZATION" in empty[0]
+    assert sum("no tokenizer" in n and "TASK_TYPE_LOCALIZATION" in n for n in notes) == 1
+
+
+def test_odd_input_never_raises(caplog):
+    class Broken:
+        all_special_tokens = ()
+
+        def decode(self, ids, skip_special_tokens=False):
+            raise RuntimeError("no vocabulary")
+
+    classifier._log_fallback.cache_clear()
+    long_prompt = "Summarize the report below.\n\n" + "The market was busy. " * 200_000
+    for prompt, tokenizer in (
+        (long_prompt, None),
+        ("Quel est le code secret mentionné dans le texte ? 秘密のコードは何ですか", None),
+        ("🙂" * 1000, None),
+        (None, None),
+        (3.5, None),
+        (torch.tensor([[5, 6, 7]]), Broken()),
+    ):
+        assert classifier.classify(prompt, tokenizer) in (LOC, AGG)
+    assert classifier.classify(long_prompt) == AGG
+    assert any("could not decode" in r.getMessage() for r in caplog.records)
+
+
+def test_featurisation_reads_only_the_head_and_tail():
+    config = FeatureConfig()
+    middle = "noise " * 10_000
+    a, b = "What is the value of retry_limit?", "Count how often the word amber occurs."
+    one, two = featurise(f"{a}\n{middle}\n{b}", config), featurise(f"{a}\n{middle}zzz {middle}\n{b}", config)
+    assert (one[0] == two[0]).all() and (one[1] == two[1]).all()
+    assert normalise("<|start_header_id|>user<|end_header_id|>\n\nRoom 42? [INST] Hi [/INST]") == "user room 0? hi"
+    assert featurise("", config)[0].size == 0
 
 
 def test_explicit_hints_and_other_policies_pass_through():
-    hint = {"budget": 64, "task": pb.TASK_TYPE_AGGREGATION}
-    assert classifier.with_task(None, "windowkv", hint, None) is hint
-    assert classifier.with_task(None, "snapkv", {"budget": 64}, None) == {"budget": 64}
+    hint = {"budget": 64, "task": AGG}
+    assert classifier.with_task("windowkv", hint, "What is the code?") is hint
+    assert classifier.with_task("snapkv", {"budget": 64}, "Summarize this.") == {"budget": 64}
 
 
-@pytest.mark.model
-def test_classifies_fresh_prompts_of_each_kind(smollm):
-    model, tokenizer = smollm
-    prompts = labelled_prompts(2, seed=12345)  # seeds the training run never drew
-    predicted = [
-        classifier.classify(model, tokenizer(p.text, return_tensors="pt").input_ids) for p in prompts
-    ]
-    for label in (pb.TASK_TYPE_LOCALIZATION, pb.TASK_TYPE_AGGREGATION):
-        picked = [q == p.label for p, q in zip(prompts, predicted, strict=True) if p.label == label]
-        assert sum(picked) / len(picked) >= 0.8, f"{pb.TaskType.Name(label)}: {sum(picked)}/{len(picked)}"
-    config = classifier.with_task(
-        model, "windowkv", {"budget": 64}, tokenizer(prompts[0].text, return_tensors="pt").input_ids
-    )
-    assert config == {"budget": 64, "task": predicted[0]}
+def _tiny_tokenizer():
+    """A byte-level BPE tokenizer trained here, offline, with Llama 3 style special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [p.text for p in generated(200, "train", seed=9)]
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+        additional_special_tokens=specials[1:3],
+    )  # fmt: skip
 
 
-# Hand-written prompts in topics and phrasings that kvrecall.tasktype.prompts never produces
-# (short, no shared templates), sent through the tokenizer's own chat template.
-
-
-HANDWRITTEN_LOCALIZATION = [
-    "The museum opened in 1921. Its first curator was Edith Marlowe, who catalogued the "
-    "collection of Roman coins. In 1954 a fire destroyed the east wing, which was rebuilt "
-    "in 1958 under the architect Tomas Brandt. The gift shop sells postcards and maps.\n\n"
-    "Which architect rebuilt the east wing?",
-    "Shipping manifest:\n- crate A17: ceramic tiles, 40 kg, port of Genoa\n- crate B02: "
-    "olive oil, 120 kg, port of Valencia\n- crate C33: copper wire, 75 kg, port of Hamburg\n"
-    "- crate D09: wool blankets, 30 kg, port of Oslo\n\nFrom which port did crate C33 leave?",
-    "Meeting notes. Priya will book the venue. Jonas handles catering and must confirm "
-    "the menu by Friday. Mei is responsible for the speaker list. The budget owner is "
-    "Alvaro.\n\nQuestion: who is responsible for the catering?",
-    "Here is a list of employee badges: Greta 4471, Samuel 9032, Ilse 1185, Oren 6620, "
-    "Kaveh 3307. What badge number does Ilse have?",
-    "In the novel, the lighthouse keeper keeps a red notebook hidden under the third stair. "
-    "The children later find a brass key inside the clock. The storm arrives on the ninth "
-    "night.\n\nWhere is the red notebook hidden?",
-    "Config file:\nmax_connections = 250\ntimeout_ms = 4000\nretry_limit = 7\n"
-    "log_dir = /var/log/app\n\nWhat value does retry_limit have?",
-]
-
-HANDWRITTEN_AGGREGATION = [
-    "Email 1: The server was slow on Monday. Email 2: We upgraded the database on Tuesday. "
-    "Email 3: Users reported faster pages on Wednesday. Email 4: Costs rose by ten percent.\n\n"
-    "Write a two-sentence summary of this email thread.",
-    "Translate each word to French, following the examples.\ncat -> chat\ndog -> chien\n"
-    "house -> maison\nbread -> pain\nwater ->",
-    "Write a Python function `mean_of_squares(xs)` that returns the mean of the squares of "
-    "a list of numbers, with a docstring and a check for the empty list.",
-    "Reviews: 'Great battery, poor screen.' 'Screen is dim, battery lasts days.' "
-    "'Love the battery.' 'The screen scratches easily.'\n\nWhat do the reviewers think "
-    "overall? Give the general sentiment about battery and screen.",
-    "Count how many times the word 'river' appears in this text: The river bends near the "
-    "mill. Children swim in the river. The old river road floods each spring, and the river "
-    "carries leaves to the sea.",
-    "Here are the quarterly sales: Q1 120, Q2 135, Q3 150, Q4 170. Describe the overall "
-    "trend over the year in a short paragraph.",
-]
-
-
-@pytest.mark.model
-def test_classifies_handwritten_prompts_better_than_a_constant_guess(smollm):
-    """Measured (2026-11-30): 8 of 12 right: AGGREGATION 5/6 (the email-thread summary reads
-    as LOCALIZATION); LOCALIZATION 3/6 (list-shaped lookups, a badge list and a config file,
-    read as AGGREGATION). The floor keeps what holds: better than any constant answer, and at
-    least half of each kind."""
-    model, tokenizer = smollm
-    right = {}
-    for label, prompts in (
-        (pb.TASK_TYPE_LOCALIZATION, HANDWRITTEN_LOCALIZATION),
-        (pb.TASK_TYPE_AGGREGATION, HANDWRITTEN_AGGREGATION),
-    ):
-        ids = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )["input_ids"]
-            for text in prompts
-        ]
-        right[pb.TaskType.Name(label)] = sum(classifier.classify(model, x) == label for x in ids)
-    assert sum(right.values()) >= 8 and min(right.values()) >= 3, right
-
-
-def test_another_model_falls_back_to_localization_and_says_so(caplog):
-    """No shipped head fits a non-SmolLM2 model: classify never raises, answers LOCALIZATION
-    and logs the fallback once per model shape."""
-    import torch
+def test_any_model_through_its_own_tokenizer():
+    """A model that is not SmolLM2 (a random Llama with its own tokenizer): the serving path
+    (session_plan) and the eval path (token ids + tokenizer) classify its prompts from their
+    decoded text, as the text path does."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from kvrecall.serve.generation import GenerationRequest, session_plan
+
+    tokenizer = _tiny_tokenizer()
     config = LlamaConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, vocab_size=100,
+        intermediate_size=128, vocab_size=len(tokenizer),
     )  # fmt: skip
-    model = LlamaForCausalLM(config)
-    ids = torch.arange(20)[None]
-    classifier._log_fallback.cache_clear()  # an earlier test in this process may have logged this shape
-    with caplog.at_level("WARNING", logger="kvrecall.tasktype"):
-        assert classifier.classify(model, ids) == classifier.FALLBACK == pb.TASK_TYPE_LOCALIZATION
-        assert classifier.with_task(model, "windowkv", {"budget": 64}, ids) == {
-            "budget": 64, "task": pb.TASK_TYPE_LOCALIZATION,
-        }  # fmt: skip
-    notes = [r.getMessage() for r in caplog.records if "fall back to TASK_TYPE_LOCALIZATION" in r.getMessage()]
-    assert len(notes) == 1 and "hidden_size=64, num_hidden_layers=2" in notes[0]
+    model = LlamaForCausalLM(config).eval()
+    for document, question, label in (
+        ("The access code of room 12 is 4471. The lamps were lit.", "What is the access code of room 12?", LOC),
+        ("Email 1: the server was slow. Email 2: we upgraded the database.", "Summarize this email thread.", AGG),
+    ):
+        text = (
+            f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{document}\n\n{question}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        )
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            assert model(input_ids=torch.tensor([ids])).logits.shape[-1] == len(tokenizer)
+        assert classifier.classify(ids, tokenizer) == classifier.classify(text) == label
+        request = GenerationRequest(prompt_ids=ids, max_tokens=8, policy="windowkv", policy_config={"budget": 64})
+        assert session_plan(request, tokenizer)[1]["task"] == label
+    for prompt in generated(30, "heldout", seed=4) + harness(lengths=(2000,), seeds=1):
+        ids = tokenizer(prompt.text, add_special_tokens=False).input_ids
+        assert classifier.classify(ids, tokenizer) == classifier.classify(prompt.text)
+
+
+def test_daemon_names_the_session_and_mode_it_falls_back_to(daemon, client):
+    from kvrecall.client.core import ModelSpec
+
+    spec = ModelSpec(
+        num_layers=2, num_kv_heads=2, num_query_heads=4, head_dim=16, dtype=torch.float32, max_tokens=256
+    )
+    base = {"budget": 48, "n_sink": 4, "window": 32, "window_size": 8, "group_size": 2}
+    with client.open_session(spec, "windowkv", base) as unset:
+        assert unset.observation == 32  # localisation's suffix
+    with client.open_session(spec, "windowkv", dict(base, task="TASK_TYPE_AGGREGATION")) as hinted:
+        assert hinted.observation == 16
+    lines = daemon.log().splitlines()
+    notes = [line for line in lines if f"session {unset.session_id}: windowkv task unset" in line]
+    assert len(notes) == 1 and "falling back to TASK_TYPE_LOCALIZATION" in notes[0], lines[-20:]
+    assert not any(f"session {hinted.session_id}: windowkv task unset" in line for line in lines)

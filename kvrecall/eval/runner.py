@@ -265,14 +265,15 @@ class Runner:
     def cell_config(
         self, prefill: Prefill, policy: str, label: str, context: int
     ) -> tuple[dict | None, int | None]:
-        """:func:`policy_config`, with windowkv's task hint filled by the shipped classifier like
-        ``kvrecall demo`` / ``worker`` do (once per prompt; an explicit ``task`` is kept)."""
+        """:func:`policy_config`, with windowkv's task hint filled by the shipped classifier from
+        the prompt's text like ``kvrecall demo`` / ``worker`` do (once per prompt; an explicit
+        ``task`` is kept)."""
         config, budget = policy_config(policy, label, context)
         if policy == "windowkv" and "task" not in (config or {}):
             if prefill.windowkv_task is None:
                 from kvrecall.tasktype import classify
 
-                prefill.windowkv_task = int(classify(self.model, prefill.ids))
+                prefill.windowkv_task = int(classify(prefill.ids, self.tokenizer))
             config = {**(config or {}), "task": prefill.windowkv_task}
         return config, budget
 

@@ -162,7 +162,7 @@ class BatchedEngine:
             return
         model = self.loaded.model
         try:
-            capacity, config = session_plan(model, request)
+            capacity, config = session_plan(request, self.loaded.tokenizer)
             session = self.client.open_session(
                 spec_for(model, capacity), request.policy, config, tag=self.client.worker_id
             )

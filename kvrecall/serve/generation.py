@@ -15,8 +15,6 @@ import logging
 import threading
 from typing import Any, Protocol
 
-import torch
-
 from kvrecall.client import KVRecallClient
 from kvrecall.client.core import fit_to_sequence
 from kvrecall.models.pretrained import LoadedModel
@@ -147,13 +145,13 @@ class DecodeEngine(Protocol):
     def close(self) -> None: ...
 
 
-def session_plan(model: torch.nn.Module, request: GenerationRequest) -> tuple[int, dict[str, Any] | None]:
+def session_plan(request: GenerationRequest, tokenizer: Any) -> tuple[int, dict[str, Any] | None]:
     """The session a request gets: its capacity in tokens and its policy config (windowkv's
-    task classified from the prompt when unset; token counts capped at the capacity, since a
-    budget past the sequence covers it and the daemon refuses larger ones)."""
+    task classified from the prompt's text, decoded by the model's `tokenizer`, when unset;
+    token counts capped at the capacity, since a budget past the sequence covers it and the
+    daemon refuses larger ones)."""
     capacity = len(request.prompt_ids) + request.max_tokens + SESSION_MARGIN
-    input_ids = torch.tensor([request.prompt_ids], device=next(model.parameters()).device)
-    config = with_task(model, request.policy, request.policy_config, input_ids)
+    config = with_task(request.policy, request.policy_config, request.prompt_ids, tokenizer)
     return capacity, fit_to_sequence(config, capacity)
 
 

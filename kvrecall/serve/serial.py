@@ -67,7 +67,7 @@ class SerialEngine:
             return
         model = self.loaded.model
         try:
-            capacity, config = session_plan(model, request)
+            capacity, config = session_plan(request, self.loaded.tokenizer)
             session, cache = open_model_session(
                 self.client, model, request.policy, config, capacity, tag=self.client.worker_id
             )

@@ -256,6 +256,8 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             layout.num_layers, layout.num_kv_heads, layout.num_query_heads, layout.head_dim, layout.dtype,
             layout.max_tokens, plan.capacity, request.tag,
         )
+        if (assumed := policy.fallback()) is not None:
+            log.info("session %s: %s", session.session_id, assumed)
         log.info("session %s device bytes: working set %d + policy metadata %d",
                  session.session_id, session.segment.nbytes, session.segment.metadata_bytes)
         return response

@@ -1,4 +1,5 @@
-"""Task type for windowkv: localisation / QA vs aggregation, classified offline (classifier.py)."""
+"""Task type for windowkv: localisation / QA vs aggregation, read from the prompt's text by a shipped
+classifier that works for any model (classifier.py)."""
 
 from kvrecall.tasktype.classifier import TaskClassifier, classify, shipped, with_task
 

@@ -1,151 +1,207 @@
-"""Train the shipped task classifier: `python -m kvrecall.tasktype.train [--per-category N]`.
+"""Train the shipped task classifier: `python -m kvrecall.tasktype.train [--train N] [--eval N]`.
 
-1. Generate the labelled prompt set (prompts.py): phrasing 0 of every own category is kept
-   out as the `unseen` test; of the rest, one prompt in four is the `test` split.
-2. One forward pass of the bundled model per prompt (its first/last tokens, classifier.py)
-   gives the hidden states of every candidate layer.
-3. On the training split, 4-fold cross-validation picks the layer and the L2 strength; the
-   head is then fitted on the whole training split (L-BFGS logistic regression, float64).
-4. Writes the weights (kvrecall/tasktype/smollm2_135m.npz) and a JSON report with the held-out
-   accuracies (bench/results/tasktype-<date>.json). About 25 CPU-minutes (the forward passes).
+1. Generates labelled prompts (prompts.py): the `train` split (TRAIN grammars, documents of
+   TRAIN_WORDS words); the `dev` and `heldout` splits (other wordings, documents shorter and
+   longer than any in training; `dev` was looked at while the grammars were written,
+   `heldout` was not); and the check sets `harness` (the eval harness's own generators) and
+   `handwritten`. Only `train` is fitted on.
+2. Featurises each prompt's text (features.py: hashed n-grams of its head and tail).
+3. Picks the L2 strength by cross-validation on the training split with folds by template
+   (each fold is scored by a head that never saw its templates), then fits the head on the
+   whole training split (L-BFGS logistic regression, float64).
+4. Writes the weights (kvrecall/tasktype/text_head.npz) and a JSON report: accuracy and
+   confusion counts per set, per family and per held-out document length.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import pathlib
+import sys
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from kvrecall.tasktype.classifier import HEAD, TAIL, WEIGHTS, TaskClassifier, prompt_view
-from kvrecall.tasktype.prompts import AGGREGATION, labelled_prompts
+from kvrecall.tasktype.classifier import WEIGHTS, TaskClassifier
+from kvrecall.tasktype.features import FeatureConfig, featurise
+from kvrecall.tasktype.prompts import (
+    AGGREGATION,
+    HELD_OUT_WORDS,
+    LabelledPrompt,
+    generated,
+    handwritten,
+    harness,
+)
 
-LAYERS = (8, 12, 16, 20, 24, 30)
-L2 = (1e-3, 1e-2, 1e-1, 1.0)
+L2 = (1e-4, 1e-3, 1e-2)
+FOLDS = 3
+MAX_ITER = 100  # L-BFGS iterations per fit
+LABELS = {False: "localization", True: "aggregation"}
 
 
-def fit(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Standardise x [N, F], fit logistic regression on y [N] in {0, 1}: (mean, scale, w, b)."""
-    mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
-    z = torch.from_numpy((x - mean) / scale)
-    target = torch.from_numpy(y.astype(np.float64))
-    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+@dataclass(frozen=True)
+class Rows:
+    """N featurised prompts, sparse: entry k is values[k] at column indices[k] of row rows[k]."""
+
+    indices: np.ndarray  # int64 [nnz]
+    values: np.ndarray  # float32 [nnz]
+    rows: np.ndarray  # int64 [nnz]
+    aggregation: np.ndarray  # bool [N]: the label
+
+    @staticmethod
+    def of(prompts: Sequence[LabelledPrompt], config: FeatureConfig) -> Rows:
+        pairs = [featurise(p.text, config) for p in prompts]
+        return Rows(
+            np.concatenate([np.zeros(0, np.int64), *(i for i, _ in pairs)]),
+            np.concatenate([np.zeros(0, np.float32), *(v for _, v in pairs)]),
+            np.repeat(np.arange(len(pairs)), [len(i) for i, _ in pairs]).astype(np.int64),
+            np.array([p.label == AGGREGATION for p in prompts], dtype=bool),
+        )
+
+    def take(self, mask: np.ndarray) -> Rows:
+        """The rows where `mask` [N] is True, renumbered."""
+        keep = mask[self.rows]
+        renumber = np.cumsum(mask) - 1
+        return Rows(self.indices[keep], self.values[keep], renumber[self.rows[keep]], self.aggregation[mask])
+
+
+def _logits(rows: Rows, weight: np.ndarray, bias: float) -> np.ndarray:
+    """[N] float64: x . w + b for each row (weight [F])."""
+    products = rows.values.astype(np.float64) * weight[rows.indices]
+    return np.bincount(rows.rows, weights=products, minlength=len(rows.aggregation)) + bias
+
+
+def fit(rows: Rows, l2: float, config: FeatureConfig) -> TaskClassifier:
+    """Logistic regression (mean log-loss + l2 * |w|^2) on `rows`, by L-BFGS in float64 (the
+    gradient in closed form, with sparse sums)."""
+    params = torch.zeros(config.n_features + 1, dtype=torch.float64, requires_grad=True)  # [w, b]
+    target = rows.aggregation.astype(np.float64)
+    opt = torch.optim.LBFGS([params], max_iter=MAX_ITER, line_search_fn="strong_wolfe")
 
     def loss() -> torch.Tensor:
-        opt.zero_grad()
-        value = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, target) + l2 * (
-            w * w
-        ).sum() / len(y)
-        value.backward()
-        return value
+        w, b = params.detach().numpy()[:-1], float(params.detach()[-1])
+        z = _logits(rows, w, b)
+        log_loss = np.mean(np.logaddexp(0.0, z) - target * z)
+        residual = (1.0 / (1.0 + np.exp(-z)) - target) / len(target)  # d log_loss / dz
+        grad_w = np.bincount(rows.indices, weights=rows.values * residual[rows.rows], minlength=len(w))
+        params.grad = torch.from_numpy(np.append(grad_w + 2.0 * l2 * w, residual.sum()))
+        return torch.tensor(log_loss + l2 * float(w @ w), dtype=torch.float64)
 
-    opt.step(loss)
-    return mean, scale, w.detach().numpy(), float(b.detach())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # L-BFGS's vector ops are small: more threads only wait on each other
+    try:
+        opt.step(loss)
+    finally:
+        torch.set_num_threads(threads)
+    weights = params.detach().numpy()
+    return TaskClassifier(config, weights[:-1].astype(np.float32), float(weights[-1]))
 
 
-def accuracy(head: TaskClassifier, x: np.ndarray, y: np.ndarray) -> float:
-    predicted = head.probability(torch.from_numpy(x)).numpy() > 0.5
-    return float((predicted == y.astype(bool)).mean()) if len(y) else float("nan")
+def predict(head: TaskClassifier, rows: Rows) -> np.ndarray:
+    """bool [N]: True where the head answers AGGREGATION."""
+    return _logits(rows, head.weight.astype(np.float64), head.bias) > 0
+
+
+def scores(predicted: np.ndarray, truth: np.ndarray) -> dict:
+    """{"n", "accuracy", "confusion": {true label: {predicted label: count}}}."""
+    confusion = {
+        LABELS[t]: {LABELS[p]: int(((truth == t) & (predicted == p)).sum()) for p in (False, True)}
+        for t in (False, True)
+    }
+    n = len(truth)
+    return {"n": n, "accuracy": round(float((predicted == truth).mean()), 4) if n else None, "confusion": confusion}
+
+
+def cross_validate(
+    rows: Rows, templates: np.ndarray, config: FeatureConfig, l2s: Sequence[float] = L2
+) -> tuple[float, float]:
+    """(best l2, its mean accuracy) over FOLDS folds by template index within each family."""
+    best = (l2s[0], -1.0)
+    for l2 in l2s:
+        accuracies = []
+        for k in range(FOLDS):
+            held = templates % FOLDS == k
+            head = fit(rows.take(~held), l2, config)
+            part = rows.take(held)
+            accuracies.append(float((predict(head, part) == part.aggregation).mean()))
+        if np.mean(accuracies) > best[1]:
+            best = (l2, float(np.mean(accuracies)))
+    return best
+
+
+def train(
+    n_train: int, n_eval: int, seed: int = 0, config: FeatureConfig | None = None, l2s: Sequence[float] = L2
+) -> tuple[TaskClassifier, dict]:
+    """Fit the head on `n_train` generated prompts; evaluate it on `n_eval` prompts of each of the
+    dev and held-out splits and on the check sets. Returns the head and the report."""
+    config = config or FeatureConfig()
+    started = time.perf_counter()
+    sets = {
+        "train": generated(n_train, "train", seed),
+        "dev": generated(n_eval, "dev", seed),
+        "heldout": generated(n_eval, "heldout", seed),
+        "harness": harness(),
+        "handwritten": handwritten(),
+    }
+    rows = {name: Rows.of(prompts, config) for name, prompts in sets.items()}
+    l2, cv = cross_validate(rows["train"], np.array([p.template for p in sets["train"]]), config, l2s)
+    head = fit(rows["train"], l2, config)
+    predicted = {name: predict(head, r) for name, r in rows.items()}
+
+    def by(name: str, key: Callable[[LabelledPrompt], str]) -> dict:
+        keys = np.array([key(p) for p in sets[name]])
+        return {g: scores(predicted[name][keys == g], rows[name].aggregation[keys == g]) for g in dict.fromkeys(keys)}
+
+    def length(p: LabelledPrompt) -> str:
+        low, high = next(bucket for bucket in HELD_OUT_WORDS if bucket[0] <= p.words <= bucket[1])
+        return f"{low}-{high} words"
+
+    report = {
+        "classifier": "logistic regression on hashed word and character n-grams of the prompt's first and last "
+        "characters (kvrecall/tasktype/features.py)",
+        "features": dataclasses.asdict(config),
+        "l2": l2,
+        "cv_accuracy_unseen_templates": round(cv, 4),
+        "sizes": {name: len(prompts) for name, prompts in sets.items()},
+        "sets": {name: scores(predicted[name], rows[name].aggregation) for name in sets},
+        "heldout_by_length": by("heldout", length),
+        "heldout_by_family": by("heldout", lambda p: p.family),
+        "dev_by_family": by("dev", lambda p: p.family),
+        "harness_by_task": by("harness", lambda p: p.family.removeprefix("harness:")),
+        "seed": seed,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return head, report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--per-category", type=int, default=36)
+    parser.add_argument("--train", type=int, default=4400, help="generated training prompts")
+    parser.add_argument("--eval", type=int, default=1100, help="generated prompts of each of dev and heldout")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", type=pathlib.Path, default=WEIGHTS)
     parser.add_argument("--report", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
 
-    from kvrecall.models.smollm import load_model
-
-    started = time.perf_counter()
-    model, tokenizer = load_model()
-    prompts = labelled_prompts(args.per_category, args.seed)
-    feats = np.zeros((len(prompts), len(LAYERS), 2 * model.config.hidden_size))
-    view_tokens = []
-    with torch.no_grad():
-        for i, p in enumerate(prompts):
-            ids = prompt_view(tokenizer(p.text, return_tensors="pt").input_ids)
-            view_tokens.append(ids.shape[1])
-            states = model.get_decoder()(
-                input_ids=ids, output_hidden_states=True, use_cache=False
-            ).hidden_states
-            for j, layer in enumerate(LAYERS):
-                h = states[layer][0].double()
-                feats[i, j] = torch.cat((h.mean(dim=0), h[-1])).numpy()
-    featured = time.perf_counter() - started
-    y = np.array([p.label == AGGREGATION for p in prompts])
-    unseen = np.array([p.phrasing == 0 for p in prompts])
-    test = ~unseen & (np.arange(len(prompts)) % 4 == 0)
-    train = ~unseen & ~test
-
-    # 4-fold cross-validation on the training split picks (layer, l2).
-    train_index = np.flatnonzero(train)
-    folds = np.arange(len(train_index)) % 4
-    best = (-1.0, LAYERS[0], L2[0])
-    for j, layer in enumerate(LAYERS):
-        for l2 in L2:
-            scores = []
-            for k in range(4):
-                tr, va = train_index[folds != k], train_index[folds == k]
-                head = TaskClassifier(layer, 0, 0, *fit(feats[tr, j], y[tr], l2))
-                scores.append(accuracy(head, feats[va, j], y[va]))
-            best = max(best, (float(np.mean(scores)), layer, l2), key=lambda t: t[0])
-    cv, layer, l2 = best
-    j = LAYERS.index(layer)
-    head = TaskClassifier(
-        layer, model.config.hidden_size, model.config.num_hidden_layers, *fit(feats[train, j], y[train], l2)
-    )
+    head, report = train(args.train, args.eval, args.seed)
     head.save(args.weights)
-
-    per_category = {}
-    for name in dict.fromkeys(p.category for p in prompts):
-        mask = np.array([p.category == name for p in prompts]) & (test | unseen)
-        per_category[name] = {
-            "n": int(mask.sum()),
-            "accuracy": round(accuracy(head, feats[mask, j], y[mask]), 4),
-        }
     report = {
-        "classifier": "logistic regression on SmolLM2-135M-Instruct hidden states (mean-pooled + last token)",
-        "labels": {"0": "TASK_TYPE_LOCALIZATION", "1": "TASK_TYPE_AGGREGATION"},
-        "layer": layer,
-        "l2": l2,
-        "view": {
-            "head_tokens": HEAD,
-            "tail_tokens": TAIL,
-            "mean_tokens": round(float(np.mean(view_tokens)), 1),
-        },
-        "cv_accuracy": round(cv, 4),
-        "train": {"n": int(train.sum()), "accuracy": round(accuracy(head, feats[train, j], y[train]), 4)},
-        "test": {"n": int(test.sum()), "accuracy": round(accuracy(head, feats[test, j], y[test]), 4)},
-        "unseen_phrasing": {
-            "n": int(unseen.sum()),
-            "accuracy": round(accuracy(head, feats[unseen, j], y[unseen]), 4),
-        },
-        "per_category_held_out": per_category,
-        "prompts": len(prompts),
-        "per_category": args.per_category,
-        "seed": args.seed,
-        "feature_seconds": round(featured, 1),
-        "seconds": round(time.perf_counter() - started, 1),
-        "weights": str(args.weights.name),
-        "command": "python -m kvrecall.tasktype.train"
-        + (f" --per-category {args.per_category}" if args.per_category != 36 else ""),
+        "command": " ".join(["python -m kvrecall.tasktype.train", *(sys.argv[1:] if argv is None else argv)]),
+        "date": datetime.date.today().isoformat(),
+        "weights": args.weights.name,
+        "weights_bytes": args.weights.stat().st_size,
+        **report,
     }
-    report_path = (
-        args.report or pathlib.Path("bench/results") / f"tasktype-{datetime.date.today().isoformat()}.json"
-    )
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    print(
-        json.dumps({k: report[k] for k in ("layer", "l2", "cv_accuracy", "train", "test", "unseen_phrasing")})
-    )
-    print(f"weights: {args.weights}; report: {report_path}")
+    path = args.report or pathlib.Path("bench/results") / f"{report['date']}-cpu-tasktype-text.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({name: s["accuracy"] for name, s in report["sets"].items()}))
+    print(f"weights: {args.weights} ({report['weights_bytes']} bytes); report: {path}")
     return 0
 
 

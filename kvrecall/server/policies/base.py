@@ -95,6 +95,11 @@ class Policy:
         """How many last-prompt-token queries IngestPrompt should carry."""
         return 0
 
+    def fallback(self) -> str | None:
+        """What this policy assumed for a setting the request left unset, as one line for the
+        daemon's log (which names the session), or None."""
+        return None
+
     def metadata_bytes(self) -> int:
         """Upper bound of the device bytes this policy's per-session state (centroids, unit
         tables, page bounds, ...) will hold for `layout.max_tokens` tokens: reserved in the

@@ -36,7 +36,6 @@ Shapes: queries [L, Hq, n_obs, D]; prompt keys [L, H, T, D]; selection [L, H, R]
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -60,8 +59,6 @@ from kvrecall.server.policies.base import (
 from kvrecall.server.policies.louiskv import LouisKVConfig, LouisKVPolicy
 from kvrecall.server.policies.snapkv import observation_scores
 from kvrecall.v1 import kvrecall_pb2 as pb
-
-log = logging.getLogger("kvrecall.windowkv")
 
 LOCALIZATION, AGGREGATION = pb.TASK_TYPE_LOCALIZATION, pb.TASK_TYPE_AGGREGATION
 SUFFIX = {LOCALIZATION: 32, AGGREGATION: 16}
@@ -200,8 +197,6 @@ class WindowKVPolicy(Policy):
     def __init__(self, config: WindowKVConfig, layout) -> None:
         super().__init__(config, layout)
         self.task = config.resolved_task
-        if config.task == pb.TASK_TYPE_UNSPECIFIED:
-            log.info("windowkv session without a task hint: falling back to %s", pb.TaskType.Name(self.task))
         self.suffix = SUFFIX[self.task]
         self.budgets: list[int] = []  # per layer, resolved at ingest
         self.selection: torch.Tensor | None = None  # [L, H, R] CPU, filled group by group at ingest
@@ -214,6 +209,14 @@ class WindowKVPolicy(Policy):
                               threshold=config.threshold),
                 layout,
             )
+
+    def fallback(self) -> str | None:
+        if self.config.task != pb.TASK_TYPE_UNSPECIFIED:
+            return None
+        return (
+            f"windowkv task unset (no hint, no classifier result): falling back to {pb.TaskType.Name(self.task)} "
+            f"({self.suffix}-token observation suffix, {SCORE_MODE[self.task]} window scores)"
+        )
 
     def _plan_budget(self) -> int:
         """The mean budget the working set must hold (with budget_fraction: for max_tokens)."""
