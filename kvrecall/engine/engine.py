@@ -133,8 +133,7 @@ class Engine:
         impl: str = "auto", force_boundary: Callable[[int, int], bool | None] | None = None, lag: int = DEFAULT_LAG,
         switch_interval: float | None = SWITCH_INTERVAL_S,
     ) -> None:  # fmt: skip
-        if lag < 0:
-            raise ValueError("lag must be >= 0")
+        self._check_lag(lag, [])
         self.lag = lag
         if switch_interval is not None:
             sys.setswitchinterval(switch_interval)
@@ -181,8 +180,7 @@ class Engine:
         slot = next((b for b, seq in enumerate(self.sequences) if seq is None), None)
         if slot is None:
             raise RuntimeError(f"all {self.batch} slots are in use")
-        if self.lag >= session.spill_every:
-            raise ValueError(f"lag={self.lag} must be below the session's spill_every={session.spill_every}")
+        self._check_lag(self.lag, [session])
         if session.capacity > self.backend.max_capacity:
             raise ValueError(
                 f"session {session.session_id}: working set of {session.capacity} slots exceeds the "
@@ -202,6 +200,15 @@ class Engine:
         self.sequences[slot] = Sequence(session, slot, [first_token])
         return slot
 
+    @staticmethod
+    def _check_lag(lag: int, sessions: list) -> None:
+        """ValueError unless 0 <= lag < every session's spill_every (see the module docstring)."""
+        if lag < 0:
+            raise ValueError("lag must be >= 0")
+        for session in sessions:
+            if lag >= session.spill_every:
+                raise ValueError(f"lag={lag} must be below the session's spill_every={session.spill_every}")
+
     def _lag(self, seq: Sequence) -> int:
         """The slot's lag: the engine's, at most 1 for a policy that retrieves after every step
         (a slot reading its shadow retrieves nothing, so a longer lag would skip steps)."""
@@ -210,11 +217,7 @@ class Engine:
     def set_lag(self, lag: int) -> None:
         """Change `lag` between steps: slots reading a shadow switch back first (waiting for
         their answers), so every boundary from here on follows the new lag."""
-        if lag < 0:
-            raise ValueError("lag must be >= 0")
-        for seq in self.active:
-            if lag >= seq.session.spill_every:
-                raise ValueError(f"lag={lag} must be below the session's spill_every={seq.session.spill_every}")
+        self._check_lag(lag, [seq.session for seq in self.active])
         for seq in self.active:
             if seq.pending is not None:
                 self._switch_back(seq)
