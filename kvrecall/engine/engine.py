@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -99,22 +100,32 @@ class Sequence:
     shadow: tuple[torch.Tensor, ...] | None = None
 
 
+# Samples each DaemonTimes series keeps (the latest): a serving engine steps for ever and never
+# clears them; a benchmark clears them and reads far fewer.
+TIMES_KEPT = 65536
+
+
+def _series() -> deque[float]:
+    return deque(maxlen=TIMES_KEPT)
+
+
 @dataclass
 class DaemonTimes:
-    """Host-clock seconds the engine spent on the daemon (the caller clears them at will).
-    A step waits for its notices (and, with lag 0, its retrievals) and for retrievals still
-    unanswered when their slots switch back (`late_s`); `answer_s` is each retrieving
-    Boundaries call's latency, sent to answered, whether or not a step waited for it."""
+    """Host-clock seconds the engine spent on the daemon (the caller clears them at will; each
+    series keeps its latest TIMES_KEPT samples). A step waits for its notices (and, with lag 0,
+    its retrievals) and for retrievals still unanswered when their slots switch back
+    (`late_s`); `answer_s` is each retrieving Boundaries call's latency, sent to answered,
+    whether or not a step waited for it."""
 
-    wait_s: list[float] = field(default_factory=list)  # per step: all its waiting on the daemon
-    late_s: list[float] = field(default_factory=list)  # per step: of that, waiting for late retrievals
-    answer_s: list[float] = field(default_factory=list)  # per retrieving call
+    wait_s: deque[float] = field(default_factory=_series)  # per step: all its waiting on the daemon
+    late_s: deque[float] = field(default_factory=_series)  # per step: of that, waiting for late retrievals
+    answer_s: deque[float] = field(default_factory=_series)  # per retrieving call
     # Where a step's host time goes: launch to the step's sync (the captured step and any work
     # queued on the stream before it), the step's own GPU time (CUDA events around the graph;
     # 0 on a CPU), and the host work after the sync that is not waiting on the daemon.
-    sync_s: list[float] = field(default_factory=list)
-    graph_gpu_s: list[float] = field(default_factory=list)
-    host_s: list[float] = field(default_factory=list)
+    sync_s: deque[float] = field(default_factory=_series)
+    graph_gpu_s: deque[float] = field(default_factory=_series)
+    host_s: deque[float] = field(default_factory=_series)
 
     def clear(self) -> None:
         for samples in (self.wait_s, self.late_s, self.answer_s, self.sync_s, self.graph_gpu_s, self.host_s):
