@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="daemon host tier (default: what the largest configuration needs); configurations that do "
                    "not fit are skipped and listed under skipped")
     p.add_argument("--no-graph", action="store_true", help="run steps eagerly")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after timing each louiskv rate above 0, run this many more steps under cProfile and add "
+                   "the host functions that took longest to the row (host_profile)")
     p.add_argument("--out", default="e2e.json")
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     return p.parse_args(argv)
@@ -237,6 +240,8 @@ class Bench:
                     engine.step()
                     samples.append((time.perf_counter() - t1) * 1e3)
                 crossed = sum(seq.boundaries for seq in engine.active) - before
+                waits = daemon_waits(engine.times)
+                profile = host_profile(engine, args.profile_steps) if rate > 0 and args.profile_steps else None
                 mean = statistics.fmean(samples)
                 rows.append({
                     "part": part, "policy": policy, "context": context, "batch": batch, "rate": rate,
@@ -249,7 +254,7 @@ class Bench:
                     "setup_s": round(setup_s, 2), "worker_peak_gib": self.worker_peak(),
                     "daemon_gpu_gib": _gib(daemon_device), "host_gib": _gib(host_bytes),
                     "gpu_kv_gib_full_equivalent": _gib(batch * context * self.token_bytes),
-                    **daemon_waits(engine.times),
+                    **waits, **({"host_profile": profile} if profile else {}),
                 })  # fmt: skip
             # The captured step alone (no daemon calls, CUDA events): what the host side adds.
             graph_only = time_fn(engine.graph, self.device, warmup=2, reps=max(8, args.steps // 2))
@@ -452,13 +457,36 @@ def daemon_waits(times: DaemonTimes) -> dict[str, Any]:
         ms = [s * 1e3 for s in samples] or [0.0]
         row |= {f"{name}_ms_mean": round(statistics.fmean(ms), 3), f"{name}_ms_p90": round(_percentile(ms, 0.9), 3),
                 f"{name}_ms_max": round(max(ms), 3)}  # fmt: skip
-    for name, samples in (("sync", times.sync_s), ("graph_gpu", times.graph_gpu_s), ("host", times.host_s)):
+    for name, samples in (("sync", times.sync_s), ("graph_gpu", times.graph_gpu_s), ("host", times.host_s),
+                          ("shadow", times.shadow_s), ("send", times.send_s)):  # fmt: skip
         if samples:
             row[f"{name}_ms_mean"] = round(statistics.fmean(samples) * 1e3, 3)
+    if times.moved_bytes:
+        row["moved_mib_mean"] = round(statistics.fmean(times.moved_bytes) / 2**20, 2)
     answers = [s * 1e3 for s in times.answer_s]
     for key, value in (("median", statistics.median), ("p90", lambda a: _percentile(a, 0.9)), ("max", max)):
         row[f"answer_ms_{key}"] = round(value(answers), 3) if answers else None
     return row
+
+
+def host_profile(engine: Engine, steps: int, top: int = 25) -> list[dict[str, Any]]:
+    """`steps` engine steps under cProfile: the `top` functions by own time (seconds per step,
+    calls per step), so a step's host work can be located on the machine that ran it."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        engine.step()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive, own, cumulative, callers)}
+    rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return [
+        {"function": f"{os.path.basename(file)}:{line}:{name}", "own_ms_per_step": round(own * 1e3 / steps, 3),
+         "cum_ms_per_step": round(cumulative * 1e3 / steps, 3), "calls_per_step": round(calls / steps, 2)}
+        for (file, line, name), (_, calls, own, cumulative, _) in rows
+    ]  # fmt: skip
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

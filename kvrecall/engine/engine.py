@@ -74,15 +74,15 @@ class _Pending:
     def done(self) -> bool:
         return all(call.done() for call in self.calls)
 
-    def result(self) -> float | None:
+    def result(self) -> tuple[float, int] | None:
         """Wait for every answer (raising a call's error); the first time, the seconds from
-        sending to the last answer, then None."""
-        for call in self.calls:
-            call.result()
+        sending to the last answer and the bytes the retrievals moved host to device, then None."""
+        responses = [call.result() for call in self.calls]
         if self.recorded:
             return None
         self.recorded = True
-        return max(call.answered for call in self.calls) - min(call.sent for call in self.calls)
+        moved = sum(result.retrieval.bytes_moved for response in responses for result in response.results)
+        return max(call.answered for call in self.calls) - min(call.sent for call in self.calls), moved
 
 
 @dataclass
@@ -126,9 +126,14 @@ class DaemonTimes:
     sync_s: deque[float] = field(default_factory=_series)
     graph_gpu_s: deque[float] = field(default_factory=_series)
     host_s: deque[float] = field(default_factory=_series)
+    # Of host_s: the shadow copies (to and back) and sending the retrievals, per step.
+    shadow_s: deque[float] = field(default_factory=_series)
+    send_s: deque[float] = field(default_factory=_series)
+    moved_bytes: deque[float] = field(default_factory=_series)  # per retrieving call, host to device
 
     def clear(self) -> None:
-        for samples in (self.wait_s, self.late_s, self.answer_s, self.sync_s, self.graph_gpu_s, self.host_s):
+        for samples in (self.wait_s, self.late_s, self.answer_s, self.sync_s, self.graph_gpu_s, self.host_s,
+                        self.shadow_s, self.send_s, self.moved_bytes):  # fmt: skip
             samples.clear()
 
 
@@ -170,6 +175,7 @@ class Engine:
         self._tokens_host = torch.zeros(batch, dtype=torch.int64, pin_memory=pin)
         self._flags_host = torch.zeros(batch, dtype=torch.bool, pin_memory=pin)
         self._events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if pin else []
+        self._shadow_s = 0.0  # this step's host seconds in shadow copies (times.shadow_s)
 
     @property
     def batch(self) -> int:
@@ -265,6 +271,7 @@ class Engine:
         notices: list[StepCall] = []
         crossings: list[Sequence] = []
         late = 0.0
+        self._shadow_s = 0.0
         for seq in self.active:
             b = seq.slot
             core = seq.session.core
@@ -294,11 +301,14 @@ class Engine:
         waited = late
         if notices:  # the notices (and with lag 0 the retrievals): the next step reads their effect
             waited += self._daemon(notices)
+        send = 0.0
         if crossings:
             for seq in crossings:
                 self._to_shadow(seq)
+            sending = time.perf_counter()
             calls = [StepCall(seq.session, seq.session.core.position, retrieve=True) for seq in crossings]
             pending = self._send(calls)
+            send = time.perf_counter() - sending
             for seq in crossings:
                 seq.pending = pending
         self.times.wait_s.append(waited)
@@ -306,6 +316,8 @@ class Engine:
         self.times.sync_s.append(synced - started)
         self.times.graph_gpu_s.append(self._events[0].elapsed_time(self._events[1]) / 1e3 if cuda else 0.0)
         self.times.host_s.append(time.perf_counter() - synced - waited)
+        self.times.shadow_s.append(self._shadow_s)
+        self.times.send_s.append(send)
         self.steps += 1
         return {seq.slot: tokens[seq.slot] for seq in self.active}
 
@@ -337,6 +349,7 @@ class Engine:
         """Copy the slot's working set to a shadow and point the batch at it. The copy is queued
         before the boundary's call publishes the worker's writes, so the daemon (which waits on
         that) writes the real working set only after the copy has read it."""
+        started = time.perf_counter()
         core = seq.session.core
         real = (core.keys, core.values, core.slot_pos, core.query)
         shadow = next((sh for sh in self._shadows if all(a.shape == r.shape for a, r in zip(sh, real, strict=True))), None)
@@ -349,6 +362,7 @@ class Engine:
             copy.copy_(source)
         seq.shadow, seq.pending_from = shadow, core.position
         self.backend.tables.set(seq.slot, *shadow, core.n_sink + core.retrieved, core.window)
+        self._shadow_s += time.perf_counter() - started
 
     def _switch_back(self, seq: Sequence) -> float:
         """Wait for the boundary's answer, copy the tokens written meanwhile into the real window
@@ -358,8 +372,10 @@ class Engine:
         late = not seq.pending.done()
         answer = seq.pending.result()
         if answer is not None:  # the first slot of the call to switch back records its latency
-            self.times.answer_s.append(answer)
-        waited = time.perf_counter() - started if late else 0.0
+            self.times.answer_s.append(answer[0])
+            self.times.moved_bytes.append(answer[1])
+        answered = time.perf_counter()
+        waited = answered - started if late else 0.0
         core = seq.session.core
         keys, values, slot_pos, _ = seq.shadow
         positions = torch.arange(seq.pending_from, core.position, device=keys.device)
@@ -371,6 +387,7 @@ class Engine:
                                 core.n_sink + core.retrieved, core.window)  # fmt: skip
         self._shadows = [seq.shadow, *self._shadows][: self.batch]
         seq.pending, seq.shadow = None, None
+        self._shadow_s += time.perf_counter() - answered
         return waited
 
     def close(self) -> None:

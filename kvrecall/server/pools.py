@@ -1,7 +1,8 @@
 """The daemon's two memory tiers and their accounting.
 
 * HostPool: the full KV of every sequence, in fixed-size pages of one big buffer — pinned
-  host memory when CUDA is present (so the GPU can read it directly), a sealed memfd
+  host memory of exactly its size when CUDA is present (server/pinned.py; the GPU reads it
+  directly), a sealed memfd
   otherwise (kvrecall/shm.py). The pool owns every page; a SequenceStore borrows pages and returns
   them on release. Pages are reused, so memory stays flat over long serving.
 * DevicePool: working sets, one segment each (GPU memory mapped by CUDA IPC, or a sealed
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from kvrecall.server.errors import ResourceExhausted
+from kvrecall.server.pinned import PinnedBuffer, pinned_bytes
 from kvrecall.shm import ShmSegment, shm_name
 
 log = logging.getLogger("kvrecall.pools")
@@ -53,9 +55,10 @@ class HostPool:
         self.num_pages = max(1, capacity_bytes // page_bytes)
         nbytes = self.num_pages * page_bytes
         self._segment: ShmSegment | None = None
+        self._pinned: PinnedBuffer | None = None
         if pinned:
             self.kind = "pinned"
-            self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            self.buffer, self._pinned = pinned_bytes(nbytes)
         else:
             # A memfd commits pages lazily (an idle pool costs no RAM); sealed, nobody can shrink it.
             self.kind = "shm"
@@ -115,6 +118,9 @@ class HostPool:
     def close(self) -> None:
         if self._segment is not None:
             self._segment.release()
+        if self._pinned is not None:
+            self.buffer = torch.empty(0, dtype=torch.uint8)
+            self._pinned.release()
 
 
 class DeviceSegment:
