@@ -23,7 +23,7 @@ log = logging.getLogger("kvrecall.pinned")
 
 _PORTABLE_MAPPED = 0x01 | 0x02  # cudaHostRegisterPortable | cudaHostRegisterMapped
 _TOUCH_CHUNK = 1 << 30
-_TOUCH_THREADS = 8
+_TOUCH_THREADS = 4
 
 
 class PinnedBuffer:
