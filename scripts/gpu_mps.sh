@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Does the daemon's retrieval work time-slice with the worker's steps? `bench e2e` at 32K x 8
-# (louiskv, lag 3) twice on one GPU: as the processes share it by default (time-slicing between
-# CUDA contexts), then under CUDA MPS (kernels of both processes may run at once). MPS runs as a
-# user-space daemon with its pipe and log directories under /tmp and is stopped at the end; no
-# setting of the card changes. Carry .whl/eval and .triton-cache. Writes under $OUT:
-# nomps-e2e.json, mps-e2e.json, logs.tgz. MPS=0: the time-sliced run only.
+# Does the daemon's retrieval work time-slice with the worker's steps? The same `bench e2e` run
+# as the processes share a GPU by default (time-slicing between CUDA contexts) and under CUDA
+# MPS (kernels of both processes may run at once). On a two-GPU machine both run at once, GPU 0
+# time-sliced and GPU 1 under an MPS server started for GPU 1 only; on one GPU one after the
+# other. MPS runs as a user-space daemon with its pipe and log directories under /tmp and is
+# stopped at the end; no setting of the card changes. Carry .whl/eval and .triton-cache.
+# Writes under $OUT: nomps-e2e.json, mps-e2e.json (and their PNGs), logs.tgz.
+#   usage: [E2E_ARGS="..."] [MPS=0] [RUN_S=420] bash scripts/gpu_mps.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
@@ -12,21 +14,33 @@ SITE=/tmp/kvrecall-site; mkdir -p "$SITE"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
   $(ls .whl/eval/*.whl | grep -v gguf) || exit 2
 export PYTHONPATH=$SITE:$PWD TRITON_CACHE_DIR=$PWD/.triton-cache
-ARGS="--parts step --contexts ${CONTEXT:-32768} --batches ${BATCH:-8} --policies louiskv --rates 0,0.117 --lag 3
-  --steps 32 --warmup 12 --host-pool-gib 40"
+ARGS=${E2E_ARGS:-"--parts step --contexts 32768 --batches 8 --policies louiskv --rates 0,0.117 --steps 32 --warmup 12 --host-pool-gib 40"}
+GPUS=$(nvidia-smi -L | wc -l)
+{ date -u; nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv; free -g | head -2; } > "$OUT/env.txt" 2>&1
 SECONDS=0
-timeout ${RUN_S:-220} python3 -m kvrecall.cli bench e2e $ARGS --out "$OUT/nomps-e2e.json" > "$OUT/nomps.log" 2>&1
-echo "time-sliced: exit $? [${SECONDS}s]"; tail -6 "$OUT/nomps.log"
-[ "${MPS:-1}" = 1 ] || { (cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log)); exit 0; }
-export CUDA_MPS_PIPE_DIRECTORY=/tmp/kvrecall-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/kvrecall-mps/log
-mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-if nvidia-cuda-mps-control -d; then
-  echo "MPS started [${SECONDS}s]"
-  timeout ${RUN_S:-220} python3 -m kvrecall.cli bench e2e $ARGS --out "$OUT/mps-e2e.json" > "$OUT/mps.log" 2>&1
-  echo "MPS: exit $? [${SECONDS}s]"; tail -6 "$OUT/mps.log"
+bench() {  # name [gpu] (none: the devices the MPS server exposes)
+  env ${2:+CUDA_VISIBLE_DEVICES=$2} timeout ${RUN_S:-420} python3 -m kvrecall.cli bench e2e $ARGS --out "$OUT/$1-e2e.json" > "$OUT/$1.log" 2>&1
+  echo "$1 on GPU ${2:-of MPS}: exit $? [${SECONDS}s]"; grep -v "^  policy" "$OUT/$1.log" | tail -22
+}
+mps_on() {  # gpu
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/kvrecall-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/kvrecall-mps/log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  CUDA_VISIBLE_DEVICES=$1 nvidia-cuda-mps-control -d && echo "MPS started for GPU $1 [${SECONDS}s]"
+}
+mps_off() {
   echo quit | nvidia-cuda-mps-control
   cp "$CUDA_MPS_LOG_DIRECTORY/control.log" "$OUT/mps-control.log" 2>/dev/null
+}
+if [ "${MPS:-1}" != 1 ]; then
+  bench nomps 0
+elif [ "$GPUS" -ge 2 ]; then
+  bench nomps 0 > "$OUT/nomps-summary.txt" 2>&1 &
+  ( mps_on 1 && bench mps; mps_off ) > "$OUT/mps-summary.txt" 2>&1
+  wait; cat "$OUT/nomps-summary.txt" "$OUT/mps-summary.txt"
 else
-  echo "nvidia-cuda-mps-control could not start"
+  bench nomps 0
+  mps_on 0 && bench mps
+  mps_off
 fi
-(cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log 2>/dev/null))
+(cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log *.txt 2>/dev/null))
+echo "done [${SECONDS}s]"

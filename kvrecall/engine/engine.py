@@ -130,10 +130,11 @@ class DaemonTimes:
     shadow_s: deque[float] = field(default_factory=_series)
     send_s: deque[float] = field(default_factory=_series)
     moved_bytes: deque[float] = field(default_factory=_series)  # per retrieving call, host to device
+    daemon_s: deque[float] = field(default_factory=_series)  # per waited-for call: the daemon's own handling time
 
     def clear(self) -> None:
         for samples in (self.wait_s, self.late_s, self.answer_s, self.sync_s, self.graph_gpu_s, self.host_s,
-                        self.shadow_s, self.send_s, self.moved_bytes):  # fmt: skip
+                        self.shadow_s, self.send_s, self.moved_bytes, self.daemon_s):  # fmt: skip
             samples.clear()
 
 
@@ -334,7 +335,7 @@ class Engine:
         goes to `times` when it retrieves. Returns the seconds it took."""
         started = time.perf_counter()
         for group in self._by_client(calls):
-            group[0].session.client.boundaries(group)
+            self.times.daemon_s.append(group[0].session.client.boundaries(group).seconds)
         seconds = time.perf_counter() - started
         if any(call.retrieve for call in calls):
             self.times.answer_s.append(seconds)
@@ -380,9 +381,10 @@ class Engine:
         keys, values, slot_pos, _ = seq.shadow
         positions = torch.arange(seq.pending_from, core.position, device=keys.device)
         slots = core.n_sink + core.retrieved + positions % core.window
-        core.keys[:, :, slots] = keys[:, :, slots]
-        core.values[:, :, slots] = values[:, :, slots]
-        core.slot_pos[:, :, slots] = slot_pos[:, :, slots]
+        # index_copy_ is one kernel each; an indexed assignment (`a[:, :, slots] = ...`) waits
+        # for the stream.
+        for real, copy in ((core.keys, keys), (core.values, values), (core.slot_pos, slot_pos)):
+            real.index_copy_(2, slots, copy.index_select(2, slots))
         self.backend.tables.set(seq.slot, core.keys, core.values, core.slot_pos, core.query,
                                 core.n_sink + core.retrieved, core.window)  # fmt: skip
         self._shadows = [seq.shadow, *self._shadows][: self.batch]

@@ -90,4 +90,4 @@ class SessionBatch:
     def set_reference(self, b: int, queries: torch.Tensor | None = None) -> None:
         """The query of slot b's last retrieval: queries [L, Hq, D], or this step's."""
         self.reference[b].copy_(self.latest[b] if queries is None else queries.float())
-        self.since[b] = 0
+        self.since[b : b + 1].zero_()  # a kernel: `since[b] = 0` would wait for the stream
