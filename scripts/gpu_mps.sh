@@ -5,7 +5,8 @@
 # time-sliced and GPU 1 under an MPS server started for GPU 1 only; on one GPU one after the
 # other. MPS runs as a user-space daemon with its pipe and log directories under /tmp and is
 # stopped at the end; no setting of the card changes. Carry .whl/eval and .triton-cache.
-# Writes under $OUT: nomps-e2e.json, mps-e2e.json (and their PNGs), logs.tgz.
+# Writes under $OUT: nomps-e2e.json, mps-e2e.json (and their PNGs), logs.tgz; with SAVE_CACHE=1
+# triton-cache.tgz (unpack into .triton-cache to carry next time).
 #   usage: [E2E_ARGS="..."] [MPS=0] [RUN_S=420] bash scripts/gpu_mps.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -42,5 +43,6 @@ else
   mps_on 0 && bench mps
   mps_off
 fi
+[ "${SAVE_CACHE:-0}" = 1 ] && tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" .
 (cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log *.txt 2>/dev/null))
 echo "done [${SECONDS}s]"
