@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import random
 import statistics
@@ -56,6 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,8", help="sequences per step, comma-separated")
     p.add_argument("--policies", default="louiskv,quest", help="kvrecall policies beside full")
     p.add_argument("--rates", default=f"0,{MEASURED_RATE},1", help="louiskv boundary rates (share of steps)")
+    p.add_argument("--schedule", choices=("even", "random"), default="even",
+                   help="when a louiskv slot crosses: every 1/rate steps from a random phase per slot (even), or "
+                   "with probability rate each step (random: a slot reading its shadow cannot cross, so the share "
+                   "of steps that retrieve comes out below rate at lag > 0)")
     p.add_argument("--budget", type=int, default=1024, help="retrieved tokens per layer and KV head")
     p.add_argument("--steps", type=int, default=64, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=24, help="untimed steps first")
@@ -111,6 +116,7 @@ class Bench:
         self.errors: list[str] = []
         self.meta = run_metadata(self.device, argv)
         self.meta["command"] = " ".join(["kvrecall", "bench", "e2e", *argv])
+        self.meta["schedule"] = args.schedule
         self.meta["weights_gib"] = _gib(self.weights.nbytes)
         self.token_bytes = shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * torch.finfo(dtype).bits // 8
 
@@ -196,8 +202,14 @@ class Bench:
         kv, queries = self.prompt(context)
         rate_now = [0.0]
 
+        phases = [random.Random(slot).random() for slot in range(batch)]
+
         def schedule(step: int, slot: int) -> bool:
-            return random.Random(step * 100_003 + slot).random() < rate_now[0]
+            rate = rate_now[0]
+            if args.schedule == "random":
+                return random.Random(step * 100_003 + slot).random() < rate
+            x = step * rate + phases[slot]  # evenly spaced, one boundary per 1/rate steps, phase per slot
+            return math.floor(x) > math.floor(x - rate)
 
         opened = []
         engine = None
@@ -434,7 +446,8 @@ NOTES = [
     "graph replay timed with CUDA events (median). kv_layers_shared: fewer KV buffers than layers "
     "because all would not fit; every layer still reads a full-size buffer.",
     f"Random weights drift on every step: louiskv's boundaries follow a schedule at `rate` "
-    f"({MEASURED_RATE} is the rate measured on the real model); the device flag is still computed.",
+    f"({MEASURED_RATE} is the rate measured on the real model; meta.schedule 'even': one boundary "
+    f"per 1/rate steps per slot from a random phase); the device flag is still computed.",
     "quest retrieves after every step (rate 1). graph_only_ms: the captured step without daemon calls.",
     "lag: steps a slot that crossed a boundary reads a shadow copy of its working set while the daemon "
     "retrieves into the real one (engine/engine.py); 0 = the retrieval blocks the next step.",
