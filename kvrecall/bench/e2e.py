@@ -202,13 +202,13 @@ class Bench:
         kv, queries = self.prompt(context)
         rate_now = [0.0]
 
-        phases = [random.Random(slot).random() for slot in range(batch)]
+        slot_phase = [random.Random(slot).random() for slot in range(batch)]
 
         def schedule(step: int, slot: int) -> bool:
             rate = rate_now[0]
             if args.schedule == "random":
                 return random.Random(step * 100_003 + slot).random() < rate
-            x = step * rate + phases[slot]  # evenly spaced, one boundary per 1/rate steps, phase per slot
+            x = step * rate + slot_phase[slot]  # evenly spaced, one boundary per 1/rate steps, phase per slot
             return math.floor(x) > math.floor(x - rate)
 
         opened = []
