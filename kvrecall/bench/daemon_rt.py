@@ -168,7 +168,7 @@ def profile_ops(args: argparse.Namespace) -> dict:
     policy = LouisKVPolicy(LouisKVConfig(budget=args.budget), layout)
     session = registry.open("bench", layout, policy, pb.TRANSPORT_SHM, 600.0, "ops")
     kv = torch.randn(L, 2, H, T + 256, D, device=device).to(dtype)
-    session.ingest(kv[:, :, :, :T], torch.randn(L, Hq, 1, D, device=device).to(dtype))
+    session.ingest(0, kv[:, :, :, :T], torch.randn(L, Hq, 1, D, device=device).to(dtype))
     ws, position = session.ws, T
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 

@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="daemon host tier (default: what the largest configuration needs); configurations that do "
                    "not fit are skipped and listed under skipped")
     p.add_argument("--no-graph", action="store_true", help="run steps eagerly")
+    p.add_argument("--daemon-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment of the daemon process only (repeatable), e.g. "
+                   "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=20 under CUDA MPS")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after timing each louiskv rate above 0, run this many more steps under cProfile and add "
                    "the host functions that took longest to the row (host_profile)")
@@ -310,7 +313,9 @@ class Bench:
         log(f"e2e: {self.meta.get('device')} shape={self.shape} host pool {host_gib:.1f} GiB")
         started = time.perf_counter()
         # Pinning a large host tier takes a while (minutes for ~100 GiB on a fresh VM).
-        daemon = LocalDaemon(host_pool_gb=host_gib, device_pool_gb=device_gib, device=str(self.device))
+        extra_env = dict(item.split("=", 1) for item in args.daemon_env)
+        daemon = LocalDaemon(host_pool_gb=host_gib, device_pool_gb=device_gib, device=str(self.device),
+                             env=extra_env or None)  # fmt: skip
         with daemon.start(timeout=600.0):
             self.meta["daemon_start_s"] = round(time.perf_counter() - started, 1)
             with KVRecallClient(daemon.target, "bench-e2e", timeout=600.0) as client:
