@@ -7,7 +7,8 @@
 # stopped at the end; no setting of the card changes. Carry .whl/eval and .triton-cache.
 # Writes under $OUT: nomps-e2e.json, mps-e2e.json (and their PNGs), logs.tgz; with SAVE_CACHE=1
 # triton-cache.tgz (unpack into .triton-cache to carry next time).
-# AFTER: a command run on GPU 0 after its bench (two-GPU machines).
+# AFTER: a command run on GPU 0 after its bench (two-GPU machines). MPS_ARGS: bench arguments of
+# the MPS run only (e.g. --daemon-env CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=20).
 #   usage: [E2E_ARGS="..."] [MPS=0] [RUN_S=420] [AFTER="..."] bash scripts/gpu_mps.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -20,8 +21,8 @@ ARGS=${E2E_ARGS:-"--parts step --contexts 32768 --batches 8 --policies louiskv -
 GPUS=$(nvidia-smi -L | wc -l)
 { date -u; nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv; free -g | head -2; } > "$OUT/env.txt" 2>&1
 SECONDS=0
-bench() {  # name gpu
-  CUDA_VISIBLE_DEVICES=$2 timeout ${RUN_S:-420} python3 -m kvrecall.cli bench e2e $ARGS --out "$OUT/$1-e2e.json" > "$OUT/$1.log" 2>&1
+bench() {  # name gpu [extra bench args]
+  CUDA_VISIBLE_DEVICES=$2 timeout ${RUN_S:-420} python3 -m kvrecall.cli bench e2e $ARGS ${3:-} --out "$OUT/$1-e2e.json" > "$OUT/$1.log" 2>&1
   echo "$1 on GPU $2: exit $? [${SECONDS}s]"; grep -v "^  policy" "$OUT/$1.log" | tail -22
 }
 mps_on() {  # gpu: the server and its clients name it by UUID (an index would mean another
@@ -39,11 +40,11 @@ if [ "${MPS:-1}" != 1 ]; then
   bench nomps 0
 elif [ "$GPUS" -ge 2 ]; then
   (bench nomps 0; [ -n "${AFTER:-}" ] && CUDA_VISIBLE_DEVICES=0 bash -c "$AFTER") > "$OUT/nomps-summary.txt" 2>&1 &
-  ( mps_on 1 && bench mps "$MPS_GPU"; mps_off ) > "$OUT/mps-summary.txt" 2>&1
+  ( mps_on 1 && bench mps "$MPS_GPU" "${MPS_ARGS:-}"; mps_off ) > "$OUT/mps-summary.txt" 2>&1
   wait; cat "$OUT/nomps-summary.txt" "$OUT/mps-summary.txt"
 else
   bench nomps 0
-  mps_on 0 && bench mps "$MPS_GPU"
+  mps_on 0 && bench mps "$MPS_GPU" "${MPS_ARGS:-}"
   mps_off
 fi
 [ "${SAVE_CACHE:-0}" = 1 ] && tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" .
