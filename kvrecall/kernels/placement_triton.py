@@ -20,12 +20,21 @@ offset of the sequence's page i in the flat pool. Row b of the working set is la
 head b % H. Imported only when Triton is (see `_triton`).
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from kvrecall.kernels import reference
 from kvrecall.kernels._triton import next_power_of_2
+from kvrecall.kernels.placement_staged import copy_staged
+
+# How a placement reads the pinned pool: "copy" (the copy engine, placement_staged.py) or
+# "kernel" (the placement kernel's own loads over PCIe). Read once, at import.
+HOST_READS = os.environ.get("KVRECALL_HOST_READS", "copy")
+if HOST_READS not in ("copy", "kernel"):
+    raise ValueError(f"KVRECALL_HOST_READS={HOST_READS!r}: expected 'copy' or 'kernel'")
 
 MAX_RETRIEVED = 4096  # the sort keeps a row in registers
 # The compiled row sizes (the daemon's warm-up compiles each): a budget's kernel is one of these.
@@ -69,7 +78,7 @@ def _place_kernel(
     slot_pos_ptr, keys_ptr, values_ptr, sel_ptr, host_ptr, page_base_ptr, scratch_ptr, counts_ptr, resident_ptr,
     sessions_ptr, R, C, first_slot, sel_stride, num_positions, tokens_per_page, num_kv_heads, rows_per_session,
     D: tl.constexpr, BLOCK_R: tl.constexpr, STEPS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-    TRACK_RESIDENT: tl.constexpr, MANY: tl.constexpr,
+    TRACK_RESIDENT: tl.constexpr, MANY: tl.constexpr, COPY: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)  # the row of the selection, scratch and counts
     row = b  # the row of its session's working set and pages
@@ -120,6 +129,8 @@ def _place_kernel(
             held = tl.load(slot_pos_ptr + row * C + c, mask=outside, other=-1)
             resident += tl.sum((held >= 0).to(tl.int32), 0)
         tl.atomic_max(resident_ptr, resident.to(tl.int64))
+    if not COPY:  # the copy engine moves the rows (placement_staged.py)
+        return
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
     for k0 in range(0, n_new, ROWS):
@@ -229,22 +240,42 @@ def _launch_place(
     slot_pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, selection: torch.Tensor, first_slot: int,
     host: torch.Tensor, page_base: torch.Tensor, tokens_per_page: int, num_kv_heads: int,
     resident_max: torch.Tensor | None, sessions: torch.Tensor | None, rows_per_session: int,
+    parts: list[tuple[torch.Tensor, ...]] | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """One launch over every row of `selection` (sessions: see place_retrieved_many_triton)."""
+    """One launch over every row of `selection` (sessions: see place_retrieved_many_triton;
+    parts: every session's (keys, values, page_base), the first alone when None). With
+    staged reads (`staged`) the kernel plans and placement_staged copies the rows."""
     rows, retrieved = selection.shape
     counts = torch.empty(rows, 2, dtype=torch.int32, device=selection.device)  # the kernel writes every row
     block_r = next(size for size in RETRIEVED_BLOCKS if retrieved <= size)  # a few variants: see warmup
     scratch = torch.empty(rows, 4 * block_r, dtype=torch.int64, device=selection.device)
     copy_rows, block_d = _copy_tile(keys.shape[2], keys.element_size())
+    stage = staged(host, keys)
     _place_kernel[(rows,)](
         slot_pos, _bits(keys), _bits(values), selection, _bits(host), page_base, scratch, counts,
         counts if resident_max is None else resident_max, counts if sessions is None else sessions,
         retrieved, slot_pos.shape[1], first_slot, selection.stride(0), page_base.numel() * tokens_per_page,
         tokens_per_page, num_kv_heads, rows_per_session,
         D=keys.shape[2], BLOCK_R=block_r, STEPS=block_r.bit_length(), ROWS=copy_rows, BLOCK_D=block_d,
-        TRACK_RESIDENT=resident_max is not None, MANY=sessions is not None, num_warps=8 if block_r >= 1024 else 4,
+        TRACK_RESIDENT=resident_max is not None, MANY=sessions is not None, COPY=not stage,
+        num_warps=8 if block_r >= 1024 else 4,
     )  # fmt: skip
+    if stage:
+        parts = parts or [(keys, values, page_base)]
+        copy_staged(
+            scratch, counts, block_r, [(_bits(k), _bits(v), pages) for k, v, pages in parts], rows_per_session,
+            first_slot, _bits(host), tokens_per_page, num_kv_heads,
+        )  # fmt: skip
     return counts
+
+
+def staged(host: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether a placement's rows travel by the copy engine (placement_staged.py): the pool is
+    pinned host memory that divides into whole rows, and `HOST_READS` (env KVRECALL_HOST_READS,
+    default "copy") does not ask for the kernel's own PCIe reads ("kernel")."""
+    return (
+        HOST_READS == "copy" and host.device.type == "cpu" and keys.is_cuda and host.numel() % keys.shape[2] == 0
+    )
 
 
 def place_retrieved_many_triton(
@@ -279,7 +310,7 @@ def place_retrieved_many_triton(
         sessions = sessions.pin_memory().to(selection.device, non_blocking=True)
     return _launch_place(
         slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads,
-        resident_max, sessions, slot_pos.shape[0],
+        resident_max, sessions, slot_pos.shape[0], [(part[1], part[2], part[3]) for part in parts],
     )  # fmt: skip
 
 

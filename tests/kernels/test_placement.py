@@ -104,6 +104,40 @@ def test_matches_reference(triton_device, dtype, layers, heads, dim, retrieved, 
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("reads", ["copy", "kernel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "dim", "retrieved", "first"), [(1, 8, 1, 0), (3, 16, 7, 2), (2, 64, 64, 4)])
+def test_copy_engine_reads_match_the_reference(triton_device, monkeypatch, reads, dtype, heads, dim, retrieved, first):
+    """The placement whose kernel only plans and whose rows come by the host gather and one
+    copy (placement_staged.py; on a GPU the default) leaves what the reference leaves, as does
+    the kernel reading the pool itself; one session alone and three in one launch."""
+    from kvrecall.kernels import placement_triton
+
+    monkeypatch.setattr(placement_triton, "staged", lambda host, keys: reads == "copy")
+    pages = Pages(2, heads, dim, per_page=5, pages=30, dtype=dtype, device=triton_device, seed=retrieved)
+    capacity = first + retrieved + 6
+    slot_pos, selection = random_case(pages, capacity, first, retrieved, seed=dim)
+    keys, values = (torch.randn(2 * heads, capacity, dim).to(dtype) for _ in range(2))
+    got = run("triton", pages, slot_pos, keys, values, selection, first, triton_device)
+    want = run("reference", pages, slot_pos, keys, values, selection, first, torch.device("cpu"))
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    parts, wants = [], []
+    for seed in range(3):
+        slot_pos, selection = random_case(pages, capacity, first, retrieved, seed=seed)
+        keys, values = (torch.randn(2 * heads, capacity, dim).to(dtype) for _ in range(2))
+        wants.append(run("reference", pages, slot_pos, keys, values, selection, first, torch.device("cpu")))
+        resident = torch.zeros((), dtype=torch.int64, device=triton_device)
+        parts.append((*(t.clone().to(triton_device) for t in (slot_pos, keys, values)),
+                      pages.page_base.to(triton_device), resident, selection))  # fmt: skip
+    selection = torch.cat([part[5] for part in parts]).to(triton_device)
+    counts = K.place_retrieved_many([part[:5] for part in parts], selection, first, pages.host, pages.per_page,
+                                    pages.heads, impl="triton")  # fmt: skip
+    for part, want, count in zip(parts, wants, counts.view(3, 2 * heads, 2), strict=True):
+        for a, b in zip((*part[:3], count), want, strict=True):
+            assert torch.equal(a.cpu(), b)
+
+
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_many_sessions_in_one_launch_match_each_alone(triton_device, impl, dtype) -> None:
@@ -355,11 +389,11 @@ INDEX = {name: "i32" for name in ("R", "C", "first_slot", "sel_stride", "num_pos
          "stride_u", "stride_r", "stride_p", "first_row", "stride_l", "stride_kv", "stride_h")}
 KERNELS = [
     (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i64 *i32",
-     dict(D=128, BLOCK_R=1024, STEPS=11, ROWS=32, BLOCK_D=128, TRACK_RESIDENT=True, MANY=False)),
+     dict(D=128, BLOCK_R=1024, STEPS=11, ROWS=32, BLOCK_D=128, TRACK_RESIDENT=True, MANY=False, COPY=False)),
     (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i32 *i32",
-     dict(D=64, BLOCK_R=16, STEPS=5, ROWS=64, BLOCK_D=64, TRACK_RESIDENT=False, MANY=False)),
+     dict(D=64, BLOCK_R=16, STEPS=5, ROWS=64, BLOCK_D=64, TRACK_RESIDENT=False, MANY=False, COPY=True)),
     (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i64 *i64",
-     dict(D=128, BLOCK_R=1024, STEPS=11, ROWS=32, BLOCK_D=128, TRACK_RESIDENT=True, MANY=True)),
+     dict(D=128, BLOCK_R=1024, STEPS=11, ROWS=32, BLOCK_D=128, TRACK_RESIDENT=True, MANY=True, COPY=False)),
     (placement._spill_kernel, "*i16 *i16 *i16 *i64", dict(D=128, ROWS=32, BLOCK_D=128)),
     (placement._store_kernel, "*i16 *i16 *i64", dict(D=128, ROWS=32, BLOCK_D=128)),
     (expand._expand_kernel, "*i64 *i64 *i32 *i64 *i64", dict(BLOCK=1024)),
