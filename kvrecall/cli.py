@@ -35,6 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
         "worker_share": args.worker_share,
         "log_level": args.log_level,
         "session_ops": args.session_ops,
+        "host_reads": args.host_reads,
         "warmup": args.warmup,
     }
     try:
@@ -180,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--session-ops", choices=("thread", "inline"),
         help="run appends and boundaries in a worker thread (default) or on the event loop (no thread hop)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--host-reads", choices=("copy", "kernel"),
+        help="how a retrieval's rows leave the pinned host tier on a GPU: the host gathers them and the copy "
+        "engine moves them (default; the GPU's SMs stay free for workers) or the placement kernel reads them "
+        "over PCIe itself",
     )  # fmt: skip
     serve.add_argument(
         "--warmup", help="dtype:head_dim pairs whose kernels compile at start on CUDA, e.g. bfloat16:128 ('' = none)"

@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-graph", action="store_true", help="run steps eagerly")
     p.add_argument("--daemon-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the daemon process only (repeatable), e.g. "
-                   "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=20 under CUDA MPS")
+                   "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=20 under CUDA MPS, KVRECALL_HOST_READS=kernel")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after timing each louiskv rate above 0, run this many more steps under cProfile and add "
                    "the host functions that took longest to the row (host_profile)")

@@ -15,7 +15,7 @@ from typing import Any
 START, END = "<!-- perf:start (python -m kvrecall.bench.readme) -->", "<!-- perf:end -->"
 PREFILL_START, PREFILL_END = "<!-- prefill:start (python -m kvrecall.bench.readme) -->", "<!-- prefill:end -->"
 MEASURED_RATE = 0.117
-DEFAULT_LAG = 3  # kvrecall.engine.engine.DEFAULT_LAG (not imported: this module stays torch-free)
+DEFAULT_LAG = 4  # kvrecall.engine.engine.DEFAULT_LAG (not imported: this module stays torch-free)
 
 
 def _row(rows: list[dict[str, Any]], policy: str, context: int, batch: int, rate: float | None = None):

@@ -52,10 +52,12 @@ from kvrecall.engine.weights import DecoderWeights
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 # Steps a crossed slot reads its shadow. On one H200 (Llama-3-8B shape, bench e2e) a retrieval
-# answers in 11-14 ms at 32K and 23 ms at 128K against 6.5-13 ms steps: at lag 1 every boundary
-# made a later step wait for it (8 of 48 steps at batch 1, 34 at batch 8), at lag 3 none did
-# (bench/results/2026-11-30-h200x2-lag-e2e.json).
-DEFAULT_LAG = 3
+# answers in 17-28 ms with the placement's rows moved by the copy engine (placement_staged.py)
+# against 7-13 ms steps: at lag 3 some steps still waited at batch 8 (7 of 96 at 32K, and 32K x 8
+# ran 0.97x full), at lag 4 one did (1.14x); batch 1 was the same at both
+# (bench/results/2026-11-30-h200x2-final-e2e.json; lags 1-4 with the kernel's own PCIe reads, whose
+# answers came in 11-14 ms: 2026-11-30-h200x2-lag-e2e.json).
+DEFAULT_LAG = 4
 # The interpreter's thread switch interval while an engine runs (seconds; CPython's default is
 # 5 ms). gRPC's threads handle the answers in Python: after the step's sync the decoding thread
 # may wait for the interpreter lock until one lets it go, up to the whole interval (on an H200

@@ -33,7 +33,13 @@ from kvrecall.kernels.budget import select_under_budget
 from kvrecall.kernels.clustering import kmeans, kmeans_assign, kmeans_update
 from kvrecall.kernels.cosine import cosine_similarity
 from kvrecall.kernels.expand import expand_selection
-from kvrecall.kernels.placement import place_retrieved, place_retrieved_many, spill_ring, store_tokens
+from kvrecall.kernels.placement import (
+    place_retrieved,
+    place_retrieved_many,
+    set_host_reads,
+    spill_ring,
+    store_tokens,
+)
 from kvrecall.kernels.quest import quest_page_bounds, quest_page_scores
 from kvrecall.kernels.row_gather import gather_rows
 from kvrecall.kernels.unit_append import append_units
@@ -58,6 +64,7 @@ __all__ = [
     "quest_page_scores",
     "score_units",
     "select_under_budget",
+    "set_host_reads",
     "spill_ring",
     "store_tokens",
     "window_scores",

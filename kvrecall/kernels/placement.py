@@ -18,6 +18,19 @@ from kvrecall.kernels._checks import (
 )
 from kvrecall.kernels._triton import use_triton
 
+# How a placement on a GPU reads the pinned pool: "copy" (the host gathers the rows, the copy
+# engine moves them: placement_staged.py) or "kernel" (the placement kernel's own loads over
+# PCIe). The daemon sets it from its `host_reads` setting (set_host_reads).
+HOST_READS = "copy"
+
+
+def set_host_reads(mode: str) -> None:
+    """Choose how placements read the pinned pool (see HOST_READS), process-wide."""
+    global HOST_READS
+    if mode not in ("copy", "kernel"):
+        raise ValueError(f"host_reads: {mode!r}, expected 'copy' or 'kernel'")
+    HOST_READS = mode
+
 
 def _check_host_pages(
     keys: torch.Tensor, values: torch.Tensor, host: torch.Tensor, page_base: torch.Tensor, tokens_per_page: int,

@@ -20,21 +20,13 @@ offset of the sequence's page i in the flat pool. Row b of the working set is la
 head b % H. Imported only when Triton is (see `_triton`).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from kvrecall.kernels import reference
+from kvrecall.kernels import placement, reference
 from kvrecall.kernels._triton import next_power_of_2
 from kvrecall.kernels.placement_staged import copy_staged
-
-# How a placement reads the pinned pool: "copy" (the copy engine, placement_staged.py) or
-# "kernel" (the placement kernel's own loads over PCIe). Read once, at import.
-HOST_READS = os.environ.get("KVRECALL_HOST_READS", "copy")
-if HOST_READS not in ("copy", "kernel"):
-    raise ValueError(f"KVRECALL_HOST_READS={HOST_READS!r}: expected 'copy' or 'kernel'")
 
 MAX_RETRIEVED = 4096  # the sort keeps a row in registers
 # The compiled row sizes (the daemon's warm-up compiles each): a budget's kernel is one of these.
@@ -271,11 +263,12 @@ def _launch_place(
 
 def staged(host: torch.Tensor, keys: torch.Tensor) -> bool:
     """Whether a placement's rows travel by the copy engine (placement_staged.py): the pool is
-    pinned host memory that divides into whole rows, and `HOST_READS` (env KVRECALL_HOST_READS,
-    default "copy") does not ask for the kernel's own PCIe reads ("kernel")."""
+    pinned host memory that divides into whole rows, and placement.HOST_READS (the daemon's
+    `host_reads`) does not ask for the kernel's own PCIe reads ("kernel")."""
     return (
-        HOST_READS == "copy" and host.device.type == "cpu" and keys.is_cuda and host.numel() % keys.shape[2] == 0
-    )
+        placement.HOST_READS == "copy" and host.device.type == "cpu" and keys.is_cuda
+        and host.numel() % keys.shape[2] == 0
+    )  # fmt: skip
 
 
 def place_retrieved_many_triton(

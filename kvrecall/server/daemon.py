@@ -14,7 +14,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvrecall import __version__
+from kvrecall import __version__, kernels
 from kvrecall.fdpass import FdServer, claim_socket_path
 from kvrecall.server.config import ServerConfig
 from kvrecall.server.metrics import Metrics
@@ -47,6 +47,7 @@ class Daemon:
         removed = remove_stale_segments()
         if removed:
             log.warning("removed %d shared-memory segments left by dead daemons", len(removed))
+        kernels.set_host_reads(config.host_reads)
         self.host_pool = HostPool(
             config.host_pool_bytes, page_bytes=config.page_kb * 1024, pinned=self.device.type == "cuda"
         )

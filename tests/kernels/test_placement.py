@@ -113,6 +113,7 @@ def test_copy_engine_reads_match_the_reference(triton_device, monkeypatch, reads
     the kernel reading the pool itself; one session alone and three in one launch."""
     from kvrecall.kernels import placement_triton
 
+    # On a CPU (Triton's interpreter) the pool is not pinned, so force the choice either way.
     monkeypatch.setattr(placement_triton, "staged", lambda host, keys: reads == "copy")
     pages = Pages(2, heads, dim, per_page=5, pages=30, dtype=dtype, device=triton_device, seed=retrieved)
     capacity = first + retrieved + 6
