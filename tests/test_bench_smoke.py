@@ -110,7 +110,7 @@ def test_bench_e2e_runs_on_cpu(tmp_path):
     out = tmp_path / "e2e.json"
     argv = ["bench", "e2e", "--device", "cpu", "--shape", "tiny", "--contexts", "200", "--batches", "2",
             "--policies", "louiskv", "--budget", "64", "--rates", "0,0.117,1", "--lag", "1", "--steps", "3", "--warmup", "1",
-            "--many", "4",
+            "--profile-steps", "2", "--many", "4",
             "--many-context", "100", "--capped-context", "200", "--gpu-kv-cap-gib", "0.0005",
             "--host-cap-gib", "0.002", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
@@ -130,5 +130,10 @@ def test_bench_e2e_runs_on_cpu(tmp_path):
     every = louiskv[2]
     assert every["answers"] == 3 and 0 < every["answer_ms_median"] <= every["answer_ms_p90"] <= every["answer_ms_max"]
     assert 0 <= every["late_ms_mean"] <= every["wait_ms_mean"] and every["late_steps"] <= 3
+    # where the host time went, the bytes each retrieval moved, and a profile of the steps
+    assert every["moved_mib_mean"] > 0 and "moved_mib_mean" not in louiskv[0]
+    assert 0 <= every["shadow_ms_mean"] + every["send_ms_mean"] <= every["host_ms_mean"] + 1e-3
+    assert every["host_profile"] and all(f["calls_per_step"] > 0 for f in every["host_profile"])
+    assert "host_profile" not in louiskv[0]
     assert {"many_wait_ms_mean_at_measured_rate", "many_late_steps_at_measured_rate"} <= set(result["meta"]["ratios"])
     assert (tmp_path / "e2e.png").exists()
