@@ -184,9 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.add_argument(
         "--host-reads", choices=("copy", "kernel"),
-        help="how a retrieval's rows leave the pinned host tier on a GPU: the host gathers them and the copy "
-        "engine moves them (default; the GPU's SMs stay free for workers) or the placement kernel reads them "
-        "over PCIe itself",
+        help="how a background retrieval's rows (one the worker does not wait for) leave the pinned host tier on "
+        "a GPU: the host gathers them and the copy engine moves them (default; the GPU's SMs stay free for "
+        "workers) or the placement kernel reads them over PCIe itself; other placements always take the kernel",
     )  # fmt: skip
     serve.add_argument(
         "--warmup", help="dtype:head_dim pairs whose kernels compile at start on CUDA, e.g. bfloat16:128 ('' = none)"

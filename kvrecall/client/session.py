@@ -128,12 +128,15 @@ class KVRecallClient(ClientBase):
         `noticed_upto` advanced. A bad call refuses them all (the error names events[i])."""
         return self.boundaries_future(calls, timeout).result()
 
-    def boundaries_future(self, calls: list[StepCall], timeout: float | None = None) -> PendingBoundaries:
+    def boundaries_future(
+        self, calls: list[StepCall], timeout: float | None = None, background: bool = False
+    ) -> PendingBoundaries:
         """`boundaries` without waiting: the call is sent (writes published) and its answer is
         applied when the caller takes it (PendingBoundaries.result). No thread of this
         process's interpreter waits for it (gRPC's own threads do), so a decoding thread does
-        not share the interpreter lock with a thread per call in flight."""
-        request = pb.BoundariesRequest()
+        not share the interpreter lock with a thread per call in flight. `background`: the
+        caller decodes on without the answer for a while (BoundariesRequest.background)."""
+        request = pb.BoundariesRequest(background=background)
         for call in calls:
             core = call.session.core
             core.publish()

@@ -345,7 +345,8 @@ class Engine:
 
     def _send(self, calls: list[StepCall]) -> _Pending:
         """The Boundaries calls for `calls` sent, not waited for (no thread of ours waits)."""
-        return _Pending([group[0].session.client.boundaries_future(group) for group in self._by_client(calls)])
+        return _Pending([group[0].session.client.boundaries_future(group, background=True)
+                         for group in self._by_client(calls)])  # fmt: skip
 
     # ---- shadows (boundaries off the critical path) -----------------------------------------
     def _to_shadow(self, seq: Sequence) -> None:

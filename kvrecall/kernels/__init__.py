@@ -34,6 +34,7 @@ from kvrecall.kernels.clustering import kmeans, kmeans_assign, kmeans_update
 from kvrecall.kernels.cosine import cosine_similarity
 from kvrecall.kernels.expand import expand_selection
 from kvrecall.kernels.placement import (
+    background_reads,
     place_retrieved,
     place_retrieved_many,
     set_host_reads,
@@ -50,6 +51,7 @@ __all__ = [
     "AGGREGATIONS",
     "WINDOW_MODES",
     "append_units",
+    "background_reads",
     "attention_at_positions",
     "cosine_similarity",
     "expand_selection",

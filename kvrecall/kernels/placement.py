@@ -6,6 +6,9 @@ Kernel: `placement_triton.py`; reference: `reference.py`; dispatch: `kvrecall.ke
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
 from kvrecall.kernels import reference
@@ -18,18 +21,38 @@ from kvrecall.kernels._checks import (
 )
 from kvrecall.kernels._triton import use_triton
 
-# How a placement on a GPU reads the pinned pool: "copy" (the host gathers the rows, the copy
-# engine moves them: placement_staged.py) or "kernel" (the placement kernel's own loads over
-# PCIe). The daemon sets it from its `host_reads` setting (set_host_reads).
+# How a *background* placement on a GPU reads the pinned pool (one whose answer the worker does
+# not wait for: `background_reads`): "copy" (the host gathers the rows, the copy engine moves
+# them: placement_staged.py; the GPU's SMs stay free for the workers, the answer comes later) or
+# "kernel" (the placement kernel's own loads over PCIe). Every other placement (an ingest, a
+# chunk, a boundary the worker waits for) takes the kernel's loads, the faster answer. The
+# daemon sets it from its `host_reads` setting (set_host_reads).
 HOST_READS = "copy"
+_scope = threading.local()
 
 
 def set_host_reads(mode: str) -> None:
-    """Choose how placements read the pinned pool (see HOST_READS), process-wide."""
+    """Choose how background placements read the pinned pool (see HOST_READS), process-wide."""
     global HOST_READS
     if mode not in ("copy", "kernel"):
         raise ValueError(f"host_reads: {mode!r}, expected 'copy' or 'kernel'")
     HOST_READS = mode
+
+
+@contextlib.contextmanager
+def background_reads():
+    """Placements of this thread inside the block are background ones (see HOST_READS)."""
+    before = getattr(_scope, "background", False)
+    _scope.background = True
+    try:
+        yield
+    finally:
+        _scope.background = before
+
+
+def copy_reads() -> bool:
+    """Whether this thread's placements now read the pool by the copy engine."""
+    return HOST_READS == "copy" and getattr(_scope, "background", False)
 
 
 def _check_host_pages(

@@ -1,4 +1,5 @@
-"""The copy half of a placement through the GPU's copy engine (placement_triton's `staged`).
+"""The copy half of a background placement through the GPU's copy engine (placement_triton's
+`staged`; background: kernels.background_reads, a retrieval the worker does not wait for).
 
 The placement kernel reading the pinned pool over PCIe (UVA) holds the GPU's SMs while the
 rows arrive: 3.1 ms for a fresh 32K retrieval and 5.6 ms at 128K on an H200

@@ -262,13 +262,10 @@ def _launch_place(
 
 
 def staged(host: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Whether a placement's rows travel by the copy engine (placement_staged.py): the pool is
-    pinned host memory that divides into whole rows, and placement.HOST_READS (the daemon's
-    `host_reads`) does not ask for the kernel's own PCIe reads ("kernel")."""
-    return (
-        placement.HOST_READS == "copy" and host.device.type == "cpu" and keys.is_cuda
-        and host.numel() % keys.shape[2] == 0
-    )  # fmt: skip
+    """Whether a placement's rows travel by the copy engine (placement_staged.py): a background
+    placement under host_reads=copy (placement.copy_reads), from a pinned pool that divides
+    into whole rows."""
+    return placement.copy_reads() and host.device.type == "cpu" and keys.is_cuda and host.numel() % keys.shape[2] == 0
 
 
 def place_retrieved_many_triton(

@@ -532,7 +532,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                         raise InvalidArgument(f"events[{i}].session_id", f"session {session.session_id!r} was closed")
                     session.touch()
                 check_events(sessions, list(request.events))
-                outcomes, groups = await self._session_op(serve_step, sessions, list(request.events))
+                outcomes, groups = await self._session_op(serve_step, sessions, list(request.events), request.background)
         except Exception as exc:  # noqa: BLE001
             await self._fail(context, "Boundaries", exc)
             raise AssertionError("unreachable") from None

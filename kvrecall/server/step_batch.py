@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvrecall import kernels
 from kvrecall.server.errors import FailedPrecondition, InvalidArgument
 from kvrecall.server.policies.base import Selection
 from kvrecall.server.session import Session, check_append_upto, check_boundary_position
@@ -52,8 +53,12 @@ def check_events(sessions: list[Session], events: list[pb.StepEvent]) -> None:
             check_boundary_position(session, event.position, f"{where}.position")
 
 
-def serve_step(sessions: list[Session], events: list[pb.StepEvent]) -> tuple[list[StepOutcome], int]:
-    """Run a validated Boundaries call (module docstring) -> (one outcome per event, groups)."""
+def serve_step(
+    sessions: list[Session], events: list[pb.StepEvent], background: bool = False
+) -> tuple[list[StepOutcome], int]:
+    """Run a validated Boundaries call (module docstring) -> (one outcome per event, groups).
+    `background` (BoundariesRequest.background): the retrievals' placements are background ones
+    (kernels.background_reads: under host_reads=copy their rows go by the copy engine)."""
     outcomes = [StepOutcome() for _ in events]
     with contextlib.ExitStack() as held:
         for session in sorted(sessions, key=lambda s: s.session_id):
@@ -76,7 +81,9 @@ def serve_step(sessions: list[Session], events: list[pb.StepEvent]) -> tuple[lis
                 query = session.begin_boundary(events[i].position, [], None)
                 items.append((session.policy, session.context(), query))
             selections = type(items[0][0]).on_boundaries(items)
-            for i, placement in zip(members, _place([sessions[i] for i in members], selections), strict=True):
+            with kernels.background_reads() if background else contextlib.nullcontext():
+                placements = _place([sessions[i] for i in members], selections)
+            for i, placement in zip(members, placements, strict=True):
                 outcomes[i].placement = placement
         device = sessions[0].ws.keys.device if sessions else None
         if device is not None and device.type == "cuda":

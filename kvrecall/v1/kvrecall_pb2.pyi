@@ -600,10 +600,12 @@ class StepEvent(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., capability: _Optional[str] = ..., position: _Optional[int] = ..., notice: bool = ..., retrieve: bool = ...) -> None: ...
 
 class BoundariesRequest(_message.Message):
-    __slots__ = ("events",)
+    __slots__ = ("events", "background")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[StepEvent]
-    def __init__(self, events: _Optional[_Iterable[_Union[StepEvent, _Mapping]]] = ...) -> None: ...
+    background: bool
+    def __init__(self, events: _Optional[_Iterable[_Union[StepEvent, _Mapping]]] = ..., background: bool = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("append", "retrieval")
