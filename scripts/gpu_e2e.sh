@@ -66,7 +66,7 @@ run_prefill() {
 run_load() {
   echo "== bench e2e capped,many on GPU $LAST  [${SECONDS}s]"
   CUDA_VISIBLE_DEVICES=$LAST timeout ${LOAD_S:-380} python3 -m kvrecall.cli bench e2e --parts capped,many \
-    ${LOAD_ARGS:---host-cap-gib 48} --many 64 --many-context 4096 --out "$OUT/e2e-load.json" > "$OUT/e2e-load.log" 2>&1
+    ${LOAD_ARGS:---host-cap-gib 90} --many 64 --many-context 4096 --out "$OUT/e2e-load.json" > "$OUT/e2e-load.log" 2>&1
   echo "load bench exit $?"; tail -12 "$OUT/e2e-load.log"
 }
 # The last GPU's parts, in ORDER (default tests, prefill, load), those of PARTS only.
