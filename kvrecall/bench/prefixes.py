@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=6)
     parser.add_argument("--page-kb", type=int, default=256, help="the daemon's host page size")
     parser.add_argument("--host-pool-gb", type=float, default=4.0)
+    parser.add_argument("--device-pool-gb", type=float, default=2.0,
+                        help="the daemon's device pool (working sets and each session's policy metadata)")
     parser.add_argument("--device", default="cpu", help="the model's and the daemon's device")
     parser.add_argument("--out", help="write the JSON here")
     args = parser.parse_args(argv)
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with contextlib.ExitStack() as stack:
         daemon = stack.enter_context(LocalDaemon(
-            host_pool_gb=args.host_pool_gb, device_pool_gb=2.0, device=args.device,
+            host_pool_gb=args.host_pool_gb, device_pool_gb=args.device_pool_gb, device=args.device,
             extra_args=["--page-kb", str(args.page_kb)],
         ))  # fmt: skip
         client = stack.enter_context(KVRecallClient(daemon.target, "bench-prefixes", timeout=600.0))
@@ -69,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
             stack.enter_context(session)
             started = time.perf_counter()
             result = decode(model, cache, torch.cat((doc_ids, question), dim=1), args.max_new_tokens)
+            stats = session.stats()
             rows.append({
                 "held": session.prefix_held, "prefill_ingest_seconds": result.prefill_seconds,
-                "own_host_bytes": session.stats().host_bytes, "tokens": doc_ids.shape[1] + question.shape[1] + len(result.tokens),
+                "own_host_bytes": stats.host_bytes, "device_bytes": stats.device_bytes,
+                "metadata_bytes": stats.metadata_bytes, "tokens": doc_ids.shape[1] + question.shape[1] + len(result.tokens),
                 "seconds": time.perf_counter() - started,
             })  # fmt: skip
             print(f"session {i}: prefix held {session.prefix_held}, prefill+ingest {result.prefill_seconds:.2f} s",
@@ -102,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         "second_to_first_ingest_ratio": rows[1]["prefill_ingest_seconds"] / rows[0]["prefill_ingest_seconds"] if len(rows) > 1 else None,
         "rest_prefill_ingest_seconds_median": statistics.median(r["prefill_ingest_seconds"] for r in rows[1:]) if len(rows) > 1 else None,
         "held": [r["held"] for r in rows],
+        # each session's device pool bytes: its working set and its policy metadata (a session
+        # over a held prefix gets its own copy of the prefix's policy index)
+        "device_bytes_per_session": [r["device_bytes"] for r in rows],
+        "metadata_bytes_per_session": [r["metadata_bytes"] for r in rows],
     }
     print(f"{'sessions':>10} {'doc tokens':>11} {'host used MiB':>14} {'unshared MiB':>13} {'bytes ratio':>12} "
           f"{'1st s':>8} {'2nd s':>8} {'2nd/1st':>8}")
