@@ -11,7 +11,6 @@ starts from a copy of its policy state; closing it drops its reference.
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import functools
 import logging
@@ -157,7 +156,7 @@ class Session:
         if prefix.full_pages < len(prefix.pages):
             store.pool.copy_page(prefix.pages[prefix.full_pages], store.pages[prefix.full_pages])
         store.num_tokens = T
-        self.policy = copy.deepcopy(prefix.policy)
+        self.policy = prefix.policy.derive()
         n_sink = min(plan.n_sink, T)
         window_from = max(n_sink, T - plan.min_window)
         self.prompt_tokens, self.evicted_upto, self.spilled_upto = T, window_from, T
@@ -439,7 +438,7 @@ class SessionRegistry:
     def _open(self, worker_id, layout, policy, transport, lease, tag, tp_rank, tp_size, prefix, declared) -> Session:
         plan = policy.plan()
         ws_bytes = SegmentLayout.of(layout, plan).nbytes
-        metadata_bytes = policy.metadata_bytes()
+        metadata_bytes = policy.metadata_bytes() if prefix is None else prefix.policy.derived_metadata_bytes()
         per_page = max(tokens_per_page(layout, self.host_pool.page_bytes), 1)
         shared = prefix.pages[: prefix.full_pages] if prefix is not None else []
         own_pages = -(-layout.max_tokens // per_page) - len(shared)

@@ -100,6 +100,47 @@ def test_a_held_prefix_costs_its_host_pages_once(daemon):
                 assert stats.prefix_id == prefix.prefix_id and stats.prefix_tokens == DOC
                 assert stats.host_bytes == own_first  # its own pages: the rest of max_tokens only
                 assert prefix.host_bytes > 0
+                # louiskv's unit table is shared read-only: the session reserves only what it adds
+                assert 0 < stats.metadata_bytes < first.stats().metadata_bytes
+
+
+def test_a_shared_index_retrieves_like_its_own_in_one_boundaries_call(daemon):
+    """A session over a held prefix (louiskv's unit table shared with the prefix) and one that
+    ingested the document itself, retrieving for the same query in ONE Boundaries call (their
+    tables stacked together), end with the same working set, after a chunk and again after
+    decode tokens closed a segment into a unit of the session's own."""
+    from kvrecall.client.session import StepCall
+
+    policy, config = POLICIES[0]
+    with KVRecallClient(daemon.target, "prefix-batched") as client:
+        with open_on(client, policy, config) as first:
+            ingest(first)
+            with client.open_session(SPEC, policy, config) as alone, open_on(client, policy, config) as shared:
+                ingest(alone)
+                assert shared.prefix_held == DOC
+                for session in (alone, shared):
+                    session.query.copy_(random_query(SPEC, 5)[:, :, 0])
+                client.boundaries([StepCall(alone, DOC, retrieve=True), StepCall(shared, DOC, retrieve=True)])
+                assert_same(state(shared), state(alone))
+                # Decode tokens whose keys all point one way, and a query that way: the segment they
+                # close into (a unit of the session's own table) must win the next retrieval.
+                direction = torch.randn(SPEC.head_dim, generator=torch.Generator().manual_seed(3))
+                for step in range(32):  # notices evict them; the boundary closes the segment
+                    kv = random_kv(SPEC, 1, seed=100 + step)
+                    keys = (4 * direction).expand(SPEC.num_layers, SPEC.num_kv_heads, SPEC.head_dim)
+                    for session in (alone, shared):
+                        session.write_token(DOC + step, keys, kv[:, 1, :, 0])
+                        session.core.position = DOC + step + 1
+                    if (step + 1) % 16 == 0:
+                        client.boundaries([StepCall(s, DOC + step + 1, notice=True) for s in (alone, shared)])
+                for session in (alone, shared):
+                    session.query.copy_(direction.expand(SPEC.num_layers, SPEC.num_query_heads, SPEC.head_dim))
+                client.boundaries([StepCall(alone, DOC + 32, retrieve=True), StepCall(shared, DOC + 32, retrieve=True)])
+                assert shared.stats().units > first.stats().units  # a segment closed into a unit of its own
+                assert alone.stats().units == shared.stats().units
+                assert_same(state(shared), state(alone))
+                decoded = set(range(DOC, DOC + 16))
+                assert decoded <= set(state(shared)[0][0, 0].tolist())  # the segment was retrieved
 
 
 def test_inline_sessions_get_the_prefix_working_set_in_the_answer(daemon):

@@ -9,6 +9,7 @@ Shapes: L layers, H KV heads, Hq query heads, D head dim, R retrieved slots, T m
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -105,6 +106,16 @@ class Policy:
         tables, page bounds, ...) will hold for `layout.max_tokens` tokens: reserved in the
         device pool at OpenSession. Scratch space of a single operation is not counted."""
         return 0
+
+    def derive(self) -> Policy:
+        """A new session's own state over this one, a held prefix's template (never run): what
+        the session would hold had it ingested the prefix itself. By default a deep copy; a
+        policy whose prompt index is read-only after the ingest shares it (louiskv)."""
+        return copy.deepcopy(self)
+
+    def derived_metadata_bytes(self) -> int:
+        """What `derive()`'s session reserves in the device pool (metadata_bytes of a copy)."""
+        return self.metadata_bytes()
 
     def on_ingest_layer(
         self, ctx: PolicyContext, layer: int, kv: torch.Tensor, queries: torch.Tensor | None

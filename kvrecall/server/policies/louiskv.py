@@ -27,6 +27,7 @@ Shapes: B = L * H problems; units [B, U, D] (prompt and chunk clusters, segments
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -106,17 +107,28 @@ class _UnitTable:
 
     Per unit: reps [B, U, D] (the layout dtype when 16-bit, else f32), sizes [B, U] int32 and
     valid (size > 0). Per candidate token, grouped by unit: position, unit and rank inside its
-    unit [B, M] int32."""
+    unit [B, M] int32.
 
-    def __init__(self, rows: int, units: int, tokens: int, dim: int, rep_dtype: torch.dtype, device) -> None:
+    Over a shared prefix (`base`: the prefix template's table, read-only, never written here)
+    the table holds only what comes after it: units [base.num_units, ...) and candidates
+    [base.num_tokens, ...) in its own tensors (unit ids stored relative to its first unit).
+    view() and field() read base and own columns together, as one table would hold them."""
+
+    def __init__(
+        self, rows: int, units: int, tokens: int, dim: int, rep_dtype: torch.dtype, device,
+        base: _UnitTable | None = None,
+    ) -> None:  # fmt: skip
+        self.base = base
+        self.first_unit = 0 if base is None else base.num_units  # columns the base holds
+        self.first_token = 0 if base is None else base.num_tokens
         self.reps = torch.zeros(rows, units, dim, dtype=rep_dtype, device=device)
         self.sizes = torch.zeros(rows, units, dtype=torch.int32, device=device)
         self.valid = torch.zeros(rows, units, dtype=torch.bool, device=device)
         self.position, self.unit, self.rank = (
             torch.zeros(rows, tokens, dtype=torch.int32, device=device) for _ in range(3)
         )
-        self.num_units = 0  # filled columns of the unit tensors
-        self.num_tokens = 0  # filled columns of the candidate tensors
+        self.num_units = self.first_unit  # filled unit columns, the base's included
+        self.num_tokens = self.first_token  # filled candidate columns, the base's included
 
     @staticmethod
     def nbytes(rows: int, units: int, tokens: int, dim: int, rep_dtype: torch.dtype) -> int:
@@ -126,7 +138,16 @@ class _UnitTable:
     @property
     def room(self) -> int:
         """Units that still fit."""
-        return self.sizes.shape[1] - self.num_units
+        return self.sizes.shape[1] - self.own_units
+
+    @property
+    def own_units(self) -> int:
+        """Filled columns of this table's own unit tensors."""
+        return self.num_units - self.first_unit
+
+    @property
+    def own_tokens(self) -> int:
+        return self.num_tokens - self.first_token
 
     def put(
         self, rows: slice, reps: torch.Tensor, sizes: torch.Tensor, position: torch.Tensor, rank: torch.Tensor,
@@ -135,7 +156,7 @@ class _UnitTable:
         """Write units [num_units, + u) and candidates [num_tokens, + m) of `rows` (unit: the
         candidates' unit index inside the new ones); advance() makes them visible."""
         u, m = sizes.shape[1], position.shape[1]
-        U, M = self.num_units, self.num_tokens
+        U, M = self.own_units, self.own_tokens
         self.reps[rows, U : U + u] = reps
         self.sizes[rows, U : U + u] = sizes
         self.valid[rows, U : U + u] = sizes > 0
@@ -148,8 +169,27 @@ class _UnitTable:
         self.num_tokens += tokens
 
     def view(self, name: str) -> torch.Tensor:
-        width = self.num_units if name in ("reps", "sizes", "valid") else self.num_tokens
-        return getattr(self, name)[:, :width]
+        """Field `name` over the filled columns (base and own: a copy over a base)."""
+        return self.field(name, self.num_units if name in UNIT_COLUMNS else self.num_tokens)
+
+    def field(self, name: str, width: int) -> torch.Tensor:
+        """Field `name`'s first `width` columns (>= the base's; columns past the filled ones
+        are empty units, or candidates the caller masks)."""
+        own = getattr(self, name)[:, : width - (self.first_unit if name in UNIT_COLUMNS else self.first_token)]
+        if self.base is None:
+            return own
+        if name == "unit":
+            own = own + self.first_unit  # stored relative to this table's first unit
+        return torch.cat((self.base.view(name), own), dim=1)
+
+    def extend(self) -> _UnitTable:
+        """An empty table after this one (its base): what a session over a shared prefix adds."""
+        rows, units, dim = self.reps.shape
+        return _UnitTable(rows, units - self.num_units, self.position.shape[1] - self.num_tokens, dim,
+                          self.reps.dtype, self.reps.device, base=self)  # fmt: skip
+
+
+UNIT_COLUMNS = ("reps", "sizes", "valid")  # the fields with a column per unit (the rest: per candidate)
 
 
 # Prompt tokens per k-means segment at ingest (see cluster_segments).
@@ -248,6 +288,24 @@ class LouisKVPolicy(Policy):
         units, tokens, dtype = self._table_shape()
         pinned = L * H * self.config.pinned_tokens * 8
         return _UnitTable.nbytes(L * H, units, tokens, D, dtype) + L * H * D * 4 + pinned
+
+    def derive(self) -> LouisKVPolicy:
+        """A session over a held prefix shares the template's unit table read-only (prompt and
+        chunk clusters) and adds its own units (chunks, output segments) in a table of its own."""
+        if self.units is None:
+            return copy.deepcopy(self)
+        clone = copy.deepcopy(self, {id(self.units): None})
+        clone.units = self.units.extend()
+        return clone
+
+    def derived_metadata_bytes(self) -> int:
+        if self.units is None:
+            return self.metadata_bytes()
+        rows, units, dim = self.units.reps.shape
+        L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
+        own = _UnitTable.nbytes(rows, units - self.units.num_units, self.units.position.shape[1] - self.units.num_tokens,
+                                dim, self.units.reps.dtype)  # fmt: skip
+        return own + L * H * D * 4 + L * H * self.config.pinned_tokens * 8
 
     def _table(self, device) -> _UnitTable:
         if self.units is None:
@@ -460,6 +518,15 @@ def close_segments(closing: list[tuple[LouisKVPolicy, int]]) -> None:
         ready.append((policy, end, table))
     if not ready:
         return
+    groups: dict[tuple, list] = {}  # append_units takes tables of one shape (a prefix's sessions own less)
+    for item in ready:
+        groups.setdefault((tuple(item[2].reps.shape), tuple(item[2].position.shape)), []).append(item)
+    for group in groups.values():
+        _append_segments(group)
+
+
+def _append_segments(ready: list[tuple[LouisKVPolicy, int, _UnitTable]]) -> None:
+    """close_segments for tables of one shape: one append_units launch."""
     device = ready[0][2].reps.device
     lengths = [end - policy.open_start for policy, end, _ in ready]
     sums = torch.stack([policy.open_sum for policy, _, _ in ready])  # [S, B, D] f32
@@ -467,7 +534,7 @@ def close_segments(closing: list[tuple[LouisKVPolicy, int]]) -> None:
     means = (sums / counts).to(ready[0][2].reps.dtype)
     kernels.append_units(
         [tuple(getattr(table, name) for name in APPEND_FIELDS) for _, _, table in ready], means,
-        [table.num_units for _, _, table in ready], [table.num_tokens for _, _, table in ready],
+        [table.own_units for _, _, table in ready], [table.own_tokens for _, _, table in ready],
         [policy.open_start for policy, _, _ in ready], lengths,
     )  # fmt: skip
     for (policy, end, table), n in zip(ready, lengths, strict=True):
@@ -518,8 +585,7 @@ def select_together(policies: list[LouisKVPolicy], queries: list[torch.Tensor]) 
     device = tables[0].reps.device
     width = {"unit": max(t.num_units for t in tables), "token": max(t.num_tokens for t in tables)}
     stacked = {
-        name: torch.cat([getattr(t, name)[:, : width["unit" if name in ("reps", "valid", "sizes") else "token"]]
-                         for t in tables])
+        name: torch.cat([t.field(name, width["unit" if name in UNIT_COLUMNS else "token"]) for t in tables])
         for name in UNIT_FIELDS
     }  # fmt: skip
     filled = to_device(torch.tensor([t.num_tokens for t in tables]), device).repeat_interleave(rows)
