@@ -15,8 +15,11 @@ ingests it as usual; when the ingest completes the PrefixRegistry *registers* it
 A later session of the same tenant with the same fingerprint, layout (max_tokens included)
 and resolved policy configuration over the same tokens *hits*: its host store maps the
 prefix's full pages read-only (a session only ever writes tokens past its prefix) and copies
-the partial page into a page of its own; it gets its own copy of the policy state, so its
-working set, output segments, boundary state and windowkv selection stay its own; its
+the partial page into a page of its own; its policy state comes from the template by
+`Policy.derive()`: louiskv shares the template's unit table read-only and keeps what it adds
+(chunk clusters, output segments) in a table of its own, reserving only that in the device
+pool; the other policies take a copy. Its working set, output segments, boundary state and
+windowkv selection stay its own; its
 working set is filled as the ingest would have (sinks and window from the host tier, the
 first selection placed). It then continues with ChunkAppends exactly like the session that
 ingested the prefix itself, so its answers are the same token for token.
