@@ -138,7 +138,7 @@ class _UnitTable:
     @property
     def room(self) -> int:
         """Units that still fit."""
-        return self.sizes.shape[1] - self.own_units
+        return self.rest()[0]
 
     @property
     def own_units(self) -> int:
@@ -182,11 +182,14 @@ class _UnitTable:
             own = own + self.first_unit  # stored relative to this table's first unit
         return torch.cat((self.base.view(name), own), dim=1)
 
+    def rest(self) -> tuple[int, int]:
+        """(units, candidate tokens) per row this table still has room for."""
+        return self.sizes.shape[1] - self.own_units, self.position.shape[1] - self.own_tokens
+
     def extend(self) -> _UnitTable:
         """An empty table after this one (its base): what a session over a shared prefix adds."""
-        rows, units, dim = self.reps.shape
-        return _UnitTable(rows, units - self.num_units, self.position.shape[1] - self.num_tokens, dim,
-                          self.reps.dtype, self.reps.device, base=self)  # fmt: skip
+        rows, _, dim = self.reps.shape
+        return _UnitTable(rows, *self.rest(), dim, self.reps.dtype, self.reps.device, base=self)
 
 
 UNIT_COLUMNS = ("reps", "sizes", "valid")  # the fields with a column per unit (the rest: per candidate)
@@ -284,8 +287,12 @@ class LouisKVPolicy(Policy):
         return -(-T // unit_min) + 2, T, dtype
 
     def metadata_bytes(self) -> int:
+        return self._metadata_bytes(*self._table_shape())
+
+    def _metadata_bytes(self, units: int, tokens: int, dtype: torch.dtype) -> int:
+        """A unit table of `units` x `tokens` per row plus the state beside it (the open
+        segment's sum, the pinned tokens)."""
         L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
-        units, tokens, dtype = self._table_shape()
         pinned = L * H * self.config.pinned_tokens * 8
         return _UnitTable.nbytes(L * H, units, tokens, D, dtype) + L * H * D * 4 + pinned
 
@@ -301,11 +308,7 @@ class LouisKVPolicy(Policy):
     def derived_metadata_bytes(self) -> int:
         if self.units is None:
             return self.metadata_bytes()
-        rows, units, dim = self.units.reps.shape
-        L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
-        own = _UnitTable.nbytes(rows, units - self.units.num_units, self.units.position.shape[1] - self.units.num_tokens,
-                                dim, self.units.reps.dtype)  # fmt: skip
-        return own + L * H * D * 4 + L * H * self.config.pinned_tokens * 8
+        return self._metadata_bytes(*self.units.rest(), self.units.reps.dtype)
 
     def _table(self, device) -> _UnitTable:
         if self.units is None:
