@@ -14,7 +14,6 @@ steps do not.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 
 import torch
@@ -73,11 +72,11 @@ def copy_staged(
     for lo in range(0, source.numel(), CHUNK_ROWS):
         hi = min(lo + CHUNK_ROWS, source.numel())
         torch.index_select(pool_rows, 0, source_host[lo:hi], out=staged[lo:hi])
-        with torch.cuda.stream(copies) if copies is not None else contextlib.nullcontext():
+        with torch.cuda.stream(copies):  # (None: the current stream)
             rows[lo:hi].copy_(staged[lo:hi], non_blocking=pin)
     n = row.numel()
     start = 0
-    with torch.cuda.stream(copies) if copies is not None else contextlib.nullcontext():
+    with torch.cuda.stream(copies):
         for (keys, values, _), end in zip(sessions, ends_host.tolist(), strict=True):
             if end > start:
                 where = target[start:end]
