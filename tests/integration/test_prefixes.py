@@ -107,8 +107,9 @@ def test_a_held_prefix_costs_its_host_pages_once(daemon):
 def test_a_shared_index_retrieves_like_its_own_in_one_boundaries_call(daemon):
     """A session over a held prefix (louiskv's unit table shared with the prefix) and one that
     ingested the document itself, retrieving for the same query in ONE Boundaries call (their
-    tables stacked together), end with the same working set, after a chunk and again after
-    decode tokens closed a segment into a unit of the session's own."""
+    tables stacked together), end with the same working set, right after the document and
+    again after decode tokens closed a segment into a unit of the session's own (a chunk's
+    units: test_sessions_on_a_shared_prefix_match_sessions_that_ingested_it)."""
     from kvrecall.client.session import StepCall
 
     policy, config = POLICIES[0]
