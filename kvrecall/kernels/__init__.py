@@ -16,7 +16,7 @@ be float32, float16 or bfloat16; math is float32. B is a batch of independent
 
 One module per op holds its public function(s) (argument checks and the dispatch):
 clustering.py (k-means), unit_scores.py, budget.py, row_gather.py, expand.py, placement.py,
-cosine.py, windows.py, quest.py, ws_decode.py, unit_append.py, attention.py (reference only).
+cosine.py, windows.py, quest.py, ws_decode.py, unit_append.py, notice.py, attention.py (reference only).
 Beside each, `<op>_triton.py` holds the Triton kernel and its launcher; reference.py holds
 every op in PyTorch. This file only re-exports.
 
@@ -33,6 +33,7 @@ from kvrecall.kernels.budget import select_under_budget
 from kvrecall.kernels.clustering import kmeans, kmeans_assign, kmeans_update
 from kvrecall.kernels.cosine import cosine_similarity
 from kvrecall.kernels.expand import expand_selection
+from kvrecall.kernels.notice import spill_evict_many
 from kvrecall.kernels.placement import (
     background_reads,
     place_retrieved,
@@ -67,6 +68,7 @@ __all__ = [
     "score_units",
     "select_under_budget",
     "set_host_reads",
+    "spill_evict_many",
     "spill_ring",
     "store_tokens",
     "window_scores",

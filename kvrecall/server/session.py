@@ -220,34 +220,51 @@ class Session:
     def append(self, upto: int, kv: torch.Tensor | None, finish: bool = True) -> tuple[int, int]:
         """Tokens [spilled_upto, upto) are in the ring (kv carries them for inline sessions).
         Spill them to host, evict what leaves the window. Returns (spilled_upto, evicted).
-        Without `finish` the caller finishes (see end_boundary)."""
+        Without `finish` the caller finishes (see end_boundary). (A Boundaries call appends
+        many sessions at once: step_batch.append_together, the same effect.)"""
+        start = self.begin_append(upto, kv)
+        self.ws.spill(self.store, start, upto)
+        low, high = self.eviction(upto)
+        selection = None
+        if high > low:
+            selection = self.policy.on_evict(self.context(), low, high)
+            self.ws.clear_window(low, high)
+        return self.end_append(upto, low, high, selection, finish)
+
+    def begin_append(self, upto: int, kv: torch.Tensor | None = None) -> int:
+        """An append's checks and bookkeeping before its spill: -> the first token to spill."""
         self._require_ingested("append")
-        plan = self.plan
         start = self.spilled_upto
         check_append_upto(self, upto, "append.upto")
         self._after_worker()
         if kv is not None:
             self.ws.write_tokens(kv, start, start, upto, self.ws.window_slots(start, upto))
-        self.ws.spill(self.store, start, upto)
         self.spilled_upto = upto
         self.counters.steps += upto - start
         self.counters.appends += 1
-        evict_to = upto - plan.min_window
-        evicted = 0
+        return start
+
+    def eviction(self, upto: int) -> tuple[int, int]:
+        """The tokens an append up to `upto` evicts from the window: [low, high), empty when
+        high == low."""
+        return self.evicted_upto, max(self.evicted_upto, upto - self.plan.min_window)
+
+    def end_append(
+        self, upto: int, low: int, high: int, selection: Selection | None, finish: bool, noted: bool = False
+    ) -> tuple[int, int]:
+        """After the spill, the ring clear and the policy's on_evict for [low, high): place
+        what it chose, note max_resident (unless `noted`: the batched spill did) and finish."""
         placement = None
-        if evict_to > self.evicted_upto:
-            first = self.evicted_upto
-            selection = self.policy.on_evict(self.context(), first, evict_to)
-            self.ws.clear_window(first, evict_to)
+        if high > low:
             placement = self._place(selection)
-            self.evicted_upto = evict_to
-            evicted = evict_to - first
-        self.ws.note_resident()
+            self.evicted_upto = high
+        if not noted:
+            self.ws.note_resident()
         if finish:
             self.finish(placement)
         else:
             self.unfinished.append(placement)
-        return upto, evicted
+        return upto, high - low
 
     @_exclusive
     def boundary(

@@ -3,7 +3,11 @@
 The batched engine sends every slot that crossed a boundary in a step (and every notice that
 fell due) in one message. Here, in one worker thread, holding every session's `busy` lock:
 
-1. the notices, session by session (each spills its own ring to its own host pages);
+1. the notices, together (`append_together`): one launch spills every session's new ring
+   tokens to its own host pages, empties the ring slots of the tokens that left each window
+   and notes each session's resident count (kernels.spill_evict_many); each policy class then
+   takes its sessions' evictions at once (`Policy.on_evict_many`: louiskv adds the keys that
+   left to every open segment in one op and closes the full segments in one launch);
 2. the retrievals, grouped by policy class and `Policy.batch_key()`: a group is scored,
    selected and expanded together (`Policy.on_boundaries`: louiskv and quest stack their
    sessions' tables; the other policies serve their sessions one by one);
@@ -54,11 +58,12 @@ def check_events(sessions: list[Session], events: list[pb.StepEvent]) -> None:
 
 
 def serve_step(
-    sessions: list[Session], events: list[pb.StepEvent], background: bool = False
+    sessions: list[Session], events: list[pb.StepEvent], background: bool = False, batch_notices: bool = True
 ) -> tuple[list[StepOutcome], int]:
     """Run a validated Boundaries call (module docstring) -> (one outcome per event, groups).
     `background` (BoundariesRequest.background): the retrievals' placements are background ones
-    (kernels.background_reads: under host_reads=copy their rows go by the copy engine)."""
+    (kernels.background_reads: under host_reads=copy their rows go by the copy engine).
+    `batch_notices` False: each notice alone (Session.append; the same effect, for comparison)."""
     outcomes = [StepOutcome() for _ in events]
     with contextlib.ExitStack() as held:
         for session in sorted(sessions, key=lambda s: s.session_id):
@@ -66,9 +71,13 @@ def serve_step(
         for session in sessions:
             if session.closed:
                 raise InvalidArgument("session_id", f"session {session.session_id!r} was closed")
-        for outcome, session, event in zip(outcomes, sessions, events, strict=True):
-            if event.notice:
-                outcome.append = session.append(event.position, None, finish=False)
+        noticed = [i for i, event in enumerate(events) if event.notice]
+        if batch_notices:
+            appended = append_together([sessions[i] for i in noticed], [events[i].position for i in noticed])
+        else:
+            appended = [sessions[i].append(events[i].position, None, finish=False) for i in noticed]
+        for i, append in zip(noticed, appended, strict=True):
+            outcomes[i].append = append
         groups: dict[object, list[int]] = {}
         for i, (session, event) in enumerate(zip(sessions, events, strict=True)):
             if event.retrieve:
@@ -91,6 +100,40 @@ def serve_step(
         for session in sessions:
             session.finish(synced=True)  # the one sync above covered every session's work
     return outcomes, len(groups)
+
+
+def append_together(sessions: list[Session], uptos: list[int]) -> list[tuple[int, int]]:
+    """Session.append(upto, None, finish=False) for several sessions (under their locks), with
+    one spill launch per group of like sessions and one on_evict_many per policy class ->
+    (spilled_upto, evicted) each."""
+    starts = [session.begin_append(upto) for session, upto in zip(sessions, uptos, strict=True)]
+    evictions = [session.eviction(upto) for session, upto in zip(sessions, uptos, strict=True)]
+    sums: list[torch.Tensor | None] = [None] * len(sessions)
+    groups: dict[tuple, list[int]] = {}
+    for i, session in enumerate(sessions):
+        groups.setdefault(session.ws.spill_group_key(session.store), []).append(i)
+    for members in groups.values():
+        want = any(type(sessions[i].policy).wants_evicted_sums and evictions[i][1] > evictions[i][0] for i in members)
+        out = WorkingSet.spill_evict_together(
+            [sessions[i].ws for i in members], [sessions[i].store for i in members],
+            [(starts[i], uptos[i]) for i in members], [evictions[i] for i in members], want,
+        )  # fmt: skip
+        if out is not None:
+            for j, i in enumerate(members):
+                sums[i] = out[j]
+    selections: list[Selection | None] = [None] * len(sessions)
+    by_class: dict[type, list[int]] = {}
+    for i, session in enumerate(sessions):
+        if evictions[i][1] > evictions[i][0]:
+            by_class.setdefault(type(session.policy), []).append(i)
+    for cls, members in by_class.items():
+        items = [(sessions[i].policy, sessions[i].context(), *evictions[i], sums[i]) for i in members]
+        for i, selection in zip(members, cls.on_evict_many(items), strict=True):
+            selections[i] = selection
+    return [
+        session.end_append(upto, low, high, selection, finish=False, noted=True)
+        for session, upto, (low, high), selection in zip(sessions, uptos, evictions, selections, strict=True)
+    ]
 
 
 def _place(sessions: list[Session], selections: list[Selection | None]) -> list[Placement]:

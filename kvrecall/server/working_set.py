@@ -24,10 +24,10 @@ class Placement:
     """
 
     def __init__(self, counts: torch.Tensor | None = None, row_bytes: int = 0) -> None:
-        """counts: int64 [3] (slots filled, rows gathered, units chosen; [3 S] for many()); row_bytes:
-        one K row."""
+        """counts: int64 [4] (slots filled, rows gathered, units chosen, slots filled in the
+        fullest row; [4 S] for many()); row_bytes: one K row."""
         self.row_bytes = row_bytes
-        self._values: list[int] | None = [0, 0, 0] if counts is None else None
+        self._values: list[int] | None = [0, 0, 0, 0] if counts is None else None
         self._ready: torch.cuda.Event | None = None
         if counts is not None and counts.is_cuda:
             self._host = torch.empty(counts.numel(), dtype=torch.int64, pin_memory=True)
@@ -39,10 +39,10 @@ class Placement:
 
     @classmethod
     def many(cls, counts: torch.Tensor, row_bytes: int) -> list[Placement]:
-        """One Placement per row of counts int64 [S, 3], sharing one copy to host memory."""
+        """One Placement per row of counts int64 [S, 4], sharing one copy to host memory."""
         whole = cls(counts.reshape(-1), row_bytes)
         placements = []
-        for row in whole._host.view(-1, 3):
+        for row in whole._host.view(-1, 4):
             placement = cls(None, row_bytes)
             placement._values, placement._host, placement._ready = None, row, whole._ready
             placements.append(placement)
@@ -69,6 +69,11 @@ class Placement:
     def units(self) -> int:
         """Retrieval units the selection came from (policy-defined)."""
         return self._read()[2]
+
+    @property
+    def most_filled(self) -> int:
+        """Retrieved slots filled afterwards in the fullest (layer, head) row."""
+        return self._read()[3]
 
     @property
     def bytes_moved(self) -> int:
@@ -164,11 +169,15 @@ class WorkingSet:
         s, r = self.plan.n_sink, self.plan.retrieved
         return self.slot_pos[:, :, s : s + r].to(torch.int64)
 
-    def retrieved_full(self) -> bool:
-        """Whether the last placement filled every retrieved slot of every row (only
-        set_retrieved writes the region). Reads that placement's counts: free after finish()."""
+    def retrieved_row_full(self) -> bool:
+        """Whether some row's retrieved slots are all filled since the last placement (only
+        set_retrieved writes the region), so a placement that fills every row alike
+        (fill_free_slots) has no room. Reads that placement's counts: free after finish().
+        (A retrieval under budget usually leaves a few slots free in most rows but fills
+        some row: "every row full" was almost never true, and every AppendNotice paid
+        for an empty fill, 0.5 ms of host time on an H200.)"""
         last = self.last_placement
-        return last is not None and last.placed == self.rows * self.plan.retrieved
+        return last is not None and last.most_filled >= self.plan.retrieved
 
     def set_retrieved(
         self, store: SequenceStore, selection: torch.Tensor, units: int | torch.Tensor = 0
@@ -190,12 +199,13 @@ class WorkingSet:
             to_device(selection, device).reshape(L * H, R), S, store.flat, store.page_table,
             store.tokens_per_page, H, resident_max=self._max_resident,
         )  # fmt: skip
-        totals = torch.empty(3, dtype=torch.int64, device=device)
+        totals = torch.empty(4, dtype=torch.int64, device=device)
         torch.sum(counts, dim=0, out=totals[:2])
         if isinstance(units, torch.Tensor):
-            totals[2:].copy_(to_device(units, device).reshape(1))
+            totals[2:3].copy_(to_device(units, device).reshape(1))
         else:
             totals[2] = units
+        totals[3] = counts[:, 0].amax()
         self.last_placement = Placement(totals, row_bytes=D * self.keys.element_size())
         return self.last_placement
 
@@ -223,13 +233,45 @@ class WorkingSet:
         ]  # fmt: skip
         selection = torch.cat([to_device(chosen, device).reshape(L * H, R) for chosen in selections])
         counts = kernels.place_retrieved_many(parts, selection, S, pool, stores[0].tokens_per_page, H)
-        totals = torch.empty(len(sets), 3, dtype=torch.int64, device=device)
-        torch.sum(counts.view(len(sets), L * H, 2), dim=1, out=totals[:, :2])
+        totals = torch.empty(len(sets), 4, dtype=torch.int64, device=device)
+        per_row = counts.view(len(sets), L * H, 2)
+        torch.sum(per_row, dim=1, out=totals[:, :2])
         totals[:, 2] = torch.stack([to_device(u, device) for u in units])
+        totals[:, 3] = per_row[:, :, 0].amax(dim=1)
         placements = Placement.many(totals, row_bytes=D * first.keys.element_size())
         for ws, placement in zip(sets, placements, strict=True):
             ws.last_placement = placement
         return placements
+
+    @staticmethod
+    def spill_evict_together(
+        sets: list[WorkingSet], stores: list[SequenceStore], spills: list[tuple[int, int]],
+        evictions: list[tuple[int, int]], sums: bool,
+    ) -> torch.Tensor | None:  # fmt: skip
+        """Several sessions' AppendNotices in one launch (kernels.spill_evict_many): each spills
+        its tokens spills[s] to its host tier, empties the ring slots of evictions[s] and notes
+        max_resident. With `sums`, returns the keys that left, summed per row (float32
+        [S, L * H, D]). Sessions of one layout and plan whose host pages share one pool."""
+        first = sets[0]
+        L, H = first.layout.num_layers, first.layout.num_kv_heads
+        C, D = first.plan.capacity, first.layout.head_dim
+        parts = [
+            (ws.slot_pos.view(L * H, C), ws.keys.view(L * H, C, D), ws.values.view(L * H, C, D), store.page_table,
+             ws._max_resident)
+            for ws, store in zip(sets, stores, strict=True)
+        ]  # fmt: skip
+        out = torch.empty(len(sets), L * H, D, dtype=torch.float32, device=first.keys.device) if sums else None
+        kernels.spill_evict_many(
+            parts, spills, evictions, first.plan.window_start, first.plan.window, stores[0].flat,
+            stores[0].tokens_per_page, H, sums=out,
+        )  # fmt: skip
+        for store, (_, end) in zip(stores, spills, strict=True):
+            store.num_tokens = max(store.num_tokens, end)
+        return out
+
+    def spill_group_key(self, store: SequenceStore) -> tuple:
+        """Sessions with equal keys can spill together (spill_evict_together)."""
+        return (self.layout, self.plan, store.flat.data_ptr(), store.tokens_per_page)
 
     # ---- accounting --------------------------------------------------------------------
     def resident_tokens(self) -> int:

@@ -383,7 +383,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kvrecall.kernels import expand_triton as expand, placement_triton as placement, unit_append_triton as unit_append
+from kvrecall.kernels import expand_triton as expand, notice_triton as notice, placement_triton as placement
+from kvrecall.kernels import unit_append_triton as unit_append
 
 INDEX = {name: "i32" for name in ("R", "C", "first_slot", "sel_stride", "num_positions", "tokens_per_page",
          "num_kv_heads", "rows_per_session", "rows", "U", "start", "n", "ring_start", "ring_size", "M", "width", "stride_t",
@@ -399,6 +400,8 @@ KERNELS = [
     (placement._store_kernel, "*i16 *i16 *i64", dict(D=128, ROWS=32, BLOCK_D=128)),
     (expand._expand_kernel, "*i64 *i64 *i32 *i64 *i64", dict(BLOCK=1024)),
     (unit_append._append_kernel, "*i16 *i32 *i8 *i32 *i32 *i32 *i16 *i64", dict(D=128, BLOCK_D=128, BLOCK_M=64)),
+    (notice._notice_kernel, "*i32 *bf16 *bf16 *bf16 *i64 *i64 *fp32 *i64",
+     dict(D=128, ROWS=32, BLOCK_D=128, BLOCK_W=64, BLOCK_C=1024, SUMS=True)),
 ]
 for kernel, pointers, constexprs in KERNELS:
     names = kernel.arg_names
@@ -427,4 +430,4 @@ def test_kernels_compile_for_hopper_without_a_gpu() -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("compiled") == 7
+    assert done.stdout.count("compiled") == 8

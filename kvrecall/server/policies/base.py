@@ -134,6 +134,20 @@ class Policy:
         entered it (their keys are in ctx.chunk)."""
         return None
 
+    # Whether on_evict_many uses the keys that left the window summed per row (the batched
+    # notice computes them on the way when a session's policy asks).
+    wants_evicted_sums: ClassVar[bool] = False
+
+    @classmethod
+    def on_evict_many(
+        cls, items: list[tuple[Policy, PolicyContext, int, int, torch.Tensor | None]]
+    ) -> list[Selection | None]:
+        """on_evict of several sessions of this class in one Boundaries call: (policy, ctx,
+        start, end, sums) each, where the tokens' ring slots are already empty (their keys
+        are still there) and `sums` (float32 [L * H, D]: their keys summed per row, when
+        wants_evicted_sums) may stand in for reading them. This default runs them one by one."""
+        return [policy.on_evict(ctx, start, end) for policy, ctx, start, end, _ in items]
+
     def on_boundary(self, ctx: PolicyContext, query: torch.Tensor, layers: list[int]) -> Selection | None:
         """query: [L, Hq, D] (the worker's latest per-layer query). Return what to retrieve."""
         return None
@@ -162,8 +176,9 @@ def fill_free_slots(ctx: PolicyContext, start: int, end: int) -> Selection | Non
     budget >= the sequence length keeps every token (exactness).
 
     No host sync: "how many slots are free" stays on the device; once a placement filled
-    the region (the usual state after the first retrieval) this returns None at once."""
-    if ctx.ws.plan.retrieved == 0 or ctx.ws.retrieved_full():
+    some row (the usual state after the first retrieval: every row takes the same number of
+    tokens, so none fit) this returns None at once."""
+    if ctx.ws.plan.retrieved == 0 or ctx.ws.retrieved_row_full():
         return None
     current = ctx.ws.retrieved_positions()
     L, H, R = current.shape

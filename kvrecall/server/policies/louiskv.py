@@ -374,6 +374,38 @@ class LouisKVPolicy(Policy):
                 self._close_segment(ctx, end)
         return fill_free_slots(ctx, start, end)
 
+    wants_evicted_sums = True
+
+    @classmethod
+    def on_evict_many(cls, items) -> list[Selection | None]:
+        """on_evict of several sessions (Policy.on_evict_many): the keys that left each ring,
+        summed by the notice's launch, join the open segments in one op; the segments that
+        reached max_segment close in one launch (close_segments)."""
+        selections: list[Selection | None] = [None] * len(items)
+        ring = []
+        for i, (policy, ctx, start, end, sums) in enumerate(items):
+            if sums is None or (ctx.chunk is not None and start >= ctx.chunk.start):
+                selections[i] = policy.on_evict(ctx, start, end)
+            else:
+                ring.append(i)
+        if ring:
+            adding = [items[i] for i in ring if items[i][0].open_sum is not None]
+            if adding:
+                torch._foreach_add_([item[0].open_sum for item in adding], [item[4] for item in adding])
+            opening: dict[tuple, list] = {}  # by shape: one copy each (no open_sum keeps the call's buffer)
+            for i in ring:
+                if items[i][0].open_sum is None:
+                    opening.setdefault(tuple(items[i][4].shape), []).append(items[i])
+            for group in opening.values():
+                for item, part in zip(group, torch.stack([item[4] for item in group]), strict=True):
+                    item[0].open_sum = part
+            close_segments([(items[i][0], items[i][3]) for i in ring
+                            if items[i][3] - items[i][0].open_start >= items[i][0].config.max_segment])  # fmt: skip
+            for i in ring:
+                policy, ctx, start, end, _ = items[i]
+                selections[i] = fill_free_slots(ctx, start, end)
+        return selections
+
     def on_boundary(self, ctx: PolicyContext, query: torch.Tensor, layers: list[int]) -> Selection | None:
         self._close_segment(ctx, ctx.evicted_upto)
         query = query.to(ctx.ws.keys.device)

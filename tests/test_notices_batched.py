@@ -1,0 +1,90 @@
+"""A Boundaries call's notices together (step_batch.append_together: one spill launch per group
+of like sessions, on_evict_many per policy class) leave every session exactly as the same
+notices one by one (Session.append): working set, host tier, max_resident, policy state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvrecall.server import step_batch
+from kvrecall.server.layout import ModelLayout
+from kvrecall.server.policies.base import _REGISTRY
+from kvrecall.server.pools import DevicePool, HostPool
+from kvrecall.server.session import SessionRegistry
+from kvrecall.v1 import kvrecall_pb2 as pb
+
+RESIDENT = {"budget": 24, "n_sink": 4, "window": 32}
+CASES = [
+    ("louiskv", {**RESIDENT, "cluster_size": 8, "max_segment": 16}, 2),
+    ("louiskv", {**RESIDENT, "cluster_size": 8, "max_segment": 32}, 3),  # another layout: its own launch
+    ("louiskv", {**RESIDENT, "budget": 400}, 2),  # the budget covers the sequence: evictions fill free slots
+    ("quest", {**RESIDENT, "page_size": 8}, 2),
+    ("snapkv", dict(RESIDENT), 2),
+    ("streaming", {"n_sink": 4, "window": 32}, 2),
+]
+PROMPT, STEPS = 90, 100
+
+
+def louiskv_state(policy) -> list[torch.Tensor]:
+    if policy.name != "louiskv":
+        return []
+    table = policy.units
+    state = [getattr(table, name) for name in ("reps", "sizes", "valid", "position", "unit", "rank")]
+    return state + ([policy.open_sum] if policy.open_sum is not None else [])
+
+
+@pytest.fixture
+def registry():
+    host = HostPool(64 << 20, page_bytes=64 * 1024)
+    registry = SessionRegistry(host, DevicePool(256 << 20, torch.device("cpu")), 600.0)
+    yield registry
+    for session in list(registry.sessions.values()):
+        registry.close(session)
+    host.close()
+
+
+def test_notices_together_equal_notices_one_by_one(registry):
+    twins = []
+    for i, (name, config, layers) in enumerate(CASES):
+        layout = ModelLayout(layers, 2, 4, 16, torch.float32, max_tokens=PROMPT + STEPS + 8)
+        cls = _REGISTRY[name]
+        g = torch.Generator().manual_seed(i)
+        kv = torch.randn(layers, 2, 2, PROMPT + STEPS, 16, generator=g)
+        query = torch.randn(layers, 4, 16, 16, generator=g)
+        pair = []
+        for _ in range(2):
+            session = registry.open("w", layout, cls(cls.Config(**config), layout), pb.TRANSPORT_SHM, 600.0, name)
+            session.ingest(0, kv[:, :, :, :PROMPT], query)
+            pair.append(session)
+        twins.append((*pair, kv))
+    every = twins[0][0].plan.spill_every
+    for upto in range(PROMPT + every, PROMPT + STEPS, every):
+        for a, b, kv in twins:
+            for session in (a, b):  # the worker's writes into the ring
+                ws = session.ws
+                for position in range(session.spilled_upto, upto):
+                    slot = ws.plan.window_start + position % ws.plan.window
+                    ws.keys[:, :, slot] = kv[:, 0, :, position]
+                    ws.values[:, :, slot] = kv[:, 1, :, position]
+                    ws.slot_pos[:, :, slot] = position
+        together = [a for a, _, _ in twins]
+        alone = [b for _, b, _ in twins]
+        events = [pb.StepEvent(position=upto, notice=True) for _ in twins]
+        got, _ = step_batch.serve_step(together, events)
+        want, _ = step_batch.serve_step(alone, events, batch_notices=False)
+        assert [o.append for o in got] == [o.append for o in want]
+        for a, b, _ in twins:
+            assert torch.equal(a.ws.slot_pos, b.ws.slot_pos), a.policy.name
+            assert torch.equal(a.ws.keys, b.ws.keys) and torch.equal(a.ws.values, b.ws.values)
+            assert a.ws.max_resident == b.ws.max_resident
+            assert a.evicted_upto == b.evicted_upto and a.store.num_tokens == b.store.num_tokens == upto
+            for layer in range(a.layout.num_layers):
+                assert torch.equal(a.store.keys(layer, 0, upto), b.store.keys(layer, 0, upto))
+            for x, y in zip(louiskv_state(a.policy), louiskv_state(b.policy), strict=True):
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-5)
+            assert a.counters.appends == b.counters.appends
+        covering = twins[2][0].ws  # every token stays resident: evictions were placed in free slots
+        assert int((covering.slot_pos >= 0).sum(dim=-1).min()) == upto
+    segments = twins[0][0].policy.seg_bounds
+    assert len(segments) >= 2 and segments == twins[0][1].policy.seg_bounds  # segments closed on the way
