@@ -71,8 +71,8 @@ def _notice_kernel(
             cleared = in_ring & (held >= low) & (held < high)
             if SUMS:
                 rows_at = ((b * C + ring_start + w) * D)[:, None] + cols[None, :]
-                block = tl.load(keys + rows_at, mask=cleared[:, None] & col_ok[None, :], other=0.0)
-                total += tl.sum(block.to(tl.float32), 0)
+                left = tl.load(keys + rows_at, mask=cleared[:, None] & col_ok[None, :], other=0.0)
+                total += tl.sum(left.to(tl.float32), 0)
             tl.store(slot_pos + ring_start + w, tl.full([BLOCK_W], -1, tl.int32), mask=cleared)
             cleared_count += tl.sum(cleared.to(tl.int32), 0)
         if SUMS:
