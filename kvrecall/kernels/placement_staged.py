@@ -56,24 +56,38 @@ def copy_staged(
     source = torch.cat((key_offset, key_offset + H * P * D)) // D  # K rows, then V rows, of the pool
     target = local * C + first_slot + slot
     pin = device.type == "cuda"  # (a CPU run, under Triton's interpreter, tests the same steps)
-    source_host = torch.empty(source.shape, dtype=torch.int64, pin_memory=pin)
-    source_host.copy_(source, non_blocking=True)
     ends = torch.searchsorted(session, torch.arange(1, len(sessions) + 1, device=device))
-    ends_host = ends.cpu()  # the one sync: the host needs the rows it gathers
+    # The one sync: the host needs the rows it gathers. (Pageable on purpose: a pinned buffer of
+    # a size the host allocator has not cached is a cudaHostAlloc.)
+    source_host, ends_host = source.cpu(), ends.cpu()
     pool_rows = host[: host.numel() // D * D].view(-1, D)
-    staged = torch.empty((source.numel(), D), dtype=host.dtype, pin_memory=pin)
     rows = torch.empty((source.numel(), D), dtype=host.dtype, device=device)
     copies = _copy_stream(device) if pin else None
     if copies is not None:
         copies.wait_stream(torch.cuda.current_stream(device))  # after the plan (and target)
         target.record_stream(copies)  # the caching allocator must not reuse it before the copies ran
         rows.record_stream(copies)
-    # The host gathers a chunk while the copy engine moves the one before (CPU threads, then DMA).
-    for lo in range(0, source.numel(), CHUNK_ROWS):
-        hi = min(lo + CHUNK_ROWS, source.numel())
-        torch.index_select(pool_rows, 0, source_host[lo:hi], out=staged[lo:hi])
-        with torch.cuda.stream(copies):  # (None: the current stream)
-            rows[lo:hi].copy_(staged[lo:hi], non_blocking=pin)
+    # The host gathers a chunk while the copy engine moves the one before (CPU threads, then DMA),
+    # through two staging chunks taken from STAGING for the call.
+    chunks = [STAGING.take(host.dtype, D, pin) for _ in range(min(2, -(-source.numel() // CHUNK_ROWS)))]
+    moved = [None] * len(chunks)
+    try:
+        for k, lo in enumerate(range(0, source.numel(), CHUNK_ROWS)):
+            hi = min(lo + CHUNK_ROWS, source.numel())
+            staged, done = chunks[k % 2][: hi - lo], moved[k % 2]
+            if done is not None:
+                done.synchronize()  # the DMA that read this chunk two steps ago
+            torch.index_select(pool_rows, 0, source_host[lo:hi], out=staged)
+            with torch.cuda.stream(copies):  # (None: the current stream)
+                rows[lo:hi].copy_(staged, non_blocking=pin)
+                if pin:
+                    moved[k % 2] = torch.cuda.Event()
+                    moved[k % 2].record()
+        if copies is not None:
+            copies.synchronize()  # before the staging chunks go back
+    finally:
+        for chunk in chunks:
+            STAGING.give(chunk)
     n = row.numel()
     start = 0
     with torch.cuda.stream(copies):
@@ -89,6 +103,31 @@ def copy_staged(
         copies.synchronize()
 
 
+class StagingChunks:
+    """Host staging chunks of CHUNK_ROWS rows, reused by every call. A pinned allocation of a
+    size PyTorch's host allocator has not cached is a cudaHostAlloc, and a staging buffer the
+    size of the whole retrieval (0.5 GiB at 64 sequences) met new sizes all the time; single
+    answers of 0.3-0.8 s in `bench e2e` (32K x 8, 64 sequences) are suspected to be those. A
+    call takes at most two (double buffering) and gives them back; there are as many as calls
+    have needed at once."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[torch.dtype, int, bool], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, dtype: torch.dtype, row_len: int, pin: bool) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get((dtype, row_len, pin))
+            if free:
+                return free.pop()
+        return torch.empty((CHUNK_ROWS, row_len), dtype=dtype, pin_memory=pin)
+
+    def give(self, chunk: torch.Tensor) -> None:
+        with self._lock:
+            self._free.setdefault((chunk.dtype, chunk.shape[1], chunk.is_pinned()), []).append(chunk)
+
+
+STAGING = StagingChunks()
 _STREAMS: dict[tuple[int, int | None], torch.cuda.Stream] = {}
 _STREAMS_LOCK = threading.Lock()
 

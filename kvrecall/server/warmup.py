@@ -4,7 +4,7 @@ the first session instead of inside it.
 
 Each shape gets a few throw-away sessions (louiskv, quest, windowkv, snapkv) on the serving
 device: a streamed ingest, an append, a boundary with one and with several queries per head,
-a chunk, and a Boundaries call over two sessions of a policy; then they are closed, so the pools are back to zero when the daemon serves. On
+a chunk, and Boundaries calls over two sessions of a policy (retrievals, then notices); then they are closed, so the pools are back to zero when the daemon serves. On
 a CPU daemon the kernels are PyTorch references with nothing to compile: nothing runs.
 """
 
@@ -89,6 +89,8 @@ def _run_policy(registry, layout: ModelLayout, message: pb.PolicyConfig, prompt:
         for other in sessions:
             other.ws.query.copy_(randn(L, Hq, D))
         serve_step(sessions, [pb.StepEvent(position=other.spilled_upto, retrieve=True) for other in sessions])
+        # both sessions' notices in one launch (kernels.spill_evict_many; with louiskv, its sums)
+        serve_step(sessions, [pb.StepEvent(position=other.spilled_upto + spill, notice=True) for other in sessions])
     finally:
         for session in sessions:
             registry.close(session)
