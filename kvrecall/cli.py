@@ -183,10 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run appends and boundaries in a worker thread (default) or on the event loop (no thread hop)",
     )  # fmt: skip
     serve.add_argument(
-        "--host-reads", choices=("copy", "kernel"),
+        "--host-reads", choices=("auto", "copy", "kernel"),
         help="how a background retrieval's rows (one the worker does not wait for) leave the pinned host tier on "
-        "a GPU: the host gathers them and the copy engine moves them (default; the GPU's SMs stay free for "
-        "workers) or the placement kernel reads them over PCIe itself; other placements always take the kernel",
+        "a GPU: the host gathers them and the copy engine moves them (copy; the GPU's SMs stay free for "
+        "workers), the placement kernel reads them over PCIe itself (kernel), or copy for a call that can move "
+        "at most 384 MiB and the kernel above (auto, the default: the host's gather falls behind at tens of "
+        "sessions per call); other placements always take the kernel",
     )  # fmt: skip
     serve.add_argument(
         "--warmup", help="dtype:head_dim pairs whose kernels compile at start on CUDA, e.g. bfloat16:128 ('' = none)"

@@ -1,6 +1,6 @@
 """Which placements read the host tier by the copy engine: background ones (a Boundaries call the
-worker does not wait for) under host_reads=copy, in their own thread only; every other one by
-the kernel's loads (the faster answer)."""
+worker does not wait for) under host_reads=copy, or auto up to AUTO_COPY_MAX_BYTES, in their own
+thread only; every other one by the kernel's loads (the faster answer)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,21 @@ def test_only_background_placements_of_this_thread_use_the_copy_engine(host_read
         assert not placement.copy_reads()
     with pytest.raises(ValueError, match="host_reads"):
         host_reads("dma")
+
+
+def test_auto_copies_small_background_placements_and_leaves_large_ones_to_the_kernel(host_reads):
+    assert placement.HOST_READS == "auto"  # the default
+    limit = placement.AUTO_COPY_MAX_BYTES
+    assert not placement.copy_reads(1)  # not background
+    with kernels.background_reads():
+        assert placement.copy_reads(limit)
+        assert not placement.copy_reads(limit + 1)
+    host_reads("copy")
+    with kernels.background_reads():
+        assert placement.copy_reads(limit + 1)
+    host_reads("kernel")
+    with kernels.background_reads():
+        assert not placement.copy_reads(1)
 
 
 @pytest.mark.parametrize("background", [False, True])

@@ -23,19 +23,28 @@ from kvrecall.kernels._triton import use_triton
 
 # How a *background* placement on a GPU reads the pinned pool (one whose answer the worker does
 # not wait for: `background_reads`): "copy" (the host gathers the rows, the copy engine moves
-# them: placement_staged.py; the GPU's SMs stay free for the workers, the answer comes later) or
-# "kernel" (the placement kernel's own loads over PCIe). Every other placement (an ingest, a
+# them: placement_staged.py; the GPU's SMs stay free for the workers, the answer comes later),
+# "kernel" (the placement kernel's own loads over PCIe), or "auto": copy for a placement that
+# can move at most AUTO_COPY_MAX_BYTES, the kernel above. Every other placement (an ingest, a
 # chunk, a boundary the worker waits for) takes the kernel's loads, the faster answer. The
 # daemon sets it from its `host_reads` setting (set_host_reads).
-HOST_READS = "copy"
+HOST_READS = "auto"
+# On one H200 (bench e2e, Llama-3-8B shape, budget 1024, 11.7% boundaries, lag 4): a call of 1-2
+# sessions (batch 8; up to about 256 MiB) ran 32K x 8 at 1.31x full with copy reads, against
+# 1.14x with the kernel's; a call of about 7.5 sessions (64 sequences; up to about 1 GiB,
+# 0.5 GiB moved) answered in 41/52 ms (p50/p90) with the kernel's reads and no step waited for it,
+# while the host's gather of 0.5 GiB made copy-read answers 70/105 ms and 22 of 96 steps waited
+# (bench/results/2026-11-30-h200x2-notices-*.json).
+AUTO_COPY_MAX_BYTES = 384 << 20
+HOST_READS_MODES = ("auto", "copy", "kernel")
 _scope = threading.local()
 
 
 def set_host_reads(mode: str) -> None:
     """Choose how background placements read the pinned pool (see HOST_READS), process-wide."""
     global HOST_READS
-    if mode not in ("copy", "kernel"):
-        raise ValueError(f"host_reads: {mode!r}, expected 'copy' or 'kernel'")
+    if mode not in HOST_READS_MODES:
+        raise ValueError(f"host_reads: {mode!r}, expected one of {', '.join(HOST_READS_MODES)}")
     HOST_READS = mode
 
 
@@ -50,9 +59,12 @@ def background_reads():
         _scope.background = before
 
 
-def copy_reads() -> bool:
-    """Whether this thread's placements now read the pool by the copy engine."""
-    return HOST_READS == "copy" and getattr(_scope, "background", False)
+def copy_reads(most_bytes: int = 0) -> bool:
+    """Whether this thread's placement that can move at most `most_bytes` from the pool reads
+    it by the copy engine now."""
+    if not getattr(_scope, "background", False):
+        return False
+    return HOST_READS == "copy" or (HOST_READS == "auto" and most_bytes <= AUTO_COPY_MAX_BYTES)
 
 
 def _check_host_pages(

@@ -242,7 +242,7 @@ def _launch_place(
     block_r = next(size for size in RETRIEVED_BLOCKS if retrieved <= size)  # a few variants: see warmup
     scratch = torch.empty(rows, 4 * block_r, dtype=torch.int64, device=selection.device)
     copy_rows, block_d = _copy_tile(keys.shape[2], keys.element_size())
-    stage = staged(host, keys)
+    stage = staged(host, keys, selection)
     _place_kernel[(rows,)](
         slot_pos, _bits(keys), _bits(values), selection, _bits(host), page_base, scratch, counts,
         counts if resident_max is None else resident_max, counts if sessions is None else sessions,
@@ -261,11 +261,12 @@ def _launch_place(
     return counts
 
 
-def staged(host: torch.Tensor, keys: torch.Tensor) -> bool:
+def staged(host: torch.Tensor, keys: torch.Tensor, selection: torch.Tensor) -> bool:
     """Whether a placement's rows travel by the copy engine (placement_staged.py): a background
-    placement under host_reads=copy (placement.copy_reads), from a pinned pool that divides
-    into whole rows."""
-    return placement.copy_reads() and host.device.type == "cpu" and keys.is_cuda and host.numel() % keys.shape[2] == 0
+    placement under host_reads=copy, or auto and small enough (placement.copy_reads; at most
+    every selected token's K and V rows move), from a pinned pool that divides into whole rows."""
+    most = selection.numel() * 2 * keys.shape[2] * keys.element_size()
+    return placement.copy_reads(most) and host.device.type == "cpu" and keys.is_cuda and host.numel() % keys.shape[2] == 0
 
 
 def place_retrieved_many_triton(

@@ -72,10 +72,11 @@ class ServerConfig(BaseModel):
     log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)] = "INFO"
     session_ops: Literal["thread", "inline"] = "thread"  # append / boundary work: a worker thread
                                         # (sessions overlap) or on the event loop (no thread hop)
-    host_reads: Literal["copy", "kernel"] = "copy"  # how a background retrieval's rows (one the
-                                        # worker does not wait for) leave the pinned host tier:
+    host_reads: Literal["auto", "copy", "kernel"] = "auto"  # how a background retrieval's rows (one
+                                        # the worker does not wait for) leave the pinned host tier:
                                         # gathered by the host, one DMA by the copy engine, or the
-                                        # placement kernel's own loads over PCIe (holds the SMs)
+                                        # placement kernel's own loads over PCIe (holds the SMs);
+                                        # auto: copy up to 384 MiB a call, the kernel above
     warmup: str = "bfloat16:128"        # dtype:head_dim pairs whose kernels compile at start (CUDA only;
                                         # "" = none), e.g. "bfloat16:128,float16:64"
 

@@ -114,7 +114,7 @@ def test_copy_engine_reads_match_the_reference(triton_device, monkeypatch, reads
     from kvrecall.kernels import placement_triton
 
     # On a CPU (Triton's interpreter) the pool is not pinned, so force the choice either way.
-    monkeypatch.setattr(placement_triton, "staged", lambda host, keys: reads == "copy")
+    monkeypatch.setattr(placement_triton, "staged", lambda host, keys, selection: reads == "copy")
     pages = Pages(2, heads, dim, per_page=5, pages=30, dtype=dtype, device=triton_device, seed=retrieved)
     capacity = first + retrieved + 6
     slot_pos, selection = random_case(pages, capacity, first, retrieved, seed=dim)
