@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how a background retrieval's rows (one the worker does not wait for) leave the pinned host tier on "
         "a GPU: the host gathers them and the copy engine moves them (copy; the GPU's SMs stay free for "
         "workers), the placement kernel reads them over PCIe itself (kernel), or copy for a call that can move "
-        "at most 384 MiB and the kernel above (auto, the default: the host's gather falls behind at tens of "
+        "at most 768 MiB and the kernel above (auto, the default: the host's gather falls behind at tens of "
         "sessions per call); other placements always take the kernel",
     )  # fmt: skip
     serve.add_argument(

@@ -29,13 +29,17 @@ from kvrecall.kernels._triton import use_triton
 # chunk, a boundary the worker waits for) takes the kernel's loads, the faster answer. The
 # daemon sets it from its `host_reads` setting (set_host_reads).
 HOST_READS = "auto"
-# On one H200 (bench e2e, Llama-3-8B shape, budget 1024, 11.7% boundaries, lag 4): a call of 1-2
-# sessions (batch 8; up to about 256 MiB) ran 32K x 8 at 1.31x full with copy reads, against
-# 1.14x with the kernel's; a call of about 7.5 sessions (64 sequences; up to about 1 GiB,
-# 0.5 GiB moved) answered in 41/52 ms (p50/p90) with the kernel's reads and no step waited for it,
-# while the host's gather of 0.5 GiB made copy-read answers 70/105 ms and 22 of 96 steps waited
-# (bench/results/2026-11-30-h200x2-notices-*.json).
-AUTO_COPY_MAX_BYTES = 384 << 20
+# On one H200 (bench e2e, Llama-3-8B shape, budget 1024, 11.7% boundaries, lag 4; runs on fresh
+# machines differ by up to 25% at 128K x 8, so these are one sample each):
+# * 64 sequences at 4K (about 7.5 sessions a call; up to about 1 GiB, 0.5 GiB moved): the
+#   kernel's reads answered in 41/52 ms (p50/p90), no step waited, 1,734-1,760 tokens/s; copy
+#   reads answered in 70/105 ms (the host's gather of 0.5 GiB), 22 of 96 steps waited, 1,415.
+# * 44 sequences at 32K under a 16 GiB GPU KV cap (about 5 sessions a call, up to 640 MiB):
+#   copy reads 1,656 tokens/s (4.44x full), the kernel's 1,321 (3.54x).
+# * 32K x 8 (1-2 sessions a call, up to 256 MiB): copy reads 1.14-1.31x full; with the kernel's
+#   reads it was 1.14x the day before.
+# (bench/results/2026-11-30-h200x2-notices-*.json)
+AUTO_COPY_MAX_BYTES = 768 << 20
 HOST_READS_MODES = ("auto", "copy", "kernel")
 _scope = threading.local()
 

@@ -76,7 +76,7 @@ class ServerConfig(BaseModel):
                                         # the worker does not wait for) leave the pinned host tier:
                                         # gathered by the host, one DMA by the copy engine, or the
                                         # placement kernel's own loads over PCIe (holds the SMs);
-                                        # auto: copy up to 384 MiB a call, the kernel above
+                                        # auto: copy up to 768 MiB a call, the kernel above
     warmup: str = "bfloat16:128"        # dtype:head_dim pairs whose kernels compile at start (CUDA only;
                                         # "" = none), e.g. "bfloat16:128,float16:64"
 
