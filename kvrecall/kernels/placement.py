@@ -36,8 +36,8 @@ HOST_READS = "auto"
 #   reads answered in 70/105 ms (the host's gather of 0.5 GiB), 22 of 96 steps waited, 1,415.
 # * 44 sequences at 32K under a 16 GiB GPU KV cap (about 5 sessions a call, up to 640 MiB):
 #   copy reads 1,656 tokens/s (4.44x full), the kernel's 1,321 (3.54x).
-# * 32K x 8 (1-2 sessions a call, up to 256 MiB): copy reads 1.14-1.31x full; with the kernel's
-#   reads it was 1.14x the day before.
+# * 32K x 8 (1-2 sessions a call, up to 256 MiB): copy reads 1.14-1.31x full over three runs;
+#   the kernel's reads gave 1.04x in an earlier run at lag 3 (-kernelreads-e2e.json).
 # (bench/results/2026-11-30-h200x2-notices-*.json)
 AUTO_COPY_MAX_BYTES = 768 << 20
 HOST_READS_MODES = ("auto", "copy", "kernel")
