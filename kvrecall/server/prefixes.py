@@ -18,7 +18,10 @@ prefix's full pages read-only (a session only ever writes tokens past its prefix
 the partial page into a page of its own; its policy state comes from the template by
 `Policy.derive()`: louiskv shares the template's unit table read-only and keeps what it adds
 (chunk clusters, output segments) in a table of its own, reserving only that in the device
-pool; the other policies take a copy. Its working set, output segments, boundary state and
+pool; the other policies take a copy. A session whose declared tokens only *begin* with a
+held prefix (a chat's next turn re-sends the turns before it) starts from the longest such
+prefix and prefills the rest itself (its answer's prefix_tokens_held); it registers nothing.
+Its working set, output segments, boundary state and
 windowkv selection stay its own; its
 working set is filled as the ingest would have (sinks and window from the host tier, the
 first selection placed). It then continues with ChunkAppends exactly like the session that
@@ -169,9 +172,15 @@ class PrefixRegistry:
     # ---- lookup --------------------------------------------------------------------------
     def find(self, tenant: str, declared: Declared, layout: ModelLayout, policy: Policy) -> Prefix | None:
         """The held prefix this session starts from, or None (it will ingest and register it).
-        The token ids must equal the held prefix's (INVALID_ARGUMENT naming prefix.token_ids);
-        with must_be_held, a prefix not held is NOT_FOUND, one held for another fingerprint,
-        layout or policy FAILED_PRECONDITION naming the field."""
+
+        The declared prefix itself when held: its token ids must equal the held prefix's
+        (INVALID_ARGUMENT naming prefix.token_ids). Else the longest held prefix (same tenant,
+        fingerprint, layout and policy) whose tokens begin the declared ones: a chat's next turn
+        re-sends the turns before it, and the session then starts after them and prefills the
+        rest (OpenSessionResponse.prefix_tokens_held says how many it skips; it registers
+        nothing). With must_be_held the whole declared prefix must be held: else NOT_FOUND, or
+        FAILED_PRECONDITION naming the field when it is held for another fingerprint, layout or
+        policy."""
         key = PrefixKey(tenant, declared.fingerprint, layout, policy_key(policy), declared.digest)
         with self._lock:
             prefix = self.prefixes.get(key)
@@ -181,7 +190,14 @@ class PrefixRegistry:
                 return prefix
             if declared.must_be_held:
                 self._explain_missing(key)
-        return None
+            starts = [
+                p for p in self.prefixes.values()
+                if p.num_tokens < declared.num_tokens
+                and (p.key.tenant, p.key.fingerprint, p.key.layout, p.key.policy)
+                == (key.tenant, key.fingerprint, key.layout, key.policy)
+                and declared.tokens.startswith(p.tokens)
+            ]  # fmt: skip
+        return max(starts, key=lambda p: p.num_tokens, default=None)
 
     def _explain_missing(self, key: PrefixKey) -> None:
         others = [p.key for p in self.prefixes.values() if p.key.tenant == key.tenant and p.key.digest == key.digest]

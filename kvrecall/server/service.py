@@ -233,8 +233,8 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             policy_config_json=json.dumps(config_json(policy)),
             capability=session.capability,
         )
-        if declared is not None:
-            response.prefix_id = declared.prefix_id
+        if declared is not None:  # the prefix it starts from (the declared one or a shorter one), else its own
+            response.prefix_id = prefix.prefix_id if prefix is not None else declared.prefix_id
         if prefix is not None:
             response.prefix_tokens_held = prefix.num_tokens
             if session.transport == pb.TRANSPORT_INLINE:

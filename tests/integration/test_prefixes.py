@@ -88,6 +88,39 @@ def test_sessions_on_a_shared_prefix_match_sessions_that_ingested_it(daemon, pol
         assert [p.refs for p in client.stats().prefixes if p.prefix_id == first.info.prefix_id] == [0]
 
 
+@pytest.mark.parametrize("policy,config", POLICIES, ids=[p for p, _ in POLICIES])
+def test_a_longer_prompt_starts_from_the_longest_held_prefix_that_begins_it(daemon, policy, config):
+    """A chat's next turn: its declared tokens go on past a held prefix. The session starts after
+    the held part (prefix_tokens_held) and continues exactly like a session that ingested that
+    part itself; tokens that only share a first chunk with a held prefix hit nothing."""
+    turn = list(range(5000, 5000 + QUESTION))
+    with KVRecallClient(daemon.target, f"prefix-longest-{policy}") as client:
+        with client.open_session(SPEC, policy, config) as alone:
+            ingest(alone)
+            after_ingest = state(alone)
+            expected = question_and_retrieval(alone, 11)
+        first = open_on(client, policy, config)
+        ingest(first)
+        short = open_on(client, policy, config, ids=DOC_IDS[:100])  # held too, shorter than DOC
+        assert short.prefix_held == 0
+        short.ingest(random_kv(SPEC, 100, seed=5), random_query(SPEC, 3, max(1, short.observation)))
+        with open_on(client, policy, config, ids=DOC_IDS + turn) as longer:
+            assert longer.prefix_held == DOC and longer.position == DOC  # the longest that begins it
+            assert longer.info.prefix_id == first.info.prefix_id
+            assert_same(state(longer), after_ingest)
+            assert_same(question_and_retrieval(longer, 11), expected)
+        with open_on(client, policy, config, ids=DOC_IDS[:150] + turn + DOC_IDS[150:]) as other:
+            assert other.prefix_held == 100  # DOC diverges at 150: only the 100-token prefix begins it
+        with open_on(client, policy, config, ids=DOC_IDS[:70] + turn) as diverged:
+            assert diverged.prefix_held == 0  # the first 64-token chunk is shared, no held prefix begins it
+        with pytest.raises(NotFoundError, match="prefix.chunk_hashes"):
+            open_on(client, policy, config, ids=DOC_IDS + turn, must_be_held=True)  # the whole of it
+        refs = {p.prefix_id: p.refs for p in client.stats().prefixes}
+        assert refs[first.info.prefix_id] == 1  # the longer session's reference went with it
+        first.close()
+        short.close()
+
+
 def test_a_held_prefix_costs_its_host_pages_once(daemon):
     policy, config = POLICIES[0]
     with KVRecallClient(daemon.target, "prefix-bytes") as client:
