@@ -77,6 +77,7 @@ class LouisKVConfig:
     pin_ingest: float = 0.25  # budget fraction keeping the best ingest tokens through retrievals
     target_rate: float = 0.0  # > 0: the worker's threshold adapts to retrieve on this share of steps
     min_gap: int = 0  # decode steps after a retrieval (the prompt's, a chunk's, a boundary's) with no boundary
+    chunk_votes: int = 16  # a chunk's last queries voting its retrieval (0: every one the worker sent)
 
     def __post_init__(self) -> None:
         check_resident(self)
@@ -91,6 +92,7 @@ class LouisKVConfig:
         check(0.0 <= self.pin_ingest <= 1.0, "pin_ingest", "must be in [0, 1]")
         check(0.0 <= self.target_rate < 1.0, "target_rate", "must be in [0, 1) (0: the fixed threshold)")
         check(0 <= self.min_gap <= 1 << 16, "min_gap", "must be in [0, 65536] (0: the rule may fire at any step)")
+        check(0 <= self.chunk_votes <= 4096, "chunk_votes", "must be in [0, 4096] (0: every query the worker sent)")
 
     @property
     def pinned_tokens(self) -> int:
@@ -468,7 +470,7 @@ class LouisKVPolicy(Policy):
             self.pinned = torch.full((L * H, P), -1, dtype=torch.int64, device=device)
         for layer in layers:
             keys = ctx.store.keys(layer, 0, ctx.store.num_tokens).to(device)  # [H, T, D], the ring's too
-            votes = query[layer][:, -self.config.observation :]  # the last queries, as at ingest
+            votes = query[layer][:, -self.config.chunk_votes :]  # the last queries (0: all)
             top = top_voted(votes, keys, self.layout.group_size, (first, end), count, POOL_KERNEL, causal=False)
             row = torch.full((H, R), -1, dtype=torch.int64, device=device)
             row[:, :count] = top
