@@ -77,7 +77,7 @@ class LouisKVConfig:
     pin_ingest: float = 0.25  # budget fraction keeping the best ingest tokens through retrievals
     target_rate: float = 0.0  # > 0: the worker's threshold adapts to retrieve on this share of steps
     min_gap: int = 0  # decode steps after a retrieval (the prompt's, a chunk's, a boundary's) with no boundary
-    chunk_votes: int = 16  # a chunk's last queries voting its retrieval (0: every one the worker sent)
+    chunk_votes: int = 4  # a chunk's last queries voting its retrieval (0: every one the worker sent)
 
     def __post_init__(self) -> None:
         check_resident(self)
