@@ -17,7 +17,7 @@ import torch
 from kvrecall.kernels import reference
 from kvrecall.kernels._checks import check_int, check_tensor
 from kvrecall.kernels._triton import use_triton
-from kvrecall.kernels.placement import _check_host_pages
+from kvrecall.kernels.placement import _check_host_pages, check_like_first
 
 # Per session: slot_pos [B, C] int32, keys / values [B, C, D], page_base [pages] int64 (its
 # pages in the shared pool), resident_max int64 scalar.
@@ -47,10 +47,7 @@ def spill_evict_many(
     first = parts[0]
     for i, (slot_pos, keys, values, page_base, resident_max) in enumerate(parts):
         check_tensor(f"parts[{i}].slot_pos", slot_pos, rank=2, dtypes=(torch.int32,))
-        for name, tensor, like in (("slot_pos", slot_pos, first[0]), ("keys", keys, first[1]), ("values", values, first[2])):
-            if tensor.shape != like.shape or tensor.dtype != like.dtype or tensor.device != like.device:
-                raise ValueError(f"parts[{i}].{name}: {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}, "
-                                 f"unlike parts[0]'s {tuple(like.shape)} {like.dtype} on {like.device}")  # fmt: skip
+        check_like_first(i, parts[i], first)
         _check_host_pages(keys, values, host, page_base, tokens_per_page, num_kv_heads)
         if keys.shape[:2] != slot_pos.shape:
             raise ValueError(f"parts[{i}].keys: {tuple(keys.shape)} does not match slot_pos {tuple(slot_pos.shape)}")

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvrecall.kernels.placement_triton import _copy_tile, _host_row, _reachable
+from kvrecall.kernels.placement_triton import _copy_tile, _reachable, _spill_tile, element_offsets
 
 # Per session: element offsets of its slot_pos, keys, values, page table and resident counter
 # from the first session's, then its spill start and count, and its eviction [low, high).
@@ -35,22 +35,11 @@ def _notice_kernel(
     keys = keys_ptr + tl.load(session + 1)
     values = values_ptr + tl.load(session + 2)
     pages = page_base_ptr + tl.load(session + 3)
-    start, n = tl.load(session + 5), tl.load(session + 6)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
     # 1. the spill: tile t of tokens [start, start + n)
-    i = t * ROWS + tl.arange(0, ROWS)
-    ok = i < n
-    pos = start + i
-    src = ((b * C + ring_start + pos % ring_size) * D)[:, None] + cols[None, :]
-    mask = ok[:, None] & col_ok[None, :]
-    for kv in tl.static_range(2):
-        dst = _host_row(pages, b, kv, pos, ok, tokens_per_page, num_kv_heads, D)
-        if kv == 0:
-            block = tl.load(keys + src, mask=mask)
-        else:
-            block = tl.load(values + src, mask=mask)
-        tl.store(host_ptr + dst[:, None] + cols[None, :], block, mask=mask)
+    _spill_tile(
+        keys, values, host_ptr, pages, b, t, tl.load(session + 5), tl.load(session + 6), C, ring_start, ring_size,
+        tokens_per_page, num_kv_heads, D, ROWS, BLOCK_D,
+    )  # fmt: skip
     if t == 0:
         # 4 (counted first). the row's filled slots before the clear; the clear's count comes
         # off below. No other program writes the row; the barrier keeps this program's own
@@ -62,6 +51,8 @@ def _notice_kernel(
         tl.debug_barrier()
         # 2-3. the ring slots of tokens in [low, high) empty; their keys summed
         low, high = tl.load(session + 7), tl.load(session + 8)
+        cols = tl.arange(0, BLOCK_D)
+        col_ok = cols < D
         total = tl.zeros([BLOCK_D], tl.float32)
         cleared_count = 0
         for w0 in range(0, ring_size, BLOCK_W):
@@ -91,12 +82,9 @@ def spill_evict_many_triton(parts, spills, evictions, ring_start, ring_size, hos
     firsts = (slot_pos, keys, values, page_base, resident_max)
     table = []
     for part, (start, end), (low, high) in zip(parts, spills, evictions, strict=True):
-        offsets = []
-        for tensor, first in zip(part, firsts, strict=True):
-            gap = tensor.data_ptr() - first.data_ptr()
-            if gap % tensor.element_size():
-                return False
-            offsets.append(gap // tensor.element_size())
+        offsets = element_offsets(part, firsts)
+        if offsets is None:
+            return False
         table.append([*offsets, start, end - start, low, high])
     sessions = torch.tensor(table, dtype=torch.int64)
     if keys.is_cuda:  # through pinned memory: no wait for the stream

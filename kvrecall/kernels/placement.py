@@ -162,10 +162,7 @@ def place_retrieved_many(
     check_tensor("selection", selection, rank=2, dtypes=INDEX_DTYPES)
     check_size("selection", selection, 0, len(parts) * first[0].shape[0], "S * B of the parts")
     for i, (slot_pos, keys, values, page_base, resident_max) in enumerate(parts):
-        for name, tensor, like in (("slot_pos", slot_pos, first[0]), ("keys", keys, first[1]), ("values", values, first[2])):
-            if tensor.shape != like.shape or tensor.dtype != like.dtype or tensor.device != like.device:
-                raise ValueError(f"parts[{i}].{name}: {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}, "
-                                 f"unlike parts[0]'s {tuple(like.shape)} {like.dtype} on {like.device}")  # fmt: skip
+        check_like_first(i, parts[i], first)
         if resident_max is None:
             raise ValueError(f"parts[{i}]: resident_max is required")
         rows = slice(i * slot_pos.shape[0], (i + 1) * slot_pos.shape[0])
@@ -183,6 +180,15 @@ def place_retrieved_many(
                         tokens_per_page, num_kv_heads, resident_max, impl)
         for i, (slot_pos, keys, values, page_base, resident_max) in enumerate(parts)
     ])  # fmt: skip
+
+
+def check_like_first(i: int, part: tuple[torch.Tensor, ...], first: tuple[torch.Tensor, ...]) -> None:
+    """parts[i]'s slot_pos, keys and values (its first three tensors) have parts[0]'s shapes,
+    dtypes and device (a launch over many sessions): else ValueError naming them."""
+    for name, tensor, like in zip(("slot_pos", "keys", "values"), part[:3], first[:3], strict=True):
+        if tensor.shape != like.shape or tensor.dtype != like.dtype or tensor.device != like.device:
+            raise ValueError(f"parts[{i}].{name}: {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}, "
+                             f"unlike parts[0]'s {tuple(like.shape)} {like.dtype} on {like.device}")
 
 
 def _check_place(

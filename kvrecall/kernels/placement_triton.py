@@ -141,14 +141,14 @@ def _place_kernel(
                 tl.store(values_ptr + dst, rows, mask=mask)
 
 
-@triton.jit(do_not_specialize=["start", "n", "C", "ring_start", "ring_size"])
-def _spill_kernel(
-    keys_ptr, values_ptr, host_ptr, page_base_ptr,
-    start, n, C, ring_start, ring_size, tokens_per_page, num_kv_heads,
-    D: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+@triton.jit
+def _spill_tile(
+    keys_ptr, values_ptr, host_ptr, page_base_ptr, b, t, start, n, C, ring_start, ring_size, tokens_per_page,
+    num_kv_heads, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    i = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    """Row b's tokens [start + t * ROWS, ...) of [start, start + n), from its ring slots into
+    the host pages (spill_ring's and the notice kernel's copy)."""
+    i = t * ROWS + tl.arange(0, ROWS)
     ok = i < n
     pos = start + i.to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -161,6 +161,18 @@ def _spill_kernel(
         else:
             rows = tl.load(values_ptr + src, mask=mask)
         tl.store(host_ptr + dst[:, None] + cols[None, :], rows, mask=mask)
+
+
+@triton.jit(do_not_specialize=["start", "n", "C", "ring_start", "ring_size"])
+def _spill_kernel(
+    keys_ptr, values_ptr, host_ptr, page_base_ptr,
+    start, n, C, ring_start, ring_size, tokens_per_page, num_kv_heads,
+    D: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    _spill_tile(
+        keys_ptr, values_ptr, host_ptr, page_base_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), start, n, C,
+        ring_start, ring_size, tokens_per_page, num_kv_heads, D, ROWS, BLOCK_D,
+    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["start", "n", "first_row"])
@@ -289,12 +301,9 @@ def place_retrieved_many_triton(
     firsts = (slot_pos, _bits(keys), _bits(values), page_base, resident_max)
     table = []
     for part in parts:
-        offsets = []
-        for tensor, first in zip((part[0], _bits(part[1]), _bits(part[2]), part[3], part[4]), firsts, strict=True):
-            gap = tensor.data_ptr() - first.data_ptr()
-            if gap % tensor.element_size():
-                return None
-            offsets.append(gap // tensor.element_size())
+        offsets = element_offsets((part[0], _bits(part[1]), _bits(part[2]), part[3], part[4]), firsts)
+        if offsets is None:
+            return None
         table.append([*offsets, part[3].numel() * tokens_per_page])
     sessions = torch.tensor(table, dtype=torch.int64)
     if selection.is_cuda:  # through pinned memory: no wait for the stream
@@ -303,6 +312,19 @@ def place_retrieved_many_triton(
         slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads,
         resident_max, sessions, slot_pos.shape[0], [(part[1], part[2], part[3]) for part in parts],
     )  # fmt: skip
+
+
+def element_offsets(tensors, firsts) -> list[int] | None:
+    """Each tensor's distance from its counterpart in `firsts`, in its own elements (a kernel
+    over many sessions addresses each session's tensors so); None where one is not a whole
+    number of elements."""
+    offsets = []
+    for tensor, first in zip(tensors, firsts, strict=True):
+        gap = tensor.data_ptr() - first.data_ptr()
+        if gap % tensor.element_size():
+            return None
+        offsets.append(gap // tensor.element_size())
+    return offsets
 
 
 def spill_ring_triton(

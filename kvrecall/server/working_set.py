@@ -224,13 +224,9 @@ class WorkingSet:
         ):
             return None
         L, H = first.layout.num_layers, first.layout.num_kv_heads
-        R, S, C, D = first.plan.retrieved, first.plan.n_sink, first.plan.capacity, first.layout.head_dim
+        R, S, D = first.plan.retrieved, first.plan.n_sink, first.layout.head_dim
         device = first.slot_pos.device
-        parts = [
-            (ws.slot_pos.view(L * H, C), ws.keys.view(L * H, C, D), ws.values.view(L * H, C, D), store.page_table,
-             ws._max_resident)
-            for ws, store in zip(sets, stores, strict=True)
-        ]  # fmt: skip
+        parts = [ws.kernel_part(store) for ws, store in zip(sets, stores, strict=True)]
         selection = torch.cat([to_device(chosen, device).reshape(L * H, R) for chosen in selections])
         counts = kernels.place_retrieved_many(parts, selection, S, pool, stores[0].tokens_per_page, H)
         totals = torch.empty(len(sets), 4, dtype=torch.int64, device=device)
@@ -253,13 +249,8 @@ class WorkingSet:
         max_resident. With `sums`, returns the keys that left, summed per row (float32
         [S, L * H, D]). Sessions of one layout and plan whose host pages share one pool."""
         first = sets[0]
-        L, H = first.layout.num_layers, first.layout.num_kv_heads
-        C, D = first.plan.capacity, first.layout.head_dim
-        parts = [
-            (ws.slot_pos.view(L * H, C), ws.keys.view(L * H, C, D), ws.values.view(L * H, C, D), store.page_table,
-             ws._max_resident)
-            for ws, store in zip(sets, stores, strict=True)
-        ]  # fmt: skip
+        L, H, D = first.layout.num_layers, first.layout.num_kv_heads, first.layout.head_dim
+        parts = [ws.kernel_part(store) for ws, store in zip(sets, stores, strict=True)]
         out = torch.empty(len(sets), L * H, D, dtype=torch.float32, device=first.keys.device) if sums else None
         kernels.spill_evict_many(
             parts, spills, evictions, first.plan.window_start, first.plan.window, stores[0].flat,
@@ -268,6 +259,14 @@ class WorkingSet:
         for store, (_, end) in zip(stores, spills, strict=True):
             store.num_tokens = max(store.num_tokens, end)
         return out
+
+    def kernel_part(self, store: SequenceStore) -> tuple[torch.Tensor, ...]:
+        """This session's part of a launch over many (placement and notice kernels): slot_pos
+        [B, C], keys / values [B, C, D] (B = layers x KV heads), its page table in `store`'s
+        pool, its resident counter."""
+        B, C, D = self.rows, self.plan.capacity, self.layout.head_dim
+        return (self.slot_pos.view(B, C), self.keys.view(B, C, D), self.values.view(B, C, D), store.page_table,
+                self._max_resident)  # fmt: skip
 
     def spill_group_key(self, store: SequenceStore) -> tuple:
         """Sessions with equal keys can spill together (spill_evict_together)."""
