@@ -14,6 +14,7 @@ def test_defaults():
     config = load_config(env={})
     assert config.listen == ["unix:///tmp/kvrecall.sock"] and config.host_pool_gb == 4.0
     assert config.socket_mode == 0o600 and config.session_ops == "thread"
+    assert config.notice_ops == "thread" and config.notice_stream and config.switch_interval_ms == 0.5
     assert config.host_pool_bytes == 4 << 30
 
 
@@ -53,6 +54,9 @@ def test_toml_file(tmp_path):
         ({}, {"lease_seconds": 7200}, r"lease_seconds: must be in \(0, max_lease_seconds\]"),
         ({"KVRECALL_METRICS_PORT": "70000"}, {}, "KVRECALL_METRICS_PORT: .*65535"),
         ({"KVRECALL_WORKER_SHARE": "1.5"}, {}, "KVRECALL_WORKER_SHARE: .*less than or equal to 1"),
+        ({"KVRECALL_SWITCH_INTERVAL_MS": "0"}, {}, "KVRECALL_SWITCH_INTERVAL_MS: .*greater than 0"),
+        ({"KVRECALL_NOTICE_OPS": "fork"}, {}, "KVRECALL_NOTICE_OPS: "),
+        ({"KVRECALL_NOTICE_STREAM": "maybe"}, {}, "KVRECALL_NOTICE_STREAM: "),
     ],
 )
 def test_errors_name_the_setting(env, overrides, message):

@@ -476,7 +476,9 @@ def daemon_waits(times: DaemonTimes) -> dict[str, Any]:
         row |= {f"{name}_ms_mean": round(statistics.fmean(ms), 3), f"{name}_ms_p90": round(_percentile(ms, 0.9), 3),
                 f"{name}_ms_max": round(max(ms), 3)}  # fmt: skip
     for name, samples in (("sync", times.sync_s), ("graph_gpu", times.graph_gpu_s), ("host", times.host_s),
-                          ("shadow", times.shadow_s), ("send", times.send_s), ("notice_daemon", times.daemon_s)):  # fmt: skip
+                          ("shadow", times.shadow_s), ("send", times.send_s), ("notice_daemon", times.daemon_s),
+                          ("notice_call", times.call_s), ("notice_queued", times.queued_s),
+                          ("notice_serve", times.serve_s), ("notice_sync", times.gpu_sync_s)):  # fmt: skip
         if samples:
             row[f"{name}_ms_mean"] = round(statistics.fmean(samples) * 1e3, 3)
     if times.moved_bytes:

@@ -133,10 +133,17 @@ class DaemonTimes:
     send_s: deque[float] = field(default_factory=_series)
     moved_bytes: deque[float] = field(default_factory=_series)  # per retrieving call, host to device
     daemon_s: deque[float] = field(default_factory=_series)  # per waited-for call: the daemon's own handling time
+    # Per waited-for call: sent to answered on this host, and the daemon's parts of daemon_s
+    # (BoundariesResponse: before its work began, the work up to its sync, the sync).
+    call_s: deque[float] = field(default_factory=_series)
+    queued_s: deque[float] = field(default_factory=_series)
+    serve_s: deque[float] = field(default_factory=_series)
+    gpu_sync_s: deque[float] = field(default_factory=_series)
 
     def clear(self) -> None:
         for samples in (self.wait_s, self.late_s, self.answer_s, self.sync_s, self.graph_gpu_s, self.host_s,
-                        self.shadow_s, self.send_s, self.moved_bytes, self.daemon_s):  # fmt: skip
+                        self.shadow_s, self.send_s, self.moved_bytes, self.daemon_s, self.call_s, self.queued_s,
+                        self.serve_s, self.gpu_sync_s):  # fmt: skip
             samples.clear()
 
 
@@ -337,7 +344,13 @@ class Engine:
         goes to `times` when it retrieves. Returns the seconds it took."""
         started = time.perf_counter()
         for group in self._by_client(calls):
-            self.times.daemon_s.append(group[0].session.client.boundaries(group).seconds)
+            sent = time.perf_counter()
+            response = group[0].session.client.boundaries(group)
+            self.times.call_s.append(time.perf_counter() - sent)
+            self.times.daemon_s.append(response.seconds)
+            self.times.queued_s.append(response.queued_seconds)
+            self.times.serve_s.append(response.serve_seconds)
+            self.times.gpu_sync_s.append(response.sync_seconds)
         seconds = time.perf_counter() - started
         if any(call.retrieve for call in calls):
             self.times.answer_s.append(seconds)

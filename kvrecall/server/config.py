@@ -72,6 +72,13 @@ class ServerConfig(BaseModel):
     log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)] = "INFO"
     session_ops: Literal["thread", "inline"] = "thread"  # append / boundary work: a worker thread
                                         # (sessions overlap) or on the event loop (no thread hop)
+    notice_ops: Literal["thread", "inline"] = "thread"  # a Boundaries call of AppendNotices only (a
+                                        # batch's next step waits for it): a worker thread or the loop
+    notice_stream: bool = True          # run those on a CUDA stream of their own, so their sync does not
+                                        # wait for background retrievals' kernels (server/streams.py)
+    switch_interval_ms: Annotated[float, Field(gt=0, le=100)] = 0.5  # sys.setswitchinterval: how long a
+                                        # busy thread keeps the interpreter lock from one that waits
+                                        # (Python's default 5 ms delays a notice behind retrievals)
     host_reads: Literal["auto", "copy", "kernel"] = "auto"  # how a background retrieval's rows (one
                                         # the worker does not wait for) leave the pinned host tier:
                                         # gathered by the host, one DMA by the copy engine, or the

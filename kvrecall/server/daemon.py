@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import sys
 
 import grpc
 import torch
@@ -48,6 +49,7 @@ class Daemon:
         if removed:
             log.warning("removed %d shared-memory segments left by dead daemons", len(removed))
         kernels.set_host_reads(config.host_reads)
+        sys.setswitchinterval(config.switch_interval_ms / 1e3)
         self.host_pool = HostPool(
             config.host_pool_bytes, page_bytes=config.page_kb * 1024, pinned=self.device.type == "cuda"
         )
@@ -64,7 +66,10 @@ class Daemon:
         auth = AuthConfig(config.tokens(), tuple(config.operators))
         # Working sets in shared memory (a CPU daemon) reach their workers as file descriptors.
         fd_socket = config.fd_socket_path if self.device.type == "cpu" else ""
-        self.service = KVRecallService(self.registry, self.device, self.metrics, auth, config.session_ops, fd_socket)
+        self.service = KVRecallService(
+            self.registry, self.device, self.metrics, auth, config.session_ops, fd_socket,
+            notice_ops=config.notice_ops, notice_stream=config.notice_stream,
+        )  # fmt: skip
         self.fd_server = FdServer(fd_socket, config.socket_mode, self.service.segment_fd) if fd_socket else None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None

@@ -25,7 +25,7 @@ import grpc
 import torch
 
 from kvrecall import __version__
-from kvrecall.server import prefixes
+from kvrecall.server import prefixes, streams
 from kvrecall.server import validation as check
 from kvrecall.server.errors import (
     FailedPrecondition,
@@ -40,7 +40,7 @@ from kvrecall.server.policies import build_policy
 from kvrecall.server.policies.base import config_json
 from kvrecall.server.ratelog import RateLimitedLog
 from kvrecall.server.session import Session, SessionRegistry
-from kvrecall.server.step_batch import check_events, serve_step
+from kvrecall.server.step_batch import StepTiming, check_events, serve_step
 from kvrecall.server.wire import Undecodable, require_decoded
 from kvrecall.transport import TensorRefError, open_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
@@ -100,12 +100,18 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         auth: AuthConfig,
         session_ops: str = "thread",
         fd_socket: str = "",
+        notice_ops: str = "thread",
+        notice_stream: bool = True,
     ) -> None:
         self.registry = registry
         self.device = device
         self.metrics = metrics
         self.auth = auth
         self.inline_ops = session_ops == "inline"
+        # A Boundaries call of AppendNotices only (the worker's next step waits for it): on the
+        # event loop with notice_ops=inline, and on its own stream (server/streams.py).
+        self.inline_notices = self.inline_ops or notice_ops == "inline"
+        self.notice_stream = streams.notice_stream(device) if notice_stream else None
         self.fd_socket = fd_socket  # where shm workers receive their working set (fdpass.py)
         registry.prefixes.on_evict = lambda prefix: self.metrics.prefix_evictions.inc()
 
@@ -531,13 +537,26 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                     if session.closed:
                         raise InvalidArgument(f"events[{i}].session_id", f"session {session.session_id!r} was closed")
                     session.touch()
-                check_events(sessions, list(request.events))
-                outcomes, groups = await self._session_op(serve_step, sessions, list(request.events), request.background)
+                events = list(request.events)
+                check_events(sessions, events)
+                timing = StepTiming()
+                if any(event.retrieve for event in events):
+                    outcomes, groups = await self._session_op(serve_step, sessions, events, request.background, True, timing)
+                else:  # notices only
+                    work = (serve_step, sessions, events, False, True, timing)
+                    if self.inline_notices:
+                        outcomes, groups = streams.on_stream(self.notice_stream, *work)
+                    else:
+                        outcomes, groups = await _in_thread(streams.on_stream, self.notice_stream, *work)
         except Exception as exc:  # noqa: BLE001
             await self._fail(context, "Boundaries", exc)
             raise AssertionError("unreachable") from None
-        seconds = time.perf_counter() - started
-        response = pb.BoundariesResponse(seconds=seconds, groups=groups)
+        ended = time.perf_counter()
+        seconds = ended - started
+        response = pb.BoundariesResponse(
+            seconds=seconds, groups=groups, queued_seconds=timing.started - started,
+            serve_seconds=timing.syncing - timing.started, sync_seconds=timing.ended - timing.syncing,
+        )  # fmt: skip
         moved = 0
         for session, outcome in zip(sessions, outcomes, strict=True):
             result = response.results.add()

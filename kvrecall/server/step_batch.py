@@ -22,6 +22,7 @@ the whole call and no session changes.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,15 @@ from kvrecall.server.policies.base import Selection
 from kvrecall.server.session import Session, check_append_upto, check_boundary_position
 from kvrecall.server.working_set import Placement, WorkingSet
 from kvrecall.v1 import kvrecall_pb2 as pb
+
+
+@dataclass
+class StepTiming:
+    """When a serve_step call began its work and its sync, and ended (perf_counter seconds)."""
+
+    started: float = 0.0
+    syncing: float = 0.0
+    ended: float = 0.0
 
 
 @dataclass
@@ -58,13 +68,17 @@ def check_events(sessions: list[Session], events: list[pb.StepEvent]) -> None:
 
 
 def serve_step(
-    sessions: list[Session], events: list[pb.StepEvent], background: bool = False, batch_notices: bool = True
+    sessions: list[Session], events: list[pb.StepEvent], background: bool = False, batch_notices: bool = True,
+    timing: StepTiming | None = None,
 ) -> tuple[list[StepOutcome], int]:
     """Run a validated Boundaries call (module docstring) -> (one outcome per event, groups).
     `background` (BoundariesRequest.background): the retrievals' placements are background ones
     (kernels.background_reads: under host_reads=copy their rows go by the copy engine).
     `batch_notices` False: each notice alone (Session.append; the same effect, for comparison;
-    a call with one notice takes that path anyway)."""
+    a call with one notice takes that path anyway). `timing`: filled in (StepTiming). The GPU
+    work runs on the calling thread's current stream (server/streams.py)."""
+    timing = timing if timing is not None else StepTiming()
+    timing.started = time.perf_counter()
     outcomes = [StepOutcome() for _ in events]
     with contextlib.ExitStack() as held:
         for session in sorted(sessions, key=lambda s: s.session_id):
@@ -98,10 +112,12 @@ def serve_step(
             for i, placement in zip(members, placements, strict=True):
                 outcomes[i].placement = placement
         device = sessions[0].ws.keys.device if sessions else None
+        timing.syncing = time.perf_counter()
         if device is not None and device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()
         for session in sessions:
             session.finish(synced=True)  # the one sync above covered every session's work
+    timing.ended = time.perf_counter()
     return outcomes, len(groups)
 
 

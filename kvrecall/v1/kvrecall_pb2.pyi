@@ -618,11 +618,17 @@ class StepResult(_message.Message):
     def __init__(self, append: _Optional[_Union[AppendAck, _Mapping]] = ..., retrieval: _Optional[_Union[RetrievalResult, _Mapping]] = ...) -> None: ...
 
 class BoundariesResponse(_message.Message):
-    __slots__ = ("results", "seconds", "groups")
+    __slots__ = ("results", "seconds", "groups", "queued_seconds", "serve_seconds", "sync_seconds")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SERVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SYNC_SECONDS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[StepResult]
     seconds: float
     groups: int
-    def __init__(self, results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ..., seconds: _Optional[float] = ..., groups: _Optional[int] = ...) -> None: ...
+    queued_seconds: float
+    serve_seconds: float
+    sync_seconds: float
+    def __init__(self, results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ..., seconds: _Optional[float] = ..., groups: _Optional[int] = ..., queued_seconds: _Optional[float] = ..., serve_seconds: _Optional[float] = ..., sync_seconds: _Optional[float] = ...) -> None: ...

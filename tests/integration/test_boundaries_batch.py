@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvrecall.client import InvalidArgumentError, KVRecallClientError, NotFoundError, StepCall
+from kvrecall.client import InvalidArgumentError, KVRecallClient, KVRecallClientError, NotFoundError, StepCall
 from kvrecall.client.core import ModelSpec
+from kvrecall.local import LocalDaemon
 from kvrecall.v1 import kvrecall_pb2 as pb
 from tests.conftest import random_kv, random_query
 
@@ -49,8 +50,32 @@ def test_a_batch_equals_the_same_events_one_by_one(client):
     check_batch_equals_one_by_one(client, "shm")
 
 
-def check_batch_equals_one_by_one(client, transport: str) -> None:
-    """The test above for sessions of `transport` (tests/gpu runs it on a CUDA daemon)."""
+@pytest.fixture(scope="module")
+def inline_notices():
+    """A daemon serving notice-only Boundaries calls on its event loop (notice_ops=inline)."""
+    with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.25, env={"KVRECALL_NOTICE_OPS": "inline"}) as d:
+        with KVRecallClient(d.target, "test-worker", timeout=30.0) as c:
+            yield c
+
+
+@pytest.mark.parametrize("ops", ["thread", "inline"])
+def test_notices_in_a_call_of_their_own_equal_them_one_by_one(request, ops):
+    """As the engine sends them: a step's notices in one call (which the daemon serves on its
+    notice stream, in a thread or on its event loop), the retrievals in another. The answer
+    says where the daemon's time went."""
+    client = request.getfixturevalue("client" if ops == "thread" else "inline_notices")
+    phases = check_batch_equals_one_by_one(client, "shm", split=True)
+    assert phases, "some step sent notices alone"
+    for seconds, queued, serve, sync in phases:
+        assert min(queued, serve, sync) >= 0 and serve > 0
+        assert queued + serve + sync <= seconds
+
+
+def check_batch_equals_one_by_one(client, transport: str, split: bool = False) -> list[tuple[float, ...]]:
+    """The test above for sessions of `transport` (tests/gpu runs it on a CUDA daemon).
+    `split`: each step's notices go in a call of their own before its retrievals; returns the
+    notice calls' (seconds, queued, serve, sync)."""
+    phases = []
     twins = []
     for policy, config in CASES:
         for tokens in PROMPTS:
@@ -75,7 +100,14 @@ def check_batch_equals_one_by_one(client, transport: str) -> None:
                     alone.append()
                 if retrieve:
                     alone.boundary(position=alone.core.position)
-            response = client.boundaries(calls)
+            if split:
+                notices = [StepCall(c.session, c.position, notice=True) for c in calls if c.notice]
+                if notices:
+                    answer = client.boundaries(notices)
+                    assert answer.groups == 0
+                    phases.append((answer.seconds, answer.queued_seconds, answer.serve_seconds, answer.sync_seconds))
+                calls = [StepCall(c.session, c.position, retrieve=True) for c in calls if c.retrieve]
+            response = client.boundaries(calls) if calls else pb.BoundariesResponse()
             gathered += sum(result.retrieval.tokens_gathered for result in response.results)
             if step % 5 == 0:  # everyone retrieves: louiskv, quest, and each windowkv alone
                 assert response.groups == 2 + len(PROMPTS)
@@ -86,6 +118,7 @@ def check_batch_equals_one_by_one(client, transport: str) -> None:
         for batched, alone, _, _ in twins:
             a, b = batched.stats(), alone.stats()
             assert (a.boundaries, a.appends, a.bytes_host_to_device) == (b.boundaries, b.appends, b.bytes_host_to_device)
+        return phases
     finally:
         for batched, alone, _, _ in twins:
             batched.close()

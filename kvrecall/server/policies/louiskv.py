@@ -50,6 +50,7 @@ from kvrecall.server.policies.base import (
     resident_plan,
 )
 from kvrecall.server.policies.snapkv import ObservationRanking, ascending, ranked_selection, top_voted
+from kvrecall.server.streams import retire
 from kvrecall.server.working_set import to_device
 from kvrecall.v1 import kvrecall_pb2 as pb
 
@@ -419,6 +420,7 @@ class LouisKVPolicy(Policy):
     def _add_to_open(self, keys: torch.Tensor) -> None:
         """keys [L, H, n, D] join the open segment."""
         part = keys.sum(dim=2, dtype=torch.float32).view(-1, self.layout.head_dim)
+        retire(self.open_sum)  # replaced: the sum below reads it (server/streams.py)
         self.open_sum = part if self.open_sum is None else self.open_sum + part
 
     def _absorb_chunk(self, ctx: PolicyContext, start: int, end: int) -> None:
@@ -446,6 +448,7 @@ class LouisKVPolicy(Policy):
         self.units.advance(k, N)
         self.prompt_units += int((sizes > 0).sum())
         self.open_start = self.closed_upto = end
+        retire(self.open_sum)
         self.open_sum = None
 
     def _close_segment(self, ctx: PolicyContext, end: int) -> None:
@@ -578,6 +581,7 @@ def _append_segments(ready: list[tuple[LouisKVPolicy, int, _UnitTable]]) -> None
         table.advance(1, n)
         policy.seg_bounds.append((policy.open_start, end))
         policy.open_start = policy.closed_upto = end
+        retire(policy.open_sum)  # the stack above may still read it (server/streams.py)
         policy.open_sum = None
 
 
