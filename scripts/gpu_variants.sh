@@ -3,8 +3,10 @@
 # the GPU tests named in TESTS / KERNEL_TESTS and the in-process notices bench on the last GPU.
 # A variant is NAME or NAME:KEY=VALUE,KEY=VALUE (the daemon's KVRECALL_* environment); GPU 0
 # runs the STEP0 variants, the last GPU the STEP1 variants after its tests. Carry .whl/eval and
-# .triton-cache (SAVE_CACHE=1 returns a new one). Writes $OUT/e2e-NAME.json per variant,
-# notices.json, logs.tgz (and triton-cache.tgz): at most 8 files come back from a device call.
+# .triton-cache (SAVE_CACHE=1 returns a new one). Writes $OUT/e2e-NAME.json per variant (with
+# PROFILE=1 also the daemon's profile-NAME.json: KVRECALL_PROFILE_OUT), notices.json
+# (NOTICES_ARGS), logs.tgz with the logs and plots (and triton-cache.tgz): a device call returns
+# at most 8 files.
 #   usage: STEP0="new old:KVRECALL_SWITCH_INTERVAL_MS=5" STEP1="inline:KVRECALL_NOTICE_OPS=inline" \
 #          E2E_ARGS="--contexts 32768 --batches 1,8" bash scripts/gpu_variants.sh
 set -uo pipefail
@@ -26,6 +28,7 @@ variants() {
     [ "$SECONDS" -lt "${DEADLINE_S:-420}" ] || { echo "skipped $variant (deadline)"; continue; }
     name=${variant%%:*}; envs=; [ "$variant" != "$name" ] && envs=${variant#*:}
     flags=(); for kv in ${envs//,/ }; do flags+=(--daemon-env "$kv"); done
+    [ "${PROFILE:-0}" = 1 ] && flags+=(--daemon-env "KVRECALL_PROFILE_OUT=$OUT/profile-$name.json")
     echo "== e2e $name on GPU $2 [${SECONDS}s] ${flags[*]:-}"
     CUDA_VISIBLE_DEVICES=$2 timeout ${E2E_S:-300} python3 -m kvrecall.cli bench e2e --parts ${PARTS:-step} --policies louiskv \
       --lag 4 --steps ${STEPS:-96} --warmup 16 --rates 0,0.117 ${E2E_ARGS:-} "${flags[@]}" --out "$OUT/e2e-$name.json" \
@@ -41,12 +44,12 @@ if [ -n "${TESTS:-}${KERNEL_TESTS:-}" ]; then
 fi
 if [ "${NOTICES:-1}" = 1 ]; then
   echo "== notices bench on GPU $LAST [${SECONDS}s]"
-  CUDA_VISIBLE_DEVICES=$LAST timeout 200 python3 -m kvrecall.bench.notices --device cuda:0 --sessions 1,8,64 \
+  CUDA_VISIBLE_DEVICES=$LAST timeout 200 python3 -m kvrecall.bench.notices --device cuda:0 ${NOTICES_ARGS:---sessions 1,8,64} \
     --out "$OUT/notices.json" > "$OUT/notices.log" 2>&1; echo "notices exit $?"; tail -7 "$OUT/notices.log"
 fi
 variants "${STEP1:-}" "$LAST"
 wait $gpu0; cat "$OUT/gpu0.txt"
 python3 scripts/triton_compiles.py "$TRITON_CACHE_DIR" "$STARTED" > "$OUT/triton-compiles.txt" 2>&1
 [ "${SAVE_CACHE:-0}" = 1 ] && tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . && ls -la "$OUT/triton-cache.tgz"
-(cd "$OUT" && tar czf logs.tgz --remove-files $(ls -d *.log *.txt tests 2>/dev/null))
+(cd "$OUT" && tar czf logs.tgz --remove-files $(ls -d *.log *.txt *.png tests 2>/dev/null))
 echo "done [${SECONDS}s]"

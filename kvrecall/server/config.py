@@ -79,6 +79,8 @@ class ServerConfig(BaseModel):
     switch_interval_ms: Annotated[float, Field(gt=0, le=100)] = 0.5  # sys.setswitchinterval: how long a
                                         # busy thread keeps the interpreter lock from one that waits
                                         # (Python's default 5 ms delays a notice behind retrievals)
+    profile_out: str = ""               # a path: Boundaries work under cProfile, its busiest functions
+                                        # written there as JSON at shutdown (server/profiling.py)
     host_reads: Literal["auto", "copy", "kernel"] = "auto"  # how a background retrieval's rows (one
                                         # the worker does not wait for) leave the pinned host tier:
                                         # gathered by the host, one DMA by the copy engine, or the

@@ -20,6 +20,7 @@ from kvrecall.fdpass import FdServer, claim_socket_path
 from kvrecall.server.config import ServerConfig
 from kvrecall.server.metrics import Metrics
 from kvrecall.server.pools import DevicePool, HostPool
+from kvrecall.server.profiling import OpsProfiler
 from kvrecall.server.service import AuthConfig, KVRecallService
 from kvrecall.server.session import SessionRegistry
 from kvrecall.server.warmup import warm_up
@@ -69,6 +70,7 @@ class Daemon:
         self.service = KVRecallService(
             self.registry, self.device, self.metrics, auth, config.session_ops, fd_socket,
             notice_ops=config.notice_ops, notice_stream=config.notice_stream,
+            profiler=OpsProfiler(config.profile_out) if config.profile_out else None,
         )  # fmt: skip
         self.fd_server = FdServer(fd_socket, config.socket_mode, self.service.segment_fd) if fd_socket else None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -170,6 +172,9 @@ class Daemon:
             await self.fd_server.close()
         for session in list(self.registry.sessions.values()):
             self.service._close(session, "shutdown")
+        if self.service.profiler is not None:  # before the pool's release, which can take a while
+            self.service.profiler.write()
+            log.info("profile of the Boundaries work written to %s", self.service.profiler.path)
         self.host_pool.close()
         for address in self.config.listen:
             if address.startswith("unix://"):

@@ -38,6 +38,7 @@ from kvrecall.server.layout import SegmentLayout
 from kvrecall.server.metrics import Metrics
 from kvrecall.server.policies import build_policy
 from kvrecall.server.policies.base import config_json
+from kvrecall.server.profiling import OpsProfiler
 from kvrecall.server.ratelog import RateLimitedLog
 from kvrecall.server.session import Session, SessionRegistry
 from kvrecall.server.step_batch import StepTiming, check_events, serve_step
@@ -102,6 +103,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         fd_socket: str = "",
         notice_ops: str = "thread",
         notice_stream: bool = True,
+        profiler: OpsProfiler | None = None,
     ) -> None:
         self.registry = registry
         self.device = device
@@ -112,6 +114,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         # event loop with notice_ops=inline, and on its own stream (server/streams.py).
         self.inline_notices = self.inline_ops or notice_ops == "inline"
         self.notice_stream = streams.notice_stream(device) if notice_stream else None
+        self.profiler = profiler  # profiling.py: Boundaries work under cProfile (off: None)
         self.fd_socket = fd_socket  # where shm workers receive their working set (fdpass.py)
         registry.prefixes.on_evict = lambda prefix: self.metrics.prefix_evictions.inc()
 
@@ -540,14 +543,16 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 events = list(request.events)
                 check_events(sessions, events)
                 timing = StepTiming()
-                if any(event.retrieve for event in events):
-                    outcomes, groups = await self._session_op(serve_step, sessions, events, request.background, True, timing)
-                else:  # notices only
-                    work = (serve_step, sessions, events, False, True, timing)
-                    if self.inline_notices:
-                        outcomes, groups = streams.on_stream(self.notice_stream, *work)
-                    else:
-                        outcomes, groups = await _in_thread(streams.on_stream, self.notice_stream, *work)
+                retrieves = any(event.retrieve for event in events)
+                work = (serve_step, sessions, events, request.background and retrieves, True, timing)
+                if self.profiler is not None:
+                    work = (self.profiler.run, "retrievals" if retrieves else "notices", *work)
+                if retrieves:
+                    outcomes, groups = await self._session_op(*work)
+                elif self.inline_notices:
+                    outcomes, groups = streams.on_stream(self.notice_stream, *work)
+                else:
+                    outcomes, groups = await _in_thread(streams.on_stream, self.notice_stream, *work)
         except Exception as exc:  # noqa: BLE001
             await self._fail(context, "Boundaries", exc)
             raise AssertionError("unreachable") from None

@@ -1,0 +1,65 @@
+"""The daemon's own profile of its Boundaries work, for finding where a step's daemon time goes.
+
+With `profile_out` set (KVRECALL_PROFILE_OUT), every Boundaries call's work (server/step_batch.py
+serve_step, in whichever thread runs it) runs under cProfile; the calls of AppendNotices only
+and those with retrievals are kept apart. At shutdown the busiest functions of each kind (own
+time per call) are written to that path as JSON. Off by default: cProfile slows the host work
+it measures (compare its shares, not its absolute times).
+"""
+
+from __future__ import annotations
+
+import cProfile
+import json
+import pstats
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+KINDS = ("notices", "retrievals")
+
+
+class OpsProfiler:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stats: dict[str, pstats.Stats | None] = dict.fromkeys(KINDS)
+        self._calls = dict.fromkeys(KINDS, 0)
+        self._lock = threading.Lock()
+
+    def run(self, kind: str, func: Callable[..., T], *args) -> T:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            return func(*args)
+        finally:
+            profiler.disable()
+            with self._lock:
+                held = self._stats[kind]
+                if held is None:
+                    self._stats[kind] = pstats.Stats(profiler)
+                else:
+                    held.add(profiler)
+                self._calls[kind] += 1
+
+    def summary(self, top: int = 30) -> dict:
+        out: dict = {}
+        with self._lock:
+            for kind in KINDS:
+                stats, calls = self._stats[kind], self._calls[kind]
+                if stats is None:
+                    continue
+                rows = []
+                for (filename, line, name), (_, ncalls, own, cum, _) in stats.stats.items():  # type: ignore[attr-defined]
+                    rows.append({
+                        "function": f"{filename.rsplit('/', 1)[-1]}:{line}:{name}",
+                        "own_ms_per_call": round(1e3 * own / calls, 4), "cum_ms_per_call": round(1e3 * cum / calls, 4),
+                        "calls_per_call": round(ncalls / calls, 2),
+                    })  # fmt: skip
+                out[kind] = {"calls": calls, "top": sorted(rows, key=lambda r: -r["own_ms_per_call"])[:top]}
+        return out
+
+    def write(self) -> None:
+        with open(self.path, "w") as f:
+            json.dump(self.summary(), f, indent=2)

@@ -1,0 +1,33 @@
+"""profile_out: a daemon profiles its Boundaries work and writes the busiest functions of its
+notice-only calls and of its retrieving calls at shutdown."""
+
+from __future__ import annotations
+
+import json
+
+from kvrecall.client import KVRecallClient, StepCall
+from kvrecall.local import LocalDaemon
+from tests.conftest import random_kv
+from tests.integration.test_boundaries_batch import CASES, SPEC, open_ingested, write_step
+
+
+def test_a_daemon_writes_the_profile_of_its_boundaries_work_at_shutdown(tmp_path):
+    path = tmp_path / "profile.json"
+    with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.25, env={"KVRECALL_PROFILE_OUT": str(path)}) as daemon:
+        with KVRecallClient(daemon.target, "profiled", timeout=30.0) as client:
+            session = open_ingested(client, "louiskv", CASES[0][1], 150, 1)
+            kv = random_kv(SPEC, 200, 1)
+            notices = 0
+            while notices < 2:
+                write_step(session, kv, session.query.clone())
+                if session.core.needs_append():
+                    client.boundaries([StepCall(session, session.core.position, notice=True)])
+                    notices += 1
+            client.boundaries([StepCall(session, session.core.position, retrieve=True)])
+            session.close()
+        assert not path.exists()  # written at shutdown
+    profile = json.loads(path.read_text())
+    assert profile["notices"]["calls"] == 2 and profile["retrievals"]["calls"] == 1
+    for kind in ("notices", "retrievals"):
+        top = profile[kind]["top"]
+        assert top and all(row["own_ms_per_call"] >= 0 and row["calls_per_call"] > 0 for row in top)
