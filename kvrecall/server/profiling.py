@@ -26,15 +26,26 @@ class OpsProfiler:
         self.path = path
         self._stats: dict[str, pstats.Stats | None] = dict.fromkeys(KINDS)
         self._calls = dict.fromkeys(KINDS, 0)
+        self._skipped = dict.fromkeys(KINDS, 0)
         self._lock = threading.Lock()
+        self._active = threading.Lock()
 
     def run(self, kind: str, func: Callable[..., T], *args) -> T:
-        profiler = cProfile.Profile()
-        profiler.enable()
-        try:
+        """func(*args), profiled unless another call is (Python 3.12 allows one profiler at a
+        time per interpreter): those run unprofiled and are counted as `skipped`."""
+        if not self._active.acquire(blocking=False):
+            with self._lock:
+                self._skipped[kind] += 1
             return func(*args)
+        profiler = cProfile.Profile()
+        try:
+            profiler.enable()
+            try:
+                return func(*args)
+            finally:
+                profiler.disable()
         finally:
-            profiler.disable()
+            self._active.release()
             with self._lock:
                 held = self._stats[kind]
                 if held is None:
@@ -57,7 +68,7 @@ class OpsProfiler:
                         "own_ms_per_call": round(1e3 * own / calls, 4), "cum_ms_per_call": round(1e3 * cum / calls, 4),
                         "calls_per_call": round(ncalls / calls, 2),
                     })  # fmt: skip
-                out[kind] = {"calls": calls, "top": sorted(rows, key=lambda r: -r["own_ms_per_call"])[:top]}
+                out[kind] = {"calls": calls, "skipped": self._skipped[kind], "top": sorted(rows, key=lambda r: -r["own_ms_per_call"])[:top]}
         return out
 
     def write(self) -> None:

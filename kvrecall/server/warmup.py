@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from kvrecall.server import streams
 from kvrecall.server.layout import ModelLayout
 from kvrecall.server.policies import build_policy
 from kvrecall.server.session import SessionRegistry
@@ -89,8 +90,10 @@ def _run_policy(registry, layout: ModelLayout, message: pb.PolicyConfig, prompt:
         for other in sessions:
             other.ws.query.copy_(randn(L, Hq, D))
         serve_step(sessions, [pb.StepEvent(position=other.spilled_upto, retrieve=True) for other in sessions])
-        # both sessions' notices in one launch (kernels.spill_evict_many; with louiskv, its sums)
-        serve_step(sessions, [pb.StepEvent(position=other.spilled_upto + spill, notice=True) for other in sessions])
+        # both sessions' notices in one launch (kernels.spill_evict_many; with louiskv, its sums), on
+        # the stream the service serves notices on (its allocator pool and kernels loaded before a worker waits)
+        notices = [pb.StepEvent(position=other.spilled_upto + spill, notice=True) for other in sessions]
+        streams.on_stream(streams.notice_stream(device), serve_step, sessions, notices)
     finally:
         for session in sessions:
             registry.close(session)

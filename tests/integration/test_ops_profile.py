@@ -31,3 +31,27 @@ def test_a_daemon_writes_the_profile_of_its_boundaries_work_at_shutdown(tmp_path
     for kind in ("notices", "retrievals"):
         top = profile[kind]["top"]
         assert top and all(row["own_ms_per_call"] >= 0 and row["calls_per_call"] > 0 for row in top)
+
+
+def test_a_call_while_another_is_profiled_runs_unprofiled_and_is_counted(tmp_path):
+    """One profiler per interpreter at a time (Python 3.12): the second call still runs."""
+    import threading
+
+    from kvrecall.server.profiling import OpsProfiler
+
+    profiler = OpsProfiler(str(tmp_path / "p.json"))
+    inside, release = threading.Event(), threading.Event()
+
+    def slow() -> int:
+        inside.set()
+        release.wait(10)
+        return 1
+
+    first = threading.Thread(target=profiler.run, args=("notices", slow))
+    first.start()
+    assert inside.wait(10)
+    assert profiler.run("notices", lambda: 2) == 2  # while the first is profiled
+    release.set()
+    first.join()
+    summary = profiler.summary()["notices"]
+    assert (summary["calls"], summary["skipped"]) == (1, 1)
