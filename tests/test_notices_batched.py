@@ -22,6 +22,9 @@ CASES = [
     ("quest", {**RESIDENT, "page_size": 8}, 2),
     ("snapkv", dict(RESIDENT), 2),
     ("streaming", {"n_sink": 4, "window": 32}, 2),
+    # with the third: one layout and plan, so their fills are placed in one launch (_place_fills)
+    ("louiskv", {**RESIDENT, "budget": 400, "max_segment": 16}, 2),
+    ("snapkv", {**RESIDENT, "budget": 400}, 2),
 ]
 PROMPT, STEPS = 90, 100
 

@@ -4,7 +4,9 @@ With `profile_out` set (KVRECALL_PROFILE_OUT), every Boundaries call's work (ser
 serve_step, in whichever thread runs it) runs under cProfile; the calls of AppendNotices only
 and those with retrievals are kept apart. At shutdown the busiest functions of each kind (own
 time per call) are written to that path as JSON. Off by default: cProfile slows the host work
-it measures (compare its shares, not its absolute times).
+it measures (compare its shares, not its absolute times), and on Python 3.12 a profile sees
+every thread's calls while it is on (sys.monitoring is per interpreter), so a call's profile
+can hold the retrievals other threads ran meanwhile.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ KINDS = ("notices", "retrievals")
 class OpsProfiler:
     def __init__(self, path: str) -> None:
         self.path = path
-        self._stats: dict[str, pstats.Stats | None] = dict.fromkeys(KINDS)
+        self._profiles = {kind: cProfile.Profile() for kind in KINDS}
         self._calls = dict.fromkeys(KINDS, 0)
         self._skipped = dict.fromkeys(KINDS, 0)
         self._lock = threading.Lock()
@@ -37,7 +39,7 @@ class OpsProfiler:
             with self._lock:
                 self._skipped[kind] += 1
             return func(*args)
-        profiler = cProfile.Profile()
+        profiler = self._profiles[kind]  # enabled again per call: nothing to merge on the way
         try:
             profiler.enable()
             try:
@@ -45,22 +47,19 @@ class OpsProfiler:
             finally:
                 profiler.disable()
         finally:
-            self._active.release()
             with self._lock:
-                held = self._stats[kind]
-                if held is None:
-                    self._stats[kind] = pstats.Stats(profiler)
-                else:
-                    held.add(profiler)
                 self._calls[kind] += 1
+            self._active.release()
 
     def summary(self, top: int = 30) -> dict:
         out: dict = {}
         with self._lock:
             for kind in KINDS:
-                stats, calls = self._stats[kind], self._calls[kind]
-                if stats is None:
+                calls = self._calls[kind]
+                if not calls:
                     continue
+                with self._active:  # not while a call is profiled
+                    stats = pstats.Stats(self._profiles[kind])
                 rows = []
                 for (filename, line, name), (_, ncalls, own, cum, _) in stats.stats.items():  # type: ignore[attr-defined]
                     rows.append({

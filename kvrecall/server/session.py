@@ -250,13 +250,15 @@ class Session:
         return self.evicted_upto, max(self.evicted_upto, upto - self.plan.min_window)
 
     def end_append(
-        self, upto: int, low: int, high: int, selection: Selection | None, finish: bool, noted: bool = False
+        self, upto: int, low: int, high: int, selection: Selection | None, finish: bool, noted: bool = False,
+        placed: Placement | None = None,
     ) -> tuple[int, int]:
         """After the spill, the ring clear and the policy's on_evict for [low, high): place
-        what it chose, note max_resident (unless `noted`: the batched spill did) and finish."""
+        what it chose (unless the caller `placed` it, with others), note max_resident (unless
+        `noted`: the batched spill did) and finish."""
         placement = None
         if high > low:
-            placement = self._place(selection)
+            placement = placed if placed is not None else self._place(selection)
             self.evicted_upto = high
         if not noted:
             self.ws.note_resident()

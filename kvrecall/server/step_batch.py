@@ -149,10 +149,43 @@ def append_together(sessions: list[Session], uptos: list[int]) -> list[tuple[int
         items = [(sessions[i].policy, sessions[i].context(), *evictions[i], sums[i]) for i in members]
         for i, selection in zip(members, cls.on_evict_many(items), strict=True):
             selections[i] = selection
+    placed = _place_fills(sessions, selections)
     return [
-        session.end_append(upto, low, high, selection, finish=False, noted=True)
-        for session, upto, (low, high), selection in zip(sessions, uptos, evictions, selections, strict=True)
+        session.end_append(upto, low, high, selection, finish=False, noted=True, placed=placement)
+        for session, upto, (low, high), selection, placement in zip(
+            sessions, uptos, evictions, selections, placed, strict=True
+        )
     ]
+
+
+def _place_fills(sessions: list[Session], selections: list[Selection | None]) -> list[Placement | None]:
+    """What the evictions chose (fill_free_slots: after a retrieval under budget, most notices
+    place the tokens leaving the window into free retrieved slots), in one launch per group of
+    like sessions where there are several; None for the rest (end_append places them)."""
+    placed: list[Placement | None] = [None] * len(sessions)
+    groups: dict[tuple, list[int]] = {}
+    for i, (session, selection) in enumerate(zip(sessions, selections, strict=True)):
+        if selection is not None:
+            groups.setdefault(session.ws.spill_group_key(session.store), []).append(i)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        device = sessions[members[0]].ws.slot_pos.device
+        units = [_device_scalar(selections[i].units, device) for i in members]
+        placements = WorkingSet.set_retrieved_together(
+            [sessions[i].ws for i in members], [sessions[i].store for i in members],
+            [selections[i].positions for i in members], units,
+        )  # fmt: skip
+        if placements is not None:
+            for i, placement in zip(members, placements, strict=True):
+                placed[i] = placement
+    return placed
+
+
+def _device_scalar(units: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(units, torch.Tensor):
+        return units
+    return torch.full((), units, dtype=torch.int64, device=device)
 
 
 def _place(sessions: list[Session], selections: list[Selection | None]) -> list[Placement]:
