@@ -47,19 +47,21 @@ class OpsProfiler:
             finally:
                 profiler.disable()
         finally:
+            self._active.release()
             with self._lock:
                 self._calls[kind] += 1
-            self._active.release()
 
     def summary(self, top: int = 30) -> dict:
         out: dict = {}
         with self._lock:
+            counts = dict(self._calls)
+            skipped = dict(self._skipped)
+        with self._active:  # not while a call is profiled
             for kind in KINDS:
-                calls = self._calls[kind]
+                calls = counts[kind]
                 if not calls:
                     continue
-                with self._active:  # not while a call is profiled
-                    stats = pstats.Stats(self._profiles[kind])
+                stats = pstats.Stats(self._profiles[kind])
                 rows = []
                 for (filename, line, name), (_, ncalls, own, cum, _) in stats.stats.items():  # type: ignore[attr-defined]
                     rows.append({
@@ -67,7 +69,7 @@ class OpsProfiler:
                         "own_ms_per_call": round(1e3 * own / calls, 4), "cum_ms_per_call": round(1e3 * cum / calls, 4),
                         "calls_per_call": round(ncalls / calls, 2),
                     })  # fmt: skip
-                out[kind] = {"calls": calls, "skipped": self._skipped[kind], "top": sorted(rows, key=lambda r: -r["own_ms_per_call"])[:top]}
+                out[kind] = {"calls": calls, "skipped": skipped[kind], "top": sorted(rows, key=lambda r: -r["own_ms_per_call"])[:top]}
         return out
 
     def write(self) -> None:
