@@ -2,7 +2,8 @@
 # `kvrecall bench e2e` once per daemon variant, on two GPUs of one machine (nvidia-h200-x2), plus
 # the GPU tests named in TESTS / KERNEL_TESTS and the in-process notices bench on the last GPU.
 # A variant is NAME or NAME:KEY=VALUE,KEY=VALUE (the daemon's KVRECALL_* environment); GPU 0
-# runs the STEP0 variants, the last GPU the STEP1 variants after its tests. Carry .whl/eval and
+# runs the STEP0 variants, the last GPU the STEP1 variants after its tests (E2E_ARGS: the e2e
+# flags of both, E2E_ARGS0 / E2E_ARGS1: of one GPU's). Carry .whl/eval and
 # .triton-cache (SAVE_CACHE=1 returns a new one). Writes $OUT/e2e-NAME.json per variant (with
 # PROFILE=1 also the daemon's profile-NAME.json: KVRECALL_PROFILE_OUT), notices.json
 # (NOTICES_ARGS), logs.tgz with the logs and plots (and triton-cache.tgz): a device call returns
@@ -31,12 +32,12 @@ variants() {
     [ "${PROFILE:-0}" = 1 ] && flags+=(--daemon-env "KVRECALL_PROFILE_OUT=$OUT/profile-$name.json")
     echo "== e2e $name on GPU $2 [${SECONDS}s] ${flags[*]:-}"
     CUDA_VISIBLE_DEVICES=$2 timeout ${E2E_S:-300} python3 -m kvrecall.cli bench e2e --parts ${PARTS:-step} --policies louiskv \
-      --lag 4 --steps ${STEPS:-96} --warmup 16 --rates 0,0.117 ${E2E_ARGS:-} "${flags[@]}" --out "$OUT/e2e-$name.json" \
+      --lag 4 --steps ${STEPS:-96} --warmup 16 --rates 0,0.117 ${E2E_ARGS:-} $3 "${flags[@]}" --out "$OUT/e2e-$name.json" \
       > "$OUT/e2e-$name.log" 2>&1
     echo "e2e $name exit $? [${SECONDS}s]"; grep -E "^(step|many|capped) |^speedup|^over_bound" "$OUT/e2e-$name.log" | tail -12
   done
 }
-variants "${STEP0:-}" 0 > "$OUT/gpu0.txt" 2>&1 &
+variants "${STEP0:-}" 0 "${E2E_ARGS0:-}" > "$OUT/gpu0.txt" 2>&1 &
 gpu0=$!
 if [ -n "${TESTS:-}${KERNEL_TESTS:-}" ]; then
   echo "== tests on GPU $LAST [${SECONDS}s]"
@@ -47,7 +48,7 @@ if [ "${NOTICES:-1}" = 1 ]; then
   CUDA_VISIBLE_DEVICES=$LAST timeout 200 python3 -m kvrecall.bench.notices --device cuda:0 ${NOTICES_ARGS:---sessions 1,8,64} \
     --out "$OUT/notices.json" > "$OUT/notices.log" 2>&1; echo "notices exit $?"; tail -7 "$OUT/notices.log"
 fi
-variants "${STEP1:-}" "$LAST"
+variants "${STEP1:-}" "$LAST" "${E2E_ARGS1:-}"
 wait $gpu0; cat "$OUT/gpu0.txt"
 python3 scripts/triton_compiles.py "$TRITON_CACHE_DIR" "$STARTED" > "$OUT/triton-compiles.txt" 2>&1
 [ "${SAVE_CACHE:-0}" = 1 ] && tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . && ls -la "$OUT/triton-cache.tgz"
