@@ -1,6 +1,7 @@
 """Render README's performance tables from committed benchmark JSON, so text and numbers cannot
-drift: `python -m kvrecall.bench.readme bench/results/<run>-e2e.json [bench/results/<run>-prefill.json]`
-rewrites the block between the README's perf markers (decode, `kvrecall bench e2e`) and the one
+drift: `python -m kvrecall.bench.readme bench/results/<run>-e2e.json [more -e2e.json] [<run>-prefill.json]`
+rewrites the block between the README's perf markers (decode, `kvrecall bench e2e`: one run, or
+several rendered into one table) and the one
 between its prefill markers (`python -m kvrecall.bench.prefill`); tests check each block equals
 the rendering of the JSON it names."""
 
@@ -25,12 +26,19 @@ def _row(rows: list[dict[str, Any]], policy: str, context: int, batch: int, rate
     return next((r for r in found if r.get("lag") == DEFAULT_LAG), found[0] if found else None)
 
 
-def render(result: dict[str, Any], source: str) -> str:
-    rows, meta = result["rows"], result["meta"]
+def render(result: dict[str, Any], source: str, *more: tuple[dict[str, Any], str]) -> str:
+    """The decode table of one e2e run, or of several (each its own configurations, e.g. one
+    per GPU of a machine): every run's command, device and file are named."""
+    runs = [(result, source), *more]
+    rows = [row for run, _ in runs for row in run["rows"]]
+    measured_by = "; ".join(
+        f"`{run['meta']['command']}` on {run['meta'].get('device')} ({run['meta']['date_utc'][:10]}; `{path}`, "
+        "plot beside it)"
+        for run, path in runs
+    )
     configs = sorted({(r["context"], r["batch"]) for r in rows if r["part"] == "step"})
     lines = [
-        f"Measured by `{meta['command']}` on {meta.get('device')} ({meta['date_utc'][:10]}; "
-        f"`{source}`, plot beside it). Llama-3-8B shape, random bf16 weights, budget 1024; every step "
+        f"Measured by {measured_by}. Llama-3-8B shape, random bf16 weights, budget 1024; every step "
         "graph-captured; kvrecall steps timed on the host around `Engine.step()` (the daemon's calls "
         f"included; boundaries answered {DEFAULT_LAG} steps later, the engine's default), full steps by "
         "CUDA events. Mean step in ms:",
@@ -51,7 +59,7 @@ def render(result: dict[str, Any], source: str) -> str:
             f"| {context // 1024}K x {batch} | {full['median_ms']:.2f} | {cell(bound)} | {cell(measured)} "
             f"| {cell(every)} | {cell(quest)} | {full['median_ms'] / measured['mean_ms']:.2f}x | {memory} |"
         )
-    skipped = meta.get("skipped") or []
+    skipped = [item for run, _ in runs for item in run["meta"].get("skipped") or []]
     if skipped:
         lines += ["", "Not measured in that run: " + "; ".join(skipped) + "."]
     return "\n".join(lines)
@@ -92,24 +100,31 @@ def _replace(text: str, start: str, end: str, block: str, readme: Path) -> str:
     return f"{head}{start}\n{block}\n{end}{tail}"
 
 
-def rewrite(readme: Path, json_path: Path, text: str | None = None) -> str:
-    """README's text with the block for `json_path` (an e2e or a prefill result) re-rendered."""
+def rewrite(readme: Path, json_path: Path, text: str | None = None, *more: Path) -> str:
+    """README's text with the block for `json_path` (an e2e or a prefill result; `more` e2e
+    results render into the same table) re-rendered."""
     text = readme.read_text() if text is None else text
     result = json.loads(json_path.read_text())
     source = os.path.relpath(json_path, readme.parent)
     if "rows" in result:
-        return _replace(text, START, END, render(result, source), readme)
+        others = [(json.loads(p.read_text()), os.path.relpath(p, readme.parent)) for p in more]
+        return _replace(text, START, END, render(result, source, *others), readme)
     return _replace(text, PREFILL_START, PREFILL_END, render_prefill(result, source), readme)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        raise SystemExit("usage: python -m kvrecall.bench.readme bench/results/<run>-e2e.json [<run>-prefill.json]")
+        raise SystemExit("usage: python -m kvrecall.bench.readme bench/results/<run>-e2e.json [more -e2e.json] "
+                         "[<run>-prefill.json]")
     readme = Path("README.md")
     text = readme.read_text()
+    e2e = [Path(p) for p in argv if p.endswith("-e2e.json")]
+    if e2e:
+        text = rewrite(readme, e2e[0], text, *e2e[1:])
     for path in argv:
-        text = rewrite(readme, Path(path), text)
+        if not path.endswith("-e2e.json"):
+            text = rewrite(readme, Path(path), text)
     readme.write_text(text)
     return 0
 
