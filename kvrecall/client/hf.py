@@ -27,7 +27,9 @@ Shared documents: open the session with `prefix=declare(document_ids, model_fing
 (kvrecall.prefix) and `prefill` the whole prompt. When the daemon holds the document for
 this tenant, model and policy, the session starts after it (its working set already filled)
 and only the rest is prefilled, as chunks; otherwise the document is the first pass (the
-ingest), which registers it for the next sessions.
+ingest), which registers it for the next sessions. When the daemon holds only a shorter prefix
+of the declared one (a chat's earlier turns), a pass ends at the declared end and the daemon
+registers the longer prefix there, for the next turn.
 """
 
 from __future__ import annotations
@@ -439,8 +441,8 @@ def prefill(model, cache: KVRecallCache, input_ids: torch.Tensor, chunk_tokens: 
             raise ValueError(f"the prompt ({total} tokens) must go on at least 2 tokens past its prefix "
                              f"({session.prefix_tokens} tokens)")
         skip = session.prefix_held
-        if not skip:
-            cuts.append(session.prefix_tokens)
+        if skip < session.prefix_tokens:  # not held (the ingest), or a shorter one held: a pass ends
+            cuts.append(session.prefix_tokens)  # at its end, and the daemon registers it there
     begin = max([skip, *cuts])
     cuts += list(range(begin + size, total, size)) + [total]
     start = cache.seq_length - skip  # the position of input_ids[:, 0]

@@ -20,7 +20,11 @@ the partial page into a page of its own; its policy state comes from the templat
 (chunk clusters, output segments) in a table of its own, reserving only that in the device
 pool; the other policies take a copy. A session whose declared tokens only *begin* with a
 held prefix (a chat's next turn re-sends the turns before it) starts from the longest such
-prefix and prefills the rest itself (its answer's prefix_tokens_held); it registers nothing.
+prefix and prefills the rest itself (its answer's prefix_tokens_held); when its chunks end
+exactly at its declared prefix's end (the client's prefill cuts a pass there), that longer
+prefix is registered too, so the turn after it starts there: it owns only the pages past the
+shorter prefix's full ones and holds a reference to it (the shorter one is never evicted
+under it), and its policy template shares the shorter one's read-only index (louiskv).
 Its working set, output segments, boundary state and
 windowkv selection stay its own; its
 working set is filled as the ingest would have (sinks and window from the host tier, the
@@ -39,7 +43,6 @@ and compares the ids with the held prefix's, so no hash can stand for tokens it 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import threading
@@ -137,6 +140,15 @@ class Prefix:
     refs: int = 0
     hits: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    # A prefix registered over a shorter held one (`parent`) maps the parent's full pages
+    # (pages [0, shared): the parent's, never freed here) and holds a reference to it.
+    parent: Prefix | None = None
+    shared: int = 0
+    prompt_tokens: int = -1  # its sessions' prompt_tokens (the first ingest's); -1: num_tokens
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 0:
+            self.prompt_tokens = self.num_tokens
 
     @property
     def prefix_id(self) -> str:
@@ -148,7 +160,8 @@ class Prefix:
 
     @property
     def host_bytes(self) -> int:
-        return len(self.pages) * self.page_bytes
+        """Bytes of the pages it owns (a parent's are the parent's)."""
+        return (len(self.pages) - self.shared) * self.page_bytes
 
     def stats(self, now: float) -> pb.PrefixStats:
         return pb.PrefixStats(
@@ -229,11 +242,14 @@ class PrefixRegistry:
             prefix.last_used = time.monotonic()
 
     # ---- registration --------------------------------------------------------------------
-    def register(self, session, declared: Declared, selection: torch.Tensor | None) -> Prefix | None:
-        """After `session` ingested the declared prefix: hand its full pages over, copy its
-        partial page and its policy state. Returns the new Prefix (referenced by the session),
-        or None when an equal one was registered meanwhile or memory is short (the session
-        keeps its pages; nothing is shared)."""
+    def register(
+        self, session, declared: Declared, selection: torch.Tensor | None, parent: Prefix | None = None
+    ) -> Prefix | None:
+        """After `session` ingested the declared prefix (or, over `parent`, a shorter held one,
+        appended the rest): hand its full pages over (a parent's stay the parent's), copy its
+        partial page and its policy state. Returns the new Prefix (referenced by the session;
+        it references `parent`), or None when an equal one was registered meanwhile or memory
+        is short (the session keeps its pages; nothing is shared)."""
         store, policy = session.store, session.policy
         key = PrefixKey(session.worker_id, declared.fingerprint, session.layout, policy_key(policy), declared.digest)
         T = declared.num_tokens
@@ -256,10 +272,14 @@ class PrefixRegistry:
                 return None
             if partial:
                 self.host_pool.copy_page(store.pages[full], tail[0])
+            shared = store.shared  # the parent's full pages, mapped by the session
             prefix = Prefix(
                 key, declared.tokens, T, store.hand_over(full) + tail, full, self.host_pool.page_bytes,
-                copy.deepcopy(policy), None if selection is None else selection.clone(), metadata, refs=1,
+                policy.template(), None if selection is None else selection.clone(), metadata, refs=1,
+                parent=parent, shared=shared if parent is not None else 0, prompt_tokens=session.prompt_tokens,
             )
+            if parent is not None:
+                parent.refs += 1  # released when this one is evicted
             self.prefixes[key] = prefix
         log.info(
             "prefix %s registered by session %s: worker=%s %d tokens, host %d bytes, policy %s",
@@ -287,9 +307,13 @@ class PrefixRegistry:
 
     def _evict(self, prefix: Prefix) -> None:
         del self.prefixes[prefix.key]
-        self.host_pool.free(prefix.pages, prefix.tenant)
+        self.host_pool.free(prefix.pages[prefix.shared :], prefix.tenant)
         self.device_pool.unreserve(prefix.metadata_bytes)
         prefix.pages, prefix.selection = [], None
+        if prefix.parent is not None:
+            prefix.parent.refs -= 1
+            prefix.parent.last_used = time.monotonic()
+            prefix.parent = None
         self.evictions += 1
         self.on_evict(prefix)
         log.info("prefix %s evicted (worker=%s, %d tokens, %d hits): its memory is needed",

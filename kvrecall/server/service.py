@@ -420,6 +420,8 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                         await self._chunk(session, request.chunk, response)
                     else:
                         raise InvalidArgument("event", "one of append, boundary or chunk is required")
+                    if which in ("append", "chunk") and session.declared is not None:
+                        self._after_append(session)
                     self._delta(session, snapshot, response.delta)
                 self.metrics.rpc_latency.labels(f"Decode.{which}").observe(time.perf_counter() - started)
                 yield response
@@ -553,6 +555,9 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                     outcomes, groups = streams.on_stream(self.notice_stream, *work)
                 else:
                     outcomes, groups = await _in_thread(streams.on_stream, self.notice_stream, *work)
+                for session in sessions:  # a notice may reach (or pass) a declared prefix's end
+                    if session.declared is not None:
+                        self._after_append(session)
         except Exception as exc:  # noqa: BLE001
             await self._fail(context, "Boundaries", exc)
             raise AssertionError("unreachable") from None
@@ -578,6 +583,15 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         self.metrics.bytes_moved.labels("host_to_device").inc(moved)
         self.metrics.rpc_latency.labels("Boundaries").observe(seconds)
         return response
+
+    def _after_append(self, session: Session) -> None:
+        """A session over a shorter held prefix that appended up to its declared one's end
+        registers it (SessionRegistry.after_append)."""
+        held = session.prefix
+        self.registry.after_append(session)
+        if session.prefix is not held:
+            self.metrics.prefix_registered.inc()
+            self._update_pool_gauges()
 
     def _step_sessions(self, events, caller: str | None) -> list[Session]:
         """The session of every event, for the caller holding its capability: one event per

@@ -159,7 +159,7 @@ class Session:
         self.policy = prefix.policy.derive()
         n_sink = min(plan.n_sink, T)
         window_from = max(n_sink, T - plan.min_window)
-        self.prompt_tokens, self.evicted_upto, self.spilled_upto = T, window_from, T
+        self.prompt_tokens, self.evicted_upto, self.spilled_upto = prefix.prompt_tokens, window_from, T
         self.layers_ingested, self.ingested = self.layout.num_layers, True
         for start, end, slots in (
             (0, n_sink, torch.arange(n_sink, device=self.ws.keys.device)),
@@ -477,7 +477,10 @@ class SessionRegistry:
             capability=secrets.token_urlsafe(32),
         )
         session.tp_rank, session.tp_size = tp_rank, tp_size
-        session.prefix, session.declared = prefix, declared if prefix is None else None
+        # Over a shorter held prefix the session still registers its declared one once its
+        # chunks reach its end (a chat's next turn then starts after this one).
+        longer = declared is not None and (prefix is None or prefix.num_tokens < declared.num_tokens)
+        session.prefix, session.declared = prefix, declared if longer else None
         if prefix is not None:
             try:
                 session.start_from(prefix)
@@ -511,11 +514,35 @@ class SessionRegistry:
         return session
 
     def register_prefix(self, session: Session) -> None:
-        """After `session` ingested the prefix it declared: share it (prefixes.register)."""
+        """After `session` ingested the prefix it declared, or (over a shorter held prefix)
+        appended the rest of it: share it (prefixes.register). The new prefix holds the
+        shorter one it extends, if any."""
         declared, selection = session.declared, session.first_selection
         session.declared, session.first_selection = None, None
-        if declared is not None and not session.closed:
-            session.prefix = self.prefixes.register(session, declared, selection)
+        if declared is None or session.closed:
+            return
+        parent = session.prefix
+        if parent is not None:  # the retrieved region now: what a session over the new one places
+            selection = session.ws.retrieved_positions().clone()
+        prefix = self.prefixes.register(session, declared, selection, parent)
+        if prefix is not None:
+            session.prefix = prefix
+            if parent is not None:
+                self.prefixes.release(parent)  # the session's reference moved to the new prefix
+
+    def after_append(self, session: Session) -> None:
+        """After a chunk or notice of a session over a shorter held prefix: register its declared
+        prefix when the tokens end exactly there; past it (the worker did not cut its chunks
+        at the prefix's end), give up on it."""
+        declared = session.declared
+        if declared is None or not session.ingested or session.prefix is None:
+            return
+        if session.spilled_upto == declared.num_tokens:
+            self.register_prefix(session)
+        elif session.spilled_upto > declared.num_tokens:
+            session.declared = None
+            log.info("session %s: its tokens passed its declared prefix's end (%d) in one append: not registered",
+                     session.session_id, declared.num_tokens)
 
     def close(self, session: Session) -> tuple[int, int]:
         self.sessions.pop(session.session_id, None)

@@ -113,12 +113,66 @@ def test_a_longer_prompt_starts_from_the_longest_held_prefix_that_begins_it(daem
             assert other.prefix_held == 100  # DOC diverges at 150: only the 100-token prefix begins it
         with open_on(client, policy, config, ids=DOC_IDS[:70] + turn) as diverged:
             assert diverged.prefix_held == 0  # the first 64-token chunk is shared, no held prefix begins it
-        with pytest.raises(NotFoundError, match="prefix.chunk_hashes"):
-            open_on(client, policy, config, ids=DOC_IDS + turn, must_be_held=True)  # the whole of it
+        with pytest.raises(NotFoundError, match="prefix.chunk_hashes"):  # the whole of it
+            open_on(client, policy, config, ids=DOC_IDS + turn[::-1], must_be_held=True)
         refs = {p.prefix_id: p.refs for p in client.stats().prefixes}
-        assert refs[first.info.prefix_id] == 1  # the longer session's reference went with it
+        # the first session's, and the one the longer session registered after its turn's chunk
+        assert refs[first.info.prefix_id] == 2 and len(refs) == 3
         first.close()
         short.close()
+
+
+def canonical(state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A working set with each row's slots sorted by position, free slots zeroed: two sessions
+    that hold the same tokens (placed in other free slots) compare equal."""
+    slot_pos, keys, values = state
+    order = slot_pos.argsort(dim=-1, stable=True)
+    empty = (slot_pos.gather(2, order) < 0)[..., None]  # what a free slot holds is never read
+    take = lambda t: t.gather(2, order[..., None].expand_as(t)).masked_fill(empty, 0)  # noqa: E731
+    return slot_pos.gather(2, order), take(keys), take(values)
+
+
+@pytest.mark.parametrize("policy,config", POLICIES, ids=[p for p, _ in POLICIES])
+def test_a_turn_over_a_held_prefix_registers_its_own_for_the_next_turn(daemon, policy, config):
+    """A chat: turn 2 starts after the held document and appends its own tokens as one chunk up
+    to its declared end, which registers the longer prefix; turn 3 starts after it, holding
+    what turn 2 held there, and both go on alike. The new prefix holds the document's
+    prefix while it lives."""
+    turn = list(range(5000, 5000 + QUESTION))
+    with KVRecallClient(daemon.target, f"prefix-chain-{policy}") as client:
+        first = open_on(client, policy, config)
+        ingest(first)
+        second = open_on(client, policy, config, ids=DOC_IDS + turn)
+        assert second.prefix_held == DOC
+        kv = random_kv(SPEC, QUESTION, seed=31)
+        second.boundary(queries=random_query(SPEC, 32, n_obs=8))
+        buffer = StagingBuffer(tuple(kv.shape), SPEC.dtype, second.transport, kv.device)
+        buffer.tensor.copy_(kv)
+        try:
+            second.chunk(buffer)  # [DOC, DOC + QUESTION): the declared prefix's end
+        finally:
+            buffer.release()
+        at_end = canonical(state(second))
+        held = {p.tokens: p for p in client.stats().prefixes}
+        assert sorted(held) == [DOC, DOC + QUESTION]
+        longer, document = held[DOC + QUESTION], held[DOC]
+        assert (longer.refs, document.refs) == (1, 2)  # second's; first's and the longer prefix's
+        assert longer.host_bytes > 0  # its own pages (test_a_chained_prefix_owns_its_own_pages_only)
+        third = open_on(client, policy, config, ids=DOC_IDS + turn + [7, 8])
+        assert third.prefix_held == DOC + QUESTION and third.position == DOC + QUESTION
+        assert third.info.prefix_id == longer.prefix_id
+        for x, y in zip(canonical(state(third)), at_end, strict=True):
+            assert torch.equal(x, y)
+        for seed in (41, 51):  # both go on alike: a chunk with its retrieval, then a boundary
+            a = canonical(question_and_retrieval(second, seed))
+            b = canonical(question_and_retrieval(third, seed))
+            for x, y in zip(a, b, strict=True):
+                assert torch.equal(x, y)
+        second.close()
+        third.close()
+        first.close()
+        refs = {p.tokens: p.refs for p in client.stats().prefixes}
+        assert refs == {DOC: 1, DOC + QUESTION: 0}  # cached; the longer one holds the document
 
 
 def test_a_held_prefix_costs_its_host_pages_once(daemon):
@@ -277,6 +331,39 @@ def test_admission_evicts_cached_prefixes_never_used_ones():
                 assert again.prefix_held == 30
             host = next(p for p in client.stats().pools if p.tier == "host")
             assert host.used_bytes == 8 * 4096  # the cached prefix: 7 full pages and its partial one
+
+
+def test_a_chained_prefix_owns_its_own_pages_only():
+    """Pages of 4 tokens: a 30-token prefix owns 7 full pages and a copy of its partial one; a
+    session over it that appends 10 tokens registers a 40-token prefix owning pages 7-9 only.
+    Admission evicts the longer prefix first (it holds the shorter), then the shorter."""
+    spec = ModelSpec(num_layers=2, num_kv_heads=2, num_query_heads=2, head_dim=32, dtype=torch.float32, max_tokens=100)
+    page = 4096
+    with LocalDaemon(host_pool_gb=128 / (1 << 20), device_pool_gb=1 / 64, extra_args=["--page-kb", "4"]) as d:
+        with KVRecallClient(d.target, "chain-worker") as client:
+            ids = list(range(40))
+            with client.open_session(spec, "full", prefix=declare(ids[:30], FINGERPRINT)) as a:
+                a.ingest(random_kv(spec, 30, seed=1))
+            with client.open_session(spec, "full", prefix=declare(ids, FINGERPRINT)) as b:
+                assert b.prefix_held == 30
+                kv = random_kv(spec, 10, seed=2)
+                buffer = StagingBuffer(tuple(kv.shape), spec.dtype, b.transport, kv.device)
+                buffer.tensor.copy_(kv)
+                try:
+                    b.chunk(buffer)
+                finally:
+                    buffer.release()
+                held = {p.tokens: (p.host_bytes, p.refs) for p in client.stats().prefixes}
+                assert held == {30: (8 * page, 1), 40: (3 * page, 1)}
+                host = next(p for p in client.stats().pools if p.tier == "host")
+                assert host.used_bytes == (8 + 3 + 25 - 10) * page  # both prefixes and b's own pages
+            assert {p.tokens: p.refs for p in client.stats().prefixes} == {30: 1, 40: 0}
+            with client.open_session(spec, "full") as big:  # 25 pages: both cached prefixes go
+                stats = client.stats()
+                assert stats.prefix_evictions == 2 and stats.prefixes == []
+                host = next(p for p in stats.pools if p.tier == "host")
+                assert host.used_bytes == 25 * page
+                big.ingest(random_kv(spec, 30, seed=3))
 
 
 def test_stream_of_a_held_prefix_session_is_a_chunk_or_decode(daemon):

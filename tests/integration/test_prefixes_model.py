@@ -48,3 +48,31 @@ def test_sessions_on_a_held_document_answer_like_sessions_that_ingested_it(smoll
     for (_, got), want in zip(results, expected, strict=True):
         assert got.tokens == want.tokens
         assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits, strict=True))
+
+
+def test_a_chat_turn_over_a_held_document_registers_itself_for_the_next(smollm, client, prompts):
+    """Turn 2 declares the document and its own question; the daemon holds only the document, so
+    prefill cuts a pass at the declared end (the daemon registers the longer prefix there).
+    Turn 3 starts after it."""
+    model, _ = smollm
+    document, questions = prompts
+    fingerprint = model_fingerprint(model)
+    turn = torch.cat((document, questions[0]), dim=1)
+    follow = torch.cat((turn, questions[1]), dim=1)
+    session, cache = open_model_session(client, model, "louiskv", {"budget": 64}, MAX_TOKENS,
+                                        prefix=declare(document[0].tolist(), fingerprint))  # fmt: skip
+    with session:
+        prefill(model, cache, torch.cat((document, questions[0][:, :2]), dim=1))  # registers the document
+        session, cache = open_model_session(client, model, "louiskv", {"budget": 64}, MAX_TOKENS,
+                                            prefix=declare(turn[0].tolist(), fingerprint))  # fmt: skip
+        with session:
+            assert session.prefix_held == DOCUMENT
+            second = decode(model, cache, follow, STEPS)
+            held = {p.tokens: p.refs for p in client.stats().prefixes}
+            assert held.get(turn.shape[1]) == 1, held  # registered at the declared end, in use
+            session, cache = open_model_session(client, model, "louiskv", {"budget": 64}, MAX_TOKENS,
+                                                prefix=declare(follow[0].tolist(), fingerprint))  # fmt: skip
+            with session:
+                assert session.prefix_held == turn.shape[1]  # turn 3 starts after turn 2's prefix
+                third = decode(model, cache, torch.cat((follow, questions[0][:, :2]), dim=1), STEPS)
+    assert len(second.tokens) == len(third.tokens) == STEPS

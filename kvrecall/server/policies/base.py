@@ -107,6 +107,11 @@ class Policy:
         device pool at OpenSession. Scratch space of a single operation is not counted."""
         return 0
 
+    def template(self) -> Policy:
+        """This state as a held prefix's template (prefixes.register): by default a deep copy.
+        louiskv shares the unit tables of the prefixes it extends (read-only, held by them)."""
+        return copy.deepcopy(self)
+
     def derive(self) -> Policy:
         """A new session's own state over this one, a held prefix's template (never run): what
         the session would hold had it ingested the prefix itself. By default a deep copy; a

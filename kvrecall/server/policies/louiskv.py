@@ -299,6 +299,16 @@ class LouisKVPolicy(Policy):
         pinned = L * H * self.config.pinned_tokens * 8
         return _UnitTable.nbytes(L * H, units, tokens, D, dtype) + L * H * D * 4 + pinned
 
+    def template(self) -> LouisKVPolicy:
+        """A copy whose table keeps its base chain shared: over a held prefix the session's own
+        table extends the prefix's (read-only, kept alive by the new prefix's reference to it)."""
+        memo: dict[int, object] = {}
+        table = self.units.base if self.units is not None else None
+        while table is not None:
+            memo[id(table)] = table
+            table = table.base
+        return copy.deepcopy(self, memo)
+
     def derive(self) -> LouisKVPolicy:
         """A session over a held prefix shares the template's unit table read-only (prompt and
         chunk clusters) and adds its own units (chunks, output segments) in a table of its own."""
