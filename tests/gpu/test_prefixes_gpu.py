@@ -42,3 +42,12 @@ def test_shared_prefix_on_cuda(policy, config):
                     assert_same(state(second), after_ingest)
                     assert_same(question_and_retrieval(second, 11, SPEC, "cuda"), expected)
                 assert_same(question_and_retrieval(first, 11, SPEC, "cuda"), expected)
+
+
+@pytest.mark.parametrize("policy,config", POLICIES, ids=[p for p, _ in POLICIES])
+def test_a_turn_over_a_held_prefix_registers_its_own_on_cuda(policy, config):
+    from tests.integration.test_prefixes import check_turn_chain
+
+    with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.5, device="cuda:0", extra_args=["--page-kb", "64", *NO_WARMUP]) as d:
+        with KVRecallClient(d.target, "gpu-prefix-chain") as client:
+            check_turn_chain(client, policy, config, SPEC, "cuda:0")

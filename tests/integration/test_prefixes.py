@@ -138,41 +138,49 @@ def test_a_turn_over_a_held_prefix_registers_its_own_for_the_next_turn(daemon, p
     to its declared end, which registers the longer prefix; turn 3 starts after it, holding
     what turn 2 held there, and both go on alike. The new prefix holds the document's
     prefix while it lives."""
-    turn = list(range(5000, 5000 + QUESTION))
     with KVRecallClient(daemon.target, f"prefix-chain-{policy}") as client:
-        first = open_on(client, policy, config)
-        ingest(first)
-        second = open_on(client, policy, config, ids=DOC_IDS + turn)
-        assert second.prefix_held == DOC
-        kv = random_kv(SPEC, QUESTION, seed=31)
-        second.boundary(queries=random_query(SPEC, 32, n_obs=8))
-        buffer = StagingBuffer(tuple(kv.shape), SPEC.dtype, second.transport, kv.device)
-        buffer.tensor.copy_(kv)
-        try:
-            second.chunk(buffer)  # [DOC, DOC + QUESTION): the declared prefix's end
-        finally:
-            buffer.release()
-        at_end = canonical(state(second))
-        held = {p.tokens: p for p in client.stats().prefixes}
-        assert sorted(held) == [DOC, DOC + QUESTION]
-        longer, document = held[DOC + QUESTION], held[DOC]
-        assert (longer.refs, document.refs) == (1, 2)  # second's; first's and the longer prefix's
-        assert longer.host_bytes > 0  # its own pages (test_a_chained_prefix_owns_its_own_pages_only)
-        third = open_on(client, policy, config, ids=DOC_IDS + turn + [7, 8])
-        assert third.prefix_held == DOC + QUESTION and third.position == DOC + QUESTION
-        assert third.info.prefix_id == longer.prefix_id
-        for x, y in zip(canonical(state(third)), at_end, strict=True):
+        check_turn_chain(client, policy, config)
+
+
+def check_turn_chain(client, policy: str, config: dict, spec: ModelSpec = SPEC, device: str = "cpu") -> None:
+    """The test above on `device` (tests/gpu runs it on a CUDA daemon)."""
+    turn = list(range(5000, 5000 + QUESTION))
+    opened = {"device": device} if device != "cpu" else {}
+    declared = lambda ids: client.open_session(spec, policy, config, prefix=declare(ids, FINGERPRINT, chunk_tokens=64),  # noqa: E731
+                                               **opened)  # fmt: skip
+    first = declared(DOC_IDS)
+    ingest(first, spec, device)
+    second = declared(DOC_IDS + turn)
+    assert second.prefix_held == DOC
+    kv = random_kv(spec, QUESTION, seed=31).to(device)
+    second.boundary(queries=random_query(spec, 32, n_obs=8).to(device))
+    buffer = StagingBuffer(tuple(kv.shape), spec.dtype, second.transport, kv.device)
+    buffer.tensor.copy_(kv)
+    try:
+        second.chunk(buffer)  # [DOC, DOC + QUESTION): the declared prefix's end
+    finally:
+        buffer.release()
+    at_end = canonical(state(second))
+    held = {p.tokens: p for p in client.stats().prefixes}
+    assert sorted(held) == [DOC, DOC + QUESTION]
+    longer, document = held[DOC + QUESTION], held[DOC]
+    assert (longer.refs, document.refs) == (1, 2)  # second's; first's and the longer prefix's
+    assert longer.host_bytes > 0  # its own pages (test_a_chained_prefix_owns_its_own_pages_only)
+    third = declared(DOC_IDS + turn + [7, 8])
+    assert third.prefix_held == DOC + QUESTION and third.position == DOC + QUESTION
+    assert third.info.prefix_id == longer.prefix_id
+    for x, y in zip(canonical(state(third)), at_end, strict=True):
+        assert torch.equal(x, y)
+    for seed in (41, 51):  # both go on alike: a chunk with its retrieval, then a boundary
+        a = canonical(question_and_retrieval(second, seed, spec, device))
+        b = canonical(question_and_retrieval(third, seed, spec, device))
+        for x, y in zip(a, b, strict=True):
             assert torch.equal(x, y)
-        for seed in (41, 51):  # both go on alike: a chunk with its retrieval, then a boundary
-            a = canonical(question_and_retrieval(second, seed))
-            b = canonical(question_and_retrieval(third, seed))
-            for x, y in zip(a, b, strict=True):
-                assert torch.equal(x, y)
-        second.close()
-        third.close()
-        first.close()
-        refs = {p.tokens: p.refs for p in client.stats().prefixes}
-        assert refs == {DOC: 1, DOC + QUESTION: 0}  # cached; the longer one holds the document
+    second.close()
+    third.close()
+    first.close()
+    refs = {p.tokens: p.refs for p in client.stats().prefixes}
+    assert refs == {DOC: 1, DOC + QUESTION: 0}  # cached; the longer one holds the document
 
 
 def test_a_held_prefix_costs_its_host_pages_once(daemon):
