@@ -76,3 +76,21 @@ def test_a_chat_turn_over_a_held_document_registers_itself_for_the_next(smollm, 
                 assert session.prefix_held == turn.shape[1]  # turn 3 starts after turn 2's prefix
                 third = decode(model, cache, torch.cat((follow, questions[0][:, :2]), dim=1), STEPS)
     assert len(second.tokens) == len(third.tokens) == STEPS
+
+
+def test_the_questions_demo_reports_the_shared_document(tmp_path):
+    """`kvrecall demo --questions N --json`: N sessions over one document; its last stdout line
+    is one JSON object with every question and what the first and the other sessions cost."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "kvrecall.cli", "demo", "--questions", "2", "--context-tokens", "600", "--json"],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [set(q) for q in report["questions"]] == [{"answer", "expected", "correct"}] * 2
+    assert report["rest_held_the_document"] is True
+    assert 0 < report["host_bytes_rest_mean"] < report["host_bytes_first"]
+    assert 0 < report["rest_ingest_seconds_mean"] and 0 < report["first_ingest_seconds"]
