@@ -24,8 +24,11 @@ COVERING = [
     ("snapkv", {"budget": 300}),
     ("quest", {"budget": 300}),
     ("louiskv", {"budget": 300}),
+    ("louiskv", {"budget": 300, "chunk_span": 8}),  # the chunk's best votes bring their neighbours
     ("windowkv", {"budget": 300}),
 ]
+
+IDS = [p + ("-span" if c and "chunk_span" in c else "") for p, c in COVERING]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,7 @@ def max_diff(expected: list[torch.Tensor], got: list[torch.Tensor]) -> float:
     return max(float((a - b).abs().max()) for a, b in zip(expected, got, strict=True))
 
 
-@pytest.mark.parametrize("policy,config", COVERING, ids=[p for p, _ in COVERING])
+@pytest.mark.parametrize("policy,config", COVERING, ids=IDS)
 def test_question_after_a_cached_document_in_one_pass(smollm, client, prompt, reference, policy, config):
     model, _ = smollm
     tokens, logits = reference
@@ -66,7 +69,7 @@ def test_question_after_a_cached_document_in_one_pass(smollm, client, prompt, re
     assert result.tokens == tokens
 
 
-@pytest.mark.parametrize("policy,config", COVERING, ids=[p for p, _ in COVERING])
+@pytest.mark.parametrize("policy,config", COVERING, ids=IDS)
 def test_prompt_prefilled_in_four_chunks(smollm, client, prompt, reference, policy, config):
     model, _ = smollm
     tokens, logits = reference

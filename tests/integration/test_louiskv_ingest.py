@@ -119,3 +119,24 @@ def test_a_chunks_queries_replace_the_pinned_ingest_tokens(client, mode):
                 assert len(positions) == len(set(positions)), (layer, head)
                 assert (NEEDLE in positions) == (mode == "tokens"), (mode, layer, head)
                 assert (DECOY in positions) == (mode == "units"), (mode, layer, head)
+
+
+@pytest.mark.parametrize("span", [0, 5])
+def test_chunk_span_brings_the_neighbours_of_the_chunks_best_votes(client, span):
+    """A chunk's queries look for the needle: the max-pooled vote takes it and its 3 neighbours on
+    each side; with chunk_span the best-voted quarter (4 of those 7) brings their 5 neighbours on
+    each side, so the row holds at least [needle - 4, needle + 4]."""
+    kv, _ = needle_prompt()
+    e = torch.eye(SMALL.head_dim)
+    L, Hq = SMALL.num_layers, SMALL.num_query_heads
+    config = {"budget": 16, "n_sink": 4, "window": 32, "cluster_size": 4, "chunk_span": span}
+    with client.open_session(SMALL, "louiskv", config) as session:
+        session.ingest(kv, 4.0 * e[1].expand(L, Hq, 16, -1).clone())
+        session.boundary(list(range(L)), queries=4.0 * e[0].expand(L, Hq, 16, -1).clone())
+        for layer in range(L):
+            for head in range(SMALL.num_kv_heads):
+                positions = [p for p in session.slot_pos[layer, head, 4:20].tolist() if p >= 0]
+                assert len(positions) == len(set(positions)) == 16, (span, layer, head)
+                near = set(range(NEEDLE - 4, NEEDLE + 5))
+                assert set(range(NEEDLE - 3, NEEDLE + 4)) <= set(positions), (span, layer, head)
+                assert (near <= set(positions)) == (span > 0), (span, layer, head)

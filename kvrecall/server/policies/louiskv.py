@@ -57,6 +57,7 @@ from kvrecall.v1 import kvrecall_pb2 as pb
 log = logging.getLogger("kvrecall.louiskv")
 
 POOL_KERNEL = 7  # max-pool width of the token votes at ingest (SnapKV's)
+SPAN_SEEDS = 0.25  # chunk_span > 0: the budget fraction of a chunk's best-voted tokens that bring their neighbours
 
 
 @dataclass
@@ -79,6 +80,7 @@ class LouisKVConfig:
     target_rate: float = 0.0  # > 0: the worker's threshold adapts to retrieve on this share of steps
     min_gap: int = 0  # decode steps after a retrieval (the prompt's, a chunk's, a boundary's) with no boundary
     chunk_votes: int = 4  # a chunk's last queries voting its retrieval (0: every one the worker sent)
+    chunk_span: int = 0  # > 0: a chunk's best-voted SPAN_SEEDS of tokens bring their +-chunk_span neighbours
 
     def __post_init__(self) -> None:
         check_resident(self)
@@ -94,6 +96,7 @@ class LouisKVConfig:
         check(0.0 <= self.target_rate < 1.0, "target_rate", "must be in [0, 1) (0: the fixed threshold)")
         check(0 <= self.min_gap <= 1 << 16, "min_gap", "must be in [0, 65536] (0: the rule may fire at any step)")
         check(0 <= self.chunk_votes <= 4096, "chunk_votes", "must be in [0, 4096] (0: every query the worker sent)")
+        check(0 <= self.chunk_span <= 256, "chunk_span", "must be in [0, 256] (0: single tokens)")
 
     @property
     def pinned_tokens(self) -> int:
@@ -485,6 +488,9 @@ class LouisKVPolicy(Policy):
             keys = ctx.store.keys(layer, 0, ctx.store.num_tokens).to(device)  # [H, T, D], the ring's too
             votes = query[layer][:, -self.config.chunk_votes :]  # the last queries (0: all)
             top = top_voted(votes, keys, self.layout.group_size, (first, end), count, POOL_KERNEL, causal=False)
+            if self.config.chunk_span:
+                seeds = max(1, round(SPAN_SEEDS * count))
+                top = with_spans(top, seeds, self.config.chunk_span, (first, end))
             row = torch.full((H, R), -1, dtype=torch.int64, device=device)
             row[:, :count] = top
             current[layer] = ascending(row)
@@ -549,6 +555,29 @@ class LouisKVPolicy(Policy):
 
 
 UNIT_FIELDS = ("reps", "valid", "sizes", "unit", "rank", "position")
+
+
+def with_spans(top: torch.Tensor, seeds: int, radius: int, span: tuple[int, int]) -> torch.Tensor:
+    """top [H, n] distinct positions of [start, end) = `span`, best first -> the same number
+    of distinct positions, best first: each of the first `seeds` brings the positions within
+    `radius` of it (inside `span`), in its rank's place, and the rest of `top` follows (a
+    question's best votes fall on a few tokens of the sentence it needs; this brings the
+    sentence whole)."""
+    H, n = top.shape
+    start, end = span
+    offsets = torch.arange(-radius, radius + 1, device=top.device)
+    around = (top[:, :seeds, None] + offsets).view(H, -1)
+    around = torch.where((around >= start) & (around < end), around, -1)
+    order = torch.cat((around, top), dim=1)  # [H, m]: -1 = outside the span
+    m = order.shape[1]
+    rank = torch.arange(m, device=top.device).expand(H, -1)
+    first_seen = torch.full((H, end - start + 1), m, dtype=torch.int64, device=top.device)
+    slot = torch.where(order >= 0, order - start, end - start)  # -1s share the last column
+    first_seen.scatter_reduce_(1, slot, rank, reduce="amin")
+    keep = (order >= 0) & (torch.gather(first_seen, 1, slot) == rank)
+    # the kept positions in their order: a stable sort moves them first (there are >= n: top's own)
+    picked = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :n]
+    return torch.gather(order, 1, picked)
 
 
 def close_segments(closing: list[tuple[LouisKVPolicy, int]]) -> None:
