@@ -42,16 +42,21 @@ def assert_same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> Non
         assert torch.equal(x, y)
 
 
-def question_and_retrieval(session, seed: int, spec: ModelSpec = SPEC, device: str = "cpu") -> tuple[torch.Tensor, ...]:
-    """The question as a chunk (with its retrieval for the chunk's queries), then a boundary."""
-    kv = random_kv(spec, QUESTION, seed=seed).to(device)
-    session.boundary(queries=random_query(spec, seed + 1, n_obs=8).to(device))
-    buffer = StagingBuffer(tuple(kv.shape), spec.dtype, session.transport, kv.device)
+def send_chunk(session, kv: torch.Tensor) -> None:
+    """kv [L, 2, H, n, D] as the session's next chunk, through a staging buffer."""
+    buffer = StagingBuffer(tuple(kv.shape), kv.dtype, session.transport, kv.device)
     buffer.tensor.copy_(kv)
     try:
         session.chunk(buffer)
     finally:
         buffer.release()
+
+
+def question_and_retrieval(session, seed: int, spec: ModelSpec = SPEC, device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    """The question as a chunk (with its retrieval for the chunk's queries), then a boundary."""
+    kv = random_kv(spec, QUESTION, seed=seed).to(device)
+    session.boundary(queries=random_query(spec, seed + 1, n_obs=8).to(device))
+    send_chunk(session, kv)
     session.query.copy_(random_query(spec, seed + 2)[:, :, 0].to(device))
     session.boundary()
     return state(session)
@@ -152,14 +157,8 @@ def check_turn_chain(client, policy: str, config: dict, spec: ModelSpec = SPEC, 
     ingest(first, spec, device)
     second = declared(DOC_IDS + turn)
     assert second.prefix_held == DOC
-    kv = random_kv(spec, QUESTION, seed=31).to(device)
     second.boundary(queries=random_query(spec, 32, n_obs=8).to(device))
-    buffer = StagingBuffer(tuple(kv.shape), spec.dtype, second.transport, kv.device)
-    buffer.tensor.copy_(kv)
-    try:
-        second.chunk(buffer)  # [DOC, DOC + QUESTION): the declared prefix's end
-    finally:
-        buffer.release()
+    send_chunk(second, random_kv(spec, QUESTION, seed=31).to(device))  # [DOC, DOC + QUESTION): the declared end
     at_end = canonical(state(second))
     held = {p.tokens: p for p in client.stats().prefixes}
     assert sorted(held) == [DOC, DOC + QUESTION]
@@ -354,13 +353,7 @@ def test_a_chained_prefix_owns_its_own_pages_only():
                 a.ingest(random_kv(spec, 30, seed=1))
             with client.open_session(spec, "full", prefix=declare(ids, FINGERPRINT)) as b:
                 assert b.prefix_held == 30
-                kv = random_kv(spec, 10, seed=2)
-                buffer = StagingBuffer(tuple(kv.shape), spec.dtype, b.transport, kv.device)
-                buffer.tensor.copy_(kv)
-                try:
-                    b.chunk(buffer)
-                finally:
-                    buffer.release()
+                send_chunk(b, random_kv(spec, 10, seed=2))
                 held = {p.tokens: (p.host_bytes, p.refs) for p in client.stats().prefixes}
                 assert held == {30: (8 * page, 1), 40: (3 * page, 1)}
                 host = next(p for p in client.stats().pools if p.tier == "host")
