@@ -110,6 +110,7 @@ def test_bench_e2e_runs_on_cpu(tmp_path):
     out = tmp_path / "e2e.json"
     argv = ["bench", "e2e", "--device", "cpu", "--shape", "tiny", "--contexts", "200", "--batches", "2",
             "--policies", "louiskv", "--budget", "64", "--rates", "0,0.117,1", "--lag", "1", "--steps", "3", "--warmup", "1",
+            "--repeats", "2",
             "--profile-steps", "2", "--many", "4",
             "--many-context", "100", "--capped-context", "200", "--gpu-kv-cap-gib", "0.0005",
             "--host-cap-gib", "0.002", "--out", str(out)]  # fmt: skip
@@ -123,13 +124,18 @@ def test_bench_e2e_runs_on_cpu(tmp_path):
     assert [r["rate"] for r in louiskv] == [0.0, 0.117, 1.0]
     # at lag 1 a slot may cross on every step (at lag L it reads its shadow for L steps)
     assert louiskv[0]["boundary_share"] == 0.0 and louiskv[2]["boundary_share"] == 1.0
+    # two blocks of 3 steps each, one after another: each block's mean and their spread
+    for row in louiskv:
+        blocks = row["mean_ms_blocks"]
+        assert len(blocks) == 2 and row["block_spread"] == round(max(blocks) / min(blocks), 3)
+        assert min(blocks) - 1e-3 <= row["mean_ms"] <= max(blocks) + 1e-3
     assert {"speedup_vs_full_0K_b2_lag1", "over_bound_0K_b2_lag1"} <= set(result["meta"]["ratios"])
     # whether the steps waited on the daemon: per step waits, per retrieving call latencies
     many = {r["rate"]: r for r in result["rows"] if r["part"] == "many"}
     assert many[0.0]["answers"] == 0 and many[0.0]["answer_ms_median"] is None
     every = louiskv[2]
-    assert every["answers"] == 3 and 0 < every["answer_ms_median"] <= every["answer_ms_p90"] <= every["answer_ms_max"]
-    assert 0 <= every["late_ms_mean"] <= every["wait_ms_mean"] and every["late_steps"] <= 3
+    assert every["answers"] == 6 and 0 < every["answer_ms_median"] <= every["answer_ms_p90"] <= every["answer_ms_max"]
+    assert 0 <= every["late_ms_mean"] <= every["wait_ms_mean"] and every["late_steps"] <= 6
     # where the host time went, the bytes each retrieval moved, and a profile of the steps
     assert every["moved_mib_mean"] > 0 and "moved_mib_mean" not in louiskv[0]
     assert 0 <= every["shadow_ms_mean"] + every["send_ms_mean"] <= every["host_ms_mean"] + 1e-3

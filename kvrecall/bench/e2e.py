@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=int, default=1024, help="retrieved tokens per layer and KV head")
     p.add_argument("--steps", type=int, default=64, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=24, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="kvrecall rows: time this many blocks of --steps steps one after another on the same sessions "
+                   "and report each block's mean (mean_ms_blocks) and max/min (block_spread) beside the overall figures")
     p.add_argument("--lag", default=str(DEFAULT_LAG),
                    help="steps a slot reads its shadow while the daemon retrieves (0: retrieval blocks the next "
                    "step); comma-separated: each louiskv rate above 0 is measured at every lag")
@@ -152,7 +155,7 @@ class Bench:
 
     def spec(self, tokens: int) -> ModelSpec:
         s = self.shape
-        steps = self.args.steps * 4 + self.args.warmup * 4 + 64
+        steps = self.args.steps * self.args.repeats * 4 + self.args.warmup * 4 + 64
         return ModelSpec(s.num_layers, s.num_kv_heads, s.num_query_heads, s.head_dim, self.dtype, tokens + steps)
 
     def add(self, row: dict[str, Any]) -> None:
@@ -249,11 +252,15 @@ class Bench:
                     engine.step()
                 before = sum(seq.boundaries for seq in engine.active)
                 engine.times.clear()
-                samples = []
-                for _ in range(args.steps):
-                    t1 = time.perf_counter()
-                    engine.step()
-                    samples.append((time.perf_counter() - t1) * 1e3)
+                samples, blocks = [], []
+                for _ in range(args.repeats):  # blocks of `steps` steps, one after another
+                    block = []
+                    for _ in range(args.steps):
+                        t1 = time.perf_counter()
+                        engine.step()
+                        block.append((time.perf_counter() - t1) * 1e3)
+                    samples += block
+                    blocks.append(statistics.fmean(block))
                 crossed = sum(seq.boundaries for seq in engine.active) - before
                 waits = daemon_waits(engine.times)
                 profile = host_profile(engine, args.profile_steps) if rate > 0 and args.profile_steps else None
@@ -262,7 +269,9 @@ class Bench:
                     "part": part, "policy": policy, "context": context, "batch": batch, "rate": rate,
                     "median_ms": round(statistics.median(samples), 3), "p90_ms": round(_percentile(samples, 0.9), 3),
                     "mean_ms": round(mean, 3), "tokens_per_s": round(batch * 1e3 / mean, 1),
-                    "boundary_share": round(crossed / (args.steps * batch), 4), "graphed": engine.graph.graphed,
+                    "boundary_share": round(crossed / len(samples) / batch, 4), "graphed": engine.graph.graphed,
+                    **({"mean_ms_blocks": [round(m, 3) for m in blocks], "block_spread": round(max(blocks) / min(blocks), 3)}
+                       if len(blocks) > 1 else {}),
                     "capacity": capacity, "budget": config.get("budget"), "lag": lag,
                     "switch_interval_ms": round(switch * 1e3, 3),
                     "ingest_s_first": round(ingest[0], 3), "ingest_s_mean": round(statistics.fmean(ingest), 3),
@@ -529,8 +538,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        raise SystemExit("--steps and --repeats must be >= 1 and --warmup >= 0")
     return Bench(args, argv).run()
 
 
