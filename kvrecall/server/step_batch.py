@@ -170,22 +170,15 @@ def _place_fills(sessions: list[Session], selections: list[Selection | None]) ->
     for members in groups.values():
         if len(members) < 2:
             continue
-        device = sessions[members[0]].ws.slot_pos.device
-        units = [_device_scalar(selections[i].units, device) for i in members]
         placements = WorkingSet.set_retrieved_together(
             [sessions[i].ws for i in members], [sessions[i].store for i in members],
-            [selections[i].positions for i in members], units,
+            [selections[i].positions for i in members], [selections[i].units for i in members],
         )  # fmt: skip
         if placements is not None:
             for i, placement in zip(members, placements, strict=True):
                 placed[i] = placement
     return placed
 
-
-def _device_scalar(units: int | torch.Tensor, device: torch.device) -> torch.Tensor:
-    if isinstance(units, torch.Tensor):
-        return units
-    return torch.full((), units, dtype=torch.int64, device=device)
 
 
 def _place(sessions: list[Session], selections: list[Selection | None]) -> list[Placement]:

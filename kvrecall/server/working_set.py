@@ -212,11 +212,12 @@ class WorkingSet:
     @staticmethod
     def set_retrieved_together(
         sets: list[WorkingSet], stores: list[SequenceStore], selections: list[torch.Tensor],
-        units: list[torch.Tensor],
+        units: list[int | torch.Tensor],
     ) -> list[Placement] | None:
         """set_retrieved for several sessions of one layout and plan whose host pages share one
         pool, in one placement launch (kernels.place_retrieved_many) and one copy of the counts;
-        units: device scalars. None where they differ (the caller places them one by one)."""
+        units: ints or device scalars, as set_retrieved's. None where they differ (the caller
+        places them one by one)."""
         first, pool = sets[0], stores[0].flat
         if any(ws.layout != first.layout or ws.plan != first.plan for ws in sets) or any(
             store.flat.data_ptr() != pool.data_ptr() or store.tokens_per_page != stores[0].tokens_per_page
@@ -232,7 +233,10 @@ class WorkingSet:
         totals = torch.empty(len(sets), 4, dtype=torch.int64, device=device)
         per_row = counts.view(len(sets), L * H, 2)
         torch.sum(per_row, dim=1, out=totals[:, :2])
-        totals[:, 2] = torch.stack([to_device(u, device) for u in units])
+        totals[:, 2] = torch.stack([
+            to_device(u, device) if isinstance(u, torch.Tensor) else torch.full((), u, dtype=torch.int64, device=device)
+            for u in units
+        ])  # fmt: skip
         totals[:, 3] = per_row[:, :, 0].amax(dim=1)
         placements = Placement.many(totals, row_bytes=D * first.keys.element_size())
         for ws, placement in zip(sets, placements, strict=True):
