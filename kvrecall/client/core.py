@@ -177,6 +177,11 @@ class SessionCore:
         return int(self.policy_config.get("min_gap") or 0)
 
     @property
+    def exact_chunks(self) -> bool:
+        # a chunk attends exactly over the host tier (BoundaryEvent.attend), not the working set
+        return bool(self.policy_config.get("exact_chunks", False))
+
+    @property
     def boundary_pre_rope(self) -> bool:
         return self.info.boundary.pre_rope
 
@@ -258,16 +263,22 @@ class SessionCore:
         return request
 
     def boundary_request(
-        self, layers: list[int] | None = None, position: int | None = None, queries: torch.Tensor | None = None
+        self, layers: list[int] | None = None, position: int | None = None, queries: torch.Tensor | None = None,
+        attend: torch.Tensor | None = None, attend_scale: float = 0.0,
     ) -> pb.DecodeRequest:
         """A BoundaryEvent at `position` (default: the tokens written so far), for the query in
-        the working set or for `queries` (several per head, inline)."""
+        the working set or for `queries` (several per head, inline). With `attend` (a chunk's
+        queries, inline) the answer carries their exact attention over the host tier, and the
+        event retrieves for `queries` only."""
         request = pb.DecodeRequest(seq=self.next_seq(), session_id=self.session_id, capability=self.capability)
         request.boundary.position = self.position if position is None else position
         request.boundary.layers.extend(layers or [])
+        if attend is not None:
+            request.boundary.attend.CopyFrom(inline_ref(attend))
+            request.boundary.attend_scale = attend_scale
         if queries is not None:
             request.boundary.queries.CopyFrom(inline_ref(queries.to(self.spec.dtype)))
-        elif self.transport == pb.TRANSPORT_INLINE:
+        elif self.transport == pb.TRANSPORT_INLINE and attend is None:
             request.boundary.query.CopyFrom(inline_ref(self.query))
         return request
 

@@ -50,6 +50,7 @@ from kvrecall.client.chunk_attention import causal_attention
 from kvrecall.client.core import ModelSpec
 from kvrecall.client.ingest import PromptStream
 from kvrecall.client.staging import StagingBuffer
+from kvrecall.kernels.host_attention import causal_attention_lse, merge_attention
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 ATTENTION_NAME = "kvrecall"
@@ -152,6 +153,7 @@ class KVRecallCache(Cache):
             session.boundary_target_rate, session.boundary_min_gap,
         )
         self.per_layer_retrieval = session.boundary_mode == pb.BOUNDARY_MODE_EVERY_STEP
+        self.exact_chunks = session.exact_chunks  # a chunk attends over the host tier (the daemon answers)
         self.retrieves = session.boundary_mode in (pb.BOUNDARY_MODE_EVERY_STEP, pb.BOUNDARY_MODE_THRESHOLD)
         self.stats = StepStats()
         self.record_similarity = record_similarity
@@ -240,11 +242,17 @@ class KVRecallCache(Cache):
         chunk = self._chunk.tensor[layer]
         chunk[0].copy_(key[0])
         chunk[1].copy_(value[0])
-        if self.retrieves:
-            s.boundary([layer], queries=query[:, :, -self.chunk_queries :].detach())
-        out = chunk_attention(
-            query, s.keys[layer], s.values[layer], s.slot_pos[layer], chunk[0], chunk[1], scaling, self.group
-        )
+        last = query[0, :, -self.chunk_queries :].detach() if self.retrieves else None
+        if self.exact_chunks:  # exact: over the host tier (every earlier token), merged with itself
+            host_out, host_lse = s.attend(layer, query[0], scaling, retrieve=last)
+            own_out, own_lse = causal_attention_lse(query[0], key[0], value[0], scaling)
+            out = merge_attention(host_out, host_lse, own_out, own_lse).to(query.dtype)[None]
+        else:  # over the resident slots (what the retrieval for its last queries placed)
+            if last is not None:
+                s.boundary([layer], queries=last[None])
+            out = chunk_attention(
+                query, s.keys[layer], s.values[layer], s.slot_pos[layer], chunk[0], chunk[1], scaling, self.group
+            )
         if layer == self.num_layers - 1:
             self._end_chunk(query.shape[2])
         return out

@@ -29,6 +29,7 @@ from kvrecall.client.core import ClientBase, ModelSpec, OpenOptions, SessionCore
 from kvrecall.client.errors import KVRecallClientError, NotFoundError, UnavailableError
 from kvrecall.client.ingest import PromptStream
 from kvrecall.client.staging import StagingBuffer
+from kvrecall.transport import open_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 log = logging.getLogger("kvrecall.client")
@@ -293,6 +294,22 @@ class WorkerSession:
         [len(layers) or L, Hq, n, D] (several per head: a chunk's last queries, sent inline)."""
         self.stats_boundaries += 1
         return self._stream_call(self.core.boundary_request(layers, position, queries)).retrieval
+
+    def attend(
+        self, layer: int, queries: torch.Tensor, scale: float, retrieve: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk's exact attention over every token before it (the host tier; flush() first):
+        queries [Hq, n, D] of `layer` -> (out [Hq, n, D], lse [Hq, n] f32) on the queries'
+        device, to merge with the chunk's attention over itself (kernels.merge_attention).
+        With `retrieve` [Hq, m, D] the same call retrieves for those queries (as boundary())."""
+        self.stats_boundaries += int(retrieve is not None)
+        request = self.core.boundary_request(
+            [layer], queries=None if retrieve is None else retrieve[None], attend=queries.detach().float()[None], attend_scale=scale
+        )
+        answer = self._stream_call(request).attention
+        out = open_ref(answer.out, "attention.out").tensor[0]
+        lse = open_ref(answer.lse, "attention.lse").tensor[0]
+        return out.to(queries.device), lse.to(queries.device)
 
     def chunk(self, kv: StagingBuffer) -> pb.AppendAck:
         """Hand over a chunk of n new tokens after the ingest, kv.tensor [L, 2, H, n, D],

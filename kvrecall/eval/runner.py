@@ -85,6 +85,7 @@ class _PrefillSink:
     boundary_threshold = 0.0
     boundary_target_rate = 0.0
     boundary_min_gap = 0
+    exact_chunks = False
     observation = CAPTURED_QUERIES
     prefix_tokens = prefix_held = 0  # no shared prefix: the whole prompt is prefilled
 

@@ -16,7 +16,8 @@ be float32, float16 or bfloat16; math is float32. B is a batch of independent
 
 One module per op holds its public function(s) (argument checks and the dispatch):
 clustering.py (k-means), unit_scores.py, budget.py, row_gather.py, expand.py, placement.py,
-cosine.py, windows.py, quest.py, ws_decode.py, unit_append.py, notice.py, attention.py (reference only).
+cosine.py, windows.py, quest.py, ws_decode.py, unit_append.py, notice.py, attention.py and
+host_attention.py (reference only).
 Beside each, `<op>_triton.py` holds the Triton kernel and its launcher; reference.py holds
 every op in PyTorch. This file only re-exports.
 
@@ -33,6 +34,7 @@ from kvrecall.kernels.budget import select_under_budget
 from kvrecall.kernels.clustering import kmeans, kmeans_assign, kmeans_update
 from kvrecall.kernels.cosine import cosine_similarity
 from kvrecall.kernels.expand import expand_selection
+from kvrecall.kernels.host_attention import attend_blocks, causal_attention_lse, merge_attention
 from kvrecall.kernels.notice import spill_evict_many
 from kvrecall.kernels.placement import (
     background_reads,
@@ -53,7 +55,9 @@ __all__ = [
     "WINDOW_MODES",
     "append_units",
     "background_reads",
+    "attend_blocks",
     "attention_at_positions",
+    "causal_attention_lse",
     "cosine_similarity",
     "expand_selection",
     "gather_rows",
@@ -61,6 +65,7 @@ __all__ = [
     "kmeans_assign",
     "kmeans_update",
     "masked_attention",
+    "merge_attention",
     "place_retrieved",
     "place_retrieved_many",
     "quest_page_bounds",

@@ -17,6 +17,8 @@ B is a batch of independent (layer, kv-head) problems throughout. Ops and the pa
 * quest_page_bounds / quest_page_scores: Quest's per-page key bounds and upper-bound scores
 * masked_attention / attention_at_positions: decode attention over a working set, and the
   ground truth it must equal
+* attention_with_lse: a chunk's exact attention over the host tier with its log-sum-exp
+  (the ground truth of host_attention.attend_blocks)
 """
 
 from __future__ import annotations
@@ -442,3 +444,17 @@ def attention_at_positions(
     mask = torch.zeros(num_kv_heads, num_tokens + 1, dtype=torch.bool, device=keys.device)
     mask.scatter_(1, torch.where(chosen, positions.long(), num_tokens), True)  # column T: padding
     return masked_attention(query, keys, values, mask[:, :num_tokens], scale)
+
+
+def attention_with_lse(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query over every token in one softmax: query [Hq, n, D], keys/values [Hkv, T, D]
+    (T >= 1). -> (out [Hq, n, D] f32, lse [Hq, n] f32 = logsumexp of the scaled scores): the
+    ground truth of host_attention.attend_blocks."""
+    num_kv_heads = keys.shape[0]
+    Hq, n, dim = query.shape
+    q = query.float().reshape(num_kv_heads, Hq // num_kv_heads * n, dim)
+    logits = torch.bmm(q, keys.float().transpose(1, 2)) * scale  # [Hkv, G * n, T]
+    out = torch.bmm(torch.softmax(logits, dim=-1), values.float())
+    return out.reshape(Hq, n, dim), torch.logsumexp(logits, dim=-1).reshape(Hq, n)

@@ -107,6 +107,26 @@ class SequenceStore:
     def keys(self, layer: int, start: int, end: int) -> torch.Tensor:
         return self.read(0, layer, start, end)
 
+    def layer_blocks(self, layer: int, end: int, size: int, device: torch.device):
+        """(keys, values) [H_kv, b, D] of `layer` for tokens [0, end), `size` tokens a block, on
+        `device`: from pinned pages one gather launch per block reads them over PCIe; else copies."""
+        for start in range(0, end, size):
+            stop = min(end, start + size)
+            if device.type == "cuda" and self.pool.kind == "pinned" and self._page_base_dev.device == device:
+                yield self._gather_block(layer, start, stop, device)
+            else:
+                yield self.read(0, layer, start, stop).to(device), self.read(1, layer, start, stop).to(device)
+
+    def _gather_block(self, layer: int, start: int, stop: int, device: torch.device):
+        H, D, n = self.layout.num_kv_heads, self.layout.head_dim, stop - start
+        heads = torch.arange(H, device=device)[:, None]
+        positions = torch.arange(start, stop, device=device)[None, :]
+        src = torch.cat([self.row_offsets(layer, kv, heads, positions).reshape(-1) for kv in (0, 1)])
+        out = torch.empty(2 * H * n * D, dtype=self._flat.dtype, device=device)
+        kernels.gather_rows(self._flat, src, out, torch.arange(2 * H * n, device=device) * D, D)
+        kv = out.view(2, H, n, D)
+        return kv[0], kv[1]
+
     def row_offsets(
         self, layer: torch.Tensor, kv_index: int, head: torch.Tensor, position: torch.Tensor
     ) -> torch.Tensor:

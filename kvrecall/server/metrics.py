@@ -23,7 +23,10 @@ class Metrics:
         self.boundaries = Counter("kvrecall_boundaries", "Boundary retrievals served, by policy name", ["policy"], registry=r)
         self.appends = Counter("kvrecall_appends", "Append notices served", registry=r)
         self.bytes_moved = Counter(
-            "kvrecall_bytes_moved", "Bytes moved between tiers; direction: worker_to_host | host_to_device", ["direction"], registry=r
+            "kvrecall_bytes_moved",
+            "Bytes moved between tiers; direction: worker_to_host | host_to_device | host_to_attention "
+            "(a chunk's exact attention read the host tier)",
+            ["direction"], registry=r,
         )
         self.rpc_latency = Histogram(
             "kvrecall_rpc_seconds",

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from kvrecall.server.ratelog import RateLimitedLog
 from kvrecall.server.session import Session, SessionRegistry
 from kvrecall.server.step_batch import StepTiming, check_events, serve_step
 from kvrecall.server.wire import Undecodable, require_decoded
-from kvrecall.transport import TensorRefError, open_ref
+from kvrecall.transport import TensorRefError, inline_ref, open_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
 from kvrecall.v1 import kvrecall_pb2_grpc as pb_grpc
 
@@ -489,6 +490,11 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             event.position <= layout.max_tokens, "boundary.position",
             f"{event.position} is past max_tokens={layout.max_tokens}",
         )
+        if event.HasField("attend"):
+            await self._attend(session, event, response.attention)
+            if not event.HasField("queries"):
+                return
+            started = time.perf_counter()
         if event.HasField("queries"):
             rows = len(event.layers) or layout.num_layers
             shape = check.tensor_ref(
@@ -526,6 +532,33 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         r.seconds = time.perf_counter() - started
         self.metrics.boundaries.labels(session.policy.name).inc()
         self.metrics.bytes_moved.labels("host_to_device").inc(placement.bytes_moved)
+
+    async def _attend(self, session: Session, event: pb.BoundaryEvent, answer: pb.HostAttention) -> None:
+        """A chunk's exact attention over the host tier (BoundaryEvent.attend)."""
+        layout = session.layout
+        started = time.perf_counter()
+        rows = len(event.layers) or layout.num_layers
+        for layer in event.layers:
+            check.require(layer < layout.num_layers, "boundary.layers", f"layer {layer} >= num_layers={layout.num_layers}")
+        shape = check.tensor_ref(
+            event.attend, "boundary.attend", (layout.dtype, torch.float32),
+            (rows, layout.num_query_heads, None, layout.head_dim), ("inline_data",),
+        )
+        check.require(1 <= shape[2] <= MAX_BOUNDARY_QUERIES, "boundary.attend.shape",
+                      f"{shape[2]} queries per head: must be in [1, {MAX_BOUNDARY_QUERIES}]")
+        check.require(event.attend_scale >= 0 and math.isfinite(event.attend_scale), "boundary.attend_scale",
+                      f"{event.attend_scale} must be a finite scale >= 0 (0: 1/sqrt(head_dim))")
+        scale = event.attend_scale or layout.head_dim**-0.5
+        mapped = open_ref(event.attend, "boundary.attend")
+        try:
+            out, lse = await self._session_op(session.attend, event.position, list(event.layers), mapped.tensor, scale)
+        finally:
+            mapped.close()
+        answer.out.CopyFrom(inline_ref(out))
+        answer.lse.CopyFrom(inline_ref(lse))
+        answer.tokens = event.position
+        answer.seconds = time.perf_counter() - started
+        self.metrics.bytes_moved.labels("host_to_attention").inc(layout.token_bytes // layout.num_layers * event.position * rows)
 
     async def Boundaries(self, request: pb.BoundariesRequest, context) -> pb.BoundariesResponse:
         """One step's notices and retrievals of many sessions (server/step_batch.py): every

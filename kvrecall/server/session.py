@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvrecall import kernels
+from kvrecall.kernels.host_attention import block_tokens
 from kvrecall.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from kvrecall.server.host_store import SequenceStore, tokens_per_page
 from kvrecall.server.layout import ModelLayout, SegmentLayout
@@ -276,6 +278,31 @@ class Session:
         query = self.begin_boundary(position, layers, query)
         selection = self.policy.on_boundary(self.context(), query, layers or list(range(self.layout.num_layers)))
         return self.end_boundary(selection)
+
+    @_exclusive
+    def attend(self, position: int, layers: list[int], queries: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk's exact attention over the host tier: queries [len(layers) or L, Hq, n, D] over
+        tokens [0, position) (all appended: position == spilled_upto), block by block.
+        -> (out [.., Hq, n, D] in the queries' dtype, lse [.., Hq, n] f32), on the host."""
+        self._require_ingested("boundary.attend")
+        if position != self.spilled_upto:
+            raise InvalidArgument(
+                "boundary.position",
+                f"{position} must equal the {self.spilled_upto} tokens in the host tier for boundary.attend "
+                "(announce the tokens written before the chunk with an AppendNotice first)",
+            )
+        rows = layers or list(range(self.layout.num_layers))
+        self._after_worker()
+        device = self.ws.keys.device
+        size = block_tokens(queries.shape[1], queries.shape[2])
+        outs, lses = [], []
+        for row, layer in enumerate(rows):
+            out, lse = kernels.attend_blocks(
+                queries[row].to(device), self.store.layer_blocks(layer, position, size, device), scale
+            )
+            outs.append(out.to(queries.dtype))
+            lses.append(lse)
+        return torch.stack(outs).cpu(), torch.stack(lses).cpu()
 
     def begin_boundary(self, position: int, layers: list[int], query: torch.Tensor | None = None) -> torch.Tensor:
         """A boundary's checks and ordering, under `busy` (boundary(), or a Boundaries call

@@ -80,7 +80,7 @@ class StreamingConfig(_message.Message):
     def __init__(self, n_sink: _Optional[int] = ..., window: _Optional[int] = ...) -> None: ...
 
 class LouisKVConfig(_message.Message):
-    __slots__ = ("budget", "n_sink", "window", "cluster_size", "kmeans_iters", "threshold", "max_segment", "pre_rope", "observation", "ingest_select", "pin_ingest", "target_rate", "chunk_select", "min_gap", "chunk_votes", "chunk_span")
+    __slots__ = ("budget", "n_sink", "window", "cluster_size", "kmeans_iters", "threshold", "max_segment", "pre_rope", "observation", "ingest_select", "pin_ingest", "target_rate", "chunk_select", "min_gap", "chunk_votes", "chunk_span", "exact_chunks")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     N_SINK_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class LouisKVConfig(_message.Message):
     MIN_GAP_FIELD_NUMBER: _ClassVar[int]
     CHUNK_VOTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SPAN_FIELD_NUMBER: _ClassVar[int]
+    EXACT_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     budget: int
     n_sink: int
     window: int
@@ -113,19 +114,22 @@ class LouisKVConfig(_message.Message):
     min_gap: int
     chunk_votes: int
     chunk_span: int
-    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., cluster_size: _Optional[int] = ..., kmeans_iters: _Optional[int] = ..., threshold: _Optional[float] = ..., max_segment: _Optional[int] = ..., pre_rope: bool = ..., observation: _Optional[int] = ..., ingest_select: _Optional[str] = ..., pin_ingest: _Optional[float] = ..., target_rate: _Optional[float] = ..., chunk_select: _Optional[str] = ..., min_gap: _Optional[int] = ..., chunk_votes: _Optional[int] = ..., chunk_span: _Optional[int] = ...) -> None: ...
+    exact_chunks: bool
+    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., cluster_size: _Optional[int] = ..., kmeans_iters: _Optional[int] = ..., threshold: _Optional[float] = ..., max_segment: _Optional[int] = ..., pre_rope: bool = ..., observation: _Optional[int] = ..., ingest_select: _Optional[str] = ..., pin_ingest: _Optional[float] = ..., target_rate: _Optional[float] = ..., chunk_select: _Optional[str] = ..., min_gap: _Optional[int] = ..., chunk_votes: _Optional[int] = ..., chunk_span: _Optional[int] = ..., exact_chunks: bool = ...) -> None: ...
 
 class QuestConfig(_message.Message):
-    __slots__ = ("budget", "n_sink", "window", "page_size")
+    __slots__ = ("budget", "n_sink", "window", "page_size", "exact_chunks")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     N_SINK_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EXACT_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     budget: int
     n_sink: int
     window: int
     page_size: int
-    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
+    exact_chunks: bool
+    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., page_size: _Optional[int] = ..., exact_chunks: bool = ...) -> None: ...
 
 class SnapKVConfig(_message.Message):
     __slots__ = ("budget", "n_sink", "window", "pool_kernel", "observation")
@@ -356,16 +360,20 @@ class AppendNotice(_message.Message):
     def __init__(self, upto: _Optional[int] = ..., kv: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
 
 class BoundaryEvent(_message.Message):
-    __slots__ = ("position", "layers", "query", "queries")
+    __slots__ = ("position", "layers", "query", "queries", "attend", "attend_scale")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
+    ATTEND_FIELD_NUMBER: _ClassVar[int]
+    ATTEND_SCALE_FIELD_NUMBER: _ClassVar[int]
     position: int
     layers: _containers.RepeatedScalarFieldContainer[int]
     query: TensorRef
     queries: TensorRef
-    def __init__(self, position: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., query: _Optional[_Union[TensorRef, _Mapping]] = ..., queries: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
+    attend: TensorRef
+    attend_scale: float
+    def __init__(self, position: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., query: _Optional[_Union[TensorRef, _Mapping]] = ..., queries: _Optional[_Union[TensorRef, _Mapping]] = ..., attend: _Optional[_Union[TensorRef, _Mapping]] = ..., attend_scale: _Optional[float] = ...) -> None: ...
 
 class ChunkAppend(_message.Message):
     __slots__ = ("start", "kv")
@@ -414,16 +422,30 @@ class RetrievalResult(_message.Message):
     def __init__(self, units_selected: _Optional[int] = ..., tokens_placed: _Optional[int] = ..., tokens_gathered: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("seq", "append", "retrieval", "delta")
+    __slots__ = ("seq", "append", "retrieval", "delta", "attention")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     APPEND_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
     seq: int
     append: AppendAck
     retrieval: RetrievalResult
     delta: WorkingSetDelta
-    def __init__(self, seq: _Optional[int] = ..., append: _Optional[_Union[AppendAck, _Mapping]] = ..., retrieval: _Optional[_Union[RetrievalResult, _Mapping]] = ..., delta: _Optional[_Union[WorkingSetDelta, _Mapping]] = ...) -> None: ...
+    attention: HostAttention
+    def __init__(self, seq: _Optional[int] = ..., append: _Optional[_Union[AppendAck, _Mapping]] = ..., retrieval: _Optional[_Union[RetrievalResult, _Mapping]] = ..., delta: _Optional[_Union[WorkingSetDelta, _Mapping]] = ..., attention: _Optional[_Union[HostAttention, _Mapping]] = ...) -> None: ...
+
+class HostAttention(_message.Message):
+    __slots__ = ("out", "lse", "tokens", "seconds")
+    OUT_FIELD_NUMBER: _ClassVar[int]
+    LSE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    out: TensorRef
+    lse: TensorRef
+    tokens: int
+    seconds: float
+    def __init__(self, out: _Optional[_Union[TensorRef, _Mapping]] = ..., lse: _Optional[_Union[TensorRef, _Mapping]] = ..., tokens: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id", "capability")

@@ -81,6 +81,7 @@ class LouisKVConfig:
     min_gap: int = 0  # decode steps after a retrieval (the prompt's, a chunk's, a boundary's) with no boundary
     chunk_votes: int = 4  # a chunk's last queries voting its retrieval (0: every one the worker sent)
     chunk_span: int = 0  # > 0: a chunk's best-voted SPAN_SEEDS of tokens bring their +-chunk_span neighbours
+    exact_chunks: bool = True  # a chunk attends exactly over every earlier token (the host tier), not the working set
 
     def __post_init__(self) -> None:
         check_resident(self)

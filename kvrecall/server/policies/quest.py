@@ -40,6 +40,7 @@ class QuestConfig:
     n_sink: int = 16
     window: int = 64
     page_size: int = 16   # tokens per page
+    exact_chunks: bool = True  # a chunk attends exactly over every earlier token (the host tier), not the working set
 
     def __post_init__(self) -> None:
         check_resident(self)
