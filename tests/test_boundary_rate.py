@@ -125,6 +125,8 @@ def test_louiskv_min_gap_reaches_the_workers_detector(client):
         assert session.boundary_min_gap == 4
         assert KVRecallCache(session).detector.min_gap == 4
     with client.open_session(spec, "louiskv", base) as session:
+        assert session.boundary_min_gap == 8  # the default (docs/TUNING.md)
+    with client.open_session(spec, "louiskv", {**base, "min_gap": 0}) as session:
         assert session.boundary_min_gap == 0
     with pytest.raises(InvalidArgumentError, match="min_gap"):
         client.open_session(spec, "louiskv", {**base, "min_gap": 1 << 17})

@@ -43,7 +43,8 @@ def test_matches_the_reference(rows, n, seeds, radius, start, end):
 
 
 def test_chunk_span_is_validated():
-    assert LouisKVConfig().chunk_span == 0  # off by default
+    assert LouisKVConfig().chunk_span == 8  # the default (docs/TUNING.md: exact chunks)
+    assert LouisKVConfig(chunk_span=0).chunk_span == 0  # off
     with pytest.raises(ValueError, match="chunk_span"):
         LouisKVConfig(chunk_span=-1)
     with pytest.raises(ValueError, match="chunk_span"):

@@ -103,7 +103,10 @@ def test_a_chunks_queries_replace_the_pinned_ingest_tokens(client, mode):
     kv[:, 0, :, DECOY] = 8.0 * e[1]
     L, Hq = SMALL.num_layers, SMALL.num_query_heads
     # pin 8 tokens: the max-pooled vote ties the needle with its 3 neighbours on each side
-    config = {"budget": 16, "n_sink": 4, "window": 32, "cluster_size": 4, "pin_ingest": 0.5, "chunk_select": mode}
+    config = {
+        "budget": 16, "n_sink": 4, "window": 32, "cluster_size": 4, "pin_ingest": 0.5, "chunk_select": mode,
+        "chunk_span": 0,  # single tokens (spans around the needle would take the 16-token budget)
+    }
     with client.open_session(SMALL, "louiskv", config) as session:
         session.ingest(kv, 4.0 * e[1].expand(L, Hq, 16, -1).clone())
         assert NEEDLE not in session.slot_pos.flatten().tolist()

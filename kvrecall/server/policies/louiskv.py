@@ -78,9 +78,9 @@ class LouisKVConfig:
     aggregate: str = "max"  # grouped query heads: "max" or "sum" of unit scores
     pin_ingest: float = 0.25  # budget fraction keeping the best ingest tokens through retrievals
     target_rate: float = 0.0  # > 0: the worker's threshold adapts to retrieve on this share of steps
-    min_gap: int = 0  # decode steps after a retrieval (the prompt's, a chunk's, a boundary's) with no boundary
+    min_gap: int = 8  # decode steps after a retrieval (the prompt's, a chunk's, a boundary's) with no boundary
     chunk_votes: int = 4  # a chunk's last queries voting its retrieval (0: every one the worker sent)
-    chunk_span: int = 0  # > 0: a chunk's best-voted SPAN_SEEDS of tokens bring their +-chunk_span neighbours
+    chunk_span: int = 8  # > 0: a chunk's best-voted SPAN_SEEDS of tokens bring their +-chunk_span neighbours
     exact_chunks: bool = True  # a chunk attends exactly over every earlier token (the host tier), not the working set
 
     def __post_init__(self) -> None:
