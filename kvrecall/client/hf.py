@@ -14,9 +14,11 @@ chunk, its attention in one causal call over the whole prompt, and the layer's K
 daemon while the next layer computes; the worker holds the prompt's hidden states, one layer's
 queries and K/V and one chunk's activations. A later forward pass of n > 1 tokens is a chunk (a question
 after a cached document, a chat turn): per layer, policies that retrieve first retrieve for
-the chunk's last queries, then the chunk attends over the resident slots and causally over
-itself; after the last layer the chunk's K/V goes to the daemon (ChunkAppend), which puts it
-in the host tier and the window ring. A pass of one token is a decode step: its K/V goes into
+the chunk's last queries; with the session's `exact_chunks` (louiskv and quest by default) the
+same call returns the chunk's exact attention over every earlier token (the daemon reads the
+host tier) and the chunk merges it with its causal attention over itself, else it attends over
+the resident slots and causally over itself; after the last layer the chunk's K/V goes to the
+daemon (ChunkAppend), which puts it in the host tier and the window ring. A pass of one token is a decode step: its K/V goes into
 the window ring and it attends over the resident slots ([sinks | retrieved | window], masked
 by slot_pos); after the step the cache announces appended tokens every `spill_every` tokens
 and, when the BoundaryDetector fires, asks the daemon to retrieve for the step's queries
