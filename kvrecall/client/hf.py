@@ -18,8 +18,8 @@ the chunk's last queries; with the session's `exact_chunks` (louiskv and quest b
 same call returns the chunk's exact attention over every earlier token (the daemon reads the
 host tier) and the chunk merges it with its causal attention over itself, else it attends over
 the resident slots and causally over itself; after the last layer the chunk's K/V goes to the
-daemon (ChunkAppend), which puts it in the host tier and the window ring. A pass of one token is a decode step: its K/V goes into
-the window ring and it attends over the resident slots ([sinks | retrieved | window], masked
+daemon (ChunkAppend), which puts it in the host tier and the window ring. A pass of one token
+is a decode step: its K/V goes into the window ring and it attends over the resident slots ([sinks | retrieved | window], masked
 by slot_pos); after the step the cache announces appended tokens every `spill_every` tokens
 and, when the BoundaryDetector fires, asks the daemon to retrieve for the step's queries
 (serving the next step). Policies that retrieve every step (quest) retrieve per layer before

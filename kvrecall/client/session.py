@@ -304,7 +304,8 @@ class WorkerSession:
         With `retrieve` [Hq, m, D] the same call retrieves for those queries (as boundary())."""
         self.stats_boundaries += int(retrieve is not None)
         request = self.core.boundary_request(
-            [layer], queries=None if retrieve is None else retrieve[None], attend=queries.detach().float()[None], attend_scale=scale
+            [layer], queries=None if retrieve is None else retrieve[None],
+            attend=queries.detach().float()[None], attend_scale=scale,
         )
         answer = self._stream_call(request).attention
         out = open_ref(answer.out, "attention.out").tensor[0]
