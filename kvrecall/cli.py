@@ -137,6 +137,10 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy", default="louiskv", choices=POLICY_CHOICES, help="the session's KV policy (default louiskv)"
     )
     parser.add_argument("--budget", type=int, help="retrieved-token budget (policies that take one)")
+    parser.add_argument(
+        "--policy-config", metavar="JSON",
+        help="more fields of the policy's config as a JSON object, e.g. '{\"min_gap\": 0}' (docs/TUNING.md)",
+    )
 
 
 BENCHES = {

@@ -33,12 +33,22 @@ def budget_config(policy: str, budget: int | None) -> dict | None:
     return {field: budget}
 
 
-def policy_config(policy: str, budget: int | None) -> dict | None:
-    """budget_config for the command line: exits with the problem."""
+def policy_config(policy: str, budget: int | None, extra: str | None = None) -> dict | None:
+    """budget_config for the command line, over the fields of `extra` (--policy-config, a JSON
+    object; the daemon validates its fields): exits with the problem."""
     try:
-        return budget_config(policy, budget)
+        config = budget_config(policy, budget)
     except ValueError as exc:
         raise SystemExit(f"--{exc}") from None
+    if not extra:
+        return config
+    try:
+        fields = json.loads(extra)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"--policy-config: not JSON ({exc})") from None
+    if not isinstance(fields, dict):
+        raise SystemExit("--policy-config: must be a JSON object of config fields, e.g. '{\"min_gap\": 0}'")
+    return {**fields, **(config or {})}
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -69,7 +79,7 @@ def run_demo(args: argparse.Namespace) -> int:
             target = stack.enter_context(LocalDaemon()).target
         client = stack.enter_context(KVRecallClient(target, "demo-worker"))
         max_tokens = input_ids.shape[1] + args.max_new_tokens + 16
-        config = with_task(args.policy, policy_config(args.policy, args.budget), sample.prompt)
+        config = with_task(args.policy, policy_config(args.policy, args.budget, args.policy_config), sample.prompt)
         session, cache = open_model_session(client, model, args.policy, config, max_tokens, tag="demo")
         with session:
             eos = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
@@ -150,7 +160,7 @@ def run_questions(args: argparse.Namespace) -> int:
     asked = [tokenizer(q, return_tensors="pt", add_special_tokens=False).input_ids for q, _ in questions]
     max_tokens = doc_ids.shape[1] + max(q.shape[1] for q in asked) + args.max_new_tokens + 16  # one layout for all
     declaration = declare(doc_ids[0].tolist(), model_fingerprint(model))
-    config = with_task(args.policy, policy_config(args.policy, args.budget), document)
+    config = with_task(args.policy, policy_config(args.policy, args.budget, args.policy_config), document)
     eos = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     eos.discard(None)
     rows = []
@@ -217,7 +227,7 @@ def run_worker(args: argparse.Namespace) -> int:
             sample = demo_sample(args.context_tokens, seed=seed, tokenizer=tokenizer)
             input_ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(device)
             max_tokens = input_ids.shape[1] + args.max_new_tokens + 16
-            config = with_task(args.policy, policy_config(args.policy, args.budget), sample.prompt)
+            config = with_task(args.policy, policy_config(args.policy, args.budget, args.policy_config), sample.prompt)
             session, cache = open_model_session(
                 client, model, args.policy, config, max_tokens, tag=args.worker_id
             )

@@ -43,3 +43,16 @@ def test_policy_choices_are_the_registry():
         assert all(p in subcommands()[name].format_help() for p in POLICY_CHOICES)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--policy", "nope"])
+
+
+def test_policy_config_adds_fields_under_the_budget():
+    from kvrecall.demo import policy_config
+
+    args = build_parser().parse_args(["demo", "--budget", "64", "--policy-config", '{"min_gap": 0, "budget": 9}'])
+    assert policy_config(args.policy, args.budget, args.policy_config) == {"min_gap": 0, "budget": 64}
+    assert policy_config("louiskv", None, '{"chunk_span": 4}') == {"chunk_span": 4}
+    assert policy_config("louiskv", None, None) is None
+    with pytest.raises(SystemExit, match="--policy-config: not JSON"):
+        policy_config("louiskv", None, "{min_gap: 0}")
+    with pytest.raises(SystemExit, match="--policy-config: must be a JSON object"):
+        policy_config("louiskv", None, "[1, 2]")

@@ -17,6 +17,7 @@ import os
 import torch
 
 from kvrecall.client import KVRecallClient
+from kvrecall.demo import policy_config
 from kvrecall.tp.check import tiny_model
 from kvrecall.tp.decode import open_tp_session, tp_decode
 from kvrecall.tp.group import TPGroup
@@ -47,7 +48,7 @@ def run_tp_worker(args: argparse.Namespace) -> int:
     device = _device(args)
     group = TPGroup.from_env("nccl" if device.type == "cuda" else "gloo")
     model = _load(device, group)
-    config = {"budget": args.budget} if args.budget else None
+    config = policy_config(args.policy, args.budget, args.policy_config)
     vocab = model.shape.vocab
     with KVRecallClient(args.target, args.worker_id, token=args.token) as client:
         for seed in range(args.sessions):

@@ -38,6 +38,7 @@ def ranks(tmp_path_factory):
                 "worker", "--target", daemons[rank].target, "--device", "cpu", "--policy", "louiskv",
                 "--worker-id", "tp-worker",
                 "--sessions", "1", "--context-tokens", "120", "--budget", "32", "--max-new-tokens", "8",
+                "--policy-config", '{"min_gap": 0}',  # 8 tokens: the default gap (8) would leave no boundary
             ],
             WORLD,
             out,
