@@ -67,6 +67,19 @@ class AuthConfig:
         return bool(self.tokens)
 
 
+def open_queries(ref: pb.TensorRef, field_name: str, layout, layers: int):
+    """Several queries per head for `layers` rows (0: every layer), inline
+    [rows, Hq, n, D] with 1 <= n <= MAX_BOUNDARY_QUERIES: checked, then opened."""
+    rows = layers or layout.num_layers
+    shape = check.tensor_ref(
+        ref, field_name, (layout.dtype, torch.float32), (rows, layout.num_query_heads, None, layout.head_dim),
+        ("inline_data",),
+    )
+    check.require(1 <= shape[2] <= MAX_BOUNDARY_QUERIES, f"{field_name}.shape",
+                  f"{shape[2]} queries per head: must be in [1, {MAX_BOUNDARY_QUERIES}]")
+    return open_ref(ref, field_name)
+
+
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
@@ -496,14 +509,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 return
             started = time.perf_counter()
         if event.HasField("queries"):
-            rows = len(event.layers) or layout.num_layers
-            shape = check.tensor_ref(
-                event.queries, "boundary.queries", (layout.dtype, torch.float32),
-                (rows, layout.num_query_heads, None, layout.head_dim), ("inline_data",),
-            )
-            check.require(1 <= shape[2] <= MAX_BOUNDARY_QUERIES, "boundary.queries.shape",
-                          f"{shape[2]} queries per head: must be in [1, {MAX_BOUNDARY_QUERIES}]")
-            mapped = open_ref(event.queries, "boundary.queries")
+            mapped = open_queries(event.queries, "boundary.queries", layout, len(event.layers))
             query = mapped.tensor.float()
         elif event.HasField("query"):
             check.tensor_ref(
@@ -538,18 +544,10 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         layout = session.layout
         started = time.perf_counter()
         rows = len(event.layers) or layout.num_layers
-        for layer in event.layers:
-            check.require(layer < layout.num_layers, "boundary.layers", f"layer {layer} >= num_layers={layout.num_layers}")
-        shape = check.tensor_ref(
-            event.attend, "boundary.attend", (layout.dtype, torch.float32),
-            (rows, layout.num_query_heads, None, layout.head_dim), ("inline_data",),
-        )
-        check.require(1 <= shape[2] <= MAX_BOUNDARY_QUERIES, "boundary.attend.shape",
-                      f"{shape[2]} queries per head: must be in [1, {MAX_BOUNDARY_QUERIES}]")
         check.require(event.attend_scale >= 0 and math.isfinite(event.attend_scale), "boundary.attend_scale",
                       f"{event.attend_scale} must be a finite scale >= 0 (0: 1/sqrt(head_dim))")
         scale = event.attend_scale or layout.head_dim**-0.5
-        mapped = open_ref(event.attend, "boundary.attend")
+        mapped = open_queries(event.attend, "boundary.attend", layout, len(event.layers))
         try:
             out, lse = await self._session_op(session.attend, event.position, list(event.layers), mapped.tensor, scale)
         finally:

@@ -285,6 +285,7 @@ class Session:
         tokens [0, position) (all appended: position == spilled_upto), block by block.
         -> (out [.., Hq, n, D] in the queries' dtype, lse [.., Hq, n] f32), on the host."""
         self._require_ingested("boundary.attend")
+        check_layers(self, layers, "boundary.layers")
         if position != self.spilled_upto:
             raise InvalidArgument(
                 "boundary.position",
@@ -309,11 +310,7 @@ class Session:
         that holds it): the query the policy scores, [L, Hq, D] or [L, Hq, n, D]."""
         self._require_ingested("boundary")
         check_boundary_position(self, position, "boundary.position")
-        for layer in layers:
-            if layer >= self.layout.num_layers:
-                raise InvalidArgument(
-                    "boundary.layers", f"layer {layer} >= num_layers={self.layout.num_layers}"
-                )
+        check_layers(self, layers, "boundary.layers")
         self.counters.boundaries += 1
         self._after_worker()
         if query is None:  # the worker wrote it into the working set (read in place)
@@ -405,6 +402,13 @@ def check_boundary_position(session: Session, position: int, field_name: str) ->
             field_name,
             f"{position} is outside [{low}, {high}] (appended tokens not yet noticed must be at most spill_every)",
         )
+
+
+def check_layers(session: Session, layers: list[int], field_name: str) -> None:
+    """Every layer an event names is one of the session's."""
+    for layer in layers:
+        if layer >= session.layout.num_layers:
+            raise InvalidArgument(field_name, f"layer {layer} >= num_layers={session.layout.num_layers}")
 
 
 class SessionRegistry:
