@@ -102,6 +102,20 @@ def test_flags_narrow_a_suite():
         suite_with_overrides(SUITES["full"], argparse.Namespace(families="later"))
 
 
+def test_flags_narrow_the_long_output_replays():
+    import argparse
+
+    from kvrecall.eval.harness import suite_with_overrides
+
+    args = argparse.Namespace(long_lengths="4096", long_budgets="1024")
+    suite = suite_with_overrides(SUITES["long_output"], args)
+    assert (suite.long_lengths, suite.long_budgets, suite.long_tokens) == ((4096,), ("1024",), 4000)
+    with pytest.raises(ValueError, match="--long-lengths"):
+        suite_with_overrides(SUITES["long_output"], argparse.Namespace(long_lengths="4K"))
+    with pytest.raises(ValueError, match="budgets"):
+        suite_with_overrides(SUITES["long_output"], argparse.Namespace(long_budgets="lots"))
+
+
 def test_relative_detail_reports_retrievals_per_generated_token():
     records = [
         {**_record("full", "*", "doc_first", 1.0, seed), "boundaries": 0, "steps": 10} for seed in range(2)

@@ -365,7 +365,16 @@ def _policies(arg: str | None) -> list[str]:
     return ["full"] + [p for p in wanted if p != "full"]
 
 
-OVERRIDABLE = {"budgets": str, "tasks": str, "lengths": int, "depths": float, "seeds": int, "families": str}
+OVERRIDABLE = {
+    "budgets": str,
+    "tasks": str,
+    "lengths": int,
+    "depths": float,
+    "seeds": int,
+    "families": str,
+    "long_lengths": int,
+    "long_budgets": str,
+}
 """Suite fields a comma-separated flag of the same name replaces, with the type of its items."""
 
 
@@ -379,7 +388,8 @@ def suite_with_overrides(suite: Suite, args: argparse.Namespace) -> Suite:
             try:
                 fields[name] = tuple(kind(item) for item in value.split(","))
             except ValueError:
-                raise ValueError(f"--{name}: {value!r} is not a comma-separated list of {kind.__name__}") from None
+                flag = name.replace("_", "-")
+                raise ValueError(f"--{flag}: {value!r} is not a comma-separated list of {kind.__name__}") from None
     if not fields:
         return suite
     merged = replace(suite, **fields, skip=())
@@ -575,6 +585,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", help="comma-separated needle depths in [0, 1] (default: the suite's)")
     parser.add_argument("--seeds", help="comma-separated sample seeds (default: the suite's)")
     parser.add_argument("--families", help="comma-separated: in_prompt, doc_first (default: the suite's)")
+    parser.add_argument(
+        "--long-lengths", help="comma-separated document lengths of the long-output replays (default: the suite's)"
+    )
+    parser.add_argument(
+        "--long-budgets", help="comma-separated budgets of the long-output replays (default: the suite's)"
+    )
     parser.add_argument(
         "--out", default="bench/results", help="directory for the JSON, markdown and PNG files"
     )
