@@ -4,9 +4,12 @@ select_under_budget_triton: scores [B, U] float, sizes [B, U] int, budget -> tak
 units visited by descending score (ties: lower index first) each take min(size, budget left);
 units scoring -inf (or NaN) take nothing. Matches `reference.select_under_budget`.
 
-One program sorts one row in registers: each score becomes an order-preserving int32, packed
-above its (reversed) index into one int64 key, so a single descending `tl.sort` gives the
-visit order with ties broken by index. Rows longer than MAX_UNITS fall back to the reference.
+One program takes one row in registers, without a sort: each score becomes an order-preserving
+integer key, a 32-step binary search over the key range finds the greedy rule's last key t (the
+largest with sum(size of units keyed >= t) >= budget); units above t take all, units at t take
+what is left in index order (a prefix sum), units below nothing. The sort this replaced (a
+4096-wide bitonic sort per row) took 0.2 ms per 32K retrieval on an H200 (issue #17). Rows longer
+than MAX_UNITS fall back to the reference.
 Imported only when Triton is (see `_triton`).
 """
 
@@ -30,21 +33,26 @@ def _select_kernel(
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_U)
     in_row = offs < U
-    score_row = scores_ptr + b * stride_sb
-    scores = tl.load(score_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
+    scores = tl.load(scores_ptr + b * stride_sb + offs, mask=in_row, other=float("-inf")).to(tl.float32)
+    size = tl.load(sizes_ptr + b * stride_zb + offs, mask=in_row, other=0).to(tl.int64)
+    size = tl.where(scores > float("-inf"), tl.maximum(size, 0), 0)  # -inf, NaN, padding: nothing
+    scores = tl.where(scores == 0.0, 0.0, scores)  # -0.0 ties +0.0, as the reference's compare does
     bits = scores.to(tl.int32, bitcast=True)
-    ordered_bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order == signed int order
-    keys = (ordered_bits.to(tl.int64) << 32) | (BLOCK_U - 1 - offs).to(tl.int64)
-    keys = tl.where(in_row, keys, -(2**63))  # padding sorts after every unit
-    keys = tl.sort(keys, descending=True)
-    unit = (BLOCK_U - 1) - (keys & (BLOCK_U - 1))  # rank -> unit index (the low bits hold it)
-    ranked = in_row  # the first U ranks are the units
-    unit_score = tl.load(score_row + unit, mask=ranked, other=float("-inf")).to(tl.float32)
-    size = tl.load(sizes_ptr + b * stride_zb + unit, mask=ranked, other=0).to(tl.int64)
-    size = tl.where(unit_score > float("-inf"), tl.maximum(size, 0), 0)
-    before = tl.cumsum(size, axis=0) - size
-    take = tl.minimum(size, tl.maximum(budget - before, 0))
-    tl.store(take_ptr + b * U + unit, take, mask=ranked)
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # float order == signed int order
+    # Invariant: sum(size[key >= lo]) >= budget (or lo is the lowest key), sum(size[key >= hi]) < budget.
+    lo = tl.full((), -(2**31), tl.int64)
+    hi = tl.full((), 2**31, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi) >> 1
+        enough = tl.sum(tl.where(key >= mid, size, 0), axis=0) >= budget
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    above = key > lo
+    left = budget - tl.sum(tl.where(above, size, 0), axis=0)
+    tied = tl.where(key == lo, size, 0)
+    before = tl.cumsum(tied, axis=0) - tied  # ties: lower index first
+    take = tl.where(above, size, tl.minimum(tied, tl.maximum(left - before, 0)))
+    tl.store(take_ptr + b * U + offs, take, mask=in_row)
 
 
 def select_under_budget_triton(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> torch.Tensor:
@@ -56,7 +64,7 @@ def select_under_budget_triton(scores: torch.Tensor, sizes: torch.Tensor, budget
     if take.numel() == 0:
         return take
     # Two compiled variants, not one per power of two: the daemon's warm-up compiles both, so a
-    # session's unit count never compiles a kernel while it waits (the sort is cheap either way).
+    # session's unit count never compiles a kernel while it waits.
     block_u = SMALL_UNITS if num_units <= SMALL_UNITS else MAX_UNITS
     _select_kernel[(batch,)](
         scores, sizes, take,

@@ -81,6 +81,8 @@ class ServerConfig(BaseModel):
                                         # (Python's default 5 ms delays a notice behind retrievals)
     profile_out: str = ""               # a path: Boundaries work under cProfile, its busiest functions
                                         # written there as JSON at shutdown (server/profiling.py)
+    kernel_profile_out: str = ""        # a path: the daemon's GPU kernels from the end of the warm-up to
+                                        # shutdown (per name, and the GPU time it held), JSON at shutdown
     host_reads: Literal["auto", "copy", "kernel"] = "auto"  # how a background retrieval's rows (one
                                         # the worker does not wait for) leave the pinned host tier:
                                         # gathered by the host, one DMA by the copy engine, or the

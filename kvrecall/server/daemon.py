@@ -20,7 +20,7 @@ from kvrecall.fdpass import FdServer, claim_socket_path
 from kvrecall.server.config import ServerConfig
 from kvrecall.server.metrics import Metrics
 from kvrecall.server.pools import DevicePool, HostPool
-from kvrecall.server.profiling import OpsProfiler
+from kvrecall.server.profiling import KernelProfiler, OpsProfiler
 from kvrecall.server.service import AuthConfig, KVRecallService
 from kvrecall.server.session import SessionRegistry
 from kvrecall.server.warmup import warm_up
@@ -72,6 +72,7 @@ class Daemon:
             notice_ops=config.notice_ops, notice_stream=config.notice_stream,
             profiler=OpsProfiler(config.profile_out) if config.profile_out else None,
         )  # fmt: skip
+        self.kernel_profiler = KernelProfiler(config.kernel_profile_out, self.device) if config.kernel_profile_out else None
         self.fd_server = FdServer(fd_socket, config.socket_mode, self.service.segment_fd) if fd_socket else None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -96,6 +97,8 @@ class Daemon:
         if self.device.type == "cuda" and c.warmup_shapes:  # before serving: the first session pays nothing
             seconds = warm_up(self.registry, c.warmup_shapes)
             log.info("warm-up: kernels for %s ready in %.1fs", c.warmup, seconds)
+        if self.kernel_profiler is not None:
+            self.kernel_profiler.start()
         max_bytes = c.max_message_mb * (1 << 20)
         self.server = grpc.aio.server(
             options=[
@@ -175,6 +178,9 @@ class Daemon:
         if self.service.profiler is not None:  # before the pool's release, which can take a while
             self.service.profiler.write()
             log.info("profile of the Boundaries work written to %s", self.service.profiler.path)
+        if self.kernel_profiler is not None:
+            self.kernel_profiler.write()
+            log.info("profile of the daemon's GPU kernels written to %s", self.kernel_profiler.path)
         self.host_pool.close()
         for address in self.config.listen:
             if address.startswith("unix://"):

@@ -15,8 +15,11 @@ import cProfile
 import json
 import pstats
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
+
+import torch
 
 T = TypeVar("T")
 
@@ -71,6 +74,98 @@ class OpsProfiler:
                     })  # fmt: skip
                 out[kind] = {"calls": calls, "skipped": skipped[kind], "top": sorted(rows, key=lambda r: -r["own_ms_per_call"])[:top]}
         return out
+
+    def write(self) -> None:
+        with open(self.path, "w") as f:
+            json.dump(self.summary(), f, indent=2)
+
+
+def union_length(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of [start, end) intervals (overlapping kernels count once)."""
+    return sum(end - start for start, end in merged(spans))
+
+
+def merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Overlapping [start, end) intervals joined, in order."""
+    out: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def busy_per_bucket(spans: list[tuple[float, float]], bucket: float) -> list[float]:
+    """The union's length in each `bucket`-long window from the first start (a timeline)."""
+    joined = merged(spans)
+    if not joined:
+        return []
+    origin = joined[0][0]
+    out = [0.0] * (int((joined[-1][1] - origin) // bucket) + 1)
+    for start, end in joined:
+        while start < end:
+            k = int((start - origin) // bucket)
+            edge = min(end, origin + (k + 1) * bucket)
+            out[k] += edge - start
+            start = edge
+    return out
+
+
+class KernelProfiler:
+    """The daemon's GPU kernels while it serves (KVRECALL_KERNEL_PROFILE_OUT), for finding how much
+    GPU time its work takes from the workers on the same GPU: two processes' kernels time-slice,
+    so a worker's step loses about the daemon's busy time (issue #17,
+    scripts/gpu_timeslice_probe.py). torch.profiler with CUDA activity only (CUPTI: kernels and
+    copies, no host ops), on from the end of the warm-up to shutdown; then per kernel name its
+    launches and total time, and the union of all kernel intervals (the GPU time the daemon held)
+    in all and per second, are written to `path` as JSON. A kernel's recorded time includes any slice it waited out while
+    a worker ran, so totals are upper bounds. Off by default; on a CPU daemon the file says so."""
+
+    def __init__(self, path: str, device: torch.device) -> None:
+        self.path = path
+        self.device = device
+        self._profile = None
+        self._started = 0.0
+
+    def start(self) -> None:
+        if self.device.type != "cuda":
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        self._profile = profile(activities=[ProfilerActivity.CUDA])
+        self._profile.start()
+        self._started = time.perf_counter()
+
+    def summary(self, top: int = 40) -> dict:
+        if self._profile is None:
+            return {"device": str(self.device), "note": "no CUDA device: nothing profiled", "kernels": []}
+        wall = time.perf_counter() - self._started
+        self._profile.stop()
+        spans: list[tuple[float, float]] = []
+        per_name: dict[str, list[float]] = {}
+        for event in self._profile.events():
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            start, end = event.time_range.start, event.time_range.end
+            spans.append((start, end))
+            per_name.setdefault(event.name, []).append(end - start)
+        busy = union_length(spans)
+        rows = sorted(
+            ({"name": name[:120], "launches": len(times), "total_ms": round(sum(times) / 1e3, 3),
+              "mean_us": round(sum(times) / len(times), 2)} for name, times in per_name.items()),
+            key=lambda r: -r["total_ms"],
+        )  # fmt: skip
+        return {
+            "device": str(self.device),
+            "wall_s": round(wall, 3),
+            "busy_ms": round(busy / 1e3, 3),
+            "kernel_ms": round(sum(r["total_ms"] for r in rows), 3),
+            "launches": sum(r["launches"] for r in rows),
+            # busy ms in each second from the first kernel (ingests, then the decode steps' share)
+            "busy_ms_per_s": [round(us / 1e3, 2) for us in busy_per_bucket(spans, 1e6)],
+            "kernels": rows[:top],
+        }
 
     def write(self) -> None:
         with open(self.path, "w") as f:

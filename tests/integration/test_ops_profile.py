@@ -55,3 +55,27 @@ def test_a_call_while_another_is_profiled_runs_unprofiled_and_is_counted(tmp_pat
     first.join()
     summary = profiler.summary()["notices"]
     assert (summary["calls"], summary["skipped"]) == (1, 1)
+
+
+def test_the_kernel_profile_of_a_cpu_daemon_says_there_was_nothing_to_profile(tmp_path):
+    path = tmp_path / "kernels.json"
+    with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.25, env={"KVRECALL_KERNEL_PROFILE_OUT": str(path)}):
+        pass
+    profile = json.loads(path.read_text())
+    assert profile["device"] == "cpu" and profile["kernels"] == [] and "no CUDA device" in profile["note"]
+
+
+def test_busy_time_counts_overlapping_kernels_once():
+    from kvrecall.server.profiling import union_length
+
+    assert union_length([]) == 0.0
+    assert union_length([(0.0, 4.0), (1.0, 2.0), (3.0, 6.0), (10.0, 11.0)]) == 7.0
+    assert union_length([(5.0, 6.0), (0.0, 1.0)]) == 2.0
+
+
+def test_the_busy_timeline_splits_intervals_at_bucket_edges():
+    from kvrecall.server.profiling import busy_per_bucket
+
+    assert busy_per_bucket([], 1.0) == []
+    # from 10: [10, 10.5) and [10.25, 11.5) join to [10, 11.5); [13, 13.25)
+    assert busy_per_bucket([(10.0, 10.5), (10.25, 11.5), (13.0, 13.25)], 1.0) == [1.0, 0.5, 0.0, 0.25]

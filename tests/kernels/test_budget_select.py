@@ -60,6 +60,20 @@ def test_nan_scores_and_negative_sizes_take_nothing(triton_device: torch.device)
         assert K.select_under_budget(scores, sizes, 7, impl=impl).tolist() == [[0, 0, 4, 0, 3]]
 
 
+def test_signed_zeros_tie_and_a_wide_row_matches_the_reference(triton_device: torch.device) -> None:
+    scores = torch.tensor([[0.0, -0.0, 1.0, -0.0, 0.0]], device=triton_device)
+    sizes = torch.tensor([[3, 3, 1, 3, 3]], device=triton_device)
+    for impl in ("triton", "reference"):
+        assert K.select_under_budget(scores, sizes, 5, impl=impl).tolist() == [[3, 1, 1, 0, 0]]
+    # Past SMALL_UNITS (the 4096-wide variant): distinct float scores spanning signs and magnitudes.
+    generator = torch.Generator().manual_seed(5)
+    scores = (torch.randn(2, 3000, generator=generator) * 1e3).to(triton_device)
+    sizes = torch.randint(0, 40, (2, 3000), generator=generator).to(triton_device)
+    for budget in (1, 1024, 30_000, 100_000):
+        got = K.select_under_budget(scores, sizes, budget, impl="triton")
+        assert torch.equal(got, K.select_under_budget(scores, sizes, budget, impl="reference"))
+
+
 def test_long_rows_fall_back_to_the_reference(
     triton_device: torch.device, monkeypatch: pytest.MonkeyPatch
 ) -> None:

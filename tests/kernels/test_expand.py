@@ -33,7 +33,8 @@ def random_units(rows: int, units: int, seed: int, budget: int):
 
 @pytest.mark.parametrize(
     ("rows", "units", "budget", "width"),
-    [(1, 1, 1, 1), (3, 7, 9, 9), (4, 300, 200, 256), (2, 50, 40, 13), (2, 0, 5, 5), (5, 20, 0, 8)],
+    [(1, 1, 1, 1), (3, 7, 9, 9), (4, 300, 200, 256), (2, 50, 40, 13), (2, 0, 5, 5), (5, 20, 0, 8),
+     (2, 2000, 4500, 4200)],  # the last: over 4096 candidates, two kernel blocks with a running count
 )
 @pytest.mark.parametrize("index", [torch.int64, torch.int32])
 def test_matches_reference(triton_device, rows, units, budget, width, index) -> None:
