@@ -81,8 +81,9 @@ class ServerConfig(BaseModel):
                                         # (Python's default 5 ms delays a notice behind retrievals)
     profile_out: str = ""               # a path: Boundaries work under cProfile, its busiest functions
                                         # written there as JSON at shutdown (server/profiling.py)
-    kernel_profile_out: str = ""        # a path: the daemon's GPU kernels from the end of the warm-up to
-                                        # shutdown (per name, and the GPU time it held), JSON at shutdown
+    kernel_profile_out: str = ""        # a path: the daemon's GPU kernels for kernel_profile_s from its
+                                        # first retrieving Boundaries call (per name, the GPU time it held)
+    kernel_profile_s: Annotated[float, Field(gt=0, le=600)] = 3.0
     host_reads: Literal["auto", "copy", "kernel"] = "auto"  # how a background retrieval's rows (one
                                         # the worker does not wait for) leave the pinned host tier:
                                         # gathered by the host, one DMA by the copy engine, or the

@@ -67,12 +67,17 @@ class Daemon:
         auth = AuthConfig(config.tokens(), tuple(config.operators))
         # Working sets in shared memory (a CPU daemon) reach their workers as file descriptors.
         fd_socket = config.fd_socket_path if self.device.type == "cpu" else ""
+        self.kernel_profiler = (
+            KernelProfiler(config.kernel_profile_out, self.device, config.kernel_profile_s)
+            if config.kernel_profile_out
+            else None
+        )
         self.service = KVRecallService(
             self.registry, self.device, self.metrics, auth, config.session_ops, fd_socket,
             notice_ops=config.notice_ops, notice_stream=config.notice_stream,
             profiler=OpsProfiler(config.profile_out) if config.profile_out else None,
+            kernel_profiler=self.kernel_profiler,
         )  # fmt: skip
-        self.kernel_profiler = KernelProfiler(config.kernel_profile_out, self.device) if config.kernel_profile_out else None
         self.fd_server = FdServer(fd_socket, config.socket_mode, self.service.segment_fd) if fd_socket else None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -97,8 +102,6 @@ class Daemon:
         if self.device.type == "cuda" and c.warmup_shapes:  # before serving: the first session pays nothing
             seconds = warm_up(self.registry, c.warmup_shapes)
             log.info("warm-up: kernels for %s ready in %.1fs", c.warmup, seconds)
-        if self.kernel_profiler is not None:
-            self.kernel_profiler.start()
         max_bytes = c.max_message_mb * (1 << 20)
         self.server = grpc.aio.server(
             options=[
@@ -179,7 +182,7 @@ class Daemon:
             self.service.profiler.write()
             log.info("profile of the Boundaries work written to %s", self.service.profiler.path)
         if self.kernel_profiler is not None:
-            self.kernel_profiler.write()
+            self.kernel_profiler.finish()
             log.info("profile of the daemon's GPU kernels written to %s", self.kernel_profiler.path)
         self.host_pool.close()
         for address in self.config.listen:

@@ -113,60 +113,93 @@ def busy_per_bucket(spans: list[tuple[float, float]], bucket: float) -> list[flo
 
 
 class KernelProfiler:
-    """The daemon's GPU kernels while it serves (KVRECALL_KERNEL_PROFILE_OUT), for finding how much
-    GPU time its work takes from the workers on the same GPU: two processes' kernels time-slice,
-    so a worker's step loses about the daemon's busy time (issue #17,
+    """The daemon's GPU kernels while it serves decode steps (KVRECALL_KERNEL_PROFILE_OUT), for
+    finding how much GPU time its work takes from the workers on the same GPU: two processes'
+    kernels time-slice, so a worker's step loses about the daemon's busy time (issue #17,
     scripts/gpu_timeslice_probe.py). torch.profiler with CUDA activity only (CUPTI: kernels and
-    copies, no host ops), on from the end of the warm-up to shutdown; then per kernel name its
-    launches and total time, and the union of all kernel intervals (the GPU time the daemon held)
-    in all and per second, are written to `path` as JSON. A kernel's recorded time includes any slice it waited out while
-    a worker ran, so totals are upper bounds. Off by default; on a CPU daemon the file says so."""
+    copies, no host ops) for `seconds` from the first Boundaries call that retrieves (the decode
+    steps, not the ingests before them); then, per kernel name, its launches and total time, the
+    union of the kernels' intervals (the SM time the daemon held; copies, which run on the copy
+    engines, listed apart) in all and per second, written to `path` as JSON. A kernel's recorded
+    time includes any slice it waited out while a worker ran, so totals are upper bounds. Off by
+    default; on a CPU daemon, or one that never retrieved, the file says so at shutdown."""
 
-    def __init__(self, path: str, device: torch.device) -> None:
+    def __init__(self, path: str, device: torch.device, seconds: float = 3.0) -> None:
         self.path = path
         self.device = device
+        self.seconds = seconds
         self._profile = None
         self._started = 0.0
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+        self._state = "idle"  # idle -> running -> written
 
-    def start(self) -> None:
-        if self.device.type != "cuda":
+    def begin(self) -> None:
+        """Start the window (a retrieving Boundaries call); later calls do nothing."""
+        if self.device.type != "cuda" or self._state != "idle":
             return
         from torch.profiler import ProfilerActivity, profile
 
-        self._profile = profile(activities=[ProfilerActivity.CUDA])
-        self._profile.start()
-        self._started = time.perf_counter()
+        with self._lock:
+            if self._state != "idle":
+                return
+            self._profile = profile(activities=[ProfilerActivity.CUDA])
+            self._profile.start()
+            self._started = time.perf_counter()
+            self._state = "running"
+            self._timer = threading.Timer(self.seconds, self.finish)
+            self._timer.daemon = True
+            self._timer.start()
 
-    def summary(self, top: int = 40) -> dict:
-        if self._profile is None:
-            return {"device": str(self.device), "note": "no CUDA device: nothing profiled", "kernels": []}
+    def finish(self) -> None:
+        """End the window and write the file (at the window's end, or at shutdown)."""
+        with self._lock:
+            if self._state == "written":
+                return
+            if self._timer is not None:
+                self._timer.cancel()
+            summary = self._summary() if self._state == "running" else self._nothing()
+            self._state = "written"
+        with open(self.path, "w") as f:
+            json.dump(summary, f, indent=2)
+
+    def _nothing(self) -> dict:
+        why = "no CUDA device" if self.device.type != "cuda" else "no Boundaries call retrieved"
+        return {"device": str(self.device), "note": f"{why}: nothing profiled", "kernels": []}
+
+    def _summary(self, top: int = 40) -> dict:
+        assert self._profile is not None
         wall = time.perf_counter() - self._started
         self._profile.stop()
         spans: list[tuple[float, float]] = []
         per_name: dict[str, list[float]] = {}
+        copies: dict[str, list[float]] = {}
         for event in self._profile.events():
             if event.device_type != torch.autograd.DeviceType.CUDA:
                 continue
             start, end = event.time_range.start, event.time_range.end
+            if event.name.startswith(("Memcpy", "Memset")):
+                copies.setdefault(event.name, []).append(end - start)
+                continue
             spans.append((start, end))
             per_name.setdefault(event.name, []).append(end - start)
-        busy = union_length(spans)
-        rows = sorted(
-            ({"name": name[:120], "launches": len(times), "total_ms": round(sum(times) / 1e3, 3),
-              "mean_us": round(sum(times) / len(times), 2)} for name, times in per_name.items()),
-            key=lambda r: -r["total_ms"],
-        )  # fmt: skip
+
+        def table(groups: dict[str, list[float]]) -> list[dict]:
+            rows = (
+                {"name": name[:120], "launches": len(times), "total_ms": round(sum(times) / 1e3, 3),
+                 "mean_us": round(sum(times) / len(times), 2)}
+                for name, times in groups.items()
+            )  # fmt: skip
+            return sorted(rows, key=lambda r: -r["total_ms"])
+
+        rows = table(per_name)
         return {
             "device": str(self.device),
             "wall_s": round(wall, 3),
-            "busy_ms": round(busy / 1e3, 3),
+            "busy_ms": round(union_length(spans) / 1e3, 3),
             "kernel_ms": round(sum(r["total_ms"] for r in rows), 3),
             "launches": sum(r["launches"] for r in rows),
-            # busy ms in each second from the first kernel (ingests, then the decode steps' share)
             "busy_ms_per_s": [round(us / 1e3, 2) for us in busy_per_bucket(spans, 1e6)],
             "kernels": rows[:top],
+            "copies": table(copies),
         }
-
-    def write(self) -> None:
-        with open(self.path, "w") as f:
-            json.dump(self.summary(), f, indent=2)

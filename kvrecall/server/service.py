@@ -39,7 +39,7 @@ from kvrecall.server.layout import SegmentLayout
 from kvrecall.server.metrics import Metrics
 from kvrecall.server.policies import build_policy
 from kvrecall.server.policies.base import config_json
-from kvrecall.server.profiling import OpsProfiler
+from kvrecall.server.profiling import KernelProfiler, OpsProfiler
 from kvrecall.server.ratelog import RateLimitedLog
 from kvrecall.server.session import Session, SessionRegistry
 from kvrecall.server.step_batch import StepTiming, check_events, serve_step
@@ -118,6 +118,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         notice_ops: str = "thread",
         notice_stream: bool = True,
         profiler: OpsProfiler | None = None,
+        kernel_profiler: KernelProfiler | None = None,
     ) -> None:
         self.registry = registry
         self.device = device
@@ -129,6 +130,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         self.inline_notices = self.inline_ops or notice_ops == "inline"
         self.notice_stream = streams.notice_stream(device) if notice_stream else None
         self.profiler = profiler  # profiling.py: Boundaries work under cProfile (off: None)
+        self.kernel_profiler = kernel_profiler  # profiling.py: the GPU kernels of a window of steps (off: None)
         self.fd_socket = fd_socket  # where shm workers receive their working set (fdpass.py)
         registry.prefixes.on_evict = lambda prefix: self.metrics.prefix_evictions.inc()
 
@@ -578,6 +580,8 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 timing = StepTiming()
                 retrieves = any(event.retrieve for event in events)
                 work = (serve_step, sessions, events, request.background and retrieves, True, timing)
+                if retrieves and self.kernel_profiler is not None:
+                    self.kernel_profiler.begin()
                 if self.profiler is not None:
                     work = (self.profiler.run, "retrievals" if retrieves else "notices", *work)
                 if retrieves:

@@ -26,7 +26,7 @@ def test_a_cuda_daemon_writes_its_retrieval_kernels(tmp_path):
     kv = kv.to(torch.bfloat16).cuda()
     with LocalDaemon(
         host_pool_gb=0.5, device_pool_gb=0.5, device="cuda:0", extra_args=list(NO_WARMUP),
-        env={"KVRECALL_KERNEL_PROFILE_OUT": str(path)},
+        env={"KVRECALL_KERNEL_PROFILE_OUT": str(path), "KVRECALL_KERNEL_PROFILE_S": "60"},
     ) as d:  # fmt: skip
         with KVRecallClient(d.target, "gpu-kernel-profile") as client:
             with client.open_session(SPEC, "louiskv", {"budget": 128}, device="cuda:0") as session:
@@ -36,8 +36,9 @@ def test_a_cuda_daemon_writes_its_retrieval_kernels(tmp_path):
                 session.flush()
                 session.query.copy_(torch.randn(session.query.shape, generator=g).to(session.query))
                 assert session.boundary().tokens_placed > 0
-    profile = json.loads(path.read_text())
+    profile = json.loads(path.read_text())  # the window (3 s) outlived the daemon: written at shutdown
     names = {row["name"] for row in profile["kernels"]}
-    assert "_select_kernel" in names and "_score_kernel" in names, names
+    assert "_place_kernel" in names, sorted(names)  # the retrieval's placement
+    assert not any(name.startswith("Memcpy") for name in names)  # copies are listed apart
     assert profile["launches"] >= len(profile["kernels"]) > 0
     assert 0 < profile["busy_ms"] <= profile["kernel_ms"] + 1e-3

@@ -65,6 +65,26 @@ def test_the_kernel_profile_of_a_cpu_daemon_says_there_was_nothing_to_profile(tm
     assert profile["device"] == "cpu" and profile["kernels"] == [] and "no CUDA device" in profile["note"]
 
 
+def test_a_kernel_profile_window_is_written_once():
+    """begin() on a CPU device does nothing; finish() writes the note, a second finish nothing."""
+    import os
+    import tempfile
+
+    import torch
+
+    from kvrecall.server.profiling import KernelProfiler
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.json")
+        profiler = KernelProfiler(path, torch.device("cpu"), seconds=0.01)
+        profiler.begin()
+        profiler.finish()
+        first = os.stat(path).st_mtime_ns
+        os.utime(path, ns=(0, 0))
+        profiler.finish()
+        assert os.stat(path).st_mtime_ns == 0 != first
+
+
 def test_busy_time_counts_overlapping_kernels_once():
     from kvrecall.server.profiling import union_length
 
