@@ -82,7 +82,7 @@ class ServerConfig(BaseModel):
     profile_out: str = ""               # a path: Boundaries work under cProfile, its busiest functions
                                         # written there as JSON at shutdown (server/profiling.py)
     kernel_profile_out: str = ""        # a path: the daemon's GPU kernels for kernel_profile_s from its
-                                        # first retrieving Boundaries call (per name, the GPU time it held)
+                                        # first retrieval (per name, the GPU time it held), JSON
     kernel_profile_s: Annotated[float, Field(gt=0, le=600)] = 3.0
     host_reads: Literal["auto", "copy", "kernel"] = "auto"  # how a background retrieval's rows (one
                                         # the worker does not wait for) leave the pinned host tier:

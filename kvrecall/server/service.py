@@ -500,6 +500,8 @@ class KVRecallService(pb_grpc.KVRecallServicer):
     async def _boundary(self, session: Session, event: pb.BoundaryEvent, response: pb.DecodeResponse) -> None:
         layout = session.layout
         started = time.perf_counter()
+        if self.kernel_profiler is not None:  # a retrieval on the Decode stream opens the window too
+            self.kernel_profiler.begin()
         mapped = None
         check.require(
             event.position <= layout.max_tokens, "boundary.position",
