@@ -91,3 +91,38 @@ def test_notices_together_equal_notices_one_by_one(registry):
         assert int((covering.slot_pos >= 0).sum(dim=-1).min()) == upto
     segments = twins[0][0].policy.seg_bounds
     assert len(segments) >= 2 and segments == twins[0][1].policy.seg_bounds  # segments closed on the way
+
+
+@pytest.mark.parametrize("stack_bytes", [0, 1 << 40])
+def test_retrievals_stacked_or_one_by_one_equal_each_alone(registry, monkeypatch, stack_bytes):
+    """louiskv's select_together: tables stacked (under STACK_MAX_BYTES) or chosen one session at
+    a time on views (over it) give each session the working set a retrieval of its own gives."""
+    from kvrecall.server.policies import louiskv
+
+    monkeypatch.setattr(louiskv, "STACK_MAX_BYTES", stack_bytes)
+    layers, config = 2, {**RESIDENT, "cluster_size": 8, "max_segment": 16}
+    layout = ModelLayout(layers, 2, 4, 16, torch.float32, max_tokens=PROMPT + STEPS + 8)
+    cls = _REGISTRY["louiskv"]
+    together, alone, kvs = [], [], []
+    for i, prompt in enumerate((PROMPT, PROMPT - 30, PROMPT + 5)):  # tables of different widths
+        g = torch.Generator().manual_seed(40 + i)
+        kv = torch.randn(layers, 2, 2, prompt, 16, generator=g)
+        query = torch.randn(layers, 4, 16, 16, generator=g)
+        for group in (together, alone):
+            session = registry.open("w", layout, cls(cls.Config(**config), layout), pb.TRANSPORT_SHM, 600.0, "louiskv")
+            session.ingest(0, kv, query)
+            group.append(session)
+        kvs.append(kv)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        for a, b in zip(together, alone, strict=True):
+            q = torch.randn(a.ws.query.shape, generator=g)
+            a.ws.query.copy_(q)
+            b.ws.query.copy_(q)
+        events = [pb.StepEvent(position=s.spilled_upto, retrieve=True) for s in together]
+        step_batch.serve_step(together, events)
+        for session, event in zip(alone, events, strict=True):
+            step_batch.serve_step([session], [event])
+        for a, b in zip(together, alone, strict=True):
+            assert torch.equal(a.ws.slot_pos, b.ws.slot_pos)
+            assert torch.equal(a.ws.keys, b.ws.keys) and torch.equal(a.ws.values, b.ws.values)

@@ -143,6 +143,11 @@ class _UnitTable:
         return rows * (units * (dim * rep + 4 + 1) + tokens * 3 * 4)
 
     @property
+    def filled_nbytes(self) -> int:
+        """Bytes of the filled columns (the base's included): what stacking this table copies."""
+        return self.nbytes(self.reps.shape[0], self.num_units, self.num_tokens, self.reps.shape[2], self.reps.dtype)
+
+    @property
     def room(self) -> int:
         """Units that still fit."""
         return self.rest()[0]
@@ -653,16 +658,37 @@ def choose_units(
     return new, take
 
 
+STACK_MAX_BYTES = 16 << 20
+"""select_together stacks tables up to this many bytes in all (fewer launches); larger ones,
+or a single session's, are chosen one session at a time on views of their own tables. In the
+H200 e2e at 32K x 8 the stacking copies took 0.24 ms of the daemon's 1.2 ms of kernels per
+retrieval (bench/results/2026-12-01-h200-kernels32k-daemon-kernels.json), and the workers on
+the same GPU lose about the daemon's kernel time (scripts/gpu_timeslice_probe.py)."""
+
+
 def select_together(policies: list[LouisKVPolicy], queries: list[torch.Tensor]) -> list[Selection]:
     """Every layer's retrieval of several sessions (one batch_key, tables not empty; queries
-    [L, Hq, D] each) in one pass: their tables are stacked row-wise up to the widest one
-    (a table's columns past its own units are invalid, and its candidates past its own are
-    masked), so each session gets what _select gives it alone. One concatenation per table
-    field, then one scoring, one selection and one expansion for all of them."""
+    [L, Hq, D] each). Small tables are stacked row-wise up to the widest one (a table's columns
+    past its own units are invalid, and its candidates past its own are masked): one
+    concatenation per table field, then one scoring, one selection and one expansion for all
+    of them. A single session, or tables over STACK_MAX_BYTES together, go one by one without
+    copies. Either way each session gets what _select gives it alone."""
     first = policies[0]
     L, H, D = first.layout.num_layers, first.layout.num_kv_heads, first.layout.head_dim
     rows, R = L * H, first.config.budget
     tables = [policy.units for policy in policies]
+    if len(tables) == 1 or sum(t.filled_nbytes for t in tables) > STACK_MAX_BYTES:
+        # Each on its own tables (views): stacking copies every field of every table (about
+        # 0.4 GB per 32K-token session of a Llama-3-8B shape), GPU time taken from the workers.
+        out = []
+        for policy, query in zip(policies, queries, strict=True):
+            table = policy.units
+            new, take = choose_units(
+                query.reshape(rows, -1, D), *(table.view(name) for name in UNIT_FIELDS), policy.pinned, R,
+                first.config.aggregate,
+            )  # fmt: skip
+            out.append(Selection(new.view(L, H, R), units=(take > 0).sum()))
+        return out
     device = tables[0].reps.device
     width = {"unit": max(t.num_units for t in tables), "token": max(t.num_tokens for t in tables)}
     stacked = {
