@@ -197,7 +197,7 @@ class KernelProfiler:
             "device": str(self.device),
             "wall_s": round(wall, 3),
             "busy_ms": round(union_length(spans) / 1e3, 3),
-            "kernel_ms": round(sum(r["total_ms"] for r in rows), 3),
+            "kernel_ms": round(sum(sum(times) for times in per_name.values()) / 1e3, 3),
             "launches": sum(r["launches"] for r in rows),
             "busy_ms_per_s": [round(us / 1e3, 2) for us in busy_per_bucket(spans, 1e6)],
             "kernels": rows[:top],

@@ -41,4 +41,4 @@ def test_a_cuda_daemon_writes_its_retrieval_kernels(tmp_path):
     assert "_place_kernel" in names, sorted(names)  # the retrieval's placement
     assert not any(name.startswith("Memcpy") for name in names)  # copies are listed apart
     assert profile["launches"] >= len(profile["kernels"]) > 0
-    assert 0 < profile["busy_ms"] <= profile["kernel_ms"] + 1e-3
+    assert 0 < profile["busy_ms"] <= profile["kernel_ms"] + 2e-3  # both rounded to 1 us
