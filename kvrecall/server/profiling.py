@@ -117,10 +117,11 @@ class KernelProfiler:
     finding how much GPU time its work takes from the workers on the same GPU: two processes'
     kernels time-slice, so a worker's step loses about the daemon's busy time (issue #17,
     scripts/gpu_timeslice_probe.py). torch.profiler with CUDA activity only (CUPTI: kernels and
-    copies, no host ops) for `seconds` from the first retrieval (a Boundaries call that retrieves
-    or a Decode-stream boundary: the decode steps, not the ingests before them); then, per kernel name, its launches and total time, the
-    union of the kernels' intervals (the SM time the daemon held; copies, which run on the copy
-    engines, listed apart) in all and per second, written to `path` as JSON. A kernel's recorded
+    copies, no host ops) for `seconds` from the first retrieval (a Boundaries call that
+    retrieves or a Decode-stream boundary: the decode steps, not the ingests before them); then
+    per kernel name its launches and total time, and the union of the kernels' intervals (the
+    SM time the daemon held; copies, which run on the copy engines, listed apart) in all and per
+    second, written to `path` as JSON. A kernel's recorded
     time includes any slice it waited out while a worker ran, so totals are upper bounds. Off by
     default; on a CPU daemon, or one that never retrieved, the file says so at shutdown."""
 
@@ -135,7 +136,7 @@ class KernelProfiler:
         self._state = "idle"  # idle -> running -> written
 
     def begin(self) -> None:
-        """Start the window (a retrieving Boundaries call); later calls do nothing."""
+        """Start the window (at a retrieval); later calls do nothing."""
         if self.device.type != "cuda" or self._state != "idle":
             return
         from torch.profiler import ProfilerActivity, profile

@@ -661,7 +661,7 @@ def choose_units(
 STACK_MAX_BYTES = 16 << 20
 """select_together stacks tables up to this many bytes in all (fewer launches); larger ones,
 or a single session's, are chosen one session at a time on views of their own tables. In the
-H200 e2e at 32K x 8 the stacking copies took 0.24 ms of the daemon's 1.2 ms of kernels per
+H200 e2e at 32K x 8 the stacking copies took 0.28 ms of the daemon's 1.2 ms of kernels per
 retrieval (bench/results/2026-12-01-h200-kernels32k-daemon-kernels.json), and the workers on
 the same GPU lose about the daemon's kernel time (scripts/gpu_timeslice_probe.py)."""
 
