@@ -121,9 +121,9 @@ class KernelProfiler:
     retrieves or a Decode-stream boundary: the decode steps, not the ingests before them); then
     per kernel name its launches and total time, and the union of the kernels' intervals (the
     SM time the daemon held; copies, which run on the copy engines, listed apart) in all and per
-    second, written to `path` as JSON. A kernel's recorded
-    time includes any slice it waited out while a worker ran, so totals are upper bounds. Off by
-    default; on a CPU daemon, or one that never retrieved, the file says so at shutdown."""
+    second, written to `path` as JSON. A kernel's recorded time includes any slice it waited out
+    while a worker ran, so totals are upper bounds. Off by default; on a CPU daemon, or one that
+    never retrieved, the file says so at shutdown."""
 
     def __init__(self, path: str, device: torch.device, seconds: float = 3.0) -> None:
         self.path = path
@@ -165,7 +165,7 @@ class KernelProfiler:
             json.dump(summary, f, indent=2)
 
     def _nothing(self) -> dict:
-        why = "no CUDA device" if self.device.type != "cuda" else "no Boundaries call retrieved"
+        why = "no CUDA device" if self.device.type != "cuda" else "no retrieval"
         return {"device": str(self.device), "note": f"{why}: nothing profiled", "kernels": []}
 
     def _summary(self, top: int = 40) -> dict:

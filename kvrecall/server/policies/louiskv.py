@@ -514,25 +514,31 @@ class LouisKVPolicy(Policy):
         table = self.units
         if table is None or table.num_units == 0:
             return Selection(ctx.ws.retrieved_positions())
+        if len(layers) == L:
+            return self._choose_every_layer(query)
         device = table.reps.device
-        every = len(layers) == L
         index = to_device(torch.tensor(layers), device)
         rows = (index[:, None] * H + torch.arange(H, device=device)).view(-1)
-
-        def pick(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor if every else tensor[rows]
-
-        q = (query if every else query[index]).reshape(len(layers) * H, -1, D)  # its own dtype: scored in f32
+        q = query[index].reshape(len(layers) * H, -1, D)  # its own dtype: scored in f32
         new, take = choose_units(
-            q, *(pick(table.view(name)) for name in UNIT_FIELDS), None if self.pinned is None else pick(self.pinned),
+            q, *(table.view(name)[rows] for name in UNIT_FIELDS), None if self.pinned is None else self.pinned[rows],
             R, self.config.aggregate,
         )  # fmt: skip
         units = (take > 0).sum()
-        if every:
-            return Selection(new.view(L, H, R), units=units)
         current = ctx.ws.retrieved_positions().view(L * H, R)
         current[rows] = new
         return Selection(current.view(L, H, R), units=units)
+
+    def _choose_every_layer(self, query: torch.Tensor) -> Selection:
+        """Every layer's retrieval on views of this session's own table (no copies unless the
+        table is chained to a prefix's): query [L, Hq, D] or [L, Hq, n, D]."""
+        L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
+        R = self.config.budget
+        new, take = choose_units(
+            query.reshape(L * H, -1, D), *(self.units.view(name) for name in UNIT_FIELDS), self.pinned, R,
+            self.config.aggregate,
+        )  # fmt: skip
+        return Selection(new.view(L, H, R), units=(take > 0).sum())
 
     # ---- several sessions at once (a Boundaries call) ------------------------------------
     def batch_key(self) -> tuple:
@@ -680,15 +686,7 @@ def select_together(policies: list[LouisKVPolicy], queries: list[torch.Tensor]) 
     if len(tables) == 1 or sum(t.filled_nbytes for t in tables) > STACK_MAX_BYTES:
         # Each on its own tables (views): stacking copies every field of every table (about
         # 0.4 GB per 32K-token session of a Llama-3-8B shape), GPU time taken from the workers.
-        out = []
-        for policy, query in zip(policies, queries, strict=True):
-            table = policy.units
-            new, take = choose_units(
-                query.reshape(rows, -1, D), *(table.view(name) for name in UNIT_FIELDS), policy.pinned, R,
-                first.config.aggregate,
-            )  # fmt: skip
-            out.append(Selection(new.view(L, H, R), units=(take > 0).sum()))
-        return out
+        return [policy._choose_every_layer(query) for policy, query in zip(policies, queries, strict=True)]
     device = tables[0].reps.device
     width = {"unit": max(t.num_units for t in tables), "token": max(t.num_tokens for t in tables)}
     stacked = {
