@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="daemon host tier (default: what the largest configuration needs); configurations that do "
                    "not fit are skipped and listed under skipped")
     p.add_argument("--no-graph", action="store_true", help="run steps eagerly")
+    p.add_argument("--notices", choices=("deferred", "waited"), default="deferred",
+                   help="deferred: sessions opened with deferred eviction (the step never waits for an "
+                        "AppendNotice); waited: each step waits for its notices (the behaviour before)")
     p.add_argument("--daemon-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the daemon process only (repeatable), e.g. "
                    "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=20 under CUDA MPS, KVRECALL_HOST_READS=kernel")
@@ -123,6 +126,7 @@ class Bench:
         self.meta = run_metadata(self.device, argv)
         self.meta["command"] = " ".join(["kvrecall", "bench", "e2e", *argv])
         self.meta["schedule"] = args.schedule
+        self.meta["notices"] = args.notices
         self.meta["weights_gib"] = _gib(self.weights.nbytes)
         self.token_bytes = shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * torch.finfo(dtype).bits // 8
 
@@ -222,7 +226,8 @@ class Bench:
         try:
             t0 = time.perf_counter()
             for _ in range(batch):
-                opened.append(client.open_session(self.spec(context), policy, config, device=self.device))
+                opened.append(client.open_session(self.spec(context), policy, config, device=self.device,
+                                                  deferred_eviction=args.notices == "deferred"))
             capacity = opened[0].capacity
             force = schedule if policy == "louiskv" else None
             lags = _ints(args.lag)
@@ -368,7 +373,8 @@ class Bench:
         full_batch = max(1, int(cap // (context * self.token_bytes)))
         log(f"capped: {args.gpu_kv_cap_gib} GiB GPU KV at {context}: full {full_batch} sequences")
         self.add(self.full("capped", context, full_batch))
-        probe = client.open_session(self.spec(context), "louiskv", {"budget": args.budget}, device=self.device)
+        probe = client.open_session(self.spec(context), "louiskv", {"budget": args.budget}, device=self.device,
+                                    deferred_eviction=args.notices == "deferred")
         ws_bytes = probe.stats().device_bytes
         probe.close()
         host_limit = int(args.host_cap_gib * GiB // (context * self.token_bytes))
@@ -487,9 +493,13 @@ def daemon_waits(times: DaemonTimes) -> dict[str, Any]:
     for name, samples in (("sync", times.sync_s), ("graph_gpu", times.graph_gpu_s), ("host", times.host_s),
                           ("shadow", times.shadow_s), ("send", times.send_s), ("notice_daemon", times.daemon_s),
                           ("notice_call", times.call_s), ("notice_queued", times.queued_s),
-                          ("notice_serve", times.serve_s), ("notice_sync", times.gpu_sync_s)):  # fmt: skip
+                          ("notice_serve", times.serve_s), ("notice_sync", times.gpu_sync_s),
+                          ("retrieval_queued", times.retrieval_queued_s), ("retrieval_serve", times.retrieval_serve_s),
+                          ("retrieval_sync", times.retrieval_sync_s)):  # fmt: skip
         if samples:
             row[f"{name}_ms_mean"] = round(statistics.fmean(samples) * 1e3, 3)
+    if times.notice_s:  # deferred notices: sent to answered (the step did not wait for them)
+        row["notice_answer_ms_mean"] = round(statistics.fmean(times.notice_s) * 1e3, 3)
     if times.moved_bytes:
         row["moved_mib_mean"] = round(statistics.fmean(times.moved_bytes) / 2**20, 2)
     answers = [s * 1e3 for s in times.answer_s]

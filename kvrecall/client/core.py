@@ -90,7 +90,10 @@ class SessionCore:
     publish_event: torch.cuda.Event | None = field(default=None, repr=False)
     prefix_tokens: int = 0   # tokens of the prefix declared at open (0: none declared)
     position: int = 0        # tokens in the sequence (prompt + generated) so far
-    noticed_upto: int = 0    # tokens announced to the daemon with AppendNotices
+    noticed_upto: int = 0    # tokens announced to the daemon with AppendNotices (answers taken)
+    # Tokens below it have left the window ring (the daemon's rule, mirrored: `note_noticed`);
+    # with deferred eviction the worker masks the ring slots below it itself.
+    evicted_upto: int = 0
     seq: int = 0
     closed: bool = False
 
@@ -119,7 +122,7 @@ class SessionCore:
         )
         if response.prefix_tokens_held:  # the daemon holds the prompt's prefix: start after it
             core.apply_delta(response.delta)
-            core.position = core.noticed_upto = response.prefix_tokens_held
+            core.start_at(response.prefix_tokens_held)
         if transport == pb.TRANSPORT_CUDA_IPC and ws.query.cuda_ipc.event_handle:
             from kvrecall.cuda_ipc import open_event
 
@@ -157,6 +160,29 @@ class SessionCore:
     @property
     def spill_every(self) -> int:
         return self.info.spill_every
+
+    @property
+    def min_window(self) -> int:
+        """Recent tokens the ring keeps after a notice (a daemon that does not say: window -
+        spill_every)."""
+        return self.info.working_set.min_window or self.window - self.spill_every
+
+    @property
+    def deferred(self) -> bool:
+        """Deferred eviction (OpenSessionRequest.deferred_eviction, granted): the ring has
+        spill_every slots beyond min_window + spill_every, and notices leave evicted ring slots
+        in place for the worker to mask."""
+        return self.window - self.spill_every - self.min_window > 0
+
+    def start_at(self, tokens: int) -> None:
+        """The session holds `tokens` tokens, all noticed (after its ingest or a held prefix)."""
+        self.position = self.noticed_upto = tokens
+        self.evicted_upto = max(min(self.n_sink, tokens), tokens - self.min_window)
+
+    def note_noticed(self, upto: int) -> None:
+        """An answer said tokens [0, upto) are in the host tier: what left the ring follows."""
+        self.noticed_upto = upto
+        self.evicted_upto = max(self.evicted_upto, upto - self.min_window)
 
     @property
     def boundary_mode(self) -> int:
@@ -247,7 +273,7 @@ class SessionCore:
 
     def apply_ingest(self, response: pb.IngestPromptResponse, num_tokens: int) -> None:
         self.apply_delta(response.delta)
-        self.position = self.noticed_upto = num_tokens
+        self.start_at(num_tokens)
 
     def append_request(self, upto: int | None = None) -> pb.DecodeRequest:
         """An AppendNotice for the tokens written up to `upto` (default: all of them)."""
@@ -307,7 +333,7 @@ class SessionCore:
         if response.seq != request.seq:
             raise RuntimeError(f"answer seq {response.seq} for request {request.seq}: stream out of order")
         if request.WhichOneof("event") in ("append", "chunk"):
-            self.noticed_upto = response.append.spilled_upto
+            self.note_noticed(response.append.spilled_upto)
         self.apply_delta(response.delta)
 
     def publish(self) -> None:
@@ -371,6 +397,7 @@ class OpenOptions(TypedDict, total=False):
     tp_rank: int
     tp_size: int
     prefix: pb.PrefixDeclaration | None
+    deferred_eviction: bool
 
 
 class ClientBase:
@@ -439,10 +466,13 @@ class ClientBase:
         tp_rank: int = 0,
         tp_size: int = 0,
         prefix: pb.PrefixDeclaration | None = None,
+        deferred_eviction: bool = False,
     ) -> tuple[pb.OpenSessionRequest, int]:
         """The OpenSession request and the transport it asks for (see choose_transport; the
         device defaults to the spec's). `prefix` (kvrecall.prefix.declare): the prompt starts
-        with this shareable prefix (SessionCore.prefix_held says whether the daemon held it)."""
+        with this shareable prefix (SessionCore.prefix_held says whether the daemon held it).
+        `deferred_eviction`: for kvrecall.engine.Engine, which decodes on without waiting for
+        AppendNotices' answers (OpenSessionRequest.deferred_eviction)."""
         device = device if device is not None else (spec.device or None)
         kind = choose_transport(self.target, torch.device(device) if device is not None else None, transport)
         request = pb.OpenSessionRequest(
@@ -454,6 +484,7 @@ class ClientBase:
             tag=tag,
             tp_rank=tp_rank,
             tp_size=tp_size,
+            deferred_eviction=deferred_eviction,
         )
         if prefix is not None:
             request.prefix.CopyFrom(prefix)

@@ -76,7 +76,7 @@ class PromptStream:
         core = self.session.core
         for response in self.responses:  # inline transport: each layer's sinks / window
             core.apply_delta(response.delta)
-        core.position = core.noticed_upto = self.num_tokens
+        core.start_at(self.num_tokens)
         return self.responses[-1]
 
     def close(self) -> None:

@@ -78,7 +78,7 @@ class PendingBoundaries:
                 self.answered = time.perf_counter()
             for call, result in zip(self._calls, response.results, strict=True):
                 if call.notice:
-                    call.session.core.noticed_upto = result.append.spilled_upto
+                    call.session.core.note_noticed(result.append.spilled_upto)
                     call.session.stats_appends += 1
                 call.session.stats_boundaries += call.retrieve
             self._response = response

@@ -22,6 +22,14 @@ into the real window ring and the retrieval serves from there on. (The step's no
 answered first, in their own call, as the next step reads what they evict; the crossed
 slots' retrievals follow in one call the step does not wait for.) The switch happens after
 exactly `lag` steps (waiting for the answer if it is late), so decoding is deterministic.
+
+Deferred eviction (sessions opened with `deferred_eviction=True`, the default for engines the
+bench builds): a slot's AppendNotice goes out without the step waiting for it; its answer is
+taken before that slot's next event (its next notice, a boundary, leaving), by when the
+daemon has long finished. The daemon leaves the evicted ring slots in place and the batch
+masks them (ws_decode: ring slots from, retrieved slots below the evicted boundary of the last
+answer taken), so what a step reads does not depend on when the daemon works. A crossed
+slot's notice rides in its retrieval call.
 `times` records how long each step waited on the daemon and how long each retrieval call took.
 Before it reads a shadow, a slot announces every token written so far (an early
 AppendNotice when one would fall due meanwhile), so none falls due while the daemon works on
@@ -40,14 +48,14 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from kvrecall.client.session import StepCall
 from kvrecall.engine.decoder import Decoder
 from kvrecall.engine.graph import GraphStep
-from kvrecall.engine.sessions import SessionBatch
+from kvrecall.engine.sessions import SessionBatch, evicted_mask
 from kvrecall.engine.weights import DecoderWeights
 from kvrecall.v1 import kvrecall_pb2 as pb
 
@@ -72,19 +80,21 @@ class _Pending:
     def __init__(self, calls: list) -> None:
         self.calls = calls
         self.recorded = False
+        self.timed = False  # a deferred notice call's latency went to DaemonTimes.notice_s
 
     def done(self) -> bool:
         return all(call.done() for call in self.calls)
 
-    def result(self) -> tuple[float, int] | None:
+    def result(self) -> tuple[float, int, list] | None:
         """Wait for every answer (raising a call's error); the first time, the seconds from
-        sending to the last answer and the bytes the retrievals moved host to device, then None."""
+        sending to the last answer, the bytes the retrievals moved host to device and the
+        BoundariesResponses, then None."""
         responses = [call.result() for call in self.calls]
         if self.recorded:
             return None
         self.recorded = True
         moved = sum(result.retrieval.bytes_moved for response in responses for result in response.results)
-        return max(call.answered for call in self.calls) - min(call.sent for call in self.calls), moved
+        return max(call.answered for call in self.calls) - min(call.sent for call in self.calls), moved, responses
 
 
 @dataclass
@@ -100,6 +110,8 @@ class Sequence:
     pending: _Pending | None = None  # the boundary's daemon calls while the slot reads its shadow
     pending_from: int = 0  # first position written into the shadow
     shadow: tuple[torch.Tensor, ...] | None = None
+    notice: _Pending | None = None  # deferred eviction: its last AppendNotice, answer not taken yet
+    sent_upto: int = 0  # tokens announced in notices sent (noticed_upto once their answers are taken)
 
 
 # Samples each DaemonTimes series keeps (the latest): a serving engine steps for ever and never
@@ -122,6 +134,7 @@ class DaemonTimes:
     wait_s: deque[float] = field(default_factory=_series)  # per step: all its waiting on the daemon
     late_s: deque[float] = field(default_factory=_series)  # per step: of that, waiting for late retrievals
     answer_s: deque[float] = field(default_factory=_series)  # per retrieving call
+    notice_s: deque[float] = field(default_factory=_series)  # per deferred notice call: sent to answered
     # Where a step's host time goes: launch to the step's sync (the captured step and any work
     # queued on the stream before it), the step's own GPU time (CUDA events around the graph;
     # 0 on a CPU), and the host work after the sync that is not waiting on the daemon.
@@ -139,12 +152,14 @@ class DaemonTimes:
     queued_s: deque[float] = field(default_factory=_series)
     serve_s: deque[float] = field(default_factory=_series)
     gpu_sync_s: deque[float] = field(default_factory=_series)
+    # The same parts of each retrieving call (waited for or not), as its answer reported them.
+    retrieval_queued_s: deque[float] = field(default_factory=_series)
+    retrieval_serve_s: deque[float] = field(default_factory=_series)
+    retrieval_sync_s: deque[float] = field(default_factory=_series)
 
     def clear(self) -> None:
-        for samples in (self.wait_s, self.late_s, self.answer_s, self.sync_s, self.graph_gpu_s, self.host_s,
-                        self.shadow_s, self.send_s, self.moved_bytes, self.daemon_s, self.call_s, self.queued_s,
-                        self.serve_s, self.gpu_sync_s):  # fmt: skip
-            samples.clear()
+        for series in fields(self):
+            getattr(self, series.name).clear()
 
 
 class Engine:
@@ -224,7 +239,7 @@ class Engine:
             self.backend.set_reference(slot, queries[:, :, -1])
         self.decoder.tokens[slot] = first_token
         self.decoder.positions[slot] = kv.shape[3]
-        self.sequences[slot] = Sequence(session, slot, [first_token])
+        self.sequences[slot] = Sequence(session, slot, [first_token], sent_upto=session.core.noticed_upto)
         return slot
 
     @staticmethod
@@ -257,6 +272,7 @@ class Engine:
             raise KeyError(f"slot {slot} is empty")
         if seq.pending is not None:
             self._switch_back(seq)
+        self._take_notice(seq)
         self.backend.clear_slot(slot)
         self.sequences[slot] = None
         return seq
@@ -278,9 +294,10 @@ class Engine:
             torch.cuda.current_stream(self.device).synchronize()
         synced = time.perf_counter()
         tokens, flags = self._tokens_host.tolist(), self._flags_host.tolist()
-        notices: list[StepCall] = []
-        crossings: list[Sequence] = []
-        late = 0.0
+        notices: list[StepCall] = []  # waited for now
+        deferred: list[Sequence] = []  # deferred eviction: notices sent, answers taken later
+        crossings: list[tuple[Sequence, bool]] = []  # (slot, its notice rides along)
+        late = taken = 0.0
         self._shadow_s = 0.0
         for seq in self.active:
             b = seq.slot
@@ -297,30 +314,47 @@ class Engine:
             crossed = flags[b] if forced is None else forced
             # A slot about to read its shadow for `lag` steps announces its tokens first, so its
             # ring (copied into the shadow) has room for them without evicting anything.
-            early = crossed and lag > 0 and core.position + lag > core.noticed_upto + core.spill_every
-            notice = core.needs_append() or early
+            early = crossed and lag > 0 and core.position + lag > seq.sent_upto + core.spill_every
+            notice = core.position - seq.sent_upto >= core.spill_every or early
+            if (notice or crossed) and seq.notice is not None:
+                taken += self._take_notice(seq)  # its last notice's answer, before any new event
             if notice:
                 seq.appends += 1
+                seq.sent_upto = core.position
             if crossed:
                 self.backend.set_reference(b)
                 seq.boundaries += 1
-                if lag > 0:
-                    crossings.append(seq)
-            if notice or (crossed and lag == 0):
-                notices.append(StepCall(seq.session, core.position, notice, crossed and lag == 0))
-        waited = late
+            if crossed and lag > 0:
+                crossings.append((seq, notice and core.deferred))
+                if notice and not core.deferred:
+                    notices.append(StepCall(seq.session, core.position, notice=True))
+            elif notice and core.deferred and not crossed:
+                deferred.append(seq)
+            elif notice or crossed:
+                notices.append(StepCall(seq.session, core.position, notice, crossed))
+        waited = late + taken
         if notices:  # the notices (and with lag 0 the retrievals): the next step reads their effect
             waited += self._daemon(notices)
+            for call in notices:
+                if call.session.core.deferred:
+                    self.backend.tables.set_evicted(self._slot_of(call.session), call.session.core.evicted_upto)
         send = 0.0
-        if crossings:
-            for seq in crossings:
+        if deferred or crossings:
+            for seq, _ in crossings:
                 self._to_shadow(seq)
             sending = time.perf_counter()
-            calls = [StepCall(seq.session, seq.session.core.position, retrieve=True) for seq in crossings]
-            pending = self._send(calls)
+            if deferred:
+                pending = self._send([StepCall(seq.session, seq.sent_upto, notice=True) for seq in deferred],
+                                     background=False)  # fmt: skip
+                for seq in deferred:
+                    seq.notice = pending
+            if crossings:
+                calls = [StepCall(seq.session, seq.session.core.position, notice=rides, retrieve=True)
+                         for seq, rides in crossings]  # fmt: skip
+                pending = self._send(calls)
+                for seq, _ in crossings:
+                    seq.pending = pending
             send = time.perf_counter() - sending
-            for seq in crossings:
-                seq.pending = pending
         self.times.wait_s.append(waited)
         self.times.late_s.append(late)
         self.times.sync_s.append(synced - started)
@@ -356,10 +390,32 @@ class Engine:
             self.times.answer_s.append(seconds)
         return seconds
 
-    def _send(self, calls: list[StepCall]) -> _Pending:
+    def _send(self, calls: list[StepCall], background: bool = True) -> _Pending:
         """The Boundaries calls for `calls` sent, not waited for (no thread of ours waits)."""
-        return _Pending([group[0].session.client.boundaries_future(group, background=True)
+        return _Pending([group[0].session.client.boundaries_future(group, background=background)
                          for group in self._by_client(calls)])  # fmt: skip
+
+    def _slot_of(self, session) -> int:
+        return next(seq.slot for seq in self.active if seq.session is session)
+
+    def _take_notice(self, seq: Sequence) -> float:
+        """Deferred eviction: take the answer of the slot's last notice (waiting if it is not in:
+        returns the seconds waited) and mask the batch with its evicted boundary."""
+        if seq.notice is None:
+            return 0.0
+        started = time.perf_counter()
+        late = not seq.notice.done()
+        for call in seq.notice.calls:
+            call.result()  # applies every notice of the call (noticed_upto, evicted_upto), once
+        waited = time.perf_counter() - started if late else 0.0
+        if not seq.notice.timed:
+            seq.notice.timed = True
+            calls = seq.notice.calls
+            self.times.notice_s.append(max(call.answered for call in calls) - min(call.sent for call in calls))
+        seq.notice = None
+        if seq.pending is None:  # (a slot reading its shadow takes it at its switch back)
+            self.backend.tables.set_evicted(seq.slot, seq.session.core.evicted_upto)
+        return waited
 
     # ---- shadows (boundaries off the critical path) -----------------------------------------
     def _to_shadow(self, seq: Sequence) -> None:
@@ -378,7 +434,7 @@ class Engine:
         for copy, source in zip(shadow, real, strict=True):
             copy.copy_(source)
         seq.shadow, seq.pending_from = shadow, core.position
-        self.backend.tables.set(seq.slot, *shadow, core.n_sink + core.retrieved, core.window)
+        self.backend.tables.set(seq.slot, *shadow, core.n_sink + core.retrieved, core.window, evicted_mask(core))
         self._shadow_s += time.perf_counter() - started
 
     def _switch_back(self, seq: Sequence) -> float:
@@ -391,6 +447,10 @@ class Engine:
         if answer is not None:  # the first slot of the call to switch back records its latency
             self.times.answer_s.append(answer[0])
             self.times.moved_bytes.append(answer[1])
+            for series, field_name in ((self.times.retrieval_queued_s, "queued_seconds"),
+                                       (self.times.retrieval_serve_s, "serve_seconds"),
+                                       (self.times.retrieval_sync_s, "sync_seconds")):  # fmt: skip
+                series.append(max(getattr(response, field_name) for response in answer[2]))
         answered = time.perf_counter()
         waited = answered - started if late else 0.0
         core = seq.session.core
@@ -402,7 +462,7 @@ class Engine:
         for real, copy in ((core.keys, keys), (core.values, values), (core.slot_pos, slot_pos)):
             real.index_copy_(2, slots, copy.index_select(2, slots))
         self.backend.tables.set(seq.slot, core.keys, core.values, core.slot_pos, core.query,
-                                core.n_sink + core.retrieved, core.window)  # fmt: skip
+                                core.n_sink + core.retrieved, core.window, evicted_mask(core))  # fmt: skip
         self._shadows = [seq.shadow, *self._shadows][: self.batch]
         seq.pending, seq.shadow = None, None
         self._shadow_s += time.perf_counter() - answered
@@ -412,3 +472,6 @@ class Engine:
         for seq in self.active:
             if seq.pending is not None:
                 seq.pending.result()
+            if seq.notice is not None:
+                for call in seq.notice.calls:
+                    call.result()

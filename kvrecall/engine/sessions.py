@@ -19,6 +19,12 @@ from kvrecall.client.boundary import next_threshold
 from kvrecall.kernels.ws_decode import AttendWorkspace, SlotTables, attend, write_step
 from kvrecall.v1 import kvrecall_pb2 as pb
 
+
+def evicted_mask(core) -> int | None:
+    """The evicted boundary slot tables mask with (ws_decode), for a deferred-eviction session."""
+    return core.evicted_upto if core.deferred else None
+
+
 # Thresholds that make the flag constant: similarity is in [-1, 1].
 NEVER = -2.0
 ALWAYS = 2.0
@@ -70,7 +76,8 @@ class SessionBatch:
     def set_slot(self, b: int, core) -> None:
         """Slot b reads the working set of session `core` (a client SessionCore)."""
         window_start = core.n_sink + core.retrieved
-        self.tables.set(b, core.keys, core.values, core.slot_pos, core.query, window_start, core.window)
+        self.tables.set(b, core.keys, core.values, core.slot_pos, core.query, window_start, core.window,
+                        evicted_mask(core))  # fmt: skip
         mode = core.boundary_mode
         threshold = {pb.BOUNDARY_MODE_THRESHOLD: core.boundary_threshold, pb.BOUNDARY_MODE_EVERY_STEP: ALWAYS}
         self.threshold[b] = threshold.get(mode, NEVER)

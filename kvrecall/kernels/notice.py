@@ -27,7 +27,7 @@ NoticePart = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch
 def spill_evict_many(
     parts: list[NoticePart], spills: list[tuple[int, int]], evictions: list[tuple[int, int]], ring_start: int,
     ring_size: int, host: torch.Tensor, tokens_per_page: int, num_kv_heads: int, sums: torch.Tensor | None = None,
-    impl: str = "auto",
+    impl: str = "auto", clear: bool = True,
 ) -> None:  # fmt: skip
     """For each session s (every part of the same shapes and dtypes, on one device):
 
@@ -37,6 +37,9 @@ def spill_evict_many(
     3. sums (float32 [S, B, D], optional): row b's keys of the slots emptied in 2, summed (0
        where none);
     4. resident_max is raised to the most filled slots (slot_pos >= 0) of any row, after 2.
+
+    `clear=False` (deferred eviction) leaves the slot_pos of 2 in place (the worker masks
+    those slots itself); 3 and 4 count them as emptied all the same.
 
     end - start <= ring_size. The kernel is one launch for all sessions (each addressed at its
     offset from the first's); the reference goes session by session."""
@@ -75,14 +78,16 @@ def spill_evict_many(
         from kvrecall.kernels.notice_triton import spill_evict_many_triton
 
         if spill_evict_many_triton(parts, spills, evictions, ring_start, ring_size, host, tokens_per_page,
-                                   num_kv_heads, sums):  # fmt: skip
+                                   num_kv_heads, sums, clear):  # fmt: skip
             return
-    notice_reference(parts, spills, evictions, ring_start, ring_size, host, tokens_per_page, num_kv_heads, sums)
+    notice_reference(parts, spills, evictions, ring_start, ring_size, host, tokens_per_page, num_kv_heads, sums,
+                     clear)  # fmt: skip
 
 
 def notice_reference(
     parts: list[NoticePart], spills: list[tuple[int, int]], evictions: list[tuple[int, int]], ring_start: int,
     ring_size: int, host: torch.Tensor, tokens_per_page: int, num_kv_heads: int, sums: torch.Tensor | None,
+    clear: bool = True,
 ) -> None:  # fmt: skip
     """spill_evict_many, session by session, in PyTorch."""
     for s, (slot_pos, keys, values, page_base, resident_max) in enumerate(parts):
@@ -95,5 +100,10 @@ def notice_reference(
         if sums is not None:
             ring_keys = keys[:, ring_start : ring_start + ring_size].float()
             sums[s] = torch.where(cleared[..., None], ring_keys, 0.0).sum(dim=1)
-        ring.masked_fill_(cleared, -1)
-        torch.maximum(resident_max, (slot_pos >= 0).sum(dim=1).amax(), out=resident_max)
+        # Counted as emptied either way; slots evicted earlier and left in place (clear=False)
+        # hold positions below low.
+        gone = (ring >= 0) & (ring < high)
+        resident = (slot_pos >= 0).sum(dim=1) - gone.sum(dim=1)
+        if clear:
+            ring.masked_fill_(cleared, -1)
+        torch.maximum(resident_max, resident.amax(), out=resident_max)

@@ -24,7 +24,7 @@ def _notice_kernel(
     slot_pos_ptr, keys_ptr, values_ptr, host_ptr, page_base_ptr, resident_ptr, sums_ptr, sessions_ptr,
     C, ring_start, ring_size, rows, tokens_per_page, num_kv_heads,
     D: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-    SUMS: tl.constexpr,
+    SUMS: tl.constexpr, CLEAR: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1).to(tl.int64)
@@ -64,15 +64,17 @@ def _notice_kernel(
                 rows_at = ((b * C + ring_start + w) * D)[:, None] + cols[None, :]
                 left = tl.load(keys + rows_at, mask=cleared[:, None] & col_ok[None, :], other=0.0)
                 total += tl.sum(left.to(tl.float32), 0)
-            tl.store(slot_pos + ring_start + w, tl.full([BLOCK_W], -1, tl.int32), mask=cleared)
-            cleared_count += tl.sum(cleared.to(tl.int32), 0)
+            if CLEAR:
+                tl.store(slot_pos + ring_start + w, tl.full([BLOCK_W], -1, tl.int32), mask=cleared)
+            # Emptied either way (slots evicted earlier and left in place hold positions < low).
+            cleared_count += tl.sum((in_ring & (held >= 0) & (held < high)).to(tl.int32), 0)
         if SUMS:
             tl.store(sums_ptr + r * D + cols, total, mask=col_ok)
         tl.atomic_max(resident_ptr + tl.load(session + 4), (resident - cleared_count).to(tl.int64))
 
 
 def spill_evict_many_triton(parts, spills, evictions, ring_start, ring_size, host, tokens_per_page, num_kv_heads,
-                            sums) -> bool:  # fmt: skip
+                            sums, clear: bool = True) -> bool:  # fmt: skip
     """Launch on checked arguments (see `kvrecall.kernels.spill_evict_many`); False (nothing
     written) where the pool is not reachable from the device or the sessions' tensors are not
     at whole-element distances."""
@@ -96,6 +98,6 @@ def spill_evict_many_triton(parts, spills, evictions, ring_start, ring_size, hos
         slot_pos, keys, values, host, page_base, resident_max, sums if sums is not None else resident_max, sessions,
         capacity, ring_start, ring_size, rows, tokens_per_page, num_kv_heads,
         D=dim, ROWS=copy_rows, BLOCK_D=block_d, BLOCK_W=_BLOCK_W, BLOCK_C=_BLOCK_C, SUMS=sums is not None,
-        num_warps=4,
+        CLEAR=clear, num_warps=4,
     )  # fmt: skip
     return True

@@ -5,7 +5,7 @@ A decode engine that batches B sequences cannot stack their working sets: each s
 worker (a worker maps its own sessions' memory and nothing else). So both ops read
 *offset tables*: int64 [B] element offsets of every sequence's keys, values, slot_pos and
 query tensors from one aligned anchor tensor, plus int32 [B] per-sequence geometry (capacity, window start, window size;
-capacity 0 = an empty batch slot). The tables are ordinary device tensors, so a captured
+capacity 0 = an empty batch slot; and the deferred-eviction mask, below). The tables are ordinary device tensors, so a captured
 CUDA graph stays valid when sequences join or leave: only the tables' contents change.
 
 * `write_step`: the step's new K/V [B, H, D] of one layer go into each sequence's window
@@ -14,6 +14,13 @@ CUDA graph stays valid when sequences join or leave: only the tables' contents c
 * `attend`: decode attention of q [B, Hq, D] over each sequence's slots of one layer whose
   slot_pos >= 0; GQA native (the G query heads of a KV head share one pass over its keys),
   split over the slots (flash-decoding) and combined by a second launch.
+
+Deferred eviction (OpenSessionRequest.deferred_eviction): the daemon leaves the ring slots
+an AppendNotice evicts in place and may fill retrieved slots with those tokens while the
+step runs, so a slot is read only where `ring_from` <= position (ring slots) or position <
+`kept_below` (sinks and retrieved slots): both are the session's evicted boundary as of the
+last answer the worker took, so what the step reads does not depend on when the daemon
+works. Other sessions: 0 and INT32_MAX (every filled slot).
 
 Working-set layout per sequence (WorkingSetInfo): keys/values [L, H, C, D], slot_pos
 [L, H, C] int32, query [L, Hq, D]. `*_reference` are the plain PyTorch versions (CPU, and
@@ -50,7 +57,7 @@ class SlotTables:
     themselves: the reference path reads them, and they stay mapped."""
 
     offsets: torch.Tensor  # int64 [4, B]: keys, values, slot_pos, query
-    geometry: torch.Tensor  # int32 [3, B]: capacity, window_start, window
+    geometry: torch.Tensor  # int32 [5, B]: capacity, window_start, window, ring_from, kept_below
     host_offsets: torch.Tensor  # their host copies (the same tensors on a CPU)
     host_geometry: torch.Tensor
     anchor: torch.Tensor
@@ -60,7 +67,7 @@ class SlotTables:
     @staticmethod
     def empty(batch: int, device: torch.device, dtype: torch.dtype) -> SlotTables:
         offsets = torch.zeros(4, batch, dtype=torch.int64, device=device)
-        geometry = torch.zeros(3, batch, dtype=torch.int32, device=device)
+        geometry = torch.zeros(GEOMETRY_ROWS, batch, dtype=torch.int32, device=device)
         if offsets.is_cuda:
             host_offsets, host_geometry = (torch.zeros(t.shape, dtype=t.dtype, pin_memory=True) for t in (offsets, geometry))
         else:
@@ -99,6 +106,14 @@ class SlotTables:
     def window(self) -> torch.Tensor:
         return self.geometry[2]
 
+    @property
+    def ring_from(self) -> torch.Tensor:
+        return self.geometry[3]
+
+    @property
+    def kept_below(self) -> torch.Tensor:
+        return self.geometry[4]
+
     def _offset(self, tensor: torch.Tensor, anchor: torch.Tensor) -> int:
         if tensor.dtype != anchor.dtype or tensor.device != anchor.device:
             raise ValueError(f"working-set tensor of {tensor.dtype} on {tensor.device}, batch of {anchor.dtype}")
@@ -112,16 +127,23 @@ class SlotTables:
 
     def set(
         self, b: int, keys: torch.Tensor, values: torch.Tensor, slot_pos: torch.Tensor, query: torch.Tensor,
-        window_start: int, window: int,
+        window_start: int, window: int, evicted: int | None = None,
     ) -> None:  # fmt: skip
-        """Slot b reads this working set (keys [L, H, C, D], slot_pos [L, H, C], query [L, Hq, D])."""
+        """Slot b reads this working set (keys [L, H, C, D], slot_pos [L, H, C], query [L, Hq, D]);
+        `evicted`: its evicted boundary under deferred eviction (None: not deferred)."""
         pairs = ((keys, self.anchor), (values, self.anchor), (slot_pos, self.anchor_pos), (query, self.anchor))
         offsets = [self._offset(tensor, anchor) for tensor, anchor in pairs]
-        self._write(b, offsets, [keys.shape[2], window_start, window])
+        self._write(b, offsets, [keys.shape[2], window_start, window, *_mask(evicted)])
         self.tensors[b] = (keys, values, slot_pos, query)
 
+    def set_evicted(self, b: int, evicted: int | None) -> None:
+        """Slot b's evicted boundary changed (deferred eviction: an answer was taken)."""
+        self.host_geometry[3:, b] = torch.tensor(_mask(evicted), dtype=torch.int32)
+        if self.host_geometry is not self.geometry:
+            self.geometry.copy_(self.host_geometry, non_blocking=True)
+
     def clear(self, b: int) -> None:
-        self._write(b, [0, 0, 0, 0], [0, 0, 0])
+        self._write(b, [0, 0, 0, 0], [0, 0, 0, *_mask(None)])
         self.tensors[b] = None
 
     def _write(self, b: int, offsets: list[int], geometry: list[int]) -> None:
@@ -133,6 +155,21 @@ class SlotTables:
         if self.host_offsets is not self.offsets:
             self.offsets.copy_(self.host_offsets, non_blocking=True)
             self.geometry.copy_(self.host_geometry, non_blocking=True)
+
+
+GEOMETRY_ROWS = 5
+INT32_MAX = 2**31 - 1
+
+
+def _mask(evicted: int | None) -> list[int]:
+    """ring_from, kept_below for an evicted boundary (None: every filled slot is read)."""
+    return [0, INT32_MAX] if evicted is None else [evicted, evicted]
+
+
+def readable(slot_pos: torch.Tensor, window_start: int, ring_from: int, kept_below: int) -> torch.Tensor:
+    """Which slots of slot_pos [..., C] attention reads (see the module docstring)."""
+    ring = torch.arange(slot_pos.shape[-1], device=slot_pos.device) >= window_start
+    return (slot_pos >= 0) & torch.where(ring, slot_pos >= ring_from, slot_pos < kept_below)
 
 
 # ---- references ---------------------------------------------------------------------------
@@ -164,7 +201,8 @@ def attend_reference(tables: SlotTables, layer: int, q: torch.Tensor, scale: flo
         G = q.shape[1] // H
         qb = q[b].view(H, G, D).float()
         scores = torch.einsum("hgd,hcd->hgc", qb, keys[layer].float()) * scale
-        valid = (slot_pos[layer] >= 0)[:, None, :]
+        geometry = [int(g) for g in tables.host_geometry[1:, b]]
+        valid = readable(slot_pos[layer], geometry[0], geometry[2], geometry[3])[:, None, :]
         scores = scores.masked_fill(~valid, float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
         out[b] = torch.einsum("hgc,hcd->hgd", weights, values[layer].float()).reshape(-1, D).to(q.dtype)

@@ -43,8 +43,8 @@ def _write_step_kernel(
 
 @triton.jit
 def _attend_split_kernel(
-    q_ptr, anchor, anchor_pos, keys_tab, values_tab, slot_tab, cap_tab, part_acc, part_m, part_l,
-    layer, H, scale, slots_per_split,
+    q_ptr, anchor, anchor_pos, keys_tab, values_tab, slot_tab, cap_tab, wstart_tab, from_tab, below_tab,
+    part_acc, part_m, part_l, layer, H, scale, slots_per_split,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
@@ -67,11 +67,15 @@ def _attend_split_kernel(
         values = _at(anchor, values_tab, b)
         slot_pos = _at(anchor_pos, slot_tab, b)
         base = (layer * H + h) * cap
+        wstart = tl.load(wstart_tab + b)
+        ring_from = tl.load(from_tab + b)
+        kept_below = tl.load(below_tab + b)
         for c0 in range(start, end, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             cmask = cols < end
             pos = tl.load(slot_pos + base + cols, mask=cmask, other=-1)
-            valid = pos >= 0
+            # (ws_decode: deferred eviction's mask; other sessions read every filled slot)
+            valid = (pos >= 0) & tl.where(cols >= wstart, pos >= ring_from, pos < kept_below)
             k = tl.load(keys + (base + cols[:, None]) * D + dims[None, :], mask=valid[:, None], other=0.0)
             if IEEE:
                 s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
@@ -142,6 +146,7 @@ def attend_triton(tables, layer: int, q: torch.Tensor, scale: float, workspace) 
     out = torch.empty_like(q)
     _attend_split_kernel[(B, H, workspace.splits)](
         q.contiguous(), tables.anchor, tables.anchor_pos, tables.keys, tables.values, tables.slot_pos, tables.capacity,
+        tables.window_start, tables.ring_from, tables.kept_below,
         workspace.acc, workspace.m, workspace.l, layer, H, scale, workspace.slots_per_split,
         G=G, GP=workspace.group_padded, D=D, BLOCK_C=workspace.block_c, IEEE=q.dtype == torch.float32,
     )  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -39,13 +40,16 @@ class WorkingSetPlan:
     """Slots per (layer, KV head): [0, n_sink) sinks, then retrieved, then the window ring.
 
     `spill_every` (A) tokens are appended between AppendNotices; the ring keeps between
-    `window - A` and `window` recent tokens (docs/ARCHITECTURE.md).
+    `window - A` and `window` recent tokens (docs/ARCHITECTURE.md). With `slack` S (deferred
+    eviction, `with_slack`) the ring has S more slots than it keeps after a notice, so the
+    worker writes S tokens past a notice before it needs the answer.
     """
 
     n_sink: int
     retrieved: int
     window: int
     spill_every: int
+    slack: int = 0
 
     @property
     def capacity(self) -> int:
@@ -59,7 +63,17 @@ class WorkingSetPlan:
     @property
     def min_window(self) -> int:
         """Recent tokens the window always keeps after an eviction."""
-        return self.window - self.spill_every
+        return self.window - self.spill_every - self.slack
+
+    @property
+    def deferred(self) -> bool:
+        """Deferred eviction: a notice leaves the ring slots it evicts in place (the worker
+        masks them) and the worker does not wait for its answer (OpenSessionRequest)."""
+        return self.slack > 0
+
+    def with_slack(self) -> WorkingSetPlan:
+        """This plan for deferred eviction: spill_every more ring slots, the same min_window."""
+        return dataclasses.replace(self, window=self.window + self.spill_every, slack=self.spill_every)
 
 
 @dataclass(frozen=True)

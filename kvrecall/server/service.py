@@ -236,6 +236,10 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             else:
                 check.require(request.tp_rank == 0, "tp_rank", f"must be 0 when tp_size={request.tp_size} (no tensor parallelism)")
             check.require(len(request.tag) <= 256, "tag", "at most 256 characters")
+            check.require(
+                not request.deferred_eviction or transport != pb.TRANSPORT_INLINE, "deferred_eviction",
+                "needs TRANSPORT_SHM or TRANSPORT_CUDA_IPC (the worker reads the working set itself)",
+            )  # fmt: skip
             declared = prefix = None
             if request.HasField("prefix"):
                 declared = prefixes.validate(request.prefix, layout)
@@ -243,6 +247,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             session = self.registry.open(
                 worker, layout, policy, transport, float(request.lease_seconds), request.tag,
                 request.tp_rank, request.tp_size, prefix=prefix, declared=declared,
+                deferred=request.deferred_eviction,
             )
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             await self._fail(context, "OpenSession", exc)
@@ -291,7 +296,8 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         layout, plan = session.layout, session.plan
         offsets = SegmentLayout.of(layout, plan)
         info = pb.WorkingSetInfo(
-            capacity=plan.capacity, n_sink=plan.n_sink, retrieved=plan.retrieved, window=plan.window
+            capacity=plan.capacity, n_sink=plan.n_sink, retrieved=plan.retrieved, window=plan.window,
+            min_window=plan.min_window,
         )
         L, H, Hq, C, D = layout.num_layers, layout.num_kv_heads, layout.num_query_heads, plan.capacity, layout.head_dim
         from kvrecall.dtypes import WIRE_OF_TORCH

@@ -230,7 +230,8 @@ class Session:
         selection = None
         if high > low:
             selection = self.policy.on_evict(self.context(), low, high)
-            self.ws.clear_window(low, high)
+            if not self.plan.deferred:  # deferred eviction: the worker masks them (layout.py)
+                self.ws.clear_window(low, high)
         return self.end_append(upto, low, high, selection, finish)
 
     def begin_append(self, upto: int, kv: torch.Tensor | None = None) -> int:
@@ -472,21 +473,25 @@ class SessionRegistry:
         tp_size: int = 0,
         prefix: Prefix | None = None,
         declared: Declared | None = None,
+        deferred: bool = False,
     ) -> Session:
         """Admit a session: over `prefix` (held: it starts from it) or declaring `declared`
         (not held: its ingest registers it). Unreferenced prefixes are evicted first when
-        a pool is short."""
+        a pool is short. `deferred`: deferred eviction (WorkingSetPlan.with_slack)."""
         if prefix is not None:
             self.prefixes.acquire(prefix)  # before make_room: never evicted under the session
         try:
-            return self._open(worker_id, layout, policy, transport, lease, tag, tp_rank, tp_size, prefix, declared)
+            return self._open(worker_id, layout, policy, transport, lease, tag, tp_rank, tp_size, prefix, declared,
+                              deferred)
         except BaseException:
             if prefix is not None:
                 self.prefixes.release(prefix)
             raise
 
-    def _open(self, worker_id, layout, policy, transport, lease, tag, tp_rank, tp_size, prefix, declared) -> Session:
-        plan = policy.plan()
+    def _open(
+        self, worker_id, layout, policy, transport, lease, tag, tp_rank, tp_size, prefix, declared, deferred
+    ) -> Session:  # fmt: skip
+        plan = policy.plan().with_slack() if deferred else policy.plan()
         ws_bytes = SegmentLayout.of(layout, plan).nbytes
         metadata_bytes = policy.metadata_bytes() if prefix is None else prefix.policy.derived_metadata_bytes()
         per_page = max(tokens_per_page(layout, self.host_pool.page_bytes), 1)

@@ -249,8 +249,8 @@ class WorkingSet:
         evictions: list[tuple[int, int]], sums: bool,
     ) -> torch.Tensor | None:  # fmt: skip
         """Several sessions' AppendNotices in one launch (kernels.spill_evict_many): each spills
-        its tokens spills[s] to its host tier, empties the ring slots of evictions[s] and notes
-        max_resident. With `sums`, returns the keys that left, summed per row (float32
+        its tokens spills[s] to its host tier, empties the ring slots of evictions[s] (not under
+        deferred eviction: the worker masks them) and notes max_resident. With `sums`, returns the keys that left, summed per row (float32
         [S, L * H, D]). Sessions of one layout and plan whose host pages share one pool."""
         first = sets[0]
         L, H, D = first.layout.num_layers, first.layout.num_kv_heads, first.layout.head_dim
@@ -258,7 +258,7 @@ class WorkingSet:
         out = torch.empty(len(sets), L * H, D, dtype=torch.float32, device=first.keys.device) if sums else None
         kernels.spill_evict_many(
             parts, spills, evictions, first.plan.window_start, first.plan.window, stores[0].flat,
-            stores[0].tokens_per_page, H, sums=out,
+            stores[0].tokens_per_page, H, sums=out, clear=not first.plan.deferred,
         )  # fmt: skip
         for store, (_, end) in zip(stores, spills, strict=True):
             store.num_tokens = max(store.num_tokens, end)

@@ -228,7 +228,7 @@ class TensorRef(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcRef, _Mapping]] = ..., inline_data: _Optional[bytes] = ...) -> None: ...
 
 class WorkingSetInfo(_message.Message):
-    __slots__ = ("capacity", "n_sink", "retrieved", "window", "keys", "values", "slot_pos", "query")
+    __slots__ = ("capacity", "n_sink", "retrieved", "window", "keys", "values", "slot_pos", "query", "min_window")
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     N_SINK_FIELD_NUMBER: _ClassVar[int]
     RETRIEVED_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +237,7 @@ class WorkingSetInfo(_message.Message):
     VALUES_FIELD_NUMBER: _ClassVar[int]
     SLOT_POS_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
+    MIN_WINDOW_FIELD_NUMBER: _ClassVar[int]
     capacity: int
     n_sink: int
     retrieved: int
@@ -245,7 +246,8 @@ class WorkingSetInfo(_message.Message):
     values: TensorRef
     slot_pos: TensorRef
     query: TensorRef
-    def __init__(self, capacity: _Optional[int] = ..., n_sink: _Optional[int] = ..., retrieved: _Optional[int] = ..., window: _Optional[int] = ..., keys: _Optional[_Union[TensorRef, _Mapping]] = ..., values: _Optional[_Union[TensorRef, _Mapping]] = ..., slot_pos: _Optional[_Union[TensorRef, _Mapping]] = ..., query: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
+    min_window: int
+    def __init__(self, capacity: _Optional[int] = ..., n_sink: _Optional[int] = ..., retrieved: _Optional[int] = ..., window: _Optional[int] = ..., keys: _Optional[_Union[TensorRef, _Mapping]] = ..., values: _Optional[_Union[TensorRef, _Mapping]] = ..., slot_pos: _Optional[_Union[TensorRef, _Mapping]] = ..., query: _Optional[_Union[TensorRef, _Mapping]] = ..., min_window: _Optional[int] = ...) -> None: ...
 
 class WorkingSetDelta(_message.Message):
     __slots__ = ("slots", "positions", "keys", "values")
@@ -270,7 +272,7 @@ class BoundaryRule(_message.Message):
     def __init__(self, mode: _Optional[_Union[BoundaryMode, str]] = ..., threshold: _Optional[float] = ..., pre_rope: bool = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("worker_id", "layout", "policy", "transport", "lease_seconds", "tp_rank", "tp_size", "tag", "prefix")
+    __slots__ = ("worker_id", "layout", "policy", "transport", "lease_seconds", "tp_rank", "tp_size", "tag", "prefix", "deferred_eviction")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +282,7 @@ class OpenSessionRequest(_message.Message):
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
+    DEFERRED_EVICTION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     layout: ModelLayout
     policy: PolicyConfig
@@ -289,7 +292,8 @@ class OpenSessionRequest(_message.Message):
     tp_size: int
     tag: str
     prefix: PrefixDeclaration
-    def __init__(self, worker_id: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., policy: _Optional[_Union[PolicyConfig, _Mapping]] = ..., transport: _Optional[_Union[TransportKind, str]] = ..., lease_seconds: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., tag: _Optional[str] = ..., prefix: _Optional[_Union[PrefixDeclaration, _Mapping]] = ...) -> None: ...
+    deferred_eviction: bool
+    def __init__(self, worker_id: _Optional[str] = ..., layout: _Optional[_Union[ModelLayout, _Mapping]] = ..., policy: _Optional[_Union[PolicyConfig, _Mapping]] = ..., transport: _Optional[_Union[TransportKind, str]] = ..., lease_seconds: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., tag: _Optional[str] = ..., prefix: _Optional[_Union[PrefixDeclaration, _Mapping]] = ..., deferred_eviction: bool = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "working_set", "spill_every", "boundary", "lease_seconds", "observation", "policy", "policy_config_json", "capability", "prefix_tokens_held", "prefix_id", "delta")

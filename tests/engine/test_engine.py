@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kvrecall.client import KVRecallClient
+from kvrecall.client.errors import InvalidArgumentError
 from kvrecall.client.hf import spec_for
 from kvrecall.engine import DecoderWeights, Engine
 from kvrecall.kernels._triton import interpreter_ready
@@ -39,14 +40,15 @@ def prompts(vocab: int) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, (n,), generator=g) for n in PROMPTS]
 
 
-def decode(engine: Engine, client, model, picks, steps: int):
+def decode(engine: Engine, client, model, picks, steps: int, deferred: bool = False):
     """Add each (policy, config, prompt) to the engine, decode `steps`; per sequence the
-    tokens and the logits of every step."""
+    tokens and the logits of every step. `deferred`: sessions with deferred eviction."""
     slots, logits = [], {}
     spec = spec_for(model, max_tokens=512)
     sessions = []
     for policy, config, prompt in picks:
-        session = client.open_session(spec, policy, config)
+        session = client.open_session(spec, policy, config, deferred_eviction=deferred)
+        assert session.core.deferred == deferred
         sessions.append(session)
         slot = engine.add(session, prompt)
         slots.append(slot)
@@ -63,20 +65,26 @@ def decode(engine: Engine, client, model, picks, steps: int):
     return out
 
 
+TRITON = pytest.mark.skipif(not interpreter_ready(), reason="needs TRITON_INTERPRET=1")
+
+
 @pytest.mark.parametrize(
-    "impl",
-    ["reference", pytest.param("triton", marks=pytest.mark.skipif(not interpreter_ready(), reason="needs TRITON_INTERPRET=1"))],
-)
-@pytest.mark.parametrize("lag", [0, 2])
-def test_batch_matches_full_attention_with_a_covering_budget(daemon, tiny_llama, impl, lag):
+    ("impl", "lag", "deferred"),
+    [("reference", 0, False), ("reference", 2, False), ("reference", 0, True), ("reference", 2, True),
+     pytest.param("triton", 0, False, marks=TRITON), pytest.param("triton", 2, True, marks=TRITON)],
+)  # fmt: skip
+def test_batch_matches_full_attention_with_a_covering_budget(daemon, tiny_llama, impl, lag, deferred):
     """Four sequences of different lengths and policies in one batch: every step's logits equal
     transformers' full-attention forward over the same tokens (fp32, 1e-4), whether retrievals
-    serve the next step (lag 0) or two steps later (lag 2: boundaries off the critical path)."""
+    serve the next step (lag 0) or two steps later (lag 2: boundaries off the critical path),
+    and whether steps wait for their AppendNotices or not (deferred eviction: the evicted
+    tokens the daemon places into free retrieved slots are read from the ring until the
+    answer is taken, then from there)."""
     weights = DecoderWeights.from_hf(tiny_llama)
     engine = Engine(weights, batch=4, max_capacity=1024, impl=impl, lag=lag)
     picks = [(p, c, prompt) for (p, c), prompt in zip(POLICIES, prompts(128), strict=True)]
     with KVRecallClient(daemon.target, "engine-test") as client:
-        results = decode(engine, client, tiny_llama, picks, STEPS)
+        results = decode(engine, client, tiny_llama, picks, STEPS, deferred)
     engine.close()
     for (policy, _, prompt), (seq, logits) in zip(picks, results, strict=True):
         tokens = torch.cat([prompt, torch.tensor(seq.tokens[:-1])])
@@ -90,9 +98,11 @@ def test_batch_matches_full_attention_with_a_covering_budget(daemon, tiny_llama,
     assert louiskv.boundaries >= 1, "louiskv crossed no boundary: the test exercises no retrieval"
 
 
-def test_batch_decodes_like_each_sequence_alone(daemon, tiny_llama):
+@pytest.mark.parametrize("deferred", [False, True])
+def test_batch_decodes_like_each_sequence_alone(daemon, tiny_llama, deferred):
     """Tight budgets (retrieval matters): a batch of 4 gives each sequence the tokens it gets
-    alone in a batch of one."""
+    alone in a batch of one (with deferred eviction too: what a step reads does not depend on
+    when the daemon answers, nor on which other sessions share its calls)."""
     weights = DecoderWeights.from_hf(tiny_llama)
     tight = [("louiskv", {"budget": 16, "n_sink": 4, "window": 32, "threshold": 0.9}),
              ("quest", {"budget": 16, "n_sink": 4, "window": 32, "page_size": 4}),
@@ -101,12 +111,12 @@ def test_batch_decodes_like_each_sequence_alone(daemon, tiny_llama):
     picks = [(p, c, prompt) for (p, c), prompt in zip(tight, prompts(128), strict=True)]
     with KVRecallClient(daemon.target, "engine-test") as client:
         together = Engine(weights, batch=4, max_capacity=1024)
-        batched = decode(together, client, tiny_llama, picks, STEPS)
+        batched = decode(together, client, tiny_llama, picks, STEPS, deferred)
         together.close()
         alone = []
         for pick in picks:
             single = Engine(weights, batch=1, max_capacity=1024)
-            alone += decode(single, client, tiny_llama, [pick], STEPS)
+            alone += decode(single, client, tiny_llama, [pick], STEPS, deferred)
             single.close()
     for (policy, _, _), (seq_b, logits_b), (seq_a, logits_a) in zip(picks, batched, alone, strict=True):
         assert seq_b.tokens == seq_a.tokens, policy
@@ -169,4 +179,41 @@ def test_set_lag_switches_pending_slots_back_first(daemon, tiny_llama):
         assert seq.pending is None and seq.boundaries == 2
         engine.remove(slot)
         session.close()
+    engine.close()
+
+
+def test_deferred_notices_are_sent_and_taken_later(daemon, tiny_llama):
+    """Deferred eviction: the ring has spill_every more slots and keeps as many tokens after a
+    notice; a step that sends an AppendNotice does not take its answer (the slot's mask stays
+    at the last answer taken) and the slot takes it before its next notice. Over the inline
+    transport (no shared working set) the daemon refuses it, naming the field."""
+    weights = DecoderWeights.from_hf(tiny_llama)
+    engine = Engine(weights, batch=1, max_capacity=1024, lag=2)
+    spec = spec_for(tiny_llama, max_tokens=512)
+    config = {"budget": 16, "n_sink": 4, "window": 32}
+    with KVRecallClient(daemon.target, "engine-test") as client:
+        plain = client.open_session(spec, "louiskv", config)
+        session = client.open_session(spec, "louiskv", config, deferred_eviction=True)
+        core = session.core
+        assert core.deferred and not plain.core.deferred
+        assert core.window == plain.core.window + core.spill_every and core.min_window == plain.core.min_window
+        slot = engine.add(session, prompts(128)[0])
+        seq = engine.sequences[slot]
+        sent = []
+        for _ in range(3 * core.spill_every):
+            appends = seq.appends
+            engine.step()
+            if seq.appends > appends:
+                assert seq.notice is not None, "the step took its own notice's answer"
+                assert core.noticed_upto < seq.sent_upto == core.position
+                mask = int(engine.backend.tables.host_geometry[3, slot])
+                assert mask == core.evicted_upto < seq.sent_upto - core.min_window
+                sent.append(seq.sent_upto)
+        assert len(sent) >= 2 and core.noticed_upto == sent[-2], "the earlier notices were not taken in turn"
+        engine.remove(slot)
+        assert seq.notice is None and core.noticed_upto == sent[-1]
+        session.close()
+        plain.close()
+        with pytest.raises(InvalidArgumentError, match="deferred_eviction"):
+            client.open_session(spec, "louiskv", config, deferred_eviction=True, transport="inline")
     engine.close()

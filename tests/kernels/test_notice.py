@@ -92,6 +92,37 @@ def test_without_sums_and_with_no_eviction(triton_device) -> None:
         assert torch.equal(pages.row(1, 0, position).cpu(), keys[1, 2 + position % 8])
 
 
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_deferred_eviction_leaves_the_ring_slots(triton_device, impl) -> None:
+    """clear=False (deferred eviction): the spill and the sums as with clear=True, the evicted
+    ring slots keep their positions (the worker masks them), and the resident count leaves
+    them out all the same (and the slots left in place by an earlier eviction)."""
+    pages = Pages(1, 2, 16, per_page=4, pages=8, dtype=torch.float32, device=triton_device, seed=2)
+    slot_pos, keys, values = ring_case(2, 14, 2, 8, 16, 20, torch.float32, seed=1)
+
+    device = triton_device
+
+    def run(clear: bool):
+        part = (slot_pos.clone().to(device), keys.to(device), values.to(device), pages.page_base.to(device),
+                torch.zeros((), dtype=torch.int64, device=device))  # fmt: skip
+        host = pages.copy_of(pages.host)
+        sums = torch.zeros(1, 2, 16, device=device)
+        K.spill_evict_many([part], [(16, 20)], [(12, 15)], 2, 8, host, 4, 2, sums=sums, impl=impl, clear=clear)
+        return part, host.cpu(), sums.cpu()
+
+    (cleared, host_c, sums_c), (kept, host_k, sums_k) = run(True), run(False)
+    assert torch.equal(host_c, host_k) and torch.equal(sums_c, sums_k)
+    assert sums_k.abs().sum() > 0
+    assert torch.equal(kept[0].cpu(), slot_pos)  # nothing emptied
+    assert int(kept[4]) == int(cleared[4]) == int((cleared[0] >= 0).sum(dim=1).max())
+    # A second notice: the slots evicted first still hold positions below its eviction.
+    again = torch.zeros((), dtype=torch.int64, device=device)
+    part = (kept[0], kept[1], kept[2], kept[3], again)
+    K.spill_evict_many([part], [(20, 20)], [(15, 17)], 2, 8, pages.copy_of(pages.host), 4, 2, impl=impl, clear=False)
+    ring = slot_pos[:, 2:10]
+    assert int(again) == int(((slot_pos >= 0).sum(dim=1) - ((ring >= 0) & (ring < 17)).sum(dim=1)).max())
+
+
 def test_arguments_are_checked(device) -> None:
     pages = Pages(1, 2, 8, per_page=4, pages=4, dtype=torch.float32, device=device, seed=0)
     slot_pos, keys, values = ring_case(2, 10, 2, 6, 8, 10, torch.float32, seed=0)

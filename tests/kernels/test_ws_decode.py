@@ -62,3 +62,34 @@ def test_write_and_attend_match_reference(capacities, L, H, G, D, dtype):
             ref = attend(ref_tables, layer, q, D**-0.5, impl="reference")
             assert not out.isnan().any()
             assert (out.float() - ref.float()).abs().max().item() < tol, (target, layer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_deferred_eviction_mask_matches_reference(dtype):
+    """Deferred eviction: ring slots read only from `evicted` on, the others only below it
+    (kernels/ws_decode.py); the kernel equals the reference, and the mask is the one asked
+    (a slot set without it reads every filled slot, a different answer)."""
+    capacities, L, H, G, D = [48, 0, 64], 2, 2, 4, 16
+    B = len(capacities)
+    masked, ref = tables_pair(capacities, L, H, G, D, dtype, seed=3)
+    plain, _ = tables_pair(capacities, L, H, G, D, dtype, seed=3)
+    for b, C in enumerate(capacities):
+        if C:
+            window = max(1, C // 3)
+            for tables in (masked, ref):
+                tables.set(b, *tables.tensors[b], window_start=C - window, window=window, evicted=2 * C)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, H * G, D, generator=g).to(dtype).to(DEVICE)
+    workspace = AttendWorkspace(B, H, G, D, max(capacities), DEVICE, block_c=16, target_programs=64)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for layer in range(L):
+        out = attend(masked, layer, q, D**-0.5, workspace, impl="triton")
+        want = attend(ref, layer, q, D**-0.5, impl="reference")
+        every = attend(plain, layer, q, D**-0.5, workspace, impl="triton")
+        assert (out.float() - want.float()).abs().max().item() < tol, layer
+        assert (out.float() - every.float()).abs().max().item() > 10 * tol, layer
+    # The reference's mask itself, on a small hand-made row: window from slot 3.
+    slot_pos = torch.tensor([0, 5, 9, 7, 12, 4, -1], dtype=torch.int32)
+    from kvrecall.kernels.ws_decode import readable
+
+    assert readable(slot_pos, 3, 7, 7).tolist() == [True, True, False, True, True, False, False]
