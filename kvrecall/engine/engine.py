@@ -162,6 +162,18 @@ class DaemonTimes:
             getattr(self, series.name).clear()
 
 
+def _ring_spans(first: int, window: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The ring slots (from slot `first`, `window` of them) of positions [start, end), end -
+    start <= window: one slot range, or two where it wraps."""
+    if end <= start:
+        return []
+    lo = first + start % window
+    hi = lo + (end - start)
+    if hi <= first + window:
+        return [(lo, hi)]
+    return [(lo, first + window), (first, hi - window)]
+
+
 class Engine:
     """Batched greedy decode over up to `batch` sessions (see the module docstring).
 
@@ -431,8 +443,7 @@ class Engine:
                 shadow = tuple(torch.empty_like(t) for t in real)
         else:
             self._shadows = [sh for sh in self._shadows if sh is not shadow]  # tensors have no ==
-        for copy, source in zip(shadow, real, strict=True):
-            copy.copy_(source)
+        torch._foreach_copy_(list(shadow), list(real))  # one call (a launch per dtype)
         seq.shadow, seq.pending_from = shadow, core.position
         self.backend.tables.set(seq.slot, *shadow, core.n_sink + core.retrieved, core.window, evicted_mask(core))
         self._shadow_s += time.perf_counter() - started
@@ -454,13 +465,15 @@ class Engine:
         answered = time.perf_counter()
         waited = answered - started if late else 0.0
         core = seq.session.core
-        keys, values, slot_pos, _ = seq.shadow
-        positions = torch.arange(seq.pending_from, core.position, device=keys.device)
-        slots = core.n_sink + core.retrieved + positions % core.window
-        # index_copy_ is one kernel each; an indexed assignment (`a[:, :, slots] = ...`) waits
-        # for the stream.
-        for real, copy in ((core.keys, keys), (core.values, values), (core.slot_pos, slot_pos)):
-            real.index_copy_(2, slots, copy.index_select(2, slots))
+        # The ring slots written meanwhile: one span of slots, or two where the ring wraps
+        # (slices, so no index tensors and no wait for the stream; one foreach call).
+        targets, sources = [], []
+        for lo, hi in _ring_spans(core.n_sink + core.retrieved, core.window, seq.pending_from, core.position):
+            for real, copy in zip((core.keys, core.values, core.slot_pos), seq.shadow, strict=False):
+                targets.append(real[:, :, lo:hi])
+                sources.append(copy[:, :, lo:hi])
+        if targets:
+            torch._foreach_copy_(targets, sources)
         self.backend.tables.set(seq.slot, core.keys, core.values, core.slot_pos, core.query,
                                 core.n_sink + core.retrieved, core.window, evicted_mask(core))  # fmt: skip
         self._shadows = [seq.shadow, *self._shadows][: self.batch]

@@ -138,7 +138,7 @@ class SlotTables:
 
     def set_evicted(self, b: int, evicted: int | None) -> None:
         """Slot b's evicted boundary changed (deferred eviction: an answer was taken)."""
-        self.host_geometry[3:, b] = torch.tensor(_mask(evicted), dtype=torch.int32)
+        self.host_geometry.numpy()[3:, b] = _mask(evicted)
         if self.host_geometry is not self.geometry:
             self.geometry.copy_(self.host_geometry, non_blocking=True)
 
@@ -150,8 +150,9 @@ class SlotTables:
         """Column b of both tables, through the host copies. An upload queued earlier and not
         yet run reads the newer values too, which the last upload writes anyway; the tables'
         readers (the step) are queued after it."""
-        self.host_offsets[:, b] = torch.tensor(offsets, dtype=torch.int64)
-        self.host_geometry[:, b] = torch.tensor(geometry, dtype=torch.int32)
+        # (through numpy views: no tensor made per write)
+        self.host_offsets.numpy()[:, b] = offsets
+        self.host_geometry.numpy()[:, b] = geometry
         if self.host_offsets is not self.offsets:
             self.offsets.copy_(self.host_offsets, non_blocking=True)
             self.geometry.copy_(self.host_geometry, non_blocking=True)

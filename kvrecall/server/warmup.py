@@ -43,6 +43,9 @@ POLICIES = (
     (pb.PolicyConfig(name="windowkv", windowkv=pb.WindowKVConfig(budget=128, keep_pruned_in_host=True)), PROMPT),
     (pb.PolicyConfig(name="snapkv", snapkv=pb.SnapKVConfig(budget=128)), PROMPT),
 )
+# Deferred eviction (the engine's sessions) compiles the notice kernel without its ring clear,
+# with and without louiskv's sums: a first notice compiling it stalled a 32K x 8 bench 1.5 s.
+DEFERRED = (POLICIES[0], POLICIES[4])
 
 
 def warm_up(registry: SessionRegistry, shapes: list[tuple[torch.dtype, int]]) -> float:
@@ -53,18 +56,21 @@ def warm_up(registry: SessionRegistry, shapes: list[tuple[torch.dtype, int]]) ->
     started = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(0)
     for dtype, head_dim in shapes:
-        for message, prompt in POLICIES:
+        for (message, prompt), deferred in [*((p, False) for p in POLICIES), *((p, True) for p in DEFERRED)]:
             layout = ModelLayout(num_layers=2, num_kv_heads=8, num_query_heads=32, head_dim=head_dim, dtype=dtype,
                                  max_tokens=prompt + 256)  # fmt: skip
-            _run_policy(registry, layout, message, prompt, device, generator)
+            _run_policy(registry, layout, message, prompt, device, generator, deferred)
     torch.cuda.synchronize(device)
     return time.perf_counter() - started
 
 
-def _run_policy(registry, layout: ModelLayout, message: pb.PolicyConfig, prompt: int, device, generator) -> None:
+def _run_policy(
+    registry, layout: ModelLayout, message: pb.PolicyConfig, prompt: int, device, generator, deferred: bool = False
+) -> None:  # fmt: skip
     """One policy's serving path: a session through a streamed ingest, an append, boundaries
     and a chunk; a second one beside it, then a Boundaries call retrieving for both (the
-    batched retrieval, segment closing and placement kernels)."""
+    batched retrieval, segment closing and placement kernels). `deferred`: sessions with
+    deferred eviction (OpenSessionRequest.deferred_eviction)."""
     L, H, Hq, D = layout.num_layers, layout.num_kv_heads, layout.num_query_heads, layout.head_dim
 
     def randn(*shape: int) -> torch.Tensor:
@@ -74,7 +80,7 @@ def _run_policy(registry, layout: ModelLayout, message: pb.PolicyConfig, prompt:
     try:
         for _ in range(2):
             policy = build_policy(message, layout)
-            sessions.append(registry.open(WORKER, layout, policy, pb.TRANSPORT_INLINE, 60.0, "warm-up"))
+            sessions.append(registry.open(WORKER, layout, policy, pb.TRANSPORT_INLINE, 60.0, "warm-up", deferred=deferred))
         kv = randn(L, 2, H, prompt + 80, D)
         queries = randn(L, Hq, max(1, policy.observation()), D).float()
         for session in sessions:

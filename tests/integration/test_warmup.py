@@ -11,7 +11,7 @@ from kvrecall.server.config import ConfigError, load_config, parse_warmup
 from kvrecall.server.layout import ModelLayout
 from kvrecall.server.pools import DevicePool, HostPool
 from kvrecall.server.session import SessionRegistry
-from kvrecall.server.warmup import POLICIES, _run_policy, warm_up
+from kvrecall.server.warmup import DEFERRED, POLICIES, _run_policy, warm_up
 
 
 def test_every_warmup_session_runs_and_returns_its_memory():
@@ -19,10 +19,10 @@ def test_every_warmup_session_runs_and_returns_its_memory():
     registry = SessionRegistry(host, device, default_lease=30.0)
     try:
         generator = torch.Generator().manual_seed(0)
-        for message, prompt in POLICIES:
+        for (message, prompt), deferred in [*((p, False) for p in POLICIES), *((p, True) for p in DEFERRED)]:
             layout = ModelLayout(num_layers=2, num_kv_heads=2, num_query_heads=4, head_dim=16, dtype=torch.float32,
                                  max_tokens=prompt + 256)  # fmt: skip
-            _run_policy(registry, layout, message, prompt, torch.device("cpu"), generator)
+            _run_policy(registry, layout, message, prompt, torch.device("cpu"), generator, deferred)
         assert not registry.sessions and host.used_bytes == 0 and device.used_bytes == 0
         assert warm_up(registry, [(torch.bfloat16, 128)]) == 0.0  # CPU: the references compile nothing
     finally:
