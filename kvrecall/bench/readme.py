@@ -26,6 +26,11 @@ def _row(rows: list[dict[str, Any]], policy: str, context: int, batch: int, rate
     return next((r for r in found if r.get("lag") == DEFAULT_LAG), found[0] if found else None)
 
 
+def _config(skipped: str) -> str:
+    """The "CONTEXTxBATCH" a skipped entry names."""
+    return skipped.split(":", 1)[0].strip()
+
+
 def render(result: dict[str, Any], source: str, *more: tuple[dict[str, Any], str]) -> str:
     """The decode table of one e2e run, or of several (each its own configurations, e.g. one
     per GPU of a machine): every run's command, device and file are named."""
@@ -59,7 +64,9 @@ def render(result: dict[str, Any], source: str, *more: tuple[dict[str, Any], str
             f"| {context // 1024}K x {batch} | {full['median_ms']:.2f} | {cell(bound)} | {cell(measured)} "
             f"| {cell(every)} | {cell(quest)} | {full['median_ms'] / measured['mean_ms']:.2f}x | {memory} |"
         )
-    skipped = [item for run, _ in runs for item in run["meta"].get("skipped") or []]
+    # What a run skipped ("131072x8: ...") unless another run of the table measured it.
+    skipped = [item for run, _ in runs for item in run["meta"].get("skipped") or []
+               if _config(item) not in {f"{c}x{b}" for c, b in configs}]  # fmt: skip
     if skipped:
         lines += ["", "Not measured in that run: " + "; ".join(skipped) + "."]
     return "\n".join(lines)

@@ -74,16 +74,20 @@ def copy_staged(
     session_ends = ends[rows_per_session - 1 :: rows_per_session]
     pin = device.type == "cuda"  # (a CPU run, under Triton's interpreter, tests the same steps)
     # The one sync: the host needs the rows it gathers (and how many there are).
-    plan = _PLANS.take(whole + len(sessions), pin)
-    plan[:whole].copy_(packed[:whole], non_blocking=pin)
-    plan[whole:].copy_(session_ends, non_blocking=pin)
-    if pin:
-        torch.cuda.current_stream(device).synchronize()
-    ends_host = plan[whole:].tolist()
-    n = ends_host[-1]
+    buffer = _PLANS.take(whole + len(sessions), pin)
+    try:
+        plan = buffer[: whole + len(sessions)]
+        plan[:whole].copy_(packed[:whole], non_blocking=pin)
+        plan[whole:].copy_(session_ends, non_blocking=pin)
+        if pin:
+            torch.cuda.current_stream(device).synchronize()
+        ends_host = plan[whole:].tolist()
+        n = ends_host[-1]
+        source_host = torch.cat((plan[:n], plan[:n] + H * P))  # K rows, then V rows
+    finally:
+        _PLANS.give(buffer)
     if n == 0:
         return
-    source_host = torch.cat((plan[:n], plan[:n] + H * P))  # K rows, then V rows
     pool_rows = host[: host.numel() // D * D].view(-1, D)
     # A size rounded up to whole chunks: the caching allocator finds the blocks of earlier calls.
     rows = torch.empty((-(-2 * n // CHUNK_ROWS) * CHUNK_ROWS, D), dtype=host.dtype, device=device)
@@ -159,18 +163,26 @@ class StagingChunks:
 
 
 class PlanBuffers:
-    """Host buffers for a placement's plan (int64), one per thread, grown by powers of two:
-    pinned on a GPU (a non-blocking copy, then one stream sync)."""
+    """Host buffers for placements' plans (int64; pinned on a GPU: a non-blocking copy, then one
+    stream sync), shared by the daemon's threads: a call takes one at least its size (a power
+    of two) and gives it back, so there are as many as calls have needed at once."""
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
 
     def take(self, numel: int, pin: bool) -> torch.Tensor:
-        buffer = getattr(self._local, "buffer", None)
-        if buffer is None or buffer.numel() < numel or buffer.is_pinned() != pin:
-            size = 1 << max(16, (numel - 1).bit_length())
-            buffer = self._local.buffer = torch.empty(size, dtype=torch.int64, pin_memory=pin)
-        return buffer[:numel]
+        with self._lock:
+            fits = [b for b in self._free if b.numel() >= numel and b.is_pinned() == pin]
+            if fits:
+                buffer = min(fits, key=torch.Tensor.numel)
+                self._free = [b for b in self._free if b is not buffer]
+                return buffer
+        return torch.empty(1 << max(16, (numel - 1).bit_length()), dtype=torch.int64, pin_memory=pin)
+
+    def give(self, buffer: torch.Tensor) -> None:
+        with self._lock:
+            self._free.append(buffer)
 
 
 STAGING = StagingChunks()
