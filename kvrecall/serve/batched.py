@@ -50,7 +50,7 @@ from kvrecall.serve.protocol import RequestError
 log = logging.getLogger("kvrecall.serve")
 
 # Working-set slots beyond a session's tokens: the sinks and the window ring policies add to a
-# budget (louiskv's defaults: 16 + 64).
+# budget (louiskv's defaults: 16 + 64, and deferred eviction's spare spill_every ring slots).
 CAPACITY_SLACK = 256
 
 
@@ -163,8 +163,8 @@ class BatchedEngine:
         model = self.loaded.model
         try:
             capacity, config = session_plan(request, self.loaded.tokenizer)
-            session = self.client.open_session(
-                spec_for(model, capacity), request.policy, config, tag=self.client.worker_id
+            session = self.client.open_session(  # deferred eviction: no step waits for an AppendNotice
+                spec_for(model, capacity), request.policy, config, tag=self.client.worker_id, deferred_eviction=True
             )
         except Exception as exc:  # noqa: BLE001 - handed to the request's handler
             generation.opened(exc)
