@@ -60,11 +60,11 @@ from kvrecall.engine.weights import DecoderWeights
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 # Steps a crossed slot reads its shadow. On one H200 (Llama-3-8B shape, bench e2e) a retrieval
-# answers in 17-28 ms with the placement's rows moved by the copy engine (placement_staged.py)
-# against 7-13 ms steps: at lag 3 some steps still waited at batch 8 (7 of 96 at 32K, and 32K x 8
-# ran 0.97x full), at lag 4 one did (1.14x); batch 1 was the same at both
-# (bench/results/2026-11-30-h200x2-final-e2e.json; lags 1-4 with the kernel's own PCIe reads, whose
-# answers came in 11-14 ms: 2026-11-30-h200x2-lag-e2e.json).
+# answers in 15-23 ms (p50; p90 about 41-43 ms at 32K x 8) against 7-11 ms steps. At lag 4, 32K x 8
+# gave 1.36-1.42x full over three runs of 2026-12-01 and 1.12x in one whose answers came slower (13
+# of 96 steps waited); lag 5 gave 1.40x and 1.43x in the two runs that measured it
+# (bench/results/2026-12-01-h200-deferred-{final,last}-e2e.json). A longer lag keeps a crossed slot
+# on its old retrieved set a step longer; what that costs in accuracy is scripts/lag_fidelity.py's.
 DEFAULT_LAG = 4
 # The interpreter's thread switch interval while an engine runs (seconds; CPython's default is
 # 5 ms). gRPC's threads handle the answers in Python: after the step's sync the decoding thread
