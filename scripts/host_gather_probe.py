@@ -57,8 +57,10 @@ def main() -> int:
         for workers in (4, 8, 16):
             parts = [(lo, min(lo + -(-args.rows // workers), args.rows)) for lo in range(0, args.rows, -(-args.rows // workers))]
             with ThreadPoolExecutor(workers) as ex:
-                def split():
-                    list(ex.map(lambda r: torch.index_select(pool, 0, index[r[0]:r[1]], out=out[r[0]:r[1]]), parts))
+
+                def split(index=index, parts=parts, ex=ex):
+                    list(ex.map(lambda r: torch.index_select(pool, 0, index[r[0] : r[1]], out=out[r[0] : r[1]]), parts))
+
                 seconds = timed(split)
             results.append({"rows": name, "how": "python threads, torch 1", "threads": workers,
                             "ms": round(seconds * 1e3, 3), "gib_s": round(mib / 1024 / seconds, 2)})  # fmt: skip
