@@ -50,7 +50,7 @@ def main() -> int:
     for name, index in sets.items():
         for threads in sorted({1, 2, 4, 8, 16, cores} & set(range(1, cores + 1))):
             torch.set_num_threads(threads)
-            seconds = timed(lambda: torch.index_select(pool, 0, index, out=out))
+            seconds = timed(lambda index=index: torch.index_select(pool, 0, index, out=out))
             results.append({"rows": name, "how": "torch threads", "threads": threads, "ms": round(seconds * 1e3, 3),
                             "gib_s": round(mib / 1024 / seconds, 2)})  # fmt: skip
         torch.set_num_threads(1)
