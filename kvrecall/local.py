@@ -7,6 +7,8 @@ which always talk real gRPC to a real daemon process.
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +19,9 @@ from pathlib import Path
 class LocalDaemon:
     """A daemon on a private socket, for one caller (a tool, a benchmark, a test): its pools
     are sized for that caller, so the per-worker fair share is off (`worker_share=1`) unless
-    asked for (`worker_share=None`: the daemon's default, or a fraction)."""
+    asked for (`worker_share=None`: the daemon's default, or a fraction). Its socket and log
+    live in a private temporary directory, removed when it stops cleanly; after a failure it
+    stays, and `stop` returns the exit code (the log's path is `log_path`)."""
 
     def __init__(
         self,
@@ -83,6 +87,8 @@ class LocalDaemon:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+        if self.process.returncode in (0, -signal.SIGTERM) and Path(self.log_path).parent == Path(self._dir):
+            shutil.rmtree(self._dir, ignore_errors=True)  # every run left a directory in /tmp before
         return self.process.returncode
 
     def kill(self) -> None:
