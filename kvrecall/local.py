@@ -47,7 +47,9 @@ class LocalDaemon:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 300.0) -> LocalDaemon:
-        """Start the process and wait until it serves (a CUDA daemon compiles its kernels first)."""
+        """Start the process and wait until it serves (a CUDA daemon compiles its kernels first);
+        again after a stop (a restart: the same socket)."""
+        os.makedirs(self._dir, mode=0o700, exist_ok=True)  # a clean stop removed it
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout

@@ -222,7 +222,7 @@ def run_soak(config: SoakConfig, log=None) -> SoakResult:
             )
             stack.enter_context(daemon)
             target, pid = daemon.target, daemon.process.pid
-            log(f"soak: local daemon pid {pid} on {target} (log {daemon.log_path})")
+            log(f"soak: local daemon pid {pid} on {target} (log {daemon.log_path}; removed after a clean stop)")
         monitor = stack.enter_context(KVRecallClient(target, "", timeout=30.0))
         result.pool_baseline = _pools(monitor)
         result.pool_peak = dict(result.pool_baseline)
