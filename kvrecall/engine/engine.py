@@ -57,6 +57,7 @@ from kvrecall.engine.decoder import Decoder
 from kvrecall.engine.graph import GraphStep
 from kvrecall.engine.sessions import SessionBatch, evicted_mask
 from kvrecall.engine.weights import DecoderWeights
+from kvrecall.kernels.ws_decode import ring_spans
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 # Steps a crossed slot reads its shadow. On one H200 (Llama-3-8B shape, bench e2e) a retrieval
@@ -94,7 +95,11 @@ class _Pending:
             return None
         self.recorded = True
         moved = sum(result.retrieval.bytes_moved for response in responses for result in response.results)
-        return max(call.answered for call in self.calls) - min(call.sent for call in self.calls), moved, responses
+        return self.seconds(), moved, responses
+
+    def seconds(self) -> float:
+        """Sent to the last answer, host clock (once every answer is in)."""
+        return max(call.answered for call in self.calls) - min(call.sent for call in self.calls)
 
 
 @dataclass
@@ -160,18 +165,6 @@ class DaemonTimes:
     def clear(self) -> None:
         for series in fields(self):
             getattr(self, series.name).clear()
-
-
-def _ring_spans(first: int, window: int, start: int, end: int) -> list[tuple[int, int]]:
-    """The ring slots (from slot `first`, `window` of them) of positions [start, end), end -
-    start <= window: one slot range, or two where it wraps."""
-    if end <= start:
-        return []
-    lo = first + start % window
-    hi = lo + (end - start)
-    if hi <= first + window:
-        return [(lo, hi)]
-    return [(lo, first + window), (first, hi - window)]
 
 
 class Engine:
@@ -422,8 +415,7 @@ class Engine:
         waited = time.perf_counter() - started if late else 0.0
         if not seq.notice.timed:
             seq.notice.timed = True
-            calls = seq.notice.calls
-            self.times.notice_s.append(max(call.answered for call in calls) - min(call.sent for call in calls))
+            self.times.notice_s.append(seq.notice.seconds())
         seq.notice = None
         if seq.pending is None:  # (a slot reading its shadow takes it at its switch back)
             self.backend.tables.set_evicted(seq.slot, seq.session.core.evicted_upto)
@@ -468,7 +460,7 @@ class Engine:
         # The ring slots written meanwhile: one span of slots, or two where the ring wraps
         # (slices, so no index tensors and no wait for the stream; one foreach call).
         targets, sources = [], []
-        for lo, hi in _ring_spans(core.n_sink + core.retrieved, core.window, seq.pending_from, core.position):
+        for lo, hi in ring_spans(core.n_sink + core.retrieved, core.window, seq.pending_from, core.position):
             for real, copy in zip((core.keys, core.values, core.slot_pos), seq.shadow, strict=False):
                 targets.append(real[:, :, lo:hi])
                 sources.append(copy[:, :, lo:hi])

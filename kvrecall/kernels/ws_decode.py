@@ -158,6 +158,19 @@ class SlotTables:
             self.geometry.copy_(self.host_geometry, non_blocking=True)
 
 
+def ring_spans(first: int, window: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The ring slots (`window` of them from slot `first`; position p in first + p % window) of
+    positions [start, end), at most `window` of them, as slot ranges: one, or two where the
+    range wraps."""
+    if end <= start:
+        return []
+    lo = first + start % window
+    hi = lo + (end - start)
+    if hi <= first + window:
+        return [(lo, hi)]
+    return [(lo, first + window), (first, hi - window)]
+
+
 GEOMETRY_ROWS = 5
 INT32_MAX = 2**31 - 1
 

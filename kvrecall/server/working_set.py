@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from kvrecall import kernels
+from kvrecall.kernels.ws_decode import ring_spans
 from kvrecall.server.host_store import SequenceStore
 from kvrecall.server.layout import ModelLayout, SegmentLayout, WorkingSetPlan
 from kvrecall.server.pools import DeviceSegment
@@ -125,14 +126,7 @@ class WorkingSet:
     def ring_spans(self, start: int, end: int) -> list[tuple[int, int]]:
         """The ring slots of tokens [start, end) (at most `window` of them) as slot ranges:
         one, or two where the range wraps."""
-        if end <= start:
-            return []
-        first, W = self.plan.window_start, self.plan.window
-        lo = start % W
-        hi = lo + (end - start)
-        if hi <= W:
-            return [(first + lo, first + hi)]
-        return [(first + lo, first + W), (first, first + hi - W)]
+        return ring_spans(self.plan.window_start, self.plan.window, start, end)
 
     def write_tokens(
         self, kv: torch.Tensor, token_offset: int, start: int, end: int, slots: torch.Tensor,

@@ -222,11 +222,11 @@ def test_deferred_notices_are_sent_and_taken_later(daemon, tiny_llama):
 def test_ring_spans_of_a_switch_back():
     """The ring slots a slot's shadow wrote meanwhile, as the switch back copies them: one span,
     or two where the ring wraps (ring of 8 slots from slot 5)."""
-    from kvrecall.engine.engine import _ring_spans
+    from kvrecall.kernels.ws_decode import ring_spans
 
-    assert _ring_spans(5, 8, 10, 13) == [(7, 10)]
-    assert _ring_spans(5, 8, 14, 18) == [(11, 13), (5, 7)]
-    assert _ring_spans(5, 8, 16, 24) == [(5, 13)]
-    assert _ring_spans(5, 8, 3, 3) == []
-    slots = [s for lo, hi in _ring_spans(5, 8, 14, 18) for s in range(lo, hi)]
+    assert ring_spans(5, 8, 10, 13) == [(7, 10)]
+    assert ring_spans(5, 8, 14, 18) == [(11, 13), (5, 7)]
+    assert ring_spans(5, 8, 16, 24) == [(5, 13)]
+    assert ring_spans(5, 8, 3, 3) == []
+    slots = [s for lo, hi in ring_spans(5, 8, 14, 18) for s in range(lo, hi)]
     assert slots == [5 + p % 8 for p in range(14, 18)]
