@@ -9,10 +9,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT/logs"
-SITE=/tmp/kvrecall-site; mkdir -p "$SITE"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-  $(ls .whl/eval/*.whl | grep -v gguf) || exit 2
-export PYTHONPATH=$SITE:$PWD TRITON_CACHE_DIR=/tmp/triton-cache
+. scripts/gpu_env.sh
 { date -u; nvidia-smi --query-gpu=index,name,driver_version --format=csv; nproc; } > "$OUT/logs/env.txt" 2>&1
 E2E="python3 -m kvrecall.cli bench e2e --parts step --policies louiskv --lag 4 --steps 96 --warmup 16 --contexts 32768 --host-cap-gib 40"
 SECONDS=0

@@ -13,10 +13,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
-SITE=/tmp/kvrecall-site; mkdir -p "$SITE"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-  $(ls .whl/eval/*.whl | grep -v gguf) || exit 2
-export PYTHONPATH=$SITE:$PWD TRITON_CACHE_DIR=$PWD/.triton-cache
+export TRITON_CACHE_DIR=$PWD/.triton-cache; . scripts/gpu_env.sh
 ARGS=${E2E_ARGS:-"--parts step --contexts 32768 --batches 8 --policies louiskv --rates 0,0.117 --steps 32 --warmup 12 --host-pool-gib 40"}
 GPUS=$(nvidia-smi -L | wc -l)
 { date -u; nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv; free -g | head -2; } > "$OUT/env.txt" 2>&1

@@ -4,13 +4,7 @@
 #   usage: [FILE_S=150] [KERNEL_TESTS="tests/kernels/test_placement.py"] bash scripts/gpu_tests.sh [test files]
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT/tests"
-SITE=/tmp/kvrecall-site
-if [ ! -d "$SITE/grpc" ]; then
-  mkdir -p "$SITE"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-    $(ls .whl/eval/*.whl | grep -v gguf) || exit 2
-fi
-export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
+. scripts/gpu_env.sh
 FILES=${*:-tests/reliability/test_truncation_gpu.py tests/gpu/*.py tests/test_causal_attention.py}
 for file in $FILES; do
   case $file in */__init__.py) continue ;; esac

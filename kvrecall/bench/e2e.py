@@ -83,9 +83,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="daemon host tier (default: what the largest configuration needs); configurations that do "
                    "not fit are skipped and listed under skipped")
     p.add_argument("--no-graph", action="store_true", help="run steps eagerly")
-    p.add_argument("--notices", choices=("deferred", "waited"), default="deferred",
+    p.add_argument("--notices", choices=("deferred", "taken", "waited"), default="deferred",
                    help="deferred: sessions opened with deferred eviction (the step never waits for an "
-                        "AppendNotice); waited: each step waits for its notices (the behaviour before)")
+                        "AppendNotice; a crossing slot's retrieval follows its last notice in the daemon); taken: "
+                        "the same, but a crossing slot takes its last notice's answer first (before 2026-12-01's "
+                        "StepEvent.follows); waited: each step waits for its notices")
     p.add_argument("--daemon-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the daemon process only (repeatable), e.g. "
                    "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=20 under CUDA MPS, KVRECALL_HOST_READS=kernel")
@@ -227,11 +229,12 @@ class Bench:
             t0 = time.perf_counter()
             for _ in range(batch):
                 opened.append(client.open_session(self.spec(context), policy, config, device=self.device,
-                                                  deferred_eviction=args.notices == "deferred"))
+                                                  deferred_eviction=args.notices != "waited"))
             capacity = opened[0].capacity
             force = schedule if policy == "louiskv" else None
             lags = _ints(args.lag)
-            engine = Engine(self.weights, batch, capacity, use_graph=not args.no_graph, force_boundary=force, lag=lags[0])
+            engine = Engine(self.weights, batch, capacity, use_graph=not args.no_graph, force_boundary=force, lag=lags[0],
+                            follow_notices=args.notices != "taken")
             first = torch.randint(0, self.shape.vocab, (batch,)).tolist()
             ingest = []
             for session, token in zip(opened, first, strict=True):
@@ -374,7 +377,7 @@ class Bench:
         log(f"capped: {args.gpu_kv_cap_gib} GiB GPU KV at {context}: full {full_batch} sequences")
         self.add(self.full("capped", context, full_batch))
         probe = client.open_session(self.spec(context), "louiskv", {"budget": args.budget}, device=self.device,
-                                    deferred_eviction=args.notices == "deferred")
+                                    deferred_eviction=args.notices != "waited")
         ws_bytes = probe.stats().device_bytes
         probe.close()
         host_limit = int(args.host_cap_gib * GiB // (context * self.token_bytes))

@@ -181,7 +181,7 @@ class SessionCore:
 
     def note_noticed(self, upto: int) -> None:
         """An answer said tokens [0, upto) are in the host tier: what left the ring follows."""
-        self.noticed_upto = upto
+        self.noticed_upto = max(self.noticed_upto, upto)
         self.evicted_upto = max(self.evicted_upto, upto - self.min_window)
 
     @property

@@ -47,6 +47,7 @@ class StepCall:
     position: int
     notice: bool = False
     retrieve: bool = False
+    follows: int = 0  # the end of the session's last notice whose answer is not taken (StepEvent.follows)
 
 
 class PendingBoundaries:
@@ -143,7 +144,7 @@ class KVRecallClient(ClientBase):
             core.publish()
             request.events.add(
                 session_id=core.session_id, capability=core.capability, position=call.position,
-                notice=call.notice, retrieve=call.retrieve,
+                notice=call.notice, retrieve=call.retrieve, follows=call.follows,
             )  # fmt: skip
         self._hold_poller()
         started = time.monotonic()

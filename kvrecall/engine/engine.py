@@ -29,7 +29,9 @@ taken before that slot's next event (its next notice, a boundary, leaving), by w
 daemon has long finished. The daemon leaves the evicted ring slots in place and the batch
 masks them (ws_decode: ring slots from, retrieved slots below the evicted boundary of the last
 answer taken), so what a step reads does not depend on when the daemon works. A crossed
-slot's notice rides in its retrieval call.
+slot's notice rides in its retrieval call, and the retrieval does not wait for the slot's last
+notice's answer: it names that notice's end (StepEvent.follows), the daemon applies the two in
+turn, and the slot takes both answers at its switch back.
 `times` records how long each step waited on the daemon and how long each retrieval call took.
 Before it reads a shadow, a slot announces every token written so far (an early
 AppendNotice when one would fall due meanwhile), so none falls due while the daemon works on
@@ -172,12 +174,14 @@ class Engine:
 
     `force_boundary(step, slot) -> bool | None` overrides the device's boundary decision
     (benchmarks with random weights set a measured rate this way; None keeps the flag).
-    `switch_interval`: sets the process's sys.setswitchinterval (None leaves it)."""
+    `switch_interval`: sets the process's sys.setswitchinterval (None leaves it).
+    `follow_notices` False: a crossing slot takes its last notice's answer before it sends its
+    retrieval (the behaviour before StepEvent.follows; for comparison)."""
 
     def __init__(
         self, weights: DecoderWeights, batch: int, max_capacity: int, *, use_graph: bool = True,
         impl: str = "auto", force_boundary: Callable[[int, int], bool | None] | None = None, lag: int = DEFAULT_LAG,
-        switch_interval: float | None = SWITCH_INTERVAL_S,
+        switch_interval: float | None = SWITCH_INTERVAL_S, follow_notices: bool = True,
     ) -> None:  # fmt: skip
         self._check_lag(lag, [])
         self.lag = lag
@@ -192,6 +196,7 @@ class Engine:
         )  # fmt: skip
         self.sequences: list[Sequence | None] = [None] * batch
         self.force_boundary = force_boundary
+        self.follow_notices = follow_notices
         self.steps = 0
         # Free shadow working sets, reused; at most `batch` kept (sessions' capacities vary).
         self._shadows: list[tuple[torch.Tensor, ...]] = []
@@ -301,7 +306,7 @@ class Engine:
         tokens, flags = self._tokens_host.tolist(), self._flags_host.tolist()
         notices: list[StepCall] = []  # waited for now
         deferred: list[Sequence] = []  # deferred eviction: notices sent, answers taken later
-        crossings: list[tuple[Sequence, bool]] = []  # (slot, its notice rides along)
+        crossings: list[tuple[Sequence, bool, int]] = []  # (slot, its notice rides along, follows)
         late = taken = 0.0
         self._shadow_s = 0.0
         for seq in self.active:
@@ -321,7 +326,10 @@ class Engine:
             # ring (copied into the shadow) has room for them without evicting anything.
             early = crossed and lag > 0 and core.position + lag > seq.sent_upto + core.spill_every
             notice = core.position - seq.sent_upto >= core.spill_every or early
-            if (notice or crossed) and seq.notice is not None:
+            # A crossing slot's retrieval follows its last notice without taking that answer (the
+            # daemon applies them in turn: StepEvent.follows); the slot takes it at its switch back.
+            follows = seq.sent_upto if crossed and lag > 0 and seq.notice is not None and self.follow_notices else 0
+            if (notice or crossed) and seq.notice is not None and not follows:
                 taken += self._take_notice(seq)  # its last notice's answer, before any new event
             if notice:
                 seq.appends += 1
@@ -330,7 +338,7 @@ class Engine:
                 self.backend.set_reference(b)
                 seq.boundaries += 1
             if crossed and lag > 0:
-                crossings.append((seq, notice and core.deferred))
+                crossings.append((seq, notice and core.deferred, follows))
                 if notice and not core.deferred:
                     notices.append(StepCall(seq.session, core.position, notice=True))
             elif notice and core.deferred and not crossed:
@@ -345,7 +353,7 @@ class Engine:
                     self.backend.tables.set_evicted(self._slot_of(call.session), call.session.core.evicted_upto)
         send = 0.0
         if deferred or crossings:
-            for seq, _ in crossings:
+            for seq, _, _ in crossings:
                 self._to_shadow(seq)
             sending = time.perf_counter()
             if deferred:
@@ -354,10 +362,10 @@ class Engine:
                 for seq in deferred:
                     seq.notice = pending
             if crossings:
-                calls = [StepCall(seq.session, seq.session.core.position, notice=rides, retrieve=True)
-                         for seq, rides in crossings]  # fmt: skip
+                calls = [StepCall(seq.session, seq.session.core.position, notice=rides, retrieve=True, follows=follows)
+                         for seq, rides, follows in crossings]  # fmt: skip
                 pending = self._send(calls)
-                for seq, _ in crossings:
+                for seq, _, _ in crossings:
                     seq.pending = pending
             send = time.perf_counter() - sending
         self.times.wait_s.append(waited)
@@ -446,6 +454,7 @@ class Engine:
         an answer not in yet (0 when it was)."""
         started = time.perf_counter()
         late = not seq.pending.done()
+        self._take_notice(seq)  # the notice its retrieval followed (answered before the retrieval)
         answer = seq.pending.result()
         if answer is not None:  # the first slot of the call to switch back records its latency
             self.times.answer_s.append(answer[0])

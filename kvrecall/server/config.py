@@ -89,6 +89,8 @@ class ServerConfig(BaseModel):
                                         # gathered by the host, one DMA by the copy engine, or the
                                         # placement kernel's own loads over PCIe (holds the SMs);
                                         # auto: copy up to 768 MiB a call, the kernel above
+    follow_wait_s: Annotated[float, Field(gt=0, le=600)] = 30.0  # longest a Boundaries event waits for the
+                                        # notice it follows (StepEvent.follows) before FAILED_PRECONDITION
     warmup: str = "bfloat16:128"        # dtype:head_dim pairs whose kernels compile at start (CUDA only;
                                         # "" = none), e.g. "bfloat16:128,float16:64"
 

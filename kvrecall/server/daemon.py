@@ -76,7 +76,7 @@ class Daemon:
             self.registry, self.device, self.metrics, auth, config.session_ops, fd_socket,
             notice_ops=config.notice_ops, notice_stream=config.notice_stream,
             profiler=OpsProfiler(config.profile_out) if config.profile_out else None,
-            kernel_profiler=self.kernel_profiler,
+            kernel_profiler=self.kernel_profiler, follow_wait_s=config.follow_wait_s,
         )  # fmt: skip
         self.fd_server = FdServer(fd_socket, config.socket_mode, self.service.segment_fd) if fd_socket else None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()

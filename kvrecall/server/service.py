@@ -119,6 +119,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         notice_stream: bool = True,
         profiler: OpsProfiler | None = None,
         kernel_profiler: KernelProfiler | None = None,
+        follow_wait_s: float = 30.0,
     ) -> None:
         self.registry = registry
         self.device = device
@@ -132,6 +133,11 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         self.profiler = profiler  # profiling.py: Boundaries work under cProfile (off: None)
         self.kernel_profiler = kernel_profiler  # profiling.py: the GPU kernels of a window of steps (off: None)
         self.fd_socket = fd_socket  # where shm workers receive their working set (fdpass.py)
+        # Boundaries events waiting for the notice they follow (StepEvent.follows): woken after
+        # every call that may have appended; at most follow_wait_s each.
+        self.follow_wait_s = follow_wait_s
+        self._appended = asyncio.Condition()
+        self._followers = 0
         registry.prefixes.on_evict = lambda prefix: self.metrics.prefix_evictions.inc()
 
     async def _session_op(self, func, *args):
@@ -171,6 +177,41 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         if session.segment.shm is None or session.segment.shm.fd < 0:
             raise InvalidArgument("session_id", f"session {session_id!r} has no shared-memory working set")
         return session.segment.shm.fd
+
+    async def _await_followed(self, sessions: list[Session], events, context: grpc.aio.ServicerContext) -> None:
+        """Hold a Boundaries call (no session lock held) until the notice each event follows
+        (StepEvent.follows) has been applied: a deferred-eviction worker sends its retrieval
+        without taking its last notice's answer, and two calls need not arrive in the order they
+        were sent. At most follow_wait_s (or the call's deadline), then FAILED_PRECONDITION."""
+        for i, (session, event) in enumerate(zip(sessions, events, strict=True)):
+            field = f"events[{i}].follows"
+            check.require(event.follows <= event.position, field,
+                          f"{event.follows} is past the event's position {event.position}")  # fmt: skip
+            if not session.ingested or event.follows <= session.spilled_upto:
+                continue  # (check_events refuses an event before the ingest)
+            remaining = context.time_remaining()
+            limit = self.follow_wait_s if remaining is None else min(self.follow_wait_s, remaining)
+            deadline = time.monotonic() + limit
+            self._followers += 1
+            try:
+                async with self._appended:
+                    while not (session.closed or session.spilled_upto >= event.follows):
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise FailedPrecondition(
+                                f"{field}: no notice up to {event.follows} was applied within {limit:.1f} s "
+                                f"(session {session.session_id} holds {session.spilled_upto} tokens)"
+                            )
+                        with contextlib.suppress(TimeoutError):  # a close by the reaper wakes nobody
+                            await asyncio.wait_for(self._appended.wait(), min(left, 1.0))
+            finally:
+                self._followers -= 1
+
+    async def _wake_followers(self) -> None:
+        """After a call that may have appended: the events waiting for a notice look again."""
+        if self._followers:
+            async with self._appended:
+                self._appended.notify_all()
 
     async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
         if isinstance(exc, KVRecallError):
@@ -445,6 +486,8 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                     if which in ("append", "chunk") and session.declared is not None:
                         self._after_append(session)
                     self._delta(session, snapshot, response.delta)
+                if which in ("append", "chunk"):
+                    await self._wake_followers()
                 self.metrics.rpc_latency.labels(f"Decode.{which}").observe(time.perf_counter() - started)
                 yield response
         except Exception as exc:  # noqa: BLE001
@@ -576,6 +619,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             require_decoded(request)
             caller = self._caller(context)
             sessions = self._step_sessions(request.events, caller)
+            await self._await_followed(sessions, request.events, context)
             async with contextlib.AsyncExitStack() as held:
                 for session in sorted(sessions, key=lambda s: s.session_id):
                     await held.enter_async_context(session.lock)
@@ -601,6 +645,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 for session in sessions:  # a notice may reach (or pass) a declared prefix's end
                     if session.declared is not None:
                         self._after_append(session)
+            await self._wake_followers()
         except Exception as exc:  # noqa: BLE001
             await self._fail(context, "Boundaries", exc)
             raise AssertionError("unreachable") from None
@@ -671,6 +716,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 if session.closed:
                     raise InvalidArgument("session_id", f"session {request.session_id!r} is already closed")
                 host, device = self._close(session, "closed")
+            await self._wake_followers()
         except Exception as exc:  # noqa: BLE001
             await self._fail(context, "CloseSession", exc)
             raise AssertionError("unreachable") from None

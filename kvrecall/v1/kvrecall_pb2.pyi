@@ -616,18 +616,20 @@ class PrefixStats(_message.Message):
     def __init__(self, prefix_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., policy: _Optional[str] = ..., tokens: _Optional[int] = ..., host_bytes: _Optional[int] = ..., device_bytes: _Optional[int] = ..., refs: _Optional[int] = ..., hits: _Optional[int] = ..., idle_seconds: _Optional[float] = ...) -> None: ...
 
 class StepEvent(_message.Message):
-    __slots__ = ("session_id", "capability", "position", "notice", "retrieve")
+    __slots__ = ("session_id", "capability", "position", "notice", "retrieve", "follows")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
     RETRIEVE_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     capability: str
     position: int
     notice: bool
     retrieve: bool
-    def __init__(self, session_id: _Optional[str] = ..., capability: _Optional[str] = ..., position: _Optional[int] = ..., notice: bool = ..., retrieve: bool = ...) -> None: ...
+    follows: int
+    def __init__(self, session_id: _Optional[str] = ..., capability: _Optional[str] = ..., position: _Optional[int] = ..., notice: bool = ..., retrieve: bool = ..., follows: _Optional[int] = ...) -> None: ...
 
 class BoundariesRequest(_message.Message):
     __slots__ = ("events", "background")

@@ -219,6 +219,51 @@ def test_deferred_notices_are_sent_and_taken_later(daemon, tiny_llama):
     engine.close()
 
 
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=TRITON)])
+def test_a_crossing_slot_does_not_take_its_notice_first(daemon, tiny_llama, impl):
+    """Deferred eviction: a slot that crosses while its last notice's answer is out sends its
+    retrieval at once, naming that notice (StepEvent.follows: the daemon applies the two in
+    turn), and takes both answers at its switch back. Boundaries forced on every step a notice
+    is out; with a covering budget every step still equals full attention (fp32, 1e-4)."""
+    weights = DecoderWeights.from_hf(tiny_llama)
+    engines: list[Engine] = []
+
+    def notice_out(step: int, slot: int) -> bool:
+        return engines[0].sequences[slot].notice is not None
+
+    engine = Engine(weights, batch=2, max_capacity=1024, impl=impl, lag=2, force_boundary=notice_out)
+    engines.append(engine)
+    spec = spec_for(tiny_llama, max_tokens=512)
+    picks = prompts(128)[:2]
+    followed = 0
+    with KVRecallClient(daemon.target, "engine-test") as client:
+        sessions = [client.open_session(spec, "louiskv", {"budget": 256}, deferred_eviction=True) for _ in picks]
+        slots = [engine.add(session, prompt) for session, prompt in zip(sessions, picks, strict=True)]
+        logits = {slot: [] for slot in slots}
+        for _ in range(3 * sessions[0].spill_every):
+            out = {slot: engine.sequences[slot].notice for slot in slots}
+            engine.step()
+            for slot in slots:
+                seq = engine.sequences[slot]
+                logits[slot].append(engine.decoder.logits[slot].clone())
+                if out[slot] is not None and seq.pending is not None and seq.notice is out[slot]:
+                    followed += 1  # crossed with the notice's answer still out, and did not take it
+                if seq.pending is None:
+                    assert seq.notice is None or seq.notice is not out[slot], "a switch back left its notice"
+        results = [engine.remove(slot) for slot in slots]
+        for session in sessions:
+            session.close()
+    engine.close()
+    assert followed >= 2, "no slot crossed with its notice's answer out"
+    for prompt, seq, slot in zip(picks, results, slots, strict=True):
+        tokens = torch.cat([prompt, torch.tensor(seq.tokens[:-1])])
+        with torch.no_grad():
+            expected = tiny_llama(tokens[None]).logits[0, len(prompt) :]
+        diff = (expected - torch.stack(logits[slot])).abs().max().item()
+        assert diff < 1e-4, f"logits differ by {diff}"
+        assert seq.boundaries >= 2
+
+
 def test_ring_spans_of_a_switch_back():
     """The ring slots a slot's shadow wrote meanwhile, as the switch back copies them: one span,
     or two where the ring wraps (ring of 8 slots from slot 5)."""
