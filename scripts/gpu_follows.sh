@@ -4,6 +4,8 @@
 # (nvidia-h200; carry .whl/eval), one bench after another (each alone on the machine).
 #   PART=1: 32K x 8 at rates 0 / 0.117 (deferred) and 0.117 (taken), then the GPU engine tests
 #   PART=2: 64 sequences at 4K, rate 0.117, deferred and taken; then capped 16 GiB and 32K x 8 again
+#   PART=3: --host-copies kernel (the default) against copy at 64 sequences and at 32K x 8, then the
+#           GPU engine, ws_decode and pinned_copy tests
 # Writes under $OUT: e2e-*.json (+ .png), logs.tgz.
 #   usage: PART=1 bash scripts/gpu_follows.sh
 set -uo pipefail
@@ -21,6 +23,13 @@ if [ "${PART:-1}" = 1 ]; then
   run 32k8-deferred 260 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --notices deferred
   run 32k8-taken 120 --parts step --contexts 32768 --batches 8 --rates 0.117 --notices taken
   FILE_S=${FILE_S:-150} bash scripts/gpu_tests.sh tests/gpu/test_engine_gpu.py
+elif [ "$PART" = 3 ]; then
+  run many-kernel 260 --parts many --many 64 --many-context 4096 --rates 0.117 --host-copies kernel
+  run many-copy 120 --parts many --many 64 --many-context 4096 --rates 0.117 --host-copies copy
+  run 32k8-kernel 120 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --host-copies kernel
+  run 32k8-copy 100 --parts step --contexts 32768 --batches 8 --rates 0.117 --host-copies copy
+  FILE_S=${FILE_S:-150} KERNEL_TESTS="tests/kernels/test_pinned_copy.py tests/kernels/test_ws_decode.py" \
+    bash scripts/gpu_tests.sh tests/gpu/test_engine_gpu.py
 else
   run many-deferred 150 --parts many --many 64 --many-context 4096 --rates 0.117 --notices deferred
   run many-taken 120 --parts many --many 64 --many-context 4096 --rates 0.117 --notices taken

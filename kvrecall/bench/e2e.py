@@ -88,6 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "AppendNotice; a crossing slot's retrieval follows its last notice in the daemon); taken: "
                         "the same, but a crossing slot takes its last notice's answer first (before 2026-12-01's "
                         "StepEvent.follows); waited: each step waits for its notices")
+    p.add_argument("--host-copies", choices=("kernel", "copy"), default="kernel",
+                   help="kernel: the engine's slot tables reach the GPU and each step's tokens / flags the host by "
+                        "kernels inside the step; copy: by the copy engine (the behaviour before, where a small copy "
+                        "can queue behind the daemon's transfers)")
     p.add_argument("--daemon-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the daemon process only (repeatable), e.g. "
                    "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=20 under CUDA MPS, KVRECALL_HOST_READS=kernel")
@@ -129,6 +133,7 @@ class Bench:
         self.meta["command"] = " ".join(["kvrecall", "bench", "e2e", *argv])
         self.meta["schedule"] = args.schedule
         self.meta["notices"] = args.notices
+        self.meta["host_copies"] = args.host_copies
         self.meta["weights_gib"] = _gib(self.weights.nbytes)
         self.token_bytes = shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * torch.finfo(dtype).bits // 8
 
@@ -234,7 +239,7 @@ class Bench:
             force = schedule if policy == "louiskv" else None
             lags = _ints(args.lag)
             engine = Engine(self.weights, batch, capacity, use_graph=not args.no_graph, force_boundary=force, lag=lags[0],
-                            follow_notices=args.notices != "taken")
+                            follow_notices=args.notices != "taken", host_copies=args.host_copies)
             first = torch.randint(0, self.shape.vocab, (batch,)).tolist()
             ingest = []
             for session, token in zip(opened, first, strict=True):

@@ -59,6 +59,7 @@ from kvrecall.engine.decoder import Decoder
 from kvrecall.engine.graph import GraphStep
 from kvrecall.engine.sessions import SessionBatch, evicted_mask
 from kvrecall.engine.weights import DecoderWeights
+from kvrecall.kernels.pinned_copy import pinned_copy
 from kvrecall.kernels.ws_decode import ring_spans
 from kvrecall.v1 import kvrecall_pb2 as pb
 
@@ -176,24 +177,34 @@ class Engine:
     (benchmarks with random weights set a measured rate this way; None keeps the flag).
     `switch_interval`: sets the process's sys.setswitchinterval (None leaves it).
     `follow_notices` False: a crossing slot takes its last notice's answer before it sends its
-    retrieval (the behaviour before StepEvent.follows; for comparison)."""
+    retrieval (the behaviour before StepEvent.follows; for comparison).
+    `host_copies` (on a GPU): "kernel" moves the slot tables to the device and each step's
+    tokens and flags to the host by kernels inside the step (kernels/pinned_copy.py: they do
+    not queue on the copy engines behind the daemon's transfers); "copy" by the copy engine
+    (the behaviour before; for comparison)."""
 
     def __init__(
         self, weights: DecoderWeights, batch: int, max_capacity: int, *, use_graph: bool = True,
         impl: str = "auto", force_boundary: Callable[[int, int], bool | None] | None = None, lag: int = DEFAULT_LAG,
-        switch_interval: float | None = SWITCH_INTERVAL_S, follow_notices: bool = True,
+        switch_interval: float | None = SWITCH_INTERVAL_S, follow_notices: bool = True, host_copies: str = "kernel",
     ) -> None:  # fmt: skip
         self._check_lag(lag, [])
+        if host_copies not in ("kernel", "copy"):
+            raise ValueError(f"host_copies: expected 'kernel' or 'copy', got {host_copies!r}")
         self.lag = lag
         if switch_interval is not None:
             sys.setswitchinterval(switch_interval)
         s = weights.shape
         self.device = weights.device
+        pin = self.device.type == "cuda"
+        self._kernel_copies = pin and host_copies == "kernel"
         self.decoder = Decoder(weights, batch)
         self.backend = SessionBatch(
             batch, s.num_layers, s.num_query_heads, s.num_kv_heads, s.head_dim, max_capacity, self.device,
-            weights.dtype, self.decoder.scale, impl,
+            weights.dtype, self.decoder.scale, impl, step_uploads=self._kernel_copies,
         )  # fmt: skip
+        self._tokens_host = torch.zeros(batch, dtype=torch.int64, pin_memory=pin)
+        self._flags_host = torch.zeros(batch, dtype=torch.bool, pin_memory=pin)
         self.sequences: list[Sequence | None] = [None] * batch
         self.force_boundary = force_boundary
         self.follow_notices = follow_notices
@@ -203,18 +214,23 @@ class Engine:
         # The retrievals in flight: one Boundaries call per step of the last `lag` steps.
         self.times = DaemonTimes()
         # Captured while no slot is in use: the warm-up steps write nothing anywhere.
-        self.graph = GraphStep(lambda: self.decoder.step(self.backend), self.device, use_graph)
+        self.graph = GraphStep(self._step_launches, self.device, use_graph)
         self.decoder.tokens.zero_()
         self.decoder.positions.zero_()
-        pin = self.device.type == "cuda"
-        self._tokens_host = torch.zeros(batch, dtype=torch.int64, pin_memory=pin)
-        self._flags_host = torch.zeros(batch, dtype=torch.bool, pin_memory=pin)
         self._events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if pin else []
         self._shadow_s = 0.0  # this step's host seconds in shadow copies (times.shadow_s)
 
     @property
     def batch(self) -> int:
         return self.decoder.batch
+
+    def _step_launches(self) -> None:
+        """What the graph holds: the step, and with kernel copies its tokens and flags written
+        to the pinned host buffers the host reads after the sync."""
+        self.decoder.step(self.backend)
+        if self._kernel_copies:
+            pinned_copy(self.decoder.tokens, self._tokens_host)
+            pinned_copy(self.backend.flags, self._flags_host)
 
     @property
     def active(self) -> list[Sequence]:
@@ -298,8 +314,9 @@ class Engine:
         self.graph()
         if cuda:
             self._events[1].record()
-        self._tokens_host.copy_(self.decoder.tokens, non_blocking=True)
-        self._flags_host.copy_(self.backend.flags, non_blocking=True)
+        if not self._kernel_copies:
+            self._tokens_host.copy_(self.decoder.tokens, non_blocking=True)
+            self._flags_host.copy_(self.backend.flags, non_blocking=True)
         if cuda:
             torch.cuda.current_stream(self.device).synchronize()
         synced = time.perf_counter()

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from kvrecall.kernels._triton import next_power_of_2, use_triton
+from kvrecall.kernels.pinned_copy import pinned_copy
 
 # Working-set tensors start on 256-byte boundaries (SegmentLayout) of page-aligned memory, and
 # the anchors are allocator-aligned: every element offset below is a multiple of this.
@@ -53,8 +54,11 @@ class SlotTables:
     `geometry` [3, B]) that set() and clear() write through a host copy (pinned on a GPU)
     and one asynchronous upload each: an element written into a device tensor from the host
     (`table[b] = x`) waits for the stream, about 0.13 ms each behind a busy one (H200,
-    64 sequences). `tensors` keeps, per slot, the (keys, values, slot_pos, query) tensors
-    themselves: the reference path reads them, and they stay mapped."""
+    64 sequences). With `step_uploads` (the batched engine on a GPU) writes only change the
+    host copies and the step's first kernel, upload(), reads them over PCIe (no copy-engine
+    transfer, which could queue behind the daemon's DMAs: kernels/pinned_copy.py). `tensors`
+    keeps, per slot, the (keys, values, slot_pos, query) tensors themselves: the reference
+    path reads them, and they stay mapped."""
 
     offsets: torch.Tensor  # int64 [4, B]: keys, values, slot_pos, query
     geometry: torch.Tensor  # int32 [5, B]: capacity, window_start, window, ring_from, kept_below
@@ -63,6 +67,7 @@ class SlotTables:
     anchor: torch.Tensor
     anchor_pos: torch.Tensor
     tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None]
+    step_uploads: bool = False
 
     @staticmethod
     def empty(batch: int, device: torch.device, dtype: torch.dtype) -> SlotTables:
@@ -139,7 +144,7 @@ class SlotTables:
     def set_evicted(self, b: int, evicted: int | None) -> None:
         """Slot b's evicted boundary changed (deferred eviction: an answer was taken)."""
         self.host_geometry.numpy()[3:, b] = _mask(evicted)
-        if self.host_geometry is not self.geometry:
+        if self.host_geometry is not self.geometry and not self.step_uploads:
             self.geometry.copy_(self.host_geometry, non_blocking=True)
 
     def clear(self, b: int) -> None:
@@ -153,9 +158,16 @@ class SlotTables:
         # (through numpy views: no tensor made per write)
         self.host_offsets.numpy()[:, b] = offsets
         self.host_geometry.numpy()[:, b] = geometry
-        if self.host_offsets is not self.offsets:
+        if self.host_offsets is not self.offsets and not self.step_uploads:
             self.offsets.copy_(self.host_offsets, non_blocking=True)
             self.geometry.copy_(self.host_geometry, non_blocking=True)
+
+    def upload(self, impl: str = "auto") -> None:
+        """The host copies into the device tables by a kernel (step_uploads: the step's first
+        launch; the host writes them only between steps)."""
+        if self.host_offsets is not self.offsets:
+            pinned_copy(self.host_offsets, self.offsets, impl)
+            pinned_copy(self.host_geometry, self.geometry, impl)
 
 
 def ring_spans(first: int, window: int, start: int, end: int) -> list[tuple[int, int]]:

@@ -264,6 +264,16 @@ def test_a_crossing_slot_does_not_take_its_notice_first(daemon, tiny_llama, impl
         assert seq.boundaries >= 2
 
 
+def test_host_copies_is_validated_and_off_on_a_cpu(tiny_llama):
+    """Kernel copies over PCIe exist only for a GPU's pinned buffers; an unknown mode is refused."""
+    weights = DecoderWeights.from_hf(tiny_llama)
+    with pytest.raises(ValueError, match="host_copies"):
+        Engine(weights, batch=1, max_capacity=64, host_copies="dma")
+    engine = Engine(weights, batch=1, max_capacity=64)
+    assert not engine.backend.tables.step_uploads
+    engine.close()
+
+
 def test_ring_spans_of_a_switch_back():
     """The ring slots a slot's shadow wrote meanwhile, as the switch back copies them: one span,
     or two where the ring wraps (ring of 8 slots from slot 5)."""
