@@ -88,10 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "AppendNotice; a crossing slot's retrieval follows its last notice in the daemon); taken: "
                         "the same, but a crossing slot takes its last notice's answer first (before 2026-12-01's "
                         "StepEvent.follows); waited: each step waits for its notices")
-    p.add_argument("--host-copies", choices=("kernel", "copy"), default="kernel",
-                   help="kernel: the engine's slot tables reach the GPU and each step's tokens / flags the host by "
-                        "kernels inside the step; copy: by the copy engine (the behaviour before, where a small copy "
-                        "can queue behind the daemon's transfers)")
+    p.add_argument("--host-copies", choices=("copy", "kernel"), default="copy",
+                   help="copy: the engine's slot tables reach the GPU and each step's tokens / flags the host by the "
+                        "copy engine (a small copy can queue behind the daemon's transfers); kernel: by kernels inside "
+                        "the step (Engine host_copies)")
     p.add_argument("--daemon-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the daemon process only (repeatable), e.g. "
                    "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=20 under CUDA MPS, KVRECALL_HOST_READS=kernel")

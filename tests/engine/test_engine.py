@@ -269,7 +269,7 @@ def test_host_copies_is_validated_and_off_on_a_cpu(tiny_llama):
     weights = DecoderWeights.from_hf(tiny_llama)
     with pytest.raises(ValueError, match="host_copies"):
         Engine(weights, batch=1, max_capacity=64, host_copies="dma")
-    engine = Engine(weights, batch=1, max_capacity=64)
+    engine = Engine(weights, batch=1, max_capacity=64, host_copies="kernel")
     assert not engine.backend.tables.step_uploads
     engine.close()
 
