@@ -6,6 +6,8 @@
 #   PART=2: 64 sequences at 4K, rate 0.117, deferred and taken; then capped 16 GiB and 32K x 8 again
 #   PART=3: --host-copies kernel (the default) against copy at 64 sequences and at 32K x 8, then the
 #           GPU engine, ws_decode and pinned_copy tests
+#   PART=4: README's table with today's code: 32K and 128K, batch 1 and 8 (128K x 8 does not fit a
+#           one-GPU machine's host), rates 0 / 0.117
 # Writes under $OUT: e2e-*.json (+ .png), logs.tgz.
 #   usage: PART=1 bash scripts/gpu_follows.sh
 set -uo pipefail
@@ -23,6 +25,8 @@ if [ "${PART:-1}" = 1 ]; then
   run 32k8-deferred 260 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --notices deferred
   run 32k8-taken 120 --parts step --contexts 32768 --batches 8 --rates 0.117 --notices taken
   FILE_S=${FILE_S:-150} bash scripts/gpu_tests.sh tests/gpu/test_engine_gpu.py
+elif [ "$PART" = 4 ]; then
+  run table 560 --parts step --contexts 32768,131072 --batches 1,8 --rates 0,0.117
 elif [ "$PART" = 3 ]; then
   run many-kernel 260 --parts many --many 64 --many-context 4096 --rates 0.117 --host-copies kernel
   run many-copy 120 --parts many --many 64 --many-context 4096 --rates 0.117 --host-copies copy
