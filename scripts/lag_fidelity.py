@@ -4,10 +4,11 @@ A slot that crosses a boundary reads a shadow of its working set for `lag` steps
 daemon retrieves (kvrecall/engine/engine.py). This replays full KV's greedy continuation of a
 long document teacher-forced through `Engine` (louiskv, deferred eviction, the device's own
 boundary flag: the real model's rate) at each lag, and reports per lag the top-1 agreement
-with full attention and the mean KL(full || engine), with the boundaries taken.
+with full attention and the mean KL(full || engine), with the boundaries taken. The documents
+of one lag decode together, one slot each (a batch decodes like its sequences alone).
 
     python scripts/lag_fidelity.py --out FILE [--lags 0,4,5,8] [--doc-tokens 2048] [--tokens 1000]
-                                   [--docs 1] [--budget 512]
+                                   [--docs 1] [--budget 512] [--device cpu|cuda]
 
 Prints a table and writes JSON with the date, host and command.
 """
@@ -32,42 +33,52 @@ def reference(model, ids: torch.Tensor, n: int) -> tuple[list[int], torch.Tensor
     past, token = out.past_key_values, int(out.logits[0, -1].argmax())
     tokens = [token]
     while len(tokens) < n:
-        out = model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
+        out = model(input_ids=torch.tensor([[token]], device=ids.device), past_key_values=past, use_cache=True)
         past, token = out.past_key_values, int(out.logits[0, -1].argmax())
         tokens.append(token)
-    forced = torch.tensor([tokens[:-1]])
+    forced = torch.tensor([tokens[:-1]], device=ids.device)
     logits = model(input_ids=torch.cat([ids, forced], dim=1), use_cache=False, logits_to_keep=n).logits[0]
-    return tokens, log_softmax(logits.double(), -1)
+    return tokens, log_softmax(logits.double(), -1).cpu()
 
 
-def replay(client, model, weights, ids: torch.Tensor, tokens: list[int], ref: torch.Tensor, lag: int, budget: int):
+def replay(client, model, weights, docs: list[tuple[torch.Tensor, list[int], torch.Tensor]], lag: int,
+           budget: int, device: str) -> list[dict]:  # fmt: skip
+    """Each document (ids [1, T], full's tokens, full's log-probabilities) in its own slot of one
+    engine at `lag`, teacher-forced on full's tokens -> a row per document."""
     from kvrecall.client.hf import spec_for
     from kvrecall.engine import Engine
 
-    T, n = ids.shape[1], len(tokens)
-    session = client.open_session(spec_for(model, T + n + 64), "louiskv", {"budget": budget}, deferred_eviction=True)
-    engine = Engine(weights, batch=1, max_capacity=session.capacity, use_graph=False, lag=lag)
+    n = len(docs[0][1])
+    sessions = [client.open_session(spec_for(model, ids.shape[1] + n + 64), "louiskv", {"budget": budget},
+                                    device=device, deferred_eviction=True) for ids, _, _ in docs]  # fmt: skip
+    engine = Engine(weights, batch=len(docs), max_capacity=max(s.capacity for s in sessions), use_graph=False, lag=lag)
     try:
-        slot = engine.add(session, ids[0])
-        engine.decoder.tokens[slot] = tokens[0]
+        slots = [engine.add(session, ids[0]) for session, (ids, _, _) in zip(sessions, docs, strict=True)]
+        forced = torch.tensor([tokens for _, tokens, _ in docs], device=engine.device)  # [docs, n]
+        engine.decoder.tokens[slots] = forced[:, 0]
         logits = []
         for i in range(1, n):  # step i: input tokens[i - 1], predicts tokens[i]
             engine.step()
-            logits.append(engine.decoder.logits[slot].double().clone())
-            engine.decoder.tokens[slot] = tokens[i]
-        seq = engine.remove(slot)
+            logits.append(engine.decoder.logits[slots].double().cpu())
+            engine.decoder.tokens[slots] = forced[:, i]
+        seqs = [engine.remove(slot) for slot in slots]
     finally:
         engine.close()
-        session.close()
-    logp = log_softmax(torch.stack(logits), -1)
-    want = ref[1:]
-    kl = (want.exp() * (want - logp)).sum(-1).clamp_min(0)
-    return {
-        "lag": lag, "n": n - 1, "agree": int((logp.argmax(-1) == want.argmax(-1)).sum()),
-        "top1": round(float((logp.argmax(-1) == want.argmax(-1)).double().mean()), 5),
-        "kl_mean": round(float(kl.mean()), 6), "kl_max": round(float(kl.max()), 4),
-        "boundaries": seq.boundaries, "boundary_rate": round(seq.boundaries / max(1, seq.steps), 4),
-    }  # fmt: skip
+        for session in sessions:
+            session.close()
+    rows = []
+    for d, ((_, _, ref), seq) in enumerate(zip(docs, seqs, strict=True)):
+        logp = log_softmax(torch.stack([step[d] for step in logits]), -1)
+        want = ref[1:]
+        kl = (want.exp() * (want - logp)).sum(-1).clamp_min(0)
+        rows.append({
+            "doc": d, "prompt_tokens": int(docs[d][0].shape[1]), "lag": lag, "n": n - 1,
+            "agree": int((logp.argmax(-1) == want.argmax(-1)).sum()),
+            "top1": round(float((logp.argmax(-1) == want.argmax(-1)).double().mean()), 5),
+            "kl_mean": round(float(kl.mean()), 6), "kl_max": round(float(kl.max()), 4),
+            "boundaries": seq.boundaries, "boundary_rate": round(seq.boundaries / max(1, seq.steps), 4),
+        })  # fmt: skip
+    return rows
 
 
 def main() -> int:
@@ -77,6 +88,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=1000, help="replayed tokens per document")
     p.add_argument("--docs", type=int, default=1)
     p.add_argument("--budget", type=int, default=512)
+    p.add_argument("--device", default="cpu", help="the model, the engine and the daemon's device (cpu, cuda)")
     p.add_argument("--out", default="lag-fidelity.json")
     args = p.parse_args()
     torch.set_grad_enabled(False)
@@ -86,20 +98,22 @@ def main() -> int:
     from kvrecall.local import LocalDaemon
     from kvrecall.models.pretrained import load
 
-    loaded = load(None)
+    loaded = load(None, device=args.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     weights = DecoderWeights.from_hf(model)
     lags = [int(x) for x in args.lags.split(",")]
     rows = []
     started = time.perf_counter()
-    with LocalDaemon(host_pool_gb=2.0, device_pool_gb=1.0) as daemon, KVRecallClient(daemon.target, "lag-study") as client:
-        for seed in range(args.docs):
-            prompt = longdoc(args.doc_tokens, seed=seed, tokenizer=tokenizer).prompt
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
-            tokens, ref = reference(model, ids, args.tokens)
-            for lag in lags:
-                row = {"doc": seed, "prompt_tokens": int(ids.shape[1]),
-                       **replay(client, model, weights, ids, tokens, ref, lag, args.budget)}  # fmt: skip
+    docs = []
+    for seed in range(args.docs):
+        prompt = longdoc(args.doc_tokens, seed=seed, tokenizer=tokenizer).prompt
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
+        docs.append((ids, *reference(model, ids, args.tokens)))
+    lazy = ["--warmup", ""]  # kernels compile at first use (the warm-up's minutes buy nothing here)
+    with LocalDaemon(host_pool_gb=2.0 * args.docs, device_pool_gb=1.0 * args.docs, device=args.device,
+                     extra_args=lazy) as daemon, KVRecallClient(daemon.target, "lag-study") as client:  # fmt: skip
+        for lag in lags:
+            for row in replay(client, model, weights, docs, lag, args.budget, args.device):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     summary = {}
@@ -113,7 +127,8 @@ def main() -> int:
     for lag, s in summary.items():
         print(f"{lag:>4} {s['top1']:8.4f} {s['kl_mean']:10.6f} {s['boundary_rate']:11.4f} {s['n']:6d}")
     doc = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(["python", *sys.argv]),
-           "host": platform.node(), "torch": torch.__version__, "model": loaded.name, "policy": "louiskv",
+           "host": platform.node(), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+           "torch": torch.__version__, "model": loaded.name, "policy": "louiskv",
            "budget": args.budget, "seconds": round(time.perf_counter() - started, 1), "summary": summary,
            "rows": rows}  # fmt: skip
     with open(args.out, "w") as f:
