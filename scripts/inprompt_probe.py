@@ -6,7 +6,8 @@ and the top-3 next-token probabilities of the first `--steps` steps.
     python scripts/inprompt_probe.py --task niah_multikey --length 4096 --depth 0.5 --seed 1 \\
         --variant '{}' --variant '{"observation": 8}' --out probe.json
 
-Each variant is a JSON object of louiskv settings over budget 512 and the eval's sink / window.
+Each variant is a JSON object of settings over `--budget` and the eval's sink / window (as the
+eval's cells: windowkv keeps its own), for louiskv unless it names another `"policy"`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ from kvrecall.local import LocalDaemon
 from kvrecall.models.smollm import load_model, load_tokenizer
 
 
+def variant(raw: str, budget: int) -> tuple[str, str, dict]:
+    """A --variant's (name, policy, config)."""
+    settings = json.loads(raw)
+    policy = settings.pop("policy", "louiskv")
+    resident = {} if policy == "windowkv" else {"n_sink": N_SINK, "window": WINDOW}
+    return raw, policy, {**resident, "budget": budget, **settings}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="niah_multikey")
@@ -36,10 +45,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="louiskv settings as JSON (repeatable)")
     parser.add_argument("--out")
     args = parser.parse_args()
-    variants = [("full", "full", None)] + [
-        (raw, "louiskv", {"n_sink": N_SINK, "window": WINDOW, "budget": args.budget, **json.loads(raw)})
-        for raw in args.variant or ["{}"]
-    ]
+    variants = [("full", "full", None)] + [variant(raw, args.budget) for raw in args.variant or ["{}"]]
     tokenizer = load_tokenizer()
     model, _ = load_model(device="cpu")
     sample = make_sample(args.task, args.length, seed=args.seed, depth=args.depth, tokenizer=tokenizer)
