@@ -35,6 +35,13 @@ class Metrics:
             buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 2.5, 10.0),
             registry=r,
         )
+        self.follow_wait = Histogram(
+            "kvrecall_follow_wait_seconds",
+            "How long a Boundaries event waited for the AppendNotice it follows (StepEvent.follows) to be applied "
+            "before its call ran; a notice that never came ends as errors{method=Boundaries,code=FAILED_PRECONDITION}",
+            buckets=(1e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0, 5.0, 30.0),
+            registry=r,
+        )
         self.prefixes = Gauge("kvrecall_prefixes", "Shared prompt prefixes held (referenced or cached)", registry=r)
         self.prefix_bytes = Gauge("kvrecall_prefix_bytes", "Host bytes of the shared prefixes held", registry=r)
         self.prefix_refs = Gauge("kvrecall_prefix_refs", "Open sessions reading a shared prefix", registry=r)

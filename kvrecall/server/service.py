@@ -191,7 +191,8 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 continue  # (check_events refuses an event before the ingest)
             remaining = context.time_remaining()
             limit = self.follow_wait_s if remaining is None else min(self.follow_wait_s, remaining)
-            deadline = time.monotonic() + limit
+            started = time.monotonic()
+            deadline = started + limit
             self._followers += 1
             try:
                 async with self._appended:
@@ -204,6 +205,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                             )
                         with contextlib.suppress(TimeoutError):  # a close by the reaper wakes nobody
                             await asyncio.wait_for(self._appended.wait(), min(left, 1.0))
+                self.metrics.follow_wait.observe(time.monotonic() - started)
             finally:
                 self._followers -= 1
 
