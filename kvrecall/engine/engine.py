@@ -184,9 +184,11 @@ class Engine:
     step's tokens and flags to the host by the copy engine; "kernel" by kernels inside the step
     (kernels/pinned_copy.py), which do not queue behind the daemon's transfers. On an H200 at 64
     sequences the copy engine held each step 9.6 ms behind the daemon's 542 MiB a call, kernels
-    0.1 ms, but that gap was GPU time the daemon's kernels used: with it gone the daemon answered
-    in 103 against 55 ms (p50), 30 of 96 steps waited, and the step was no faster (1,856 against
-    1,937 tokens/s; bench/results/2026-12-01-h200-hostcopies-*). At 32K x 8 both 1.41-1.42x."""
+    0.1 ms, but that gap may have been GPU time the daemon's kernels used: with it gone the daemon
+    answered in 103 against 55 ms (p50), 30 of 96 steps waited, and the step was no faster (1,856
+    against 1,937 tokens/s; bench/results/2026-12-01-h200-hostcopies-*). That kernel run was the
+    first bench on a freshly started machine, as was the session's one other slow run, so one
+    A/B does not settle it; at 32K x 8 both gave 1.41-1.42x."""
 
     def __init__(
         self, weights: DecoderWeights, batch: int, max_capacity: int, *, use_graph: bool = True,
