@@ -8,8 +8,10 @@
 #           GPU engine, ws_decode and pinned_copy tests
 #   PART=4: README's table with today's code: 32K and 128K, batch 1 and 8 (128K x 8 does not fit a
 #           one-GPU machine's host), rates 0 / 0.117
+# WARM=1: a short untimed bench first (this session's two slow runs were each the first bench on a freshly
+# started machine; its JSON is left out of $OUT).
 # Writes under $OUT: e2e-*.json (+ .png), logs.tgz.
-#   usage: PART=1 bash scripts/gpu_follows.sh
+#   usage: [WARM=1] PART=1 bash scripts/gpu_follows.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT/logs"
 . scripts/gpu_env.sh
@@ -21,6 +23,11 @@ run() {  # name, seconds, arguments
   timeout "$limit" $E2E "$@" --out "$OUT/e2e-$name.json" > "$OUT/logs/e2e-$name.log" 2>&1
   echo "e2e $name exit $? after ${SECONDS}s"
 }
+if [ "${WARM:-0}" = 1 ]; then
+  timeout 300 $E2E --parts step --contexts 32768 --batches 8 --rates 0.117 --steps 16 --warmup 8 \
+    --out /tmp/e2e-warm.json > "$OUT/logs/e2e-warm.log" 2>&1
+  echo "warm-up bench exit $? after ${SECONDS}s"
+fi
 if [ "${PART:-1}" = 1 ]; then
   run 32k8-deferred 260 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --notices deferred
   run 32k8-taken 120 --parts step --contexts 32768 --batches 8 --rates 0.117 --notices taken
