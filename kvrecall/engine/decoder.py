@@ -87,11 +87,7 @@ class Decoder:
         return F.linear(rms_norm(x, self.weights.final_norm, self.shape.rms_eps), self.weights.lm_head)
 
     def step(self, backend: Backend) -> None:
-        """One decode token for every slot (no host sync: graph-capturable). A backend with a
-        `begin_step()` has it called first."""
-        begin = getattr(backend, "begin_step", None)
-        if begin is not None:
-            begin()
+        """One decode token for every slot (no host sync: graph-capturable)."""
         x = self.weights.embed[self.tokens]
         cos, sin = rope(self.weights, self.positions)
         for layer in range(self.shape.num_layers):

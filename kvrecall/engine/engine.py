@@ -208,8 +208,9 @@ class Engine:
         self.decoder = Decoder(weights, batch)
         self.backend = SessionBatch(
             batch, s.num_layers, s.num_query_heads, s.num_kv_heads, s.head_dim, max_capacity, self.device,
-            weights.dtype, self.decoder.scale, impl, step_uploads=self._kernel_copies,
+            weights.dtype, self.decoder.scale, impl,
         )  # fmt: skip
+        self.backend.tables.step_uploads = self._kernel_copies  # uploaded in _step_launches
         self._tokens_host = torch.zeros(batch, dtype=torch.int64, pin_memory=pin)
         self._flags_host = torch.zeros(batch, dtype=torch.bool, pin_memory=pin)
         self.sequences: list[Sequence | None] = [None] * batch
@@ -232,8 +233,11 @@ class Engine:
         return self.decoder.batch
 
     def _step_launches(self) -> None:
-        """What the graph holds: the step, and with kernel copies its tokens and flags written
-        to the pinned host buffers the host reads after the sync."""
+        """What the graph holds: the step; with kernel copies, first the slot tables written since
+        the last step uploaded, and after it the tokens and flags written to the pinned host
+        buffers the host reads after the sync."""
+        if self._kernel_copies:
+            self.backend.tables.upload(self.backend.impl)
         self.decoder.step(self.backend)
         if self._kernel_copies:
             pinned_copy(self.decoder.tokens, self._tokens_host)

@@ -36,14 +36,12 @@ class SessionBatch:
     def __init__(
         self, batch: int, num_layers: int, num_query_heads: int, num_kv_heads: int, head_dim: int,
         max_capacity: int, device: torch.device, dtype: torch.dtype, scale: float, impl: str = "auto",
-        step_uploads: bool = False,
     ) -> None:  # fmt: skip
         self.num_layers = num_layers
         self.max_capacity = max_capacity
         self.scale = scale
         self.impl = impl
         self.tables = SlotTables.empty(batch, device, dtype)
-        self.tables.step_uploads = step_uploads  # the tables reach the GPU in begin_step (a kernel)
         self.workspace = AttendWorkspace(
             batch, num_kv_heads, num_query_heads // num_kv_heads, head_dim, max_capacity, device
         )
@@ -56,12 +54,6 @@ class SessionBatch:
         self.min_gap = torch.zeros(batch, dtype=torch.int32, device=device)  # steps after a retrieval with no flag
         self.since = torch.zeros(batch, dtype=torch.int32, device=device)  # decode steps since the last retrieval
         self.flags = torch.zeros(batch, dtype=torch.bool, device=device)
-
-    def begin_step(self) -> None:
-        """The step's first launch: with step_uploads, the slot tables written since the last
-        step reach the device (SlotTables.upload)."""
-        if self.tables.step_uploads:
-            self.tables.upload(self.impl)
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor

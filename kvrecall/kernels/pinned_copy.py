@@ -3,8 +3,8 @@ batched engine's slot tables can reach the GPU, and each step's tokens and bound
 host, this way (Engine host_copies="kernel"). On one GPU shared with the daemon, whose
 retrievals move hundreds of MiB host to device by DMA, a small `copy_(non_blocking=True)` from
 the worker queues on the same copy engines and waits for those transfers; a kernel's loads or
-stores over PCIe (UVA: pinned memory is addressable from the device) do not. (Measured, the
-wait turned out to be GPU time the daemon used: engine/engine.py says why it is not the default.)
+stores over PCIe (UVA: pinned memory is addressable from the device) do not. (Measured once,
+removing that wait did not speed the step up; engine/engine.py says why it is not the default.)
 
 Kernel: `pinned_copy_triton.py`; reference: `dst.copy_(src)`.
 """

@@ -54,7 +54,7 @@ class SlotTables:
     `geometry` [3, B]) that set() and clear() write through a host copy (pinned on a GPU)
     and one asynchronous upload each: an element written into a device tensor from the host
     (`table[b] = x`) waits for the stream, about 0.13 ms each behind a busy one (H200,
-    64 sequences). With `step_uploads` (the batched engine on a GPU) writes only change the
+    64 sequences). With `step_uploads` (Engine host_copies="kernel") writes only change the
     host copies and the step's first kernel, upload(), reads them over PCIe (no copy-engine
     transfer, which could queue behind the daemon's DMAs: kernels/pinned_copy.py). `tensors`
     keeps, per slot, the (keys, values, slot_pos, query) tensors themselves: the reference
