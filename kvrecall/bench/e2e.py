@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="copy: the engine's slot tables reach the GPU and each step's tokens / flags the host by the "
                         "copy engine (a small copy can queue behind the daemon's transfers); kernel: by kernels inside "
                         "the step (Engine host_copies)")
+    p.add_argument("--overlap", choices=("on", "off"), default="off",
+                   help="on: each step is launched before the host work of the one before (Engine overlap: the "
+                        "boundary flags, notices, retrievals and shadow switches run while the GPU decodes)")
     p.add_argument("--daemon-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the daemon process only (repeatable), e.g. "
                    "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=20 under CUDA MPS, KVRECALL_HOST_READS=kernel")
@@ -134,6 +137,7 @@ class Bench:
         self.meta["schedule"] = args.schedule
         self.meta["notices"] = args.notices
         self.meta["host_copies"] = args.host_copies
+        self.meta["overlap"] = args.overlap == "on"
         self.meta["weights_gib"] = _gib(self.weights.nbytes)
         self.token_bytes = shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * torch.finfo(dtype).bits // 8
 
@@ -239,7 +243,8 @@ class Bench:
             force = schedule if policy == "louiskv" else None
             lags = _ints(args.lag)
             engine = Engine(self.weights, batch, capacity, use_graph=not args.no_graph, force_boundary=force, lag=lags[0],
-                            follow_notices=args.notices != "taken", host_copies=args.host_copies)
+                            follow_notices=args.notices != "taken", host_copies=args.host_copies,
+                            overlap=args.overlap == "on")  # fmt: skip
             first = torch.randint(0, self.shape.vocab, (batch,)).tolist()
             ingest = []
             for session, token in zip(opened, first, strict=True):
@@ -282,7 +287,7 @@ class Bench:
                     "part": part, "policy": policy, "context": context, "batch": batch, "rate": rate,
                     "median_ms": round(statistics.median(samples), 3), "p90_ms": round(_percentile(samples, 0.9), 3),
                     "mean_ms": round(mean, 3), "tokens_per_s": round(batch * 1e3 / mean, 1),
-                    "boundary_share": round(crossed / len(samples) / batch, 4), "graphed": engine.graph.graphed,
+                    "boundary_share": round(crossed / len(samples) / batch, 4), "graphed": engine.graph.graphed, "overlap": engine.overlap,
                     **({"mean_ms_blocks": [round(m, 3) for m in blocks], "block_spread": round(max(blocks) / min(blocks), 3)}
                        if len(blocks) > 1 else {}),
                     "capacity": capacity, "budget": config.get("budget"), "lag": lag,

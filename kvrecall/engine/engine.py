@@ -124,6 +124,17 @@ class Sequence:
     sent_upto: int = 0  # tokens announced in notices sent (noticed_upto once their answers are taken)
 
 
+@dataclass
+class _Flight:
+    """A launched step not yet processed: its host buffers' parity, the sequences it decodes,
+    the event its host copies complete at (None on a CPU) and when it was launched."""
+
+    parity: int
+    sequences: list[Sequence]
+    done: torch.cuda.Event | None
+    launched: float
+
+
 # Samples each DaemonTimes series keeps (the latest): a serving engine steps for ever and never
 # clears them; a benchmark clears them and reads far fewer.
 TIMES_KEPT = 65536
@@ -194,10 +205,14 @@ class Engine:
         self, weights: DecoderWeights, batch: int, max_capacity: int, *, use_graph: bool = True,
         impl: str = "auto", force_boundary: Callable[[int, int], bool | None] | None = None, lag: int = DEFAULT_LAG,
         switch_interval: float | None = SWITCH_INTERVAL_S, follow_notices: bool = True, host_copies: str = "copy",
+        overlap: bool = False, keep_logits: bool = False,
     ) -> None:  # fmt: skip
-        self._check_lag(lag, [])
         if host_copies not in ("kernel", "copy"):
             raise ValueError(f"host_copies: expected 'kernel' or 'copy', got {host_copies!r}")
+        if overlap and host_copies == "kernel":
+            raise ValueError("overlap: needs host_copies='copy' (the captured step reads the host tables itself)")
+        self.overlap = overlap
+        self._check_lag(lag, [])
         self.lag = lag
         if switch_interval is not None:
             sys.setswitchinterval(switch_interval)
@@ -211,8 +226,17 @@ class Engine:
             weights.dtype, self.decoder.scale, impl,
         )  # fmt: skip
         self.backend.tables.step_uploads = self._kernel_copies  # uploaded in _step_launches
-        self._tokens_host = torch.zeros(batch, dtype=torch.int64, pin_memory=pin)
-        self._flags_host = torch.zeros(batch, dtype=torch.bool, pin_memory=pin)
+        self.backend.tables.staged = pin and not self._kernel_copies  # uploaded before each launch
+        # Host buffers per launch parity: two with overlap (one step's are read while the next
+        # step's copies may land), else one.
+        n = 2 if overlap else 1
+        self._tokens_host = [torch.zeros(batch, dtype=torch.int64, pin_memory=pin) for _ in range(n)]
+        self._flags_host = [torch.zeros(batch, dtype=torch.bool, pin_memory=pin) for _ in range(n)]
+        self.keep_logits = keep_logits
+        self._logits: list[torch.Tensor] = []
+        self._parity = 0
+        self._flight: _Flight | None = None  # overlap: the step launched ahead, not processed yet
+        self._last: _Flight | None = None  # the step step() returned last
         self.sequences: list[Sequence | None] = [None] * batch
         self.force_boundary = force_boundary
         self.follow_notices = follow_notices
@@ -225,7 +249,10 @@ class Engine:
         self.graph = GraphStep(self._step_launches, self.device, use_graph)
         self.decoder.tokens.zero_()
         self.decoder.positions.zero_()
-        self._events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if pin else []
+        self._events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)] \
+            if pin else []  # fmt: skip
+        if keep_logits:
+            self._logits = [torch.empty_like(self.decoder.logits) for _ in range(n)]
         self._shadow_s = 0.0  # this step's host seconds in shadow copies (times.shadow_s)
 
     @property
@@ -240,8 +267,8 @@ class Engine:
             self.backend.tables.upload(self.backend.impl)
         self.decoder.step(self.backend)
         if self._kernel_copies:
-            pinned_copy(self.decoder.tokens, self._tokens_host)
-            pinned_copy(self.backend.flags, self._flags_host)
+            pinned_copy(self.decoder.tokens, self._tokens_host[0])
+            pinned_copy(self.backend.flags, self._flags_host[0])
 
     @property
     def active(self) -> list[Sequence]:
@@ -279,11 +306,16 @@ class Engine:
         self.sequences[slot] = Sequence(session, slot, [first_token], sent_upto=session.core.noticed_upto)
         return slot
 
-    @staticmethod
-    def _check_lag(lag: int, sessions: list) -> None:
-        """ValueError unless 0 <= lag < every session's spill_every (see the module docstring)."""
+    def _check_lag(self, lag: int, sessions: list) -> None:
+        """ValueError unless 0 <= lag < every session's spill_every (see the module docstring),
+        and with overlap lag >= 1 and every session deferred."""
         if lag < 0:
             raise ValueError("lag must be >= 0")
+        if self.overlap and lag < 1:
+            raise ValueError("lag must be >= 1 with overlap (the next step is launched before a retrieval is sent)")
+        for session in sessions:
+            if self.overlap and not session.core.deferred:
+                raise ValueError(f"session {session.session_id}: overlap needs sessions opened with deferred_eviction=True")
         for session in sessions:
             if lag >= session.spill_every:
                 raise ValueError(f"lag={lag} must be below the session's spill_every={session.spill_every}")
@@ -307,6 +339,7 @@ class Engine:
         seq = self.sequences[slot]
         if seq is None:
             raise KeyError(f"slot {slot} is empty")
+        self._quiesce()
         if seq.pending is not None:
             self._switch_back(seq)
         self._take_notice(seq)
@@ -315,30 +348,78 @@ class Engine:
         return seq
 
     # ---- decoding --------------------------------------------------------------------------------
+    @property
+    def logits(self) -> torch.Tensor:
+        """[B, V] logits of the step step() returned last (with overlap: needs keep_logits, as the
+        decoder's buffer already holds the next step's)."""
+        if not self.overlap:
+            return self.decoder.logits
+        if not self.keep_logits:
+            raise RuntimeError("Engine(overlap=True) keeps the returned step's logits only with keep_logits=True")
+        if self._last is None:
+            raise RuntimeError("no step returned yet")
+        return self._logits[self._last.parity]
+
+    def _launch(self) -> _Flight:
+        """Queue one step (its tables' upload, the graph, the copies the host reads after it)."""
+        parity = self._parity
+        if self.overlap:
+            self._parity ^= 1
+        launched = time.perf_counter()
+        cuda = self.device.type == "cuda"
+        self.backend.tables.flush(parity)
+        if cuda:
+            self._events[parity][0].record()
+        self.graph()
+        done = None
+        if cuda:
+            self._events[parity][1].record()
+        if self.keep_logits:
+            self._logits[parity].copy_(self.decoder.logits, non_blocking=True)
+        if not self._kernel_copies:
+            self._tokens_host[parity].copy_(self.decoder.tokens, non_blocking=True)
+            self._flags_host[parity].copy_(self.backend.flags, non_blocking=True)
+        if cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return _Flight(parity, self.active, done, launched)
+
+    def _quiesce(self) -> None:
+        """Overlap: wait until the step launched ahead has run (before a slot's session may be
+        closed under it); it is still processed by the next step()."""
+        if self._flight is not None and self._flight.done is not None:
+            self._flight.done.synchronize()
+
     @torch.inference_mode()
     def step(self) -> dict[int, int]:
-        """One token for every active slot; returns {slot: its new token}."""
+        """One token for every active slot; returns {slot: its new token}.
+
+        With overlap the next step is launched before this one's host work (the boundary
+        flags, notices, retrievals, shadow switches), which then runs while the GPU decodes:
+        what the host decides after step t takes effect at step t + 2 (a crossed slot reads
+        its shadow from t + 2, a retrieval's query is step t + 1's), and the slot of a
+        sequence added between calls joins at the step launched next."""
         started = time.perf_counter()
-        cuda = self.device.type == "cuda"
-        if cuda:
-            self._events[0].record()
-        self.graph()
-        if cuda:
-            self._events[1].record()
-        if not self._kernel_copies:
-            self._tokens_host.copy_(self.decoder.tokens, non_blocking=True)
-            self._flags_host.copy_(self.backend.flags, non_blocking=True)
-        if cuda:
-            torch.cuda.current_stream(self.device).synchronize()
+        if self.overlap:
+            flight = self._flight if self._flight is not None else self._launch()
+            self._flight = self._launch()
+        else:
+            flight = self._launch()
+        if flight.done is not None:
+            flight.done.synchronize()
+        self._last = flight
         synced = time.perf_counter()
-        tokens, flags = self._tokens_host.tolist(), self._flags_host.tolist()
+        tokens, flags = self._tokens_host[flight.parity].tolist(), self._flags_host[flight.parity].tolist()
+        ahead = 1 if self.overlap else 0  # steps launched past the one processed
         notices: list[StepCall] = []  # waited for now
         deferred: list[Sequence] = []  # deferred eviction: notices sent, answers taken later
         crossings: list[tuple[Sequence, bool, int]] = []  # (slot, its notice rides along, follows)
         late = taken = 0.0
         self._shadow_s = 0.0
-        for seq in self.active:
+        for seq in flight.sequences:
             b = seq.slot
+            if self.sequences[b] is not seq:
+                continue  # left after the launch
             core = seq.session.core
             core.position += 1
             seq.steps += 1
@@ -348,6 +429,10 @@ class Engine:
                 if core.position - seq.pending_from < lag:
                     continue  # no notice falls due while it reads its shadow (see below)
                 late += self._switch_back(seq)
+            if ahead and seq.notice is not None and core.position + ahead - seq.sent_upto >= core.spill_every:
+                # The step launched ahead writes one more ring slot: the answer a notice would be
+                # taken for at the next step is taken before the launch after it (the ring's slack).
+                taken += self._take_notice(seq)
             forced = self.force_boundary(self.steps, b) if self.force_boundary is not None else None
             crossed = flags[b] if forced is None else forced
             # A slot about to read its shadow for `lag` steps announces its tokens first, so its
@@ -399,12 +484,13 @@ class Engine:
         self.times.wait_s.append(waited)
         self.times.late_s.append(late)
         self.times.sync_s.append(synced - started)
-        self.times.graph_gpu_s.append(self._events[0].elapsed_time(self._events[1]) / 1e3 if cuda else 0.0)
+        events = self._events[flight.parity] if self._events else None
+        self.times.graph_gpu_s.append(events[0].elapsed_time(events[1]) / 1e3 if events else 0.0)
         self.times.host_s.append(time.perf_counter() - synced - waited)
         self.times.shadow_s.append(self._shadow_s)
         self.times.send_s.append(send)
         self.steps += 1
-        return {seq.slot: tokens[seq.slot] for seq in self.active}
+        return {seq.slot: tokens[seq.slot] for seq in flight.sequences if self.sequences[seq.slot] is seq}
 
     @staticmethod
     def _by_client(calls: list[StepCall]) -> list[list[StepCall]]:
@@ -497,7 +583,9 @@ class Engine:
         # The ring slots written meanwhile: one span of slots, or two where the ring wraps
         # (slices, so no index tensors and no wait for the stream; one foreach call).
         targets, sources = [], []
-        for lo, hi in ring_spans(core.n_sink + core.retrieved, core.window, seq.pending_from, core.position):
+        # (With overlap the step launched ahead writes one more, queued before these copies.)
+        end = core.position + (1 if self.overlap else 0)
+        for lo, hi in ring_spans(core.n_sink + core.retrieved, core.window, seq.pending_from, end):
             for real, copy in zip((core.keys, core.values, core.slot_pos), seq.shadow, strict=False):
                 targets.append(real[:, :, lo:hi])
                 sources.append(copy[:, :, lo:hi])
@@ -511,6 +599,8 @@ class Engine:
         return waited
 
     def close(self) -> None:
+        self._quiesce()
+        self._flight = None
         for seq in self.active:
             if seq.pending is not None:
                 seq.pending.result()

@@ -30,7 +30,7 @@ the check the Triton kernels are tested against on a GPU).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,9 +56,13 @@ class SlotTables:
     (`table[b] = x`) waits for the stream, about 0.13 ms each behind a busy one (H200,
     64 sequences). With `step_uploads` (Engine host_copies="kernel") writes only change the
     host copies and the step's first kernel, upload(), reads them over PCIe (no copy-engine
-    transfer, which could queue behind the daemon's DMAs: kernels/pinned_copy.py). `tensors`
-    keeps, per slot, the (keys, values, slot_pos, query) tensors themselves: the reference
-    path reads them, and they stay mapped."""
+    transfer, which could queue behind the daemon's DMAs: kernels/pinned_copy.py). With
+    `staged` (the Engine's copy path) writes only mark the tables dirty and `flush()`, called
+    before each step, uploads a snapshot of them from one of two pinned staging buffers: the
+    host may then write the tables while a step queued earlier has not yet read its own (a
+    step launched ahead of the host work, Engine overlap). `tensors` keeps, per slot, the
+    (keys, values, slot_pos, query) tensors themselves: the reference path reads them, and
+    they stay mapped."""
 
     offsets: torch.Tensor  # int64 [4, B]: keys, values, slot_pos, query
     geometry: torch.Tensor  # int32 [5, B]: capacity, window_start, window, ring_from, kept_below
@@ -68,6 +72,9 @@ class SlotTables:
     anchor_pos: torch.Tensor
     tensors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None]
     step_uploads: bool = False
+    staged: bool = False
+    dirty: bool = False
+    staging: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @staticmethod
     def empty(batch: int, device: torch.device, dtype: torch.dtype) -> SlotTables:
@@ -144,8 +151,7 @@ class SlotTables:
     def set_evicted(self, b: int, evicted: int | None) -> None:
         """Slot b's evicted boundary changed (deferred eviction: an answer was taken)."""
         self.host_geometry.numpy()[3:, b] = _mask(evicted)
-        if self.host_geometry is not self.geometry and not self.step_uploads:
-            self.geometry.copy_(self.host_geometry, non_blocking=True)
+        self._publish()
 
     def clear(self, b: int) -> None:
         self._write(b, [0, 0, 0, 0], [0, 0, 0, *_mask(None)])
@@ -158,9 +164,33 @@ class SlotTables:
         # (through numpy views: no tensor made per write)
         self.host_offsets.numpy()[:, b] = offsets
         self.host_geometry.numpy()[:, b] = geometry
-        if self.host_offsets is not self.offsets and not self.step_uploads:
-            self.offsets.copy_(self.host_offsets, non_blocking=True)
-            self.geometry.copy_(self.host_geometry, non_blocking=True)
+        self._publish()
+
+    def _publish(self) -> None:
+        """After a write of the host copies: upload them now, or mark them for flush()."""
+        if self.host_offsets is self.offsets or self.step_uploads:
+            return
+        if self.staged:
+            self.dirty = True
+            return
+        self.offsets.copy_(self.host_offsets, non_blocking=True)
+        self.geometry.copy_(self.host_geometry, non_blocking=True)
+
+    def flush(self, parity: int = 0) -> None:
+        """`staged`: upload the tables written since the last flush (nothing if none), through
+        staging buffer `parity` (0 or 1). Its previous upload must have run: the caller
+        alternates parities and has waited for the step two flushes back (or syncs every step)."""
+        if not self.dirty:
+            return
+        self.dirty = False
+        if not self.staging:
+            self.staging = [tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in
+                                  (self.host_offsets, self.host_geometry)) for _ in range(2)]  # fmt: skip
+        offsets, geometry = self.staging[parity]
+        offsets.copy_(self.host_offsets)
+        geometry.copy_(self.host_geometry)
+        self.offsets.copy_(offsets, non_blocking=True)
+        self.geometry.copy_(geometry, non_blocking=True)
 
     def upload(self, impl: str = "auto") -> None:
         """The host copies into the device tables by a kernel (step_uploads: the step's first

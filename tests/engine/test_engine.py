@@ -56,7 +56,7 @@ def decode(engine: Engine, client, model, picks, steps: int, deferred: bool = Fa
     for _ in range(steps):
         engine.step()
         for slot in slots:
-            logits[slot].append(engine.decoder.logits[slot].clone())
+            logits[slot].append(engine.logits[slot].clone())
     out = []
     for slot, session in zip(slots, sessions, strict=True):
         seq = engine.remove(slot)
@@ -69,19 +69,21 @@ TRITON = pytest.mark.skipif(not interpreter_ready(), reason="needs TRITON_INTERP
 
 
 @pytest.mark.parametrize(
-    ("impl", "lag", "deferred"),
-    [("reference", 0, False), ("reference", 2, False), ("reference", 0, True), ("reference", 2, True),
-     pytest.param("triton", 0, False, marks=TRITON), pytest.param("triton", 2, True, marks=TRITON)],
+    ("impl", "lag", "deferred", "overlap"),
+    [("reference", 0, False, False), ("reference", 2, False, False), ("reference", 0, True, False),
+     ("reference", 2, True, False), ("reference", 1, True, True), ("reference", 2, True, True),
+     pytest.param("triton", 0, False, False, marks=TRITON), pytest.param("triton", 2, True, False, marks=TRITON)],
 )  # fmt: skip
-def test_batch_matches_full_attention_with_a_covering_budget(daemon, tiny_llama, impl, lag, deferred):
+def test_batch_matches_full_attention_with_a_covering_budget(daemon, tiny_llama, impl, lag, deferred, overlap):
     """Four sequences of different lengths and policies in one batch: every step's logits equal
     transformers' full-attention forward over the same tokens (fp32, 1e-4), whether retrievals
     serve the next step (lag 0) or two steps later (lag 2: boundaries off the critical path),
-    and whether steps wait for their AppendNotices or not (deferred eviction: the evicted
+    whether steps wait for their AppendNotices or not (deferred eviction: the evicted
     tokens the daemon places into free retrieved slots are read from the ring until the
-    answer is taken, then from there)."""
+    answer is taken, then from there), and with each step launched before the host work of
+    the one before (overlap)."""
     weights = DecoderWeights.from_hf(tiny_llama)
-    engine = Engine(weights, batch=4, max_capacity=1024, impl=impl, lag=lag)
+    engine = Engine(weights, batch=4, max_capacity=1024, impl=impl, lag=lag, overlap=overlap, keep_logits=overlap)
     picks = [(p, c, prompt) for (p, c), prompt in zip(POLICIES, prompts(128), strict=True)]
     with KVRecallClient(daemon.target, "engine-test") as client:
         results = decode(engine, client, tiny_llama, picks, STEPS, deferred)
@@ -98,11 +100,12 @@ def test_batch_matches_full_attention_with_a_covering_budget(daemon, tiny_llama,
     assert louiskv.boundaries >= 1, "louiskv crossed no boundary: the test exercises no retrieval"
 
 
-@pytest.mark.parametrize("deferred", [False, True])
-def test_batch_decodes_like_each_sequence_alone(daemon, tiny_llama, deferred):
+@pytest.mark.parametrize(("deferred", "overlap"), [(False, False), (True, False), (True, True)])
+def test_batch_decodes_like_each_sequence_alone(daemon, tiny_llama, deferred, overlap):
     """Tight budgets (retrieval matters): a batch of 4 gives each sequence the tokens it gets
     alone in a batch of one (with deferred eviction too: what a step reads does not depend on
-    when the daemon answers, nor on which other sessions share its calls)."""
+    when the daemon answers, nor on which other sessions share its calls; and with overlap,
+    where the host's work runs while the next step decodes)."""
     weights = DecoderWeights.from_hf(tiny_llama)
     tight = [("louiskv", {"budget": 16, "n_sink": 4, "window": 32, "threshold": 0.9}),
              ("quest", {"budget": 16, "n_sink": 4, "window": 32, "page_size": 4}),
@@ -110,12 +113,12 @@ def test_batch_decodes_like_each_sequence_alone(daemon, tiny_llama, deferred):
              ("streaming", {"n_sink": 4, "window": 32})]  # fmt: skip
     picks = [(p, c, prompt) for (p, c), prompt in zip(tight, prompts(128), strict=True)]
     with KVRecallClient(daemon.target, "engine-test") as client:
-        together = Engine(weights, batch=4, max_capacity=1024)
+        together = Engine(weights, batch=4, max_capacity=1024, overlap=overlap, keep_logits=overlap)
         batched = decode(together, client, tiny_llama, picks, STEPS, deferred)
         together.close()
         alone = []
         for pick in picks:
-            single = Engine(weights, batch=1, max_capacity=1024)
+            single = Engine(weights, batch=1, max_capacity=1024, overlap=overlap, keep_logits=overlap)
             alone += decode(single, client, tiny_llama, [pick], STEPS, deferred)
             single.close()
     for (policy, _, _), (seq_b, logits_b), (seq_a, logits_a) in zip(picks, batched, alone, strict=True):
@@ -155,6 +158,85 @@ def test_sequences_join_and_leave_between_steps(daemon, tiny_llama):
         s3.close()
         engine.close()
     assert joined.tokens == alone.tokens
+
+
+def test_sequences_join_and_leave_with_overlap(daemon, tiny_llama):
+    """Overlap: a sequence added between steps joins at the step launched next (the call that
+    launches it returns no token for it), decodes as it would alone, and leaving waits for the
+    step launched ahead, whose token for it is dropped."""
+    weights = DecoderWeights.from_hf(tiny_llama)
+    spec = spec_for(tiny_llama, max_tokens=512)
+    first, second, third = prompts(128)[:3]
+    config = {"budget": 16, "n_sink": 4, "window": 32, "threshold": 0.9}
+    with KVRecallClient(daemon.target, "engine-test") as client:
+        alone_engine = Engine(weights, batch=1, max_capacity=1024, overlap=True)
+        s0 = client.open_session(spec, "louiskv", config, deferred_eviction=True)
+        alone_engine.add(s0, second)
+        for _ in range(40):
+            alone_engine.step()
+        alone = alone_engine.remove(0)
+        s0.close()
+        alone_engine.close()
+        engine = Engine(weights, batch=2, max_capacity=1024, overlap=True)
+        s1 = client.open_session(spec, "louiskv", config, deferred_eviction=True)
+        slot1 = engine.add(s1, first)
+        engine.step()
+        engine.step()
+        s2 = client.open_session(spec, "louiskv", config, deferred_eviction=True)
+        slot2 = engine.add(s2, second)
+        assert slot2 not in engine.step(), "a sequence added after the launch got a token from it"
+        for _ in range(40):
+            assert set(engine.step()) == {slot1, slot2}
+        engine.remove(slot1)
+        s1.close()
+        s3 = client.open_session(spec, "louiskv", config, deferred_eviction=True)
+        slot3 = engine.add(s3, third)
+        assert slot3 == slot1
+        assert engine.step() == {slot2: engine.sequences[slot2].tokens[-1]}, "the left slot's or the new one's token"
+        joined = engine.remove(slot2)
+        engine.remove(slot3)
+        s2.close()
+        s3.close()
+        engine.close()
+    assert joined.boundaries >= 1 and joined.appends >= 2
+    assert joined.tokens[: len(alone.tokens)] == alone.tokens
+
+
+def test_overlap_is_validated_and_keeps_its_ring_slack(daemon, tiny_llama):
+    """Overlap needs the copy path, a lag of at least 1 and deferred sessions, and keeps the
+    returned step's logits only when asked. The step launched ahead writes one more ring slot,
+    so after every step no slot has a notice's answer out when that step writes its
+    spill_every-th token past the notice (the ring's slack would be overrun). No boundaries:
+    only that rule takes the answers."""
+    weights = DecoderWeights.from_hf(tiny_llama)
+    with pytest.raises(ValueError, match="host_copies"):
+        Engine(weights, batch=1, max_capacity=64, overlap=True, host_copies="kernel")
+    with pytest.raises(ValueError, match="lag"):
+        Engine(weights, batch=1, max_capacity=64, overlap=True, lag=0)
+    engine = Engine(weights, batch=1, max_capacity=1024, overlap=True, lag=2, force_boundary=lambda step, slot: False)
+    spec = spec_for(tiny_llama, max_tokens=512)
+    config = {"budget": 16, "n_sink": 4, "window": 32}
+    with KVRecallClient(daemon.target, "engine-test") as client:
+        plain = client.open_session(spec, "louiskv", config)
+        with pytest.raises(ValueError, match="deferred_eviction"):
+            engine.add(plain, prompts(128)[0])
+        plain.close()
+        session = client.open_session(spec, "louiskv", config, deferred_eviction=True)
+        slot = engine.add(session, prompts(128)[0])
+        seq, core = engine.sequences[slot], session.core
+        taken_early = 0
+        for _ in range(4 * core.spill_every):
+            engine.step()
+            if seq.notice is not None:
+                assert core.position + 1 - seq.sent_upto < core.spill_every, "a notice's answer is out past the slack"
+            elif seq.appends and core.position - seq.sent_upto == core.spill_every - 1:
+                taken_early += 1
+        assert seq.appends >= 3 and taken_early >= 2
+        with pytest.raises(RuntimeError, match="keep_logits"):
+            _ = engine.logits
+        engine.remove(slot)
+        session.close()
+    engine.close()
 
 
 def test_set_lag_switches_pending_slots_back_first(daemon, tiny_llama):
@@ -219,8 +301,9 @@ def test_deferred_notices_are_sent_and_taken_later(daemon, tiny_llama):
     engine.close()
 
 
-@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=TRITON)])
-def test_a_crossing_slot_does_not_take_its_notice_first(daemon, tiny_llama, impl):
+@pytest.mark.parametrize(("impl", "overlap"), [("reference", False), ("reference", True),
+                                               pytest.param("triton", False, marks=TRITON)])  # fmt: skip
+def test_a_crossing_slot_does_not_take_its_notice_first(daemon, tiny_llama, impl, overlap):
     """Deferred eviction: a slot that crosses while its last notice's answer is out sends its
     retrieval at once, naming that notice (StepEvent.follows: the daemon applies the two in
     turn), and takes both answers at its switch back. Boundaries forced on every step a notice
@@ -231,7 +314,8 @@ def test_a_crossing_slot_does_not_take_its_notice_first(daemon, tiny_llama, impl
     def notice_out(step: int, slot: int) -> bool:
         return engines[0].sequences[slot].notice is not None
 
-    engine = Engine(weights, batch=2, max_capacity=1024, impl=impl, lag=2, force_boundary=notice_out)
+    engine = Engine(weights, batch=2, max_capacity=1024, impl=impl, lag=2, force_boundary=notice_out,
+                    overlap=overlap, keep_logits=overlap)  # fmt: skip
     engines.append(engine)
     spec = spec_for(tiny_llama, max_tokens=512)
     picks = prompts(128)[:2]
@@ -245,7 +329,7 @@ def test_a_crossing_slot_does_not_take_its_notice_first(daemon, tiny_llama, impl
             engine.step()
             for slot in slots:
                 seq = engine.sequences[slot]
-                logits[slot].append(engine.decoder.logits[slot].clone())
+                logits[slot].append(engine.logits[slot].clone())
                 if out[slot] is not None and seq.pending is not None and seq.notice is out[slot]:
                     followed += 1  # crossed with the notice's answer still out, and did not take it
                 if seq.pending is None:

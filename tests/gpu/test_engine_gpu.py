@@ -1,7 +1,8 @@
 """The engine on a GPU: sessions of a CUDA daemon mapped by CUDA IPC, the step captured as a
 CUDA graph. The captured step equals the eager one and transformers' full attention (covering
 budget, fp32), with the slot tables, tokens and flags moved by kernels inside the step (the
-captured engine here) or by the copy engine (the eager one, the default)."""
+captured engine here) or by the copy engine (the eager one, the default); and with overlap
+(each captured step launched before the host work of the one before, its tables staged)."""
 
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(config).eval().cuda()
 
 
-def run(client, model, use_graph: bool, picks, deferred: bool = False, host_copies: str = "copy"):
+def run(client, model, use_graph: bool, picks, deferred: bool = False, host_copies: str = "copy", overlap=False):
     weights = DecoderWeights.from_hf(model)
-    engine = Engine(weights, batch=len(picks), max_capacity=2048, use_graph=use_graph, host_copies=host_copies)
+    engine = Engine(weights, batch=len(picks), max_capacity=2048, use_graph=use_graph, host_copies=host_copies,
+                    overlap=overlap, keep_logits=True)  # fmt: skip
     assert engine.backend.tables.step_uploads == (host_copies == "kernel")
     assert engine.graph.graphed == use_graph, engine.graph.error
     spec = spec_for(model, max_tokens=1024)
@@ -51,7 +53,7 @@ def run(client, model, use_graph: bool, picks, deferred: bool = False, host_copi
         slots.append(engine.add(session, prompt))
     for _ in range(STEPS):
         engine.step()
-        logits.append(engine.decoder.logits.clone())
+        logits.append(engine.logits.clone())
     seqs = [engine.remove(slot) for slot in slots]
     engine.close()
     for session in sessions:
@@ -59,10 +61,11 @@ def run(client, model, use_graph: bool, picks, deferred: bool = False, host_copi
     return seqs, torch.stack(logits, dim=1)
 
 
-@pytest.mark.parametrize("deferred", [False, True])
-def test_captured_step_equals_eager_and_full_attention(gpu_daemon, tiny_llama, deferred):
+@pytest.mark.parametrize(("deferred", "overlap"), [(False, False), (True, False), (True, True)])
+def test_captured_step_equals_eager_and_full_attention(gpu_daemon, tiny_llama, deferred, overlap):
     """With deferred eviction too: the daemon works on the working sets while steps run (the
-    mask keeps what the step reads fixed), and the result is still exact."""
+    mask keeps what the step reads fixed), and the result is still exact; with overlap the host
+    writes the slot tables while the step launched ahead may not have read its own."""
     g = torch.Generator().manual_seed(3)
     picks = [
         ("louiskv", {"budget": 512, "threshold": 0.9}, torch.randint(0, 128, (300,), generator=g).cuda()),
@@ -71,7 +74,8 @@ def test_captured_step_equals_eager_and_full_attention(gpu_daemon, tiny_llama, d
     ]
     with KVRecallClient(gpu_daemon.target, "engine-gpu") as client:
         eager, eager_logits = run(client, tiny_llama, False, picks, deferred, host_copies="copy")
-        graphed, graph_logits = run(client, tiny_llama, True, picks, deferred, host_copies="kernel")
+        graphed, graph_logits = run(client, tiny_llama, True, picks, deferred,
+                                    host_copies="copy" if overlap else "kernel", overlap=overlap)  # fmt: skip
     assert [s.tokens for s in eager] == [s.tokens for s in graphed]
     assert (eager_logits - graph_logits).abs().max().item() < 1e-5
     assert graphed[0].boundaries >= 1 and all(seq.appends >= 2 for seq in graphed)
