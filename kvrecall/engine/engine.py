@@ -199,7 +199,11 @@ class Engine:
     answered in 103 against 55 ms (p50), 30 of 96 steps waited, and the step was no faster (1,856
     against 1,937 tokens/s; bench/results/2026-12-01-h200-hostcopies-*). That kernel run was the
     first bench on a freshly started machine, as was the session's one other slow run, so one
-    A/B does not settle it; at 32K x 8 both gave 1.41-1.42x."""
+    A/B does not settle it; at 32K x 8 both gave 1.41-1.42x.
+    `overlap` (see step(); needs deferred-eviction sessions, lag >= 1 and host_copies="copy"):
+    each step is launched before the host work of the one before. Not yet measured on a GPU,
+    so off by default. `keep_logits`: `logits` holds the returned step's logits (a copy per
+    step; needed with overlap, where the decoder's buffer already holds the next step's)."""
 
     def __init__(
         self, weights: DecoderWeights, batch: int, max_capacity: int, *, use_graph: bool = True,
