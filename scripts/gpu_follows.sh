@@ -13,51 +13,31 @@
 # Writes under $OUT: e2e-*.json (+ .png), logs.tgz.
 #   usage: [WARM=1] PART=1 bash scripts/gpu_follows.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT/logs"
+OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_env.sh
-{ date -u; nvidia-smi --query-gpu=index,name,driver_version --format=csv; nproc; free -g | head -2; } > "$OUT/logs/env.txt" 2>&1
-E2E="python3 -m kvrecall.cli bench e2e --policies louiskv --lag 4 --steps 96 --warmup 16 --host-cap-gib 40 --host-pool-gib 40"
-SECONDS=0
-run() {  # name, seconds, arguments
-  local name=$1 limit=$2; shift 2
-  timeout "$limit" $E2E "$@" --out "$OUT/e2e-$name.json" > "$OUT/logs/e2e-$name.log" 2>&1
-  echo "e2e $name exit $? after ${SECONDS}s"
-}
+. scripts/gpu_e2e.sh
 if [ "${WARM:-0}" = 1 ]; then
   timeout 300 $E2E --parts step --contexts 32768 --batches 8 --rates 0.117 --steps 16 --warmup 8 \
     --out /tmp/e2e-warm.json > "$OUT/logs/e2e-warm.log" 2>&1
   echo "warm-up bench exit $? after ${SECONDS}s"
 fi
 if [ "${PART:-1}" = 1 ]; then
-  run 32k8-deferred 260 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --notices deferred
-  run 32k8-taken 120 --parts step --contexts 32768 --batches 8 --rates 0.117 --notices taken
+  e2e_run 32k8-deferred 260 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --notices deferred
+  e2e_run 32k8-taken 120 --parts step --contexts 32768 --batches 8 --rates 0.117 --notices taken
   FILE_S=${FILE_S:-150} bash scripts/gpu_tests.sh tests/gpu/test_engine_gpu.py
 elif [ "$PART" = 4 ]; then
-  run table 560 --parts step --contexts 32768,131072 --batches 1,8 --rates 0,0.117
+  e2e_run table 560 --parts step --contexts 32768,131072 --batches 1,8 --rates 0,0.117
 elif [ "$PART" = 3 ]; then
-  run many-kernel 260 --parts many --many 64 --many-context 4096 --rates 0.117 --host-copies kernel
-  run many-copy 120 --parts many --many 64 --many-context 4096 --rates 0.117 --host-copies copy
-  run 32k8-kernel 120 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --host-copies kernel
-  run 32k8-copy 100 --parts step --contexts 32768 --batches 8 --rates 0.117 --host-copies copy
+  e2e_run many-kernel 260 --parts many --many 64 --many-context 4096 --rates 0.117 --host-copies kernel
+  e2e_run many-copy 120 --parts many --many 64 --many-context 4096 --rates 0.117 --host-copies copy
+  e2e_run 32k8-kernel 120 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --host-copies kernel
+  e2e_run 32k8-copy 100 --parts step --contexts 32768 --batches 8 --rates 0.117 --host-copies copy
   FILE_S=${FILE_S:-150} KERNEL_TESTS="tests/kernels/test_pinned_copy.py tests/kernels/test_ws_decode.py" \
     bash scripts/gpu_tests.sh tests/gpu/test_engine_gpu.py
 else
-  run many-deferred 150 --parts many --many 64 --many-context 4096 --rates 0.117 --notices deferred
-  run many-taken 120 --parts many --many 64 --many-context 4096 --rates 0.117 --notices taken
+  e2e_run many-deferred 150 --parts many --many 64 --many-context 4096 --rates 0.117 --notices deferred
+  e2e_run many-taken 120 --parts many --many 64 --many-context 4096 --rates 0.117 --notices taken
   E2E=${E2E/--host-cap-gib 40 --host-pool-gib 40/--host-cap-gib 90 --host-pool-gib 90}
-  run capped-deferred 200 --parts step,capped --contexts 32768 --batches 8 --rates 0.117 --notices deferred
+  e2e_run capped-deferred 200 --parts step,capped --contexts 32768 --batches 8 --rates 0.117 --notices deferred
 fi
-echo "done after ${SECONDS}s"
-mv "$OUT/tests" "$OUT/logs/" 2>/dev/null
-tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
-python3 - "$OUT" <<'PY'
-import json, pathlib, sys
-for p in sorted(pathlib.Path(sys.argv[1]).glob("e2e-*.json")):
-    d = json.loads(p.read_text())
-    print(p.name, d["meta"].get("ratios"))
-    for r in d["rows"]:
-        print(" ", r["policy"], r["context"], r["batch"], r.get("rate"), "mean", r["mean_ms"], "p90", r["p90_ms"],
-              "tok/s", r.get("tokens_per_s"), "wait", r.get("wait_ms_mean"), "late", r.get("late_steps"),
-              "late_ms", r.get("late_ms_mean"), "answer", r.get("answer_ms_median"), r.get("answer_ms_p90"),
-              "notice_answer", r.get("notice_answer_ms_mean"))
-PY
+e2e_finish
