@@ -15,7 +15,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_env.sh
-. scripts/gpu_e2e.sh
+. scripts/gpu_e2e_lib.sh
 if [ "${WARM:-0}" = 1 ]; then
   timeout 300 $E2E --parts step --contexts 32768 --batches 8 --rates 0.117 --steps 16 --warmup 8 \
     --out /tmp/e2e-warm.json > "$OUT/logs/e2e-warm.log" 2>&1

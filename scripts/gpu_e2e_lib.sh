@@ -1,0 +1,29 @@
+# Sourced by the scripts/gpu_*.sh runs of `kvrecall bench e2e` (after scripts/gpu_env.sh): the bench's
+# common arguments ($E2E, change it before calling), `e2e_run` (one bench with its own time limit, its log
+# under $OUT/logs) and `e2e_finish` (pack the logs, print each JSON's ratios and rows).
+#   usage: . scripts/gpu_e2e_lib.sh; e2e_run NAME SECONDS ARGS...; e2e_finish
+E2E="python3 -m kvrecall.cli bench e2e --policies louiskv --lag 4 --steps 96 --warmup 16 --host-cap-gib 40 --host-pool-gib 40"
+mkdir -p "$OUT/logs"
+{ date -u; nvidia-smi --query-gpu=index,name,driver_version --format=csv; nproc; free -g | head -2; } > "$OUT/logs/env.txt" 2>&1
+SECONDS=0
+e2e_run() {  # name, seconds, arguments
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" $E2E "$@" --out "$OUT/e2e-$name.json" > "$OUT/logs/e2e-$name.log" 2>&1
+  echo "e2e $name exit $? after ${SECONDS}s"
+}
+e2e_finish() {
+  echo "done after ${SECONDS}s"
+  mv "$OUT/tests" "$OUT/logs/" 2>/dev/null
+  tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
+  python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+for p in sorted(pathlib.Path(sys.argv[1]).glob("e2e-*.json")):
+    d = json.loads(p.read_text())
+    print(p.name, d["meta"].get("ratios"), d.get("errors"))
+    for r in d["rows"]:
+        print(" ", r["policy"], r["context"], r["batch"], r.get("rate"), "mean", r["mean_ms"], "p90", r["p90_ms"],
+              "tok/s", r.get("tokens_per_s"), "sync", r.get("sync_ms_mean"), "gpu", r.get("graph_gpu_ms_mean"),
+              "host", r.get("host_ms_mean"), "wait", r.get("wait_ms_mean"), "late", r.get("late_steps"),
+              "answer", r.get("answer_ms_median"), r.get("answer_ms_p90"))
+PY
+}
