@@ -126,13 +126,12 @@ class Sequence:
 
 @dataclass
 class _Flight:
-    """A launched step not yet processed: its host buffers' parity, the sequences it decodes,
-    the event its host copies complete at (None on a CPU) and when it was launched."""
+    """A launched step not yet processed: its host buffers' parity, the sequences it decodes
+    and the event its host copies complete at (None on a CPU)."""
 
     parity: int
     sequences: list[Sequence]
     done: torch.cuda.Event | None
-    launched: float
 
 
 # Samples each DaemonTimes series keeps (the latest): a serving engine steps for ever and never
@@ -202,8 +201,8 @@ class Engine:
     A/B does not settle it; at 32K x 8 both gave 1.41-1.42x.
     `overlap` (see step(); needs deferred-eviction sessions, lag >= 1 and host_copies="copy"):
     each step is launched before the host work of the one before. Not yet measured on a GPU,
-    so off by default. `keep_logits`: `logits` holds the returned step's logits (a copy per
-    step; needed with overlap, where the decoder's buffer already holds the next step's)."""
+    so off by default. `keep_logits` (with overlap, where the decoder's buffer already holds the
+    next step's): `logits` holds a copy of the returned step's, made each step."""
 
     def __init__(
         self, weights: DecoderWeights, batch: int, max_capacity: int, *, use_graph: bool = True,
@@ -255,7 +254,7 @@ class Engine:
         self.decoder.positions.zero_()
         self._events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)] \
             if pin else []  # fmt: skip
-        if keep_logits:
+        if keep_logits and overlap:  # (without overlap the decoder's buffer is the returned step's)
             self._logits = [torch.empty_like(self.decoder.logits) for _ in range(n)]
         self._shadow_s = 0.0  # this step's host seconds in shadow copies (times.shadow_s)
 
@@ -320,7 +319,6 @@ class Engine:
         for session in sessions:
             if self.overlap and not session.core.deferred:
                 raise ValueError(f"session {session.session_id}: overlap needs sessions opened with deferred_eviction=True")
-        for session in sessions:
             if lag >= session.spill_every:
                 raise ValueError(f"lag={lag} must be below the session's spill_every={session.spill_every}")
 
@@ -369,7 +367,6 @@ class Engine:
         parity = self._parity
         if self.overlap:
             self._parity ^= 1
-        launched = time.perf_counter()
         cuda = self.device.type == "cuda"
         self.backend.tables.flush(parity)
         if cuda:
@@ -378,7 +375,7 @@ class Engine:
         done = None
         if cuda:
             self._events[parity][1].record()
-        if self.keep_logits:
+        if self._logits:
             self._logits[parity].copy_(self.decoder.logits, non_blocking=True)
         if not self._kernel_copies:
             self._tokens_host[parity].copy_(self.decoder.tokens, non_blocking=True)
@@ -386,7 +383,12 @@ class Engine:
         if cuda:
             done = torch.cuda.Event()
             done.record()
-        return _Flight(parity, self.active, done, launched)
+        return _Flight(parity, self.active, done)
+
+    @property
+    def _ahead(self) -> int:
+        """Steps launched past the one step() processes: 1 with overlap, else 0."""
+        return 1 if self.overlap else 0
 
     def _quiesce(self) -> None:
         """Overlap: wait until the step launched ahead has run (before a slot's session may be
@@ -414,7 +416,7 @@ class Engine:
         self._last = flight
         synced = time.perf_counter()
         tokens, flags = self._tokens_host[flight.parity].tolist(), self._flags_host[flight.parity].tolist()
-        ahead = 1 if self.overlap else 0  # steps launched past the one processed
+        ahead = self._ahead
         notices: list[StepCall] = []  # waited for now
         deferred: list[Sequence] = []  # deferred eviction: notices sent, answers taken later
         crossings: list[tuple[Sequence, bool, int]] = []  # (slot, its notice rides along, follows)
@@ -588,7 +590,7 @@ class Engine:
         # (slices, so no index tensors and no wait for the stream; one foreach call).
         targets, sources = [], []
         # (With overlap the step launched ahead writes one more, queued before these copies.)
-        end = core.position + (1 if self.overlap else 0)
+        end = core.position + self._ahead
         for lo, hi in ring_spans(core.n_sink + core.retrieved, core.window, seq.pending_from, end):
             for real, copy in zip((core.keys, core.values, core.slot_pos), seq.shadow, strict=False):
                 targets.append(real[:, :, lo:hi])
