@@ -143,3 +143,26 @@ def test_chunk_span_brings_the_neighbours_of_the_chunks_best_votes(client, span)
                 near = set(range(NEEDLE - 4, NEEDLE + 5))
                 assert set(range(NEEDLE - 3, NEEDLE + 4)) <= set(positions), (span, layer, head)
                 assert (near <= set(positions)) == (span > 0), (span, layer, head)
+
+
+@pytest.mark.parametrize("span", [0, 5])
+def test_ingest_span_brings_the_neighbours_of_the_ingests_best_votes(client, span):
+    """The observation queries look for the needle: the max-pooled vote takes it and its 3
+    neighbours on each side; with ingest_span the best-voted quarter (4 of the 16-token budget)
+    brings their 5 neighbours on each side, so the row holds [needle - 4, needle + 4] whole
+    (the question-in-prompt twin of chunk_span), each position once."""
+    kv, queries = needle_prompt()
+    config = {"budget": 16, "n_sink": 4, "window": 32, "cluster_size": 4, "ingest_span": span}
+    with client.open_session(SMALL, "louiskv", config) as session:
+        session.ingest(kv, queries)
+        for layer in range(SMALL.num_layers):
+            for head in range(SMALL.num_kv_heads):
+                positions = [p for p in session.slot_pos[layer, head, 4:20].tolist() if p >= 0]
+                assert len(positions) == len(set(positions)) == 16, (span, layer, head)
+                assert set(range(NEEDLE - 3, NEEDLE + 4)) <= set(positions), (span, layer, head)
+                assert (set(range(NEEDLE - 4, NEEDLE + 5)) <= set(positions)) == (span > 0), (span, layer, head)
+
+
+def test_ingest_span_out_of_range_is_refused(client):
+    with pytest.raises(InvalidArgumentError, match="ingest_span"):
+        client.open_session(SMALL, "louiskv", {"budget": 16, "window": 32, "ingest_span": 257})

@@ -7,8 +7,9 @@
 * Chunks (several tokens in one forward pass after the ingest): the tokens that leave the
   window without entering the ring are clustered like the prompt, with the open segment.
 * Ingest (`ingest_select="tokens"`): the first selection takes single prompt tokens by the
-  attention the last `observation` prompt queries pay them (SnapKV's vote, max-pooled); the
-  best `pin_ingest` fraction of the budget of them stays pinned through later retrievals.
+  attention the last `observation` prompt queries pay them (SnapKV's vote, max-pooled; with
+  `ingest_span` the best quarter bring their neighbours, as at a chunk); the best `pin_ingest`
+  fraction of the budget of them stays pinned through later retrievals.
 * Chunk (`chunk_select="tokens"`): the retrieval a chunk's last queries ask for before it
   attends (a question after a cached document) takes single tokens by the attention those
   queries pay every token that left the window before it (the ingest's vote, question-aware
@@ -82,6 +83,7 @@ class LouisKVConfig:
     chunk_votes: int = 4  # a chunk's last queries voting its retrieval (0: every one the worker sent)
     chunk_span: int = 8  # > 0: a chunk's best-voted SPAN_SEEDS of tokens bring their +-chunk_span neighbours
     exact_chunks: bool = True  # a chunk attends exactly over every earlier token (the host tier), not the working set
+    ingest_span: int = 0  # > 0: the ingest's best-voted SPAN_SEEDS of tokens bring their +-ingest_span neighbours
 
     def __post_init__(self) -> None:
         check_resident(self)
@@ -98,6 +100,7 @@ class LouisKVConfig:
         check(0 <= self.min_gap <= 1 << 16, "min_gap", "must be in [0, 65536] (0: the rule may fire at any step)")
         check(0 <= self.chunk_votes <= 4096, "chunk_votes", "must be in [0, 4096] (0: every query the worker sent)")
         check(0 <= self.chunk_span <= 256, "chunk_span", "must be in [0, 256] (0: single tokens)")
+        check(0 <= self.ingest_span <= 256, "ingest_span", "must be in [0, 256] (0: single tokens)")
 
     @property
     def pinned_tokens(self) -> int:
@@ -357,6 +360,12 @@ class LouisKVPolicy(Policy):
         obs = queries[:, -self.config.observation :]
         if self.config.ingest_select == "tokens":
             self.ranking.rank_layer(ctx, layer, keys, obs)
+            if self.config.ingest_span and end > start:
+                # As at a chunk: the best votes bring their sentence whole (with_spans).
+                count = min(self.config.budget, end - start)
+                top = self.ranking.ranked[layer, :, :count]
+                seeds = max(1, round(SPAN_SEEDS * count))
+                self.ranking.ranked[layer, :, :count] = with_spans(top, seeds, self.config.ingest_span, (start, end))
         else:
             self.observed.append(obs)
 
