@@ -37,6 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
         "session_ops": args.session_ops,
         "host_reads": args.host_reads,
         "warmup": args.warmup,
+        "parent_pid": args.parent_pid,
     }
     try:
         config = load_config(args.config, overrides)
@@ -197,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--warmup", help="dtype:head_dim pairs whose kernels compile at start on CUDA, e.g. bfloat16:128 ('' = none)"
     )
+    serve.add_argument(
+        "--parent-pid", type=int,
+        help="stop (as on SIGTERM) once this process, the daemon's parent, is gone (a tool's private daemon; 0 = off)",
+    )  # fmt: skip
     serve.add_argument(
         "--config", help="JSON or TOML file of the same settings (flags and KVRECALL_* env win)"
     )

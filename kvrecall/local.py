@@ -21,7 +21,8 @@ class LocalDaemon:
     are sized for that caller, so the per-worker fair share is off (`worker_share=1`) unless
     asked for (`worker_share=None`: the daemon's default, or a fraction). Its socket and log
     live in a private temporary directory, removed when it stops cleanly; after a failure it
-    stays, and `stop` returns the exit code (the log's path is `log_path`)."""
+    stays, and `stop` returns the exit code (the log's path is `log_path`). It stops by itself
+    once the process that started it is gone (`serve --parent-pid`)."""
 
     def __init__(
         self,
@@ -51,7 +52,9 @@ class LocalDaemon:
         again after a stop (a restart: the same socket)."""
         os.makedirs(self._dir, mode=0o700, exist_ok=True)  # a clean stop removed it
         self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        # It stops once the process starting it is gone (killed by a time limit, say), not holding its pools.
+        args = [*self.args, "--parent-pid", str(os.getpid())]
+        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
         from kvrecall.client import KVRecallClient, KVRecallClientError
 

@@ -91,6 +91,9 @@ class ServerConfig(BaseModel):
                                         # auto: copy up to 768 MiB a call, the kernel above
     follow_wait_s: Annotated[float, Field(gt=0, le=600)] = 30.0  # longest a Boundaries event waits for the
                                         # notice it follows (StepEvent.follows) before FAILED_PRECONDITION
+    parent_pid: Annotated[int, Field(ge=0)] = 0  # > 0: stop (as on SIGTERM) once this process, the daemon's
+                                        # parent, is gone: a tool's private daemon (LocalDaemon) does not
+                                        # outlive a tool that was killed; 0 = off
     warmup: str = "bfloat16:128"        # dtype:head_dim pairs whose kernels compile at start (CUDA only;
                                         # "" = none), e.g. "bfloat16:128,float16:64"
 

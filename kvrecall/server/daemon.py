@@ -32,6 +32,7 @@ log = logging.getLogger("kvrecall.daemon")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVRecall"].full_name
 REAP_INTERVAL = 1.0
+PARENT_POLL_S = 0.5  # parent_pid: how often the daemon checks that its parent is still there
 
 
 class Daemon:
@@ -164,9 +165,24 @@ class Daemon:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
         reaper = asyncio.create_task(self._reap_loop())
+        watcher = asyncio.create_task(self._watch_parent()) if self.config.parent_pid else None
         await self._stopping.wait()
         await self.stop()
         reaper.cancel()
+        if watcher is not None:
+            watcher.cancel()
+
+    async def _watch_parent(self) -> None:
+        """parent_pid: stop once the parent is gone (the daemon is reparented), e.g. a bench
+        killed by a time limit, whose private daemon would otherwise hold its pools."""
+        while not self._stopping.is_set():
+            if os.getppid() != self.config.parent_pid:
+                log.warning("parent process %d is gone (the daemon's parent is now %d): stopping",
+                            self.config.parent_pid, os.getppid())
+                self.request_stop()
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), PARENT_POLL_S)
 
     async def stop(self, grace: float = 2.0) -> None:
         log.info("shutting down: %d open sessions will be released", len(self.registry.sessions))
