@@ -5,8 +5,8 @@
 #           GPU engine tests (captured step equals eager and full attention, with overlap too)
 #   PART=2: 64 sequences at 4K, rate 0.117, overlap on then off; capped 16 GiB at 32K with overlap on
 #   PART=3: README's table with overlap on: 32K and 128K, batch 1 and 8 (128K x 8 needs a 256 GiB host)
-#   PART=5: 32K x 8 overlap on at lag 6 and 8, 64 sequences overlap off, capped 16 GiB at 32K overlap on
 #   PART=4: PART=3's table, then 32K x 8 with lag 5 overlap on and off, then 64 sequences with overlap on
+#   PART=5: 32K x 8 overlap on at lag 6 and 8, 64 sequences overlap off, capped 16 GiB at 32K overlap on
 # Writes under $OUT: e2e-*.json (+ .png), logs.tgz.
 #   usage: PART=1 bash scripts/gpu_overlap.sh
 set -uo pipefail

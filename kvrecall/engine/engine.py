@@ -203,8 +203,9 @@ class Engine:
     each step is launched before the host work of the one before. Off by default: on an H200
     it wins at batch 1 (32K 1.12x full against 1.07x) and in the median step at batch 8, but
     the daemon, left only time slices of a GPU that never idles, answers later, so at lag 4
-    more steps wait (docs/ARCHITECTURE.md, "Overlap"). `keep_logits` (with overlap, where the decoder's buffer already holds the
-    next step's): `logits` holds a copy of the returned step's, made each step."""
+    more steps wait (docs/ARCHITECTURE.md, "Overlap"). `keep_logits` (with overlap, where the
+    decoder's buffer already holds the next step's): `logits` holds a copy of the returned
+    step's, made each step."""
 
     def __init__(
         self, weights: DecoderWeights, batch: int, max_capacity: int, *, use_graph: bool = True,

@@ -364,8 +364,7 @@ class LouisKVPolicy(Policy):
                 # As at a chunk: the best votes bring their sentence whole (with_spans).
                 count = min(self.config.budget, end - start)
                 top = self.ranking.ranked[layer, :, :count]
-                seeds = max(1, round(SPAN_SEEDS * count))
-                self.ranking.ranked[layer, :, :count] = with_spans(top, seeds, self.config.ingest_span, (start, end))
+                self.ranking.ranked[layer, :, :count] = spread(top, self.config.ingest_span, (start, end))
         else:
             self.observed.append(obs)
 
@@ -504,8 +503,7 @@ class LouisKVPolicy(Policy):
             votes = query[layer][:, -self.config.chunk_votes :]  # the last queries (0: all)
             top = top_voted(votes, keys, self.layout.group_size, (first, end), count, POOL_KERNEL, causal=False)
             if self.config.chunk_span:
-                seeds = max(1, round(SPAN_SEEDS * count))
-                top = with_spans(top, seeds, self.config.chunk_span, (first, end))
+                top = spread(top, self.config.chunk_span, (first, end))
             row = torch.full((H, R), -1, dtype=torch.int64, device=device)
             row[:, :count] = top
             current[layer] = ascending(row)
@@ -576,6 +574,12 @@ class LouisKVPolicy(Policy):
 
 
 UNIT_FIELDS = ("reps", "valid", "sizes", "unit", "rank", "position")
+
+
+def spread(top: torch.Tensor, radius: int, span: tuple[int, int]) -> torch.Tensor:
+    """with_spans with the best SPAN_SEEDS of top's [H, n] positions (at least one) as seeds:
+    what `chunk_span` and `ingest_span` apply to their votes."""
+    return with_spans(top, max(1, round(SPAN_SEEDS * top.shape[1])), radius, span)
 
 
 def with_spans(top: torch.Tensor, seeds: int, radius: int, span: tuple[int, int]) -> torch.Tensor:
