@@ -5,6 +5,8 @@
 #           (128K x 8 needs a 256 GiB host and is skipped on this one)
 #   PART=2 (carry .whl/model1 too: staged for a later `bash scripts/gpu_accuracy.sh` call): 64 sequences at 4K and
 #           capped 16 GiB at 32K (90 GiB host pool), both at lag 8, rate 0.117
+#   PART=3: a warm-up bench, then PART=1's table, 64 sequences and capped, all with --switch answered (a crossed slot
+#           leaves its shadow as soon as its retrieval is answered, after 8 steps at the latest)
 # Writes under $OUT: e2e-*.json (+ .png), logs.tgz.
 #   usage: PART=1 bash scripts/gpu_lag8.sh
 set -uo pipefail
@@ -17,6 +19,14 @@ if [ "${PART:-1}" = 1 ]; then
     --out /tmp/e2e-warm.json > "$OUT/logs/e2e-warm.log" 2>&1
   echo "warm-up bench exit $? after ${SECONDS}s"
   e2e_run table-lag8 270 --parts step --contexts 32768,131072 --batches 1,8 --rates 0,0.117
+elif [ "$PART" = 3 ]; then
+  timeout 240 $E2E --parts step --contexts 32768 --batches 8 --rates 0.117 --steps 16 --warmup 8 \
+    --out /tmp/e2e-warm.json > "$OUT/logs/e2e-warm.log" 2>&1
+  echo "warm-up bench exit $? after ${SECONDS}s"
+  e2e_run table-answered 150 --parts step --contexts 32768,131072 --batches 1,8 --rates 0,0.117 --switch answered
+  e2e_run many-answered 100 --parts many --many 64 --many-context 4096 --rates 0.117 --switch answered
+  E2E=${E2E/--host-cap-gib 40 --host-pool-gib 40/--host-cap-gib 90 --host-pool-gib 90}
+  e2e_run capped-answered 110 --parts capped --contexts 32768 --rates 0.117 --switch answered
 else
   [ -f .whl/model1/part1 ] && bash scripts/gpu_accuracy.sh stage
   e2e_run many-lag8 150 --parts many --many 64 --many-context 4096 --rates 0,0.117

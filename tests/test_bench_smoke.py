@@ -139,6 +139,8 @@ def test_bench_e2e_runs_on_cpu(tmp_path):
     assert 0 <= every["late_ms_mean"] <= every["wait_ms_mean"] and every["late_steps"] <= 6
     # where the host time went, the bytes each retrieval moved, and a profile of the steps
     assert every["moved_mib_mean"] > 0 and "moved_mib_mean" not in louiskv[0]
+    # switch "fixed" (the default): every crossed slot read its shadow for exactly --lag steps
+    assert every["switch"] == "fixed" and every["shadow_steps_mean"] == 1.0 and result["meta"]["switch"] == "fixed"
     assert 0 <= every["shadow_ms_mean"] + every["send_ms_mean"] <= every["host_ms_mean"] + 1e-3
     assert every["host_profile"] and all(f["calls_per_step"] > 0 for f in every["host_profile"])
     assert "host_profile" not in louiskv[0]

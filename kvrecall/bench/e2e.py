@@ -38,7 +38,7 @@ from kvrecall.bench.common import GiB, log, run_metadata, time_fn
 from kvrecall.client import KVRecallClient, ModelSpec
 from kvrecall.engine import LLAMA3_8B, DecoderShape, DecoderWeights, Engine
 from kvrecall.engine.decoder import Decoder
-from kvrecall.engine.engine import DEFAULT_LAG, SWITCH_INTERVAL_S, DaemonTimes
+from kvrecall.engine.engine import DEFAULT_LAG, SWITCH_INTERVAL_S, SWITCHES, DaemonTimes
 from kvrecall.engine.full import FullKV
 from kvrecall.engine.graph import GraphStep
 from kvrecall.local import LocalDaemon
@@ -95,6 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overlap", choices=("on", "off"), default="off",
                    help="on: each step is launched before the host work of the one before (Engine overlap: the "
                         "boundary flags, notices, retrievals and shadow switches run while the GPU decodes)")
+    p.add_argument("--switch", choices=SWITCHES, default="fixed",
+                   help="fixed: a crossed slot reads its shadow for exactly --lag steps (deterministic); answered: "
+                        "it switches as soon as its retrieval is answered, after --lag steps at the latest (Engine switch)")
     p.add_argument("--daemon-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the daemon process only (repeatable), e.g. "
                    "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=20 under CUDA MPS, KVRECALL_HOST_READS=kernel")
@@ -138,6 +141,7 @@ class Bench:
         self.meta["notices"] = args.notices
         self.meta["host_copies"] = args.host_copies
         self.meta["overlap"] = args.overlap == "on"
+        self.meta["switch"] = args.switch
         self.meta["weights_gib"] = _gib(self.weights.nbytes)
         self.token_bytes = shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * torch.finfo(dtype).bits // 8
 
@@ -244,7 +248,7 @@ class Bench:
             lags = _ints(args.lag)
             engine = Engine(self.weights, batch, capacity, use_graph=not args.no_graph, force_boundary=force, lag=lags[0],
                             follow_notices=args.notices != "taken", host_copies=args.host_copies,
-                            overlap=args.overlap == "on")  # fmt: skip
+                            overlap=args.overlap == "on", switch=args.switch)  # fmt: skip
             first = torch.randint(0, self.shape.vocab, (batch,)).tolist()
             ingest = []
             for session, token in zip(opened, first, strict=True):
@@ -288,6 +292,7 @@ class Bench:
                     "median_ms": round(statistics.median(samples), 3), "p90_ms": round(_percentile(samples, 0.9), 3),
                     "mean_ms": round(mean, 3), "tokens_per_s": round(batch * 1e3 / mean, 1),
                     "boundary_share": round(crossed / len(samples) / batch, 4), "graphed": engine.graph.graphed, "overlap": engine.overlap,
+                    "switch": engine.switch,
                     **({"mean_ms_blocks": [round(m, 3) for m in blocks], "block_spread": round(max(blocks) / min(blocks), 3)}
                        if len(blocks) > 1 else {}),
                     "capacity": capacity, "budget": config.get("budget"), "lag": lag,
@@ -513,6 +518,8 @@ def daemon_waits(times: DaemonTimes) -> dict[str, Any]:
             row[f"{name}_ms_mean"] = round(statistics.fmean(samples) * 1e3, 3)
     if times.notice_s:  # deferred notices: sent to answered (the step did not wait for them)
         row["notice_answer_ms_mean"] = round(statistics.fmean(times.notice_s) * 1e3, 3)
+    if times.shadow_steps:  # steps a crossed slot read its shadow (the lag with switch="fixed")
+        row["shadow_steps_mean"] = round(statistics.fmean(times.shadow_steps), 3)
     if times.moved_bytes:
         row["moved_mib_mean"] = round(statistics.fmean(times.moved_bytes) / 2**20, 2)
     answers = [s * 1e3 for s in times.answer_s]

@@ -20,8 +20,11 @@ the batch reads the shadow for the next `lag` steps while the daemon retrieves i
 real working set, and then the slot switches back: the tokens written meanwhile are copied
 into the real window ring and the retrieval serves from there on. (The step's notices are
 answered first, in their own call, as the next step reads what they evict; the crossed
-slots' retrievals follow in one call the step does not wait for.) The switch happens after
-exactly `lag` steps (waiting for the answer if it is late), so decoding is deterministic.
+slots' retrievals follow in one call the step does not wait for.) With `switch="fixed"` (the
+default) the switch happens after exactly `lag` steps (waiting for the answer if it is late),
+so decoding is deterministic; with `switch="answered"` a slot switches after the first step
+that finds its answer in, and after `lag` steps at the latest (waiting then): a fast daemon's
+answers serve sooner, a busy one's are waited for less, and the output depends on timing.
 
 Deferred eviction (sessions opened with `deferred_eviction=True`, the default for engines the
 bench builds): a slot's AppendNotice goes out without the step waiting for it; its answer is
@@ -72,6 +75,7 @@ from kvrecall.v1 import kvrecall_pb2 as pb
 # four 2K documents x 1,000 replayed tokens on an H200): top-1 agreement with full KV 0.9907 / 0.9890 /
 # 0.9890 and mean KL 0.0059 / 0.0095 / 0.0107 at lag 0 / 4 / 5 (bench/results/2026-12-01-h200-lag-fidelity.json).
 DEFAULT_LAG = 4
+SWITCHES = ("fixed", "answered")  # when a crossed slot leaves its shadow (Engine's `switch`)
 # The interpreter's thread switch interval while an engine runs (seconds; CPython's default is
 # 5 ms). gRPC's threads handle the answers in Python: after the step's sync the decoding thread
 # may wait for the interpreter lock until one lets it go, up to the whole interval (on an H200
@@ -176,6 +180,7 @@ class DaemonTimes:
     retrieval_queued_s: deque[float] = field(default_factory=_series)
     retrieval_serve_s: deque[float] = field(default_factory=_series)
     retrieval_sync_s: deque[float] = field(default_factory=_series)
+    shadow_steps: deque[float] = field(default_factory=_series)  # per boundary: steps its slot read the shadow
 
     def clear(self) -> None:
         for series in fields(self):
@@ -205,14 +210,18 @@ class Engine:
     the daemon, left only time slices of a GPU that never idles, answers later, so at lag 4
     more steps wait (docs/ARCHITECTURE.md, "Overlap"). `keep_logits` (with overlap, where the
     decoder's buffer already holds the next step's): `logits` holds a copy of the returned
-    step's, made each step."""
+    step's, made each step. `switch`: "fixed" (after exactly `lag` steps) or "answered" (as soon
+    as the answer is in, at most `lag` steps; see the module docstring)."""
 
     def __init__(
         self, weights: DecoderWeights, batch: int, max_capacity: int, *, use_graph: bool = True,
         impl: str = "auto", force_boundary: Callable[[int, int], bool | None] | None = None, lag: int = DEFAULT_LAG,
         switch_interval: float | None = SWITCH_INTERVAL_S, follow_notices: bool = True, host_copies: str = "copy",
-        overlap: bool = False, keep_logits: bool = False,
+        overlap: bool = False, keep_logits: bool = False, switch: str = "fixed",
     ) -> None:  # fmt: skip
+        if switch not in SWITCHES:
+            raise ValueError(f"switch: expected one of {', '.join(SWITCHES)}, got {switch!r}")
+        self.switch = switch
         if host_copies not in ("kernel", "copy"):
             raise ValueError(f"host_copies: expected 'kernel' or 'copy', got {host_copies!r}")
         if overlap and host_copies == "kernel":
@@ -435,7 +444,7 @@ class Engine:
             seq.tokens.append(tokens[b])
             lag = self._lag(seq)
             if seq.pending is not None:
-                if core.position - seq.pending_from < lag:
+                if core.position - seq.pending_from < lag and not (self.switch == "answered" and seq.pending.done()):
                     continue  # no notice falls due while it reads its shadow (see below)
                 late += self._switch_back(seq)
             if ahead and seq.notice is not None and core.position + ahead - seq.sent_upto >= core.spill_every:
@@ -603,6 +612,7 @@ class Engine:
         self.backend.tables.set(seq.slot, core.keys, core.values, core.slot_pos, core.query,
                                 core.n_sink + core.retrieved, core.window, evicted_mask(core))  # fmt: skip
         self._shadows = [seq.shadow, *self._shadows][: self.batch]
+        self.times.shadow_steps.append(core.position - seq.pending_from)
         seq.pending, seq.shadow = None, None
         self._shadow_s += time.perf_counter() - answered
         return waited

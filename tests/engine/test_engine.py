@@ -69,21 +69,26 @@ TRITON = pytest.mark.skipif(not interpreter_ready(), reason="needs TRITON_INTERP
 
 
 @pytest.mark.parametrize(
-    ("impl", "lag", "deferred", "overlap"),
-    [("reference", 0, False, False), ("reference", 2, False, False), ("reference", 0, True, False),
-     ("reference", 2, True, False), ("reference", 1, True, True), ("reference", 2, True, True),
-     pytest.param("triton", 0, False, False, marks=TRITON), pytest.param("triton", 2, True, False, marks=TRITON)],
+    ("impl", "lag", "deferred", "overlap", "switch"),
+    [("reference", 0, False, False, "fixed"), ("reference", 2, False, False, "fixed"),
+     ("reference", 0, True, False, "fixed"), ("reference", 2, True, False, "fixed"),
+     ("reference", 1, True, True, "fixed"), ("reference", 2, True, True, "fixed"),
+     ("reference", 3, True, False, "answered"), ("reference", 3, True, True, "answered"),
+     pytest.param("triton", 0, False, False, "fixed", marks=TRITON),
+     pytest.param("triton", 2, True, False, "fixed", marks=TRITON)],
 )  # fmt: skip
-def test_batch_matches_full_attention_with_a_covering_budget(daemon, tiny_llama, impl, lag, deferred, overlap):
+def test_batch_matches_full_attention_with_a_covering_budget(daemon, tiny_llama, impl, lag, deferred, overlap, switch):
     """Four sequences of different lengths and policies in one batch: every step's logits equal
     transformers' full-attention forward over the same tokens (fp32, 1e-4), whether retrievals
     serve the next step (lag 0) or two steps later (lag 2: boundaries off the critical path),
     whether steps wait for their AppendNotices or not (deferred eviction: the evicted
     tokens the daemon places into free retrieved slots are read from the ring until the
     answer is taken, then from there), and with each step launched before the host work of
-    the one before (overlap)."""
+    the one before (overlap), and whenever a crossed slot leaves its shadow (switch="answered":
+    as soon as its answer is in)."""
     weights = DecoderWeights.from_hf(tiny_llama)
-    engine = Engine(weights, batch=4, max_capacity=1024, impl=impl, lag=lag, overlap=overlap, keep_logits=overlap)
+    engine = Engine(weights, batch=4, max_capacity=1024, impl=impl, lag=lag, overlap=overlap, keep_logits=overlap,
+                    switch=switch)  # fmt: skip
     picks = [(p, c, prompt) for (p, c), prompt in zip(POLICIES, prompts(128), strict=True)]
     with KVRecallClient(daemon.target, "engine-test") as client:
         results = decode(engine, client, tiny_llama, picks, STEPS, deferred)
@@ -262,6 +267,40 @@ def test_set_lag_switches_pending_slots_back_first(daemon, tiny_llama):
         engine.remove(slot)
         session.close()
     engine.close()
+
+
+@pytest.mark.parametrize("switch", ["fixed", "answered"])
+def test_a_slot_leaves_its_shadow_when_answered_or_after_lag(daemon, tiny_llama, switch):
+    """switch="answered": a crossed slot whose retrieval is answered reads its shadow no longer
+    (it switches after the next step); "fixed" keeps it there for exactly `lag` steps."""
+    weights = DecoderWeights.from_hf(tiny_llama)
+    engine = Engine(weights, batch=1, max_capacity=1024, lag=4, switch=switch,
+                    force_boundary=lambda step, slot: step == 0)  # fmt: skip
+    spec = spec_for(tiny_llama, max_tokens=512)
+    with KVRecallClient(daemon.target, "engine-test") as client:
+        session = client.open_session(spec, "louiskv", {"budget": 16, "n_sink": 4, "window": 32},
+                                      deferred_eviction=True)  # fmt: skip
+        slot = engine.add(session, prompts(128)[0])
+        engine.step()
+        seq = engine.sequences[slot]
+        assert seq.pending is not None and seq.shadow is not None, "the forced boundary left no retrieval in flight"
+        for call in seq.pending.calls:  # the answer is in before the next step
+            call.result()
+        engine.step()
+        if switch == "answered":
+            assert seq.pending is None and seq.shadow is None
+            assert list(engine.times.shadow_steps) == [1]
+        else:
+            assert seq.pending is not None and not engine.times.shadow_steps
+            for _ in range(3):
+                engine.step()
+            assert seq.pending is None and list(engine.times.shadow_steps) == [4]
+        assert seq.boundaries == 1
+        engine.remove(slot)
+        session.close()
+    engine.close()
+    with pytest.raises(ValueError, match="switch"):
+        Engine(weights, batch=1, max_capacity=64, switch="early")
 
 
 def test_deferred_notices_are_sent_and_taken_later(daemon, tiny_llama):
