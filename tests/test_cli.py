@@ -56,3 +56,20 @@ def test_policy_config_adds_fields_under_the_budget():
         policy_config("louiskv", None, "{min_gap: 0}")
     with pytest.raises(SystemExit, match="--policy-config: must be a JSON object"):
         policy_config("louiskv", None, "[1, 2]")
+
+
+def test_worker_lag_is_checked_at_the_edge(capsys):
+    """`worker --lag`: default None (the engine's), 0..MAX_LAG accepted, anything else refused
+    with the flag named before a model or a daemon is touched."""
+    from kvrecall.cli import MAX_LAG
+    from kvrecall.engine.engine import DEFAULT_LAG
+
+    assert build_parser().parse_args(["worker", "--target", "x:1"]).lag is None
+    assert build_parser().parse_args(["worker", "--target", "x:1", "--lag", str(MAX_LAG)]).lag == MAX_LAG
+    from kvrecall.server.policies.base import DEFAULT_SPILL_EVERY
+
+    assert 0 <= DEFAULT_LAG <= MAX_LAG < DEFAULT_SPILL_EVERY
+    for bad in ("-1", str(MAX_LAG + 1), "eight"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["worker", "--target", "x:1", "--lag", bad])
+        assert "--lag" in capsys.readouterr().err

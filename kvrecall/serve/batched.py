@@ -36,6 +36,7 @@ import torch
 from kvrecall.client import KVRecallClient
 from kvrecall.client.hf import spec_for
 from kvrecall.engine import DecoderWeights, Engine
+from kvrecall.engine.engine import DEFAULT_LAG
 from kvrecall.models.pretrained import LoadedModel
 from kvrecall.serve.generation import (
     SESSION_MARGIN,
@@ -81,9 +82,11 @@ class BatchedEngine:
     `unbatchable` accepts."""
 
     def __init__(
-        self, loaded: LoadedModel, client: KVRecallClient, slots: int, max_queue: int, max_model_len: int
-    ) -> None:
+        self, loaded: LoadedModel, client: KVRecallClient, slots: int, max_queue: int, max_model_len: int,
+        lag: int | None = None,
+    ) -> None:  # fmt: skip
         self.loaded = loaded
+        self.lag = DEFAULT_LAG if lag is None else lag
         self.client = client
         self.slots = slots
         self.max_queue = max_queue
@@ -100,7 +103,7 @@ class BatchedEngine:
         self._thread.start()
 
     def _new_engine(self) -> Engine:
-        return Engine(self.weights, batch=self.slots, max_capacity=self.max_capacity)
+        return Engine(self.weights, batch=self.slots, max_capacity=self.max_capacity, lag=self.lag)
 
     def load(self) -> dict[str, int]:
         with self._lock:

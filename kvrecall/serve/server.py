@@ -31,7 +31,7 @@ def make_engine(loaded, client, device: str, args: argparse.Namespace, window: i
 
     reason = unbatchable(loaded.model)
     if reason is None:
-        return BatchedEngine(loaded, client, args.max_batch, args.max_queue, window)
+        return BatchedEngine(loaded, client, args.max_batch, args.max_queue, window, lag=args.lag)
     log.warning("%s: no batched decode (%s); requests decode one at a time", loaded.name, reason)
     return SerialEngine(loaded, client, device, args.max_queue)
 
@@ -58,9 +58,9 @@ def run_server(args: argparse.Namespace) -> int:
     with KVRecallClient(args.target, identity, token=args.token) as client:
         engine = make_engine(loaded, client, device, args, window)
         log.info(
-            "worker %s serves %s (%d-token window, default policy %s budget %s, %d decode slots, queue %d) "
+            "worker %s serves %s (%d-token window, default policy %s budget %s, %d decode slots, lag %s, queue %d) "
             "on http://%s:%d, daemon %s", identity, loaded.name, window, args.policy, args.budget,
-            engine.slots, args.max_queue, args.host, args.port, args.target,
+            engine.slots, getattr(engine, "lag", "-"), args.max_queue, args.host, args.port, args.target,
         )  # fmt: skip
         try:
             uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="warning")

@@ -110,6 +110,24 @@ def test_a_batch_decodes_each_request_as_alone(client, llama, picks):
         assert shared[0][2].retrievals >= 1, "louiskv never retrieved: the tight budgets test nothing"
 
 
+def test_the_lag_reaches_the_engine_and_a_covering_budget_stays_exact(client, llama):
+    """--lag: the batched engine decodes with it; with covering budgets
+    the tokens are full KV's whatever the lag."""
+    batch = requests(COVERING)[:2]
+    engine = BatchedEngine(llama, client, slots=2, max_queue=2, max_model_len=WINDOW, lag=7)
+    try:
+        assert engine.engine.lag == 7
+        shared = together(engine, batch)
+    finally:
+        engine.close()
+    serial = SerialEngine(llama, client, "cpu", max_queue=2)
+    try:
+        full = alone(serial, [dataclasses.replace(r, policy="full", policy_config=None) for r in batch])
+    finally:
+        serial.close()
+    assert [tokens for tokens, _, _ in shared] == [tokens for tokens, _, _ in full]
+
+
 def test_eos_and_max_tokens_end_a_request_and_free_its_slot(client, llama):
     """An EOS token ends its request ("stop", the EOS not handed out) while the others in the
     batch go on; max_tokens=1 is the prefill's token alone."""
