@@ -79,6 +79,16 @@ def alone(engine, batch: list[GenerationRequest]):
     return [asyncio.run(generate(engine, r)) for r in batch]
 
 
+def full_kv_tokens(client, llama, batch: list[GenerationRequest]) -> list[list[int]]:
+    """Each request's tokens with full KV through the transformers path, one at a time."""
+    serial = SerialEngine(llama, client, "cpu", max_queue=len(batch))
+    try:
+        full = alone(serial, [dataclasses.replace(r, policy="full", policy_config=None) for r in batch])
+    finally:
+        serial.close()
+    return [tokens for tokens, _, _ in full]
+
+
 @pytest.mark.parametrize("picks", [COVERING, TIGHT], ids=["covering", "tight"])
 def test_a_batch_decodes_each_request_as_alone(client, llama, picks):
     """Four requests of four policies in one batch: each gets the tokens it gets alone; with
@@ -100,12 +110,7 @@ def test_a_batch_decodes_each_request_as_alone(client, llama, picks):
     quest = next(stats for (policy, _), (_, _, stats) in zip(picks, shared, strict=True) if policy == "quest")
     assert quest.retrievals >= 11, "quest retrieves after every step"
     if picks is COVERING:
-        serial = SerialEngine(llama, client, "cpu", max_queue=4)
-        try:
-            full = alone(serial, [dataclasses.replace(r, policy="full", policy_config=None) for r in batch])
-        finally:
-            serial.close()
-        assert [tokens for tokens, _, _ in shared] == [tokens for tokens, _, _ in full]
+        assert [tokens for tokens, _, _ in shared] == full_kv_tokens(client, llama, batch)
     else:
         assert shared[0][2].retrievals >= 1, "louiskv never retrieved: the tight budgets test nothing"
 
@@ -120,12 +125,7 @@ def test_the_lag_reaches_the_engine_and_a_covering_budget_stays_exact(client, ll
         shared = together(engine, batch)
     finally:
         engine.close()
-    serial = SerialEngine(llama, client, "cpu", max_queue=2)
-    try:
-        full = alone(serial, [dataclasses.replace(r, policy="full", policy_config=None) for r in batch])
-    finally:
-        serial.close()
-    assert [tokens for tokens, _, _ in shared] == [tokens for tokens, _, _ in full]
+    assert [tokens for tokens, _, _ in shared] == full_kv_tokens(client, llama, batch)
 
 
 def test_eos_and_max_tokens_end_a_request_and_free_its_slot(client, llama):
