@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU measurement of a session in three back-to-back device calls on one warm
 # nvidia-h200-x2 machine (it goes back ~30 s after a call; the model file is 94 MiB and one call
-# carries 64 MiB, so it travels in two halves: see scripts/fetch_gpu_wheels.sh).
+# carries 64 MiB with the working tree, so it travels in three parts, one per call, each stashed on
+# the machine: scripts/gpu_model.sh; a stage that runs the model needs all three staged by then,
+# e.g. `bash scripts/gpu_accuracy.sh stage` carrying .whl/model2 between stages a and v/b/c).
 #
 #   stage a (carry .whl/model1 and the grpcio-health-checking / -reflection wheels in .whl/): GPU tests (tests/gpu, tests/kernels, tests/tp);
 #            then, in parallel, the daemon round trip (GPU 0) and ceilings + gather + clustering
@@ -10,7 +12,7 @@
 #            instead of the single-GPU benches
 #   stage r (carry the two grpc wheels in .whl/; any one-GPU kind): the boundary round trip
 #            broken down, --session-ops thread vs inline, and the bare gRPC floor
-#   stage s (carry as stage a): stash the model's first half, run only $GPU_TESTS (tests/tp)
+#   stage s (carry as stage a): stash the model part carried, run only $GPU_TESTS (tests/tp)
 #   stage v (carry .whl/eval .whl/model3): louiskv variants ($VARIANTS) on the full suite, one
 #            eval per variant, side by side over the GPUs
 #   stage b (carry .whl/eval .whl/model3): the TP=2 bench (both GPUs); then, in parallel, the
@@ -110,7 +112,7 @@ r)
   python3 scripts/grpc_echo_floor.py plain; python3 scripts/grpc_echo_floor.py thread
   ;;
 s)
-  # stash the model's first half and run only the GPU tests named in $GPU_TESTS
+  # stash the model part carried and run only the GPU tests named in $GPU_TESTS
   stage_model
   timeout 400 python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/tp} 2>&1 | tee "$LOGS/gpu_tests.log" | tail -30
   ;;
