@@ -610,8 +610,11 @@ class Engine:
             for real, copy in zip((core.keys, core.values, core.slot_pos), seq.shadow, strict=False):
                 targets.append(real[:, :, lo:hi])
                 sources.append(copy[:, :, lo:hi])
-        if targets:
-            torch._foreach_copy_(targets, sources)
+        # The latest step's query too: a slot that crosses again in this step retrieves for the query
+        # in its working set, which the steps reading the shadow wrote into the shadow's.
+        targets.append(core.query)
+        sources.append(seq.shadow[3])
+        torch._foreach_copy_(targets, sources)
         self.backend.tables.set(seq.slot, core.keys, core.values, core.slot_pos, core.query,
                                 core.n_sink + core.retrieved, core.window, evicted_mask(core))  # fmt: skip
         self._shadows = [seq.shadow, *self._shadows][: self.batch]

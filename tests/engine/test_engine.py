@@ -303,6 +303,28 @@ def test_a_slot_leaves_its_shadow_when_answered_or_after_lag(daemon, tiny_llama,
         Engine(weights, batch=1, max_capacity=64, switch="early")
 
 
+def test_a_slot_crossing_as_it_switches_back_retrieves_for_this_steps_query(daemon, tiny_llama):
+    """A slot that crosses in the step it leaves its shadow retrieves for that step's query:
+    the steps that read the shadow wrote their queries there, and the switch brings the
+    latest back into the working set the daemon reads (before, the daemon retrieved for the
+    previous boundary's query and moved next to nothing)."""
+    weights = DecoderWeights.from_hf(tiny_llama)
+    engine = Engine(weights, batch=1, max_capacity=1024, lag=2, force_boundary=lambda step, slot: True)
+    spec = spec_for(tiny_llama, max_tokens=512)
+    with KVRecallClient(daemon.target, "engine-test") as client:
+        session = client.open_session(spec, "louiskv", {"budget": 16, "n_sink": 4, "window": 32},
+                                      deferred_eviction=True)  # fmt: skip
+        slot = engine.add(session, prompts(128)[0])
+        seq = engine.sequences[slot]
+        for _ in range(3):  # cross, read the shadow, switch back and cross again
+            engine.step()
+        assert seq.boundaries == 2 and list(engine.times.shadow_steps) == [2], "no crossing at the switch back"
+        torch.testing.assert_close(session.core.query.float(), engine.backend.latest[slot], rtol=0, atol=1e-6)
+        engine.remove(slot)
+        session.close()
+    engine.close()
+
+
 def test_deferred_notices_are_sent_and_taken_later(daemon, tiny_llama):
     """Deferred eviction: the ring has spill_every more slots and keeps as many tokens after a
     notice; a step that sends an AppendNotice does not take its answer (the slot's mask stays
