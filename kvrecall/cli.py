@@ -280,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--lag", type=_between(0, MAX_LAG), default=None,
         help=f"--serve: decode steps a request that crossed a boundary reads its old working set while the daemon "
-        f"retrieves (0-{MAX_LAG}; default 4). 8 gave about 1.3x the tokens/s at 64 sequences on an H200, with the "
-        "same greedy agreement with full KV and about twice its KL (docs/TUNING.md)",
+        f"retrieves (0-{MAX_LAG}; default 4; longer: slower answers are waited for less, at some fidelity, "
+        "docs/TUNING.md)",
     )
     worker.set_defaults(func=_worker)
     eval_ = sub.add_parser("eval", help="accuracy + fidelity of every policy x budget against full KV")

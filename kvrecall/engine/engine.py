@@ -74,9 +74,9 @@ from kvrecall.v1 import kvrecall_pb2 as pb
 # on its old retrieved set a step longer. Accuracy (scripts/lag_fidelity.py, SmolLM2-135M, louiskv@512,
 # four 2K documents x 1,000 replayed tokens on an H200): top-1 agreement with full KV 0.9907 / 0.9890 /
 # 0.9890 and mean KL 0.0059 / 0.0095 / 0.0107 at lag 0 / 4 / 5 (bench/results/2026-12-01-h200-lag-fidelity.json).
-# Lag 8 (2026-12-02, same replay): top-1 0.9892 but mean KL 0.0220; 32K x 8 1.50x full and 64 sequences
-# 2,513 tokens/s against 1,930 at lag 4 (bench/results/2026-12-02-h200-*-lag8-e2e.json). 4 stays the default
-# for the distributions' fidelity; servers may pass a longer one (kvrecall worker --serve --lag).
+# The lag-8 figures of 2026-12-01/02 (bench/results/2026-12-0{1,2}-h200-*lag8*) are void: half their crossings
+# fell on a switch-back step and retrieved for a stale query (fixed in _switch_back). Servers may pass another
+# lag (kvrecall worker --serve --lag).
 DEFAULT_LAG = 4
 SWITCHES = ("fixed", "answered")  # when a crossed slot leaves its shadow (Engine's `switch`)
 # The interpreter's thread switch interval while an engine runs (seconds; CPython's default is
