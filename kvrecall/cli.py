@@ -124,13 +124,14 @@ def _soak(args: argparse.Namespace) -> int:
 MAX_LAG = 15  # below every policy's spill_every (16): Engine refuses a lag a session cannot take
 
 
-def _between(low: int, high: int):
-    """An argparse type: an integer in [low, high]."""
+def _between(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high] (high None: no upper bound)."""
 
     def parse(text: str) -> int:
         value = int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
+        if value < low or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
         return value
 
     return parse
@@ -138,14 +139,7 @@ def _between(low: int, high: int):
 
 def _at_least(minimum: int):
     """An argparse type: an integer >= `minimum`."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
+    return _between(minimum)
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:

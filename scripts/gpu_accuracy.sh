@@ -17,8 +17,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 REPO=$PWD
-SITE=/tmp/kvrecall-site
-. scripts/gpu_model.sh
+. scripts/gpu_model.sh  # STASH, SITE, stage_model, assemble_model
 if [ "${1:-}" = stage ]; then
   stage_model; exit 0
 fi

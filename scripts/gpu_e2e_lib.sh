@@ -1,6 +1,7 @@
 # Sourced by the scripts/gpu_*.sh runs of `kvrecall bench e2e` (after scripts/gpu_env.sh): the bench's
 # common arguments ($E2E, change it before calling), `e2e_run` (one bench with its own time limit, its log
-# under $OUT/logs) and `e2e_finish` (pack the logs, print each JSON's ratios and rows).
+# under $OUT/logs), `e2e_warmup` (an untimed bench first) and `e2e_finish` (pack the logs, print each JSON's
+# ratios and rows).
 #   usage: . scripts/gpu_e2e_lib.sh; e2e_run NAME SECONDS ARGS...; e2e_finish
 E2E="python3 -m kvrecall.cli bench e2e --policies louiskv --lag 4 --steps 96 --warmup 16 --host-cap-gib 40 --host-pool-gib 40"
 mkdir -p "$OUT/logs"
@@ -10,6 +11,11 @@ e2e_run() {  # name, seconds, arguments
   local name=$1 limit=$2; shift 2
   timeout "$limit" $E2E "$@" --out "$OUT/e2e-$name.json" > "$OUT/logs/e2e-$name.log" 2>&1
   echo "e2e $name exit $? after ${SECONDS}s"
+}
+e2e_warmup() {  # seconds: an untimed bench at 32K x 8 (compiles what the timed ones reuse)
+  timeout "$1" $E2E --parts step --contexts 32768 --batches 8 --rates 0.117 --steps 16 --warmup 8 \
+    --out /tmp/e2e-warm.json > "$OUT/logs/e2e-warm.log" 2>&1
+  echo "warm-up bench exit $? after ${SECONDS}s"
 }
 e2e_finish() {
   echo "done after ${SECONDS}s"

@@ -15,14 +15,10 @@ OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_e2e_lib.sh
 E2E=${E2E/--lag 4/--lag 8}
 if [ "${PART:-1}" = 1 ]; then
-  timeout 300 $E2E --parts step --contexts 32768 --batches 8 --rates 0.117 --steps 16 --warmup 8 \
-    --out /tmp/e2e-warm.json > "$OUT/logs/e2e-warm.log" 2>&1
-  echo "warm-up bench exit $? after ${SECONDS}s"
+  e2e_warmup 300
   e2e_run table-lag8 270 --parts step --contexts 32768,131072 --batches 1,8 --rates 0,0.117
 elif [ "$PART" = 3 ]; then
-  timeout 240 $E2E --parts step --contexts 32768 --batches 8 --rates 0.117 --steps 16 --warmup 8 \
-    --out /tmp/e2e-warm.json > "$OUT/logs/e2e-warm.log" 2>&1
-  echo "warm-up bench exit $? after ${SECONDS}s"
+  e2e_warmup 240
   e2e_run table-answered 150 --parts step --contexts 32768,131072 --batches 1,8 --rates 0,0.117 --switch answered
   e2e_run many-answered 100 --parts many --many 64 --many-context 4096 --rates 0.117 --switch answered
   E2E=${E2E/--host-cap-gib 40 --host-pool-gib 40/--host-cap-gib 90 --host-pool-gib 90}

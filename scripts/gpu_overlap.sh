@@ -14,9 +14,7 @@ OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_env.sh
 . scripts/gpu_e2e_lib.sh
 if [ "${PART:-1}" = 1 ]; then
-  timeout 300 $E2E --parts step --contexts 32768 --batches 8 --rates 0.117 --steps 16 --warmup 8 \
-    --out /tmp/e2e-warm.json > "$OUT/logs/e2e-warm.log" 2>&1
-  echo "warm-up bench exit $? after ${SECONDS}s"
+  e2e_warmup 300
   e2e_run 32k8-off 170 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --overlap off
   e2e_run 32k8-on 170 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --overlap on
   FILE_S=${FILE_S:-100} bash scripts/gpu_tests.sh tests/gpu/test_engine_gpu.py

