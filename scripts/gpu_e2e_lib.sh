@@ -27,7 +27,7 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("e2e-*.json")):
     d = json.loads(p.read_text())
     print(p.name, d["meta"].get("ratios"), d.get("errors"))
     for r in d["rows"]:
-        print(" ", r["policy"], r["context"], r["batch"], r.get("rate"), "mean", r["mean_ms"], "p90", r["p90_ms"],
+        print(" ", r["policy"], r["context"], r["batch"], r.get("rate"), "lag", r.get("lag"), "mib", r.get("moved_mib_mean"), "mean", r["mean_ms"], "p90", r["p90_ms"],
               "tok/s", r.get("tokens_per_s"), "shadow_steps", r.get("shadow_steps_mean"), "sync", r.get("sync_ms_mean"), "gpu", r.get("graph_gpu_ms_mean"),
               "host", r.get("host_ms_mean"), "wait", r.get("wait_ms_mean"), "late", r.get("late_steps"),
               "answer", r.get("answer_ms_median"), r.get("answer_ms_p90"))

@@ -7,6 +7,10 @@
 #           capped 16 GiB at 32K (90 GiB host pool), both at lag 8, rate 0.117
 #   PART=3: a warm-up bench, then PART=1's table, 64 sequences and capped, all with --switch answered (a crossed slot
 #           leaves its shadow as soon as its retrieval is answered, after 8 steps at the latest)
+#   PART=4: lag 4 against lag 8 (`fixed`, with the stale-query fix), each bench timing both lags (--lag 4,8): a
+#           warm-up bench, README's table, 64 sequences, then a profiled 32K x 8 bench at lag 4 (the daemon's GPU
+#           kernels); leaves the Triton cache in $OUT (pack_triton_cache); stages .whl/model1 if carried
+#   PART=5: capped 16 GiB at 32K (90 GiB host pool) at lag 4 and 8 (--lag 4,8); stages .whl/model2 if carried
 # Writes under $OUT: e2e-*.json (+ .png), logs.tgz.
 #   usage: PART=1 bash scripts/gpu_lag8.sh
 set -uo pipefail
@@ -17,6 +21,18 @@ E2E=${E2E/--lag 4/--lag 8}
 if [ "${PART:-1}" = 1 ]; then
   e2e_warmup 300
   e2e_run table-lag8 270 --parts step --contexts 32768,131072 --batches 1,8 --rates 0,0.117
+elif [ "$PART" = 4 ]; then
+  [ -f .whl/model1/part1 ] && bash scripts/gpu_accuracy.sh stage
+  e2e_warmup 300
+  pack_triton_cache
+  e2e_run table-lag4-8 200 --parts step --contexts 32768,131072 --batches 1,8 --rates 0,0.117 --lag 4,8
+  e2e_run many-lag4-8 150 --parts many --many 64 --many-context 4096 --rates 0,0.117 --lag 4,8
+  e2e_run kernels32k8-lag4 60 --parts step --contexts 32768 --batches 8 --rates 0.117 --lag 4 \
+    --daemon-env "KVRECALL_KERNEL_PROFILE_OUT=$OUT/kernels32k8-lag4-daemon-kernels.json"
+elif [ "$PART" = 5 ]; then
+  [ -f .whl/model2/part2 ] && bash scripts/gpu_accuracy.sh stage
+  E2E=${E2E/--host-cap-gib 40 --host-pool-gib 40/--host-cap-gib 90 --host-pool-gib 90}
+  e2e_run capped-lag4-8 200 --parts capped --contexts 32768 --rates 0.117 --lag 4,8
 elif [ "$PART" = 3 ]; then
   e2e_warmup 240
   e2e_run table-answered 150 --parts step --contexts 32768,131072 --batches 1,8 --rates 0,0.117 --switch answered
