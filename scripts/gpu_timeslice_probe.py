@@ -12,8 +12,11 @@ total GPU time is about the same in every mode but whose launch count differs:
   gappy     the same with 30 us of host work between launches (the daemon's way today)
   graph     the same N kernels captured once as a CUDA graph, one launch per burst
   tiny      N kernels of almost no work (the switches alone)
+  dma       no kernels: --dma-mib MiB from pinned host memory to the device per burst, in 16 MiB copies on
+            a side stream (the daemon's staged placement moves 123 MiB a retrieval at 32K x 8)
+  dma_one   dma, then the one kernel of `one` (a retrieval's copies and its kernels)
 
-Usage (GPU): python scripts/gpu_timeslice_probe.py --out FILE [--n 70] [--burst-us 900]
+Usage (GPU): python scripts/gpu_timeslice_probe.py --out FILE [--n 70] [--burst-us 900] [--modes idle,dma,...]
 Prints a table (A's step per mode, against idle) and writes JSON with the date, device, command.
 """
 
@@ -30,7 +33,8 @@ from datetime import UTC, datetime
 
 import torch
 
-MODES = ("idle", "one", "many", "gappy", "graph", "tiny")
+MODES = ("idle", "one", "many", "gappy", "graph", "tiny", "dma", "dma_one")
+DMA_CHUNK = 16 << 20  # bytes per host-to-device copy in the dma modes (placement_staged's chunk)
 GAP_S = 30e-6  # gappy: host time between two launches (the daemon's Python between its kernels)
 
 
@@ -40,7 +44,23 @@ def buffer_for(us: float, device: torch.device) -> torch.Tensor:
     return torch.ones(elements, dtype=torch.bfloat16, device=device)
 
 
-def burst_fn(mode: str, n: int, burst_us: float, device: torch.device):
+def burst_fn(mode: str, n: int, burst_us: float, device: torch.device, dma_mib: float = 0.0):
+    if mode.startswith("dma"):
+        chunks = max(1, round(dma_mib * (1 << 20) / DMA_CHUNK))
+        host = torch.ones(DMA_CHUNK, dtype=torch.uint8, pin_memory=True)
+        dest = torch.empty(chunks, DMA_CHUNK, dtype=torch.uint8, device=device)
+        side = torch.cuda.Stream(device)
+        kernel = burst_fn("one", 1, burst_us, device) if mode == "dma_one" else None
+
+        def copies():
+            with torch.cuda.stream(side):
+                for k in range(chunks):
+                    dest[k].copy_(host, non_blocking=True)
+            torch.cuda.current_stream(device).wait_stream(side)
+            if kernel is not None:
+                kernel()
+
+        return copies
     if mode == "one":
         bufs = [buffer_for(burst_us, device)]
     elif mode in ("many", "gappy", "graph"):
@@ -70,7 +90,7 @@ def burst_fn(mode: str, n: int, burst_us: float, device: torch.device):
 
 def role_b(args: argparse.Namespace) -> None:
     device = torch.device("cuda")
-    burst = burst_fn(args.mode, args.n, args.burst_us, device)
+    burst = burst_fn(args.mode, args.n, args.burst_us, device, args.dma_mib)
     for _ in range(5):
         burst()
     torch.cuda.synchronize()
@@ -138,6 +158,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=70, help="kernels per burst (many, graph, tiny)")
     parser.add_argument("--burst-us", type=float, default=900.0, help="GPU time of one burst")
     parser.add_argument("--period-ms", type=float, default=8.0, help="one burst every this many ms")
+    parser.add_argument("--dma-mib", type=float, default=123.0, help="MiB a burst copies host to device (dma modes)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)} (idle first)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--layers", type=int, default=96, help="GEMV pairs per step (96: ~6-7 ms)")
@@ -148,12 +170,15 @@ def main() -> None:
         return
     graph = step_graph(torch.device("cuda"), args.batch, args.layers)
     rows = {}
-    for mode in MODES:
+    modes = args.modes.split(",")
+    if modes[0] != "idle" or not set(modes) <= set(MODES):
+        raise SystemExit(f"--modes: idle first, then any of {', '.join(MODES)}")
+    for mode in modes:
         proc, alone = None, None
         if mode != "idle":
             ready = f"/tmp/timeslice-ready-{os.getpid()}-{mode}"
             cmd = [sys.executable, __file__, "--role", "b", "--mode", mode, "--ready", ready, "--n", str(args.n),
-                   "--burst-us", str(args.burst_us), "--period-ms", str(args.period_ms)]
+                   "--burst-us", str(args.burst_us), "--period-ms", str(args.period_ms), "--dma-mib", str(args.dma_mib)]
             proc = subprocess.Popen(cmd)
             while not os.path.exists(ready):
                 time.sleep(0.05)
@@ -183,7 +208,7 @@ def main() -> None:
             json.dump({"date": datetime.now(UTC).isoformat(timespec="seconds"),
                        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "command": " ".join(["python", *sys.argv]), "n": args.n, "burst_us": args.burst_us,
-                       "period_ms": args.period_ms, "rows": rows}, f, indent=1)
+                       "period_ms": args.period_ms, "dma_mib": args.dma_mib, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

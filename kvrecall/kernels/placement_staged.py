@@ -19,6 +19,7 @@ import threading
 import torch
 
 from kvrecall.kernels._checks import check_int
+from kvrecall.phases import mark
 
 # Rows (of D elements) the host gathers before handing them to the copy engine: about 16 MiB
 # of bf16 at D = 128, so the DMA of one chunk overlaps the gather of the next.
@@ -79,8 +80,10 @@ def copy_staged(
         plan = buffer[: whole + len(sessions)]
         plan[:whole].copy_(packed[:whole], non_blocking=pin)
         plan[whole:].copy_(session_ends, non_blocking=pin)
+        mark("place_launch")
         if pin:
             torch.cuda.current_stream(device).synchronize()
+        mark("plan_sync")
         ends_host = plan[whole:].tolist()
         n = ends_host[-1]
         source_host = torch.cat((plan[:n], plan[:n] + H * P))  # K rows, then V rows
@@ -105,12 +108,15 @@ def copy_staged(
             staged, done = chunks[k % 2][: hi - lo], moved[k % 2]
             if done is not None:
                 done.synchronize()  # the DMA that read this chunk two steps ago (the copy engine's)
+                mark("dma_wait")
             torch.index_select(pool_rows, 0, source_host[lo:hi], out=staged)
+            mark("gather")
             with torch.cuda.stream(copies):  # (None: the current stream)
                 rows[lo:hi].copy_(staged, non_blocking=pin)
                 if pin:
                     moved[k % 2] = torch.cuda.Event()
                     moved[k % 2].record()
+            mark("dma_launch")
     finally:
         for chunk, done in zip(chunks, moved, strict=True):
             STAGING.give(chunk, done)  # reused once its DMA is done (the next taker waits)
@@ -124,6 +130,7 @@ def copy_staged(
             _as_words(keys.view(-1, D)).index_copy_(0, where, wide[start:end])
             _as_words(values.view(-1, D)).index_copy_(0, where, wide[n + start : n + end])
         start = end
+    mark("index_copies")
 
 
 def _as_words(rows: torch.Tensor) -> torch.Tensor:

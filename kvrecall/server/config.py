@@ -84,6 +84,8 @@ class ServerConfig(BaseModel):
     kernel_profile_out: str = ""        # a path: the daemon's GPU kernels for kernel_profile_s from its
                                         # first retrieval (per name, the GPU time it held), JSON
     kernel_profile_s: Annotated[float, Field(gt=0, le=600)] = 3.0
+    phases_out: str = ""                # a path: each Boundaries call's time per phase (kvrecall/phases.py),
+                                        # mean and quantiles per phase written there as JSON at shutdown
     host_reads: Literal["auto", "copy", "kernel"] = "auto"  # how a background retrieval's rows (one
                                         # the worker does not wait for) leave the pinned host tier:
                                         # gathered by the host, one DMA by the copy engine, or the

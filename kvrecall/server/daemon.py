@@ -20,6 +20,7 @@ from kvrecall.fdpass import FdServer, claim_socket_path
 from kvrecall.server.config import ServerConfig
 from kvrecall.server.metrics import Metrics
 from kvrecall.server.pools import DevicePool, HostPool
+from kvrecall.phases import PhaseLog
 from kvrecall.server.profiling import KernelProfiler, OpsProfiler
 from kvrecall.server.service import AuthConfig, KVRecallService
 from kvrecall.server.session import SessionRegistry
@@ -78,6 +79,7 @@ class Daemon:
             notice_ops=config.notice_ops, notice_stream=config.notice_stream,
             profiler=OpsProfiler(config.profile_out) if config.profile_out else None,
             kernel_profiler=self.kernel_profiler, follow_wait_s=config.follow_wait_s,
+            phase_log=PhaseLog(config.phases_out) if config.phases_out else None,
         )  # fmt: skip
         self.fd_server = FdServer(fd_socket, config.socket_mode, self.service.segment_fd) if fd_socket else None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -197,6 +199,9 @@ class Daemon:
         if self.service.profiler is not None:  # before the pool's release, which can take a while
             self.service.profiler.write()
             log.info("profile of the Boundaries work written to %s", self.service.profiler.path)
+        if self.service.phase_log is not None:
+            self.service.phase_log.write()
+            log.info("the Boundaries calls' phases written to %s", self.service.phase_log.path)
         if self.kernel_profiler is not None:
             self.kernel_profiler.finish()
             log.info("profile of the daemon's GPU kernels written to %s", self.kernel_profiler.path)

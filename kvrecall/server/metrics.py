@@ -35,6 +35,14 @@ class Metrics:
             buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 2.5, 10.0),
             registry=r,
         )
+        self.boundaries_phase = Histogram(
+            "kvrecall_boundaries_phase_seconds",
+            "Where a Boundaries call's time went in the daemon, by phase (kvrecall/phases.py: e.g. select, plan_sync, "
+            "gather, sync); kind: retrievals | notices (calls with and without a retrieval)",
+            ["kind", "phase"],
+            buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 2.5),
+            registry=r,
+        )
         self.follow_wait = Histogram(
             "kvrecall_follow_wait_seconds",
             "How long a Boundaries event waited for the AppendNotice it follows (StepEvent.follows) to be applied "

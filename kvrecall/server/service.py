@@ -39,6 +39,7 @@ from kvrecall.server.layout import SegmentLayout
 from kvrecall.server.metrics import Metrics
 from kvrecall.server.policies import build_policy
 from kvrecall.server.policies.base import config_json
+from kvrecall.phases import PhaseLog
 from kvrecall.server.profiling import KernelProfiler, OpsProfiler
 from kvrecall.server.ratelog import RateLimitedLog
 from kvrecall.server.session import Session, SessionRegistry
@@ -119,6 +120,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         notice_stream: bool = True,
         profiler: OpsProfiler | None = None,
         kernel_profiler: KernelProfiler | None = None,
+        phase_log: PhaseLog | None = None,
         follow_wait_s: float = 30.0,
     ) -> None:
         self.registry = registry
@@ -132,6 +134,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         self.notice_stream = streams.notice_stream(device) if notice_stream else None
         self.profiler = profiler  # profiling.py: Boundaries work under cProfile (off: None)
         self.kernel_profiler = kernel_profiler  # profiling.py: the GPU kernels of a window of steps (off: None)
+        self.phase_log = phase_log  # kvrecall/phases.py: each Boundaries call's phases, summarised (off: None)
         self.fd_socket = fd_socket  # where shm workers receive their working set (fdpass.py)
         # Boundaries events waiting for the notice they follow (StepEvent.follows): woken after
         # every call that may have appended; at most follow_wait_s each.
@@ -672,6 +675,11 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 self.metrics.boundaries.labels(session.policy.name).inc()
         self.metrics.bytes_moved.labels("host_to_device").inc(moved)
         self.metrics.rpc_latency.labels("Boundaries").observe(seconds)
+        kind = "retrievals" if retrieves else "notices"
+        for phase, phase_seconds in (timing.phases or {}).items():
+            self.metrics.boundaries_phase.labels(kind, phase).observe(phase_seconds)
+        if self.phase_log is not None and timing.phases is not None:
+            self.phase_log.add(kind, timing.phases)
         return response
 
     def _after_append(self, session: Session) -> None:

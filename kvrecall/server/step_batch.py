@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from kvrecall import kernels
+from kvrecall import phases
 from kvrecall.server.errors import FailedPrecondition, InvalidArgument
 from kvrecall.server.policies.base import Selection
 from kvrecall.server.session import Session, check_append_upto, check_boundary_position
@@ -42,6 +43,7 @@ class StepTiming:
     started: float = 0.0
     syncing: float = 0.0
     ended: float = 0.0
+    phases: dict[str, float] | None = None  # seconds per phase (server/phases.py)
 
 
 @dataclass
@@ -79,10 +81,22 @@ def serve_step(
     work runs on the calling thread's current stream (server/streams.py)."""
     timing = timing if timing is not None else StepTiming()
     timing.started = time.perf_counter()
+    clock = phases.PhaseClock()
+    with phases.running(clock):
+        outcomes, groups = _serve(sessions, events, background, batch_notices, timing)
+    timing.phases = clock.seconds
+    timing.ended = time.perf_counter()
+    return outcomes, groups
+
+
+def _serve(
+    sessions: list[Session], events: list[pb.StepEvent], background: bool, batch_notices: bool, timing: StepTiming,
+) -> tuple[list[StepOutcome], int]:  # fmt: skip
     outcomes = [StepOutcome() for _ in events]
     with contextlib.ExitStack() as held:
         for session in sorted(sessions, key=lambda s: s.session_id):
             held.enter_context(session.busy)
+        phases.mark("locks")
         for session in sessions:
             if session.closed:
                 raise InvalidArgument("session_id", f"session {session.session_id!r} was closed")
@@ -95,6 +109,8 @@ def serve_step(
             appended = [sessions[i].append(events[i].position, None, finish=False) for i in noticed]
         for i, append in zip(noticed, appended, strict=True):
             outcomes[i].append = append
+        if noticed:
+            phases.mark("notices")
         groups: dict[object, list[int]] = {}
         for i, (session, event) in enumerate(zip(sessions, events, strict=True)):
             if event.retrieve:
@@ -107,17 +123,20 @@ def serve_step(
                 query = session.begin_boundary(events[i].position, [], None)
                 items.append((session.policy, session.context(), query))
             selections = type(items[0][0]).on_boundaries(items)
+            phases.mark("select")
             with kernels.background_reads() if background else contextlib.nullcontext():
                 placements = _place([sessions[i] for i in members], selections)
+            phases.mark("place")
             for i, placement in zip(members, placements, strict=True):
                 outcomes[i].placement = placement
         device = sessions[0].ws.keys.device if sessions else None
         timing.syncing = time.perf_counter()
         if device is not None and device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()
+        phases.mark("sync")
         for session in sessions:
             session.finish(synced=True)  # the one sync above covered every session's work
-    timing.ended = time.perf_counter()
+        phases.mark("finish")
     return outcomes, len(groups)
 
 

@@ -99,3 +99,42 @@ def test_the_busy_timeline_splits_intervals_at_bucket_edges():
     assert busy_per_bucket([], 1.0) == []
     # from 10: [10, 10.5) and [10.25, 11.5) join to [10, 11.5); [13, 13.25)
     assert busy_per_bucket([(10.0, 10.5), (10.25, 11.5), (13.0, 13.25)], 1.0) == [1.0, 0.5, 0.0, 0.25]
+
+
+def test_a_daemon_writes_its_boundaries_calls_phases_at_shutdown(tmp_path):
+    """phases_out: per kind of call, the mean and quantiles of each phase (kvrecall/phases.py); the
+    phases of a call add up to at most its time in the daemon."""
+    path = tmp_path / "phases.json"
+    with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.25, env={"KVRECALL_PHASES_OUT": str(path)}) as daemon:
+        with KVRecallClient(daemon.target, "phased", timeout=30.0) as client:
+            session = open_ingested(client, "louiskv", CASES[0][1], 150, 1)
+            kv = random_kv(SPEC, 200, 1)
+            notices = 0
+            while notices < 2:
+                write_step(session, kv, session.query.clone())
+                if session.core.needs_append():
+                    client.boundaries([StepCall(session, session.core.position, notice=True)])
+                    notices += 1
+            response = client.boundaries([StepCall(session, session.core.position, retrieve=True)])
+            session.close()
+    phases = json.loads(path.read_text())
+    assert phases["notices"]["calls"] == 2 and phases["retrievals"]["calls"] == 1
+    retrieval = phases["retrievals"]["phases"]
+    assert set(retrieval) == set(phases["phases"])
+    for name in ("locks", "select", "place", "sync", "finish"):  # the phases every retrieval passes
+        assert retrieval[name]["max"] > 0, name
+    assert retrieval["notices"]["max"] == 0  # a retrieval alone sent no notice
+    assert phases["notices"]["phases"]["select"]["max"] == 0 and phases["notices"]["phases"]["notices"]["max"] > 0
+    assert phases["retrievals"]["total_ms_mean"] <= response.seconds * 1e3
+
+
+def test_phase_marks_without_a_running_clock_do_nothing_and_nested_clocks_restore():
+    from kvrecall import phases
+
+    phases.mark("gather")  # no clock on this thread: nothing to add to
+    outer, inner = phases.PhaseClock(), phases.PhaseClock()
+    with phases.running(outer):
+        with phases.running(inner):
+            phases.mark("select")
+        phases.mark("sync")
+    assert set(inner.seconds) == {"select"} and set(outer.seconds) == {"sync"}

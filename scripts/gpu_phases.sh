@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Where a retrieval's answer time goes in the daemon (issue #17), on one GPU (nvidia-h200; carry .whl/eval):
+# a warm-up bench, then 32K x 8 and 64 sequences at 4K at 11.7% boundaries (lag 4), each with the daemon's
+# per-phase clocks on (KVRECALL_PHASES_OUT, kvrecall/phases.py), one bench after another.
+# Writes under $OUT: e2e-*.json (+ .png), phases-*.json, logs.tgz.
+#   usage: bash scripts/gpu_phases.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
+. scripts/gpu_env.sh
+. scripts/gpu_e2e_lib.sh
+e2e_warmup 300
+e2e_run phases-32k8 90 --parts step --contexts 32768 --batches 8 --rates 0.117 \
+  --daemon-env "KVRECALL_PHASES_OUT=$OUT/phases-32k8.json"
+e2e_run phases-many 120 --parts many --many 64 --many-context 4096 --rates 0.117 \
+  --daemon-env "KVRECALL_PHASES_OUT=$OUT/phases-many.json"
+e2e_finish
+python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+for p in sorted(pathlib.Path(sys.argv[1]).glob("phases-*.json")):
+    d = json.loads(p.read_text())
+    for kind in ("retrievals", "notices"):
+        if kind in d:
+            print(p.name, kind, d[kind]["calls"], "calls, total ms mean", d[kind]["total_ms_mean"])
+            for name, q in d[kind]["phases"].items():
+                print(f"   {name:13} mean {q['mean']:8.3f} p50 {q['p50']:8.3f} p90 {q['p90']:8.3f} max {q['max']:8.3f}")
+PY
