@@ -17,10 +17,10 @@ from grpc_reflection.v1alpha import reflection
 
 from kvrecall import __version__, kernels
 from kvrecall.fdpass import FdServer, claim_socket_path
+from kvrecall.phases import PhaseLog
 from kvrecall.server.config import ServerConfig
 from kvrecall.server.metrics import Metrics
 from kvrecall.server.pools import DevicePool, HostPool
-from kvrecall.phases import PhaseLog
 from kvrecall.server.profiling import KernelProfiler, OpsProfiler
 from kvrecall.server.service import AuthConfig, KVRecallService
 from kvrecall.server.session import SessionRegistry

@@ -26,6 +26,7 @@ import grpc
 import torch
 
 from kvrecall import __version__
+from kvrecall.phases import PhaseLog
 from kvrecall.server import prefixes, streams
 from kvrecall.server import validation as check
 from kvrecall.server.errors import (
@@ -39,7 +40,6 @@ from kvrecall.server.layout import SegmentLayout
 from kvrecall.server.metrics import Metrics
 from kvrecall.server.policies import build_policy
 from kvrecall.server.policies.base import config_json
-from kvrecall.phases import PhaseLog
 from kvrecall.server.profiling import KernelProfiler, OpsProfiler
 from kvrecall.server.ratelog import RateLimitedLog
 from kvrecall.server.session import Session, SessionRegistry

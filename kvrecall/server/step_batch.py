@@ -27,8 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvrecall import kernels
-from kvrecall import phases
+from kvrecall import kernels, phases
 from kvrecall.server.errors import FailedPrecondition, InvalidArgument
 from kvrecall.server.policies.base import Selection
 from kvrecall.server.session import Session, check_append_upto, check_boundary_position
