@@ -74,3 +74,21 @@ def test_file_errors_name_the_file(tmp_path):
         load_config(str(file), env={})
     with pytest.raises(ConfigError, match="config: no file"):
         load_config(str(tmp_path / "missing.json"), env={})
+
+
+def test_the_host_tier_asks_for_huge_pages_by_default_and_the_advice_is_harmless_on_any_mapping():
+    import mmap
+
+    from kvrecall.server.config import ServerConfig
+    from kvrecall.server.pinned import advise_hugepages, thp_mode
+
+    assert ServerConfig().host_hugepages is True
+    region = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        advised = advise_hugepages(region)
+        assert advised == hasattr(mmap, "MADV_HUGEPAGE")  # Linux: the kernel takes the advice in any THP mode
+        region[:4] = b"kvrc"  # still ordinary memory
+        assert region[:4] == b"kvrc"
+    finally:
+        region.close()
+    assert thp_mode() in ("always", "madvise", "never", "unknown")

@@ -84,6 +84,9 @@ class ServerConfig(BaseModel):
     kernel_profile_out: str = ""        # a path: the daemon's GPU kernels for kernel_profile_s from its
                                         # first retrieval (per name, the GPU time it held), JSON
     kernel_profile_s: Annotated[float, Field(gt=0, le=600)] = 3.0
+    host_hugepages: bool = True         # back the pinned host tier with 2 MiB pages where the kernel's
+                                        # transparent huge pages allow (a retrieval's host gather of
+                                        # scattered rows misses the TLB on every row over 4 KiB pages)
     phases_out: str = ""                # a path: each Boundaries call's time per phase (kvrecall/phases.py),
                                         # mean and quantiles per phase written there as JSON at shutdown
     host_reads: Literal["auto", "copy", "kernel"] = "auto"  # how a background retrieval's rows (one

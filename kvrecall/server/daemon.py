@@ -54,7 +54,8 @@ class Daemon:
         kernels.set_host_reads(config.host_reads)
         sys.setswitchinterval(config.switch_interval_ms / 1e3)
         self.host_pool = HostPool(
-            config.host_pool_bytes, page_bytes=config.page_kb * 1024, pinned=self.device.type == "cuda"
+            config.host_pool_bytes, page_bytes=config.page_kb * 1024, pinned=self.device.type == "cuda",
+            hugepages=config.host_hugepages,
         )
         self.device_pool = DevicePool(config.device_pool_bytes, self.device)
         self.registry = SessionRegistry(

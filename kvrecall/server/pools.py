@@ -48,7 +48,7 @@ class PoolUsage:
 class HostPool:
     """Fixed-size pages of one host buffer, handed out from a free list."""
 
-    def __init__(self, capacity_bytes: int, page_bytes: int = 2 * MiB, pinned: bool = False) -> None:
+    def __init__(self, capacity_bytes: int, page_bytes: int = 2 * MiB, pinned: bool = False, hugepages: bool = True) -> None:
         if page_bytes <= 0 or page_bytes % 256:
             raise ValueError("page_bytes must be a positive multiple of 256")
         self.page_bytes = page_bytes
@@ -58,7 +58,7 @@ class HostPool:
         self._pinned: PinnedBuffer | None = None
         if pinned:
             self.kind = "pinned"
-            self.buffer, self._pinned = pinned_bytes(nbytes)
+            self.buffer, self._pinned = pinned_bytes(nbytes, hugepages)  # (server/pinned.py: huge pages)
         else:
             # A memfd commits pages lazily (an idle pool costs no RAM); sealed, nobody can shrink it.
             self.kind = "shm"
