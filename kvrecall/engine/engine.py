@@ -75,7 +75,9 @@ from kvrecall.v1 import kvrecall_pb2 as pb
 # four 2K documents x 1,000 replayed tokens on an H200): top-1 agreement with full KV 0.9907 / 0.9890 /
 # 0.9890 and mean KL 0.0059 / 0.0095 / 0.0107 at lag 0 / 4 / 5 (bench/results/2026-12-01-h200-lag-fidelity.json).
 # The lag-8 figures of 2026-12-01/02 (bench/results/2026-12-0{1,2}-h200-*lag8*) are void: half their crossings
-# fell on a switch-back step and retrieved for a stale query (fixed in _switch_back). Servers may pass another
+# fell on a switch-back step and retrieved for a stale query (fixed in _switch_back). With the fix, one bench
+# timing both (bench/results/2026-12-02-h200-{table,many}-lag4-8-fixed-e2e.json): 32K x 8 1.47x full at lag 8
+# against 1.40x at lag 4, batch 1 equal, 64 sequences 1,866 against 1,919 tokens/s. Servers may pass another
 # lag (kvrecall worker --serve --lag).
 DEFAULT_LAG = 4
 SWITCHES = ("fixed", "answered")  # when a crossed slot leaves its shadow (Engine's `switch`)
