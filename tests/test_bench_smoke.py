@@ -139,6 +139,7 @@ def test_bench_e2e_runs_on_cpu(tmp_path):
     assert 0 <= every["late_ms_mean"] <= every["wait_ms_mean"] and every["late_steps"] <= 6
     # where the host time went, the bytes each retrieval moved, and a profile of the steps
     assert every["moved_mib_mean"] > 0 and "moved_mib_mean" not in louiskv[0]
+    assert 0 < every["moved_share"] <= 1 and every["query_drift"] == 1.0
     # switch "fixed" (the default): every crossed slot read its shadow for exactly --lag steps
     assert every["switch"] == "fixed" and every["shadow_steps_mean"] == 1.0 and result["meta"]["switch"] == "fixed"
     assert 0 <= every["shadow_ms_mean"] + every["send_ms_mean"] <= every["host_ms_mean"] + 1e-3
@@ -146,3 +147,30 @@ def test_bench_e2e_runs_on_cpu(tmp_path):
     assert "host_profile" not in louiskv[0]
     assert {"many_wait_ms_mean_at_measured_rate", "many_late_steps_at_measured_rate"} <= set(result["meta"]["ratios"])
     assert (tmp_path / "e2e.png").exists()
+
+
+def test_bench_e2e_query_drift_makes_retrievals_move_less(tmp_path):
+    """--query-drift (an emulation knob): a forced crossing retrieves for a query only part of the
+    way from the slot's last retrieval query to this step's, so consecutive selections overlap and
+    each retrieval moves a smaller share of its budget than with a fresh query (drift 1)."""
+    from kvrecall.cli import main
+
+    shares = {}
+    for drift in ("1", "0.1"):
+        out = tmp_path / f"drift-{drift}.json"
+        argv = ["bench", "e2e", "--device", "cpu", "--shape", "tiny", "--contexts", "1000", "--batches", "2",
+                "--policies", "louiskv", "--budget", "64", "--rates", "0.25", "--lag", "1", "--steps", "48",
+                "--warmup", "4", "--parts", "step", "--query-drift", drift, "--out", str(out)]  # fmt: skip
+        assert main(argv) == 0
+        (row,) = [r for r in json.loads(out.read_text())["rows"] if r["policy"] == "louiskv"]
+        assert row["query_drift"] == float(drift)
+        shares[drift] = row["moved_share"]
+    assert 0 < shares["0.1"] < 0.75 * shares["1"], shares
+
+
+def test_bench_e2e_refuses_a_query_drift_outside_0_1(capsys):
+    from kvrecall.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "e2e", "--device", "cpu", "--query-drift", "0"])
+    assert "--query-drift" in capsys.readouterr().err

@@ -61,6 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="when a louiskv slot crosses: every 1/rate steps from a random phase per slot (even), or "
                    "with probability rate each step (random: a slot reading its shadow cannot cross, so the share "
                    "of steps that retrieve comes out below rate at lag > 0)")
+    p.add_argument("--query-drift", type=_drift, default=1.0,
+                   help="emulation: a forced crossing retrieves for q_r = q_prev + DRIFT * (q - q_prev), q_prev the "
+                   "slot's last retrieval query (1: this step's query, so random weights choose a fresh set every "
+                   "time and move ~96%% of a budget; the real model's retrievals move ~20%%, scripts/lag_fidelity.py "
+                   "moved_share); rows report moved_share")
     p.add_argument("--budget", type=int, default=1024, help="retrieved tokens per layer and KV head")
     p.add_argument("--steps", type=int, default=64, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=24, help="untimed steps first")
@@ -142,6 +147,7 @@ class Bench:
         self.meta["host_copies"] = args.host_copies
         self.meta["overlap"] = args.overlap == "on"
         self.meta["switch"] = args.switch
+        self.meta["query_drift"] = args.query_drift
         self.meta["weights_gib"] = _gib(self.weights.nbytes)
         self.token_bytes = shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * torch.finfo(dtype).bits // 8
 
@@ -228,13 +234,21 @@ class Bench:
         rate_now = [0.0]
 
         slot_phase = [random.Random(slot).random() for slot in range(batch)]
+        drifted: dict[str, torch.Tensor] = {}  # --query-drift: each session's last retrieval query (float)
 
-        def schedule(step: int, slot: int) -> bool:
+        def crosses(step: int, slot: int) -> bool:
             rate = rate_now[0]
             if args.schedule == "random":
                 return random.Random(step * 100_003 + slot).random() < rate
             x = step * rate + slot_phase[slot]  # evenly spaced, one boundary per 1/rate steps, phase per slot
             return math.floor(x) > math.floor(x - rate)
+
+        def schedule(step: int, slot: int) -> bool:
+            crossing = crosses(step, slot)
+            if crossing and args.query_drift < 1.0 and engine is not None:
+                core = engine.sequences[slot].session.core
+                drift_query(core.query, drifted, core.session_id, args.query_drift)
+            return crossing
 
         opened = []
         engine = None
@@ -285,6 +299,9 @@ class Bench:
                     blocks.append(statistics.fmean(block))
                 crossed = sum(seq.boundaries for seq in engine.active) - before
                 waits = daemon_waits(engine.times)
+                if engine.times.moved_bytes and crossed and config.get("budget"):  # of a whole budget per retrieval
+                    whole = config["budget"] * self.token_bytes
+                    waits["moved_share"] = round(sum(engine.times.moved_bytes) / (crossed * whole), 4)
                 profile = host_profile(engine, args.profile_steps) if rate > 0 and args.profile_steps else None
                 mean = statistics.fmean(samples)
                 rows.append({
@@ -295,7 +312,7 @@ class Bench:
                     "switch": engine.switch,
                     **({"mean_ms_blocks": [round(m, 3) for m in blocks], "block_spread": round(max(blocks) / min(blocks), 3)}
                        if len(blocks) > 1 else {}),
-                    "capacity": capacity, "budget": config.get("budget"), "lag": lag,
+                    "capacity": capacity, "budget": config.get("budget"), "lag": lag, "query_drift": args.query_drift,
                     "switch_interval_ms": round(switch * 1e3, 3),
                     "ingest_s_first": round(ingest[0], 3), "ingest_s_mean": round(statistics.fmean(ingest), 3),
                     "setup_s": round(setup_s, 2), "worker_peak_gib": self.worker_peak(),
@@ -526,6 +543,30 @@ def daemon_waits(times: DaemonTimes) -> dict[str, Any]:
     for key, value in (("median", statistics.median), ("p90", lambda a: _percentile(a, 0.9)), ("max", max)):
         row[f"answer_ms_{key}"] = round(value(answers), 3) if answers else None
     return row
+
+
+def _drift(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def drift_query(query: torch.Tensor, last: dict[str, torch.Tensor], key: str, drift: float) -> None:
+    """--query-drift: the retrieval query of a forced crossing, written over the slot's working-set
+    query [L, Hq, D] (which the daemon scores with) before the engine sends it: the slot's last
+    retrieval query moved `drift` of the way to this step's, each (layer, head) at this step's
+    norm (a query's scale changes no ranking, but a vote can weigh heads by it). The first
+    crossing of a slot keeps its query. An emulation knob: with random weights every step's
+    query is unrelated to the last, so every retrieval would choose a fresh set."""
+    now = query.float()
+    previous = last.get(key)
+    if previous is None:
+        last[key] = now.clone()
+        return
+    previous.lerp_(now, drift)
+    previous.mul_(now.norm(dim=-1, keepdim=True) / previous.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    query.copy_(previous)
 
 
 def host_profile(engine: Engine, steps: int, top: int = 25) -> list[dict[str, Any]]:

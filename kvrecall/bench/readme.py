@@ -42,8 +42,14 @@ def render(result: dict[str, Any], source: str, *more: tuple[dict[str, Any], str
         for run, path in runs
     )
     configs = sorted({(r["context"], r["batch"]) for r in rows if r["part"] == "step"})
+    drifts = sorted({run["meta"].get("query_drift", 1.0) for run, _ in runs} - {1.0})
+    emulated = (
+        f" Emulated retrieval queries (`--query-drift {', '.join(map(str, drifts))}`: each forced crossing "
+        "retrieves for a query only part of the way from the last one, as a real model's retrievals overlap)."
+        if drifts else ""
+    )
     lines = [
-        f"Measured by {measured_by}. Llama-3-8B shape, random bf16 weights, budget 1024; every step "
+        f"Measured by {measured_by}.{emulated} Llama-3-8B shape, random bf16 weights, budget 1024; every step "
         "graph-captured; kvrecall steps timed on the host around `Engine.step()` (the daemon's calls "
         f"included; boundaries answered {DEFAULT_LAG} steps later, the engine's default), full steps by "
         "CUDA events. Mean step in ms:",
