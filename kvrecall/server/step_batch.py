@@ -42,7 +42,7 @@ class StepTiming:
     started: float = 0.0
     syncing: float = 0.0
     ended: float = 0.0
-    phases: dict[str, float] | None = None  # seconds per phase (server/phases.py)
+    phases: dict[str, float] | None = None  # seconds per phase (kvrecall/phases.py)
 
 
 @dataclass
