@@ -4,13 +4,16 @@
 # model's retrievals move about 0.2 of a budget (scripts/lag_fidelity.py moved_share). A warm-up bench, then
 # 32K x 8 at 0% / 11.7% boundaries for each --query-drift in DRIFTS (default 1 0.3 0.15 0.08: find the one whose
 # moved_share matches the real model's), then 64 sequences at 4K and README's table at DRIFT (default 0.15).
-# Writes under $OUT: e2e-*.json, logs.tgz (at most 8 files come back: no plots).
+# Writes under $OUT: e2e-*.json, logs.tgz, triton-cache.tgz (at most 8 files come back: no plots). Copy the
+# cache to .whl/triton/triton-cache.tgz and carry .whl/triton in later calls: a fresh machine then skips the
+# kernels' compile (the daemon's start took 100-150 s cold against ~10 s warm).
 #   usage: [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_env.sh
 . scripts/gpu_e2e_lib.sh
 e2e_warmup 300
+pack_triton_cache
 for drift in ${DRIFTS:-1 0.3 0.15 0.08}; do
   e2e_run "drift-32k8-$drift" 90 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$drift"
 done
