@@ -11,20 +11,27 @@ from tests.conftest import random_kv
 from tests.integration.test_boundaries_batch import CASES, SPEC, open_ingested, write_step
 
 
+def two_notices_then_a_retrieval(daemon: LocalDaemon):
+    """One louiskv session: two Boundaries calls of one AppendNotice each, then one that
+    retrieves (its BoundariesResponse returned)."""
+    with KVRecallClient(daemon.target, "profiled", timeout=30.0) as client:
+        session = open_ingested(client, "louiskv", CASES[0][1], 150, 1)
+        kv = random_kv(SPEC, 200, 1)
+        notices = 0
+        while notices < 2:
+            write_step(session, kv, session.query.clone())
+            if session.core.needs_append():
+                client.boundaries([StepCall(session, session.core.position, notice=True)])
+                notices += 1
+        response = client.boundaries([StepCall(session, session.core.position, retrieve=True)])
+        session.close()
+    return response
+
+
 def test_a_daemon_writes_the_profile_of_its_boundaries_work_at_shutdown(tmp_path):
     path = tmp_path / "profile.json"
     with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.25, env={"KVRECALL_PROFILE_OUT": str(path)}) as daemon:
-        with KVRecallClient(daemon.target, "profiled", timeout=30.0) as client:
-            session = open_ingested(client, "louiskv", CASES[0][1], 150, 1)
-            kv = random_kv(SPEC, 200, 1)
-            notices = 0
-            while notices < 2:
-                write_step(session, kv, session.query.clone())
-                if session.core.needs_append():
-                    client.boundaries([StepCall(session, session.core.position, notice=True)])
-                    notices += 1
-            client.boundaries([StepCall(session, session.core.position, retrieve=True)])
-            session.close()
+        two_notices_then_a_retrieval(daemon)
         assert not path.exists()  # written at shutdown
     profile = json.loads(path.read_text())
     assert profile["notices"]["calls"] == 2 and profile["retrievals"]["calls"] == 1
@@ -106,17 +113,7 @@ def test_a_daemon_writes_its_boundaries_calls_phases_at_shutdown(tmp_path):
     phases of a call add up to at most its time in the daemon."""
     path = tmp_path / "phases.json"
     with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.25, env={"KVRECALL_PHASES_OUT": str(path)}) as daemon:
-        with KVRecallClient(daemon.target, "phased", timeout=30.0) as client:
-            session = open_ingested(client, "louiskv", CASES[0][1], 150, 1)
-            kv = random_kv(SPEC, 200, 1)
-            notices = 0
-            while notices < 2:
-                write_step(session, kv, session.query.clone())
-                if session.core.needs_append():
-                    client.boundaries([StepCall(session, session.core.position, notice=True)])
-                    notices += 1
-            response = client.boundaries([StepCall(session, session.core.position, retrieve=True)])
-            session.close()
+        response = two_notices_then_a_retrieval(daemon)
     phases = json.loads(path.read_text())
     assert phases["notices"]["calls"] == 2 and phases["retrievals"]["calls"] == 1
     retrieval = phases["retrievals"]["phases"]
