@@ -277,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"retrieves (0-{MAX_LAG}; default 4; longer: slower answers are waited for less, at some fidelity, "
         "docs/TUNING.md)",
     )
+    worker.add_argument(
+        "--overlap", choices=("on", "off"), default="on",
+        help="--serve: launch each decode step before the host work of the one before (boundary flags, daemon "
+        "calls), so that work runs while the GPU decodes (default on; needs --lag >= 1, off at lag 0)",
+    )
     worker.set_defaults(func=_worker)
     eval_ = sub.add_parser("eval", help="accuracy + fidelity of every policy x budget against full KV")
     from kvrecall.eval.harness import add_arguments as eval_arguments

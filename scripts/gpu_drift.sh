@@ -7,11 +7,62 @@
 # Writes under $OUT: e2e-*.json, logs.tgz, triton-cache.tgz (at most 8 files come back: no plots). Copy the
 # cache to .whl/triton/triton-cache.tgz and carry .whl/triton in later calls: a fresh machine then skips the
 # kernels' compile (the daemon's start took 100-150 s cold against ~10 s warm).
-#   usage: [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
+# PART=2: at DRIFT (0.15 measured moved_share 0.21, the real model's 0.20): Engine overlap off against on at
+# 32K x 8 and 64 sequences, README's table with overlap, then capped 16 GiB at 32K (90 GiB host pool).
+# PART=3: with overlap the default (auto): the GPU engine tests; 32K x 8 with the worker's kernels per step
+# (--worker-kernel-steps) and the daemon's (KVRECALL_KERNEL_PROFILE_OUT); capped; 64 sequences at lag 4 and 6;
+# README's table at drift 1 (a fresh query per retrieval: the worst case).
+#   usage: [PART=1|2|3] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_env.sh
 . scripts/gpu_e2e_lib.sh
+D=${DRIFT:-0.15}
+if [ "${PART:-1}" = 3 ]; then
+  e2e_warmup 240
+  mkdir -p "$OUT/tests"
+  timeout 150 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu tests/gpu/test_engine_gpu.py \
+    > "$OUT/tests/test_engine_gpu.log" 2>&1
+  echo "tests/gpu/test_engine_gpu.py: exit $?: $(tail -1 "$OUT/tests/test_engine_gpu.log")"
+  e2e_run "kernels-32k8-$D" 90 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" \
+    --worker-kernel-steps 24 --daemon-env "KVRECALL_KERNEL_PROFILE_OUT=$OUT/kernels-32k8-$D-daemon-kernels.json"
+  e2e_run "many-lag4-6-$D" 120 --parts many --many 64 --many-context 4096 --rates 0,0.117 --query-drift "$D" --lag 4,6
+  e2e_run "table-drift1-ovon" 90 --parts step --contexts 32768,131072 --batches 1,8 --rates 0,0.117
+  E2E=${E2E/--host-cap-gib 40 --host-pool-gib 40/--host-cap-gib 90 --host-pool-gib 90}
+  e2e_run "capped-$D-ovon" 150 --parts capped --contexts 32768 --rates 0.117 --query-drift "$D"
+  rm -f "$OUT"/*.png
+  e2e_finish
+  python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+for p in pathlib.Path(sys.argv[1]).glob("e2e-kernels-*.json"):
+    for r in json.loads(p.read_text())["rows"]:
+        k = r.get("worker_kernels")
+        if k:
+            print("worker kernels at rate", r["rate"], "ms/step", k["kernel_ms_per_step"])
+            for row in k["kernels"][:12]:
+                print("   ", row)
+            for row in k["copies"]:
+                print("   copy", row)
+PY
+  exit 0
+fi
+if [ "${PART:-1}" = 2 ]; then
+  e2e_warmup 240
+  for ov in off on; do
+    e2e_run "drift-32k8-$D-ov$ov" 70 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" --overlap $ov
+  done
+  for ov in off on; do
+    e2e_run "drift-many-$D-ov$ov" 90 --parts many --many 64 --many-context 4096 --rates 0,0.117 --query-drift "$D" \
+      --overlap $ov
+  done
+  e2e_run "drift-table-$D-ovon" 90 --parts step --contexts 32768,131072 --batches 1,8 --rates 0,0.117 \
+    --query-drift "$D" --overlap on
+  E2E=${E2E/--host-cap-gib 40 --host-pool-gib 40/--host-cap-gib 90 --host-pool-gib 90}
+  e2e_run "drift-capped-$D" 150 --parts capped --contexts 32768 --rates 0.117 --query-drift "$D"
+  rm -f "$OUT"/*.png
+  e2e_finish
+  exit 0
+fi
 e2e_warmup 300
 pack_triton_cache
 for drift in ${DRIFTS:-1 0.3 0.15 0.08}; do

@@ -174,3 +174,13 @@ def test_bench_e2e_refuses_a_query_drift_outside_0_1(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "e2e", "--device", "cpu", "--query-drift", "0"])
     assert "--query-drift" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ([], True), (["--lag", "0"], False), (["--lag", "0,4"], False), (["--notices", "waited"], False),
+    (["--host-copies", "kernel"], False), (["--overlap", "off"], False), (["--overlap", "on", "--lag", "2"], True),
+])  # fmt: skip
+def test_bench_e2e_overlap_auto_is_on_where_the_engine_can_run_it(extra, expected):
+    from kvrecall.bench.e2e import _overlap, parse_args
+
+    assert _overlap(parse_args(["--device", "cpu", *extra])) is expected

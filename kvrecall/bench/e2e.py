@@ -97,9 +97,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="copy: the engine's slot tables reach the GPU and each step's tokens / flags the host by the "
                         "copy engine (a small copy can queue behind the daemon's transfers); kernel: by kernels inside "
                         "the step (Engine host_copies)")
-    p.add_argument("--overlap", choices=("on", "off"), default="off",
+    p.add_argument("--overlap", choices=("auto", "on", "off"), default="auto",
                    help="on: each step is launched before the host work of the one before (Engine overlap: the "
-                        "boundary flags, notices, retrievals and shadow switches run while the GPU decodes)")
+                        "boundary flags, notices, retrievals and shadow switches run while the GPU decodes; the "
+                        "serve path's default); auto (default): on where the engine can (deferred notices, every "
+                        "--lag >= 1, --host-copies copy), else off")
     p.add_argument("--switch", choices=SWITCHES, default="fixed",
                    help="fixed: a crossed slot reads its shadow for exactly --lag steps (deterministic); answered: "
                         "it switches as soon as its retrieval is answered, after --lag steps at the latest (Engine switch)")
@@ -109,6 +111,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after timing each louiskv rate above 0, run this many more steps under cProfile and add "
                    "the host functions that took longest to the row (host_profile)")
+    p.add_argument("--worker-kernel-steps", type=int, default=0,
+                   help="after timing each louiskv rate, run this many more steps under torch.profiler (CUDA "
+                   "activity) in this process and add the worker's kernels per step to the row (worker_kernels): "
+                   "which of the step's kernels a boundary makes longer")
     p.add_argument("--out", default="e2e.json")
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     return p.parse_args(argv)
@@ -145,7 +151,8 @@ class Bench:
         self.meta["schedule"] = args.schedule
         self.meta["notices"] = args.notices
         self.meta["host_copies"] = args.host_copies
-        self.meta["overlap"] = args.overlap == "on"
+        self.overlap = _overlap(args)
+        self.meta["overlap"] = self.overlap
         self.meta["switch"] = args.switch
         self.meta["query_drift"] = args.query_drift
         self.meta["weights_gib"] = _gib(self.weights.nbytes)
@@ -262,7 +269,7 @@ class Bench:
             lags = _ints(args.lag)
             engine = Engine(self.weights, batch, capacity, use_graph=not args.no_graph, force_boundary=force, lag=lags[0],
                             follow_notices=args.notices != "taken", host_copies=args.host_copies,
-                            overlap=args.overlap == "on", switch=args.switch)  # fmt: skip
+                            overlap=self.overlap, switch=args.switch)  # fmt: skip
             first = torch.randint(0, self.shape.vocab, (batch,)).tolist()
             ingest = []
             for session, token in zip(opened, first, strict=True):
@@ -303,6 +310,8 @@ class Bench:
                     whole = config["budget"] * self.token_bytes
                     waits["moved_share"] = round(sum(engine.times.moved_bytes) / (crossed * whole), 4)
                 profile = host_profile(engine, args.profile_steps) if rate > 0 and args.profile_steps else None
+                kernels = worker_kernels(engine, args.worker_kernel_steps) \
+                    if policy == "louiskv" and args.worker_kernel_steps and self.device.type == "cuda" else None  # fmt: skip
                 mean = statistics.fmean(samples)
                 rows.append({
                     "part": part, "policy": policy, "context": context, "batch": batch, "rate": rate,
@@ -319,6 +328,7 @@ class Bench:
                     "daemon_gpu_gib": _gib(daemon_device), "host_gib": _gib(host_bytes),
                     "gpu_kv_gib_full_equivalent": _gib(batch * context * self.token_bytes),
                     **waits, **({"host_profile": profile} if profile else {}),
+                    **({"worker_kernels": kernels} if kernels else {}),
                 })  # fmt: skip
             # The captured step alone (no daemon calls, CUDA events): what the host side adds.
             graph_only = time_fn(engine.graph, self.device, warmup=2, reps=max(8, args.steps // 2))
@@ -545,6 +555,13 @@ def daemon_waits(times: DaemonTimes) -> dict[str, Any]:
     return row
 
 
+def _overlap(args: argparse.Namespace) -> bool:
+    """--overlap as the engines run it: auto is on where Engine(overlap=True) can run."""
+    if args.overlap != "auto":
+        return args.overlap == "on"
+    return args.notices != "waited" and min(_ints(args.lag)) >= 1 and args.host_copies == "copy"
+
+
 def _drift(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
@@ -587,6 +604,37 @@ def host_profile(engine: Engine, steps: int, top: int = 25) -> list[dict[str, An
          "cum_ms_per_step": round(cumulative * 1e3 / steps, 3), "calls_per_step": round(calls / steps, 2)}
         for (file, line, name), (_, calls, own, cumulative, _) in rows
     ]  # fmt: skip
+
+
+def worker_kernels(engine: Engine, steps: int, top: int = 20) -> dict[str, Any]:
+    """`steps` engine steps under torch.profiler (CUDA activity: this process's kernels and
+    copies, those inside the captured graph included): per kernel name its launches and GPU
+    milliseconds per step, the `top` by time, and the copies apart. Two processes' kernels
+    time-slice, so a kernel's recorded time includes a slice it waited out while the daemon ran:
+    comparing rates shows which of the step's kernels a boundary lengthens."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(engine.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize(engine.device)
+    kernels: dict[str, list[float]] = {}
+    copies: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        group = copies if event.name.startswith(("Memcpy", "Memset")) else kernels
+        group.setdefault(event.name, []).append(event.time_range.end - event.time_range.start)
+
+    def table(groups: dict[str, list[float]], n: int) -> list[dict[str, Any]]:
+        rows = [{"name": name[:100], "launches_per_step": round(len(t) / steps, 2),
+                 "ms_per_step": round(sum(t) / 1e3 / steps, 4)} for name, t in groups.items()]  # fmt: skip
+        return sorted(rows, key=lambda r: -r["ms_per_step"])[:n]
+
+    total = sum(sum(t) for t in kernels.values()) / 1e3 / steps
+    return {"steps": steps, "kernel_ms_per_step": round(total, 3), "kernels": table(kernels, top),
+            "copies": table(copies, 8)}
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

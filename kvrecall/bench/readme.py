@@ -48,9 +48,14 @@ def render(result: dict[str, Any], source: str, *more: tuple[dict[str, Any], str
         "retrieves for a query only part of the way from the last one, as a real model's retrievals overlap)."
         if drifts else ""
     )
+    overlaps = {bool(run["meta"].get("overlap")) for run, _ in runs}
+    overlap = {
+        frozenset({True}): " each launched before the host work of the one before (`--overlap on`);",
+        frozenset({False}): " each run after the host work of the one before (`--overlap off`);",
+    }.get(frozenset(overlaps), " with overlap in some runs, not in others;")
     lines = [
         f"Measured by {measured_by}.{emulated} Llama-3-8B shape, random bf16 weights, budget 1024; every step "
-        "graph-captured; kvrecall steps timed on the host around `Engine.step()` (the daemon's calls "
+        f"graph-captured,{overlap} kvrecall steps timed on the host around `Engine.step()` (the daemon's calls "
         f"included; boundaries answered {DEFAULT_LAG} steps later, the engine's default), full steps by "
         "CUDA events. Mean step in ms:",
         "",

@@ -6,7 +6,9 @@ step; none of it is thread-safe). Each turn it
 1. admits waiting requests into free slots, in arrival order: opens the request's session
    with its policy, then `Engine.add` prefills the prompt in one pass and ingests its KV
    (the lean path: no transformers cache); the first token comes from the prefill;
-2. runs one decode step for every running request and hands each its token;
+2. runs one decode step for every running request and hands each its token (with `overlap`,
+   the default, the step after it is already launched: its host work runs while the GPU
+   decodes, and a request that ends drops the token that step made for it);
 3. frees the slot of a request that is done: an EOS token ("stop"), max_tokens ("length"),
    or cancelled (its client left, a stop string matched); its session is closed.
 
@@ -83,10 +85,13 @@ class BatchedEngine:
 
     def __init__(
         self, loaded: LoadedModel, client: KVRecallClient, slots: int, max_queue: int, max_model_len: int,
-        lag: int | None = None,
+        lag: int | None = None, overlap: bool = True,
     ) -> None:  # fmt: skip
         self.loaded = loaded
         self.lag = DEFAULT_LAG if lag is None else lag
+        # Each step launched before the host work of the one before (Engine overlap; its sessions
+        # are deferred-eviction ones): needs a lag of at least 1, so lag 0 runs without it.
+        self.overlap = overlap and self.lag >= 1
         self.client = client
         self.slots = slots
         self.max_queue = max_queue
@@ -103,7 +108,8 @@ class BatchedEngine:
         self._thread.start()
 
     def _new_engine(self) -> Engine:
-        return Engine(self.weights, batch=self.slots, max_capacity=self.max_capacity, lag=self.lag)
+        return Engine(self.weights, batch=self.slots, max_capacity=self.max_capacity, lag=self.lag,
+                      overlap=self.overlap)
 
     def load(self) -> dict[str, int]:
         with self._lock:

@@ -24,6 +24,10 @@ def _stop(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def _on_off(flag: bool | None) -> str:
+    return "-" if flag is None else ("on" if flag else "off")
+
+
 def make_engine(loaded, client, device: str, args: argparse.Namespace, window: int):
     """The batched engine where it runs the model, else the serial one (and the log says why)."""
     from kvrecall.serve.batched import BatchedEngine, unbatchable
@@ -31,7 +35,8 @@ def make_engine(loaded, client, device: str, args: argparse.Namespace, window: i
 
     reason = unbatchable(loaded.model)
     if reason is None:
-        return BatchedEngine(loaded, client, args.max_batch, args.max_queue, window, lag=args.lag)
+        return BatchedEngine(loaded, client, args.max_batch, args.max_queue, window, lag=args.lag,
+                             overlap=getattr(args, "overlap", "on") == "on")
     log.warning("%s: no batched decode (%s); requests decode one at a time", loaded.name, reason)
     return SerialEngine(loaded, client, device, args.max_queue)
 
@@ -58,9 +63,10 @@ def run_server(args: argparse.Namespace) -> int:
     with KVRecallClient(args.target, identity, token=args.token) as client:
         engine = make_engine(loaded, client, device, args, window)
         log.info(
-            "worker %s serves %s (%d-token window, default policy %s budget %s, %d decode slots, lag %s, queue %d) "
-            "on http://%s:%d, daemon %s", identity, loaded.name, window, args.policy, args.budget,
-            engine.slots, getattr(engine, "lag", "-"), args.max_queue, args.host, args.port, args.target,
+            "worker %s serves %s (%d-token window, default policy %s budget %s, %d decode slots, lag %s, overlap %s, "
+            "queue %d) on http://%s:%d, daemon %s", identity, loaded.name, window, args.policy, args.budget,
+            engine.slots, getattr(engine, "lag", "-"), _on_off(getattr(engine, "overlap", None)), args.max_queue,
+            args.host, args.port, args.target,
         )  # fmt: skip
         try:
             uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="warning")

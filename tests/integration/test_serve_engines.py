@@ -11,6 +11,7 @@ import dataclasses
 import pytest
 import torch
 
+from kvrecall.cli import build_parser
 from kvrecall.client import KVRecallClient
 from kvrecall.demo import budget_config
 from kvrecall.models.pretrained import LoadedModel
@@ -115,17 +116,25 @@ def test_a_batch_decodes_each_request_as_alone(client, llama, picks):
         assert shared[0][2].retrievals >= 1, "louiskv never retrieved: the tight budgets test nothing"
 
 
-def test_the_lag_reaches_the_engine_and_a_covering_budget_stays_exact(client, llama):
-    """--lag: the batched engine decodes with it; with covering budgets
-    the tokens are full KV's whatever the lag."""
+@pytest.mark.parametrize(("lag", "overlap", "overlapped"), [(7, True, True), (3, False, False), (0, True, False)])
+def test_the_lag_and_overlap_reach_the_engine_and_a_covering_budget_stays_exact(client, llama, lag, overlap, overlapped):
+    """--lag and --overlap: the batched engine decodes with them (overlap, the default, needs a
+    lag of at least 1: at lag 0 it runs without); with covering budgets the tokens are full
+    KV's whatever the lag, with or without overlap."""
     batch = requests(COVERING)[:2]
-    engine = BatchedEngine(llama, client, slots=2, max_queue=2, max_model_len=WINDOW, lag=7)
+    engine = BatchedEngine(llama, client, slots=2, max_queue=2, max_model_len=WINDOW, lag=lag, overlap=overlap)
     try:
-        assert engine.engine.lag == 7
+        assert (engine.engine.lag, engine.engine.overlap) == (lag, overlapped)
         shared = together(engine, batch)
     finally:
         engine.close()
     assert [tokens for tokens, _, _ in shared] == full_kv_tokens(client, llama, batch)
+
+
+def test_overlap_is_the_serve_default():
+    args = build_parser().parse_args(["worker", "--serve", "--target", "localhost:1"])
+    assert (args.overlap, args.lag) == ("on", None)
+    assert build_parser().parse_args(["worker", "--serve", "--target", "localhost:1", "--overlap", "off"]).overlap == "off"
 
 
 def test_eos_and_max_tokens_end_a_request_and_free_its_slot(client, llama):
