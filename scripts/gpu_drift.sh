@@ -9,7 +9,8 @@
 # kernels' compile (the daemon's start took 100-150 s cold against ~10 s warm).
 # PART=2: at DRIFT (0.15 measured moved_share 0.21, the real model's 0.20): Engine overlap off against on at
 # 32K x 8 and 64 sequences, README's table with overlap, then capped 16 GiB at 32K (90 GiB host pool).
-# PART=3: with overlap the default (auto): the GPU engine tests; 32K x 8 with the worker's kernels per step
+# PART=3: with overlap the default (auto): the GPU engine tests; the time-slice probe with the worker never
+# idle (--continuous, a gated mode); 32K x 8 with the worker's kernels per step
 # (--worker-kernel-steps) and the daemon's (KVRECALL_KERNEL_PROFILE_OUT); capped; 64 sequences at lag 4 and 6;
 # README's table at drift 1 (a fresh query per retrieval: the worst case).
 #   usage: [PART=1|2|3] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
@@ -24,6 +25,9 @@ if [ "${PART:-1}" = 3 ]; then
   timeout 150 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu tests/gpu/test_engine_gpu.py \
     > "$OUT/tests/test_engine_gpu.log" 2>&1
   echo "tests/gpu/test_engine_gpu.py: exit $?: $(tail -1 "$OUT/tests/test_engine_gpu.log")"
+  timeout 120 python3 scripts/gpu_timeslice_probe.py --continuous --modes idle,one,many,gappy,graph,tiny,gated \
+    --n 70 --burst-us 470 --period-ms 10 --out "$OUT/timeslice-continuous.json" > "$OUT/logs/timeslice.log" 2>&1
+  echo "timeslice probe exit $?"; cat "$OUT/logs/timeslice.log" | tail -12
   e2e_run "kernels-32k8-$D" 90 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" \
     --worker-kernel-steps 24 --daemon-env "KVRECALL_KERNEL_PROFILE_OUT=$OUT/kernels-32k8-$D-daemon-kernels.json"
   e2e_run "many-lag4-6-$D" 120 --parts many --many 64 --many-context 4096 --rates 0,0.117 --query-drift "$D" --lag 4,6

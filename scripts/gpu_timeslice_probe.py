@@ -15,6 +15,12 @@ total GPU time is about the same in every mode but whose launch count differs:
   dma       no kernels: --dma-mib MiB from pinned host memory to the device per burst, in 16 MiB copies on
             a side stream (the daemon's staged placement moves 123 MiB a retrieval at 32K x 8)
   dma_one   dma, then the one kernel of `one` (a retrieval's copies and its kernels)
+  gated     gappy's launches queued behind a gate (cuStreamWaitValue32 on a pinned host word the host
+            sets after the last launch), so the GPU sees them as one burst however slowly they come
+
+--continuous: A replays its step back to back (20 per CUDA-event window, no host sync between), as
+the engine with overlap does, so B's kernels must preempt A's instead of filling the gaps between its
+replays (where empty kernels cost nothing).
 
 Usage (GPU): python scripts/gpu_timeslice_probe.py --out FILE [--n 70] [--burst-us 900] [--modes idle,dma,...]
 Prints a table (A's step per mode, against idle) and writes JSON with the date, device, command.
@@ -33,7 +39,7 @@ from datetime import UTC, datetime
 
 import torch
 
-MODES = ("idle", "one", "many", "gappy", "graph", "tiny", "dma", "dma_one")
+MODES = ("idle", "one", "many", "gappy", "graph", "tiny", "dma", "dma_one", "gated")
 DMA_CHUNK = 16 << 20  # bytes per host-to-device copy in the dma modes (placement_staged's chunk)
 GAP_S = 30e-6  # gappy: host time between two launches (the daemon's Python between its kernels)
 
@@ -61,6 +67,16 @@ def burst_fn(mode: str, n: int, burst_us: float, device: torch.device, dma_mib: 
                 kernel()
 
         return copies
+    if mode == "gated":
+        gate = Gate(torch.cuda.current_stream(device))
+        inner = burst_fn("gappy", n, burst_us, device)
+
+        def gated():
+            gate.close()
+            inner()
+            gate.open()
+
+        return gated
     if mode == "one":
         bufs = [buffer_for(burst_us, device)]
     elif mode in ("many", "gappy", "graph"):
@@ -86,6 +102,37 @@ def burst_fn(mode: str, n: int, burst_us: float, device: torch.device, dma_mib: 
     with torch.cuda.graph(graph):
         launch()
     return graph.replay
+
+
+class Gate:
+    """A stream held by cuStreamWaitValue32 on a pinned host word: close() queues a wait for the
+    next value, open() writes it from the host, so what was launched in between runs as one burst."""
+
+    def __init__(self, stream: torch.cuda.Stream) -> None:
+        import ctypes
+
+        self.lib = ctypes.CDLL("libcuda.so.1")
+        self.word = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        pointer = ctypes.c_uint64()
+        self._check(self.lib.cuMemHostGetDevicePointer_v2(ctypes.byref(pointer), ctypes.c_void_p(self.word.data_ptr()), 0),
+                    "cuMemHostGetDevicePointer")
+        self.address = pointer.value
+        self.wait = getattr(self.lib, "cuStreamWaitValue32_v2", None) or self.lib.cuStreamWaitValue32
+        self.wait.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+        self.stream = stream
+        self.value = 0
+
+    @staticmethod
+    def _check(code: int, what: str) -> None:
+        if code != 0:
+            raise RuntimeError(f"{what}: CUresult {code}")
+
+    def close(self) -> None:
+        self.value += 1
+        self._check(self.wait(self.stream.cuda_stream, self.address, self.value, 0), "cuStreamWaitValue32")  # GEQ
+
+    def open(self) -> None:
+        self.word[0] = self.value
 
 
 def role_b(args: argparse.Namespace) -> None:
@@ -135,11 +182,21 @@ def step_graph(device: torch.device, batch: int, layers: int):
     return graph
 
 
-def time_steps(graph, steps: int) -> list[float]:
+def time_steps(graph, steps: int, continuous: bool = False) -> list[float]:
     for _ in range(10):
         graph.replay()
     torch.cuda.synchronize()
     out = []
+    if continuous:  # windows of 20 replays back to back: the GPU never idles between steps
+        for _ in range(max(1, steps // 20)):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 20)
+        return out
     for _ in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -163,6 +220,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--layers", type=int, default=96, help="GEMV pairs per step (96: ~6-7 ms)")
+    parser.add_argument("--continuous", action="store_true", help="A replays back to back (see the docstring)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     if args.role == "b":
@@ -188,7 +246,7 @@ def main() -> None:
             with open(ready) as f:
                 alone = json.load(f)["burst_alone_ms"]
         try:
-            steps = time_steps(graph, args.steps)
+            steps = time_steps(graph, args.steps, args.continuous)
         finally:
             if proc is not None:
                 proc.kill()
@@ -208,7 +266,7 @@ def main() -> None:
             json.dump({"date": datetime.now(UTC).isoformat(timespec="seconds"),
                        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "command": " ".join(["python", *sys.argv]), "n": args.n, "burst_us": args.burst_us,
-                       "period_ms": args.period_ms, "dma_mib": args.dma_mib, "rows": rows}, f, indent=1)
+                       "period_ms": args.period_ms, "dma_mib": args.dma_mib, "continuous": args.continuous, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
