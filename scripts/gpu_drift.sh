@@ -9,10 +9,10 @@
 # kernels' compile (the daemon's start took 100-150 s cold against ~10 s warm).
 # PART=2: at DRIFT (0.15 measured moved_share 0.21, the real model's 0.20): Engine overlap off against on at
 # 32K x 8 and 64 sequences, README's table with overlap, then capped 16 GiB at 32K (90 GiB host pool).
-# PART=3: with overlap the default (auto): the GPU engine tests; the time-slice probe with the worker never
+# PART=3: with overlap the default (auto): the GPU engine and launch-gate tests; the daemon's launch gate
+# on / off / on at 32K x 8; the time-slice probe with the worker never
 # idle (--continuous, a gated mode); 32K x 8 with the worker's kernels per step
 # (--worker-kernel-steps) and the daemon's (KVRECALL_KERNEL_PROFILE_OUT); capped; 64 sequences at lag 4 and 6;
-# README's table at drift 1 (a fresh query per retrieval: the worst case).
 #   usage: [PART=1|2|3] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
@@ -22,16 +22,30 @@ D=${DRIFT:-0.15}
 if [ "${PART:-1}" = 3 ]; then
   e2e_warmup 240
   mkdir -p "$OUT/tests"
-  timeout 150 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu tests/gpu/test_engine_gpu.py \
-    > "$OUT/tests/test_engine_gpu.log" 2>&1
-  echo "tests/gpu/test_engine_gpu.py: exit $?: $(tail -1 "$OUT/tests/test_engine_gpu.log")"
+  for t in tests/gpu/test_launch_gate_gpu.py tests/gpu/test_engine_gpu.py; do
+    timeout 150 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu $t > "$OUT/tests/$(basename $t .py).log" 2>&1
+    echo "$t: exit $?: $(tail -1 "$OUT/tests/$(basename $t .py).log")"
+  done
+  for g in 1 0 1; do  # the daemon's launch gate (gate_launches) on / off / on, 32K x 8
+    e2e_run "gate$g-32k8-$D" 70 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" \
+      --daemon-env "KVRECALL_GATE_LAUNCHES=$g" --daemon-env "KVRECALL_PHASES_OUT=$OUT/logs/gate$g-phases.json"
+    mv "$OUT/e2e-gate$g-32k8-$D.json" "$OUT/logs/e2e-gate$g-32k8-$D-$SECONDS.json" 2>/dev/null
+  done
+  grep -h "launch gate\|watchdog" "$OUT"/logs/*.log | sort | uniq -c | head -5
+  python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+for p in sorted(pathlib.Path(sys.argv[1], "logs").glob("e2e-gate*.json")):
+    d = json.loads(p.read_text())
+    for r in d["rows"]:
+        print(p.name, r["policy"], r.get("rate"), "mean", r["mean_ms"], "gpu", r.get("graph_gpu_ms_mean"),
+              "late", r.get("late_steps"), "answer", r.get("answer_ms_median"), d["meta"].get("ratios"))
+PY
   timeout 120 python3 scripts/gpu_timeslice_probe.py --continuous --modes idle,one,many,gappy,graph,tiny,gated \
     --n 70 --burst-us 470 --period-ms 10 --out "$OUT/timeslice-continuous.json" > "$OUT/logs/timeslice.log" 2>&1
   echo "timeslice probe exit $?"; cat "$OUT/logs/timeslice.log" | tail -12
   e2e_run "kernels-32k8-$D" 90 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" \
     --worker-kernel-steps 24 --daemon-env "KVRECALL_KERNEL_PROFILE_OUT=$OUT/kernels-32k8-$D-daemon-kernels.json"
   e2e_run "many-lag4-6-$D" 120 --parts many --many 64 --many-context 4096 --rates 0,0.117 --query-drift "$D" --lag 4,6
-  e2e_run "table-drift1-ovon" 90 --parts step --contexts 32768,131072 --batches 1,8 --rates 0,0.117
   E2E=${E2E/--host-cap-gib 40 --host-pool-gib 40/--host-cap-gib 90 --host-pool-gib 90}
   e2e_run "capped-$D-ovon" 150 --parts capped --contexts 32768 --rates 0.117 --query-drift "$D"
   rm -f "$OUT"/*.png

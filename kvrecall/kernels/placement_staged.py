@@ -18,6 +18,7 @@ import threading
 
 import torch
 
+from kvrecall import launch_gate
 from kvrecall.kernels._checks import check_int
 from kvrecall.phases import mark
 
@@ -81,6 +82,7 @@ def copy_staged(
         plan[:whole].copy_(packed[:whole], non_blocking=pin)
         plan[whole:].copy_(session_ends, non_blocking=pin)
         mark("place_launch")
+        launch_gate.release()  # (a retrieval's gated launches run now: the sync below needs them)
         if pin:
             torch.cuda.current_stream(device).synchronize()
         mark("plan_sync")

@@ -87,6 +87,9 @@ class ServerConfig(BaseModel):
     host_hugepages: bool = True         # back the pinned host tier with 2 MiB pages where the kernel's
                                         # transparent huge pages allow (a retrieval's host gather of
                                         # scattered rows misses the TLB on every row over 4 KiB pages)
+    gate_launches: bool = False         # queue a retrieval's kernels behind a stream wait the host opens
+                                        # before its first sync, so a worker on the same GPU is
+                                        # preempted once per retrieval, not per kernel (launch_gate.py)
     phases_out: str = ""                # a path: each Boundaries call's time per phase (kvrecall/phases.py),
                                         # mean and quantiles per phase written there as JSON at shutdown
     host_reads: Literal["auto", "copy", "kernel"] = "auto"  # how a background retrieval's rows (one

@@ -15,7 +15,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvrecall import __version__, kernels
+from kvrecall import __version__, kernels, launch_gate
 from kvrecall.fdpass import FdServer, claim_socket_path
 from kvrecall.phases import PhaseLog
 from kvrecall.server.config import ServerConfig
@@ -52,6 +52,7 @@ class Daemon:
         if removed:
             log.warning("removed %d shared-memory segments left by dead daemons", len(removed))
         kernels.set_host_reads(config.host_reads)
+        launch_gate.configure(config.gate_launches)
         sys.setswitchinterval(config.switch_interval_ms / 1e3)
         self.host_pool = HostPool(
             config.host_pool_bytes, page_bytes=config.page_kb * 1024, pinned=self.device.type == "cuda",

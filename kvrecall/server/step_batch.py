@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvrecall import kernels, phases
+from kvrecall import kernels, launch_gate, phases
 from kvrecall.server.errors import FailedPrecondition, InvalidArgument
 from kvrecall.server.policies.base import Selection
 from kvrecall.server.session import Session, check_append_upto, check_boundary_position
@@ -115,6 +115,9 @@ def _serve(
             if event.retrieve:
                 key = session.policy.batch_key()
                 groups.setdefault((type(session.policy), key) if key is not None else ("alone", i), []).append(i)
+        device = sessions[0].ws.keys.device if sessions else None
+        gate = launch_gate.held(device) if groups else contextlib.nullcontext()
+        held.enter_context(gate)  # opened before the first host sync (launch_gate.release)
         for members in groups.values():
             items = []
             for i in members:
@@ -128,7 +131,7 @@ def _serve(
             phases.mark("place")
             for i, placement in zip(members, placements, strict=True):
                 outcomes[i].placement = placement
-        device = sessions[0].ws.keys.device if sessions else None
+        launch_gate.release()
         timing.syncing = time.perf_counter()
         if device is not None and device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()
