@@ -138,6 +138,9 @@ def _gate(device: torch.device) -> Gate:
         gate = _gates.get(key)
         if gate is None:
             assert _driver is not None
+            # The driver calls need the device's context current on this thread (a daemon worker
+            # thread may not have bound it yet: CUresult 201); cudaSetDevice binds the primary one.
+            torch.cuda.set_device(device)
             gate = _gates[key] = Gate(_driver)
         return gate
 
@@ -149,8 +152,8 @@ def held(device: torch.device | None) -> Iterator[None]:
     if not _enabled or device is None or device.type != "cuda":
         yield
         return
-    gate = _gate(device)
     try:
+        gate = _gate(device)
         gate.close(torch.cuda.current_stream(device))
     except RuntimeError as exc:  # a driver that refuses stream waits: run ungated from here on
         configure(False)

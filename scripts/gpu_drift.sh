@@ -19,6 +19,17 @@ OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_env.sh
 . scripts/gpu_e2e_lib.sh
 D=${DRIFT:-0.15}
+if [ "${PART:-1}" = 4 ]; then  # the launch gate's GPU tests, then 32K x 8 with the gate on (no warm-up bench)
+  mkdir -p "$OUT/tests"
+  timeout 40 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu tests/gpu/test_launch_gate_gpu.py \
+    > "$OUT/tests/test_launch_gate_gpu.log" 2>&1
+  echo "launch gate GPU tests: exit $?: $(tail -1 "$OUT/tests/test_launch_gate_gpu.log")"
+  e2e_run "gate1-32k8-$D" 100 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" \
+    --daemon-env "KVRECALL_GATE_LAUNCHES=1" --daemon-env "KVRECALL_PHASES_OUT=$OUT/gate1-phases.json"
+  grep -h "launch gate\|watchdog" "$OUT"/logs/*.log | sort | uniq -c | head -5
+  e2e_finish
+  exit 0
+fi
 if [ "${PART:-1}" = 3 ]; then
   e2e_warmup 240
   mkdir -p "$OUT/tests"

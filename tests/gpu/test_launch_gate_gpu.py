@@ -24,6 +24,7 @@ def gate_on():
 def test_gated_work_runs_only_once_released(gate_on):
     device = torch.device("cuda")
     x = torch.zeros(1 << 20, device=device)
+    x.add_(0)  # the kernel loaded (lazy module loading can outlast the watchdog's 20 ms)
     torch.cuda.synchronize()
     done = torch.cuda.Event()
     with launch_gate.held(device):
@@ -34,6 +35,32 @@ def test_gated_work_runs_only_once_released(gate_on):
         launch_gate.release()
         done.synchronize()
     assert float(x.sum()) == x.numel()
+
+
+def test_a_gate_in_a_fresh_thread_binds_its_context(gate_on):
+    """The daemon serves calls in worker threads that may not have touched CUDA yet."""
+    import threading
+
+    device = torch.device("cuda")
+    x = torch.zeros(16, device=device)
+    x.add_(0)
+    torch.cuda.synchronize()
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            with launch_gate.held(device):
+                x.add_(1)
+                launch_gate.release()
+            torch.cuda.current_stream(device).synchronize()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    thread.join()
+    assert not errors and launch_gate.enabled()
+    assert float(x.sum()) == 16.0
 
 
 def test_a_sync_inside_a_closed_gate_is_freed_by_the_watchdog(gate_on):
