@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from kvrecall import launch_gate
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -58,6 +60,13 @@ class Metrics:
         self.prefix_evictions = Counter(
             "kvrecall_prefix_evictions", "Unreferenced prefixes evicted to admit a session or a prefix", registry=r
         )
+        # launch_gate's process-wide counts (gate_launches), read at scrape time
+        self.launch_gate_calls = gated = Gauge("kvrecall_launch_gate_calls", "Retrieving calls whose kernels were queued behind the launch gate "
+                      "(gate_launches), since start", registry=r)  # fmt: skip
+        gated.set_function(lambda: launch_gate.STATS.closed)
+        self.launch_gate_timeouts = late = Gauge("kvrecall_launch_gate_timeouts", "Gated calls the watchdog opened (a host sync inside the gate: "
+                     "each cost its call 20 ms), since start", registry=r)  # fmt: skip
+        late.set_function(lambda: launch_gate.STATS.timeouts)
         self.errors = Counter("kvrecall_errors", "Requests answered with an error; code: the gRPC status name", ["method", "code"], registry=r)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
