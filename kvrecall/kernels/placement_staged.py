@@ -20,6 +20,7 @@ import torch
 
 from kvrecall import launch_gate
 from kvrecall.kernels._checks import check_int
+from kvrecall.kernels.staged_plan import staged_plan
 from kvrecall.phases import mark
 
 # Rows (of D elements) the host gathers before handing them to the copy engine: about 16 MiB
@@ -50,29 +51,12 @@ def copy_staged(
     C = sessions[0][0].shape[1]
     H, P = num_kv_heads, tokens_per_page
     R = scratch.shape[0]
-    new = counts[:, 1].to(torch.int64)
-    rank = torch.arange(block_r, device=device)[None, :]
-    take = rank < new[:, None]
-    row = torch.arange(R, device=device)[:, None]
-    position = torch.where(take, scratch[:, 2 * block_r : 3 * block_r], 0)
-    slot = scratch[:, 3 * block_r : 4 * block_r]
-    session = row // rows_per_session
-    local = row - session * rows_per_session
-    layer, head = local // H, local % H
-    page = position // P
     tables = torch.nn.utils.rnn.pad_sequence([part[2] for part in sessions], batch_first=True)
-    base = tables[session.expand(-1, block_r), page]
-    key_row = (base + (((layer * 2) * H + head) * P + position - page * P) * D) // D  # K rows of the pool
-    target = local * C + first_slot + slot
-    # Compacted in row order (each session's entries one run): entry (r, k) goes to
-    # starts[r] + k; the others to a spare last element.
-    ends = new.cumsum(0)
+    # The pool row and working-set row of every new token, compacted in row order (one launch:
+    # staged_plan_triton; this path runs only where the placement kernel does).
+    packed, targets, ends = staged_plan(scratch, counts, block_r, tables, rows_per_session, first_slot, H, P, D, C,
+                                        impl="triton")  # fmt: skip
     whole = R * block_r
-    dest = torch.where(take, ends[:, None] - new[:, None] + rank, whole).view(-1)
-    packed = torch.empty(whole + 1, dtype=torch.int64, device=device)
-    packed.scatter_(0, dest, key_row.view(-1))
-    targets = torch.empty(whole + 1, dtype=torch.int64, device=device)
-    targets.scatter_(0, dest, target.view(-1))
     session_ends = ends[rows_per_session - 1 :: rows_per_session]
     pin = device.type == "cuda"  # (a CPU run, under Triton's interpreter, tests the same steps)
     # The one sync: the host needs the rows it gathers (and how many there are).

@@ -96,6 +96,14 @@ def _run_policy(
         for other in sessions:
             other.ws.query.copy_(randn(L, Hq, D))
         serve_step(sessions, [pb.StepEvent(position=other.spilled_upto, retrieve=True) for other in sessions])
+        for other in sessions:
+            other.ws.query.copy_(randn(L, Hq, D))
+        try:  # a background retrieval: its rows by the copy engine, the staged plan's kernel (staged_plan_triton)
+            serve_step(sessions, [pb.StepEvent(position=other.spilled_upto, retrieve=True) for other in sessions],
+                       background=True)  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - a warm-up: the first worker's retrieval compiles it instead
+            log.warning("warm-up: the background retrieval path failed (%s: %s); it compiles on first use",
+                        type(exc).__name__, exc)  # fmt: skip
         # both sessions' notices in one launch (kernels.spill_evict_many; with louiskv, its sums), on
         # the stream the service serves notices on (its allocator pool and kernels loaded before a worker waits)
         notices = [pb.StepEvent(position=other.spilled_upto + spill, notice=True) for other in sessions]
