@@ -13,20 +13,35 @@
 # on / off / on at 32K x 8; the time-slice probe with the worker never
 # idle (--continuous, a gated mode); 32K x 8 with the worker's kernels per step
 # (--worker-kernel-steps) and the daemon's (KVRECALL_KERNEL_PROFILE_OUT); capped; 64 sequences at lag 4 and 6;
-#   usage: [PART=1|2|3] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
+# PART=4: the GPU tests of the launch gate, the engine and the staged plan kernel (natively), then the launch
+# gate on / off alternating at 32K x 8 (x2) and 64 sequences, at DRIFT.
+#   usage: [PART=1|2|3|4] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_env.sh
 . scripts/gpu_e2e_lib.sh
 D=${DRIFT:-0.15}
-if [ "${PART:-1}" = 4 ]; then  # the launch gate's GPU tests, then 32K x 8 with the gate on (no warm-up bench)
+if [ "${PART:-1}" = 4 ]; then  # this session's unmeasured changes: their GPU tests, then the launch gate A/B
   mkdir -p "$OUT/tests"
-  timeout 40 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu tests/gpu/test_launch_gate_gpu.py \
-    > "$OUT/tests/test_launch_gate_gpu.log" 2>&1
-  echo "launch gate GPU tests: exit $?: $(tail -1 "$OUT/tests/test_launch_gate_gpu.log")"
-  e2e_run "gate1-32k8-$D" 100 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" \
-    --daemon-env "KVRECALL_GATE_LAUNCHES=1" --daemon-env "KVRECALL_PHASES_OUT=$OUT/gate1-phases.json"
+  for t in tests/gpu/test_launch_gate_gpu.py tests/gpu/test_engine_gpu.py; do
+    timeout 150 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu $t > "$OUT/tests/$(basename $t .py).log" 2>&1
+    echo "$t: exit $?: $(tail -1 "$OUT/tests/$(basename $t .py).log")"
+  done
+  for t in tests/kernels/test_staged_plan.py tests/kernels/test_placement.py; do  # natively: the plan kernel on the GPU
+    timeout 150 python3 -m pytest -q --tb=short -p no:cacheprovider $t > "$OUT/tests/$(basename $t .py).log" 2>&1
+    echo "$t (native): exit $?: $(tail -1 "$OUT/tests/$(basename $t .py).log")"
+  done
+  e2e_warmup 240
+  for g in 1 0 1 0; do  # the daemon's launch gate on / off, alternating, 32K x 8 at the real model's traffic
+    e2e_run "gate$g-32k8-$D-$SECONDS" 70 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" \
+      --daemon-env "KVRECALL_GATE_LAUNCHES=$g"
+  done
+  for g in 1 0; do
+    e2e_run "gate$g-many-$D" 90 --parts many --many 64 --many-context 4096 --rates 0,0.117 --query-drift "$D" \
+      --daemon-env "KVRECALL_GATE_LAUNCHES=$g"
+  done
   grep -h "launch gate\|watchdog" "$OUT"/logs/*.log | sort | uniq -c | head -5
+  rm -f "$OUT"/*.png
   e2e_finish
   exit 0
 fi
