@@ -210,10 +210,12 @@ class Engine:
     first bench on a freshly started machine, as was the session's one other slow run, so one
     A/B does not settle it; at 32K x 8 both gave 1.41-1.42x.
     `overlap` (see step(); needs deferred-eviction sessions, lag >= 1 and host_copies="copy"):
-    each step is launched before the host work of the one before. Off by default: on an H200
-    it wins at batch 1 (32K 1.12x full against 1.07x) and in the median step at batch 8, but
-    the daemon, left only time slices of a GPU that never idles, answers later, so at lag 4
-    more steps wait (docs/ARCHITECTURE.md, "Overlap"). `keep_logits` (with overlap, where the
+    each step is launched before the host work of the one before. Off by default here; on in
+    the serve path (BatchedEngine, `kvrecall worker --serve --overlap`) and in `bench e2e`: at
+    the real model's retrieval traffic it wins at every batch measured on an H200 (32K x 8 1.59x
+    full against 1.40x, 64 sequences 3,393 against 2,896 tokens/s), though the daemon, left only
+    time slices of a GPU that never idles, answers later (docs/ARCHITECTURE.md, "Overlap").
+    `keep_logits` (with overlap, where the
     decoder's buffer already holds the next step's): `logits` holds a copy of the returned
     step's, made each step. `switch`: "fixed" (after exactly `lag` steps) or "answered" (as soon
     as the answer is in, at most `lag` steps; see the module docstring)."""
