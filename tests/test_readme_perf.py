@@ -50,9 +50,9 @@ def test_the_table_says_whether_its_runs_overlapped_and_what_drift_they_emulated
     path = REPO / "bench/results/2026-12-02-h200-drift-table-0.15-ovon-e2e.json"
     run = json.loads(path.read_text())
     on = render(run, "on.json")
-    assert "(`--overlap on`)" in on and "`--query-drift 0.15`" in on
+    assert "(`--overlap on`)" in on and "Emulated retrieval queries (`--query-drift 0.15`" in on
     off = copy.deepcopy(run)
     off["meta"]["overlap"], off["meta"]["query_drift"] = False, 1.0
     text = render(off, "off.json")
-    assert "(`--overlap off`)" in text and "--query-drift" not in text
+    assert "(`--overlap off`)" in text and "Emulated retrieval queries" not in text
     assert "in some runs, not in others" in render(run, "on.json", (off, "off.json"))
