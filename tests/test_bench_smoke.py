@@ -127,8 +127,10 @@ def test_bench_e2e_runs_on_cpu(tmp_path):
     # two blocks of 3 steps each, one after another: each block's mean and their spread
     for row in louiskv:
         blocks = row["mean_ms_blocks"]
-        # (both rounded to 3 decimals: the spread of the rounded means agrees to rounding)
-        assert len(blocks) == 2 and row["block_spread"] == pytest.approx(max(blocks) / min(blocks), abs=1e-3)
+        # (both rounded to 3 decimals: the spread lies within what the rounded means allow)
+        low, high = max(blocks) - 5e-4, max(blocks) + 5e-4
+        assert len(blocks) == 2
+        assert low / (min(blocks) + 5e-4) - 5e-4 <= row["block_spread"] <= high / (min(blocks) - 5e-4) + 5e-4
         assert min(blocks) - 1e-3 <= row["mean_ms"] <= max(blocks) + 1e-3
     assert {"speedup_vs_full_0K_b2_lag1", "over_bound_0K_b2_lag1"} <= set(result["meta"]["ratios"])
     # whether the steps waited on the daemon: per step waits, per retrieving call latencies
