@@ -66,7 +66,7 @@ for p in sorted(pathlib.Path(sys.argv[1], "logs").glob("e2e-gate*.json")):
         print(p.name, r["policy"], r.get("rate"), "mean", r["mean_ms"], "gpu", r.get("graph_gpu_ms_mean"),
               "late", r.get("late_steps"), "answer", r.get("answer_ms_median"), d["meta"].get("ratios"))
 PY
-  timeout 120 python3 scripts/gpu_timeslice_probe.py --continuous --modes idle,one,many,gappy,graph,tiny,gated \
+  timeout 300 python3 scripts/gpu_timeslice_probe.py --continuous --modes idle,one,many,gappy,graph,tiny,gated \
     --n 70 --burst-us 470 --period-ms 10 --out "$OUT/timeslice-continuous.json" > "$OUT/logs/timeslice.log" 2>&1
   echo "timeslice probe exit $?"; cat "$OUT/logs/timeslice.log" | tail -12
   e2e_run "kernels-32k8-$D" 90 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" \

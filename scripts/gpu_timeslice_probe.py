@@ -41,6 +41,7 @@ import torch
 
 MODES = ("idle", "one", "many", "gappy", "graph", "tiny", "dma", "dma_one", "gated")
 DMA_CHUNK = 16 << 20  # bytes per host-to-device copy in the dma modes (placement_staged's chunk)
+READY_S = 45.0  # role b's start and its own timing of a burst, at most
 GAP_S = 30e-6  # gappy: host time between two launches (the daemon's Python between its kernels)
 
 
@@ -238,10 +239,16 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--role", "b", "--mode", mode, "--ready", ready, "--n", str(args.n),
                    "--burst-us", str(args.burst_us), "--period-ms", str(args.period_ms), "--dma-mib", str(args.dma_mib)]
             proc = subprocess.Popen(cmd)
-            while not os.path.exists(ready):
+            deadline = time.monotonic() + READY_S
+            while not os.path.exists(ready) and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
-                if proc.poll() is not None:
-                    raise SystemExit(f"role b ({mode}) exited {proc.returncode}")
+            if not os.path.exists(ready):  # exited or hung (a gated burst never released, say): the next mode
+                why = f"exited {proc.returncode}" if proc.poll() is not None else f"not ready after {READY_S:.0f} s"
+                proc.kill()
+                proc.wait()
+                print(f"role b ({mode}) {why}: skipped", flush=True)
+                rows[mode] = {"error": why}
+                continue
             time.sleep(0.2)
             with open(ready) as f:
                 alone = json.load(f)["burst_alone_ms"]
@@ -257,6 +264,9 @@ def main() -> None:
     bursts_per_step = idle / args.period_ms
     print(f"{'mode':6} {'step mean ms':>12} {'vs idle':>8} {'burst alone ms':>15} {'expected (gpu time) ms':>22}")
     for mode, r in rows.items():
+        if "error" in r:
+            print(f"{mode:6} {r['error']}")
+            continue
         expected = idle + (r["burst_alone_ms"] or 0.0) * bursts_per_step
         r["expected_by_gpu_time_ms"] = expected
         print(f"{mode:6} {r['step_mean_ms']:12.3f} {r['step_mean_ms'] / idle:8.3f} "
