@@ -35,7 +35,7 @@ WATCHDOG_S = 0.02  # a gate still closed this long after it closed is opened by 
 _WAIT_GEQ = 0  # CU_STREAM_WAIT_VALUE_GEQ
 
 
-class _Driver:
+class Driver:
     """The two driver calls (libcuda through ctypes; torch does not expose them)."""
 
     def __init__(self) -> None:
@@ -49,7 +49,7 @@ class _Driver:
 class Gate:
     """One thread's gate on one device: a pinned int32 word and the value it waits for next."""
 
-    def __init__(self, driver: _Driver) -> None:
+    def __init__(self, driver: Driver) -> None:
         self._driver = driver
         self.word = torch.zeros(1, dtype=torch.int32, pin_memory=torch.cuda.is_available())
         pointer = ctypes.c_uint64()
@@ -108,7 +108,7 @@ class _Stats:
 
 STATS = _Stats()
 _enabled = False
-_driver: _Driver | None = None
+_driver: Driver | None = None
 _gates: dict[tuple[int, int | None], Gate] = {}
 _current = threading.local()
 _setup_lock = threading.Lock()
@@ -121,7 +121,7 @@ def configure(enabled: bool) -> None:
     with _setup_lock:
         if enabled and _driver is None and torch.cuda.is_available():
             try:
-                _driver = _Driver()
+                _driver = Driver()
             except (OSError, AttributeError) as exc:
                 log.warning("launch gate off: the CUDA driver's stream wait is not available (%s)", exc)
                 enabled = False

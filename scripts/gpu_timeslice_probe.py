@@ -15,8 +15,9 @@ total GPU time is about the same in every mode but whose launch count differs:
   dma       no kernels: --dma-mib MiB from pinned host memory to the device per burst, in 16 MiB copies on
             a side stream (the daemon's staged placement moves 123 MiB a retrieval at 32K x 8)
   dma_one   dma, then the one kernel of `one` (a retrieval's copies and its kernels)
-  gated     gappy's launches queued behind a gate (cuStreamWaitValue32 on a pinned host word the host
-            sets after the last launch), so the GPU sees them as one burst however slowly they come
+  gated     gappy's launches queued behind the daemon's launch gate (kvrecall/launch_gate.py:
+            cuStreamWaitValue32 on a pinned host word the host sets after the last launch), so the GPU
+            sees them as one burst however slowly they come
 
 --continuous: A replays its step back to back (20 per CUDA-event window, no host sync between), as
 the engine with overlap does, so B's kernels must preempt A's instead of filling the gaps between its
@@ -38,6 +39,8 @@ import time
 from datetime import UTC, datetime
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # kvrecall
 
 MODES = ("idle", "one", "many", "gappy", "graph", "tiny", "dma", "dma_one", "gated")
 DMA_CHUNK = 16 << 20  # bytes per host-to-device copy in the dma modes (placement_staged's chunk)
@@ -68,12 +71,14 @@ def burst_fn(mode: str, n: int, burst_us: float, device: torch.device, dma_mib: 
                 kernel()
 
         return copies
-    if mode == "gated":
-        gate = Gate(torch.cuda.current_stream(device))
+    if mode == "gated":  # the daemon's own gate (kvrecall/launch_gate.py)
+        from kvrecall.launch_gate import Driver, Gate
+
+        gate, stream = Gate(Driver()), torch.cuda.current_stream(device)
         inner = burst_fn("gappy", n, burst_us, device)
 
         def gated():
-            gate.close()
+            gate.close(stream)
             inner()
             gate.open()
 
@@ -103,37 +108,6 @@ def burst_fn(mode: str, n: int, burst_us: float, device: torch.device, dma_mib: 
     with torch.cuda.graph(graph):
         launch()
     return graph.replay
-
-
-class Gate:
-    """A stream held by cuStreamWaitValue32 on a pinned host word: close() queues a wait for the
-    next value, open() writes it from the host, so what was launched in between runs as one burst."""
-
-    def __init__(self, stream: torch.cuda.Stream) -> None:
-        import ctypes
-
-        self.lib = ctypes.CDLL("libcuda.so.1")
-        self.word = torch.zeros(1, dtype=torch.int32, pin_memory=True)
-        pointer = ctypes.c_uint64()
-        self._check(self.lib.cuMemHostGetDevicePointer_v2(ctypes.byref(pointer), ctypes.c_void_p(self.word.data_ptr()), 0),
-                    "cuMemHostGetDevicePointer")
-        self.address = pointer.value
-        self.wait = getattr(self.lib, "cuStreamWaitValue32_v2", None) or self.lib.cuStreamWaitValue32
-        self.wait.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-        self.stream = stream
-        self.value = 0
-
-    @staticmethod
-    def _check(code: int, what: str) -> None:
-        if code != 0:
-            raise RuntimeError(f"{what}: CUresult {code}")
-
-    def close(self) -> None:
-        self.value += 1
-        self._check(self.wait(self.stream.cuda_stream, self.address, self.value, 0), "cuStreamWaitValue32")  # GEQ
-
-    def open(self) -> None:
-        self.word[0] = self.value
 
 
 def role_b(args: argparse.Namespace) -> None:
