@@ -506,7 +506,11 @@ class Bench:
 NOTES = [
     "kvrecall rows: host wall clock per Engine.step() (graph replay + the step's only sync + the daemon "
     "calls it needed: AppendNotices every 16 tokens, boundary retrievals), mean over the timed steps; "
-    "tokens_per_s = batch / mean step.",
+    "tokens_per_s = batch / mean step. With overlap (meta.overlap; --overlap auto turns it on where the "
+    "engine can) each step() launches the next step before the host work of the one it returns.",
+    "query_drift (meta and rows): 1 = every forced crossing retrieves for this step's query (random weights: "
+    "a fresh set each time); below 1 an emulation of a real model's overlapping retrievals (0.15 moved 0.21 "
+    "of a budget per retrieval on an H200 against the bundled SmolLM2's 0.20); moved_share reports it.",
     "full rows: the same engine's step with full KV on the GPU (SDPA enable_gqa over the live length), "
     "graph replay timed with CUDA events (median). kv_layers_shared: fewer KV buffers than layers "
     "because all would not fit; every layer still reads a full-size buffer.",
