@@ -21,10 +21,12 @@ recent driver); where the driver refuses them the gate logs once and stays open.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import logging
 import threading
+import time
 from collections.abc import Iterator
 
 import torch
@@ -69,9 +71,8 @@ class Gate:
         with self._lock:
             self._value += 1
             self._closed = True
-        timer = threading.Timer(WATCHDOG_S, self._watchdog, args=(self._value,))
-        timer.daemon = True
-        timer.start()
+            value = self._value
+        _WATCHDOG.watch(self, value)
 
     def open(self) -> bool:
         """Let the queued work run; False when it was not closed."""
@@ -87,6 +88,37 @@ class Gate:
             late = self._closed and self._value == value
         if late and self.open():
             STATS.count_timeout()
+
+
+class _Watchdog:
+    """One thread for every gate (not a timer thread per retrieval): opens a gate still closed
+    WATCHDOG_S after it closed, in closing order (every deadline is the same span after its close)."""
+
+    def __init__(self) -> None:
+        self._due: collections.deque[tuple[float, Gate, int]] = collections.deque()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, gate: Gate, value: int) -> None:
+        with self._wake:
+            self._due.append((time.monotonic() + WATCHDOG_S, gate, value))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kvrecall-launch-gate", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._due:
+                    self._wake.wait()
+                deadline, gate, value = self._due[0]
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._wake.wait(left)
+                    continue
+                self._due.popleft()
+            gate._watchdog(value)  # a gate opened in time (or closed again since) is left alone
 
 
 class _Stats:
@@ -107,6 +139,7 @@ class _Stats:
 
 
 STATS = _Stats()
+_WATCHDOG = _Watchdog()
 _enabled = False
 _driver: Driver | None = None
 _gates: dict[tuple[int, int | None], Gate] = {}

@@ -618,18 +618,14 @@ def worker_kernels(engine: Engine, steps: int, top: int = 20) -> dict[str, Any]:
     comparing rates shows which of the step's kernels a boundary lengthens."""
     from torch.profiler import ProfilerActivity, profile
 
+    from kvrecall.server.profiling import cuda_events
+
     torch.cuda.synchronize(engine.device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize(engine.device)
-    kernels: dict[str, list[float]] = {}
-    copies: dict[str, list[float]] = {}
-    for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        group = copies if event.name.startswith(("Memcpy", "Memset")) else kernels
-        group.setdefault(event.name, []).append(event.time_range.end - event.time_range.start)
+    _, kernels, copies = cuda_events(prof.events())
 
     def table(groups: dict[str, list[float]], n: int) -> list[dict[str, Any]]:
         rows = [{"name": name[:100], "launches_per_step": round(len(t) / steps, 2),

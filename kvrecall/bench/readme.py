@@ -49,10 +49,12 @@ def render(result: dict[str, Any], source: str, *more: tuple[dict[str, Any], str
         if drifts else ""
     )
     overlaps = {bool(run["meta"].get("overlap")) for run, _ in runs}
-    overlap = {
-        frozenset({True}): " each launched before the host work of the one before (`--overlap on`);",
-        frozenset({False}): " each run after the host work of the one before (`--overlap off`);",
-    }.get(frozenset(overlaps), " with overlap in some runs, not in others;")
+    if overlaps == {True}:
+        overlap = " each launched before the host work of the one before (`--overlap on`);"
+    elif overlaps == {False}:
+        overlap = " each run after the host work of the one before (`--overlap off`);"
+    else:
+        overlap = " with overlap in some runs, not in others;"
     lines = [
         f"Measured by {measured_by}.{emulated} Llama-3-8B shape, random bf16 weights, budget 1024; every step "
         f"graph-captured,{overlap} kvrecall steps timed on the host around `Engine.step()` (the daemon's calls "

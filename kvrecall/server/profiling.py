@@ -80,6 +80,24 @@ class OpsProfiler:
             json.dump(self.summary(), f, indent=2)
 
 
+def cuda_events(events) -> tuple[list[tuple[float, float]], dict[str, list[float]], dict[str, list[float]]]:
+    """A torch.profiler run's CUDA events: the kernels' [start, end) intervals (us), and the
+    durations per name of the kernels and, apart, of the copies and memsets (copy engines)."""
+    spans: list[tuple[float, float]] = []
+    kernels: dict[str, list[float]] = {}
+    copies: dict[str, list[float]] = {}
+    for event in events:
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        start, end = event.time_range.start, event.time_range.end
+        if event.name.startswith(("Memcpy", "Memset")):
+            copies.setdefault(event.name, []).append(end - start)
+            continue
+        spans.append((start, end))
+        kernels.setdefault(event.name, []).append(end - start)
+    return spans, kernels, copies
+
+
 def union_length(spans: list[tuple[float, float]]) -> float:
     """The length of the union of [start, end) intervals (overlapping kernels count once)."""
     return sum(end - start for start, end in merged(spans))
@@ -172,18 +190,7 @@ class KernelProfiler:
         assert self._profile is not None
         wall = time.perf_counter() - self._started
         self._profile.stop()
-        spans: list[tuple[float, float]] = []
-        per_name: dict[str, list[float]] = {}
-        copies: dict[str, list[float]] = {}
-        for event in self._profile.events():
-            if event.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            start, end = event.time_range.start, event.time_range.end
-            if event.name.startswith(("Memcpy", "Memset")):
-                copies.setdefault(event.name, []).append(end - start)
-                continue
-            spans.append((start, end))
-            per_name.setdefault(event.name, []).append(end - start)
+        spans, per_name, copies = cuda_events(self._profile.events())
 
         def table(groups: dict[str, list[float]]) -> list[dict]:
             rows = (

@@ -95,12 +95,12 @@ def _run_policy(
         session.chunk(prompt + spill, kv[:, :, :, prompt + spill :].contiguous())
         for other in sessions:
             other.ws.query.copy_(randn(L, Hq, D))
-        serve_step(sessions, [pb.StepEvent(position=other.spilled_upto, retrieve=True) for other in sessions])
+        retrieve = [pb.StepEvent(position=other.spilled_upto, retrieve=True) for other in sessions]
+        serve_step(sessions, retrieve)
         for other in sessions:
             other.ws.query.copy_(randn(L, Hq, D))
         try:  # a background retrieval: its rows by the copy engine, the staged plan's kernel (staged_plan_triton)
-            serve_step(sessions, [pb.StepEvent(position=other.spilled_upto, retrieve=True) for other in sessions],
-                       background=True)  # fmt: skip
+            serve_step(sessions, retrieve, background=True)
         except Exception as exc:  # noqa: BLE001 - a warm-up: the first worker's retrieval compiles it instead
             log.warning("warm-up: the background retrieval path failed (%s: %s); it compiles on first use",
                         type(exc).__name__, exc)  # fmt: skip

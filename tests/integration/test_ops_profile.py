@@ -135,3 +135,22 @@ def test_phase_marks_without_a_running_clock_do_nothing_and_nested_clocks_restor
             phases.mark("select")
         phases.mark("sync")
     assert set(inner.seconds) == {"select"} and set(outer.seconds) == {"sync"}
+
+
+def test_cuda_events_split_kernels_from_copies_and_skip_host_events():
+    from types import SimpleNamespace
+
+    import torch
+
+    from kvrecall.server.profiling import cuda_events
+
+    def event(name, start, end, device=torch.autograd.DeviceType.CUDA):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end))
+
+    spans, kernels, copies = cuda_events([
+        event("k", 0, 5), event("k", 10, 12), event("Memcpy HtoD", 3, 9), event("Memset", 1, 2),
+        event("aten::add", 0, 100, torch.autograd.DeviceType.CPU), event("j", 4, 7),
+    ])  # fmt: skip
+    assert spans == [(0, 5), (10, 12), (4, 7)]
+    assert kernels == {"k": [5, 2], "j": [3]}
+    assert copies == {"Memcpy HtoD": [6], "Memset": [1]}
