@@ -14,20 +14,40 @@
 # idle (--continuous, a gated mode); 32K x 8 with the worker's kernels per step
 # (--worker-kernel-steps) and the daemon's (KVRECALL_KERNEL_PROFILE_OUT); capped; 64 sequences at lag 4 and 6;
 # PART=4: the GPU tests of the launch gate, the engine and the staged plan kernel (natively), then the launch
-# gate on / off alternating at 32K x 8 (x2) and 64 sequences, at DRIFT.
+# gate on / off alternating at 32K x 8 (x2) and 64 sequences, at DRIFT (SKIP_TESTS=1: the A/B alone).
+# PART=5: PART=4's tests, then the time-slice probe (--continuous, a gated mode), and the Triton cache.
 #   usage: [PART=1|2|3|4] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_env.sh
 . scripts/gpu_e2e_lib.sh
 D=${DRIFT:-0.15}
-if [ "${PART:-1}" = 4 ]; then  # this session's unmeasured changes: their GPU tests, then the launch gate A/B
+if [ "${PART:-1}" = 5 ]; then  # PART=4's tests alone, then the time-slice probe with the worker never idle
   mkdir -p "$OUT/tests"
   for t in tests/gpu/test_launch_gate_gpu.py tests/gpu/test_engine_gpu.py; do
     timeout 150 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu $t > "$OUT/tests/$(basename $t .py).log" 2>&1
     echo "$t: exit $?: $(tail -1 "$OUT/tests/$(basename $t .py).log")"
   done
   for t in tests/kernels/test_staged_plan.py tests/kernels/test_placement.py; do  # natively: the plan kernel on the GPU
+    timeout 120 python3 -m pytest -q --tb=short -p no:cacheprovider $t > "$OUT/tests/$(basename $t .py).log" 2>&1
+    echo "$t (native): exit $?: $(tail -1 "$OUT/tests/$(basename $t .py).log")"
+  done
+  timeout 200 python3 scripts/gpu_timeslice_probe.py --continuous --modes idle,one,many,gappy,graph,tiny,gated \
+    --n 70 --burst-us 470 --period-ms 10 --out "$OUT/timeslice-continuous.json" > "$OUT/logs/timeslice.log" 2>&1
+  echo "timeslice probe exit $?"; tail -14 "$OUT/logs/timeslice.log"
+  pack_triton_cache
+  e2e_finish
+  exit 0
+fi
+if [ "${PART:-1}" = 4 ]; then  # this session's unmeasured changes: their GPU tests, then the launch gate A/B
+  mkdir -p "$OUT/tests"
+  for t in tests/gpu/test_launch_gate_gpu.py tests/gpu/test_engine_gpu.py; do
+    [ -n "${SKIP_TESTS:-}" ] && break
+    timeout 150 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu $t > "$OUT/tests/$(basename $t .py).log" 2>&1
+    echo "$t: exit $?: $(tail -1 "$OUT/tests/$(basename $t .py).log")"
+  done
+  for t in tests/kernels/test_staged_plan.py tests/kernels/test_placement.py; do  # natively: the plan kernel on the GPU
+    [ -n "${SKIP_TESTS:-}" ] && break
     timeout 150 python3 -m pytest -q --tb=short -p no:cacheprovider $t > "$OUT/tests/$(basename $t .py).log" 2>&1
     echo "$t (native): exit $?: $(tail -1 "$OUT/tests/$(basename $t .py).log")"
   done
