@@ -166,14 +166,15 @@ def enabled() -> bool:
 
 
 def _gate(device: torch.device) -> Gate:
-    key = (threading.get_ident(), device.index)
+    index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" alone
+    key = (threading.get_ident(), index)
     with _setup_lock:
         gate = _gates.get(key)
         if gate is None:
             assert _driver is not None
             # The driver calls need the device's context current on this thread (a daemon worker
             # thread may not have bound it yet: CUresult 201); cudaSetDevice binds the primary one.
-            torch.cuda.set_device(device)
+            torch.cuda.set_device(index)
             gate = _gates[key] = Gate(_driver)
         return gate
 
@@ -188,7 +189,7 @@ def held(device: torch.device | None) -> Iterator[None]:
     try:
         gate = _gate(device)
         gate.close(torch.cuda.current_stream(device))
-    except RuntimeError as exc:  # a driver that refuses stream waits: run ungated from here on
+    except Exception as exc:  # noqa: BLE001 - an optimisation never fails a retrieval: run ungated from here on
         configure(False)
         log.warning("launch gate off: %s", exc)
         yield
