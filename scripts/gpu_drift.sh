@@ -15,6 +15,7 @@
 # (--worker-kernel-steps) and the daemon's (KVRECALL_KERNEL_PROFILE_OUT); capped; 64 sequences at lag 4 and 6;
 # PART=4: the GPU tests of the launch gate, the engine and the staged plan kernel (natively), then the launch
 # gate on / off alternating at 32K x 8 (x2) and 64 sequences, at DRIFT.
+# PART=6: 32K x 8 (twice) and 64 sequences under CUDA MPS, then 32K x 8 without it, at DRIFT.
 # PART=5: PART=4's tests, then the time-slice probe (--continuous, a gated mode), and the Triton cache.
 #   usage: [PART=1|2|3|4] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
@@ -22,6 +23,24 @@ OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_env.sh
 . scripts/gpu_e2e_lib.sh
 D=${DRIFT:-0.15}
+if [ "${PART:-1}" = 6 ]; then  # the same runs under CUDA MPS (daemon and worker share the GPU without time slices)
+  command -v nvidia-cuda-mps-control || { echo "no nvidia-cuda-mps-control on this machine"; exit 3; }
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=$OUT/logs/mps
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+  nvidia-cuda-mps-control -d && echo "MPS control daemon started"
+  e2e_warmup 200
+  echo get_server_list | nvidia-cuda-mps-control; echo "MPS servers above"
+  for k in 1 2; do
+    e2e_run "mps-32k8-$D-$k" 70 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D"
+  done
+  e2e_run "mps-many-$D" 90 --parts many --many 64 --many-context 4096 --rates 0,0.117 --query-drift "$D"
+  echo quit | nvidia-cuda-mps-control; sleep 2; echo "MPS stopped: $(pgrep -c nvidia-cuda-mps || true) processes left"
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  e2e_run "nomps-32k8-$D" 70 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D"
+  rm -f "$OUT"/*.png
+  e2e_finish
+  exit 0
+fi
 if [ "${PART:-1}" = 5 ]; then  # PART=4's tests alone, then the time-slice probe with the worker never idle
   mkdir -p "$OUT/tests"
   for t in tests/gpu/test_launch_gate_gpu.py tests/gpu/test_engine_gpu.py; do
