@@ -15,6 +15,7 @@
 # (--worker-kernel-steps) and the daemon's (KVRECALL_KERNEL_PROFILE_OUT); capped; 64 sequences at lag 4 and 6;
 # PART=4: the GPU tests of the launch gate, the engine and the staged plan kernel (natively), then the launch
 # gate on / off alternating at 32K x 8 (x2) and 64 sequences, at DRIFT.
+# PART=7: the worker's kernels per step under MPS and without; batch 1 under MPS.
 # PART=6: 32K x 8 (twice) and 64 sequences under CUDA MPS, then 32K x 8 without it, at DRIFT.
 # PART=5: PART=4's tests, then the time-slice probe (--continuous, a gated mode), and the Triton cache.
 #   usage: [PART=1|2|3|4] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
@@ -23,6 +24,32 @@ OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_env.sh
 . scripts/gpu_e2e_lib.sh
 D=${DRIFT:-0.15}
+if [ "${PART:-1}" = 7 ]; then  # why the step is slower under MPS: the worker's kernels per step with and without
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=$OUT/logs/mps
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+  nvidia-cuda-mps-control -d && echo "MPS control daemon started"
+  e2e_warmup 200
+  e2e_run "mps-kernels-32k8-$D" 90 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" \
+    --worker-kernel-steps 24
+  e2e_run "mps-table-b1-$D" 150 --parts step --contexts 32768,131072 --batches 1 --rates 0,0.117 --query-drift "$D"
+  echo quit | nvidia-cuda-mps-control; sleep 2; echo "MPS stopped: $(pgrep -c nvidia-cuda-mps || true) processes left"
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  e2e_run "nomps-kernels-32k8-$D" 90 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" \
+    --worker-kernel-steps 24
+  rm -f "$OUT"/*.png
+  e2e_finish
+  python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+for p in sorted(pathlib.Path(sys.argv[1]).glob("e2e-*kernels-*.json")):
+    for r in json.loads(p.read_text())["rows"]:
+        k = r.get("worker_kernels")
+        if k:
+            print(p.name, "rate", r["rate"], "gpu", r.get("graph_gpu_ms_mean"), "kernel ms/step", k["kernel_ms_per_step"])
+            for row in k["kernels"][:8]:
+                print("   ", row)
+PY
+  exit 0
+fi
 if [ "${PART:-1}" = 6 ]; then  # the same runs under CUDA MPS (daemon and worker share the GPU without time slices)
   command -v nvidia-cuda-mps-control || { echo "no nvidia-cuda-mps-control on this machine"; exit 3; }
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=$OUT/logs/mps
