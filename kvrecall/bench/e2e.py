@@ -483,13 +483,15 @@ class Bench:
             import matplotlib.pyplot as plt
         except ImportError:
             return
-        fig, ax = plt.subplots(figsize=(7, 4.5))
         series: dict[str, list[tuple[int, float]]] = {}
         for r in self.rows:
             if r["part"] != "step":
                 continue
             label = f"{r['policy']} b{r['batch']}" + ("" if r["rate"] is None else f" r={r['rate']:g}")
             series.setdefault(label, []).append((r["context"], r["mean_ms"]))
+        if not series:  # a bench of the many / capped parts alone: no step against context to draw
+            return
+        fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, points in sorted(series.items()):
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
