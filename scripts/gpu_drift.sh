@@ -15,7 +15,7 @@
 # (--worker-kernel-steps) and the daemon's (KVRECALL_KERNEL_PROFILE_OUT); capped; 64 sequences at lag 4 and 6;
 # PART=4: the GPU tests of the launch gate, the engine and the staged plan kernel (natively), then the launch
 # gate on / off alternating at 32K x 8 (x2) and 64 sequences, at DRIFT.
-# PART=7: the worker's kernels per step under MPS and without; batch 1 under MPS.
+# PART=7: the worker's kernels per step under MPS and without (MPS_TABLE=1: batch 1 under MPS too).
 # PART=6: 32K x 8 (twice) and 64 sequences under CUDA MPS, then 32K x 8 without it, at DRIFT.
 # PART=5: PART=4's tests, then the time-slice probe (--continuous, a gated mode), and the Triton cache.
 #   usage: [PART=1|2|3|4] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
@@ -26,7 +26,7 @@ OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 D=${DRIFT:-0.15}
 if [ "${PART:-1}" = 7 ]; then  # why the step is slower under MPS: the worker's kernels per step with and without
   mkdir -p "$OUT/tests"
-  timeout 120 python3 -m pytest -q --tb=short -p no:cacheprovider tests/kernels/test_placement.py -k copy_engine \
+  timeout 90 python3 -m pytest -q --tb=short -p no:cacheprovider tests/kernels/test_placement.py -k copy_engine \
     > "$OUT/tests/test_placement_copy_engine.log" 2>&1  # natively: the staged path (its plan kernel) on the GPU
   echo "staged placement tests (native): exit $?: $(tail -1 "$OUT/tests/test_placement_copy_engine.log")"
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=$OUT/logs/mps
@@ -35,7 +35,8 @@ if [ "${PART:-1}" = 7 ]; then  # why the step is slower under MPS: the worker's 
   e2e_warmup 200
   e2e_run "mps-kernels-32k8-$D" 90 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" \
     --worker-kernel-steps 24
-  e2e_run "mps-table-b1-$D" 150 --parts step --contexts 32768,131072 --batches 1 --rates 0,0.117 --query-drift "$D"
+  [ -n "${MPS_TABLE:-}" ] && e2e_run "mps-table-b1-$D" 150 --parts step --contexts 32768,131072 --batches 1 \
+    --rates 0,0.117 --query-drift "$D"
   echo quit | nvidia-cuda-mps-control; sleep 2; echo "MPS stopped: $(pgrep -c nvidia-cuda-mps || true) processes left"
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
   e2e_run "nomps-kernels-32k8-$D" 90 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" \
