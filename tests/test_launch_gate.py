@@ -73,3 +73,22 @@ def test_a_cpu_daemon_never_gates():
             launch_gate.release()  # nothing to open
     finally:
         launch_gate.configure(False)
+
+
+def test_a_gate_that_cannot_be_set_up_turns_itself_off_and_the_work_runs(monkeypatch, caplog):
+    """Whatever setting a gate up raises (a driver refusing the wait, a device the binding cannot
+    read: both seen on an H200), the retrieval runs ungated and the gate stays off after it."""
+    caplog.set_level(logging.WARNING, logger="kvrecall.launch_gate")
+
+    def refuse(device):
+        raise ValueError("Expected a torch.device with a specified index or an integer, but got:cuda")
+
+    monkeypatch.setattr(launch_gate, "_gate", refuse)
+    monkeypatch.setattr(launch_gate, "_enabled", True)
+    ran = []
+    with launch_gate.held(torch.device("cuda")):
+        ran.append(True)
+        launch_gate.release()  # no gate was closed: nothing to open
+    assert ran == [True]
+    assert not launch_gate.enabled()
+    assert "launch gate off" in caplog.text and "specified index" in caplog.text
