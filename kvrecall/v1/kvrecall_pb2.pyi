@@ -80,7 +80,7 @@ class StreamingConfig(_message.Message):
     def __init__(self, n_sink: _Optional[int] = ..., window: _Optional[int] = ...) -> None: ...
 
 class LouisKVConfig(_message.Message):
-    __slots__ = ("budget", "n_sink", "window", "cluster_size", "kmeans_iters", "threshold", "max_segment", "pre_rope", "observation", "ingest_select", "pin_ingest", "target_rate", "chunk_select", "min_gap", "chunk_votes", "chunk_span", "exact_chunks", "ingest_span")
+    __slots__ = ("budget", "n_sink", "window", "cluster_size", "kmeans_iters", "threshold", "max_segment", "pre_rope", "observation", "ingest_select", "pin_ingest", "target_rate", "chunk_select", "min_gap", "chunk_votes", "chunk_span", "exact_chunks", "ingest_span", "observation_vote")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     N_SINK_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class LouisKVConfig(_message.Message):
     CHUNK_SPAN_FIELD_NUMBER: _ClassVar[int]
     EXACT_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     INGEST_SPAN_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATION_VOTE_FIELD_NUMBER: _ClassVar[int]
     budget: int
     n_sink: int
     window: int
@@ -117,7 +118,8 @@ class LouisKVConfig(_message.Message):
     chunk_span: int
     exact_chunks: bool
     ingest_span: int
-    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., cluster_size: _Optional[int] = ..., kmeans_iters: _Optional[int] = ..., threshold: _Optional[float] = ..., max_segment: _Optional[int] = ..., pre_rope: bool = ..., observation: _Optional[int] = ..., ingest_select: _Optional[str] = ..., pin_ingest: _Optional[float] = ..., target_rate: _Optional[float] = ..., chunk_select: _Optional[str] = ..., min_gap: _Optional[int] = ..., chunk_votes: _Optional[int] = ..., chunk_span: _Optional[int] = ..., exact_chunks: bool = ..., ingest_span: _Optional[int] = ...) -> None: ...
+    observation_vote: str
+    def __init__(self, budget: _Optional[int] = ..., n_sink: _Optional[int] = ..., window: _Optional[int] = ..., cluster_size: _Optional[int] = ..., kmeans_iters: _Optional[int] = ..., threshold: _Optional[float] = ..., max_segment: _Optional[int] = ..., pre_rope: bool = ..., observation: _Optional[int] = ..., ingest_select: _Optional[str] = ..., pin_ingest: _Optional[float] = ..., target_rate: _Optional[float] = ..., chunk_select: _Optional[str] = ..., min_gap: _Optional[int] = ..., chunk_votes: _Optional[int] = ..., chunk_span: _Optional[int] = ..., exact_chunks: bool = ..., ingest_span: _Optional[int] = ..., observation_vote: _Optional[str] = ...) -> None: ...
 
 class QuestConfig(_message.Message):
     __slots__ = ("budget", "n_sink", "window", "page_size", "exact_chunks")

@@ -166,3 +166,33 @@ def test_ingest_span_brings_the_neighbours_of_the_ingests_best_votes(client, spa
 def test_ingest_span_out_of_range_is_refused(client):
     with pytest.raises(InvalidArgumentError, match="ingest_span"):
         client.open_session(SMALL, "louiskv", {"budget": 16, "window": 32, "ingest_span": 257})
+
+
+@pytest.mark.parametrize("vote", ["flat", "scales"])
+def test_the_scales_vote_favours_the_latest_observation_queries(client, vote):
+    """The last 4 of the 16 observation queries look for needle A, the 12 before them for needle
+    B, and the 8-token budget holds one needle's max-pooled neighbourhood: the flat vote (12
+    queries against 4) keeps B's, the scales vote (the last 4, 8 and 16 queries' mean votes
+    summed: 4 x 0.4375 for A against 4 x 0.1875 + 8 x 0.0625 for B) keeps A's (the eighth slot
+    goes to the other needle's best token)."""
+    a, b = 60, 200
+    kv = random_kv(SMALL, PROMPT, seed=5) * 0.1
+    queries = torch.zeros(SMALL.num_layers, SMALL.num_query_heads, 16, SMALL.head_dim)
+    for needle, axis, looking in ((a, 0, slice(12, 16)), (b, 1, slice(0, 12))):
+        kv[:, 0, :, needle] = 0.0
+        kv[:, 0, :, needle, axis] = 8.0
+        queries[:, :, looking, axis] = 4.0
+    config = {"budget": 8, "n_sink": 4, "window": 32, "observation_vote": vote}
+    with client.open_session(SMALL, "louiskv", config) as session:
+        session.ingest(kv, queries)
+        for layer in range(SMALL.num_layers):
+            for head in range(SMALL.num_kv_heads):
+                held = set(session.slot_pos[layer, head, 4:12].tolist())
+                kept, lost = (a, b) if vote == "scales" else (b, a)
+                assert set(range(kept - 3, kept + 4)) <= held, (vote, layer, head)
+                assert len(held & set(range(lost - 3, lost + 4))) <= 1, (vote, layer, head)  # the 8th slot at most
+
+
+def test_an_unknown_observation_vote_is_refused(client):
+    with pytest.raises(InvalidArgumentError, match="observation_vote"):
+        client.open_session(SMALL, "louiskv", {"budget": 16, "window": 32, "observation_vote": "recent"})

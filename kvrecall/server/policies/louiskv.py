@@ -84,6 +84,7 @@ class LouisKVConfig:
     chunk_span: int = 8  # > 0: a chunk's best-voted SPAN_SEEDS of tokens bring their +-chunk_span neighbours
     exact_chunks: bool = True  # a chunk attends exactly over every earlier token (the host tier), not the working set
     ingest_span: int = 0  # > 0: the ingest's best-voted SPAN_SEEDS of tokens bring their +-ingest_span neighbours
+    observation_vote: str = "flat"  # the ingest's vote: "flat" (the last `observation` queries alike) or "scales"
 
     def __post_init__(self) -> None:
         check_resident(self)
@@ -101,6 +102,7 @@ class LouisKVConfig:
         check(0 <= self.chunk_votes <= 4096, "chunk_votes", "must be in [0, 4096] (0: every query the worker sent)")
         check(0 <= self.chunk_span <= 256, "chunk_span", "must be in [0, 256] (0: single tokens)")
         check(0 <= self.ingest_span <= 256, "ingest_span", "must be in [0, 256] (0: single tokens)")
+        check(self.observation_vote in ("flat", "scales"), "observation_vote", "must be 'flat' or 'scales'")
 
     @property
     def pinned_tokens(self) -> int:
@@ -272,7 +274,9 @@ class LouisKVPolicy(Policy):
         self.closed_upto = 0  # tokens [prompt_evicted, closed_upto) are in closed units
         self.open_sum: torch.Tensor | None = None  # [B, D] f32: keys of the open segment, summed
         self.pinned: torch.Tensor | None = None  # [B, P] ascending, -1 padded: kept by every retrieval
-        self.ranking = ObservationRanking(layout.num_layers, layout.num_kv_heads, config.budget, POOL_KERNEL)
+        self.ranking = ObservationRanking(
+            layout.num_layers, layout.num_kv_heads, config.budget, POOL_KERNEL, config.observation_vote
+        )
         self.observed: list[torch.Tensor] = []  # ingest_select="units": each layer's observation queries
         self._capacity_warned = False
 

@@ -41,10 +41,13 @@ class SnapKVConfig:
         check(1 <= self.observation <= 1024, "observation", "must be in [1, 1024]")
 
 
-def observation_scores(queries: torch.Tensor, keys: torch.Tensor, group: int, causal: bool = True) -> torch.Tensor:
+def observation_scores(
+    queries: torch.Tensor, keys: torch.Tensor, group: int, causal: bool = True, weights: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Attention mass per token: queries [Hq, n, D], keys [H, T, D] -> [H, T] float32. With
     `causal` the queries are the last n of the T tokens (causal among themselves); without,
-    they come after every key (a chunk's queries over the tokens before it)."""
+    they come after every key (a chunk's queries over the tokens before it). `weights` [n]:
+    each query's share of the vote (None: every query alike)."""
     Hq, n, D = queries.shape
     T = keys.shape[1]
     k = keys.float().repeat_interleave(group, dim=0)
@@ -55,18 +58,31 @@ def observation_scores(queries: torch.Tensor, keys: torch.Tensor, group: int, ca
         )
         logits = logits.masked_fill(future, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if weights is not None:
+        probs = probs * weights.to(probs.device, torch.float32)[None, :, None]
     return probs.sum(dim=1).view(-1, group, T).sum(dim=1)
+
+
+def scale_weights(n: int) -> torch.Tensor:
+    """Per query of the last n (oldest first), its weight in the sum of the mean votes of the
+    last 4, 8, 16, ... queries up to n (n itself included): the latest queries, those closest
+    to what is asked, count in every scale ("scales" observation vote)."""
+    weights = torch.zeros(n, dtype=torch.float32)
+    sizes = [size for size in (4 << k for k in range(16)) if size < n] + [n]
+    for size in sizes:
+        weights[n - size :] += 1.0 / size
+    return weights
 
 
 def top_voted(
     queries: torch.Tensor, keys: torch.Tensor, group: int, span: tuple[int, int], count: int, pool_kernel: int,
-    causal: bool = True,
+    causal: bool = True, weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The `count` tokens of positions [start, end) = `span` that receive the most attention mass
     from queries [Hq, n, D] over keys [H, T, D] (max-pooled over `pool_kernel` neighbours), best
-    first: [H, count] int64 on the keys' device (see observation_scores for `causal`)."""
+    first: [H, count] int64 on the keys' device (see observation_scores for `causal`, `weights`)."""
     start, end = span
-    mass = observation_scores(queries.to(keys.device), keys, group, causal)
+    mass = observation_scores(queries.to(keys.device), keys, group, causal, weights)
     pooled = F.max_pool1d(mass[None], pool_kernel, stride=1, padding=pool_kernel // 2)[0]
     return pooled[:, start:end].topk(count, dim=-1).indices + start
 
@@ -90,9 +106,10 @@ class ObservationRanking:
     attention from the observation queries (max-pooled over `pool_kernel` neighbours), best
     first: `ranked` CPU int64 [L, H, budget], -1 padded, so the first k of a row are its top k."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, budget: int, pool_kernel: int) -> None:
+    def __init__(self, num_layers: int, num_kv_heads: int, budget: int, pool_kernel: int, vote: str = "flat") -> None:
         self.ranked = torch.full((num_layers, num_kv_heads, budget), -1, dtype=torch.int64)
         self.pool_kernel = pool_kernel
+        self.vote = vote  # "flat": every observation query alike; "scales": scale_weights
         self.any = False  # whether a layer was ranked
 
     def rank_layer(self, ctx: PolicyContext, layer: int, keys: torch.Tensor, queries: torch.Tensor | None) -> None:
@@ -101,7 +118,8 @@ class ObservationRanking:
         if queries is None or end <= start:
             return
         count = min(self.ranked.shape[-1], end - start)
-        top = top_voted(queries, keys, ctx.layout.group_size, (start, end), count, self.pool_kernel)
+        weights = scale_weights(queries.shape[1]) if self.vote == "scales" else None
+        top = top_voted(queries, keys, ctx.layout.group_size, (start, end), count, self.pool_kernel, weights=weights)
         self.ranked[layer, :, :count] = top.cpu()
         self.any = True
 
