@@ -15,74 +15,80 @@
 # (--worker-kernel-steps) and the daemon's (KVRECALL_KERNEL_PROFILE_OUT); capped; 64 sequences at lag 4 and 6;
 # PART=4: the GPU tests of the launch gate, the engine and the staged plan kernel (natively), then the launch
 # gate on / off alternating at 32K x 8 (x2) and 64 sequences, at DRIFT.
-# PART=7: the worker's kernels per step under MPS and without (MPS_TABLE=1: batch 1 under MPS too).
-# PART=6: 32K x 8 (twice) and 64 sequences under CUDA MPS, then 32K x 8 without it, at DRIFT.
 # PART=5: PART=4's tests, then the time-slice probe (--continuous, a gated mode), and the Triton cache.
-#   usage: [PART=1|2|3|4] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
+# PART=6: 32K x 8 (twice) and 64 sequences under CUDA MPS, then 32K x 8 without it, at DRIFT.
+# PART=7: the worker's kernels per step under MPS and without (MPS_TABLE=1: batch 1 under MPS too;
+# SKIP_TESTS=1: without the staged placement's native tests first).
+#   usage: [PART=1..7] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_env.sh
 . scripts/gpu_e2e_lib.sh
 D=${DRIFT:-0.15}
-if [ "${PART:-1}" = 7 ]; then  # why the step is slower under MPS: the worker's kernels per step with and without
+gpu_test() {  # log name, seconds, pytest arguments: the run's log under $OUT/tests, its last line echoed
+  local name=$1 limit=$2; shift 2
   mkdir -p "$OUT/tests"
-  [ -z "${SKIP_TESTS:-}" ] && timeout 90 python3 -m pytest -q --tb=short -p no:cacheprovider tests/kernels/test_placement.py \
-    -k copy_engine > "$OUT/tests/test_placement_copy_engine.log" 2>&1  # natively: the staged path's plan kernel
-  echo "staged placement tests (native): exit $?: $(tail -1 "$OUT/tests/test_placement_copy_engine.log")"
+  timeout "$limit" python3 -m pytest --tb=short -p no:cacheprovider "$@" > "$OUT/tests/$name.log" 2>&1
+  echo "$name: exit $?: $(tail -1 "$OUT/tests/$name.log")"
+}
+mps_start() {  # a CUDA MPS control daemon for the processes started after it (this call only)
+  command -v nvidia-cuda-mps-control || { echo "no nvidia-cuda-mps-control on this machine"; exit 3; }
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=$OUT/logs/mps
-  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   nvidia-cuda-mps-control -d && echo "MPS control daemon started"
+}
+mps_stop() {
+  echo quit | nvidia-cuda-mps-control; sleep 2; echo "MPS stopped: $(pgrep -c nvidia-cuda-mps || true) processes left"
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+}
+print_worker_kernels() {  # glob under $OUT, kernels per row: the rows' worker_kernels (bench e2e --worker-kernel-steps)
+  python3 - "$OUT" "$1" "$2" <<'PY'
+import json, pathlib, sys
+for p in sorted(pathlib.Path(sys.argv[1]).glob(sys.argv[2])):
+    for r in json.loads(p.read_text())["rows"]:
+        k = r.get("worker_kernels")
+        if k:
+            print(p.name, "rate", r["rate"], "gpu", r.get("graph_gpu_ms_mean"), "kernel ms/step", k["kernel_ms_per_step"])
+            for row in k["kernels"][: int(sys.argv[3])]:
+                print("   ", row)
+            for row in k["copies"]:
+                print("   copy", row)
+PY
+}
+if [ "${PART:-1}" = 7 ]; then  # why the step is slower under MPS: the worker's kernels per step with and without
+  # natively first: the staged path's plan kernel on the GPU
+  [ -z "${SKIP_TESTS:-}" ] && gpu_test test_placement_copy_engine 90 -q tests/kernels/test_placement.py -k copy_engine
+  mps_start
   e2e_warmup 200
   e2e_run "mps-kernels-32k8-$D" 90 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" \
     --worker-kernel-steps 24
   [ -n "${MPS_TABLE:-}" ] && e2e_run "mps-table-b1-$D" 150 --parts step --contexts 32768,131072 --batches 1 \
     --rates 0,0.117 --query-drift "$D"
-  echo quit | nvidia-cuda-mps-control; sleep 2; echo "MPS stopped: $(pgrep -c nvidia-cuda-mps || true) processes left"
-  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  mps_stop
   e2e_run "nomps-kernels-32k8-$D" 90 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" \
     --worker-kernel-steps 24
   rm -f "$OUT"/*.png
   e2e_finish
-  python3 - "$OUT" <<'PY'
-import json, pathlib, sys
-for p in sorted(pathlib.Path(sys.argv[1]).glob("e2e-*kernels-*.json")):
-    for r in json.loads(p.read_text())["rows"]:
-        k = r.get("worker_kernels")
-        if k:
-            print(p.name, "rate", r["rate"], "gpu", r.get("graph_gpu_ms_mean"), "kernel ms/step", k["kernel_ms_per_step"])
-            for row in k["kernels"][:8]:
-                print("   ", row)
-PY
+  print_worker_kernels "e2e-*kernels-*.json" 8
   exit 0
 fi
 if [ "${PART:-1}" = 6 ]; then  # the same runs under CUDA MPS (daemon and worker share the GPU without time slices)
-  command -v nvidia-cuda-mps-control || { echo "no nvidia-cuda-mps-control on this machine"; exit 3; }
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=$OUT/logs/mps
-  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
-  nvidia-cuda-mps-control -d && echo "MPS control daemon started"
+  mps_start
   e2e_warmup 200
   echo get_server_list | nvidia-cuda-mps-control; echo "MPS servers above"
   for k in 1 2; do
     e2e_run "mps-32k8-$D-$k" 70 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D"
   done
   e2e_run "mps-many-$D" 90 --parts many --many 64 --many-context 4096 --rates 0,0.117 --query-drift "$D"
-  echo quit | nvidia-cuda-mps-control; sleep 2; echo "MPS stopped: $(pgrep -c nvidia-cuda-mps || true) processes left"
-  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  mps_stop
   e2e_run "nomps-32k8-$D" 70 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D"
   rm -f "$OUT"/*.png
   e2e_finish
   exit 0
 fi
 if [ "${PART:-1}" = 5 ]; then  # PART=4's tests alone, then the time-slice probe with the worker never idle
-  mkdir -p "$OUT/tests"
-  for t in tests/gpu/test_launch_gate_gpu.py tests/gpu/test_engine_gpu.py; do
-    timeout 150 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu $t > "$OUT/tests/$(basename $t .py).log" 2>&1
-    echo "$t: exit $?: $(tail -1 "$OUT/tests/$(basename $t .py).log")"
-  done
-  for t in tests/kernels/test_staged_plan.py tests/kernels/test_placement.py; do  # natively: the plan kernel on the GPU
-    timeout 120 python3 -m pytest -q --tb=short -p no:cacheprovider $t > "$OUT/tests/$(basename $t .py).log" 2>&1
-    echo "$t (native): exit $?: $(tail -1 "$OUT/tests/$(basename $t .py).log")"
-  done
+  for t in test_launch_gate_gpu test_engine_gpu; do gpu_test $t 150 -v -m gpu tests/gpu/$t.py; done
+  for t in test_staged_plan test_placement; do gpu_test $t 120 -q tests/kernels/$t.py; done  # natively: the plan kernel
   timeout 200 python3 scripts/gpu_timeslice_probe.py --continuous --modes idle,one,many,gappy,graph,tiny,gated \
     --n 70 --burst-us 470 --period-ms 10 --out "$OUT/timeslice-continuous.json" > "$OUT/logs/timeslice.log" 2>&1
   echo "timeslice probe exit $?"; tail -14 "$OUT/logs/timeslice.log"
@@ -91,13 +97,9 @@ if [ "${PART:-1}" = 5 ]; then  # PART=4's tests alone, then the time-slice probe
   exit 0
 fi
 if [ "${PART:-1}" = 4 ]; then  # this session's unmeasured changes: their GPU tests, then the launch gate A/B
-  mkdir -p "$OUT/tests"
-  timeout 60 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu tests/gpu/test_launch_gate_gpu.py \
-    > "$OUT/tests/test_launch_gate_gpu.log" 2>&1
-  echo "launch gate GPU tests: exit $?: $(tail -1 "$OUT/tests/test_launch_gate_gpu.log")"
-  timeout 90 python3 -m pytest -q --tb=short -p no:cacheprovider tests/kernels/test_placement.py -k "staged" \
-    > "$OUT/tests/test_placement_staged.log" 2>&1  # natively: the staged path with the plan kernel on the GPU
-  echo "staged placement tests (native): exit $?: $(tail -1 "$OUT/tests/test_placement_staged.log")"
+  gpu_test test_launch_gate_gpu 60 -v -m gpu tests/gpu/test_launch_gate_gpu.py
+  # natively: the staged path with the plan kernel on the GPU (-k staged, run on 2026-12-02, matched no test)
+  gpu_test test_placement_copy_engine 90 -q tests/kernels/test_placement.py -k copy_engine
   e2e_warmup 240
   for g in 1 0 1 0; do  # the daemon's launch gate on / off, alternating, 32K x 8 at the real model's traffic
     e2e_run "gate$g-32k8-$D-$SECONDS" 70 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" \
@@ -114,11 +116,7 @@ if [ "${PART:-1}" = 4 ]; then  # this session's unmeasured changes: their GPU te
 fi
 if [ "${PART:-1}" = 3 ]; then
   e2e_warmup 240
-  mkdir -p "$OUT/tests"
-  for t in tests/gpu/test_launch_gate_gpu.py tests/gpu/test_engine_gpu.py; do
-    timeout 150 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu $t > "$OUT/tests/$(basename $t .py).log" 2>&1
-    echo "$t: exit $?: $(tail -1 "$OUT/tests/$(basename $t .py).log")"
-  done
+  for t in test_launch_gate_gpu test_engine_gpu; do gpu_test $t 150 -v -m gpu tests/gpu/$t.py; done
   for g in 1 0 1; do  # the daemon's launch gate (gate_launches) on / off / on, 32K x 8
     e2e_run "gate$g-32k8-$D" 70 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" \
       --daemon-env "KVRECALL_GATE_LAUNCHES=$g" --daemon-env "KVRECALL_PHASES_OUT=$OUT/logs/gate$g-phases.json"
@@ -143,18 +141,7 @@ PY
   e2e_run "capped-$D-ovon" 150 --parts capped --contexts 32768 --rates 0.117 --query-drift "$D"
   rm -f "$OUT"/*.png
   e2e_finish
-  python3 - "$OUT" <<'PY'
-import json, pathlib, sys
-for p in pathlib.Path(sys.argv[1]).glob("e2e-kernels-*.json"):
-    for r in json.loads(p.read_text())["rows"]:
-        k = r.get("worker_kernels")
-        if k:
-            print("worker kernels at rate", r["rate"], "ms/step", k["kernel_ms_per_step"])
-            for row in k["kernels"][:12]:
-                print("   ", row)
-            for row in k["copies"]:
-                print("   copy", row)
-PY
+  print_worker_kernels "e2e-kernels-*.json" 12
   exit 0
 fi
 if [ "${PART:-1}" = 2 ]; then
