@@ -108,6 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--daemon-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the daemon process only (repeatable), e.g. "
                    "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=20 under CUDA MPS, KVRECALL_HOST_READS=kernel")
+    p.add_argument("--daemon-log", default="", metavar="PATH",
+                   help="keep the daemon's log at PATH (default: a temporary file, removed after a clean stop)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after timing each louiskv rate above 0, run this many more steps under cProfile and add "
                    "the host functions that took longest to the row (host_profile)")
@@ -374,7 +376,7 @@ class Bench:
         # Pinning a large host tier takes a while (minutes for ~100 GiB on a fresh VM).
         extra_env = dict(item.split("=", 1) for item in args.daemon_env)
         daemon = LocalDaemon(host_pool_gb=host_gib, device_pool_gb=device_gib, device=str(self.device),
-                             env=extra_env or None)  # fmt: skip
+                             env=extra_env or None, log_path=args.daemon_log or None)  # fmt: skip
         with daemon.start(timeout=600.0):
             self.meta["daemon_start_s"] = round(time.perf_counter() - started, 1)
             with KVRecallClient(daemon.target, "bench-e2e", timeout=600.0) as client:

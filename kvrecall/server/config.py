@@ -90,6 +90,9 @@ class ServerConfig(BaseModel):
     gate_launches: bool = False         # queue a retrieval's kernels behind a stream wait the host opens
                                         # before its first sync, so a worker on the same GPU is
                                         # preempted once per retrieval, not per kernel (launch_gate.py)
+    capture_selection: bool = False     # replay louiskv's boundary selection (~25 kernels) as one CUDA
+                                        # graph per session, re-captured when its unit table outgrows
+                                        # a bucket (kvrecall/captured.py)
     phases_out: str = ""                # a path: each Boundaries call's time per phase (kvrecall/phases.py),
                                         # mean and quantiles per phase written there as JSON at shutdown
     host_reads: Literal["auto", "copy", "kernel"] = "auto"  # how a background retrieval's rows (one

@@ -15,7 +15,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvrecall import __version__, kernels, launch_gate
+from kvrecall import __version__, captured, kernels, launch_gate
 from kvrecall.fdpass import FdServer, claim_socket_path
 from kvrecall.phases import PhaseLog
 from kvrecall.server.config import ServerConfig
@@ -53,6 +53,7 @@ class Daemon:
             log.warning("removed %d shared-memory segments left by dead daemons", len(removed))
         kernels.set_host_reads(config.host_reads)
         launch_gate.configure(config.gate_launches)
+        captured.configure(config.capture_selection)
         sys.setswitchinterval(config.switch_interval_ms / 1e3)
         self.host_pool = HostPool(
             config.host_pool_bytes, page_bytes=config.page_kb * 1024, pinned=self.device.type == "cuda",
@@ -207,6 +208,10 @@ class Daemon:
         if self.kernel_profiler is not None:
             self.kernel_profiler.finish()
             log.info("profile of the daemon's GPU kernels written to %s", self.kernel_profiler.path)
+        if self.config.capture_selection:
+            stats = captured.STATS
+            log.info("captured selections: %d captures, %d replays, %d failed captures (then kernel by kernel)",
+                     stats["captures"], stats["replays"], stats["failures"])  # fmt: skip
         self.host_pool.close()
         for address in self.config.listen:
             if address.startswith("unix://"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from kvrecall import launch_gate
+from kvrecall import captured, launch_gate
 
 
 class Metrics:
@@ -67,6 +67,12 @@ class Metrics:
         self.launch_gate_timeouts = late = Gauge("kvrecall_launch_gate_timeouts", "Gated calls the watchdog opened (a host sync inside the gate: "
                      "each cost its call 20 ms), since start", registry=r)  # fmt: skip
         late.set_function(lambda: launch_gate.STATS.timeouts)
+        # captured's process-wide counts (capture_selection), read at scrape time
+        self.captured_selections = graphs = Gauge("kvrecall_captured_selections", "Boundary selections by kind: "
+                                                  "captures, replays (one CUDA graph launch each), failures "
+                                                  "(then kernel by kernel), since start", ["kind"], registry=r)  # fmt: skip
+        for kind in ("captures", "replays", "failures"):
+            graphs.labels(kind).set_function(lambda kind=kind: captured.STATS[kind])
         self.errors = Counter("kvrecall_errors", "Requests answered with an error; code: the gRPC status name", ["method", "code"], registry=r)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvrecall import kernels
+from kvrecall import captured, kernels
 from kvrecall.server.layout import WorkingSetPlan
 from kvrecall.server.policies.base import (
     DEFAULT_SPILL_EVERY,
@@ -136,9 +136,10 @@ class _UnitTable:
         self.reps = torch.zeros(rows, units, dim, dtype=rep_dtype, device=device)
         self.sizes = torch.zeros(rows, units, dtype=torch.int32, device=device)
         self.valid = torch.zeros(rows, units, dtype=torch.bool, device=device)
-        self.position, self.unit, self.rank = (
-            torch.zeros(rows, tokens, dtype=torch.int32, device=device) for _ in range(3)
-        )
+        self.position, self.unit = (torch.zeros(rows, tokens, dtype=torch.int32, device=device) for _ in range(2))
+        # A candidate column not yet filled never counts as chosen (rank < take is false), so a
+        # selection may read columns past the filled ones (a captured one reads whole buckets).
+        self.rank = torch.full((rows, tokens), torch.iinfo(torch.int32).max, dtype=torch.int32, device=device)
         self.num_units = self.first_unit  # filled unit columns, the base's included
         self.num_tokens = self.first_token  # filled candidate columns, the base's included
 
@@ -211,6 +212,19 @@ class _UnitTable:
 
 UNIT_COLUMNS = ("reps", "sizes", "valid")  # the fields with a column per unit (the rest: per candidate)
 
+UNIT_BUCKET = 64  # a captured selection reads unit columns in buckets of this many ...
+TOKEN_BUCKET = 1024  # ... and candidate columns in these: re-captured when the table outgrows them
+
+
+def bucket_widths(table: _UnitTable) -> tuple[int, int]:
+    """(unit, candidate) columns a captured selection reads: the filled ones rounded up to
+    whole buckets, at most the table's capacity."""
+    units, tokens = table.sizes.shape[1], table.position.shape[1]
+    return (
+        min(units, -(-table.num_units // UNIT_BUCKET) * UNIT_BUCKET),
+        min(tokens, -(-table.num_tokens // TOKEN_BUCKET) * TOKEN_BUCKET),
+    )
+
 
 # Prompt tokens per k-means segment at ingest (see cluster_segments).
 PROMPT_SEGMENT = 8192
@@ -279,6 +293,7 @@ class LouisKVPolicy(Policy):
         )
         self.observed: list[torch.Tensor] = []  # ingest_select="units": each layer's observation queries
         self._capacity_warned = False
+        self._captured = captured.CapturedCall()  # the boundary selection as a CUDA graph (capture_selection)
 
     def plan(self) -> WorkingSetPlan:
         return resident_plan(self.config)
@@ -542,14 +557,36 @@ class LouisKVPolicy(Policy):
 
     def _choose_every_layer(self, query: torch.Tensor) -> Selection:
         """Every layer's retrieval on views of this session's own table (no copies unless the
-        table is chained to a prefix's): query [L, Hq, D] or [L, Hq, n, D]."""
+        table is chained to a prefix's): query [L, Hq, D] or [L, Hq, n, D]. With the daemon's
+        `capture_selection` a boundary's query over a table of its own is one CUDA graph
+        (_choose_captured)."""
         L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
         R = self.config.budget
+        if query.dim() == 3 and self.units.base is None and captured.enabled(query.device):
+            return self._choose_captured(query.reshape(L * H, -1, D))
         new, take = choose_units(
             query.reshape(L * H, -1, D), *(self.units.view(name) for name in UNIT_FIELDS), self.pinned, R,
             self.config.aggregate,
         )  # fmt: skip
         return Selection(new.view(L, H, R), units=(take > 0).sum())
+
+    def _choose_captured(self, q: torch.Tensor) -> Selection:
+        """choose_units over the table's filled columns rounded up to whole buckets (columns
+        past the filled ones are invalid units and candidates never chosen: the same selection),
+        replayed as one CUDA graph until the table outgrows its buckets (kvrecall/captured.py)."""
+        L, H = self.layout.num_layers, self.layout.num_kv_heads
+        R, aggregate, table = self.config.budget, self.config.aggregate, self.units
+        widths = bucket_widths(table)
+        fields = [table.field(name, widths[0 if name in UNIT_COLUMNS else 1]) for name in UNIT_FIELDS]
+        pinned = () if self.pinned is None else (self.pinned,)
+        key = (widths, table.reps.data_ptr(), tuple(q.shape), q.dtype, tuple(p.shape for p in pinned))
+
+        def choose(query: torch.Tensor, *held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            new, take = choose_units(query, *fields, held[0] if held else None, R, aggregate)
+            return new, (take > 0).sum()
+
+        new, units = self._captured(key, choose, (q, *pinned))
+        return Selection(new.view(L, H, R), units=units)
 
     # ---- several sessions at once (a Boundaries call) ------------------------------------
     def batch_key(self) -> tuple:
