@@ -87,14 +87,16 @@ class CapturedCall:
                 self.graph.replay()
                 STATS["replays"] += 1
                 return tuple(out.clone() for out in self.outputs)
-            out = fn(*inputs)  # the answer now (and any kernel compiled) ...
-            self._capture(key, fn, inputs, pool, stream)  # ... the graph for the next call
+            # The answer now, on the buffers the graph will read (so every kernel it launches is
+            # compiled and loaded for their strides before the capture), then the graph.
+            statics = tuple(value.clone() for value in inputs)
+            out = fn(*statics)
+            self._capture(key, fn, statics, pool, stream)
             return out
 
-    def _capture(self, key: Hashable, fn: Callable, inputs: Sequence[torch.Tensor], pool: tuple, stream) -> None:
+    def _capture(self, key: Hashable, fn: Callable, statics: tuple[torch.Tensor, ...], pool: tuple, stream) -> None:
         self.graph, self.inputs, self.outputs, self.key = None, (), (), None
-        current = torch.cuda.current_stream(inputs[0].device)
-        statics = tuple(value.clone() for value in inputs)
+        current = torch.cuda.current_stream(statics[0].device)
         graph = torch.cuda.CUDAGraph()
         stream.wait_stream(current)
         try:
