@@ -11,10 +11,12 @@ and replays them as one graph launch, with two copies in and two out.
 What a call reads besides its `inputs` (the session's unit table) must keep its addresses while
 its key holds: the caller puts shapes and addresses in the key, and a new key runs the call
 eagerly and captures it for the next one (so a capture never waits for a kernel to compile).
-All graphs of a device share one memory pool; a per-device lock keeps each replay and the
-copies of its outputs together on the stream, so one graph's replay never overwrites another's
-outputs before they are copied out. A capture that fails (a host sync inside, a driver that
-refuses) logs once, counts, and that call runs eagerly from then on.
+Each graph has a memory pool of its own (its intermediates: a few MB for a 32K-token session of
+a Llama-3-8B shape), freed with the graph: a pool shared through one graph_pool_handle() is
+released by PyTorch once the last graph using it is gone, and a later capture into it fails an
+internal assert of the caching allocator (seen on torch 2.11, H200). A per-device lock keeps
+captures apart and each replay next to the copies of its outputs. A capture that fails (a host
+sync inside, a driver that refuses) logs, counts, and that call runs eagerly from then on.
 
 Off by default (`capture_selection` in the daemon's config, KVRECALL_CAPTURE_SELECTION); never on
 a CPU device.
@@ -33,7 +35,7 @@ log = logging.getLogger("kvrecall.captured")
 
 _enabled = False
 _GUARD = threading.Lock()
-_DEVICES: dict[int, tuple[threading.Lock, tuple, torch.cuda.Stream]] = {}
+_DEVICES: dict[int, tuple[threading.Lock, torch.cuda.Stream]] = {}
 STATS: collections.Counter = collections.Counter()  # "captures", "replays", "failures"
 
 
@@ -47,14 +49,13 @@ def enabled(device: torch.device) -> bool:
     return _enabled and device.type == "cuda"
 
 
-def _device_state(device: torch.device) -> tuple[threading.Lock, tuple, torch.cuda.Stream]:
-    """(lock, graph memory pool, capture stream) of a CUDA device, made on first use."""
+def _device_state(device: torch.device) -> tuple[threading.Lock, torch.cuda.Stream]:
+    """(lock, capture stream) of a CUDA device, made on first use."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     with _GUARD:
         state = _DEVICES.get(index)
         if state is None:
-            with torch.cuda.device(index):
-                state = _DEVICES[index] = (threading.Lock(), torch.cuda.graph_pool_handle(), torch.cuda.Stream(index))
+            state = _DEVICES[index] = (threading.Lock(), torch.cuda.Stream(index))
         return state
 
 
@@ -79,7 +80,7 @@ class CapturedCall:
         device = inputs[0].device
         if self.broken or not enabled(device):
             return fn(*inputs)
-        lock, pool, stream = _device_state(device)
+        lock, stream = _device_state(device)
         with lock:
             if self.graph is not None and key == self.key:
                 for static, value in zip(self.inputs, inputs, strict=True):
@@ -91,17 +92,17 @@ class CapturedCall:
             # compiled and loaded for their strides before the capture), then the graph.
             statics = tuple(value.clone() for value in inputs)
             out = fn(*statics)
-            self._capture(key, fn, statics, pool, stream)
+            self._capture(key, fn, statics, stream)
             return out
 
-    def _capture(self, key: Hashable, fn: Callable, statics: tuple[torch.Tensor, ...], pool: tuple, stream) -> None:
+    def _capture(self, key: Hashable, fn: Callable, statics: tuple[torch.Tensor, ...], stream) -> None:
         self.graph, self.inputs, self.outputs, self.key = None, (), (), None
         current = torch.cuda.current_stream(statics[0].device)
         graph = torch.cuda.CUDAGraph()
         stream.wait_stream(current)
         try:
             with torch.cuda.stream(stream):
-                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                graph.capture_begin(capture_error_mode="thread_local")  # a pool of its own
                 try:
                     outputs = fn(*statics)
                 finally:

@@ -54,7 +54,11 @@ def eager(policy: LouisKVPolicy, q: torch.Tensor) -> tuple[torch.Tensor, int]:
     """choose_units over exactly the filled columns (the selection before capture existed)."""
     table = policy.units
     new, take = choose_units(
-        q, *(table.view(name) for name in UNIT_FIELDS), policy.pinned, policy.config.budget, policy.config.aggregate
+        q,
+        *(table.view(name) for name in UNIT_FIELDS),
+        policy.pinned,
+        policy.config.budget,
+        policy.config.aggregate,
     )
     return new.view(L, H, -1), int((take > 0).sum())
 

@@ -1,8 +1,9 @@
 """louiskv's boundary selection replayed as a CUDA graph (kvrecall/captured.py) on a GPU: every
 replay chooses what the eager kernels choose over the filled columns, through table growth
 (re-captures at bucket edges), new pinned tokens and new queries, on the Triton kernels and at
-the Llama-3-8B table shape; two sessions' graphs sharing the device's pool keep their own
-answers."""
+the Llama-3-8B table shape; a re-capture after the session's earlier graph is gone (a pool shared
+by every graph failed there: PyTorch releases it with its last graph); two sessions' replays
+interleaved keep their own answers."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import torch
 
 from kvrecall import captured
 from kvrecall.server.layout import ModelLayout
-from kvrecall.server.policies.louiskv import UNIT_FIELDS, LouisKVConfig, LouisKVPolicy, choose_units, cluster_pieces
+from kvrecall.server.policies.louiskv import (
+    UNIT_FIELDS,
+    LouisKVConfig,
+    LouisKVPolicy,
+    choose_units,
+    cluster_pieces,
+)
 from kvrecall.server.policies.snapkv import ascending
 
 pytestmark = pytest.mark.gpu
@@ -49,7 +56,11 @@ def pin(policy: LouisKVPolicy, seed: int) -> None:
 def eager(policy: LouisKVPolicy, q: torch.Tensor) -> torch.Tensor:
     table = policy.units
     new, _ = choose_units(
-        q, *(table.view(name) for name in UNIT_FIELDS), policy.pinned, policy.config.budget, policy.config.aggregate
+        q,
+        *(table.view(name) for name in UNIT_FIELDS),
+        policy.pinned,
+        policy.config.budget,
+        policy.config.aggregate,
     )
     return new
 
@@ -57,7 +68,9 @@ def eager(policy: LouisKVPolicy, q: torch.Tensor) -> torch.Tensor:
 def query(policy: LouisKVPolicy, seed: int) -> torch.Tensor:
     rows, dim = policy.units.reps.shape[0], policy.units.reps.shape[2]
     g = torch.Generator(device="cuda").manual_seed(seed)
-    return torch.randn(rows, policy.layout.group_size, dim, generator=g, device="cuda").to(policy.layout.dtype)
+    return torch.randn(rows, policy.layout.group_size, dim, generator=g, device="cuda").to(
+        policy.layout.dtype
+    )
 
 
 @pytest.mark.parametrize(
@@ -69,7 +82,9 @@ def query(policy: LouisKVPolicy, seed: int) -> torch.Tensor:
         (2, 2, 3, 16, 128, 0.0, torch.float32, [(500, 30), (600, 40)]),  # nothing pinned
     ],
 )
-def test_replays_choose_what_the_kernels_choose(capture_on, layers, heads, group, dim, budget, pin_ingest, dtype, growth):
+def test_replays_choose_what_the_kernels_choose(
+    capture_on, layers, heads, group, dim, budget, pin_ingest, dtype, growth
+):
     total = sum(tokens for tokens, _ in growth)
     policy = make_policy(layers, heads, group, dim, budget, pin_ingest, dtype, max_tokens=total + 4096)
     before = dict(captured.STATS)
@@ -90,8 +105,8 @@ def test_replays_choose_what_the_kernels_choose(capture_on, layers, heads, group
     assert captures + replays == calls
 
 
-def test_two_sessions_sharing_the_pool_keep_their_answers(capture_on):
-    """Replays interleaved across sessions (one memory pool per device): each output is its own."""
+def test_two_sessions_replayed_in_turn_keep_their_answers(capture_on):
+    """Replays interleaved across sessions: each output is its own."""
     a = make_policy(2, 2, 3, 16, 128, 0.25, torch.float32, 4000)
     b = make_policy(2, 2, 3, 16, 128, 0.25, torch.float32, 4000)
     grow(a, 900, 60, seed=1)
@@ -104,3 +119,16 @@ def test_two_sessions_sharing_the_pool_keep_their_answers(capture_on):
         torch.testing.assert_close(ga.positions, eager(a, qa).view_as(ga.positions), rtol=0, atol=0)
         torch.testing.assert_close(gb.positions, eager(b, qb).view_as(gb.positions), rtol=0, atol=0)
     assert a._captured.graph is not None and b._captured.graph is not None
+
+
+def test_a_session_opened_after_another_closed_still_captures(capture_on):
+    for seed in range(3):  # each policy (and its graphs) dropped before the next one captures
+        policy = make_policy(2, 2, 3, 16, 128, 0.25, torch.float32, 4000)
+        grow(policy, 900, 60, seed=seed)
+        pin(policy, seed=seed)
+        for trial in range(2):
+            q = query(policy, seed=trial)
+            got = policy._choose_captured(q)
+            torch.testing.assert_close(got.positions, eager(policy, q).view_as(got.positions), rtol=0, atol=0)
+        assert policy._captured.graph is not None and not policy._captured.broken
+        del policy
