@@ -20,7 +20,8 @@
 # PART=7: the worker's kernels per step under MPS and without (MPS_TABLE=1: batch 1 under MPS too;
 # SKIP_TESTS=1: without the staged placement's native tests first).
 # PART=8: the captured selection's GPU test, then capture_selection on / off alternating at 32K x 8 (x2) and
-# 64 sequences, at DRIFT (each daemon's log under logs/ has its capture counts).
+# 64 sequences, at DRIFT (each daemon's log under logs/ has its capture counts); C32 / CMANY: the on / off
+# order of each (default "1 0 1 0" / "1 0"), SKIP_TESTS=1: no GPU test first.
 #   usage: [PART=1..8] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
@@ -58,15 +59,15 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob(sys.argv[2])):
 PY
 }
 if [ "${PART:-1}" = 8 ]; then  # the captured selection (capture_selection): its GPU test, then on / off alternating
-  gpu_test test_captured_selection_gpu 150 -v -m gpu tests/gpu/test_captured_selection_gpu.py
+  [ -z "${SKIP_TESTS:-}" ] && gpu_test test_captured_selection_gpu 150 -v -m gpu tests/gpu/test_captured_selection_gpu.py
   e2e_warmup 240
-  for c in 1 0 1 0; do  # 32K x 8 at the real model's traffic; the daemon's log keeps its capture counts
+  for c in ${C32:-1 0 1 0}; do  # 32K x 8 at the real model's traffic; the daemon's log keeps its capture counts
     e2e_run "capture$c-32k8-$D-$SECONDS" 70 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" \
       --daemon-env "KVRECALL_CAPTURE_SELECTION=$c" --daemon-log "$OUT/logs/daemon-capture$c-$SECONDS.log"
   done
-  for c in 1 0; do
-    e2e_run "capture$c-many-$D" 90 --parts many --many 64 --many-context 4096 --rates 0,0.117 --query-drift "$D" \
-      --daemon-env "KVRECALL_CAPTURE_SELECTION=$c" --daemon-log "$OUT/logs/daemon-capture$c-many.log"
+  for c in ${CMANY:-1 0}; do
+    e2e_run "capture$c-many-$D-$SECONDS" 90 --parts many --many 64 --many-context 4096 --rates 0,0.117 --query-drift "$D" \
+      --daemon-env "KVRECALL_CAPTURE_SELECTION=$c" --daemon-log "$OUT/logs/daemon-capture$c-many-$SECONDS.log"
   done
   grep -h "captured selections\|capturing a selection" "$OUT"/logs/daemon-*.log | sort | uniq -c | head -8
   rm -f "$OUT"/*.png
