@@ -11,19 +11,21 @@ from kvrecall.server.policies.louiskv import LouisKVConfig, with_spans
 
 def test_a_seed_brings_its_neighbours_in_its_place():
     top = torch.tensor([[50, 10, 30, 31, 99, 0]])
-    assert with_spans(top, 1, 2, (0, 100)).tolist() == [[48, 49, 50, 51, 52, 10]]
-    # the second seed's span follows the first's; the budget ends inside it
-    assert with_spans(top, 2, 2, (0, 100)).tolist() == [[48, 49, 50, 51, 52, 8]]
+    assert with_spans(top, 1, 2, (0, 100)).tolist() == [[50, 49, 51, 48, 52, 10]]  # nearest first
+    # the second seed's span follows the first's; the budget ends inside it, after the seed itself
+    assert with_spans(top, 2, 2, (0, 100)).tolist() == [[50, 49, 51, 48, 52, 10]]
+    assert with_spans(top, 1, 4, (0, 100))[0, 0].item() == 50  # a span wider than the budget keeps its seed
 
 
 def test_spans_stay_inside_the_voted_range_and_name_each_token_once():
     top = torch.tensor([[16, 17, 40, 90], [95, 94, 20, 60]])
     out = with_spans(top, 2, 3, (16, 96))
-    assert out.tolist() == [[16, 17, 18, 19], [92, 93, 94, 95]]
+    assert out.tolist() == [[16, 17, 18, 19], [95, 94, 93, 92]]
 
 
 def reference(top: list[int], seeds: int, radius: int, start: int, end: int) -> list[int]:
-    order = [p + o for p in top[:seeds] for o in range(-radius, radius + 1) if start <= p + o < end] + top
+    nearest_first = sorted(range(-radius, radius + 1), key=lambda o: (abs(o), o))  # 0, -1, 1, -2, 2, ...
+    order = [p + o for p in top[:seeds] for o in nearest_first if start <= p + o < end] + top
     seen: list[int] = []
     for p in order:
         if p not in seen:

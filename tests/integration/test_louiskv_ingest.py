@@ -39,7 +39,8 @@ def test_the_needle_is_retrieved_at_ingest(client, mode):
 
 def test_tokens_mode_takes_the_neighbours_not_a_cluster(client):
     kv, queries = needle_prompt()
-    config = {"budget": 8, "n_sink": 4, "window": 32, "ingest_select": "tokens"}
+    # the max-pooled vote alone (ingest_span 0: no spans around the best votes)
+    config = {"budget": 8, "n_sink": 4, "window": 32, "ingest_select": "tokens", "ingest_span": 0}
     with client.open_session(SMALL, "louiskv", config) as session:
         session.ingest(kv, queries)
         retrieved = session.slot_pos[0, 0, 4:12].tolist()
@@ -182,7 +183,7 @@ def test_the_scales_vote_favours_the_latest_observation_queries(client, vote):
         kv[:, 0, :, needle] = 0.0
         kv[:, 0, :, needle, axis] = 8.0
         queries[:, :, looking, axis] = 4.0
-    config = {"budget": 8, "n_sink": 4, "window": 32, "observation_vote": vote}
+    config = {"budget": 8, "n_sink": 4, "window": 32, "observation_vote": vote, "ingest_span": 0}  # the vote alone
     with client.open_session(SMALL, "louiskv", config) as session:
         session.ingest(kv, queries)
         for layer in range(SMALL.num_layers):

@@ -83,8 +83,8 @@ class LouisKVConfig:
     chunk_votes: int = 4  # a chunk's last queries voting its retrieval (0: every one the worker sent)
     chunk_span: int = 8  # > 0: a chunk's best-voted SPAN_SEEDS of tokens bring their +-chunk_span neighbours
     exact_chunks: bool = True  # a chunk attends exactly over every earlier token (the host tier), not the working set
-    ingest_span: int = 0  # > 0: the ingest's best-voted SPAN_SEEDS of tokens bring their +-ingest_span neighbours
-    observation_vote: str = "flat"  # the ingest's vote: "flat" (the last `observation` queries alike) or "scales"
+    ingest_span: int = 8  # > 0: the ingest's best-voted SPAN_SEEDS of tokens bring their +-ingest_span neighbours
+    observation_vote: str = "scales"  # the ingest's vote: "scales" (the last 4, 8, 16 queries' mean votes summed) or "flat"
 
     def __post_init__(self) -> None:
         check_resident(self)
@@ -626,12 +626,14 @@ def spread(top: torch.Tensor, radius: int, span: tuple[int, int]) -> torch.Tenso
 def with_spans(top: torch.Tensor, seeds: int, radius: int, span: tuple[int, int]) -> torch.Tensor:
     """top [H, n] distinct positions of [start, end) = `span`, best first -> the same number
     of distinct positions, best first: each of the first `seeds` brings the positions within
-    `radius` of it (inside `span`), in its rank's place, and the rest of `top` follows (a
-    question's best votes fall on a few tokens of the sentence it needs; this brings the
+    `radius` of it (inside `span`), in its rank's place, nearest first (the seed itself, then
+    -1, +1, -2, ...: a span the budget cuts keeps its middle), and the rest of `top` follows
+    (a question's best votes fall on a few tokens of the sentence it needs; this brings the
     sentence whole)."""
     H, n = top.shape
     start, end = span
-    offsets = torch.arange(-radius, radius + 1, device=top.device)
+    distance = torch.arange(1, radius + 1, device=top.device)
+    offsets = torch.cat((distance.new_zeros(1), torch.stack((-distance, distance), dim=1).view(-1)))  # 0, -1, +1, ...
     around = (top[:, :seeds, None] + offsets).view(H, -1)
     around = torch.where((around >= start) & (around < end), around, -1)
     order = torch.cat((around, top), dim=1)  # [H, m]: -1 = outside the span
