@@ -731,7 +731,8 @@ the same GPU lose about the daemon's kernel time (scripts/gpu_timeslice_probe.py
 def select_together(policies: list[LouisKVPolicy], queries: list[torch.Tensor]) -> list[Selection]:
     """Every layer's retrieval of several sessions (one batch_key, tables not empty; queries
     [L, Hq, D] each). Small tables are stacked row-wise up to the widest one (a table's columns
-    past its own units are invalid, and its candidates past its own are masked): one
+    past its own units are invalid, and its candidates past its own carry the largest rank, so
+    none is chosen: _UnitTable): one
     concatenation per table field, then one scoring, one selection and one expansion for all
     of them. A single session, or tables over STACK_MAX_BYTES together, go one by one without
     copies. Either way each session gets what _select gives it alone."""
@@ -743,15 +744,11 @@ def select_together(policies: list[LouisKVPolicy], queries: list[torch.Tensor]) 
         # Each on its own tables (views): stacking copies every field of every table (about
         # 0.4 GB per 32K-token session of a Llama-3-8B shape), GPU time taken from the workers.
         return [policy._choose_every_layer(query) for policy, query in zip(policies, queries, strict=True)]
-    device = tables[0].reps.device
     width = {"unit": max(t.num_units for t in tables), "token": max(t.num_tokens for t in tables)}
     stacked = {
         name: torch.cat([t.field(name, width["unit" if name in UNIT_COLUMNS else "token"]) for t in tables])
         for name in UNIT_FIELDS
     }  # fmt: skip
-    filled = to_device(torch.tensor([t.num_tokens for t in tables]), device).repeat_interleave(rows)
-    beyond = torch.arange(width["token"], device=device) >= filled[:, None]
-    stacked["rank"] = stacked["rank"].masked_fill(beyond, torch.iinfo(stacked["rank"].dtype).max)
     pinned = None if first.pinned is None else torch.cat([policy.pinned for policy in policies])
     q = torch.cat([query.reshape(rows, -1, D) for query in queries])
     new, take = choose_units(q, *(stacked[name] for name in UNIT_FIELDS), pinned, R, first.config.aggregate)
