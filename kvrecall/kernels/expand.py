@@ -1,4 +1,4 @@
-"""Units -> token positions (LouisKV: the chosen units fill the budget).
+"""Units -> token positions (LouisKV: the chosen units fill the budget): any candidate order, or grouped by unit.
 
 Kernel: `expand_triton.py`; reference: `reference.py`; dispatch: `kvrecall.kernels`.
 """
@@ -50,3 +50,27 @@ def expand_selection(
 
         return expand_selection_triton(take, unit, rank, position, width)
     return reference.expand_selection(take, unit, rank, position, width)
+
+
+def expand_grouped(
+    take: torch.Tensor, sizes: torch.Tensor, position: torch.Tensor, width: int, impl: str = "auto"
+) -> torch.Tensor:
+    """expand_selection where the candidates are grouped by unit, in unit order: unit u's
+    sizes[u] candidates follow those of units < u, in rank order (louiskv's unit table) ->
+    [B, width] int64, -1 padded: the same positions, from take, sizes [B, U] (int) and
+    position [B, M] (int32 or int64) alone. take is clamped to [0, sizes]. On a GPU it reads
+    the units and the chosen positions, not every candidate; no host sync there.
+    """
+    check_tensor("take", take, rank=2, dtypes=INDEX_DTYPES)
+    check_tensor("sizes", sizes, rank=2, dtypes=INDEX_DTYPES)
+    check_tensor("position", position, rank=2, dtypes=INDEX_DTYPES)
+    if take.shape != sizes.shape:
+        raise ValueError(f"take: shape {tuple(take.shape)} differs from sizes' {tuple(sizes.shape)}")
+    check_size("position", position, 0, sizes.shape[0], "B of sizes")
+    check_int("width", width, 0)
+    device = check_same_device(take=take, sizes=sizes, position=position)
+    if use_triton(impl, device):
+        from kvrecall.kernels.expand_triton import expand_grouped_triton
+
+        return expand_grouped_triton(take, sizes, position, width)
+    return reference.expand_grouped(take, sizes, position, width)

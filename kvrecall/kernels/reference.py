@@ -9,7 +9,8 @@ B is a batch of independent (layer, kv-head) problems throughout. Ops and the pa
 * kmeans_assign / kmeans_update / kmeans: spherical k-means over keys (LouisKV, arXiv 2510.11292)
 * score_units, select_under_budget: rank retrieval units, take them under a token budget (LouisKV)
 * gather_rows: copy rows of the host tier into the working set (every retrieving policy)
-* expand_selection: the token positions of the units a budget selection took (LouisKV)
+* expand_selection / expand_grouped: the token positions of the units a budget selection took
+  (LouisKV; grouped: candidates stored unit after unit)
 * place_retrieved / spill_ring: make a working set's retrieved region hold a selection (keep
   what is resident, gather the rest from the host pages) and spill the window ring to them
 * cosine_similarity: the query-drift boundary test (LouisKV)
@@ -179,11 +180,35 @@ def expand_selection(
 
     Candidate m of row b is chosen when rank[b, m] < take[b, unit[b, m]]; the first `width`
     chosen positions in candidate order, -1 padded (prefix sums and one scatter)."""
-    rows = unit.shape[0]
-    chosen = rank < take.gather(1, unit.long())
+    return _expand_chosen(rank < take.gather(1, unit.long()), position, width)
+
+
+def expand_grouped(take: torch.Tensor, sizes: torch.Tensor, position: torch.Tensor, width: int) -> torch.Tensor:
+    """expand_selection for candidates grouped by unit: take, sizes [B, U], position [B, M] ->
+    [B, width]. Unit u's candidates are the sizes[u] columns after those of units < u, in rank
+    order, so its first take[u] (clamped to [0, sizes]) are the chosen ones: the work grows with
+    the units and the chosen tokens, not with M (one host sync for their number)."""
+    rows, units = sizes.shape
+    out = torch.full((rows, width), -1, dtype=torch.int64, device=sizes.device)
+    if units == 0 or width == 0:
+        return out
+    sizes = sizes.long().clamp_min(0)
+    take = torch.minimum(take.long().clamp_min(0), sizes).flatten()
+    first_in = (sizes.cumsum(dim=1) - sizes).flatten()  # each unit's first candidate column
+    first_out = take.view(rows, units).cumsum(dim=1).flatten() - take  # and its first output column
+    unit = torch.repeat_interleave(torch.arange(rows * units, device=sizes.device), take)  # per chosen token
+    offset = torch.arange(unit.numel(), device=sizes.device) - (take.cumsum(dim=0) - take)[unit]
+    row, column_out, column_in = unit // units, first_out[unit] + offset, first_in[unit] + offset
+    keep = (column_out < width) & (column_in < position.shape[1])
+    out[row[keep], column_out[keep]] = position[row[keep], column_in[keep]].long()
+    return out
+
+
+def _expand_chosen(chosen: torch.Tensor, position: torch.Tensor, width: int) -> torch.Tensor:
+    """The first `width` positions of the chosen candidates in candidate order, -1 padded."""
     column = chosen.cumsum(dim=1)  # 1-based output column; column 0 collects the rest
     column = torch.where(chosen & (column <= width), column, 0)
-    out = torch.full((rows, width + 1), -1, dtype=torch.int64, device=unit.device)
+    out = torch.full((chosen.shape[0], width + 1), -1, dtype=torch.int64, device=chosen.device)
     out.scatter_(1, column, position.long())
     return out[:, 1:]
 

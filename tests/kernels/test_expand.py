@@ -1,4 +1,4 @@
-"""expand_selection: Triton vs reference, and the positions a budget selection stands for."""
+"""expand_selection / expand_grouped: Triton vs reference, and the positions a budget selection stands for."""
 
 from __future__ import annotations
 
@@ -31,6 +31,18 @@ def random_units(rows: int, units: int, seed: int, budget: int):
     return take, unit, rank, position
 
 
+def random_grouped(rows: int, units: int, seed: int, budget: int, spare_units: int = 0):
+    """random_units plus its sizes, with `spare_units` empty unit columns after the filled ones
+    (a table read past its filled columns, as a captured selection reads it)."""
+    take, unit, rank, position = random_units(rows, units, seed, budget)
+    sizes = torch.zeros(rows, units + spare_units, dtype=torch.int32)
+    for b in range(rows):
+        filled = rank[b] < (1 << 20)
+        sizes[b, :units] = torch.bincount(unit[b][filled], minlength=units)[:units].to(torch.int32)
+    take = torch.cat([take, torch.zeros(rows, spare_units, dtype=take.dtype)], dim=1)
+    return take, sizes, unit, rank, position
+
+
 @pytest.mark.parametrize(
     ("rows", "units", "budget", "width"),
     [(1, 1, 1, 1), (3, 7, 9, 9), (4, 300, 200, 256), (2, 50, 40, 13), (2, 0, 5, 5), (5, 20, 0, 8),
@@ -59,6 +71,36 @@ def test_chosen_positions_in_candidate_order(triton_device, impl) -> None:
     assert K.expand_selection(*args, 2, impl=impl).tolist() == [[40, 41]]  # the first `width`
 
 
+GROUPED_CASES = [
+    (1, 1, 1, 1, 0), (3, 7, 9, 9, 0), (4, 300, 200, 256, 5), (2, 50, 40, 13, 0), (2, 0, 5, 5, 3), (5, 20, 0, 8, 0),
+    (2, 2000, 4500, 4200, 40),  # over 1024 units and 1024 output columns: several blocks of each
+    (3, 1030, 700, 512, 0),  # a second unit block holding the last 6 units
+]
+
+
+@pytest.mark.parametrize(("rows", "units", "budget", "width", "spare"), GROUPED_CASES)
+@pytest.mark.parametrize("index", [torch.int64, torch.int32])
+def test_grouped_matches_reference(triton_device, rows, units, budget, width, spare, index) -> None:
+    take, sizes, unit, rank, position = random_grouped(rows, units, units + width, budget, spare)
+    position = position.to(index)
+    want = K.expand_selection(take, unit, rank, position, width, impl="reference")
+    assert torch.equal(K.expand_grouped(take, sizes, position, width, impl="reference"), want)
+    got = K.expand_grouped(*(t.to(triton_device) for t in (take, sizes, position)), width, impl="triton")
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_grouped_reads_columns_from_sizes(triton_device, impl) -> None:
+    device = torch.device("cpu") if impl == "reference" else triton_device
+    # units of 3, 1 and 2 candidates (columns 0-2, 3, 4-5), two padding columns; a take over a
+    # unit's size counts its size, a negative one none
+    sizes = torch.tensor([[3, 1, 2, 0]])
+    position = torch.tensor([[40, 41, 42, 7, 90, 91, 5, 6]])
+    for take, want in (([[2, 0, 1, 0]], [40, 41, 90, -1, -1]), ([[9, -1, 2, 4]], [40, 41, 42, 90, 91])):
+        got = K.expand_grouped(torch.tensor(take).to(device), sizes.to(device), position.to(device), 5, impl=impl)
+        assert got.tolist() == [want]
+
+
 def test_arguments_are_checked(device) -> None:
     take = torch.zeros(2, 3, dtype=torch.int64, device=device)
     unit = torch.zeros(2, 4, dtype=torch.int64, device=device)
@@ -68,3 +110,7 @@ def test_arguments_are_checked(device) -> None:
         K.expand_selection(take, unit[:1], unit[:1], unit[:1], 4)
     with pytest.raises(ValueError, match="unit: dtype float32"):
         K.expand_selection(take, unit.float(), unit, unit, 4)
+    with pytest.raises(ValueError, match="take: shape"):
+        K.expand_grouped(take, take[:, :2], unit, 4)
+    with pytest.raises(ValueError, match="position: dim 0 is 1, expected 2"):
+        K.expand_grouped(take, take, unit[:1], 4)

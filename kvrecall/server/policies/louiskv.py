@@ -614,7 +614,7 @@ class LouisKVPolicy(Policy):
         return out
 
 
-UNIT_FIELDS = ("reps", "valid", "sizes", "unit", "rank", "position")
+UNIT_FIELDS = ("reps", "valid", "sizes", "position")  # what a selection reads (choose_units' order)
 
 
 def spread(top: torch.Tensor, radius: int, span: tuple[int, int]) -> torch.Tensor:
@@ -696,14 +696,15 @@ APPEND_FIELDS = ("reps", "sizes", "valid", "position", "unit", "rank")  # kernel
 
 
 def choose_units(
-    q: torch.Tensor, reps: torch.Tensor, valid: torch.Tensor, sizes: torch.Tensor, unit: torch.Tensor,
-    rank: torch.Tensor, position: torch.Tensor, pinned: torch.Tensor | None, budget: int, aggregate: str,
+    q: torch.Tensor, reps: torch.Tensor, valid: torch.Tensor, sizes: torch.Tensor, position: torch.Tensor,
+    pinned: torch.Tensor | None, budget: int, aggregate: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The retrieval of B independent rows: queries q [B, G, D] score the units (reps [B, U, D],
     valid, sizes [B, U]), the best fill `budget` minus the pinned tokens (pinned [B, P]
-    ascending, -1 padded, or None) and expand to their candidates (unit, rank, position
-    [B, M]) -> (positions [B, budget] -1 padded, tokens taken per unit [B, U]). Rows never
-    mix: stacking several sessions' rows gives each the rows it gets alone."""
+    ascending, -1 padded, or None) and expand to their candidates (position [B, M], grouped by
+    unit: kernels.expand_grouped reads only the chosen units' columns) -> (positions
+    [B, budget] -1 padded, tokens taken per unit [B, U]). Rows never mix: stacking several
+    sessions' rows gives each the rows it gets alone."""
     free = budget - (0 if pinned is None else pinned.shape[1])  # slots the units fill
     scores = kernels.score_units(q, reps, valid, agg=aggregate)
     take = kernels.select_under_budget(scores, sizes, free)  # [rows, units]
@@ -713,7 +714,7 @@ def choose_units(
         whole = torch.where(scores > float("-inf"), sizes.long().clamp_min(0), 0)
         fits = whole.sum(dim=1, keepdim=True) <= budget  # [rows, 1]
         take = torch.where(fits, whole, take)
-    new = kernels.expand_selection(take, unit, rank, position, budget)
+    new = kernels.expand_grouped(take, sizes, position, budget)
     if pinned is not None:
         mixed = torch.cat([pinned, _drop_members(new[:, :free], pinned)], dim=1)
         new = torch.where(fits, new, mixed)
@@ -731,9 +732,9 @@ the same GPU lose about the daemon's kernel time (scripts/gpu_timeslice_probe.py
 def select_together(policies: list[LouisKVPolicy], queries: list[torch.Tensor]) -> list[Selection]:
     """Every layer's retrieval of several sessions (one batch_key, tables not empty; queries
     [L, Hq, D] each). Small tables are stacked row-wise up to the widest one (a table's columns
-    past its own units are invalid, and its candidates past its own carry the largest rank, so
-    none is chosen: _UnitTable): one
-    concatenation per table field, then one scoring, one selection and one expansion for all
+    past its own units are invalid and empty, so its candidate columns past its own belong to no
+    unit and are never read): one concatenation per field a selection reads (UNIT_FIELDS),
+    then one scoring, one selection and one expansion for all
     of them. A single session, or tables over STACK_MAX_BYTES together, go one by one without
     copies. Either way each session gets what _select gives it alone."""
     first = policies[0]
