@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvrecall.server.policies.louiskv import _drop_members
+from kvrecall.kernels.reference import _drop_members
 from kvrecall.server.policies.snapkv import ascending
 
 

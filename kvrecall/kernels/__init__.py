@@ -33,7 +33,7 @@ from kvrecall.kernels.attention import attention_at_positions, masked_attention
 from kvrecall.kernels.budget import select_under_budget
 from kvrecall.kernels.clustering import kmeans, kmeans_assign, kmeans_update
 from kvrecall.kernels.cosine import cosine_similarity
-from kvrecall.kernels.expand import expand_grouped, expand_selection
+from kvrecall.kernels.expand import expand_grouped, expand_pinned, expand_selection
 from kvrecall.kernels.host_attention import attend_blocks, causal_attention_lse, merge_attention
 from kvrecall.kernels.notice import spill_evict_many
 from kvrecall.kernels.placement import (
@@ -60,6 +60,7 @@ __all__ = [
     "causal_attention_lse",
     "cosine_similarity",
     "expand_grouped",
+    "expand_pinned",
     "expand_selection",
     "gather_rows",
     "kmeans",

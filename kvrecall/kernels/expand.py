@@ -9,6 +9,7 @@ import torch
 
 from kvrecall.kernels import reference
 from kvrecall.kernels._checks import (
+    FLOAT_DTYPES,
     INDEX_DTYPES,
     check_int,
     check_same_device,
@@ -72,5 +73,39 @@ def expand_grouped(
     if use_triton(impl, device):
         from kvrecall.kernels.expand_triton import expand_grouped_triton
 
-        return expand_grouped_triton(take, sizes, position, width)
+        return expand_grouped_triton(take, sizes, position, width)[0]
     return reference.expand_grouped(take, sizes, position, width)
+
+
+def expand_pinned(
+    take: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, position: torch.Tensor, pinned: torch.Tensor,
+    width: int, impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """expand_grouped with pinned tokens (louiskv keeps them in every retrieval) -> (positions
+    [B, width] int64, the take used [B, U]).
+
+    pinned [B, P] int64, ascending, -1 padded (P <= width); take came from a selection under
+    width - P; scores [B, U] float (-inf: not a unit). A row whose scored units all fit the
+    width (sum of their sizes <= width) takes them all, pinned tokens among them; every other
+    row holds its pinned tokens in its first P columns, then the expansion of `take` less the
+    tokens pinned already (-1 where one was). One launch on a GPU (no host sync).
+    """
+    check_tensor("pinned", pinned, rank=2, dtypes=(torch.int64,))
+    check_tensor("scores", scores, rank=2, dtypes=FLOAT_DTYPES)
+    if scores.shape != sizes.shape:
+        raise ValueError(f"scores: shape {tuple(scores.shape)} differs from sizes' {tuple(sizes.shape)}")
+    check_size("pinned", pinned, 0, sizes.shape[0], "B of sizes")
+    if pinned.shape[1] > width:
+        raise ValueError(f"pinned: {pinned.shape[1]} tokens exceed width {width}")
+    check_tensor("take", take, rank=2, dtypes=INDEX_DTYPES)
+    check_tensor("sizes", sizes, rank=2, dtypes=INDEX_DTYPES)
+    check_tensor("position", position, rank=2, dtypes=INDEX_DTYPES)
+    if take.shape != sizes.shape:
+        raise ValueError(f"take: shape {tuple(take.shape)} differs from sizes' {tuple(sizes.shape)}")
+    check_size("position", position, 0, sizes.shape[0], "B of sizes")
+    device = check_same_device(take=take, sizes=sizes, scores=scores, position=position, pinned=pinned)
+    if use_triton(impl, device):
+        from kvrecall.kernels.expand_triton import expand_grouped_triton
+
+        return expand_grouped_triton(take, sizes, position, width, scores, pinned)
+    return reference.expand_pinned(take, sizes, scores, position, pinned, width)

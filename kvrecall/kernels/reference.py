@@ -204,6 +204,29 @@ def expand_grouped(take: torch.Tensor, sizes: torch.Tensor, position: torch.Tens
     return out
 
 
+def expand_pinned(
+    take: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, position: torch.Tensor, pinned: torch.Tensor,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """expand_grouped with pinned tokens (see kernels.expand_pinned) -> (positions, take used)."""
+    whole = torch.where(scores > float("-inf"), sizes.long().clamp_min(0), 0).to(take.dtype)
+    fits = whole.sum(dim=1, keepdim=True) <= width  # [B, 1]
+    take = torch.where(fits, whole, take)
+    new = expand_grouped(take, sizes, position, width)
+    mixed = torch.cat([pinned, _drop_members(new[:, : width - pinned.shape[1]], pinned)], dim=1)
+    return torch.where(fits, new, mixed), take
+
+
+def _drop_members(positions: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:
+    """positions [B, n] with every entry that row b of `pinned` [B, P] (ascending, -1 padded)
+    holds set to -1, so a row of the two together names each token once."""
+    big = torch.iinfo(pinned.dtype).max
+    keys = torch.where(pinned < 0, big, pinned)  # still ascending: the padding is last
+    at = torch.searchsorted(keys, positions.contiguous()).clamp_(max=max(keys.shape[1] - 1, 0))
+    member = (torch.gather(keys, 1, at) == positions) & (positions >= 0) if keys.shape[1] else positions < -1
+    return torch.where(member, -1, positions)
+
+
 def _expand_chosen(chosen: torch.Tensor, position: torch.Tensor, width: int) -> torch.Tensor:
     """The first `width` positions of the chosen candidates in candidate order, -1 padded."""
     column = chosen.cumsum(dim=1)  # 1-based output column; column 0 collects the rest

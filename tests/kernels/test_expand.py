@@ -114,3 +114,45 @@ def test_arguments_are_checked(device) -> None:
         K.expand_grouped(take, take[:, :2], unit, 4)
     with pytest.raises(ValueError, match="position: dim 0 is 1, expected 2"):
         K.expand_grouped(take, take, unit[:1], 4)
+
+
+def pinned_case(rows: int, units: int, budget: int, pins: int, seed: int, spare: int = 0):
+    """A grouped table, scores with some units unscored (-inf), a selection under budget - pins,
+    and pinned rows (ascending, -1 padded) drawn partly from the table's positions."""
+    take, sizes, _, _, position = random_grouped(rows, units, seed, budget - pins, spare)
+    g = torch.Generator().manual_seed(seed + 1)
+    scores = torch.randn(rows, units + spare, generator=g)
+    scores[torch.rand(rows, units + spare, generator=g) < 0.2] = float("-inf")
+    scores[:, units:] = float("-inf")
+    take = K.select_under_budget(scores, sizes, budget - pins, impl="reference")
+    if rows > 1:  # a row that fits whole: few units, all scored
+        scores[0] = torch.where(sizes[0] > 0, 1.0, float("-inf"))
+        sizes[0, 3:] = 0
+    pinned = torch.full((rows, pins), -1, dtype=torch.int64)
+    for b in range(rows):
+        filled = int(sizes[b].sum())
+        pool = torch.cat([position[b, :filled].long(), torch.arange(50_000, 50_000 + pins)])
+        pick = pool[torch.randperm(pool.numel(), generator=g)[: max(0, pins - b % 3)]]
+        pinned[b, : pick.numel()] = pick.sort().values
+    return take, sizes, scores, position, pinned
+
+
+@pytest.mark.parametrize(
+    ("rows", "units", "budget", "pins", "spare"),
+    [(1, 5, 8, 2, 0), (4, 300, 256, 64, 7), (3, 2000, 1024, 256, 0), (2, 40, 16, 16, 0), (3, 30, 64, 0, 2)],
+)
+def test_pinned_matches_reference(triton_device, rows, units, budget, pins, spare) -> None:
+    take, sizes, scores, position, pinned = pinned_case(rows, units, budget, pins, units + pins, spare)
+    want, want_take = K.expand_pinned(take, sizes, scores, position, pinned, budget, impl="reference")
+    got, got_take = K.expand_pinned(
+        *(t.to(triton_device) for t in (take, sizes, scores, position, pinned)), budget, impl="triton"
+    )
+    assert torch.equal(got.cpu(), want) and torch.equal(got_take.cpu(), want_take)
+    for b in range(rows):  # each token once; a row that does not fit keeps every pinned token first
+        row = [p for p in want[b].tolist() if p >= 0]
+        assert len(row) == len(set(row))
+        fits = int(torch.where(scores[b] > float("-inf"), sizes[b], 0).sum()) <= budget
+        if not fits:
+            assert want[b, :pins].tolist() == pinned[b].tolist()
+    if rows > 1:  # row 0 fits: its every unit whole, no pinned part
+        assert torch.equal(want[0], K.expand_grouped(want_take[:1], sizes[:1], position[:1], budget)[0])

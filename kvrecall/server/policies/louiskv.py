@@ -708,17 +708,11 @@ def choose_units(
     free = budget - (0 if pinned is None else pinned.shape[1])  # slots the units fill
     scores = kernels.score_units(q, reps, valid, agg=aggregate)
     take = kernels.select_under_budget(scores, sizes, free)  # [rows, units]
-    if pinned is not None:
-        # A row whose units all fit the budget takes them all (exact, its pinned tokens among
-        # them); the others keep their pinned tokens and fill the rest with the best units.
-        whole = torch.where(scores > float("-inf"), sizes.long().clamp_min(0), 0)
-        fits = whole.sum(dim=1, keepdim=True) <= budget  # [rows, 1]
-        take = torch.where(fits, whole, take)
-    new = kernels.expand_grouped(take, sizes, position, budget)
-    if pinned is not None:
-        mixed = torch.cat([pinned, _drop_members(new[:, :free], pinned)], dim=1)
-        new = torch.where(fits, new, mixed)
-    return new, take
+    if pinned is None:
+        return kernels.expand_grouped(take, sizes, position, budget), take
+    # A row whose units all fit the budget takes them all (exact, its pinned tokens among
+    # them); the others keep their pinned tokens and fill the rest with the best units.
+    return kernels.expand_pinned(take, sizes, scores, position, pinned, budget)
 
 
 STACK_MAX_BYTES = 16 << 20
@@ -755,13 +749,3 @@ def select_together(policies: list[LouisKVPolicy], queries: list[torch.Tensor]) 
     new, take = choose_units(q, *(stacked[name] for name in UNIT_FIELDS), pinned, R, first.config.aggregate)
     units = (take > 0).view(len(policies), -1).sum(dim=1)
     return [Selection(block.view(L, H, R), units=units[i]) for i, block in enumerate(new.view(len(policies), rows, R))]
-
-
-def _drop_members(positions: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:
-    """positions [B, n] with every entry that row b of `pinned` [B, P] (ascending, -1 padded)
-    holds set to -1, so a row of the two together names each token once. No host sync."""
-    big = torch.iinfo(pinned.dtype).max
-    keys = torch.where(pinned < 0, big, pinned)  # still ascending: the padding is last
-    at = torch.searchsorted(keys, positions.contiguous()).clamp_(max=keys.shape[1] - 1)
-    member = (torch.gather(keys, 1, at) == positions) & (positions >= 0)
-    return torch.where(member, -1, positions)
