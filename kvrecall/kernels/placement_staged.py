@@ -34,8 +34,8 @@ def copy_staged(
 ) -> None:  # fmt: skip
     """Copy the new tokens a COPY=False placement planned into their slots.
 
-    scratch [S * B, 4 * block_r] int64 (per row: sorted selection, sorted current, the k-th new
-    token's position, the k-th free slot), counts [S * B, 2] int32 (selected, new); sessions:
+    scratch [S * B, 2 * block_r] int64 (per row: the k-th new token's position, then the k-th
+    free slot), counts [S * B, 2] int32 (selected, new); sessions:
     per session (keys, values [B, C, D] as same-width integers, page_base [pages] int64);
     host: the flat pinned pool as the same integers. Rows are layer b // H, head b % H.
 

@@ -4,10 +4,21 @@ place_retrieved_triton: one program per (layer, KV head) row. It diffs the row's
 retrieved slots against the new selection, keeps resident tokens in their slots, gives the
 k-th new token the k-th freed slot, writes slot_pos and copies the new tokens' K/V rows
 straight from the host pages (UVA: the pinned pool is read over PCIe, no staging copy).
-Membership is a binary search in the row's sorted selection / sorted current slots (kept in
-a per-launch scratch); ranks are prefix sums, and two scatters through the scratch turn
-"k-th new token" / "k-th free slot" into per-slot answers. Counts per row come back as a
-device tensor. Rows wider than MAX_RETRIEVED fall back to the reference.
+Membership (is a current slot's token selected? is a selected token resident?) goes through
+the row's marks, a bitmap of 2 bits a position (selected, current) in int32 words, zeroed per
+launch (one memset, sized for the call's longest session): atomic ORs set every valid entry's
+mark, a barrier, and every entry reads the other set's bit at its position (from L2, where the
+atomics act). Ranks are prefix sums, and two scatters through the scratch turn "k-th new
+token" / "k-th free slot" into per-slot answers. Counts per row come back as a device tensor.
+Rows wider than MAX_RETRIEVED fall back to the reference.
+The marks replaced two sorts of each row (BLOCK_R int64 values) and binary searches in them;
+they give the same sets, duplicates included (isin, as the reference). On an H200
+(scripts/place_kernel_probe.py: the COPY=False plan with its memset, median of 50 launches;
+bench/results/2026-12-02-h200-place-kernel-probe-*.json), 256 rows x R = 1024 took 13-18 us
+against the sorts' 43-50 us at 32K positions, 15-20 us at 128K; 8 sessions (2,048 rows) 66-89
+us against 300-356 us at 32K, 86-126 us at 128K (the memset and the marks' L2 footprint grow
+with the positions). The kernel clearing only the words it uses, with no memset, cost more
+(bench/results/2026-12-02-h200-place-kernel-variants.log: 21 against 15 + 3 us at 256 rows).
 
 spill_ring_triton: copy tokens [start, end) from the window ring of every row into the
 host pages (UVA writes into the pinned pool): the AppendNotice spill without a D2H sync.
@@ -28,29 +39,34 @@ from kvrecall.kernels import placement, reference
 from kvrecall.kernels._triton import next_power_of_2
 from kvrecall.kernels.placement_staged import copy_staged
 
-MAX_RETRIEVED = 4096  # the sort keeps a row in registers
+MAX_RETRIEVED = 4096  # a row's slots and their prefix sums stay in registers
 # The compiled row sizes (the daemon's warm-up compiles each): a budget's kernel is one of these.
 RETRIEVED_BLOCKS = (256, 1024, MAX_RETRIEVED)
 _BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _TILE_BYTES = 8192  # bytes of K (and as many of V) one copy step moves per program
-_ABSENT = tl.constexpr(1 << 62)  # sorts after every position
 # Per session of place_retrieved_many_triton: element offsets of its slot_pos, keys, values,
 # page table and resident counter from the first session's, and its positions.
 SESSION_FIELDS = tl.constexpr(6)
 
 
 @triton.jit
-def _contains(sorted_ptr, x, BLOCK: tl.constexpr, STEPS: tl.constexpr):
-    """Whether each x is in the BLOCK ascending values at sorted_ptr (vectorised lower bound)."""
-    lo = tl.zeros(x.shape, tl.int32)
-    hi = lo + BLOCK
-    for _ in tl.static_range(STEPS):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        below = tl.load(sorted_ptr + tl.minimum(mid, BLOCK - 1)) < x
-        lo = tl.where(active & below, mid + 1, lo)
-        hi = tl.where(active & ~below, mid, hi)
-    return tl.load(sorted_ptr + tl.minimum(lo, BLOCK - 1)) == x
+def _mark_word(marks_ptr, pos):
+    """The int32 word of `marks_ptr` holding position pos's two marks (16 positions a word)."""
+    return marks_ptr + pos // 16
+
+
+@triton.jit
+def _mark_bit(pos, WHICH: tl.constexpr):
+    """Position pos's mark in its word: bit 2 * (pos % 16) + WHICH (0: selected, 1: current)."""
+    return tl.full(pos.shape, 1, tl.int32) << ((pos % 16) * 2 + WHICH).to(tl.int32)
+
+
+@triton.jit
+def _is_marked(marks_ptr, pos, ok, WHICH: tl.constexpr):
+    """Whether each pos (where ok) carries mark WHICH. An L2 load (.cg): the marks were set by
+    atomics, which act at L2, and an L1 line must not answer for them."""
+    word = tl.load(_mark_word(marks_ptr, pos), mask=ok, other=0, cache_modifier=".cg")
+    return ok & ((word & _mark_bit(pos, WHICH)) != 0)
 
 
 @triton.jit
@@ -65,14 +81,17 @@ def _host_row(page_base_ptr, row, kv, pos, mask, tokens_per_page, num_kv_heads, 
     )
 
 
-@triton.jit(do_not_specialize=["R", "C", "first_slot", "sel_stride", "num_positions", "rows_per_session"])
+@triton.jit(
+    do_not_specialize=["R", "C", "first_slot", "sel_stride", "num_positions", "mark_words", "rows_per_session"]
+)
 def _place_kernel(
-    slot_pos_ptr, keys_ptr, values_ptr, sel_ptr, host_ptr, page_base_ptr, scratch_ptr, counts_ptr, resident_ptr,
-    sessions_ptr, R, C, first_slot, sel_stride, num_positions, tokens_per_page, num_kv_heads, rows_per_session,
-    D: tl.constexpr, BLOCK_R: tl.constexpr, STEPS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    slot_pos_ptr, keys_ptr, values_ptr, sel_ptr, host_ptr, page_base_ptr, scratch_ptr, marks_ptr, counts_ptr,
+    resident_ptr, sessions_ptr, R, C, first_slot, sel_stride, num_positions, mark_words, tokens_per_page,
+    num_kv_heads, rows_per_session,
+    D: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     TRACK_RESIDENT: tl.constexpr, MANY: tl.constexpr, COPY: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)  # the row of the selection, scratch and counts
+    b = tl.program_id(0).to(tl.int64)  # the row of the selection, scratch, marks and counts
     row = b  # the row of its session's working set and pages
     if MANY:  # session b // rows_per_session: its tensors at element offsets from the first session's
         session = sessions_ptr + (b // rows_per_session) * SESSION_FIELDS
@@ -90,16 +109,16 @@ def _place_kernel(
     sel = tl.load(sel_ptr + b * sel_stride + r, mask=in_row, other=-1).to(tl.int64)
     cur_ok = cur >= 0
     sel_ok = (sel >= 0) & (sel < num_positions)
-    scratch = scratch_ptr + b * (4 * BLOCK_R)
-    sorted_sel = scratch
-    sorted_cur = scratch + BLOCK_R
-    pos_of_rank = scratch + 2 * BLOCK_R  # k-th new token's position
-    slot_of_rank = scratch + 3 * BLOCK_R  # k-th free slot
-    tl.store(sorted_sel + r, tl.sort(tl.where(sel_ok, sel, _ABSENT)))
-    tl.store(sorted_cur + r, tl.sort(tl.where(cur_ok, cur, _ABSENT)))
+    cur_in = cur_ok & (cur < num_positions)  # (a slot past the pages matches no valid selection)
+    pos_of_rank = scratch_ptr + b * (2 * BLOCK_R)  # k-th new token's position
+    slot_of_rank = pos_of_rank + BLOCK_R  # k-th free slot
+    # Membership through the row's zeroed marks (2 bits a position): mark, then read each other's.
+    marks = marks_ptr + b * mark_words
+    tl.atomic_or(_mark_word(marks, sel), _mark_bit(sel, 0), mask=sel_ok, sem="relaxed")
+    tl.atomic_or(_mark_word(marks, cur), _mark_bit(cur, 1), mask=cur_in, sem="relaxed")
     tl.debug_barrier()
-    keep = cur_ok & _contains(sorted_sel, cur, BLOCK_R, STEPS)
-    new = sel_ok & ~_contains(sorted_cur, sel, BLOCK_R, STEPS)
+    keep = _is_marked(marks, cur, cur_in, 0)
+    new = sel_ok & ~_is_marked(marks, sel, sel_ok, 1)
     free = in_row & ~keep
     free_rank = tl.cumsum(free.to(tl.int32), 0) - 1
     new_rank = tl.cumsum(new.to(tl.int32), 0) - 1
@@ -252,15 +271,20 @@ def _launch_place(
     rows, retrieved = selection.shape
     counts = torch.empty(rows, 2, dtype=torch.int32, device=selection.device)  # the kernel writes every row
     block_r = next(size for size in RETRIEVED_BLOCKS if retrieved <= size)  # a few variants: see warmup
-    scratch = torch.empty(rows, 4 * block_r, dtype=torch.int64, device=selection.device)
+    scratch = torch.empty(rows, 2 * block_r, dtype=torch.int64, device=selection.device)
+    # Each row's marks: 2 bits for each position of the longest session, zeroed (one memset:
+    # cheaper on an H200 than the kernel clearing the words it uses, see the module docstring).
+    positions = max(pages.numel() for _, _, pages in parts or [(keys, values, page_base)]) * tokens_per_page
+    mark_words = max(1, -(-positions // 16))
+    marks = torch.zeros(rows, mark_words, dtype=torch.int32, device=selection.device)
     copy_rows, block_d = _copy_tile(keys.shape[2], keys.element_size())
     stage = staged(host, keys, selection)
     _place_kernel[(rows,)](
-        slot_pos, _bits(keys), _bits(values), selection, _bits(host), page_base, scratch, counts,
+        slot_pos, _bits(keys), _bits(values), selection, _bits(host), page_base, scratch, marks, counts,
         counts if resident_max is None else resident_max, counts if sessions is None else sessions,
         retrieved, slot_pos.shape[1], first_slot, selection.stride(0), page_base.numel() * tokens_per_page,
-        tokens_per_page, num_kv_heads, rows_per_session,
-        D=keys.shape[2], BLOCK_R=block_r, STEPS=block_r.bit_length(), ROWS=copy_rows, BLOCK_D=block_d,
+        mark_words, tokens_per_page, num_kv_heads, rows_per_session,
+        D=keys.shape[2], BLOCK_R=block_r, ROWS=copy_rows, BLOCK_D=block_d,
         TRACK_RESIDENT=resident_max is not None, MANY=sessions is not None, COPY=not stage,
         num_warps=8 if block_r >= 1024 else 4,
     )  # fmt: skip

@@ -18,8 +18,8 @@ def staged_plan(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """-> (key_rows, targets, ends), all int64.
 
-    scratch [R, 4 * block_r] int64 (per row: sorted selection, sorted current, the k-th new
-    token's position, the k-th free slot), counts [R, 2] int32 (selected, new); tables [S,
+    scratch [R, 2 * block_r] int64 (per row: the k-th new token's position, then the k-th
+    free slot), counts [R, 2] int32 (selected, new); tables [S,
     pages] int64: session s's page table (element offsets of its pages in the pool), padded;
     row r is session r // rows_per_session, layer (r % rows_per_session) // H, head ... % H.
     ends [R]: cumulative new tokens; entry (r, k < new[r]) is at ends[r] - new[r] + k of
@@ -46,8 +46,8 @@ def staged_plan_reference(
     rank = torch.arange(block_r, device=device)[None, :]
     take = rank < new[:, None]
     row = torch.arange(R, device=device)[:, None]
-    position = torch.where(take, scratch[:, 2 * block_r : 3 * block_r], 0)
-    slot = scratch[:, 3 * block_r : 4 * block_r]
+    position = torch.where(take, scratch[:, :block_r], 0)
+    slot = scratch[:, block_r : 2 * block_r]
     session = row // rows_per_session
     local = row - session * rows_per_session
     layer, head = local // H, local % H

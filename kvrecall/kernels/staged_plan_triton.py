@@ -18,8 +18,8 @@ def _plan_kernel(
     start = tl.load(ends + r) - new
     k = tl.arange(0, BLOCK_R)
     take = k < new
-    position = tl.load(scratch + r * 4 * BLOCK_R + 2 * BLOCK_R + k, mask=take, other=0)
-    slot = tl.load(scratch + r * 4 * BLOCK_R + 3 * BLOCK_R + k, mask=take, other=0)
+    position = tl.load(scratch + r * 2 * BLOCK_R + k, mask=take, other=0)
+    slot = tl.load(scratch + r * 2 * BLOCK_R + BLOCK_R + k, mask=take, other=0)
     session = r // rows_per_session
     local = r - session * rows_per_session
     layer = local // H

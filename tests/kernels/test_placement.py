@@ -173,6 +173,59 @@ def test_many_sessions_in_one_launch_match_each_alone(triton_device, impl, dtype
         assert int(part[4]) > 0
 
 
+def mostly_shared_case(rows: int, capacity: int, first: int, retrieved: int, positions: int, generator):
+    """Rows whose selection keeps all but b + 1 of their retrieved tokens (row b), in another
+    order, plus two entries just past the session's `positions` (ignored), and one current
+    slot at `positions` (a stale token: never kept; further past, the reference's row keys
+    would collide)."""
+    slot_pos = torch.full((rows, capacity), -1, dtype=torch.int32)
+    selection = torch.full((rows, retrieved), -1, dtype=torch.int64)
+    for b in range(rows):
+        order = torch.randperm(positions, generator=generator)
+        held = order[: retrieved - 4]
+        slots = first + torch.randperm(retrieved, generator=generator)
+        slot_pos[b, slots[: len(held)]] = held.int()
+        slot_pos[b, slots[len(held)]] = positions
+        fresh = order[len(held) : len(held) + b + 1]
+        chosen = torch.cat((held[b + 1 :], fresh, positions + 1 + torch.arange(2)))
+        selection[b, torch.randperm(retrieved, generator=generator)[: len(chosen)]] = chosen
+    return slot_pos, selection
+
+
+@pytest.mark.parametrize("reads", ["copy", "kernel"])
+def test_many_sessions_of_unlike_lengths_match_the_reference(triton_device, monkeypatch, reads) -> None:
+    """One launch over sessions of 35, 65 and 100 positions (7, 13, 20 pages of 5 tokens: no
+    multiple of 16 or 32, so the membership marks end mid-word and the launch sizes them for the
+    longest) whose rows keep most of their tokens: selections naming positions past their own
+    session's pages but inside the longest one's are ignored, current slots past them are freed,
+    and every session ends as the reference leaves it alone."""
+    from kvrecall.kernels import placement_triton
+
+    monkeypatch.setattr(placement_triton, "staged", lambda host, keys, selection: reads == "copy")
+    pages = Pages(2, 2, 8, per_page=5, pages=20, dtype=torch.float32, device=triton_device, seed=11)
+    first, retrieved, capacity, rows = 1, 24, 30, 4
+    generator = torch.Generator().manual_seed(0)
+    parts, wants, selections = [], [], []
+    for length in (7, 13, 20):
+        slot_pos, selection = mostly_shared_case(rows, capacity, first, retrieved, length * 5, generator)
+        keys, values = (torch.randn(rows, capacity, 8, generator=generator) for _ in range(2))
+        table = pages.page_base[:length]
+        want = [t.clone() for t in (slot_pos, keys, values)]
+        resident = torch.zeros((), dtype=torch.int64)
+        counts = K.place_retrieved(*want, selection, first, pages.host, table.cpu(), 5, 2, resident_max=resident,
+                                   impl="reference")  # fmt: skip
+        wants.append((*want, table, resident, counts))
+        resident = torch.zeros((), dtype=torch.int64, device=triton_device)
+        parts.append((*(t.to(triton_device) for t in (slot_pos, keys, values)), table, resident))
+        selections.append(selection)
+    counts = K.place_retrieved_many(parts, torch.cat(selections).to(triton_device), first, pages.host, 5, 2,
+                                    impl="triton")  # fmt: skip
+    for part, want, got in zip(parts, wants, counts.view(3, rows, 2), strict=True):
+        for a, b in zip((*part, got), want, strict=True):
+            assert torch.equal(a.cpu(), b.cpu())
+    assert counts[:, 1].tolist() == [b + 1 for _ in range(3) for b in range(rows)]  # only the fresh tokens moved
+
+
 def test_many_sessions_of_unlike_shapes_are_refused(device) -> None:
     pages = Pages(1, 2, 8, per_page=4, pages=4, dtype=torch.float32, device=device, seed=0)
 
@@ -259,6 +312,19 @@ def test_kth_new_token_takes_the_kth_free_slot(triton_device, impl) -> None:
     )
     assert new_pos.tolist() == [[9, 11, 4, 5, -1, -1]]
     assert counts.tolist() == [[3, 2]]
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_a_current_slot_past_the_pages_is_freed_and_leaves_other_rows_alone(triton_device, impl) -> None:
+    """Row 0 holds position 40 of 32 (2 words of marks a row: its mark would fall on row 1's
+    position 8, which row 1 selects); it is freed, and row 1's 8 is still new."""
+    device = torch.device("cpu") if impl == "reference" else triton_device
+    pages = Pages(1, 2, 4, per_page=4, pages=8, dtype=torch.float32, device=device, seed=7)
+    slot_pos = torch.tensor([[40, 3, -1], [-1, -1, -1]], dtype=torch.int32)
+    selection = torch.tensor([[3, -1, -1], [8, 2, -1]])
+    new_pos, *_, counts = run(impl, pages, slot_pos, torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), selection, 0, device)
+    assert new_pos.tolist() == [[-1, 3, -1], [8, 2, -1]]
+    assert counts.tolist() == [[1, 0], [2, 2]]
 
 
 def test_empty_rows_and_region(device) -> None:
@@ -386,16 +452,17 @@ from triton.compiler import ASTSource
 from kvrecall.kernels import expand_triton as expand, notice_triton as notice, placement_triton as placement
 from kvrecall.kernels import unit_append_triton as unit_append
 
-INDEX = {name: "i32" for name in ("R", "C", "first_slot", "sel_stride", "num_positions", "tokens_per_page",
-         "num_kv_heads", "rows_per_session", "rows", "U", "start", "n", "ring_start", "ring_size", "M", "width", "stride_t",
-         "stride_u", "stride_r", "stride_p", "first_row", "stride_l", "stride_kv", "stride_h")}
+INDEX = {name: "i32" for name in ("R", "C", "first_slot", "sel_stride", "num_positions", "mark_words",
+         "tokens_per_page", "num_kv_heads", "rows_per_session", "rows", "U", "start", "n", "ring_start", "ring_size",
+         "M", "width", "stride_t", "stride_u", "stride_r", "stride_p", "first_row", "stride_l", "stride_kv",
+         "stride_h")}
 KERNELS = [
-    (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i64 *i32",
-     dict(D=128, BLOCK_R=1024, STEPS=11, ROWS=32, BLOCK_D=128, TRACK_RESIDENT=True, MANY=False, COPY=False)),
-    (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i32 *i32",
-     dict(D=64, BLOCK_R=16, STEPS=5, ROWS=64, BLOCK_D=64, TRACK_RESIDENT=False, MANY=False, COPY=True)),
-    (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i64 *i64",
-     dict(D=128, BLOCK_R=1024, STEPS=11, ROWS=32, BLOCK_D=128, TRACK_RESIDENT=True, MANY=True, COPY=False)),
+    (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i32 *i64 *i32",
+     dict(D=128, BLOCK_R=1024, ROWS=32, BLOCK_D=128, TRACK_RESIDENT=True, MANY=False, COPY=False)),
+    (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i32 *i32 *i32",
+     dict(D=64, BLOCK_R=16, ROWS=64, BLOCK_D=64, TRACK_RESIDENT=False, MANY=False, COPY=True)),
+    (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i32 *i64 *i64",
+     dict(D=128, BLOCK_R=1024, ROWS=32, BLOCK_D=128, TRACK_RESIDENT=True, MANY=True, COPY=False)),
     (placement._spill_kernel, "*i16 *i16 *i16 *i64", dict(D=128, ROWS=32, BLOCK_D=128)),
     (placement._store_kernel, "*i16 *i16 *i64", dict(D=128, ROWS=32, BLOCK_D=128)),
     (expand._expand_kernel, "*i64 *i64 *i32 *i64 *i64", dict(BLOCK=1024)),

@@ -13,13 +13,13 @@ def random_plan(sessions: int, layers: int, heads: int, block_r: int, per_page: 
                 device: torch.device):  # fmt: skip
     generator = torch.Generator().manual_seed(seed)
     rows = sessions * layers * heads
-    scratch = torch.randint(0, 1 << 40, (rows, 4 * block_r), generator=generator)
+    scratch = torch.randint(0, 1 << 40, (rows, 2 * block_r), generator=generator)
     new = torch.randint(0, block_r + 1, (rows,), generator=generator)
     new[-1] = 0  # a full row, and an empty one where there are two
     new[0] = block_r
     for r in range(rows):  # the k-th new token's position (within the session's pages) and free slot
-        scratch[r, 2 * block_r : 3 * block_r] = torch.randint(0, per_page * pages, (block_r,), generator=generator)
-        scratch[r, 3 * block_r : 4 * block_r] = torch.randperm(block_r, generator=generator)
+        scratch[r, :block_r] = torch.randint(0, per_page * pages, (block_r,), generator=generator)
+        scratch[r, block_r:] = torch.randperm(block_r, generator=generator)
     counts = torch.stack((new + 3, new), dim=1).to(torch.int32)
     # Page tables of different lengths (padded with zeros), offsets far apart in the pool.
     page_numel = 2 * heads * per_page * 16
@@ -48,9 +48,9 @@ def test_the_kernel_matches_the_reference(triton_device, sessions, layers, heads
 def test_the_reference_names_the_pool_and_slot_rows():
     """One row by hand: session 1, layer 0, head 1 of H = 2, P = 4 tokens a page, D = 8."""
     block_r, H, P, D, C, first = 2, 2, 4, 8, 10, 3
-    scratch = torch.zeros(4, 4 * block_r, dtype=torch.int64)
-    scratch[3, 2 * block_r : 3 * block_r] = torch.tensor([5, 2])  # positions: page 1 offset 1, page 0 offset 2
-    scratch[3, 3 * block_r : 4 * block_r] = torch.tensor([4, 0])  # free slots
+    scratch = torch.zeros(4, 2 * block_r, dtype=torch.int64)
+    scratch[3, :block_r] = torch.tensor([5, 2])  # positions: page 1 offset 1, page 0 offset 2
+    scratch[3, block_r:] = torch.tensor([4, 0])  # free slots
     counts = torch.tensor([[0, 0], [0, 0], [0, 0], [2, 2]], dtype=torch.int32)
     tables = torch.tensor([[0, 0], [1000 * D, 3000 * D]])
     key_rows, targets, ends = staged_plan(scratch, counts, block_r, tables, 2, first, H, P, D, C, impl="reference")
