@@ -30,9 +30,7 @@ def session(context: int, budget: int) -> LouisKVPolicy:
     table.sizes[:, :units] = UNIT
     table.valid[:, :units] = True
     order = torch.rand(L * H, context, device="cuda").argsort(dim=1)
-    table.position[:, :context] = order.int()
-    table.unit[:, :context] = (torch.arange(context, device="cuda") // UNIT).int()
-    table.rank[:, :context] = (torch.arange(context, device="cuda") % UNIT).int()
+    table.position[:, :context] = order.int()  # grouped by unit: UNIT columns each
     table.advance(units, context)
     policy.pinned = order[:, : policy.config.pinned_tokens].sort(dim=1).values
     return policy
@@ -73,7 +71,7 @@ def main() -> None:
         "allocated_mib_per_session": round((after[1] - before[1]) / MiB / args.sessions, 2),
         "table_mib_per_session": round(sum(t.numel() * t.element_size() for t in (
             policies[0].units.reps, policies[0].units.sizes, policies[0].units.valid, policies[0].units.position,
-            policies[0].units.unit, policies[0].units.rank)) / MiB, 1),  # fmt: skip
+        )) / MiB, 1),  # fmt: skip
         "eager_select_ms": round(eager_ms, 3), "replayed_select_ms": round(replay_ms, 3),
         "date": time.strftime("%Y-%m-%d"), "command": "python scripts/capture_memory.py " + " ".join(
             f"--{k} {v}" for k, v in vars(args).items()),

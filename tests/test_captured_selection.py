@@ -37,8 +37,7 @@ def grow(policy: LouisKVPolicy, tokens: int, units: int, seed: int) -> None:
     table = policy.units
     g = torch.Generator().manual_seed(seed)
     keys = torch.randn(L * H, tokens, D, generator=g).to(table.reps.device)
-    centroids, sizes, position, rank, unit = cluster_pieces(keys, units, 2, table.num_tokens)
-    table.put(slice(None), centroids, sizes, position, rank, unit)
+    table.put(slice(None), *cluster_pieces(keys, units, 2, table.num_tokens))
     table.advance(units, tokens)
 
 
@@ -98,13 +97,23 @@ def test_bucket_widths_round_up_and_stop_at_capacity():
     assert bucket_widths(table) == capacity
 
 
-def test_unfilled_candidates_are_never_chosen():
-    """Columns past the filled ones read as candidates no selection takes (rank at its max)."""
-    policy = make_policy(64, 0.0)
+@pytest.mark.parametrize("pin_ingest", [0.0, 0.25])
+def test_unfilled_candidates_are_never_chosen(pin_ingest):
+    """Columns past the filled ones belong to no unit: the unfilled units have size 0 (and are
+    invalid) and the filled ones' sizes add up to the filled candidates, so the grouped
+    expansion never reaches them, whatever they hold, even with a budget over every unit."""
+    policy = make_policy(4096, pin_ingest)
     grow(policy, 100, 10, seed=0)
-    rank = policy.units.rank
-    assert bool((rank[:, 100:] == torch.iinfo(rank.dtype).max).all())
-    assert bool((rank[:, :100] < 100).all())
+    if policy.config.pinned_tokens:
+        pin(policy, seed=1)
+    table = policy.units
+    assert bool((table.sizes[:, 10:] == 0).all()) and not bool(table.valid[:, 10:].any())
+    assert bool((table.sizes[:, :10].sum(dim=1) == 100).all())
+    table.position[:, 100:] = 10**6  # a position no row holds: chosen, it would show
+    q = torch.randn(L * H, G, D, generator=torch.Generator().manual_seed(2))
+    positions = policy._choose_captured(q).positions  # reads whole buckets: 1024 candidate columns
+    for row in positions.view(L * H, -1):
+        assert sorted(row[row >= 0].tolist()) == list(range(100))  # every filled token once, nothing else
 
 
 def test_a_policy_copy_starts_without_the_graph():

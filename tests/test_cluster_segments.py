@@ -1,6 +1,7 @@
 """louiskv's segmented prompt clustering: ceil(N / cluster_size) units per row whatever the
 segmenting, every token in exactly one unit, each segment clustered as on its own, and the
-same as cluster_pieces when the prompt fits one segment."""
+same as cluster_pieces when the prompt fits one segment. The positions come grouped by unit
+(unit u's sizes[u] after those of units < u): the unit table stores nothing else per token."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import pytest
 import torch
 
+import kvrecall.kernels as kernels
 from kvrecall.server.policies.louiskv import cluster_pieces, cluster_segments
 
 
@@ -16,21 +18,24 @@ from kvrecall.server.policies.louiskv import cluster_pieces, cluster_segments
 def test_every_token_in_one_unit_of_its_segment(N, cluster_size, segment):
     B, D, first = 3, 8, 1000
     keys = torch.randn(B, N, D, generator=torch.Generator().manual_seed(N))
-    centroids, sizes, position, rank, unit = cluster_segments(keys, cluster_size, 4, first, segment)
+    centroids, sizes, position = cluster_segments(keys, cluster_size, 4, first, segment)
     k = math.ceil(N / cluster_size)
     per = (segment // cluster_size) * cluster_size
-    assert centroids.shape == (B, k, D) and sizes.shape == (B, k)
-    assert position.shape == rank.shape == unit.shape == (B, N)
+    assert centroids.shape == (B, k, D) and sizes.shape == (B, k) and position.shape == (B, N)
     for b in range(B):
         assert sorted(position[b].tolist()) == list(range(first, first + N))  # each token once
-        assert torch.equal(unit[b], unit[b].sort().values)  # grouped by unit, ascending
-        counts = torch.bincount(unit[b], minlength=k)
-        assert torch.equal(counts, sizes[b].long())
-        for u in range(k):  # ranks 0.. within a unit, and a unit's tokens in one segment
-            members = position[b][unit[b] == u] - first
-            assert rank[b][unit[b] == u].tolist() == list(range(len(members)))
-            if len(members):
-                assert len(set((members // per).tolist())) == 1
+        assert int(sizes[b].sum()) == N
+        # grouped by unit: unit u's sizes[u] candidates follow those of units < u (what
+        # expand_grouped reads), ascending, all of one segment, each nearest its unit's centroid
+        for u, members in enumerate(torch.split(position[b] - first, sizes[b].tolist())):
+            if not len(members):
+                continue
+            assert torch.equal(members, members.sort().values)
+            segment_of = int(members[0]) // per
+            assert ((members // per) == segment_of).all()
+            units = range(segment_of * (per // cluster_size), min(k, (segment_of + 1) * (per // cluster_size)))
+            nearest = kernels.kmeans_assign(keys[b, members][None], centroids[b, units][None])[0]
+            assert (nearest + units.start == u).all()
     # each segment's units are that segment's own k-means
     for s, start in enumerate(range(0, N - N % per, per)):
         alone = cluster_pieces(keys[:, start : start + per], per // cluster_size, 4, first + start)

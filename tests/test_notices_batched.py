@@ -33,7 +33,7 @@ def louiskv_state(policy) -> list[torch.Tensor]:
     if policy.name != "louiskv":
         return []
     table = policy.units
-    state = [getattr(table, name) for name in ("reps", "sizes", "valid", "position", "unit", "rank")]
+    state = [getattr(table, name) for name in ("reps", "sizes", "valid", "position")]
     return state + ([policy.open_sum] if policy.open_sum is not None else [])
 
 

@@ -283,15 +283,13 @@ def append_units(
     starts: list[int], lengths: list[int],
 ) -> None:
     """kernels.append_units, table by table: a unit per row (reps, size, valid) and its
-    candidates (position, unit, rank)."""
-    for s, (table_reps, sizes, valid, position, unit, rank) in enumerate(tables):
+    candidates' positions."""
+    for s, (table_reps, sizes, valid, position) in enumerate(tables):
         u, m, n = unit_column[s], token_column[s], lengths[s]
         table_reps[:, u] = reps[s]
         sizes[:, u] = n
         valid[:, u] = n > 0
         position[:, m : m + n] = torch.arange(starts[s], starts[s] + n, dtype=torch.int32, device=position.device)
-        unit[:, m : m + n] = u
-        rank[:, m : m + n] = torch.arange(n, dtype=torch.int32, device=rank.device)
 
 
 def _place(

@@ -12,7 +12,7 @@ from kvrecall.kernels import reference
 from kvrecall.kernels._checks import check_int, check_same_device, check_size, check_tensor
 from kvrecall.kernels._triton import use_triton
 
-UnitTable = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+UnitTable = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def append_units(
@@ -20,16 +20,17 @@ def append_units(
     starts: list[int], lengths: list[int], impl: str = "auto",
 ) -> None:  # fmt: skip
     """In place, for each table s (reps [B, U, D], sizes [B, U] int32, valid [B, U] bool,
-    position / unit / rank [B, M] int32; every table of the same shapes and dtypes): every row
-    b gets a unit in column unit_column[s] with representative reps[s, b] ([S, B, D], the
-    tables' dtype), size lengths[s] and valid, and candidates in columns token_column[s] + j,
-    j < lengths[s], with position starts[s] + j, that unit and rank j. Pure copies: the
+    position [B, M] int32; every table of the same shapes and dtypes): every row b gets a unit
+    in column unit_column[s] with representative reps[s, b] ([S, B, D], the tables' dtype),
+    size lengths[s] and valid, and candidates in columns token_column[s] + j, j < lengths[s],
+    with position starts[s] + j (that unit's, when token_column[s] follows the candidates of
+    the units before it: louiskv's grouped table). Pure copies: the
     kernel (one launch for all tables, each addressed at its offset from the first's) and the
     reference (table by table) write the same bits."""
     if not tables:
         raise ValueError("tables: at least one is required")
-    names = ("reps", "sizes", "valid", "position", "unit", "rank")
-    dtypes = (None, (torch.int32,), (torch.bool,), (torch.int32,), (torch.int32,), (torch.int32,))
+    names = ("reps", "sizes", "valid", "position")
+    dtypes = (None, (torch.int32,), (torch.bool,), (torch.int32,))
     for i, table in enumerate(tables):
         for name, tensor, like, allowed in zip(names, table, tables[0], dtypes, strict=True):
             check_tensor(f"tables[{i}].{name}", tensor, rank=3 if name == "reps" else 2, dtypes=allowed)

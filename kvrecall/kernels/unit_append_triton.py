@@ -9,9 +9,9 @@ import triton.language as tl
 from kvrecall.kernels._triton import next_power_of_2
 
 _BITS_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-# Per table: element offsets of reps, sizes, valid, position, unit, rank from the first
-# table's, then its unit column, token column, first position and length.
-TABLE_FIELDS = tl.constexpr(10)
+# Per table: element offsets of reps, sizes, valid, position from the first table's, then its
+# unit column, token column, first position and length.
+TABLE_FIELDS = tl.constexpr(8)
 # Candidates written per loop step: one compiled variant whatever a segment's length (a length
 # picking the block would compile a new kernel inside a boundary the warm-up did not meet).
 _BLOCK_M = 256
@@ -19,13 +19,13 @@ _BLOCK_M = 256
 
 @triton.jit(do_not_specialize=["rows", "U", "M"])
 def _append_kernel(
-    reps_ptr, sizes_ptr, valid_ptr, position_ptr, unit_ptr, rank_ptr, src_ptr, tables_ptr,
+    reps_ptr, sizes_ptr, valid_ptr, position_ptr, src_ptr, tables_ptr,
     rows, U, M, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     s = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     table = tables_ptr + s * TABLE_FIELDS
-    column, first, start, length = tl.load(table + 6), tl.load(table + 7), tl.load(table + 8), tl.load(table + 9)
+    column, first, start, length = tl.load(table + 4), tl.load(table + 5), tl.load(table + 6), tl.load(table + 7)
     cols = tl.arange(0, BLOCK_D)
     rep = tl.load(src_ptr + (s * rows + b) * D + cols, mask=cols < D)
     tl.store(reps_ptr + tl.load(table) + (b * U + column) * D + cols, rep, mask=cols < D)
@@ -36,8 +36,6 @@ def _append_kernel(
         j = j0 + tl.arange(0, BLOCK_M)
         ok = j < length
         tl.store(position_ptr + tl.load(table + 3) + candidates + j, (start + j).to(tl.int32), mask=ok)
-        tl.store(unit_ptr + tl.load(table + 4) + candidates + j, tl.zeros([BLOCK_M], tl.int32) + column.to(tl.int32), mask=ok)
-        tl.store(rank_ptr + tl.load(table + 5) + candidates + j, j.to(tl.int32), mask=ok)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -42,8 +42,7 @@ def grow(policy: LouisKVPolicy, tokens: int, units: int, seed: int) -> None:
     table = policy.units
     g = torch.Generator(device="cuda").manual_seed(seed)
     keys = torch.randn(table.reps.shape[0], tokens, table.reps.shape[2], generator=g, device="cuda")
-    centroids, sizes, position, rank, unit = cluster_pieces(keys, units, 2, table.num_tokens)
-    table.put(slice(None), centroids, sizes, position, rank, unit)
+    table.put(slice(None), *cluster_pieces(keys, units, 2, table.num_tokens))
     table.advance(units, tokens)
 
 

@@ -80,11 +80,24 @@ def test_the_estimate_bounds_what_the_tables_allocate(dtype):
         built = build_policy(policy_message(policy, config), layout)
         if policy == "louiskv":
             table = built._table(torch.device("cpu"))
-            held = sum(t.numel() * t.element_size() for t in (table.reps, table.sizes, table.valid, table.position,
-                                                                table.unit, table.rank))  # fmt: skip
+            held = sum(t.numel() * t.element_size() for t in (table.reps, table.sizes, table.valid, table.position))
             held += layout.num_layers * layout.num_kv_heads * (layout.head_dim * 4 + built.config.pinned_tokens * 8)
             assert table.reps.dtype == (dtype if dtype != torch.float32 else torch.float32)
+            assert held == built.metadata_bytes()  # the table as allocated, nothing more
         else:
             built._allocate(torch.device("cpu"))
             held = 2 * built.kmin.numel() * built.kmin.element_size()
         assert 0 < held <= built.metadata_bytes()
+
+
+def test_louiskv_reserves_four_bytes_per_candidate():
+    """A Llama-3-8B shape (32 x 8 rows, D 128, bf16) at 32K tokens: per row, 32K / 16 + 2 units
+    (bf16 rep, int32 size, bool valid) and 32K candidates of an int32 position each (a
+    candidate's unit and rank follow from the sizes: not stored), then the open segment's f32
+    sum and the pinned int64 tokens."""
+    layout = ModelLayout(num_layers=32, num_kv_heads=8, num_query_heads=32, head_dim=128, dtype=torch.bfloat16,
+                         max_tokens=32768)  # fmt: skip
+    built = build_policy(policy_message("louiskv", {"budget": 512}), layout)
+    rows, units, tokens, pinned = 32 * 8, 32768 // 16 + 2, 32768, built.config.pinned_tokens
+    per_row = units * (128 * 2 + 4 + 1) + tokens * 4 + 128 * 4 + pinned * 8
+    assert built.metadata_bytes() == rows * per_row

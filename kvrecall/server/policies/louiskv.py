@@ -118,13 +118,14 @@ class _UnitTable:
     no host data). Allocated once at its capacity (what metadata_bytes reserves).
 
     Per unit: reps [B, U, D] (the layout dtype when 16-bit, else f32), sizes [B, U] int32 and
-    valid (size > 0). Per candidate token, grouped by unit: position, unit and rank inside its
-    unit [B, M] int32.
+    valid (size > 0). Per candidate token: position [B, M] int32, grouped by unit in unit order
+    (unit u's sizes[u] candidates follow those of units < u), so a candidate's unit and rank
+    follow from prefix sums of sizes (kernels.expand_grouped) and are not stored.
 
     Over a shared prefix (`base`: the prefix template's table, read-only, never written here)
     the table holds only what comes after it: units [base.num_units, ...) and candidates
-    [base.num_tokens, ...) in its own tensors (unit ids stored relative to its first unit).
-    view() and field() read base and own columns together, as one table would hold them."""
+    [base.num_tokens, ...) in its own tensors. view() and field() read base and own columns
+    together, as one table would hold them."""
 
     def __init__(
         self, rows: int, units: int, tokens: int, dim: int, rep_dtype: torch.dtype, device,
@@ -136,17 +137,18 @@ class _UnitTable:
         self.reps = torch.zeros(rows, units, dim, dtype=rep_dtype, device=device)
         self.sizes = torch.zeros(rows, units, dtype=torch.int32, device=device)
         self.valid = torch.zeros(rows, units, dtype=torch.bool, device=device)
-        self.position, self.unit = (torch.zeros(rows, tokens, dtype=torch.int32, device=device) for _ in range(2))
-        # A candidate column not yet filled never counts as chosen (rank < take is false), so a
-        # selection may read columns past the filled ones (a captured one reads whole buckets).
-        self.rank = torch.full((rows, tokens), torch.iinfo(torch.int32).max, dtype=torch.int32, device=device)
+        # Unfilled units have size 0 (and are invalid), so the candidate columns past the filled
+        # ones belong to no unit: a selection may read them (a captured one reads whole buckets).
+        self.position = torch.zeros(rows, tokens, dtype=torch.int32, device=device)
         self.num_units = self.first_unit  # filled unit columns, the base's included
         self.num_tokens = self.first_token  # filled candidate columns, the base's included
 
     @staticmethod
     def nbytes(rows: int, units: int, tokens: int, dim: int, rep_dtype: torch.dtype) -> int:
+        """Bytes of `rows` x `units` units (rep, int32 size, bool valid) and `tokens` candidates
+        (int32 position)."""
         rep = torch.empty((), dtype=rep_dtype).element_size()
-        return rows * (units * (dim * rep + 4 + 1) + tokens * 3 * 4)
+        return rows * (units * (dim * rep + 4 + 1) + tokens * 4)
 
     @property
     def filled_nbytes(self) -> int:
@@ -167,20 +169,15 @@ class _UnitTable:
     def own_tokens(self) -> int:
         return self.num_tokens - self.first_token
 
-    def put(
-        self, rows: slice, reps: torch.Tensor, sizes: torch.Tensor, position: torch.Tensor, rank: torch.Tensor,
-        unit: torch.Tensor,
-    ) -> None:
-        """Write units [num_units, + u) and candidates [num_tokens, + m) of `rows` (unit: the
-        candidates' unit index inside the new ones); advance() makes them visible."""
+    def put(self, rows: slice, reps: torch.Tensor, sizes: torch.Tensor, position: torch.Tensor) -> None:
+        """Write units [num_units, + u) and candidates [num_tokens, + m) of `rows` (position:
+        grouped by the new units, sizes summing to m per row); advance() makes them visible."""
         u, m = sizes.shape[1], position.shape[1]
         U, M = self.own_units, self.own_tokens
         self.reps[rows, U : U + u] = reps
         self.sizes[rows, U : U + u] = sizes
         self.valid[rows, U : U + u] = sizes > 0
         self.position[rows, M : M + m] = position
-        self.unit[rows, M : M + m] = unit + U
-        self.rank[rows, M : M + m] = rank
 
     def advance(self, units: int, tokens: int) -> None:
         self.num_units += units
@@ -192,12 +189,10 @@ class _UnitTable:
 
     def field(self, name: str, width: int) -> torch.Tensor:
         """Field `name`'s first `width` columns (>= the base's; columns past the filled ones
-        are empty units, or candidates the caller masks)."""
+        are empty units, or candidates of no unit)."""
         own = getattr(self, name)[:, : width - (self.first_unit if name in UNIT_COLUMNS else self.first_token)]
         if self.base is None:
             return own
-        if name == "unit":
-            own = own + self.first_unit  # stored relative to this table's first unit
         return torch.cat((self.base.view(name), own), dim=1)
 
     def rest(self) -> tuple[int, int]:
@@ -232,14 +227,11 @@ PROMPT_SEGMENT = 8192
 
 def cluster_pieces(keys: torch.Tensor, k: int, iters: int, first: int) -> tuple[torch.Tensor, ...]:
     """k-means of keys [B, N, D] (token 0 = position `first`) into k clusters per row ->
-    (centroids [B, k, D] f32, sizes [B, k], positions [B, N], ranks [B, N], units [B, N]),
-    the candidates grouped by cluster."""
-    B, N, _ = keys.shape
+    (centroids [B, k, D] f32, sizes [B, k], positions [B, N]), the positions grouped by
+    cluster in cluster order (a unit table's candidates), ascending within each."""
     centroids, assign, counts = kernels.kmeans(keys, k, iters)
-    unit_sorted, order = torch.sort(assign, dim=1, stable=True)
-    start = torch.cumsum(counts, dim=1) - counts
-    rank = torch.arange(N, device=keys.device).expand(B, -1) - torch.gather(start, 1, unit_sorted)
-    return centroids, counts, order + first, rank, unit_sorted
+    order = torch.sort(assign, dim=1, stable=True).indices
+    return centroids, counts, order + first
 
 
 def cluster_segments(
@@ -255,21 +247,16 @@ def cluster_segments(
     if N <= per:
         return cluster_pieces(keys, max(1, math.ceil(N / cluster_size)), iters, first)
     n_full, k_full = N // per, per // cluster_size
-    centroids, sizes, position, rank, unit = cluster_pieces(
-        keys[:, : n_full * per].reshape(B * n_full, per, D), k_full, iters, 0
-    )
+    centroids, sizes, position = cluster_pieces(keys[:, : n_full * per].reshape(B * n_full, per, D), k_full, iters, 0)
     segment_index = torch.arange(n_full, device=keys.device)[None, :, None]
     parts = [(
         centroids.reshape(B, n_full * k_full, D),
         sizes.reshape(B, n_full * k_full),
         (position.view(B, n_full, per) + segment_index * per).reshape(B, -1) + first,
-        rank.reshape(B, -1),
-        (unit.view(B, n_full, per) + segment_index * k_full).reshape(B, -1),
     )]  # fmt: skip
     rest = N - n_full * per
     if rest:
-        tail = cluster_pieces(keys[:, n_full * per :], math.ceil(rest / cluster_size), iters, first + n_full * per)
-        parts.append((*tail[:4], tail[4] + n_full * k_full))
+        parts.append(cluster_pieces(keys[:, n_full * per :], math.ceil(rest / cluster_size), iters, first + n_full * per))
     return tuple(torch.cat(columns, dim=1) for columns in zip(*parts, strict=True))
 
 
@@ -368,11 +355,11 @@ class LouisKVPolicy(Policy):
         keys = kv[0].to(device)  # [H, T, D]
         if end > start:
             H = self.layout.num_kv_heads
-            centroids, sizes, position, rank, unit = cluster_segments(
+            centroids, sizes, position = cluster_segments(
                 keys[:, start:end], self.config.cluster_size, self.config.kmeans_iters, start
             )
             rows = slice(layer * H, (layer + 1) * H)
-            self._table(device).put(rows, centroids, sizes, position, rank, unit)
+            self._table(device).put(rows, centroids, sizes, position)
             self.prompt_units += int((sizes > 0).sum())
         if queries is None:
             return
@@ -487,10 +474,8 @@ class LouisKVPolicy(Policy):
             held = torch.stack([ctx.store.keys(layer, first, start) for layer in range(L)]).to(device)
             keys = torch.cat((held, keys), dim=2)
         L, H, N, D = keys.shape
-        centroids, sizes, position, rank, unit = cluster_pieces(
-            keys.reshape(L * H, N, D), k, self.config.kmeans_iters, first
-        )
-        self.units.put(slice(None), centroids, sizes, position, rank, unit)
+        centroids, sizes, position = cluster_pieces(keys.reshape(L * H, N, D), k, self.config.kmeans_iters, first)
+        self.units.put(slice(None), centroids, sizes, position)
         self.units.advance(k, N)
         self.prompt_units += int((sizes > 0).sum())
         self.open_start = self.closed_upto = end
@@ -572,8 +557,9 @@ class LouisKVPolicy(Policy):
 
     def _choose_captured(self, q: torch.Tensor) -> Selection:
         """choose_units over the table's filled columns rounded up to whole buckets (columns
-        past the filled ones are invalid units and candidates never chosen: the same selection),
-        replayed as one CUDA graph until the table outgrows its buckets (kvrecall/captured.py)."""
+        past the filled ones are invalid units of size 0 and candidates of no unit, never
+        chosen: the same selection), replayed as one CUDA graph until the table outgrows its
+        buckets (kvrecall/captured.py)."""
         L, H = self.layout.num_layers, self.layout.num_kv_heads
         R, aggregate, table = self.config.budget, self.config.aggregate, self.units
         widths = bucket_widths(table)
@@ -692,7 +678,7 @@ def _append_segments(ready: list[tuple[LouisKVPolicy, int, _UnitTable]]) -> None
         policy.open_sum = None
 
 
-APPEND_FIELDS = ("reps", "sizes", "valid", "position", "unit", "rank")  # kernels.append_units' order
+APPEND_FIELDS = ("reps", "sizes", "valid", "position")  # kernels.append_units' order
 
 
 def choose_units(
@@ -737,7 +723,7 @@ def select_together(policies: list[LouisKVPolicy], queries: list[torch.Tensor]) 
     tables = [policy.units for policy in policies]
     if len(tables) == 1 or sum(t.filled_nbytes for t in tables) > STACK_MAX_BYTES:
         # Each on its own tables (views): stacking copies every field of every table (about
-        # 0.4 GB per 32K-token session of a Llama-3-8B shape), GPU time taken from the workers.
+        # 0.17 GB per 32K-token session of a Llama-3-8B shape), GPU time taken from the workers.
         return [policy._choose_every_layer(query) for policy, query in zip(policies, queries, strict=True)]
     width = {"unit": max(t.num_units for t in tables), "token": max(t.num_tokens for t in tables)}
     stacked = {
