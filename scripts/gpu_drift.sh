@@ -22,7 +22,13 @@
 # PART=8: the captured selection's GPU test, then capture_selection on / off alternating at 32K x 8 (x2) and
 # 64 sequences, at DRIFT (each daemon's log under logs/ has its capture counts); C32 / CMANY: the on / off
 # order of each (default "1 0 1 0" / "1 0"), SKIP_TESTS=1: no GPU test first.
-#   usage: [PART=1..8] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
+# PART=9: the retrieval kernels that read less (expand_grouped, the placement plan without sorts) against the
+# code before them (carry .whl/old: `git archive d6bc193 kvrecall | tar -x -C .whl/old`): their native kernel
+# tests, the kernels' probes (scripts/expand_probe.py, scripts/place_kernel_probe.py), then new / old
+# alternating at 32K x 8 (NEWOLD, default "1 0 1 0"; the first pair with the daemon's kernel profile) and
+# 64 sequences (NEWOLD_MANY, default "1 0"), at DRIFT. Old runs start from .whl/old (python -m finds the
+# package in the working directory first).
+#   usage: [PART=1..9] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_env.sh
@@ -58,6 +64,43 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob(sys.argv[2])):
                 print("   copy", row)
 PY
 }
+if [ "${PART:-1}" = 9 ]; then  # the retrieval kernels that read less, against the code before them
+  if [ -z "${SKIP_TESTS:-}" ]; then
+    gpu_test kernels-expand-staged 120 -q -x tests/kernels/test_expand.py tests/kernels/test_staged_plan.py
+    gpu_test kernels-placement 150 -q -x tests/kernels/test_placement.py
+    gpu_test captured-selection-gpu 120 -q -m gpu tests/gpu/test_captured_selection_gpu.py
+  fi
+  mkdir -p "$OUT/logs/probes"
+  timeout 60 python3 scripts/expand_probe.py --out "$OUT/logs/probes/expand-probe.json"; echo "expand probe exit $?"
+  [ -f scripts/place_kernel_probe.py ] && { timeout 60 python3 scripts/place_kernel_probe.py --out "$OUT/logs/probes/place-new.json"
+    echo "place probe (new) exit $?"
+    PYTHONPATH=$SITE:$PWD/.whl/old timeout 60 python3 scripts/place_kernel_probe.py --out "$OUT/logs/probes/place-old.json"
+    echo "place probe (old) exit $?"; }
+  (cd .whl/old && python3 -c "import kvrecall.kernels as k; print('old runs import', k.__file__, hasattr(k, 'expand_grouped'))")
+  e2e_warmup 240
+  first=1
+  for v in ${NEWOLD:-1 0 1 0}; do  # 32K x 8 at the real model's traffic
+    prof=(); [ "$first" -le 2 ] && prof=(--daemon-env "KVRECALL_KERNEL_PROFILE_OUT=$OUT/logs/probes/daemon-kernels-$v.json")
+    if [ "$v" = 1 ]; then
+      e2e_run "new-32k8-$D-$SECONDS" 75 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" "${prof[@]}"
+    else
+      (cd .whl/old && e2e_run "old-32k8-$D-$SECONDS" 75 --parts step --contexts 32768 --batches 8 --rates 0,0.117 \
+        --query-drift "$D" "${prof[@]}")
+    fi
+    first=$((first + 1))
+  done
+  for v in ${NEWOLD_MANY:-1 0}; do
+    if [ "$v" = 1 ]; then
+      e2e_run "new-many-$D-$SECONDS" 90 --parts many --many 64 --many-context 4096 --rates 0,0.117 --query-drift "$D"
+    else
+      (cd .whl/old && e2e_run "old-many-$D-$SECONDS" 90 --parts many --many 64 --many-context 4096 --rates 0,0.117 \
+        --query-drift "$D")
+    fi
+  done
+  rm -f "$OUT"/*.png
+  e2e_finish
+  exit 0
+fi
 if [ "${PART:-1}" = 8 ]; then  # the captured selection (capture_selection): its GPU test, then on / off alternating
   [ -z "${SKIP_TESTS:-}" ] && gpu_test test_captured_selection_gpu 150 -v -m gpu tests/gpu/test_captured_selection_gpu.py
   e2e_warmup 240
