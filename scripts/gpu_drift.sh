@@ -25,9 +25,10 @@
 # PART=9: the retrieval kernels that read less (expand_grouped, the placement plan without sorts) against the
 # code before them (carry .whl/old: `git archive d6bc193 kvrecall | tar -x -C .whl/old`): their native kernel
 # tests, the kernels' probes (scripts/expand_probe.py, scripts/place_kernel_probe.py), then new / old
-# alternating at 32K x 8 (NEWOLD, default "1 0 1 0"; the first pair with the daemon's kernel profile) and
-# 64 sequences (NEWOLD_MANY, default "1 0"), at DRIFT. Old runs start from .whl/old (python -m finds the
-# package in the working directory first).
+# alternating at 32K x 8 and 64 sequences at DRIFT, in the order of RUNS (default "new32 old32 new32 old32
+# newmany oldmany"; the first two 32K runs with the daemon's kernel profile). Old runs start from .whl/old
+# (python -m finds the package in the working directory first). NO_WARMUP=1: no warm-up bench (the first run
+# gets the compile's time instead); BUDGET_S: skip a run that could end past that many seconds.
 #   usage: [PART=1..9] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
@@ -77,25 +78,21 @@ if [ "${PART:-1}" = 9 ]; then  # the retrieval kernels that read less, against t
     PYTHONPATH=$SITE:$PWD/.whl/old timeout 60 python3 scripts/place_kernel_probe.py --out "$OUT/logs/probes/place-old.json"
     echo "place probe (old) exit $?"; }
   (cd .whl/old && python3 -c "import kvrecall.kernels as k; print('old runs import', k.__file__, hasattr(k, 'expand_grouped'))")
-  e2e_warmup 240
-  first=1
-  for v in ${NEWOLD:-1 0 1 0}; do  # 32K x 8 at the real model's traffic
-    prof=(); [ "$first" -le 2 ] && prof=(--daemon-env "KVRECALL_KERNEL_PROFILE_OUT=$OUT/logs/probes/daemon-kernels-$v.json")
-    if [ "$v" = 1 ]; then
-      e2e_run "new-32k8-$D-$SECONDS" 75 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" "${prof[@]}"
-    else
-      (cd .whl/old && e2e_run "old-32k8-$D-$SECONDS" 75 --parts step --contexts 32768 --batches 8 --rates 0,0.117 \
-        --query-drift "$D" "${prof[@]}")
-    fi
-    first=$((first + 1))
-  done
-  for v in ${NEWOLD_MANY:-1 0}; do
-    if [ "$v" = 1 ]; then
-      e2e_run "new-many-$D-$SECONDS" 90 --parts many --many 64 --many-context 4096 --rates 0,0.117 --query-drift "$D"
-    else
-      (cd .whl/old && e2e_run "old-many-$D-$SECONDS" 90 --parts many --many 64 --many-context 4096 --rates 0,0.117 \
-        --query-drift "$D")
-    fi
+  [ -z "${NO_WARMUP:-}" ] && e2e_warmup 240
+  cold=${NO_WARMUP:+1}; old_cold=${NO_WARMUP:+1}; n32=0
+  for run in ${RUNS:-new32 old32 new32 old32 newmany oldmany}; do  # 32K x 8 and 64 sequences, real-model traffic
+    limit=75; case $run in *many) limit=90 ;; esac
+    [ -n "$cold" ] && limit=$((limit + 160))  # the first run's daemon compiles the kernels (no warm-up)
+    case $run in old*) [ -n "$old_cold" ] && limit=$((limit + 120)) ;; esac  # the old kernels compile too
+    if [ $((SECONDS + limit)) -gt "${BUDGET_S:-100000}" ]; then echo "skip $run: ${SECONDS}s + ${limit}s > BUDGET_S"; continue; fi
+    cold=""; dir=.; case $run in old*) dir=.whl/old; old_cold="" ;; esac
+    case $run in
+      *32) n32=$((n32 + 1)); prof=(); [ "$n32" -le 2 ] && prof=(--daemon-env "KVRECALL_KERNEL_PROFILE_OUT=$OUT/logs/probes/daemon-kernels-$run.json")
+        (cd "$dir" && e2e_run "$run-$D-$SECONDS" "$limit" --parts step --contexts 32768 --batches 8 --rates 0,0.117 \
+          --query-drift "$D" "${prof[@]}") ;;
+      *many) (cd "$dir" && e2e_run "$run-$D-$SECONDS" "$limit" --parts many --many 64 --many-context 4096 --rates 0,0.117 \
+          --query-drift "$D") ;;
+    esac
   done
   rm -f "$OUT"/*.png
   e2e_finish
