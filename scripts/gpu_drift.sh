@@ -29,7 +29,10 @@
 # newmany oldmany"; the first two 32K runs with the daemon's kernel profile). Old runs start from .whl/old
 # (python -m finds the package in the working directory first). NO_WARMUP=1: no warm-up bench (the first run
 # gets the compile's time instead); BUDGET_S: skip a run that could end past that many seconds.
-#   usage: [PART=1..9] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
+# PART=10: README's figures with the code as it is, in one call (no warm-up: the first bench takes the compile):
+# README's table (32K and 128K, batch 1 and 8; render it with `python -m kvrecall.bench.readme FILE`), 64
+# sequences at 4K, the 16 GiB GPU cap at 32K (90 GiB host tier), 32K x 8 once more; BUDGET_S as in PART=9.
+#   usage: [PART=1..10] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_env.sh
@@ -65,6 +68,19 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob(sys.argv[2])):
                 print("   copy", row)
 PY
 }
+if [ "${PART:-1}" = 10 ]; then  # README's figures with the code as it is
+  fits() { [ $((SECONDS + $1)) -le "${BUDGET_S:-100000}" ] || { echo "skip: ${SECONDS}s + $1s > BUDGET_S"; return 1; }; }
+  fits 250 && e2e_run "table-$D" 250 --parts step --contexts 32768,131072 --batches 1,8 --rates 0,0.117 --query-drift "$D"
+  fits 90 && e2e_run "many-$D" 90 --parts many --many 64 --many-context 4096 --rates 0,0.117 --query-drift "$D"
+  E2E_SMALL=$E2E
+  E2E=${E2E/--host-cap-gib 40 --host-pool-gib 40/--host-cap-gib 90 --host-pool-gib 90}
+  fits 150 && e2e_run "capped-$D" 150 --parts capped --contexts 32768 --rates 0.117 --query-drift "$D"
+  E2E=$E2E_SMALL
+  fits 75 && e2e_run "32k8-$D" 75 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D"
+  find "$OUT" -maxdepth 1 -name '*.png' ! -name 'e2e-table-*' -delete  # at most 8 files come back
+  e2e_finish
+  exit 0
+fi
 if [ "${PART:-1}" = 9 ]; then  # the retrieval kernels that read less, against the code before them
   if [ -z "${SKIP_TESTS:-}" ]; then
     gpu_test kernels-expand-staged 120 -q -x tests/kernels/test_expand.py tests/kernels/test_staged_plan.py
