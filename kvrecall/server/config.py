@@ -93,6 +93,9 @@ class ServerConfig(BaseModel):
     capture_selection: bool = False     # replay louiskv's boundary selection (~25 kernels) as one CUDA
                                         # graph per session, re-captured when its unit table outgrows
                                         # a bucket (kvrecall/captured.py)
+    coalesce_retrievals: bool = False   # retrieving Boundaries calls that arrive while one runs are served
+                                        # together by the next run: one selection, placement and sync
+                                        # (server/coalesce.py); no effect with session_ops=inline
     phases_out: str = ""                # a path: each Boundaries call's time per phase (kvrecall/phases.py),
                                         # mean and quantiles per phase written there as JSON at shutdown
     host_reads: Literal["auto", "copy", "kernel"] = "auto"  # how a background retrieval's rows (one

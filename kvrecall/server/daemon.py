@@ -83,6 +83,7 @@ class Daemon:
             profiler=OpsProfiler(config.profile_out) if config.profile_out else None,
             kernel_profiler=self.kernel_profiler, follow_wait_s=config.follow_wait_s,
             phase_log=PhaseLog(config.phases_out) if config.phases_out else None,
+            coalesce_retrievals=config.coalesce_retrievals,
         )  # fmt: skip
         self.fd_server = FdServer(fd_socket, config.socket_mode, self.service.segment_fd) if fd_socket else None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()

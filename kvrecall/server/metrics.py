@@ -45,6 +45,13 @@ class Metrics:
             buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 2.5),
             registry=r,
         )
+        self.retrieval_run_calls = Histogram(
+            "kvrecall_retrieval_run_calls",
+            "Retrieving Boundaries calls served by one run (coalesce_retrievals: the calls that arrived while a run "
+            "was under way are served together by the next); _sum over _count is the mean",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+            registry=r,
+        )
         self.follow_wait = Histogram(
             "kvrecall_follow_wait_seconds",
             "How long a Boundaries event waited for the AppendNotice it follows (StepEvent.follows) to be applied "

@@ -29,6 +29,7 @@ from kvrecall import __version__
 from kvrecall.phases import PhaseLog
 from kvrecall.server import prefixes, streams
 from kvrecall.server import validation as check
+from kvrecall.server.coalesce import Coalescer
 from kvrecall.server.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -122,6 +123,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         kernel_profiler: KernelProfiler | None = None,
         phase_log: PhaseLog | None = None,
         follow_wait_s: float = 30.0,
+        coalesce_retrievals: bool = False,
     ) -> None:
         self.registry = registry
         self.device = device
@@ -141,6 +143,13 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         self.follow_wait_s = follow_wait_s
         self._appended = asyncio.Condition()
         self._followers = 0
+        # Retrieving calls that arrive while one runs are served together by the next run
+        # (coalesce.py); not with session_ops=inline, where a call runs on the loop anyway.
+        self.coalescer = (
+            Coalescer(self._run_retrievals, on_run=self.metrics.retrieval_run_calls.observe)
+            if coalesce_retrievals and not self.inline_ops
+            else None
+        )
         registry.prefixes.on_evict = lambda prefix: self.metrics.prefix_evictions.inc()
 
     async def _session_op(self, func, *args):
@@ -150,6 +159,13 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         if self.inline_ops:
             return func(*args)
         return await _in_thread(func, *args)
+
+    async def _run_retrievals(self, sessions, events, background: bool, timing: StepTiming):
+        """One run of retrieving calls (serve_step), under cProfile when profiling."""
+        work = (serve_step, sessions, events, background, True, timing)
+        if self.profiler is not None:
+            work = (self.profiler.run, "retrievals", *work)
+        return await self._session_op(*work)
 
     # ---- plumbing ----------------------------------------------------------------------
     def _caller(self, context: grpc.aio.ServicerContext, claimed: str | None = None) -> str | None:
@@ -635,13 +651,19 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 events = list(request.events)
                 check_events(sessions, events)
                 timing = StepTiming()
+                reports_phases = True
                 retrieves = any(event.retrieve for event in events)
                 work = (serve_step, sessions, events, request.background and retrieves, True, timing)
                 if retrieves and self.kernel_profiler is not None:
                     self.kernel_profiler.begin()
                 if self.profiler is not None:
                     work = (self.profiler.run, "retrievals" if retrieves else "notices", *work)
-                if retrieves:
+                if retrieves and self.coalescer is not None:
+                    served = await self.coalescer.serve(sessions, events, request.background)
+                    outcomes, groups, timing, reports_phases = (
+                        served.outcomes, served.groups, served.timing, served.reports_phases,
+                    )  # fmt: skip
+                elif retrieves:
                     outcomes, groups = await self._session_op(*work)
                 elif self.inline_notices:
                     outcomes, groups = streams.on_stream(self.notice_stream, *work)
@@ -676,10 +698,11 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         self.metrics.bytes_moved.labels("host_to_device").inc(moved)
         self.metrics.rpc_latency.labels("Boundaries").observe(seconds)
         kind = "retrievals" if retrieves else "notices"
-        for phase, phase_seconds in (timing.phases or {}).items():
+        phases = timing.phases if reports_phases else None  # a coalesced run's phases count once
+        for phase, phase_seconds in (phases or {}).items():
             self.metrics.boundaries_phase.labels(kind, phase).observe(phase_seconds)
-        if self.phase_log is not None and timing.phases is not None:
-            self.phase_log.add(kind, timing.phases)
+        if self.phase_log is not None and phases is not None:
+            self.phase_log.add(kind, phases)
         return response
 
     def _after_append(self, session: Session) -> None:
