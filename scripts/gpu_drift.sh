@@ -32,8 +32,11 @@
 # PART=10: README's figures with the code as it is, in one call (no warm-up: the first bench takes the compile):
 # README's table (32K and 128K, batch 1 and 8; render it with `python -m kvrecall.bench.readme FILE`), 64
 # sequences at 4K, the 16 GiB GPU cap at 32K (90 GiB host tier), 32K x 8 once more; BUDGET_S as in PART=9.
-# PART=11: coalesce_retrievals on / off alternating (COALESCE, default "1 0 1 0" at 32K x 8 and "1 0" at 64
-# sequences: COALESCE_MANY), each daemon with its phases (logs/phases-*.json); NO_WARMUP and BUDGET_S as in PART=9.
+# PART=11: daemon settings A/B: ARMS (space-separated arms, each a comma-separated list of the daemon's KEY=VALUE
+# environment; default "KVRECALL_COALESCE_RETRIEVALS=1 KVRECALL_COALESCE_RETRIEVALS=0") alternating at 32K x 8
+# for ROUNDS rounds (default 2), then each at 64 sequences; each daemon's phases in logs/phases-<run>.json, the arms
+# in logs/arms.txt; NO_WARMUP and BUDGET_S as in PART=9. E.g. ARMS="KVRECALL_COALESCE_RETRIEVALS=0
+# KVRECALL_COALESCE_RETRIEVALS=1 KVRECALL_GATE_LAUNCHES=1,KVRECALL_COALESCE_RETRIEVALS=1".
 #   usage: [PART=1..11] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
@@ -70,19 +73,24 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob(sys.argv[2])):
                 print("   copy", row)
 PY
 }
-if [ "${PART:-1}" = 11 ]; then  # retrieving calls served together (coalesce_retrievals) on / off
+if [ "${PART:-1}" = 11 ]; then  # daemon settings A/B: each arm's daemon env, alternating, with its phases
   [ -z "${NO_WARMUP:-}" ] && e2e_warmup 240
   cold=${NO_WARMUP:+160}
-  for spec in $(for c in ${COALESCE:-1 0 1 0}; do echo "32k8:$c"; done; for c in ${COALESCE_MANY:-1 0}; do echo "many:$c"; done); do
-    part=${spec%%:*} c=${spec##*:}
+  arms=(${ARMS:-KVRECALL_COALESCE_RETRIEVALS=1 KVRECALL_COALESCE_RETRIEVALS=0})
+  runs=(); for r in $(seq "${ROUNDS:-2}"); do for a in "${!arms[@]}"; do runs+=("32k8:$a"); done; done
+  for a in "${!arms[@]}"; do runs+=("many:$a"); done
+  for spec in "${runs[@]}"; do
+    part=${spec%%:*} a=${spec##*:}
     limit=$(( ${cold:-0} + 75 )); [ "$part" = many ] && limit=$((limit + 15))
     if [ $((SECONDS + limit)) -gt "${BUDGET_S:-100000}" ]; then echo "skip $spec: ${SECONDS}s + ${limit}s > BUDGET_S"; continue; fi
-    cold=""
-    env=(--daemon-env "KVRECALL_COALESCE_RETRIEVALS=$c" --daemon-env "KVRECALL_PHASES_OUT=$OUT/logs/phases-$part-$c-$SECONDS.json")
+    cold=""; name="arm$a-$part-$D-$SECONDS"
+    env=(--daemon-env "KVRECALL_PHASES_OUT=$OUT/logs/phases-$name.json")
+    for kv in ${arms[$a]//,/ }; do env+=(--daemon-env "$kv"); done
+    echo "$name: ${arms[$a]}" >> "$OUT/logs/arms.txt"
     if [ "$part" = 32k8 ]; then
-      e2e_run "co$c-32k8-$D-$SECONDS" "$limit" --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" "${env[@]}"
+      e2e_run "$name" "$limit" --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" "${env[@]}"
     else
-      e2e_run "co$c-many-$D-$SECONDS" "$limit" --parts many --many 64 --many-context 4096 --rates 0,0.117 --query-drift "$D" "${env[@]}"
+      e2e_run "$name" "$limit" --parts many --many 64 --many-context 4096 --rates 0,0.117 --query-drift "$D" "${env[@]}"
     fi
   done
   rm -f "$OUT"/*.png
