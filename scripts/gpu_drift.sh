@@ -32,8 +32,9 @@
 # PART=10: README's figures with the code as it is, in one call (no warm-up: the first bench takes the compile):
 # README's table (32K and 128K, batch 1 and 8; render it with `python -m kvrecall.bench.readme FILE`), 64
 # sequences at 4K, the 16 GiB GPU cap at 32K (90 GiB host tier), 32K x 8 once more; BUDGET_S as in PART=9.
-# PART=11: daemon settings A/B: ARMS (space-separated arms, each a comma-separated list of the daemon's KEY=VALUE
-# environment; default "KVRECALL_COALESCE_RETRIEVALS=1 KVRECALL_COALESCE_RETRIEVALS=0") alternating at 32K x 8
+# PART=11: settings A/B: ARMS (space-separated arms, each a comma-separated list of the daemon's KEY=VALUE
+# environment and bench flags written --flag=value, e.g. --switch=patient; default
+# "KVRECALL_COALESCE_RETRIEVALS=1 KVRECALL_COALESCE_RETRIEVALS=0") alternating at 32K x 8
 # for ROUNDS rounds (default 2), then each at 64 sequences; each daemon's phases in logs/phases-<run>.json, the arms
 # in logs/arms.txt; NO_WARMUP and BUDGET_S as in PART=9. E.g. ARMS="KVRECALL_COALESCE_RETRIEVALS=0
 # KVRECALL_COALESCE_RETRIEVALS=1 KVRECALL_GATE_LAUNCHES=1,KVRECALL_COALESCE_RETRIEVALS=1".
@@ -85,7 +86,7 @@ if [ "${PART:-1}" = 11 ]; then  # daemon settings A/B: each arm's daemon env, al
     if [ $((SECONDS + limit)) -gt "${BUDGET_S:-100000}" ]; then echo "skip $spec: ${SECONDS}s + ${limit}s > BUDGET_S"; continue; fi
     cold=""; name="arm$a-$part-$D-$SECONDS"
     env=(--daemon-env "KVRECALL_PHASES_OUT=$OUT/logs/phases-$name.json")
-    for kv in ${arms[$a]//,/ }; do env+=(--daemon-env "$kv"); done
+    for kv in ${arms[$a]//,/ }; do case $kv in --*) env+=("$kv") ;; *) env+=(--daemon-env "$kv") ;; esac; done
     echo "$name: ${arms[$a]}" >> "$OUT/logs/arms.txt"
     if [ "$part" = 32k8 ]; then
       e2e_run "$name" "$limit" --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" "${env[@]}"

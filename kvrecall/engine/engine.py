@@ -25,6 +25,10 @@ default) the switch happens after exactly `lag` steps (waiting for the answer if
 so decoding is deterministic; with `switch="answered"` a slot switches after the first step
 that finds its answer in, and after `lag` steps at the latest (waiting then): a fast daemon's
 answers serve sooner, a busy one's are waited for less, and the output depends on timing.
+With `switch="patient"` a slot switches after `lag` steps if its answer is in, else after the
+first later step that finds it in, and after `2 * lag` steps at the latest (below the session's
+spill_every; waiting then): a late answer costs the slot a staler working set for a step or
+two instead of the whole batch a wait (the output depends on timing too).
 
 Deferred eviction (sessions opened with `deferred_eviction=True`, the default for engines the
 bench builds): a slot's AppendNotice goes out without the step waiting for it; its answer is
@@ -80,7 +84,7 @@ from kvrecall.v1 import kvrecall_pb2 as pb
 # against 1.40x at lag 4, batch 1 equal, 64 sequences 1,866 against 1,919 tokens/s. Servers may pass another
 # lag (kvrecall worker --serve --lag).
 DEFAULT_LAG = 4
-SWITCHES = ("fixed", "answered")  # when a crossed slot leaves its shadow (Engine's `switch`)
+SWITCHES = ("fixed", "answered", "patient")  # when a crossed slot leaves its shadow (Engine's `switch`)
 # The interpreter's thread switch interval while an engine runs (seconds; CPython's default is
 # 5 ms). gRPC's threads handle the answers in Python: after the step's sync the decoding thread
 # may wait for the interpreter lock until one lets it go, up to the whole interval (on an H200
@@ -217,8 +221,9 @@ class Engine:
     time slices of a GPU that never idles, answers later (docs/ARCHITECTURE.md, "Overlap").
     `keep_logits` (with overlap, where the
     decoder's buffer already holds the next step's): `logits` holds a copy of the returned
-    step's, made each step. `switch`: "fixed" (after exactly `lag` steps) or "answered" (as soon
-    as the answer is in, at most `lag` steps; see the module docstring)."""
+    step's, made each step. `switch`: "fixed" (after exactly `lag` steps), "answered" (as soon
+    as the answer is in, at most `lag` steps) or "patient" (after `lag` steps once the answer is
+    in, at most `2 * lag`; see the module docstring)."""
 
     def __init__(
         self, weights: DecoderWeights, batch: int, max_capacity: int, *, use_graph: bool = True,
@@ -346,6 +351,21 @@ class Engine:
         (a slot reading its shadow retrieves nothing, so a longer lag would skip steps)."""
         return min(self.lag, 1) if seq.session.boundary_mode == pb.BOUNDARY_MODE_EVERY_STEP else self.lag
 
+    def _longest_stay(self, seq: Sequence, lag: int) -> int:
+        """Steps a crossed slot may read its shadow: `lag`, or with switch="patient" up to 2 * lag
+        for a slot whose answer is late (below spill_every: the early notice before the shadow
+        makes room in the ring for that many steps; policies retrieving every step keep `lag`)."""
+        if self.switch != "patient" or seq.session.boundary_mode == pb.BOUNDARY_MODE_EVERY_STEP:
+            return lag
+        return max(lag, min(2 * lag, seq.session.core.spill_every - 1))
+
+    def _keeps_shadow(self, seq: Sequence, lag: int) -> bool:
+        """Whether a crossed slot reads its shadow for another step (the module docstring's switches)."""
+        stay = seq.session.core.position - seq.pending_from
+        if stay < lag:
+            return not (self.switch == "answered" and seq.pending.done())
+        return stay < self._longest_stay(seq, lag) and not seq.pending.done()
+
     def set_lag(self, lag: int) -> None:
         """Change `lag` between steps: slots reading a shadow switch back first (waiting for
         their answers), so every boundary from here on follows the new lag."""
@@ -451,7 +471,7 @@ class Engine:
             seq.tokens.append(tokens[b])
             lag = self._lag(seq)
             if seq.pending is not None:
-                if core.position - seq.pending_from < lag and not (self.switch == "answered" and seq.pending.done()):
+                if self._keeps_shadow(seq, lag):
                     continue  # no notice falls due while it reads its shadow (see below)
                 late += self._switch_back(seq)
             if ahead and seq.notice is not None and core.position + ahead - seq.sent_upto >= core.spill_every:
@@ -462,7 +482,7 @@ class Engine:
             crossed = flags[b] if forced is None else forced
             # A slot about to read its shadow for `lag` steps announces its tokens first, so its
             # ring (copied into the shadow) has room for them without evicting anything.
-            early = crossed and lag > 0 and core.position + lag > seq.sent_upto + core.spill_every
+            early = crossed and lag > 0 and core.position + self._longest_stay(seq, lag) > seq.sent_upto + core.spill_every
             notice = core.position - seq.sent_upto >= core.spill_every or early
             # A crossing slot's retrieval follows its last notice without taking that answer (the
             # daemon applies them in turn: StepEvent.follows); the slot takes it at its switch back.

@@ -74,6 +74,7 @@ TRITON = pytest.mark.skipif(not interpreter_ready(), reason="needs TRITON_INTERP
      ("reference", 0, True, False, "fixed"), ("reference", 2, True, False, "fixed"),
      ("reference", 1, True, True, "fixed"), ("reference", 2, True, True, "fixed"),
      ("reference", 3, True, False, "answered"), ("reference", 3, True, True, "answered"),
+     ("reference", 3, True, True, "patient"),
      pytest.param("triton", 0, False, False, "fixed", marks=TRITON),
      pytest.param("triton", 2, True, False, "fixed", marks=TRITON)],
 )  # fmt: skip
@@ -301,6 +302,92 @@ def test_a_slot_leaves_its_shadow_when_answered_or_after_lag(daemon, tiny_llama,
     engine.close()
     with pytest.raises(ValueError, match="switch"):
         Engine(weights, batch=1, max_capacity=64, switch="early")
+
+
+class HeldAnswer:
+    """A boundary's real calls in flight, reported unanswered until the test lets them through:
+    the daemon answers when it does; only when the engine sees the answer is up to the test."""
+
+    def __init__(self, pending) -> None:
+        self.pending, self.released = pending, False
+
+    def done(self) -> bool:
+        return self.released and self.pending.done()
+
+    def result(self):
+        return self.pending.result()
+
+    def __getattr__(self, name):
+        return getattr(self.pending, name)
+
+
+@pytest.mark.parametrize("released_after", [3, None])
+def test_a_patient_slot_reads_its_shadow_past_lag_until_answered(daemon, tiny_llama, released_after):
+    """switch="patient": a crossed slot whose answer is not in after `lag` steps reads its shadow
+    on, without the step waiting, and switches after the first step that finds the answer in
+    (released after 3 steps: 3 shadow steps at lag 2), or after 2 * lag steps at the latest,
+    waiting then (never released: 4). Its tokens equal full attention's under a covering budget
+    either way."""
+    weights = DecoderWeights.from_hf(tiny_llama)
+    engine = Engine(weights, batch=1, max_capacity=1024, lag=2, switch="patient",
+                    force_boundary=lambda step, slot: step == 0)  # fmt: skip
+    spec = spec_for(tiny_llama, max_tokens=512)
+    prompt = prompts(128)[0]
+    with KVRecallClient(daemon.target, "engine-test") as client:
+        session = client.open_session(spec, "louiskv", {"budget": 512, "n_sink": 4, "window": 32},
+                                      deferred_eviction=True)  # fmt: skip
+        slot = engine.add(session, prompt)
+        engine.step()
+        seq = engine.sequences[slot]
+        assert seq.pending is not None, "the forced boundary left no retrieval in flight"
+        held = seq.pending = HeldAnswer(seq.pending)
+        for call in held.calls:  # the daemon's answer is in; the engine is told so only when released
+            call.result()
+        stays = []
+        for step in range(1, 6):
+            if step == released_after:
+                held.released = True
+            engine.step()
+            stays.append(seq.pending is not None)
+        want = [True, True, False, False, False] if released_after == 3 else [True, True, True, False, False]
+        assert stays == want
+        assert list(engine.times.shadow_steps) == [3 if released_after == 3 else 4]
+        tokens = torch.cat([prompt, torch.tensor(seq.tokens[:-1])])
+        engine.remove(slot)
+        session.close()
+    engine.close()
+    with torch.no_grad():
+        expected = tiny_llama(tokens[None]).logits[0, len(prompt) :].argmax(-1)
+    assert seq.tokens[1:] == expected.tolist()[: len(seq.tokens) - 1]
+
+
+def test_a_patient_slot_never_overruns_its_ring(daemon, tiny_llama):
+    """lag 7, answers never seen in time: the slot reads its shadow for 14 steps, longer than lag
+    allows for, so the notice before the shadow must make room for 14 (the ring would otherwise
+    wrap over tokens not yet spilled); every token equals full attention's."""
+    weights = DecoderWeights.from_hf(tiny_llama)
+    engine = Engine(weights, batch=1, max_capacity=1024, lag=7, switch="patient",
+                    force_boundary=lambda step, slot: step == 5)  # fmt: skip
+    spec = spec_for(tiny_llama, max_tokens=512)
+    prompt = prompts(128)[0]
+    with KVRecallClient(daemon.target, "engine-test") as client:
+        session = client.open_session(spec, "louiskv", {"budget": 512, "n_sink": 4, "window": 32},
+                                      deferred_eviction=True)  # fmt: skip
+        assert session.spill_every == 16
+        slot = engine.add(session, prompt)
+        seq = engine.sequences[slot]
+        for _ in range(30):
+            engine.step()
+            if seq.pending is not None and not isinstance(seq.pending, HeldAnswer):
+                seq.pending = HeldAnswer(seq.pending)
+        assert list(engine.times.shadow_steps) == [14]
+        tokens = torch.cat([prompt, torch.tensor(seq.tokens[:-1])])
+        engine.remove(slot)
+        session.close()
+    engine.close()
+    with torch.no_grad():
+        expected = tiny_llama(tokens[None]).logits[0, len(prompt) :].argmax(-1)
+    assert seq.tokens[1:] == expected.tolist()[: len(seq.tokens) - 1]
 
 
 def test_a_slot_crossing_as_it_switches_back_retrieves_for_this_steps_query(daemon, tiny_llama):
