@@ -122,6 +122,7 @@ def _soak(args: argparse.Namespace) -> int:
 
 
 MAX_LAG = 15  # below every policy's spill_every (16): Engine refuses a lag a session cannot take
+SWITCHES = ("fixed", "answered", "patient")  # Engine's `switch` (kvrecall/engine/engine.py; torch-free here)
 
 
 def _between(low: int, high: int | None = None):
@@ -281,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--overlap", choices=("on", "off"), default="on",
         help="--serve: launch each decode step before the host work of the one before (boundary flags, daemon "
         "calls), so that work runs while the GPU decodes (default on; needs --lag >= 1, off at lag 0)",
+    )
+    worker.add_argument(
+        "--switch", choices=SWITCHES, default="fixed",
+        help="--serve: when a request that crossed a boundary leaves its old working set: fixed (after exactly "
+        "--lag steps, waiting for a late answer; deterministic), answered (as soon as answered, --lag at the "
+        "latest), patient (after --lag steps once answered, 2 x --lag at the latest: a late answer rarely stalls "
+        "the batch); default fixed (docs/TUNING.md)",
     )
     worker.set_defaults(func=_worker)
     eval_ = sub.add_parser("eval", help="accuracy + fidelity of every policy x budget against full KV")

@@ -73,3 +73,16 @@ def test_worker_lag_is_checked_at_the_edge(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["worker", "--target", "x:1", "--lag", bad])
         assert "--lag" in capsys.readouterr().err
+
+
+def test_worker_switch_names_the_engines_modes(capsys):
+    """`worker --switch`: the engine's modes exactly (the CLI keeps its own copy to stay torch-free);
+    another word is refused with the flag named."""
+    from kvrecall.cli import SWITCHES
+    from kvrecall.engine.engine import SWITCHES as ENGINE_SWITCHES
+
+    assert SWITCHES == ENGINE_SWITCHES
+    assert build_parser().parse_args(["worker", "--target", "x:1"]).switch == "fixed"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["worker", "--target", "x:1", "--switch", "eager"])
+    assert "--switch" in capsys.readouterr().err

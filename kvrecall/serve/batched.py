@@ -85,10 +85,11 @@ class BatchedEngine:
 
     def __init__(
         self, loaded: LoadedModel, client: KVRecallClient, slots: int, max_queue: int, max_model_len: int,
-        lag: int | None = None, overlap: bool = True,
+        lag: int | None = None, overlap: bool = True, switch: str = "fixed",
     ) -> None:  # fmt: skip
         self.loaded = loaded
         self.lag = DEFAULT_LAG if lag is None else lag
+        self.switch = switch  # when a crossed request leaves its shadow (Engine's `switch`)
         # Each step launched before the host work of the one before (Engine overlap; its sessions
         # are deferred-eviction ones): needs a lag of at least 1, so lag 0 runs without it.
         self.overlap = overlap and self.lag >= 1
@@ -109,7 +110,7 @@ class BatchedEngine:
 
     def _new_engine(self) -> Engine:
         return Engine(self.weights, batch=self.slots, max_capacity=self.max_capacity, lag=self.lag,
-                      overlap=self.overlap)
+                      overlap=self.overlap, switch=self.switch)
 
     def load(self) -> dict[str, int]:
         with self._lock:

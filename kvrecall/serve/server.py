@@ -36,7 +36,7 @@ def make_engine(loaded, client, device: str, args: argparse.Namespace, window: i
     reason = unbatchable(loaded.model)
     if reason is None:
         return BatchedEngine(loaded, client, args.max_batch, args.max_queue, window, lag=args.lag,
-                             overlap=args.overlap == "on")
+                             overlap=args.overlap == "on", switch=args.switch)
     log.warning("%s: no batched decode (%s); requests decode one at a time", loaded.name, reason)
     return SerialEngine(loaded, client, device, args.max_queue)
 

@@ -116,15 +116,20 @@ def test_a_batch_decodes_each_request_as_alone(client, llama, picks):
         assert shared[0][2].retrievals >= 1, "louiskv never retrieved: the tight budgets test nothing"
 
 
-@pytest.mark.parametrize(("lag", "overlap", "overlapped"), [(7, True, True), (3, False, False), (0, True, False)])
-def test_the_lag_and_overlap_reach_the_engine_and_a_covering_budget_stays_exact(client, llama, lag, overlap, overlapped):
-    """--lag and --overlap: the batched engine decodes with them (overlap, the default, needs a
-    lag of at least 1: at lag 0 it runs without); with covering budgets the tokens are full
-    KV's whatever the lag, with or without overlap."""
+@pytest.mark.parametrize(("lag", "overlap", "overlapped", "switch"),
+                         [(7, True, True, "fixed"), (3, False, False, "fixed"), (0, True, False, "fixed"),
+                          (4, True, True, "patient")])  # fmt: skip
+def test_the_lag_and_overlap_reach_the_engine_and_a_covering_budget_stays_exact(
+    client, llama, lag, overlap, overlapped, switch
+):
+    """--lag, --overlap and --switch: the batched engine decodes with them (overlap, the default,
+    needs a lag of at least 1: at lag 0 it runs without); with covering budgets the tokens are
+    full KV's whatever the lag and switch, with or without overlap."""
     batch = requests(COVERING)[:2]
-    engine = BatchedEngine(llama, client, slots=2, max_queue=2, max_model_len=WINDOW, lag=lag, overlap=overlap)
+    engine = BatchedEngine(llama, client, slots=2, max_queue=2, max_model_len=WINDOW, lag=lag, overlap=overlap,
+                           switch=switch)  # fmt: skip
     try:
-        assert (engine.engine.lag, engine.engine.overlap) == (lag, overlapped)
+        assert (engine.engine.lag, engine.engine.overlap, engine.engine.switch) == (lag, overlapped, switch)
         shared = together(engine, batch)
     finally:
         engine.close()
@@ -133,7 +138,8 @@ def test_the_lag_and_overlap_reach_the_engine_and_a_covering_budget_stays_exact(
 
 def test_overlap_is_the_serve_default():
     args = build_parser().parse_args(["worker", "--serve", "--target", "localhost:1"])
-    assert (args.overlap, args.lag) == ("on", None)
+    assert (args.overlap, args.lag, args.switch) == ("on", None, "fixed")
+    assert build_parser().parse_args(["worker", "--serve", "--target", "localhost:1", "--switch", "patient"]).switch == "patient"
     assert build_parser().parse_args(["worker", "--serve", "--target", "localhost:1", "--overlap", "off"]).overlap == "off"
 
 
