@@ -50,6 +50,9 @@ gpu_test() {  # log name, seconds, pytest arguments: the run's log under $OUT/te
   timeout "$limit" python3 -m pytest --tb=short -p no:cacheprovider "$@" > "$OUT/tests/$name.log" 2>&1
   echo "$name: exit $?: $(tail -1 "$OUT/tests/$name.log")"
 }
+fits() {  # seconds [name]: whether a run of that limit can end by BUDGET_S (else says so)
+  [ $((SECONDS + $1)) -le "${BUDGET_S:-100000}" ] || { echo "skip ${2:-}: ${SECONDS}s + $1s > BUDGET_S"; return 1; }
+}
 mps_start() {  # a CUDA MPS control daemon for the processes started after it (this call only)
   command -v nvidia-cuda-mps-control || { echo "no nvidia-cuda-mps-control on this machine"; exit 3; }
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=$OUT/logs/mps
@@ -83,7 +86,7 @@ if [ "${PART:-1}" = 11 ]; then  # daemon settings A/B: each arm's daemon env, al
   for spec in "${runs[@]}"; do
     part=${spec%%:*} a=${spec##*:}
     limit=$(( ${cold:-0} + 75 )); [ "$part" = many ] && limit=$((limit + 15))
-    if [ $((SECONDS + limit)) -gt "${BUDGET_S:-100000}" ]; then echo "skip $spec: ${SECONDS}s + ${limit}s > BUDGET_S"; continue; fi
+    fits "$limit" "$spec" || continue
     cold=""; name="arm$a-$part-$D-$SECONDS"
     env=(--daemon-env "KVRECALL_PHASES_OUT=$OUT/logs/phases-$name.json")
     for kv in ${arms[$a]//,/ }; do case $kv in --*) env+=("$kv") ;; *) env+=(--daemon-env "$kv") ;; esac; done
@@ -99,7 +102,6 @@ if [ "${PART:-1}" = 11 ]; then  # daemon settings A/B: each arm's daemon env, al
   exit 0
 fi
 if [ "${PART:-1}" = 10 ]; then  # README's figures with the code as it is
-  fits() { [ $((SECONDS + $1)) -le "${BUDGET_S:-100000}" ] || { echo "skip: ${SECONDS}s + $1s > BUDGET_S"; return 1; }; }
   fits 250 && e2e_run "table-$D" 250 --parts step --contexts 32768,131072 --batches 1,8 --rates 0,0.117 --query-drift "$D"
   fits 90 && e2e_run "many-$D" 90 --parts many --many 64 --many-context 4096 --rates 0,0.117 --query-drift "$D"
   E2E_SMALL=$E2E
@@ -130,7 +132,7 @@ if [ "${PART:-1}" = 9 ]; then  # the retrieval kernels that read less, against t
     limit=75; case $run in *many) limit=90 ;; esac
     [ -n "$cold" ] && limit=$((limit + 160))  # the first run's daemon compiles the kernels (no warm-up)
     case $run in old*) [ -n "$old_cold" ] && limit=$((limit + 120)) ;; esac  # the old kernels compile too
-    if [ $((SECONDS + limit)) -gt "${BUDGET_S:-100000}" ]; then echo "skip $run: ${SECONDS}s + ${limit}s > BUDGET_S"; continue; fi
+    fits "$limit" "$run" || continue
     cold=""; dir=.; case $run in old*) dir=.whl/old; old_cold="" ;; esac
     case $run in
       *32) n32=$((n32 + 1)); prof=(); [ "$n32" -le 2 ] && prof=(--daemon-env "KVRECALL_KERNEL_PROFILE_OUT=$OUT/logs/probes/daemon-kernels-$run.json")

@@ -23,9 +23,8 @@ as for a lone call of many sessions).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvrecall.server.session import Session
 from kvrecall.server.step_batch import StepOutcome, StepTiming
@@ -55,7 +54,6 @@ class _Call:
     events: list[pb.StepEvent]
     background: bool
     future: asyncio.Future
-    queued: float = field(default_factory=time.perf_counter)
 
 
 class Coalescer:

@@ -161,7 +161,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         return await _in_thread(func, *args)
 
     async def _run_retrievals(self, sessions, events, background: bool, timing: StepTiming):
-        """One run of retrieving calls (serve_step), under cProfile when profiling."""
+        """A retrieving call's serve_step (or a coalesced run's), under cProfile when profiling."""
         work = (serve_step, sessions, events, background, True, timing)
         if self.profiler is not None:
             work = (self.profiler.run, "retrievals", *work)
@@ -653,22 +653,23 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 timing = StepTiming()
                 reports_phases = True
                 retrieves = any(event.retrieve for event in events)
-                work = (serve_step, sessions, events, request.background and retrieves, True, timing)
                 if retrieves and self.kernel_profiler is not None:
                     self.kernel_profiler.begin()
-                if self.profiler is not None:
-                    work = (self.profiler.run, "retrievals" if retrieves else "notices", *work)
                 if retrieves and self.coalescer is not None:
                     served = await self.coalescer.serve(sessions, events, request.background)
                     outcomes, groups, timing, reports_phases = (
                         served.outcomes, served.groups, served.timing, served.reports_phases,
                     )  # fmt: skip
                 elif retrieves:
-                    outcomes, groups = await self._session_op(*work)
-                elif self.inline_notices:
-                    outcomes, groups = streams.on_stream(self.notice_stream, *work)
+                    outcomes, groups = await self._run_retrievals(sessions, events, request.background, timing)
                 else:
-                    outcomes, groups = await _in_thread(streams.on_stream, self.notice_stream, *work)
+                    work = (serve_step, sessions, events, False, True, timing)
+                    if self.profiler is not None:
+                        work = (self.profiler.run, "notices", *work)
+                    if self.inline_notices:
+                        outcomes, groups = streams.on_stream(self.notice_stream, *work)
+                    else:
+                        outcomes, groups = await _in_thread(streams.on_stream, self.notice_stream, *work)
                 for session in sessions:  # a notice may reach (or pass) a declared prefix's end
                     if session.declared is not None:
                         self._after_append(session)

@@ -304,6 +304,13 @@ def test_a_slot_leaves_its_shadow_when_answered_or_after_lag(daemon, tiny_llama,
         Engine(weights, batch=1, max_capacity=64, switch="early")
 
 
+def assert_greedy_like_full_attention(model, prompt: torch.Tensor, tokens: list[int]) -> None:
+    """Every token after the first is full attention's greedy choice after the ones before it."""
+    with torch.no_grad():
+        expected = model(torch.cat([prompt, torch.tensor(tokens[:-1])])[None]).logits[0, len(prompt) :].argmax(-1)
+    assert tokens[1:] == expected.tolist()[: len(tokens) - 1]
+
+
 class HeldAnswer:
     """A boundary's real calls in flight, reported unanswered until the test lets them through:
     the daemon answers when it does; only when the engine sees the answer is up to the test."""
@@ -352,13 +359,10 @@ def test_a_patient_slot_reads_its_shadow_past_lag_until_answered(daemon, tiny_ll
         want = [True, True, False, False, False] if released_after == 3 else [True, True, True, False, False]
         assert stays == want
         assert list(engine.times.shadow_steps) == [3 if released_after == 3 else 4]
-        tokens = torch.cat([prompt, torch.tensor(seq.tokens[:-1])])
         engine.remove(slot)
         session.close()
     engine.close()
-    with torch.no_grad():
-        expected = tiny_llama(tokens[None]).logits[0, len(prompt) :].argmax(-1)
-    assert seq.tokens[1:] == expected.tolist()[: len(seq.tokens) - 1]
+    assert_greedy_like_full_attention(tiny_llama, prompt, seq.tokens)
 
 
 def test_a_patient_slot_never_overruns_its_ring(daemon, tiny_llama):
@@ -381,13 +385,10 @@ def test_a_patient_slot_never_overruns_its_ring(daemon, tiny_llama):
             if seq.pending is not None and not isinstance(seq.pending, HeldAnswer):
                 seq.pending = HeldAnswer(seq.pending)
         assert list(engine.times.shadow_steps) == [14]
-        tokens = torch.cat([prompt, torch.tensor(seq.tokens[:-1])])
         engine.remove(slot)
         session.close()
     engine.close()
-    with torch.no_grad():
-        expected = tiny_llama(tokens[None]).logits[0, len(prompt) :].argmax(-1)
-    assert seq.tokens[1:] == expected.tolist()[: len(seq.tokens) - 1]
+    assert_greedy_like_full_attention(tiny_llama, prompt, seq.tokens)
 
 
 def test_a_slot_crossing_as_it_switches_back_retrieves_for_this_steps_query(daemon, tiny_llama):
