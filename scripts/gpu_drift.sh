@@ -36,7 +36,8 @@
 # environment and bench flags written --flag=value, e.g. --switch=patient; default
 # "KVRECALL_COALESCE_RETRIEVALS=1 KVRECALL_COALESCE_RETRIEVALS=0") alternating at 32K x 8
 # for ROUNDS rounds (default 2), then each at 64 sequences; each daemon's phases in logs/phases-<run>.json, the arms
-# in logs/arms.txt; NO_WARMUP and BUDGET_S as in PART=9. E.g. ARMS="KVRECALL_COALESCE_RETRIEVALS=0
+# in logs/arms.txt; NO_WARMUP and BUDGET_S as in PART=9; MANY: the arms (indexes, in order) run at 64 sequences
+# (default all); the JSONs come back in e2e-json.tgz; PACK_TRITON=1: the Triton cache too. E.g. ARMS="KVRECALL_COALESCE_RETRIEVALS=0
 # KVRECALL_COALESCE_RETRIEVALS=1 KVRECALL_GATE_LAUNCHES=1,KVRECALL_COALESCE_RETRIEVALS=1".
 #   usage: [PART=1..11] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
@@ -82,7 +83,7 @@ if [ "${PART:-1}" = 11 ]; then  # daemon settings A/B: each arm's daemon env, al
   cold=${NO_WARMUP:+160}
   arms=(${ARMS:-KVRECALL_COALESCE_RETRIEVALS=1 KVRECALL_COALESCE_RETRIEVALS=0})
   runs=(); for r in $(seq "${ROUNDS:-2}"); do for a in "${!arms[@]}"; do runs+=("32k8:$a"); done; done
-  for a in "${!arms[@]}"; do runs+=("many:$a"); done
+  for a in ${MANY:-${!arms[@]}}; do runs+=("many:$a"); done
   for spec in "${runs[@]}"; do
     part=${spec%%:*} a=${spec##*:}
     limit=$(( ${cold:-0} + 75 )); [ "$part" = many ] && limit=$((limit + 15))
@@ -98,7 +99,9 @@ if [ "${PART:-1}" = 11 ]; then  # daemon settings A/B: each arm's daemon env, al
     fi
   done
   rm -f "$OUT"/*.png
+  [ -n "${PACK_TRITON:-}" ] && pack_triton_cache
   e2e_finish
+  tar czf "$OUT/e2e-json.tgz" -C "$OUT" $(cd "$OUT" && ls e2e-*.json) && rm -f "$OUT"/e2e-*.json  # 8 files come back
   exit 0
 fi
 if [ "${PART:-1}" = 10 ]; then  # README's figures with the code as it is
