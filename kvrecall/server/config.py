@@ -93,7 +93,7 @@ class ServerConfig(BaseModel):
     capture_selection: bool = False     # replay louiskv's boundary selection (~25 kernels) as one CUDA
                                         # graph per session, re-captured when its unit table outgrows
                                         # a bucket (kvrecall/captured.py)
-    coalesce_retrievals: bool = False   # retrieving Boundaries calls that arrive while one runs are served
+    coalesce_retrievals: bool = True    # retrieving Boundaries calls that arrive while one runs are served
                                         # together by the next run: one selection, placement and sync
                                         # (server/coalesce.py); no effect with session_ops=inline
     phases_out: str = ""                # a path: each Boundaries call's time per phase (kvrecall/phases.py),

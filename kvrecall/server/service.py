@@ -123,7 +123,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
         kernel_profiler: KernelProfiler | None = None,
         phase_log: PhaseLog | None = None,
         follow_wait_s: float = 30.0,
-        coalesce_retrievals: bool = False,
+        coalesce_retrievals: bool = True,
     ) -> None:
         self.registry = registry
         self.device = device

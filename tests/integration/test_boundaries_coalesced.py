@@ -1,7 +1,7 @@
 """Coalesced retrievals through a real daemon (`coalesce_retrievals`, kvrecall/server/coalesce.py):
 each step, every session's retrieval goes in a Boundaries call of its own, all in flight at
-once, as a lagged engine's calls overlap; the daemon serves the calls that queue behind a run
-together. The working sets stay bitwise equal to twins that retrieve one by one on their Decode
+once, as a lagged engine's calls overlap; the daemon (by default) serves the calls that queue
+behind a run together, or with the setting off runs each call in a thread of its own. The working sets stay bitwise equal to twins that retrieve one by one on their Decode
 streams, and the daemon's histogram shows runs that served several calls."""
 
 from __future__ import annotations
@@ -26,18 +26,19 @@ PROMPTS = (60, 201, 260)
 STEPS = 24
 
 
-@pytest.fixture(scope="module")
-def coalescing():
-    """A daemon with coalesce_retrievals on and its metrics served: (client, the metrics URL)."""
+@pytest.fixture(scope="module", params=["default", "off"])
+def coalescing(request):
+    """A daemon with coalesce_retrievals as by default (on) or turned off, and its metrics served:
+    (client, the metrics URL, whether it coalesces)."""
     port = free_port()
-    with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.25, env={"KVRECALL_COALESCE_RETRIEVALS": "1"},
-                     extra_args=["--metrics-port", str(port)]) as d:  # fmt: skip
+    env = {"KVRECALL_COALESCE_RETRIEVALS": "0"} if request.param == "off" else {}
+    with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.25, env=env, extra_args=["--metrics-port", str(port)]) as d:
         with KVRecallClient(d.target, "test-worker", timeout=60.0) as c:
-            yield c, f"http://127.0.0.1:{port}/metrics"
+            yield c, f"http://127.0.0.1:{port}/metrics", request.param != "off"
 
 
 def test_calls_in_flight_together_equal_them_one_by_one(coalescing):
-    client, url = coalescing
+    client, url, coalesces = coalescing
     twins = []
     for policy, config in CASES:
         for tokens in PROMPTS:
@@ -81,5 +82,8 @@ def test_calls_in_flight_together_equal_them_one_by_one(coalescing):
     runs = metric(url, "kvrecall_retrieval_run_calls_count") - runs
     calls = metric(url, "kvrecall_retrieval_run_calls_sum") - calls
     sent = sum(1 for step in range(STEPS) for i in range(len(twins)) if step % 3 == 0 or (step + i) % 2 == 0)
+    if not coalesces:
+        assert calls == runs == 0, "with coalesce_retrievals off every call runs on its own, outside the coalescer"
+        return
     assert calls == sent, "every retrieving call was served by one run"
     assert runs < calls, "some runs served calls that queued behind another"
