@@ -38,13 +38,19 @@ def coalescing(request):
 
 
 def test_calls_in_flight_together_equal_them_one_by_one(coalescing):
-    client, url, coalesces = coalescing
+    check_in_flight_equal_one_by_one(*coalescing)
+
+
+def check_in_flight_equal_one_by_one(client, url: str, coalesces: bool, transport: str = "shm") -> None:
+    """Every step, each session's retrieval in a call of its own, all in flight at once, against
+    twins retrieving one by one on their Decode streams: bitwise equal working sets and
+    outcomes; with coalescing the daemon's histogram shows every call served, some together."""
     twins = []
     for policy, config in CASES:
         for tokens in PROMPTS:
             seed = 10 * len(twins)
-            twins.append((open_ingested(client, policy, config, tokens, seed),
-                          open_ingested(client, policy, config, tokens, seed), tokens + STEPS, seed))  # fmt: skip
+            twins.append((open_ingested(client, policy, config, tokens, seed, transport),
+                          open_ingested(client, policy, config, tokens, seed, transport), tokens + STEPS, seed))  # fmt: skip
     runs, calls = metric(url, "kvrecall_retrieval_run_calls_count"), metric(url, "kvrecall_retrieval_run_calls_sum")
     try:
         for step in range(STEPS):
