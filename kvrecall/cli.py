@@ -122,7 +122,7 @@ def _soak(args: argparse.Namespace) -> int:
 
 
 MAX_LAG = 15  # below every policy's spill_every (16): Engine refuses a lag a session cannot take
-SWITCHES = ("fixed", "answered", "patient")  # Engine's `switch` (kvrecall/engine/engine.py; torch-free here)
+SWITCHES = ("fixed", "answered", "patient", "adaptive")  # Engine's `switch` (kvrecall/engine/engine.py; torch-free here)
 
 
 def _between(low: int, high: int | None = None):
@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="--serve: when a request that crossed a boundary leaves its old working set: fixed (after exactly "
         "--lag steps, waiting for a late answer; deterministic), answered (as soon as answered, --lag at the "
         "latest), patient (after --lag steps once answered, 2 x --lag at the latest: a late answer rarely stalls "
-        "the batch); default fixed (docs/TUNING.md)",
+        "the batch), adaptive (after exactly as many steps as the daemon's recent answers needed, --lag to "
+        "2 x --lag); default fixed (docs/TUNING.md)",
     )
     worker.set_defaults(func=_worker)
     eval_ = sub.add_parser("eval", help="accuracy + fidelity of every policy x budget against full KV")

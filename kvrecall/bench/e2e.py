@@ -106,7 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="fixed: a crossed slot reads its shadow for exactly --lag steps (deterministic); answered: "
                         "it switches as soon as its retrieval is answered, after --lag steps at the latest; patient: "
                         "after --lag steps once answered, 2 x --lag at the latest, so a late answer rarely "
-                        "stalls the batch (Engine switch)")
+                        "stalls the batch; adaptive: after exactly as many steps as the recent retrievals' answers "
+                        "needed (their 90th percentile), --lag to 2 x --lag (Engine switch)")
     p.add_argument("--daemon-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the daemon process only (repeatable), e.g. "
                    "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=20 under CUDA MPS, KVRECALL_HOST_READS=kernel")

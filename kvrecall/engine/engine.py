@@ -29,6 +29,12 @@ With `switch="patient"` a slot switches after `lag` steps if its answer is in, e
 first later step that finds it in, and after `2 * lag` steps at the latest (below the session's
 spill_every; waiting then): a late answer costs the slot a staler working set for a step or
 two instead of the whole batch a wait (the output depends on timing too).
+With `switch="adaptive"` each crossing reads its shadow for a lag chosen when it crosses: the
+engine's `lag`, or more while the daemon's recent answers came later (the 90th percentile of
+the steps the last ADAPT_WINDOW retrievals needed, `adaptive_stay`), at most `2 * lag` (below
+spill_every); it switches after exactly that many steps. With answers in time it is `fixed`
+step for step; under load the batch waits less and a crossing's working set is a few steps
+staler (the output depends on timing).
 
 Deferred eviction (sessions opened with `deferred_eviction=True`, the default for engines the
 bench builds): a slot's AppendNotice goes out without the step waiting for it; its answer is
@@ -53,6 +59,7 @@ daemon). With a budget covering the sequence every policy is exact either way.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections import deque
@@ -84,7 +91,10 @@ from kvrecall.v1 import kvrecall_pb2 as pb
 # against 1.40x at lag 4, batch 1 equal, 64 sequences 1,866 against 1,919 tokens/s. Servers may pass another
 # lag (kvrecall worker --serve --lag).
 DEFAULT_LAG = 4
-SWITCHES = ("fixed", "answered", "patient")  # when a crossed slot leaves its shadow (Engine's `switch`)
+SWITCHES = ("fixed", "answered", "patient", "adaptive")  # when a crossed slot leaves its shadow (Engine's `switch`)
+# switch="adaptive": the retrievals whose answer times (in steps) set the next crossings' lag.
+ADAPT_WINDOW = 32
+ADAPT_QUANTILE = 0.9
 # The interpreter's thread switch interval while an engine runs (seconds; CPython's default is
 # 5 ms). gRPC's threads handle the answers in Python: after the step's sync the decoding thread
 # may wait for the interpreter lock until one lets it go, up to the whole interval (on an H200
@@ -135,6 +145,8 @@ class Sequence:
     shadow: tuple[torch.Tensor, ...] | None = None
     notice: _Pending | None = None  # deferred eviction: its last AppendNotice, answer not taken yet
     sent_upto: int = 0  # tokens announced in notices sent (noticed_upto once their answers are taken)
+    stay: int = 0  # switch="adaptive": the steps this crossing reads its shadow (chosen as it crossed)
+    seen_at: int | None = None  # switch="adaptive": the first step of the shadow that found the answer in
 
 
 @dataclass
@@ -145,6 +157,17 @@ class _Flight:
     parity: int
     sequences: list[Sequence]
     done: torch.cuda.Event | None
+
+
+def adaptive_stay(needed: "deque[int] | list[int]", lag: int, longest: int) -> int:
+    """switch="adaptive": the steps a new crossing reads its shadow. `needed`: for each recent
+    retrieval, the steps after its crossing by which its answer was in (seen in, or waited for);
+    their ADAPT_QUANTILE, at least `lag` and at most `longest`."""
+    if not needed:
+        return lag
+    ordered = sorted(needed)
+    quantile = ordered[max(0, math.ceil(ADAPT_QUANTILE * len(ordered)) - 1)]
+    return max(lag, min(longest, quantile))
 
 
 # Samples each DaemonTimes series keeps (the latest): a serving engine steps for ever and never
@@ -222,8 +245,9 @@ class Engine:
     `keep_logits` (with overlap, where the
     decoder's buffer already holds the next step's): `logits` holds a copy of the returned
     step's, made each step. `switch`: "fixed" (after exactly `lag` steps), "answered" (as soon
-    as the answer is in, at most `lag` steps) or "patient" (after `lag` steps once the answer is
-    in, at most `2 * lag`; see the module docstring)."""
+    as the answer is in, at most `lag` steps), "patient" (after `lag` steps once the answer is
+    in, at most `2 * lag`) or "adaptive" (after exactly the steps the recent answers needed,
+    `lag` to `2 * lag`; see the module docstring)."""
 
     def __init__(
         self, weights: DecoderWeights, batch: int, max_capacity: int, *, use_graph: bool = True,
@@ -272,6 +296,11 @@ class Engine:
         self._shadows: list[tuple[torch.Tensor, ...]] = []
         # The retrievals in flight: one Boundaries call per step of the last `lag` steps.
         self.times = DaemonTimes()
+        # switch="adaptive": the steps each recent retrieval needed (adaptive_stay), and the time
+        # a step takes (a moving average of step() to step()), which turns a wait into steps.
+        self._needed: deque[int] = deque(maxlen=ADAPT_WINDOW)
+        self._step_s = 0.0
+        self._started = 0.0
         # Captured while no slot is in use: the warm-up steps write nothing anywhere.
         self.graph = GraphStep(self._step_launches, self.device, use_graph)
         self.decoder.tokens.zero_()
@@ -353,15 +382,21 @@ class Engine:
 
     def _longest_stay(self, seq: Sequence, lag: int) -> int:
         """Steps a crossed slot may read its shadow: `lag`, or with switch="patient" up to 2 * lag
-        for a slot whose answer is late (below spill_every: the early notice before the shadow
-        makes room in the ring for that many steps; policies retrieving every step keep `lag`)."""
-        if self.switch != "patient" or seq.session.boundary_mode == pb.BOUNDARY_MODE_EVERY_STEP:
+        for a slot whose answer is late, with switch="adaptive" what the recent answers needed, up
+        to 2 * lag (below spill_every: the early notice before the shadow makes room in the ring
+        for that many steps; policies retrieving every step keep `lag`)."""
+        if self.switch not in ("patient", "adaptive") or seq.session.boundary_mode == pb.BOUNDARY_MODE_EVERY_STEP:
             return lag
-        return max(lag, min(2 * lag, seq.session.core.spill_every - 1))
+        longest = max(lag, min(2 * lag, seq.session.core.spill_every - 1))
+        return longest if self.switch == "patient" else adaptive_stay(self._needed, lag, longest)
 
     def _keeps_shadow(self, seq: Sequence, lag: int) -> bool:
         """Whether a crossed slot reads its shadow for another step (the module docstring's switches)."""
         stay = seq.session.core.position - seq.pending_from
+        if self.switch == "adaptive":
+            if seq.seen_at is None and seq.pending.done():
+                seq.seen_at = stay
+            return stay < seq.stay
         if stay < lag:
             return not (self.switch == "answered" and seq.pending.done())
         return stay < self._longest_stay(seq, lag) and not seq.pending.done()
@@ -445,6 +480,10 @@ class Engine:
         its shadow from t + 2, a retrieval's query is step t + 1's), and the slot of a
         sequence added between calls joins at the step launched next."""
         started = time.perf_counter()
+        if self._started:
+            gap = started - self._started
+            self._step_s = gap if not self._step_s else 0.9 * self._step_s + 0.1 * gap
+        self._started = started
         if self.overlap:
             flight = self._flight if self._flight is not None else self._launch()
             self._flight = self._launch()
@@ -473,7 +512,10 @@ class Engine:
             if seq.pending is not None:
                 if self._keeps_shadow(seq, lag):
                     continue  # no notice falls due while it reads its shadow (see below)
-                late += self._switch_back(seq)
+                waited = self._switch_back(seq)
+                late += waited
+                if self.switch == "adaptive":
+                    self._needed.append(self._steps_needed(seq, waited))
             if ahead and seq.notice is not None and core.position + ahead - seq.sent_upto >= core.spill_every:
                 # The step launched ahead writes one more ring slot: the answer a notice would be
                 # taken for at the next step is taken before the launch after it (the ring's slack).
@@ -482,7 +524,8 @@ class Engine:
             crossed = flags[b] if forced is None else forced
             # A slot about to read its shadow for `lag` steps announces its tokens first, so its
             # ring (copied into the shadow) has room for them without evicting anything.
-            early = crossed and lag > 0 and core.position + self._longest_stay(seq, lag) > seq.sent_upto + core.spill_every
+            stay = self._longest_stay(seq, lag) if crossed else lag
+            early = crossed and lag > 0 and core.position + stay > seq.sent_upto + core.spill_every
             notice = core.position - seq.sent_upto >= core.spill_every or early
             # A crossing slot's retrieval follows its last notice without taking that answer (the
             # daemon applies them in turn: StepEvent.follows); the slot takes it at its switch back.
@@ -496,6 +539,7 @@ class Engine:
                 self.backend.set_reference(b)
                 seq.boundaries += 1
             if crossed and lag > 0:
+                seq.stay, seq.seen_at = stay, None
                 crossings.append((seq, notice and core.deferred, follows))
                 if notice and not core.deferred:
                     notices.append(StepCall(seq.session, core.position, notice=True))
@@ -536,6 +580,14 @@ class Engine:
         self.times.send_s.append(send)
         self.steps += 1
         return {seq.slot: tokens[seq.slot] for seq in flight.sequences if self.sequences[seq.slot] is seq}
+
+    def _steps_needed(self, seq: Sequence, waited: float) -> int:
+        """switch="adaptive", at a switch back: the steps after the crossing by which its answer
+        was in: the first shadow step that saw it, else the stay and the wait in steps (one at least)."""
+        if seq.seen_at is not None:
+            return seq.seen_at
+        stay = seq.session.core.position - seq.pending_from
+        return stay + max(1, math.ceil(waited / self._step_s) if self._step_s > 0 else 1)
 
     @staticmethod
     def _by_client(calls: list[StepCall]) -> list[list[StepCall]]:

@@ -10,6 +10,8 @@ from kvrecall.client import KVRecallClient
 from kvrecall.client.errors import InvalidArgumentError
 from kvrecall.client.hf import spec_for
 from kvrecall.engine import DecoderWeights, Engine
+from kvrecall.engine import engine as engine_module
+from kvrecall.engine.engine import adaptive_stay
 from kvrecall.kernels._triton import interpreter_ready
 
 transformers = pytest.importorskip("transformers")
@@ -74,7 +76,7 @@ TRITON = pytest.mark.skipif(not interpreter_ready(), reason="needs TRITON_INTERP
      ("reference", 0, True, False, "fixed"), ("reference", 2, True, False, "fixed"),
      ("reference", 1, True, True, "fixed"), ("reference", 2, True, True, "fixed"),
      ("reference", 3, True, False, "answered"), ("reference", 3, True, True, "answered"),
-     ("reference", 3, True, True, "patient"),
+     ("reference", 3, True, True, "patient"), ("reference", 3, True, True, "adaptive"),
      pytest.param("triton", 0, False, False, "fixed", marks=TRITON),
      pytest.param("triton", 2, True, False, "fixed", marks=TRITON)],
 )  # fmt: skip
@@ -385,6 +387,51 @@ def test_a_patient_slot_never_overruns_its_ring(daemon, tiny_llama):
             if seq.pending is not None and not isinstance(seq.pending, HeldAnswer):
                 seq.pending = HeldAnswer(seq.pending)
         assert list(engine.times.shadow_steps) == [14]
+        engine.remove(slot)
+        session.close()
+    engine.close()
+    assert_greedy_like_full_attention(tiny_llama, prompt, seq.tokens)
+
+
+@pytest.mark.parametrize(
+    ("needed", "want"),
+    [([], 2), ([1, 1, 1], 2), ([3], 3), ([3, 4], 4), ([1] * 9 + [4], 2), ([1] * 8 + [4, 4], 4), ([9] * 5, 4)],
+)  # fmt: skip
+def test_adaptive_stay_is_the_recent_answers_90th_percentile_within_lag_and_longest(needed, want):
+    assert adaptive_stay(needed, 2, 4) == want
+
+
+def test_an_adaptive_slot_reads_its_shadow_as_long_as_recent_answers_needed(daemon, tiny_llama, monkeypatch):
+    """switch="adaptive", lag 2, a window of 4 answers: while each answer is let through only
+    4 steps after its crossing, the stays grow 2, 3, 4 (a late answer counts one step more than
+    the stay that waited for it; one seen in at step 4 counts 4) and stay at 4 (2 x lag); once
+    answers are in at the first step, the stays come back to lag as the late ones leave the
+    window. Every token equals full attention's under a covering budget."""
+    monkeypatch.setattr(engine_module, "ADAPT_WINDOW", 4)
+    weights = DecoderWeights.from_hf(tiny_llama)
+    engine = Engine(weights, batch=1, max_capacity=1024, lag=2, switch="adaptive",
+                    force_boundary=lambda step, slot: step % 6 == 0)  # fmt: skip
+    spec = spec_for(tiny_llama, max_tokens=512)
+    prompt = prompts(128)[0]
+    with KVRecallClient(daemon.target, "engine-test") as client:
+        session = client.open_session(spec, "louiskv", {"budget": 512, "n_sink": 4, "window": 32},
+                                      deferred_eviction=True)  # fmt: skip
+        slot = engine.add(session, prompt)
+        seq = engine.sequences[slot]
+        held, since, crossings = None, 0, 0
+        for _ in range(54):
+            if held is not None:
+                since += 1
+                held.released = held.released or since == 4
+            engine.step()
+            if seq.pending is not None and not isinstance(seq.pending, HeldAnswer):
+                held, since, crossings = HeldAnswer(seq.pending), 0, crossings + 1
+                seq.pending = held
+                for call in held.calls:  # answered; the engine sees it only once released
+                    call.result()
+                held.released = crossings > 4  # from the fifth crossing on, answers are in at once
+        assert crossings == 9
+        assert list(engine.times.shadow_steps) == [2, 3, 4, 4, 4, 4, 4, 4, 2]
         engine.remove(slot)
         session.close()
     engine.close()

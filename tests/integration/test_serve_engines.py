@@ -118,7 +118,7 @@ def test_a_batch_decodes_each_request_as_alone(client, llama, picks):
 
 @pytest.mark.parametrize(("lag", "overlap", "overlapped", "switch"),
                          [(7, True, True, "fixed"), (3, False, False, "fixed"), (0, True, False, "fixed"),
-                          (4, True, True, "patient")])  # fmt: skip
+                          (4, True, True, "patient"), (4, True, True, "adaptive")])  # fmt: skip
 def test_the_lag_and_overlap_reach_the_engine_and_a_covering_budget_stays_exact(
     client, llama, lag, overlap, overlapped, switch
 ):
@@ -139,7 +139,8 @@ def test_the_lag_and_overlap_reach_the_engine_and_a_covering_budget_stays_exact(
 def test_overlap_is_the_serve_default():
     args = build_parser().parse_args(["worker", "--serve", "--target", "localhost:1"])
     assert (args.overlap, args.lag, args.switch) == ("on", None, "fixed")
-    assert build_parser().parse_args(["worker", "--serve", "--target", "localhost:1", "--switch", "patient"]).switch == "patient"
+    for switch in ("patient", "adaptive"):
+        assert build_parser().parse_args(["worker", "--serve", "--target", "localhost:1", "--switch", switch]).switch == switch
     assert build_parser().parse_args(["worker", "--serve", "--target", "localhost:1", "--overlap", "off"]).overlap == "off"
 
 
