@@ -159,7 +159,7 @@ class _Flight:
     done: torch.cuda.Event | None
 
 
-def adaptive_stay(needed: "deque[int] | list[int]", lag: int, longest: int) -> int:
+def adaptive_stay(needed: deque[int] | list[int], lag: int, longest: int) -> int:
     """switch="adaptive": the steps a new crossing reads its shadow. `needed`: for each recent
     retrieval, the steps after its crossing by which its answer was in (seen in, or waited for);
     their ADAPT_QUANTILE, at least `lag` and at most `longest`."""
