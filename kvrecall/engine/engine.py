@@ -514,8 +514,8 @@ class Engine:
                     continue  # no notice falls due while it reads its shadow (see below)
                 waited = self._switch_back(seq)
                 late += waited
-                if self.switch == "adaptive":
-                    self._needed.append(self._steps_needed(seq, waited))
+                if self.switch == "adaptive" and seq.session.boundary_mode != pb.BOUNDARY_MODE_EVERY_STEP:
+                    self._needed.append(self._steps_needed(seq, waited))  # (a lag-1 policy's answers set no stay)
             if ahead and seq.notice is not None and core.position + ahead - seq.sent_upto >= core.spill_every:
                 # The step launched ahead writes one more ring slot: the answer a notice would be
                 # taken for at the next step is taken before the launch after it (the ring's slack).
