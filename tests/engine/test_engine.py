@@ -3,6 +3,8 @@ sequence, and a batch decodes like its sequences alone."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -330,6 +332,24 @@ class HeldAnswer:
         return getattr(self.pending, name)
 
 
+@contextmanager
+def one_louiskv_slot(daemon, tiny_llama, **engine_args):
+    """A batch-1 engine (`engine_args`: lag, switch, force_boundary) decoding a louiskv session
+    whose budget covers the sequence: yields (engine, session, its Sequence); afterwards the
+    slot leaves, and every token must be full attention's greedy choice."""
+    engine = Engine(DecoderWeights.from_hf(tiny_llama), batch=1, max_capacity=1024, **engine_args)
+    prompt = prompts(128)[0]
+    with KVRecallClient(daemon.target, "engine-test") as client:
+        session = client.open_session(spec_for(tiny_llama, max_tokens=512), "louiskv",
+                                      {"budget": 512, "n_sink": 4, "window": 32}, deferred_eviction=True)  # fmt: skip
+        seq = engine.sequences[engine.add(session, prompt)]
+        yield engine, session, seq
+        engine.remove(seq.slot)
+        session.close()
+    engine.close()
+    assert_greedy_like_full_attention(tiny_llama, prompt, seq.tokens)
+
+
 @pytest.mark.parametrize("released_after", [3, None])
 def test_a_patient_slot_reads_its_shadow_past_lag_until_answered(daemon, tiny_llama, released_after):
     """switch="patient": a crossed slot whose answer is not in after `lag` steps reads its shadow
@@ -337,17 +357,9 @@ def test_a_patient_slot_reads_its_shadow_past_lag_until_answered(daemon, tiny_ll
     (released after 3 steps: 3 shadow steps at lag 2), or after 2 * lag steps at the latest,
     waiting then (never released: 4). Its tokens equal full attention's under a covering budget
     either way."""
-    weights = DecoderWeights.from_hf(tiny_llama)
-    engine = Engine(weights, batch=1, max_capacity=1024, lag=2, switch="patient",
-                    force_boundary=lambda step, slot: step == 0)  # fmt: skip
-    spec = spec_for(tiny_llama, max_tokens=512)
-    prompt = prompts(128)[0]
-    with KVRecallClient(daemon.target, "engine-test") as client:
-        session = client.open_session(spec, "louiskv", {"budget": 512, "n_sink": 4, "window": 32},
-                                      deferred_eviction=True)  # fmt: skip
-        slot = engine.add(session, prompt)
+    with one_louiskv_slot(daemon, tiny_llama, lag=2, switch="patient",
+                          force_boundary=lambda step, slot: step == 0) as (engine, _, seq):  # fmt: skip
         engine.step()
-        seq = engine.sequences[slot]
         assert seq.pending is not None, "the forced boundary left no retrieval in flight"
         held = seq.pending = HeldAnswer(seq.pending)
         for call in held.calls:  # the daemon's answer is in; the engine is told so only when released
@@ -361,36 +373,20 @@ def test_a_patient_slot_reads_its_shadow_past_lag_until_answered(daemon, tiny_ll
         want = [True, True, False, False, False] if released_after == 3 else [True, True, True, False, False]
         assert stays == want
         assert list(engine.times.shadow_steps) == [3 if released_after == 3 else 4]
-        engine.remove(slot)
-        session.close()
-    engine.close()
-    assert_greedy_like_full_attention(tiny_llama, prompt, seq.tokens)
 
 
 def test_a_patient_slot_never_overruns_its_ring(daemon, tiny_llama):
     """lag 7, answers never seen in time: the slot reads its shadow for 14 steps, longer than lag
     allows for, so the notice before the shadow must make room for 14 (the ring would otherwise
     wrap over tokens not yet spilled); every token equals full attention's."""
-    weights = DecoderWeights.from_hf(tiny_llama)
-    engine = Engine(weights, batch=1, max_capacity=1024, lag=7, switch="patient",
-                    force_boundary=lambda step, slot: step == 5)  # fmt: skip
-    spec = spec_for(tiny_llama, max_tokens=512)
-    prompt = prompts(128)[0]
-    with KVRecallClient(daemon.target, "engine-test") as client:
-        session = client.open_session(spec, "louiskv", {"budget": 512, "n_sink": 4, "window": 32},
-                                      deferred_eviction=True)  # fmt: skip
+    with one_louiskv_slot(daemon, tiny_llama, lag=7, switch="patient",
+                          force_boundary=lambda step, slot: step == 5) as (engine, session, seq):  # fmt: skip
         assert session.spill_every == 16
-        slot = engine.add(session, prompt)
-        seq = engine.sequences[slot]
         for _ in range(30):
             engine.step()
             if seq.pending is not None and not isinstance(seq.pending, HeldAnswer):
                 seq.pending = HeldAnswer(seq.pending)
         assert list(engine.times.shadow_steps) == [14]
-        engine.remove(slot)
-        session.close()
-    engine.close()
-    assert_greedy_like_full_attention(tiny_llama, prompt, seq.tokens)
 
 
 @pytest.mark.parametrize(
@@ -408,16 +404,8 @@ def test_an_adaptive_slot_reads_its_shadow_as_long_as_recent_answers_needed(daem
     answers are in at the first step, the stays come back to lag as the late ones leave the
     window. Every token equals full attention's under a covering budget."""
     monkeypatch.setattr(engine_module, "ADAPT_WINDOW", 4)
-    weights = DecoderWeights.from_hf(tiny_llama)
-    engine = Engine(weights, batch=1, max_capacity=1024, lag=2, switch="adaptive",
-                    force_boundary=lambda step, slot: step % 6 == 0)  # fmt: skip
-    spec = spec_for(tiny_llama, max_tokens=512)
-    prompt = prompts(128)[0]
-    with KVRecallClient(daemon.target, "engine-test") as client:
-        session = client.open_session(spec, "louiskv", {"budget": 512, "n_sink": 4, "window": 32},
-                                      deferred_eviction=True)  # fmt: skip
-        slot = engine.add(session, prompt)
-        seq = engine.sequences[slot]
+    with one_louiskv_slot(daemon, tiny_llama, lag=2, switch="adaptive",
+                          force_boundary=lambda step, slot: step % 6 == 0) as (engine, _, seq):  # fmt: skip
         held, since, crossings = None, 0, 0
         for _ in range(54):
             if held is not None:
@@ -432,10 +420,6 @@ def test_an_adaptive_slot_reads_its_shadow_as_long_as_recent_answers_needed(daem
                 held.released = crossings > 4  # from the fifth crossing on, answers are in at once
         assert crossings == 9
         assert list(engine.times.shadow_steps) == [2, 3, 4, 4, 4, 4, 4, 4, 2]
-        engine.remove(slot)
-        session.close()
-    engine.close()
-    assert_greedy_like_full_attention(tiny_llama, prompt, seq.tokens)
 
 
 def test_a_slot_crossing_as_it_switches_back_retrieves_for_this_steps_query(daemon, tiny_llama):
