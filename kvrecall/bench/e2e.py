@@ -38,7 +38,7 @@ from kvrecall.bench.common import GiB, log, run_metadata, time_fn
 from kvrecall.client import KVRecallClient, ModelSpec
 from kvrecall.engine import LLAMA3_8B, DecoderShape, DecoderWeights, Engine
 from kvrecall.engine.decoder import Decoder
-from kvrecall.engine.engine import DEFAULT_LAG, SHADOW_COPIES, SWITCH_INTERVAL_S, SWITCHES, DaemonTimes
+from kvrecall.engine.engine import DEFAULT_LAG, SWITCH_INTERVAL_S, SWITCHES, DaemonTimes
 from kvrecall.engine.full import FullKV
 from kvrecall.engine.graph import GraphStep
 from kvrecall.local import LocalDaemon
@@ -108,10 +108,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "after --lag steps once answered, 2 x --lag at the latest, so a late answer rarely "
                         "stalls the batch; adaptive: after exactly as many steps as the recent retrievals' answers "
                         "needed (their 90th percentile), --lag to 2 x --lag (Engine switch)")
-    p.add_argument("--shadow-copy", choices=SHADOW_COPIES, default="early",
-                   help="with overlap, a crossing slot's shadow copy: early (default: beside the step launched "
-                        "ahead, on a side stream) or inline (between two steps, the behaviour before; Engine "
-                        "shadow_copy)")
     p.add_argument("--daemon-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the daemon process only (repeatable), e.g. "
                    "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=20 under CUDA MPS, KVRECALL_HOST_READS=kernel")
@@ -163,7 +159,6 @@ class Bench:
         self.overlap = _overlap(args)
         self.meta["overlap"] = self.overlap
         self.meta["switch"] = args.switch
-        self.meta["shadow_copy"] = args.shadow_copy
         self.meta["query_drift"] = args.query_drift
         self.meta["weights_gib"] = _gib(self.weights.nbytes)
         self.token_bytes = shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * torch.finfo(dtype).bits // 8
@@ -279,7 +274,7 @@ class Bench:
             lags = _ints(args.lag)
             engine = Engine(self.weights, batch, capacity, use_graph=not args.no_graph, force_boundary=force, lag=lags[0],
                             follow_notices=args.notices != "taken", host_copies=args.host_copies,
-                            overlap=self.overlap, switch=args.switch, shadow_copy=args.shadow_copy)  # fmt: skip
+                            overlap=self.overlap, switch=args.switch)  # fmt: skip
             first = torch.randint(0, self.shape.vocab, (batch,)).tolist()
             ingest = []
             for session, token in zip(opened, first, strict=True):

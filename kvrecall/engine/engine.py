@@ -92,7 +92,6 @@ from kvrecall.v1 import kvrecall_pb2 as pb
 # lag (kvrecall worker --serve --lag).
 DEFAULT_LAG = 4
 SWITCHES = ("fixed", "answered", "patient", "adaptive")  # when a crossed slot leaves its shadow (Engine's `switch`)
-SHADOW_COPIES = ("early", "inline")  # how a crossing slot's shadow is copied with overlap (Engine's `shadow_copy`)
 # switch="adaptive": the retrievals whose answer times (in steps) set the next crossings' lag.
 ADAPT_WINDOW = 32
 ADAPT_QUANTILE = 0.9
@@ -248,21 +247,16 @@ class Engine:
     step's, made each step. `switch`: "fixed" (after exactly `lag` steps), "answered" (as soon
     as the answer is in, at most `lag` steps), "patient" (after `lag` steps once the answer is
     in, at most `2 * lag`) or "adaptive" (after exactly the steps the recent answers needed,
-    `lag` to `2 * lag`; see the module docstring). `shadow_copy` (with overlap): "early" (a
-    crossing slot's shadow copied beside the step launched ahead, _to_shadow) or "inline" (between
-    two steps, the behaviour before; for comparison)."""
+    `lag` to `2 * lag`; see the module docstring)."""
 
     def __init__(
         self, weights: DecoderWeights, batch: int, max_capacity: int, *, use_graph: bool = True,
         impl: str = "auto", force_boundary: Callable[[int, int], bool | None] | None = None, lag: int = DEFAULT_LAG,
         switch_interval: float | None = SWITCH_INTERVAL_S, follow_notices: bool = True, host_copies: str = "copy",
-        overlap: bool = False, keep_logits: bool = False, switch: str = "fixed", shadow_copy: str = "early",
+        overlap: bool = False, keep_logits: bool = False, switch: str = "fixed",
     ) -> None:  # fmt: skip
         if switch not in SWITCHES:
             raise ValueError(f"switch: expected one of {', '.join(SWITCHES)}, got {switch!r}")
-        if shadow_copy not in SHADOW_COPIES:
-            raise ValueError(f"shadow_copy: expected one of {', '.join(SHADOW_COPIES)}, got {shadow_copy!r}")
-        self.shadow_copy = shadow_copy
         self.switch = switch
         if host_copies not in ("kernel", "copy"):
             raise ValueError(f"host_copies: expected 'kernel' or 'copy', got {host_copies!r}")
@@ -299,15 +293,7 @@ class Engine:
         self.follow_notices = follow_notices
         self.steps = 0
         # Free shadow working sets, reused; at most `batch` kept (sessions' capacities vary).
-        # With overlap a shadow released by a switch back is still read by the step launched
-        # ahead: it waits in _released until the next step's host work (_to_shadow's early copy
-        # may write a pooled shadow while that step runs).
         self._shadows: list[tuple[torch.Tensor, ...]] = []
-        self._released: list[tuple[torch.Tensor, ...]] = []
-        # Overlap on a GPU: a crossing slot's shadow is copied on this side stream while the step
-        # launched ahead runs (_to_shadow), after everything queued before that step (_ahead_mark).
-        self._copy_stream = torch.cuda.Stream(self.device) if pin and overlap and shadow_copy == "early" else None
-        self._ahead_mark: torch.cuda.Event | None = None
         # The retrievals in flight: one Boundaries call per step of the last `lag` steps.
         self.times = DaemonTimes()
         # switch="adaptive": the steps each recent retrieval needed (adaptive_stay), and the time
@@ -456,9 +442,6 @@ class Engine:
         if self.overlap:
             self._parity ^= 1
         cuda = self.device.type == "cuda"
-        if self._copy_stream is not None:
-            self._ahead_mark = torch.cuda.Event()
-            self._ahead_mark.record()
         self.backend.tables.flush(parity)
         if cuda:
             self._events[parity][0].record()
@@ -517,9 +500,6 @@ class Engine:
         crossings: list[tuple[Sequence, bool, int]] = []  # (slot, its notice rides along, follows)
         late = taken = 0.0
         self._shadow_s = 0.0
-        self._shadows = [*self._released, *self._shadows][: self.batch]  # the step that read them has run
-        self._released = []
-        switched: set[int] = set()  # slots whose switch back this step queued (their real set is not whole yet)
         for seq in flight.sequences:
             b = seq.slot
             if self.sequences[b] is not seq:
@@ -533,7 +513,6 @@ class Engine:
                 if self._keeps_shadow(seq, lag):
                     continue  # no notice falls due while it reads its shadow (see below)
                 waited = self._switch_back(seq)
-                switched.add(b)
                 late += waited
                 if self.switch == "adaptive" and seq.session.boundary_mode != pb.BOUNDARY_MODE_EVERY_STEP:
                     self._needed.append(self._steps_needed(seq, waited))  # (a lag-1 policy's answers set no stay)
@@ -577,7 +556,7 @@ class Engine:
         send = 0.0
         if deferred or crossings:
             for seq, _, _ in crossings:
-                self._to_shadow(seq, early=self.overlap and self.shadow_copy == "early" and seq.slot not in switched)
+                self._to_shadow(seq)
             sending = time.perf_counter()
             if deferred:
                 pending = self._send([StepCall(seq.session, seq.sent_upto, notice=True) for seq in deferred],
@@ -662,17 +641,10 @@ class Engine:
         return waited
 
     # ---- shadows (boundaries off the critical path) -----------------------------------------
-    def _to_shadow(self, seq: Sequence, early: bool = False) -> None:
+    def _to_shadow(self, seq: Sequence) -> None:
         """Copy the slot's working set to a shadow and point the batch at it. The copy is queued
         before the boundary's call publishes the worker's writes, so the daemon (which waits on
-        that) writes the real working set only after the copy has read it.
-
-        `early` (overlap, a slot that did not switch back in this step): the copy does not wait
-        for the step launched ahead. On a GPU it runs on a side stream beside that step (after
-        everything queued before it), and only that step's writes (its ring slot and query) are
-        copied after it, on the step's stream; the stream waits for the side copy before the
-        call publishes. Without it the whole set (147 MB a sequence at Llama-3-8B's shape and
-        1,120 slots) was copied between two steps, GPU time every crossing added to the batch."""
+        that) writes the real working set only after the copy has read it."""
         started = time.perf_counter()
         core = seq.session.core
         real = (core.keys, core.values, core.slot_pos, core.query)
@@ -682,37 +654,10 @@ class Engine:
                 shadow = tuple(torch.empty_like(t) for t in real)
         else:
             self._shadows = [sh for sh in self._shadows if sh is not shadow]  # tensors have no ==
-        if early:
-            self._copy_early(shadow, real, core)
-        else:
-            torch._foreach_copy_(list(shadow), list(real))  # one call (a launch per dtype)
+        torch._foreach_copy_(list(shadow), list(real))  # one call (a launch per dtype)
         seq.shadow, seq.pending_from = shadow, core.position
         self.backend.tables.set(seq.slot, *shadow, core.n_sink + core.retrieved, core.window, evicted_mask(core))
         self._shadow_s += time.perf_counter() - started
-
-    def _copy_early(self, shadow: tuple[torch.Tensor, ...], real: tuple[torch.Tensor, ...], core) -> None:
-        """_to_shadow(early=True)'s copies: the whole set beside the step launched ahead (a side
-        stream after _ahead_mark; plain copies, so the copy engine can take them), then, on the
-        step's stream after it, what that step writes: the ring slots of positions
-        [position, position + ahead) and the query."""
-        stream = self._copy_stream
-        if stream is None:  # a CPU (or no overlap): the step launched ahead has already run
-            for copy, source in zip(shadow, real, strict=True):
-                copy.copy_(source)
-        else:
-            stream.wait_event(self._ahead_mark)
-            with torch.cuda.stream(stream):
-                for copy, source in zip(shadow, real, strict=True):
-                    copy.copy_(source, non_blocking=True)
-                copied = torch.cuda.Event()
-                copied.record(stream)
-            torch.cuda.current_stream(self.device).wait_event(copied)
-        targets, sources = [shadow[3]], [real[3]]
-        for lo, hi in ring_spans(core.n_sink + core.retrieved, core.window, core.position, core.position + self._ahead):
-            for copy, source in zip(shadow[:3], real[:3], strict=True):
-                targets.append(copy[:, :, lo:hi])
-                sources.append(source[:, :, lo:hi])
-        torch._foreach_copy_(targets, sources)
 
     def _switch_back(self, seq: Sequence) -> float:
         """Wait for the boundary's answer, copy the tokens written meanwhile into the real window
@@ -748,10 +693,7 @@ class Engine:
         torch._foreach_copy_(targets, sources)
         self.backend.tables.set(seq.slot, core.keys, core.values, core.slot_pos, core.query,
                                 core.n_sink + core.retrieved, core.window, evicted_mask(core))  # fmt: skip
-        if self.overlap:  # the step launched ahead still reads it
-            self._released.append(seq.shadow)
-        else:
-            self._shadows = [seq.shadow, *self._shadows][: self.batch]
+        self._shadows = [seq.shadow, *self._shadows][: self.batch]
         self.times.shadow_steps.append(core.position - seq.pending_from)
         seq.pending, seq.shadow = None, None
         self._shadow_s += time.perf_counter() - answered

@@ -73,31 +73,27 @@ TRITON = pytest.mark.skipif(not interpreter_ready(), reason="needs TRITON_INTERP
 
 
 @pytest.mark.parametrize(
-    ("impl", "lag", "deferred", "overlap", "switch", "shadow_copy"),
-    [("reference", 0, False, False, "fixed", "early"), ("reference", 2, False, False, "fixed", "early"),
-     ("reference", 0, True, False, "fixed", "early"), ("reference", 2, True, False, "fixed", "early"),
-     ("reference", 1, True, True, "fixed", "early"), ("reference", 2, True, True, "fixed", "early"),
-     ("reference", 2, True, True, "fixed", "inline"),
-     ("reference", 3, True, False, "answered", "early"), ("reference", 3, True, True, "answered", "early"),
-     ("reference", 3, True, True, "patient", "early"), ("reference", 3, True, True, "adaptive", "early"),
-     pytest.param("triton", 0, False, False, "fixed", "early", marks=TRITON),
-     pytest.param("triton", 2, True, False, "fixed", "early", marks=TRITON)],
+    ("impl", "lag", "deferred", "overlap", "switch"),
+    [("reference", 0, False, False, "fixed"), ("reference", 2, False, False, "fixed"),
+     ("reference", 0, True, False, "fixed"), ("reference", 2, True, False, "fixed"),
+     ("reference", 1, True, True, "fixed"), ("reference", 2, True, True, "fixed"),
+     ("reference", 3, True, False, "answered"), ("reference", 3, True, True, "answered"),
+     ("reference", 3, True, True, "patient"), ("reference", 3, True, True, "adaptive"),
+     pytest.param("triton", 0, False, False, "fixed", marks=TRITON),
+     pytest.param("triton", 2, True, False, "fixed", marks=TRITON)],
 )  # fmt: skip
-def test_batch_matches_full_attention_with_a_covering_budget(
-    daemon, tiny_llama, impl, lag, deferred, overlap, switch, shadow_copy,
-):  # fmt: skip
+def test_batch_matches_full_attention_with_a_covering_budget(daemon, tiny_llama, impl, lag, deferred, overlap, switch):
     """Four sequences of different lengths and policies in one batch: every step's logits equal
     transformers' full-attention forward over the same tokens (fp32, 1e-4), whether retrievals
     serve the next step (lag 0) or two steps later (lag 2: boundaries off the critical path),
     whether steps wait for their AppendNotices or not (deferred eviction: the evicted
     tokens the daemon places into free retrieved slots are read from the ring until the
     answer is taken, then from there), and with each step launched before the host work of
-    the one before (overlap; a crossing slot's shadow copied beside the step launched ahead,
-    or inline between steps), and whenever a crossed slot leaves its shadow (switch="answered":
+    the one before (overlap), and whenever a crossed slot leaves its shadow (switch="answered":
     as soon as its answer is in)."""
     weights = DecoderWeights.from_hf(tiny_llama)
     engine = Engine(weights, batch=4, max_capacity=1024, impl=impl, lag=lag, overlap=overlap, keep_logits=overlap,
-                    switch=switch, shadow_copy=shadow_copy)  # fmt: skip
+                    switch=switch)  # fmt: skip
     picks = [(p, c, prompt) for (p, c), prompt in zip(POLICIES, prompts(128), strict=True)]
     with KVRecallClient(daemon.target, "engine-test") as client:
         results = decode(engine, client, tiny_llama, picks, STEPS, deferred)
@@ -310,8 +306,6 @@ def test_a_slot_leaves_its_shadow_when_answered_or_after_lag(daemon, tiny_llama,
     engine.close()
     with pytest.raises(ValueError, match="switch"):
         Engine(weights, batch=1, max_capacity=64, switch="early")
-    with pytest.raises(ValueError, match="shadow_copy"):
-        Engine(weights, batch=1, max_capacity=64, shadow_copy="late")
 
 
 def assert_greedy_like_full_attention(model, prompt: torch.Tensor, tokens: list[int]) -> None:
