@@ -96,6 +96,11 @@ class ServerConfig(BaseModel):
     coalesce_retrievals: bool = True    # retrieving Boundaries calls that arrive while one runs are served
                                         # together by the next run: one selection, placement and sync
                                         # (server/coalesce.py); no effect with session_ops=inline
+    dry_retrievals: bool = False        # DIAGNOSTIC, never in service: a retrieval event is answered
+                                        # without retrieving (no selection, no placement, no GPU work;
+                                        # the working set stays as it was), its notice still served: what
+                                        # a boundary costs a worker beside the retrieval (bench e2e
+                                        # --daemon-env KVRECALL_DRY_RETRIEVALS=1)
     phases_out: str = ""                # a path: each Boundaries call's time per phase (kvrecall/phases.py),
                                         # mean and quantiles per phase written there as JSON at shutdown
     host_reads: Literal["auto", "copy", "kernel"] = "auto"  # how a background retrieval's rows (one

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from kvrecall import __version__, captured, kernels, launch_gate
 from kvrecall.fdpass import FdServer, claim_socket_path
 from kvrecall.phases import PhaseLog
+from kvrecall.server import step_batch
 from kvrecall.server.config import ServerConfig
 from kvrecall.server.metrics import Metrics
 from kvrecall.server.pools import DevicePool, HostPool
@@ -54,6 +55,10 @@ class Daemon:
         kernels.set_host_reads(config.host_reads)
         launch_gate.configure(config.gate_launches)
         captured.configure(config.capture_selection)
+        step_batch.configure(config.dry_retrievals)
+        if config.dry_retrievals:
+            log.warning("dry_retrievals is on: Boundaries retrievals select and place nothing (a diagnostic; "
+                        "the working sets keep what they hold and accuracy is not kvrecall's)")
         sys.setswitchinterval(config.switch_interval_ms / 1e3)
         self.host_pool = HostPool(
             config.host_pool_bytes, page_bytes=config.page_kb * 1024, pinned=self.device.type == "cuda",

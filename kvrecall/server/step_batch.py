@@ -34,6 +34,14 @@ from kvrecall.server.session import Session, check_append_upto, check_boundary_p
 from kvrecall.server.working_set import Placement, WorkingSet
 from kvrecall.v1 import kvrecall_pb2 as pb
 
+_dry = False  # dry_retrievals (the daemon's diagnostic setting): configure()
+
+
+def configure(dry_retrievals: bool) -> None:
+    """The daemon's `dry_retrievals`: retrieval events answered without retrieving."""
+    global _dry
+    _dry = bool(dry_retrievals)
+
 
 @dataclass
 class StepTiming:
@@ -124,6 +132,10 @@ def _serve(
                 session = sessions[i]
                 query = session.begin_boundary(events[i].position, [], None)
                 items.append((session.policy, session.context(), query))
+            if _dry:  # the diagnostic: nothing selected, nothing placed
+                for i in members:
+                    outcomes[i].placement = Placement()
+                continue
             selections = type(items[0][0]).on_boundaries(items)
             phases.mark("select")
             with kernels.background_reads() if background else contextlib.nullcontext():
