@@ -37,7 +37,8 @@
 # "KVRECALL_COALESCE_RETRIEVALS=1 KVRECALL_COALESCE_RETRIEVALS=0") alternating at 32K x 8
 # for ROUNDS rounds (default 2), then each at 64 sequences; each daemon's phases in logs/phases-<run>.json, the arms
 # in logs/arms.txt; NO_WARMUP and BUDGET_S as in PART=9; MANY: the arms (indexes, in order) run at 64 sequences
-# (default all); the JSONs come back in e2e-json.tgz; PACK_TRITON=1: the Triton cache too. E.g. ARMS="KVRECALL_COALESCE_RETRIEVALS=0
+# (default all; MANY=" " none); CAPPED: the arms run at the 16 GiB GPU cap (32K, 90 GiB host tier) last (default
+# none); the JSONs come back in e2e-json.tgz; PACK_TRITON=1: the Triton cache too. E.g. ARMS="KVRECALL_COALESCE_RETRIEVALS=0
 # KVRECALL_COALESCE_RETRIEVALS=1 KVRECALL_GATE_LAUNCHES=1,KVRECALL_COALESCE_RETRIEVALS=1".
 #   usage: [PART=1..11] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
@@ -84,9 +85,10 @@ if [ "${PART:-1}" = 11 ]; then  # daemon settings A/B: each arm's daemon env, al
   arms=(${ARMS:-KVRECALL_COALESCE_RETRIEVALS=1 KVRECALL_COALESCE_RETRIEVALS=0})
   runs=(); for r in $(seq "${ROUNDS:-2}"); do for a in "${!arms[@]}"; do runs+=("32k8:$a"); done; done
   for a in ${MANY:-${!arms[@]}}; do runs+=("many:$a"); done
+  for a in ${CAPPED:-}; do runs+=("capped:$a"); done
   for spec in "${runs[@]}"; do
     part=${spec%%:*} a=${spec##*:}
-    limit=$(( ${cold:-0} + 75 )); [ "$part" = many ] && limit=$((limit + 15))
+    limit=$(( ${cold:-0} + 75 )); [ "$part" = many ] && limit=$((limit + 15)); [ "$part" = capped ] && limit=$((limit + 75))
     fits "$limit" "$spec" || continue
     cold=""; name="arm$a-$part-$D-$SECONDS"
     env=(--daemon-env "KVRECALL_PHASES_OUT=$OUT/logs/phases-$name.json")
@@ -94,6 +96,10 @@ if [ "${PART:-1}" = 11 ]; then  # daemon settings A/B: each arm's daemon env, al
     echo "$name: ${arms[$a]}" >> "$OUT/logs/arms.txt"
     if [ "$part" = 32k8 ]; then
       e2e_run "$name" "$limit" --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" "${env[@]}"
+    elif [ "$part" = capped ]; then  # the 16 GiB GPU cap at 32K on a 90 GiB host tier (as PART=10)
+      E2E_SMALL=$E2E; E2E=${E2E/--host-cap-gib 40 --host-pool-gib 40/--host-cap-gib 90 --host-pool-gib 90}
+      e2e_run "$name" "$limit" --parts capped --contexts 32768 --rates 0.117 --query-drift "$D" "${env[@]}"
+      E2E=$E2E_SMALL
     else
       e2e_run "$name" "$limit" --parts many --many 64 --many-context 4096 --rates 0,0.117 --query-drift "$D" "${env[@]}"
     fi
