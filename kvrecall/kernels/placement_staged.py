@@ -26,6 +26,13 @@ from kvrecall.phases import mark
 # Rows (of D elements) the host gathers before handing them to the copy engine: about 16 MiB
 # of bf16 at D = 128, so the DMA of one chunk overlaps the gather of the next.
 CHUNK_ROWS = 65536
+_skip_index_copies = False  # the daemon's dry_index_copies diagnostic (configure)
+
+
+def configure(dry_index_copies: bool) -> None:
+    """The daemon's `dry_index_copies`: staged rows reach the device, never their slots."""
+    global _skip_index_copies
+    _skip_index_copies = bool(dry_index_copies)
 
 
 def copy_staged(
@@ -111,7 +118,7 @@ def copy_staged(
     start = 0
     wide = _as_words(rows)  # index_copy_ moves an element per thread: 8-byte words, not 2-byte halves
     for (keys, values, _), end in zip(sessions, ends_host, strict=True):
-        if end > start:
+        if end > start and not _skip_index_copies:
             where = targets[start:end]
             _as_words(keys.view(-1, D)).index_copy_(0, where, wide[start:end])
             _as_words(values.view(-1, D)).index_copy_(0, where, wide[n + start : n + end])

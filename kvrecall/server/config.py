@@ -101,6 +101,10 @@ class ServerConfig(BaseModel):
                                         # the working set stays as it was), its notice still served: what
                                         # a boundary costs a worker beside the retrieval (bench e2e
                                         # --daemon-env KVRECALL_DRY_RETRIEVALS=1)
+    dry_index_copies: bool = False      # DIAGNOSTIC, never in service: a staged placement's rows are
+                                        # gathered and moved to the device but never index-copied into
+                                        # the working sets (their slot positions are): what the daemon's
+                                        # own index copies cost a worker beside it
     phases_out: str = ""                # a path: each Boundaries call's time per phase (kvrecall/phases.py),
                                         # mean and quantiles per phase written there as JSON at shutdown
     host_reads: Literal["auto", "copy", "kernel"] = "auto"  # how a background retrieval's rows (one

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvrecall import __version__, captured, kernels, launch_gate
 from kvrecall.fdpass import FdServer, claim_socket_path
+from kvrecall.kernels import placement_staged
 from kvrecall.phases import PhaseLog
 from kvrecall.server import step_batch
 from kvrecall.server.config import ServerConfig
@@ -56,6 +57,10 @@ class Daemon:
         launch_gate.configure(config.gate_launches)
         captured.configure(config.capture_selection)
         step_batch.configure(config.dry_retrievals)
+        placement_staged.configure(config.dry_index_copies)
+        if config.dry_index_copies:
+            log.warning("dry_index_copies is on: staged retrievals never write their rows into the working sets "
+                        "(a diagnostic; accuracy is not kvrecall's)")
         if config.dry_retrievals:
             log.warning("dry_retrievals is on: Boundaries retrievals select and place nothing (a diagnostic; "
                         "the working sets keep what they hold and accuracy is not kvrecall's)")

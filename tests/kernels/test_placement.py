@@ -504,3 +504,21 @@ def test_kernels_compile_for_hopper_without_a_gpu() -> None:
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("compiled") == 11
+
+
+def test_dry_index_copies_leave_the_rows_and_move_the_positions(triton_device, monkeypatch):
+    """The daemon's dry_index_copies diagnostic: a staged placement writes its slot positions
+    as the reference does but never its rows (the working set's K/V keep every byte)."""
+    from kvrecall.kernels import placement_staged, placement_triton
+
+    monkeypatch.setattr(placement_triton, "staged", lambda host, keys, selection: True)
+    monkeypatch.setattr(placement_staged, "_skip_index_copies", True)
+    pages = Pages(2, 2, 16, per_page=5, pages=30, dtype=torch.float32, device=triton_device, seed=5)
+    capacity = 2 + 9 + 6
+    slot_pos, selection = random_case(pages, capacity, 2, 9, seed=16)
+    keys, values = (torch.randn(4, capacity, 16) for _ in range(2))
+    got = run("triton", pages, slot_pos, keys, values, selection, 2, triton_device)
+    want = run("reference", pages, slot_pos, keys, values, selection, 2, torch.device("cpu"))
+    assert torch.equal(got[0], want[0]), "slot positions as placed"
+    assert torch.equal(got[1], keys) and torch.equal(got[2], values), "rows written"
+    assert not torch.equal(want[1], keys), "the reference moved no row: the test tells nothing"
