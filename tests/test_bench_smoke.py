@@ -149,6 +149,9 @@ def test_bench_e2e_runs_on_cpu(tmp_path):
     assert "host_profile" not in louiskv[0]
     assert {"many_wait_ms_mean_at_measured_rate", "many_late_steps_at_measured_rate"} <= set(result["meta"]["ratios"])
     assert (tmp_path / "e2e.png").exists()
+    # the host's speed before and after the runs (a slow episode shows beside the figures)
+    probe = result["meta"]["host_probe"]
+    assert all(probe[when][key] > 0 for when in ("start", "end") for key in ("gather_ms", "python_ms"))
 
 
 def test_bench_e2e_query_drift_makes_retrievals_move_less(tmp_path):

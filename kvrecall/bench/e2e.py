@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from kvrecall.bench.common import GiB, log, run_metadata, time_fn
+from kvrecall.bench.host_probe import host_probe
 from kvrecall.client import KVRecallClient, ModelSpec
 from kvrecall.engine import LLAMA3_8B, DecoderShape, DecoderWeights, Engine
 from kvrecall.engine.decoder import Decoder
@@ -375,6 +376,7 @@ class Bench:
         self.meta["skipped"] = []
         device_gib = 24.0 if self.device.type == "cuda" else 1.0
         log(f"e2e: {self.meta.get('device')} shape={self.shape} host pool {host_gib:.1f} GiB")
+        self.meta["host_probe"] = {"start": host_probe()}  # (a slow host episode shows beside the figures)
         started = time.perf_counter()
         # Pinning a large host tier takes a while (minutes for ~100 GiB on a fresh VM).
         extra_env = dict(item.split("=", 1) for item in args.daemon_env)
@@ -407,6 +409,7 @@ class Bench:
                                                            [0.0, MEASURED_RATE])
                     ])  # fmt: skip
         self.meta["wall_s"] = round(time.perf_counter() - started, 1)
+        self.meta["host_probe"]["end"] = host_probe()
         self.summarise()
         self.write()
         print(format_table(self.rows))
@@ -477,6 +480,11 @@ class Bench:
         self.meta["ratios"] = ratios
         for key, value in ratios.items():
             lines.append(f"{key}: {value}")
+        probe = self.meta.get("host_probe", {})
+        if "start" in probe and "end" in probe:
+            lines.append("host probe (gather / python ms), start and end: "
+                         f"{probe['start']['gather_ms']} / {probe['start']['python_ms']}, "
+                         f"{probe['end']['gather_ms']} / {probe['end']['python_ms']}")
         self.summary_lines = lines
 
     def plot(self) -> None:
