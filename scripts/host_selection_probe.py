@@ -1,0 +1,111 @@
+"""Can the daemon choose louiskv's units on the host in time? (DEVELOPERS.md, "the next lever".)
+
+A Llama-3-8B-shaped unit table (32 layers x 8 KV heads = 256 rows, ~context / 16 units of random
+sizes around 16 tokens, the candidates grouped by unit) and one boundary's queries (4 per row),
+on CPU tensors: `louiskv.choose_units` as the daemon runs it on a CPU (the references) against a
+host-shaped version of the same choice (`host_choose`: the scores as one batched matmul over
+the f32 table, a top-k of the units instead of a sort of them all, widened until it fills the
+budget, then the chosen units' candidates gathered by their offsets). Both answers compared
+(the same positions per row, as sets); each timed (median of --iters). Prints a table and
+writes JSON. Not a test: a probe of host time, the time an answer would wait.
+
+    python scripts/host_selection_probe.py [--contexts 32768,131072] [--threads 0] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import statistics
+import time
+
+import torch
+
+from kvrecall.server.policies.louiskv import choose_units
+
+ROWS = 32 * 8  # layers x KV heads of Llama-3-8B
+GROUP, DIM = 4, 128
+
+
+def table(context: int, seed: int = 0):
+    """reps [R, U, D] f32, valid, sizes [R, U] int32, position [R, M] int32 (grouped by unit), q [R, G, D]."""
+    g = torch.Generator().manual_seed(seed)
+    units = context // 16
+    sizes = torch.randint(8, 25, (ROWS, units), generator=g, dtype=torch.int32)
+    total = int(sizes.sum(dim=1).max())
+    position = torch.stack([torch.randperm(total, generator=g)[:total] for _ in range(ROWS)]).to(torch.int32)
+    reps = torch.randn(ROWS, units, DIM, generator=g)
+    q = torch.randn(ROWS, GROUP, DIM, generator=g)
+    return reps, sizes > 0, sizes, position, q
+
+
+def host_choose(q, reps, sizes, position, budget: int) -> torch.Tensor:
+    """The budget's positions per row [R, budget] (-1 padded), chosen as choose_units chooses
+    them (units by descending max-over-group score, the last one partial), on the host."""
+    scores = torch.bmm(reps, q.transpose(1, 2)).amax(dim=2)  # [R, U]
+    R, U = scores.shape
+    wide = sizes.long()
+    offsets = wide.cumsum(dim=1) - wide  # each unit's first candidate column
+    k = min(U, 2 * budget // max(1, int(wide.float().mean())) + 8)
+    while True:
+        top = torch.topk(scores, k, dim=1, sorted=True)
+        chosen_sizes = wide.gather(1, top.indices)
+        before = chosen_sizes.cumsum(dim=1) - chosen_sizes
+        taken = torch.minimum(chosen_sizes, (budget - before).clamp_min(0))
+        if k == U or bool((before[:, -1] + chosen_sizes[:, -1] >= budget).all()):
+            break
+        k = min(U, 2 * k)
+    starts = offsets.gather(1, top.indices)  # [R, k]
+    # column j of the output: the unit whose taken span covers it, and the rank inside it
+    ends = taken.cumsum(dim=1)
+    column = torch.arange(budget)
+    unit_at = torch.searchsorted(ends, column.expand(R, -1).contiguous(), right=True).clamp_(max=k - 1)
+    rank = column - (ends.gather(1, unit_at) - taken.gather(1, unit_at))
+    out = position.gather(1, starts.gather(1, unit_at) + rank).long()  # (int32 gathered: no copy of the table)
+    return torch.where(column < ends[:, -1:], out, -1)
+
+
+def median_ms(fn, iters: int) -> float:
+    fn()
+    times = []
+    for _ in range(iters):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times) * 1e3, 2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--contexts", default="32768,131072")
+    p.add_argument("--budget", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--out", default="host-selection-probe.json")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    print(f"{'context':>8} {'units':>6} {'reference ms':>13} {'host ms':>8} {'same':>5}")
+    for context in [int(c) for c in args.contexts.split(",") if c]:
+        reps, valid, sizes, position, q = table(context)
+        reference = choose_units(q, reps, valid, sizes, position, None, args.budget, "max")[0]
+        host = host_choose(q, reps, sizes, position, args.budget)
+        same = bool((reference.sort(dim=1).values == host.sort(dim=1).values).all())
+        reference_run = functools.partial(choose_units, q, reps, valid, sizes, position, None, args.budget, "max")
+        host_run = functools.partial(host_choose, q, reps, sizes, position, args.budget)
+        row = {
+            "context": context, "units": reps.shape[1], "budget": args.budget, "same_choice": same,
+            "reference_ms": median_ms(reference_run, args.iters), "host_ms": median_ms(host_run, args.iters),
+        }  # fmt: skip
+        rows.append(row)
+        print(f"{context:>8} {row['units']:>6} {row['reference_ms']:>13} {row['host_ms']:>8} {str(same):>5}")
+    meta = {"date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
