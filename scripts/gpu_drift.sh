@@ -40,7 +40,9 @@
 # (default all; MANY=" " none); CAPPED: the arms run at the 16 GiB GPU cap (32K, 90 GiB host tier) last (default
 # none); the JSONs come back in e2e-json.tgz; PACK_TRITON=1: the Triton cache too. E.g. ARMS="KVRECALL_COALESCE_RETRIEVALS=0
 # KVRECALL_COALESCE_RETRIEVALS=1 KVRECALL_GATE_LAUNCHES=1,KVRECALL_COALESCE_RETRIEVALS=1".
-#   usage: [PART=1..11] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
+# PART=12: the next lever's evidence (DEVELOPERS.md): scripts/host_selection_probe.py on this host's cores, then PART=11
+# with ARMS "--switch=fixed KVRECALL_DRY_INDEX_COPIES=1 KVRECALL_DRY_RETRIEVALS=1" and no 64-sequence runs (both overridable).
+#   usage: [PART=1..12] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_env.sh
@@ -79,6 +81,12 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob(sys.argv[2])):
                 print("   copy", row)
 PY
 }
+if [ "${PART:-1}" = 12 ]; then  # the next lever's evidence: host selection on this host, then the dry A/B
+  python3 scripts/host_selection_probe.py --contexts 32768,131072 --out "$OUT/host-selection-probe.json" \
+    > "$OUT/logs/host-selection-probe.log" 2>&1; echo "host selection probe exit $?"; cat "$OUT/logs/host-selection-probe.log"
+  nproc; PART=11 MANY=${MANY:- } ARMS=${ARMS:---switch=fixed KVRECALL_DRY_INDEX_COPIES=1 KVRECALL_DRY_RETRIEVALS=1} \
+    exec bash "$0"
+fi
 if [ "${PART:-1}" = 11 ]; then  # daemon settings A/B: each arm's daemon env, alternating, with its phases
   [ -z "${NO_WARMUP:-}" ] && e2e_warmup 240
   cold=${NO_WARMUP:+160}
