@@ -41,30 +41,49 @@ def table(context: int, seed: int = 0):
     return reps, sizes > 0, sizes, position, q
 
 
-def host_choose(q, reps, sizes, position, budget: int) -> torch.Tensor:
+def host_choose(q, reps, valid, sizes, position, budget: int, pinned=None) -> torch.Tensor:
     """The budget's positions per row [R, budget] (-1 padded), chosen as choose_units chooses
-    them (units by descending max-over-group score, the last one partial), on the host."""
-    scores = torch.bmm(reps, q.transpose(1, 2)).amax(dim=2)  # [R, U]
+    them (units by descending max-over-group score, the last one partial; with pinned [R, P]
+    ascending tokens: they first, the best units fill the rest, a pinned token named once; a row
+    whose units all fit takes them all), on the host. Columns in another order than
+    choose_units' (compare rows as sets)."""
+    scores = torch.bmm(reps, q.transpose(1, 2)).amax(dim=2).masked_fill_(~valid, float("-inf"))  # [R, U]
     R, U = scores.shape
-    wide = sizes.long()
-    offsets = wide.cumsum(dim=1) - wide  # each unit's first candidate column
-    k = min(U, 2 * budget // max(1, int(wide.float().mean())) + 8)
+    wide = torch.where(valid, sizes.long(), 0)
+    offsets = sizes.long().cumsum(dim=1) - sizes.long()  # each unit's first candidate column
+    free = budget - (0 if pinned is None else pinned.shape[1])
+    k = min(U, 2 * free // max(1, int(wide.float().mean())) + 8)
     while True:
         top = torch.topk(scores, k, dim=1, sorted=True)
         chosen_sizes = wide.gather(1, top.indices)
         before = chosen_sizes.cumsum(dim=1) - chosen_sizes
-        taken = torch.minimum(chosen_sizes, (budget - before).clamp_min(0))
-        if k == U or bool((before[:, -1] + chosen_sizes[:, -1] >= budget).all()):
+        taken = torch.minimum(chosen_sizes, (free - before).clamp_min(0))
+        if k == U or bool((before[:, -1] + chosen_sizes[:, -1] >= free).all()):
             break
         k = min(U, 2 * k)
     starts = offsets.gather(1, top.indices)  # [R, k]
     # column j of the output: the unit whose taken span covers it, and the rank inside it
     ends = taken.cumsum(dim=1)
-    column = torch.arange(budget)
+    column = torch.arange(free)
     unit_at = torch.searchsorted(ends, column.expand(R, -1).contiguous(), right=True).clamp_(max=k - 1)
     rank = column - (ends.gather(1, unit_at) - taken.gather(1, unit_at))
-    out = position.gather(1, starts.gather(1, unit_at) + rank).long()  # (int32 gathered: no copy of the table)
-    return torch.where(column < ends[:, -1:], out, -1)
+    where = (starts.gather(1, unit_at) + rank).clamp_(0, position.shape[1] - 1)  # (columns past the last: masked)
+    out = position.gather(1, where).long()  # (int32 gathered: no copy of the table)
+    out = torch.where(column < ends[:, -1:], out, -1)
+    if pinned is None:
+        return out
+    keys = torch.where(pinned < 0, torch.iinfo(pinned.dtype).max, pinned)
+    at = torch.searchsorted(keys, out.contiguous()).clamp_(max=keys.shape[1] - 1)
+    member = (keys.gather(1, at) == out) & (out >= 0)
+    chosen = torch.cat((pinned, torch.where(member, -1, out)), dim=1)
+    fits = wide.sum(dim=1) <= budget  # these rows take every unit (their pinned tokens among them)
+    if bool(fits.any()):
+        every = torch.full((R, budget), -1, dtype=torch.int64)
+        for r in fits.nonzero().flatten().tolist():
+            mine = torch.cat([position[r, o : o + n].long() for o, n in zip(offsets[r].tolist(), wide[r].tolist(), strict=True) if n])
+            every[r, : mine.numel()] = mine
+        chosen = torch.where(fits[:, None], every, chosen)
+    return chosen
 
 
 def median_ms(fn, iters: int) -> float:
@@ -83,6 +102,7 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=1024)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--pinned", type=int, default=256, help="pinned tokens per row (louiskv: pin_ingest x budget)")
     p.add_argument("--out", default="host-selection-probe.json")
     args = p.parse_args()
     if args.threads:
@@ -91,13 +111,19 @@ def main() -> None:
     print(f"{'context':>8} {'units':>6} {'reference ms':>13} {'host ms':>8} {'same':>5}")
     for context in [int(c) for c in args.contexts.split(",") if c]:
         reps, valid, sizes, position, q = table(context)
-        reference = choose_units(q, reps, valid, sizes, position, None, args.budget, "max")[0]
-        host = host_choose(q, reps, sizes, position, args.budget)
+        pinned = None
+        if args.pinned:
+            g = torch.Generator().manual_seed(1)
+            pinned = torch.stack([torch.randperm(context, generator=g)[: args.pinned] for _ in range(ROWS)])
+            pinned = pinned.sort(dim=1).values
+        reference = choose_units(q, reps, valid, sizes, position, pinned, args.budget, "max")[0]
+        host = host_choose(q, reps, valid, sizes, position, args.budget, pinned)
         same = bool((reference.sort(dim=1).values == host.sort(dim=1).values).all())
-        reference_run = functools.partial(choose_units, q, reps, valid, sizes, position, None, args.budget, "max")
-        host_run = functools.partial(host_choose, q, reps, sizes, position, args.budget)
+        reference_run = functools.partial(choose_units, q, reps, valid, sizes, position, pinned, args.budget, "max")
+        host_run = functools.partial(host_choose, q, reps, valid, sizes, position, args.budget, pinned)
         row = {
-            "context": context, "units": reps.shape[1], "budget": args.budget, "same_choice": same,
+            "context": context, "units": reps.shape[1], "budget": args.budget, "pinned": args.pinned,
+            "same_choice": same,
             "reference_ms": median_ms(reference_run, args.iters), "host_ms": median_ms(host_run, args.iters),
         }  # fmt: skip
         rows.append(row)
