@@ -67,6 +67,12 @@ mps_stop() {
   echo quit | nvidia-cuda-mps-control; sleep 2; echo "MPS stopped: $(pgrep -c nvidia-cuda-mps || true) processes left"
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 }
+capped_run() {  # name, seconds, arguments: e2e_run at the 16 GiB GPU cap's 90 GiB host tier (E2E's is 40 GiB)
+  local small=$E2E
+  E2E=${E2E/--host-cap-gib 40 --host-pool-gib 40/--host-cap-gib 90 --host-pool-gib 90}
+  e2e_run "$@"
+  E2E=$small
+}
 print_worker_kernels() {  # glob under $OUT, kernels per row: the rows' worker_kernels (bench e2e --worker-kernel-steps)
   python3 - "$OUT" "$1" "$2" <<'PY'
 import json, pathlib, sys
@@ -105,9 +111,7 @@ if [ "${PART:-1}" = 11 ]; then  # daemon settings A/B: each arm's daemon env, al
     if [ "$part" = 32k8 ]; then
       e2e_run "$name" "$limit" --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D" "${env[@]}"
     elif [ "$part" = capped ]; then  # the 16 GiB GPU cap at 32K on a 90 GiB host tier (as PART=10)
-      E2E_SMALL=$E2E; E2E=${E2E/--host-cap-gib 40 --host-pool-gib 40/--host-cap-gib 90 --host-pool-gib 90}
-      e2e_run "$name" "$limit" --parts capped --contexts 32768 --rates 0.117 --query-drift "$D" "${env[@]}"
-      E2E=$E2E_SMALL
+      capped_run "$name" "$limit" --parts capped --contexts 32768 --rates 0.117 --query-drift "$D" "${env[@]}"
     else
       e2e_run "$name" "$limit" --parts many --many 64 --many-context 4096 --rates 0,0.117 --query-drift "$D" "${env[@]}"
     fi
@@ -121,10 +125,7 @@ fi
 if [ "${PART:-1}" = 10 ]; then  # README's figures with the code as it is
   fits 250 && e2e_run "table-$D" 250 --parts step --contexts 32768,131072 --batches 1,8 --rates 0,0.117 --query-drift "$D"
   fits 90 && e2e_run "many-$D" 90 --parts many --many 64 --many-context 4096 --rates 0,0.117 --query-drift "$D"
-  E2E_SMALL=$E2E
-  E2E=${E2E/--host-cap-gib 40 --host-pool-gib 40/--host-cap-gib 90 --host-pool-gib 90}
-  fits 150 && e2e_run "capped-$D" 150 --parts capped --contexts 32768 --rates 0.117 --query-drift "$D"
-  E2E=$E2E_SMALL
+  fits 150 && capped_run "capped-$D" 150 --parts capped --contexts 32768 --rates 0.117 --query-drift "$D"
   fits 75 && e2e_run "32k8-$D" 75 --parts step --contexts 32768 --batches 8 --rates 0,0.117 --query-drift "$D"
   find "$OUT" -maxdepth 1 -name '*.png' ! -name 'e2e-table-*' -delete  # at most 8 files come back
   e2e_finish

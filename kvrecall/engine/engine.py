@@ -480,10 +480,11 @@ class Engine:
         its shadow from t + 2, a retrieval's query is step t + 1's), and the slot of a
         sequence added between calls joins at the step launched next."""
         started = time.perf_counter()
-        if self._started:
-            gap = started - self._started
-            self._step_s = gap if not self._step_s else 0.9 * self._step_s + 0.1 * gap
-        self._started = started
+        if self.switch == "adaptive":  # (the only reader of the step time: _steps_needed)
+            if self._started:
+                gap = started - self._started
+                self._step_s = gap if not self._step_s else 0.9 * self._step_s + 0.1 * gap
+            self._started = started
         if self.overlap:
             flight = self._flight if self._flight is not None else self._launch()
             self._flight = self._launch()

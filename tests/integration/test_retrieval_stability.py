@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from kvrecall.client import StepCall
-from tests.conftest import random_kv, random_query
-from tests.integration.test_boundaries_batch import SPEC, write_step
+from tests.conftest import random_kv
+from tests.integration.test_boundaries_batch import SPEC, open_ingested, write_step
 
 RESIDENT = {"budget": 64, "n_sink": 4, "window": 32}
 CASES = [
@@ -26,8 +26,7 @@ PROMPT, STEPS, GAP = 400, 96, 8
 
 @pytest.mark.parametrize(("policy", "config"), CASES)
 def test_the_same_retrieval_again_gathers_nothing(client, policy, config):
-    session = client.open_session(SPEC, policy, config)
-    session.ingest(random_kv(SPEC, PROMPT, 1), random_query(SPEC, 2, max(1, session.observation)))
+    session = open_ingested(client, policy, config, PROMPT, seed=1)
     kv = random_kv(SPEC, PROMPT + STEPS, 1)
     first, again = [], []
     for step in range(STEPS):
