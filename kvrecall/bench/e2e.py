@@ -568,6 +568,8 @@ def daemon_waits(times: DaemonTimes) -> dict[str, Any]:
         row["shadow_steps_mean"] = round(statistics.fmean(times.shadow_steps), 3)
     if times.moved_bytes:
         row["moved_mib_mean"] = round(statistics.fmean(times.moved_bytes) / 2**20, 2)
+    if any(times.staged_rows):  # rows the worker copied itself (worker_copy_share), per retrieving call
+        row["staged_rows_mean"] = round(statistics.fmean(times.staged_rows), 1)
     answers = [s * 1e3 for s in times.answer_s]
     for key, value in (("median", statistics.median), ("p90", lambda a: _percentile(a, 0.9)), ("max", max)):
         row[f"answer_ms_{key}"] = round(value(answers), 3) if answers else None

@@ -17,6 +17,7 @@ import torch
 
 from kvrecall.client.errors import KVRecallClientError, UnavailableError, from_rpc_error
 from kvrecall.dtypes import WIRE_OF_TORCH
+from kvrecall.kernels.placement_staged import Staging, apply_staged
 from kvrecall.sizes import TOKEN_COUNT_FIELDS
 from kvrecall.transport import MappedTensor, inline_ref, map_segment, open_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
@@ -88,6 +89,9 @@ class SessionCore:
     _mapped: list[MappedTensor] = field(default_factory=list, repr=False)
     # CUDA IPC: the daemon's interprocess event publish() records (None: a stream sync instead).
     publish_event: torch.cuda.Event | None = field(default=None, repr=False)
+    # The daemon's staging area for retrievals this worker copies itself (WorkingSetInfo.staged_*;
+    # None: the session has none): StepEvent.worker_copies, apply_staged.
+    staging: Staging | None = field(default=None, repr=False)
     prefix_tokens: int = 0   # tokens of the prefix declared at open (0: none declared)
     position: int = 0        # tokens in the sequence (prompt + generated) so far
     noticed_upto: int = 0    # tokens announced to the daemon with AppendNotices (answers taken)
@@ -117,9 +121,16 @@ class SessionCore:
         else:
             mapped = [open_ref(r, name) for r, name in zip(refs, names, strict=True)]
             tensors = [m.tensor for m in mapped]
+        staging = None
+        if transport == pb.TRANSPORT_CUDA_IPC and ws.HasField("staged_targets"):
+            staged = [open_ref(r, name) for r, name in ((ws.staged_keys, "staged_keys"),
+                      (ws.staged_values, "staged_values"), (ws.staged_targets, "staged_targets"))]  # fmt: skip
+            mapped += staged
+            staging = Staging(*(m.tensor for m in staged))
         core = SessionCore(
-            response.session_id, spec, transport, response, *tensors, _mapped=mapped, prefix_tokens=prefix_tokens
-        )
+            response.session_id, spec, transport, response, *tensors, _mapped=mapped, staging=staging,
+            prefix_tokens=prefix_tokens,
+        )  # fmt: skip
         if response.prefix_tokens_held:  # the daemon holds the prompt's prefix: start after it
             core.apply_delta(response.delta)
             core.start_at(response.prefix_tokens_held)
@@ -335,6 +346,16 @@ class SessionCore:
         if request.WhichOneof("event") in ("append", "chunk"):
             self.note_noticed(response.append.spilled_upto)
         self.apply_delta(response.delta)
+
+    def apply_staged(self, rows: int) -> None:
+        """Copy a retrieval's `rows` staged rows (RetrievalResult.staged_rows) into their slots, on
+        the current stream (StepEvent.worker_copies): before the retrieved region is read again
+        and before this session's next event (whose publish() orders the daemon after it)."""
+        if rows <= 0:
+            return
+        if self.staging is None:
+            raise RuntimeError(f"session {self.session_id}: {rows} staged rows but no staging area was mapped")
+        apply_staged(self.keys, self.values, self.staging, rows)
 
     def publish(self) -> None:
         """Make this worker's writes to a GPU working set visible before the daemon reads it:

@@ -52,8 +52,8 @@ class StepCall:
 
 class PendingBoundaries:
     """A Boundaries call in flight (KVRecallClient.boundaries_future). done() polls; result()
-    waits, applies the answer (notices' `noticed_upto`, stats) once and returns it, or raises
-    the call's typed error. `sent` / `answered`: host clock (perf_counter) when it was sent
+    waits, applies the answer (notices' `noticed_upto`, stats, staged rows: on the calling
+    thread's current stream) once and returns it, or raises the call's typed error. `sent` / `answered`: host clock (perf_counter) when it was sent
     and when its answer arrived (None before)."""
 
     def __init__(self, client: KVRecallClient, calls: list[StepCall], future: grpc.Future, started: float) -> None:
@@ -82,6 +82,8 @@ class PendingBoundaries:
                     call.session.core.note_noticed(result.append.spilled_upto)
                     call.session.stats_appends += 1
                 call.session.stats_boundaries += call.retrieve
+                if call.retrieve and result.retrieval.staged_rows:  # (worker_copies: ours to copy)
+                    call.session.core.apply_staged(result.retrieval.staged_rows)
             self._response = response
         return self._response
 
@@ -131,13 +133,17 @@ class KVRecallClient(ClientBase):
         return self.boundaries_future(calls, timeout).result()
 
     def boundaries_future(
-        self, calls: list[StepCall], timeout: float | None = None, background: bool = False
-    ) -> PendingBoundaries:
+        self, calls: list[StepCall], timeout: float | None = None, background: bool = False,
+        worker_copies: bool = False,
+    ) -> PendingBoundaries:  # fmt: skip
         """`boundaries` without waiting: the call is sent (writes published) and its answer is
         applied when the caller takes it (PendingBoundaries.result). No thread of this
         process's interpreter waits for it (gRPC's own threads do), so a decoding thread does
         not share the interpreter lock with a thread per call in flight. `background`: the
-        caller decodes on without the answer for a while (BoundariesRequest.background)."""
+        caller decodes on without the answer for a while (BoundariesRequest.background);
+        `worker_copies` (with background): sessions with a staging area take their retrievals'
+        new rows from it, copied by result() (StepEvent.worker_copies): take the answer before
+        the retrieved region is read again."""
         request = pb.BoundariesRequest(background=background)
         for call in calls:
             core = call.session.core
@@ -145,6 +151,7 @@ class KVRecallClient(ClientBase):
             request.events.add(
                 session_id=core.session_id, capability=core.capability, position=call.position,
                 notice=call.notice, retrieve=call.retrieve, follows=call.follows,
+                worker_copies=worker_copies and call.retrieve and core.staging is not None,
             )  # fmt: skip
         self._hold_poller()
         started = time.monotonic()

@@ -201,6 +201,9 @@ class DaemonTimes:
     shadow_s: deque[float] = field(default_factory=_series)
     send_s: deque[float] = field(default_factory=_series)
     moved_bytes: deque[float] = field(default_factory=_series)  # per retrieving call, host to device
+    # Per background retrieving call: rows its answer left staged for this worker to copy (a
+    # daemon with worker_copy_share; 0 where the daemon copied them).
+    staged_rows: deque[float] = field(default_factory=_series)
     daemon_s: deque[float] = field(default_factory=_series)  # per waited-for call: the daemon's own handling time
     # Per waited-for call: sent to answered on this host, and the daemon's parts of daemon_s
     # (BoundariesResponse: before its work began, the work up to its sync, the sync).
@@ -616,8 +619,11 @@ class Engine:
         return seconds
 
     def _send(self, calls: list[StepCall], background: bool = True) -> _Pending:
-        """The Boundaries calls for `calls` sent, not waited for (no thread of ours waits)."""
-        return _Pending([group[0].session.client.boundaries_future(group, background=background)
+        """The Boundaries calls for `calls` sent, not waited for (no thread of ours waits). A
+        background call's retrievals may leave their rows staged for us (a daemon with
+        worker_copy_share): the answer's result() copies them, at the switch back at the latest."""
+        return _Pending([group[0].session.client.boundaries_future(group, background=background,
+                                                                   worker_copies=background)
                          for group in self._by_client(calls)])  # fmt: skip
 
     def _slot_of(self, session) -> int:
@@ -671,6 +677,7 @@ class Engine:
         if answer is not None:  # the first slot of the call to switch back records its latency
             self.times.answer_s.append(answer[0])
             self.times.moved_bytes.append(answer[1])
+            self.times.staged_rows.append(sum(r.retrieval.staged_rows for response in answer[2] for r in response.results))
             for series, field_name in ((self.times.retrieval_queued_s, "queued_seconds"),
                                        (self.times.retrieval_serve_s, "serve_seconds"),
                                        (self.times.retrieval_sync_s, "sync_seconds")):  # fmt: skip

@@ -10,11 +10,20 @@ the pool into pinned staging (CPU threads), one DMA moves them to the device (th
 engine, which runs beside another process's kernels), and index_copy_ writes them into
 their slots (queued on the caller's stream behind the transfers). The answer waits for the
 host gather (one sync after the plan) and the caller's sync; the worker's steps do not.
+
+Worker copies (the daemon's `worker_copy_share`; a caller's StepEvent.worker_copies): a session
+whose working-set segment has a staging area (`Staging`) and whose new rows fit in it gets
+them there instead, with their target rows, and no index copy of the daemon's: the worker
+copies them into their slots (`apply_staged`) in its own CUDA context before it reads the
+retrieved region again, so the retrieval launches two kernels fewer in the daemon's context
+(which a worker on the same GPU pays for in time slices).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +36,54 @@ from kvrecall.phases import mark
 # of bf16 at D = 128, so the DMA of one chunk overlaps the gather of the next.
 CHUNK_ROWS = 65536
 _skip_index_copies = False  # the daemon's dry_index_copies diagnostic (configure)
+
+
+@dataclass
+class Staging:
+    """One session's staging area (views into its working-set segment): keys and values [S, D]
+    and their target rows [S] int64 (flat rows of keys.view(-1, D)); `rows`: how many the last
+    staged placement left there for the worker (0: the daemon copied them itself)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    targets: torch.Tensor
+    rows: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.targets.numel()
+
+
+_scope = threading.local()
+
+
+@contextlib.contextmanager
+def worker_copies(stagings: dict[int, Staging]):
+    """Staged placements of this thread inside the block stage the rows of the sessions in
+    `stagings` (keyed by their keys' data_ptr) for their workers where they fit; each
+    Staging's `rows` is set (0 where the daemon copied)."""
+    before = getattr(_scope, "stagings", None)
+    for staging in stagings.values():
+        staging.rows = 0
+    _scope.stagings = stagings
+    try:
+        yield
+    finally:
+        _scope.stagings = before
+
+
+def apply_staged(keys: torch.Tensor, values: torch.Tensor, staging: Staging, rows: int) -> None:
+    """The worker's half: the first `rows` staged K / V rows into their slots of keys / values
+    (any shape ending in D, contiguous: rows are flat), on the current stream. PyTorch reference
+    and implementation at once (two index_copy_ of 8-byte words)."""
+    if rows <= 0:
+        return
+    if rows > staging.capacity:
+        raise ValueError(f"rows: {rows} staged rows, the staging area holds {staging.capacity}")
+    D = keys.shape[-1]
+    where = staging.targets[:rows]
+    _as_words(keys.view(-1, D)).index_copy_(0, where, _as_words(staging.keys[:rows]))
+    _as_words(values.view(-1, D)).index_copy_(0, where, _as_words(staging.values[:rows]))
 
 
 def configure(dry_index_copies: bool) -> None:
@@ -85,12 +142,32 @@ def copy_staged(
     if n == 0:
         return
     pool_rows = host[: host.numel() // D * D].view(-1, D)
-    # A size rounded up to whole chunks: the caching allocator finds the blocks of earlier calls.
-    rows = torch.empty((-(-2 * n // CHUNK_ROWS) * CHUNK_ROWS, D), dtype=host.dtype, device=device)
+    # Where each gathered row goes: a session's rows to its staging area where the caller asked
+    # (worker_copies) and they fit, the rest to `rows` (K rows [0, n), V rows [n, 2n)) for the
+    # index copies below. Pieces (first source row, end, destination, its first row).
+    stagings = getattr(_scope, "stagings", None) or {}
+    staged: list[Staging | None] = []
+    start = 0
+    for (keys, _, _), end in zip(sessions, ends_host, strict=True):
+        staging = stagings.get(keys.data_ptr())
+        fits = staging is not None and end - start <= staging.capacity
+        staged.append(staging if fits else None)
+        if fits:
+            staging.rows = end - start
+            if end > start:
+                staging.targets[: end - start].copy_(targets[start:end])
+        start = end
+    daemon_copies = any(staging is None for staging in staged)
+    rows = None
+    if daemon_copies:
+        # A size rounded up to whole chunks: the caching allocator finds the blocks of earlier calls.
+        rows = torch.empty((-(-2 * n // CHUNK_ROWS) * CHUNK_ROWS, D), dtype=host.dtype, device=device)
+    pieces = _pieces(ends_host, staged, rows, n, host.dtype)
     copies = _copy_stream(device) if pin else None
     if copies is not None:
         copies.wait_stream(torch.cuda.current_stream(device))  # after the plan
-        rows.record_stream(copies)  # the caching allocator must not reuse it before the copies ran
+        if rows is not None:
+            rows.record_stream(copies)  # the caching allocator must not reuse it before the copies ran
     # The host gathers a chunk while the copy engine moves the one before (CPU threads, then DMA),
     # through two staging chunks taken from STAGING for the call.
     chunks = [STAGING.take(host.dtype, D, pin) for _ in range(min(2, -(-source_host.numel() // CHUNK_ROWS)))]
@@ -98,14 +175,17 @@ def copy_staged(
     try:
         for k, lo in enumerate(range(0, source_host.numel(), CHUNK_ROWS)):
             hi = min(lo + CHUNK_ROWS, source_host.numel())
-            staged, done = chunks[k % 2][: hi - lo], moved[k % 2]
+            chunk, done = chunks[k % 2][: hi - lo], moved[k % 2]
             if done is not None:
                 done.synchronize()  # the DMA that read this chunk two steps ago (the copy engine's)
                 mark("dma_wait")
-            torch.index_select(pool_rows, 0, source_host[lo:hi], out=staged)
+            torch.index_select(pool_rows, 0, source_host[lo:hi], out=chunk)
             mark("gather")
             with torch.cuda.stream(copies):  # (None: the current stream)
-                rows[lo:hi].copy_(staged, non_blocking=pin)
+                for first, last, into, at in pieces:
+                    a, b = max(first, lo), min(last, hi)
+                    if a < b:
+                        into[at + a - first : at + b - first].copy_(chunk[a - lo : b - lo], non_blocking=pin)
                 if pin:
                     moved[k % 2] = torch.cuda.Event()
                     moved[k % 2].record()
@@ -116,14 +196,37 @@ def copy_staged(
     if copies is not None:
         torch.cuda.current_stream(device).wait_stream(copies)  # the index copies after the DMAs
     start = 0
-    wide = _as_words(rows)  # index_copy_ moves an element per thread: 8-byte words, not 2-byte halves
-    for (keys, values, _), end in zip(sessions, ends_host, strict=True):
-        if end > start and not _skip_index_copies:
+    wide = _as_words(rows) if rows is not None else None  # index_copy_ moves an element per thread: 8-byte words
+    for (keys, values, _), end, staging in zip(sessions, ends_host, staged, strict=True):
+        if end > start and staging is None and not _skip_index_copies:
             where = targets[start:end]
             _as_words(keys.view(-1, D)).index_copy_(0, where, wide[start:end])
             _as_words(values.view(-1, D)).index_copy_(0, where, wide[n + start : n + end])
         start = end
     mark("index_copies")
+
+
+def _pieces(
+    ends: list[int], staged: list[Staging | None], rows: torch.Tensor | None, n: int, rows_dtype: torch.dtype,
+) -> list[tuple[int, int, torch.Tensor, int]]:  # fmt: skip
+    """Where the gathered rows [0, 2n) (K rows of every session, then V rows) go: (first, end,
+    destination, its first row) pieces, a staged session's K and V to its staging area, the
+    rest to `rows` at their own indices (runs of them merged: without staging, one piece)."""
+    pieces: list[tuple[int, int, torch.Tensor, int]] = []
+    for half in (0, 1):
+        start = 0
+        for end, staging in zip(ends, staged, strict=True):
+            if end > start:
+                first, last = half * n + start, half * n + end
+                if staging is not None:  # (seen as the rows' integer type: the bits, not the values)
+                    into = staging.values if half else staging.keys
+                    pieces.append((first, last, into.view(rows_dtype), 0))
+                elif pieces and pieces[-1][2] is rows and pieces[-1][1] == first:
+                    pieces[-1] = (pieces[-1][0], last, rows, pieces[-1][3])
+                else:
+                    pieces.append((first, last, rows, first))
+            start = end
+    return pieces
 
 
 def _as_words(rows: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,7 @@ class Daemon:
             max_lease=config.max_lease_seconds,
             worker_quota_bytes=int(config.worker_quota_gb * (1 << 30)),
             worker_share=config.worker_share,
+            worker_copy_share=config.worker_copy_share,
         )
         self.metrics = Metrics()
         auth = AuthConfig(config.tokens(), tuple(config.operators))

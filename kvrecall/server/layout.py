@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,7 @@ class WorkingSetPlan:
     window: int
     spill_every: int
     slack: int = 0
+    staged: int = 0  # rows per (layer, KV head) a retrieval may stage for the worker to copy (with_staging)
 
     @property
     def capacity(self) -> int:
@@ -75,16 +77,27 @@ class WorkingSetPlan:
         """This plan for deferred eviction: spill_every more ring slots, the same min_window."""
         return dataclasses.replace(self, window=self.window + self.spill_every, slack=self.spill_every)
 
+    def with_staging(self, share: float) -> WorkingSetPlan:
+        """This plan with a staging area for `share` of the retrieved region (the daemon's
+        `worker_copy_share`): a background retrieval whose new rows fit leaves them there and the
+        worker copies them into their slots itself (placement_staged.Staging); 0: none."""
+        return dataclasses.replace(self, staged=math.ceil(share * self.retrieved) if share > 0 else 0)
+
 
 @dataclass(frozen=True)
 class SegmentLayout:
-    """Byte offsets of the four working-set tensors inside one segment."""
+    """Byte offsets of the working-set tensors inside one segment: keys, values, slot_pos and
+    query, then with a staging area (WorkingSetPlan.staged) its keys and values [S, D] and
+    their target rows [S] int64, S = layers x KV heads x staged (offsets 0 without one)."""
 
     keys_offset: int
     values_offset: int
     slot_pos_offset: int
     query_offset: int
     nbytes: int
+    staged_keys_offset: int = 0
+    staged_values_offset: int = 0
+    staged_targets_offset: int = 0
 
     @staticmethod
     def of(layout: ModelLayout, plan: WorkingSetPlan) -> SegmentLayout:
@@ -93,9 +106,19 @@ class SegmentLayout:
         )
         pos_bytes = layout.num_layers * layout.num_kv_heads * plan.capacity * 4
         query_bytes = layout.num_layers * layout.num_query_heads * layout.head_dim * itemsize(layout.dtype)
+        sizes = [kv_bytes, kv_bytes, pos_bytes, query_bytes]
+        staged_rows = staging_rows(layout, plan)
+        if staged_rows:
+            staged_bytes = staged_rows * layout.head_dim * itemsize(layout.dtype)
+            sizes += [staged_bytes, staged_bytes, staged_rows * 8]
         offsets = []
         cursor = 0
-        for size in (kv_bytes, kv_bytes, pos_bytes, query_bytes):
+        for size in sizes:
             offsets.append(cursor)
             cursor += -(-size // _ALIGN) * _ALIGN
-        return SegmentLayout(*offsets, nbytes=max(cursor, _ALIGN))
+        return SegmentLayout(*offsets[:4], max(cursor, _ALIGN), *offsets[4:])
+
+
+def staging_rows(layout: ModelLayout, plan: WorkingSetPlan) -> int:
+    """Rows (of head_dim elements) of a segment's staging area: layers x KV heads x plan.staged."""
+    return layout.num_layers * layout.num_kv_heads * plan.staged

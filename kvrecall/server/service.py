@@ -37,7 +37,7 @@ from kvrecall.server.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from kvrecall.server.layout import SegmentLayout
+from kvrecall.server.layout import SegmentLayout, staging_rows
 from kvrecall.server.metrics import Metrics
 from kvrecall.server.policies import build_policy
 from kvrecall.server.policies.base import config_json
@@ -370,6 +370,12 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             (info.slot_pos, torch.int32, (L, H, C), offsets.slot_pos_offset),
             (info.query, layout.dtype, (L, Hq, D), offsets.query_offset),
         )
+        if (S := staging_rows(layout, plan)) > 0:  # the staging area (worker_copy_share)
+            entries += (
+                (info.staged_keys, layout.dtype, (S, D), offsets.staged_keys_offset),
+                (info.staged_values, layout.dtype, (S, D), offsets.staged_values_offset),
+                (info.staged_targets, torch.int64, (S,), offsets.staged_targets_offset),
+            )
         segment = session.segment
         for ref, dtype, shape, offset in entries:
             ref.dtype = WIRE_OF_TORCH[dtype]
@@ -694,6 +700,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 r = result.retrieval
                 r.units_selected, r.tokens_placed = placement.units, placement.placed
                 r.tokens_gathered, r.bytes_moved, r.seconds = placement.gathered, placement.bytes_moved, seconds
+                r.staged_rows = outcome.staged_rows
                 moved += placement.bytes_moved
                 self.metrics.boundaries.labels(session.policy.name).inc()
         self.metrics.bytes_moved.labels("host_to_device").inc(moved)

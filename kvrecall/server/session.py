@@ -423,6 +423,7 @@ class SessionRegistry:
         max_lease: float = 3600.0,
         worker_quota_bytes: int = 0,
         worker_share: float = 1.0,
+        worker_copy_share: float = 0.0,
     ) -> None:
         self.host_pool = host_pool
         self.device_pool = device_pool
@@ -430,6 +431,7 @@ class SessionRegistry:
         self.max_lease = max_lease
         self.worker_quota_bytes = worker_quota_bytes
         self.worker_share = worker_share
+        self.worker_copy_share = worker_copy_share  # ServerConfig.worker_copy_share
         self.sessions: dict[str, Session] = {}
         self.prefixes = PrefixRegistry(host_pool, device_pool)
 
@@ -492,6 +494,8 @@ class SessionRegistry:
         self, worker_id, layout, policy, transport, lease, tag, tp_rank, tp_size, prefix, declared, deferred
     ) -> Session:  # fmt: skip
         plan = policy.plan().with_slack() if deferred else policy.plan()
+        if transport == pb.TRANSPORT_CUDA_IPC and self.device_pool.device.type == "cuda" and plan.retrieved:
+            plan = plan.with_staging(self.worker_copy_share)  # (a share of 0: none)
         ws_bytes = SegmentLayout.of(layout, plan).nbytes
         metadata_bytes = policy.metadata_bytes() if prefix is None else prefix.policy.derived_metadata_bytes()
         per_page = max(tokens_per_page(layout, self.host_pool.page_bytes), 1)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from kvrecall import kernels, launch_gate, phases
+from kvrecall.kernels import placement_staged
 from kvrecall.server.errors import FailedPrecondition, InvalidArgument
 from kvrecall.server.policies.base import Selection
 from kvrecall.server.session import Session, check_append_upto, check_boundary_position
@@ -59,6 +60,7 @@ class StepOutcome:
 
     append: tuple[int, int] | None = None
     placement: Placement | None = None
+    staged_rows: int = 0  # rows its retrieval left in the session's staging area for the worker
 
 
 def check_events(sessions: list[Session], events: list[pb.StepEvent]) -> None:
@@ -138,11 +140,23 @@ def _serve(
                 continue
             selections = type(items[0][0]).on_boundaries(items)
             phases.mark("select")
-            with kernels.background_reads() if background else contextlib.nullcontext():
+            # Rows of sessions whose workers copy them (StepEvent.worker_copies) stay staged.
+            stagings = {
+                sessions[i].ws.keys.data_ptr(): sessions[i].ws.staging
+                for i in members
+                if background and events[i].worker_copies and sessions[i].ws.staging is not None
+            }  # fmt: skip
+            with contextlib.ExitStack() as scope:
+                if background:
+                    scope.enter_context(kernels.background_reads())
+                if stagings:
+                    scope.enter_context(placement_staged.worker_copies(stagings))
                 placements = _place([sessions[i] for i in members], selections)
             phases.mark("place")
             for i, placement in zip(members, placements, strict=True):
                 outcomes[i].placement = placement
+                if sessions[i].ws.keys.data_ptr() in stagings:
+                    outcomes[i].staged_rows = sessions[i].ws.staging.rows
         launch_gate.release()
         timing.syncing = time.perf_counter()
         if device is not None and device.type == "cuda":

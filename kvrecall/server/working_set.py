@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from kvrecall import kernels
+from kvrecall.kernels.placement_staged import Staging
 from kvrecall.kernels.ws_decode import ring_spans
 from kvrecall.server.host_store import SequenceStore
-from kvrecall.server.layout import ModelLayout, SegmentLayout, WorkingSetPlan
+from kvrecall.server.layout import ModelLayout, SegmentLayout, WorkingSetPlan, staging_rows
 from kvrecall.server.pools import DeviceSegment
 
 
@@ -108,6 +109,13 @@ class WorkingSet:
         self.values = view(o.values_offset, layout.dtype, (L, H, C, D))
         self.slot_pos = view(o.slot_pos_offset, torch.int32, (L, H, C))
         self.query = view(o.query_offset, layout.dtype, (L, Hq, D))
+        # With a staging area (plan.staged): where background retrievals leave rows for the worker.
+        self.staging: Staging | None = None
+        if (S := staging_rows(layout, plan)) > 0:
+            self.staging = Staging(
+                view(o.staged_keys_offset, layout.dtype, (S, D)), view(o.staged_values_offset, layout.dtype, (S, D)),
+                view(o.staged_targets_offset, torch.int64, (S,)),
+            )  # fmt: skip
         self.slot_pos.fill_(-1)
         self._max_resident = torch.zeros((), dtype=torch.int64, device=self.slot_pos.device)
         self.last_placement: Placement | None = None

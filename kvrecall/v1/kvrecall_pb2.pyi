@@ -14,6 +14,7 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_FLOAT16: _ClassVar[DType]
     DTYPE_BFLOAT16: _ClassVar[DType]
     DTYPE_INT32: _ClassVar[DType]
+    DTYPE_INT64: _ClassVar[DType]
 
 class TransportKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -39,6 +40,7 @@ DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
 DTYPE_BFLOAT16: DType
 DTYPE_INT32: DType
+DTYPE_INT64: DType
 TRANSPORT_UNSPECIFIED: TransportKind
 TRANSPORT_SHM: TransportKind
 TRANSPORT_CUDA_IPC: TransportKind
@@ -232,7 +234,7 @@ class TensorRef(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcRef, _Mapping]] = ..., inline_data: _Optional[bytes] = ...) -> None: ...
 
 class WorkingSetInfo(_message.Message):
-    __slots__ = ("capacity", "n_sink", "retrieved", "window", "keys", "values", "slot_pos", "query", "min_window")
+    __slots__ = ("capacity", "n_sink", "retrieved", "window", "keys", "values", "slot_pos", "query", "min_window", "staged_keys", "staged_values", "staged_targets")
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     N_SINK_FIELD_NUMBER: _ClassVar[int]
     RETRIEVED_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +244,9 @@ class WorkingSetInfo(_message.Message):
     SLOT_POS_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     MIN_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    STAGED_KEYS_FIELD_NUMBER: _ClassVar[int]
+    STAGED_VALUES_FIELD_NUMBER: _ClassVar[int]
+    STAGED_TARGETS_FIELD_NUMBER: _ClassVar[int]
     capacity: int
     n_sink: int
     retrieved: int
@@ -251,7 +256,10 @@ class WorkingSetInfo(_message.Message):
     slot_pos: TensorRef
     query: TensorRef
     min_window: int
-    def __init__(self, capacity: _Optional[int] = ..., n_sink: _Optional[int] = ..., retrieved: _Optional[int] = ..., window: _Optional[int] = ..., keys: _Optional[_Union[TensorRef, _Mapping]] = ..., values: _Optional[_Union[TensorRef, _Mapping]] = ..., slot_pos: _Optional[_Union[TensorRef, _Mapping]] = ..., query: _Optional[_Union[TensorRef, _Mapping]] = ..., min_window: _Optional[int] = ...) -> None: ...
+    staged_keys: TensorRef
+    staged_values: TensorRef
+    staged_targets: TensorRef
+    def __init__(self, capacity: _Optional[int] = ..., n_sink: _Optional[int] = ..., retrieved: _Optional[int] = ..., window: _Optional[int] = ..., keys: _Optional[_Union[TensorRef, _Mapping]] = ..., values: _Optional[_Union[TensorRef, _Mapping]] = ..., slot_pos: _Optional[_Union[TensorRef, _Mapping]] = ..., query: _Optional[_Union[TensorRef, _Mapping]] = ..., min_window: _Optional[int] = ..., staged_keys: _Optional[_Union[TensorRef, _Mapping]] = ..., staged_values: _Optional[_Union[TensorRef, _Mapping]] = ..., staged_targets: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
 
 class WorkingSetDelta(_message.Message):
     __slots__ = ("slots", "positions", "keys", "values")
@@ -416,18 +424,20 @@ class AppendAck(_message.Message):
     def __init__(self, spilled_upto: _Optional[int] = ..., evicted: _Optional[int] = ...) -> None: ...
 
 class RetrievalResult(_message.Message):
-    __slots__ = ("units_selected", "tokens_placed", "tokens_gathered", "bytes_moved", "seconds")
+    __slots__ = ("units_selected", "tokens_placed", "tokens_gathered", "bytes_moved", "seconds", "staged_rows")
     UNITS_SELECTED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PLACED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_GATHERED_FIELD_NUMBER: _ClassVar[int]
     BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STAGED_ROWS_FIELD_NUMBER: _ClassVar[int]
     units_selected: int
     tokens_placed: int
     tokens_gathered: int
     bytes_moved: int
     seconds: float
-    def __init__(self, units_selected: _Optional[int] = ..., tokens_placed: _Optional[int] = ..., tokens_gathered: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    staged_rows: int
+    def __init__(self, units_selected: _Optional[int] = ..., tokens_placed: _Optional[int] = ..., tokens_gathered: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., seconds: _Optional[float] = ..., staged_rows: _Optional[int] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("seq", "append", "retrieval", "delta", "attention")
@@ -620,20 +630,22 @@ class PrefixStats(_message.Message):
     def __init__(self, prefix_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., policy: _Optional[str] = ..., tokens: _Optional[int] = ..., host_bytes: _Optional[int] = ..., device_bytes: _Optional[int] = ..., refs: _Optional[int] = ..., hits: _Optional[int] = ..., idle_seconds: _Optional[float] = ...) -> None: ...
 
 class StepEvent(_message.Message):
-    __slots__ = ("session_id", "capability", "position", "notice", "retrieve", "follows")
+    __slots__ = ("session_id", "capability", "position", "notice", "retrieve", "follows", "worker_copies")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
     RETRIEVE_FIELD_NUMBER: _ClassVar[int]
     FOLLOWS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_COPIES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     capability: str
     position: int
     notice: bool
     retrieve: bool
     follows: int
-    def __init__(self, session_id: _Optional[str] = ..., capability: _Optional[str] = ..., position: _Optional[int] = ..., notice: bool = ..., retrieve: bool = ..., follows: _Optional[int] = ...) -> None: ...
+    worker_copies: bool
+    def __init__(self, session_id: _Optional[str] = ..., capability: _Optional[str] = ..., position: _Optional[int] = ..., notice: bool = ..., retrieve: bool = ..., follows: _Optional[int] = ..., worker_copies: bool = ...) -> None: ...
 
 class BoundariesRequest(_message.Message):
     __slots__ = ("events", "background")

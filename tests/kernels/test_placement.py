@@ -522,3 +522,78 @@ def test_dry_index_copies_leave_the_rows_and_move_the_positions(triton_device, m
     assert torch.equal(got[0], want[0]), "slot positions as placed"
     assert torch.equal(got[1], keys) and torch.equal(got[2], values), "rows written"
     assert not torch.equal(want[1], keys), "the reference moved no row: the test tells nothing"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_worker_copies_stage_the_rows_that_fit_and_apply_to_the_reference(triton_device, monkeypatch, dtype):
+    """Worker copies (placement_staged.worker_copies): of three sessions placed in one launch, the
+    first has a staging area its new rows fit in, the second one too small for them, the third
+    none. The first's K / V rows are untouched by the placement and its staging area holds them
+    with their targets, so apply_staged (the worker's half) leaves what the reference leaves; the
+    second and third are placed by the daemon's own copies; every slot position as placed."""
+    from kvrecall.kernels import placement_staged, placement_triton
+    from kvrecall.kernels.placement_staged import Staging, apply_staged, worker_copies
+
+    monkeypatch.setattr(placement_triton, "staged", lambda host, keys, selection: True)
+    heads, dim, first, retrieved = 2, 16, 2, 9
+    pages = Pages(2, heads, dim, per_page=5, pages=30, dtype=dtype, device=triton_device, seed=21)
+    capacity = first + retrieved + 6
+    parts, wants, befores = [], [], []
+    for seed in range(3):
+        slot_pos, selection = random_case(pages, capacity, first, retrieved, seed=40 + seed)
+        keys, values = (torch.randn(2 * heads, capacity, dim).to(dtype) for _ in range(2))
+        wants.append(run("reference", pages, slot_pos, keys, values, selection, first, torch.device("cpu")))
+        befores.append((keys, values))
+        resident = torch.zeros((), dtype=torch.int64, device=triton_device)
+        parts.append((*(t.clone().to(triton_device) for t in (slot_pos, keys, values)),
+                      pages.page_base.to(triton_device), resident, selection))  # fmt: skip
+    new_rows = [int(want[3][:, 1].sum()) for want in wants]
+    assert min(new_rows[:2]) > 1, "the case moves too few rows to tell anything"
+
+    def staging(rows: int) -> Staging:
+        return Staging(torch.zeros(rows, dim, dtype=dtype, device=triton_device),
+                       torch.zeros(rows, dim, dtype=dtype, device=triton_device),
+                       torch.full((rows,), -1, dtype=torch.int64, device=triton_device))  # fmt: skip
+
+    fits, short = staging(new_rows[0] + 3), staging(new_rows[1] - 1)
+    selection = torch.cat([part[5] for part in parts]).to(triton_device)
+    with worker_copies({parts[0][1].data_ptr(): fits, parts[1][1].data_ptr(): short}):
+        K.place_retrieved_many([part[:5] for part in parts], selection, first, pages.host, pages.per_page,
+                               pages.heads, impl="triton")  # fmt: skip
+    assert (fits.rows, short.rows) == (new_rows[0], 0)
+    assert getattr(placement_staged._scope, "stagings", None) is None, "the scope outlived its block"
+    staged_part, want = parts[0], wants[0]
+    assert torch.equal(staged_part[0].cpu(), want[0]), "slot positions placed by the daemon"
+    assert torch.equal(staged_part[1].cpu(), befores[0][0]) and torch.equal(staged_part[2].cpu(), befores[0][1])
+    apply_staged(staged_part[1], staged_part[2], fits, fits.rows)
+    for s, (part, want) in enumerate(zip(parts, wants, strict=True)):
+        for name, got, expected in zip(("slot_pos", "keys", "values"), part[:3], want[:3], strict=True):
+            assert torch.equal(got.cpu(), expected), f"session {s}: {name}"
+    with pytest.raises(ValueError, match="rows"):
+        apply_staged(staged_part[1], staged_part[2], fits, fits.capacity + 1)
+
+
+def test_segment_layout_places_the_staging_area_after_the_working_set() -> None:
+    """A plan with_staging(share) adds K / V rows and int64 targets for ceil(share x retrieved)
+    slots per (layer, KV head), aligned and after the four working-set tensors; share 0 adds
+    nothing and keeps the segment's size."""
+    from kvrecall.server.layout import ModelLayout, SegmentLayout, WorkingSetPlan, staging_rows
+
+    layout = ModelLayout(num_layers=3, num_kv_heads=2, num_query_heads=4, head_dim=24, dtype=torch.bfloat16,
+                         max_tokens=4096)  # fmt: skip
+    plan = WorkingSetPlan(n_sink=4, retrieved=100, window=32, spill_every=16)
+    plain, staged = SegmentLayout.of(layout, plan), SegmentLayout.of(layout, plan.with_staging(0.25))
+    assert plan.with_staging(0.0) == plan and SegmentLayout.of(layout, plan.with_staging(0.0)) == plain
+    assert plan.with_staging(0.25).staged == 25 and plan.with_staging(0.251).staged == 26
+    rows = staging_rows(layout, plan.with_staging(0.25))
+    assert rows == 3 * 2 * 25
+    ends = [
+        (staged.staged_keys_offset, rows * 24 * 2), (staged.staged_values_offset, rows * 24 * 2),
+        (staged.staged_targets_offset, rows * 8),
+    ]  # fmt: skip
+    assert staged.staged_keys_offset >= plain.nbytes - 256
+    cursor = staged.query_offset
+    for offset, size in ends:
+        assert offset % 256 == 0 and offset > cursor
+        cursor = offset + size
+    assert staged.nbytes >= cursor and staged.keys_offset == plain.keys_offset
