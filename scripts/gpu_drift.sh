@@ -42,7 +42,10 @@
 # KVRECALL_COALESCE_RETRIEVALS=1 KVRECALL_GATE_LAUNCHES=1,KVRECALL_COALESCE_RETRIEVALS=1".
 # PART=12: the next lever's evidence (DEVELOPERS.md): scripts/host_selection_probe.py on this host's cores, then PART=11
 # with ARMS "--switch=fixed KVRECALL_DRY_INDEX_COPIES=1 KVRECALL_DRY_RETRIEVALS=1" and no 64-sequence runs (both overridable).
-#   usage: [PART=1..12] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
+# PART=13: worker copies (the daemon's worker_copy_share, placement_staged.py): their GPU test and the placement's
+# native kernel tests (SKIP_TESTS=1: none), then PART=11 with ARMS "--switch=fixed KVRECALL_WORKER_COPY_SHARE=0.25
+# KVRECALL_WORKER_COPY_SHARE=1" and no 64-sequence runs (both overridable; e.g. MANY="0 2").
+#   usage: [PART=1..13] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_env.sh
@@ -87,6 +90,14 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob(sys.argv[2])):
                 print("   copy", row)
 PY
 }
+if [ "${PART:-1}" = 13 ]; then  # worker copies: their tests, then the A/B against the daemon's own copies
+  if [ -z "${SKIP_TESTS:-}" ]; then
+    gpu_test worker-copies 240 tests/gpu/test_worker_copies_gpu.py -q
+    gpu_test placement 240 tests/kernels/test_placement.py -q
+  fi
+  PART=11 MANY=${MANY:- } ARMS=${ARMS:---switch=fixed KVRECALL_WORKER_COPY_SHARE=0.25 KVRECALL_WORKER_COPY_SHARE=1} \
+    exec bash "$0"
+fi
 if [ "${PART:-1}" = 12 ]; then  # the next lever's evidence: host selection on this host, then the dry A/B
   python3 scripts/host_selection_probe.py --contexts 32768,131072 --out "$OUT/host-selection-probe.json" \
     > "$OUT/logs/host-selection-probe.log" 2>&1; echo "host selection probe exit $?"; cat "$OUT/logs/host-selection-probe.log"

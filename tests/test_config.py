@@ -54,6 +54,7 @@ def test_toml_file(tmp_path):
         ({}, {"lease_seconds": 7200}, r"lease_seconds: must be in \(0, max_lease_seconds\]"),
         ({"KVRECALL_METRICS_PORT": "70000"}, {}, "KVRECALL_METRICS_PORT: .*65535"),
         ({"KVRECALL_WORKER_SHARE": "1.5"}, {}, "KVRECALL_WORKER_SHARE: .*less than or equal to 1"),
+        ({"KVRECALL_WORKER_COPY_SHARE": "-0.1"}, {}, "KVRECALL_WORKER_COPY_SHARE: .*greater than or equal to 0"),
         ({"KVRECALL_SWITCH_INTERVAL_MS": "0"}, {}, "KVRECALL_SWITCH_INTERVAL_MS: .*greater than 0"),
         ({"KVRECALL_NOTICE_OPS": "fork"}, {}, "KVRECALL_NOTICE_OPS: "),
         ({"KVRECALL_NOTICE_STREAM": "maybe"}, {}, "KVRECALL_NOTICE_STREAM: "),
