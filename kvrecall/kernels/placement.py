@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -112,6 +113,7 @@ def place_retrieved(
     num_kv_heads: int,
     resident_max: torch.Tensor | None = None,
     impl: str = "auto",
+    on_counts: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Make slots [first_slot, first_slot + R) of each row hold `selection`, in place -> [B, 2] int32.
 
@@ -123,6 +125,9 @@ def place_retrieved(
     Returns per row (selected, gathered) on slot_pos' device, with no host sync.
     resident_max (int64 scalar on that device), if given, is raised to the most filled slots
     (all C) of any row afterwards. Kernel: R <= placement_triton.MAX_RETRIEVED, else the reference.
+    on_counts, if given, is called with the counts once they are queued and before any host sync
+    of the placement (a staged one syncs for its plan), so the launches it makes (totals of the
+    counts, say) go with the placement's and not after its copies.
     """
     device = _check_place(slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page,
                           num_kv_heads, resident_max)  # fmt: skip
@@ -131,11 +136,18 @@ def place_retrieved(
 
         return place_retrieved_triton(
             slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads,
-            resident_max,
+            resident_max, on_counts,
         )  # fmt: skip
-    return reference.place_retrieved(
+    return reported(reference.place_retrieved(
         slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads, resident_max
-    )
+    ), on_counts)  # fmt: skip
+
+
+def reported(counts: torch.Tensor, on_counts: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
+    """counts, handed to on_counts first (place_retrieved's hook)."""
+    if on_counts is not None:
+        on_counts(counts)
+    return counts
 
 
 def place_retrieved_many(
@@ -146,6 +158,7 @@ def place_retrieved_many(
     tokens_per_page: int,
     num_kv_heads: int,
     impl: str = "auto",
+    on_counts: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """place_retrieved for S sessions of one shape at once -> [S * B, 2] int32 (session s's
     rows at [s * B, (s + 1) * B)).
@@ -155,7 +168,8 @@ def place_retrieved_many(
     the same shapes and dtypes; selection [S * B, R], session s's rows first-to-last. The
     kernel is one launch over the S * B rows (pointer offsets per session); the reference, and
     the kernel where it cannot run (see place_retrieved, or tensors not at whole-element
-    distances), place session by session (place_retrieved)."""
+    distances), place session by session (place_retrieved). on_counts: as place_retrieved's, with
+    all of them."""
     if not parts:
         raise ValueError("parts: at least one session is required")
     first = parts[0]
@@ -171,15 +185,16 @@ def place_retrieved_many(
     if use_triton(impl, device):
         from kvrecall.kernels.placement_triton import place_retrieved_many_triton
 
-        counts = place_retrieved_many_triton(parts, selection, first_slot, host, tokens_per_page, num_kv_heads)
+        counts = place_retrieved_many_triton(parts, selection, first_slot, host, tokens_per_page, num_kv_heads,
+                                             on_counts)  # fmt: skip
         if counts is not None:
             return counts
     rows = first[0].shape[0]
-    return torch.cat([
+    return reported(torch.cat([
         place_retrieved(slot_pos, keys, values, selection[i * rows : (i + 1) * rows], first_slot, host, page_base,
                         tokens_per_page, num_kv_heads, resident_max, impl)
         for i, (slot_pos, keys, values, page_base, resident_max) in enumerate(parts)
-    ])  # fmt: skip
+    ]), on_counts)  # fmt: skip
 
 
 def check_like_first(i: int, part: tuple[torch.Tensor, ...], first: tuple[torch.Tensor, ...]) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,7 @@ def configure(dry_index_copies: bool) -> None:
 def copy_staged(
     scratch: torch.Tensor, counts: torch.Tensor, block_r: int, sessions: list[tuple[torch.Tensor, ...]],
     rows_per_session: int, first_slot: int, host: torch.Tensor, tokens_per_page: int, num_kv_heads: int,
+    on_counts: Callable[[torch.Tensor], None] | None = None,
 ) -> None:  # fmt: skip
     """Copy the new tokens a COPY=False placement planned into their slots.
 
@@ -108,7 +110,10 @@ def copy_staged(
     and the index copies into the working sets are queued on the caller's stream behind the
     copy engine's transfers: the caller's own sync before it answers covers them. (On an
     H200 beside a decoding worker every sync waits for a time slice, about 1.5 ms: a 32K x 8
-    retrieval answered in 27 ms with three per placement.)"""
+    retrieval answered in 27 ms with three per placement.) on_counts(counts) is called before
+    that sync, so its launches join the plan's: with every session's rows staged for its worker
+    (worker_copies) nothing but the copy engine's work follows the sync, and a worker on the
+    same GPU is preempted for one burst of the daemon's kernels, not two."""
     check_int("block_r", block_r, 1)
     device = scratch.device
     D = sessions[0][0].shape[2]
@@ -129,6 +134,8 @@ def copy_staged(
         plan = buffer[: whole + len(sessions)]
         plan[:whole].copy_(packed[:whole], non_blocking=pin)
         plan[whole:].copy_(session_ends, non_blocking=pin)
+        if on_counts is not None:
+            on_counts(counts)
         mark("place_launch")
         launch_gate.release()  # (a retrieval's gated launches run now: the sync below needs them)
         if pin:
@@ -154,8 +161,6 @@ def copy_staged(
         staged.append(staging if fits else None)
         if fits:
             staging.rows = end - start
-            if end > start:
-                staging.targets[: end - start].copy_(targets[start:end])
         start = end
     daemon_copies = any(staging is None for staging in staged)
     rows = None
@@ -168,6 +173,8 @@ def copy_staged(
         copies.wait_stream(torch.cuda.current_stream(device))  # after the plan
         if rows is not None:
             rows.record_stream(copies)  # the caching allocator must not reuse it before the copies ran
+        if any(staging is not None for staging in staged):
+            targets.record_stream(copies)  # (read there: the staged sessions' targets)
     # The host gathers a chunk while the copy engine moves the one before (CPU threads, then DMA),
     # through two staging chunks taken from STAGING for the call.
     chunks = [STAGING.take(host.dtype, D, pin) for _ in range(min(2, -(-source_host.numel() // CHUNK_ROWS)))]
@@ -186,6 +193,12 @@ def copy_staged(
                     a, b = max(first, lo), min(last, hi)
                     if a < b:
                         into[at + a - first : at + b - first].copy_(chunk[a - lo : b - lo], non_blocking=pin)
+                if k == 0:  # the staged sessions' target rows (device to device: the copy engine's too)
+                    start = 0
+                    for staging, end in zip(staged, ends_host, strict=True):
+                        if staging is not None and end > start:
+                            staging.targets[: end - start].copy_(targets[start:end], non_blocking=pin)
+                        start = end
                 if pin:
                     moved[k % 2] = torch.cuda.Event()
                     moved[k % 2].record()

@@ -31,6 +31,8 @@ offset of the sequence's page i in the flat pool. Row b of the working set is la
 head b % H. Imported only when Triton is (see `_triton`).
 """
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -239,6 +241,7 @@ def place_retrieved_triton(
     tokens_per_page: int,
     num_kv_heads: int,
     resident_max: torch.Tensor | None,
+    on_counts: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Launch on checked arguments (see `kvrecall.kernels.place_retrieved`)."""
     rows, retrieved = slot_pos.shape[0], selection.shape[1]
@@ -249,13 +252,13 @@ def place_retrieved_triton(
         or not _reachable(host, keys.device)
         or keys.element_size() not in _BITS_OF_SIZE
     ):
-        return reference.place_retrieved(
+        return placement.reported(reference.place_retrieved(
             slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads,
             resident_max,
-        )  # fmt: skip
+        ), on_counts)  # fmt: skip
     return _launch_place(
         slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads,
-        resident_max, None, rows,
+        resident_max, None, rows, on_counts=on_counts,
     )  # fmt: skip
 
 
@@ -263,11 +266,12 @@ def _launch_place(
     slot_pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, selection: torch.Tensor, first_slot: int,
     host: torch.Tensor, page_base: torch.Tensor, tokens_per_page: int, num_kv_heads: int,
     resident_max: torch.Tensor | None, sessions: torch.Tensor | None, rows_per_session: int,
-    parts: list[tuple[torch.Tensor, ...]] | None = None,
+    parts: list[tuple[torch.Tensor, ...]] | None = None, on_counts: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """One launch over every row of `selection` (sessions: see place_retrieved_many_triton;
     parts: every session's (keys, values, page_base), the first alone when None). With
-    staged reads (`staged`) the kernel plans and placement_staged copies the rows."""
+    staged reads (`staged`) the kernel plans and placement_staged copies the rows (on_counts
+    called before its plan's sync), else on_counts is called after the launch."""
     rows, retrieved = selection.shape
     counts = torch.empty(rows, 2, dtype=torch.int32, device=selection.device)  # the kernel writes every row
     block_r = next(size for size in RETRIEVED_BLOCKS if retrieved <= size)  # a few variants: see warmup
@@ -292,9 +296,10 @@ def _launch_place(
         parts = parts or [(keys, values, page_base)]
         copy_staged(
             scratch, counts, block_r, [(_bits(k), _bits(v), pages) for k, v, pages in parts], rows_per_session,
-            first_slot, _bits(host), tokens_per_page, num_kv_heads,
+            first_slot, _bits(host), tokens_per_page, num_kv_heads, on_counts=on_counts,
         )  # fmt: skip
-    return counts
+        return counts
+    return placement.reported(counts, on_counts)
 
 
 def staged(host: torch.Tensor, keys: torch.Tensor, selection: torch.Tensor) -> bool:
@@ -307,7 +312,7 @@ def staged(host: torch.Tensor, keys: torch.Tensor, selection: torch.Tensor) -> b
 
 def place_retrieved_many_triton(
     parts: list[tuple[torch.Tensor, ...]], selection: torch.Tensor, first_slot: int, host: torch.Tensor,
-    tokens_per_page: int, num_kv_heads: int,
+    tokens_per_page: int, num_kv_heads: int, on_counts: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor | None:
     """Launch on checked arguments (see `kvrecall.kernels.place_retrieved_many`): one program
     per row of every session, each session's tensors addressed by their element offsets from
@@ -335,6 +340,7 @@ def place_retrieved_many_triton(
     return _launch_place(
         slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads,
         resident_max, sessions, slot_pos.shape[0], [(part[1], part[2], part[3]) for part in parts],
+        on_counts=on_counts,
     )  # fmt: skip
 
 

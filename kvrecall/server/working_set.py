@@ -196,19 +196,25 @@ class WorkingSet:
         if selection.shape != (L, H, R):
             raise ValueError(f"selection shape {tuple(selection.shape)} != {(L, H, R)}")
         device = self.slot_pos.device
-        counts = kernels.place_retrieved(
+        units = to_device(units, device).reshape(1) if isinstance(units, torch.Tensor) else units
+        placed: list[Placement] = []
+
+        def account(counts: torch.Tensor) -> None:  # (before a staged placement's sync: kernels.place_retrieved)
+            totals = torch.empty(4, dtype=torch.int64, device=device)
+            torch.sum(counts, dim=0, out=totals[:2])
+            if isinstance(units, torch.Tensor):
+                totals[2:3].copy_(units)
+            else:
+                totals[2] = units
+            totals[3] = counts[:, 0].amax()
+            placed.append(Placement(totals, row_bytes=D * self.keys.element_size()))
+
+        kernels.place_retrieved(
             self.slot_pos.view(L * H, C), self.keys.view(L * H, C, D), self.values.view(L * H, C, D),
             to_device(selection, device).reshape(L * H, R), S, store.flat, store.page_table,
-            store.tokens_per_page, H, resident_max=self._max_resident,
+            store.tokens_per_page, H, resident_max=self._max_resident, on_counts=account,
         )  # fmt: skip
-        totals = torch.empty(4, dtype=torch.int64, device=device)
-        torch.sum(counts, dim=0, out=totals[:2])
-        if isinstance(units, torch.Tensor):
-            totals[2:3].copy_(to_device(units, device).reshape(1))
-        else:
-            totals[2] = units
-        totals[3] = counts[:, 0].amax()
-        self.last_placement = Placement(totals, row_bytes=D * self.keys.element_size())
+        self.last_placement = placed[0]
         return self.last_placement
 
     @staticmethod
@@ -231,16 +237,22 @@ class WorkingSet:
         device = first.slot_pos.device
         parts = [ws.kernel_part(store) for ws, store in zip(sets, stores, strict=True)]
         selection = torch.cat([to_device(chosen, device).reshape(L * H, R) for chosen in selections])
-        counts = kernels.place_retrieved_many(parts, selection, S, pool, stores[0].tokens_per_page, H)
-        totals = torch.empty(len(sets), 4, dtype=torch.int64, device=device)
-        per_row = counts.view(len(sets), L * H, 2)
-        torch.sum(per_row, dim=1, out=totals[:, :2])
-        totals[:, 2] = torch.stack([
+        units = [
             to_device(u, device) if isinstance(u, torch.Tensor) else torch.full((), u, dtype=torch.int64, device=device)
             for u in units
-        ])  # fmt: skip
-        totals[:, 3] = per_row[:, :, 0].amax(dim=1)
-        placements = Placement.many(totals, row_bytes=D * first.keys.element_size())
+        ]  # fmt: skip
+        placed: list[list[Placement]] = []
+
+        def account(counts: torch.Tensor) -> None:  # (before a staged placement's sync: kernels.place_retrieved)
+            totals = torch.empty(len(sets), 4, dtype=torch.int64, device=device)
+            per_row = counts.view(len(sets), L * H, 2)
+            torch.sum(per_row, dim=1, out=totals[:, :2])
+            totals[:, 2] = torch.stack(units)
+            totals[:, 3] = per_row[:, :, 0].amax(dim=1)
+            placed.append(Placement.many(totals, row_bytes=D * first.keys.element_size()))
+
+        kernels.place_retrieved_many(parts, selection, S, pool, stores[0].tokens_per_page, H, on_counts=account)
+        placements = placed[0]
         for ws, placement in zip(sets, placements, strict=True):
             ws.last_placement = placement
         return placements

@@ -597,3 +597,47 @@ def test_segment_layout_places_the_staging_area_after_the_working_set() -> None:
         assert offset % 256 == 0 and offset > cursor
         cursor = offset + size
     assert staged.nbytes >= cursor and staged.keys_offset == plain.keys_offset
+
+
+@pytest.mark.parametrize(("impl", "reads"), [("reference", "kernel"), ("triton", "kernel"), ("triton", "copy")])
+def test_on_counts_sees_the_counts_once_before_the_staged_gather(triton_device, monkeypatch, impl, reads):
+    """place_retrieved / place_retrieved_many hand their counts to on_counts exactly once, the
+    counts they return; a staged placement (reads "copy") before its host gather (after the
+    plan's sync), so the totals the daemon computes from them join the placement's launches."""
+    from kvrecall.kernels import placement_staged, placement_triton
+
+    monkeypatch.setattr(placement_triton, "staged", lambda host, keys, selection: reads == "copy")
+    device = torch.device("cpu") if impl == "reference" else triton_device
+    events: list[str] = []
+    gather = torch.index_select
+
+    def watched(*args, **kwargs):
+        events.append("gather")
+        return gather(*args, **kwargs)
+
+    monkeypatch.setattr(placement_staged.torch, "index_select", watched)
+    pages = Pages(2, 2, 16, per_page=5, pages=30, dtype=torch.float32, device=device, seed=8)
+    capacity = 2 + 9 + 6
+    parts, selections = [], []
+    for seed in range(2):
+        slot_pos, selection = random_case(pages, capacity, 2, 9, seed=60 + seed)
+        keys, values = (torch.randn(4, capacity, 16) for _ in range(2))
+        resident = torch.zeros((), dtype=torch.int64, device=device)
+        parts.append((slot_pos.to(device), keys.to(device), values.to(device), pages.page_base.to(device), resident))
+        selections.append(selection.to(device))
+    seen: list[torch.Tensor] = []
+
+    def on_counts(counts):
+        events.append("counts")
+        seen.append(counts.clone())
+
+    alone = K.place_retrieved(*parts[0][:3], selections[0], 2, pages.host, parts[0][3], pages.per_page, pages.heads,
+                              resident_max=parts[0][4], impl=impl, on_counts=on_counts)  # fmt: skip
+    assert len(seen) == 1 and torch.equal(seen[0], alone)
+    together = K.place_retrieved_many(parts, torch.cat(selections), 2, pages.host, pages.per_page, pages.heads,
+                                      impl=impl, on_counts=on_counts)  # fmt: skip
+    assert len(seen) == 2 and torch.equal(seen[1], together)
+    if reads == "copy":  # each call: its counts, then its gather
+        second = events.index("counts", 1)
+        assert events[0] == "counts" and events[1] == "gather" and events[second + 1] == "gather", events
+    assert int(alone[:, 1].sum()) > 0, "nothing gathered: the test tells nothing"
