@@ -24,6 +24,11 @@ class Metrics:
         )
         self.boundaries = Counter("kvrecall_boundaries", "Boundary retrievals served, by policy name", ["policy"], registry=r)
         self.appends = Counter("kvrecall_appends", "Append notices served", registry=r)
+        self.worker_copied_rows = Counter(
+            "kvrecall_worker_copied_rows",
+            "Retrieved K / V rows left in sessions' staging areas for their workers to copy (worker_copy_share; "
+            "the daemon copied the rest)", registry=r,
+        )  # fmt: skip
         self.bytes_moved = Counter(
             "kvrecall_bytes_moved",
             "Bytes moved between tiers; direction: worker_to_host | host_to_device | host_to_attention "

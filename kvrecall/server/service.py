@@ -701,6 +701,8 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 r.units_selected, r.tokens_placed = placement.units, placement.placed
                 r.tokens_gathered, r.bytes_moved, r.seconds = placement.gathered, placement.bytes_moved, seconds
                 r.staged_rows = outcome.staged_rows
+                if outcome.staged_rows:
+                    self.metrics.worker_copied_rows.inc(outcome.staged_rows)
                 moved += placement.bytes_moved
                 self.metrics.boundaries.labels(session.policy.name).inc()
         self.metrics.bytes_moved.labels("host_to_device").inc(moved)
