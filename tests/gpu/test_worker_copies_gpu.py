@@ -15,20 +15,10 @@ from kvrecall.engine import DecoderWeights, Engine
 from kvrecall.local import LocalDaemon
 from kvrecall.v1 import kvrecall_pb2 as pb
 from tests.gpu import NO_WARMUP
+from tests.gpu.test_engine_gpu import tiny_llama  # noqa: F401 (the fixture: 3 layers, 1,024 positions)
 
 pytestmark = pytest.mark.gpu
-transformers = pytest.importorskip("transformers")
 STEPS = 48
-
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval().cuda()
 
 
 def decode(share: float, model) -> tuple[list[list[int]], torch.Tensor, list[float], bool]:
@@ -39,7 +29,7 @@ def decode(share: float, model) -> tuple[list[list[int]], torch.Tensor, list[flo
             # Every slot crosses every 7th step (a lag of 2 reads the shadow meanwhile).
             engine = Engine(weights, batch=3, max_capacity=2048, lag=2, keep_logits=True,
                             force_boundary=lambda step, slot: step % 7 == slot)  # fmt: skip
-            spec = spec_for(model, max_tokens=1536)
+            spec = spec_for(model, max_tokens=1024)
             g = torch.Generator().manual_seed(5)
             sessions, slots, logits = [], [], []
             for length in (700, 513, 901):
@@ -60,7 +50,7 @@ def decode(share: float, model) -> tuple[list[list[int]], torch.Tensor, list[flo
     return [seq.tokens for seq in seqs], torch.stack(logits, dim=1), staged, staged_area
 
 
-def test_worker_copies_decode_as_the_daemons_copies(tiny_llama):
+def test_worker_copies_decode_as_the_daemons_copies(tiny_llama):  # noqa: F811
     tokens, logits, staged, area = decode(0.0, tiny_llama)
     assert not area and not any(staged), "share 0: no staging area, nothing staged"
     copied_tokens, copied_logits, copied_staged, copied_area = decode(1.0, tiny_llama)
