@@ -88,3 +88,24 @@ def test_a_boundaries_call_places_in_the_background_only_when_asked(host_reads, 
     finally:
         registry.close(session)
         host.close()
+
+
+def test_forced_copy_reads_override_the_setting_inside_their_block_only(host_reads):
+    """Worker copies of a session that stages every row force the copy engine's reads (the daemon
+    promised it writes no row in place) whatever host_reads says and however much can move; the
+    force ends with its block and never makes a foreground placement a background one."""
+    host_reads("kernel")
+    with kernels.background_reads():
+        assert not placement.copy_reads()
+        with kernels.background_reads(force_copy=True):
+            assert placement.copy_reads(most_bytes=placement.AUTO_COPY_MAX_BYTES * 4)
+        assert not placement.copy_reads(), "the force outlived its block"
+    assert not placement.copy_reads()
+
+
+def test_no_placement_is_always_staged_without_a_gpu_kernel():
+    """always_staged (WorkingSetInfo.stages_every_row) holds only where the Triton kernel runs on
+    the working set's GPU: on CPU tensors the reference places (rows in place), so never."""
+    keys = torch.zeros(4, 8, 16)
+    assert not kernels.always_staged(keys, torch.zeros(16 * 100), 4)
+    assert not kernels.always_staged(keys, torch.zeros(16 * 100), 0)

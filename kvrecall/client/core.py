@@ -347,6 +347,12 @@ class SessionCore:
             self.note_noticed(response.append.spilled_upto)
         self.apply_delta(response.delta)
 
+    @property
+    def stages_every_row(self) -> bool:
+        """The daemon stages every new row of this session's worker-copies retrievals
+        (WorkingSetInfo.stages_every_row): such a retrieval writes no key or value row in place."""
+        return self.staging is not None and self.info.working_set.stages_every_row
+
     def apply_staged(self, rows: int) -> None:
         """Copy a retrieval's `rows` staged rows (RetrievalResult.staged_rows) into their slots, on
         the current stream (StepEvent.worker_copies): before the retrieved region is read again

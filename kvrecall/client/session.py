@@ -56,10 +56,14 @@ class PendingBoundaries:
     thread's current stream) once and returns it, or raises the call's typed error. `sent` / `answered`: host clock (perf_counter) when it was sent
     and when its answer arrived (None before)."""
 
-    def __init__(self, client: KVRecallClient, calls: list[StepCall], future: grpc.Future, started: float) -> None:
+    def __init__(
+        self, client: KVRecallClient, calls: list[StepCall], future: grpc.Future, started: float,
+        apply_staged: bool = True,
+    ) -> None:  # fmt: skip
         self.sent = time.perf_counter()
         self.answered: float | None = None
         self._client, self._calls, self._future, self._started = client, calls, future, started
+        self._apply_staged = apply_staged
         self._response: pb.BoundariesResponse | None = None
         future.add_done_callback(self._stamp)
 
@@ -82,10 +86,17 @@ class PendingBoundaries:
                     call.session.core.note_noticed(result.append.spilled_upto)
                     call.session.stats_appends += 1
                 call.session.stats_boundaries += call.retrieve
-                if call.retrieve and result.retrieval.staged_rows:  # (worker_copies: ours to copy)
+                if call.retrieve and result.retrieval.staged_rows and self._apply_staged:  # (worker_copies)
                     call.session.core.apply_staged(result.retrieval.staged_rows)
             self._response = response
         return self._response
+
+    def staged_rows(self, session: WorkerSession) -> int:
+        """Rows the answer staged for `session` (0: none, or it is not in this call), waiting for
+        the answer; for a caller that copies them itself (boundaries_future's apply_staged=False)."""
+        response = self.result()
+        return sum(result.retrieval.staged_rows for call, result in zip(self._calls, response.results, strict=True)
+                   if call.session is session and call.retrieve)  # fmt: skip
 
 
 class KVRecallClient(ClientBase):
@@ -134,7 +145,7 @@ class KVRecallClient(ClientBase):
 
     def boundaries_future(
         self, calls: list[StepCall], timeout: float | None = None, background: bool = False,
-        worker_copies: bool = False,
+        worker_copies: bool = False, apply_staged: bool = True,
     ) -> PendingBoundaries:  # fmt: skip
         """`boundaries` without waiting: the call is sent (writes published) and its answer is
         applied when the caller takes it (PendingBoundaries.result). No thread of this
@@ -143,7 +154,8 @@ class KVRecallClient(ClientBase):
         caller decodes on without the answer for a while (BoundariesRequest.background);
         `worker_copies` (with background): sessions with a staging area take their retrievals'
         new rows from it, copied by result() (StepEvent.worker_copies): take the answer before
-        the retrieved region is read again."""
+        the retrieved region is read again; `apply_staged` False: the caller copies each session's
+        (PendingBoundaries.staged_rows, WorkerSession.core.apply_staged) when it is ready to."""
         request = pb.BoundariesRequest(background=background)
         for call in calls:
             core = call.session.core
@@ -156,7 +168,7 @@ class KVRecallClient(ClientBase):
         self._hold_poller()
         started = time.monotonic()
         future = self.stub.Boundaries.future(request, timeout=timeout or self.timeout, metadata=self._metadata)
-        return PendingBoundaries(self, calls, future, started)
+        return PendingBoundaries(self, calls, future, started, apply_staged)
 
     def _hold_poller(self) -> None:
         """Keep one call in flight for the client's life (a health Watch stream nobody reads), so

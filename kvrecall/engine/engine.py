@@ -143,6 +143,7 @@ class Sequence:
     pending: _Pending | None = None  # the boundary's daemon calls while the slot reads its shadow
     pending_from: int = 0  # first position written into the shadow
     shadow: tuple[torch.Tensor, ...] | None = None
+    light: bool = False  # the shadow's keys and values are the real ones (Engine._to_shadow)
     notice: _Pending | None = None  # deferred eviction: its last AppendNotice, answer not taken yet
     sent_upto: int = 0  # tokens announced in notices sent (noticed_upto once their answers are taken)
     stay: int = 0  # switch="adaptive": the steps this crossing reads its shadow (chosen as it crossed)
@@ -621,9 +622,11 @@ class Engine:
     def _send(self, calls: list[StepCall], background: bool = True) -> _Pending:
         """The Boundaries calls for `calls` sent, not waited for (no thread of ours waits). A
         background call's retrievals may leave their rows staged for us (a daemon with
-        worker_copy_share): the answer's result() copies them, at the switch back at the latest."""
+        worker_copy_share): each slot copies its own at its switch back (_switch_back), not when
+        another slot of the call takes the answer (a slot still on a light shadow reads its keys
+        and values in place)."""
         return _Pending([group[0].session.client.boundaries_future(group, background=background,
-                                                                   worker_copies=background)
+                                                                   worker_copies=background, apply_staged=False)
                          for group in self._by_client(calls)])  # fmt: skip
 
     def _slot_of(self, session) -> int:
@@ -651,18 +654,28 @@ class Engine:
     def _to_shadow(self, seq: Sequence) -> None:
         """Copy the slot's working set to a shadow and point the batch at it. The copy is queued
         before the boundary's call publishes the worker's writes, so the daemon (which waits on
-        that) writes the real working set only after the copy has read it."""
+        that) writes the real working set only after the copy has read it. A session whose
+        retrievals stage every row for us (worker copies: the daemon writes only slot positions)
+        gets a light shadow: its slot positions and query copied, its keys and values read and
+        written in place (the daemon's notice writes only retrieved slots free in the copy, which
+        the batch masks)."""
         started = time.perf_counter()
         core = seq.session.core
         real = (core.keys, core.values, core.slot_pos, core.query)
-        shadow = next((sh for sh in self._shadows if all(a.shape == r.shape for a, r in zip(sh, real, strict=True))), None)
+        light = core.stages_every_row
+        copied = real[2:] if light else real
+        shadow = next((sh for sh in self._shadows
+                       if len(sh) == len(copied) and all(a.shape == r.shape for a, r in zip(sh, copied, strict=True))),
+                      None)  # fmt: skip
         if shadow is None:
             with torch.inference_mode(False):  # ordinary tensors: written outside step() too
-                shadow = tuple(torch.empty_like(t) for t in real)
+                shadow = tuple(torch.empty_like(t) for t in copied)
         else:
             self._shadows = [sh for sh in self._shadows if sh is not shadow]  # tensors have no ==
-        torch._foreach_copy_(list(shadow), list(real))  # one call (a launch per dtype)
-        seq.shadow, seq.pending_from = shadow, core.position
+        torch._foreach_copy_(list(shadow), list(copied))  # one call (a launch per dtype)
+        if light:
+            shadow = (*real[:2], *shadow)
+        seq.shadow, seq.pending_from, seq.light = shadow, core.position, light
         self.backend.tables.set(seq.slot, *shadow, core.n_sink + core.retrieved, core.window, evicted_mask(core))
         self._shadow_s += time.perf_counter() - started
 
@@ -685,6 +698,7 @@ class Engine:
         answered = time.perf_counter()
         waited = answered - started if late else 0.0
         core = seq.session.core
+        core.apply_staged(sum(call.staged_rows(seq.session) for call in seq.pending.calls))  # (worker copies)
         # The ring slots written meanwhile: one span of slots, or two where the ring wraps
         # (slices, so no index tensors and no wait for the stream; one foreach call).
         targets, sources = [], []
@@ -692,8 +706,9 @@ class Engine:
         end = core.position + self._ahead
         for lo, hi in ring_spans(core.n_sink + core.retrieved, core.window, seq.pending_from, end):
             for real, copy in zip((core.keys, core.values, core.slot_pos), seq.shadow, strict=False):
-                targets.append(real[:, :, lo:hi])
-                sources.append(copy[:, :, lo:hi])
+                if copy is not real:  # (a light shadow's keys and values are the real ones)
+                    targets.append(real[:, :, lo:hi])
+                    sources.append(copy[:, :, lo:hi])
         # The latest step's query too: a slot that crosses again in this step retrieves for the query
         # in its working set, which the steps reading the shadow wrote into the shadow's.
         targets.append(core.query)
@@ -701,7 +716,7 @@ class Engine:
         torch._foreach_copy_(targets, sources)
         self.backend.tables.set(seq.slot, core.keys, core.values, core.slot_pos, core.query,
                                 core.n_sink + core.retrieved, core.window, evicted_mask(core))  # fmt: skip
-        self._shadows = [seq.shadow, *self._shadows][: self.batch]
+        self._shadows = [seq.shadow[2:] if seq.light else seq.shadow, *self._shadows][: self.batch]
         self.times.shadow_steps.append(core.position - seq.pending_from)
         seq.pending, seq.shadow = None, None
         self._shadow_s += time.perf_counter() - answered

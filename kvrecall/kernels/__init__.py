@@ -37,6 +37,7 @@ from kvrecall.kernels.expand import expand_grouped, expand_pinned, expand_select
 from kvrecall.kernels.host_attention import attend_blocks, causal_attention_lse, merge_attention
 from kvrecall.kernels.notice import spill_evict_many
 from kvrecall.kernels.placement import (
+    always_staged,
     background_reads,
     place_retrieved,
     place_retrieved_many,
@@ -53,6 +54,7 @@ from kvrecall.kernels.windows import WINDOW_MODES, window_scores
 __all__ = [
     "AGGREGATIONS",
     "WINDOW_MODES",
+    "always_staged",
     "append_units",
     "background_reads",
     "attend_blocks",

@@ -54,14 +54,16 @@ def set_host_reads(mode: str) -> None:
 
 
 @contextlib.contextmanager
-def background_reads():
-    """Placements of this thread inside the block are background ones (see HOST_READS)."""
-    before = getattr(_scope, "background", False)
-    _scope.background = True
+def background_reads(force_copy: bool = False):
+    """Placements of this thread inside the block are background ones (see HOST_READS);
+    `force_copy`: they read by the copy engine whatever HOST_READS says (worker copies of a
+    session that stages every row: placement_staged.py)."""
+    before = getattr(_scope, "background", False), getattr(_scope, "force_copy", False)
+    _scope.background, _scope.force_copy = True, force_copy
     try:
         yield
     finally:
-        _scope.background = before
+        _scope.background, _scope.force_copy = before
 
 
 def copy_reads(most_bytes: int = 0) -> bool:
@@ -69,7 +71,21 @@ def copy_reads(most_bytes: int = 0) -> bool:
     it by the copy engine now."""
     if not getattr(_scope, "background", False):
         return False
+    if getattr(_scope, "force_copy", False):
+        return True
     return HOST_READS == "copy" or (HOST_READS == "auto" and most_bytes <= AUTO_COPY_MAX_BYTES)
+
+
+def always_staged(keys: torch.Tensor, host: torch.Tensor, retrieved: int) -> bool:
+    """Whether every placement into a working set like `keys` ([..., D], on its device) from the
+    pool `host` with `retrieved` slots a row takes the staged path (placement_staged.copy_staged)
+    when its thread forces copy reads: the Triton kernel runs there (not the reference, which
+    writes rows in place) and its rows can go by the copy engine."""
+    if retrieved <= 0 or not use_triton("auto", keys.device):
+        return False
+    from kvrecall.kernels.placement_triton import MAX_RETRIEVED, staging_possible
+
+    return retrieved <= MAX_RETRIEVED and staging_possible(keys, host)
 
 
 def _check_host_pages(

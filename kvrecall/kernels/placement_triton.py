@@ -302,6 +302,15 @@ def _launch_place(
     return placement.reported(counts, on_counts)
 
 
+def staging_possible(keys: torch.Tensor, host: torch.Tensor) -> bool:
+    """Whether the kernel runs on keys and the pool `host` (no reference fallback) and a staged
+    placement can read the pool (placement.always_staged)."""
+    return (
+        _reachable(host, keys.device) and keys.element_size() in _BITS_OF_SIZE and host.device.type == "cpu"
+        and keys.is_cuda and host.numel() % keys.shape[-1] == 0
+    )  # fmt: skip
+
+
 def staged(host: torch.Tensor, keys: torch.Tensor, selection: torch.Tensor) -> bool:
     """Whether a placement's rows travel by the copy engine (placement_staged.py): a background
     placement under host_reads=copy, or auto and small enough (placement.copy_reads; at most

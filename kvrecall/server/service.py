@@ -376,6 +376,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 (info.staged_values, layout.dtype, (S, D), offsets.staged_values_offset),
                 (info.staged_targets, torch.int64, (S,), offsets.staged_targets_offset),
             )
+            info.stages_every_row = session.ws.stages_every_row
         segment = session.segment
         for ref, dtype, shape, offset in entries:
             ref.dtype = WIRE_OF_TORCH[dtype]

@@ -511,6 +511,7 @@ class SessionRegistry:
             store.release()
             raise
         ws = WorkingSet(segment, layout, plan)
+        ws.note_staging(store)
         lease = min(lease or self.default_lease, self.max_lease)
         session = Session(
             session_id, worker_id, tag, transport, layout, policy, store, segment, ws, lease,

@@ -146,9 +146,11 @@ def _serve(
                 for i in members
                 if background and events[i].worker_copies and sessions[i].ws.staging is not None
             }  # fmt: skip
+            # A session that stages every row was promised no in-place row (WorkingSetInfo.stages_every_row).
+            force = any(sessions[i].ws.stages_every_row for i in members if sessions[i].ws.keys.data_ptr() in stagings)
             with contextlib.ExitStack() as scope:
                 if background:
-                    scope.enter_context(kernels.background_reads())
+                    scope.enter_context(kernels.background_reads(force_copy=force))
                 if stagings:
                     scope.enter_context(placement_staged.worker_copies(stagings))
                 placements = _place([sessions[i] for i in members], selections)

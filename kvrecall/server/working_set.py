@@ -116,9 +116,20 @@ class WorkingSet:
                 view(o.staged_keys_offset, layout.dtype, (S, D)), view(o.staged_values_offset, layout.dtype, (S, D)),
                 view(o.staged_targets_offset, torch.int64, (S,)),
             )  # fmt: skip
+        # Whether a worker-copies retrieval stages every new row (set by the session, which knows
+        # the pool: note_staging): then it writes no key or value row in place.
+        self.stages_every_row = False
         self.slot_pos.fill_(-1)
         self._max_resident = torch.zeros((), dtype=torch.int64, device=self.slot_pos.device)
         self.last_placement: Placement | None = None
+
+    def note_staging(self, store: SequenceStore) -> None:
+        """Whether this set's staging area (if any) takes every new row of a retrieval: it holds
+        a whole retrieved region and every placement from `store`'s pool can be staged."""
+        self.stages_every_row = (
+            self.staging is not None and self.staging.capacity >= self.rows * self.plan.retrieved
+            and kernels.always_staged(self.keys, store.flat, self.plan.retrieved)
+        )  # fmt: skip
 
     @property
     def rows(self) -> int:

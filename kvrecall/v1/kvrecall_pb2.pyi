@@ -234,7 +234,7 @@ class TensorRef(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcRef, _Mapping]] = ..., inline_data: _Optional[bytes] = ...) -> None: ...
 
 class WorkingSetInfo(_message.Message):
-    __slots__ = ("capacity", "n_sink", "retrieved", "window", "keys", "values", "slot_pos", "query", "min_window", "staged_keys", "staged_values", "staged_targets")
+    __slots__ = ("capacity", "n_sink", "retrieved", "window", "keys", "values", "slot_pos", "query", "min_window", "staged_keys", "staged_values", "staged_targets", "stages_every_row")
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     N_SINK_FIELD_NUMBER: _ClassVar[int]
     RETRIEVED_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +247,7 @@ class WorkingSetInfo(_message.Message):
     STAGED_KEYS_FIELD_NUMBER: _ClassVar[int]
     STAGED_VALUES_FIELD_NUMBER: _ClassVar[int]
     STAGED_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_EVERY_ROW_FIELD_NUMBER: _ClassVar[int]
     capacity: int
     n_sink: int
     retrieved: int
@@ -259,7 +260,8 @@ class WorkingSetInfo(_message.Message):
     staged_keys: TensorRef
     staged_values: TensorRef
     staged_targets: TensorRef
-    def __init__(self, capacity: _Optional[int] = ..., n_sink: _Optional[int] = ..., retrieved: _Optional[int] = ..., window: _Optional[int] = ..., keys: _Optional[_Union[TensorRef, _Mapping]] = ..., values: _Optional[_Union[TensorRef, _Mapping]] = ..., slot_pos: _Optional[_Union[TensorRef, _Mapping]] = ..., query: _Optional[_Union[TensorRef, _Mapping]] = ..., min_window: _Optional[int] = ..., staged_keys: _Optional[_Union[TensorRef, _Mapping]] = ..., staged_values: _Optional[_Union[TensorRef, _Mapping]] = ..., staged_targets: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
+    stages_every_row: bool
+    def __init__(self, capacity: _Optional[int] = ..., n_sink: _Optional[int] = ..., retrieved: _Optional[int] = ..., window: _Optional[int] = ..., keys: _Optional[_Union[TensorRef, _Mapping]] = ..., values: _Optional[_Union[TensorRef, _Mapping]] = ..., slot_pos: _Optional[_Union[TensorRef, _Mapping]] = ..., query: _Optional[_Union[TensorRef, _Mapping]] = ..., min_window: _Optional[int] = ..., staged_keys: _Optional[_Union[TensorRef, _Mapping]] = ..., staged_values: _Optional[_Union[TensorRef, _Mapping]] = ..., staged_targets: _Optional[_Union[TensorRef, _Mapping]] = ..., stages_every_row: bool = ...) -> None: ...
 
 class WorkingSetDelta(_message.Message):
     __slots__ = ("slots", "positions", "keys", "values")
