@@ -658,11 +658,13 @@ class Engine:
         retrievals stage every row for us (worker copies: the daemon writes only slot positions)
         gets a light shadow: its slot positions and query copied, its keys and values read and
         written in place (the daemon's notice writes only retrieved slots free in the copy, which
-        the batch masks)."""
+        the batch masks), where the ring keeps enough tokens for the stay."""
         started = time.perf_counter()
         core = seq.session.core
         real = (core.keys, core.values, core.slot_pos, core.query)
-        light = core.stages_every_row
+        # (The steps on a light shadow write the real ring: they must not reach the ring slots of
+        # tokens an unanswered notice still spills, which lie within 2 * spill_every of position.)
+        light = core.stages_every_row and seq.stay + self._ahead + 1 < core.min_window
         copied = real[2:] if light else real
         shadow = next((sh for sh in self._shadows
                        if len(sh) == len(copied) and all(a.shape == r.shape for a, r in zip(sh, copied, strict=True))),
