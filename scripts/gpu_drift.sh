@@ -47,7 +47,8 @@
 # KVRECALL_WORKER_COPY_SHARE=1,KVRECALL_GATE_LAUNCHES=1 KVRECALL_DRY_RETRIEVALS=1 KVRECALL_WORKER_COPY_SHARE=0.25"
 # (share 1: one burst and the light shadow; with the launch gate the one burst is one gated launch; dry: the
 # floor on the same machine; 0.25: the burst without the light shadow) and no 64-sequence runs (both
-# overridable; e.g. MANY="0 1"). ROUNDS=1 fits BUDGET_S=540 with the cold start.
+# overridable; e.g. MANY="0 1"). BUDGET_S counts the tests too; ROUNDS=1 needs ~540 s with them (SKIP_TESTS=1 on a
+# second call).
 #   usage: [PART=1..13] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
@@ -98,7 +99,8 @@ if [ "${PART:-1}" = 13 ]; then  # worker copies: their tests, then the A/B again
     gpu_test worker-copies 240 tests/gpu/test_worker_copies_gpu.py -q
     gpu_test placement 240 tests/kernels/test_placement.py -q
   fi
-  PART=11 MANY=${MANY:- } ARMS=${ARMS:---switch=fixed KVRECALL_WORKER_COPY_SHARE=1 KVRECALL_WORKER_COPY_SHARE=1,KVRECALL_GATE_LAUNCHES=1 KVRECALL_DRY_RETRIEVALS=1 KVRECALL_WORKER_COPY_SHARE=0.25} \
+  [ -n "${BUDGET_S:-}" ] && BUDGET_S=$((BUDGET_S - SECONDS))  # (the A/B's clock starts again at the exec)
+  BUDGET_S=${BUDGET_S:-} PART=11 MANY=${MANY:- } ARMS=${ARMS:---switch=fixed KVRECALL_WORKER_COPY_SHARE=1 KVRECALL_WORKER_COPY_SHARE=1,KVRECALL_GATE_LAUNCHES=1 KVRECALL_DRY_RETRIEVALS=1 KVRECALL_WORKER_COPY_SHARE=0.25} \
     exec bash "$0"
 fi
 if [ "${PART:-1}" = 12 ]; then  # the next lever's evidence: host selection on this host, then the dry A/B
