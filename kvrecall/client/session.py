@@ -53,8 +53,9 @@ class StepCall:
 class PendingBoundaries:
     """A Boundaries call in flight (KVRecallClient.boundaries_future). done() polls; result()
     waits, applies the answer (notices' `noticed_upto`, stats, staged rows: on the calling
-    thread's current stream) once and returns it, or raises the call's typed error. `sent` / `answered`: host clock (perf_counter) when it was sent
-    and when its answer arrived (None before)."""
+    thread's current stream) once and returns it, or raises the call's typed error. `sent` /
+    `answered`: host clock (perf_counter) when it was sent and when its answer arrived (None
+    before)."""
 
     def __init__(
         self, client: KVRecallClient, calls: list[StepCall], future: grpc.Future, started: float,
