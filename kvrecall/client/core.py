@@ -122,11 +122,15 @@ class SessionCore:
             mapped = [open_ref(r, name) for r, name in zip(refs, names, strict=True)]
             tensors = [m.tensor for m in mapped]
         staging = None
-        if transport == pb.TRANSPORT_CUDA_IPC and ws.HasField("staged_targets"):
-            staged = [open_ref(r, name) for r, name in ((ws.staged_keys, "staged_keys"),
-                      (ws.staged_values, "staged_values"), (ws.staged_targets, "staged_targets"))]  # fmt: skip
-            mapped += staged
-            staging = Staging(*(m.tensor for m in staged))
+        if ws.HasField("staged_targets") and transport in (pb.TRANSPORT_CUDA_IPC, pb.TRANSPORT_SHM):
+            staged_refs = [ws.staged_keys, ws.staged_values, ws.staged_targets]
+            staged_names = ["staged_keys", "staged_values", "staged_targets"]
+            if transport == pb.TRANSPORT_SHM:  # (the segment mapped above)
+                staging = Staging(*map_segment(segment, staged_refs, staged_names))
+            else:
+                staged = [open_ref(r, name) for r, name in zip(staged_refs, staged_names, strict=True)]
+                mapped += staged
+                staging = Staging(*(m.tensor for m in staged))
         core = SessionCore(
             response.session_id, spec, transport, response, *tensors, _mapped=mapped, staging=staging,
             prefix_tokens=prefix_tokens,

@@ -73,6 +73,42 @@ def worker_copies(stagings: dict[int, Staging]):
         _scope.stagings = before
 
 
+def staging_for(keys: torch.Tensor) -> Staging | None:
+    """The staging area this thread's worker_copies block gives the session whose keys these are."""
+    stagings = getattr(_scope, "stagings", None) or {}
+    return stagings.get(keys.data_ptr())
+
+
+def place_staged_reference(
+    slot_pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, selection: torch.Tensor, first_slot: int,
+    host: torch.Tensor, page_base: torch.Tensor, tokens_per_page: int, num_kv_heads: int,
+    resident_max: torch.Tensor | None, staging: Staging,
+) -> torch.Tensor:  # fmt: skip
+    """Worker copies by the PyTorch reference (a CPU daemon's): kernels.place_retrieved's
+    placement (arguments and counts the same) with the new tokens' rows left in `staging` and
+    their targets (flat rows of keys [B, C, D]) where they fit (staging.rows; keys and values
+    untouched), else written in place (staging.rows 0). Slot positions are placed in place."""
+    from kvrecall.kernels import reference
+
+    before = slot_pos.clone()
+    new_keys, new_values = keys.clone(), values.clone()
+    counts = reference.place_retrieved(slot_pos, new_keys, new_values, selection, first_slot, host, page_base,
+                                       tokens_per_page, num_kv_heads, resident_max)  # fmt: skip
+    D = keys.shape[-1]
+    where = ((slot_pos != before) & (slot_pos >= 0)).view(-1).nonzero().squeeze(1)  # slots given a new token
+    n = where.numel()
+    if n > staging.capacity:
+        keys.copy_(new_keys)
+        values.copy_(new_values)
+        staging.rows = 0
+        return counts
+    staging.keys[:n] = new_keys.view(-1, D)[where]
+    staging.values[:n] = new_values.view(-1, D)[where]
+    staging.targets[:n] = where
+    staging.rows = n
+    return counts
+
+
 def apply_staged(keys: torch.Tensor, values: torch.Tensor, staging: Staging, rows: int) -> None:
     """The worker's half: the first `rows` staged K / V rows into their slots of keys / values
     (any shape ending in D, contiguous: rows are flat), on the current stream. PyTorch reference

@@ -494,7 +494,7 @@ class SessionRegistry:
         self, worker_id, layout, policy, transport, lease, tag, tp_rank, tp_size, prefix, declared, deferred
     ) -> Session:  # fmt: skip
         plan = policy.plan().with_slack() if deferred else policy.plan()
-        if transport == pb.TRANSPORT_CUDA_IPC and self.device_pool.device.type == "cuda" and plan.retrieved:
+        if transport in (pb.TRANSPORT_CUDA_IPC, pb.TRANSPORT_SHM) and plan.retrieved:  # (mapped by the worker)
             plan = plan.with_staging(self.worker_copy_share)  # (a share of 0: none)
         ws_bytes = SegmentLayout.of(layout, plan).nbytes
         metadata_bytes = policy.metadata_bytes() if prefix is None else prefix.policy.derived_metadata_bytes()

@@ -1,7 +1,9 @@
-"""StepEvent.worker_copies where no staging area exists, through a real daemon: a CPU daemon
-with worker_copy_share set gives its shared-memory sessions none (staging is for CUDA IPC
-sessions, tests/gpu/test_worker_copies_gpu.py), so an event asking for worker copies is served
-as one that does not: the same placement, nothing staged, the working set written by the daemon."""
+"""Worker copies through a real daemon (a CPU one: the PyTorch reference stages the rows, as the
+GPU's copy engine does in placement_staged.copy_staged): with worker_copy_share a shared-memory
+session maps a staging area; a background retrieval event asking for worker copies leaves the
+session's keys and values as they were, its rows and targets staged (RetrievalResult.staged_rows),
+and once the SDK copies them the working set equals a twin's that the daemon placed itself. A
+share too small for a retrieval's rows falls back to the daemon's copies; share 0 maps nothing."""
 
 from __future__ import annotations
 
@@ -11,24 +13,27 @@ import torch
 from kvrecall.client import KVRecallClient, StepCall
 from kvrecall.local import LocalDaemon
 from tests.conftest import random_kv
-from tests.integration.test_boundaries_batch import SPEC, open_ingested, write_step
+from tests.integration.test_boundaries_batch import SPEC, open_ingested, same_working_set, write_step
 
 CONFIG = {"budget": 48, "n_sink": 4, "window": 32, "cluster_size": 8, "max_segment": 16}
 PROMPT = 201
 
 
-@pytest.fixture(scope="module")
-def client():
-    with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.25, env={"KVRECALL_WORKER_COPY_SHARE": "0.5"}) as d:
+@pytest.fixture(scope="module", params=[1.0, 0.05, 0.0])
+def share_client(request):
+    env = {"KVRECALL_WORKER_COPY_SHARE": str(request.param)}
+    with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.25, env=env) as d:
         with KVRecallClient(d.target, "test-worker", timeout=60.0) as c:
-            yield c
+            yield request.param, c
 
 
-def test_an_event_asking_for_worker_copies_without_a_staging_area_is_placed_by_the_daemon(client):
+def test_staged_rows_wait_for_the_worker_and_then_equal_the_daemons_placement(share_client):
+    share, client = share_client
     asked, plain = (open_ingested(client, "louiskv", CONFIG, PROMPT, seed=3) for _ in range(2))
-    assert asked.core.staging is None and plain.core.staging is None
+    assert (asked.core.staging is not None) == (share > 0)
+    assert asked.core.stages_every_row == (share == 1.0)
     kv = random_kv(SPEC, PROMPT + 12, 3)
-    placed = 0
+    gathered = staged = 0
     for step in range(12):
         query = torch.randn(SPEC.num_layers, SPEC.num_query_heads, SPEC.head_dim,
                             generator=torch.Generator().manual_seed(step))  # fmt: skip
@@ -36,18 +41,26 @@ def test_an_event_asking_for_worker_copies_without_a_staging_area_is_placed_by_t
             write_step(session, kv, query)
         if step % 4 != 3:
             continue
-        answers = [
-            client.boundaries_future([StepCall(session, session.core.position, retrieve=True)], background=True,
-                                     worker_copies=worker_copies).result()
-            for session, worker_copies in ((asked, True), (plain, False))
-        ]  # fmt: skip
-        first, second = (answer.results[0].retrieval for answer in answers)
-        assert first.staged_rows == second.staged_rows == 0
+        before = (asked.keys.clone(), asked.values.clone())
+        pending = client.boundaries_future([StepCall(asked, asked.core.position, retrieve=True)], background=True,
+                                           worker_copies=True, apply_staged=False)  # fmt: skip
+        rows = pending.staged_rows(asked)
+        other = client.boundaries_future([StepCall(plain, plain.core.position, retrieve=True)], background=True)
+        first, second = pending.result().results[0].retrieval, other.result().results[0].retrieval
+        assert second.staged_rows == 0 and rows == first.staged_rows
         assert (first.tokens_placed, first.tokens_gathered) == (second.tokens_placed, second.tokens_gathered)
-        placed += first.tokens_gathered
-        for a, b in zip((asked.keys, asked.values, asked.slot_pos), (plain.keys, plain.values, plain.slot_pos),
-                        strict=True):  # fmt: skip
-            assert torch.equal(a, b)
-    assert placed > 0, "nothing was gathered: the test tells nothing"
+        if rows:
+            assert rows == first.tokens_gathered, "every new row staged (K and V count once)"
+            assert torch.equal(asked.keys, before[0]) and torch.equal(asked.values, before[1]), "rows in place"
+            assert not same_working_set(asked, plain)
+            asked.core.apply_staged(rows)
+        assert same_working_set(asked, plain)
+        gathered += first.tokens_gathered
+        staged += rows
+    assert gathered > 0, "nothing was gathered: the test tells nothing"
+    if share == 1.0:
+        assert staged == gathered, "a whole retrieved region's staging area takes every row"
+    elif share < 0.1:
+        assert staged < gathered, "a small staging area never fell back: the test tells nothing"
     asked.close()
     plain.close()
