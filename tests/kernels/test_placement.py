@@ -641,3 +641,32 @@ def test_on_counts_sees_the_counts_once_before_the_staged_gather(triton_device, 
         second = events.index("counts", 1)
         assert events[0] == "counts" and events[1] == "gather" and events[second + 1] == "gather", events
     assert int(alone[:, 1].sum()) > 0, "nothing gathered: the test tells nothing"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_staged_reference_applied_equals_the_reference_and_falls_back_when_short(seed) -> None:
+    """place_staged_reference (worker copies on a CPU daemon): slot positions as the reference
+    places them, keys and values untouched, the new rows staged; applied by apply_staged they
+    give the reference's working set. A staging area one row short writes them in place."""
+    from kvrecall.kernels import reference
+    from kvrecall.kernels.placement_staged import Staging, apply_staged, place_staged_reference
+
+    pages = Pages(2, 2, 16, per_page=5, pages=30, dtype=torch.float32, device=torch.device("cpu"), seed=30 + seed)
+    capacity = 2 + 9 + 6
+    slot_pos, selection = random_case(pages, capacity, 2, 9, seed=70 + seed)
+    keys, values = (torch.randn(4, capacity, 16) for _ in range(2))
+    want = [t.clone() for t in (slot_pos, keys, values)]
+    want_counts = reference.place_retrieved(*want, selection, 2, pages.host, pages.page_base, pages.per_page, 2)
+    new = int(want_counts[:, 1].sum())
+    assert new > 0, "nothing new: the test tells nothing"
+    for rows, fits in ((4 * 9, True), (new - 1, False)):
+        got = [t.clone() for t in (slot_pos, keys, values)]
+        staging = Staging(torch.zeros(rows, 16), torch.zeros(rows, 16), torch.zeros(rows, dtype=torch.int64))
+        counts = place_staged_reference(*got, selection, 2, pages.host, pages.page_base, pages.per_page, 2, None,
+                                        staging)  # fmt: skip
+        assert torch.equal(counts, want_counts) and torch.equal(got[0], want[0])
+        assert staging.rows == (new if fits else 0)
+        if fits:
+            assert torch.equal(got[1], keys) and torch.equal(got[2], values), "rows written in place"
+            apply_staged(got[1], got[2], staging, staging.rows)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
