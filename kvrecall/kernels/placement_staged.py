@@ -16,7 +16,8 @@ whose working-set segment has a staging area (`Staging`) and whose new rows fit 
 them there instead, with their target rows, and no index copy of the daemon's: the worker
 copies them into their slots (`apply_staged`) in its own CUDA context before it reads the
 retrieved region again, so the retrieval launches two kernels fewer in the daemon's context
-(which a worker on the same GPU pays for in time slices).
+(which a worker on the same GPU pays for in time slices). A CPU daemon stages by the PyTorch
+reference (`place_staged_reference`), so the protocol and the engine's use of it run in CI.
 """
 
 from __future__ import annotations

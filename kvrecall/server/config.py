@@ -105,7 +105,7 @@ class ServerConfig(BaseModel):
                                         # gathered and moved to the device but never index-copied into
                                         # the working sets (their slot positions are): what the daemon's
                                         # own index copies cost a worker beside it
-    worker_copy_share: Annotated[float, Field(ge=0, le=1)] = 0.0  # > 0: each CUDA IPC session's segment
+    worker_copy_share: Annotated[float, Field(ge=0, le=1)] = 0.0  # > 0: each CUDA IPC / shm session's segment
                                         # carries a staging area for this share of its retrieved region;
                                         # a background retrieval whose caller asks (StepEvent.worker_copies)
                                         # and whose new rows fit leaves them there and the worker copies
