@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvrecall.kernels import reference
+from kvrecall.kernels import placement_staged, reference
 from kvrecall.kernels._checks import (
     INDEX_DTYPES,
     check_int,
@@ -140,8 +140,9 @@ def place_retrieved(
     offsets page_base [pages] int64 (on keys' device). Positions past the pages count as none.
     Returns per row (selected, gathered) on slot_pos' device, with no host sync.
     resident_max (int64 scalar on that device), if given, is raised to the most filled slots
-    (all C) of any row afterwards. Kernel: R <= placement_triton.MAX_RETRIEVED, else the reference.
-    on_counts, if given, is called with the counts once they are queued and before any host sync
+    (all C) of any row afterwards. Kernel: R <= placement_triton.MAX_RETRIEVED, else the reference
+    (inside a placement_staged.worker_copies block that names these keys, the reference that
+    stages the new rows instead of writing them: place_staged_reference). on_counts, if given, is called with the counts once they are queued and before any host sync
     of the placement (a staged one syncs for its plan), so the launches it makes (totals of the
     counts, say) go with the placement's and not after its copies.
     """
@@ -154,6 +155,11 @@ def place_retrieved(
             slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads,
             resident_max, on_counts,
         )  # fmt: skip
+    if (staging := placement_staged.staging_for(keys)) is not None:  # worker copies: rows staged, none in place
+        return reported(placement_staged.place_staged_reference(
+            slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads,
+            resident_max, staging,
+        ), on_counts)  # fmt: skip
     return reported(reference.place_retrieved(
         slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads, resident_max
     ), on_counts)  # fmt: skip

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from kvrecall import launch_gate
+from kvrecall.kernels import reference
 from kvrecall.kernels._checks import check_int
 from kvrecall.kernels.staged_plan import staged_plan
 from kvrecall.phases import mark
@@ -89,8 +90,6 @@ def place_staged_reference(
     placement (arguments and counts the same) with the new tokens' rows left in `staging` and
     their targets (flat rows of keys [B, C, D]) where they fit (staging.rows; keys and values
     untouched), else written in place (staging.rows 0). Slot positions are placed in place."""
-    from kvrecall.kernels import reference
-
     before = slot_pos.clone()
     new_keys, new_values = keys.clone(), values.clone()
     counts = reference.place_retrieved(slot_pos, new_keys, new_values, selection, first_slot, host, page_base,
@@ -189,11 +188,10 @@ def copy_staged(
     # Where each gathered row goes: a session's rows to its staging area where the caller asked
     # (worker_copies) and they fit, the rest to `rows` (K rows [0, n), V rows [n, 2n)) for the
     # index copies below. Pieces (first source row, end, destination, its first row).
-    stagings = getattr(_scope, "stagings", None) or {}
     staged: list[Staging | None] = []
     start = 0
     for (keys, _, _), end in zip(sessions, ends_host, strict=True):
-        staging = stagings.get(keys.data_ptr())
+        staging = staging_for(keys)
         fits = staging is not None and end - start <= staging.capacity
         staged.append(staging if fits else None)
         if fits:
@@ -212,6 +210,12 @@ def copy_staged(
             rows.record_stream(copies)  # the caching allocator must not reuse it before the copies ran
         if any(staging is not None for staging in staged):
             targets.record_stream(copies)  # (read there: the staged sessions' targets)
+    with torch.cuda.stream(copies):  # the staged sessions' target rows (device to device: the copy engine's too)
+        start = 0
+        for staging, end in zip(staged, ends_host, strict=True):
+            if staging is not None and end > start:
+                staging.targets[: end - start].copy_(targets[start:end], non_blocking=pin)
+            start = end
     # The host gathers a chunk while the copy engine moves the one before (CPU threads, then DMA),
     # through two staging chunks taken from STAGING for the call.
     chunks = [STAGING.take(host.dtype, D, pin) for _ in range(min(2, -(-source_host.numel() // CHUNK_ROWS)))]
@@ -230,12 +234,6 @@ def copy_staged(
                     a, b = max(first, lo), min(last, hi)
                     if a < b:
                         into[at + a - first : at + b - first].copy_(chunk[a - lo : b - lo], non_blocking=pin)
-                if k == 0:  # the staged sessions' target rows (device to device: the copy engine's too)
-                    start = 0
-                    for staging, end in zip(staged, ends_host, strict=True):
-                        if staging is not None and end > start:
-                            staging.targets[: end - start].copy_(targets[start:end], non_blocking=pin)
-                        start = end
                 if pin:
                     moved[k % 2] = torch.cuda.Event()
                     moved[k % 2].record()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from kvrecall import kernels
-from kvrecall.kernels import placement_staged
 from kvrecall.kernels.placement_staged import Staging
 from kvrecall.kernels.ws_decode import ring_spans
 from kvrecall.server.host_store import SequenceStore
@@ -130,7 +129,7 @@ class WorkingSet:
         self.stages_every_row = (
             self.staging is not None and self.staging.capacity >= self.rows * self.plan.retrieved
             and (not self.keys.is_cuda or kernels.always_staged(self.keys, store.flat, self.plan.retrieved))
-        )  # fmt: skip  (on a CPU, set_retrieved stages by the reference whenever the rows fit)
+        )  # fmt: skip  (on a CPU the reference stages whenever the rows fit: kernels.place_retrieved)
 
     @property
     def rows(self) -> int:
@@ -208,7 +207,6 @@ class WorkingSet:
         if selection.shape != (L, H, R):
             raise ValueError(f"selection shape {tuple(selection.shape)} != {(L, H, R)}")
         device = self.slot_pos.device
-        staging = None if self.keys.is_cuda else placement_staged.staging_for(self.keys)
         units = to_device(units, device).reshape(1) if isinstance(units, torch.Tensor) else units
         placed: list[Placement] = []
 
@@ -222,15 +220,11 @@ class WorkingSet:
             totals[3] = counts[:, 0].amax()
             placed.append(Placement(totals, row_bytes=D * self.keys.element_size()))
 
-        args = (
+        kernels.place_retrieved(
             self.slot_pos.view(L * H, C), self.keys.view(L * H, C, D), self.values.view(L * H, C, D),
             to_device(selection, device).reshape(L * H, R), S, store.flat, store.page_table,
-            store.tokens_per_page, H,
+            store.tokens_per_page, H, resident_max=self._max_resident, on_counts=account,
         )  # fmt: skip
-        if staging is not None:  # worker copies on a CPU: the reference's rows staged, none in place
-            account(placement_staged.place_staged_reference(*args, self._max_resident, staging))
-        else:
-            kernels.place_retrieved(*args, resident_max=self._max_resident, on_counts=account)
         self.last_placement = placed[0]
         return self.last_placement
 
@@ -244,8 +238,6 @@ class WorkingSet:
         units: ints or device scalars, as set_retrieved's. None where they differ (the caller
         places them one by one)."""
         first, pool = sets[0], stores[0].flat
-        if not first.keys.is_cuda and any(placement_staged.staging_for(ws.keys) for ws in sets):
-            return None  # (worker copies on a CPU: set_retrieved stages each by the reference)
         if any(ws.layout != first.layout or ws.plan != first.plan for ws in sets) or any(
             store.flat.data_ptr() != pool.data_ptr() or store.tokens_per_page != stores[0].tokens_per_page
             for store in stores
