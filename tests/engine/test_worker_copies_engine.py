@@ -19,7 +19,10 @@ STEPS = 30
 SHARES = (0.0, 0.75, 1.0)
 
 
-def decode(client, model, overlap: bool) -> dict:
+def decode(client, model, overlap: bool, device: str = "cpu") -> dict:
+    """Three louiskv sessions decoded STEPS steps by one engine, crossing in turn every 6th step at
+    lag 2: their tokens, the logits of every step, the rows the worker copied, whether each
+    crossing read a light shadow and whether each session mapped a staging area."""
     weights = DecoderWeights.from_hf(model)
     engine = Engine(weights, batch=3, max_capacity=1024, lag=2, overlap=overlap, keep_logits=True,
                     force_boundary=lambda step, slot: step % 6 == 2 * slot)  # fmt: skip
@@ -36,38 +39,48 @@ def decode(client, model, overlap: bool) -> dict:
     sessions, slots, logits = [], [], []
     for length in (300, 211, 257):
         session = client.open_session(spec, "louiskv", {"budget": 32, "window": 32, "ingest_select": "units"},
-                                      deferred_eviction=True)  # fmt: skip
+                                      deferred_eviction=True, device=device)  # fmt: skip
+        assert session.keys.device.type == device
         sessions.append(session)
-        slots.append(engine.add(session, torch.randint(0, 128, (length,), generator=g)))
+        slots.append(engine.add(session, torch.randint(0, 128, (length,), generator=g).to(device)))
     for _ in range(STEPS):
         engine.step()
         logits.append(engine.logits.clone())
     seqs = [engine.remove(slot) for slot in slots]
     out = {"tokens": [seq.tokens for seq in seqs], "logits": torch.stack(logits, dim=1),
-           "staged": sum(engine.times.staged_rows), "lights": lights}  # fmt: skip
+           "staged": sum(engine.times.staged_rows), "lights": lights,
+           "areas": [session.core.staging is not None for session in sessions]}  # fmt: skip
     engine.close()
     for session in sessions:
         session.close()
     return out
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_llama):  # noqa: F811
-    """{(share, overlap): decode's result}, one CPU daemon per share."""
+def decode_shares(model, shares, device: str = "cpu", env: dict | None = None, **daemon_args) -> dict:
+    """{(share, overlap): decode's result}, one daemon per worker_copy_share on `device` (the first
+    GPU for "cuda"; LocalDaemon's other arguments: daemon_args; its environment: env and the share)."""
     results = {}
-    for share in SHARES:
-        with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.25, env={"KVRECALL_WORKER_COPY_SHARE": str(share)}) as d:
+    daemon_device = "cuda:0" if device == "cuda" else device
+    for share in shares:
+        env_share = {**(env or {}), "KVRECALL_WORKER_COPY_SHARE": str(share)}
+        with LocalDaemon(device=daemon_device, env=env_share, **daemon_args) as d:
             with KVRecallClient(d.target, "worker-copies") as client:
                 for overlap in (False, True):
-                    results[share, overlap] = decode(client, tiny_llama, overlap)
+                    results[share, overlap] = decode(client, model, overlap, device)
     return results
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama):  # noqa: F811
+    return decode_shares(tiny_llama, SHARES, host_pool_gb=0.5, device_pool_gb=0.25)
 
 
 @pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("share", SHARES[1:])
 def test_worker_copies_decode_as_the_daemons_copies(runs, share, overlap):
     plain, copied = runs[0.0, overlap], runs[share, overlap]
-    assert plain["lights"] and not any(plain["lights"]) and not plain["staged"]
+    assert plain["lights"] and not any(plain["lights"]) and not plain["staged"] and not any(plain["areas"])
+    assert all(copied["areas"]), "every session maps a staging area"
     assert all(copied["lights"]) == (share == 1.0) and any(copied["lights"]) == (share == 1.0)
     assert copied["staged"] > 0, "the worker copied no row: the test tells nothing"
     assert copied["tokens"] == plain["tokens"]
