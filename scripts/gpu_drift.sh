@@ -43,7 +43,7 @@
 # PART=12: the next lever's evidence (DEVELOPERS.md): scripts/host_selection_probe.py on this host's cores, then PART=11
 # with ARMS "--switch=fixed KVRECALL_DRY_INDEX_COPIES=1 KVRECALL_DRY_RETRIEVALS=1" and no 64-sequence runs (both overridable).
 # PART=13: worker copies (the daemon's worker_copy_share, placement_staged.py): their GPU test and the placement's
-# native kernel tests (SKIP_TESTS=1: none), then PART=11 with ARMS "--switch=fixed KVRECALL_WORKER_COPY_SHARE=1
+# native kernel tests named by PLACEMENT_TESTS (a pytest -k expression; default none; SKIP_TESTS=1: no tests), then PART=11 with ARMS "--switch=fixed KVRECALL_WORKER_COPY_SHARE=1
 # KVRECALL_WORKER_COPY_SHARE=1,KVRECALL_GATE_LAUNCHES=1 KVRECALL_DRY_RETRIEVALS=1 KVRECALL_WORKER_COPY_SHARE=0.25"
 # (share 1: one burst and the light shadow; with the launch gate the one burst is one gated launch; dry: the
 # floor on the same machine; 0.25: the burst without the light shadow) and no 64-sequence runs (both
@@ -96,8 +96,8 @@ PY
 }
 if [ "${PART:-1}" = 13 ]; then  # worker copies: their tests, then the A/B against the daemon's own copies
   if [ -z "${SKIP_TESTS:-}" ]; then
-    gpu_test worker-copies 240 tests/gpu/test_worker_copies_gpu.py -q
-    gpu_test placement 240 tests/kernels/test_placement.py -q
+    gpu_test worker-copies 200 tests/gpu/test_worker_copies_gpu.py -q
+    [ -n "${PLACEMENT_TESTS:-}" ] && gpu_test placement 150 tests/kernels/test_placement.py -q -k "$PLACEMENT_TESTS"
   fi
   [ -n "${BUDGET_S:-}" ] && BUDGET_S=$((BUDGET_S - SECONDS))  # (the A/B's clock starts again at the exec)
   BUDGET_S=${BUDGET_S:-} PART=11 MANY=${MANY:- } ARMS=${ARMS:---switch=fixed KVRECALL_WORKER_COPY_SHARE=1 KVRECALL_WORKER_COPY_SHARE=1,KVRECALL_GATE_LAUNCHES=1 KVRECALL_DRY_RETRIEVALS=1 KVRECALL_WORKER_COPY_SHARE=0.25} \
