@@ -216,9 +216,31 @@ def copy_staged(
             if staging is not None and end > start:
                 staging.targets[: end - start].copy_(targets[start:end], non_blocking=pin)
             start = end
-    # The host gathers a chunk while the copy engine moves the one before (CPU threads, then DMA),
-    # through two staging chunks taken from STAGING for the call.
-    chunks = [STAGING.take(host.dtype, D, pin) for _ in range(min(2, -(-source_host.numel() // CHUNK_ROWS)))]
+    gather_upload(pool_rows, source_host, pieces, copies, pin)
+    if copies is not None:
+        torch.cuda.current_stream(device).wait_stream(copies)  # the index copies after the DMAs
+    start = 0
+    wide = _as_words(rows) if rows is not None else None  # index_copy_ moves an element per thread: 8-byte words
+    for (keys, values, _), end, staging in zip(sessions, ends_host, staged, strict=True):
+        if end > start and staging is None and not _skip_index_copies:
+            where = targets[start:end]
+            _as_words(keys.view(-1, D)).index_copy_(0, where, wide[start:end])
+            _as_words(values.view(-1, D)).index_copy_(0, where, wide[n + start : n + end])
+        start = end
+    mark("index_copies")
+
+
+def gather_upload(
+    pool_rows: torch.Tensor, source_host: torch.Tensor, pieces: list[tuple[int, int, torch.Tensor, int]],
+    copies: torch.cuda.Stream | None, pin: bool,
+) -> None:  # fmt: skip
+    """Rows `source_host` [N] (indices into pool_rows [*, D], the host pool) to their pieces
+    ((first, end, destination, its first row): gathered row k goes to destination row
+    at + k - first): the host gathers a chunk into pinned staging (CPU threads) while the copy
+    engine moves the one before (on `copies`; None: the current stream), through two chunks
+    taken from STAGING for the call."""
+    count = min(2, -(-source_host.numel() // CHUNK_ROWS))
+    chunks = [STAGING.take(pool_rows.dtype, pool_rows.shape[1], pin) for _ in range(count)]
     moved: list[torch.cuda.Event | None] = [None] * len(chunks)
     try:
         for k, lo in enumerate(range(0, source_host.numel(), CHUNK_ROWS)):
@@ -241,17 +263,6 @@ def copy_staged(
     finally:
         for chunk, done in zip(chunks, moved, strict=True):
             STAGING.give(chunk, done)  # reused once its DMA is done (the next taker waits)
-    if copies is not None:
-        torch.cuda.current_stream(device).wait_stream(copies)  # the index copies after the DMAs
-    start = 0
-    wide = _as_words(rows) if rows is not None else None  # index_copy_ moves an element per thread: 8-byte words
-    for (keys, values, _), end, staging in zip(sessions, ends_host, staged, strict=True):
-        if end > start and staging is None and not _skip_index_copies:
-            where = targets[start:end]
-            _as_words(keys.view(-1, D)).index_copy_(0, where, wide[start:end])
-            _as_words(values.view(-1, D)).index_copy_(0, where, wide[n + start : n + end])
-        start = end
-    mark("index_copies")
 
 
 def _pieces(

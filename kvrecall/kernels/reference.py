@@ -305,11 +305,35 @@ def _place(
     counts: torch.Tensor,
 ) -> None:
     """place_retrieved's work on a non-empty region; fills counts [B, 2]."""
-    rows, retrieved, device = slot_pos.shape[0], selection.shape[1], slot_pos.device
-    num_positions = page_base.numel() * tokens_per_page
+    retrieved, device = selection.shape[1], slot_pos.device
     region = slot_pos[:, first_slot : first_slot + retrieved]
-    current = region.long()
-    selection = selection.to(device).long()
+    final, filled, region_counts = plan_region(region.long(), selection.to(device).long(),
+                                               page_base.numel() * tokens_per_page)  # fmt: skip
+    region.copy_(final)
+    counts.copy_(region_counts)
+    row_index, column = filled.nonzero(as_tuple=True)
+    if row_index.numel():
+        dim = keys.shape[2]
+        capacity = slot_pos.shape[1]
+        positions = final[row_index, column]
+        page_base = page_base.to(host.device)
+        dst = (row_index * capacity + first_slot + column) * dim
+        for kv, target in ((0, keys), (1, values)):
+            src = host_rows(
+                page_base, row_index.to(host.device), kv, positions.to(host.device), tokens_per_page, num_kv_heads, dim
+            )
+            gather_rows(host, src, target.view(-1), dst, dim)
+
+
+def plan_region(
+    current: torch.Tensor, selection: torch.Tensor, num_positions: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """place_retrieved's plan for one region: current [B, R] int64 (its slots' positions, -1
+    empty), selection [B, R] int64 (-1 or >= num_positions = none) -> (the region afterwards
+    [B, R] int64, filled [B, R] bool: the slots given a new token, counts [B, 2] int32: valid
+    entries of the selection, new tokens). Residents keep their slots; the k-th new entry goes
+    to the k-th slot that is not kept."""
+    rows, retrieved, device = current.shape[0], current.shape[1], current.device
     cur_ok = current >= 0
     sel_ok = (selection >= 0) & (selection < num_positions)
     row = torch.arange(rows, device=device).unsqueeze(1) * (num_positions + 1)
@@ -326,21 +350,8 @@ def _place(
     pos_of_rank.scatter_(1, torch.where(new, new_rank, retrieved), torch.where(new, selection, -1))
     incoming = pos_of_rank.gather(1, torch.where(filled, free_rank, retrieved))
     final = torch.where(keep, current, torch.where(filled, incoming, -1))
-    region.copy_(final)
-    counts[:, 0] = sel_ok.sum(dim=1)
-    counts[:, 1] = n_new.squeeze(1)
-    row_index, column = filled.nonzero(as_tuple=True)
-    if row_index.numel():
-        dim = keys.shape[2]
-        capacity = slot_pos.shape[1]
-        positions = final[row_index, column]
-        page_base = page_base.to(host.device)
-        dst = (row_index * capacity + first_slot + column) * dim
-        for kv, target in ((0, keys), (1, values)):
-            src = host_rows(
-                page_base, row_index.to(host.device), kv, positions.to(host.device), tokens_per_page, num_kv_heads, dim
-            )
-            gather_rows(host, src, target.view(-1), dst, dim)
+    counts = torch.stack((sel_ok.sum(dim=1), n_new.squeeze(1)), dim=1).to(torch.int32)
+    return final, filled, counts
 
 
 def spill_ring(

@@ -96,6 +96,11 @@ class ServerConfig(BaseModel):
     coalesce_retrievals: bool = True    # retrieving Boundaries calls that arrive while one runs are served
                                         # together by the next run: one selection, placement and sync
                                         # (server/coalesce.py); no effect with session_ops=inline
+    host_selection: bool = False        # a background louiskv retrieval whose rows all go to the worker
+                                        # (worker_copy_share 1, StepEvent.worker_copies) is scored,
+                                        # selected and planned on the host from a host copy of its unit
+                                        # table: no retrieval kernel beside the worker but the segment
+                                        # close (server/host_selection.py)
     dry_retrievals: bool = False        # DIAGNOSTIC, never in service: a retrieval event is answered
                                         # without retrieving (no selection, no placement, no GPU work;
                                         # the working set stays as it was), its notice still served: what

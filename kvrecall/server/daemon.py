@@ -19,7 +19,7 @@ from kvrecall import __version__, captured, kernels, launch_gate
 from kvrecall.fdpass import FdServer, claim_socket_path
 from kvrecall.kernels import placement_staged
 from kvrecall.phases import PhaseLog
-from kvrecall.server import step_batch
+from kvrecall.server import host_selection, step_batch
 from kvrecall.server.config import ServerConfig
 from kvrecall.server.metrics import Metrics
 from kvrecall.server.pools import DevicePool, HostPool
@@ -57,6 +57,7 @@ class Daemon:
         launch_gate.configure(config.gate_launches)
         captured.configure(config.capture_selection)
         step_batch.configure(config.dry_retrievals)
+        host_selection.configure(config.host_selection)
         placement_staged.configure(config.dry_index_copies)
         if config.dry_index_copies:
             log.warning("dry_index_copies is on: staged retrievals never write their rows into the working sets "

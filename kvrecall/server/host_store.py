@@ -47,6 +47,7 @@ class SequenceStore:
         self._page_base = torch.tensor(self.pages, dtype=torch.int64) * page_elems
         # Row offsets are computed where the working set lives (the gather's index tensors).
         self._page_base_dev = self._page_base.to(device) if device is not None else self._page_base
+        self._page_rows_aligned = page_elems % layout.head_dim == 0
         L, H, D, P = layout.num_layers, layout.num_kv_heads, layout.head_dim, self.tokens_per_page
         self._page_shape = (L, 2, H, P, D)
         self._page_numel = L * 2 * H * P * D
@@ -141,6 +142,16 @@ class SequenceStore:
         """Element offset of each of this sequence's pages in `flat`, int64 [pages], on the
         working set's device (what the placement kernels address host rows by)."""
         return self._page_base_dev
+
+    @property
+    def page_table_host(self) -> torch.Tensor:
+        """page_table in host memory."""
+        return self._page_base
+
+    @property
+    def page_rows_aligned(self) -> bool:
+        """Whether every page starts at a whole row of the flat pool (rows of D elements)."""
+        return self._page_rows_aligned
 
     @property
     def flat(self) -> torch.Tensor:

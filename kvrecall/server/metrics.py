@@ -29,6 +29,11 @@ class Metrics:
             "Retrieved K / V rows left in sessions' staging areas for their workers to copy (worker_copy_share; "
             "the daemon copied the rest)", registry=r,
         )  # fmt: skip
+        self.host_selections = Counter(
+            "kvrecall_host_selections",
+            "Retrievals selected and planned on the host (host_selection), no retrieval kernel on the GPU",
+            registry=r,
+        )  # fmt: skip
         self.bytes_moved = Counter(
             "kvrecall_bytes_moved",
             "Bytes moved between tiers; direction: worker_to_host | host_to_device | host_to_attention "

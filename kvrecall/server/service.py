@@ -704,6 +704,8 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 r.staged_rows = outcome.staged_rows
                 if outcome.staged_rows:
                     self.metrics.worker_copied_rows.inc(outcome.staged_rows)
+                if outcome.on_host:
+                    self.metrics.host_selections.inc()
                 moved += placement.bytes_moved
                 self.metrics.boundaries.labels(session.policy.name).inc()
         self.metrics.bytes_moved.labels("host_to_device").inc(moved)

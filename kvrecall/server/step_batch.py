@@ -29,6 +29,7 @@ import torch
 
 from kvrecall import kernels, launch_gate, phases
 from kvrecall.kernels import placement_staged
+from kvrecall.server import host_selection
 from kvrecall.server.errors import FailedPrecondition, InvalidArgument
 from kvrecall.server.policies.base import Selection
 from kvrecall.server.session import Session, check_append_upto, check_boundary_position
@@ -61,6 +62,7 @@ class StepOutcome:
     append: tuple[int, int] | None = None
     placement: Placement | None = None
     staged_rows: int = 0  # rows its retrieval left in the session's staging area for the worker
+    on_host: bool = False  # its retrieval was selected and planned on the host (host_selection)
 
 
 def check_events(sessions: list[Session], events: list[pb.StepEvent]) -> None:
@@ -138,6 +140,16 @@ def _serve(
                 for i in members:
                     outcomes[i].placement = Placement()
                 continue
+            # Where the daemon selects on the host (host_selection): those sessions' retrievals there.
+            on_host = [i for i in members if host_selection.eligible(sessions[i], events[i].worker_copies, background)]
+            if on_host:
+                for i, (placement, rows) in zip(on_host, host_selection.retrieve([sessions[i] for i in on_host]),
+                                                strict=True):  # fmt: skip
+                    outcomes[i].placement, outcomes[i].staged_rows, outcomes[i].on_host = placement, rows, True
+                items = [item for i, item in zip(members, items, strict=True) if i not in on_host]
+                members = [i for i in members if i not in on_host]
+                if not members:
+                    continue
             selections = type(items[0][0]).on_boundaries(items)
             phases.mark("select")
             # Rows of sessions whose workers copy them (StepEvent.worker_copies) stay staged.

@@ -142,6 +142,7 @@ class _UnitTable:
         self.position = torch.zeros(rows, tokens, dtype=torch.int32, device=device)
         self.num_units = self.first_unit  # filled unit columns, the base's included
         self.num_tokens = self.first_token  # filled candidate columns, the base's included
+        self.mirror = None  # its host copy, where the daemon selects on the host (server/host_selection.py)
 
     @staticmethod
     def nbytes(rows: int, units: int, tokens: int, dim: int, rep_dtype: torch.dtype) -> int:
@@ -670,7 +671,9 @@ def _append_segments(ready: list[tuple[LouisKVPolicy, int, _UnitTable]]) -> None
         [table.own_units for _, _, table in ready], [table.own_tokens for _, _, table in ready],
         [policy.open_start for policy, _, _ in ready], lengths,
     )  # fmt: skip
-    for (policy, end, table), n in zip(ready, lengths, strict=True):
+    for j, ((policy, end, table), n) in enumerate(zip(ready, lengths, strict=True)):
+        if table.mirror is not None:  # its host copy takes the new column at its next fetch
+            table.mirror.log.append((means[j], table.own_units, table.own_tokens, policy.open_start, n))
         table.advance(1, n)
         policy.seg_bounds.append((policy.open_start, end))
         policy.open_start = policy.closed_upto = end

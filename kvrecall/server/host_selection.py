@@ -1,0 +1,178 @@
+"""Host selection (the daemon's `host_selection`): a background louiskv retrieval chosen and
+placed by the host, with no kernel of the daemon's after the segment close.
+
+A worker on the same GPU loses about what the daemon's retrieval kernels take and more: each
+burst of them preempts the worker's context (CUDA contexts of two processes time-slice). On an
+H200 at 32K x 8 a boundary cost the step 1.126x with the retrieval's ~28 launches and 1.025x
+with none (`dry_retrievals`), while copy-engine transfers of another process cost a decoding
+worker nothing measurable (scripts/gpu_timeslice_probe.py, `dma` mode). So here the daemon
+copies what a selection reads to host memory (the query, the slot positions, the pinned tokens
+and, once, the unit table: transfers, one stream sync), scores, selects and plans the placement
+on the CPU (the PyTorch references the CPU daemon runs: the same choice), gathers the new rows
+from the pool and sends them by the copy engine into the session's staging area, with their
+targets and the new slot positions, for the worker to copy into their slots (worker copies:
+placement_staged). What stays on the GPU is the open segment's close (a few launches).
+
+Used for a background retrieval whose caller asks for worker copies, of a louiskv session whose
+staging area takes a whole retrieved region (`WorkingSet.stages_every_row`), with units in a
+table of its own (no shared prefix); the others go the device's way in the same call.
+
+The unit table's mirror (HostTable) follows the device table: the segments closed since the
+last retrieval come as their mean keys (one transfer each, logged by louiskv's close); anything
+else (a chunk's clusters, a first use) copies the whole table again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvrecall.kernels import placement_staged, reference
+from kvrecall.phases import mark
+from kvrecall.server.policies.louiskv import (
+    UNIT_COLUMNS,
+    UNIT_FIELDS,
+    LouisKVPolicy,
+    choose_units,
+    close_segments,
+)
+from kvrecall.server.working_set import Placement
+
+_enabled = False  # the daemon's host_selection: configure()
+
+
+def configure(host_selection: bool) -> None:
+    global _enabled
+    _enabled = bool(host_selection)
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def eligible(session, worker_copies: bool, background: bool) -> bool:
+    """Whether this retrieval goes the host's way (module docstring)."""
+    policy, ws = session.policy, session.ws
+    return (
+        _enabled and background and worker_copies and ws.stages_every_row and isinstance(policy, LouisKVPolicy)
+        and policy.units is not None and policy.units.base is None and policy.units.num_units > 0
+        and session.store.page_rows_aligned
+    )  # fmt: skip
+
+
+class HostTable:
+    """A host copy of one session's unit table: the fields a selection reads (UNIT_FIELDS), reps
+    in f32 (the CPU scores in f32 either way), filled to `units` / `tokens` columns. `log`: the
+    segments the device table closed since the last fetch, (mean keys [B, D] on the device, unit
+    column, candidate column, first position, length), appended by louiskv's close."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, torch.Tensor] = {}
+        self.units = self.tokens = 0
+        self.log: list[tuple[torch.Tensor, int, int, int, int]] = []
+
+    def __deepcopy__(self, memo) -> None:
+        return None  # a copied policy (a prefix's template, a derived session) mirrors its own table anew
+
+    def fetch(self, table) -> tuple:
+        """Queue the transfers that bring this mirror up to `table` (on the current stream,
+        into pinned memory): ("log", [(means on the host, ...)]) or ("whole", {field: copy})."""
+        logged_units = self.units + len(self.log)
+        logged_tokens = self.tokens + sum(entry[4] for entry in self.log)
+        if self.fields and (logged_units, logged_tokens) == (table.num_units, table.num_tokens):
+            fetched = [(_to_host(means), *rest) for means, *rest in self.log]
+            self.log = []
+            return "log", fetched
+        self.log = []
+        return "whole", {name: _to_host(getattr(table, name)) for name in UNIT_FIELDS}
+
+    def apply(self, fetched: tuple, table) -> None:
+        """After the sync: the fetched columns into the mirror."""
+        kind, data = fetched
+        if kind == "whole":
+            reps = data["reps"]
+            if "reps" not in self.fields or self.fields["reps"].shape != reps.shape:
+                self.fields["reps"] = torch.empty(reps.shape, dtype=torch.float32)
+            self.fields["reps"][:, : table.num_units] = reps[:, : table.num_units]
+            for name in ("valid", "sizes", "position"):
+                self.fields[name] = data[name]
+        else:
+            for means, unit, token, start, n in data:
+                self.fields["reps"][:, unit] = means
+                self.fields["sizes"][:, unit] = n
+                self.fields["valid"][:, unit] = n > 0
+                self.fields["position"][:, token : token + n] = torch.arange(start, start + n, dtype=torch.int32)
+        self.units, self.tokens = table.num_units, table.num_tokens
+
+    def view(self, name: str) -> torch.Tensor:
+        return self.fields[name][:, : self.units if name in UNIT_COLUMNS else self.tokens]
+
+
+def retrieve(sessions: list) -> list[tuple[Placement, int]]:
+    """Every layer's retrieval of each session (all eligible; under their locks, after
+    begin_boundary) -> (its placement, rows left in its staging area), the rows' transfers
+    queued on the current stream (the caller's sync covers them)."""
+    close_segments([(session.policy, session.context().evicted_upto) for session in sessions])
+    mark("close")
+    fetched = []
+    for session in sessions:
+        policy, ws = session.policy, session.ws
+        if policy.units.mirror is None:
+            policy.units.mirror = HostTable()
+        pinned = None if policy.pinned is None else _to_host(policy.pinned)
+        fetched.append((policy.units.mirror.fetch(policy.units), _to_host(ws.query), _to_host(ws.slot_pos),
+                        pinned, _to_host(ws._max_resident.view(1))))  # fmt: skip
+    device = sessions[0].ws.keys.device
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    mark("host_fetch")
+    return [_place(session, *parts) for session, parts in zip(sessions, fetched, strict=True)]
+
+
+def _place(session, table_part, query, slot_pos, pinned, resident_max) -> tuple[Placement, int]:
+    """One session's selection, plan and transfers (after the fetch's sync)."""
+    policy, ws, store = session.policy, session.ws, session.store
+    mirror = policy.units.mirror
+    mirror.apply(table_part, policy.units)
+    L, H, D = ws.layout.num_layers, ws.layout.num_kv_heads, ws.layout.head_dim
+    S, R, C = ws.plan.n_sink, ws.plan.retrieved, ws.plan.capacity
+    new, take = choose_units(
+        query.float().reshape(L * H, -1, D), *(mirror.view(name) for name in UNIT_FIELDS), pinned, R,
+        policy.config.aggregate,
+    )  # fmt: skip
+    mark("host_select")
+    rows = slot_pos.view(L * H, C)
+    region = rows[:, S : S + R]
+    page_base = store.page_table_host
+    final, filled, counts = reference.plan_region(region.long(), new.long(), page_base.numel() * store.tokens_per_page)
+    region.copy_(final)
+    row, column = filled.nonzero(as_tuple=True)
+    positions = final[row, column]
+    n = positions.numel()
+    source = torch.cat([reference.host_rows(page_base, row, kv, positions, store.tokens_per_page, H, D) // D
+                        for kv in (0, 1)])  # fmt: skip
+    targets = row * C + S + column
+    resident_max[0] = max(int(resident_max[0]), int((rows >= 0).sum(dim=1).max()))
+    mark("host_plan")
+    staging, pin = ws.staging, ws.keys.is_cuda
+    if n:
+        staging.targets[:n].copy_(targets.pin_memory() if pin else targets, non_blocking=pin)
+        pool_rows = store.flat[: store.flat.numel() // D * D].view(-1, D)
+        pieces = [(0, n, staging.keys, 0), (n, 2 * n, staging.values, 0)]
+        placement_staged.gather_upload(pool_rows, source, pieces, None, pin)
+    ws.slot_pos.copy_(slot_pos, non_blocking=pin)
+    ws._max_resident.view(1).copy_(resident_max, non_blocking=pin)
+    staging.rows = n
+    mark("host_upload")
+    valid = counts[:, 0].long()
+    totals = torch.stack((valid.sum(), torch.tensor(n), (take > 0).sum(), valid.max()))
+    placement = Placement(totals, row_bytes=D * ws.keys.element_size())
+    ws.last_placement = placement
+    session.unfinished.append(placement)
+    return placement, n
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy (pinned, queued on the current stream without a sync: the caller syncs)."""
+    if tensor.is_cuda:
+        return tensor.to("cpu", non_blocking=True)
+    return tensor.clone()
