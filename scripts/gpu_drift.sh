@@ -49,7 +49,11 @@
 # floor on the same machine; 0.25: the burst without the light shadow) and no 64-sequence runs (both
 # overridable; e.g. MANY="0 1"). BUDGET_S counts the tests too; ROUNDS=1 needs ~540 s with them (SKIP_TESTS=1 on a
 # second call).
-#   usage: [PART=1..13] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
+# PART=14: host selection (the daemon's host_selection, server/host_selection.py): its GPU test and
+# scripts/host_selection_probe.py at 32K (SKIP_TESTS=1: neither), then PART=11 with ARMS "--switch=fixed
+# KVRECALL_WORKER_COPY_SHARE=1,KVRECALL_HOST_SELECTION=1 KVRECALL_DRY_RETRIEVALS=1" and MANY "0 1" (both
+# overridable); BUDGET_S counts the tests too.
+#   usage: [PART=1..14] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_env.sh
@@ -94,6 +98,16 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob(sys.argv[2])):
                 print("   copy", row)
 PY
 }
+if [ "${PART:-1}" = 14 ]; then  # host selection: its GPU test and the host probe, then the A/B
+  if [ -z "${SKIP_TESTS:-}" ]; then
+    gpu_test host-selection 200 tests/gpu/test_host_selection_gpu.py -q
+    timeout 90 python3 scripts/host_selection_probe.py --contexts 32768 --out "$OUT/logs/host-selection-probe.json" \
+      > "$OUT/logs/host-selection-probe.log" 2>&1; echo "host selection probe exit $?"; tail -4 "$OUT/logs/host-selection-probe.log"
+  fi
+  [ -n "${BUDGET_S:-}" ] && BUDGET_S=$((BUDGET_S - SECONDS))
+  BUDGET_S=${BUDGET_S:-} PART=11 MANY=${MANY:-0 1} ARMS=${ARMS:---switch=fixed KVRECALL_WORKER_COPY_SHARE=1,KVRECALL_HOST_SELECTION=1 KVRECALL_DRY_RETRIEVALS=1} \
+    exec bash "$0"
+fi
 if [ "${PART:-1}" = 13 ]; then  # worker copies: their tests, then the A/B against the daemon's own copies
   if [ -z "${SKIP_TESTS:-}" ]; then
     gpu_test worker-copies 200 tests/gpu/test_worker_copies_gpu.py -q
