@@ -3,11 +3,12 @@
 A Llama-3-8B-shaped unit table (32 layers x 8 KV heads = 256 rows, ~context / 16 units of random
 sizes around 16 tokens, the candidates grouped by unit) and one boundary's queries (4 per row),
 on CPU tensors: `louiskv.choose_units` as the daemon runs it on a CPU (the references) against a
-host-shaped version of the same choice (`host_choose`: the scores as one batched matmul over
-the f32 table, a top-k of the units instead of a sort of them all, widened until it fills the
-budget, then the chosen units' candidates gathered by their offsets). Both answers compared
-(the same positions per row, as sets); each timed (median of --iters). Prints a table and
-writes JSON. Not a test: a probe of host time, the time an answer would wait.
+host-shaped version of the same choice (the daemon's `host_selection.choose_on_host`: the scores
+as one batched matmul over the f32 table, a top-k of the units instead of a sort of them all,
+widened until it fills the budget, then the chosen units' candidates gathered by their offsets),
+and the placement's plan (`reference.plan_region`) against the choice of a nearby query. Both
+answers compared (the same positions per row, as sets); each timed (median of --iters). Prints a
+table and writes JSON. Not a test: a probe of host time, the time an answer would wait.
 
     python scripts/host_selection_probe.py [--contexts 32768,131072] [--threads 0] [--out F]
 """
@@ -23,6 +24,8 @@ import time
 
 import torch
 
+from kvrecall.kernels.reference import plan_region
+from kvrecall.server.host_selection import choose_on_host
 from kvrecall.server.policies.louiskv import choose_units
 
 ROWS = 32 * 8  # layers x KV heads of Llama-3-8B
@@ -39,51 +42,6 @@ def table(context: int, seed: int = 0):
     reps = torch.randn(ROWS, units, DIM, generator=g)
     q = torch.randn(ROWS, GROUP, DIM, generator=g)
     return reps, sizes > 0, sizes, position, q
-
-
-def host_choose(q, reps, valid, sizes, position, budget: int, pinned=None) -> torch.Tensor:
-    """The budget's positions per row [R, budget] (-1 padded), chosen as choose_units chooses
-    them (units by descending max-over-group score, the last one partial; with pinned [R, P]
-    ascending tokens: they first, the best units fill the rest, a pinned token named once; a row
-    whose units all fit takes them all), on the host. Columns in another order than
-    choose_units' (compare rows as sets)."""
-    scores = torch.bmm(reps, q.transpose(1, 2)).amax(dim=2).masked_fill_(~valid, float("-inf"))  # [R, U]
-    R, U = scores.shape
-    wide = torch.where(valid, sizes.long(), 0)
-    offsets = sizes.long().cumsum(dim=1) - sizes.long()  # each unit's first candidate column
-    free = budget - (0 if pinned is None else pinned.shape[1])
-    k = min(U, 2 * free // max(1, int(wide.float().mean())) + 8)
-    while True:
-        top = torch.topk(scores, k, dim=1, sorted=True)
-        chosen_sizes = wide.gather(1, top.indices)
-        before = chosen_sizes.cumsum(dim=1) - chosen_sizes
-        taken = torch.minimum(chosen_sizes, (free - before).clamp_min(0))
-        if k == U or bool((before[:, -1] + chosen_sizes[:, -1] >= free).all()):
-            break
-        k = min(U, 2 * k)
-    starts = offsets.gather(1, top.indices)  # [R, k]
-    # column j of the output: the unit whose taken span covers it, and the rank inside it
-    ends = taken.cumsum(dim=1)
-    column = torch.arange(free)
-    unit_at = torch.searchsorted(ends, column.expand(R, -1).contiguous(), right=True).clamp_(max=k - 1)
-    rank = column - (ends.gather(1, unit_at) - taken.gather(1, unit_at))
-    where = (starts.gather(1, unit_at) + rank).clamp_(0, position.shape[1] - 1)  # (columns past the last: masked)
-    out = position.gather(1, where).long()  # (int32 gathered: no copy of the table)
-    out = torch.where(column < ends[:, -1:], out, -1)
-    if pinned is None:
-        return out
-    keys = torch.where(pinned < 0, torch.iinfo(pinned.dtype).max, pinned)
-    at = torch.searchsorted(keys, out.contiguous()).clamp_(max=keys.shape[1] - 1)
-    member = (keys.gather(1, at) == out) & (out >= 0)
-    chosen = torch.cat((pinned, torch.where(member, -1, out)), dim=1)
-    fits = wide.sum(dim=1) <= budget  # these rows take every unit (their pinned tokens among them)
-    if bool(fits.any()):
-        every = torch.full((R, budget), -1, dtype=torch.int64)
-        for r in fits.nonzero().flatten().tolist():
-            mine = torch.cat([position[r, o : o + n].long() for o, n in zip(offsets[r].tolist(), wide[r].tolist(), strict=True) if n])
-            every[r, : mine.numel()] = mine
-        chosen = torch.where(fits[:, None], every, chosen)
-    return chosen
 
 
 def median_ms(fn, iters: int) -> float:
@@ -108,7 +66,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    print(f"{'context':>8} {'units':>6} {'reference ms':>13} {'host ms':>8} {'same':>5}")
+    print(f"{'context':>8} {'units':>6} {'reference ms':>13} {'host ms':>8} {'plan ms':>8} {'same':>5}")
     for context in [int(c) for c in args.contexts.split(",") if c]:
         reps, valid, sizes, position, q = table(context)
         pinned = None
@@ -117,17 +75,24 @@ def main() -> None:
             pinned = torch.stack([torch.randperm(context, generator=g)[: args.pinned] for _ in range(ROWS)])
             pinned = pinned.sort(dim=1).values
         reference = choose_units(q, reps, valid, sizes, position, pinned, args.budget, "max")[0]
-        host = host_choose(q, reps, valid, sizes, position, args.budget, pinned)
+        host = choose_on_host(q, reps, valid, sizes, position, pinned, args.budget, "max")[0]
         same = bool((reference.sort(dim=1).values == host.sort(dim=1).values).all())
         reference_run = functools.partial(choose_units, q, reps, valid, sizes, position, pinned, args.budget, "max")
-        host_run = functools.partial(host_choose, q, reps, valid, sizes, position, args.budget, pinned)
+        host_run = functools.partial(choose_on_host, q, reps, valid, sizes, position, pinned, args.budget, "max")
+        # The placement's plan against a region holding the choice of a query moved 0.15 of the way
+        g = torch.Generator().manual_seed(2)
+        before = choose_on_host(q + 3 * torch.randn(q.shape, generator=g), reps, valid, sizes, position, pinned,
+                                args.budget, "max")[0]  # fmt: skip
+        plan_run = functools.partial(plan_region, before, host, context + 1024)
         row = {
             "context": context, "units": reps.shape[1], "budget": args.budget, "pinned": args.pinned,
             "same_choice": same,
             "reference_ms": median_ms(reference_run, args.iters), "host_ms": median_ms(host_run, args.iters),
+            "plan_ms": median_ms(plan_run, args.iters),
         }  # fmt: skip
         rows.append(row)
-        print(f"{context:>8} {row['units']:>6} {row['reference_ms']:>13} {row['host_ms']:>8} {str(same):>5}")
+        print(f"{context:>8} {row['units']:>6} {row['reference_ms']:>13} {row['host_ms']:>8} {row['plan_ms']:>8} "
+              f"{str(same):>5}")
     meta = {"date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(), "torch": torch.__version__}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)

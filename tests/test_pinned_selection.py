@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvrecall.kernels.reference import _drop_members
+from kvrecall.kernels.reference import drop_members
 from kvrecall.server.policies.snapkv import ascending
 
 
@@ -20,11 +20,11 @@ def random_rows(rows: int, width: int, high: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize(
     "rows,pinned,width,high", [(1, 1, 1, 4), (3, 4, 8, 20), (16, 32, 96, 300), (64, 128, 384, 4096)]
 )
-def test_drop_members_keeps_exactly_the_positions_not_pinned(rows, pinned, width, high):
+def testdrop_members_keeps_exactly_the_positions_not_pinned(rows, pinned, width, high):
     for seed in range(3):
         pin = ascending(random_rows(rows, pinned, high, seed))
         positions = random_rows(rows, width, high, seed + 100)
-        out = _drop_members(positions, pin)
+        out = drop_members(positions, pin)
         assert out.shape == positions.shape
         for b in range(rows):
             held = set(pin[b][pin[b] >= 0].tolist())

@@ -1,0 +1,49 @@
+"""Host selection's choice (server/host_selection.choose_on_host) against louiskv's choose_units
+(the CPU references the daemon runs): the same positions per row as sets and the same count of
+units, at several sizes, with and without pinned tokens, with rows whose units all fit the budget,
+invalid units and the last unit taken in part."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvrecall.server.host_selection import choose_on_host
+from kvrecall.server.policies.louiskv import choose_units
+
+
+def table(rows: int, units: int, seed: int, invalid: float = 0.1):
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 25, (rows, units), generator=g, dtype=torch.int32)
+    sizes[torch.rand(rows, units, generator=g) < invalid] = 0  # unfilled units: invalid, no candidates
+    total = int(sizes.sum(dim=1).max())
+    position = torch.stack([torch.randperm(total, generator=g) for _ in range(rows)]).to(torch.int32)
+    reps = torch.randn(rows, units, 16, generator=g)
+    q = torch.randn(rows, 4, 16, generator=g)
+    return q, reps, sizes > 0, sizes, position, g
+
+
+def as_sets(positions: torch.Tensor) -> list[set[int]]:
+    return [set(row[row >= 0].tolist()) for row in positions]
+
+
+@pytest.mark.parametrize("aggregate", ["max", "sum"])
+@pytest.mark.parametrize("rows,units,budget,pinned", [(8, 40, 64, 0), (8, 40, 64, 16), (16, 300, 256, 64),
+                                                      (4, 6, 200, 16), (32, 1000, 1024, 256)])  # fmt: skip
+def test_choose_on_host_picks_what_choose_units_picks(rows, units, budget, pinned, aggregate):
+    q, reps, valid, sizes, position, g = table(rows, units, seed=rows * units + budget + pinned)
+    pins = None
+    if pinned:  # ascending distinct candidates of each row, some -1 padding
+        pins = torch.stack([torch.sort(row[torch.randperm(row.numel(), generator=g)[:pinned]].long()).values
+                            for row in position])  # fmt: skip
+        pins[0, -3:] = -1
+        pins[0] = torch.sort(torch.where(pins[0] < 0, torch.iinfo(torch.int64).max, pins[0])).values
+        pins[0] = torch.where(pins[0] == torch.iinfo(torch.int64).max, -1, pins[0])
+    expected, take = choose_units(q, reps, valid, sizes, position, pins, budget, aggregate)
+    got, chosen = choose_on_host(q, reps, valid, sizes, position, pins, budget, aggregate)
+    assert got.shape == expected.shape == (rows, budget)
+    assert as_sets(got) == as_sets(expected)
+    assert int(chosen) == int((take > 0).sum())
+    fits = (torch.where(valid, sizes, 0).sum(dim=1) <= budget).any().item()
+    if (rows, units, budget) == (4, 6, 200):
+        assert fits, "the case of rows whose units all fit is not exercised"
