@@ -35,7 +35,8 @@ from contextlib import contextmanager
 
 PHASES = (
     "locks", "notices", "select", "place_launch", "plan_sync", "gather", "dma_wait", "dma_launch",
-    "index_copies", "place", "close", "host_fetch", "host_select", "host_plan", "host_upload", "sync", "finish",
+    "index_copies", "place", "close", "host_fetch", "host_score", "host_topk",
+    "host_select", "host_plan", "host_rows", "host_upload", "sync", "finish",
 )  # fmt: skip
 KINDS = ("notices", "retrievals")
 KEPT = 4096  # calls each kind keeps for the summary (the latest)

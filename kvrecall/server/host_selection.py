@@ -139,6 +139,7 @@ def _place(session, table_part, query, slot_pos, pinned, resident_max) -> tuple[
     page_base = store.page_table_host
     final, filled, counts = reference.plan_region(region.long(), new.long(), page_base.numel() * store.tokens_per_page)
     region.copy_(final)
+    mark("host_plan")
     row, column = filled.nonzero(as_tuple=True)
     positions = final[row, column]
     n = positions.numel()
@@ -146,7 +147,7 @@ def _place(session, table_part, query, slot_pos, pinned, resident_max) -> tuple[
                         for kv in (0, 1)])  # fmt: skip
     targets = row * C + S + column
     resident_max[0] = max(int(resident_max[0]), int((rows >= 0).sum(dim=1).max()))
-    mark("host_plan")
+    mark("host_rows")
     staging, pin = ws.staging, ws.keys.is_cuda
     if n:
         staging.targets[:n].copy_(targets.pin_memory() if pin else targets, non_blocking=pin)
@@ -178,6 +179,7 @@ def choose_on_host(
     per_head = torch.bmm(reps, q.transpose(1, 2))  # [B, U, G]
     scores = per_head.amax(dim=2) if aggregate == "max" else per_head.sum(dim=2)
     scores.masked_fill_(~valid, float("-inf"))
+    mark("host_score")
     B, U = scores.shape
     wide = torch.where(valid, sizes.long().clamp_min(0), 0)
     offsets = sizes.long().cumsum(dim=1) - sizes.long()  # each unit's first candidate column
@@ -191,6 +193,7 @@ def choose_on_host(
         if k == U or bool((before[:, -1] + chosen_sizes[:, -1] >= free).all()):
             break
         k = min(U, 2 * k)
+    mark("host_topk")
     starts = offsets.gather(1, top.indices)  # [B, k]
     # column j of the output: the unit whose taken span covers it, and the rank inside it
     ends = taken.cumsum(dim=1)
