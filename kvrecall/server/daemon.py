@@ -58,6 +58,13 @@ class Daemon:
         captured.configure(config.capture_selection)
         step_batch.configure(config.dry_retrievals)
         host_selection.configure(config.host_selection)
+        if config.host_selection and config.worker_copy_share < 1:
+            log.warning("host_selection is on but worker_copy_share is %s: it selects on the host only for sessions "
+                        "whose staging area takes a whole retrieval (worker_copy_share 1), so none will",
+                        config.worker_copy_share)  # fmt: skip
+        elif config.host_selection:
+            log.warning("host_selection is on: louiskv retrievals are selected on the host (experimental; on an H200 "
+                        "its answers came 3-4x past a 4-step lag at 32K x 8, docs/TUNING.md)")
         placement_staged.configure(config.dry_index_copies)
         if config.dry_index_copies:
             log.warning("dry_index_copies is on: staged retrievals never write their rows into the working sets "

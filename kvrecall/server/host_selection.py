@@ -114,7 +114,7 @@ def retrieve(sessions: list) -> list[tuple[Placement, int]]:
             policy.units.mirror = HostTable()
         pinned = None if policy.pinned is None else _to_host(policy.pinned)
         fetched.append((policy.units.mirror.fetch(policy.units), _to_host(ws.query), _to_host(ws.slot_pos),
-                        pinned, _to_host(ws._max_resident.view(1))))  # fmt: skip
+                        pinned, _to_host(ws.max_resident_counter)))  # fmt: skip
     device = sessions[0].ws.keys.device
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
@@ -155,7 +155,7 @@ def _place(session, table_part, query, slot_pos, pinned, resident_max) -> tuple[
         pieces = [(0, n, staging.keys, 0), (n, 2 * n, staging.values, 0)]
         placement_staged.gather_upload(pool_rows, source, pieces, None, pin)
     ws.slot_pos.copy_(slot_pos, non_blocking=pin)
-    ws._max_resident.view(1).copy_(resident_max, non_blocking=pin)
+    ws.max_resident_counter.copy_(resident_max, non_blocking=pin)
     staging.rows = n
     mark("host_upload")
     valid = counts[:, 0].long()

@@ -316,6 +316,11 @@ class WorkingSet:
         """Most resident tokens of any (layer, head) seen at the end of an operation."""
         return int(self._max_resident)
 
+    @property
+    def max_resident_counter(self) -> torch.Tensor:
+        """max_resident as its int64 [1] tensor on the working set's device (written in place)."""
+        return self._max_resident.view(1)
+
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor` on `device`; a host tensor goes to a GPU through pinned memory, asynchronously
