@@ -1,13 +1,15 @@
 """Host selection's choice (server/host_selection.choose_on_host) against louiskv's choose_units
 (the CPU references the daemon runs): the same positions per row as sets and the same count of
 units, at several sizes, with and without pinned tokens, with rows whose units all fit the budget,
-invalid units and the last unit taken in part."""
+invalid units and the last unit taken in part. And the placement plan's row-wise membership
+(reference._members, by a map or by a sort) against sets."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from kvrecall.kernels import reference
 from kvrecall.server.host_selection import choose_on_host
 from kvrecall.server.policies.louiskv import choose_units
 
@@ -47,3 +49,15 @@ def test_choose_on_host_picks_what_choose_units_picks(rows, units, budget, pinne
     fits = (torch.where(valid, sizes, 0).sum(dim=1) <= budget).any().item()
     if (rows, units, budget) == (4, 6, 200):
         assert fits, "the case of rows whose units all fit is not exercised"
+
+
+@pytest.mark.parametrize("rows,width,span", [(7, 50, 300), (7, 50, 100_000), (3, 1, 5), (4, 0, 10), (4, 0, 1000),
+                                             (5, 20, 21)])  # fmt: skip
+def test_members_is_row_wise_set_membership(rows, width, span):
+    g = torch.Generator().manual_seed(rows * width + span)
+    x = torch.randint(-1, span + 3, (rows, width), generator=g)
+    of = torch.randint(-1, span + 3, (rows, width), generator=g)
+    x_ok, of_ok = (x >= 0) & (x < span), (of >= 0) & (of < span)
+    want = torch.tensor([[bool(x_ok[b, r]) and int(x[b, r]) in set(of[b][of_ok[b]].tolist()) for r in range(width)]
+                         for b in range(rows)], dtype=torch.bool).view(rows, width)  # fmt: skip
+    assert torch.equal(reference._members(x, x_ok, of, of_ok, span), want)

@@ -327,12 +327,22 @@ def _place(
 
 def _members(x: torch.Tensor, x_ok: torch.Tensor, of: torch.Tensor, of_ok: torch.Tensor, n: int) -> torch.Tensor:
     """Per row, whether each valid entry of x [B, m] is among the valid entries of `of` [B, k]
-    (positions in [0, n)): a [B, n + 1] membership map, not a sort (torch.isin sorted 0.5 M keys
-    in ~30 ms on a CPU: the host's placement plan, server/host_selection.py)."""
-    seen = torch.zeros(of.shape[0], n + 1, dtype=torch.bool, device=of.device)
-    seen.scatter_(1, torch.where(of_ok, of, n), True)
-    seen[:, n] = False
-    return seen.gather(1, torch.where(x_ok, x, n))
+    (positions in [0, n)). Where n is within MAP_SPAN x k, a [B, n + 1] membership map (the host's
+    placement plan at 32K and budget 1024: server/host_selection.py); else a sort of each row of
+    `of` and a binary search. (torch.isin sorted all B (m + k) keys together: ~30 ms at 256 x 1024.)"""
+    if n <= MAP_SPAN * max(1, of.shape[1]):
+        seen = torch.zeros(of.shape[0], n + 1, dtype=torch.bool, device=of.device)
+        seen.scatter_(1, torch.where(of_ok, of, n), True)
+        seen[:, n] = False
+        return seen.gather(1, torch.where(x_ok, x, n))
+    if of.shape[1] == 0:
+        return torch.zeros_like(x_ok)
+    keys = torch.where(of_ok, of, n).sort(dim=1).values  # (the invalid last, as n: no valid x equals it)
+    at = torch.searchsorted(keys, torch.where(x_ok, x, n).contiguous()).clamp_(max=keys.shape[1] - 1)
+    return x_ok & (keys.gather(1, at) == x)
+
+
+MAP_SPAN = 64  # _members' choice: a membership map while positions span at most this many times the entries
 
 
 def plan_region(
