@@ -101,10 +101,11 @@ class HostTable:
         return self.fields[name][:, : self.units if name in UNIT_COLUMNS else self.tokens]
 
 
-def retrieve(sessions: list) -> list[tuple[Placement, int]]:
+def retrieve(sessions: list) -> list[tuple[Placement, int, str]]:
     """Every layer's retrieval of each session (all eligible; under their locks, after
-    begin_boundary) -> (its placement, rows left in its staging area), the rows' transfers
-    queued on the current stream (the caller's sync covers them)."""
+    begin_boundary) -> (its placement, rows left in its staging area, how its table's host copy
+    was brought up to date: "whole" or "log"), the rows' transfers queued on the current stream
+    (the caller's sync covers them)."""
     close_segments([(session.policy, session.context().evicted_upto) for session in sessions])
     mark("close")
     fetched = []
@@ -122,7 +123,7 @@ def retrieve(sessions: list) -> list[tuple[Placement, int]]:
     return [_place(session, *parts) for session, parts in zip(sessions, fetched, strict=True)]
 
 
-def _place(session, table_part, query, slot_pos, pinned, resident_max) -> tuple[Placement, int]:
+def _place(session, table_part, query, slot_pos, pinned, resident_max) -> tuple[Placement, int, str]:
     """One session's selection, plan and transfers (after the fetch's sync)."""
     policy, ws, store = session.policy, session.ws, session.store
     mirror = policy.units.mirror
@@ -163,7 +164,7 @@ def _place(session, table_part, query, slot_pos, pinned, resident_max) -> tuple[
     placement = Placement(totals, row_bytes=D * ws.keys.element_size())
     ws.last_placement = placement
     session.unfinished.append(placement)
-    return placement, n
+    return placement, n, table_part[0]
 
 
 def choose_on_host(

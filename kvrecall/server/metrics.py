@@ -31,8 +31,9 @@ class Metrics:
         )  # fmt: skip
         self.host_selections = Counter(
             "kvrecall_host_selections",
-            "Retrievals selected and planned on the host (host_selection), no retrieval kernel on the GPU",
-            registry=r,
+            "Retrievals selected and planned on the host (host_selection), no retrieval kernel on the GPU; fetch: "
+            "whole (the unit table's host copy fetched whole) | log (only the segments closed since)",
+            ["fetch"], registry=r,
         )  # fmt: skip
         self.bytes_moved = Counter(
             "kvrecall_bytes_moved",

@@ -705,7 +705,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 if outcome.staged_rows:
                     self.metrics.worker_copied_rows.inc(outcome.staged_rows)
                 if outcome.on_host:
-                    self.metrics.host_selections.inc()
+                    self.metrics.host_selections.labels(outcome.on_host).inc()
                 moved += placement.bytes_moved
                 self.metrics.boundaries.labels(session.policy.name).inc()
         self.metrics.bytes_moved.labels("host_to_device").inc(moved)

@@ -62,7 +62,7 @@ class StepOutcome:
     append: tuple[int, int] | None = None
     placement: Placement | None = None
     staged_rows: int = 0  # rows its retrieval left in the session's staging area for the worker
-    on_host: bool = False  # its retrieval was selected and planned on the host (host_selection)
+    on_host: str = ""  # its retrieval was selected on the host (host_selection): how the table's copy was fetched
 
 
 def check_events(sessions: list[Session], events: list[pb.StepEvent]) -> None:
@@ -143,9 +143,9 @@ def _serve(
             # Where the daemon selects on the host (host_selection): those sessions' retrievals there.
             on_host = [i for i in members if host_selection.eligible(sessions[i], events[i].worker_copies, background)]
             if on_host:
-                for i, (placement, rows) in zip(on_host, host_selection.retrieve([sessions[i] for i in on_host]),
-                                                strict=True):  # fmt: skip
-                    outcomes[i].placement, outcomes[i].staged_rows, outcomes[i].on_host = placement, rows, True
+                for i, (placement, rows, fetch) in zip(on_host, host_selection.retrieve([sessions[i] for i in on_host]),
+                                                       strict=True):  # fmt: skip
+                    outcomes[i].placement, outcomes[i].staged_rows, outcomes[i].on_host = placement, rows, fetch
                 items = [item for i, item in zip(members, items, strict=True) if i not in on_host]
                 members = [i for i in members if i not in on_host]
                 if not members:

@@ -2,7 +2,8 @@
 real CPU daemons: louiskv sessions crossing boundaries (worker copies at share 1, so every row is
 staged) decode the same tokens and logits whether the daemon selects and places on its device
 (the default) or on the host from its copy of the unit table, overlap off and on; the daemon's
-metrics say the host did select. The prompts leave the window at ingest and the decode closes
+metrics say the host did select, fetching each session's table whole once and then only the
+segments closed since. The prompts leave the window at ingest and the decode closes
 segments between crossings, so the host copy follows both the whole-table fetch and the logged
 closes."""
 
@@ -31,7 +32,9 @@ def decode_host_selection(model, host: bool, device: str = "cpu", env: dict | No
     with LocalDaemon(device=daemon_device, env=env, extra_args=extra, **daemon_args) as d:
         with KVRecallClient(d.target, "host-selection") as client:
             out = {overlap: decode(client, model, overlap, device) for overlap in (False, True)}
-        out["host_selections"] = metric(f"http://127.0.0.1:{port}/metrics", SERIES)
+        url = f"http://127.0.0.1:{port}/metrics"
+        out["fetches"] = {kind: metric(url, f'{SERIES}{{fetch="{kind}"}}') for kind in ("whole", "log")}
+        out["host_selections"] = sum(out["fetches"].values())
     return out
 
 
@@ -46,6 +49,8 @@ def test_host_selection_decodes_as_the_device_selection(runs, overlap):
     device, host = runs[False], runs[True]
     assert device["host_selections"] == 0, "host_selection off: the device selected"
     assert host["host_selections"] > 0, "host_selection on: no retrieval was selected on the host"
+    # each session's first fetch is whole, later ones only the closed segments (not a whole table a retrieval)
+    assert 0 < host["fetches"]["whole"] < host["fetches"]["log"], host["fetches"]
     assert host[overlap]["staged"] > 0 and all(host[overlap]["lights"])
     assert host[overlap]["tokens"] == device[overlap]["tokens"]
     torch.testing.assert_close(host[overlap]["logits"], device[overlap]["logits"], rtol=0, atol=1e-5)
