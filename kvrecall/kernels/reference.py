@@ -222,9 +222,16 @@ def drop_members(positions: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:
     holds set to -1, so a row of the two together names each token once."""
     big = torch.iinfo(pinned.dtype).max
     keys = torch.where(pinned < 0, big, pinned)  # still ascending: the padding is last
-    at = torch.searchsorted(keys, positions.contiguous()).clamp_(max=max(keys.shape[1] - 1, 0))
-    member = (torch.gather(keys, 1, at) == positions) & (positions >= 0) if keys.shape[1] else positions < -1
-    return torch.where(member, -1, positions)
+    return torch.where(in_sorted_rows(keys, positions) & (positions >= 0), -1, positions)
+
+
+def in_sorted_rows(keys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per row, whether each entry of x [B, m] equals an entry of keys [B, k] (each row
+    ascending): a binary search per entry."""
+    if keys.shape[1] == 0:
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    at = torch.searchsorted(keys, x.contiguous()).clamp_(max=keys.shape[1] - 1)
+    return torch.gather(keys, 1, at) == x
 
 
 def _expand_chosen(chosen: torch.Tensor, position: torch.Tensor, width: int) -> torch.Tensor:
@@ -335,11 +342,8 @@ def _members(x: torch.Tensor, x_ok: torch.Tensor, of: torch.Tensor, of_ok: torch
         seen.scatter_(1, torch.where(of_ok, of, n), True)
         seen[:, n] = False
         return seen.gather(1, torch.where(x_ok, x, n))
-    if of.shape[1] == 0:
-        return torch.zeros_like(x_ok)
     keys = torch.where(of_ok, of, n).sort(dim=1).values  # (the invalid last, as n: no valid x equals it)
-    at = torch.searchsorted(keys, torch.where(x_ok, x, n).contiguous()).clamp_(max=keys.shape[1] - 1)
-    return x_ok & (keys.gather(1, at) == x)
+    return x_ok & in_sorted_rows(keys, torch.where(x_ok, x, n))
 
 
 MAP_SPAN = 64  # _members' choice: a membership map while positions span at most this many times the entries

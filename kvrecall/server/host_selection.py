@@ -28,7 +28,13 @@ import torch
 
 from kvrecall.kernels import placement_staged, reference
 from kvrecall.phases import mark
-from kvrecall.server.policies.louiskv import UNIT_COLUMNS, UNIT_FIELDS, LouisKVPolicy, close_segments
+from kvrecall.server.policies.louiskv import (
+    APPEND_FIELDS,
+    UNIT_COLUMNS,
+    UNIT_FIELDS,
+    LouisKVPolicy,
+    close_segments,
+)
 from kvrecall.server.working_set import Placement
 
 _enabled = False  # the daemon's host_selection: configure()
@@ -89,12 +95,11 @@ class HostTable:
             self.fields["reps"][:, : table.num_units] = reps[:, : table.num_units]
             for name in ("valid", "sizes", "position"):
                 self.fields[name] = data[name]
-        else:
-            for means, unit, token, start, n in data:
-                self.fields["reps"][:, unit] = means
-                self.fields["sizes"][:, unit] = n
-                self.fields["valid"][:, unit] = n > 0
-                self.fields["position"][:, token : token + n] = torch.arange(start, start + n, dtype=torch.int32)
+        elif data:  # the closed segments, as the device's append_units wrote them
+            means, units, tokens, starts, lengths = zip(*data, strict=True)
+            mirror = tuple(self.fields[name] for name in APPEND_FIELDS)
+            reference.append_units([mirror] * len(data), torch.stack(means), list(units), list(tokens), list(starts),
+                                   list(lengths))  # fmt: skip
         self.units, self.tokens = table.num_units, table.num_tokens
 
     def view(self, name: str) -> torch.Tensor:
