@@ -8,9 +8,15 @@ Ordering across the two processes: an interprocess CUDA event per session (64-by
 cudaIpcEventHandle_t, CudaIpcRef.event_handle). The writer records it on its stream after
 its writes; the reader's stream waits on it (cudaStreamWaitEvent): the GPU orders the work,
 no host waits for anything.
+
+A daemon embedded in its worker's process (kvrecall.server.embedded) hands that process its own
+handles, which CUDA will not open there: this module keeps what it exported (weakly) and maps a
+handle of this process to the memory or event itself.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -28,6 +34,10 @@ def _cupy():
     return cupy
 
 
+_exported_memory: weakref.WeakValueDictionary[bytes, torch.Tensor] = weakref.WeakValueDictionary()
+_exported_events: weakref.WeakValueDictionary[bytes, torch.cuda.Event] = weakref.WeakValueDictionary()
+
+
 def allocate_shareable(nbytes: int, device: torch.device) -> tuple[torch.Tensor, bytes, object]:
     """A fresh cudaMalloc allocation of `nbytes` as a uint8 tensor, its IPC handle, and the
     owner object that frees it when dropped."""
@@ -38,6 +48,7 @@ def allocate_shareable(nbytes: int, device: torch.device) -> tuple[torch.Tensor,
         handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(memory.ptr))
         array = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(memory, 0))
         tensor = torch.from_dlpack(array)
+    _exported_memory[handle] = tensor
     return tensor, handle, (memory, array)
 
 
@@ -50,6 +61,12 @@ def open_handle(
         raise TensorRefError(f"{field_name}.cuda_ipc.handle", f"{len(ref.handle)} bytes, 64 expected")
     if ref.device < 0 or ref.device >= torch.cuda.device_count():
         raise TensorRefError(f"{field_name}.cuda_ipc.device", f"no CUDA device {ref.device}")
+    own = _exported_memory.get(bytes(ref.handle))
+    if own is not None:  # this process's allocation (an embedded daemon): the memory itself
+        if own.device.index != ref.device or ref.offset + nbytes > own.numel():
+            raise TensorRefError(f"{field_name}.cuda_ipc", f"offset {ref.offset} + {nbytes} bytes on device "
+                                 f"{ref.device} outside the allocation ({own.numel()} bytes on {own.device})")  # fmt: skip
+        return MappedTensor(own[ref.offset : ref.offset + nbytes].view(dtype).view(shape), [])
     with cupy.cuda.Device(ref.device):
         try:
             ptr = cupy.cuda.runtime.ipcOpenMemHandle(ref.handle)
@@ -72,7 +89,9 @@ def create_event(device: torch.device) -> tuple[torch.cuda.Event, bytes]:
     """A fresh interprocess event on `device` and its 64-byte IPC handle."""
     with torch.cuda.device(device):
         event = torch.cuda.Event(interprocess=True)
-        return event, bytes(event.ipc_handle())
+        handle = bytes(event.ipc_handle())
+    _exported_events[handle] = event
+    return event, handle
 
 
 def open_event(handle: bytes, device: int, field_name: str) -> torch.cuda.Event:
@@ -81,6 +100,9 @@ def open_event(handle: bytes, device: int, field_name: str) -> torch.cuda.Event:
         raise TensorRefError(f"{field_name}.cuda_ipc.event_handle", f"{len(handle)} bytes, 64 expected")
     if device < 0 or device >= torch.cuda.device_count():
         raise TensorRefError(f"{field_name}.cuda_ipc.device", f"no CUDA device {device}")
+    own = _exported_events.get(bytes(handle))
+    if own is not None:  # this process's event (an embedded daemon)
+        return own
     try:
         return torch.cuda.Event.from_ipc_handle(device, handle)
     except RuntimeError as exc:

@@ -53,7 +53,10 @@
 # scripts/host_selection_probe.py at 32K (SKIP_TESTS=1: neither), then PART=11 with ARMS "--switch=fixed
 # KVRECALL_WORKER_COPY_SHARE=1,KVRECALL_HOST_SELECTION=1 KVRECALL_DRY_RETRIEVALS=1" and MANY "0 1" (both
 # overridable); BUDGET_S counts the tests too.
-#   usage: [PART=1..14] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
+# PART=15: the daemon embedded in the worker's process (server/embedded.py, bench e2e --daemon embedded):
+# its GPU tests and the CUDA IPC ones (SKIP_TESTS=1: none), then PART=11 with ARMS "--switch=fixed
+# --daemon=embedded" and MANY "1 0" (both overridable).
+#   usage: [PART=1..15] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_env.sh
@@ -98,6 +101,13 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob(sys.argv[2])):
                 print("   copy", row)
 PY
 }
+if [ "${PART:-1}" = 15 ]; then  # the embedded daemon: its GPU tests, then the A/B against a daemon process
+  if [ -z "${SKIP_TESTS:-}" ]; then
+    gpu_test embedded 240 -q tests/gpu/test_embedded_gpu.py tests/gpu/test_cuda_ipc.py tests/gpu/test_ipc_events.py
+  fi
+  [ -n "${BUDGET_S:-}" ] && BUDGET_S=$((BUDGET_S - SECONDS))
+  BUDGET_S=${BUDGET_S:-} PART=11 MANY=${MANY:-1 0} ARMS=${ARMS:---switch=fixed --daemon=embedded} exec bash "$0"
+fi
 if [ "${PART:-1}" = 14 ]; then  # host selection: its GPU test and the host probe, then the A/B
   if [ -z "${SKIP_TESTS:-}" ]; then
     gpu_test host-selection 200 tests/gpu/test_host_selection_gpu.py -q

@@ -189,3 +189,23 @@ def test_bench_e2e_overlap_auto_is_on_where_the_engine_can_run_it(extra, expecte
     from kvrecall.bench.e2e import _overlap, parse_args
 
     assert _overlap(parse_args(["--device", "cpu", *extra])) is expected
+
+
+def test_bench_e2e_runs_with_an_embedded_daemon(tmp_path):
+    """`bench e2e --daemon embedded`: the daemon on a thread of the bench's process (its
+    KVRECALL_* settings from --daemon-env), the rows as with a daemon process, the mode in meta."""
+    from kvrecall.cli import main
+
+    out, log = tmp_path / "e2e.json", tmp_path / "daemon.log"
+    argv = ["bench", "e2e", "--device", "cpu", "--shape", "tiny", "--contexts", "300", "--batches", "2",
+            "--policies", "louiskv", "--budget", "64", "--rates", "0,0.25", "--lag", "1", "--steps", "6",
+            "--warmup", "1", "--parts", "step", "--daemon", "embedded", "--daemon-env", "KVRECALL_WORKER_COPY_SHARE=1",
+            "--daemon-log", str(log), "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert not result["errors"] and result["meta"]["daemon"] == "embedded"
+    louiskv = {r["rate"]: r for r in result["rows"] if r["policy"] == "louiskv"}
+    assert louiskv[0.25]["boundary_share"] > 0 and louiskv[0.25]["answers"] > 0
+    text = log.read_text()
+    assert "embedded daemon config" in text and '"worker_copy_share": 1.0' in text, text[-2000:]
+    assert text.rstrip().endswith("stopped")

@@ -43,6 +43,7 @@ from kvrecall.engine.engine import DEFAULT_LAG, SWITCH_INTERVAL_S, SWITCHES, Dae
 from kvrecall.engine.full import FullKV
 from kvrecall.engine.graph import GraphStep
 from kvrecall.local import LocalDaemon
+from kvrecall.server.embedded import EmbeddedDaemon
 
 TINY = DecoderShape(2, 256, 4, 2, 64, 512, 1000)
 MEASURED_RATE = 0.117  # louiskv's boundary rate on the real model at the default threshold (docs/TUNING.md)
@@ -112,6 +113,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--daemon-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the daemon process only (repeatable), e.g. "
                    "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=20 under CUDA MPS, KVRECALL_HOST_READS=kernel")
+    p.add_argument("--daemon", choices=("process", "embedded"), default="process",
+                   help="process (default): the daemon as a process of its own, as `kvrecall serve` runs it; "
+                   "embedded: on a thread of this process (kvrecall.server.embedded: its kernels run in the "
+                   "worker's CUDA context instead of time-slicing with it; --daemon-env takes KVRECALL_* settings "
+                   "only, and the worker's peak GPU memory then includes the daemon's temporaries)")
     p.add_argument("--daemon-log", default="", metavar="PATH",
                    help="keep the daemon's log at PATH (default: a temporary file, removed after a clean stop)")
     p.add_argument("--profile-steps", type=int, default=0,
@@ -160,6 +166,7 @@ class Bench:
         self.overlap = _overlap(args)
         self.meta["overlap"] = self.overlap
         self.meta["switch"] = args.switch
+        self.meta["daemon"] = args.daemon
         self.meta["query_drift"] = args.query_drift
         self.meta["weights_gib"] = _gib(self.weights.nbytes)
         self.token_bytes = shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * torch.finfo(dtype).bits // 8
@@ -380,8 +387,9 @@ class Bench:
         started = time.perf_counter()
         # Pinning a large host tier takes a while (minutes for ~100 GiB on a fresh VM).
         extra_env = dict(item.split("=", 1) for item in args.daemon_env)
-        daemon = LocalDaemon(host_pool_gb=host_gib, device_pool_gb=device_gib, device=str(self.device),
-                             env=extra_env or None, log_path=args.daemon_log or None)  # fmt: skip
+        daemon_class = EmbeddedDaemon if args.daemon == "embedded" else LocalDaemon
+        daemon = daemon_class(host_pool_gb=host_gib, device_pool_gb=device_gib, device=str(self.device),
+                              env=extra_env or None, log_path=args.daemon_log or None)  # fmt: skip
         with daemon.start(timeout=600.0):
             self.meta["daemon_start_s"] = round(time.perf_counter() - started, 1)
             with KVRecallClient(daemon.target, "bench-e2e", timeout=600.0) as client:

@@ -31,7 +31,9 @@ class GraphStep:
         torch.cuda.synchronize(device)
         try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: a daemon embedded in this process (server.embedded) launches and syncs
+            # on its own threads meanwhile; only this thread's calls may not break the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 fn()
             self.graph = graph
         except Exception as exc:  # capture failed: run eagerly and say so

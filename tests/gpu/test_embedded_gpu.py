@@ -1,0 +1,54 @@
+"""The daemon embedded in its worker's process on a GPU (kvrecall.server.embedded): the CUDA IPC
+handles it hands over are this process's own, which CUDA will not open here, so kvrecall.cuda_ipc
+maps them to the memory and events themselves; the engine's louiskv sessions (captured steps,
+worker copies at share 0 and 1, overlap off and on) decode the same tokens and logits as with a
+daemon process (the CPU test's scenario, tests/engine/test_embedded_engine.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvrecall.v1 import kvrecall_pb2 as pb
+from tests.engine.test_embedded_engine import decode_with
+from tests.gpu.test_engine_gpu import tiny_llama  # noqa: F401 (the fixture: 3 layers, 1,024 positions)
+
+pytestmark = pytest.mark.gpu
+
+ENV = {"KVRECALL_WARMUP": "", "KVRECALL_HOST_READS": "copy"}
+
+
+def test_own_handles_map_to_themselves():
+    from kvrecall.cuda_ipc import allocate_shareable, create_event, open_event, open_handle
+    from kvrecall.transport import TensorRefError
+
+    device = torch.device("cuda", 0)
+    tensor, handle, owner = allocate_shareable(4096, device)
+    ref = pb.CudaIpcRef(handle=handle, offset=1024, device=0)
+    mapped = open_handle(ref, torch.bfloat16, (8, 16), 256, "keys")
+    mapped.tensor.fill_(3.0)
+    assert mapped.tensor.data_ptr() == tensor.data_ptr() + 1024
+    assert torch.equal(tensor[1024:1280].view(torch.bfloat16), torch.full((128,), 3.0, device=device, dtype=torch.bfloat16))
+    with pytest.raises(TensorRefError, match="keys.cuda_ipc"):  # past the allocation's end
+        open_handle(pb.CudaIpcRef(handle=handle, offset=4000, device=0), torch.bfloat16, (8, 16), 256, "keys")
+    mapped.close()
+    event, event_handle = create_event(device)
+    assert open_event(event_handle, 0, "query") is event
+    del owner
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama, tmp_path_factory):  # noqa: F811
+    logs = tmp_path_factory.mktemp("embedded-gpu")
+    return {(kind, share): decode_with(tiny_llama, kind, share, str(logs / f"{kind}-{share}.log"), "cuda", ENV)
+            for kind in ("process", "embedded") for share in ("0", "1")}  # fmt: skip
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("share", ["0", "1"])
+def test_embedded_daemon_decodes_as_a_daemon_process_on_cuda(runs, share, overlap):
+    process, embedded = runs["process", share][overlap], runs["embedded", share][overlap]
+    assert runs["embedded", share]["stop_code"] == 0, runs["embedded", share]["log"][-2000:]
+    assert (embedded["staged"] > 0) == (share == "1")
+    assert embedded["tokens"] == process["tokens"]
+    torch.testing.assert_close(embedded["logits"], process["logits"], rtol=0, atol=1e-4)
