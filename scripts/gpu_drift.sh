@@ -103,7 +103,7 @@ PY
 }
 if [ "${PART:-1}" = 15 ]; then  # the embedded daemon: its GPU tests, then the A/B against a daemon process
   if [ -z "${SKIP_TESTS:-}" ]; then
-    gpu_test embedded 240 -q tests/gpu/test_embedded_gpu.py tests/gpu/test_cuda_ipc.py tests/gpu/test_ipc_events.py
+    gpu_test embedded 150 -q tests/gpu/test_embedded_gpu.py tests/gpu/test_ipc_events.py
   fi
   [ -n "${BUDGET_S:-}" ] && BUDGET_S=$((BUDGET_S - SECONDS))
   BUDGET_S=${BUDGET_S:-} PART=11 MANY=${MANY:-1 0} ARMS=${ARMS:---switch=fixed --daemon=embedded} exec bash "$0"
