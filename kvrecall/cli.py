@@ -97,16 +97,29 @@ def _worker(args: argparse.Namespace) -> int:
 
     args.worker_id = worker_id(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one rank of a tensor-parallel group (docs/MULTIGPU.md)
+        if args.target == EMBEDDED:
+            raise SystemExit("--target embedded: not for a tensor-parallel group (its ranks share one daemon)")
         from kvrecall.tp.worker import run_tp_worker
 
         return run_tp_worker(args)
-    if args.serve:
-        from kvrecall.serve.server import run_server
+    embedded = None
+    if args.target == EMBEDDED:  # the daemon on a thread of this process (kvrecall.server.embedded)
+        from kvrecall.server.embedded import EmbeddedDaemon
 
-        return run_server(args)
-    from kvrecall.demo import run_worker
+        device = args.device or os.environ.get("KVRECALL_DEVICE", "cpu")
+        embedded = EmbeddedDaemon(device="cuda:0" if device == "cuda" else device).start(timeout=600.0)
+        args.target = embedded.target
+    try:
+        if args.serve:
+            from kvrecall.serve.server import run_server
 
-    return run_worker(args)
+            return run_server(args)
+        from kvrecall.demo import run_worker
+
+        return run_worker(args)
+    finally:
+        if embedded is not None:
+            embedded.stop()
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -121,6 +134,7 @@ def _soak(args: argparse.Namespace) -> int:
     return run_soak(args)
 
 
+EMBEDDED = "embedded"  # worker --target: the daemon on a thread of the worker's process
 MAX_LAG = 15  # below every policy's spill_every (16): Engine refuses a lag a session cannot take
 SWITCHES = ("fixed", "answered", "patient", "adaptive")  # Engine's `switch` (kvrecall/engine/engine.py; torch-free here)
 
@@ -244,7 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a model worker: with --serve an OpenAI-compatible HTTP server; without, run decode "
         "sessions of the bundled model, then exit",
     )
-    worker.add_argument("--target", required=True, help="daemon address")
+    worker.add_argument(
+        "--target", required=True,
+        help="daemon address, or `embedded`: a daemon on a thread of this process (its KVRECALL_* settings from "
+        "the environment; its kernels share the worker's CUDA context instead of time-slicing with it; for one "
+        "worker on a GPU, docs/TUNING.md)",
+    )
     add_policy_arguments(worker)
     worker.add_argument(
         "--worker-id", help="identity on the daemon (quotas, stats; default: $KVRECALL_WORKER_ID or the host name)"

@@ -36,12 +36,13 @@ log = logging.getLogger("kvrecall.embedded")
 
 class EmbeddedDaemon:
     """A daemon serving from a thread of this process on a private socket (module docstring).
-    `env`: KVRECALL_* settings over this process's environment; `overrides`: settings by name."""
+    `env`: KVRECALL_* settings over this process's environment; `overrides`: settings by name;
+    pools of None: the config's (KVRECALL_HOST_POOL_GB, KVRECALL_DEVICE_POOL_GB, else the defaults)."""
 
     def __init__(
         self,
-        host_pool_gb: float = 2.0,
-        device_pool_gb: float = 1.0,
+        host_pool_gb: float | None = None,
+        device_pool_gb: float | None = None,
         device: str = "cpu",
         env: dict[str, str] | None = None,
         log_path: str | None = None,
@@ -53,8 +54,7 @@ class EmbeddedDaemon:
         self.target = f"unix://{self.socket}"
         self.log_path = log_path or os.path.join(self._dir, "daemon.log")
         settings = {"listen": [self.target], "device": device, "host_pool_gb": host_pool_gb,
-                    "device_pool_gb": device_pool_gb, **({"worker_share": worker_share} if worker_share else {}),
-                    **(overrides or {})}  # fmt: skip
+                    "device_pool_gb": device_pool_gb, "worker_share": worker_share, **(overrides or {})}  # fmt: skip
         self.config = load_config(overrides=settings, env={**os.environ, **(env or {})})
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
