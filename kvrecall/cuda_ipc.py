@@ -10,8 +10,10 @@ its writes; the reader's stream waits on it (cudaStreamWaitEvent): the GPU order
 no host waits for anything.
 
 A daemon embedded in its worker's process (kvrecall.server.embedded) hands that process its own
-handles, which CUDA will not open there: this module keeps what it exported (weakly) and maps a
-handle of this process to the memory or event itself.
+handles, which CUDA will not open there: while one runs (`serve_own_handles`), this module maps a
+handle it exported itself to the memory or event itself (kept weakly: an allocation's owner object,
+an event). Otherwise handles are opened as always, so a handle of another process is never taken
+for one of this process's (the 64 bytes are opaque; two processes' need not differ).
 """
 
 from __future__ import annotations
@@ -34,13 +36,28 @@ def _cupy():
     return cupy
 
 
-_exported_memory: weakref.WeakValueDictionary[bytes, torch.Tensor] = weakref.WeakValueDictionary()
+class Shareable:
+    """An allocation's owner (allocate_shareable): frees it when the last reference goes."""
+
+    def __init__(self, memory, array, tensor: torch.Tensor) -> None:
+        self.memory, self.array, self.tensor = memory, array, tensor
+
+
+_exported_memory: weakref.WeakValueDictionary[bytes, Shareable] = weakref.WeakValueDictionary()
 _exported_events: weakref.WeakValueDictionary[bytes, torch.cuda.Event] = weakref.WeakValueDictionary()
+_own_handles = 0  # embedded daemons running in this process
 
 
-def allocate_shareable(nbytes: int, device: torch.device) -> tuple[torch.Tensor, bytes, object]:
+def serve_own_handles(on: bool) -> None:
+    """An embedded daemon starts (on) or stops (off): while any runs, this process's own handles
+    map to themselves."""
+    global _own_handles
+    _own_handles = max(0, _own_handles + (1 if on else -1))
+
+
+def allocate_shareable(nbytes: int, device: torch.device) -> tuple[torch.Tensor, bytes, Shareable]:
     """A fresh cudaMalloc allocation of `nbytes` as a uint8 tensor, its IPC handle, and the
-    owner object that frees it when dropped."""
+    owner object that frees it when dropped (keep it as long as the handle is in use)."""
     cupy = _cupy()
     index = device.index if device.index is not None else torch.cuda.current_device()
     with cupy.cuda.Device(index):
@@ -48,8 +65,9 @@ def allocate_shareable(nbytes: int, device: torch.device) -> tuple[torch.Tensor,
         handle = bytes(cupy.cuda.runtime.ipcGetMemHandle(memory.ptr))
         array = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(memory, 0))
         tensor = torch.from_dlpack(array)
-    _exported_memory[handle] = tensor
-    return tensor, handle, (memory, array)
+    owner = Shareable(memory, array, tensor)
+    _exported_memory[handle] = owner
+    return tensor, handle, owner
 
 
 def open_handle(
@@ -61,8 +79,9 @@ def open_handle(
         raise TensorRefError(f"{field_name}.cuda_ipc.handle", f"{len(ref.handle)} bytes, 64 expected")
     if ref.device < 0 or ref.device >= torch.cuda.device_count():
         raise TensorRefError(f"{field_name}.cuda_ipc.device", f"no CUDA device {ref.device}")
-    own = _exported_memory.get(bytes(ref.handle))
-    if own is not None:  # this process's allocation (an embedded daemon): the memory itself
+    owner = _exported_memory.get(bytes(ref.handle)) if _own_handles else None
+    if owner is not None:  # this process's allocation (an embedded daemon): the memory itself
+        own = owner.tensor
         if own.device.index != ref.device or ref.offset + nbytes > own.numel():
             raise TensorRefError(f"{field_name}.cuda_ipc", f"offset {ref.offset} + {nbytes} bytes on device "
                                  f"{ref.device} outside the allocation ({own.numel()} bytes on {own.device})")  # fmt: skip
@@ -100,7 +119,7 @@ def open_event(handle: bytes, device: int, field_name: str) -> torch.cuda.Event:
         raise TensorRefError(f"{field_name}.cuda_ipc.event_handle", f"{len(handle)} bytes, 64 expected")
     if device < 0 or device >= torch.cuda.device_count():
         raise TensorRefError(f"{field_name}.cuda_ipc.device", f"no CUDA device {device}")
-    own = _exported_events.get(bytes(handle))
+    own = _exported_events.get(bytes(handle)) if _own_handles else None
     if own is not None:  # this process's event (an embedded daemon)
         return own
     try:

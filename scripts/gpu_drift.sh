@@ -103,7 +103,8 @@ PY
 }
 if [ "${PART:-1}" = 15 ]; then  # the embedded daemon: its GPU tests, then the A/B against a daemon process
   if [ -z "${SKIP_TESTS:-}" ]; then
-    gpu_test embedded 150 -q tests/gpu/test_embedded_gpu.py tests/gpu/test_ipc_events.py
+    PYTHONFAULTHANDLER=1 gpu_test embedded 150 -q --basetemp="$OUT/logs/pytest" tests/gpu/test_embedded_gpu.py \
+      tests/gpu/test_ipc_events.py  # (the daemons' logs come back under logs/pytest)
   fi
   [ -n "${BUDGET_S:-}" ] && BUDGET_S=$((BUDGET_S - SECONDS))
   BUDGET_S=${BUDGET_S:-} PART=11 MANY=${MANY:-1 0} ARMS=${ARMS:---switch=fixed --daemon=embedded} exec bash "$0"

@@ -61,6 +61,7 @@ class EmbeddedDaemon:
         self._daemon = None
         self._error: BaseException | None = None
         self._handler: logging.Handler | None = None
+        self._own_handles = False
 
     def start(self, timeout: float = 300.0) -> EmbeddedDaemon:
         """Start the thread and wait until the daemon serves (a CUDA daemon compiles its
@@ -73,6 +74,11 @@ class EmbeddedDaemon:
         if root.getEffectiveLevel() > logging.INFO:
             root.setLevel(logging.INFO)
         log.info("embedded daemon config: %s", json.dumps(self.config.summary(), default=str))
+        if self.config.device.startswith("cuda"):
+            from kvrecall import cuda_ipc
+
+            cuda_ipc.serve_own_handles(True)
+            self._own_handles = True
         ready = threading.Event()
         self._error = None
         self._thread = threading.Thread(
@@ -136,6 +142,11 @@ class EmbeddedDaemon:
         self._thread.join(max(0.0, deadline - time.monotonic()))
         stuck = self._thread.is_alive()
         self._thread = None
+        if self._own_handles:
+            from kvrecall import cuda_ipc
+
+            cuda_ipc.serve_own_handles(False)
+            self._own_handles = False
         if self._handler is not None:
             logging.getLogger("kvrecall").removeHandler(self._handler)
             self._handler.close()

@@ -29,6 +29,7 @@ def decode_with(
         host_pool_gb=0.5, device_pool_gb=0.25, device=daemon_device, env=env, log_path=log_path
     )
     daemon.start()
+    out: dict = {}
     try:
         with KVRecallClient(daemon.target, f"embedded-{kind}") as client:
             assert client.health() == "SERVING"

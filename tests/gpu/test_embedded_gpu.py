@@ -18,23 +18,37 @@ pytestmark = pytest.mark.gpu
 ENV = {"KVRECALL_WARMUP": "", "KVRECALL_HOST_READS": "copy"}
 
 
-def test_own_handles_map_to_themselves():
-    from kvrecall.cuda_ipc import allocate_shareable, create_event, open_event, open_handle
+def test_own_handles_map_to_themselves_while_an_embedded_daemon_runs():
+    from kvrecall import cuda_ipc
     from kvrecall.transport import TensorRefError
 
     device = torch.device("cuda", 0)
-    tensor, handle, owner = allocate_shareable(4096, device)
+    tensor, handle, owner = cuda_ipc.allocate_shareable(4096, device)
+    event, event_handle = cuda_ipc.create_event(device)
     ref = pb.CudaIpcRef(handle=handle, offset=1024, device=0)
-    mapped = open_handle(ref, torch.bfloat16, (8, 16), 256, "keys")
-    mapped.tensor.fill_(3.0)
-    assert mapped.tensor.data_ptr() == tensor.data_ptr() + 1024
-    assert torch.equal(tensor[1024:1280].view(torch.bfloat16), torch.full((128,), 3.0, device=device, dtype=torch.bfloat16))
-    with pytest.raises(TensorRefError, match="keys.cuda_ipc"):  # past the allocation's end
-        open_handle(pb.CudaIpcRef(handle=handle, offset=4000, device=0), torch.bfloat16, (8, 16), 256, "keys")
-    mapped.close()
-    event, event_handle = create_event(device)
-    assert open_event(event_handle, 0, "query") is event
-    del owner
+    with pytest.raises(TensorRefError, match="keys.cuda_ipc.handle: cannot open"):  # none runs: opened as always
+        cuda_ipc.open_handle(ref, torch.bfloat16, (8, 16), 256, "keys")
+    cuda_ipc.serve_own_handles(True)
+    try:
+        mapped = cuda_ipc.open_handle(ref, torch.bfloat16, (8, 16), 256, "keys")
+        mapped.tensor.fill_(3.0)
+        assert mapped.tensor.data_ptr() == tensor.data_ptr() + 1024
+        expected = torch.full((128,), 3.0, device=device, dtype=torch.bfloat16)
+        assert torch.equal(tensor[1024:1280].view(torch.bfloat16), expected)
+        with pytest.raises(TensorRefError, match="keys.cuda_ipc"):  # past the allocation's end
+            cuda_ipc.open_handle(pb.CudaIpcRef(handle=handle, offset=4000, device=0), torch.bfloat16, (8, 16), 256,
+                                 "keys")  # fmt: skip
+        mapped.close()
+        assert cuda_ipc.open_event(event_handle, 0, "query") is event
+    finally:
+        cuda_ipc.serve_own_handles(False)
+    del owner, tensor
+    with pytest.raises(TensorRefError, match="cannot open"):  # freed: no longer this process's
+        cuda_ipc.serve_own_handles(True)
+        try:
+            cuda_ipc.open_handle(ref, torch.bfloat16, (8, 16), 256, "keys")
+        finally:
+            cuda_ipc.serve_own_handles(False)
 
 
 @pytest.fixture(scope="module")
