@@ -11,8 +11,8 @@ no host waits for anything.
 
 A daemon embedded in its worker's process (kvrecall.server.embedded) hands that process its own
 handles, which CUDA will not open there: while one runs (`serve_own_handles`), this module maps a
-handle it exported itself to the memory or event itself (kept weakly: an allocation's owner object,
-an event). Otherwise handles are opened as always, so a handle of another process is never taken
+handle it exported itself to the memory or event itself (an allocation by its owner object, kept
+weakly; an event created meanwhile, until its session forgets it). Otherwise handles are opened as always, so a handle of another process is never taken
 for one of this process's (the 64 bytes are opaque; two processes' need not differ).
 """
 
@@ -44,7 +44,9 @@ class Shareable:
 
 
 _exported_memory: weakref.WeakValueDictionary[bytes, Shareable] = weakref.WeakValueDictionary()
-_exported_events: weakref.WeakValueDictionary[bytes, torch.cuda.Event] = weakref.WeakValueDictionary()
+# (events cannot be weakly referenced: torch's event type crashes on it; kept while an embedded
+# daemon runs, until forget_event)
+_exported_events: dict[bytes, torch.cuda.Event] = {}
 _own_handles = 0  # embedded daemons running in this process
 
 
@@ -53,6 +55,8 @@ def serve_own_handles(on: bool) -> None:
     map to themselves."""
     global _own_handles
     _own_handles = max(0, _own_handles + (1 if on else -1))
+    if not _own_handles:
+        _exported_events.clear()
 
 
 def allocate_shareable(nbytes: int, device: torch.device) -> tuple[torch.Tensor, bytes, Shareable]:
@@ -109,8 +113,14 @@ def create_event(device: torch.device) -> tuple[torch.cuda.Event, bytes]:
     with torch.cuda.device(device):
         event = torch.cuda.Event(interprocess=True)
         handle = bytes(event.ipc_handle())
-    _exported_events[handle] = event
+    if _own_handles:
+        _exported_events[handle] = event
     return event, handle
+
+
+def forget_event(handle: bytes) -> None:
+    """The event of `handle` is no longer handed out (its session closed)."""
+    _exported_events.pop(bytes(handle), None)
 
 
 def open_event(handle: bytes, device: int, field_name: str) -> torch.cuda.Event:
@@ -119,7 +129,7 @@ def open_event(handle: bytes, device: int, field_name: str) -> torch.cuda.Event:
         raise TensorRefError(f"{field_name}.cuda_ipc.event_handle", f"{len(handle)} bytes, 64 expected")
     if device < 0 or device >= torch.cuda.device_count():
         raise TensorRefError(f"{field_name}.cuda_ipc.device", f"no CUDA device {device}")
-    own = _exported_events.get(bytes(handle)) if _own_handles else None
+    own = _exported_events.get(bytes(handle))
     if own is not None:  # this process's event (an embedded daemon)
         return own
     try:

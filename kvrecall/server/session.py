@@ -378,6 +378,10 @@ class Session:
             device = self.device_bytes
             self.store.release()
             device_pool.free(self.segment)
+            if self.worker_event_handle:
+                from kvrecall.cuda_ipc import forget_event
+
+                forget_event(self.worker_event_handle)
             return host, device
 
 

@@ -1,6 +1,9 @@
 """The CUDA streams a daemon's session work runs on.
 
-Retrievals, ingests and chunks run on the device's current (default) stream. A Boundaries call
+Retrievals, ingests and chunks run on the device's current stream: the default stream in a
+daemon process; in a daemon embedded in its worker's process (server.embedded), a stream of the
+highest priority made for its threads, since the default stream there is the worker's too and
+would queue the daemon's kernels behind the worker's steps. A Boundaries call
 that only notices (every event an AppendNotice: the worker's next step waits for it) runs on
 the *notice stream* instead, so its one sync waits for its own kernels and not for the
 scoring, selection and placement kernels of background retrievals queued before it (with a
@@ -26,6 +29,21 @@ T = TypeVar("T")
 
 _NOTICE: dict[int, torch.cuda.Stream] = {}
 _LOCK = threading.Lock()
+_PRIORITY = 0  # of the streams made here: 0 (CUDA's default), or HIGHEST for an embedded daemon
+HIGHEST = -100  # (torch maps it to the device's highest stream priority)
+
+
+def set_priority(priority: int) -> None:
+    """The priority of the streams made from now on (an embedded daemon's: HIGHEST, so that its
+    kernels' blocks go before a decode step's waiting ones in the context they share)."""
+    global _PRIORITY
+    _PRIORITY = priority
+
+
+def daemon_stream(device: torch.device) -> torch.cuda.Stream:
+    """A stream of the current priority for a daemon's session work (an embedded daemon's: its
+    threads' current stream instead of the default stream it would share with the worker)."""
+    return torch.cuda.Stream(device, priority=_PRIORITY)
 
 
 def notice_stream(device: torch.device) -> torch.cuda.Stream | None:
@@ -36,7 +54,7 @@ def notice_stream(device: torch.device) -> torch.cuda.Stream | None:
     with _LOCK:
         stream = _NOTICE.get(index)
         if stream is None:
-            stream = _NOTICE[index] = torch.cuda.Stream(index)
+            stream = _NOTICE[index] = torch.cuda.Stream(index, priority=_PRIORITY)
         return stream
 
 

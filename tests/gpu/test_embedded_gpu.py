@@ -24,12 +24,12 @@ def test_own_handles_map_to_themselves_while_an_embedded_daemon_runs():
 
     device = torch.device("cuda", 0)
     tensor, handle, owner = cuda_ipc.allocate_shareable(4096, device)
-    event, event_handle = cuda_ipc.create_event(device)
     ref = pb.CudaIpcRef(handle=handle, offset=1024, device=0)
     with pytest.raises(TensorRefError, match="keys.cuda_ipc.handle: cannot open"):  # none runs: opened as always
         cuda_ipc.open_handle(ref, torch.bfloat16, (8, 16), 256, "keys")
     cuda_ipc.serve_own_handles(True)
     try:
+        event, event_handle = cuda_ipc.create_event(device)
         mapped = cuda_ipc.open_handle(ref, torch.bfloat16, (8, 16), 256, "keys")
         mapped.tensor.fill_(3.0)
         assert mapped.tensor.data_ptr() == tensor.data_ptr() + 1024
@@ -40,6 +40,7 @@ def test_own_handles_map_to_themselves_while_an_embedded_daemon_runs():
                                  "keys")  # fmt: skip
         mapped.close()
         assert cuda_ipc.open_event(event_handle, 0, "query") is event
+        cuda_ipc.forget_event(event_handle)  # (its session closed)
     finally:
         cuda_ipc.serve_own_handles(False)
     del owner, tensor
