@@ -3,7 +3,7 @@
 # under $OUT/logs), `e2e_warmup` (an untimed bench first) and `e2e_finish` (pack the logs, print each JSON's
 # ratios and rows).
 #   usage: . scripts/gpu_e2e_lib.sh; e2e_run NAME SECONDS ARGS...; e2e_finish
-E2E="python3 -m kvrecall.cli bench e2e --policies louiskv --lag 4 --steps 96 --warmup 16 --host-cap-gib 40 --host-pool-gib 40"
+E2E="python3 -m kvrecall.cli bench e2e --policies louiskv --lag 4 --steps 96 --warmup 16 --host-cap-gib 40 --host-pool-gib 40 ${E2E_EXTRA:-}"
 mkdir -p "$OUT/logs"
 { date -u; nvidia-smi --query-gpu=index,name,driver_version --format=csv; nproc; free -g | head -2; } > "$OUT/logs/env.txt" 2>&1
 SECONDS=0
