@@ -108,7 +108,7 @@ def _worker(args: argparse.Namespace) -> int:
 
         device = args.device or os.environ.get("KVRECALL_DEVICE", "cpu")
         embedded = EmbeddedDaemon(device="cuda:0" if device == "cuda" else device).start(timeout=600.0)
-        args.target = embedded.target
+        args.target, args.embedded = embedded.target, True
     try:
         if args.serve:
             from kvrecall.serve.server import run_server

@@ -206,6 +206,8 @@ def test_bench_e2e_runs_with_an_embedded_daemon(tmp_path):
     assert not result["errors"] and result["meta"]["daemon"] == "embedded"
     louiskv = {r["rate"]: r for r in result["rows"] if r["policy"] == "louiskv"}
     assert louiskv[0.25]["boundary_share"] > 0 and louiskv[0.25]["answers"] > 0
+    # the daemon's threads share the interpreter lock: the embedded default switch interval
+    assert result["meta"]["switch_interval_ms"] == 0.2 and louiskv[0.25]["switch_interval_ms"] == 0.2
     text = log.read_text()
     assert "embedded daemon config" in text and '"worker_copy_share": 1.0' in text, text[-2000:]
     assert text.rstrip().endswith("stopped")

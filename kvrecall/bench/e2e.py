@@ -39,7 +39,13 @@ from kvrecall.bench.host_probe import host_probe
 from kvrecall.client import KVRecallClient, ModelSpec
 from kvrecall.engine import LLAMA3_8B, DecoderShape, DecoderWeights, Engine
 from kvrecall.engine.decoder import Decoder
-from kvrecall.engine.engine import DEFAULT_LAG, SWITCH_INTERVAL_S, SWITCHES, DaemonTimes
+from kvrecall.engine.engine import (
+    DEFAULT_LAG,
+    EMBEDDED_SWITCH_INTERVAL_S,
+    SWITCH_INTERVAL_S,
+    SWITCHES,
+    DaemonTimes,
+)
 from kvrecall.engine.full import FullKV
 from kvrecall.engine.graph import GraphStep
 from kvrecall.local import LocalDaemon
@@ -77,9 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lag", default=str(DEFAULT_LAG),
                    help="steps a slot reads its shadow while the daemon retrieves (0: retrieval blocks the next "
                    "step); comma-separated: each louiskv rate above 0 is measured at every lag")
-    p.add_argument("--switch-interval-ms", default=str(SWITCH_INTERVAL_S * 1e3),
-                   help="the interpreter's thread switch interval; comma-separated: each louiskv rate above 0 "
-                   "is measured at every value (and lag)")
+    p.add_argument("--switch-interval-ms", default="",
+                   help="the interpreter's thread switch interval (default: the engine's, 0.5 ms; 0.2 ms with "
+                   "--daemon embedded); comma-separated: each louiskv rate above 0 is measured at every value (and lag)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
     p.add_argument("--capped-context", type=int, default=32768, help="context of the capped-GPU-KV throughput part")
     p.add_argument("--gpu-kv-cap-gib", type=float, default=16.0, help="GPU KV cap of that part")
@@ -167,6 +173,8 @@ class Bench:
         self.meta["overlap"] = self.overlap
         self.meta["switch"] = args.switch
         self.meta["daemon"] = args.daemon
+        self.switch_interval = EMBEDDED_SWITCH_INTERVAL_S if args.daemon == "embedded" else SWITCH_INTERVAL_S
+        self.meta["switch_interval_ms"] = round(self.switch_interval * 1e3, 3)
         self.meta["query_drift"] = args.query_drift
         self.meta["weights_gib"] = _gib(self.weights.nbytes)
         self.token_bytes = shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * torch.finfo(dtype).bits // 8
@@ -296,7 +304,7 @@ class Bench:
             daemon_device = next(p.used_bytes for p in stats.pools if p.tier == "device")
             host_bytes = next(p.used_bytes for p in stats.pools if p.tier == "host")
             rows = []
-            switches = [float(x) / 1e3 for x in args.switch_interval_ms.split(",") if x]
+            switches = [float(x) / 1e3 for x in args.switch_interval_ms.split(",") if x] or [self.switch_interval]
             phases = [(rate, lag, sw) for rate in rates for lag in (lags if rate > 0 else lags[:1])
                       for sw in (switches if rate > 0 else switches[:1])] \
                 if policy == "louiskv" else [(1.0 if policy == "quest" else 0.0, lags[0], switches[0])]  # fmt: skip
@@ -465,7 +473,7 @@ class Bench:
             full = find("step", "full", c, b)
             bound = find("step", "louiskv", c, b, 0.0)
             key = f"{c // 1024}K_b{b}_lag{r['lag']}" + (
-                f"_switch{r['switch_interval_ms']}ms" if r.get("switch_interval_ms") not in (None, SWITCH_INTERVAL_S * 1e3) else ""
+                f"_switch{r['switch_interval_ms']}ms" if r.get("switch_interval_ms") not in (None, self.switch_interval * 1e3) else ""
             )
             if full:
                 ratios[f"speedup_vs_full_{key}"] = round(full["median_ms"] / r["mean_ms"], 3)

@@ -101,6 +101,10 @@ ADAPT_QUANTILE = 0.9
 # at 32K x 8 with the calls in threads of their own, 0.5 ms took host time per step from 4.0 to
 # 2.8 ms: bench/results/2026-11-30-h200-switch-e2e.json).
 SWITCH_INTERVAL_S = 0.0005
+# With the daemon embedded in the worker's process (kvrecall.server.embedded) its threads share the
+# lock with the decoding thread: 0.2 ms answered 64 sequences at 11.7% boundaries with 3-5 late
+# steps against 7-16 at 0.5 ms (H200, bench/results/2026-12-03-h200-emb{3,4}-*), the same at 32K x 8.
+EMBEDDED_SWITCH_INTERVAL_S = 0.0002
 
 
 class _Pending:

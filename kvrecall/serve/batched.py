@@ -38,7 +38,7 @@ import torch
 from kvrecall.client import KVRecallClient
 from kvrecall.client.hf import spec_for
 from kvrecall.engine import DecoderWeights, Engine
-from kvrecall.engine.engine import DEFAULT_LAG
+from kvrecall.engine.engine import DEFAULT_LAG, SWITCH_INTERVAL_S
 from kvrecall.models.pretrained import LoadedModel
 from kvrecall.serve.generation import (
     SESSION_MARGIN,
@@ -85,9 +85,10 @@ class BatchedEngine:
 
     def __init__(
         self, loaded: LoadedModel, client: KVRecallClient, slots: int, max_queue: int, max_model_len: int,
-        lag: int | None = None, overlap: bool = True, switch: str = "fixed",
+        lag: int | None = None, overlap: bool = True, switch: str = "fixed", switch_interval: float | None = None,
     ) -> None:  # fmt: skip
         self.loaded = loaded
+        self.switch_interval = SWITCH_INTERVAL_S if switch_interval is None else switch_interval
         self.lag = DEFAULT_LAG if lag is None else lag
         self.switch = switch  # when a crossed request leaves its shadow (Engine's `switch`)
         # Each step launched before the host work of the one before (Engine overlap; its sessions
@@ -110,7 +111,7 @@ class BatchedEngine:
 
     def _new_engine(self) -> Engine:
         return Engine(self.weights, batch=self.slots, max_capacity=self.max_capacity, lag=self.lag,
-                      overlap=self.overlap, switch=self.switch)
+                      overlap=self.overlap, switch=self.switch, switch_interval=self.switch_interval)
 
     def load(self) -> dict[str, int]:
         with self._lock:

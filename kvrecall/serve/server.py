@@ -35,8 +35,12 @@ def make_engine(loaded, client, device: str, args: argparse.Namespace, window: i
 
     reason = unbatchable(loaded.model)
     if reason is None:
+        from kvrecall.engine.engine import EMBEDDED_SWITCH_INTERVAL_S, SWITCH_INTERVAL_S
+
+        embedded = getattr(args, "embedded", False)  # the daemon on a thread of this process: its lock too
         return BatchedEngine(loaded, client, args.max_batch, args.max_queue, window, lag=args.lag,
-                             overlap=args.overlap == "on", switch=args.switch)
+                             overlap=args.overlap == "on", switch=args.switch,
+                             switch_interval=EMBEDDED_SWITCH_INTERVAL_S if embedded else SWITCH_INTERVAL_S)
     log.warning("%s: no batched decode (%s); requests decode one at a time", loaded.name, reason)
     return SerialEngine(loaded, client, device, args.max_queue)
 
