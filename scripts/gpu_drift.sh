@@ -56,7 +56,8 @@
 # PART=15: the daemon embedded in the worker's process (server/embedded.py, bench e2e --daemon embedded):
 # its GPU tests and the CUDA IPC ones (SKIP_TESTS=1: none), then PART=11 with ARMS "--switch=fixed
 # --daemon=embedded" and MANY "1 0" (both overridable).
-#   usage: [PART=1..15] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
+# PART=16: 32K x 1, a daemon process against an embedded one (B1_ARMS).
+#   usage: [PART=1..16] [DRIFTS="1 0.3 0.15 0.08"] [DRIFT=0.15] bash scripts/gpu_drift.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/kvrecall-gpu-out}; mkdir -p "$OUT"
 . scripts/gpu_env.sh
@@ -101,6 +102,13 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob(sys.argv[2])):
                 print("   copy", row)
 PY
 }
+if [ "${PART:-1}" = 16 ]; then  # batch 1 at 32K: a daemon process against an embedded one, alternating
+  for arm in ${B1_ARMS:-process embedded process embedded}; do
+    e2e_run "b1-$arm-$SECONDS" 150 --parts step --contexts 32768 --batches 1 --rates 0,0.117 --query-drift "$D" --daemon "$arm"
+  done
+  e2e_finish
+  exit 0
+fi
 if [ "${PART:-1}" = 15 ]; then  # the embedded daemon: its GPU tests, then the A/B against a daemon process
   if [ -z "${SKIP_TESTS:-}" ]; then
     PYTHONFAULTHANDLER=1 gpu_test embedded 150 -q --basetemp="$OUT/logs/pytest" tests/gpu/test_embedded_gpu.py \
