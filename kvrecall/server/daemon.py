@@ -185,8 +185,13 @@ class Daemon:
 
     async def run(self) -> None:
         await self.start()
+        await self.serve_until_stopped()
+
+    async def serve_until_stopped(self, signals: bool = True) -> None:
+        """After start(): reap expired leases until request_stop() (or SIGINT / SIGTERM where
+        `signals`: a daemon of its own process), then stop."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM) if signals else ():
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
         reaper = asyncio.create_task(self._reap_loop())

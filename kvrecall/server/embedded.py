@@ -111,7 +111,7 @@ class EmbeddedDaemon:
             self._daemon = Daemon(self.config)
             loop.run_until_complete(self._daemon.start())
             ready.set()
-            loop.run_until_complete(self._run())
+            loop.run_until_complete(self._daemon.serve_until_stopped(signals=False))  # (the worker's signals)
         except BaseException as exc:  # reported by start(), or logged after it
             self._error = exc
             log.exception("embedded daemon stopped on an error")
@@ -134,13 +134,6 @@ class EmbeddedDaemon:
         torch.cuda.set_stream(stream)
         loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="kvrecall-daemon",
                                                      initializer=torch.cuda.set_stream, initargs=(stream,)))  # fmt: skip
-
-    async def _run(self) -> None:
-        daemon = self._daemon
-        reaper = asyncio.create_task(daemon._reap_loop())
-        await daemon._stopping.wait()
-        await daemon.stop()
-        reaper.cancel()
 
     def log(self) -> str:
         try:
