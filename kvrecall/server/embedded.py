@@ -63,6 +63,7 @@ class EmbeddedDaemon:
         self._error: BaseException | None = None
         self._handler: logging.Handler | None = None
         self._own_handles = False
+        self._level = logging.NOTSET
 
     def start(self, timeout: float = 300.0) -> EmbeddedDaemon:
         """Start the thread and wait until the daemon serves (a CUDA daemon compiles its
@@ -72,6 +73,7 @@ class EmbeddedDaemon:
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root = logging.getLogger("kvrecall")
         root.addHandler(self._handler)
+        self._level = root.level  # (given back at stop)
         if root.getEffectiveLevel() > logging.INFO:
             root.setLevel(logging.INFO)
         log.info("embedded daemon config: %s", json.dumps(self.config.summary(), default=str))
@@ -160,8 +162,11 @@ class EmbeddedDaemon:
             cuda_ipc.serve_own_handles(False)
             self._own_handles = False
         if self._handler is not None:
-            logging.getLogger("kvrecall").removeHandler(self._handler)
+            root = logging.getLogger("kvrecall")
+            root.removeHandler(self._handler)
+            root.setLevel(self._level)
             self._handler.close()
+            self._handler = None
         code = 1 if (self._error is not None or stuck) else 0
         if code == 0 and Path(self.log_path).parent == Path(self._dir):
             shutil.rmtree(self._dir, ignore_errors=True)
