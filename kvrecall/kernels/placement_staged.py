@@ -89,23 +89,33 @@ def place_staged_reference(
     """Worker copies by the PyTorch reference (a CPU daemon's): kernels.place_retrieved's
     placement (arguments and counts the same) with the new tokens' rows left in `staging` and
     their targets (flat rows of keys [B, C, D]) where they fit (staging.rows; keys and values
-    untouched), else written in place (staging.rows 0). Slot positions are placed in place."""
-    before = slot_pos.clone()
-    new_keys, new_values = keys.clone(), values.clone()
-    counts = reference.place_retrieved(slot_pos, new_keys, new_values, selection, first_slot, host, page_base,
-                                       tokens_per_page, num_kv_heads, resident_max)  # fmt: skip
+    untouched), else written in place (staging.rows 0). Slot positions are placed in place. The
+    plan is the reference's (plan_region); the new rows go from the host pages straight into
+    the staging area."""
+    rows, retrieved = slot_pos.shape[0], selection.shape[1]
+    staging.rows = 0
+    if not (rows and retrieved):
+        return reference.place_retrieved(slot_pos, keys, values, selection, first_slot, host, page_base,
+                                         tokens_per_page, num_kv_heads, resident_max)  # fmt: skip
+    region = slot_pos[:, first_slot : first_slot + retrieved]
+    final, filled, counts = reference.plan_region(region.long(), selection.to(slot_pos.device).long(),
+                                                  page_base.numel() * tokens_per_page)  # fmt: skip
+    row, column = filled.nonzero(as_tuple=True)
+    n = row.numel()
+    if n > staging.capacity:  # it does not fit: placed in place
+        return reference.place_retrieved(slot_pos, keys, values, selection, first_slot, host, page_base,
+                                         tokens_per_page, num_kv_heads, resident_max)  # fmt: skip
+    region.copy_(final)
     D = keys.shape[-1]
-    where = ((slot_pos != before) & (slot_pos >= 0)).view(-1).nonzero().squeeze(1)  # slots given a new token
-    n = where.numel()
-    if n > staging.capacity:
-        keys.copy_(new_keys)
-        values.copy_(new_values)
-        staging.rows = 0
-        return counts
-    staging.keys[:n] = new_keys.view(-1, D)[where]
-    staging.values[:n] = new_values.view(-1, D)[where]
-    staging.targets[:n] = where
+    positions, at = final[row, column].to(host.device), row.to(host.device)
+    slots = torch.arange(n, device=staging.keys.device) * D
+    for kv, rows_to in ((0, staging.keys), (1, staging.values)):
+        source = reference.host_rows(page_base.to(host.device), at, kv, positions, tokens_per_page, num_kv_heads, D)
+        reference.gather_rows(host, source, rows_to.view(-1), slots, D)
+    staging.targets[:n] = row * slot_pos.shape[1] + first_slot + column
     staging.rows = n
+    if resident_max is not None:
+        torch.maximum(resident_max, (slot_pos >= 0).sum(dim=1).amax(), out=resident_max)
     return counts
 
 
