@@ -106,8 +106,8 @@ def _worker(args: argparse.Namespace) -> int:
     if args.target == EMBEDDED:  # the daemon on a thread of this process (kvrecall.server.embedded)
         from kvrecall.server.embedded import EmbeddedDaemon
 
-        device = args.device or os.environ.get("KVRECALL_DEVICE", "cpu")
-        embedded = EmbeddedDaemon(device="cuda:0" if device == "cuda" else device).start(timeout=600.0)
+        device = args.device or os.environ.get("KVRECALL_DEVICE", "cpu")  # (the worker's: run_server, run_worker)
+        embedded = EmbeddedDaemon(device=device).start(timeout=600.0)
         args.target, args.embedded = embedded.target, True
     try:
         if args.serve:

@@ -100,20 +100,17 @@ def place_staged_reference(
     region = slot_pos[:, first_slot : first_slot + retrieved]
     final, filled, counts = reference.plan_region(region.long(), selection.to(slot_pos.device).long(),
                                                   page_base.numel() * tokens_per_page)  # fmt: skip
-    row, column = filled.nonzero(as_tuple=True)
-    n = row.numel()
-    if n > staging.capacity:  # it does not fit: placed in place
-        return reference.place_retrieved(slot_pos, keys, values, selection, first_slot, host, page_base,
-                                         tokens_per_page, num_kv_heads, resident_max)  # fmt: skip
     region.copy_(final)
-    D = keys.shape[-1]
-    positions, at = final[row, column].to(host.device), row.to(host.device)
-    slots = torch.arange(n, device=staging.keys.device) * D
-    for kv, rows_to in ((0, staging.keys), (1, staging.values)):
-        source = reference.host_rows(page_base.to(host.device), at, kv, positions, tokens_per_page, num_kv_heads, D)
-        reference.gather_rows(host, source, rows_to.view(-1), slots, D)
-    staging.targets[:n] = row * slot_pos.shape[1] + first_slot + column
-    staging.rows = n
+    row, column = filled.nonzero(as_tuple=True)
+    n, D = row.numel(), keys.shape[-1]
+    targets = row * slot_pos.shape[1] + first_slot + column
+    if n <= staging.capacity:  # the new rows into the staging area, their slots beside them
+        into, dst = (staging.keys.view(-1), staging.values.view(-1)), torch.arange(n, device=staging.keys.device) * D
+        staging.targets[:n] = targets
+        staging.rows = n
+    else:  # it does not fit: written in place
+        into, dst = (keys.view(-1), values.view(-1)), targets * D
+    reference.copy_host_rows(host, page_base, row, final[row, column], tokens_per_page, num_kv_heads, *into, dst, D)
     if resident_max is not None:
         torch.maximum(resident_max, (slot_pos >= 0).sum(dim=1).amax(), out=resident_max)
     return counts

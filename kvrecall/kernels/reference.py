@@ -321,15 +321,20 @@ def _place(
     row_index, column = filled.nonzero(as_tuple=True)
     if row_index.numel():
         dim = keys.shape[2]
-        capacity = slot_pos.shape[1]
-        positions = final[row_index, column]
-        page_base = page_base.to(host.device)
-        dst = (row_index * capacity + first_slot + column) * dim
-        for kv, target in ((0, keys), (1, values)):
-            src = host_rows(
-                page_base, row_index.to(host.device), kv, positions.to(host.device), tokens_per_page, num_kv_heads, dim
-            )
-            gather_rows(host, src, target.view(-1), dst, dim)
+        dst = (row_index * slot_pos.shape[1] + first_slot + column) * dim
+        copy_host_rows(host, page_base, row_index, final[row_index, column], tokens_per_page, num_kv_heads,
+                       keys.view(-1), values.view(-1), dst, dim)  # fmt: skip
+
+
+def copy_host_rows(
+    host: torch.Tensor, page_base: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, tokens_per_page: int,
+    num_kv_heads: int, keys: torch.Tensor, values: torch.Tensor, dst: torch.Tensor, dim: int,
+) -> None:  # fmt: skip
+    """The K and V rows of (row = layer * H + head, position) from the host pages into the flat
+    keys / values at element offsets dst."""
+    page_base, rows, positions = page_base.to(host.device), rows.to(host.device), positions.to(host.device)
+    for kv, target in ((0, keys), (1, values)):
+        gather_rows(host, host_rows(page_base, rows, kv, positions, tokens_per_page, num_kv_heads, dim), target, dst, dim)
 
 
 def _members(x: torch.Tensor, x_ok: torch.Tensor, of: torch.Tensor, of_ok: torch.Tensor, n: int) -> torch.Tensor:

@@ -85,10 +85,10 @@ class BatchedEngine:
 
     def __init__(
         self, loaded: LoadedModel, client: KVRecallClient, slots: int, max_queue: int, max_model_len: int,
-        lag: int | None = None, overlap: bool = True, switch: str = "fixed", switch_interval: float | None = None,
+        lag: int | None = None, overlap: bool = True, switch: str = "fixed", switch_interval: float = SWITCH_INTERVAL_S,
     ) -> None:  # fmt: skip
         self.loaded = loaded
-        self.switch_interval = SWITCH_INTERVAL_S if switch_interval is None else switch_interval
+        self.switch_interval = switch_interval  # the interpreter's (Engine's switch_interval)
         self.lag = DEFAULT_LAG if lag is None else lag
         self.switch = switch  # when a crossed request leaves its shadow (Engine's `switch`)
         # Each step launched before the host work of the one before (Engine overlap; its sessions
