@@ -126,3 +126,41 @@ def test_retrievals_stacked_or_one_by_one_equal_each_alone(registry, monkeypatch
         for a, b in zip(together, alone, strict=True):
             assert torch.equal(a.ws.slot_pos, b.ws.slot_pos)
             assert torch.equal(a.ws.keys, b.ws.keys) and torch.equal(a.ws.values, b.ws.values)
+
+
+def test_fill_free_slots_many_equals_one_by_one(registry):
+    """fill_free_slots_many: the selections fill_free_slots gives each session alone, for
+    sessions of one plan with different spans and different numbers of free slots (padded
+    to the longest span), one of another plan (alone in its group) and one whose rows are
+    full (None)."""
+    from kvrecall.server.policies.base import fill_free_slots, fill_free_slots_many
+
+    cls = _REGISTRY["louiskv"]
+    items = []
+    g = torch.Generator().manual_seed(11)
+    spans = [(40, 44), (50, 52), (61, 69), (70, 71), (30, 38)]  # 4, 2, 8, 1, 8 tokens
+    for i, (start, end) in enumerate(spans):
+        budget = 400 if i < 4 else 300  # the last: another plan
+        layout = ModelLayout(2, 2, 4, 16, torch.float32, max_tokens=PROMPT + STEPS + 8)
+        session = registry.open("w", layout, cls(cls.Config(**{**RESIDENT, "budget": budget}), layout),
+                                pb.TRANSPORT_SHM, 600.0, "louiskv")  # fmt: skip
+        session.ingest(0, torch.randn(2, 2, 2, PROMPT, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g))
+        ws = session.ws
+        s, r = ws.plan.n_sink, ws.plan.retrieved
+        region = ws.slot_pos[:, :, s : s + r]
+        filled = torch.randint(0, start, region.shape, generator=g, dtype=torch.int32)
+        empty = torch.zeros(region.shape, dtype=torch.bool)
+        empty[..., :12] = True  # 12 free slots a row, but the least free row has 2 + i (fewer than most spans)
+        empty[0, 1, : 12 - (2 + i)] = False
+        order = torch.rand(region.shape, generator=g).argsort(dim=-1)
+        region.copy_(torch.where(empty.gather(-1, order), -1, filled))
+        items.append((session.context(), start, end))
+    want = [fill_free_slots(ctx, start, end) for ctx, start, end in items]
+    got = fill_free_slots_many(items)
+    for w, x in zip(want, got, strict=True):
+        assert w is not None and x is not None
+        assert torch.equal(w.positions, x.positions)
+    assert len({int((x.positions >= 40).sum()) for x in got[:4]}) > 1  # the spans placed different counts
+    full = items[0][0].ws
+    full.last_placement = type("Counts", (), {"most_filled": full.plan.retrieved})()
+    assert fill_free_slots_many(items[:2])[0] is None

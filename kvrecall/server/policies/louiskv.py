@@ -47,6 +47,7 @@ from kvrecall.server.policies.base import (
     check,
     check_resident,
     fill_free_slots,
+    fill_free_slots_many,
     register,
     resident_plan,
 )
@@ -438,9 +439,9 @@ class LouisKVPolicy(Policy):
                     item[0].open_sum = part
             close_segments([(items[i][0], items[i][3]) for i in ring
                             if items[i][3] - items[i][0].open_start >= items[i][0].config.max_segment])  # fmt: skip
-            for i in ring:
-                policy, ctx, start, end, _ = items[i]
-                selections[i] = fill_free_slots(ctx, start, end)
+            filled = fill_free_slots_many([(items[i][1], items[i][2], items[i][3]) for i in ring])
+            for i, selection in zip(ring, filled, strict=True):
+                selections[i] = selection
         return selections
 
     def on_boundary(self, ctx: PolicyContext, query: torch.Tensor, layers: list[int]) -> Selection | None:
