@@ -93,13 +93,15 @@ def test_notices_together_equal_notices_one_by_one(registry):
     assert len(segments) >= 2 and segments == twins[0][1].policy.seg_bounds  # segments closed on the way
 
 
-@pytest.mark.parametrize("stack_bytes", [0, 1 << 40])
-def test_retrievals_stacked_or_one_by_one_equal_each_alone(registry, monkeypatch, stack_bytes):
-    """louiskv's select_together: tables stacked (under STACK_MAX_BYTES) or chosen one session at
-    a time on views (over it) give each session the working set a retrieval of its own gives."""
+@pytest.mark.parametrize("stack_bytes, table_bytes", [(0, 0), (1 << 40, 0), (0, 1 << 30)])
+def test_retrievals_stacked_or_one_by_one_equal_each_alone(registry, monkeypatch, stack_bytes, table_bytes):
+    """louiskv's select_together: tables stacked (under STACK_MAX_BYTES in all, or small each:
+    STACK_TABLE_BYTES) or chosen one session at a time on views give each session the working
+    set a retrieval of its own gives."""
     from kvrecall.server.policies import louiskv
 
     monkeypatch.setattr(louiskv, "STACK_MAX_BYTES", stack_bytes)
+    monkeypatch.setattr(louiskv, "STACK_TABLE_BYTES", table_bytes)
     layers, config = 2, {**RESIDENT, "cluster_size": 8, "max_segment": 16}
     layout = ModelLayout(layers, 2, 4, 16, torch.float32, max_tokens=PROMPT + STEPS + 8)
     cls = _REGISTRY["louiskv"]
@@ -113,6 +115,7 @@ def test_retrievals_stacked_or_one_by_one_equal_each_alone(registry, monkeypatch
             session.ingest(0, kv, query)
             group.append(session)
         kvs.append(kv)
+    assert louiskv.stacks([s.policy.units.filled_nbytes for s in together]) == (stack_bytes > 0 or table_bytes > 0)
     g = torch.Generator().manual_seed(7)
     for _ in range(2):
         for a, b in zip(together, alone, strict=True):
@@ -164,3 +167,15 @@ def test_fill_free_slots_many_equals_one_by_one(registry):
     full = items[0][0].ws
     full.last_placement = type("Counts", (), {"most_filled": full.plan.retrieved})()
     assert fill_free_slots_many(items[:2])[0] is None
+
+
+def test_louiskv_stacks_many_small_tables_not_large_ones():
+    """select_together's rule at its defaults (Llama-3-8B shape: a 4K session's table ~21 MB,
+    a 32K one's ~168 MB): never one table; small ones in any number up to 1 GiB in all."""
+    from kvrecall.server.policies.louiskv import stacks
+
+    mb = 1 << 20
+    assert not stacks([4 * mb]) and stacks([4 * mb, 4 * mb])  # under STACK_MAX_BYTES in all
+    assert stacks([21 * mb] * 8) and stacks([21 * mb] * 40)  # 64 sequences at 4K
+    assert not stacks([21 * mb] * 60)  # past STACK_TOTAL_BYTES
+    assert not stacks([168 * mb] * 2) and not stacks([84 * mb, 84 * mb])  # 32K and 16K sessions: one by one

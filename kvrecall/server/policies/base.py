@@ -202,7 +202,7 @@ def fill_free_slots_many(items: list[tuple[PolicyContext, int, int]]) -> list[Se
     with -1, which compact() drops like the tokens that do not fit."""
     out: list[Selection | None] = [None] * len(items)
     groups: dict[tuple, list[int]] = {}
-    for i, (ctx, start, end) in enumerate(items):
+    for i, (ctx, _, _) in enumerate(items):
         ws = ctx.ws
         if ws.plan.retrieved == 0 or ws.retrieved_row_full():
             continue

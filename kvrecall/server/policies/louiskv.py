@@ -713,19 +713,40 @@ retrieval (bench/results/2026-12-01-h200-kernels32k-daemon-kernels.json), and th
 the same GPU lose about the daemon's kernel time (scripts/gpu_timeslice_probe.py)."""
 
 
+STACK_TABLE_BYTES = 64 << 20
+STACK_TOTAL_BYTES = 1 << 30
+"""... and also stacks tables that average up to STACK_TABLE_BYTES each, up to STACK_TOTAL_BYTES in
+all: many small tables (64 sequences at 4K: ~21 MB each at the Llama-3-8B shape, ~7.5 in a call
+at 11.7% boundaries) cost the daemon ~0.6 ms of host time each one by one (three selection
+launches and their checks, beside a decoding worker's Python under the interpreter lock) against
+~0.1 ms of GPU time for the whole call's copies. With the daemon embedded in the worker: 0 late
+steps in 2 of 2 runs stacked against 6 and 11 one by one, 4,160-4,223 against 3,608-3,940
+tokens/s (bench/results/2026-12-03-h200-many1-*). Tables of 16K tokens and more (~84 MB) stay
+one by one, as they were measured at 32K x 8."""
+
+
+def stacks(table_bytes: list[int]) -> bool:
+    """Whether select_together stacks tables of these filled sizes (STACK_MAX_BYTES,
+    STACK_TABLE_BYTES, STACK_TOTAL_BYTES); never a single one."""
+    if len(table_bytes) < 2:
+        return False
+    total = sum(table_bytes)
+    return total <= STACK_MAX_BYTES or (total <= STACK_TOTAL_BYTES and total <= STACK_TABLE_BYTES * len(table_bytes))
+
+
 def select_together(policies: list[LouisKVPolicy], queries: list[torch.Tensor]) -> list[Selection]:
     """Every layer's retrieval of several sessions (one batch_key, tables not empty; queries
     [L, Hq, D] each). Small tables are stacked row-wise up to the widest one (a table's columns
     past its own units are invalid and empty, so its candidate columns past its own belong to no
     unit and are never read): one concatenation per field a selection reads (UNIT_FIELDS),
     then one scoring, one selection and one expansion for all
-    of them. A single session, or tables over STACK_MAX_BYTES together, go one by one without
-    copies. Either way each session gets what _select gives it alone."""
+    of them. A single session, or large tables (stacks()), go one by one without copies.
+    Either way each session gets what _select gives it alone."""
     first = policies[0]
     L, H, D = first.layout.num_layers, first.layout.num_kv_heads, first.layout.head_dim
     rows, R = L * H, first.config.budget
     tables = [policy.units for policy in policies]
-    if len(tables) == 1 or sum(t.filled_nbytes for t in tables) > STACK_MAX_BYTES:
+    if not stacks([t.filled_nbytes for t in tables]):
         # Each on its own tables (views): stacking copies every field of every table (about
         # 0.17 GB per 32K-token session of a Llama-3-8B shape), GPU time taken from the workers.
         return [policy._choose_every_layer(query) for policy, query in zip(policies, queries, strict=True)]
