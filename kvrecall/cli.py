@@ -310,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the batch), adaptive (after exactly as many steps as the daemon's recent answers needed, --lag to "
         "2 x --lag); default fixed (docs/TUNING.md)",
     )
+    worker.add_argument(
+        "--gc-freeze", choices=("on", "off"), default="on",
+        help="--serve: once the engine is ready, freeze the interpreter's objects (kvrecall/gcfreeze.py), so a full "
+        "garbage collection, which stops every thread of the process, walks only what came after (default on)",
+    )
     worker.set_defaults(func=_worker)
     eval_ = sub.add_parser("eval", help="accuracy + fidelity of every policy x budget against full KV")
     from kvrecall.eval.harness import add_arguments as eval_arguments

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from kvrecall import gcfreeze
 from kvrecall.bench.common import GiB, log, run_metadata, time_fn
 from kvrecall.bench.host_probe import host_probe
 from kvrecall.client import KVRecallClient, ModelSpec
@@ -119,6 +120,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--daemon-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the daemon process only (repeatable), e.g. "
                    "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=20 under CUDA MPS, KVRECALL_HOST_READS=kernel")
+    p.add_argument("--gc-freeze", choices=("on", "off"), default="on",
+                   help="freeze the interpreter's objects for each timed configuration (kvrecall/gcfreeze.py, as "
+                   "`kvrecall worker --serve` does once ready): a full garbage collection, which stops every thread "
+                   "of the process, then walks only what the steps make")
     p.add_argument("--daemon", choices=("process", "embedded"), default="process",
                    help="process (default): the daemon as a process of its own, as `kvrecall serve` runs it; "
                    "embedded: on a thread of this process (kvrecall.server.embedded: its kernels run in the "
@@ -173,6 +178,7 @@ class Bench:
         self.meta["overlap"] = self.overlap
         self.meta["switch"] = args.switch
         self.meta["daemon"] = args.daemon
+        self.meta["gc_freeze"] = args.gc_freeze == "on"
         self.switch_interval = EMBEDDED_SWITCH_INTERVAL_S if args.daemon == "embedded" else SWITCH_INTERVAL_S
         self.meta["switch_interval_ms"] = round(self.switch_interval * 1e3, 3)
         self.meta["query_drift"] = args.query_drift
@@ -280,6 +286,7 @@ class Bench:
 
         opened = []
         engine = None
+        frozen = False
         try:
             t0 = time.perf_counter()
             for _ in range(batch):
@@ -308,6 +315,8 @@ class Bench:
             phases = [(rate, lag, sw) for rate in rates for lag in (lags if rate > 0 else lags[:1])
                       for sw in (switches if rate > 0 else switches[:1])] \
                 if policy == "louiskv" else [(1.0 if policy == "quest" else 0.0, lags[0], switches[0])]  # fmt: skip
+            if args.gc_freeze == "on":  # setup's objects out of the timed steps' full collections
+                frozen = gcfreeze.freeze() > 0
             for rate, lag, switch in phases:
                 rate_now[0] = rate
                 engine.set_lag(lag)
@@ -357,6 +366,8 @@ class Bench:
                 row["graph_only_ms"] = round(graph_only.median_ms, 3)
             return rows
         finally:
+            if frozen:
+                gc.unfreeze()
             if engine is not None:
                 engine.close()
             for session in opened:

@@ -66,6 +66,10 @@ def run_server(args: argparse.Namespace) -> int:
     )  # fmt: skip
     with KVRecallClient(args.target, identity, token=args.token) as client:
         engine = make_engine(loaded, client, device, args, window)
+        if getattr(args, "gc_freeze", "on") == "on":
+            from kvrecall import gcfreeze
+
+            log.info("gc freeze: %d objects of startup frozen (kvrecall/gcfreeze.py)", gcfreeze.freeze())
         log.info(
             "worker %s serves %s (%d-token window, default policy %s budget %s, %d decode slots, lag %s, overlap %s, "
             "queue %d) on http://%s:%d, daemon %s", identity, loaded.name, window, args.policy, args.budget,

@@ -15,7 +15,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvrecall import __version__, captured, kernels, launch_gate
+from kvrecall import __version__, captured, gcfreeze, kernels, launch_gate
 from kvrecall.fdpass import FdServer, claim_socket_path
 from kvrecall.kernels import placement_staged
 from kvrecall.phases import PhaseLog
@@ -163,6 +163,8 @@ class Daemon:
         if c.metrics_port:
             self.metrics.serve(c.metrics_port, c.metrics_addr)
         self.service._update_pool_gauges()
+        if c.gc_freeze:
+            log.info("gc_freeze: %d objects of startup frozen (kvrecall/gcfreeze.py)", gcfreeze.freeze())
         log.info(
             "kvrecall %s serving on %s device=%s host_pool=%s (%d bytes) device_pool=%d bytes tls=%s auth=%s metrics=%s",
             __version__, ",".join(c.listen), self.device, self.host_pool.kind, self.host_pool.capacity_bytes,

@@ -54,8 +54,10 @@ class EmbeddedDaemon:
         self.socket = os.path.join(self._dir, "kvrecall.sock")
         self.target = f"unix://{self.socket}"
         self.log_path = log_path or os.path.join(self._dir, "daemon.log")
+        # gc_freeze off: the process is its owner's, who freezes once ready (worker --serve, the bench)
         settings = {"listen": [self.target], "device": device, "host_pool_gb": host_pool_gb,
-                    "device_pool_gb": device_pool_gb, "worker_share": worker_share, **(overrides or {})}  # fmt: skip
+                    "device_pool_gb": device_pool_gb, "worker_share": worker_share, "gc_freeze": False,
+                    **(overrides or {})}  # fmt: skip
         self.config = load_config(overrides=settings, env={**os.environ, **(env or {})})
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
