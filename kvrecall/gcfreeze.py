@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import time
 from collections.abc import Iterator
 
 _at_exit = False
@@ -47,3 +48,39 @@ def frozen(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+class Pauses:
+    """The cyclic collector's passes while active (a `gc.callbacks` hook, any thread of the
+    process): how many per generation and how long they stopped the process."""
+
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.total_ms = [0.0, 0.0, 0.0]
+        self.max_ms = [0.0, 0.0, 0.0]
+        self._started = 0.0
+
+    def _hook(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        generation = min(int(info.get("generation", 0)), 2)
+        ms = (time.perf_counter() - self._started) * 1e3
+        self.count[generation] += 1
+        self.total_ms[generation] += ms
+        self.max_ms[generation] = max(self.max_ms[generation], ms)
+
+    def __enter__(self) -> Pauses:
+        gc.callbacks.append(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._hook)
+
+    def summary(self) -> dict:
+        """Counts per generation, the longest pause and the full (generation 2) passes' time."""
+        return {
+            "gc_collections": list(self.count),
+            "gc_pause_ms_max": round(max(self.max_ms), 3),
+            "gc_full_ms_total": round(self.total_ms[2], 3),
+        }

@@ -7,6 +7,7 @@ correctness checks. A second run exercises the Triton kernels under the interpre
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -114,6 +115,7 @@ def test_bench_e2e_runs_on_cpu(tmp_path):
             "--profile-steps", "2", "--many", "4",
             "--many-context", "100", "--capped-context", "200", "--gpu-kv-cap-gib", "0.0005",
             "--host-cap-gib", "0.002", "--out", str(out)]  # fmt: skip
+    frozen_before = gc.get_freeze_count()
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert not result["errors"]
@@ -132,6 +134,10 @@ def test_bench_e2e_runs_on_cpu(tmp_path):
         assert len(blocks) == 2
         assert low / (min(blocks) + 5e-4) - 5e-4 <= row["block_spread"] <= high / (min(blocks) - 5e-4) + 5e-4
         assert min(blocks) - 1e-3 <= row["mean_ms"] <= max(blocks) + 1e-3
+        # the collector's passes in the timed steps (setup's objects frozen first: meta.gc_freeze)
+        assert len(row["gc_collections"]) == 3 and all(n >= 0 for n in row["gc_collections"])
+        assert row["gc_pause_ms_max"] >= 0 and row["gc_full_ms_total"] >= 0
+    assert result["meta"]["gc_freeze"] is True and gc.get_freeze_count() == frozen_before  # unfrozen after each
     assert {"speedup_vs_full_0K_b2_lag1", "over_bound_0K_b2_lag1"} <= set(result["meta"]["ratios"])
     # whether the steps waited on the daemon: per step waits, per retrieving call latencies
     many = {r["rate"]: r for r in result["rows"] if r["part"] == "many"}

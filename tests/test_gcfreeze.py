@@ -44,3 +44,14 @@ def test_an_embedded_daemon_leaves_the_freeze_to_its_process():
     with EmbeddedDaemon(host_pool_gb=0.25, device_pool_gb=0.25) as daemon:
         assert daemon.config.gc_freeze is False
         assert gc.get_freeze_count() == 0
+
+
+def test_pauses_counts_the_collectors_passes_while_active():
+    with gcfreeze.Pauses() as pauses:
+        gc.collect(0)
+        gc.collect()
+    gc.collect()  # after: not counted
+    summary = pauses.summary()
+    assert summary["gc_collections"][0] >= 1 and summary["gc_collections"][2] >= 1
+    assert summary["gc_collections"][2] == 1 and summary["gc_full_ms_total"] > 0
+    assert summary["gc_pause_ms_max"] >= summary["gc_full_ms_total"]  # the one full pass is among the passes

@@ -326,14 +326,15 @@ class Bench:
                 before = sum(seq.boundaries for seq in engine.active)
                 engine.times.clear()
                 samples, blocks = [], []
-                for _ in range(args.repeats):  # blocks of `steps` steps, one after another
-                    block = []
-                    for _ in range(args.steps):
-                        t1 = time.perf_counter()
-                        engine.step()
-                        block.append((time.perf_counter() - t1) * 1e3)
-                    samples += block
-                    blocks.append(statistics.fmean(block))
+                with gcfreeze.Pauses() as pauses:  # the collector's passes in the timed steps (any thread)
+                    for _ in range(args.repeats):  # blocks of `steps` steps, one after another
+                        block = []
+                        for _ in range(args.steps):
+                            t1 = time.perf_counter()
+                            engine.step()
+                            block.append((time.perf_counter() - t1) * 1e3)
+                        samples += block
+                        blocks.append(statistics.fmean(block))
                 crossed = sum(seq.boundaries for seq in engine.active) - before
                 waits = daemon_waits(engine.times)
                 if engine.times.moved_bytes and crossed and config.get("budget"):  # of a whole budget per retrieval
@@ -357,7 +358,7 @@ class Bench:
                     "setup_s": round(setup_s, 2), "worker_peak_gib": self.worker_peak(),
                     "daemon_gpu_gib": _gib(daemon_device), "host_gib": _gib(host_bytes),
                     "gpu_kv_gib_full_equivalent": _gib(batch * context * self.token_bytes),
-                    **waits, **({"host_profile": profile} if profile else {}),
+                    **waits, **pauses.summary(), **({"host_profile": profile} if profile else {}),
                     **({"worker_kernels": kernels} if kernels else {}),
                 })  # fmt: skip
             # The captured step alone (no daemon calls, CUDA events): what the host side adds.
@@ -560,6 +561,9 @@ NOTES = [
     f"({MEASURED_RATE} is the rate measured on the real model; meta.schedule 'even': one boundary "
     f"per 1/rate steps per slot from a random phase); the device flag is still computed.",
     "quest retrieves after every step (rate 1). graph_only_ms: the captured step without daemon calls.",
+    "gc_collections: the cyclic collector's passes per generation during a row's timed steps (any thread of "
+    "this process: with --daemon embedded the daemon's too), gc_pause_ms_max the longest, gc_full_ms_total "
+    "the full passes' time; meta.gc_freeze: setup's objects frozen first (kvrecall/gcfreeze.py).",
     "lag: steps a slot that crossed a boundary reads a shadow copy of its working set while the daemon "
     "retrieves into the real one (engine/engine.py); 0 = the retrieval blocks the next step.",
     "Daemon waits (host clock): wait_ms_* per step is what the step waited on the daemon (the step's "
