@@ -179,6 +179,26 @@ def test_bench_e2e_query_drift_makes_retrievals_move_less(tmp_path):
     assert 0 < shares["0.1"] < 0.75 * shares["1"], shares
 
 
+def test_bench_e2e_shared_prompt_holds_one_document_for_the_batch(tmp_path):
+    """--shared-prompt: the batch's sessions open over the first one's prompt (a held prefix), so
+    the daemon's host tier holds the document once: less than the same batch each ingesting it."""
+    from kvrecall.cli import main
+
+    used = {}
+    for shared in (False, True):
+        out = tmp_path / f"e2e-{shared}.json"
+        argv = ["bench", "e2e", "--device", "cpu", "--shape", "tiny", "--parts", "step", "--contexts", "6000",
+                "--batches", "3", "--policies", "louiskv", "--budget", "64", "--rates", "0.117", "--lag", "1",
+                "--steps", "3", "--warmup", "1", "--out", str(out)] + (["--shared-prompt"] if shared else [])  # fmt: skip
+        assert main(argv) == 0
+        result = json.loads(out.read_text())
+        assert not result["errors"]
+        rows = [r for r in result["rows"] if r["policy"] == "louiskv"]
+        assert rows and all(r["shared_prompt"] is shared for r in rows)
+        used[shared] = rows[0]["host_gib"]
+    assert used[True] < 0.6 * used[False], used
+
+
 def test_bench_e2e_refuses_a_query_drift_outside_0_1(capsys):
     from kvrecall.cli import main
 

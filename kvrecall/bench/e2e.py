@@ -50,6 +50,7 @@ from kvrecall.engine.engine import (
 from kvrecall.engine.full import FullKV
 from kvrecall.engine.graph import GraphStep
 from kvrecall.local import LocalDaemon
+from kvrecall.prefix import declare
 from kvrecall.server.embedded import EmbeddedDaemon
 
 TINY = DecoderShape(2, 256, 4, 2, 64, 512, 1000)
@@ -120,6 +121,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--daemon-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the daemon process only (repeatable), e.g. "
                    "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=20 under CUDA MPS, KVRECALL_HOST_READS=kernel")
+    p.add_argument("--shared-prompt", action="store_true",
+                   help="step part: a configuration's sequences share one prompt document (the first declares it "
+                   "as a prefix and ingests it, the others open over the held prefix: one host copy, as when "
+                   "many requests ask about one document). Their decode work is the same (each its own working "
+                   "set, boundaries, retrievals and output pages); the host tier holds the prompt once, so e.g. "
+                   "128K x 8 fits a 128 GiB host. Rows say shared_prompt")
     p.add_argument("--gc-freeze", choices=("on", "off"), default="on",
                    help="freeze the interpreter's objects for each timed configuration (kvrecall/gcfreeze.py, as "
                    "`kvrecall worker --serve` does once ready): a full garbage collection, which stops every thread "
@@ -289,9 +296,17 @@ class Bench:
         frozen = False
         try:
             t0 = time.perf_counter()
-            for _ in range(batch):
-                opened.append(client.open_session(self.spec(context), policy, config, device=self.device,
-                                                  deferred_eviction=args.notices != "waited"))
+            # --shared-prompt: one document for all; the first session's ingest registers it as a prefix
+            # and the others open over it (opened as their slots fill, below)
+            shared = args.shared_prompt and part == "step"
+            prefix = declare(list(range(context)), f"kvrecall-bench-e2e:{self.shape}:{self.dtype}") if shared else None
+
+            def open_one():
+                return client.open_session(self.spec(context), policy, config, device=self.device,
+                                           deferred_eviction=args.notices != "waited", prefix=prefix)  # fmt: skip
+
+            for _ in range(1 if shared else batch):
+                opened.append(open_one())
             capacity = opened[0].capacity
             force = schedule if policy == "louiskv" else None
             lags = _ints(args.lag)
@@ -300,9 +315,13 @@ class Bench:
                             overlap=self.overlap, switch=args.switch)  # fmt: skip
             first = torch.randint(0, self.shape.vocab, (batch,)).tolist()
             ingest = []
-            for session, token in zip(opened, first, strict=True):
+            for slot, token in enumerate(first):
                 t1 = time.perf_counter()
-                engine.add(session, kv=kv, queries=queries, first_token=token)
+                if slot == len(opened):  # (shared: over the prefix the first session's ingest registered)
+                    opened.append(open_one())
+                    if opened[-1].prefix_held != context:
+                        raise RuntimeError(f"--shared-prompt: the daemon held {opened[-1].prefix_held} of {context} tokens")
+                engine.add(opened[slot], kv=kv, queries=queries, first_token=token)
                 ingest.append(time.perf_counter() - t1)
             del kv, queries
             setup_s = time.perf_counter() - t0
@@ -353,6 +372,7 @@ class Bench:
                     **({"mean_ms_blocks": [round(m, 3) for m in blocks], "block_spread": round(max(blocks) / min(blocks), 3)}
                        if len(blocks) > 1 else {}),
                     "capacity": capacity, "budget": config.get("budget"), "lag": lag, "query_drift": args.query_drift,
+                    "shared_prompt": shared,
                     "switch_interval_ms": round(switch * 1e3, 3),
                     "ingest_s_first": round(ingest[0], 3), "ingest_s_mean": round(statistics.fmean(ingest), 3),
                     "setup_s": round(setup_s, 2), "worker_peak_gib": self.worker_peak(),
@@ -394,7 +414,8 @@ class Bench:
         policies = [p for p in args.policies.split(",") if p]
         rates = [float(r) for r in args.rates.split(",") if r]
         need = max(
-            [c * b for c in contexts for b in batches if "step" in parts]
+            [c * (1 if args.shared_prompt else b) + b * (self.spec(0).max_tokens) for c in contexts for b in batches
+             if "step" in parts]
             + [args.many * args.many_context if "many" in parts else 0]
             + [int(args.host_cap_gib * GiB / self.token_bytes) if "capped" in parts else 0]
         )  # fmt: skip
@@ -416,7 +437,8 @@ class Bench:
                 if "step" in parts:
                     for context in contexts:
                         for batch in batches:
-                            if context * batch * self.token_bytes > host_gib * GiB * 0.97:
+                            held = context * (1 if args.shared_prompt else batch) + batch * self.spec(0).max_tokens
+                            if held * self.token_bytes > host_gib * GiB * 0.97:
                                 self.meta["skipped"].append(f"{context}x{batch}: host tier of {host_gib} GiB too small")
                                 continue
                             log(f"step: context {context}, batch {batch}")
@@ -561,6 +583,9 @@ NOTES = [
     f"({MEASURED_RATE} is the rate measured on the real model; meta.schedule 'even': one boundary "
     f"per 1/rate steps per slot from a random phase); the device flag is still computed.",
     "quest retrieves after every step (rate 1). graph_only_ms: the captured step without daemon calls.",
+    "shared_prompt (--shared-prompt, step part): the batch's sequences decode over one prompt document the "
+    "daemon holds once (the first session's ingest registered it as a prefix; the others opened over it): "
+    "the same decode work per sequence, one host copy of the prompt.",
     "gc_collections: the cyclic collector's passes per generation during a row's timed steps (any thread of "
     "this process: with --daemon embedded the daemon's too), gc_pause_ms_max the longest, gc_full_ms_total "
     "the full passes' time; meta.gc_freeze: setup's objects frozen first (kvrecall/gcfreeze.py).",

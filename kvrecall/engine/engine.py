@@ -346,7 +346,10 @@ class Engine:
         """Put a freshly opened session into a free slot. Either `prompt` (int64 [T] token ids:
         prefilled here, its KV ingested, the first generated token is its greedy next token) or
         a prompt's `kv` [L, 2, H, T, D] (+ optional observation `queries` [L, Hq, n, D]) with
-        the `first_token` to feed. Returns the slot."""
+        the `first_token` to feed. A session whose daemon held its whole prompt at open (a
+        shared document: `prefix_held` == T) is not ingested again: its working set is the
+        prefix's; the kv and queries give the prompt's length and the boundary reference.
+        Returns the slot."""
         slot = next((b for b, seq in enumerate(self.sequences) if seq is None), None)
         if slot is None:
             raise RuntimeError(f"all {self.batch} slots are in use")
@@ -361,7 +364,14 @@ class Engine:
             first_token = int(logits.argmax())
         if kv is None:
             raise ValueError("give the prompt's token ids or its kv")
-        session.ingest(kv, queries)
+        held = getattr(session, "prefix_held", 0)
+        if held and held != kv.shape[3]:
+            raise ValueError(
+                f"session {session.session_id}: the daemon holds {held} of its {kv.shape[3]} prompt tokens; the engine "
+                "takes a session whose daemon holds the whole prompt (a shared document) or none of it"
+            )
+        if not held:
+            session.ingest(kv, queries)
         self.backend.set_slot(slot, session.core)
         if queries is not None:
             self.backend.set_reference(slot, queries[:, :, -1])

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Device run: 128K x 8 (#17's last unmeasured target: >= 2.5x full's tokens/s) on a 128 GiB host, the eight
+# sequences over one shared 128K document (bench e2e --shared-prompt: the host tier holds it once, 16 GiB, where
+# eight copies need 128 GiB). Each arm (DAEMONS: process, embedded) is one bench: full (its KV buffers shared
+# by layers where 128 GiB does not fit: kv_layers_shared) and louiskv at 0% and 11.7%, drift 0.15, lag 4.
+#   usage (device, carry .whl/eval .whl/triton): [DAEMONS="process embedded"] bash scripts/gpu_shared_128k.sh
+. scripts/gpu_env.sh
+for daemon in ${DAEMONS:-process embedded}; do
+  E2E_EXTRA="--daemon $daemon --query-drift 0.15"
+  . scripts/gpu_e2e_lib.sh
+  e2e_run "shared-128k8-$daemon" ${RUN_S:-280} --parts step --contexts 131072 --batches 8 --rates 0,0.117 --shared-prompt
+done
+e2e_finish
