@@ -2,7 +2,8 @@
 # Device run: the daemon-sustain part of `kvrecall bench e2e` (64 sequences x 4K, Llama-3-8B shape, 11.7%
 # boundaries, drift 0.15, lag 4), arms alternating in one call. An arm is NAME[:KEY=VALUE,...]: NAME is
 # embedded or process (the daemon), KEY=VALUE the daemon's settings (KVRECALL_*), or STACK=BYTES (louiskv's
-# STACK_MAX_BYTES, embedded only: the bench runs in this process). JSONs under $OUT (many-I-NAME.json).
+# STACK_MAX_BYTES, embedded only: the bench runs in this process) or WORKER_CPUS=LIST (bench --worker-cpus; with
+# KVRECALL_CPUS=LIST the daemon's), e.g. embedded:KVRECALL_CPUS=8-15,WORKER_CPUS=0-7. JSONs under $OUT (many-I-NAME.json).
 #   usage (device, carry .whl/eval .whl/triton): ARMS="embedded process ..." [STEPS=96] bash scripts/gpu_many.sh
 . scripts/gpu_env.sh
 mkdir -p "$OUT/logs"; SECONDS=0
@@ -12,7 +13,8 @@ for arm in ${ARMS:-embedded process}; do
   i=$((i + 1)); name=${arm%%:*}; settings=; [ "$arm" != "$name" ] && settings=${arm#*:}
   extra=(--daemon "$name"); stack=
   for kv in ${settings//,/ }; do
-    case $kv in STACK=*) stack=${kv#STACK=} ;; *) extra+=(--daemon-env "$kv") ;; esac
+    case $kv in STACK=*) stack=${kv#STACK=} ;; WORKER_CPUS=*) extra+=(--worker-cpus "${kv#WORKER_CPUS=}") ;;
+      *) extra+=(--daemon-env "$kv") ;; esac
   done
   tag=$(echo "$arm" | tr ':,=' '---')
   timeout ${RUN_S:-150} python3 - $BASE "${extra[@]}" --out "$OUT/many-$i-$tag.json" > "$OUT/logs/many-$i-$tag.log" 2>&1 <<PY

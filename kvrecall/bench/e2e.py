@@ -51,6 +51,7 @@ from kvrecall.engine.full import FullKV
 from kvrecall.engine.graph import GraphStep
 from kvrecall.local import LocalDaemon
 from kvrecall.prefix import declare
+from kvrecall.server.config import cpu_set
 from kvrecall.server.embedded import EmbeddedDaemon
 
 TINY = DecoderShape(2, 256, 4, 2, 64, 512, 1000)
@@ -127,6 +128,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "many requests ask about one document). Their decode work is the same (each its own working "
                    "set, boundaries, retrievals and output pages); the host tier holds the prompt once, so e.g. "
                    "128K x 8 fits a 128 GiB host. Rows say shared_prompt")
+    p.add_argument("--worker-cpus", default="",
+                   help="CPUs the worker's thread runs on once the daemon has started, e.g. 0-7 (beside "
+                   "--daemon-env KVRECALL_CPUS=8-15: the two kept off each other's cores); default: all")
     p.add_argument("--gc-freeze", choices=("on", "off"), default="on",
                    help="freeze the interpreter's objects for each timed configuration (kvrecall/gcfreeze.py, as "
                    "`kvrecall worker --serve` does once ready): a full garbage collection, which stops every thread "
@@ -433,6 +437,9 @@ class Bench:
                               env=extra_env or None, log_path=args.daemon_log or None)  # fmt: skip
         with daemon.start(timeout=600.0):
             self.meta["daemon_start_s"] = round(time.perf_counter() - started, 1)
+            if args.worker_cpus:  # after the daemon's start: a daemon process (or thread) keeps its own CPUs
+                os.sched_setaffinity(0, cpu_set(args.worker_cpus))
+            self.meta["worker_cpus"] = args.worker_cpus
             with KVRecallClient(daemon.target, "bench-e2e", timeout=600.0) as client:
                 if "step" in parts:
                     for context in contexts:
@@ -732,6 +739,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         raise SystemExit("--steps and --repeats must be >= 1 and --warmup >= 0")
+    if args.worker_cpus:
+        try:
+            cpu_set(args.worker_cpus)
+        except ValueError as exc:
+            raise SystemExit(f"--worker-cpus: {exc}") from None
     return Bench(args, argv).run()
 
 

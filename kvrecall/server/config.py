@@ -134,6 +134,9 @@ class ServerConfig(BaseModel):
                                         # outlive a tool that was killed; 0 = off
     warmup: str = "bfloat16:128"        # dtype:head_dim pairs whose kernels compile at start (CUDA only;
                                         # "" = none), e.g. "bfloat16:128,float16:64"
+    cpus: str = ""                      # CPUs the daemon's threads run on, e.g. "8-15" or "2,3" (a subset of
+                                        # the process's); "" = the process's own. Embedded in a worker: its
+                                        # threads only, so the worker's Python keeps the other cores
 
     @field_validator("listen", "operators", mode="before")
     @classmethod
@@ -156,6 +159,13 @@ class ServerConfig(BaseModel):
         if not (device in ("cpu", "cuda") or device.startswith("cuda:")):
             raise ValueError(f"{device!r} must be cpu, cuda or cuda:N")
         return device
+
+    @field_validator("cpus")
+    @classmethod
+    def _check_cpus(cls, cpus: str) -> str:
+        if cpus:
+            cpu_set(cpus)  # ValueError naming what is wrong
+        return cpus
 
     @field_validator("tls_cert", "tls_key", "tls_client_ca", "tokens_file")
     @classmethod
@@ -282,3 +292,36 @@ def load_config(
             raise ConfigError(problem) from None
         key = str(error["loc"][0])
         raise ConfigError(f"{source.get(key, key)}: {problem} (got {error['input']!r})") from None
+
+
+def cpu_set(spec: str) -> set[int]:
+    """ "0-3,8" -> {0, 1, 2, 3, 8}: a non-empty subset of the CPUs this process may run on
+    (ValueError otherwise)."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        low, _, high = part.strip().partition("-")
+        try:
+            first, last = int(low), int(high or low)
+        except ValueError:
+            raise ValueError(f"{part!r} is not a CPU number or a range like 8-15") from None
+        if first < 0 or last < first:
+            raise ValueError(f"{part!r} is not a CPU number or a range like 8-15")
+        cpus.update(range(first, last + 1))
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed:
+        raise ValueError(f"CPUs {_ranges(cpus - allowed)} are not among this process's {_ranges(allowed)}")
+    return cpus
+
+
+def _ranges(cpus: set[int]) -> str:
+    out, ordered = [], sorted(cpus)
+    start = prev = ordered[0]
+    for cpu in ordered[1:] + [None]:
+        if cpu is not None and cpu == prev + 1:
+            prev = cpu
+            continue
+        out.append(f"{start}-{prev}" if prev > start else f"{start}")
+        if cpu is not None:
+            start = prev = cpu
+    return ",".join(out)
+

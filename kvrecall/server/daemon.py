@@ -20,7 +20,7 @@ from kvrecall.fdpass import FdServer, claim_socket_path
 from kvrecall.kernels import placement_staged
 from kvrecall.phases import PhaseLog
 from kvrecall.server import host_selection, step_batch
-from kvrecall.server.config import ServerConfig
+from kvrecall.server.config import ServerConfig, cpu_set
 from kvrecall.server.metrics import Metrics
 from kvrecall.server.pools import DevicePool, HostPool
 from kvrecall.server.profiling import KernelProfiler, OpsProfiler
@@ -43,6 +43,9 @@ class Daemon:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        if config.cpus:  # this thread's CPUs, so every thread it starts (embedded: the daemon's threads only)
+            os.sched_setaffinity(0, cpu_set(config.cpus))
+            log.info("cpus: the daemon's threads run on CPUs %s", config.cpus)
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and self.device.index is None:  # --device cuda: the first GPU
             self.device = torch.device("cuda", 0)
