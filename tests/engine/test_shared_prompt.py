@@ -12,21 +12,12 @@ from kvrecall.client import KVRecallClient
 from kvrecall.client.hf import spec_for
 from kvrecall.engine import DecoderWeights, Engine
 from kvrecall.prefix import declare
+from tests.engine.test_engine import tiny_llama  # noqa: F401 (the fixture)
 
 transformers = pytest.importorskip("transformers")
 
 CONFIG = {"budget": 16, "n_sink": 4, "window": 32, "threshold": 0.9}  # tight: retrieval matters
 PROMPT, STEPS, FIRST = 90, 24, (5, 17, 99)
-
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def run(client, model, weights, shared: bool):
@@ -57,7 +48,7 @@ def run(client, model, weights, shared: bool):
     return out, held
 
 
-def test_a_batch_over_a_shared_document_decodes_like_each_sequence_ingesting_it(daemon, tiny_llama):
+def test_a_batch_over_a_shared_document_decodes_like_each_sequence_ingesting_it(daemon, tiny_llama):  # noqa: F811
     weights = DecoderWeights.from_hf(tiny_llama)
     with KVRecallClient(daemon.target, "engine-shared") as client:
         shared, held = run(client, tiny_llama, weights, shared=True)
@@ -70,7 +61,7 @@ def test_a_batch_over_a_shared_document_decodes_like_each_sequence_ingesting_it(
         assert (logits_s - logits_a).abs().max().item() < 1e-4
 
 
-def test_a_session_holding_part_of_its_prompt_is_refused(daemon, tiny_llama):
+def test_a_session_holding_part_of_its_prompt_is_refused(daemon, tiny_llama):  # noqa: F811
     weights = DecoderWeights.from_hf(tiny_llama)
     tokens = torch.randint(0, 128, (PROMPT,), generator=torch.Generator().manual_seed(4))
     spec = spec_for(tiny_llama, max_tokens=256)
