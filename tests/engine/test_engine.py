@@ -28,15 +28,19 @@ PROMPTS = (40, 57, 75, 90)
 STEPS = 20
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
+def tiny_llama_model():
+    """A 2-layer Llama with random weights (seed 0), GQA 4:2, vocab 128."""
     config = transformers.LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    return model
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return tiny_llama_model()
 
 
 def prompts(vocab: int) -> list[torch.Tensor]:

@@ -20,17 +20,18 @@ CONFIG = {"budget": 16, "n_sink": 4, "window": 32, "threshold": 0.9}  # tight: r
 PROMPT, STEPS, FIRST = 90, 24, (5, 17, 99)
 
 
-def run(client, model, weights, shared: bool):
+def run(client, model, weights, shared: bool, device: str = "cpu"):
     """Three sequences over one prompt (each its own first token), decoded STEPS steps ->
-    per sequence (tokens, boundaries, logits [STEPS, V]) and what each session's daemon held."""
+    per sequence (tokens, boundaries, logits [STEPS, V]) and what each session's daemon held.
+    (tests/gpu/test_shared_prompt_gpu.py runs it on CUDA: captured steps, CUDA IPC.)"""
     tokens = torch.randint(0, 128, (PROMPT,), generator=torch.Generator().manual_seed(3))
     spec = spec_for(model, max_tokens=256)
     engine = Engine(weights, batch=len(FIRST), max_capacity=256, lag=2, overlap=True, keep_logits=True)
-    kv, queries, _ = engine.decoder.prefill(tokens, n_obs=16)
+    kv, queries, _ = engine.decoder.prefill(tokens.to(device), n_obs=16)
     prefix = declare(tokens.tolist(), "tiny-llama-test") if shared else None
     sessions, held, logits = [], [], {}
     for first in FIRST:
-        session = client.open_session(spec, "louiskv", CONFIG, deferred_eviction=True, prefix=prefix)
+        session = client.open_session(spec, "louiskv", CONFIG, device=device, deferred_eviction=True, prefix=prefix)
         held.append(session.prefix_held)
         sessions.append(session)
         logits[engine.add(session, kv=kv, queries=queries, first_token=first)] = []
