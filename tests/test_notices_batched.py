@@ -179,3 +179,18 @@ def test_louiskv_stacks_many_small_tables_not_large_ones():
     assert stacks([21 * mb] * 8) and stacks([21 * mb] * 40)  # 64 sequences at 4K
     assert not stacks([21 * mb] * 60)  # past STACK_TOTAL_BYTES
     assert not stacks([168 * mb] * 2) and not stacks([84 * mb, 84 * mb])  # 32K and 16K sessions: one by one
+
+
+def test_kernel_part_is_made_once_per_store(registry):
+    """WorkingSet.kernel_part: the same views for the same store (made once), the views of the
+    working set's own tensors, and the page table of the store it is asked for."""
+    cls = _REGISTRY["louiskv"]
+    layout = ModelLayout(2, 2, 4, 16, torch.float32, max_tokens=PROMPT + STEPS + 8)
+    a, b = (registry.open("w", layout, cls(cls.Config(**RESIDENT), layout), pb.TRANSPORT_SHM, 600.0, "louiskv")
+            for _ in range(2))  # fmt: skip
+    part = a.ws.kernel_part(a.store)
+    assert a.ws.kernel_part(a.store) is part
+    slot_pos, keys, values, pages, resident = part
+    assert slot_pos.data_ptr() == a.ws.slot_pos.data_ptr() and keys.shape == (4, a.ws.plan.capacity, 16)
+    assert values.data_ptr() == a.ws.values.data_ptr() and pages is a.store.page_table
+    assert a.ws.kernel_part(b.store)[3] is b.store.page_table  # another store: its own table
