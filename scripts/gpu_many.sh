@@ -4,7 +4,7 @@
 # embedded or process (the daemon), KEY=VALUE the daemon's settings (KVRECALL_*), or STACK=BYTES (louiskv's
 # STACK_MAX_BYTES, embedded only: the bench runs in this process) or WORKER_CPUS=LIST (bench --worker-cpus; with
 # KVRECALL_CPUS=LIST the daemon's), e.g. embedded:KVRECALL_CPUS=8-15,WORKER_CPUS=0-7. JSONs under $OUT (many-I-NAME.json).
-#   usage (device, carry .whl/eval .whl/triton): ARMS="embedded process ..." [STEPS=96] bash scripts/gpu_many.sh
+#   usage (device, carry .whl/eval [.whl/triton]): ARMS="embedded process ..." [STEPS=96] [PACK_TRITON=1] bash scripts/gpu_many.sh
 . scripts/gpu_env.sh
 mkdir -p "$OUT/logs"; SECONDS=0
 BASE="--device cuda --policies louiskv --parts many --many ${MANY_SEQ:-64} --many-context 4096 --rates 0.117 --lag 4 --host-cap-gib 40 --host-pool-gib 40 --query-drift 0.15 --steps ${STEPS:-96} --warmup 16"
@@ -33,3 +33,4 @@ d["notes"] = (notes if isinstance(notes, list) else [notes]) + [f"louiskv.STACK_
 json.dump(d, open(sys.argv[1], "w"), indent=1)
 PY
 done
+[ "${PACK_TRITON:-0}" = 1 ] && pack_triton_cache  # the compiled kernels for the next call (carry .whl/triton)
