@@ -6,7 +6,7 @@
 #   usage (device, carry .whl/eval [.whl/triton]): [DAEMONS="process embedded"] [PACK_TRITON=1] bash scripts/gpu_shared_128k.sh
 . scripts/gpu_env.sh
 mkdir -p "$OUT/tests"  # first the engine over a shared document on CUDA (gpu test), then the benches
-timeout 200 python3 -m pytest -q -m gpu tests/gpu/test_shared_prompt_gpu.py > "$OUT/tests/shared-prompt-gpu.log" 2>&1
+timeout 200 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu tests/gpu/test_shared_prompt_gpu.py > "$OUT/tests/shared-prompt-gpu.log" 2>&1
 echo "shared-prompt gpu test exit $?"; tail -2 "$OUT/tests/shared-prompt-gpu.log"
 for daemon in ${DAEMONS:-process embedded}; do
   E2E_EXTRA="--daemon $daemon --query-drift 0.15"
