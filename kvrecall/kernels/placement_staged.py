@@ -90,29 +90,24 @@ def place_staged_reference(
     placement (arguments and counts the same) with the new tokens' rows left in `staging` and
     their targets (flat rows of keys [B, C, D]) where they fit (staging.rows; keys and values
     untouched), else written in place (staging.rows 0). Slot positions are placed in place. The
-    plan is the reference's (plan_region); the new rows go from the host pages straight into
+    plan is the reference's (plan_placement); the new rows go from the host pages straight into
     the staging area."""
     rows, retrieved = slot_pos.shape[0], selection.shape[1]
     staging.rows = 0
     if not (rows and retrieved):
         return reference.place_retrieved(slot_pos, keys, values, selection, first_slot, host, page_base,
                                          tokens_per_page, num_kv_heads, resident_max)  # fmt: skip
-    region = slot_pos[:, first_slot : first_slot + retrieved]
-    final, filled, counts = reference.plan_region(region.long(), selection.to(slot_pos.device).long(),
-                                                  page_base.numel() * tokens_per_page)  # fmt: skip
-    region.copy_(final)
-    row, column = filled.nonzero(as_tuple=True)
+    counts, row, positions, targets = reference.plan_placement(slot_pos, selection, first_slot, page_base,
+                                                               tokens_per_page)  # fmt: skip
     n, D = row.numel(), keys.shape[-1]
-    targets = row * slot_pos.shape[1] + first_slot + column
     if n <= staging.capacity:  # the new rows into the staging area, their slots beside them
         into, dst = (staging.keys.view(-1), staging.values.view(-1)), torch.arange(n, device=staging.keys.device) * D
         staging.targets[:n] = targets
         staging.rows = n
     else:  # it does not fit: written in place
         into, dst = (keys.view(-1), values.view(-1)), targets * D
-    reference.copy_host_rows(host, page_base, row, final[row, column], tokens_per_page, num_kv_heads, *into, dst, D)
-    if resident_max is not None:
-        torch.maximum(resident_max, (slot_pos >= 0).sum(dim=1).amax(), out=resident_max)
+    reference.copy_host_rows(host, page_base, row, positions, tokens_per_page, num_kv_heads, *into, dst, D)
+    reference.note_resident(slot_pos, resident_max)
     return counts
 
 

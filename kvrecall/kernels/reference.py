@@ -280,9 +280,15 @@ def place_retrieved(
     counts = torch.zeros(rows, 2, dtype=torch.int32, device=slot_pos.device)
     if rows and selection.shape[1]:
         _place(slot_pos, keys, values, selection, first_slot, host, page_base, tokens_per_page, num_kv_heads, counts)
-    if resident_max is not None and rows:
-        torch.maximum(resident_max, (slot_pos >= 0).sum(dim=1).amax(), out=resident_max)
+    note_resident(slot_pos, resident_max)
     return counts
+
+
+def note_resident(slot_pos: torch.Tensor, resident_max: torch.Tensor | None) -> None:
+    """resident_max (an int64 scalar; None: nothing) raised to the most filled slots of any row
+    of slot_pos [B, C]."""
+    if resident_max is not None and slot_pos.shape[0]:
+        torch.maximum(resident_max, (slot_pos >= 0).sum(dim=1).amax(), out=resident_max)
 
 
 def append_units(
@@ -312,18 +318,27 @@ def _place(
     counts: torch.Tensor,
 ) -> None:
     """place_retrieved's work on a non-empty region; fills counts [B, 2]."""
-    retrieved, device = selection.shape[1], slot_pos.device
-    region = slot_pos[:, first_slot : first_slot + retrieved]
-    final, filled, region_counts = plan_region(region.long(), selection.to(device).long(),
-                                               page_base.numel() * tokens_per_page)  # fmt: skip
-    region.copy_(final)
+    region_counts, rows, positions, targets = plan_placement(slot_pos, selection, first_slot, page_base,
+                                                             tokens_per_page)  # fmt: skip
     counts.copy_(region_counts)
-    row_index, column = filled.nonzero(as_tuple=True)
-    if row_index.numel():
+    if rows.numel():
         dim = keys.shape[2]
-        dst = (row_index * slot_pos.shape[1] + first_slot + column) * dim
-        copy_host_rows(host, page_base, row_index, final[row_index, column], tokens_per_page, num_kv_heads,
-                       keys.view(-1), values.view(-1), dst, dim)  # fmt: skip
+        copy_host_rows(host, page_base, rows, positions, tokens_per_page, num_kv_heads, keys.view(-1),
+                       values.view(-1), targets * dim, dim)  # fmt: skip
+
+
+def plan_placement(
+    slot_pos: torch.Tensor, selection: torch.Tensor, first_slot: int, page_base: torch.Tensor, tokens_per_page: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """place_retrieved's plan of a non-empty region (plan_region), written into slot_pos ->
+    (counts [B, 2], the new tokens' rows, their positions, their targets: flat rows of the
+    keys / values [B, C, D]). What remains is copying their K / V rows (copy_host_rows)."""
+    region = slot_pos[:, first_slot : first_slot + selection.shape[1]]
+    final, filled, counts = plan_region(region.long(), selection.to(slot_pos.device).long(),
+                                        page_base.numel() * tokens_per_page)  # fmt: skip
+    region.copy_(final)
+    rows, column = filled.nonzero(as_tuple=True)
+    return counts, rows, final[rows, column], rows * slot_pos.shape[1] + first_slot + column
 
 
 def copy_host_rows(
