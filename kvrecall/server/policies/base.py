@@ -20,7 +20,7 @@ import torch
 from kvrecall.server.errors import InvalidArgument
 from kvrecall.server.host_store import SequenceStore
 from kvrecall.server.layout import ModelLayout, WorkingSetPlan
-from kvrecall.server.working_set import WorkingSet
+from kvrecall.server.working_set import WorkingSet, to_device
 from kvrecall.sizes import TOKEN_COUNT_FIELDS
 from kvrecall.v1 import kvrecall_pb2 as pb
 
@@ -217,8 +217,7 @@ def fill_free_slots_many(items: list[tuple[PolicyContext, int, int]]) -> list[Se
         free = (current < 0).sum(dim=-1).view(S, -1).amin(dim=1, keepdim=True)  # [S, 1]
         spans = [(items[i][1], items[i][2]) for i in members]
         n = max(end - start for start, end in spans)
-        bounds = torch.tensor(spans, dtype=torch.int64).pin_memory().to(device, non_blocking=True) if device.type == "cuda" \
-            else torch.tensor(spans, dtype=torch.int64)  # fmt: skip
+        bounds = to_device(torch.tensor(spans, dtype=torch.int64), device)
         fresh = bounds[:, :1] + torch.arange(n, dtype=torch.int64, device=device)  # [S, n]
         end = bounds[:, 1:]
         fresh = torch.where((fresh < end) & (fresh >= end - free), fresh, -1)  # the newest `free` of each span
