@@ -223,6 +223,11 @@ class Bench:
                               dtype=self.dtype, generator=g)  # fmt: skip
         return kv, queries
 
+    def host_tokens(self, context: int, batch: int) -> int:
+        """Tokens the daemon's host tier holds for a step configuration: the prompts (one with
+        --shared-prompt) and every session's room for its output."""
+        return context * (1 if self.args.shared_prompt else batch) + batch * self.spec(0).max_tokens
+
     def spec(self, tokens: int) -> ModelSpec:
         s = self.shape
         steps = self.args.steps * self.args.repeats * 4 + self.args.warmup * 4 + 64
@@ -297,7 +302,6 @@ class Bench:
 
         opened = []
         engine = None
-        frozen = False
         try:
             t0 = time.perf_counter()
             # --shared-prompt: one document for all; the first session's ingest registers it as a prefix
@@ -338,61 +342,59 @@ class Bench:
             phases = [(rate, lag, sw) for rate in rates for lag in (lags if rate > 0 else lags[:1])
                       for sw in (switches if rate > 0 else switches[:1])] \
                 if policy == "louiskv" else [(1.0 if policy == "quest" else 0.0, lags[0], switches[0])]  # fmt: skip
-            if args.gc_freeze == "on":  # setup's objects out of the timed steps' full collections
-                frozen = gcfreeze.freeze() > 0
-            for rate, lag, switch in phases:
-                rate_now[0] = rate
-                engine.set_lag(lag)
-                sys.setswitchinterval(switch)
-                for _ in range(args.warmup):
-                    engine.step()
-                before = sum(seq.boundaries for seq in engine.active)
-                engine.times.clear()
-                samples, blocks = [], []
-                with gcfreeze.Pauses() as pauses:  # the collector's passes in the timed steps (any thread)
-                    for _ in range(args.repeats):  # blocks of `steps` steps, one after another
-                        block = []
-                        for _ in range(args.steps):
-                            t1 = time.perf_counter()
-                            engine.step()
-                            block.append((time.perf_counter() - t1) * 1e3)
-                        samples += block
-                        blocks.append(statistics.fmean(block))
-                crossed = sum(seq.boundaries for seq in engine.active) - before
-                waits = daemon_waits(engine.times)
-                if engine.times.moved_bytes and crossed and config.get("budget"):  # of a whole budget per retrieval
-                    whole = config["budget"] * self.token_bytes
-                    waits["moved_share"] = round(sum(engine.times.moved_bytes) / (crossed * whole), 4)
-                profile = host_profile(engine, args.profile_steps) if rate > 0 and args.profile_steps else None
-                kernels = worker_kernels(engine, args.worker_kernel_steps) \
-                    if policy == "louiskv" and args.worker_kernel_steps and self.device.type == "cuda" else None  # fmt: skip
-                mean = statistics.fmean(samples)
-                rows.append({
-                    "part": part, "policy": policy, "context": context, "batch": batch, "rate": rate,
-                    "median_ms": round(statistics.median(samples), 3), "p90_ms": round(_percentile(samples, 0.9), 3),
-                    "mean_ms": round(mean, 3), "tokens_per_s": round(batch * 1e3 / mean, 1),
-                    "boundary_share": round(crossed / len(samples) / batch, 4), "graphed": engine.graph.graphed, "overlap": engine.overlap,
-                    "switch": engine.switch,
-                    **({"mean_ms_blocks": [round(m, 3) for m in blocks], "block_spread": round(max(blocks) / min(blocks), 3)}
-                       if len(blocks) > 1 else {}),
-                    "capacity": capacity, "budget": config.get("budget"), "lag": lag, "query_drift": args.query_drift,
-                    "shared_prompt": shared,
-                    "switch_interval_ms": round(switch * 1e3, 3),
-                    "ingest_s_first": round(ingest[0], 3), "ingest_s_mean": round(statistics.fmean(ingest), 3),
-                    "setup_s": round(setup_s, 2), "worker_peak_gib": self.worker_peak(),
-                    "daemon_gpu_gib": _gib(daemon_device), "host_gib": _gib(host_bytes),
-                    "gpu_kv_gib_full_equivalent": _gib(batch * context * self.token_bytes),
-                    **waits, **pauses.summary(), **({"host_profile": profile} if profile else {}),
-                    **({"worker_kernels": kernels} if kernels else {}),
-                })  # fmt: skip
+            # setup's objects out of the timed steps' full collections (unfrozen after them)
+            with gcfreeze.frozen(args.gc_freeze == "on"):
+                for rate, lag, switch in phases:
+                    rate_now[0] = rate
+                    engine.set_lag(lag)
+                    sys.setswitchinterval(switch)
+                    for _ in range(args.warmup):
+                        engine.step()
+                    before = sum(seq.boundaries for seq in engine.active)
+                    engine.times.clear()
+                    samples, blocks = [], []
+                    with gcfreeze.Pauses() as pauses:  # the collector's passes in the timed steps (any thread)
+                        for _ in range(args.repeats):  # blocks of `steps` steps, one after another
+                            block = []
+                            for _ in range(args.steps):
+                                t1 = time.perf_counter()
+                                engine.step()
+                                block.append((time.perf_counter() - t1) * 1e3)
+                            samples += block
+                            blocks.append(statistics.fmean(block))
+                    crossed = sum(seq.boundaries for seq in engine.active) - before
+                    waits = daemon_waits(engine.times)
+                    if engine.times.moved_bytes and crossed and config.get("budget"):  # of a whole budget per retrieval
+                        whole = config["budget"] * self.token_bytes
+                        waits["moved_share"] = round(sum(engine.times.moved_bytes) / (crossed * whole), 4)
+                    profile = host_profile(engine, args.profile_steps) if rate > 0 and args.profile_steps else None
+                    kernels = worker_kernels(engine, args.worker_kernel_steps) \
+                        if policy == "louiskv" and args.worker_kernel_steps and self.device.type == "cuda" else None  # fmt: skip
+                    mean = statistics.fmean(samples)
+                    rows.append({
+                        "part": part, "policy": policy, "context": context, "batch": batch, "rate": rate,
+                        "median_ms": round(statistics.median(samples), 3), "p90_ms": round(_percentile(samples, 0.9), 3),
+                        "mean_ms": round(mean, 3), "tokens_per_s": round(batch * 1e3 / mean, 1),
+                        "boundary_share": round(crossed / len(samples) / batch, 4), "graphed": engine.graph.graphed, "overlap": engine.overlap,
+                        "switch": engine.switch,
+                        **({"mean_ms_blocks": [round(m, 3) for m in blocks], "block_spread": round(max(blocks) / min(blocks), 3)}
+                           if len(blocks) > 1 else {}),
+                        "capacity": capacity, "budget": config.get("budget"), "lag": lag, "query_drift": args.query_drift,
+                        "shared_prompt": shared,
+                        "switch_interval_ms": round(switch * 1e3, 3),
+                        "ingest_s_first": round(ingest[0], 3), "ingest_s_mean": round(statistics.fmean(ingest), 3),
+                        "setup_s": round(setup_s, 2), "worker_peak_gib": self.worker_peak(),
+                        "daemon_gpu_gib": _gib(daemon_device), "host_gib": _gib(host_bytes),
+                        "gpu_kv_gib_full_equivalent": _gib(batch * context * self.token_bytes),
+                        **waits, **pauses.summary(), **({"host_profile": profile} if profile else {}),
+                        **({"worker_kernels": kernels} if kernels else {}),
+                    })  # fmt: skip
             # The captured step alone (no daemon calls, CUDA events): what the host side adds.
             graph_only = time_fn(engine.graph, self.device, warmup=2, reps=max(8, args.steps // 2))
             for row in rows:
                 row["graph_only_ms"] = round(graph_only.median_ms, 3)
             return rows
         finally:
-            if frozen:
-                gc.unfreeze()
             if engine is not None:
                 engine.close()
             for session in opened:
@@ -418,8 +420,7 @@ class Bench:
         policies = [p for p in args.policies.split(",") if p]
         rates = [float(r) for r in args.rates.split(",") if r]
         need = max(
-            [c * (1 if args.shared_prompt else b) + b * (self.spec(0).max_tokens) for c in contexts for b in batches
-             if "step" in parts]
+            [self.host_tokens(c, b) for c in contexts for b in batches if "step" in parts]
             + [args.many * args.many_context if "many" in parts else 0]
             + [int(args.host_cap_gib * GiB / self.token_bytes) if "capped" in parts else 0]
         )  # fmt: skip
@@ -444,8 +445,7 @@ class Bench:
                 if "step" in parts:
                     for context in contexts:
                         for batch in batches:
-                            held = context * (1 if args.shared_prompt else batch) + batch * self.spec(0).max_tokens
-                            if held * self.token_bytes > host_gib * GiB * 0.97:
+                            if self.host_tokens(context, batch) * self.token_bytes > host_gib * GiB * 0.97:
                                 self.meta["skipped"].append(f"{context}x{batch}: host tier of {host_gib} GiB too small")
                                 continue
                             log(f"step: context {context}, batch {batch}")

@@ -324,4 +324,3 @@ def _ranges(cpus: set[int]) -> str:
         if cpu is not None:
             start = prev = cpu
     return ",".join(out)
-
