@@ -3,9 +3,10 @@
 CPython's cyclic collector holds the interpreter lock while it runs, so every Python thread of
 the process stops (the worker's step launches, the daemon's answers), and a full (generation 2)
 collection walks every tracked object: after `import torch`, the gRPC stack and a model, ~250K
-of them. In `kvrecall bench e2e --daemon embedded` on a 2-core host the full collections during
-decoding took 112-122 ms each, two in a 112-step run; with setup's objects frozen, 0.6 ms
-(bench/results/README.md, "twenty-ninth session"). `gc.freeze()` moves every object alive now
+of them. Beside `kvrecall bench e2e --daemon embedded` on a 2-core host one full collection took
+114 ms, and under 0.001 ms with those objects frozen (`scripts/gc_pause_probe.py`,
+bench/results/2026-12-03-cpu-gc-pauses.json; in that bench they fell in setup and teardown, the
+timed steps saw only young ones). `gc.freeze()` moves every object alive now
 into a permanent generation the collector skips; reference counting still frees them, only a
 cycle among them is never collected (setup leaves few). The daemon freezes once it serves
 (`gc_freeze`, on by default), the worker once its engine is ready, the bench around each timed

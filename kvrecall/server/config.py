@@ -92,8 +92,8 @@ class ServerConfig(BaseModel):
                                         # preempted once per retrieval, not per kernel (launch_gate.py)
     gc_freeze: bool = True              # once serving, freeze the interpreter's objects (kvrecall/gcfreeze.py):
                                         # a full cyclic collection then walks what came after, not the
-                                        # ~250K objects of startup (112-122 ms pauses of every thread
-                                        # on a 2-core host, 0.6 ms frozen)
+                                        # ~245K objects of startup (114 ms with every thread stopped on
+                                        # a 2-core host, under 0.001 ms frozen: scripts/gc_pause_probe.py)
     capture_selection: bool = False     # replay louiskv's boundary selection (~25 kernels) as one CUDA
                                         # graph per session, re-captured when its unit table outgrows
                                         # a bucket (kvrecall/captured.py)
