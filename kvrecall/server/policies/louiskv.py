@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from kvrecall import captured, kernels
+from kvrecall.kernels.reference import drop_members
 from kvrecall.server.layout import WorkingSetPlan
 from kvrecall.server.policies.base import (
     DEFAULT_SPILL_EVERY,
@@ -196,6 +197,15 @@ class _UnitTable:
         if self.base is None:
             return own
         return torch.cat((self.base.view(name), own), dim=1)
+
+    def segments(self) -> list[tuple[torch.Tensor, ...]]:
+        """UNIT_FIELDS over the filled columns, one tuple per table of the chain (the base's
+        first): views, no copies. Concatenated column-wise they are view()'s fields; over a shared
+        prefix a selection reads them apart (choose_units_split) instead of copying the prefix's
+        table (~0.6 GB at 128K tokens of a Llama-3-8B shape) at every retrieval."""
+        own = tuple(getattr(self, name)[:, : self.own_units if name in UNIT_COLUMNS else self.own_tokens]
+                    for name in UNIT_FIELDS)  # fmt: skip
+        return ([] if self.base is None else self.base.segments()) + [own]
 
     def rest(self) -> tuple[int, int]:
         """(units, candidate tokens) per row this table still has room for."""
@@ -533,9 +543,9 @@ class LouisKVPolicy(Policy):
         index = to_device(torch.tensor(layers), device)
         rows = (index[:, None] * H + torch.arange(H, device=device)).view(-1)
         q = query[index].reshape(len(layers) * H, -1, D)  # its own dtype: scored in f32
-        new, take = choose_units(
-            q, *(table.view(name)[rows] for name in UNIT_FIELDS), None if self.pinned is None else self.pinned[rows],
-            R, self.config.aggregate,
+        new, take = choose_units_split(
+            q, [tuple(field[rows] for field in segment) for segment in table.segments()],
+            None if self.pinned is None else self.pinned[rows], R, self.config.aggregate,
         )  # fmt: skip
         units = (take > 0).sum()
         current = ctx.ws.retrieved_positions().view(L * H, R)
@@ -551,10 +561,9 @@ class LouisKVPolicy(Policy):
         R = self.config.budget
         if query.dim() == 3 and self.units.base is None and captured.enabled(query.device):
             return self._choose_captured(query.reshape(L * H, -1, D))
-        new, take = choose_units(
-            query.reshape(L * H, -1, D), *(self.units.view(name) for name in UNIT_FIELDS), self.pinned, R,
-            self.config.aggregate,
-        )  # fmt: skip
+        new, take = choose_units_split(
+            query.reshape(L * H, -1, D), self.units.segments(), self.pinned, R, self.config.aggregate
+        )
         return Selection(new.view(L, H, R), units=(take > 0).sum())
 
     def _choose_captured(self, q: torch.Tensor) -> Selection:
@@ -703,6 +712,59 @@ def choose_units(
     # A row whose units all fit the budget takes them all (exact, its pinned tokens among
     # them); the others keep their pinned tokens and fill the rest with the best units.
     return kernels.expand_pinned(take, sizes, scores, position, pinned, budget)
+
+
+def choose_units_split(
+    q: torch.Tensor, segments: list[tuple[torch.Tensor, ...]], pinned: torch.Tensor | None, budget: int,
+    aggregate: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """choose_units over a table in column segments (reps, valid, sizes, position each, in
+    UNIT_FIELDS' order; _UnitTable.segments: a shared prefix's table, then the session's own)
+    without concatenating them: each segment's units are scored apart and only the scores and
+    sizes ([B, U], small) are joined for the selection, then each segment's chosen units expand
+    apart and their positions follow one another, as in one table's unit order. The same result
+    as choose_units over the concatenated fields."""
+    if len(segments) == 1:
+        return choose_units(q, *segments[0], pinned, budget, aggregate)
+    rows = q.shape[0]
+    free = budget - (0 if pinned is None else pinned.shape[1])
+    scores = torch.cat([
+        kernels.score_units(q, reps, valid, agg=aggregate) if reps.shape[1] else
+        torch.empty(rows, 0, dtype=torch.float32, device=q.device) for reps, valid, _, _ in segments
+    ], dim=1)  # fmt: skip
+    sizes = torch.cat([segment[2] for segment in segments], dim=1)
+    take = kernels.select_under_budget(scores, sizes, free)
+    fits = None
+    if pinned is not None:  # as kernels.expand_pinned: a row whose units all fit takes them all
+        whole = torch.where(scores > float("-inf"), sizes.long().clamp_min(0), 0).to(take.dtype)
+        fits = whole.sum(dim=1, keepdim=True) <= budget
+        take = torch.where(fits, whole, take)
+    new = expand_segments(take, segments, budget)
+    if pinned is None:
+        return new, take
+    mixed = torch.cat([pinned, drop_members(new[:, : budget - pinned.shape[1]], pinned)], dim=1)
+    return torch.where(fits, new, mixed), take
+
+
+def expand_segments(take: torch.Tensor, segments: list[tuple[torch.Tensor, ...]], width: int) -> torch.Tensor:
+    """kernels.expand_grouped of take [B, U] over column segments (choose_units_split): each
+    segment's units expand over its own candidates, and a row's positions from a later segment
+    follow those of the earlier ones (one table's unit order) -> [B, width] int64, -1 padded."""
+    out, filled, first = None, None, 0
+    columns = torch.arange(width, device=take.device)
+    for _, _, sizes, position in segments:
+        units = sizes.shape[1]
+        if units == 0:
+            continue
+        part = kernels.expand_grouped(take[:, first : first + units], sizes, position, width)
+        first += units
+        if out is None:
+            out, filled = part, (part >= 0).sum(dim=1, keepdim=True)
+            continue
+        at = columns - filled  # column of `part` that lands in each output column (< 0: earlier segments')
+        out = torch.where(at >= 0, part.gather(1, at.clamp(0, width - 1)), out)
+        filled = filled + (part >= 0).sum(dim=1, keepdim=True)
+    return out if out is not None else torch.full((take.shape[0], width), -1, dtype=torch.int64, device=take.device)
 
 
 STACK_MAX_BYTES = 16 << 20
