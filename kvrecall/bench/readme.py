@@ -77,12 +77,28 @@ def render(result: dict[str, Any], source: str, *more: tuple[dict[str, Any], str
             f"| {context // 1024}K x {batch} | {full['median_ms']:.2f} | {cell(bound)} | {cell(measured)} "
             f"| {cell(every)} | {cell(quest)} | {full['median_ms'] / measured['mean_ms']:.2f}x | {memory} |"
         )
+    shared = sorted({(r["context"], r["batch"]) for r in rows if r["part"] == "step" and r.get("shared_prompt")
+                     and r["batch"] > 1})  # fmt: skip
+    if shared:
+        lines += ["", f"{_configs(shared)}: the batch's sequences decode over one shared prompt document "
+                  "(`--shared-prompt`: the daemon holds it once in the host tier, as when many requests ask about one "
+                  "document); each has its own working set, boundaries, retrievals and output."]
+    for r in rows:
+        if r["part"] == "step" and r["policy"] == "full" and r.get("kv_layers_shared"):
+            lines += ["", f"Full KV at {_configs([(r['context'], r['batch'])])} needs {r['gpu_kv_gib']:.0f} GiB of "
+                      f"KV, more than the GPU holds beside the weights: its step is timed with {r['kv_layers']} KV "
+                      "buffers shared by all the layers, each layer attending over the whole live length (the same "
+                      "work); a full-KV engine could not run it."]
     # What a run skipped ("131072x8: ...") unless another run of the table measured it.
     skipped = [item for run, _ in runs for item in run["meta"].get("skipped") or []
                if _config(item) not in {f"{c}x{b}" for c, b in configs}]  # fmt: skip
     if skipped:
         lines += ["", "Not measured in that run: " + "; ".join(skipped) + "."]
     return "\n".join(lines)
+
+
+def _configs(configs: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{context // 1024}K x {batch}" for context, batch in configs)
 
 
 def render_prefill(result: dict[str, Any], source: str) -> str:
