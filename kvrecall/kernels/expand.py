@@ -54,13 +54,17 @@ def expand_selection(
 
 
 def expand_grouped(
-    take: torch.Tensor, sizes: torch.Tensor, position: torch.Tensor, width: int, impl: str = "auto"
-) -> torch.Tensor:
+    take: torch.Tensor, sizes: torch.Tensor, position: torch.Tensor, width: int, impl: str = "auto",
+    tail: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """expand_selection where the candidates are grouped by unit, in unit order: unit u's
     sizes[u] candidates follow those of units < u, in rank order (louiskv's unit table) ->
     [B, width] int64, -1 padded: the same positions, from take, sizes [B, U] (int) and
     position [B, M] (int32 or int64) alone. take is clamped to [0, sizes]. On a GPU it reads
     the units and the chosen positions, not every candidate; no host sync there.
+
+    `tail` [B, M2]: candidate columns M.. are tail's (a table kept in two parts, a shared
+    prefix's and a session's own: the same result as position and tail concatenated, no copy).
     """
     check_tensor("take", take, rank=2, dtypes=INDEX_DTYPES)
     check_tensor("sizes", sizes, rank=2, dtypes=INDEX_DTYPES)
@@ -69,17 +73,36 @@ def expand_grouped(
         raise ValueError(f"take: shape {tuple(take.shape)} differs from sizes' {tuple(sizes.shape)}")
     check_size("position", position, 0, sizes.shape[0], "B of sizes")
     check_int("width", width, 0)
-    device = check_same_device(take=take, sizes=sizes, position=position)
+    _check_tail(tail, sizes)
+    device = check_same_device(take=take, sizes=sizes, position=position, **_tail(tail))
     if use_triton(impl, device):
         from kvrecall.kernels.expand_triton import expand_grouped_triton
 
-        return expand_grouped_triton(take, sizes, position, width)[0]
-    return reference.expand_grouped(take, sizes, position, width)
+        return expand_grouped_triton(take, sizes, position, width, tail=tail)[0]
+    return reference.expand_grouped(take, sizes, _joined(position, tail), width)
+
+
+def _check_tail(tail: torch.Tensor | None, sizes: torch.Tensor) -> None:
+    if tail is not None:
+        check_tensor("tail", tail, rank=2, dtypes=INDEX_DTYPES)
+        check_size("tail", tail, 0, sizes.shape[0], "B of sizes")
+
+
+def _tail(tail: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return {} if tail is None else {"tail": tail}
+
+
+def _joined(position: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
+    """The reference's one candidate table: position then tail (a copy)."""
+    if tail is None:
+        return position
+    dtype = torch.promote_types(position.dtype, tail.dtype)
+    return torch.cat((position.to(dtype), tail.to(dtype)), dim=1)
 
 
 def expand_pinned(
     take: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor, position: torch.Tensor, pinned: torch.Tensor,
-    width: int, impl: str = "auto",
+    width: int, impl: str = "auto", tail: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """expand_grouped with pinned tokens (louiskv keeps them in every retrieval) -> (positions
     [B, width] int64, the take used [B, U]).
@@ -88,7 +111,8 @@ def expand_pinned(
     width - P; scores [B, U] float (-inf: not a unit). A row whose scored units all fit the
     width (sum of their sizes <= width) takes them all, pinned tokens among them; every other
     row holds its pinned tokens in its first P columns, then the expansion of `take` less the
-    tokens pinned already (-1 where one was). One launch on a GPU (no host sync).
+    tokens pinned already (-1 where one was). One launch on a GPU (no host sync). `tail`: as
+    for expand_grouped.
     """
     check_tensor("pinned", pinned, rank=2, dtypes=(torch.int64,))
     check_tensor("scores", scores, rank=2, dtypes=FLOAT_DTYPES)
@@ -103,9 +127,10 @@ def expand_pinned(
     if take.shape != sizes.shape:
         raise ValueError(f"take: shape {tuple(take.shape)} differs from sizes' {tuple(sizes.shape)}")
     check_size("position", position, 0, sizes.shape[0], "B of sizes")
-    device = check_same_device(take=take, sizes=sizes, scores=scores, position=position, pinned=pinned)
+    _check_tail(tail, sizes)
+    device = check_same_device(take=take, sizes=sizes, scores=scores, position=position, pinned=pinned, **_tail(tail))
     if use_triton(impl, device):
         from kvrecall.kernels.expand_triton import expand_grouped_triton
 
-        return expand_grouped_triton(take, sizes, position, width, scores, pinned)
-    return reference.expand_pinned(take, sizes, scores, position, pinned, width)
+        return expand_grouped_triton(take, sizes, position, width, scores, pinned, tail=tail)
+    return reference.expand_pinned(take, sizes, scores, _joined(position, tail), pinned, width)

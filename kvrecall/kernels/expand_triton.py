@@ -73,12 +73,14 @@ def expand_selection_triton(
     return out
 
 
-@triton.jit(do_not_specialize=["U", "M", "P", "width", "steps", "pin_steps", "stride_t", "stride_s", "stride_p"])
+@triton.jit(do_not_specialize=["U", "M", "P", "width", "steps", "pin_steps", "stride_t", "stride_s", "stride_p",
+                               "split", "stride_q"])
 def _expand_grouped_kernel(
-    take_ptr, sizes_ptr, pos_ptr, scratch_ptr, out_ptr, scores_ptr, pinned_ptr, take_out_ptr,
-    U, M, P, width, steps, pin_steps, stride_t, stride_s, stride_p,
-    BLOCK_U: tl.constexpr, BLOCK_W: tl.constexpr, PINNED: tl.constexpr,
+    take_ptr, sizes_ptr, pos_ptr, scratch_ptr, out_ptr, scores_ptr, pinned_ptr, take_out_ptr, tail_ptr,
+    U, M, P, width, steps, pin_steps, stride_t, stride_s, stride_p, split, stride_q,
+    BLOCK_U: tl.constexpr, BLOCK_W: tl.constexpr, PINNED: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
+    # TAIL: candidate columns [split, M) are the tail's (its column 0 = column split), the rest pos's.
     b = tl.program_id(0).to(tl.int64)
     ends = scratch_ptr + b * 2 * U  # per unit: output columns taken up to and including it
     shift = ends + U  # per unit: its first candidate's column minus its first output column
@@ -131,7 +133,15 @@ def _expand_grouped_kernel(
             hi = tl.where(active & ~below, mid, hi)
         column = w + tl.load(shift + tl.minimum(lo, U - 1), mask=chosen, other=0, cache_modifier=".cg")
         keep = chosen & (column < M)
-        position = tl.load(pos_ptr + b * stride_p + column, mask=keep, other=-1).to(tl.int64)
+        if TAIL:
+            head = column < split
+            position = tl.where(
+                head,
+                tl.load(pos_ptr + b * stride_p + column, mask=keep & head, other=-1).to(tl.int64),
+                tl.load(tail_ptr + b * stride_q + (column - split), mask=keep & ~head, other=-1).to(tl.int64),
+            )
+        else:
+            position = tl.load(pos_ptr + b * stride_p + column, mask=keep, other=-1).to(tl.int64)
         if PINNED:  # a pinned token the expansion holds too stays in the pinned part only
             lo = tl.zeros((BLOCK_W,), tl.int32)  # the first pinned entry >= position (padding: last)
             hi = lo + P
@@ -153,10 +163,10 @@ _BLOCK_W = 1024  # output columns per step of the search
 
 def expand_grouped_triton(
     take: torch.Tensor, sizes: torch.Tensor, position: torch.Tensor, width: int,
-    scores: torch.Tensor | None = None, pinned: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None, pinned: torch.Tensor | None = None, tail: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """Launch on checked arguments (see `kvrecall.kernels.expand_grouped` / `expand_pinned`):
-    (positions, the take used: None without pinned)."""
+    (positions, the take used: None without pinned). `tail`: candidate columns after position's."""
     rows, units = sizes.shape
     pinning = pinned is not None
     take_out = torch.empty(take.shape, dtype=take.dtype, device=take.device) if pinning else None
@@ -169,10 +179,13 @@ def expand_grouped_triton(
     if pinning:
         scores, pinned = scores.contiguous(), pinned.contiguous()
     scratch = torch.empty(rows, 2 * max(units, 1), dtype=torch.int32, device=sizes.device)
+    split = position.shape[1]
     _expand_grouped_kernel[(rows,)](
         take, sizes, position, scratch, out, scores if pinning else take, pinned if pinning else take,
-        take_out if pinning else take, units, position.shape[1], P, width, units.bit_length(), P.bit_length(),
-        take.stride(0), sizes.stride(0), position.stride(0),
-        BLOCK_U=_BLOCK_U, BLOCK_W=min(_BLOCK_W, next_power_of_2(max(width, P, 1))), PINNED=pinning, num_warps=4,
+        take_out if pinning else take, position if tail is None else tail,
+        units, split + (0 if tail is None else tail.shape[1]), P, width, units.bit_length(), P.bit_length(),
+        take.stride(0), sizes.stride(0), position.stride(0), split, position.stride(0) if tail is None else tail.stride(0),
+        BLOCK_U=_BLOCK_U, BLOCK_W=min(_BLOCK_W, next_power_of_2(max(width, P, 1))), PINNED=pinning,
+        TAIL=tail is not None, num_warps=4,
     )  # fmt: skip
     return out, take_out

@@ -35,11 +35,11 @@ def _dot_rows(a, b, acc, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr):
     return acc
 
 
-@triton.jit(do_not_specialize=["G", "U", "stride_vb"])
+@triton.jit(do_not_specialize=["G", "U", "stride_vb", "stride_ob"])
 def _score_kernel(
     q_ptr, hi_ptr, lo_ptr, valid_ptr, out_ptr,
     G, U, D,
-    stride_qb, stride_qg, stride_hb, stride_hu, stride_lb, stride_lu, stride_vb,
+    stride_qb, stride_qg, stride_hb, stride_hu, stride_lb, stride_lu, stride_vb, stride_ob,
     SPLIT_SIGN: tl.constexpr, AGG_MAX: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_U: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -73,7 +73,7 @@ def _score_kernel(
     else:
         scores = tl.sum(acc, axis=1)  # padded heads contribute 0
     valid = tl.load(valid_ptr + b * stride_vb + offs_u, mask=u_mask, other=0) != 0
-    tl.store(out_ptr + b * U + offs_u, tl.where(valid, scores, float("-inf")), mask=u_mask)
+    tl.store(out_ptr + b * stride_ob + offs_u, tl.where(valid, scores, float("-inf")), mask=u_mask)
 
 
 # Query rows per launch: a [BLOCK_U, BLOCK_G] accumulator and its pipelined operand tiles
@@ -89,10 +89,14 @@ def launch_scores(
     *,
     split_sign: bool,
     agg_max: bool,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run `_score_kernel` on checked arguments: query [B, G, D], hi/lo [B, U, D] -> [B, U] f32.
-    More than MAX_BLOCK_G query rows (a chunk's queries) run as several launches, combined."""
+    """Run `_score_kernel` on checked arguments: query [B, G, D], hi/lo [B, U, D] -> [B, U] f32
+    (written into `out`, a [B, U] f32 view with unit stride 1, where given). More than
+    MAX_BLOCK_G query rows (a chunk's queries) run as several launches, combined."""
     batch, num_heads, dim = query.shape
+    if num_heads > MAX_BLOCK_G and out is not None:
+        return out.copy_(launch_scores(query, hi, lo, valid, split_sign=split_sign, agg_max=agg_max))
     if num_heads > MAX_BLOCK_G:
         parts = [
             launch_scores(query[:, g : g + MAX_BLOCK_G], hi, lo, valid, split_sign=split_sign, agg_max=agg_max)
@@ -103,7 +107,7 @@ def launch_scores(
             combined = torch.maximum(combined, part) if agg_max else combined + part
         return combined
     num_units = hi.shape[1]
-    scores = torch.empty(batch, num_units, dtype=torch.float32, device=query.device)
+    scores = torch.empty(batch, num_units, dtype=torch.float32, device=query.device) if out is None else out
     if scores.numel() == 0:
         return scores
     block_u = 64
@@ -112,7 +116,7 @@ def launch_scores(
         query, hi, lo, valid, scores,
         num_heads, num_units, dim,
         query.stride(0), query.stride(1), hi.stride(0), hi.stride(1), lo.stride(0), lo.stride(1),
-        valid.stride(0),
+        valid.stride(0), scores.stride(0),
         SPLIT_SIGN=split_sign, AGG_MAX=agg_max,
         NATIVE_DOT=native_dot(query.dtype, hi.dtype, lo.dtype), PRECISION=FP32_DOT_PRECISION,
         BLOCK_U=block_u, BLOCK_G=max(16, next_power_of_2(num_heads)),  # tl.dot: block dims >= 16
@@ -122,7 +126,7 @@ def launch_scores(
 
 
 def score_units_triton(
-    query: torch.Tensor, reps: torch.Tensor, valid: torch.Tensor, agg: str
+    query: torch.Tensor, reps: torch.Tensor, valid: torch.Tensor, agg: str, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Launch on checked arguments (see `kvrecall.kernels.score_units`)."""
-    return launch_scores(query, reps, reps, valid, split_sign=False, agg_max=agg == "max")
+    return launch_scores(query, reps, reps, valid, split_sign=False, agg_max=agg == "max", out=out)

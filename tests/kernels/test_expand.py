@@ -156,3 +156,45 @@ def test_pinned_matches_reference(triton_device, rows, units, budget, pins, spar
             assert want[b, :pins].tolist() == pinned[b].tolist()
     if rows > 1:  # row 0 fits: its every unit whole, no pinned part
         assert torch.equal(want[0], K.expand_grouped(want_take[:1], sizes[:1], position[:1], budget)[0])
+
+
+@pytest.mark.parametrize(("rows", "units", "budget", "width", "spare"), GROUPED_CASES)
+@pytest.mark.parametrize(("cut", "tail_dtype"), [(0.0, torch.int32), (0.4, torch.int32), (0.7, torch.int64),
+                                                 (1.0, torch.int32)])  # fmt: skip
+def test_grouped_with_a_tail_is_one_table(triton_device, rows, units, budget, width, spare, cut, tail_dtype) -> None:
+    """position's candidate columns split in two (a shared prefix's and a session's own, louiskv's
+    choose_units_split), at any column: the positions the whole table gives, on both paths."""
+    take, sizes, _, _, position = random_grouped(rows, units, units + width, budget, spare)
+    split = int(cut * position.shape[1])
+    head, tail = position[:, :split].to(torch.int32), position[:, split:].to(tail_dtype)
+    want = K.expand_grouped(take, sizes, position, width, impl="reference")
+    assert torch.equal(K.expand_grouped(take, sizes, head, width, impl="reference", tail=tail), want)
+    got = K.expand_grouped(*(t.to(triton_device) for t in (take, sizes, head)), width, impl="triton",
+                           tail=tail.to(triton_device))  # fmt: skip
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize(
+    ("rows", "units", "budget", "pins", "spare"), [(1, 5, 8, 2, 0), (4, 300, 256, 64, 7), (3, 2000, 1024, 256, 0)]
+)
+@pytest.mark.parametrize("cut", [0.25, 0.9])
+def test_pinned_with_a_tail_is_one_table(triton_device, rows, units, budget, pins, spare, cut) -> None:
+    take, sizes, scores, position, pinned = pinned_case(rows, units, budget, pins, units + pins, spare)
+    split = int(cut * position.shape[1])
+    head, tail = position[:, :split], position[:, split:]
+    want, want_take = K.expand_pinned(take, sizes, scores, position, pinned, budget, impl="reference")
+    got, got_take = K.expand_pinned(take, sizes, scores, head, pinned, budget, impl="reference", tail=tail)
+    assert torch.equal(got, want) and torch.equal(got_take, want_take)
+    got, got_take = K.expand_pinned(
+        *(t.to(triton_device) for t in (take, sizes, scores, head, pinned)), budget, impl="triton",
+        tail=tail.to(triton_device),
+    )  # fmt: skip
+    assert torch.equal(got.cpu(), want) and torch.equal(got_take.cpu(), want_take)
+
+
+def test_a_tail_is_checked(device) -> None:
+    take = torch.zeros(2, 3, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="tail: dim 0 is 1, expected 2"):
+        K.expand_grouped(take, take, take, 4, tail=take[:1])
+    with pytest.raises(ValueError, match="tail: dtype float32"):
+        K.expand_grouped(take, take, take, 4, tail=take.float())

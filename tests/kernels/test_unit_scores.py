@@ -153,3 +153,24 @@ def test_float32_reps_with_a_16bit_query(
     valid = random_valid(10, 3, 50, triton_device)
     got = K.score_units(query, reps, valid, impl="triton")
     close(got, K.score_units(query, reps, valid, impl="reference"))
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_scores_written_into_columns_of_a_wider_tensor(
+    triton_device: torch.device, randn: MakeTensor, close: Callable[..., None], impl: str
+) -> None:
+    """out=: two parts of a table (louiskv's shared prefix and a session's own) scored into their
+    columns of one tensor equal the scores of the parts, the columns around them untouched."""
+    query = randn(11, 3, 4, 32)
+    head, tail = randn(12, 3, 50, 32), randn(13, 3, 7, 32)
+    valid = random_valid(14, 3, 57, triton_device)
+    out = torch.full((3, 60), 5.0, device=triton_device)
+    for reps, columns in ((head, slice(1, 51)), (tail, slice(51, 58))):
+        wrote = K.score_units(query, reps, valid[:, columns.start - 1 : columns.stop - 1], "max", impl=impl,
+                              out=out[:, columns])  # fmt: skip
+        assert wrote.data_ptr() == out[:, columns].data_ptr()
+    want = K.score_units(query, torch.cat((head, tail), dim=1), valid, "max", impl="reference")
+    close(out[:, 1:58], want)
+    assert bool((out[:, 0] == 5.0).all()) and bool((out[:, 58:] == 5.0).all())
+    with pytest.raises(ValueError, match="out: dim 1 is 57, expected 50"):
+        K.score_units(query, head, valid[:, :50], out=out[:, :57])
