@@ -455,7 +455,7 @@ from kvrecall.kernels import unit_append_triton as unit_append
 INDEX = {name: "i32" for name in ("R", "C", "first_slot", "sel_stride", "num_positions", "mark_words",
          "tokens_per_page", "num_kv_heads", "rows_per_session", "rows", "U", "start", "n", "ring_start", "ring_size",
          "M", "P", "width", "steps", "pin_steps", "stride_s", "stride_t", "stride_u", "stride_r", "stride_p", "first_row", "stride_l", "stride_kv",
-         "stride_h")}
+         "stride_h", "split", "stride_q")}
 KERNELS = [
     (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i32 *i64 *i32",
      dict(D=128, BLOCK_R=1024, ROWS=32, BLOCK_D=128, TRACK_RESIDENT=True, MANY=False, COPY=False)),
@@ -466,10 +466,12 @@ KERNELS = [
     (placement._spill_kernel, "*i16 *i16 *i16 *i64", dict(D=128, ROWS=32, BLOCK_D=128)),
     (placement._store_kernel, "*i16 *i16 *i64", dict(D=128, ROWS=32, BLOCK_D=128)),
     (expand._expand_kernel, "*i64 *i64 *i32 *i64 *i64", dict(BLOCK=1024)),
-    (expand._expand_grouped_kernel, "*i64 *i32 *i32 *i32 *i64 *i64 *i64 *i64",
-     dict(BLOCK_U=1024, BLOCK_W=1024, PINNED=False)),
-    (expand._expand_grouped_kernel, "*i64 *i32 *i32 *i32 *i64 *fp32 *i64 *i64",
-     dict(BLOCK_U=1024, BLOCK_W=1024, PINNED=True)),
+    (expand._expand_grouped_kernel, "*i64 *i32 *i32 *i32 *i64 *i64 *i64 *i64 *i32",
+     dict(BLOCK_U=1024, BLOCK_W=1024, PINNED=False, TAIL=False)),
+    (expand._expand_grouped_kernel, "*i64 *i32 *i32 *i32 *i64 *fp32 *i64 *i64 *i32",
+     dict(BLOCK_U=1024, BLOCK_W=1024, PINNED=True, TAIL=False)),
+    (expand._expand_grouped_kernel, "*i64 *i32 *i32 *i32 *i64 *fp32 *i64 *i64 *i32",  # a shared prefix's table
+     dict(BLOCK_U=1024, BLOCK_W=1024, PINNED=True, TAIL=True)),
     (unit_append._append_kernel, "*i16 *i32 *i8 *i32 *i16 *i64", dict(D=128, BLOCK_D=128, BLOCK_M=64)),
     (notice._notice_kernel, "*i32 *bf16 *bf16 *bf16 *i64 *i64 *fp32 *i64",
      dict(D=128, ROWS=32, BLOCK_D=128, BLOCK_W=64, BLOCK_C=1024, SUMS=True, CLEAR=True)),
@@ -503,7 +505,7 @@ def test_kernels_compile_for_hopper_without_a_gpu() -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("compiled") == 11
+    assert done.stdout.count("compiled") == 12
 
 
 def test_dry_index_copies_leave_the_rows_and_move_the_positions(triton_device, monkeypatch):
