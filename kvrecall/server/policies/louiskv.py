@@ -703,14 +703,23 @@ def choose_units(
     unit: kernels.expand_grouped reads only the chosen units' columns) -> (positions
     [B, budget] -1 padded, tokens taken per unit [B, U]). Rows never mix: stacking several
     sessions' rows gives each the rows it gets alone."""
+    return fill_budget(kernels.score_units(q, reps, valid, agg=aggregate), sizes, position, pinned, budget)
+
+
+def fill_budget(
+    scores: torch.Tensor, sizes: torch.Tensor, position: torch.Tensor, pinned: torch.Tensor | None, budget: int,
+    tail: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """choose_units once the units are scored (scores [B, U] f32): the best fill `budget` less
+    the pinned tokens and expand to their candidates (position, then `tail`'s columns where
+    given: kernels.expand_grouped) -> (positions [B, budget], tokens taken per unit [B, U])."""
     free = budget - (0 if pinned is None else pinned.shape[1])  # slots the units fill
-    scores = kernels.score_units(q, reps, valid, agg=aggregate)
     take = kernels.select_under_budget(scores, sizes, free)  # [rows, units]
     if pinned is None:
-        return kernels.expand_grouped(take, sizes, position, budget), take
+        return kernels.expand_grouped(take, sizes, position, budget, tail=tail), take
     # A row whose units all fit the budget takes them all (exact, its pinned tokens among
     # them); the others keep their pinned tokens and fill the rest with the best units.
-    return kernels.expand_pinned(take, sizes, scores, position, pinned, budget)
+    return kernels.expand_pinned(take, sizes, scores, position, pinned, budget, tail=tail)
 
 
 def choose_units_split(
@@ -735,12 +744,7 @@ def choose_units_split(
         first += width
     sizes = torch.cat([segment[2] for segment in segments], dim=1)
     head = segments[0][3] if len(segments) == 2 else torch.cat([segment[3] for segment in segments[:-1]], dim=1)
-    tail = segments[-1][3]
-    free = budget - (0 if pinned is None else pinned.shape[1])
-    take = kernels.select_under_budget(scores, sizes, free)
-    if pinned is None:
-        return kernels.expand_grouped(take, sizes, head, budget, tail=tail), take
-    return kernels.expand_pinned(take, sizes, scores, head, pinned, budget, tail=tail)
+    return fill_budget(scores, sizes, head, pinned, budget, tail=segments[-1][3])
 
 
 STACK_MAX_BYTES = 16 << 20
