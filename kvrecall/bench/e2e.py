@@ -693,19 +693,21 @@ def host_profile(engine: Engine, steps: int, top: int = 25) -> list[dict[str, An
 def worker_kernels(engine: Engine, steps: int, top: int = 20) -> dict[str, Any]:
     """`steps` engine steps under torch.profiler (CUDA activity: this process's kernels and
     copies, those inside the captured graph included): per kernel name its launches and GPU
-    milliseconds per step, the `top` by time, and the copies apart. Two processes' kernels
+    milliseconds per step, the `top` by time, the copies apart, and the gaps between the kernels
+    (`gaps`: server.profiling.kernel_gaps, a captured step's launch gaps by kernel pair). Two processes' kernels
     time-slice, so a kernel's recorded time includes a slice it waited out while the daemon ran:
     comparing rates shows which of the step's kernels a boundary lengthens."""
     from torch.profiler import ProfilerActivity, profile
 
-    from kvrecall.server.profiling import cuda_events
+    from kvrecall.server.profiling import cuda_events, kernel_gaps, kernel_timeline
 
     torch.cuda.synchronize(engine.device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize(engine.device)
-    _, kernels, copies = cuda_events(prof.events())
+    events = prof.events()
+    _, kernels, copies = cuda_events(events)
 
     def table(groups: dict[str, list[float]], n: int) -> list[dict[str, Any]]:
         rows = [{"name": name[:100], "launches_per_step": round(len(t) / steps, 2),
@@ -714,7 +716,7 @@ def worker_kernels(engine: Engine, steps: int, top: int = 20) -> dict[str, Any]:
 
     total = sum(sum(t) for t in kernels.values()) / 1e3 / steps
     return {"steps": steps, "kernel_ms_per_step": round(total, 3), "kernels": table(kernels, top),
-            "copies": table(copies, 8)}
+            "copies": table(copies, 8), "gaps": kernel_gaps(kernel_timeline(events), steps)}
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -98,6 +98,57 @@ def cuda_events(events) -> tuple[list[tuple[float, float]], dict[str, list[float
     return spans, kernels, copies
 
 
+def kernel_timeline(events) -> list[tuple[float, float, str]]:
+    """A torch.profiler run's kernels as (start, end, name) (us), copies and memsets left out."""
+    return sorted(
+        (event.time_range.start, event.time_range.end, event.name)
+        for event in events
+        if event.device_type == torch.autograd.DeviceType.CUDA and not event.name.startswith(("Memcpy", "Memset"))
+    )  # fmt: skip
+
+
+GAP_BUCKETS_US = (1.0, 2.0, 5.0, 20.0)
+
+
+def kernel_gaps(timeline: list[tuple[float, float, str]], steps: int, split_us: float = 200.0, top: int = 8) -> dict:
+    """Where the GPU sat idle between one process's kernels over `steps` decode steps: each gap
+    between the end of everything before a kernel and its start. Gaps of `split_us` or more are
+    taken as the host's time between steps (`between_steps_ms_per_step`); the rest are inside a
+    step (a captured graph's launch gaps): their total and count per step, a histogram by length
+    (us, GAP_BUCKETS_US's edges), and the `top` kernel pairs (before, after) by the time of the
+    gaps between them, so a slow launch shows by name."""
+    inside: list[tuple[float, str, str]] = []
+    between = 0.0
+    reach, last = None, ""
+    for start, end, name in sorted(timeline):
+        if reach is not None and start > reach:
+            gap = start - reach
+            if gap >= split_us:
+                between += gap
+            else:
+                inside.append((gap, last, name))
+        if reach is None or end >= reach:
+            reach, last = end, name
+    edges = (0.0, *GAP_BUCKETS_US, split_us)
+    labels = [f"{lo:g}-{hi:g}" for lo, hi in zip(edges, edges[1:], strict=False)]
+    histogram = dict.fromkeys(labels, 0.0)
+    pairs: dict[tuple[str, str], list[float]] = {}
+    for gap, before, after in inside:
+        k = sum(gap >= e for e in GAP_BUCKETS_US)
+        histogram[labels[k]] += 1 / steps
+        pairs.setdefault((before[:80], after[:80]), []).append(gap)
+    ranked = sorted(pairs.items(), key=lambda kv: -sum(kv[1]))[:top]
+    n = max(1, steps)
+    return {
+        "gap_ms_per_step": round(sum(g for g, _, _ in inside) / 1e3 / n, 4),
+        "gaps_per_step": round(len(inside) / n, 2),
+        "gaps_by_us_per_step": {k: round(v, 2) for k, v in histogram.items()},
+        "between_steps_ms_per_step": round(between / 1e3 / n, 4),
+        "top_pairs": [{"before": b, "after": a, "per_step": round(len(g) / n, 2), "us_per_step": round(sum(g) / n, 2),
+                       "mean_us": round(sum(g) / len(g), 2)} for (b, a), g in ranked],
+    }  # fmt: skip
+
+
 def union_length(spans: list[tuple[float, float]]) -> float:
     """The length of the union of [start, end) intervals (overlapping kernels count once)."""
     return sum(end - start for start, end in merged(spans))

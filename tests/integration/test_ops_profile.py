@@ -154,3 +154,22 @@ def test_cuda_events_split_kernels_from_copies_and_skip_host_events():
     assert spans == [(0, 5), (10, 12), (4, 7)]
     assert kernels == {"k": [5, 2], "j": [3]}
     assert copies == {"Memcpy HtoD": [6], "Memset": [1]}
+
+
+def test_kernel_gaps_split_steps_from_launch_gaps_and_name_the_pairs():
+    from kvrecall.server.profiling import kernel_gaps
+
+    # two steps: a (0-10), b (11-20) with a 1 us gap, c (23-30) after 3 us, a kernel d inside c
+    # (no gap); then 500 us of host time; the second step the same with b -> c 10 us apart
+    one = [(0.0, 10.0, "a"), (11.0, 20.0, "b"), (23.0, 30.0, "c"), (24.0, 26.0, "d")]
+    two = [(530.0, 540.0, "a"), (541.0, 550.0, "b"), (560.0, 570.0, "c")]
+    out = kernel_gaps(one + two, steps=2)
+    assert out["between_steps_ms_per_step"] == 0.25  # 500 us over 2 steps
+    assert out["gaps_per_step"] == 2.0
+    assert out["gap_ms_per_step"] == round((1 + 3 + 1 + 10) / 1e3 / 2, 4)
+    assert out["gaps_by_us_per_step"] == {"0-1": 0.0, "1-2": 1.0, "2-5": 0.5, "5-20": 0.5, "20-200": 0.0}
+    top = out["top_pairs"][0]
+    assert (top["before"], top["after"], top["us_per_step"], top["per_step"]) == ("b", "c", 6.5, 1.0)
+    # a kernel that ends before an earlier one still runs is not where a gap starts
+    nested = kernel_gaps([(0.0, 10.0, "long"), (2.0, 3.0, "short"), (12.0, 13.0, "next")], steps=1)
+    assert nested["top_pairs"][0]["before"] == "long" and nested["gap_ms_per_step"] == 0.002
