@@ -11,7 +11,10 @@ process means something of the engine's graph. Prints SYNTH lines and writes the
 With --dump-dir, every CUDA graph the bench captures is also written there as Graphviz
 (CUDAGraph.debug_dump: its nodes, their kinds and parameters), to compare the two daemons' graphs.
 
-  usage: python scripts/graph_gap_inbench.py [--synth-out synth.json] [--dump-dir DIR] BENCH E2E ARGS...
+With --recapture, the step whose replay was just timed is captured again into a new graph and timed
+too (RECAPTURE lines). Each timing also prints the timing thread's current stream and its priority.
+
+  usage: python scripts/graph_gap_inbench.py [--synth-out synth.json] [--dump-dir DIR] [--recapture] BENCH E2E ARGS...
 """
 
 from __future__ import annotations
@@ -30,31 +33,46 @@ _spec.loader.exec_module(probe)
 
 
 def _dump_graphs(directory: str) -> None:
-    """Every torch.cuda.CUDAGraph made from now on keeps its debug data and writes it at capture's end."""
+    """Every graph captured through torch.cuda.graph from now on keeps its debug data and is
+    written to `directory` once its capture ends (the patched CUDAGraph prints a line when made,
+    so a patch that did not take shows). (On 2026-12-04 a first form, overriding capture_end,
+    wrote nothing and was not debugged for lack of device time.)"""
     import torch
 
     pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
-    base = torch.cuda.CUDAGraph
+    base_graph, base_capture = torch.cuda.CUDAGraph, torch.cuda.graph
     count = [0]
 
-    class Dumped(base):
+    class Dumped(base_graph):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             self.enable_debug_mode()
+            print("DUMP graph made with debug mode", flush=True)
 
-        def capture_end(self):
-            super().capture_end()
+    class capture(base_capture):
+        def __exit__(self, *exc):
+            result = super().__exit__(*exc)
             count[0] += 1
-            self.debug_dump(str(pathlib.Path(directory) / f"graph-{count[0]}.dot"))
+            path = pathlib.Path(directory) / f"graph-{count[0]}.dot"
+            try:
+                self.cuda_graph.debug_dump(str(path))
+                print(f"DUMP {path} {path.stat().st_size if path.exists() else 'not written'}", flush=True)
+            except Exception as error:  # a probe: say so and go on
+                print(f"DUMP failed: {error!r}", flush=True)
+            return result
 
-    torch.cuda.CUDAGraph = Dumped
-    torch.cuda.graphs.CUDAGraph = Dumped
+    torch.cuda.CUDAGraph = torch.cuda.graphs.CUDAGraph = Dumped
+    torch.cuda.graph = torch.cuda.graphs.graph = capture
 
 
 def main() -> int:
     argv = sys.argv[1:]
     out = dump = ""
-    while argv[:1] in (["--synth-out"], ["--dump-dir"]):
+    recapture = False
+    while argv[:1] in (["--synth-out"], ["--dump-dir"], ["--recapture"]):
+        if argv[0] == "--recapture":
+            recapture, argv = True, argv[1:]
+            continue
         if argv[0] == "--synth-out":
             out = argv[1]
         else:
@@ -67,6 +85,20 @@ def main() -> int:
 
     def timed(fn, device, **kw):
         result = original(fn, device, **kw)
+        import torch
+
+        stream = torch.cuda.current_stream(device)
+        print("STREAM", stream, "priority", stream.priority, flush=True)
+        if recapture and hasattr(fn, "fn") and getattr(fn, "graph", None) is not None:
+            # the same step captured again now (the daemon idle, every session open): slow again
+            # means the graph's content; fast means the conditions of the first capture
+            from kvrecall.engine.graph import GraphStep
+
+            again = GraphStep(fn.fn, device)
+            timing = original(again, device, **kw)
+            print("RECAPTURE", json.dumps({"first_ms": round(result.median_ms, 4), "again_ms": round(timing.median_ms, 4),
+                                           "graphed": again.graphed}), flush=True)  # fmt: skip
+            rows.append({"first_ms": round(result.median_ms, 4), "recaptured_ms": round(timing.median_ms, 4)})
         graph = probe._graph(32, 20)
         probe._time(graph, reps=5, rounds=1)
         samples, _ = probe._time(graph)
