@@ -237,3 +237,38 @@ def test_bench_e2e_runs_with_an_embedded_daemon(tmp_path):
     text = log.read_text()
     assert "embedded daemon config" in text and '"worker_copy_share": 1.0' in text, text[-2000:]
     assert text.rstrip().endswith("stopped")
+
+
+def test_bench_e2e_worker_selection_emulation_selects_once_per_crossing(tmp_path):
+    """--worker-selection (an emulation, kvrecall/bench/worker_selection.py): the engine hands each
+    step's crossed slots' retrieval queries to the worker's own selection, once per crossing, and
+    only at crossings (none at rate 0); the daemon's retrievals dry. Rows say so."""
+    from kvrecall.cli import main
+
+    out = tmp_path / "e2e.json"
+    argv = ["bench", "e2e", "--device", "cpu", "--shape", "tiny", "--contexts", "600", "--batches", "2",
+            "--policies", "louiskv", "--budget", "64", "--rates", "0,0.25", "--lag", "1", "--steps", "16",
+            "--warmup", "2", "--parts", "step", "--worker-selection", "--daemon-env", "KVRECALL_DRY_RETRIEVALS=1",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert not result["errors"]
+    rows = {r["rate"]: r for r in result["rows"] if r["policy"] == "louiskv"}
+    assert all(r["worker_selection"] for r in rows.values())
+    assert rows[0.0]["worker_selections"] == 0
+    timed = round(rows[0.25]["boundary_share"] * 16 * 2)  # crossings in the timed steps (warm-up ones besides)
+    assert timed > 0 and rows[0.25]["worker_selections"] >= timed
+    assert all("worker_selection" not in r for r in result["rows"] if r["policy"] == "full")
+
+
+def test_worker_selection_runs_louiskv_selection_per_query():
+    import torch
+
+    from kvrecall.bench.worker_selection import WorkerSelection
+
+    emulation = WorkerSelection(torch.device("cpu"), context=800, budget=64, rows=4, groups=2, head_dim=16)
+    assert emulation.reps.shape == (4, 50, 16) and emulation.pinned.shape == (4, 32)
+    emulation([torch.randn(2, 4, 16), torch.randn(2, 4, 16)])  # [L, Hq, D] queries of two crossed slots
+    assert emulation.selections == 2
+    emulation([])
+    assert emulation.selections == 2

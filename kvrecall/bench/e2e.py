@@ -37,6 +37,7 @@ import torch
 from kvrecall import gcfreeze
 from kvrecall.bench.common import GiB, log, run_metadata, time_fn
 from kvrecall.bench.host_probe import host_probe
+from kvrecall.bench.worker_selection import WorkerSelection
 from kvrecall.client import KVRecallClient, ModelSpec
 from kvrecall.engine import LLAMA3_8B, DecoderShape, DecoderWeights, Engine
 from kvrecall.engine.decoder import Decoder
@@ -149,6 +150,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="after timing each louiskv rate, run this many more steps under torch.profiler (CUDA "
                    "activity) in this process and add the worker's kernels per step to the row (worker_kernels): "
                    "which of the step's kernels a boundary makes longer")
+    p.add_argument("--worker-selection", action="store_true",
+                   help="an EMULATION (kvrecall/bench/worker_selection.py): after each step's retrievals are sent, "
+                   "the worker itself runs louiskv's selection kernels for every crossed slot over a synthetic unit "
+                   "table of the context's size, on a high-priority stream of its own, and discards the result; with "
+                   "--daemon-env KVRECALL_DRY_RETRIEVALS=1 a step at 11.7%% then pays what selecting in the worker's "
+                   "context would cost it (louiskv rows say worker_selection)")
     p.add_argument("--out", default="e2e.json")
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     return p.parse_args(argv)
@@ -321,6 +328,11 @@ class Bench:
             engine = Engine(self.weights, batch, capacity, use_graph=not args.no_graph, force_boundary=force, lag=lags[0],
                             follow_notices=args.notices != "taken", host_copies=args.host_copies,
                             overlap=self.overlap, switch=args.switch)  # fmt: skip
+            if args.worker_selection and policy == "louiskv":
+                engine.on_crossings = WorkerSelection(self.device, context, config["budget"],
+                                                      rows=self.shape.num_layers * self.shape.num_kv_heads,
+                                                      groups=self.shape.num_query_heads // self.shape.num_kv_heads,
+                                                      head_dim=self.shape.head_dim, dtype=self.dtype)  # fmt: skip
             first = torch.randint(0, self.shape.vocab, (batch,)).tolist()
             ingest = []
             for slot, token in enumerate(first):
@@ -377,6 +389,8 @@ class Bench:
                         "mean_ms": round(mean, 3), "tokens_per_s": round(batch * 1e3 / mean, 1),
                         "boundary_share": round(crossed / len(samples) / batch, 4), "graphed": engine.graph.graphed, "overlap": engine.overlap,
                         "switch": engine.switch,
+                        **({"worker_selection": True, "worker_selections": engine.on_crossings.selections}
+                           if engine.on_crossings is not None else {}),
                         **({"mean_ms_blocks": [round(m, 3) for m in blocks], "block_spread": round(max(blocks) / min(blocks), 3)}
                            if len(blocks) > 1 else {}),
                         "capacity": capacity, "budget": config.get("budget"), "lag": lag, "query_drift": args.query_drift,

@@ -298,6 +298,10 @@ class Engine:
         self._last: _Flight | None = None  # the step step() returned last
         self.sequences: list[Sequence | None] = [None] * batch
         self.force_boundary = force_boundary
+        # Called after a step's retrievals are sent, with the crossed slots' retrieval queries (their
+        # sessions' working-set queries): bench e2e --worker-selection's emulation
+        # (kvrecall/bench/worker_selection.py); None: nothing.
+        self.on_crossings: Callable[[list[torch.Tensor]], None] | None = None
         self.follow_notices = follow_notices
         self.steps = 0
         # Free shadow working sets, reused; at most `batch` kept (sessions' capacities vary).
@@ -588,6 +592,8 @@ class Engine:
                 pending = self._send(calls)
                 for seq, _, _ in crossings:
                     seq.pending = pending
+                if self.on_crossings is not None:
+                    self.on_crossings([seq.session.core.query for seq, _, _ in crossings])
             send = time.perf_counter() - sending
         self.times.wait_s.append(waited)
         self.times.late_s.append(late)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Device run (one call, ~4 min with a cold start): two open questions of issue #17 on one machine.
+# 1. Would the worker launching the retrieval's selection (DEVELOPERS.md, "the lever not yet built") keep a
+#    daemon process's boundary cost at the embedded daemon's? 32K x 8 (ROUNDS times, alternating): a daemon
+#    process as is; its retrievals dry (no daemon kernel: the floor); dry plus the worker's own selection kernels
+#    (bench e2e --worker-selection, an EMULATION); the embedded daemon as is.
+# 2. The embedded daemon's 0.5 ms slower captured step (bench/results/README.md, thirty-first session): the step
+#    captured again once all is idle, and both daemons' graphs dumped as Graphviz (scripts/graph_gap_inbench.py).
+#   usage (device, carry .whl/eval .whl/triton): [ROUNDS=2] [SKIP_GAPS=1] bash scripts/gpu_worker_selection.sh
+. scripts/gpu_env.sh
+E2E_EXTRA="--query-drift 0.15"
+. scripts/gpu_e2e_lib.sh
+E0="$E2E"
+B="--parts step --contexts 32768 --batches 8 --rates 0,0.117"
+for r in $(seq "${ROUNDS:-2}"); do
+  E2E="$E0 --daemon process"; e2e_run "proc-$r" 90 $B
+  e2e_run "dry-$r" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1
+  e2e_run "wsel-$r" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 --worker-selection
+  E2E="$E0 --daemon embedded"; e2e_run "emb-$r" 90 $B
+done
+if [ -z "${SKIP_GAPS:-}" ]; then
+  C="--policies louiskv --lag 4 --steps 24 --warmup 8 --host-pool-gib 40 --query-drift 0.15 --parts step --contexts 32768 --batches 1 --rates 0"
+  for d in embedded process; do
+    timeout 120 python3 scripts/graph_gap_inbench.py --recapture --dump-dir "/tmp/dump-$d" $C --daemon $d \
+      --out "/tmp/e2e-gap-$d.json" > "$OUT/logs/gap-$d.log" 2>&1
+    grep -E "SYNTH|RECAPTURE|STREAM|DUMP" "$OUT/logs/gap-$d.log" | head -20
+  done
+  tar czf "$OUT/dumps.tgz" -C /tmp $(cd /tmp && ls -d dump-* 2>/dev/null) 2>/dev/null
+fi
+rm -f "$OUT"/*.png
+mkdir -p "$OUT/logs/json" && mv "$OUT"/e2e-*.json "$OUT/logs/json/"  # (at most 8 files come back: all in logs.tgz)
+e2e_finish
+tar xzf "$OUT/logs.tgz" -C /tmp && for f in /tmp/logs/json/*.json; do python3 - "$f" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+rows = {r.get("rate"): r for r in d["rows"] if r["policy"] == "louiskv"}
+if 0.0 in rows and 0.117 in rows:
+    a, b = rows[0.0], rows[0.117]
+    print(sys.argv[1].split("/")[-1], "boundary", round(b["mean_ms"] / a["mean_ms"], 3), "gpu", b.get("graph_gpu_ms_mean"),
+          a.get("graph_gpu_ms_mean"), "late", b.get("late_steps"), "tok/s", b["tokens_per_s"], "wsel", b.get("worker_selections"))
+PY
+done
