@@ -708,9 +708,9 @@ def worker_kernels(engine: Engine, steps: int, top: int = 20) -> dict[str, Any]:
     """`steps` engine steps under torch.profiler (CUDA activity: this process's kernels and
     copies, those inside the captured graph included): per kernel name its launches and GPU
     milliseconds per step, the `top` by time, the copies apart, and the gaps between the kernels
-    (`gaps`: server.profiling.kernel_gaps, a captured step's launch gaps by kernel pair). Two processes' kernels
-    time-slice, so a kernel's recorded time includes a slice it waited out while the daemon ran:
-    comparing rates shows which of the step's kernels a boundary lengthens."""
+    (`gaps`: server.profiling.kernel_gaps, a captured step's launch gaps by kernel pair). Two
+    processes' kernels time-slice, so a kernel's recorded time includes a slice it waited out
+    while the daemon ran: comparing rates shows which of the step's kernels a boundary lengthens."""
     from torch.profiler import ProfilerActivity, profile
 
     from kvrecall.server.profiling import cuda_events, kernel_gaps, kernel_timeline
