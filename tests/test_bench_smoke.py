@@ -272,3 +272,13 @@ def test_worker_selection_runs_louiskv_selection_per_query():
     assert emulation.selections == 2
     emulation([])
     assert emulation.selections == 2
+
+
+def test_worker_selection_pins_distinct_ascending_tokens():
+    import torch
+
+    from kvrecall.bench.worker_selection import WorkerSelection
+
+    emulation = WorkerSelection(torch.device("cpu"), context=4096, budget=1024, rows=3, groups=1, head_dim=8)
+    pinned = emulation.pinned
+    assert pinned.shape == (3, 256) and bool((pinned.diff(dim=1) > 0).all()) and int(pinned.max()) < 4096

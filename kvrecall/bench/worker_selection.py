@@ -25,6 +25,7 @@ import contextlib
 import torch
 
 from kvrecall.server.policies.louiskv import choose_units
+from kvrecall.server.streams import HIGHEST
 
 UNIT_TOKENS = 16  # louiskv's mean unit size over a prompt (the clusters of ~16 keys)
 
@@ -46,10 +47,11 @@ class WorkerSelection:
         self.valid = torch.ones(rows, units, dtype=torch.bool, device=device)
         self.sizes = sizes.to(device)
         self.position = torch.randint(0, context, (rows, total), generator=g, dtype=torch.int32).to(device)
-        keep = min(pinned, budget // 2)
-        self.pinned = (torch.randint(0, context, (rows, keep), generator=g).sort(dim=1).values.to(device)
-                       if keep else None)  # fmt: skip
-        self.stream = torch.cuda.Stream(device, priority=-100) if device.type == "cuda" else None
+        keep = min(pinned, budget // 2, context)
+        stride = context // max(1, keep)  # distinct, ascending: one pinned token per stride, at a random offset
+        offsets = torch.randint(0, max(1, stride), (rows, 1), generator=g)
+        self.pinned = (torch.arange(keep)[None, :] * stride + offsets).to(device) if keep else None
+        self.stream = torch.cuda.Stream(device, priority=HIGHEST) if device.type == "cuda" else None
         self.selections = 0
 
     def __call__(self, queries: list[torch.Tensor]) -> None:

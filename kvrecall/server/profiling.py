@@ -129,16 +129,16 @@ def kernel_gaps(timeline: list[tuple[float, float, str]], steps: int, split_us: 
                 inside.append((gap, last, name))
         if reach is None or end >= reach:
             reach, last = end, name
+    n = max(1, steps)
     edges = (0.0, *GAP_BUCKETS_US, split_us)
     labels = [f"{lo:g}-{hi:g}" for lo, hi in zip(edges, edges[1:], strict=False)]
     histogram = dict.fromkeys(labels, 0.0)
     pairs: dict[tuple[str, str], list[float]] = {}
     for gap, before, after in inside:
         k = sum(gap >= e for e in GAP_BUCKETS_US)
-        histogram[labels[k]] += 1 / steps
+        histogram[labels[k]] += 1 / n
         pairs.setdefault((before[:80], after[:80]), []).append(gap)
     ranked = sorted(pairs.items(), key=lambda kv: -sum(kv[1]))[:top]
-    n = max(1, steps)
     return {
         "gap_ms_per_step": round(sum(g for g, _, _ in inside) / 1e3 / n, 4),
         "gaps_per_step": round(len(inside) / n, 2),
