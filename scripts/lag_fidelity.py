@@ -10,8 +10,14 @@ a whole budget's worth (every retrieved token new). `kvrecall bench e2e`'s rando
 choose a fresh set each time (123 of 128 MiB at 32K x 8, 0.96); this is the real model's. The documents
 of one lag decode together, one slot each (a batch decodes like its sequences alone).
 
+`--variants` replays each lag against daemons set otherwise: `default`, and
+`select-before-close` (the daemon's select_before_close diagnostic: a boundary selects before
+the open output segment closes, what a selection run by the worker over its mapped unit table
+would choose without a close kernel of the daemon's first; DEVELOPERS.md).
+
     python scripts/lag_fidelity.py --out FILE [--lags 0,4,5,8] [--doc-tokens 2048] [--tokens 1000]
                                    [--docs 1] [--budget 512] [--device cpu|cuda]
+                                   [--variants default,select-before-close]
 
 Prints a table and writes JSON with the date, host and command.
 """
@@ -27,6 +33,8 @@ from datetime import UTC, datetime
 
 import torch
 from torch.nn.functional import log_softmax
+
+VARIANTS = {"default": {}, "select-before-close": {"KVRECALL_SELECT_BEFORE_CLOSE": "1"}}
 
 
 def reference(model, ids: torch.Tensor, n: int) -> tuple[list[int], torch.Tensor]:
@@ -98,6 +106,7 @@ def main() -> int:
     p.add_argument("--docs", type=int, default=1)
     p.add_argument("--budget", type=int, default=512)
     p.add_argument("--device", default="cpu", help="the model, the engine and the daemon's device (cpu, cuda)")
+    p.add_argument("--variants", default="default", help="daemon settings replayed: " + ", ".join(VARIANTS))
     p.add_argument("--out", default="lag-fidelity.json")
     args = p.parse_args()
     torch.set_grad_enabled(False)
@@ -111,6 +120,10 @@ def main() -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     weights = DecoderWeights.from_hf(model)
     lags = [int(x) for x in args.lags.split(",")]
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown} (known: {', '.join(VARIANTS)})")
     rows = []
     started = time.perf_counter()
     docs = []
@@ -119,23 +132,29 @@ def main() -> int:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
         docs.append((ids, *reference(model, ids, args.tokens)))
     lazy = ["--warmup", ""]  # kernels compile at first use (the warm-up's minutes buy nothing here)
-    with LocalDaemon(host_pool_gb=2.0 * args.docs, device_pool_gb=1.0 * args.docs, device=args.device,
-                     extra_args=lazy) as daemon, KVRecallClient(daemon.target, "lag-study") as client:  # fmt: skip
-        for lag in lags:
-            for row in replay(client, model, weights, docs, lag, args.budget, args.device):
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    for variant in variants:
+        with LocalDaemon(host_pool_gb=2.0 * args.docs, device_pool_gb=1.0 * args.docs, device=args.device,
+                         extra_args=lazy, env=VARIANTS[variant]) as daemon, \
+                KVRecallClient(daemon.target, "lag-study") as client:  # fmt: skip
+            for lag in lags:
+                for row in replay(client, model, weights, docs, lag, args.budget, args.device):
+                    row["variant"] = variant
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     summary = {}
-    for lag in lags:
-        mine = [r for r in rows if r["lag"] == lag]
-        n = sum(r["n"] for r in mine)
-        summary[str(lag)] = {"top1": round(sum(r["agree"] for r in mine) / n, 5), "n": n,
-                             "kl_mean": round(sum(r["kl_mean"] * r["n"] for r in mine) / n, 6),
-                             "boundary_rate": round(sum(r["boundaries"] for r in mine) / n, 4),
-                             "moved_share": mine[0]["moved_share"]}  # fmt: skip
-    print(f"{'lag':>4} {'top-1':>8} {'KL mean':>10} {'boundaries':>11} {'n':>6} {'moved share':>12}")
-    for lag, s in summary.items():
-        print(f"{lag:>4} {s['top1']:8.4f} {s['kl_mean']:10.6f} {s['boundary_rate']:11.4f} {s['n']:6d} {s['moved_share']!s:>12}")
+    for variant in variants:
+        for lag in lags:
+            mine = [r for r in rows if r["lag"] == lag and r["variant"] == variant]
+            n = sum(r["n"] for r in mine)
+            key = str(lag) if variants == ["default"] else f"{variant}/{lag}"
+            summary[key] = {"top1": round(sum(r["agree"] for r in mine) / n, 5), "n": n,
+                            "kl_mean": round(sum(r["kl_mean"] * r["n"] for r in mine) / n, 6),
+                            "boundary_rate": round(sum(r["boundaries"] for r in mine) / n, 4),
+                            "moved_share": mine[0]["moved_share"]}  # fmt: skip
+    print(f"{'variant/lag':>24} {'top-1':>8} {'KL mean':>10} {'boundaries':>11} {'n':>6} {'moved share':>12}")
+    for key, s in summary.items():
+        print(f"{key:>24} {s['top1']:8.4f} {s['kl_mean']:10.6f} {s['boundary_rate']:11.4f} {s['n']:6d} "
+              f"{s['moved_share']!s:>12}")
     doc = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(["python", *sys.argv]),
            "host": platform.node(), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
            "torch": torch.__version__, "model": loaded.name, "policy": "louiskv",

@@ -110,6 +110,12 @@ class ServerConfig(BaseModel):
                                         # the working set stays as it was), its notice still served: what
                                         # a boundary costs a worker beside the retrieval (bench e2e
                                         # --daemon-env KVRECALL_DRY_RETRIEVALS=1)
+    select_before_close: bool = False   # DIAGNOSTIC: at a boundary louiskv selects before it closes the
+                                        # open output segment (the segment still closes, after), so the
+                                        # segment's tokens are not candidates of that retrieval: what a
+                                        # selection run by the worker over its mapped unit table would
+                                        # choose without a close kernel of the daemon's first
+                                        # (scripts/lag_fidelity.py --variants, DEVELOPERS.md)
     dry_index_copies: bool = False      # DIAGNOSTIC, never in service: a staged placement's rows are
                                         # gathered and moved to the device but never index-copied into
                                         # the working sets (their slot positions are): what the daemon's

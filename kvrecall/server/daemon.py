@@ -22,6 +22,7 @@ from kvrecall.phases import PhaseLog
 from kvrecall.server import host_selection, step_batch
 from kvrecall.server.config import ServerConfig, cpu_set
 from kvrecall.server.metrics import Metrics
+from kvrecall.server.policies import louiskv
 from kvrecall.server.pools import DevicePool, HostPool
 from kvrecall.server.profiling import KernelProfiler, OpsProfiler
 from kvrecall.server.service import AuthConfig, KVRecallService
@@ -61,6 +62,10 @@ class Daemon:
         captured.configure(config.capture_selection)
         step_batch.configure(config.dry_retrievals)
         host_selection.configure(config.host_selection)
+        louiskv.configure(config.select_before_close)
+        if config.select_before_close:
+            log.warning("select_before_close is on: louiskv selects at a boundary before closing the open output "
+                        "segment (a diagnostic of a worker-side selection's accuracy)")
         if config.host_selection and config.worker_copy_share < 1:
             log.warning("host_selection is on but worker_copy_share is %s: it selects on the host only for sessions "
                         "whose staging area takes a whole retrieval (worker_copy_share 1), so none will",

@@ -28,6 +28,7 @@ import torch
 
 from kvrecall.kernels import placement_staged, reference
 from kvrecall.phases import mark
+from kvrecall.server.policies import louiskv
 from kvrecall.server.policies.louiskv import (
     APPEND_FIELDS,
     UNIT_COLUMNS,
@@ -111,8 +112,10 @@ def retrieve(sessions: list) -> list[tuple[Placement, int, str]]:
     begin_boundary) -> (its placement, rows left in its staging area, how its table's host copy
     was brought up to date: "whole" or "log"), the rows' transfers queued on the current stream
     (the caller's sync covers them)."""
-    close_segments([(session.policy, session.context().evicted_upto) for session in sessions])
-    mark("close")
+    closing = [(session.policy, session.context().evicted_upto) for session in sessions]
+    if not louiskv.selects_first():
+        close_segments(closing)
+        mark("close")
     fetched = []
     for session in sessions:
         policy, ws = session.policy, session.ws
@@ -125,7 +128,11 @@ def retrieve(sessions: list) -> list[tuple[Placement, int, str]]:
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
     mark("host_fetch")
-    return [_place(session, *parts) for session, parts in zip(sessions, fetched, strict=True)]
+    placed = [_place(session, *parts) for session, parts in zip(sessions, fetched, strict=True)]
+    if louiskv.selects_first():  # the mirrors take the closed segments at their next fetch
+        close_segments(closing)
+        mark("close")
+    return placed
 
 
 def _place(session, table_part, query, slot_pos, pinned, resident_max) -> tuple[Placement, int, str]:

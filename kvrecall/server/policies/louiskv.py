@@ -218,6 +218,19 @@ class _UnitTable:
 
 UNIT_COLUMNS = ("reps", "sizes", "valid")  # the fields with a column per unit (the rest: per candidate)
 
+_select_first = False  # the daemon's select_before_close (a diagnostic): configure()
+
+
+def configure(select_before_close: bool) -> None:
+    """The daemon's `select_before_close`: a boundary selects over the table as the notices left
+    it, then closes the open segment (its tokens are candidates from the next boundary on)."""
+    global _select_first
+    _select_first = bool(select_before_close)
+
+
+def selects_first() -> bool:
+    return _select_first
+
 UNIT_BUCKET = 64  # a captured selection reads unit columns in buckets of this many ...
 TOKEN_BUCKET = 1024  # ... and candidate columns in these: re-captured when the table outgrows them
 
@@ -454,11 +467,16 @@ class LouisKVPolicy(Policy):
         return selections
 
     def on_boundary(self, ctx: PolicyContext, query: torch.Tensor, layers: list[int]) -> Selection | None:
-        self._close_segment(ctx, ctx.evicted_upto)
+        if not _select_first:
+            self._close_segment(ctx, ctx.evicted_upto)
         query = query.to(ctx.ws.keys.device)
         if query.dim() == 4 and self.config.chunk_select == "tokens":  # a chunk's last queries
-            return self._select_tokens(ctx, query, layers)
-        return self._select(ctx, query, layers)
+            selection = self._select_tokens(ctx, query, layers)
+        else:
+            selection = self._select(ctx, query, layers)
+        if _select_first:
+            self._close_segment(ctx, ctx.evicted_upto)
+        return selection
 
     # ---- units --------------------------------------------------------------------------
     def _add_to_open(self, keys: torch.Tensor) -> None:
@@ -595,7 +613,9 @@ class LouisKVPolicy(Policy):
         selected and expanded together over their stacked tables (select_together)."""
         out: list[Selection | None] = []
         together = []
-        close_segments([(policy, ctx.evicted_upto) for policy, ctx, _ in items])
+        closing = [(policy, ctx.evicted_upto) for policy, ctx, _ in items]
+        if not _select_first:
+            close_segments(closing)
         for policy, ctx, query in items:
             table = policy.units
             if table is None or table.num_units == 0:
@@ -607,6 +627,8 @@ class LouisKVPolicy(Policy):
             chosen = select_together([policy for _, policy, _ in together], [query for _, _, query in together])
             for (i, _, _), selection in zip(together, chosen, strict=True):
                 out[i] = selection
+        if _select_first:  # after the selections: the appends write columns they may read
+            close_segments(closing)
         return out
 
 
