@@ -16,6 +16,7 @@ import grpc
 import torch
 
 from kvrecall.client.errors import KVRecallClientError, UnavailableError, from_rpc_error
+from kvrecall.client.selection import WorkerTable
 from kvrecall.dtypes import WIRE_OF_TORCH
 from kvrecall.kernels.placement_staged import Staging, apply_staged
 from kvrecall.sizes import TOKEN_COUNT_FIELDS
@@ -92,6 +93,9 @@ class SessionCore:
     # The daemon's staging area for retrievals this worker copies itself (WorkingSetInfo.staged_*;
     # None: the session has none): StepEvent.worker_copies, apply_staged.
     staging: Staging | None = field(default=None, repr=False)
+    # The session's unit table, mapped for the worker to choose its retrievals (WorkingSetInfo.selection;
+    # None: the daemon chooses): StepEvent.worker_selected.
+    table: WorkerTable | None = field(default=None, repr=False)
     prefix_tokens: int = 0   # tokens of the prefix declared at open (0: none declared)
     position: int = 0        # tokens in the sequence (prompt + generated) so far
     noticed_upto: int = 0    # tokens announced to the daemon with AppendNotices (answers taken)
@@ -131,9 +135,14 @@ class SessionCore:
                 staged = [open_ref(r, name) for r, name in zip(staged_refs, staged_names, strict=True)]
                 mapped += staged
                 staging = Staging(*(m.tensor for m in staged))
+        table = None
+        if ws.HasField("selection") and transport in (pb.TRANSPORT_CUDA_IPC, pb.TRANSPORT_SHM):
+            table, table_mapped = WorkerTable.mapped(ws.selection, transport, segment if transport == pb.TRANSPORT_SHM
+                                                     else None)  # fmt: skip
+            mapped += table_mapped
         core = SessionCore(
             response.session_id, spec, transport, response, *tensors, _mapped=mapped, staging=staging,
-            prefix_tokens=prefix_tokens,
+            table=table, prefix_tokens=prefix_tokens,
         )  # fmt: skip
         if response.prefix_tokens_held:  # the daemon holds the prompt's prefix: start after it
             core.apply_delta(response.delta)

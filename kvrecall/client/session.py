@@ -48,6 +48,7 @@ class StepCall:
     notice: bool = False
     retrieve: bool = False
     follows: int = 0  # the end of the session's last notice whose answer is not taken (StepEvent.follows)
+    selected: bool = False  # the caller chose the retrieval over the session's mapped table (StepEvent.worker_selected)
 
 
 class PendingBoundaries:
@@ -165,6 +166,7 @@ class KVRecallClient(ClientBase):
                 session_id=core.session_id, capability=core.capability, position=call.position,
                 notice=call.notice, retrieve=call.retrieve, follows=call.follows,
                 worker_copies=worker_copies and call.retrieve and core.staging is not None,
+                worker_selected=call.selected,
             )  # fmt: skip
         self._hold_poller()
         started = time.monotonic()

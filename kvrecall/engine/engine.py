@@ -59,11 +59,12 @@ daemon). With a budget covering the sequence every policy is exact either way.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -75,6 +76,7 @@ from kvrecall.engine.sessions import SessionBatch, evicted_mask
 from kvrecall.engine.weights import DecoderWeights
 from kvrecall.kernels.pinned_copy import pinned_copy
 from kvrecall.kernels.ws_decode import ring_spans
+from kvrecall.server.streams import HIGHEST
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 # Steps a crossed slot reads its shadow. On one H200 (Llama-3-8B shape, bench e2e) a retrieval
@@ -302,6 +304,9 @@ class Engine:
         # sessions' working-set queries): bench e2e --worker-selection's emulation
         # (kvrecall/bench/worker_selection.py); None: nothing.
         self.on_crossings: Callable[[list[torch.Tensor]], None] | None = None
+        # Where sessions map their unit tables (a daemon's worker_selection): the stream their
+        # crossings' choices run on, beside the step (made at the first).
+        self._choice_stream: torch.cuda.Stream | None = None
         self.follow_notices = follow_notices
         self.steps = 0
         # Free shadow working sets, reused; at most `batch` kept (sessions' capacities vary).
@@ -552,7 +557,10 @@ class Engine:
             notice = core.position - seq.sent_upto >= core.spill_every or early
             # A crossing slot's retrieval follows its last notice without taking that answer (the
             # daemon applies them in turn: StepEvent.follows); the slot takes it at its switch back.
-            follows = seq.sent_upto if crossed and lag > 0 and seq.notice is not None and self.follow_notices else 0
+            # (A slot that chooses its retrieval itself takes that answer first: the choice reads
+            # the unit table, which a notice in flight may be appending to.)
+            follows = seq.sent_upto if (crossed and lag > 0 and seq.notice is not None and self.follow_notices
+                                        and core.table is None) else 0  # fmt: skip
             if (notice or crossed) and seq.notice is not None and not follows:
                 taken += self._take_notice(seq)  # its last notice's answer, before any new event
             if notice:
@@ -587,9 +595,15 @@ class Engine:
                 for seq in deferred:
                     seq.notice = pending
             if crossings:
-                calls = [StepCall(seq.session, seq.session.core.position, notice=rides, retrieve=True, follows=follows)
+                calls = [StepCall(seq.session, seq.session.core.position, notice=rides, retrieve=True, follows=follows,
+                                  selected=seq.session.core.table is not None)
                          for seq, rides, follows in crossings]  # fmt: skip
-                pending = self._send(calls)
+                choosing = [seq.session.core for seq, _, _ in crossings if seq.session.core.table is not None]
+                if choosing:
+                    with self._choices(choosing):
+                        pending = self._send(calls)
+                else:
+                    pending = self._send(calls)
                 for seq, _, _ in crossings:
                     seq.pending = pending
                 if self.on_crossings is not None:
@@ -605,6 +619,25 @@ class Engine:
         self.times.send_s.append(send)
         self.steps += 1
         return {seq.slot: tokens[seq.slot] for seq in flight.sequences if self.sequences[seq.slot] is seq}
+
+    @contextlib.contextmanager
+    def _choices(self, cores: list) -> Iterator[None]:
+        """Sessions that map their unit tables choose their retrievals (WorkerTable.choose) on a
+        stream of their own at the highest priority, after what the current stream has queued
+        (the step launched ahead writes the query the daemon would read: the same one); the
+        Boundaries call sent inside publishes the choices (its event is recorded on that stream)."""
+        if self.device.type != "cuda":
+            for core in cores:
+                core.table.choose(core.query, core.position)
+            yield
+            return
+        if self._choice_stream is None:
+            self._choice_stream = torch.cuda.Stream(self.device, priority=HIGHEST)
+        self._choice_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._choice_stream):
+            for core in cores:
+                core.table.choose(core.query, core.position)
+            yield
 
     def _steps_needed(self, seq: Sequence, waited: float) -> int:
         """switch="adaptive", at a switch back: the steps after the crossing by which its answer

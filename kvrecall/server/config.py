@@ -105,6 +105,12 @@ class ServerConfig(BaseModel):
                                         # selected and planned on the host from a host copy of its unit
                                         # table: no retrieval kernel beside the worker but the segment
                                         # close (server/host_selection.py)
+    worker_selection: bool = False      # with worker_copy_share 1: a louiskv session of its own holds its
+                                        # unit table in its working-set segment, the worker maps it and
+                                        # chooses a background retrieval itself (StepEvent.worker_selected),
+                                        # and the daemon places that choice from the host (no retrieval
+                                        # kernel of the daemon's); the open output segment closes after
+                                        # the choice (select_before_close's choice)
     dry_retrievals: bool = False        # DIAGNOSTIC, never in service: a retrieval event is answered
                                         # without retrieving (no selection, no placement, no GPU work;
                                         # the working set stays as it was), its notice still served: what

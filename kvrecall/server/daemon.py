@@ -73,6 +73,13 @@ class Daemon:
         elif config.host_selection:
             log.warning("host_selection is on: louiskv retrievals are selected on the host (experimental; on an H200 "
                         "its answers came 3-4x past a 4-step lag at 32K x 8, docs/TUNING.md)")
+        if config.worker_selection and config.worker_copy_share < 1:
+            log.warning("worker_selection is on but worker_copy_share is %s: workers select only for sessions whose "
+                        "staging area takes a whole retrieval (worker_copy_share 1), so none will",
+                        config.worker_copy_share)  # fmt: skip
+        elif config.worker_selection:
+            log.warning("worker_selection is on: workers choose louiskv retrievals over their mapped unit tables "
+                        "(experimental; the open output segment closes after each choice)")
         placement_staged.configure(config.dry_index_copies)
         if config.dry_index_copies:
             log.warning("dry_index_copies is on: staged retrievals never write their rows into the working sets "
@@ -94,6 +101,7 @@ class Daemon:
             worker_quota_bytes=int(config.worker_quota_gb * (1 << 30)),
             worker_share=config.worker_share,
             worker_copy_share=config.worker_copy_share,
+            worker_selection=config.worker_selection,
         )
         self.metrics = Metrics()
         auth = AuthConfig(config.tokens(), tuple(config.operators))

@@ -24,6 +24,8 @@ else (a chunk's clusters, a first use) copies the whole table again.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from kvrecall.kernels import placement_staged, reference
@@ -37,6 +39,8 @@ from kvrecall.server.policies.louiskv import (
     close_segments,
 )
 from kvrecall.server.working_set import Placement
+
+log = logging.getLogger("kvrecall.host_selection")
 
 _enabled = False  # the daemon's host_selection: configure()
 
@@ -124,9 +128,7 @@ def retrieve(sessions: list) -> list[tuple[Placement, int, str]]:
         pinned = None if policy.pinned is None else _to_host(policy.pinned)
         fetched.append((policy.units.mirror.fetch(policy.units), _to_host(ws.query), _to_host(ws.slot_pos),
                         pinned, _to_host(ws.max_resident_counter)))  # fmt: skip
-    device = sessions[0].ws.keys.device
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
+    _sync(sessions)
     mark("host_fetch")
     placed = [_place(session, *parts) for session, parts in zip(sessions, fetched, strict=True)]
     if louiskv.selects_first():  # the mirrors take the closed segments at their next fetch
@@ -137,16 +139,73 @@ def retrieve(sessions: list) -> list[tuple[Placement, int, str]]:
 
 def _place(session, table_part, query, slot_pos, pinned, resident_max) -> tuple[Placement, int, str]:
     """One session's selection, plan and transfers (after the fetch's sync)."""
-    policy, ws, store = session.policy, session.ws, session.store
+    policy, ws = session.policy, session.ws
     mirror = policy.units.mirror
     mirror.apply(table_part, policy.units)
     L, H, D = ws.layout.num_layers, ws.layout.num_kv_heads, ws.layout.head_dim
-    S, R, C = ws.plan.n_sink, ws.plan.retrieved, ws.plan.capacity
     new, units = choose_on_host(
-        query.float().reshape(L * H, -1, D), *(mirror.view(name) for name in UNIT_FIELDS), pinned, R,
-        policy.config.aggregate,
+        query.float().reshape(L * H, -1, D), *(mirror.view(name) for name in UNIT_FIELDS), pinned,
+        ws.plan.retrieved, policy.config.aggregate,
     )  # fmt: skip
     mark("host_select")
+    placement, n = _stage(session, new, units, slot_pos, resident_max)
+    return placement, n, table_part[0]
+
+
+def takes_choice(session) -> bool:
+    """Whether the daemon places this session's worker's own choice (StepEvent.worker_selected,
+    the daemon's worker_selection): its unit table is mapped and holds units, its pinned tokens
+    (if it keeps any) are set, and its staging area takes a whole retrieval. Otherwise the
+    daemon selects itself, as for any event."""
+    policy, ws = session.policy, session.ws
+    return (
+        bool(ws.table_fields) and ws.stages_every_row and isinstance(policy, LouisKVPolicy)
+        and policy.units is not None and policy.units.base is None and policy.units.num_units > 0
+        and ("pinned" not in ws.table_fields or policy.pinned is not None) and session.store.page_rows_aligned
+    )  # fmt: skip
+
+
+def place_chosen(sessions: list) -> list[tuple[Placement, int]]:
+    """Place each session's worker's choice (all takes_choice; under their locks, after
+    begin_boundary, which ordered this after the worker's published writes) -> (its placement,
+    rows left in its staging area); the open segments close after the choices are read (the
+    worker chose over the table as the notices left it). A worker that read fewer columns than
+    the table has filled (WorkingSetInfo.selection's bound fell short) is chosen for by the
+    daemon instead (louiskv's selection on the device)."""
+    fetched = [(_to_host(session.ws.table_fields["chosen"]), _to_host(session.ws.table_fields["chosen_meta"]),
+                _to_host(session.ws.slot_pos), _to_host(session.ws.max_resident_counter)) for session in sessions]  # fmt: skip
+    _sync(sessions)
+    mark("host_fetch")
+    out = []
+    for session, (new, meta, slot_pos, resident_max) in zip(sessions, fetched, strict=True):
+        table = session.policy.units
+        units, unit_columns, token_columns = meta.tolist()
+        if unit_columns < table.num_units or token_columns < table.num_tokens:
+            log.warning("session %s: the worker chose over %d of %d units, %d of %d candidates: the daemon chooses",
+                        session.session_id, unit_columns, table.num_units, token_columns, table.num_tokens)  # fmt: skip
+            selection = session.policy._choose_every_layer(session.ws.query)
+            new, units = _to_host(selection.positions.view(new.shape)), _to_host(selection.units)
+            _sync([session])
+            units = int(units)
+        out.append(_stage(session, new, torch.tensor(units), slot_pos, resident_max))
+    close_segments([(session.policy, session.context().evicted_upto) for session in sessions])
+    mark("close")
+    return out
+
+
+def _sync(sessions: list) -> None:
+    device = sessions[0].ws.keys.device
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def _stage(session, new: torch.Tensor, units: torch.Tensor, slot_pos: torch.Tensor,
+           resident_max: torch.Tensor) -> tuple[Placement, int]:  # fmt: skip
+    """Plan the retrieved region for the chosen positions `new` [B, R] (host, -1 padded), send the
+    new rows into the staging area and the slot positions to the device -> (placement, rows)."""
+    ws, store = session.ws, session.store
+    L, H, D = ws.layout.num_layers, ws.layout.num_kv_heads, ws.layout.head_dim
+    S, R, C = ws.plan.n_sink, ws.plan.retrieved, ws.plan.capacity
     rows = slot_pos.view(L * H, C)
     region = rows[:, S : S + R]
     page_base = store.page_table_host
@@ -176,7 +235,7 @@ def _place(session, table_part, query, slot_pos, pinned, resident_max) -> tuple[
     placement = Placement(totals, row_bytes=D * ws.keys.element_size())
     ws.last_placement = placement
     session.unfinished.append(placement)
-    return placement, n, table_part[0]
+    return placement, n
 
 
 def choose_on_host(

@@ -37,6 +37,22 @@ class ModelLayout:
 
 
 @dataclass(frozen=True)
+class MappedTable:
+    """A louiskv unit table held in the working-set segment, so the worker maps it and selects at
+    its boundaries itself (the daemon's `worker_selection`; pb.MappedSelection): `units` x
+    `tokens` columns per (layer, KV head) row, reps in `rep_dtype`, `pinned` tokens a row (0:
+    none), `unit_min` the fewest tokens a unit holds on average (the worker's bound on the
+    filled columns)."""
+
+    units: int
+    tokens: int
+    rep_dtype: torch.dtype
+    pinned: int
+    unit_min: int
+    aggregate: str
+
+
+@dataclass(frozen=True)
 class WorkingSetPlan:
     """Slots per (layer, KV head): [0, n_sink) sinks, then retrieved, then the window ring.
 
@@ -52,6 +68,7 @@ class WorkingSetPlan:
     spill_every: int
     slack: int = 0
     staged: int = 0  # rows per (layer, KV head) a retrieval may stage for the worker to copy (with_staging)
+    table: MappedTable | None = None  # a unit table in the segment, for the worker to select over (with_table)
 
     @property
     def capacity(self) -> int:
@@ -83,6 +100,10 @@ class WorkingSetPlan:
         worker copies them into their slots itself (placement_staged.Staging); 0: none."""
         return dataclasses.replace(self, staged=math.ceil(share * self.retrieved) if share > 0 else 0)
 
+    def with_table(self, table: MappedTable) -> WorkingSetPlan:
+        """This plan with the policy's unit table in the segment (the daemon's worker_selection)."""
+        return dataclasses.replace(self, table=table)
+
 
 @dataclass(frozen=True)
 class SegmentLayout:
@@ -98,6 +119,7 @@ class SegmentLayout:
     staged_keys_offset: int = 0
     staged_values_offset: int = 0
     staged_targets_offset: int = 0
+    table_offsets: tuple[tuple[str, int], ...] = ()  # (field, offset) of table_shapes' fields
 
     @staticmethod
     def of(layout: ModelLayout, plan: WorkingSetPlan) -> SegmentLayout:
@@ -111,12 +133,37 @@ class SegmentLayout:
         if staged_rows:
             staged_bytes = staged_rows * layout.head_dim * itemsize(layout.dtype)
             sizes += [staged_bytes, staged_bytes, staged_rows * 8]
+        shapes = table_shapes(layout, plan)
+        for shape, dtype in shapes.values():
+            sizes.append(math.prod(shape) * itemsize(dtype))
         offsets = []
         cursor = 0
         for size in sizes:
             offsets.append(cursor)
             cursor += -(-size // _ALIGN) * _ALIGN
-        return SegmentLayout(*offsets[:4], max(cursor, _ALIGN), *offsets[4:])
+        staged = offsets[4:7] if staged_rows else []
+        table = tuple(zip(shapes, offsets[len(offsets) - len(shapes) :], strict=True))
+        return SegmentLayout(*offsets[:4], max(cursor, _ALIGN), *staged, table_offsets=table)
+
+
+def table_shapes(layout: ModelLayout, plan: WorkingSetPlan) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The mapped unit table's fields (plan.table; none without one), B = layers x KV heads rows:
+    reps [B, U, D], sizes [B, U] int32, position [B, M] int32, pinned [B, P] int64 (P > 0),
+    then what the worker writes: chosen [B, retrieved] int64 and chosen_meta [3] int64."""
+    table = plan.table
+    if table is None:
+        return {}
+    B, D = layout.num_layers * layout.num_kv_heads, layout.head_dim
+    shapes = {
+        "reps": ((B, table.units, D), table.rep_dtype),
+        "sizes": ((B, table.units), torch.int32),
+        "position": ((B, table.tokens), torch.int32),
+    }
+    if table.pinned:
+        shapes["pinned"] = ((B, table.pinned), torch.int64)
+    shapes["chosen"] = ((B, plan.retrieved), torch.int64)
+    shapes["chosen_meta"] = ((3,), torch.int64)
+    return shapes
 
 
 def staging_rows(layout: ModelLayout, plan: WorkingSetPlan) -> int:

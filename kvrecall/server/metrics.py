@@ -31,8 +31,9 @@ class Metrics:
         )  # fmt: skip
         self.host_selections = Counter(
             "kvrecall_host_selections",
-            "Retrievals selected and planned on the host (host_selection), no retrieval kernel on the GPU; fetch: "
-            "whole (the unit table's host copy fetched whole) | log (only the segments closed since)",
+            "Retrievals planned on the host, no retrieval kernel on the GPU; fetch: whole / log (selected on the host, "
+            "host_selection: the unit table's host copy fetched whole | only the segments closed since) | worker "
+            "(chosen by the worker over its mapped table, worker_selection)",
             ["fetch"], registry=r,
         )  # fmt: skip
         self.bytes_moved = Counter(

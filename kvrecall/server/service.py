@@ -37,10 +37,11 @@ from kvrecall.server.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from kvrecall.server.layout import SegmentLayout, staging_rows
+from kvrecall.server.layout import SegmentLayout, staging_rows, table_shapes
 from kvrecall.server.metrics import Metrics
 from kvrecall.server.policies import build_policy
 from kvrecall.server.policies.base import config_json
+from kvrecall.server.policies.louiskv import TOKEN_BUCKET, UNIT_BUCKET
 from kvrecall.server.profiling import KernelProfiler, OpsProfiler
 from kvrecall.server.ratelog import RateLimitedLog
 from kvrecall.server.session import Session, SessionRegistry
@@ -377,6 +378,13 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                 (info.staged_targets, torch.int64, (S,), offsets.staged_targets_offset),
             )
             info.stages_every_row = session.ws.stages_every_row
+        if plan.table is not None:  # a unit table the worker selects over (worker_selection)
+            table = plan.table
+            info.selection.unit_min, info.selection.aggregate = table.unit_min, table.aggregate
+            info.selection.unit_bucket, info.selection.token_bucket = UNIT_BUCKET, TOKEN_BUCKET
+            shapes = table_shapes(layout, plan)
+            entries += tuple((getattr(info.selection, name), shapes[name][1], shapes[name][0], offset)
+                             for name, offset in offsets.table_offsets)  # fmt: skip
         segment = session.segment
         for ref, dtype, shape, offset in entries:
             ref.dtype = WIRE_OF_TORCH[dtype]
@@ -656,7 +664,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
                         raise InvalidArgument(f"events[{i}].session_id", f"session {session.session_id!r} was closed")
                     session.touch()
                 events = list(request.events)
-                check_events(sessions, events)
+                check_events(sessions, events, request.background)
                 timing = StepTiming()
                 reports_phases = True
                 retrieves = any(event.retrieve for event in events)

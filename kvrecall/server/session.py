@@ -428,6 +428,7 @@ class SessionRegistry:
         worker_quota_bytes: int = 0,
         worker_share: float = 1.0,
         worker_copy_share: float = 0.0,
+        worker_selection: bool = False,
     ) -> None:
         self.host_pool = host_pool
         self.device_pool = device_pool
@@ -436,6 +437,7 @@ class SessionRegistry:
         self.worker_quota_bytes = worker_quota_bytes
         self.worker_share = worker_share
         self.worker_copy_share = worker_copy_share  # ServerConfig.worker_copy_share
+        self.worker_selection = worker_selection  # ServerConfig.worker_selection
         self.sessions: dict[str, Session] = {}
         self.prefixes = PrefixRegistry(host_pool, device_pool)
 
@@ -500,8 +502,19 @@ class SessionRegistry:
         plan = policy.plan().with_slack() if deferred else policy.plan()
         if transport in (pb.TRANSPORT_CUDA_IPC, pb.TRANSPORT_SHM) and plan.retrieved:  # (mapped by the worker)
             plan = plan.with_staging(self.worker_copy_share)  # (a share of 0: none)
+        # A unit table the worker maps and selects over (worker_selection): a louiskv session of its
+        # own (no prefix held or declared: a prefix's table is shared), staging whole retrievals.
+        mapped = (
+            self.worker_selection and plan.staged >= plan.retrieved > 0 and prefix is None and declared is None
+            and hasattr(policy, "mapped_table")
+        )  # fmt: skip
+        if mapped:
+            plan = plan.with_table(policy.mapped_table())
         ws_bytes = SegmentLayout.of(layout, plan).nbytes
-        metadata_bytes = policy.metadata_bytes() if prefix is None else prefix.policy.derived_metadata_bytes()
+        if prefix is not None:
+            metadata_bytes = prefix.policy.derived_metadata_bytes()
+        else:
+            metadata_bytes = policy.mapped_metadata_bytes() if mapped else policy.metadata_bytes()
         per_page = max(tokens_per_page(layout, self.host_pool.page_bytes), 1)
         shared = prefix.pages[: prefix.full_pages] if prefix is not None else []
         own_pages = -(-layout.max_tokens // per_page) - len(shared)
@@ -516,6 +529,8 @@ class SessionRegistry:
             raise
         ws = WorkingSet(segment, layout, plan)
         ws.note_staging(store)
+        if mapped:
+            policy.map_table(ws.table_fields)
         lease = min(lease or self.default_lease, self.max_lease)
         session = Session(
             session_id, worker_id, tag, transport, layout, policy, store, segment, ws, lease,

@@ -65,13 +65,20 @@ class StepOutcome:
     on_host: str = ""  # its retrieval was selected on the host (host_selection): how the table's copy was fetched
 
 
-def check_events(sessions: list[Session], events: list[pb.StepEvent]) -> None:
+def check_events(sessions: list[Session], events: list[pb.StepEvent], background: bool = True) -> None:
     """Every event against its session's state (under the sessions' locks): InvalidArgument /
     FailedPrecondition naming events[i] and the field."""
     for i, (session, event) in enumerate(zip(sessions, events, strict=True)):
         where = f"events[{i}]"
         if not (event.notice or event.retrieve):
             raise InvalidArgument(f"{where}.notice", "an event needs notice or retrieve (or both)")
+        if event.worker_selected:
+            if not (event.retrieve and event.worker_copies and background):
+                raise InvalidArgument(f"{where}.worker_selected",
+                                      "needs retrieve and worker_copies on a background call")  # fmt: skip
+            if not session.ws.table_fields:
+                raise InvalidArgument(f"{where}.worker_selected",
+                                      f"session {session.session_id} maps no unit table (WorkingSetInfo.selection)")  # fmt: skip
         if not session.ingested:
             raise FailedPrecondition(f"{where}: session {session.session_id} has not ingested its prompt")
         if event.notice:
@@ -140,12 +147,21 @@ def _serve(
                 for i in members:
                     outcomes[i].placement = Placement()
                 continue
-            # Where the daemon selects on the host (host_selection): those sessions' retrievals there.
-            on_host = [i for i in members if host_selection.eligible(sessions[i], events[i].worker_copies, background)]
+            # The worker's own choices (worker_selection), then where the daemon selects on the host
+            # (host_selection): those sessions' retrievals placed from the host.
+            chosen = [i for i in members if events[i].worker_selected and host_selection.takes_choice(sessions[i])]
+            on_host = [i for i in members if i not in chosen
+                       and host_selection.eligible(sessions[i], events[i].worker_copies, background)]  # fmt: skip
+            if chosen:
+                for i, (placement, rows) in zip(chosen, host_selection.place_chosen([sessions[i] for i in chosen]),
+                                                strict=True):  # fmt: skip
+                    outcomes[i].placement, outcomes[i].staged_rows, outcomes[i].on_host = placement, rows, "worker"
             if on_host:
                 for i, (placement, rows, fetch) in zip(on_host, host_selection.retrieve([sessions[i] for i in on_host]),
                                                        strict=True):  # fmt: skip
                     outcomes[i].placement, outcomes[i].staged_rows, outcomes[i].on_host = placement, rows, fetch
+            on_host += chosen
+            if on_host:
                 items = [item for i, item in zip(members, items, strict=True) if i not in on_host]
                 members = [i for i in members if i not in on_host]
                 if not members:

@@ -14,7 +14,7 @@ from kvrecall import kernels
 from kvrecall.kernels.placement_staged import Staging
 from kvrecall.kernels.ws_decode import ring_spans
 from kvrecall.server.host_store import SequenceStore
-from kvrecall.server.layout import ModelLayout, SegmentLayout, WorkingSetPlan, staging_rows
+from kvrecall.server.layout import ModelLayout, SegmentLayout, WorkingSetPlan, staging_rows, table_shapes
 from kvrecall.server.pools import DeviceSegment
 
 
@@ -116,6 +116,13 @@ class WorkingSet:
                 view(o.staged_keys_offset, layout.dtype, (S, D)), view(o.staged_values_offset, layout.dtype, (S, D)),
                 view(o.staged_targets_offset, torch.int64, (S,)),
             )  # fmt: skip
+        # With a mapped unit table (plan.table, the daemon's worker_selection): its fields, which
+        # louiskv's table and pinned tokens live in, and where the worker writes its choice.
+        self.table_fields: dict[str, torch.Tensor] = {}
+        for (name, offset), (shape, dtype) in zip(o.table_offsets, table_shapes(layout, plan).values(), strict=True):
+            field = view(offset, dtype, shape)
+            field.fill_(-1 if name in ("pinned", "chosen") else 0)
+            self.table_fields[name] = field
         # Whether a worker-copies retrieval stages every new row (set by the session, which knows
         # the pool: note_staging): then it writes no key or value row in place.
         self.stages_every_row = False

@@ -234,7 +234,7 @@ class TensorRef(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcRef, _Mapping]] = ..., inline_data: _Optional[bytes] = ...) -> None: ...
 
 class WorkingSetInfo(_message.Message):
-    __slots__ = ("capacity", "n_sink", "retrieved", "window", "keys", "values", "slot_pos", "query", "min_window", "staged_keys", "staged_values", "staged_targets", "stages_every_row")
+    __slots__ = ("capacity", "n_sink", "retrieved", "window", "keys", "values", "slot_pos", "query", "min_window", "staged_keys", "staged_values", "staged_targets", "stages_every_row", "selection")
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     N_SINK_FIELD_NUMBER: _ClassVar[int]
     RETRIEVED_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +248,7 @@ class WorkingSetInfo(_message.Message):
     STAGED_VALUES_FIELD_NUMBER: _ClassVar[int]
     STAGED_TARGETS_FIELD_NUMBER: _ClassVar[int]
     STAGES_EVERY_ROW_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
     capacity: int
     n_sink: int
     retrieved: int
@@ -261,7 +262,32 @@ class WorkingSetInfo(_message.Message):
     staged_values: TensorRef
     staged_targets: TensorRef
     stages_every_row: bool
-    def __init__(self, capacity: _Optional[int] = ..., n_sink: _Optional[int] = ..., retrieved: _Optional[int] = ..., window: _Optional[int] = ..., keys: _Optional[_Union[TensorRef, _Mapping]] = ..., values: _Optional[_Union[TensorRef, _Mapping]] = ..., slot_pos: _Optional[_Union[TensorRef, _Mapping]] = ..., query: _Optional[_Union[TensorRef, _Mapping]] = ..., min_window: _Optional[int] = ..., staged_keys: _Optional[_Union[TensorRef, _Mapping]] = ..., staged_values: _Optional[_Union[TensorRef, _Mapping]] = ..., staged_targets: _Optional[_Union[TensorRef, _Mapping]] = ..., stages_every_row: bool = ...) -> None: ...
+    selection: MappedSelection
+    def __init__(self, capacity: _Optional[int] = ..., n_sink: _Optional[int] = ..., retrieved: _Optional[int] = ..., window: _Optional[int] = ..., keys: _Optional[_Union[TensorRef, _Mapping]] = ..., values: _Optional[_Union[TensorRef, _Mapping]] = ..., slot_pos: _Optional[_Union[TensorRef, _Mapping]] = ..., query: _Optional[_Union[TensorRef, _Mapping]] = ..., min_window: _Optional[int] = ..., staged_keys: _Optional[_Union[TensorRef, _Mapping]] = ..., staged_values: _Optional[_Union[TensorRef, _Mapping]] = ..., staged_targets: _Optional[_Union[TensorRef, _Mapping]] = ..., stages_every_row: bool = ..., selection: _Optional[_Union[MappedSelection, _Mapping]] = ...) -> None: ...
+
+class MappedSelection(_message.Message):
+    __slots__ = ("reps", "sizes", "position", "pinned", "chosen", "chosen_meta", "unit_min", "unit_bucket", "token_bucket", "aggregate")
+    REPS_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_META_FIELD_NUMBER: _ClassVar[int]
+    UNIT_MIN_FIELD_NUMBER: _ClassVar[int]
+    UNIT_BUCKET_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BUCKET_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    reps: TensorRef
+    sizes: TensorRef
+    position: TensorRef
+    pinned: TensorRef
+    chosen: TensorRef
+    chosen_meta: TensorRef
+    unit_min: int
+    unit_bucket: int
+    token_bucket: int
+    aggregate: str
+    def __init__(self, reps: _Optional[_Union[TensorRef, _Mapping]] = ..., sizes: _Optional[_Union[TensorRef, _Mapping]] = ..., position: _Optional[_Union[TensorRef, _Mapping]] = ..., pinned: _Optional[_Union[TensorRef, _Mapping]] = ..., chosen: _Optional[_Union[TensorRef, _Mapping]] = ..., chosen_meta: _Optional[_Union[TensorRef, _Mapping]] = ..., unit_min: _Optional[int] = ..., unit_bucket: _Optional[int] = ..., token_bucket: _Optional[int] = ..., aggregate: _Optional[str] = ...) -> None: ...
 
 class WorkingSetDelta(_message.Message):
     __slots__ = ("slots", "positions", "keys", "values")
@@ -632,7 +658,7 @@ class PrefixStats(_message.Message):
     def __init__(self, prefix_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., policy: _Optional[str] = ..., tokens: _Optional[int] = ..., host_bytes: _Optional[int] = ..., device_bytes: _Optional[int] = ..., refs: _Optional[int] = ..., hits: _Optional[int] = ..., idle_seconds: _Optional[float] = ...) -> None: ...
 
 class StepEvent(_message.Message):
-    __slots__ = ("session_id", "capability", "position", "notice", "retrieve", "follows", "worker_copies")
+    __slots__ = ("session_id", "capability", "position", "notice", "retrieve", "follows", "worker_copies", "worker_selected")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -640,6 +666,7 @@ class StepEvent(_message.Message):
     RETRIEVE_FIELD_NUMBER: _ClassVar[int]
     FOLLOWS_FIELD_NUMBER: _ClassVar[int]
     WORKER_COPIES_FIELD_NUMBER: _ClassVar[int]
+    WORKER_SELECTED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     capability: str
     position: int
@@ -647,7 +674,8 @@ class StepEvent(_message.Message):
     retrieve: bool
     follows: int
     worker_copies: bool
-    def __init__(self, session_id: _Optional[str] = ..., capability: _Optional[str] = ..., position: _Optional[int] = ..., notice: bool = ..., retrieve: bool = ..., follows: _Optional[int] = ..., worker_copies: bool = ...) -> None: ...
+    worker_selected: bool
+    def __init__(self, session_id: _Optional[str] = ..., capability: _Optional[str] = ..., position: _Optional[int] = ..., notice: bool = ..., retrieve: bool = ..., follows: _Optional[int] = ..., worker_copies: bool = ..., worker_selected: bool = ...) -> None: ...
 
 class BoundariesRequest(_message.Message):
     __slots__ = ("events", "background")

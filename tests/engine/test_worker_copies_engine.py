@@ -19,13 +19,13 @@ STEPS = 30
 SHARES = (0.0, 0.75, 1.0)
 
 
-def decode(client, model, overlap: bool, device: str = "cpu") -> dict:
+def decode(client, model, overlap: bool, device: str = "cpu", config: dict | None = None, **engine_args) -> dict:
     """Three louiskv sessions decoded STEPS steps by one engine, crossing in turn every 6th step at
     lag 2: their tokens, the logits of every step, the rows the worker copied, whether each
     crossing read a light shadow and whether each session mapped a staging area."""
     weights = DecoderWeights.from_hf(model)
     engine = Engine(weights, batch=3, max_capacity=1024, lag=2, overlap=overlap, keep_logits=True,
-                    force_boundary=lambda step, slot: step % 6 == 2 * slot)  # fmt: skip
+                    force_boundary=lambda step, slot: step % 6 == 2 * slot, **engine_args)  # fmt: skip
     lights = []
     to_shadow = engine._to_shadow
 
@@ -38,7 +38,7 @@ def decode(client, model, overlap: bool, device: str = "cpu") -> dict:
     g = torch.Generator().manual_seed(4)
     sessions, slots, logits = [], [], []
     for length in (300, 211, 257):
-        session = client.open_session(spec, "louiskv", {"budget": 32, "window": 32, "ingest_select": "units"},
+        session = client.open_session(spec, "louiskv", config or {"budget": 32, "window": 32, "ingest_select": "units"},
                                       deferred_eviction=True, device=device)  # fmt: skip
         assert session.keys.device.type == device
         sessions.append(session)
@@ -49,7 +49,8 @@ def decode(client, model, overlap: bool, device: str = "cpu") -> dict:
     seqs = [engine.remove(slot) for slot in slots]
     out = {"tokens": [seq.tokens for seq in seqs], "logits": torch.stack(logits, dim=1),
            "staged": sum(engine.times.staged_rows), "lights": lights,
-           "areas": [session.core.staging is not None for session in sessions]}  # fmt: skip
+           "areas": [session.core.staging is not None for session in sessions],
+           "tables": [session.core.table is not None for session in sessions]}  # fmt: skip
     engine.close()
     for session in sessions:
         session.close()

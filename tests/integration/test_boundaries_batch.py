@@ -148,8 +148,11 @@ def event(session, **fields) -> pb.StepEvent:
         (lambda a, b: [event(a, retrieve=True), event(a, notice=True)], InvalidArgumentError, "events[1].session_id"),
         (lambda a, b: [event(a, retrieve=True), event(b)], InvalidArgumentError, "events[1].notice"),
         (lambda a, b: [], InvalidArgumentError, "events"),
+        (lambda a, b: [event(a, retrieve=True, worker_copies=True, worker_selected=True)], InvalidArgumentError,
+         "events[0].worker_selected"),  # (not a background call)
     ],
-    ids=["unknown-session", "wrong-capability", "position-past", "notice-not-past", "twice", "empty-event", "none"],
+    ids=["unknown-session", "wrong-capability", "position-past", "notice-not-past", "twice", "empty-event", "none",
+         "selected-in-foreground"],
 )
 def test_a_bad_event_refuses_the_call_names_it_and_changes_nothing(client, make, error, field):
     a = open_ingested(client, "louiskv", CASES[0][1], 150, 1)
@@ -178,5 +181,18 @@ def test_inline_sessions_are_refused(client):
         with pytest.raises(KVRecallClientError) as caught:
             raw(client, event(session, retrieve=True))
         assert "events[0].session_id" in str(caught.value) and "TRANSPORT_INLINE" in str(caught.value)
+    finally:
+        session.close()
+
+
+def test_a_choice_of_a_session_that_maps_no_table_is_refused(client):
+    """StepEvent.worker_selected names a table only a worker_selection daemon maps."""
+    session = open_ingested(client, "louiskv", CASES[0][1], 150, 5)
+    try:
+        request = pb.BoundariesRequest(events=[event(session, retrieve=True, worker_copies=True, worker_selected=True)],
+                                       background=True)  # fmt: skip
+        with pytest.raises(InvalidArgumentError) as caught:
+            client.call(client.stub.Boundaries, request)
+        assert "events[0].worker_selected" in str(caught.value) and "maps no unit table" in str(caught.value)
     finally:
         session.close()

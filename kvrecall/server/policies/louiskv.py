@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from kvrecall import captured, kernels
-from kvrecall.server.layout import WorkingSetPlan
+from kvrecall.server.layout import MappedTable, WorkingSetPlan
 from kvrecall.server.policies.base import (
     DEFAULT_SPILL_EVERY,
     BoundaryRule,
@@ -130,17 +130,23 @@ class _UnitTable:
 
     def __init__(
         self, rows: int, units: int, tokens: int, dim: int, rep_dtype: torch.dtype, device,
-        base: _UnitTable | None = None,
+        base: _UnitTable | None = None, storage: dict[str, torch.Tensor] | None = None,
     ) -> None:  # fmt: skip
+        """`storage`: zeroed reps, sizes and position of these shapes to hold the table in (the
+        working-set segment's, which the worker maps: WorkingSet.table_fields)."""
         self.base = base
         self.first_unit = 0 if base is None else base.num_units  # columns the base holds
         self.first_token = 0 if base is None else base.num_tokens
-        self.reps = torch.zeros(rows, units, dim, dtype=rep_dtype, device=device)
-        self.sizes = torch.zeros(rows, units, dtype=torch.int32, device=device)
-        self.valid = torch.zeros(rows, units, dtype=torch.bool, device=device)
+        held = storage or {}
+        self.reps = held.get("reps", None)
+        if self.reps is None:
+            self.reps = torch.zeros(rows, units, dim, dtype=rep_dtype, device=device)
+        self.sizes = held["sizes"] if "sizes" in held else torch.zeros(rows, units, dtype=torch.int32, device=device)
+        self.valid = torch.zeros(rows, units, dtype=torch.bool, device=device)  # (= sizes > 0)
         # Unfilled units have size 0 (and are invalid), so the candidate columns past the filled
         # ones belong to no unit: a selection may read them (a captured one reads whole buckets).
-        self.position = torch.zeros(rows, tokens, dtype=torch.int32, device=device)
+        self.position = held["position"] if "position" in held else torch.zeros(rows, tokens, dtype=torch.int32,
+                                                                                 device=device)  # fmt: skip
         self.num_units = self.first_unit  # filled unit columns, the base's included
         self.num_tokens = self.first_token  # filled candidate columns, the base's included
         self.mirror = None  # its host copy, where the daemon selects on the host (server/host_selection.py)
@@ -299,6 +305,8 @@ class LouisKVPolicy(Policy):
         self.closed_upto = 0  # tokens [prompt_evicted, closed_upto) are in closed units
         self.open_sum: torch.Tensor | None = None  # [B, D] f32: keys of the open segment, summed
         self.pinned: torch.Tensor | None = None  # [B, P] ascending, -1 padded: kept by every retrieval
+        # The working-set segment's unit table fields, where the worker maps them (map_table).
+        self.mapped: dict[str, torch.Tensor] | None = None
         self.ranking = ObservationRanking(
             layout.num_layers, layout.num_kv_heads, config.budget, POOL_KERNEL, config.observation_vote
         )
@@ -333,6 +341,33 @@ class LouisKVPolicy(Policy):
 
     def metadata_bytes(self) -> int:
         return self._metadata_bytes(*self._table_shape())
+
+    # ---- a table the worker maps (the daemon's worker_selection) ---------------------------
+    def mapped_table(self) -> MappedTable:
+        """The shape of this policy's unit table held in the working-set segment."""
+        units, tokens, dtype = self._table_shape()
+        unit_min = max(1, min(self.config.cluster_size, DEFAULT_SPILL_EVERY, self.config.max_segment))
+        return MappedTable(units, tokens, dtype, self.config.pinned_tokens, unit_min, self.config.aggregate)
+
+    def mapped_metadata_bytes(self) -> int:
+        """metadata_bytes less what the segment holds with a mapped table (reps, sizes,
+        positions and pinned tokens): the valid flags and the open segment's sum."""
+        units, _, _ = self._table_shape()
+        L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
+        return L * H * units + L * H * D * 4
+
+    def map_table(self, fields: dict[str, torch.Tensor]) -> None:
+        """Hold the unit table and pinned tokens in `fields` (WorkingSet.table_fields), before
+        the ingest creates them."""
+        self.mapped = fields
+
+    def _set_pinned(self, pinned: torch.Tensor) -> None:
+        """The pinned tokens [B, P] int64 (in the mapped field where the table is mapped)."""
+        if self.mapped is not None and "pinned" in self.mapped:
+            self.mapped["pinned"].copy_(pinned)
+            self.pinned = self.mapped["pinned"]
+        else:
+            self.pinned = pinned
 
     def _metadata_bytes(self, units: int, tokens: int, dtype: torch.dtype) -> int:
         """A unit table of `units` x `tokens` per row plus the state beside it (the open
@@ -369,7 +404,7 @@ class LouisKVPolicy(Policy):
         if self.units is None:
             units, tokens, dtype = self._table_shape()
             L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
-            self.units = _UnitTable(L * H, units, tokens, D, dtype, device)
+            self.units = _UnitTable(L * H, units, tokens, D, dtype, device, storage=self.mapped)
         return self.units
 
     # ---- hooks ------------------------------------------------------------------------
@@ -414,7 +449,7 @@ class LouisKVPolicy(Policy):
             pinned = self.config.pinned_tokens
             if pinned:
                 rows = ascending(ranked[:, :, :pinned]).view(-1, pinned)
-                self.pinned = to_device(rows, ctx.ws.keys.device)
+                self._set_pinned(to_device(rows, ctx.ws.keys.device))
             return ranked_selection(ranked)
         if len(self.observed) < self.layout.num_layers:
             return None
@@ -530,7 +565,7 @@ class LouisKVPolicy(Policy):
         device = current.device
         count, P = min(R, end - first), self.config.pinned_tokens
         if P and self.pinned is None:
-            self.pinned = torch.full((L * H, P), -1, dtype=torch.int64, device=device)
+            self._set_pinned(torch.full((L * H, P), -1, dtype=torch.int64, device=device))
         for layer in layers:
             keys = ctx.store.keys(layer, 0, ctx.store.num_tokens).to(device)  # [H, T, D], the ring's too
             votes = query[layer][:, -self.config.chunk_votes :]  # the last queries (0: all)
