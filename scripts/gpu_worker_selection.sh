@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Device run (one call, ~4 min with a cold start): two open questions of issue #17 on one machine.
-# 1. Would the worker launching the retrieval's selection (DEVELOPERS.md, "the lever not yet built") keep a
+# Device run (one call, ~5 min with a cold start): two open questions of issue #17 on one machine.
+# 0. tests/gpu/test_worker_selection_gpu.py (the built worker_selection against select_before_close, CUDA IPC).
+# 1. Does the worker launching the retrieval's selection (DEVELOPERS.md, "the lever not yet built") keep a
 #    daemon process's boundary cost at the embedded daemon's? 32K x 8 (ROUNDS times, alternating): a daemon
 #    process as is; its retrievals dry (no daemon kernel: the floor); dry plus the worker's own selection kernels
-#    (bench e2e --worker-selection, an EMULATION); the embedded daemon as is.
+#    (bench e2e --worker-selection, an EMULATION); the built worker_selection (the product path: the worker
+#    chooses over its mapped table, the daemon places from the host, worker copies at share 1); the embedded
+#    daemon as is.
 # 2. The embedded daemon's 0.5 ms slower captured step (bench/results/README.md, thirty-first session): the step
 #    captured again once all is idle, and both daemons' graphs dumped as Graphviz (scripts/graph_gap_inbench.py).
 #   usage (device, carry .whl/eval .whl/triton): [ROUNDS=2] [SKIP_GAPS=1] bash scripts/gpu_worker_selection.sh
@@ -12,10 +15,16 @@ E2E_EXTRA="--query-drift 0.15"
 . scripts/gpu_e2e_lib.sh
 E0="$E2E"
 B="--parts step --contexts 32768 --batches 8 --rates 0,0.117"
+mkdir -p "$OUT/logs"
+SECONDS=0
+timeout 200 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu tests/gpu/test_worker_selection_gpu.py \
+  > "$OUT/logs/worker-selection-gpu-tests.log" 2>&1
+echo "worker selection GPU tests: exit $? in ${SECONDS}s: $(tail -1 "$OUT/logs/worker-selection-gpu-tests.log")"
 for r in $(seq "${ROUNDS:-2}"); do
   E2E="$E0 --daemon process"; e2e_run "proc-$r" 90 $B
   e2e_run "dry-$r" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1
   e2e_run "wsel-$r" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 --worker-selection
+  e2e_run "real-$r" 90 $B --daemon-env KVRECALL_WORKER_COPY_SHARE=1 --daemon-env KVRECALL_WORKER_SELECTION=1
   E2E="$E0 --daemon embedded"; e2e_run "emb-$r" 90 $B
 done
 if [ -z "${SKIP_GAPS:-}" ]; then
@@ -37,6 +46,7 @@ rows = {r.get("rate"): r for r in d["rows"] if r["policy"] == "louiskv"}
 if 0.0 in rows and 0.117 in rows:
     a, b = rows[0.0], rows[0.117]
     print(sys.argv[1].split("/")[-1], "boundary", round(b["mean_ms"] / a["mean_ms"], 3), "gpu", b.get("graph_gpu_ms_mean"),
-          a.get("graph_gpu_ms_mean"), "late", b.get("late_steps"), "tok/s", b["tokens_per_s"], "wsel", b.get("worker_selections"))
+          a.get("graph_gpu_ms_mean"), "late", b.get("late_steps"), "tok/s", b["tokens_per_s"], "wsel", b.get("worker_selections"),
+          "choices", b.get("worker_choices"))
 PY
 done

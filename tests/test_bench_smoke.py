@@ -261,6 +261,26 @@ def test_bench_e2e_worker_selection_emulation_selects_once_per_crossing(tmp_path
     assert all("worker_selection" not in r for r in result["rows"] if r["policy"] == "full")
 
 
+def test_bench_e2e_with_worker_selection_the_worker_chooses_every_crossing(tmp_path):
+    """The real path (not the emulation): a daemon with worker_selection maps each louiskv
+    session's unit table and the engine chooses every crossing's retrieval itself; rows count it."""
+    from kvrecall.cli import main
+
+    out = tmp_path / "e2e.json"
+    argv = ["bench", "e2e", "--device", "cpu", "--shape", "tiny", "--contexts", "600", "--batches", "2",
+            "--policies", "louiskv", "--budget", "64", "--rates", "0,0.25", "--lag", "1", "--steps", "16",
+            "--warmup", "2", "--parts", "step",
+            "--daemon-env", "KVRECALL_WORKER_COPY_SHARE=1", "--daemon-env", "KVRECALL_WORKER_SELECTION=1",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert not result["errors"]
+    rows = {r["rate"]: r for r in result["rows"] if r["policy"] == "louiskv"}
+    assert "worker_choices" not in rows[0.0]
+    timed = round(rows[0.25]["boundary_share"] * 16 * 2)
+    assert timed > 0 and rows[0.25]["worker_choices"] == timed
+
+
 def test_worker_selection_runs_louiskv_selection_per_query():
     import torch
 

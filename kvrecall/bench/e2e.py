@@ -363,6 +363,7 @@ class Bench:
                     for _ in range(args.warmup):
                         engine.step()
                     before = sum(seq.boundaries for seq in engine.active)
+                    choices_before = engine.worker_choices
                     engine.times.clear()
                     samples, blocks = [], []
                     with gcfreeze.Pauses() as pauses:  # the collector's passes in the timed steps (any thread)
@@ -391,6 +392,8 @@ class Bench:
                         "switch": engine.switch,
                         **({"worker_selection": True, "worker_selections": engine.on_crossings.selections}
                            if engine.on_crossings is not None else {}),
+                        **({"worker_choices": engine.worker_choices - choices_before}
+                           if engine.worker_choices > choices_before else {}),
                         **({"mean_ms_blocks": [round(m, 3) for m in blocks], "block_spread": round(max(blocks) / min(blocks), 3)}
                            if len(blocks) > 1 else {}),
                         "capacity": capacity, "budget": config.get("budget"), "lag": lag, "query_drift": args.query_drift,

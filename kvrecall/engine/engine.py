@@ -307,6 +307,7 @@ class Engine:
         # Where sessions map their unit tables (a daemon's worker_selection): the stream their
         # crossings' choices run on, beside the step (made at the first).
         self._choice_stream: torch.cuda.Stream | None = None
+        self.worker_choices = 0  # retrievals chosen here (over mapped tables), since the engine started
         self.follow_notices = follow_notices
         self.steps = 0
         # Free shadow working sets, reused; at most `batch` kept (sessions' capacities vary).
@@ -626,6 +627,7 @@ class Engine:
         stream of their own at the highest priority, after what the current stream has queued
         (the step launched ahead writes the query the daemon would read: the same one); the
         Boundaries call sent inside publishes the choices (its event is recorded on that stream)."""
+        self.worker_choices += len(cores)
         if self.device.type != "cuda":
             for core in cores:
                 core.table.choose(core.query, core.position)

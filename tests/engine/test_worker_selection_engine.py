@@ -35,7 +35,8 @@ def decode_arm(model, env: dict, device: str = "cpu", **daemon_args) -> dict:
     port = free_port()
     env = {**env, "KVRECALL_WORKER_COPY_SHARE": "1"}
     daemon_device = "cuda:0" if device == "cuda" else device
-    with LocalDaemon(device=daemon_device, env=env, extra_args=["--metrics-port", str(port)], **daemon_args) as d:
+    extra = [*daemon_args.pop("extra_args", []), "--metrics-port", str(port)]
+    with LocalDaemon(device=daemon_device, env=env, extra_args=extra, **daemon_args) as d:
         with KVRecallClient(d.target, "worker-selection") as client:
             # (follow_notices off: a crossing takes its last notice's answer first, as a slot that
             # chooses itself does, so both mask the tokens it evicted from the same step on)
