@@ -5,11 +5,12 @@
 #    daemon process's boundary cost at the embedded daemon's? 32K x 8 (ROUNDS times, alternating): a daemon
 #    process as is; its retrievals dry (no daemon kernel: the floor); dry plus the worker's own selection kernels
 #    (bench e2e --worker-selection, an EMULATION); the built worker_selection (the product path: the worker
-#    chooses over its mapped table, the daemon places from the host, worker copies at share 1); the embedded
-#    daemon as is.
-# 2. The embedded daemon's 0.5 ms slower captured step (bench/results/README.md, thirty-first session): the step
-#    captured again once all is idle, and both daemons' graphs dumped as Graphviz (scripts/graph_gap_inbench.py).
-#   usage (device, carry .whl/eval .whl/triton): [ROUNDS=2] [SKIP_GAPS=1] bash scripts/gpu_worker_selection.sh
+#    chooses over its mapped table, the daemon places from the host, worker copies at share 1); the same placed
+#    by the daemon's placement kernels (worker_selection_place=device); the embedded daemon as is.
+# 2. (GAPS=1; past 600 s with ROUNDS=2) The embedded daemon's 0.5 ms slower captured step (bench/results/README.md,
+#    thirty-first session): the step captured again once all is idle, and both daemons' graphs dumped as Graphviz
+#    (scripts/graph_gap_inbench.py).
+#   usage (device, carry .whl/eval .whl/triton): [ROUNDS=2] [GAPS=1] bash scripts/gpu_worker_selection.sh
 . scripts/gpu_env.sh
 E2E_EXTRA="--query-drift 0.15"
 . scripts/gpu_e2e_lib.sh
@@ -24,10 +25,12 @@ for r in $(seq "${ROUNDS:-2}"); do
   E2E="$E0 --daemon process"; e2e_run "proc-$r" 90 $B
   e2e_run "dry-$r" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1
   e2e_run "wsel-$r" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 --worker-selection
-  e2e_run "real-$r" 90 $B --daemon-env KVRECALL_WORKER_COPY_SHARE=1 --daemon-env KVRECALL_WORKER_SELECTION=1
+  W="--daemon-env KVRECALL_WORKER_COPY_SHARE=1 --daemon-env KVRECALL_WORKER_SELECTION=1"
+  e2e_run "real-$r" 90 $B $W
+  e2e_run "realdev-$r" 90 $B $W --daemon-env KVRECALL_WORKER_SELECTION_PLACE=device
   E2E="$E0 --daemon embedded"; e2e_run "emb-$r" 90 $B
 done
-if [ -z "${SKIP_GAPS:-}" ]; then
+if [ -n "${GAPS:-}" ]; then
   C="--policies louiskv --lag 4 --steps 24 --warmup 8 --host-pool-gib 40 --query-drift 0.15 --parts step --contexts 32768 --batches 1 --rates 0"
   for d in embedded process; do
     timeout 120 python3 scripts/graph_gap_inbench.py --recapture --dump-dir "/tmp/dump-$d" $C --daemon $d \

@@ -111,6 +111,10 @@ class ServerConfig(BaseModel):
                                         # and the daemon places that choice from the host (no retrieval
                                         # kernel of the daemon's); the open output segment closes after
                                         # the choice (select_before_close's choice)
+    worker_selection_place: Literal["host", "device"] = "host"  # where the daemon places a worker's choice:
+                                        # planned and gathered by the host, sent by the copy engine (no
+                                        # kernel of the daemon's but the segment close), or by its
+                                        # placement kernels (a few launches; no host plan)
     dry_retrievals: bool = False        # DIAGNOSTIC, never in service: a retrieval event is answered
                                         # without retrieving (no selection, no placement, no GPU work;
                                         # the working set stays as it was), its notice still served: what

@@ -61,7 +61,7 @@ class Daemon:
         launch_gate.configure(config.gate_launches)
         captured.configure(config.capture_selection)
         step_batch.configure(config.dry_retrievals)
-        host_selection.configure(config.host_selection)
+        host_selection.configure(config.host_selection, config.worker_selection_place)
         louiskv.configure(config.select_before_close)
         if config.select_before_close:
             log.warning("select_before_close is on: louiskv selects at a boundary before closing the open output "

@@ -31,6 +31,7 @@ import torch
 from kvrecall.kernels import placement_staged, reference
 from kvrecall.phases import mark
 from kvrecall.server.policies import louiskv
+from kvrecall.server.policies.base import Selection
 from kvrecall.server.policies.louiskv import (
     APPEND_FIELDS,
     UNIT_COLUMNS,
@@ -45,9 +46,19 @@ log = logging.getLogger("kvrecall.host_selection")
 _enabled = False  # the daemon's host_selection: configure()
 
 
-def configure(host_selection: bool) -> None:
-    global _enabled
+_place_on_device = False  # the daemon's worker_selection_place == "device": configure()
+
+
+def configure(host_selection: bool, worker_selection_place: str = "host") -> None:
+    global _enabled, _place_on_device
     _enabled = bool(host_selection)
+    _place_on_device = worker_selection_place == "device"
+
+
+def places_on_device() -> bool:
+    """Whether a worker's choice is placed by the daemon's placement kernels (chosen_selections)
+    rather than from the host (place_chosen)."""
+    return _place_on_device
 
 
 def enabled() -> bool:
@@ -190,6 +201,28 @@ def place_chosen(sessions: list) -> list[tuple[Placement, int]]:
         out.append(_stage(session, new, torch.tensor(units), slot_pos, resident_max))
     close_segments([(session.policy, session.context().evicted_upto) for session in sessions])
     mark("close")
+    return out
+
+
+def chosen_selections(sessions: list) -> list[Selection]:
+    """Each session's worker's choice as a Selection over its mapped result (all takes_choice;
+    after begin_boundary) for the daemon's own placement, the caller closing the open segments
+    after it. Reads the choices' widths (one small transfer and a sync); a worker that read
+    fewer columns than the table has filled is chosen for by the daemon (as place_chosen)."""
+    metas = [_to_host(session.ws.table_fields["chosen_meta"]) for session in sessions]
+    _sync(sessions)
+    out = []
+    for session, meta in zip(sessions, metas, strict=True):
+        table, fields = session.policy.units, session.ws.table_fields
+        _, unit_columns, token_columns = meta.tolist()
+        if unit_columns < table.num_units or token_columns < table.num_tokens:
+            log.warning("session %s: the worker chose over %d of %d units, %d of %d candidates: the daemon chooses",
+                        session.session_id, unit_columns, table.num_units, token_columns, table.num_tokens)  # fmt: skip
+            out.append(session.policy._choose_every_layer(session.ws.query))
+            continue
+        L, H = session.layout.num_layers, session.layout.num_kv_heads
+        out.append(Selection(fields["chosen"].view(L, H, -1), units=fields["chosen_meta"][0].clone()))
+    mark("host_fetch")
     return out
 
 

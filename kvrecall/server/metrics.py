@@ -33,7 +33,8 @@ class Metrics:
             "kvrecall_host_selections",
             "Retrievals planned on the host, no retrieval kernel on the GPU; fetch: whole / log (selected on the host, "
             "host_selection: the unit table's host copy fetched whole | only the segments closed since) | worker "
-            "(chosen by the worker over its mapped table, worker_selection)",
+            "(chosen by the worker over its mapped table, worker_selection) | worker-device (so chosen, placed by the "
+            "daemon's placement kernels: worker_selection_place=device)",
             ["fetch"], registry=r,
         )  # fmt: skip
         self.bytes_moved = Counter(

@@ -32,6 +32,7 @@ from kvrecall.kernels import placement_staged
 from kvrecall.server import host_selection
 from kvrecall.server.errors import FailedPrecondition, InvalidArgument
 from kvrecall.server.policies.base import Selection
+from kvrecall.server.policies.louiskv import close_segments
 from kvrecall.server.session import Session, check_append_upto, check_boundary_position
 from kvrecall.server.working_set import Placement, WorkingSet
 from kvrecall.v1 import kvrecall_pb2 as pb
@@ -152,6 +153,10 @@ def _serve(
             chosen = [i for i in members if events[i].worker_selected and host_selection.takes_choice(sessions[i])]
             on_host = [i for i in members if i not in chosen
                        and host_selection.eligible(sessions[i], events[i].worker_copies, background)]  # fmt: skip
+            given: dict[int, Selection] = {}  # the workers' choices the device places below (worker_selection_place)
+            if chosen and host_selection.places_on_device():
+                given = dict(zip(chosen, host_selection.chosen_selections([sessions[i] for i in chosen]), strict=True))
+                chosen = []
             if chosen:
                 for i, (placement, rows) in zip(chosen, host_selection.place_chosen([sessions[i] for i in chosen]),
                                                 strict=True):  # fmt: skip
@@ -166,7 +171,9 @@ def _serve(
                 members = [i for i in members if i not in on_host]
                 if not members:
                     continue
-            selections = type(items[0][0]).on_boundaries(items)
+            rest = [item for i, item in zip(members, items, strict=True) if i not in given]
+            chose = iter(type(rest[0][0]).on_boundaries(rest) if rest else [])
+            selections = [given[i] if i in given else next(chose) for i in members]
             phases.mark("select")
             # Rows of sessions whose workers copy them (StepEvent.worker_copies) stay staged.
             stagings = {
@@ -183,8 +190,13 @@ def _serve(
                     scope.enter_context(placement_staged.worker_copies(stagings))
                 placements = _place([sessions[i] for i in members], selections)
             phases.mark("place")
+            if given:  # the workers chose over the tables as the notices left them: their open segments close now
+                close_segments([(sessions[i].policy, sessions[i].context().evicted_upto) for i in given])
+                phases.mark("close")
             for i, placement in zip(members, placements, strict=True):
                 outcomes[i].placement = placement
+                if i in given:
+                    outcomes[i].on_host = "worker-device"
                 if sessions[i].ws.keys.data_ptr() in stagings:
                     outcomes[i].staged_rows = sessions[i].ws.staging.rows
         launch_gate.release()

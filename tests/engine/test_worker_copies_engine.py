@@ -50,7 +50,8 @@ def decode(client, model, overlap: bool, device: str = "cpu", config: dict | Non
     out = {"tokens": [seq.tokens for seq in seqs], "logits": torch.stack(logits, dim=1),
            "staged": sum(engine.times.staged_rows), "lights": lights,
            "areas": [session.core.staging is not None for session in sessions],
-           "tables": [session.core.table is not None for session in sessions]}  # fmt: skip
+           "tables": [session.core.table is not None for session in sessions],
+           "units": [session.stats().units for session in sessions]}  # fmt: skip
     engine.close()
     for session in sessions:
         session.close()

@@ -24,7 +24,8 @@ from tests.integration.test_quotas_metrics import free_port
 
 CONFIG = {"budget": 32, "window": 32, "max_segment": 512}  # ingest_select "tokens": pinned tokens from the ingest
 ARMS = {
-    "worker": {"KVRECALL_WORKER_SELECTION": "1"},
+    "worker": {"KVRECALL_WORKER_SELECTION": "1"},  # placed from the host
+    "worker-device": {"KVRECALL_WORKER_SELECTION": "1", "KVRECALL_WORKER_SELECTION_PLACE": "device"},
     "daemon": {"KVRECALL_SELECT_BEFORE_CLOSE": "1"},
 }
 
@@ -42,7 +43,9 @@ def decode_arm(model, env: dict, device: str = "cpu", **daemon_args) -> dict:
             # chooses itself does, so both mask the tokens it evicted from the same step on)
             out = {overlap: decode(client, model, overlap, device, CONFIG, follow_notices=False)
                    for overlap in (False, True)}  # fmt: skip
-        out["worker_choices"] = metric(f"http://127.0.0.1:{port}/metrics", 'kvrecall_host_selections_total{fetch="worker"}')
+        url = f"http://127.0.0.1:{port}/metrics"
+        out["worker_choices"] = {place: metric(url, f'kvrecall_host_selections_total{{fetch="{place}"}}')
+                                 for place in ("worker", "worker-device")}  # fmt: skip
     return out
 
 
@@ -52,22 +55,26 @@ def runs(tiny_llama):  # noqa: F811
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_the_workers_choice_decodes_as_the_daemons(runs, overlap):
-    worker, daemon = runs["worker"], runs["daemon"]
+@pytest.mark.parametrize("arm", ["worker", "worker-device"])
+def test_the_workers_choice_decodes_as_the_daemons(runs, arm, overlap):
+    worker, daemon = runs[arm], runs["daemon"]
     assert all(worker[overlap]["tables"]) and not any(daemon[overlap]["tables"]), "who maps a table"
-    assert worker["worker_choices"] > 0, "no retrieval was the worker's choice"
-    assert daemon["worker_choices"] == 0
+    assert worker["worker_choices"][arm] > 0, "no retrieval was the worker's choice, placed as configured"
+    assert sum(worker["worker_choices"].values()) == worker["worker_choices"][arm]
+    assert sum(daemon["worker_choices"].values()) == 0
     assert worker[overlap]["staged"] > 0
     assert worker[overlap]["tokens"] == daemon[overlap]["tokens"]
     torch.testing.assert_close(worker[overlap]["logits"], daemon[overlap]["logits"], rtol=0, atol=1e-5)
+    assert worker[overlap]["units"] == daemon[overlap]["units"], "the boundaries closed the same segments"
 
 
-def test_a_choice_over_fewer_columns_than_filled_is_the_daemons(tiny_llama, runs, monkeypatch, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("arm", ["worker", "worker-device"])
+def test_a_choice_over_fewer_columns_than_filled_is_the_daemons(tiny_llama, runs, arm, monkeypatch, tmp_path):  # noqa: F811
     """A worker whose bound on the filled columns fell short: the daemon chooses itself (the
     same choice), says so in its log, and the decode is the same."""
     monkeypatch.setattr(WorkerTable, "widths", lambda self, tokens: (1, 1))
     log = tmp_path / "daemon.log"
-    short = decode_arm(tiny_llama, ARMS["worker"], host_pool_gb=0.5, device_pool_gb=0.25, log_path=str(log))
+    short = decode_arm(tiny_llama, ARMS[arm], host_pool_gb=0.5, device_pool_gb=0.25, log_path=str(log))
     assert "the daemon chooses" in log.read_text()
     for overlap in (False, True):
         assert short[overlap]["tokens"] == runs["daemon"][overlap]["tokens"]

@@ -26,9 +26,11 @@ def runs(tiny_llama):  # noqa: F811
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_the_workers_choice_decodes_as_the_daemons_on_a_gpu(runs, overlap):
-    worker, daemon = runs["worker"], runs["daemon"]
-    assert all(worker[overlap]["tables"]) and worker["worker_choices"] > 0 and daemon["worker_choices"] == 0
+@pytest.mark.parametrize("arm", ["worker", "worker-device"])
+def test_the_workers_choice_decodes_as_the_daemons_on_a_gpu(runs, arm, overlap):
+    worker, daemon = runs[arm], runs["daemon"]
+    assert all(worker[overlap]["tables"]) and worker["worker_choices"][arm] > 0
+    assert sum(daemon["worker_choices"].values()) == 0
     assert worker[overlap]["staged"] > 0
     assert worker[overlap]["tokens"] == daemon[overlap]["tokens"]
     torch.testing.assert_close(worker[overlap]["logits"], daemon[overlap]["logits"], rtol=0, atol=1e-4)
