@@ -13,7 +13,9 @@ of one lag decode together, one slot each (a batch decodes like its sequences al
 `--variants` replays each lag against daemons set otherwise: `default`, and
 `select-before-close` (the daemon's select_before_close diagnostic: a boundary selects before
 the open output segment closes, what a selection run by the worker over its mapped unit table
-would choose without a close kernel of the daemon's first; DEVELOPERS.md).
+would choose without a close kernel of the daemon's first; DEVELOPERS.md), and
+`worker-selection` (the daemon's worker_selection: the engine chooses each retrieval over its
+mapped unit table and open segment, the daemon places it).
 
     python scripts/lag_fidelity.py --out FILE [--lags 0,4,5,8] [--doc-tokens 2048] [--tokens 1000]
                                    [--docs 1] [--budget 512] [--device cpu|cuda]
@@ -34,7 +36,12 @@ from datetime import UTC, datetime
 import torch
 from torch.nn.functional import log_softmax
 
-VARIANTS = {"default": {}, "select-before-close": {"KVRECALL_SELECT_BEFORE_CLOSE": "1"}}
+VARIANTS = {
+    "default": {},
+    "select-before-close": {"KVRECALL_SELECT_BEFORE_CLOSE": "1"},
+    # the worker chooses each retrieval over its mapped table (kvrecall/client/selection.py)
+    "worker-selection": {"KVRECALL_WORKER_COPY_SHARE": "1", "KVRECALL_WORKER_SELECTION": "1"},
+}
 
 
 def reference(model, ids: torch.Tensor, n: int) -> tuple[list[int], torch.Tensor]:

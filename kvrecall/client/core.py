@@ -96,6 +96,8 @@ class SessionCore:
     # The session's unit table, mapped for the worker to choose its retrievals (WorkingSetInfo.selection;
     # None: the daemon chooses): StepEvent.worker_selected.
     table: WorkerTable | None = field(default=None, repr=False)
+    # What that table held after this session's last event (StepResult.table; None before one).
+    table_state: pb.MappedTableState | None = field(default=None, repr=False)
     prefix_tokens: int = 0   # tokens of the prefix declared at open (0: none declared)
     position: int = 0        # tokens in the sequence (prompt + generated) so far
     noticed_upto: int = 0    # tokens announced to the daemon with AppendNotices (answers taken)

@@ -1,19 +1,21 @@
 """A louiskv session's unit table as its worker maps it (WorkingSetInfo.selection, the daemon's
 `worker_selection`): the worker chooses a boundary's retrieval itself, in its own CUDA context,
-and the daemon only places that choice from the host (StepEvent.worker_selected).
+and the daemon only places that choice (StepEvent.worker_selected).
 
 Why: a daemon process's retrieval kernels time-slice with the worker's step on the same GPU and
 cost it 3-5x their own GPU time (DEVELOPERS.md, "The process daemon's boundary cost"); the same
 selection launched by the worker runs beside its step as an embedded daemon's does.
 
-The choice is louiskv's own (`choose_units` over every layer, the same kernels the daemon runs)
-over the table as the daemon left it when the worker last took a notice's answer: the open
-output segment is not a unit yet (the daemon closes it after placing the choice), as with the
-daemon's `select_before_close`. The worker reads the first columns its sequence can have filled
-(ceil(tokens / unit_min) + 2 units, `tokens` candidates, rounded up to buckets); columns past
-the filled ones are units of size 0, never chosen, so reading more changes nothing. It writes
-how many it read beside the choice (chosen_meta), and a daemon whose table has more filled
-chooses itself.
+The choice is the daemon's own at a boundary: louiskv closes the open output segment (the tokens
+evicted since the last close, their mean key its representative) and chooses over every unit,
+every layer (`choose_units_split`, the kernels the daemon runs). The worker reads the table as the
+session's last event left it (StepResult.table: the filled columns, the open segment's first
+token and the evicted end; the open segment's key sum in the mapped `open_sum`) and takes the
+open segment as one more unit without writing the table; the daemon closes it after placing the
+choice. What the worker read goes beside the choice (chosen_meta); a daemon whose table does not
+hold it chooses itself. A notice riding in the boundary's own event is applied after the worker
+chose: its tokens join the segment the daemon closes but not the choice (the choice of a step
+earlier, as with any later notice).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from kvrecall.transport import MappedTensor, map_segment, open_ref
 from kvrecall.v1 import kvrecall_pb2 as pb
 
-FIELDS = ("reps", "sizes", "position", "pinned", "chosen", "chosen_meta")
+FIELDS = ("reps", "sizes", "position", "pinned", "open_sum", "chosen", "chosen_meta")
 
 
 @dataclass
@@ -34,11 +36,9 @@ class WorkerTable:
     sizes: torch.Tensor  # [B, U] int32 (0: no unit)
     position: torch.Tensor  # [B, M] int32, grouped by unit
     pinned: torch.Tensor | None  # [B, P] int64, ascending, -1 padded
+    open_sum: torch.Tensor  # [B, D] f32
     chosen: torch.Tensor  # [B, R] int64: written here
-    chosen_meta: torch.Tensor  # [3] int64: (units chosen, unit columns read, candidate columns read)
-    unit_min: int
-    unit_bucket: int
-    token_bucket: int
+    chosen_meta: torch.Tensor  # [4] int64: (units chosen, unit columns read, candidate columns read, open start)
     aggregate: str
 
     @classmethod
@@ -52,32 +52,33 @@ class WorkerTable:
         else:
             mapped = [open_ref(ref, f"selection.{name}") for ref, name in zip(refs, names, strict=True)]
             tensors = [m.tensor for m in mapped]
-        fields = dict(zip(names, tensors, strict=True))
-        table = cls(
-            fields["reps"], fields["sizes"], fields["position"], fields.get("pinned"), fields["chosen"],
-            fields["chosen_meta"], info.unit_min, info.unit_bucket, info.token_bucket, info.aggregate,
-        )  # fmt: skip
+        f = dict(zip(names, tensors, strict=True))
+        table = cls(f["reps"], f["sizes"], f["position"], f.get("pinned"), f["open_sum"], f["chosen"], f["chosen_meta"],
+                    info.aggregate)  # fmt: skip
         return table, mapped
 
-    def widths(self, tokens: int) -> tuple[int, int]:
-        """(unit, candidate) columns a sequence of `tokens` tokens may have filled, rounded up to
-        whole buckets, at most the table's."""
-        units = -(-tokens // max(1, self.unit_min)) + 2
-        ub, tb = max(1, self.unit_bucket), max(1, self.token_bucket)
-        return min(self.sizes.shape[1], -(-units // ub) * ub), min(self.position.shape[1], -(-tokens // tb) * tb)
+    def choose(self, query: torch.Tensor, state: pb.MappedTableState) -> None:
+        """Every layer's retrieval for `query` [L, Hq, D] (the working set's) over the table as
+        `state` names it, into `chosen` and `chosen_meta`, queued on the current stream (no host
+        sync)."""
+        from kvrecall.server.policies.louiskv import choose_units_split
 
-    def choose(self, query: torch.Tensor, tokens: int) -> None:
-        """Every layer's retrieval for `query` [L, Hq, D] (the working set's) into `chosen` and
-        `chosen_meta`, queued on the current stream (no host sync)."""
-        from kvrecall.server.policies.louiskv import choose_units
-
-        u, m = self.widths(tokens)
+        U, M, start, end = state.units, state.candidates, state.open_start, state.evicted
         B, R = self.chosen.shape
         q = query.reshape(B, -1, query.shape[-1])
-        sizes = self.sizes[:, :u]
-        new, take = choose_units(q, self.reps[:, :u], sizes > 0, sizes, self.position[:, :m], self.pinned, R,
-                                 self.aggregate)  # fmt: skip
+        sizes = self.sizes[:, :U]
+        segments = [(self.reps[:, :U], sizes > 0, sizes, self.position[:, :M])]
+        n = end - start
+        if n > 0 and U < self.sizes.shape[1] and M + n <= self.position.shape[1]:  # the open segment, as closed
+            device = self.reps.device
+            counts = torch.full((B, 1), n, dtype=torch.int32, device=device)
+            # (divided by a tensor as the daemon's close divides: the same rounding as its mean)
+            mean = (self.open_sum / torch.full((1, 1), float(n), device=device)).to(self.reps.dtype)[:, None]
+            span = torch.arange(start, end, dtype=torch.int32, device=device).expand(B, n)
+            segments.append((mean, counts > 0, counts, span))
+        new, take = choose_units_split(q, segments, self.pinned, R, self.aggregate)
         self.chosen.copy_(new)
         self.chosen_meta[0].copy_((take > 0).sum())
-        self.chosen_meta[1].fill_(u)
-        self.chosen_meta[2].fill_(m)
+        self.chosen_meta[1].fill_(U)
+        self.chosen_meta[2].fill_(M)
+        self.chosen_meta[3].fill_(start)

@@ -88,6 +88,8 @@ class PendingBoundaries:
                     call.session.core.note_noticed(result.append.spilled_upto)
                     call.session.stats_appends += 1
                 call.session.stats_boundaries += call.retrieve
+                if result.HasField("table"):  # (a mapped unit table: worker_selection)
+                    call.session.core.table_state = result.table
                 if call.retrieve and result.retrieval.staged_rows and self._apply_staged:  # (worker_copies)
                     call.session.core.apply_staged(result.retrieval.staged_rows)
             self._response = response

@@ -166,6 +166,12 @@ class _Flight:
     done: torch.cuda.Event | None
 
 
+def chooses(core) -> bool:
+    """Whether a crossing of this session chooses its retrieval here: its unit table is mapped
+    (a daemon's worker_selection) and an event's answer has said what the table holds."""
+    return core.table is not None and core.table_state is not None
+
+
 def adaptive_stay(needed: deque[int] | list[int], lag: int, longest: int) -> int:
     """switch="adaptive": the steps a new crossing reads its shadow. `needed`: for each recent
     retrieval, the steps after its crossing by which its answer was in (seen in, or waited for);
@@ -596,10 +602,10 @@ class Engine:
                 for seq in deferred:
                     seq.notice = pending
             if crossings:
+                choosing = [seq.session.core for seq, _, _ in crossings if chooses(seq.session.core)]
                 calls = [StepCall(seq.session, seq.session.core.position, notice=rides, retrieve=True, follows=follows,
-                                  selected=seq.session.core.table is not None)
+                                  selected=chooses(seq.session.core))
                          for seq, rides, follows in crossings]  # fmt: skip
-                choosing = [seq.session.core for seq, _, _ in crossings if seq.session.core.table is not None]
                 if choosing:
                     with self._choices(choosing):
                         pending = self._send(calls)
@@ -630,7 +636,7 @@ class Engine:
         self.worker_choices += len(cores)
         if self.device.type != "cuda":
             for core in cores:
-                core.table.choose(core.query, core.position)
+                core.table.choose(core.query, core.table_state)
             yield
             return
         if self._choice_stream is None:
@@ -638,7 +644,7 @@ class Engine:
         self._choice_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._choice_stream):
             for core in cores:
-                core.table.choose(core.query, core.position)
+                core.table.choose(core.query, core.table_state)
             yield
 
     def _steps_needed(self, seq: Sequence, waited: float) -> int:

@@ -179,22 +179,18 @@ def takes_choice(session) -> bool:
 def place_chosen(sessions: list) -> list[tuple[Placement, int]]:
     """Place each session's worker's choice (all takes_choice; under their locks, after
     begin_boundary, which ordered this after the worker's published writes) -> (its placement,
-    rows left in its staging area); the open segments close after the choices are read (the
-    worker chose over the table as the notices left it). A worker that read fewer columns than
-    the table has filled (WorkingSetInfo.selection's bound fell short) is chosen for by the
-    daemon instead (louiskv's selection on the device)."""
+    rows left in its staging area); then the open segments close (the worker took each as a unit
+    without writing the table: kvrecall/client/selection.py). A choice the table does not hold
+    (_holds) is the daemon's instead (louiskv's selection on the device, the segment closed first)."""
     fetched = [(_to_host(session.ws.table_fields["chosen"]), _to_host(session.ws.table_fields["chosen_meta"]),
                 _to_host(session.ws.slot_pos), _to_host(session.ws.max_resident_counter)) for session in sessions]  # fmt: skip
     _sync(sessions)
     mark("host_fetch")
     out = []
     for session, (new, meta, slot_pos, resident_max) in zip(sessions, fetched, strict=True):
-        table = session.policy.units
-        units, unit_columns, token_columns = meta.tolist()
-        if unit_columns < table.num_units or token_columns < table.num_tokens:
-            log.warning("session %s: the worker chose over %d of %d units, %d of %d candidates: the daemon chooses",
-                        session.session_id, unit_columns, table.num_units, token_columns, table.num_tokens)  # fmt: skip
-            selection = session.policy._choose_every_layer(session.ws.query)
+        units = int(meta[0])
+        if not _holds(session, meta):
+            selection = _choose_here(session)
             new, units = _to_host(selection.positions.view(new.shape)), _to_host(selection.units)
             _sync([session])
             units = int(units)
@@ -207,23 +203,43 @@ def place_chosen(sessions: list) -> list[tuple[Placement, int]]:
 def chosen_selections(sessions: list) -> list[Selection]:
     """Each session's worker's choice as a Selection over its mapped result (all takes_choice;
     after begin_boundary) for the daemon's own placement, the caller closing the open segments
-    after it. Reads the choices' widths (one small transfer and a sync); a worker that read
-    fewer columns than the table has filled is chosen for by the daemon (as place_chosen)."""
+    after it. Reads what the choices were made over (one small transfer and a sync); a choice
+    the table does not hold (_holds) is the daemon's instead (as place_chosen)."""
     metas = [_to_host(session.ws.table_fields["chosen_meta"]) for session in sessions]
     _sync(sessions)
     out = []
     for session, meta in zip(sessions, metas, strict=True):
-        table, fields = session.policy.units, session.ws.table_fields
-        _, unit_columns, token_columns = meta.tolist()
-        if unit_columns < table.num_units or token_columns < table.num_tokens:
-            log.warning("session %s: the worker chose over %d of %d units, %d of %d candidates: the daemon chooses",
-                        session.session_id, unit_columns, table.num_units, token_columns, table.num_tokens)  # fmt: skip
-            out.append(session.policy._choose_every_layer(session.ws.query))
+        fields = session.ws.table_fields
+        if not _holds(session, meta):
+            out.append(_choose_here(session))
             continue
         L, H = session.layout.num_layers, session.layout.num_kv_heads
         out.append(Selection(fields["chosen"].view(L, H, -1), units=fields["chosen_meta"][0].clone()))
     mark("host_fetch")
     return out
+
+
+def _holds(session, meta: torch.Tensor) -> bool:
+    """Whether the session's table holds what its worker chose over (chosen_meta: unit and
+    candidate columns, the open segment's first token): those columns filled (columns are only
+    ever appended: a notice riding in the event may have closed one more since) and the open
+    segment starting there or later. Otherwise (a worker's stale or wrong state) it is logged
+    and the daemon chooses."""
+    policy = session.policy
+    table = policy.units
+    _, unit_columns, token_columns, start = meta.tolist()
+    if unit_columns <= table.num_units and token_columns <= table.num_tokens and start <= policy.open_start:
+        return True
+    log.warning("session %s: the worker chose over %d units, %d candidates and an open segment from %d; the table "
+                "holds %d, %d, from %d: the daemon chooses", session.session_id, unit_columns, token_columns, start,
+                table.num_units, table.num_tokens, policy.open_start)  # fmt: skip
+    return False
+
+
+def _choose_here(session) -> Selection:
+    """The daemon's own boundary choice (louiskv's: the open segment closed first)."""
+    close_segments([(session.policy, session.context().evicted_upto)])
+    return session.policy._choose_every_layer(session.ws.query)
 
 
 def _sync(sessions: list) -> None:

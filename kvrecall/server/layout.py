@@ -41,14 +41,12 @@ class MappedTable:
     """A louiskv unit table held in the working-set segment, so the worker maps it and selects at
     its boundaries itself (the daemon's `worker_selection`; pb.MappedSelection): `units` x
     `tokens` columns per (layer, KV head) row, reps in `rep_dtype`, `pinned` tokens a row (0:
-    none), `unit_min` the fewest tokens a unit holds on average (the worker's bound on the
-    filled columns)."""
+    none), `aggregate` louiskv's."""
 
     units: int
     tokens: int
     rep_dtype: torch.dtype
     pinned: int
-    unit_min: int
     aggregate: str
 
 
@@ -148,8 +146,9 @@ class SegmentLayout:
 
 def table_shapes(layout: ModelLayout, plan: WorkingSetPlan) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The mapped unit table's fields (plan.table; none without one), B = layers x KV heads rows:
-    reps [B, U, D], sizes [B, U] int32, position [B, M] int32, pinned [B, P] int64 (P > 0),
-    then what the worker writes: chosen [B, retrieved] int64 and chosen_meta [3] int64."""
+    reps [B, U, D], sizes [B, U] int32, position [B, M] int32, pinned [B, P] int64 (P > 0), the
+    open segment's sum [B, D] f32, then what the worker writes: chosen [B, retrieved] int64 and
+    chosen_meta [4] int64."""
     table = plan.table
     if table is None:
         return {}
@@ -161,8 +160,9 @@ def table_shapes(layout: ModelLayout, plan: WorkingSetPlan) -> dict[str, tuple[t
     }
     if table.pinned:
         shapes["pinned"] = ((B, table.pinned), torch.int64)
+    shapes["open_sum"] = ((B, D), torch.float32)
     shapes["chosen"] = ((B, plan.retrieved), torch.int64)
-    shapes["chosen_meta"] = ((3,), torch.int64)
+    shapes["chosen_meta"] = ((4,), torch.int64)
     return shapes
 
 

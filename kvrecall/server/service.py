@@ -41,7 +41,7 @@ from kvrecall.server.layout import SegmentLayout, staging_rows, table_shapes
 from kvrecall.server.metrics import Metrics
 from kvrecall.server.policies import build_policy
 from kvrecall.server.policies.base import config_json
-from kvrecall.server.policies.louiskv import TOKEN_BUCKET, UNIT_BUCKET
+from kvrecall.server.policies.louiskv import table_state
 from kvrecall.server.profiling import KernelProfiler, OpsProfiler
 from kvrecall.server.ratelog import RateLimitedLog
 from kvrecall.server.session import Session, SessionRegistry
@@ -379,9 +379,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             )
             info.stages_every_row = session.ws.stages_every_row
         if plan.table is not None:  # a unit table the worker selects over (worker_selection)
-            table = plan.table
-            info.selection.unit_min, info.selection.aggregate = table.unit_min, table.aggregate
-            info.selection.unit_bucket, info.selection.token_bucket = UNIT_BUCKET, TOKEN_BUCKET
+            info.selection.aggregate = plan.table.aggregate
             shapes = table_shapes(layout, plan)
             entries += tuple((getattr(info.selection, name), shapes[name][1], shapes[name][0], offset)
                              for name, offset in offsets.table_offsets)  # fmt: skip
@@ -704,6 +702,10 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             if outcome.append is not None:
                 result.append.spilled_upto, result.append.evicted = outcome.append
                 self.metrics.appends.inc()
+            if (state := table_state(session.policy)) is not None:  # (worker_selection)
+                t = result.table
+                t.units, t.candidates, t.open_start = state
+                t.evicted = session.context().evicted_upto
             if outcome.placement is not None:
                 placement = outcome.placement
                 r = result.retrieval

@@ -266,28 +266,24 @@ class WorkingSetInfo(_message.Message):
     def __init__(self, capacity: _Optional[int] = ..., n_sink: _Optional[int] = ..., retrieved: _Optional[int] = ..., window: _Optional[int] = ..., keys: _Optional[_Union[TensorRef, _Mapping]] = ..., values: _Optional[_Union[TensorRef, _Mapping]] = ..., slot_pos: _Optional[_Union[TensorRef, _Mapping]] = ..., query: _Optional[_Union[TensorRef, _Mapping]] = ..., min_window: _Optional[int] = ..., staged_keys: _Optional[_Union[TensorRef, _Mapping]] = ..., staged_values: _Optional[_Union[TensorRef, _Mapping]] = ..., staged_targets: _Optional[_Union[TensorRef, _Mapping]] = ..., stages_every_row: bool = ..., selection: _Optional[_Union[MappedSelection, _Mapping]] = ...) -> None: ...
 
 class MappedSelection(_message.Message):
-    __slots__ = ("reps", "sizes", "position", "pinned", "chosen", "chosen_meta", "unit_min", "unit_bucket", "token_bucket", "aggregate")
+    __slots__ = ("reps", "sizes", "position", "pinned", "chosen", "chosen_meta", "aggregate", "open_sum")
     REPS_FIELD_NUMBER: _ClassVar[int]
     SIZES_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_META_FIELD_NUMBER: _ClassVar[int]
-    UNIT_MIN_FIELD_NUMBER: _ClassVar[int]
-    UNIT_BUCKET_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_BUCKET_FIELD_NUMBER: _ClassVar[int]
     AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    OPEN_SUM_FIELD_NUMBER: _ClassVar[int]
     reps: TensorRef
     sizes: TensorRef
     position: TensorRef
     pinned: TensorRef
     chosen: TensorRef
     chosen_meta: TensorRef
-    unit_min: int
-    unit_bucket: int
-    token_bucket: int
     aggregate: str
-    def __init__(self, reps: _Optional[_Union[TensorRef, _Mapping]] = ..., sizes: _Optional[_Union[TensorRef, _Mapping]] = ..., position: _Optional[_Union[TensorRef, _Mapping]] = ..., pinned: _Optional[_Union[TensorRef, _Mapping]] = ..., chosen: _Optional[_Union[TensorRef, _Mapping]] = ..., chosen_meta: _Optional[_Union[TensorRef, _Mapping]] = ..., unit_min: _Optional[int] = ..., unit_bucket: _Optional[int] = ..., token_bucket: _Optional[int] = ..., aggregate: _Optional[str] = ...) -> None: ...
+    open_sum: TensorRef
+    def __init__(self, reps: _Optional[_Union[TensorRef, _Mapping]] = ..., sizes: _Optional[_Union[TensorRef, _Mapping]] = ..., position: _Optional[_Union[TensorRef, _Mapping]] = ..., pinned: _Optional[_Union[TensorRef, _Mapping]] = ..., chosen: _Optional[_Union[TensorRef, _Mapping]] = ..., chosen_meta: _Optional[_Union[TensorRef, _Mapping]] = ..., aggregate: _Optional[str] = ..., open_sum: _Optional[_Union[TensorRef, _Mapping]] = ...) -> None: ...
 
 class WorkingSetDelta(_message.Message):
     __slots__ = ("slots", "positions", "keys", "values")
@@ -686,12 +682,26 @@ class BoundariesRequest(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[StepEvent, _Mapping]]] = ..., background: bool = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("append", "retrieval")
+    __slots__ = ("append", "retrieval", "table")
     APPEND_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
     append: AppendAck
     retrieval: RetrievalResult
-    def __init__(self, append: _Optional[_Union[AppendAck, _Mapping]] = ..., retrieval: _Optional[_Union[RetrievalResult, _Mapping]] = ...) -> None: ...
+    table: MappedTableState
+    def __init__(self, append: _Optional[_Union[AppendAck, _Mapping]] = ..., retrieval: _Optional[_Union[RetrievalResult, _Mapping]] = ..., table: _Optional[_Union[MappedTableState, _Mapping]] = ...) -> None: ...
+
+class MappedTableState(_message.Message):
+    __slots__ = ("units", "candidates", "open_start", "evicted")
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    OPEN_START_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    units: int
+    candidates: int
+    open_start: int
+    evicted: int
+    def __init__(self, units: _Optional[int] = ..., candidates: _Optional[int] = ..., open_start: _Optional[int] = ..., evicted: _Optional[int] = ...) -> None: ...
 
 class BoundariesResponse(_message.Message):
     __slots__ = ("results", "seconds", "groups", "queued_seconds", "serve_seconds", "sync_seconds")

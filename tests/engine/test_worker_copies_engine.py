@@ -19,7 +19,8 @@ STEPS = 30
 SHARES = (0.0, 0.75, 1.0)
 
 
-def decode(client, model, overlap: bool, device: str = "cpu", config: dict | None = None, **engine_args) -> dict:
+def decode(client, model, overlap: bool, device: str = "cpu", config: dict | None = None, deferred: bool = True,
+           **engine_args) -> dict:  # fmt: skip
     """Three louiskv sessions decoded STEPS steps by one engine, crossing in turn every 6th step at
     lag 2: their tokens, the logits of every step, the rows the worker copied, whether each
     crossing read a light shadow and whether each session mapped a staging area."""
@@ -39,7 +40,7 @@ def decode(client, model, overlap: bool, device: str = "cpu", config: dict | Non
     sessions, slots, logits = [], [], []
     for length in (300, 211, 257):
         session = client.open_session(spec, "louiskv", config or {"budget": 32, "window": 32, "ingest_select": "units"},
-                                      deferred_eviction=True, device=device)  # fmt: skip
+                                      deferred_eviction=deferred, device=device)  # fmt: skip
         assert session.keys.device.type == device
         sessions.append(session)
         slots.append(engine.add(session, torch.randint(0, 128, (length,), generator=g).to(device)))

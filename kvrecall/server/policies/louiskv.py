@@ -346,12 +346,12 @@ class LouisKVPolicy(Policy):
     def mapped_table(self) -> MappedTable:
         """The shape of this policy's unit table held in the working-set segment."""
         units, tokens, dtype = self._table_shape()
-        unit_min = max(1, min(self.config.cluster_size, DEFAULT_SPILL_EVERY, self.config.max_segment))
-        return MappedTable(units, tokens, dtype, self.config.pinned_tokens, unit_min, self.config.aggregate)
+        return MappedTable(units, tokens, dtype, self.config.pinned_tokens, self.config.aggregate)
 
     def mapped_metadata_bytes(self) -> int:
         """metadata_bytes less what the segment holds with a mapped table (reps, sizes,
-        positions and pinned tokens): the valid flags and the open segment's sum."""
+        positions, pinned tokens, a copy of the open segment's sum): the valid flags and
+        the open sum itself."""
         units, _, _ = self._table_shape()
         L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
         return L * H * units + L * H * D * 4
@@ -467,6 +467,7 @@ class LouisKVPolicy(Policy):
                 self._add_to_open(ctx.ws.keys[:, :, lo:hi])
             if end - self.open_start >= self.config.max_segment:
                 self._close_segment(ctx, end)
+        publish_open([self])
         return fill_free_slots(ctx, start, end)
 
     wants_evicted_sums = True
@@ -496,6 +497,7 @@ class LouisKVPolicy(Policy):
                     item[0].open_sum = part
             close_segments([(items[i][0], items[i][3]) for i in ring
                             if items[i][3] - items[i][0].open_start >= items[i][0].config.max_segment])  # fmt: skip
+            publish_open([items[i][0] for i in ring])
             filled = fill_free_slots_many([(items[i][1], items[i][2], items[i][3]) for i in ring])
             for i, selection in zip(ring, filled, strict=True):
                 selections[i] = selection
@@ -748,6 +750,23 @@ def _append_segments(ready: list[tuple[LouisKVPolicy, int, _UnitTable]]) -> None
 
 
 APPEND_FIELDS = ("reps", "sizes", "valid", "position")  # kernels.append_units' order
+
+
+def publish_open(policies: list[LouisKVPolicy]) -> None:
+    """Where a policy's table is mapped (worker_selection), its open segment's sum where its
+    worker reads it (one copy launch for all)."""
+    held = [p for p in policies if p.mapped is not None and p.open_sum is not None]
+    if held:
+        torch._foreach_copy_([p.mapped["open_sum"] for p in held], [p.open_sum for p in held])
+
+
+def table_state(policy) -> tuple[int, int, int] | None:
+    """(filled unit columns, filled candidate columns, the open segment's first token) of a
+    policy whose table is mapped (pb.MappedTableState); None for any other."""
+    if getattr(policy, "mapped", None) is None:
+        return None
+    table = policy.units
+    return (0, 0, policy.open_start) if table is None else (table.num_units, table.num_tokens, policy.open_start)
 
 
 def choose_units(
