@@ -379,6 +379,8 @@ class LouisKVPolicy(Policy):
     def template(self) -> LouisKVPolicy:
         """A copy whose table keeps its base chain shared: over a held prefix the session's own
         table extends the prefix's (read-only, kept alive by the new prefix's reference to it)."""
+        if self.mapped is not None:  # (its fields are views of a working-set segment: SessionRegistry never maps one)
+            raise RuntimeError("a louiskv policy whose table is mapped into its working set is never a prefix template")
         memo: dict[int, object] = {}
         table = self.units.base if self.units is not None else None
         while table is not None:
