@@ -98,3 +98,50 @@ def test_a_full_table_offers_no_open_unit_as_the_daemon_closes_none(device):
     assert policy.open_start == 40, "the daemon closed nothing"
     new, _ = choose_units_split(query.reshape(L * H, G, D), policy.units.segments(), None, 64, "max")
     assert as_sets(worker.chosen) == as_sets(new)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("open_tokens", [0, 16])
+def test_a_riding_notices_evictions_join_the_open_segment(device, open_tokens):
+    """A notice riding in the retrieval's event evicts 20 more tokens, applied by the daemon before
+    it would choose: their keys (ring slices: two, as where the ring wraps) join the worker's open
+    segment as the notice adds them to the daemon's. Over a closed segment (no open tokens) the
+    mapped sum is stale and must not be read. The query points along the evicted keys, so the
+    open segment is the unit the choice takes first."""
+    policy = session_like(device, 300, 20, open_tokens, 64, 0.0, "max")
+    worker, state = worker_view(policy, open_tokens)
+    g = torch.Generator().manual_seed(5)
+    keys = (torch.randn(L, H, 20, D, generator=g) + 4 * torch.randn(D, generator=g)).to(device)
+    if not open_tokens:
+        worker.open_sum.copy_(-1000 * keys.sum(dim=2).view(L * H, D))  # a closed segment's sum, stale
+    query = (3 * keys.mean(dim=2)).repeat_interleave(G, dim=1)  # [L, H * G, D]
+    end = state.evicted + 20
+    worker.choose(query, state, (end, [keys[:, :, :7], keys[:, :, 7:]]))
+    # the daemon: the notice's keys join the open segment, the boundary closes it, then chooses
+    policy._add_to_open(keys[:, :, :7])
+    policy._add_to_open(keys[:, :, 7:])
+    close_segments([(policy, end)])
+    assert policy.units.sizes[:, 20].eq(open_tokens + 20).all()
+    new, _ = choose_units_split(query.reshape(L * H, G, D), policy.units.segments(), None, 64, "max")
+    assert as_sets(worker.chosen) == as_sets(new)
+    assert all(set(range(300 + open_tokens, 320 + open_tokens)) <= row for row in as_sets(new)), "the open unit taken"
+
+
+@pytest.mark.parametrize("evicted,position", [(100, 130), (120, 150), (140, 150)])
+def test_riding_eviction_reads_the_tokens_a_notice_evicts_from_the_ring(evicted, position):
+    """The engine's view of a riding notice (engine.riding_eviction): the daemon's rule (up to
+    position - min_window) and the ring slots of those tokens in position order, across a wrap."""
+    from types import SimpleNamespace
+
+    from kvrecall.engine.engine import riding_eviction
+
+    n_sink, retrieved, window, min_window = 4, 8, 32, 16
+    keys = torch.full((1, 1, n_sink + retrieved + window, 1), -1.0)
+    for p in range(position - window, position):  # the ring holds the last `window` positions
+        keys[0, 0, n_sink + retrieved + p % window, 0] = p
+    core = SimpleNamespace(position=position, min_window=min_window, n_sink=n_sink, retrieved=retrieved,
+                           window=window, keys=keys)  # fmt: skip
+    end, slices = riding_eviction(core, pb.MappedTableState(evicted=evicted))
+    assert end == max(evicted, position - min_window)
+    got = torch.cat(slices, dim=2).flatten().tolist() if slices else []
+    assert got == list(range(evicted, end))

@@ -13,9 +13,9 @@ session's last event left it (StepResult.table: the filled columns, the open seg
 token and the evicted end; the open segment's key sum in the mapped `open_sum`) and takes the
 open segment as one more unit without writing the table; the daemon closes it after placing the
 choice. What the worker read goes beside the choice (chosen_meta); a daemon whose table does not
-hold it chooses itself. A notice riding in the boundary's own event is applied after the worker
-chose: its tokens join the segment the daemon closes but not the choice (the choice of a step
-earlier, as with any later notice).
+hold it chooses itself. A notice riding in the boundary's own event (applied by the daemon before
+it would choose) evicts tokens the worker still holds in its ring: their keys join its open
+segment as they join the daemon's (summed in another order: the same mean up to rounding).
 """
 
 from __future__ import annotations
@@ -57,10 +57,13 @@ class WorkerTable:
                     info.aggregate)  # fmt: skip
         return table, mapped
 
-    def choose(self, query: torch.Tensor, state: pb.MappedTableState) -> None:
+    def choose(self, query: torch.Tensor, state: pb.MappedTableState,
+               evicting: tuple[int, list[torch.Tensor]] | None = None) -> None:  # fmt: skip
         """Every layer's retrieval for `query` [L, Hq, D] (the working set's) over the table as
         `state` names it, into `chosen` and `chosen_meta`, queued on the current stream (no host
-        sync)."""
+        sync). `evicting`: a notice riding in the retrieval's event, which the daemon applies
+        first: (the evicted end after it, the keys it evicts from the ring, [L, H, n, D] slices in
+        position order), which join the open segment as they do in the daemon."""
         from kvrecall.server.policies.louiskv import choose_units_split
 
         U, M, start, end = state.units, state.candidates, state.open_start, state.evicted
@@ -68,12 +71,18 @@ class WorkerTable:
         q = query.reshape(B, -1, query.shape[-1])
         sizes = self.sizes[:, :U]
         segments = [(self.reps[:, :U], sizes > 0, sizes, self.position[:, :M])]
+        total = self.open_sum if end > start else None  # (the mapped sum of a closed segment is stale)
+        if evicting is not None and evicting[0] > end:
+            end = evicting[0]
+            for keys in evicting[1]:
+                part = keys.sum(dim=2, dtype=torch.float32).view(B, -1)
+                total = part if total is None else total + part
         n = end - start
         if n > 0 and U < self.sizes.shape[1] and M + n <= self.position.shape[1]:  # the open segment, as closed
             device = self.reps.device
             counts = torch.full((B, 1), n, dtype=torch.int32, device=device)
             # (divided by a tensor as the daemon's close divides: the same rounding as its mean)
-            mean = (self.open_sum / torch.full((1, 1), float(n), device=device)).to(self.reps.dtype)[:, None]
+            mean = (total / torch.full((1, 1), float(n), device=device)).to(self.reps.dtype)[:, None]
             span = torch.arange(start, end, dtype=torch.int32, device=device).expand(B, n)
             segments.append((mean, counts > 0, counts, span))
         new, take = choose_units_split(q, segments, self.pinned, R, self.aggregate)

@@ -75,6 +75,19 @@ class PendingBoundaries:
     def done(self) -> bool:
         return self._future.done()
 
+    def table_state(self, session: WorkerSession) -> pb.MappedTableState | None:
+        """Wait for the answer and return what `session`'s mapped table holds after its event
+        (StepResult.table), without applying the answer (result() does, once); None where the
+        call failed or the session maps no table."""
+        try:
+            response = self._future.result()
+        except grpc.RpcError:
+            return None  # (result() raises it)
+        for call, result in zip(self._calls, response.results, strict=True):
+            if call.session is session and result.HasField("table"):
+                return result.table
+        return None
+
     def result(self) -> pb.BoundariesResponse:
         if self._response is None:
             try:

@@ -166,10 +166,13 @@ class _Flight:
     done: torch.cuda.Event | None
 
 
-def chooses(core) -> bool:
-    """Whether a crossing of this session chooses its retrieval here: its unit table is mapped
-    (a daemon's worker_selection) and an event's answer has said what the table holds."""
-    return core.table is not None and core.table_state is not None
+def riding_eviction(core, state) -> tuple[int, list[torch.Tensor]]:
+    """What a notice up to the session's position, riding in its retrieval's event, evicts (the
+    daemon's rule: up to position - min_window) after the table's `state`: (the evicted end, the
+    keys of those tokens in the ring, [L, H, n, D] slices in position order)."""
+    end = max(state.evicted, core.position - core.min_window)
+    spans = ring_spans(core.n_sink + core.retrieved, core.window, state.evicted, end)
+    return end, [core.keys[:, :, lo:hi] for lo, hi in spans]
 
 
 def adaptive_stay(needed: deque[int] | list[int], lag: int, longest: int) -> int:
@@ -564,10 +567,7 @@ class Engine:
             notice = core.position - seq.sent_upto >= core.spill_every or early
             # A crossing slot's retrieval follows its last notice without taking that answer (the
             # daemon applies them in turn: StepEvent.follows); the slot takes it at its switch back.
-            # (A slot that chooses its retrieval itself takes that answer first: the choice reads
-            # the unit table, which a notice in flight may be appending to.)
-            follows = seq.sent_upto if (crossed and lag > 0 and seq.notice is not None and self.follow_notices
-                                        and core.table is None) else 0  # fmt: skip
+            follows = seq.sent_upto if crossed and lag > 0 and seq.notice is not None and self.follow_notices else 0
             if (notice or crossed) and seq.notice is not None and not follows:
                 taken += self._take_notice(seq)  # its last notice's answer, before any new event
             if notice:
@@ -602,9 +602,11 @@ class Engine:
                 for seq in deferred:
                     seq.notice = pending
             if crossings:
-                choosing = [seq.session.core for seq, _, _ in crossings if chooses(seq.session.core)]
+                states = {seq.slot: self._table_state(seq) for seq, _, _ in crossings}
+                choosing = [(seq.session.core, states[seq.slot], riding_eviction(seq.session.core, states[seq.slot])
+                             if rides else None) for seq, rides, _ in crossings if states[seq.slot] is not None]  # fmt: skip
                 calls = [StepCall(seq.session, seq.session.core.position, notice=rides, retrieve=True, follows=follows,
-                                  selected=chooses(seq.session.core))
+                                  selected=states[seq.slot] is not None)
                          for seq, rides, follows in crossings]  # fmt: skip
                 if choosing:
                     with self._choices(choosing):
@@ -627,24 +629,39 @@ class Engine:
         self.steps += 1
         return {seq.slot: tokens[seq.slot] for seq in flight.sequences if self.sequences[seq.slot] is seq}
 
+    def _table_state(self, seq: Sequence):
+        """What the slot's mapped unit table holds now (pb.MappedTableState), if it chooses its
+        retrieval here: after its last event, or after the notice its retrieval follows, whose
+        answer it waits for but does not take (the table is settled; the batch masks what that
+        notice evicted at the switch back, as when the daemon chooses). None: the daemon chooses
+        (no table mapped, or no answer has said what it holds yet)."""
+        core = seq.session.core
+        if core.table is None:
+            return None
+        if seq.notice is not None:
+            return next((state for call in seq.notice.calls if (state := call.table_state(seq.session)) is not None),
+                        None)  # fmt: skip
+        return core.table_state
+
     @contextlib.contextmanager
-    def _choices(self, cores: list) -> Iterator[None]:
-        """Sessions that map their unit tables choose their retrievals (WorkerTable.choose) on a
-        stream of their own at the highest priority, after what the current stream has queued
-        (the step launched ahead writes the query the daemon would read: the same one); the
-        Boundaries call sent inside publishes the choices (its event is recorded on that stream)."""
-        self.worker_choices += len(cores)
+    def _choices(self, choosing: list) -> Iterator[None]:
+        """Sessions that map their unit tables choose their retrievals (WorkerTable.choose, for
+        each one's (core, table state, riding eviction)) on a stream of their own at the highest priority, after
+        what the current stream has queued (the step launched ahead writes the query the daemon
+        would read: the same one); the Boundaries call sent inside publishes the choices (its
+        event is recorded on that stream)."""
+        self.worker_choices += len(choosing)
         if self.device.type != "cuda":
-            for core in cores:
-                core.table.choose(core.query, core.table_state)
+            for core, state, evicting in choosing:
+                core.table.choose(core.query, state, evicting)
             yield
             return
         if self._choice_stream is None:
             self._choice_stream = torch.cuda.Stream(self.device, priority=HIGHEST)
         self._choice_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._choice_stream):
-            for core in cores:
-                core.table.choose(core.query, core.table_state)
+            for core, state, evicting in choosing:
+                core.table.choose(core.query, state, evicting)
             yield
 
     def _steps_needed(self, seq: Sequence, waited: float) -> int:

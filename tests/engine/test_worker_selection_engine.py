@@ -1,14 +1,13 @@
 """Worker selection (the daemon's worker_selection: the worker chooses a louiskv retrieval over its
 mapped unit table and open segment, kvrecall/client/selection.py; the daemon places the choice
 from the host, or with its placement kernels under worker_selection_place=device) under the
-engine, against real CPU daemons.
-
-With eviction notices waited for (no notice rides in a crossing's event), sessions crossing
-boundaries decode the same tokens and logits, and close the same segments, as on a daemon that
-chooses itself (the default); the daemon's metrics say the workers chose, and only sessions of a
-worker_selection daemon map a table. With deferred eviction (a notice may ride in the crossing's
-event, applied after the worker chose) and overlap, the workers choose every crossing. A choice
-whose meta the daemon's table does not hold is the daemon's own, and logged."""
+engine, against real CPU daemons: sessions crossing boundaries decode the same tokens and logits,
+and close the same segments, as on a daemon that chooses itself (the default), with eviction
+notices waited for, and deferred (a crossing's retrieval following a notice whose answer is not
+taken, a notice riding in its event) with overlap off and on; the daemon's metrics say the
+workers chose every crossing but each session's first (before an answer said what its table
+holds), and only sessions of a worker_selection daemon map a table. A choice whose meta the
+daemon's table does not hold is the daemon's own, and logged."""
 
 from __future__ import annotations
 
@@ -51,27 +50,26 @@ def decode_arm(model, env: dict, device: str = "cpu", deferred: bool = False, **
 
 @pytest.fixture(scope="module")
 def runs(tiny_llama):  # noqa: F811
-    return {arm: decode_arm(tiny_llama, env, host_pool_gb=0.5, device_pool_gb=0.25) for arm, env in ARMS.items()}
+    return {(arm, deferred): decode_arm(tiny_llama, env, deferred=deferred, host_pool_gb=0.5, device_pool_gb=0.25)
+            for arm, env in ARMS.items() for deferred in (False, True)}  # fmt: skip
 
 
+@pytest.mark.parametrize("deferred", [False, True])
 @pytest.mark.parametrize("arm", PLACES)
-def test_the_workers_choice_decodes_as_the_daemons(runs, arm):
-    worker, daemon = runs[arm][False], runs["daemon"][False]
-    assert all(worker["tables"]) and not any(daemon["tables"]), "who maps a table"
-    assert runs[arm]["worker_choices"][arm] > 0, "no retrieval was the worker's choice, placed as configured"
-    assert sum(runs[arm]["worker_choices"].values()) == runs[arm]["worker_choices"][arm]
-    assert sum(runs["daemon"]["worker_choices"].values()) == 0
-    assert worker["staged"] > 0
-    assert worker["tokens"] == daemon["tokens"]
-    torch.testing.assert_close(worker["logits"], daemon["logits"], rtol=0, atol=1e-5)
-    assert worker["units"] == daemon["units"], "the boundaries closed the same segments"
-
-
-@pytest.mark.parametrize("arm", PLACES)
-def test_with_deferred_eviction_and_overlap_the_worker_chooses_every_crossing(tiny_llama, arm):  # noqa: F811
-    out = decode_arm(tiny_llama, ARMS[arm], deferred=True, host_pool_gb=0.5, device_pool_gb=0.25)
-    crossings = 2 * sum(1 for step in range(STEPS) for slot in range(3) if step % 6 == 2 * slot)  # overlap off, on
-    assert crossings - 6 <= out["worker_choices"][arm] <= crossings, out["worker_choices"]  # (the first, pre-answer)
+def test_the_workers_choice_decodes_as_the_daemons(runs, arm, deferred):
+    worker, daemon = runs[arm, deferred], runs["daemon", deferred]
+    crossings = sum(1 for step in range(STEPS) for slot in range(3) if step % 6 == 2 * slot)
+    decodes = 2 if deferred else 1  # (overlap off, and on with deferred eviction)
+    assert worker["worker_choices"][arm] == decodes * (crossings - 3), worker["worker_choices"]
+    assert sum(worker["worker_choices"].values()) == worker["worker_choices"][arm]
+    assert sum(daemon["worker_choices"].values()) == 0
+    for overlap in (False, True)[:decodes]:
+        mine, theirs = worker[overlap], daemon[overlap]
+        assert all(mine["tables"]) and not any(theirs["tables"]), "who maps a table"
+        assert mine["staged"] > 0
+        assert mine["tokens"] == theirs["tokens"]
+        torch.testing.assert_close(mine["logits"], theirs["logits"], rtol=0, atol=1e-5)
+        assert mine["units"] == theirs["units"], "the boundaries closed the same segments"
 
 
 @pytest.mark.parametrize("arm", PLACES)
@@ -80,13 +78,13 @@ def test_a_choice_the_table_does_not_hold_is_the_daemons(tiny_llama, runs, arm, 
     chooses itself, says so in its log, and the decode is the daemon's."""
     choose = WorkerTable.choose
 
-    def wrong(self, query, state):
-        choose(self, query, state)
+    def wrong(self, query, state, evicting=None):
+        choose(self, query, state, evicting)
         self.chosen_meta[1].fill_(state.units + 1)
 
     monkeypatch.setattr(WorkerTable, "choose", wrong)
     log = tmp_path / "daemon.log"
     out = decode_arm(tiny_llama, ARMS[arm], host_pool_gb=0.5, device_pool_gb=0.25, log_path=str(log))
     assert "the daemon chooses" in log.read_text()
-    assert out[False]["tokens"] == runs["daemon"][False]["tokens"]
-    torch.testing.assert_close(out[False]["logits"], runs["daemon"][False]["logits"], rtol=0, atol=1e-5)
+    assert out[False]["tokens"] == runs["daemon", False][False]["tokens"]
+    torch.testing.assert_close(out[False]["logits"], runs["daemon", False][False]["logits"], rtol=0, atol=1e-5)
