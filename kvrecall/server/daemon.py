@@ -34,6 +34,17 @@ from kvrecall.v1 import kvrecall_pb2 as pb
 
 log = logging.getLogger("kvrecall.daemon")
 
+
+def _warn_needs_share_one(config: ServerConfig, name: str, who: str, on: str) -> None:
+    """Log that setting `name` is on (`on`), or that it can do nothing without worker_copy_share 1."""
+    if not getattr(config, name):
+        return
+    if config.worker_copy_share < 1:
+        log.warning("%s is on but worker_copy_share is %s: %s only for sessions whose staging area takes a whole "
+                    "retrieval (worker_copy_share 1), so none will", name, config.worker_copy_share, who)  # fmt: skip
+    else:
+        log.warning("%s is on: %s", name, on)
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVRecall"].full_name
 REAP_INTERVAL = 1.0
 PARENT_POLL_S = 0.5  # parent_pid: how often the daemon checks that its parent is still there
@@ -66,20 +77,12 @@ class Daemon:
         if config.select_before_close:
             log.warning("select_before_close is on: louiskv selects at a boundary before closing the open output "
                         "segment (a diagnostic of a worker-side selection's accuracy)")
-        if config.host_selection and config.worker_copy_share < 1:
-            log.warning("host_selection is on but worker_copy_share is %s: it selects on the host only for sessions "
-                        "whose staging area takes a whole retrieval (worker_copy_share 1), so none will",
-                        config.worker_copy_share)  # fmt: skip
-        elif config.host_selection:
-            log.warning("host_selection is on: louiskv retrievals are selected on the host (experimental; on an H200 "
-                        "its answers came 3-4x past a 4-step lag at 32K x 8, docs/TUNING.md)")
-        if config.worker_selection and config.worker_copy_share < 1:
-            log.warning("worker_selection is on but worker_copy_share is %s: workers select only for sessions whose "
-                        "staging area takes a whole retrieval (worker_copy_share 1), so none will",
-                        config.worker_copy_share)  # fmt: skip
-        elif config.worker_selection:
-            log.warning("worker_selection is on: workers choose louiskv retrievals over their mapped unit tables "
-                        "(experimental; the open output segment closes after each choice)")
+        _warn_needs_share_one(config, "host_selection", "the daemon selects on the host",
+                              "louiskv retrievals are selected on the host (experimental; on an H200 its answers "
+                              "came 3-4x past a 4-step lag at 32K x 8, docs/TUNING.md)")  # fmt: skip
+        _warn_needs_share_one(config, "worker_selection", "workers choose",
+                              "workers choose louiskv retrievals over their mapped unit tables (experimental, "
+                              "not yet measured on a GPU; docs/TUNING.md)")  # fmt: skip
         placement_staged.configure(config.dry_index_copies)
         if config.dry_index_copies:
             log.warning("dry_index_copies is on: staged retrievals never write their rows into the working sets "
