@@ -194,7 +194,7 @@ def place_chosen(sessions: list) -> list[tuple[Placement, int]]:
             new, units = _to_host(selection.positions.view(new.shape)), _to_host(selection.units)
             _sync([session])
             units = int(units)
-        out.append(_stage(session, new, torch.tensor(units), slot_pos, resident_max))
+        out.append(_stage(session, _in_tier(session, new), torch.tensor(units), slot_pos, resident_max))
     close_segments([(session.policy, session.context().evicted_upto) for session in sessions])
     mark("close")
     return out
@@ -214,7 +214,7 @@ def chosen_selections(sessions: list) -> list[Selection]:
             out.append(_choose_here(session))
             continue
         L, H = session.layout.num_layers, session.layout.num_kv_heads
-        out.append(Selection(fields["chosen"].view(L, H, -1), units=fields["chosen_meta"][0].clone()))
+        out.append(Selection(_in_tier(session, fields["chosen"]).view(L, H, -1), units=fields["chosen_meta"][0].clone()))
     mark("host_fetch")
     return out
 
@@ -234,6 +234,12 @@ def _holds(session, meta: torch.Tensor) -> bool:
                 "holds %d, %d, from %d: the daemon chooses", session.session_id, unit_columns, token_columns, start,
                 table.num_units, table.num_tokens, policy.open_start)  # fmt: skip
     return False
+
+
+def _in_tier(session, chosen: torch.Tensor) -> torch.Tensor:
+    """A worker's chosen positions with any outside the session's host tier (a worker's bug:
+    they would read pages it never wrote) as -1, none chosen."""
+    return torch.where((chosen >= 0) & (chosen < session.store.num_tokens), chosen, -1)
 
 
 def _choose_here(session) -> Selection:

@@ -88,3 +88,31 @@ def test_a_choice_the_table_does_not_hold_is_the_daemons(tiny_llama, runs, arm, 
     assert "the daemon chooses" in log.read_text()
     assert out[False]["tokens"] == runs["daemon", False][False]["tokens"]
     torch.testing.assert_close(out[False]["logits"], runs["daemon", False][False]["logits"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arm", PLACES)
+def test_positions_outside_the_host_tier_are_placed_as_none(tiny_llama, arm, monkeypatch):  # noqa: F811
+    """A worker's bug writes positions past its sequence into its choice: the daemon places none
+    of them (they would read pages never written), and every working set holds only positions
+    before its sequence's end."""
+    from kvrecall.engine import Engine
+
+    choose = WorkerTable.choose
+
+    def corrupt(self, query, state, evicting=None):
+        choose(self, query, state, evicting)
+        self.chosen[:, :3] = torch.tensor([10_000, 400, 399])  # past the tokens (< max_tokens 512: pages exist)
+
+    seen = []
+    switch_back = Engine._switch_back
+
+    def watched(self, seq):
+        waited = switch_back(self, seq)
+        core = seq.session.core
+        seen.append(int(core.slot_pos.max()) < core.position)
+        return waited
+
+    monkeypatch.setattr(WorkerTable, "choose", corrupt)
+    monkeypatch.setattr(Engine, "_switch_back", watched)
+    out = decode_arm(tiny_llama, ARMS[arm], host_pool_gb=0.5, device_pool_gb=0.25)
+    assert out["worker_choices"][arm] > 0 and seen and all(seen)
