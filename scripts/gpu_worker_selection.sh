@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Device run (one call, ~5 min with a cold start): two open questions of issue #17 on one machine.
-# 0. tests/gpu/test_worker_selection_gpu.py (the built worker_selection against select_before_close, CUDA IPC).
-# 1. Does the worker launching the retrieval's selection (DEVELOPERS.md, "the lever not yet built") keep a
-#    daemon process's boundary cost at the embedded daemon's? 32K x 8 (ROUNDS times, alternating): a daemon
-#    process as is; its retrievals dry (no daemon kernel: the floor); dry plus the worker's own selection kernels
-#    (bench e2e --worker-selection, an EMULATION); the built worker_selection (the product path: the worker
-#    chooses over its mapped table, the daemon places from the host, worker copies at share 1); the same placed
-#    by the daemon's placement kernels (worker_selection_place=device); the embedded daemon as is.
+# Device run (one call, ~8 min with a cold start): is worker selection the lever for a daemon process's
+# boundary cost (issue #17; DEVELOPERS.md, "Built: worker selection")? On one machine:
+# 0. tests/gpu/test_worker_selection_gpu.py (the worker's choice decodes as the daemon's, CUDA IPC, Triton).
+# 1. 32K x 8, drift 0.15, rates 0 and 11.7%, ROUNDS times in turn (no run starts past BUDGET_S, default 520):
+#    proc      a daemon process as is (its selection and placement kernels beside the worker's step);
+#    real      worker_selection, the choice placed from the host (worker copies at share 1: no daemon kernel
+#              but the segment close);
+#    realdev   worker_selection, placed by the daemon's kernels into the staging area (share 1);
+#    realdev0  worker_selection, placed by the daemon's kernels into the working set (share 0: the daemon's
+#              usual placement; only the selection kernels moved: the cleanest A/B against proc);
+#    dry       the daemon's retrievals dry (no daemon kernel: the floor);
+#    emb       the embedded daemon as is;
+#    wsel      dry plus the worker-selection EMULATION (bench e2e --worker-selection).
 # 2. (GAPS=1; past 600 s with ROUNDS=2) The embedded daemon's 0.5 ms slower captured step (bench/results/README.md,
 #    thirty-first session): the step captured again once all is idle, and both daemons' graphs dumped as Graphviz
 #    (scripts/graph_gap_inbench.py).
-#   usage (device, carry .whl/eval .whl/triton): [ROUNDS=2] [GAPS=1] bash scripts/gpu_worker_selection.sh
+#   usage (device, carry .whl/eval .whl/triton): [ROUNDS=2] [BUDGET_S=520] [GAPS=1] bash scripts/gpu_worker_selection.sh
 . scripts/gpu_env.sh
 E2E_EXTRA="--query-drift 0.15"
 . scripts/gpu_e2e_lib.sh
@@ -21,14 +26,23 @@ SECONDS=0
 timeout 200 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu tests/gpu/test_worker_selection_gpu.py \
   > "$OUT/logs/worker-selection-gpu-tests.log" 2>&1
 echo "worker selection GPU tests: exit $? in ${SECONDS}s: $(tail -1 "$OUT/logs/worker-selection-gpu-tests.log")"
+W="--daemon-env KVRECALL_WORKER_SELECTION=1"
+S1="--daemon-env KVRECALL_WORKER_COPY_SHARE=1"
+DEV="--daemon-env KVRECALL_WORKER_SELECTION_PLACE=device"
 for r in $(seq "${ROUNDS:-2}"); do
-  E2E="$E0 --daemon process"; e2e_run "proc-$r" 90 $B
-  e2e_run "dry-$r" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1
-  e2e_run "wsel-$r" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 --worker-selection
-  W="--daemon-env KVRECALL_WORKER_COPY_SHARE=1 --daemon-env KVRECALL_WORKER_SELECTION=1"
-  e2e_run "real-$r" 90 $B $W
-  e2e_run "realdev-$r" 90 $B $W --daemon-env KVRECALL_WORKER_SELECTION_PLACE=device
-  E2E="$E0 --daemon embedded"; e2e_run "emb-$r" 90 $B
+  for arm in proc real realdev realdev0 dry emb wsel; do
+    [ "$SECONDS" -lt "${BUDGET_S:-520}" ] || { echo "skipped $arm-$r (budget)"; continue; }
+    E2E="$E0 --daemon process"
+    case $arm in
+      proc) e2e_run "proc-$r" 90 $B ;;
+      real) e2e_run "real-$r" 90 $B $W $S1 ;;
+      realdev) e2e_run "realdev-$r" 90 $B $W $S1 $DEV ;;
+      realdev0) e2e_run "realdev0-$r" 90 $B $W $DEV ;;
+      dry) e2e_run "dry-$r" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 ;;
+      emb) E2E="$E0 --daemon embedded"; e2e_run "emb-$r" 90 $B ;;
+      wsel) e2e_run "wsel-$r" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 --worker-selection ;;
+    esac
+  done
 done
 if [ -n "${GAPS:-}" ]; then
   C="--policies louiskv --lag 4 --steps 24 --warmup 8 --host-pool-gib 40 --query-drift 0.15 --parts step --contexts 32768 --batches 1 --rates 0"

@@ -105,7 +105,7 @@ class ServerConfig(BaseModel):
                                         # selected and planned on the host from a host copy of its unit
                                         # table: no retrieval kernel beside the worker but the segment
                                         # close (server/host_selection.py)
-    worker_selection: bool = False      # with worker_copy_share 1: a louiskv session of its own holds its
+    worker_selection: bool = False      # (with worker_copy_share 1, or worker_selection_place device) a louiskv session of its own holds its
                                         # unit table in its working-set segment, the worker maps it and
                                         # chooses a background retrieval itself (StepEvent.worker_selected),
                                         # and the daemon places that choice from the host (no retrieval

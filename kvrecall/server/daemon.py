@@ -80,9 +80,13 @@ class Daemon:
         _warn_needs_share_one(config, "host_selection", "the daemon selects on the host",
                               "louiskv retrievals are selected on the host (experimental; on an H200 its answers "
                               "came 3-4x past a 4-step lag at 32K x 8, docs/TUNING.md)")  # fmt: skip
-        _warn_needs_share_one(config, "worker_selection", "workers choose",
-                              "workers choose louiskv retrievals over their mapped unit tables (experimental, "
-                              "not yet measured on a GPU; docs/TUNING.md)")  # fmt: skip
+        if config.worker_selection and config.worker_selection_place == "device":
+            log.warning("worker_selection is on: workers choose louiskv retrievals over their mapped unit tables, "
+                        "the daemon's kernels place them (experimental, not yet measured on a GPU; docs/TUNING.md)")
+        else:
+            _warn_needs_share_one(config, "worker_selection", "workers choose",
+                                  "workers choose louiskv retrievals over their mapped unit tables (experimental, "
+                                  "not yet measured on a GPU; docs/TUNING.md)")  # fmt: skip
         placement_staged.configure(config.dry_index_copies)
         if config.dry_index_copies:
             log.warning("dry_index_copies is on: staged retrievals never write their rows into the working sets "
@@ -105,6 +109,7 @@ class Daemon:
             worker_share=config.worker_share,
             worker_copy_share=config.worker_copy_share,
             worker_selection=config.worker_selection,
+            worker_selection_place=config.worker_selection_place,
         )
         self.metrics = Metrics()
         auth = AuthConfig(config.tokens(), tuple(config.operators))

@@ -166,11 +166,11 @@ def _place(session, table_part, query, slot_pos, pinned, resident_max) -> tuple[
 def takes_choice(session) -> bool:
     """Whether the daemon places this session's worker's own choice (StepEvent.worker_selected,
     the daemon's worker_selection): its unit table is mapped and holds units, its pinned tokens
-    (if it keeps any) are set, and its staging area takes a whole retrieval. Otherwise the
-    daemon selects itself, as for any event."""
+    (if it keeps any) are set, and its staging area takes a whole retrieval (placed from the host)
+    or the daemon's kernels place it. Otherwise the daemon selects itself, as for any event."""
     policy, ws = session.policy, session.ws
     return (
-        bool(ws.table_fields) and ws.stages_every_row and isinstance(policy, LouisKVPolicy)
+        bool(ws.table_fields) and (ws.stages_every_row or _place_on_device) and isinstance(policy, LouisKVPolicy)
         and policy.units is not None and policy.units.base is None and policy.units.num_units > 0
         and ("pinned" not in ws.table_fields or policy.pinned is not None) and session.store.page_rows_aligned
     )  # fmt: skip

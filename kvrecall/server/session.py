@@ -429,6 +429,7 @@ class SessionRegistry:
         worker_share: float = 1.0,
         worker_copy_share: float = 0.0,
         worker_selection: bool = False,
+        worker_selection_place: str = "host",
     ) -> None:
         self.host_pool = host_pool
         self.device_pool = device_pool
@@ -438,6 +439,7 @@ class SessionRegistry:
         self.worker_share = worker_share
         self.worker_copy_share = worker_copy_share  # ServerConfig.worker_copy_share
         self.worker_selection = worker_selection  # ServerConfig.worker_selection
+        self.worker_selection_place = worker_selection_place  # ServerConfig.worker_selection_place
         self.sessions: dict[str, Session] = {}
         self.prefixes = PrefixRegistry(host_pool, device_pool)
 
@@ -503,10 +505,12 @@ class SessionRegistry:
         if transport in (pb.TRANSPORT_CUDA_IPC, pb.TRANSPORT_SHM) and plan.retrieved:  # (mapped by the worker)
             plan = plan.with_staging(self.worker_copy_share)  # (a share of 0: none)
         # A unit table the worker maps and selects over (worker_selection): a louiskv session of its
-        # own (no prefix held or declared: a prefix's table is shared), staging whole retrievals.
+        # own (no prefix held or declared: a prefix's table is shared), mapped by the worker, staging
+        # whole retrievals unless the daemon's kernels place its choices (worker_selection_place).
         mapped = (
-            self.worker_selection and plan.staged >= plan.retrieved > 0 and prefix is None and declared is None
-            and hasattr(policy, "mapped_table")
+            self.worker_selection and transport in (pb.TRANSPORT_CUDA_IPC, pb.TRANSPORT_SHM) and plan.retrieved > 0
+            and (plan.staged >= plan.retrieved or self.worker_selection_place == "device")
+            and prefix is None and declared is None and hasattr(policy, "mapped_table")
         )  # fmt: skip
         if mapped:
             plan = plan.with_table(policy.mapped_table())

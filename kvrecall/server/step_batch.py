@@ -74,9 +74,8 @@ def check_events(sessions: list[Session], events: list[pb.StepEvent], background
         if not (event.notice or event.retrieve):
             raise InvalidArgument(f"{where}.notice", "an event needs notice or retrieve (or both)")
         if event.worker_selected:
-            if not (event.retrieve and event.worker_copies and background):
-                raise InvalidArgument(f"{where}.worker_selected",
-                                      "needs retrieve and worker_copies on a background call")  # fmt: skip
+            if not (event.retrieve and background):
+                raise InvalidArgument(f"{where}.worker_selected", "needs retrieve on a background call")
             if not session.ws.table_fields:
                 raise InvalidArgument(f"{where}.worker_selected",
                                       f"session {session.session_id} maps no unit table (WorkingSetInfo.selection)")  # fmt: skip

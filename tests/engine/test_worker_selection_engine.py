@@ -26,16 +26,20 @@ CONFIG = {"budget": 32, "window": 32, "max_segment": 32}  # ingest_select "token
 ARMS = {
     "worker": {"KVRECALL_WORKER_SELECTION": "1"},  # placed from the host
     "worker-device": {"KVRECALL_WORKER_SELECTION": "1", "KVRECALL_WORKER_SELECTION_PLACE": "device"},
+    # placed by the daemon's kernels into the working set itself (no staging area: the daemon's copies)
+    "worker-device-unstaged": {"KVRECALL_WORKER_SELECTION": "1", "KVRECALL_WORKER_SELECTION_PLACE": "device",
+                               "KVRECALL_WORKER_COPY_SHARE": "0"},
     "daemon": {},
 }
-PLACES = ("worker", "worker-device")
+LABEL = {"worker": "worker", "worker-device": "worker-device", "worker-device-unstaged": "worker-device"}
+PLACES = tuple(LABEL)
 
 
 def decode_arm(model, env: dict, device: str = "cpu", deferred: bool = False, **daemon_args) -> dict:
     """{overlap: decode's result, "worker_choices": {place: the daemon's count}} for one daemon at
     worker copy share 1 with `env`; overlap off and (deferred eviction only) on."""
     port = free_port()
-    env = {**env, "KVRECALL_WORKER_COPY_SHARE": "1"}
+    env = {"KVRECALL_WORKER_COPY_SHARE": "1", **env}
     daemon_device = "cuda:0" if device == "cuda" else device
     extra = [*daemon_args.pop("extra_args", []), "--metrics-port", str(port)]
     with LocalDaemon(device=daemon_device, env=env, extra_args=extra, **daemon_args) as d:
@@ -44,7 +48,7 @@ def decode_arm(model, env: dict, device: str = "cpu", deferred: bool = False, **
                    for overlap in ((False, True) if deferred else (False,))}  # fmt: skip
         url = f"http://127.0.0.1:{port}/metrics"
         out["worker_choices"] = {place: metric(url, f'kvrecall_host_selections_total{{fetch="{place}"}}')
-                                 for place in PLACES}  # fmt: skip
+                                 for place in ("worker", "worker-device")}  # fmt: skip
     return out
 
 
@@ -60,13 +64,13 @@ def test_the_workers_choice_decodes_as_the_daemons(runs, arm, deferred):
     worker, daemon = runs[arm, deferred], runs["daemon", deferred]
     crossings = sum(1 for step in range(STEPS) for slot in range(3) if step % 6 == 2 * slot)
     decodes = 2 if deferred else 1  # (overlap off, and on with deferred eviction)
-    assert worker["worker_choices"][arm] == decodes * (crossings - 3), worker["worker_choices"]
-    assert sum(worker["worker_choices"].values()) == worker["worker_choices"][arm]
+    assert worker["worker_choices"][LABEL[arm]] == decodes * (crossings - 3), worker["worker_choices"]
+    assert sum(worker["worker_choices"].values()) == worker["worker_choices"][LABEL[arm]]
     assert sum(daemon["worker_choices"].values()) == 0
     for overlap in (False, True)[:decodes]:
         mine, theirs = worker[overlap], daemon[overlap]
         assert all(mine["tables"]) and not any(theirs["tables"]), "who maps a table"
-        assert mine["staged"] > 0
+        assert (mine["staged"] > 0) == (arm != "worker-device-unstaged")
         assert mine["tokens"] == theirs["tokens"]
         torch.testing.assert_close(mine["logits"], theirs["logits"], rtol=0, atol=1e-5)
         assert mine["units"] == theirs["units"], "the boundaries closed the same segments"
@@ -115,4 +119,4 @@ def test_positions_outside_the_host_tier_are_placed_as_none(tiny_llama, arm, mon
     monkeypatch.setattr(WorkerTable, "choose", corrupt)
     monkeypatch.setattr(Engine, "_switch_back", watched)
     out = decode_arm(tiny_llama, ARMS[arm], host_pool_gb=0.5, device_pool_gb=0.25)
-    assert out["worker_choices"][arm] > 0 and seen and all(seen)
+    assert out["worker_choices"][LABEL[arm]] > 0 and seen and all(seen)
