@@ -317,6 +317,7 @@ class Engine:
         # crossings' choices run on, beside the step (made at the first).
         self._choice_stream: torch.cuda.Stream | None = None
         self.worker_choices = 0  # retrievals chosen here (over mapped tables), since the engine started
+        self._warmed_choices: set[tuple] = set()  # the shapes whose choice kernels ran once (_warm_choice)
         self.follow_notices = follow_notices
         self.steps = 0
         # Free shadow working sets, reused; at most `batch` kept (sessions' capacities vary).
@@ -397,7 +398,25 @@ class Engine:
         self.decoder.tokens[slot] = first_token
         self.decoder.positions[slot] = kv.shape[3]
         self.sequences[slot] = Sequence(session, slot, [first_token], sent_upto=session.core.noticed_upto)
+        if session.core.table is not None:
+            self._warm_choice(session.core)
         return slot
+
+    def _warm_choice(self, core) -> None:
+        """The first session of its shapes that maps a unit table: the kernels of its choice
+        compiled now (Triton compiles at first use) rather than at its first crossing, by two
+        choices over its own table, with and without an open segment, whose results no one reads
+        (a crossing writes its own)."""
+        table = core.table
+        key = (table.reps.dtype, table.reps.shape[2], tuple(core.query.shape), tuple(table.chosen.shape),
+               None if table.pinned is None else table.pinned.shape[1], table.aggregate)  # fmt: skip
+        if key in self._warmed_choices:
+            return
+        self._warmed_choices.add(key)
+        units, tokens = min(64, table.sizes.shape[1] - 1), max(0, min(1024, table.position.shape[1] - 16))
+        with self._choice_scope():
+            for evicted in (0, 16):
+                table.choose(core.query, pb.MappedTableState(units=units, candidates=tokens, evicted=evicted))
 
     def _check_lag(self, lag: int, sessions: list) -> None:
         """ValueError unless 0 <= lag < every session's spill_every (see the module docstring),
@@ -646,23 +665,26 @@ class Engine:
     @contextlib.contextmanager
     def _choices(self, choosing: list) -> Iterator[None]:
         """Sessions that map their unit tables choose their retrievals (WorkerTable.choose, for
-        each one's (core, table state, riding eviction)) on a stream of their own at the highest priority, after
-        what the current stream has queued (the step launched ahead writes the query the daemon
+        each one's (core, table state, riding eviction)) on a stream of their own at the highest
+        priority, after what the current stream has queued (the step launched ahead writes the query the daemon
         would read: the same one); the Boundaries call sent inside publishes the choices (its
         event is recorded on that stream)."""
         self.worker_choices += len(choosing)
-        if self.device.type != "cuda":
+        scope = self._choice_scope()
+        if self._choice_stream is not None:
+            self._choice_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with scope:
             for core, state, evicting in choosing:
                 core.table.choose(core.query, state, evicting)
             yield
-            return
+
+    def _choice_scope(self) -> contextlib.AbstractContextManager:
+        """The choice stream's scope (made at first use) on a GPU; nothing on a CPU."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
         if self._choice_stream is None:
             self._choice_stream = torch.cuda.Stream(self.device, priority=HIGHEST)
-        self._choice_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._choice_stream):
-            for core, state, evicting in choosing:
-                core.table.choose(core.query, state, evicting)
-            yield
+        return torch.cuda.stream(self._choice_stream)
 
     def _steps_needed(self, seq: Sequence, waited: float) -> int:
         """switch="adaptive", at a switch back: the steps after the crossing by which its answer

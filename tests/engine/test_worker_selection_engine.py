@@ -120,3 +120,26 @@ def test_positions_outside_the_host_tier_are_placed_as_none(tiny_llama, arm, mon
     monkeypatch.setattr(Engine, "_switch_back", watched)
     out = decode_arm(tiny_llama, ARMS[arm], host_pool_gb=0.5, device_pool_gb=0.25)
     assert out["worker_choices"][LABEL[arm]] > 0 and seen and all(seen)
+
+
+def test_the_first_session_of_its_shapes_warms_the_choice_once(tiny_llama, monkeypatch):  # noqa: F811
+    """Engine.add runs the choice's kernels once per shape (Triton compiles at first use: at the
+    add, not at a first crossing), with and without an open segment; a second session of the same
+    shapes runs nothing."""
+    from kvrecall.client.hf import spec_for
+    from kvrecall.engine import DecoderWeights, Engine
+
+    calls = []
+    choose = WorkerTable.choose
+    monkeypatch.setattr(WorkerTable, "choose", lambda self, *args: calls.append(args[1]) or choose(self, *args))
+    with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.25, env={**ARMS["worker"], "KVRECALL_WORKER_COPY_SHARE": "1"}) as d:
+        with KVRecallClient(d.target, "warm") as client:
+            engine = Engine(DecoderWeights.from_hf(tiny_llama), batch=2, max_capacity=1024, lag=2)
+            g = torch.Generator().manual_seed(2)
+            sessions = [client.open_session(spec_for(tiny_llama, max_tokens=512), "louiskv", CONFIG) for _ in range(2)]
+            for session in sessions:
+                engine.add(session, torch.randint(0, 128, (200,), generator=g))
+            assert [state.evicted for state in calls] == [0, 16] and len(engine._warmed_choices) == 1
+            engine.close()
+            for session in sessions:
+                session.close()
