@@ -2,7 +2,7 @@
 # Device run (one call, ~8 min with a cold start): is worker selection the lever for a daemon process's
 # boundary cost (issue #17; DEVELOPERS.md, "Built: worker selection")? On one machine:
 # 0. tests/gpu/test_worker_selection_gpu.py (the worker's choice decodes as the daemon's, CUDA IPC, Triton).
-# 1. 32K x 8, drift 0.15, rates 0 and 11.7%, ROUNDS times in turn (no run starts past BUDGET_S, default 520):
+# 1. 32K x 8, drift 0.15, rates 0 and 11.7%, ROUNDS times in turn (no run starts past BUDGET_S, default 430: a run may take 100 s and the call 600):
 #    proc      a daemon process as is (its selection and placement kernels beside the worker's step);
 #    real      worker_selection, the choice placed from the host (worker copies at share 1: no daemon kernel
 #              but the segment close);
@@ -12,10 +12,11 @@
 #    dry       the daemon's retrievals dry (no daemon kernel: the floor);
 #    emb       the embedded daemon as is;
 #    wsel      dry plus the worker-selection EMULATION (bench e2e --worker-selection).
+#    Round 1 of each, then 64 sequences at 4K (many-proc, many-real, many-realdev0), then the other rounds.
 # 2. (GAPS=1; past 600 s with ROUNDS=2) The embedded daemon's 0.5 ms slower captured step (bench/results/README.md,
 #    thirty-first session): the step captured again once all is idle, and both daemons' graphs dumped as Graphviz
 #    (scripts/graph_gap_inbench.py).
-#   usage (device, carry .whl/eval .whl/triton): [ROUNDS=2] [BUDGET_S=520] [GAPS=1] bash scripts/gpu_worker_selection.sh
+#   usage (device, carry .whl/eval .whl/triton): [ROUNDS=2] [BUDGET_S=430] [GAPS=1] bash scripts/gpu_worker_selection.sh
 . scripts/gpu_env.sh
 E2E_EXTRA="--query-drift 0.15"
 . scripts/gpu_e2e_lib.sh
@@ -29,20 +30,24 @@ echo "worker selection GPU tests: exit $? in ${SECONDS}s: $(tail -1 "$OUT/logs/w
 W="--daemon-env KVRECALL_WORKER_SELECTION=1"
 S1="--daemon-env KVRECALL_WORKER_COPY_SHARE=1"
 DEV="--daemon-env KVRECALL_WORKER_SELECTION_PLACE=device"
-for r in $(seq "${ROUNDS:-2}"); do
-  for arm in proc real realdev realdev0 dry emb wsel; do
-    [ "$SECONDS" -lt "${BUDGET_S:-520}" ] || { echo "skipped $arm-$r (budget)"; continue; }
-    E2E="$E0 --daemon process"
-    case $arm in
-      proc) e2e_run "proc-$r" 90 $B ;;
-      real) e2e_run "real-$r" 90 $B $W $S1 ;;
-      realdev) e2e_run "realdev-$r" 90 $B $W $S1 $DEV ;;
-      realdev0) e2e_run "realdev0-$r" 90 $B $W $DEV ;;
-      dry) e2e_run "dry-$r" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 ;;
-      emb) E2E="$E0 --daemon embedded"; e2e_run "emb-$r" 90 $B ;;
-      wsel) e2e_run "wsel-$r" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 --worker-selection ;;
-    esac
-  done
+M="--parts many --many 64 --many-context 4096 --rates 0,0.117"
+runs="proc-1 real-1 realdev-1 realdev0-1 dry-1 emb-1 wsel-1 many-proc many-real many-realdev0"
+for r in $(seq 2 "${ROUNDS:-2}"); do runs="$runs proc-$r real-$r realdev-$r realdev0-$r dry-$r emb-$r"; done
+for run in $runs; do
+  [ "$SECONDS" -lt "${BUDGET_S:-430}" ] || { echo "skipped $run (budget)"; continue; }
+  E2E="$E0 --daemon process"
+  case $run in
+    proc-*) e2e_run "$run" 90 $B ;;
+    real-*) e2e_run "$run" 90 $B $W $S1 ;;
+    realdev-*) e2e_run "$run" 90 $B $W $S1 $DEV ;;
+    realdev0-*) e2e_run "$run" 90 $B $W $DEV ;;
+    dry-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 ;;
+    emb-*) E2E="$E0 --daemon embedded"; e2e_run "$run" 90 $B ;;
+    wsel-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 --worker-selection ;;
+    many-proc) e2e_run "$run" 100 $M ;;
+    many-real) e2e_run "$run" 100 $M $W $S1 ;;
+    many-realdev0) e2e_run "$run" 100 $M $W $DEV ;;
+  esac
 done
 if [ -n "${GAPS:-}" ]; then
   C="--policies louiskv --lag 4 --steps 24 --warmup 8 --host-pool-gib 40 --query-drift 0.15 --parts step --contexts 32768 --batches 1 --rates 0"
