@@ -2,11 +2,12 @@
 the *worker* launches its kernels, in its own CUDA context, instead of a daemon process.
 
 A daemon process's kernels time-slice with the worker's step and cost it 3-5x their own GPU time
-(DEVELOPERS.md, "the lever not yet built"); an embedded daemon's run beside the step. The design
+(DEVELOPERS.md, "The process daemon's boundary cost"); an embedded daemon's run beside the step. The design
 that would keep the daemon a process of its own and its kernels out of time slices: the worker
 runs louiskv's selection over the session's unit table (mapped from the daemon like the working
-set) and the daemon only moves the rows by the copy engine. Before building that (a protocol
-change), this measures its GPU side: `bench e2e --worker-selection` attaches a WorkerSelection to
+set) and the daemon only moves the rows by the copy engine (since built: the daemon's
+worker_selection, kvrecall/client/selection.py; this emulation stays as one arm of its A/B,
+scripts/gpu_worker_selection.sh). It measures the selection's GPU side alone: `bench e2e --worker-selection` attaches a WorkerSelection to
 the engine (`Engine.on_crossings`), which, after each step's crossings are sent, runs
 `louiskv.choose_units` for every crossed slot, with the slot's real retrieval query, over a
 synthetic unit table of that context's size (32 layers x 8 KV heads of ~context / 16 units of
