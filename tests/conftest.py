@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -42,6 +43,14 @@ def daemon():
 def client(daemon):
     with KVRecallClient(daemon.target, "test-worker", timeout=30.0) as c:
         yield c
+
+
+@contextlib.contextmanager
+def daemon_client(env: dict[str, str], timeout: float = 60.0):
+    """A client of a daemon of its own (the conftest daemon's pools) with `env` (KVRECALL_* settings)."""
+    with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.25, env=env) as d:
+        with KVRecallClient(d.target, "test-worker", timeout=timeout) as c:
+            yield c
 
 
 @pytest.fixture(scope="session")

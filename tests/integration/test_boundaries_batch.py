@@ -7,11 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvrecall.client import InvalidArgumentError, KVRecallClient, KVRecallClientError, NotFoundError, StepCall
+from kvrecall.client import InvalidArgumentError, KVRecallClientError, NotFoundError, StepCall
 from kvrecall.client.core import ModelSpec
-from kvrecall.local import LocalDaemon
 from kvrecall.v1 import kvrecall_pb2 as pb
-from tests.conftest import random_kv, random_query
+from tests.conftest import daemon_client, random_kv, random_query
 
 SPEC = ModelSpec(num_layers=2, num_kv_heads=2, num_query_heads=4, head_dim=16, dtype=torch.float32, max_tokens=512)
 RESIDENT = {"budget": 48, "n_sink": 4, "window": 32}
@@ -53,9 +52,8 @@ def test_a_batch_equals_the_same_events_one_by_one(client):
 @pytest.fixture(scope="module")
 def inline_notices():
     """A daemon serving notice-only Boundaries calls on its event loop (notice_ops=inline)."""
-    with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.25, env={"KVRECALL_NOTICE_OPS": "inline"}) as d:
-        with KVRecallClient(d.target, "test-worker", timeout=30.0) as c:
-            yield c
+    with daemon_client({"KVRECALL_NOTICE_OPS": "inline"}, timeout=30.0) as c:
+        yield c
 
 
 @pytest.mark.parametrize("ops", ["thread", "inline"])

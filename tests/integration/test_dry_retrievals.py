@@ -8,9 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvrecall.client import KVRecallClient, StepCall
-from kvrecall.local import LocalDaemon
-from tests.conftest import random_kv
+from kvrecall.client import StepCall
+from tests.conftest import daemon_client, random_kv
 from tests.integration.test_boundaries_batch import SPEC, open_ingested, write_step
 
 CONFIG = {"budget": 48, "n_sink": 4, "window": 32, "cluster_size": 8, "max_segment": 16}
@@ -18,15 +17,13 @@ PROMPT = 201
 
 
 @pytest.fixture(scope="module", params=["dry", "default"])
-def daemon_client(request):
-    env = {"KVRECALL_DRY_RETRIEVALS": "1"} if request.param == "dry" else {}
-    with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.25, env=env) as d:
-        with KVRecallClient(d.target, "test-worker", timeout=60.0) as c:
-            yield c, request.param == "dry"
+def dry_client(request):
+    with daemon_client({"KVRECALL_DRY_RETRIEVALS": "1"} if request.param == "dry" else {}) as c:
+        yield c, request.param == "dry"
 
 
-def test_a_dry_retrieval_places_nothing_and_serves_its_notice(daemon_client):
-    client, dry = daemon_client
+def test_a_dry_retrieval_places_nothing_and_serves_its_notice(dry_client):
+    client, dry = dry_client
     session = open_ingested(client, "louiskv", CONFIG, PROMPT, seed=7)
     kv = random_kv(SPEC, PROMPT + 40, 7)
     placed = 0

@@ -13,9 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvrecall.client import KVRecallClient, StepCall
-from kvrecall.local import LocalDaemon
-from tests.conftest import random_kv
+from kvrecall.client import StepCall
+from tests.conftest import daemon_client, random_kv
 from tests.integration.test_boundaries_batch import SPEC, open_ingested, write_step
 
 # max_segment 40 against notices every 16 tokens: a boundary finds an open segment of 16-32 tokens
@@ -24,11 +23,9 @@ PROMPT, STEPS = 201, 64
 
 
 @pytest.fixture(scope="module", params=["before-close", "default"])
-def daemon_client(request):
-    env = {"KVRECALL_SELECT_BEFORE_CLOSE": "1"} if request.param == "before-close" else {}
-    with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.25, env=env) as d:
-        with KVRecallClient(d.target, "test-worker", timeout=60.0) as c:
-            yield c, request.param == "before-close"
+def close_client(request):
+    with daemon_client({"KVRECALL_SELECT_BEFORE_CLOSE": "1"} if request.param == "before-close" else {}) as c:
+        yield c, request.param == "before-close"
 
 
 def decoded_missing(session) -> list[set[int]]:
@@ -39,8 +36,8 @@ def decoded_missing(session) -> list[set[int]]:
 
 
 @pytest.mark.parametrize("path", ["batch", "stream"])
-def test_the_open_segment_is_a_candidate_of_the_boundary_unless_selected_first(daemon_client, path):
-    client, first = daemon_client
+def test_the_open_segment_is_a_candidate_of_the_boundary_unless_selected_first(close_client, path):
+    client, first = close_client
     session = open_ingested(client, "louiskv", CONFIG, PROMPT, seed=11)
     kv = random_kv(SPEC, PROMPT + STEPS, 11)
     direction = torch.nn.functional.normalize(torch.randn(SPEC.head_dim, generator=torch.Generator().manual_seed(3)), dim=0)

@@ -10,9 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvrecall.client import KVRecallClient, StepCall
-from kvrecall.local import LocalDaemon
-from tests.conftest import random_kv
+from kvrecall.client import StepCall
+from tests.conftest import daemon_client, random_kv
 from tests.integration.test_boundaries_batch import SPEC, open_ingested, same_working_set, write_step
 
 CONFIG = {"budget": 48, "n_sink": 4, "window": 32, "cluster_size": 8, "max_segment": 16}
@@ -21,10 +20,8 @@ PROMPT = 201
 
 @pytest.fixture(scope="module", params=[1.0, 0.05, 0.0])
 def share_client(request):
-    env = {"KVRECALL_WORKER_COPY_SHARE": str(request.param)}
-    with LocalDaemon(host_pool_gb=0.5, device_pool_gb=0.25, env=env) as d:
-        with KVRecallClient(d.target, "test-worker", timeout=60.0) as c:
-            yield request.param, c
+    with daemon_client({"KVRECALL_WORKER_COPY_SHARE": str(request.param)}) as c:
+        yield request.param, c
 
 
 def test_staged_rows_wait_for_the_worker_and_then_equal_the_daemons_placement(share_client):
