@@ -666,9 +666,9 @@ class Engine:
     def _choices(self, choosing: list) -> Iterator[None]:
         """Sessions that map their unit tables choose their retrievals (WorkerTable.choose, for
         each one's (core, table state, riding eviction)) on a stream of their own at the highest
-        priority, after what the current stream has queued (the step launched ahead writes the query the daemon
-        would read: the same one); the Boundaries call sent inside publishes the choices (its
-        event is recorded on that stream)."""
+        priority, after what the current stream has queued (the step launched ahead writes the
+        query the daemon would read: the same one); the Boundaries call sent inside publishes the
+        choices (its event is recorded on that stream)."""
         self.worker_choices += len(choosing)
         scope = self._choice_scope()
         if self._choice_stream is not None:

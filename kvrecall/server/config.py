@@ -107,10 +107,10 @@ class ServerConfig(BaseModel):
                                         # close (server/host_selection.py)
     worker_selection: bool = False      # (with worker_copy_share 1, or worker_selection_place device) a louiskv session of its own holds its
                                         # unit table in its working-set segment, the worker maps it and
-                                        # chooses a background retrieval itself (StepEvent.worker_selected),
-                                        # and the daemon places that choice from the host (no retrieval
-                                        # kernel of the daemon's); the open output segment closes after
-                                        # the choice (select_before_close's choice)
+                                        # chooses a background retrieval itself (StepEvent.worker_selected:
+                                        # the daemon's own choice, kvrecall/client/selection.py), and the
+                                        # daemon only places it (worker_selection_place) and closes the
+                                        # open output segment the worker took as a unit
     worker_selection_place: Literal["host", "device"] = "host"  # where the daemon places a worker's choice:
                                         # planned and gathered by the host, sent by the copy engine (no
                                         # kernel of the daemon's but the segment close), or by its

@@ -127,10 +127,8 @@ def retrieve(sessions: list) -> list[tuple[Placement, int, str]]:
     begin_boundary) -> (its placement, rows left in its staging area, how its table's host copy
     was brought up to date: "whole" or "log"), the rows' transfers queued on the current stream
     (the caller's sync covers them)."""
-    closing = [(session.policy, session.context().evicted_upto) for session in sessions]
     if not louiskv.selects_first():
-        close_segments(closing)
-        mark("close")
+        close_open(sessions)
     fetched = []
     for session in sessions:
         policy, ws = session.policy, session.ws
@@ -143,8 +141,7 @@ def retrieve(sessions: list) -> list[tuple[Placement, int, str]]:
     mark("host_fetch")
     placed = [_place(session, *parts) for session, parts in zip(sessions, fetched, strict=True)]
     if louiskv.selects_first():  # the mirrors take the closed segments at their next fetch
-        close_segments(closing)
-        mark("close")
+        close_open(sessions)
     return placed
 
 
@@ -195,8 +192,7 @@ def place_chosen(sessions: list) -> list[tuple[Placement, int]]:
             _sync([session])
             units = int(units)
         out.append(_stage(session, _in_tier(session, new), torch.tensor(units), slot_pos, resident_max))
-    close_segments([(session.policy, session.context().evicted_upto) for session in sessions])
-    mark("close")
+    close_open(sessions)
     return out
 
 
@@ -244,8 +240,15 @@ def _in_tier(session, chosen: torch.Tensor) -> torch.Tensor:
 
 def _choose_here(session) -> Selection:
     """The daemon's own boundary choice (louiskv's: the open segment closed first)."""
-    close_segments([(session.policy, session.context().evicted_upto)])
+    close_open([session])
     return session.policy._choose_every_layer(session.ws.query)
+
+
+def close_open(sessions: list) -> None:
+    """Each louiskv session's open output segment, up to its evicted end, closed into its table
+    (one launch: louiskv.close_segments)."""
+    close_segments([(session.policy, session.evicted_upto) for session in sessions])
+    mark("close")
 
 
 def _sync(sessions: list) -> None:

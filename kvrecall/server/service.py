@@ -705,7 +705,7 @@ class KVRecallService(pb_grpc.KVRecallServicer):
             if (state := table_state(session.policy)) is not None:  # (worker_selection)
                 t = result.table
                 t.units, t.candidates, t.open_start = state
-                t.evicted = session.context().evicted_upto
+                t.evicted = session.evicted_upto
             if outcome.placement is not None:
                 placement = outcome.placement
                 r = result.retrieval

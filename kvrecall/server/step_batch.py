@@ -32,7 +32,6 @@ from kvrecall.kernels import placement_staged
 from kvrecall.server import host_selection
 from kvrecall.server.errors import FailedPrecondition, InvalidArgument
 from kvrecall.server.policies.base import Selection
-from kvrecall.server.policies.louiskv import close_segments
 from kvrecall.server.session import Session, check_append_upto, check_boundary_position
 from kvrecall.server.working_set import Placement, WorkingSet
 from kvrecall.v1 import kvrecall_pb2 as pb
@@ -189,9 +188,8 @@ def _serve(
                     scope.enter_context(placement_staged.worker_copies(stagings))
                 placements = _place([sessions[i] for i in members], selections)
             phases.mark("place")
-            if given:  # the workers chose over the tables as the notices left them: their open segments close now
-                close_segments([(sessions[i].policy, sessions[i].context().evicted_upto) for i in given])
-                phases.mark("close")
+            if given:  # the workers took each open segment as a unit without writing the table: it closes now
+                host_selection.close_open([sessions[i] for i in given])
             for i, placement in zip(members, placements, strict=True):
                 outcomes[i].placement = placement
                 if i in given:

@@ -138,15 +138,16 @@ class _UnitTable:
         self.first_unit = 0 if base is None else base.num_units  # columns the base holds
         self.first_token = 0 if base is None else base.num_tokens
         held = storage or {}
-        self.reps = held.get("reps", None)
-        if self.reps is None:
-            self.reps = torch.zeros(rows, units, dim, dtype=rep_dtype, device=device)
-        self.sizes = held["sizes"] if "sizes" in held else torch.zeros(rows, units, dtype=torch.int32, device=device)
+
+        def field(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            return held[name] if name in held else torch.zeros(shape, dtype=dtype, device=device)
+
+        self.reps = field("reps", (rows, units, dim), rep_dtype)
+        self.sizes = field("sizes", (rows, units), torch.int32)
         self.valid = torch.zeros(rows, units, dtype=torch.bool, device=device)  # (= sizes > 0)
         # Unfilled units have size 0 (and are invalid), so the candidate columns past the filled
         # ones belong to no unit: a selection may read them (a captured one reads whole buckets).
-        self.position = held["position"] if "position" in held else torch.zeros(rows, tokens, dtype=torch.int32,
-                                                                                 device=device)  # fmt: skip
+        self.position = field("position", (rows, tokens), torch.int32)
         self.num_units = self.first_unit  # filled unit columns, the base's included
         self.num_tokens = self.first_token  # filled candidate columns, the base's included
         self.mirror = None  # its host copy, where the daemon selects on the host (server/host_selection.py)
