@@ -35,11 +35,12 @@ from kvrecall.v1 import kvrecall_pb2 as pb
 log = logging.getLogger("kvrecall.daemon")
 
 
-def _warn_needs_share_one(config: ServerConfig, name: str, who: str, on: str) -> None:
-    """Log that setting `name` is on (`on`), or that it can do nothing without worker_copy_share 1."""
+def _warn_needs_share_one(config: ServerConfig, name: str, who: str, on: str, needed: bool = True) -> None:
+    """Log that setting `name` is on (`on`), or that it can do nothing without worker_copy_share 1
+    (where it `needed` it)."""
     if not getattr(config, name):
         return
-    if config.worker_copy_share < 1:
+    if needed and config.worker_copy_share < 1:
         log.warning("%s is on but worker_copy_share is %s: %s only for sessions whose staging area takes a whole "
                     "retrieval (worker_copy_share 1), so none will", name, config.worker_copy_share, who)  # fmt: skip
     else:
@@ -80,13 +81,11 @@ class Daemon:
         _warn_needs_share_one(config, "host_selection", "the daemon selects on the host",
                               "louiskv retrievals are selected on the host (experimental; on an H200 its answers "
                               "came 3-4x past a 4-step lag at 32K x 8, docs/TUNING.md)")  # fmt: skip
-        if config.worker_selection and config.worker_selection_place == "device":
-            log.warning("worker_selection is on: workers choose louiskv retrievals over their mapped unit tables, "
-                        "the daemon's kernels place them (experimental, not yet measured on a GPU; docs/TUNING.md)")
-        else:
-            _warn_needs_share_one(config, "worker_selection", "workers choose",
-                                  "workers choose louiskv retrievals over their mapped unit tables (experimental, "
-                                  "not yet measured on a GPU; docs/TUNING.md)")  # fmt: skip
+        by_kernels = config.worker_selection_place == "device"  # (no staging area needed)
+        place = "by the daemon's kernels" if by_kernels else "from the host"
+        _warn_needs_share_one(config, "worker_selection", "workers choose",
+                              f"workers choose louiskv retrievals over their mapped unit tables, placed {place} "
+                              "(experimental, not yet measured on a GPU; docs/TUNING.md)", needed=not by_kernels)  # fmt: skip
         placement_staged.configure(config.dry_index_copies)
         if config.dry_index_copies:
             log.warning("dry_index_copies is on: staged retrievals never write their rows into the working sets "
