@@ -10,13 +10,18 @@
 #    realdev0  worker_selection, placed by the daemon's kernels into the working set (share 0: the daemon's
 #              usual placement; only the selection kernels moved: the cleanest A/B against proc);
 #    dry       the daemon's retrievals dry (no daemon kernel: the floor);
+#    dryclose  dry, but louiskv's open segment still closes (dry_retrievals_close: what the close costs alone);
 #    emb       the embedded daemon as is;
 #    wsel      dry plus the worker-selection EMULATION (bench e2e --worker-selection).
 #    Round 1 of each, then 64 sequences at 4K (many-proc, many-real, many-realdev0), then the other rounds.
 # 2. (GAPS=1; past 600 s with ROUNDS=2) The embedded daemon's 0.5 ms slower captured step (bench/results/README.md,
 #    thirty-first session): the step captured again once all is idle, and both daemons' graphs dumped as Graphviz
 #    (scripts/graph_gap_inbench.py).
-#   usage (device, carry .whl/eval .whl/triton): [ROUNDS=2] [BUDGET_S=430] [GAPS=1] bash scripts/gpu_worker_selection.sh
+# 3. Options: RUNS="proc-2 real-2 ..." runs those instead (the names above), SKIP_TESTS=1 skips step 0, PHASES=1
+#    has each daemon write its Boundaries calls' phase times (KVRECALL_PHASES_OUT, kvrecall/phases.py) to
+#    logs/phases-NAME.json.
+#   usage (device, carry .whl/eval .whl/triton): [ROUNDS=2] [BUDGET_S=430] [GAPS=1] [RUNS=...] [SKIP_TESTS=1] [PHASES=1]
+#          bash scripts/gpu_worker_selection.sh
 . scripts/gpu_env.sh
 E2E_EXTRA="--query-drift 0.15"
 . scripts/gpu_e2e_lib.sh
@@ -24,24 +29,28 @@ E0="$E2E"
 B="--parts step --contexts 32768 --batches 8 --rates 0,0.117"
 mkdir -p "$OUT/logs"
 SECONDS=0
-timeout 200 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu tests/gpu/test_worker_selection_gpu.py \
-  > "$OUT/logs/worker-selection-gpu-tests.log" 2>&1
-echo "worker selection GPU tests: exit $? in ${SECONDS}s: $(tail -1 "$OUT/logs/worker-selection-gpu-tests.log")"
+if [ -z "${SKIP_TESTS:-}" ]; then
+  timeout 200 python3 -m pytest -v --tb=short -p no:cacheprovider -m gpu tests/gpu/test_worker_selection_gpu.py \
+    > "$OUT/logs/worker-selection-gpu-tests.log" 2>&1
+  echo "worker selection GPU tests: exit $? in ${SECONDS}s: $(tail -1 "$OUT/logs/worker-selection-gpu-tests.log")"
+fi
 W="--daemon-env KVRECALL_WORKER_SELECTION=1"
 S1="--daemon-env KVRECALL_WORKER_COPY_SHARE=1"
 DEV="--daemon-env KVRECALL_WORKER_SELECTION_PLACE=device"
 M="--parts many --many 64 --many-context 4096 --rates 0,0.117"
 runs="proc-1 real-1 realdev-1 realdev0-1 dry-1 emb-1 wsel-1 many-proc many-real many-realdev0"
 for r in $(seq 2 "${ROUNDS:-2}"); do runs="$runs proc-$r real-$r realdev-$r realdev0-$r dry-$r emb-$r"; done
-for run in $runs; do
+for run in ${RUNS:-$runs}; do
   [ "$SECONDS" -lt "${BUDGET_S:-430}" ] || { echo "skipped $run (budget)"; continue; }
   E2E="$E0 --daemon process"
+  [ -z "${PHASES:-}" ] || E2E="$E2E --daemon-env KVRECALL_PHASES_OUT=$OUT/logs/phases-$run.json"
   case $run in
     proc-*) e2e_run "$run" 90 $B ;;
     real-*) e2e_run "$run" 90 $B $W $S1 ;;
     realdev-*) e2e_run "$run" 90 $B $W $S1 $DEV ;;
     realdev0-*) e2e_run "$run" 90 $B $W $DEV ;;
     dry-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 ;;
+    dryclose-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS_CLOSE=1 ;;
     emb-*) E2E="$E0 --daemon embedded"; e2e_run "$run" 90 $B ;;
     wsel-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 --worker-selection ;;
     many-proc) e2e_run "$run" 100 $M ;;

@@ -120,6 +120,10 @@ class ServerConfig(BaseModel):
                                         # the working set stays as it was), its notice still served: what
                                         # a boundary costs a worker beside the retrieval (bench e2e
                                         # --daemon-env KVRECALL_DRY_RETRIEVALS=1)
+    dry_retrievals_close: bool = False  # DIAGNOSTIC: dry_retrievals, but louiskv's open output segment
+                                        # still closes at each retrieval (one launch in the daemon's
+                                        # context): what the close costs a worker alone, the kernel a
+                                        # worker's own choice and placement would still leave the daemon
     select_before_close: bool = False   # DIAGNOSTIC: at a boundary louiskv selects before it closes the
                                         # open output segment (the segment still closes, after), so the
                                         # segment's tokens are not candidates of that retrieval: what a

@@ -72,7 +72,7 @@ class Daemon:
         kernels.set_host_reads(config.host_reads)
         launch_gate.configure(config.gate_launches)
         captured.configure(config.capture_selection)
-        step_batch.configure(config.dry_retrievals)
+        step_batch.configure(config.dry_retrievals, config.dry_retrievals_close)
         host_selection.configure(config.host_selection, config.worker_selection_place)
         louiskv.configure(config.select_before_close)
         if config.select_before_close:
@@ -90,9 +90,10 @@ class Daemon:
         if config.dry_index_copies:
             log.warning("dry_index_copies is on: staged retrievals never write their rows into the working sets "
                         "(a diagnostic; accuracy is not kvrecall's)")
-        if config.dry_retrievals:
-            log.warning("dry_retrievals is on: Boundaries retrievals select and place nothing (a diagnostic; "
-                        "the working sets keep what they hold and accuracy is not kvrecall's)")
+        if config.dry_retrievals or config.dry_retrievals_close:
+            log.warning("dry_retrievals%s is on: Boundaries retrievals select and place nothing (a diagnostic; "
+                        "the working sets keep what they hold and accuracy is not kvrecall's)",
+                        "_close (louiskv's open segments still close)" if config.dry_retrievals_close else "")
         sys.setswitchinterval(config.switch_interval_ms / 1e3)
         self.host_pool = HostPool(
             config.host_pool_bytes, page_bytes=config.page_kb * 1024, pinned=self.device.type == "cuda",

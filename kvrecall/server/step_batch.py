@@ -32,17 +32,22 @@ from kvrecall.kernels import placement_staged
 from kvrecall.server import host_selection
 from kvrecall.server.errors import FailedPrecondition, InvalidArgument
 from kvrecall.server.policies.base import Selection
+from kvrecall.server.policies.louiskv import LouisKVPolicy
 from kvrecall.server.session import Session, check_append_upto, check_boundary_position
 from kvrecall.server.working_set import Placement, WorkingSet
 from kvrecall.v1 import kvrecall_pb2 as pb
 
 _dry = False  # dry_retrievals (the daemon's diagnostic setting): configure()
+_dry_close = False  # dry_retrievals_close: a dry retrieval still closes louiskv's open segment
 
 
-def configure(dry_retrievals: bool) -> None:
-    """The daemon's `dry_retrievals`: retrieval events answered without retrieving."""
-    global _dry
-    _dry = bool(dry_retrievals)
+def configure(dry_retrievals: bool, dry_retrievals_close: bool = False) -> None:
+    """The daemon's `dry_retrievals`: retrieval events answered without retrieving; with
+    `dry_retrievals_close`, louiskv sessions' open output segments still close (the one kernel a
+    worker's choice leaves the daemon besides the placement: what it costs alone)."""
+    global _dry, _dry_close
+    _dry = bool(dry_retrievals or dry_retrievals_close)
+    _dry_close = bool(dry_retrievals_close)
 
 
 @dataclass
@@ -145,6 +150,8 @@ def _serve(
             if _dry:  # the diagnostic: nothing selected, nothing placed
                 for i in members:
                     outcomes[i].placement = Placement()
+                if _dry_close and isinstance(items[0][0], LouisKVPolicy):  # (a group: one policy class)
+                    host_selection.close_open([sessions[i] for i in members])
                 continue
             # The worker's own choices (worker_selection), then where the daemon selects on the host
             # (host_selection): those sessions' retrievals placed from the host.
