@@ -11,6 +11,9 @@
 #              usual placement; only the selection kernels moved: the cleanest A/B against proc);
 #    dry       the daemon's retrievals dry (no daemon kernel: the floor);
 #    dryclose  dry, but louiskv's open segment still closes (dry_retrievals_close: what the close costs alone);
+#    pdic      proc with dry_index_copies (the placement's rows moved but never index-copied into their slots);
+#    pdu       proc with dry_uploads (the plan and its sync; no host gather, DMA or index copy);
+#    rdic      realdev0 with dry_index_copies (the daemon's kernels: the staged plan and the close);
 #    emb       the embedded daemon as is;
 #    wsel      dry plus the worker-selection EMULATION (bench e2e --worker-selection).
 #    Round 1 of each, then 64 sequences at 4K (many-proc, many-real, many-realdev0), then the other rounds.
@@ -50,6 +53,9 @@ for run in ${RUNS:-$runs}; do
     realdev-*) e2e_run "$run" 90 $B $W $S1 $DEV ;;
     realdev0-*) e2e_run "$run" 90 $B $W $DEV ;;
     dry-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 ;;
+    pdic-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_INDEX_COPIES=1 ;;
+    pdu-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_UPLOADS=1 ;;
+    rdic-*) e2e_run "$run" 90 $B $W $DEV --daemon-env KVRECALL_DRY_INDEX_COPIES=1 ;;
     dryclose-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS_CLOSE=1 ;;
     emb-*) E2E="$E0 --daemon embedded"; e2e_run "$run" 90 $B ;;
     wsel-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 --worker-selection ;;

@@ -39,6 +39,7 @@ from kvrecall.phases import mark
 # of bf16 at D = 128, so the DMA of one chunk overlaps the gather of the next.
 CHUNK_ROWS = 65536
 _skip_index_copies = False  # the daemon's dry_index_copies diagnostic (configure)
+_skip_uploads = False  # the daemon's dry_uploads diagnostic (configure)
 
 
 @dataclass
@@ -125,10 +126,12 @@ def apply_staged(keys: torch.Tensor, values: torch.Tensor, staging: Staging, row
     _as_words(values.view(-1, D)).index_copy_(0, where, _as_words(staging.values[:rows]))
 
 
-def configure(dry_index_copies: bool) -> None:
-    """The daemon's `dry_index_copies`: staged rows reach the device, never their slots."""
-    global _skip_index_copies
-    _skip_index_copies = bool(dry_index_copies)
+def configure(dry_index_copies: bool, dry_uploads: bool = False) -> None:
+    """The daemon's `dry_index_copies`: staged rows reach the device, never their slots; its
+    `dry_uploads`: they are not even gathered and moved (the plan and its sync alone)."""
+    global _skip_index_copies, _skip_uploads
+    _skip_index_copies = bool(dry_index_copies or dry_uploads)
+    _skip_uploads = bool(dry_uploads)
 
 
 def copy_staged(
@@ -184,7 +187,7 @@ def copy_staged(
         source_host = torch.cat((plan[:n], plan[:n] + H * P))  # K rows, then V rows
     finally:
         _PLANS.give(buffer)
-    if n == 0:
+    if n == 0 or _skip_uploads:
         return
     pool_rows = host[: host.numel() // D * D].view(-1, D)
     # Where each gathered row goes: a session's rows to its staging area where the caller asked

@@ -134,6 +134,9 @@ class ServerConfig(BaseModel):
                                         # gathered and moved to the device but never index-copied into
                                         # the working sets (their slot positions are): what the daemon's
                                         # own index copies cost a worker beside it
+    dry_uploads: bool = False           # DIAGNOSTIC, never in service: dry_index_copies, and the rows are
+                                        # not even gathered on the host or moved by DMA (the plan and
+                                        # its sync alone): what the copy engine's transfers cost a worker
     worker_copy_share: Annotated[float, Field(ge=0, le=1)] = 0.0  # > 0: each CUDA IPC / shm session's segment
                                         # carries a staging area for this share of its retrieved region;
                                         # a background retrieval whose caller asks (StepEvent.worker_copies)

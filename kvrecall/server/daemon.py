@@ -86,8 +86,11 @@ class Daemon:
         _warn_needs_share_one(config, "worker_selection", "workers choose",
                               f"workers choose louiskv retrievals over their mapped unit tables, placed {place} "
                               "(experimental, not yet measured on a GPU; docs/TUNING.md)", needed=not by_kernels)  # fmt: skip
-        placement_staged.configure(config.dry_index_copies)
-        if config.dry_index_copies:
+        placement_staged.configure(config.dry_index_copies, config.dry_uploads)
+        if config.dry_uploads:
+            log.warning("dry_uploads is on: staged retrievals neither gather nor move their rows (a diagnostic; "
+                        "accuracy is not kvrecall's)")
+        elif config.dry_index_copies:
             log.warning("dry_index_copies is on: staged retrievals never write their rows into the working sets "
                         "(a diagnostic; accuracy is not kvrecall's)")
         if config.dry_retrievals or config.dry_retrievals_close:
