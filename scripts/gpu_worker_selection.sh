@@ -13,6 +13,7 @@
 #    dryclose  dry, but louiskv's open segment still closes (dry_retrievals_close: what the close costs alone);
 #    pdic      proc with dry_index_copies (the placement's rows moved but never index-copied into their slots);
 #    pdu       proc with dry_uploads (the plan and its sync; no host gather, DMA or index copy);
+#    pdns      proc with dry_plan_sync (the selection and plan launched, never waited for in the middle of the call);
 #    wdry      worker_selection with the daemon's retrievals dry (the worker's own choice, nothing placed);
 #    rdu       realdev0 with dry_uploads (the worker's choice, the daemon's plan and its sync);
 #    rdic      realdev0 with dry_index_copies (the daemon's kernels: the staged plan and the close);
@@ -57,6 +58,7 @@ for run in ${RUNS:-$runs}; do
     dry-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 ;;
     pdic-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_INDEX_COPIES=1 ;;
     pdu-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_UPLOADS=1 ;;
+    pdns-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_PLAN_SYNC=1 ;;
     wdry-*) e2e_run "$run" 90 $B $W $DEV --daemon-env KVRECALL_DRY_RETRIEVALS=1 ;;
     rdu-*) e2e_run "$run" 90 $B $W $DEV --daemon-env KVRECALL_DRY_UPLOADS=1 ;;
     rdic-*) e2e_run "$run" 90 $B $W $DEV --daemon-env KVRECALL_DRY_INDEX_COPIES=1 ;;

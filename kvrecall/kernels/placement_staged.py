@@ -40,6 +40,7 @@ from kvrecall.phases import mark
 CHUNK_ROWS = 65536
 _skip_index_copies = False  # the daemon's dry_index_copies diagnostic (configure)
 _skip_uploads = False  # the daemon's dry_uploads diagnostic (configure)
+_skip_plan_sync = False  # the daemon's dry_plan_sync diagnostic (configure)
 
 
 @dataclass
@@ -126,12 +127,14 @@ def apply_staged(keys: torch.Tensor, values: torch.Tensor, staging: Staging, row
     _as_words(values.view(-1, D)).index_copy_(0, where, _as_words(staging.values[:rows]))
 
 
-def configure(dry_index_copies: bool, dry_uploads: bool = False) -> None:
+def configure(dry_index_copies: bool, dry_uploads: bool = False, dry_plan_sync: bool = False) -> None:
     """The daemon's `dry_index_copies`: staged rows reach the device, never their slots; its
-    `dry_uploads`: they are not even gathered and moved (the plan and its sync alone)."""
-    global _skip_index_copies, _skip_uploads
-    _skip_index_copies = bool(dry_index_copies or dry_uploads)
-    _skip_uploads = bool(dry_uploads)
+    `dry_uploads`: they are not even gathered and moved (the plan and its sync alone); its
+    `dry_plan_sync`: nor is the plan read back (no sync in the middle of the call)."""
+    global _skip_index_copies, _skip_uploads, _skip_plan_sync
+    _skip_index_copies = bool(dry_index_copies or dry_uploads or dry_plan_sync)
+    _skip_uploads = bool(dry_uploads or dry_plan_sync)
+    _skip_plan_sync = bool(dry_plan_sync)
 
 
 def copy_staged(
@@ -169,6 +172,11 @@ def copy_staged(
     whole = R * block_r
     session_ends = ends[rows_per_session - 1 :: rows_per_session]
     pin = device.type == "cuda"  # (a CPU run, under Triton's interpreter, tests the same steps)
+    if _skip_plan_sync:  # (the diagnostic: the slot positions are placed, the plan never read)
+        if on_counts is not None:
+            on_counts(counts)
+        mark("place_launch")
+        return
     # The one sync: the host needs the rows it gathers (and how many there are).
     buffer = _PLANS.take(whole + len(sessions), pin)
     try:

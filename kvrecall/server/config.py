@@ -137,6 +137,9 @@ class ServerConfig(BaseModel):
     dry_uploads: bool = False           # DIAGNOSTIC, never in service: dry_index_copies, and the rows are
                                         # not even gathered on the host or moved by DMA (the plan and
                                         # its sync alone): what the copy engine's transfers cost a worker
+    dry_plan_sync: bool = False         # DIAGNOSTIC, never in service: dry_uploads, and the plan is not
+                                        # even read back (no host sync in the middle of a retrieval call:
+                                        # its one sync is the answer's): what that sync costs a worker
     worker_copy_share: Annotated[float, Field(ge=0, le=1)] = 0.0  # > 0: each CUDA IPC / shm session's segment
                                         # carries a staging area for this share of its retrieved region;
                                         # a background retrieval whose caller asks (StepEvent.worker_copies)

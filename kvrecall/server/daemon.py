@@ -85,9 +85,9 @@ class Daemon:
         place = "by the daemon's kernels" if by_kernels else "from the host"
         _warn_needs_share_one(config, "worker_selection", "workers choose",
                               f"workers choose louiskv retrievals over their mapped unit tables, placed {place} "
-                              "(experimental, not yet measured on a GPU; docs/TUNING.md)", needed=not by_kernels)  # fmt: skip
-        placement_staged.configure(config.dry_index_copies, config.dry_uploads)
-        if config.dry_uploads:
+                              "(experimental: on an H200 a boundary cost more than with the daemon's own choice, docs/TUNING.md)", needed=not by_kernels)  # fmt: skip
+        placement_staged.configure(config.dry_index_copies, config.dry_uploads, config.dry_plan_sync)
+        if config.dry_uploads or config.dry_plan_sync:
             log.warning("dry_uploads is on: staged retrievals neither gather nor move their rows (a diagnostic; "
                         "accuracy is not kvrecall's)")
         elif config.dry_index_copies:

@@ -508,18 +508,22 @@ def test_kernels_compile_for_hopper_without_a_gpu() -> None:
     assert done.stdout.count("compiled") == 12
 
 
-@pytest.mark.parametrize("uploads", [True, False], ids=["uploads", "no-uploads"])
-def test_dry_index_copies_leave_the_rows_and_move_the_positions(triton_device, monkeypatch, uploads):
-    """The daemon's dry_index_copies and dry_uploads diagnostics: a staged placement writes its
-    slot positions as the reference does but never its rows (the working set's K/V keep every
-    byte); with dry_uploads the rows are not even gathered."""
+@pytest.mark.parametrize("dry", ["index-copies", "uploads", "plan-sync"])
+def test_dry_index_copies_leave_the_rows_and_move_the_positions(triton_device, monkeypatch, dry):
+    """The daemon's dry_index_copies, dry_uploads and dry_plan_sync diagnostics: a staged placement
+    writes its slot positions as the reference does but never its rows (the working set's K/V keep
+    every byte); with dry_uploads the rows are not even gathered, with dry_plan_sync the plan is not
+    even read back."""
     from kvrecall.kernels import placement_staged, placement_triton
 
     monkeypatch.setattr(placement_triton, "staged", lambda host, keys, selection: True)
-    monkeypatch.setattr(placement_staged, "_skip_index_copies", True)
-    monkeypatch.setattr(placement_staged, "_skip_uploads", not uploads)
-    gathered = []
+    for name in ("_skip_index_copies", "_skip_uploads", "_skip_plan_sync"):  # (restored after the test)
+        monkeypatch.setattr(placement_staged, name, False)
+    placement_staged.configure(dry == "index-copies", dry == "uploads", dry == "plan-sync")
+    gathered, plans = [], []
     monkeypatch.setattr(placement_staged, "gather_upload", lambda *args: gathered.append(args))
+    take = placement_staged._PLANS.take
+    monkeypatch.setattr(placement_staged._PLANS, "take", lambda *args: plans.append(args) or take(*args))
     pages = Pages(2, 2, 16, per_page=5, pages=30, dtype=torch.float32, device=triton_device, seed=5)
     capacity = 2 + 9 + 6
     slot_pos, selection = random_case(pages, capacity, 2, 9, seed=16)
@@ -529,7 +533,8 @@ def test_dry_index_copies_leave_the_rows_and_move_the_positions(triton_device, m
     assert torch.equal(got[0], want[0]), "slot positions as placed"
     assert torch.equal(got[1], keys) and torch.equal(got[2], values), "rows written"
     assert not torch.equal(want[1], keys), "the reference moved no row: the test tells nothing"
-    assert len(gathered) == uploads, "rows gathered for the DMA" if not uploads else "no rows gathered"
+    assert len(gathered) == (dry == "index-copies"), "rows gathered" if gathered else "no rows gathered"
+    assert len(plans) == (dry != "plan-sync"), "the plan read back" if plans else "the plan not read back"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
