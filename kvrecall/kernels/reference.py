@@ -367,8 +367,9 @@ def _members(x: torch.Tensor, x_ok: torch.Tensor, of: torch.Tensor, of_ok: torch
 
 
 # _members' choice: a membership map while positions span at most this many times the entries (else a sort).
-# At budget 1024 and 256 rows the map plans a region in 12 ms against the sort's 27 ms at 128K positions, 18
-# against 26 at 256K (this 2-core CPU, 2026-12-04; a worker_selection or host_selection placement at 128K).
+# At budget 1024 and 256 rows the map plans a region in 8.7 ms against the sort's 24.4 ms at 131K positions,
+# 11.8 against 24.9 at 262K (this 2-core CPU, idle, 2026-12-04: scripts/plan_region_probe.py,
+# bench/results/2026-12-04-cpu-plan-region-probe.json); above 256x its bool table (67 MB a call at 262K) grows.
 MAP_SPAN = 256
 
 
