@@ -14,6 +14,8 @@
 #    pdic      proc with dry_index_copies (the placement's rows moved but never index-copied into their slots);
 #    pdu       proc with dry_uploads (the plan and its sync; no host gather, DMA or index copy);
 #    pdns      proc with dry_plan_sync (the selection and plan launched, never waited for in the middle of the call);
+#    lNxC      dry_launches N of C cycles each (e.g. l24x0-1, l1x400000-1): what a daemon launch costs against
+#              the count and length of its kernels (~1,980 cycles a microsecond);
 #    wdry      worker_selection with the daemon's retrievals dry (the worker's own choice, nothing placed);
 #    rdu       realdev0 with dry_uploads (the worker's choice, the daemon's plan and its sync);
 #    rdic      realdev0 with dry_index_copies (the daemon's kernels: the staged plan and the close);
@@ -58,6 +60,8 @@ for run in ${RUNS:-$runs}; do
     dry-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 ;;
     pdic-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_INDEX_COPIES=1 ;;
     pdu-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_UPLOADS=1 ;;
+    l[0-9]*x[0-9]*-*) spec=${run%-*}; spec=${spec#l}
+      e2e_run "$run" 90 $B --daemon-env "KVRECALL_DRY_LAUNCHES=${spec%x*}" --daemon-env "KVRECALL_DRY_LAUNCH_CYCLES=${spec#*x}" ;;
     pdns-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_PLAN_SYNC=1 ;;
     wdry-*) e2e_run "$run" 90 $B $W $DEV --daemon-env KVRECALL_DRY_RETRIEVALS=1 ;;
     rdu-*) e2e_run "$run" 90 $B $W $DEV --daemon-env KVRECALL_DRY_UPLOADS=1 ;;

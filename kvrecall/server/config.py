@@ -120,6 +120,13 @@ class ServerConfig(BaseModel):
                                         # the working set stays as it was), its notice still served: what
                                         # a boundary costs a worker beside the retrieval (bench e2e
                                         # --daemon-env KVRECALL_DRY_RETRIEVALS=1)
+    dry_launches: Annotated[int, Field(ge=0, le=10000)] = 0  # DIAGNOSTIC, never in service: > 0: dry_retrievals,
+                                        # and each retrieval call launches this many stand-in kernels
+                                        # instead (step_batch.spin_kernels): what a daemon launch costs a
+                                        # worker beside it, against their count and length
+    dry_launch_cycles: Annotated[int, Field(ge=0, le=10**9)] = 0  # each stand-in kernel's length in GPU clock
+                                        # cycles (torch.cuda._sleep; ~1,980 a microsecond at an H200's
+                                        # boost clock); 0: a one-element add, the shortest kernel
     dry_retrievals_close: bool = False  # DIAGNOSTIC: dry_retrievals, but louiskv's open output segment
                                         # still closes at each retrieval (one launch in the daemon's
                                         # context): what the close costs a worker alone, the kernel a

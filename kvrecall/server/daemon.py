@@ -72,7 +72,8 @@ class Daemon:
         kernels.set_host_reads(config.host_reads)
         launch_gate.configure(config.gate_launches)
         captured.configure(config.capture_selection)
-        step_batch.configure(config.dry_retrievals, config.dry_retrievals_close)
+        step_batch.configure(config.dry_retrievals, config.dry_retrievals_close, config.dry_launches,
+                             config.dry_launch_cycles)
         host_selection.configure(config.host_selection, config.worker_selection_place)
         louiskv.configure(config.select_before_close)
         if config.select_before_close:
@@ -93,7 +94,10 @@ class Daemon:
         elif config.dry_index_copies:
             log.warning("dry_index_copies is on: staged retrievals never write their rows into the working sets "
                         "(a diagnostic; accuracy is not kvrecall's)")
-        if config.dry_retrievals or config.dry_retrievals_close:
+        if config.dry_launches:
+            log.warning("dry_launches is on: Boundaries retrievals place nothing and launch %d stand-in kernels of %d "
+                        "cycles each (a diagnostic)", config.dry_launches, config.dry_launch_cycles)
+        elif config.dry_retrievals or config.dry_retrievals_close:
             log.warning("dry_retrievals%s is on: Boundaries retrievals select and place nothing (a diagnostic; "
                         "the working sets keep what they hold and accuracy is not kvrecall's)",
                         "_close (louiskv's open segments still close)" if config.dry_retrievals_close else "")

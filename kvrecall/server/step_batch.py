@@ -39,15 +39,38 @@ from kvrecall.v1 import kvrecall_pb2 as pb
 
 _dry = False  # dry_retrievals (the daemon's diagnostic setting): configure()
 _dry_close = False  # dry_retrievals_close: a dry retrieval still closes louiskv's open segment
+_dry_launches = (0, 0)  # dry_launches, dry_launch_cycles: a dry retrieval's stand-in kernels
 
 
-def configure(dry_retrievals: bool, dry_retrievals_close: bool = False) -> None:
+def configure(dry_retrievals: bool, dry_retrievals_close: bool = False, dry_launches: int = 0,
+              dry_launch_cycles: int = 0) -> None:  # fmt: skip
     """The daemon's `dry_retrievals`: retrieval events answered without retrieving; with
     `dry_retrievals_close`, louiskv sessions' open output segments still close (the one kernel a
-    worker's choice leaves the daemon besides the placement: what it costs alone)."""
-    global _dry, _dry_close
-    _dry = bool(dry_retrievals or dry_retrievals_close)
+    worker's choice leaves the daemon besides the placement: what it costs alone); with
+    `dry_launches` N, each dry retrieval group launches N stand-in kernels of `dry_launch_cycles`
+    GPU cycles each (spin_kernels: what a launch, and a kernel's length, cost a worker)."""
+    global _dry, _dry_close, _dry_launches
+    _dry = bool(dry_retrievals or dry_retrievals_close or dry_launches)
     _dry_close = bool(dry_retrievals_close)
+    _dry_launches = (int(dry_launches), int(dry_launch_cycles))
+
+
+_SPIN: dict[torch.device, torch.Tensor] = {}
+
+
+def spin_kernels(device: torch.device, count: int, cycles: int) -> torch.Tensor:
+    """`count` kernels on the current stream of `device`: each spins `cycles` GPU clock cycles
+    (torch.cuda._sleep) on a GPU with cycles > 0, else adds 1 to a one-element tensor (the
+    shortest kernel) -> that tensor (on a CPU: `count` added to it)."""
+    scratch = _SPIN.get(device)
+    if scratch is None:
+        scratch = _SPIN[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    for _ in range(count):
+        if device.type == "cuda" and cycles > 0:
+            torch.cuda._sleep(cycles)
+        else:
+            scratch.add_(1)
+    return scratch
 
 
 @dataclass
@@ -152,6 +175,8 @@ def _serve(
                     outcomes[i].placement = Placement()
                 if _dry_close and isinstance(items[0][0], LouisKVPolicy):  # (a group: one policy class)
                     host_selection.close_open([sessions[i] for i in members])
+                if _dry_launches[0]:
+                    spin_kernels(device, *_dry_launches)
                 continue
             # The worker's own choices (worker_selection), then where the daemon selects on the host
             # (host_selection): those sessions' retrievals placed from the host.

@@ -2,7 +2,8 @@
 a retrieval event is answered without retrieving (the working set keeps every byte it held and
 the answer reports nothing placed) while the notice riding in the same event is still served;
 the default daemon retrieves for the same events. With `dry_retrievals_close` a dry retrieval still
-closes louiskv's open output segment into a unit (a plain dry one closes nothing)."""
+closes louiskv's open output segment into a unit (a plain dry one closes nothing); `dry_launches`
+is dry too (its stand-in kernels: test_spin_kernels)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ CONFIG = {"budget": 48, "n_sink": 4, "window": 32, "cluster_size": 8, "max_segme
 PROMPT = 201
 
 
-MODES = {"dry": {"KVRECALL_DRY_RETRIEVALS": "1"}, "dry-close": {"KVRECALL_DRY_RETRIEVALS_CLOSE": "1"}, "default": {}}
+MODES = {"dry": {"KVRECALL_DRY_RETRIEVALS": "1"}, "dry-close": {"KVRECALL_DRY_RETRIEVALS_CLOSE": "1"},
+         "dry-launches": {"KVRECALL_DRY_LAUNCHES": "3"}, "default": {}}
 
 
 @pytest.fixture(scope="module", params=list(MODES))
@@ -57,8 +59,27 @@ def test_a_dry_retrieval_places_nothing_and_serves_its_notice(dry_client):
     assert session.core.noticed_upto > PROMPT, "no notice fell due: the test exercises none"
     if not dry:
         assert placed > 0, "the default daemon retrieved nothing: the test cannot tell dry from not"
-    if mode == "dry":
+    if mode in ("dry", "dry-launches"):
         assert closed == 0, "a dry retrieval closed a segment"
     else:  # (the default closes the open segment before it selects, as dry_retrievals_close does alone)
         assert closed > 0, "no retrieval closed a segment"
     session.close()
+
+
+def test_spin_kernels_launch_the_count_asked():
+    """dry_launches' stand-in kernels (step_batch.spin_kernels): on a CPU each is a one-element add."""
+    from kvrecall.server import step_batch
+
+    device = torch.device("cpu")
+    before = int(step_batch.spin_kernels(device, 0, 0))
+    assert int(step_batch.spin_kernels(device, 5, 1000)) == before + 5
+    assert int(step_batch.spin_kernels(device, 2, 0)) == before + 7
+
+
+def test_dry_launches_out_of_range_is_refused_naming_the_setting():
+    from pydantic import ValidationError
+
+    from kvrecall.server.config import ServerConfig
+
+    with pytest.raises(ValidationError, match="dry_launches"):
+        ServerConfig(dry_launches=-1)
