@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Device run (one call, ~8 min with a cold start): is worker selection the lever for a daemon process's
-# boundary cost (issue #17; DEVELOPERS.md, "Built: worker selection")? On one machine:
+# Device run (one call, ~8 min with a cold start): what a daemon process's boundary costs a worker at 32K x 8, and
+# which part of the retrieval it is (issue #17; DEVELOPERS.md, "Measured: worker selection": worker selection was
+# measured here on 2026-12-04 and is not a gain; the dry_* arms take the daemon's work apart). On one machine:
 # 0. tests/gpu/test_worker_selection_gpu.py (the worker's choice decodes as the daemon's, CUDA IPC, Triton).
 # 1. 32K x 8, drift 0.15, rates 0 and 11.7%, ROUNDS times in turn (no run starts past BUDGET_S, default 430: a run may take 100 s and the call 600):
 #    proc      a daemon process as is (its selection and placement kernels beside the worker's step);
