@@ -128,9 +128,9 @@ class ServerConfig(BaseModel):
                                         # cycles (torch.cuda._sleep; ~1,980 a microsecond at an H200's
                                         # boost clock); 0: a one-element add, the shortest kernel
     dry_retrievals_close: bool = False  # DIAGNOSTIC: dry_retrievals, but louiskv's open output segment
-                                        # still closes at each retrieval (one launch in the daemon's
-                                        # context): what the close costs a worker alone, the kernel a
-                                        # worker's own choice and placement would still leave the daemon
+                                        # still closes at each retrieval (a few launches in the daemon's
+                                        # context, one append kernel): what the close costs a worker alone,
+                                        # the work a worker's own choice and placement would still leave it
     select_before_close: bool = False   # DIAGNOSTIC: at a boundary louiskv selects before it closes the
                                         # open output segment (the segment still closes, after), so the
                                         # segment's tokens are not candidates of that retrieval: what a

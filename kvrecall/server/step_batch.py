@@ -45,8 +45,8 @@ _dry_launches = (0, 0)  # dry_launches, dry_launch_cycles: a dry retrieval's sta
 def configure(dry_retrievals: bool, dry_retrievals_close: bool = False, dry_launches: int = 0,
               dry_launch_cycles: int = 0) -> None:  # fmt: skip
     """The daemon's `dry_retrievals`: retrieval events answered without retrieving; with
-    `dry_retrievals_close`, louiskv sessions' open output segments still close (the one kernel a
-    worker's choice leaves the daemon besides the placement: what it costs alone); with
+    `dry_retrievals_close`, louiskv sessions' open output segments still close (the few launches a
+    worker's choice leaves the daemon besides the placement: what they cost alone); with
     `dry_launches` N, each dry retrieval group launches N stand-in kernels of `dry_launch_cycles`
     GPU cycles each (spin_kernels: what a launch, and a kernel's length, cost a worker)."""
     global _dry, _dry_close, _dry_launches
