@@ -14,6 +14,9 @@
 #    dryclose  dry, but louiskv's open segment still closes (dry_retrievals_close: what the close costs alone);
 #    pdic      proc with dry_index_copies (the placement's rows moved but never index-copied into their slots);
 #    pdu       proc with dry_uploads (the plan and its sync; no host gather, DMA or index copy);
+#    procc     proc with plan_readback copy (the plan copied to the host after its kernel: the way before
+#              2026-12-04; proc's plan is written there by the kernel itself);
+#    pduc      pdu with plan_readback copy;
 #    pdns      proc with dry_plan_sync (the selection and plan launched, never waited for in the middle of the call);
 #    lNxC      dry_launches N of C cycles each (e.g. l24x0-1, l1x400000-1): what a daemon launch costs against
 #              the count and length of its kernels (~1,980 cycles a microsecond);
@@ -61,6 +64,8 @@ for run in ${RUNS:-$runs}; do
     dry-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 ;;
     pdic-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_INDEX_COPIES=1 ;;
     pdu-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_UPLOADS=1 ;;
+    pduc-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_UPLOADS=1 --daemon-env KVRECALL_PLAN_READBACK=copy ;;
+    procc-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_PLAN_READBACK=copy ;;
     l[0-9]*x[0-9]*-*) spec=${run%-*}; spec=${spec#l}
       e2e_run "$run" 90 $B --daemon-env "KVRECALL_DRY_LAUNCHES=${spec%x*}" --daemon-env "KVRECALL_DRY_LAUNCH_CYCLES=${spec#*x}" ;;
     pdns-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_PLAN_SYNC=1 ;;

@@ -93,3 +93,12 @@ def test_the_host_tier_asks_for_huge_pages_by_default_and_the_advice_is_harmless
     finally:
         region.close()
     assert thp_mode() in ("always", "madvise", "never", "unknown")
+
+
+def test_plan_readback_is_read_from_the_environment_and_checked():
+    """KVRECALL_PLAN_READBACK (the staged placement's plan into pinned host memory by its kernel,
+    or copied there): read at the edge, an unknown mode refused naming the variable and the modes."""
+    assert load_config(None, env={}).plan_readback == "mapped"
+    assert load_config(None, env={"KVRECALL_PLAN_READBACK": "copy"}).plan_readback == "copy"
+    with pytest.raises(ConfigError, match="KVRECALL_PLAN_READBACK.*mapped.*copy"):
+        load_config(None, env={"KVRECALL_PLAN_READBACK": "dma"})

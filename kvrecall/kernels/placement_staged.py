@@ -41,6 +41,7 @@ CHUNK_ROWS = 65536
 _skip_index_copies = False  # the daemon's dry_index_copies diagnostic (configure)
 _skip_uploads = False  # the daemon's dry_uploads diagnostic (configure)
 _skip_plan_sync = False  # the daemon's dry_plan_sync diagnostic (configure)
+_plan_readback = "mapped"  # the daemon's plan_readback (configure)
 
 
 @dataclass
@@ -127,11 +128,17 @@ def apply_staged(keys: torch.Tensor, values: torch.Tensor, staging: Staging, row
     _as_words(values.view(-1, D)).index_copy_(0, where, _as_words(staging.values[:rows]))
 
 
-def configure(dry_index_copies: bool, dry_uploads: bool = False, dry_plan_sync: bool = False) -> None:
+def configure(dry_index_copies: bool, dry_uploads: bool = False, dry_plan_sync: bool = False,
+              plan_readback: str = "mapped") -> None:  # fmt: skip
     """The daemon's `dry_index_copies`: staged rows reach the device, never their slots; its
     `dry_uploads`: they are not even gathered and moved (the plan and its sync alone); its
-    `dry_plan_sync`: nor is the plan read back (no sync in the middle of the call)."""
-    global _skip_index_copies, _skip_uploads, _skip_plan_sync
+    `dry_plan_sync`: nor is the plan read back (no sync in the middle of the call). Its
+    `plan_readback`: "mapped", the plan kernel writes the plan into the pinned buffer the host
+    reads; "copy", a DMA copies it there after the kernel."""
+    global _skip_index_copies, _skip_uploads, _skip_plan_sync, _plan_readback
+    if plan_readback not in ("mapped", "copy"):
+        raise ValueError(f"plan_readback: {plan_readback!r} is neither 'mapped' nor 'copy'")
+    _plan_readback = plan_readback
     _skip_index_copies = bool(dry_index_copies or dry_uploads or dry_plan_sync)
     _skip_uploads = bool(dry_uploads or dry_plan_sync)
     _skip_plan_sync = bool(dry_plan_sync)
@@ -165,24 +172,31 @@ def copy_staged(
     H, P = num_kv_heads, tokens_per_page
     R = scratch.shape[0]
     tables = torch.nn.utils.rnn.pad_sequence([part[2] for part in sessions], batch_first=True)
-    # The pool row and working-set row of every new token, compacted in row order (one launch:
-    # staged_plan_triton; this path runs only where the placement kernel does).
-    packed, targets, ends = staged_plan(scratch, counts, block_r, tables, rows_per_session, first_slot, H, P, D, C,
-                                        impl="triton")  # fmt: skip
     whole = R * block_r
-    session_ends = ends[rows_per_session - 1 :: rows_per_session]
     pin = device.type == "cuda"  # (a CPU run, under Triton's interpreter, tests the same steps)
-    if _skip_plan_sync:  # (the diagnostic: the slot positions are placed, the plan never read)
-        if on_counts is not None:
-            on_counts(counts)
-        mark("place_launch")
-        return
-    # The one sync: the host needs the rows it gathers (and how many there are).
-    buffer = _PLANS.take(whole + len(sessions), pin)
+    # The plan straight into the host buffer the host reads (mapped: the kernel's own stores over
+    # PCIe), or copied there after the kernel (copy). Not under dry_plan_sync: nothing would wait
+    # for the kernel before the buffer went back.
+    mapped = _plan_readback == "mapped" and not _skip_plan_sync
+    buffer = _PLANS.take(whole + R, pin) if mapped else None
     try:
-        plan = buffer[: whole + len(sessions)]
-        plan[:whole].copy_(packed[:whole], non_blocking=pin)
-        plan[whole:].copy_(session_ends, non_blocking=pin)
+        # The pool row and working-set row of every new token, compacted in row order (one launch:
+        # staged_plan_triton; this path runs only where the placement kernel does).
+        packed, targets, ends = staged_plan(
+            scratch, counts, block_r, tables, rows_per_session, first_slot, H, P, D, C, impl="triton",
+            rows_out=buffer[:whole] if mapped else None, ends_out=buffer[whole : whole + R] if mapped else None,
+        )  # fmt: skip
+        if _skip_plan_sync:  # (the diagnostic: the slot positions are placed, the plan never read)
+            if on_counts is not None:
+                on_counts(counts)
+            mark("place_launch")
+            return
+        # The one sync: the host needs the rows it gathers (and how many there are).
+        if not mapped:
+            buffer = _PLANS.take(whole + len(sessions), pin)
+            buffer[:whole].copy_(packed[:whole], non_blocking=pin)
+            buffer[whole : whole + len(sessions)].copy_(ends[rows_per_session - 1 :: rows_per_session],
+                                                       non_blocking=pin)  # fmt: skip
         if on_counts is not None:
             on_counts(counts)
         mark("place_launch")
@@ -190,11 +204,15 @@ def copy_staged(
         if pin:
             torch.cuda.current_stream(device).synchronize()
         mark("plan_sync")
-        ends_host = plan[whole:].tolist()
+        if mapped:
+            ends_host = buffer[whole + rows_per_session - 1 : whole + R : rows_per_session].tolist()
+        else:
+            ends_host = buffer[whole : whole + len(sessions)].tolist()
         n = ends_host[-1]
-        source_host = torch.cat((plan[:n], plan[:n] + H * P))  # K rows, then V rows
+        source_host = torch.cat((buffer[:n], buffer[:n] + H * P))  # K rows, then V rows
     finally:
-        _PLANS.give(buffer)
+        if buffer is not None:
+            _PLANS.give(buffer)
     if n == 0 or _skip_uploads:
         return
     pool_rows = host[: host.numel() // D * D].view(-1, D)

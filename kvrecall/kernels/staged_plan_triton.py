@@ -10,12 +10,15 @@ import triton.language as tl
 
 @triton.jit
 def _plan_kernel(
-    scratch, counts, ends, tables, key_rows, targets, table_stride, rows_per_session, first_slot, H, P, D, C,
-    BLOCK_R: tl.constexpr,
+    scratch, counts, ends, tables, key_rows, targets, ends_out, table_stride, rows_per_session, first_slot, H, P, D,
+    C, BLOCK_R: tl.constexpr, ENDS_OUT: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0).to(tl.int64)
     new = tl.load(counts + r * 2 + 1).to(tl.int64)
-    start = tl.load(ends + r) - new
+    end = tl.load(ends + r)
+    start = end - new
+    if ENDS_OUT:  # (the row's end where the host reads it: a mapped, pinned buffer)
+        tl.store(ends_out + r, end)
     k = tl.arange(0, BLOCK_R)
     take = k < new
     position = tl.load(scratch + r * 2 * BLOCK_R + k, mask=take, other=0)
@@ -35,14 +38,16 @@ def _plan_kernel(
 def staged_plan_triton(
     scratch: torch.Tensor, counts: torch.Tensor, block_r: int, tables: torch.Tensor, rows_per_session: int,
     first_slot: int, num_kv_heads: int, tokens_per_page: int, row_len: int, capacity: int,
+    rows_out: torch.Tensor | None = None, ends_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     R = scratch.shape[0]
     ends = counts[:, 1].to(torch.int64).cumsum(0)
-    key_rows = torch.empty(R * block_r, dtype=torch.int64, device=scratch.device)
-    targets = torch.empty_like(key_rows)
+    key_rows = rows_out if rows_out is not None else torch.empty(R * block_r, dtype=torch.int64, device=scratch.device)
+    targets = torch.empty(R * block_r, dtype=torch.int64, device=scratch.device)
     tables = tables.contiguous()
     _plan_kernel[(R,)](
-        scratch, counts, ends, tables, key_rows, targets, tables.stride(0), rows_per_session, first_slot,
-        num_kv_heads, tokens_per_page, row_len, capacity, BLOCK_R=block_r, num_warps=4 if block_r <= 1024 else 8,
+        scratch, counts, ends, tables, key_rows, targets, ends_out if ends_out is not None else ends,
+        tables.stride(0), rows_per_session, first_slot, num_kv_heads, tokens_per_page, row_len, capacity,
+        BLOCK_R=block_r, ENDS_OUT=ends_out is not None, num_warps=4 if block_r <= 1024 else 8,
     )  # fmt: skip
     return key_rows, targets, ends

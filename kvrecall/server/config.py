@@ -147,6 +147,10 @@ class ServerConfig(BaseModel):
     dry_plan_sync: bool = False         # DIAGNOSTIC, never in service: dry_uploads, and the plan is not
                                         # even read back (no host sync in the middle of a retrieval call:
                                         # its one sync is the answer's): what that sync costs a worker
+    plan_readback: Literal["mapped", "copy"] = "mapped"  # how a staged retrieval's plan (the rows the host
+                                        # gathers) reaches the host: the plan kernel writes it into pinned
+                                        # host memory itself (mapped), or a DMA copies it after the kernel
+                                        # (copy; the way before 2026-12-04, kept for comparison)
     worker_copy_share: Annotated[float, Field(ge=0, le=1)] = 0.0  # > 0: each CUDA IPC / shm session's segment
                                         # carries a staging area for this share of its retrieved region;
                                         # a background retrieval whose caller asks (StepEvent.worker_copies)

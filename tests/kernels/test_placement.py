@@ -104,17 +104,26 @@ def test_matches_reference(triton_device, dtype, layers, heads, dim, retrieved, 
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("reads", ["copy", "kernel"])
+def reads_by(monkeypatch, reads: str) -> None:
+    """Force the placement's reads: "copy" (staged: the host gathers, the plan written to the
+    host by its kernel), "copy-plan" (staged, the plan copied to the host after the kernel:
+    plan_readback "copy") or "kernel" (the placement kernel reads the pool itself)."""
+    from kvrecall.kernels import placement_staged, placement_triton
+
+    # On a CPU (Triton's interpreter) the pool is not pinned, so force the choice either way.
+    monkeypatch.setattr(placement_triton, "staged", lambda host, keys, selection: reads != "kernel")
+    monkeypatch.setattr(placement_staged, "_plan_readback", "copy" if reads == "copy-plan" else "mapped")
+
+
+@pytest.mark.parametrize("reads", ["copy", "copy-plan", "kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "dim", "retrieved", "first"), [(1, 8, 1, 0), (3, 16, 7, 2), (2, 64, 64, 4)])
 def test_copy_engine_reads_match_the_reference(triton_device, monkeypatch, reads, dtype, heads, dim, retrieved, first):
     """The placement whose kernel only plans and whose rows come by the host gather and one
-    copy (placement_staged.py; on a GPU the default) leaves what the reference leaves, as does
-    the kernel reading the pool itself; one session alone and three in one launch."""
-    from kvrecall.kernels import placement_triton
-
-    # On a CPU (Triton's interpreter) the pool is not pinned, so force the choice either way.
-    monkeypatch.setattr(placement_triton, "staged", lambda host, keys, selection: reads == "copy")
+    copy (placement_staged.py; on a GPU the default), its plan written to the host by the kernel
+    or copied there, leaves what the reference leaves, as does the kernel reading the pool
+    itself; one session alone and three in one launch."""
+    reads_by(monkeypatch, reads)
     pages = Pages(2, heads, dim, per_page=5, pages=30, dtype=dtype, device=triton_device, seed=retrieved)
     capacity = first + retrieved + 6
     slot_pos, selection = random_case(pages, capacity, first, retrieved, seed=dim)
@@ -192,16 +201,14 @@ def mostly_shared_case(rows: int, capacity: int, first: int, retrieved: int, pos
     return slot_pos, selection
 
 
-@pytest.mark.parametrize("reads", ["copy", "kernel"])
+@pytest.mark.parametrize("reads", ["copy", "copy-plan", "kernel"])
 def test_many_sessions_of_unlike_lengths_match_the_reference(triton_device, monkeypatch, reads) -> None:
     """One launch over sessions of 35, 65 and 100 positions (7, 13, 20 pages of 5 tokens: no
     multiple of 16 or 32, so the membership marks end mid-word and the launch sizes them for the
     longest) whose rows keep most of their tokens: selections naming positions past their own
     session's pages but inside the longest one's are ignored, current slots past them are freed,
     and every session ends as the reference leaves it alone."""
-    from kvrecall.kernels import placement_triton
-
-    monkeypatch.setattr(placement_triton, "staged", lambda host, keys, selection: reads == "copy")
+    reads_by(monkeypatch, reads)
     pages = Pages(2, 2, 8, per_page=5, pages=20, dtype=torch.float32, device=triton_device, seed=11)
     first, retrieved, capacity, rows = 1, 24, 30, 4
     generator = torch.Generator().manual_seed(0)
@@ -517,7 +524,7 @@ def test_dry_index_copies_leave_the_rows_and_move_the_positions(triton_device, m
     from kvrecall.kernels import placement_staged, placement_triton
 
     monkeypatch.setattr(placement_triton, "staged", lambda host, keys, selection: True)
-    for name in ("_skip_index_copies", "_skip_uploads", "_skip_plan_sync"):  # (restored after the test)
+    for name in ("_skip_index_copies", "_skip_uploads", "_skip_plan_sync", "_plan_readback"):  # (restored after)
         monkeypatch.setattr(placement_staged, name, False)
     placement_staged.configure(dry == "index-copies", dry == "uploads", dry == "plan-sync")
     gathered, plans = [], []

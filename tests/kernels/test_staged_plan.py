@@ -45,6 +45,33 @@ def test_the_kernel_matches_the_reference(triton_device, sessions, layers, heads
     assert torch.equal(targets[:n].cpu(), want_targets[:n])
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_the_plan_written_where_the_host_reads_it(triton_device, impl):
+    """rows_out / ends_out (placement_staged's plan_readback "mapped"): the kernel writes the
+    compacted pool rows and every row's end into the buffers given (on a GPU a pinned host buffer
+    the kernel reaches over PCIe), the same values as the device outputs; the rest of rows_out
+    is left alone."""
+    device = triton_device if impl == "triton" else torch.device("cpu")
+    scratch, counts, tables, rows_per_session = random_plan(2, 3, 4, 64, 16, 12, seed=9, device=device)
+    args = (scratch, counts, 64, tables, rows_per_session, 5, 4, 16, 16, 64 + 5 + 64)
+    want_rows, want_targets, want_ends = staged_plan(*args, impl="reference")
+    R = scratch.shape[0]
+    pin = device.type == "cuda"
+    rows_out = torch.full((R * 64 + 7,), -5, dtype=torch.int64, pin_memory=pin)
+    ends_out = torch.full((R,), -5, dtype=torch.int64, pin_memory=pin)
+    key_rows, targets, ends = staged_plan(*args, impl=impl, rows_out=rows_out, ends_out=ends_out)
+    if pin:
+        torch.cuda.synchronize()
+    n = int(want_ends[-1])
+    assert 0 < n < R * 64
+    assert key_rows.data_ptr() == rows_out.data_ptr()
+    assert torch.equal(ends_out, want_ends.cpu()) and torch.equal(ends.cpu(), want_ends.cpu())
+    assert torch.equal(rows_out[:n], want_rows[:n].cpu())
+    assert torch.equal(targets[:n].cpu(), want_targets[:n].cpu())
+    if impl == "triton":  # (the reference copies its whole compacted array, the kernel only what it fills)
+        assert (rows_out[n:] == -5).all()
+
+
 def test_the_reference_names_the_pool_and_slot_rows():
     """One row by hand: session 1, layer 0, head 1 of H = 2, P = 4 tokens a page, D = 8."""
     block_r, H, P, D, C, first = 2, 2, 4, 8, 10, 3
