@@ -107,6 +107,3 @@ def test_plan_readback_and_dma_wait_are_read_from_the_environment_and_checked():
         load_config(None, env={"KVRECALL_PLAN_READBACK": "dma"})
     with pytest.raises(ConfigError, match="KVRECALL_DMA_WAIT.*stream.*host"):
         load_config(None, env={"KVRECALL_DMA_WAIT": "event"})
-    assert load_config(None, env={"KVRECALL_ROW_SCATTER": "index_copy"}).row_scatter == "index_copy"
-    with pytest.raises(ConfigError, match="KVRECALL_ROW_SCATTER"):
-        load_config(None, env={"KVRECALL_ROW_SCATTER": "memcpy"})

@@ -32,7 +32,6 @@ import torch
 from kvrecall import launch_gate
 from kvrecall.kernels import reference
 from kvrecall.kernels._checks import check_int
-from kvrecall.kernels.scatter_rows import scatter_rows
 from kvrecall.kernels.staged_plan import staged_plan
 from kvrecall.phases import mark
 
@@ -44,7 +43,6 @@ _skip_uploads = False  # the daemon's dry_uploads diagnostic (configure)
 _skip_plan_sync = False  # the daemon's dry_plan_sync diagnostic (configure)
 _plan_readback = "mapped"  # the daemon's plan_readback (configure)
 _dma_wait = "stream"  # the daemon's dma_wait (configure)
-_row_scatter = "kernel"  # the daemon's row_scatter (configure)
 
 
 @dataclass
@@ -132,24 +130,20 @@ def apply_staged(keys: torch.Tensor, values: torch.Tensor, staging: Staging, row
 
 
 def configure(dry_index_copies: bool, dry_uploads: bool = False, dry_plan_sync: bool = False,
-              plan_readback: str = "mapped", dma_wait: str = "stream", row_scatter: str = "kernel") -> None:  # fmt: skip
+              plan_readback: str = "mapped", dma_wait: str = "stream") -> None:  # fmt: skip
     """The daemon's `dry_index_copies`: staged rows reach the device, never their slots; its
     `dry_uploads`: they are not even gathered and moved (the plan and its sync alone); its
     `dry_plan_sync`: nor is the plan read back (no sync in the middle of the call). Its
     `plan_readback`: "mapped", the plan kernel writes the plan into the pinned buffer the host
     reads; "copy", a DMA copies it there after the kernel. Its `dma_wait`: "stream", the index
     copies queue behind the DMAs on the GPU (a wait of one stream on another); "host", the host
-    waits for the DMAs and then launches them. Its `row_scatter`: how the moved rows reach their
-    slots, "kernel" (scatter_rows: a session's K and V in one launch) or "index_copy" (two
-    index_copy_ a session: the way before 2026-12-04)."""
-    global _skip_index_copies, _skip_uploads, _skip_plan_sync, _plan_readback, _dma_wait, _row_scatter
+    waits for the DMAs and then launches them."""
+    global _skip_index_copies, _skip_uploads, _skip_plan_sync, _plan_readback, _dma_wait
     if plan_readback not in ("mapped", "copy"):
         raise ValueError(f"plan_readback: {plan_readback!r} is neither 'mapped' nor 'copy'")
     if dma_wait not in ("stream", "host"):
         raise ValueError(f"dma_wait: {dma_wait!r} is neither 'stream' nor 'host'")
-    if row_scatter not in ("kernel", "index_copy"):
-        raise ValueError(f"row_scatter: {row_scatter!r} is neither 'kernel' nor 'index_copy'")
-    _plan_readback, _dma_wait, _row_scatter = plan_readback, dma_wait, row_scatter
+    _plan_readback, _dma_wait = plan_readback, dma_wait
     _skip_index_copies = bool(dry_index_copies or dry_uploads or dry_plan_sync)
     _skip_uploads = bool(dry_uploads or dry_plan_sync)
     _skip_plan_sync = bool(dry_plan_sync)
@@ -269,13 +263,9 @@ def copy_staged(
     wide = _as_words(rows) if rows is not None else None  # index_copy_ moves an element per thread: 8-byte words
     for (keys, values, _), end, staging in zip(sessions, ends_host, staged, strict=True):
         if end > start and staging is None and not _skip_index_copies:
-            if _row_scatter == "kernel":  # K and V rows in one launch, 16-byte accesses
-                scatter_rows(rows, targets, keys.view(-1, D), values.view(-1, D), start, end - start, n,
-                             impl="triton")  # fmt: skip
-            else:
-                where = targets[start:end]
-                _as_words(keys.view(-1, D)).index_copy_(0, where, wide[start:end])
-                _as_words(values.view(-1, D)).index_copy_(0, where, wide[n + start : n + end])
+            where = targets[start:end]
+            _as_words(keys.view(-1, D)).index_copy_(0, where, wide[start:end])
+            _as_words(values.view(-1, D)).index_copy_(0, where, wide[n + start : n + end])
         start = end
     mark("index_copies")
 

@@ -155,9 +155,6 @@ class ServerConfig(BaseModel):
                                         # the DMA's buffer into their slots) wait for its DMAs: queued behind
                                         # them on the GPU (one stream waits on the other), or launched once the
                                         # host saw them done (the call's thread waits)
-    row_scatter: Literal["kernel", "index_copy"] = "kernel"  # how a staged retrieval's moved rows reach
-                                        # their slots: one scatter kernel a session (K and V, 16-byte
-                                        # accesses), or two torch index_copy_ (the way before 2026-12-04)
     worker_copy_share: Annotated[float, Field(ge=0, le=1)] = 0.0  # > 0: each CUDA IPC / shm session's segment
                                         # carries a staging area for this share of its retrieved region;
                                         # a background retrieval whose caller asks (StepEvent.worker_copies)
