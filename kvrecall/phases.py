@@ -18,7 +18,6 @@ Phases, in order (a phase a call did not reach is absent):
   gather        the host's row gather into pinned staging (index_select)
   dma_wait      waiting for a staging chunk's earlier DMA to end
   dma_launch    queueing a chunk's DMA
-  dma_done      waiting for the call's DMAs to end (dma_wait "host": before the index copies)
   index_copies  queueing the index copies into the working sets
   place         a placement's remaining host work (unstaged placements: all of it)
   sync          the one stream sync before the answer (the queued copies and kernels)
@@ -36,7 +35,7 @@ from contextlib import contextmanager
 
 PHASES = (
     "locks", "notices", "select", "place_launch", "plan_sync", "gather", "dma_wait", "dma_launch",
-    "dma_done", "index_copies", "place", "close", "host_fetch", "host_score", "host_topk",
+    "index_copies", "place", "close", "host_fetch", "host_score", "host_topk",
     "host_select", "host_plan", "host_rows", "host_upload", "sync", "finish",
 )  # fmt: skip
 KINDS = ("notices", "retrievals")

@@ -17,7 +17,6 @@
 #    procc     proc with plan_readback copy (the plan copied to the host after its kernel: the way before
 #              2026-12-04; proc's plan is written there by the kernel itself);
 #    pduc      pdu with plan_readback copy;
-#    hw        proc with dma_wait host (the index copies launched once the host saw the DMAs done);
 #    wc25      proc with worker_copy_share 0.25 (the worker copies the staged rows into their slots);
 #    pdns      proc with dry_plan_sync (the selection and plan launched, never waited for in the middle of the call);
 #    lNxC      dry_launches N of C cycles each (e.g. l24x0-1, l1x400000-1): what a daemon launch costs against
@@ -68,7 +67,6 @@ for run in ${RUNS:-$runs}; do
     pdu-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_UPLOADS=1 ;;
     pduc-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_UPLOADS=1 --daemon-env KVRECALL_PLAN_READBACK=copy ;;
     procc-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_PLAN_READBACK=copy ;;
-    hw-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DMA_WAIT=host ;;
     wc25-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_WORKER_COPY_SHARE=0.25 ;;
     l[0-9]*x[0-9]*-*) spec=${run%-*}; spec=${spec#l}
       e2e_run "$run" 90 $B --daemon-env "KVRECALL_DRY_LAUNCHES=${spec%x*}" --daemon-env "KVRECALL_DRY_LAUNCH_CYCLES=${spec#*x}" ;;

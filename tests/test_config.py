@@ -95,15 +95,10 @@ def test_the_host_tier_asks_for_huge_pages_by_default_and_the_advice_is_harmless
     assert thp_mode() in ("always", "madvise", "never", "unknown")
 
 
-def test_plan_readback_and_dma_wait_are_read_from_the_environment_and_checked():
+def test_plan_readback_is_read_from_the_environment_and_checked():
     """KVRECALL_PLAN_READBACK (the staged placement's plan into pinned host memory by its kernel,
-    or copied there) and KVRECALL_DMA_WAIT (its index copies behind the DMAs on the GPU or after
-    the host saw them): read at the edge, an unknown mode refused naming the variable and the modes."""
-    config = load_config(None, env={})
-    assert (config.plan_readback, config.dma_wait) == ("mapped", "stream")
-    config = load_config(None, env={"KVRECALL_PLAN_READBACK": "copy", "KVRECALL_DMA_WAIT": "host"})
-    assert (config.plan_readback, config.dma_wait) == ("copy", "host")
+    or copied there): read at the edge, an unknown mode refused naming the variable and the modes."""
+    assert load_config(None, env={}).plan_readback == "mapped"
+    assert load_config(None, env={"KVRECALL_PLAN_READBACK": "copy"}).plan_readback == "copy"
     with pytest.raises(ConfigError, match="KVRECALL_PLAN_READBACK.*mapped.*copy"):
         load_config(None, env={"KVRECALL_PLAN_READBACK": "dma"})
-    with pytest.raises(ConfigError, match="KVRECALL_DMA_WAIT.*stream.*host"):
-        load_config(None, env={"KVRECALL_DMA_WAIT": "event"})

@@ -42,7 +42,6 @@ _skip_index_copies = False  # the daemon's dry_index_copies diagnostic (configur
 _skip_uploads = False  # the daemon's dry_uploads diagnostic (configure)
 _skip_plan_sync = False  # the daemon's dry_plan_sync diagnostic (configure)
 _plan_readback = "mapped"  # the daemon's plan_readback (configure)
-_dma_wait = "stream"  # the daemon's dma_wait (configure)
 
 
 @dataclass
@@ -130,20 +129,16 @@ def apply_staged(keys: torch.Tensor, values: torch.Tensor, staging: Staging, row
 
 
 def configure(dry_index_copies: bool, dry_uploads: bool = False, dry_plan_sync: bool = False,
-              plan_readback: str = "mapped", dma_wait: str = "stream") -> None:  # fmt: skip
+              plan_readback: str = "mapped") -> None:  # fmt: skip
     """The daemon's `dry_index_copies`: staged rows reach the device, never their slots; its
     `dry_uploads`: they are not even gathered and moved (the plan and its sync alone); its
     `dry_plan_sync`: nor is the plan read back (no sync in the middle of the call). Its
     `plan_readback`: "mapped", the plan kernel writes the plan into the pinned buffer the host
-    reads; "copy", a DMA copies it there after the kernel. Its `dma_wait`: "stream", the index
-    copies queue behind the DMAs on the GPU (a wait of one stream on another); "host", the host
-    waits for the DMAs and then launches them."""
-    global _skip_index_copies, _skip_uploads, _skip_plan_sync, _plan_readback, _dma_wait
+    reads; "copy", a DMA copies it there after the kernel."""
+    global _skip_index_copies, _skip_uploads, _skip_plan_sync, _plan_readback
     if plan_readback not in ("mapped", "copy"):
         raise ValueError(f"plan_readback: {plan_readback!r} is neither 'mapped' nor 'copy'")
-    if dma_wait not in ("stream", "host"):
-        raise ValueError(f"dma_wait: {dma_wait!r} is neither 'stream' nor 'host'")
-    _plan_readback, _dma_wait = plan_readback, dma_wait
+    _plan_readback = plan_readback
     _skip_index_copies = bool(dry_index_copies or dry_uploads or dry_plan_sync)
     _skip_uploads = bool(dry_uploads or dry_plan_sync)
     _skip_plan_sync = bool(dry_plan_sync)
@@ -253,12 +248,8 @@ def copy_staged(
                 staging.targets[: end - start].copy_(targets[start:end], non_blocking=pin)
             start = end
     gather_upload(pool_rows, source_host, pieces, copies, pin)
-    if copies is not None:  # the index copies after the DMAs
-        if _dma_wait == "host" and daemon_copies and not _skip_index_copies:
-            copies.synchronize()
-            mark("dma_done")
-        else:
-            torch.cuda.current_stream(device).wait_stream(copies)
+    if copies is not None:
+        torch.cuda.current_stream(device).wait_stream(copies)  # the index copies after the DMAs
     start = 0
     wide = _as_words(rows) if rows is not None else None  # index_copy_ moves an element per thread: 8-byte words
     for (keys, values, _), end, staging in zip(sessions, ends_host, staged, strict=True):

@@ -151,10 +151,6 @@ class ServerConfig(BaseModel):
                                         # gathers) reaches the host: the plan kernel writes it into pinned
                                         # host memory itself (mapped), or a DMA copies it after the kernel
                                         # (copy; the way before 2026-12-04, kept for comparison)
-    dma_wait: Literal["stream", "host"] = "stream"  # how a staged retrieval's index copies (its rows from
-                                        # the DMA's buffer into their slots) wait for its DMAs: queued behind
-                                        # them on the GPU (one stream waits on the other), or launched once the
-                                        # host saw them done (the call's thread waits)
     worker_copy_share: Annotated[float, Field(ge=0, le=1)] = 0.0  # > 0: each CUDA IPC / shm session's segment
                                         # carries a staging area for this share of its retrieved region;
                                         # a background retrieval whose caller asks (StepEvent.worker_copies)

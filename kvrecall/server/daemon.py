@@ -88,7 +88,7 @@ class Daemon:
                               f"workers choose louiskv retrievals over their mapped unit tables, placed {place} "
                               "(experimental: on an H200 a boundary cost more than with the daemon's own choice, docs/TUNING.md)", needed=not by_kernels)  # fmt: skip
         placement_staged.configure(config.dry_index_copies, config.dry_uploads, config.dry_plan_sync,
-                                   config.plan_readback, config.dma_wait)
+                                   config.plan_readback)
         if config.dry_uploads or config.dry_plan_sync:
             log.warning("%s is on: staged retrievals neither gather nor move their rows%s (a diagnostic; accuracy is "
                         "not kvrecall's)", "dry_plan_sync" if config.dry_plan_sync else "dry_uploads",

@@ -107,15 +107,13 @@ def test_matches_reference(triton_device, dtype, layers, heads, dim, retrieved, 
 def reads_by(monkeypatch, reads: str) -> None:
     """Force the placement's reads: "copy" (staged: the host gathers, the plan written to the
     host by its kernel), "copy-plan" (staged, the plan copied to the host after the kernel:
-    plan_readback "copy"), "copy-host" (staged, the index copies launched once the host saw the
-    DMAs done: dma_wait "host"; on a CPU there is no DMA, so it is "copy") or "kernel" (the
+    plan_readback "copy"), or "kernel" (the
     placement kernel reads the pool itself)."""
     from kvrecall.kernels import placement_staged, placement_triton
 
     # On a CPU (Triton's interpreter) the pool is not pinned, so force the choice either way.
     monkeypatch.setattr(placement_triton, "staged", lambda host, keys, selection: reads != "kernel")
     monkeypatch.setattr(placement_staged, "_plan_readback", "copy" if reads == "copy-plan" else "mapped")
-    monkeypatch.setattr(placement_staged, "_dma_wait", "host" if reads == "copy-host" else "stream")
 
 
 @pytest.mark.parametrize("reads", ["copy", "copy-plan", "kernel"])
@@ -204,7 +202,7 @@ def mostly_shared_case(rows: int, capacity: int, first: int, retrieved: int, pos
     return slot_pos, selection
 
 
-@pytest.mark.parametrize("reads", ["copy", "copy-plan", "copy-host", "kernel"])
+@pytest.mark.parametrize("reads", ["copy", "copy-plan", "kernel"])
 def test_many_sessions_of_unlike_lengths_match_the_reference(triton_device, monkeypatch, reads) -> None:
     """One launch over sessions of 35, 65 and 100 positions (7, 13, 20 pages of 5 tokens: no
     multiple of 16 or 32, so the membership marks end mid-word and the launch sizes them for the
@@ -527,7 +525,7 @@ def test_dry_index_copies_leave_the_rows_and_move_the_positions(triton_device, m
     from kvrecall.kernels import placement_staged, placement_triton
 
     monkeypatch.setattr(placement_triton, "staged", lambda host, keys, selection: True)
-    for name in ("_skip_index_copies", "_skip_uploads", "_skip_plan_sync", "_plan_readback", "_dma_wait"):  # (restored after)
+    for name in ("_skip_index_copies", "_skip_uploads", "_skip_plan_sync", "_plan_readback"):  # (restored after)
         monkeypatch.setattr(placement_staged, name, False)
     placement_staged.configure(dry == "index-copies", dry == "uploads", dry == "plan-sync")
     gathered, plans = [], []
