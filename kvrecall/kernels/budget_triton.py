@@ -9,15 +9,16 @@ integer key, a 32-step binary search over the key range finds the greedy rule's 
 largest with sum(size of units keyed >= t) >= budget); units above t take all, units at t take
 what is left in index order (a prefix sum), units below nothing. The sort this replaced (a
 4096-wide bitonic sort per row) took 0.2 ms per 32K retrieval on an H200 (issue #17). Rows longer
-than MAX_UNITS fall back to the reference.
+than MAX_UNITS (a 64K-token prompt at 16 tokens a cluster: 128K x 8 on an H200 ran the reference's
+sort, scan and scatter, ~0.3 ms of the daemon's kernels a retrieval) take `_select_chunked_kernel`:
+the same search, each step summing the row MAX_UNITS at a time from memory (the row, 8 bytes a
+unit, stays in the SM's cache), then one pass that carries the ties' prefix sum across chunks.
 Imported only when Triton is (see `_triton`).
 """
 
 import torch
 import triton
 import triton.language as tl
-
-from kvrecall.kernels import reference
 
 MAX_UNITS = 4096
 SMALL_UNITS = 256
@@ -55,13 +56,66 @@ def _select_kernel(
     tl.store(take_ptr + b * U + offs, take, mask=in_row)
 
 
+@triton.jit
+def _keyed(scores_ptr, sizes_ptr, offs, in_row):
+    """A chunk's order-preserving integer keys and sizes (as _select_kernel computes them)."""
+    scores = tl.load(scores_ptr + offs, mask=in_row, other=float("-inf")).to(tl.float32)
+    size = tl.load(sizes_ptr + offs, mask=in_row, other=0).to(tl.int64)
+    size = tl.where(scores > float("-inf"), tl.maximum(size, 0), 0)
+    scores = tl.where(scores == 0.0, 0.0, scores)
+    bits = scores.to(tl.int32, bitcast=True)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64), size
+
+
+@triton.jit(do_not_specialize=["U", "budget", "stride_sb", "stride_zb"])
+def _select_chunked_kernel(
+    scores_ptr, sizes_ptr, take_ptr,
+    U, budget,
+    stride_sb, stride_zb,
+    CHUNK: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    scores_ptr += b * stride_sb
+    sizes_ptr += b * stride_zb
+    offs = tl.arange(0, CHUNK)
+    lo = tl.full((), -(2**31), tl.int64)
+    hi = tl.full((), 2**31, tl.int64)
+    for _ in range(32):  # _select_kernel's search, each sum over the row's chunks
+        mid = (lo + hi) >> 1
+        total = tl.zeros((), tl.int64)
+        for start in range(0, U, CHUNK):
+            key, size = _keyed(scores_ptr, sizes_ptr, start + offs, start + offs < U)
+            total += tl.sum(tl.where(key >= mid, size, 0), axis=0)
+        enough = total >= budget
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    above_sum = tl.zeros((), tl.int64)
+    for start in range(0, U, CHUNK):
+        key, size = _keyed(scores_ptr, sizes_ptr, start + offs, start + offs < U)
+        above_sum += tl.sum(tl.where(key > lo, size, 0), axis=0)
+    left = budget - above_sum
+    carried = tl.zeros((), tl.int64)  # tied tokens of the chunks before
+    for start in range(0, U, CHUNK):
+        in_row = start + offs < U
+        key, size = _keyed(scores_ptr, sizes_ptr, start + offs, in_row)
+        tied = tl.where(key == lo, size, 0)
+        before = carried + tl.cumsum(tied, axis=0) - tied  # ties: lower index first
+        take = tl.where(key > lo, size, tl.minimum(tied, tl.maximum(left - before, 0)))
+        tl.store(take_ptr + b * U + start + offs, take, mask=in_row)
+        carried += tl.sum(tied, axis=0)
+
+
 def select_under_budget_triton(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> torch.Tensor:
     """Launch on checked arguments (see `kvrecall.kernels.select_under_budget`)."""
     batch, num_units = scores.shape
-    if num_units > MAX_UNITS:
-        return reference.select_under_budget(scores, sizes, budget)
     take = torch.empty(batch, num_units, dtype=torch.int64, device=scores.device)
     if take.numel() == 0:
+        return take
+    if num_units > MAX_UNITS:
+        _select_chunked_kernel[(batch,)](
+            scores, sizes, take, num_units, budget, scores.stride(0), sizes.stride(0), CHUNK=MAX_UNITS,
+            num_warps=8 if MAX_UNITS > 1024 else 4,
+        )  # fmt: skip
         return take
     # Two compiled variants, not one per power of two: the daemon's warm-up compiles both, so a
     # session's unit count never compiles a kernel while it waits.

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from kvrecall import kernels
 from kvrecall.server import streams
 from kvrecall.server.layout import ModelLayout
 from kvrecall.server.policies import build_policy
@@ -60,8 +61,20 @@ def warm_up(registry: SessionRegistry, shapes: list[tuple[torch.dtype, int]]) ->
             layout = ModelLayout(num_layers=2, num_kv_heads=8, num_query_heads=32, head_dim=head_dim, dtype=dtype,
                                  max_tokens=prompt + 256)  # fmt: skip
             _run_policy(registry, layout, message, prompt, device, generator, deferred)
+    _long_rows(device, generator)
     torch.cuda.synchronize(device)
     return time.perf_counter() - started
+
+
+def _long_rows(device: torch.device, generator: torch.Generator) -> None:
+    """The selection kernel's variant for rows of more units than its block holds (a prompt of
+    64K tokens and more at louiskv's 16 a cluster: budget_triton's chunked kernel), on random
+    scores: a prompt that long would make the policies' warm-up slow."""
+    from kvrecall.kernels.budget_triton import MAX_UNITS
+
+    scores = torch.randn(2, MAX_UNITS + 17, device=device, generator=generator)
+    sizes = torch.randint(1, 32, scores.shape, device=device, generator=generator, dtype=torch.int32)
+    kernels.select_under_budget(scores, sizes, 1024)
 
 
 def _run_policy(

@@ -74,15 +74,19 @@ def test_signed_zeros_tie_and_a_wide_row_matches_the_reference(triton_device: to
         assert torch.equal(got, K.select_under_budget(scores, sizes, budget, impl="reference"))
 
 
-def test_long_rows_fall_back_to_the_reference(
-    triton_device: torch.device, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("chunk", "units"), [(8, 20), (8, 43), (64, 195)])
+def test_rows_longer_than_a_block_take_the_chunked_kernel(
+    triton_device: torch.device, monkeypatch: pytest.MonkeyPatch, chunk: int, units: int
 ) -> None:
+    """Past MAX_UNITS the row is searched chunk by chunk (_select_chunked_kernel): ties spread
+    over several chunks (and a last chunk cut short) take what the reference gives them."""
     from kvrecall.kernels import budget_triton as budget_module
 
-    monkeypatch.setattr(budget_module, "MAX_UNITS", 8)
-    scores, sizes = random_problem(1, 2, 20, triton_device)
-    got = K.select_under_budget(scores, sizes, 30, impl="triton")
-    assert torch.equal(got, K.select_under_budget(scores, sizes, 30, impl="reference"))
+    monkeypatch.setattr(budget_module, "MAX_UNITS", chunk)
+    scores, sizes = random_problem(units, 3, units, triton_device)
+    for budget in (1, 3 * units, 10**6):
+        got = K.select_under_budget(scores, sizes, budget, impl="triton")
+        assert torch.equal(got, K.select_under_budget(scores, sizes, budget, impl="reference")), budget
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -1,0 +1,65 @@
+"""How long louiskv's greedy selection under a budget takes on a GPU for rows longer than the
+selection kernel's block (budget_triton.MAX_UNITS units: 64K prompt tokens at 16 a cluster):
+the chunked kernel against the PyTorch reference (sort, gather, scan, scatter) it replaced there,
+at 256 rows (one Llama-3-8B-shaped session: 32 layers x 8 KV heads) and 2,048 (eight), 8,192 and
+16,384 units (128K and 256K tokens), budget 1024. Random scores, sizes 1-31; CUDA events, median
+of --iters; results checked equal. Prints a table and writes JSON. A probe, not a test.
+
+    python scripts/select_probe.py [--iters 30] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+
+import torch
+
+import kvrecall.kernels as K
+
+
+def median_ms(fn, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    rows_out = []
+    for rows in (256, 2048):
+        for units in (8192, 16384):
+            scores = torch.randn(rows, units, device=device)
+            sizes = torch.randint(1, 32, (rows, units), device=device, dtype=torch.int32)
+            kernel = median_ms(lambda s=scores, z=sizes: K.select_under_budget(s, z, 1024, impl="triton"), args.iters)
+            ref = median_ms(lambda s=scores, z=sizes: K.select_under_budget(s, z, 1024, impl="reference"), args.iters)
+            same = bool(torch.equal(K.select_under_budget(scores, sizes, 1024, impl="triton"),
+                                    K.select_under_budget(scores, sizes, 1024, impl="reference")))  # fmt: skip
+            rows_out.append({"rows": rows, "units": units, "kernel_ms": round(kernel, 4),
+                             "reference_ms": round(ref, 4), "same": same})  # fmt: skip
+    print(f"{'rows':>5} {'units':>6} {'kernel ms':>10} {'reference ms':>13} same")
+    for r in rows_out:
+        print(f"{r['rows']:>5} {r['units']:>6} {r['kernel_ms']:>10} {r['reference_ms']:>13} {r['same']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                       "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                       "command": "python scripts/select_probe.py", "results": rows_out}, f, indent=1)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
