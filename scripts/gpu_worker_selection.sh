@@ -13,6 +13,7 @@
 #    dry       the daemon's retrievals dry (no daemon kernel: the floor);
 #    dryclose  dry, but louiskv's open segment still closes (dry_retrievals_close: what the close costs alone);
 #    pdic      proc with dry_index_copies (the placement's rows moved but never index-copied into their slots);
+#    pdt       proc with dry_transfers (no gather or DMA; zeros index-copied into the rows' slots);
 #    pdu       proc with dry_uploads (the plan and its sync; no host gather, DMA or index copy);
 #    procc     proc with plan_readback copy (the plan copied to the host after its kernel: the way before
 #              2026-12-04; proc's plan is written there by the kernel itself);
@@ -65,6 +66,7 @@ for run in ${RUNS:-$runs}; do
     dry-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 ;;
     pdic-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_INDEX_COPIES=1 ;;
     pdu-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_UPLOADS=1 ;;
+    pdt-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_TRANSFERS=1 ;;
     pduc-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_UPLOADS=1 --daemon-env KVRECALL_PLAN_READBACK=copy ;;
     procc-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_PLAN_READBACK=copy ;;
     wc25-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_WORKER_COPY_SHARE=0.25 ;;

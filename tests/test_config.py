@@ -102,3 +102,4 @@ def test_plan_readback_is_read_from_the_environment_and_checked():
     assert load_config(None, env={"KVRECALL_PLAN_READBACK": "copy"}).plan_readback == "copy"
     with pytest.raises(ConfigError, match="KVRECALL_PLAN_READBACK.*mapped.*copy"):
         load_config(None, env={"KVRECALL_PLAN_READBACK": "dma"})
+    assert load_config(None, env={"KVRECALL_DRY_TRANSFERS": "1"}).dry_transfers is True

@@ -40,6 +40,7 @@ from kvrecall.phases import mark
 CHUNK_ROWS = 65536
 _skip_index_copies = False  # the daemon's dry_index_copies diagnostic (configure)
 _skip_uploads = False  # the daemon's dry_uploads diagnostic (configure)
+_skip_transfers = False  # the daemon's dry_transfers diagnostic (configure)
 _skip_plan_sync = False  # the daemon's dry_plan_sync diagnostic (configure)
 _plan_readback = "mapped"  # the daemon's plan_readback (configure)
 
@@ -129,19 +130,22 @@ def apply_staged(keys: torch.Tensor, values: torch.Tensor, staging: Staging, row
 
 
 def configure(dry_index_copies: bool, dry_uploads: bool = False, dry_plan_sync: bool = False,
-              plan_readback: str = "mapped") -> None:  # fmt: skip
+              plan_readback: str = "mapped", dry_transfers: bool = False) -> None:  # fmt: skip
     """The daemon's `dry_index_copies`: staged rows reach the device, never their slots; its
     `dry_uploads`: they are not even gathered and moved (the plan and its sync alone); its
-    `dry_plan_sync`: nor is the plan read back (no sync in the middle of the call). Its
+    `dry_plan_sync`: nor is the plan read back (no sync in the middle of the call); its
+    `dry_transfers`: the rows are neither gathered nor moved, but zeros are index-copied into
+    their slots (the index copies without the copy engine's transfers before them). Its
     `plan_readback`: "mapped", the plan kernel writes the plan into the pinned buffer the host
     reads; "copy", a DMA copies it there after the kernel."""
-    global _skip_index_copies, _skip_uploads, _skip_plan_sync, _plan_readback
+    global _skip_index_copies, _skip_uploads, _skip_plan_sync, _plan_readback, _skip_transfers
     if plan_readback not in ("mapped", "copy"):
         raise ValueError(f"plan_readback: {plan_readback!r} is neither 'mapped' nor 'copy'")
     _plan_readback = plan_readback
     _skip_index_copies = bool(dry_index_copies or dry_uploads or dry_plan_sync)
     _skip_uploads = bool(dry_uploads or dry_plan_sync)
     _skip_plan_sync = bool(dry_plan_sync)
+    _skip_transfers = bool(dry_transfers) and not _skip_uploads
 
 
 def copy_staged(
@@ -232,7 +236,8 @@ def copy_staged(
     rows = None
     if daemon_copies:
         # A size rounded up to whole chunks: the caching allocator finds the blocks of earlier calls.
-        rows = torch.empty((-(-2 * n // CHUNK_ROWS) * CHUNK_ROWS, D), dtype=host.dtype, device=device)
+        shape = (-(-2 * n // CHUNK_ROWS) * CHUNK_ROWS, D)
+        rows = (torch.zeros if _skip_transfers else torch.empty)(shape, dtype=host.dtype, device=device)
     pieces = _pieces(ends_host, staged, rows, n, host.dtype)
     copies = _copy_stream(device) if pin else None
     if copies is not None:
@@ -247,7 +252,8 @@ def copy_staged(
             if staging is not None and end > start:
                 staging.targets[: end - start].copy_(targets[start:end], non_blocking=pin)
             start = end
-    gather_upload(pool_rows, source_host, pieces, copies, pin)
+    if not _skip_transfers:
+        gather_upload(pool_rows, source_host, pieces, copies, pin)
     if copies is not None:
         torch.cuda.current_stream(device).wait_stream(copies)  # the index copies after the DMAs
     start = 0

@@ -144,6 +144,10 @@ class ServerConfig(BaseModel):
     dry_uploads: bool = False           # DIAGNOSTIC, never in service: dry_index_copies, and the rows are
                                         # not even gathered on the host or moved by DMA (the plan and
                                         # its sync alone): what the copy engine's transfers cost a worker
+    dry_transfers: bool = False         # DIAGNOSTIC, never in service: a staged placement's rows are neither
+                                        # gathered on the host nor moved by DMA, but zeros are index-copied
+                                        # into their slots: what the index copies cost a worker without the
+                                        # copy engine's transfers before them (against dry_index_copies)
     dry_plan_sync: bool = False         # DIAGNOSTIC, never in service: dry_uploads, and the plan is not
                                         # even read back (no host sync in the middle of a retrieval call:
                                         # its one sync is the answer's): what that sync costs a worker

@@ -516,18 +516,20 @@ def test_kernels_compile_for_hopper_without_a_gpu() -> None:
     assert done.stdout.count("compiled") == 12
 
 
-@pytest.mark.parametrize("dry", ["index-copies", "uploads", "plan-sync"])
+@pytest.mark.parametrize("dry", ["index-copies", "uploads", "plan-sync", "transfers"])
 def test_dry_index_copies_leave_the_rows_and_move_the_positions(triton_device, monkeypatch, dry):
-    """The daemon's dry_index_copies, dry_uploads and dry_plan_sync diagnostics: a staged placement
-    writes its slot positions as the reference does but never its rows (the working set's K/V keep
-    every byte); with dry_uploads the rows are not even gathered, with dry_plan_sync the plan is not
-    even read back."""
+    """The daemon's dry_index_copies, dry_uploads, dry_plan_sync and dry_transfers diagnostics: a
+    staged placement writes its slot positions as the reference does but never its rows (with
+    dry_transfers, zeros where the rows would go; else the working set's K/V keep every byte);
+    with dry_uploads and dry_transfers the rows are not even gathered, with dry_plan_sync the plan
+    is not even read back."""
     from kvrecall.kernels import placement_staged, placement_triton
 
     monkeypatch.setattr(placement_triton, "staged", lambda host, keys, selection: True)
-    for name in ("_skip_index_copies", "_skip_uploads", "_skip_plan_sync", "_plan_readback"):  # (restored after)
-        monkeypatch.setattr(placement_staged, name, False)
-    placement_staged.configure(dry == "index-copies", dry == "uploads", dry == "plan-sync")
+    for name in ("_skip_index_copies", "_skip_uploads", "_skip_plan_sync", "_plan_readback", "_skip_transfers"):
+        monkeypatch.setattr(placement_staged, name, False)  # (restored after the test)
+    placement_staged.configure(dry == "index-copies", dry == "uploads", dry == "plan-sync",
+                               dry_transfers=dry == "transfers")  # fmt: skip
     gathered, plans = [], []
     monkeypatch.setattr(placement_staged, "gather_upload", lambda *args: gathered.append(args))
     take = placement_staged._PLANS.take
@@ -539,8 +541,14 @@ def test_dry_index_copies_leave_the_rows_and_move_the_positions(triton_device, m
     got = run("triton", pages, slot_pos, keys, values, selection, 2, triton_device)
     want = run("reference", pages, slot_pos, keys, values, selection, 2, torch.device("cpu"))
     assert torch.equal(got[0], want[0]), "slot positions as placed"
-    assert torch.equal(got[1], keys) and torch.equal(got[2], values), "rows written"
-    assert not torch.equal(want[1], keys), "the reference moved no row: the test tells nothing"
+    moved = (want[1] != keys).any(dim=-1)  # the (row, slot) pairs the reference wrote
+    assert moved.any(), "the reference moved no row: the test tells nothing"
+    if dry == "transfers":
+        for got_kv, kv in ((got[1], keys), (got[2], values)):
+            assert torch.equal(got_kv[moved], torch.zeros_like(got_kv[moved])), "zeros where the rows go"
+            assert torch.equal(got_kv[~moved], kv[~moved]), "the other rows untouched"
+    else:
+        assert torch.equal(got[1], keys) and torch.equal(got[2], values), "rows written"
     assert len(gathered) == (dry == "index-copies"), "rows gathered" if gathered else "no rows gathered"
     assert len(plans) == (dry != "plan-sync"), "the plan read back" if plans else "the plan not read back"
 
