@@ -1,7 +1,7 @@
 """How long louiskv's greedy selection under a budget takes on a GPU for rows longer than the
 selection kernel's block (budget_triton.MAX_UNITS units: 64K prompt tokens at 16 a cluster):
-the chunked kernel against the PyTorch reference (sort, gather, scan, scatter) it replaced there,
-at 256 rows (one Llama-3-8B-shaped session: 32 layers x 8 KV heads) and 2,048 (eight), 8,192 and
+the chunked kernel (its search 2, 4 and 16 ways a pass: budget_triton.SEARCH_WAYS) against the
+PyTorch reference (sort, gather, scan, scatter) it replaced there, at 256 rows (one Llama-3-8B-shaped session: 32 layers x 8 KV heads) and 2,048 (eight), 8,192 and
 16,384 units (128K and 256K tokens), budget 1024. Random scores, sizes 1-31; CUDA events, median
 of --iters; results checked equal. Prints a table and writes JSON. A probe, not a test.
 
@@ -18,6 +18,7 @@ import statistics
 import torch
 
 import kvrecall.kernels as K
+from kvrecall.kernels import budget_triton
 
 
 def median_ms(fn, iters: int) -> float:
@@ -45,15 +46,22 @@ def main() -> None:
         for units in (8192, 16384):
             scores = torch.randn(rows, units, device=device)
             sizes = torch.randint(1, 32, (rows, units), device=device, dtype=torch.int32)
-            kernel = median_ms(lambda s=scores, z=sizes: K.select_under_budget(s, z, 1024, impl="triton"), args.iters)
-            ref = median_ms(lambda s=scores, z=sizes: K.select_under_budget(s, z, 1024, impl="reference"), args.iters)
-            same = bool(torch.equal(K.select_under_budget(scores, sizes, 1024, impl="triton"),
-                                    K.select_under_budget(scores, sizes, 1024, impl="reference")))  # fmt: skip
-            rows_out.append({"rows": rows, "units": units, "kernel_ms": round(kernel, 4),
-                             "reference_ms": round(ref, 4), "same": same})  # fmt: skip
-    print(f"{'rows':>5} {'units':>6} {'kernel ms':>10} {'reference ms':>13} same")
+            row = {"rows": rows, "units": units}
+            want = K.select_under_budget(scores, sizes, 1024, impl="reference")
+            for ways in (2, 4, 16):
+                budget_triton.SEARCH_WAYS = ways
+                row[f"kernel_{ways}way_ms"] = round(median_ms(
+                    lambda s=scores, z=sizes: K.select_under_budget(s, z, 1024, impl="triton"), args.iters), 4)
+                row[f"same_{ways}way"] = bool(torch.equal(K.select_under_budget(scores, sizes, 1024, impl="triton"), want))
+            budget_triton.SEARCH_WAYS = 2
+            row["reference_ms"] = round(median_ms(
+                lambda s=scores, z=sizes: K.select_under_budget(s, z, 1024, impl="reference"), args.iters), 4)
+            rows_out.append(row)
+    print(f"{'rows':>5} {'units':>6} {'2-way ms':>9} {'4-way ms':>9} {'16-way ms':>10} {'reference ms':>13} same")
     for r in rows_out:
-        print(f"{r['rows']:>5} {r['units']:>6} {r['kernel_ms']:>10} {r['reference_ms']:>13} {r['same']}")
+        same = all(r[f"same_{w}way"] for w in (2, 4, 16))
+        print(f"{r['rows']:>5} {r['units']:>6} {r['kernel_2way_ms']:>9} {r['kernel_4way_ms']:>9} "
+              f"{r['kernel_16way_ms']:>10} {r['reference_ms']:>13} {same}")  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

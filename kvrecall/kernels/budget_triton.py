@@ -22,6 +22,10 @@ import triton.language as tl
 
 MAX_UNITS = 4096
 SMALL_UNITS = 256
+# Ways of the chunked kernel's search a pass over the row (a power of two dividing 2 ** 32's exponent:
+# 2, 4, 16 or 256): 2 is the binary search measured on an H200 (scripts/select_probe.py); 16 reads the
+# row a quarter as often, not yet measured.
+SEARCH_WAYS = 2
 
 
 @triton.jit(do_not_specialize=["U", "budget", "stride_sb", "stride_zb"])
@@ -72,23 +76,35 @@ def _select_chunked_kernel(
     scores_ptr, sizes_ptr, take_ptr,
     U, budget,
     stride_sb, stride_zb,
-    CHUNK: tl.constexpr,
+    CHUNK: tl.constexpr, LOG_WAYS: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     scores_ptr += b * stride_sb
     sizes_ptr += b * stride_zb
     offs = tl.arange(0, CHUNK)
     lo = tl.full((), -(2**31), tl.int64)
-    hi = tl.full((), 2**31, tl.int64)
-    for _ in range(32):  # _select_kernel's search, each sum over the row's chunks
-        mid = (lo + hi) >> 1
-        total = tl.zeros((), tl.int64)
-        for start in range(0, U, CHUNK):
-            key, size = _keyed(scores_ptr, sizes_ptr, start + offs, start + offs < U)
-            total += tl.sum(tl.where(key >= mid, size, 0), axis=0)
-        enough = total >= budget
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid)
+    if LOG_WAYS == 1:  # _select_kernel's binary search, each sum over the row's chunks (32 passes)
+        hi = tl.full((), 2**31, tl.int64)
+        for _ in range(32):
+            mid = (lo + hi) >> 1
+            total = tl.zeros((), tl.int64)
+            for start in range(0, U, CHUNK):
+                key, size = _keyed(scores_ptr, sizes_ptr, start + offs, start + offs < U)
+                total += tl.sum(tl.where(key >= mid, size, 0), axis=0)
+            enough = total >= budget
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid)
+    else:  # 2 ** LOG_WAYS ways a pass (4: 16 ways, 8 passes): thresholds lo + j * width, j < WAYS; lo
+        # moves to the last one whose units reach the budget (the sums fall as the thresholds rise)
+        ways = tl.arange(0, 1 << LOG_WAYS).to(tl.int64)
+        for step in range(32 // LOG_WAYS):
+            shift = 32 - (step + 1) * LOG_WAYS  # the sub-interval's width is 1 << shift
+            thresholds = lo + (ways << shift)
+            sums = tl.zeros((1 << LOG_WAYS,), tl.int64)
+            for start in range(0, U, CHUNK):
+                key, size = _keyed(scores_ptr, sizes_ptr, start + offs, start + offs < U)
+                sums += tl.sum(tl.where(key[:, None] >= thresholds[None, :], size[:, None], 0), axis=0)
+            lo += tl.sum(((sums >= budget) & (ways > 0)).to(tl.int64), axis=0) << shift
     above_sum = tl.zeros((), tl.int64)
     for start in range(0, U, CHUNK):
         key, size = _keyed(scores_ptr, sizes_ptr, start + offs, start + offs < U)
@@ -112,9 +128,12 @@ def select_under_budget_triton(scores: torch.Tensor, sizes: torch.Tensor, budget
     if take.numel() == 0:
         return take
     if num_units > MAX_UNITS:
+        log_ways = SEARCH_WAYS.bit_length() - 1
+        # The binary search a chunk of MAX_UNITS (as measured); more ways, a [chunk, ways] pass of 4,096 entries.
+        chunk = MAX_UNITS if log_ways == 1 else max(16, min(MAX_UNITS, 4096 >> log_ways))
         _select_chunked_kernel[(batch,)](
-            scores, sizes, take, num_units, budget, scores.stride(0), sizes.stride(0), CHUNK=MAX_UNITS,
-            num_warps=8 if MAX_UNITS > 1024 else 4,
+            scores, sizes, take, num_units, budget, scores.stride(0), sizes.stride(0), CHUNK=chunk,
+            LOG_WAYS=log_ways, num_warps=8 if chunk > 1024 else 4,
         )  # fmt: skip
         return take
     # Two compiled variants, not one per power of two: the daemon's warm-up compiles both, so a

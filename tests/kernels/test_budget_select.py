@@ -74,15 +74,17 @@ def test_signed_zeros_tie_and_a_wide_row_matches_the_reference(triton_device: to
         assert torch.equal(got, K.select_under_budget(scores, sizes, budget, impl="reference"))
 
 
-@pytest.mark.parametrize(("chunk", "units"), [(8, 20), (8, 43), (64, 195)])
+@pytest.mark.parametrize(("chunk", "units", "ways"), [(8, 20, 2), (8, 43, 2), (64, 195, 2), (8, 43, 16), (64, 195, 4)])
 def test_rows_longer_than_a_block_take_the_chunked_kernel(
-    triton_device: torch.device, monkeypatch: pytest.MonkeyPatch, chunk: int, units: int
+    triton_device: torch.device, monkeypatch: pytest.MonkeyPatch, chunk: int, units: int, ways: int
 ) -> None:
-    """Past MAX_UNITS the row is searched chunk by chunk (_select_chunked_kernel): ties spread
-    over several chunks (and a last chunk cut short) take what the reference gives them."""
+    """Past MAX_UNITS the row is searched chunk by chunk (_select_chunked_kernel), `ways` thresholds
+    a pass (SEARCH_WAYS): ties spread over several chunks (and a last chunk cut short) take what
+    the reference gives them."""
     from kvrecall.kernels import budget_triton as budget_module
 
     monkeypatch.setattr(budget_module, "MAX_UNITS", chunk)
+    monkeypatch.setattr(budget_module, "SEARCH_WAYS", ways)
     scores, sizes = random_problem(units, 3, units, triton_device)
     for budget in (1, 3 * units, 10**6):
         got = K.select_under_budget(scores, sizes, budget, impl="triton")

@@ -458,12 +458,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kvrecall.kernels import expand_triton as expand, notice_triton as notice, placement_triton as placement
-from kvrecall.kernels import unit_append_triton as unit_append
+from kvrecall.kernels import budget_triton as budget, unit_append_triton as unit_append
 
 INDEX = {name: "i32" for name in ("R", "C", "first_slot", "sel_stride", "num_positions", "mark_words",
          "tokens_per_page", "num_kv_heads", "rows_per_session", "rows", "U", "start", "n", "ring_start", "ring_size",
          "M", "P", "width", "steps", "pin_steps", "stride_s", "stride_t", "stride_u", "stride_r", "stride_p", "first_row", "stride_l", "stride_kv",
-         "stride_h", "split", "stride_q")}
+         "stride_h", "split", "stride_q", "budget", "stride_sb", "stride_zb")}
 KERNELS = [
     (placement._place_kernel, "*i32 *i16 *i16 *i64 *i16 *i64 *i64 *i32 *i32 *i64 *i32",
      dict(D=128, BLOCK_R=1024, ROWS=32, BLOCK_D=128, TRACK_RESIDENT=True, MANY=False, COPY=False)),
@@ -485,6 +485,8 @@ KERNELS = [
      dict(D=128, ROWS=32, BLOCK_D=128, BLOCK_W=64, BLOCK_C=1024, SUMS=True, CLEAR=True)),
     (notice._notice_kernel, "*i32 *bf16 *bf16 *bf16 *i64 *i64 *fp32 *i64",  # deferred eviction
      dict(D=128, ROWS=32, BLOCK_D=128, BLOCK_W=64, BLOCK_C=1024, SUMS=False, CLEAR=False)),
+    (budget._select_chunked_kernel, "*fp32 *i32 *i64", dict(CHUNK=4096, LOG_WAYS=1)),  # rows past 4,096 units
+    (budget._select_chunked_kernel, "*fp32 *i32 *i64", dict(CHUNK=256, LOG_WAYS=4)),
 ]
 for kernel, pointers, constexprs in KERNELS:
     names = kernel.arg_names
@@ -513,7 +515,7 @@ def test_kernels_compile_for_hopper_without_a_gpu() -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("compiled") == 12
+    assert done.stdout.count("compiled") == 14
 
 
 @pytest.mark.parametrize("dry", ["index-copies", "uploads", "plan-sync", "transfers"])
