@@ -96,13 +96,15 @@ def _select_chunked_kernel(
             hi = tl.where(enough, hi, mid)
     else:  # 2 ** LOG_WAYS ways a pass (4: 16 ways, 8 passes): thresholds lo + j * width, j < WAYS; lo
         # moves to the last one whose units reach the budget (the sums fall as the thresholds rise)
+        # (in 32 bits: keys are, every threshold is below 2 ** 31, and a row's sizes sum to its tokens)
         ways = tl.arange(0, 1 << LOG_WAYS).to(tl.int64)
         for step in range(32 // LOG_WAYS):
             shift = 32 - (step + 1) * LOG_WAYS  # the sub-interval's width is 1 << shift
-            thresholds = lo + (ways << shift)
-            sums = tl.zeros((1 << LOG_WAYS,), tl.int64)
+            thresholds = (lo + (ways << shift)).to(tl.int32)
+            sums = tl.zeros((1 << LOG_WAYS,), tl.int32)
             for start in range(0, U, CHUNK):
                 key, size = _keyed(scores_ptr, sizes_ptr, start + offs, start + offs < U)
+                key, size = key.to(tl.int32), size.to(tl.int32)
                 sums += tl.sum(tl.where(key[:, None] >= thresholds[None, :], size[:, None], 0), axis=0)
             lo += tl.sum(((sums >= budget) & (ways > 0)).to(tl.int64), axis=0) << shift
     above_sum = tl.zeros((), tl.int64)
