@@ -61,3 +61,23 @@ def test_members_is_row_wise_set_membership(rows, width, span):
     want = torch.tensor([[bool(x_ok[b, r]) and int(x[b, r]) in set(of[b][of_ok[b]].tolist()) for r in range(width)]
                          for b in range(rows)], dtype=torch.bool).view(rows, width)  # fmt: skip
     assert torch.equal(reference._members(x, x_ok, of, of_ok, span), want)
+
+
+def test_fp8_unit_reps_choose_as_a_table_stored_in_fp8(monkeypatch):
+    """The daemon's fp8_unit_reps diagnostic (louiskv.configure): choose_units scores the units on
+    their representatives rounded to float8 e4m3, exactly as over a table that stored them so,
+    and (on representatives fp8 cannot hold exactly) chooses otherwise than at full precision."""
+    from kvrecall.server.policies import louiskv
+
+    monkeypatch.setattr(louiskv, "_reps_stored_as", None)  # (restored after the test)
+    q, reps, valid, sizes, position, _ = table(16, 300, seed=3)
+    full, _ = choose_units(q, reps, valid, sizes, position, None, 256, "max")
+    rounded = reps.to(torch.float8_e4m3fn).to(reps.dtype)
+    want, _ = choose_units(q, rounded, valid, sizes, position, None, 256, "max")
+    louiskv.configure(False, fp8_unit_reps=True)
+    got, _ = choose_units(q, reps, valid, sizes, position, None, 256, "max")
+    assert torch.equal(got, want)
+    assert as_sets(got) != as_sets(full), "fp8 changed no choice: the case tells nothing"
+    louiskv.configure(False)
+    again, _ = choose_units(q, reps, valid, sizes, position, None, 256, "max")
+    assert torch.equal(again, full)

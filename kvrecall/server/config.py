@@ -137,6 +137,10 @@ class ServerConfig(BaseModel):
                                         # selection run by the worker over its mapped unit table would
                                         # choose without a close kernel of the daemon's first
                                         # (scripts/lag_fidelity.py --variants, DEVELOPERS.md)
+    fp8_unit_reps: bool = False         # DIAGNOSTIC: louiskv scores units on their representatives rounded to
+                                        # float8 e4m3, as a unit table stored in fp8 would (half the bytes a
+                                        # 128K retrieval's scoring reads): what that storage costs accuracy
+                                        # (scripts/lag_fidelity.py --variants fp8-reps)
     dry_index_copies: bool = False      # DIAGNOSTIC, never in service: a staged placement's rows are
                                         # gathered and moved to the device but never index-copied into
                                         # the working sets (their slot positions are): what the daemon's

@@ -226,13 +226,23 @@ class _UnitTable:
 UNIT_COLUMNS = ("reps", "sizes", "valid")  # the fields with a column per unit (the rest: per candidate)
 
 _select_first = False  # the daemon's select_before_close (a diagnostic): configure()
+_reps_stored_as: torch.dtype | None = None  # the daemon's fp8_unit_reps (a diagnostic): configure()
 
 
-def configure(select_before_close: bool) -> None:
+def configure(select_before_close: bool, fp8_unit_reps: bool = False) -> None:
     """The daemon's `select_before_close`: a boundary selects over the table as the notices left
-    it, then closes the open segment (its tokens are candidates from the next boundary on)."""
-    global _select_first
+    it, then closes the open segment (its tokens are candidates from the next boundary on). Its
+    `fp8_unit_reps`: units are scored on their representatives rounded to float8 (e4m3), as a
+    table stored in fp8 (half the bytes a score reads) would give them."""
+    global _select_first, _reps_stored_as
     _select_first = bool(select_before_close)
+    _reps_stored_as = torch.float8_e4m3fn if fp8_unit_reps else None
+
+
+def as_stored(reps: torch.Tensor) -> torch.Tensor:
+    """reps as the unit table's storage hands them to a score: rounded to fp8 under the
+    fp8_unit_reps diagnostic, else themselves."""
+    return reps if _reps_stored_as is None else reps.to(_reps_stored_as).to(reps.dtype)
 
 
 def selects_first() -> bool:
@@ -782,7 +792,7 @@ def choose_units(
     unit: kernels.expand_grouped reads only the chosen units' columns) -> (positions
     [B, budget] -1 padded, tokens taken per unit [B, U]). Rows never mix: stacking several
     sessions' rows gives each the rows it gets alone."""
-    return fill_budget(kernels.score_units(q, reps, valid, agg=aggregate), sizes, position, pinned, budget)
+    return fill_budget(kernels.score_units(q, as_stored(reps), valid, agg=aggregate), sizes, position, pinned, budget)
 
 
 def fill_budget(
@@ -819,7 +829,7 @@ def choose_units_split(
     first = 0
     for (reps, valid, _, _), width in zip(segments, widths, strict=True):
         if width:
-            kernels.score_units(q, reps, valid, agg=aggregate, out=scores[:, first : first + width])
+            kernels.score_units(q, as_stored(reps), valid, agg=aggregate, out=scores[:, first : first + width])
         first += width
     sizes = torch.cat([segment[2] for segment in segments], dim=1)
     head = segments[0][3] if len(segments) == 2 else torch.cat([segment[3] for segment in segments[:-1]], dim=1)
