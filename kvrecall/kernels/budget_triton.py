@@ -28,6 +28,18 @@ SMALL_UNITS = 256
 SEARCH_WAYS = 2
 
 
+@triton.jit
+def _keyed(scores_ptr, sizes_ptr, offs, in_row):
+    """The units at `offs` of a row: order-preserving integer keys of their scores and their
+    sizes (int64), both kernels' view of a row."""
+    scores = tl.load(scores_ptr + offs, mask=in_row, other=float("-inf")).to(tl.float32)
+    size = tl.load(sizes_ptr + offs, mask=in_row, other=0).to(tl.int64)
+    size = tl.where(scores > float("-inf"), tl.maximum(size, 0), 0)  # -inf, NaN, padding: nothing
+    scores = tl.where(scores == 0.0, 0.0, scores)  # -0.0 ties +0.0, as the reference's compare does
+    bits = scores.to(tl.int32, bitcast=True)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64), size  # float order == signed int order
+
+
 @triton.jit(do_not_specialize=["U", "budget", "stride_sb", "stride_zb"])
 def _select_kernel(
     scores_ptr, sizes_ptr, take_ptr,
@@ -38,12 +50,7 @@ def _select_kernel(
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_U)
     in_row = offs < U
-    scores = tl.load(scores_ptr + b * stride_sb + offs, mask=in_row, other=float("-inf")).to(tl.float32)
-    size = tl.load(sizes_ptr + b * stride_zb + offs, mask=in_row, other=0).to(tl.int64)
-    size = tl.where(scores > float("-inf"), tl.maximum(size, 0), 0)  # -inf, NaN, padding: nothing
-    scores = tl.where(scores == 0.0, 0.0, scores)  # -0.0 ties +0.0, as the reference's compare does
-    bits = scores.to(tl.int32, bitcast=True)
-    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # float order == signed int order
+    key, size = _keyed(scores_ptr + b * stride_sb, sizes_ptr + b * stride_zb, offs, in_row)
     # Invariant: sum(size[key >= lo]) >= budget (or lo is the lowest key), sum(size[key >= hi]) < budget.
     lo = tl.full((), -(2**31), tl.int64)
     hi = tl.full((), 2**31, tl.int64)
@@ -58,17 +65,6 @@ def _select_kernel(
     before = tl.cumsum(tied, axis=0) - tied  # ties: lower index first
     take = tl.where(above, size, tl.minimum(tied, tl.maximum(left - before, 0)))
     tl.store(take_ptr + b * U + offs, take, mask=in_row)
-
-
-@triton.jit
-def _keyed(scores_ptr, sizes_ptr, offs, in_row):
-    """A chunk's order-preserving integer keys and sizes (as _select_kernel computes them)."""
-    scores = tl.load(scores_ptr + offs, mask=in_row, other=float("-inf")).to(tl.float32)
-    size = tl.load(sizes_ptr + offs, mask=in_row, other=0).to(tl.int64)
-    size = tl.where(scores > float("-inf"), tl.maximum(size, 0), 0)
-    scores = tl.where(scores == 0.0, 0.0, scores)
-    bits = scores.to(tl.int32, bitcast=True)
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64), size
 
 
 @triton.jit(do_not_specialize=["U", "budget", "stride_sb", "stride_zb"])
