@@ -179,10 +179,10 @@ def copy_staged(
     whole = R * block_r
     pin = device.type == "cuda"  # (a CPU run, under Triton's interpreter, tests the same steps)
     # The plan straight into the host buffer the host reads (mapped: the kernel's own stores over
-    # PCIe), or copied there after the kernel (copy). Not under dry_plan_sync: nothing would wait
-    # for the kernel before the buffer went back.
-    mapped = _plan_readback == "mapped" and not _skip_plan_sync
-    buffer = _PLANS.take(whole + R, pin) if mapped else None
+    # PCIe), or copied there after the kernel (copy): key rows [0, whole), row ends [whole, + R).
+    # Under dry_plan_sync there is none: nothing would wait for the kernel before it went back.
+    buffer = None if _skip_plan_sync else _PLANS.take(whole + R, pin)
+    mapped = buffer is not None and _plan_readback == "mapped"
     try:
         # The pool row and working-set row of every new token, compacted in row order (one launch:
         # staged_plan_triton; this path runs only where the placement kernel does).
@@ -190,17 +190,15 @@ def copy_staged(
             scratch, counts, block_r, tables, rows_per_session, first_slot, H, P, D, C, impl="triton",
             rows_out=buffer[:whole] if mapped else None, ends_out=buffer[whole : whole + R] if mapped else None,
         )  # fmt: skip
-        if _skip_plan_sync:  # (the diagnostic: the slot positions are placed, the plan never read)
+        if buffer is None:  # (the diagnostic: the slot positions are placed, the plan never read)
             if on_counts is not None:
                 on_counts(counts)
             mark("place_launch")
             return
         # The one sync: the host needs the rows it gathers (and how many there are).
         if not mapped:
-            buffer = _PLANS.take(whole + len(sessions), pin)
             buffer[:whole].copy_(packed[:whole], non_blocking=pin)
-            buffer[whole : whole + len(sessions)].copy_(ends[rows_per_session - 1 :: rows_per_session],
-                                                       non_blocking=pin)  # fmt: skip
+            buffer[whole : whole + R].copy_(ends, non_blocking=pin)
         if on_counts is not None:
             on_counts(counts)
         mark("place_launch")
@@ -208,10 +206,7 @@ def copy_staged(
         if pin:
             torch.cuda.current_stream(device).synchronize()
         mark("plan_sync")
-        if mapped:
-            ends_host = buffer[whole + rows_per_session - 1 : whole + R : rows_per_session].tolist()
-        else:
-            ends_host = buffer[whole : whole + len(sessions)].tolist()
+        ends_host = buffer[whole + rows_per_session - 1 : whole + R : rows_per_session].tolist()  # per session
         n = ends_host[-1]
         source_host = torch.cat((buffer[:n], buffer[:n] + H * P))  # K rows, then V rows
     finally:
