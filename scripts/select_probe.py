@@ -1,9 +1,11 @@
 """How long louiskv's greedy selection under a budget takes on a GPU for rows longer than the
 selection kernel's block (budget_triton.MAX_UNITS units: 64K prompt tokens at 16 a cluster):
 the chunked kernel (its search 2, 4 and 16 ways a pass: budget_triton.SEARCH_WAYS) against the
-PyTorch reference (sort, gather, scan, scatter) it replaced there, at 256 rows (one Llama-3-8B-shaped session: 32 layers x 8 KV heads) and 2,048 (eight), 8,192 and
-16,384 units (128K and 256K tokens), budget 1024. Random scores, sizes 1-31; CUDA events, median
-of --iters; results checked equal. Prints a table and writes JSON. A probe, not a test.
+PyTorch reference (sort, gather, scan, scatter) it replaced there, at 256 rows (one
+Llama-3-8B-shaped session: 32 layers x 8 KV heads) and 2,048 (eight), 8,192 and 16,384 units
+(128K and 256K tokens), budget 1024. Random scores, sizes 1-31; CUDA events
+(kvrecall.bench.common.time_fn), median of --iters; results checked equal. Prints a table and
+writes JSON. A probe, not a test.
 
     python scripts/select_probe.py [--iters 30] [--out F]
 """
@@ -13,26 +15,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 
 import torch
 
 import kvrecall.kernels as K
+from kvrecall.bench.common import time_fn
 from kvrecall.kernels import budget_triton
-
-
-def median_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -50,12 +38,14 @@ def main() -> None:
             want = K.select_under_budget(scores, sizes, 1024, impl="reference")
             for ways in (2, 4, 16):
                 budget_triton.SEARCH_WAYS = ways
-                row[f"kernel_{ways}way_ms"] = round(median_ms(
-                    lambda s=scores, z=sizes: K.select_under_budget(s, z, 1024, impl="triton"), args.iters), 4)
+                row[f"kernel_{ways}way_ms"] = round(time_fn(
+                    lambda s=scores, z=sizes: K.select_under_budget(s, z, 1024, impl="triton"), device,
+                    reps=args.iters).median_ms, 4)
                 row[f"same_{ways}way"] = bool(torch.equal(K.select_under_budget(scores, sizes, 1024, impl="triton"), want))
             budget_triton.SEARCH_WAYS = 2
-            row["reference_ms"] = round(median_ms(
-                lambda s=scores, z=sizes: K.select_under_budget(s, z, 1024, impl="reference"), args.iters), 4)
+            row["reference_ms"] = round(time_fn(
+                lambda s=scores, z=sizes: K.select_under_budget(s, z, 1024, impl="reference"), device,
+                reps=args.iters).median_ms, 4)
             rows_out.append(row)
     print(f"{'rows':>5} {'units':>6} {'2-way ms':>9} {'4-way ms':>9} {'16-way ms':>10} {'reference ms':>13} same")
     for r in rows_out:
