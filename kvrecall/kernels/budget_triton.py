@@ -11,8 +11,8 @@ what is left in index order (a prefix sum), units below nothing. The sort this r
 4096-wide bitonic sort per row) took 0.2 ms per 32K retrieval on an H200 (issue #17). Rows longer
 than MAX_UNITS (a 64K-token prompt at 16 tokens a cluster: 128K x 8 on an H200 ran the reference's
 sort, scan and scatter, ~0.3 ms of the daemon's kernels a retrieval) take `_select_chunked_kernel`:
-the same search, each step summing the row MAX_UNITS at a time from memory (the row, 8 bytes a
-unit, stays in the SM's cache), then one pass that carries the ties' prefix sum across chunks.
+the same search, SEARCH_WAYS ways a pass (thresholds compared a chunk at a time from memory: the row,
+8 bytes a unit, stays in the SM's cache), then one pass that carries the ties' prefix sum across chunks.
 Imported only when Triton is (see `_triton`).
 """
 
@@ -23,9 +23,10 @@ import triton.language as tl
 MAX_UNITS = 4096
 SMALL_UNITS = 256
 # Ways of the chunked kernel's search a pass over the row (a power of two dividing 2 ** 32's exponent:
-# 2, 4, 16 or 256): 2 is the binary search measured on an H200 (scripts/select_probe.py); 16 reads the
-# row a quarter as often, not yet measured.
-SEARCH_WAYS = 2
+# 2, 4, 16 or 256). On an H200 (scripts/select_probe.py, 2026-12-04) 4 ways took 0.094 / 0.25 ms for
+# 256 rows of 8,192 / 16,384 units against 0.131 / 0.26 for the binary search (2) and 0.15 / 0.41 for
+# 16 (its [chunk, 16] compares cost more than the passes they save); 0.62 against 1.03 ms at 2,048 rows.
+SEARCH_WAYS = 4
 
 
 @triton.jit
@@ -79,30 +80,19 @@ def _select_chunked_kernel(
     sizes_ptr += b * stride_zb
     offs = tl.arange(0, CHUNK)
     lo = tl.full((), -(2**31), tl.int64)
-    if LOG_WAYS == 1:  # _select_kernel's binary search, each sum over the row's chunks (32 passes)
-        hi = tl.full((), 2**31, tl.int64)
-        for _ in range(32):
-            mid = (lo + hi) >> 1
-            total = tl.zeros((), tl.int64)
-            for start in range(0, U, CHUNK):
-                key, size = _keyed(scores_ptr, sizes_ptr, start + offs, start + offs < U)
-                total += tl.sum(tl.where(key >= mid, size, 0), axis=0)
-            enough = total >= budget
-            lo = tl.where(enough, mid, lo)
-            hi = tl.where(enough, hi, mid)
-    else:  # 2 ** LOG_WAYS ways a pass (4: 16 ways, 8 passes): thresholds lo + j * width, j < WAYS; lo
-        # moves to the last one whose units reach the budget (the sums fall as the thresholds rise)
-        # (in 32 bits: keys are, every threshold is below 2 ** 31, and a row's sizes sum to its tokens)
-        ways = tl.arange(0, 1 << LOG_WAYS).to(tl.int64)
-        for step in range(32 // LOG_WAYS):
-            shift = 32 - (step + 1) * LOG_WAYS  # the sub-interval's width is 1 << shift
-            thresholds = (lo + (ways << shift)).to(tl.int32)
-            sums = tl.zeros((1 << LOG_WAYS,), tl.int32)
-            for start in range(0, U, CHUNK):
-                key, size = _keyed(scores_ptr, sizes_ptr, start + offs, start + offs < U)
-                key, size = key.to(tl.int32), size.to(tl.int32)
-                sums += tl.sum(tl.where(key[:, None] >= thresholds[None, :], size[:, None], 0), axis=0)
-            lo += tl.sum(((sums >= budget) & (ways > 0)).to(tl.int64), axis=0) << shift
+    # 2 ** LOG_WAYS ways a pass (4: 16 ways, 8 passes): thresholds lo + j * width, j < WAYS; lo moves
+    # to the last one whose units reach the budget (the sums fall as the thresholds rise) (in 32 bits:
+    # keys are, every threshold is below 2 ** 31, and a row's sizes sum to its tokens)
+    ways = tl.arange(0, 1 << LOG_WAYS).to(tl.int64)
+    for step in range(32 // LOG_WAYS):
+        shift = 32 - (step + 1) * LOG_WAYS  # the sub-interval's width is 1 << shift
+        thresholds = (lo + (ways << shift)).to(tl.int32)
+        sums = tl.zeros((1 << LOG_WAYS,), tl.int32)
+        for start in range(0, U, CHUNK):
+            key, size = _keyed(scores_ptr, sizes_ptr, start + offs, start + offs < U)
+            key, size = key.to(tl.int32), size.to(tl.int32)
+            sums += tl.sum(tl.where(key[:, None] >= thresholds[None, :], size[:, None], 0), axis=0)
+        lo += tl.sum(((sums >= budget) & (ways > 0)).to(tl.int64), axis=0) << shift
     above_sum = tl.zeros((), tl.int64)
     for start in range(0, U, CHUNK):
         key, size = _keyed(scores_ptr, sizes_ptr, start + offs, start + offs < U)
@@ -127,8 +117,7 @@ def select_under_budget_triton(scores: torch.Tensor, sizes: torch.Tensor, budget
         return take
     if num_units > MAX_UNITS:
         log_ways = SEARCH_WAYS.bit_length() - 1
-        # The binary search a chunk of MAX_UNITS (as measured); more ways, a [chunk, ways] pass of 4,096 entries.
-        chunk = MAX_UNITS if log_ways == 1 else max(16, min(MAX_UNITS, 4096 >> log_ways))
+        chunk = max(16, min(MAX_UNITS, 4096 >> log_ways))  # a [chunk, ways] pass of 4,096 entries
         _select_chunked_kernel[(batch,)](
             scores, sizes, take, num_units, budget, scores.stride(0), sizes.stride(0), CHUNK=chunk,
             LOG_WAYS=log_ways, num_warps=8 if chunk > 1024 else 4,
