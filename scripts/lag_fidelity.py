@@ -16,8 +16,7 @@ the open output segment closes, what a selection run by the worker over its mapp
 would choose without a close kernel of the daemon's first; DEVELOPERS.md), and
 `worker-selection` (the daemon's worker_selection: the engine chooses each retrieval over its
 mapped unit table and open segment, the daemon places it), and `fp8-reps` (the daemon's
-fp8_unit_reps diagnostic: units scored on representatives rounded to float8, as a unit table
-stored in fp8 would give them).
+unit_reps_dtype fp8: louiskv's unit table stores its representatives in float8 e4m3).
 
     python scripts/lag_fidelity.py --out FILE [--lags 0,4,5,8] [--doc-tokens 2048] [--tokens 1000]
                                    [--docs 1] [--budget 512] [--device cpu|cuda]
@@ -41,7 +40,7 @@ from torch.nn.functional import log_softmax
 VARIANTS = {
     "default": {},
     "select-before-close": {"KVRECALL_SELECT_BEFORE_CLOSE": "1"},
-    "fp8-reps": {"KVRECALL_FP8_UNIT_REPS": "1"},
+    "fp8-reps": {"KVRECALL_UNIT_REPS_DTYPE": "fp8"},
     # the worker chooses each retrieval over its mapped table (kvrecall/client/selection.py)
     "worker-selection": {"KVRECALL_WORKER_COPY_SHARE": "1", "KVRECALL_WORKER_SELECTION": "1"},
 }

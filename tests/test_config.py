@@ -103,3 +103,11 @@ def test_plan_readback_is_read_from_the_environment_and_checked():
     with pytest.raises(ConfigError, match="KVRECALL_PLAN_READBACK.*mapped.*copy"):
         load_config(None, env={"KVRECALL_PLAN_READBACK": "dma"})
     assert load_config(None, env={"KVRECALL_DRY_TRANSFERS": "1"}).dry_transfers is True
+
+
+def test_unit_reps_dtype_is_read_from_the_environment_and_checked():
+    """KVRECALL_UNIT_REPS_DTYPE (louiskv's unit table in the layout's dtype, or float8 e4m3)."""
+    assert load_config(None, env={}).unit_reps_dtype == "layout"
+    assert load_config(None, env={"KVRECALL_UNIT_REPS_DTYPE": "fp8"}).unit_reps_dtype == "fp8"
+    with pytest.raises(ConfigError, match="KVRECALL_UNIT_REPS_DTYPE.*layout.*fp8"):
+        load_config(None, env={"KVRECALL_UNIT_REPS_DTYPE": "fp16"})

@@ -63,21 +63,23 @@ def test_members_is_row_wise_set_membership(rows, width, span):
     assert torch.equal(reference._members(x, x_ok, of, of_ok, span), want)
 
 
-def test_fp8_unit_reps_choose_as_a_table_stored_in_fp8(monkeypatch):
-    """The daemon's fp8_unit_reps diagnostic (louiskv.configure): choose_units scores the units on
-    their representatives rounded to float8 e4m3, exactly as over a table that stored them so,
-    and (on representatives fp8 cannot hold exactly) chooses otherwise than at full precision."""
-    from kvrecall.server.policies import louiskv
+def test_an_fp8_table_chooses_as_its_values_do_on_host_and_device():
+    """A unit table stored in float8 e4m3 (the daemon's unit_reps_dtype fp8; louiskv.to_reps):
+    choose_units over it and host selection over its float32 mirror (HostTable's) choose alike,
+    as over the rounded values in float32; out-of-range values are clamped to +-448, never NaN
+    (a CPU cast to e4m3 gives NaN past 480); and the rounding changes some choice (the case
+    tells something)."""
+    from kvrecall.server.policies.louiskv import FP8, to_reps
 
-    monkeypatch.setattr(louiskv, "_reps_stored_as", None)  # (restored after the test)
     q, reps, valid, sizes, position, _ = table(16, 300, seed=3)
+    reps[0, :5] *= 1000  # past e4m3's range
+    stored = to_reps(reps, FP8)
+    assert stored.dtype == FP8 and not stored.float().isnan().any()
+    assert stored[0, :5].float().abs().max() == 448
     full, _ = choose_units(q, reps, valid, sizes, position, None, 256, "max")
-    rounded = reps.to(torch.float8_e4m3fn).to(reps.dtype)
-    want, _ = choose_units(q, rounded, valid, sizes, position, None, 256, "max")
-    louiskv.configure(False, fp8_unit_reps=True)
-    got, _ = choose_units(q, reps, valid, sizes, position, None, 256, "max")
-    assert torch.equal(got, want)
-    assert as_sets(got) != as_sets(full), "fp8 changed no choice: the case tells nothing"
-    louiskv.configure(False)
-    again, _ = choose_units(q, reps, valid, sizes, position, None, 256, "max")
-    assert torch.equal(again, full)
+    got, take = choose_units(q, stored, valid, sizes, position, None, 256, "max")
+    want, _ = choose_units(q, stored.float(), valid, sizes, position, None, 256, "max")
+    host, host_chosen = choose_on_host(q, stored.float(), valid, sizes, position, None, 256, "max")
+    assert as_sets(got) == as_sets(want) == as_sets(host)
+    assert int(host_chosen) == int((take > 0).sum())
+    assert as_sets(got[1:]) != as_sets(full[1:]), "fp8 changed no choice: the case tells nothing"

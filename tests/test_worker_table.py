@@ -62,12 +62,27 @@ def as_sets(positions: torch.Tensor) -> list[set[int]]:
     return [set(row[row >= 0].tolist()) for row in positions.view(L * H, -1).cpu()]
 
 
+@pytest.fixture
+def unit_reps(request, monkeypatch):
+    """The daemon's unit_reps_dtype for the tables the test makes ("layout" unless parametrized)."""
+    from kvrecall.server.policies import louiskv
+
+    monkeypatch.setattr(louiskv, "_fp8_reps", False)  # (restored after the test)
+    reps_dtype = getattr(request, "param", "layout")
+    louiskv.configure(False, reps_dtype)
+    return reps_dtype
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("aggregate", ["max", "sum"])
 @pytest.mark.parametrize("tokens,units,open_tokens", [(900, 60, 48), (300, 20, 0), (500, 31, 16), (120, 9, 64)])
 @pytest.mark.parametrize("budget,pin_ingest", [(64, 0.0), (256, 0.25), (1400, 0.25)])
-def test_the_workers_choice_is_the_daemons(device, aggregate, tokens, units, open_tokens, budget, pin_ingest):
+@pytest.mark.parametrize("unit_reps", ["layout", "fp8"], indirect=True)
+def test_the_workers_choice_is_the_daemons(device, aggregate, tokens, units, open_tokens, budget, pin_ingest,
+                                           unit_reps):  # fmt: skip
+    """(unit_reps fp8: a table stored in float8 e4m3; the worker's open unit rounds as the daemon's close does.)"""
     policy = session_like(device, tokens, units, open_tokens, budget, pin_ingest, aggregate)
+    assert policy.units.reps.dtype == (torch.float8_e4m3fn if unit_reps == "fp8" else torch.float32)
     worker, state = worker_view(policy, open_tokens)
     g = torch.Generator().manual_seed(budget + tokens)
     query = torch.randn(L, H * G, D, generator=g).to(device)

@@ -64,7 +64,7 @@ class WorkerTable:
         sync). `evicting`: a notice riding in the retrieval's event, which the daemon applies
         first: (the evicted end after it, the keys it evicts from the ring, [L, H, n, D] slices in
         position order), which join the open segment as they do in the daemon."""
-        from kvrecall.server.policies.louiskv import choose_units_split
+        from kvrecall.server.policies.louiskv import choose_units_split, to_reps
 
         U, M, start, end = state.units, state.candidates, state.open_start, state.evicted
         B, R = self.chosen.shape
@@ -82,7 +82,7 @@ class WorkerTable:
             device = self.reps.device
             counts = torch.full((B, 1), n, dtype=torch.int32, device=device)
             # (divided by a tensor as the daemon's close divides: the same rounding as its mean)
-            mean = (total / torch.full((1, 1), float(n), device=device)).to(self.reps.dtype)[:, None]
+            mean = to_reps(total / torch.full((1, 1), float(n), device=device), self.reps.dtype)[:, None]
             span = torch.arange(start, end, dtype=torch.int32, device=device).expand(B, n)
             segments.append((mean, counts > 0, counts, span))
         new, take = choose_units_split(q, segments, self.pinned, R, self.aggregate)

@@ -10,6 +10,7 @@ import torch
 from kvrecall.kernels import reference
 from kvrecall.kernels._checks import (
     FLOAT_DTYPES,
+    REP_DTYPES,
     check_choice,
     check_int,
     check_same_device,
@@ -25,14 +26,15 @@ def score_units(
     query: torch.Tensor, reps: torch.Tensor, valid: torch.Tensor, agg: str = "max", impl: str = "auto",
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Unit scores: query [B, G, D], reps [B, U, D], valid [B, U] bool -> [B, U] f32.
+    """Unit scores: query [B, G, D], reps [B, U, D] (any float dtype, float8 e4m3 too), valid
+    [B, U] bool -> [B, U] f32.
 
     max or sum over the G grouped query heads of dot(query, rep); invalid units -inf (LouisKV).
     `out`: a [B, U] float32 tensor (e.g. columns of a wider one, unit stride 1 along U) the scores
     are written into and returned: a table kept in parts scores each into its columns.
     """
     check_tensor("query", query, rank=3, dtypes=FLOAT_DTYPES)
-    check_tensor("reps", reps, rank=3, dtypes=FLOAT_DTYPES)
+    check_tensor("reps", reps, rank=3, dtypes=REP_DTYPES)
     check_tensor("valid", valid, rank=2, dtypes=(torch.bool,))
     check_size("reps", reps, 0, query.shape[0], "B of query")
     check_size("reps", reps, 2, query.shape[2], "D of query")

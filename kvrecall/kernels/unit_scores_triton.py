@@ -6,7 +6,9 @@ scores[b, u] = max or sum over g of dot(query[b, g], reps[b, u]); invalid units 
 `_score_kernel` also serves Quest's page scores (quest.py): with SPLIT_SIGN it scores
 relu(q) . hi + min(q, 0) . lo, which is sum_d max(q_d * kmin_d, q_d * kmax_d) for lo <= hi.
 Query and reps of one 16-bit dtype multiply on tensor cores as they are (exact products,
-float32 accumulation); any other mix (e.g. float32 k-means centroids) in float32 (tf32x3).
+float32 accumulation), and so do a 16-bit query and float8 e4m3 reps (the daemon's
+unit_reps_dtype fp8: loaded as bytes, widened in registers to the query's dtype, which holds
+every e4m3 value exactly); any other mix (e.g. float32 k-means centroids) in float32 (tf32x3).
 Imported only when Triton is (see `_triton`).
 """
 
@@ -60,9 +62,10 @@ def _score_kernel(
         q = tl.load(q_rows + offs_d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
         q = _operand(q, NATIVE_DOT)
         unit_mask = u_mask[:, None] & d_mask[None, :]
-        hi = _operand(tl.load(hi_rows + offs_d[None, :], mask=unit_mask, other=0.0), NATIVE_DOT)
+        # (.to(q.dtype): float8 reps widened to the query's 16 bits; else nothing)
+        hi = _operand(tl.load(hi_rows + offs_d[None, :], mask=unit_mask, other=0.0), NATIVE_DOT).to(q.dtype)
         if SPLIT_SIGN:
-            lo = _operand(tl.load(lo_rows + offs_d[None, :], mask=unit_mask, other=0.0), NATIVE_DOT)
+            lo = _operand(tl.load(lo_rows + offs_d[None, :], mask=unit_mask, other=0.0), NATIVE_DOT).to(q.dtype)
             # Triton computes 16-bit min / max in float32; casting back is exact.
             acc = _dot_rows(hi, tl.maximum(q, 0.0).to(q.dtype), acc, NATIVE_DOT, PRECISION)
             acc = _dot_rows(lo, tl.minimum(q, 0.0).to(q.dtype), acc, NATIVE_DOT, PRECISION)
@@ -118,7 +121,8 @@ def launch_scores(
         query.stride(0), query.stride(1), hi.stride(0), hi.stride(1), lo.stride(0), lo.stride(1),
         valid.stride(0), scores.stride(0),
         SPLIT_SIGN=split_sign, AGG_MAX=agg_max,
-        NATIVE_DOT=native_dot(query.dtype, hi.dtype, lo.dtype), PRECISION=FP32_DOT_PRECISION,
+        NATIVE_DOT=native_dot(*(query.dtype if t.dtype == torch.float8_e4m3fn else t.dtype for t in (query, hi, lo))),
+        PRECISION=FP32_DOT_PRECISION,
         BLOCK_U=block_u, BLOCK_G=max(16, next_power_of_2(num_heads)),  # tl.dot: block dims >= 16
         BLOCK_D=min(128, max(16, next_power_of_2(dim))),
     )  # fmt: skip

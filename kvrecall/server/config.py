@@ -137,10 +137,11 @@ class ServerConfig(BaseModel):
                                         # selection run by the worker over its mapped unit table would
                                         # choose without a close kernel of the daemon's first
                                         # (scripts/lag_fidelity.py --variants, DEVELOPERS.md)
-    fp8_unit_reps: bool = False         # DIAGNOSTIC: louiskv scores units on their representatives rounded to
-                                        # float8 e4m3, as a unit table stored in fp8 would (half the bytes a
-                                        # 128K retrieval's scoring reads): what that storage costs accuracy
-                                        # (scripts/lag_fidelity.py --variants fp8-reps)
+    unit_reps_dtype: Literal["layout", "fp8"] = "layout"  # louiskv's unit table stores its representatives
+                                        # (cluster centroids, segment means) in the layout's 16-bit dtype
+                                        # (f32 for an f32 layout), or in float8 e4m3 (values clamped to
+                                        # +-448): half the table's GPU memory and half the bytes a retrieval's
+                                        # scoring reads (at 128K a session's bf16 table is 0.5 GB)
     dry_index_copies: bool = False      # DIAGNOSTIC, never in service: a staged placement's rows are
                                         # gathered and moved to the device but never index-copied into
                                         # the working sets (their slot positions are): what the daemon's

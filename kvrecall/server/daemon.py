@@ -75,10 +75,7 @@ class Daemon:
         step_batch.configure(config.dry_retrievals, config.dry_retrievals_close, config.dry_launches,
                              config.dry_launch_cycles)
         host_selection.configure(config.host_selection, config.worker_selection_place)
-        louiskv.configure(config.select_before_close, config.fp8_unit_reps)
-        if config.fp8_unit_reps:
-            log.warning("fp8_unit_reps is on: louiskv scores units on representatives rounded to float8 (a diagnostic "
-                        "of an fp8 unit table's accuracy)")
+        louiskv.configure(config.select_before_close, config.unit_reps_dtype)
         if config.select_before_close:
             log.warning("select_before_close is on: louiskv selects at a boundary before closing the open output "
                         "segment (a diagnostic of a worker-side selection's accuracy)")

@@ -15,6 +15,7 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_BFLOAT16: _ClassVar[DType]
     DTYPE_INT32: _ClassVar[DType]
     DTYPE_INT64: _ClassVar[DType]
+    DTYPE_FLOAT8_E4M3FN: _ClassVar[DType]
 
 class TransportKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -41,6 +42,7 @@ DTYPE_FLOAT16: DType
 DTYPE_BFLOAT16: DType
 DTYPE_INT32: DType
 DTYPE_INT64: DType
+DTYPE_FLOAT8_E4M3FN: DType
 TRANSPORT_UNSPECIFIED: TransportKind
 TRANSPORT_SHM: TransportKind
 TRANSPORT_CUDA_IPC: TransportKind

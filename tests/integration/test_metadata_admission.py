@@ -73,8 +73,13 @@ def test_metadata_is_reserved_shown_and_returned(small_device_pool):
     assert pools(client) == {"host": 0, "device": 0}
 
 
+@pytest.mark.parametrize("unit_reps", ["layout", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_estimate_bounds_what_the_tables_allocate(dtype):
+def test_the_estimate_bounds_what_the_tables_allocate(dtype, unit_reps, monkeypatch):
+    """(unit_reps: the daemon's unit_reps_dtype; fp8 tables hold a byte a representative element.)"""
+    from kvrecall.server.policies import louiskv
+
+    monkeypatch.setattr(louiskv, "_fp8_reps", unit_reps == "fp8")
     layout = ModelLayout(num_layers=3, num_kv_heads=2, num_query_heads=4, head_dim=32, dtype=dtype, max_tokens=5000)
     for policy, config in (("louiskv", {"budget": 256}), ("quest", {"budget": 256})):
         built = build_policy(policy_message(policy, config), layout)
@@ -82,7 +87,7 @@ def test_the_estimate_bounds_what_the_tables_allocate(dtype):
             table = built._table(torch.device("cpu"))
             held = sum(t.numel() * t.element_size() for t in (table.reps, table.sizes, table.valid, table.position))
             held += layout.num_layers * layout.num_kv_heads * (layout.head_dim * 4 + built.config.pinned_tokens * 8)
-            assert table.reps.dtype == (dtype if dtype != torch.float32 else torch.float32)
+            assert table.reps.dtype == (torch.float8_e4m3fn if unit_reps == "fp8" else dtype)
             assert held == built.metadata_bytes()  # the table as allocated, nothing more
         else:
             built._allocate(torch.device("cpu"))

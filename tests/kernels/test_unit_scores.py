@@ -42,6 +42,23 @@ def test_matches_reference(
     close(got, K.score_units(query, reps, valid, agg, impl="reference"), dtype)
 
 
+@pytest.mark.parametrize("agg", ["max", "sum"])
+@pytest.mark.parametrize("query_dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize(("batch", "heads", "units", "dim"), [(1, 1, 1, 16), (2, 3, 37, 20), (3, 8, 130, 128), (2, 40, 70, 64)])
+def test_fp8_reps_match_reference(
+    triton_device: torch.device, randn: MakeTensor, close: Callable[..., None],
+    agg: str, query_dtype: torch.dtype, batch: int, heads: int, units: int, dim: int,
+) -> None:  # fmt: skip
+    """A unit table stored in float8 e4m3 (the daemon's unit_reps_dtype fp8): the kernel widens
+    the reps to the query's dtype, exactly (every e4m3 value is a bf16 and an f16 value), and
+    scores as the reference does on their float32 values."""
+    query = randn(11, batch, heads, dim, dtype=query_dtype)
+    reps = (4 * randn(12, batch, units, dim)).to(torch.float8_e4m3fn)
+    valid = random_valid(13, batch, units, triton_device)
+    got = K.score_units(query, reps, valid, agg, impl="triton")
+    close(got, K.score_units(query, reps.float(), valid, agg, impl="reference"), query_dtype)
+
+
 def test_strided_views_match_contiguous_copies(
     triton_device: torch.device, randn: MakeTensor, close: Callable[..., None]
 ) -> None:

@@ -183,7 +183,7 @@ class _UnitTable:
         grouped by the new units, sizes summing to m per row); advance() makes them visible."""
         u, m = sizes.shape[1], position.shape[1]
         U, M = self.own_units, self.own_tokens
-        self.reps[rows, U : U + u] = reps
+        self.reps[rows, U : U + u] = to_reps(reps, self.reps.dtype)
         self.sizes[rows, U : U + u] = sizes
         self.valid[rows, U : U + u] = sizes > 0
         self.position[rows, M : M + m] = position
@@ -226,23 +226,40 @@ class _UnitTable:
 UNIT_COLUMNS = ("reps", "sizes", "valid")  # the fields with a column per unit (the rest: per candidate)
 
 _select_first = False  # the daemon's select_before_close (a diagnostic): configure()
-_reps_stored_as: torch.dtype | None = None  # the daemon's fp8_unit_reps (a diagnostic): configure()
+_fp8_reps = False  # the daemon's unit_reps_dtype is "fp8": configure()
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3's largest finite value
 
 
-def configure(select_before_close: bool, fp8_unit_reps: bool = False) -> None:
+def configure(select_before_close: bool, unit_reps_dtype: str = "layout") -> None:
     """The daemon's `select_before_close`: a boundary selects over the table as the notices left
     it, then closes the open segment (its tokens are candidates from the next boundary on). Its
-    `fp8_unit_reps`: units are scored on their representatives rounded to float8 (e4m3), as a
-    table stored in fp8 (half the bytes a score reads) would give them."""
-    global _select_first, _reps_stored_as
+    `unit_reps_dtype`: "layout", tables made from now on hold their representatives in the
+    layout's 16-bit dtype (else f32); "fp8", in float8 e4m3 (see rep_dtype)."""
+    global _select_first, _fp8_reps
+    if unit_reps_dtype not in ("layout", "fp8"):
+        raise ValueError(f"unit_reps_dtype: {unit_reps_dtype!r} is neither 'layout' nor 'fp8'")
     _select_first = bool(select_before_close)
-    _reps_stored_as = torch.float8_e4m3fn if fp8_unit_reps else None
+    _fp8_reps = unit_reps_dtype == "fp8"
 
 
-def as_stored(reps: torch.Tensor) -> torch.Tensor:
-    """reps as the unit table's storage hands them to a score: rounded to fp8 under the
-    fp8_unit_reps diagnostic, else themselves."""
-    return reps if _reps_stored_as is None else reps.to(_reps_stored_as).to(reps.dtype)
+def rep_dtype(layout_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a unit table of this layout stores its representatives in: float8 e4m3 under
+    the daemon's unit_reps_dtype fp8 (half the bytes of 16 bits: a score reads the whole table,
+    and only a row's order of scores matters, which e4m3's 3 mantissa bits kept on the bundled
+    model, docs/TUNING.md), else the layout's dtype when 16-bit, else float32."""
+    if _fp8_reps:
+        return FP8
+    return layout_dtype if layout_dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def to_reps(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Representatives (any float dtype) as a table of `dtype` stores them: to float8 e4m3
+    through float32 clamped to +-448 (a CPU cast makes NaN of what e4m3 cannot hold, the GPU's
+    saturates: both stores now hold the same value), else a plain cast."""
+    if dtype == FP8:
+        return values.float().clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return values.to(dtype)
 
 
 def selects_first() -> bool:
@@ -347,8 +364,7 @@ class LouisKVPolicy(Policy):
         and a segment that would not fit stays open (_close_segment)."""
         T = self.layout.max_tokens
         unit_min = max(1, min(self.config.cluster_size, DEFAULT_SPILL_EVERY, self.config.max_segment))
-        dtype = self.layout.dtype if self.layout.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        return -(-T // unit_min) + 2, T, dtype
+        return -(-T // unit_min) + 2, T, rep_dtype(self.layout.dtype)
 
     def metadata_bytes(self) -> int:
         return self._metadata_bytes(*self._table_shape())
@@ -746,7 +762,7 @@ def _append_segments(ready: list[tuple[LouisKVPolicy, int, _UnitTable]]) -> None
     lengths = [end - policy.open_start for policy, end, _ in ready]
     sums = torch.stack([policy.open_sum for policy, _, _ in ready])  # [S, B, D] f32
     counts = to_device(torch.tensor(lengths, dtype=torch.float32), device).view(-1, 1, 1)
-    means = (sums / counts).to(ready[0][2].reps.dtype)
+    means = to_reps(sums / counts, ready[0][2].reps.dtype)
     kernels.append_units(
         [tuple(getattr(table, name) for name in APPEND_FIELDS) for _, _, table in ready], means,
         [table.own_units for _, _, table in ready], [table.own_tokens for _, _, table in ready],
@@ -792,7 +808,7 @@ def choose_units(
     unit: kernels.expand_grouped reads only the chosen units' columns) -> (positions
     [B, budget] -1 padded, tokens taken per unit [B, U]). Rows never mix: stacking several
     sessions' rows gives each the rows it gets alone."""
-    return fill_budget(kernels.score_units(q, as_stored(reps), valid, agg=aggregate), sizes, position, pinned, budget)
+    return fill_budget(kernels.score_units(q, reps, valid, agg=aggregate), sizes, position, pinned, budget)
 
 
 def fill_budget(
@@ -829,7 +845,7 @@ def choose_units_split(
     first = 0
     for (reps, valid, _, _), width in zip(segments, widths, strict=True):
         if width:
-            kernels.score_units(q, as_stored(reps), valid, agg=aggregate, out=scores[:, first : first + width])
+            kernels.score_units(q, reps, valid, agg=aggregate, out=scores[:, first : first + width])
         first += width
     sizes = torch.cat([segment[2] for segment in segments], dim=1)
     head = segments[0][3] if len(segments) == 2 else torch.cat([segment[3] for segment in segments[:-1]], dim=1)

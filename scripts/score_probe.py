@@ -1,0 +1,73 @@
+"""How long louiskv's unit scoring (`_score_kernel`, kernels.score_units) takes on a GPU over a
+unit table stored in bf16 (the layout's dtype) against float8 e4m3 (the daemon's
+unit_reps_dtype fp8), at one Llama-3-8B-shaped session (256 rows: 32 layers x 8 KV heads,
+4 query heads a row, head_dim 128) and eight (2,048 rows), 2,048 and 8,192 units a row (32K and
+128K tokens at 16 a cluster). Random values; the table's bytes over the median time (CUDA
+events, kvrecall.bench.common.time_fn) against the device-to-device copy bandwidth measured
+here; the fp8 scores checked against the reference on the same values. A probe, not a test.
+
+    python scripts/score_probe.py [--iters 30] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+
+import torch
+
+import kvrecall.kernels as K
+from kvrecall.bench.common import time_fn
+
+
+def copy_gbps(device: torch.device) -> float:
+    """A 2 GiB device-to-device copy: bytes read plus written over its median time."""
+    src = torch.randn(1 << 29, device=device)
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), device, reps=10).median_ms
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    ceiling = copy_gbps(device)
+    rows_out = []
+    for rows in (256, 2048):
+        for units in (2048, 8192):
+            g = torch.Generator(device=device).manual_seed(rows + units)
+            query = torch.randn(rows, 4, 128, device=device, generator=g).to(torch.bfloat16)
+            table = 3 * torch.randn(rows, units, 128, device=device, generator=g)
+            valid = torch.rand(rows, units, device=device, generator=g) > 0.05
+            row = {"rows": rows, "units": units}
+            for name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
+                reps = table.to(dtype)
+                ms = time_fn(lambda r=reps, q=query, v=valid: K.score_units(q, r, v, "max", impl="triton"), device,
+                             reps=args.iters).median_ms  # fmt: skip
+                row[f"{name}_ms"] = round(ms, 4)
+                row[f"{name}_gbps"] = round(reps.numel() * reps.element_size() / ms / 1e6, 1)
+                got = K.score_units(query, reps, valid, "max", impl="triton")
+                want = K.score_units(query, reps.float(), valid, "max", impl="reference")
+                fin = torch.isfinite(want)
+                row[f"{name}_max_rel_err"] = float(((got - want)[fin].abs().max() / want[fin].abs().max()).item())
+                del reps
+            rows_out.append(row)
+    print(f"copy bandwidth {ceiling:.0f} GB/s (read + write)")
+    print(f"{'rows':>5} {'units':>6} {'bf16 ms':>8} {'GB/s':>6} {'fp8 ms':>8} {'GB/s':>6} {'fp8/bf16':>8} {'fp8 err':>8}")
+    for r in rows_out:
+        print(f"{r['rows']:>5} {r['units']:>6} {r['bf16_ms']:>8} {r['bf16_gbps']:>6} {r['fp8_ms']:>8} {r['fp8_gbps']:>6} "
+              f"{r['fp8_ms'] / r['bf16_ms']:>8.2f} {r['fp8_max_rel_err']:>8.1e}")  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                       "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                       "command": "python scripts/score_probe.py", "copy_gbps": round(ceiling, 1),
+                       "results": rows_out}, f, indent=1)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
