@@ -4,7 +4,9 @@ unit_reps_dtype fp8), at one Llama-3-8B-shaped session (256 rows: 32 layers x 8 
 4 query heads a row, head_dim 128) and eight (2,048 rows), 2,048 and 8,192 units a row (32K and
 128K tokens at 16 a cluster). Random values; the table's bytes over the median time (CUDA
 events, kvrecall.bench.common.time_fn) against the device-to-device copy bandwidth measured
-here; the fp8 scores checked against the reference on the same values. A probe, not a test.
+here, for each (units a program, warps) in VARIANTS (unit_scores_triton.SCORE_BLOCKS, by the
+reps' element size); the scores checked against the reference on the same values. A probe, not
+a test.
 
     python scripts/score_probe.py [--iters 30] [--out F]
 """
@@ -19,6 +21,9 @@ import torch
 
 import kvrecall.kernels as K
 from kvrecall.bench.common import time_fn
+from kvrecall.kernels import unit_scores_triton
+
+VARIANTS = ((64, 4), (128, 4), (128, 8), (256, 8))
 
 
 def copy_gbps(device: torch.device) -> float:
@@ -46,21 +51,31 @@ def main() -> None:
             row = {"rows": rows, "units": units}
             for name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
                 reps = table.to(dtype)
-                ms = time_fn(lambda r=reps, q=query, v=valid: K.score_units(q, r, v, "max", impl="triton"), device,
-                             reps=args.iters).median_ms  # fmt: skip
-                row[f"{name}_ms"] = round(ms, 4)
-                row[f"{name}_gbps"] = round(reps.numel() * reps.element_size() / ms / 1e6, 1)
-                got = K.score_units(query, reps, valid, "max", impl="triton")
+                size = reps.element_size()
+                default = unit_scores_triton.SCORE_BLOCKS[size]
                 want = K.score_units(query, reps.float(), valid, "max", impl="reference")
                 fin = torch.isfinite(want)
-                row[f"{name}_max_rel_err"] = float(((got - want)[fin].abs().max() / want[fin].abs().max()).item())
+                for block_u, warps in VARIANTS:
+                    unit_scores_triton.SCORE_BLOCKS[size] = (block_u, warps)
+                    key = f"{name}_u{block_u}w{warps}"
+                    ms = time_fn(lambda r=reps, q=query, v=valid: K.score_units(q, r, v, "max", impl="triton"), device,
+                                 reps=args.iters).median_ms  # fmt: skip
+                    row[f"{key}_ms"] = round(ms, 4)
+                    row[f"{key}_gbps"] = round(reps.numel() * size / ms / 1e6, 1)
+                    got = K.score_units(query, reps, valid, "max", impl="triton")
+                    err = ((got - want)[fin].abs().max() / want[fin].abs().max()).item()
+                    row[f"{key}_max_rel_err"] = float(err)
+                unit_scores_triton.SCORE_BLOCKS[size] = default
                 del reps
             rows_out.append(row)
-    print(f"copy bandwidth {ceiling:.0f} GB/s (read + write)")
-    print(f"{'rows':>5} {'units':>6} {'bf16 ms':>8} {'GB/s':>6} {'fp8 ms':>8} {'GB/s':>6} {'fp8/bf16':>8} {'fp8 err':>8}")
+    print(f"copy bandwidth {ceiling:.0f} GB/s (read + write); ms (GB/s) per (units a program, warps)")
+    print(f"{'rows':>5} {'units':>6} {'dtype':>5} " + " ".join(f"{f'u{u}w{w}':>16}" for u, w in VARIANTS))
     for r in rows_out:
-        print(f"{r['rows']:>5} {r['units']:>6} {r['bf16_ms']:>8} {r['bf16_gbps']:>6} {r['fp8_ms']:>8} {r['fp8_gbps']:>6} "
-              f"{r['fp8_ms'] / r['bf16_ms']:>8.2f} {r['fp8_max_rel_err']:>8.1e}")  # fmt: skip
+        for name in ("bf16", "fp8"):
+            cells = [f"{r[f'{name}_u{u}w{w}_ms']:>7} ({r[f'{name}_u{u}w{w}_gbps']:>6})" for u, w in VARIANTS]
+            print(f"{r['rows']:>5} {r['units']:>6} {name:>5} " + " ".join(cells))
+    worst = max(v for r in rows_out for k, v in r.items() if k.endswith("max_rel_err"))
+    print(f"largest relative error against the reference: {worst:.1e}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

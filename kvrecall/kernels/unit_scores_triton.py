@@ -79,6 +79,10 @@ def _score_kernel(
     tl.store(out_ptr + b * stride_ob + offs_u, tl.where(valid, scores, float("-inf")), mask=u_mask)
 
 
+# (BLOCK_U, num_warps) by the reps' element size: units a program scores and its warps. On an H200
+# (scripts/score_probe.py, 2026-12-04) 64 units a program read a bf16 table at ~3.0 TB/s and an fp8
+# one at ~2.0 (0.75x the time for half the bytes); probe before changing.
+SCORE_BLOCKS = {1: (64, 4), 2: (64, 4), 4: (64, 4)}
 # Query rows per launch: a [BLOCK_U, BLOCK_G] accumulator and its pipelined operand tiles
 # must fit shared memory (128 rows of float32 needed 288 KiB on an H200, whose limit is 227).
 MAX_BLOCK_G = 32
@@ -113,7 +117,7 @@ def launch_scores(
     scores = torch.empty(batch, num_units, dtype=torch.float32, device=query.device) if out is None else out
     if scores.numel() == 0:
         return scores
-    block_u = 64
+    block_u, warps = SCORE_BLOCKS[hi.element_size()]
     grid = (batch * triton.cdiv(num_units, block_u),)
     _score_kernel[grid](
         query, hi, lo, valid, scores,
@@ -124,7 +128,7 @@ def launch_scores(
         NATIVE_DOT=native_dot(*(query.dtype if t.dtype == torch.float8_e4m3fn else t.dtype for t in (query, hi, lo))),
         PRECISION=FP32_DOT_PRECISION,
         BLOCK_U=block_u, BLOCK_G=max(16, next_power_of_2(num_heads)),  # tl.dot: block dims >= 16
-        BLOCK_D=min(128, max(16, next_power_of_2(dim))),
+        BLOCK_D=min(128, max(16, next_power_of_2(dim))), num_warps=warps,
     )  # fmt: skip
     return scores
 
