@@ -6,7 +6,7 @@
 #    the worker's choice over a mapped fp8 table, worker selection and captured selection (logs/tests-fp8.log);
 # 1. scripts/score_probe.py (the score kernel alone, bf16 against fp8 tables, per (units a program, warps));
 #    with SET_BLOCKS=1 the fastest variant of each dtype (summed over the probe's sizes) is written into this copy's
-#    unit_scores_triton.SCORE_BLOCKS for the runs below, and FP8_WIDEN f16 where that is faster (logged);
+#    unit_scores_triton.SCORE_BLOCKS for the runs below (logged);
 # 2. RUNS in turn (no run starts past BUDGET_S, default 420), a daemon process, drift 0.15:
 #    b16-N / fp8-N    128K x 8 over a shared document (bench e2e --shared-prompt), rates 0 and 11.7%;
 #    b16-32k / fp8-32k  32K x 8;
@@ -39,12 +39,6 @@ for name, size in (("bf16", 2), ("fp8", 1)):
     print(name, "summed ms", {k: round(v, 3) for k, v in total.items()}, "->", (u, w))
     blocks[size] = (u, w)
 src = re.sub(r"^SCORE_BLOCKS = \{.*\}$", f"SCORE_BLOCKS = {blocks}", src, flags=re.M)
-if "fp8_f16_ms" in rows[0]:  # both widened to f16, at fp8's (64, 4): faster than its best widening to bf16?
-    f16 = sum(r["fp8_f16_ms"] for r in rows)
-    print("fp8 widened to f16, summed ms", round(f16, 3), "against", round(total[best], 3))
-    if f16 < total[best] and blocks[1] == (64, 4):
-        src = re.sub(r'^FP8_WIDEN = .*$', 'FP8_WIDEN = "f16"', src, flags=re.M)
-        print('FP8_WIDEN = "f16"')
 open(path, "w").write(src)
 print("SCORE_BLOCKS =", blocks)
 PY

@@ -65,14 +65,6 @@ def main() -> None:
                     got = K.score_units(query, reps, valid, "max", impl="triton")
                     err = ((got - want)[fin].abs().max() / want[fin].abs().max()).item()
                     row[f"{key}_max_rel_err"] = float(err)
-                if name == "fp8":  # (the default blocks, both widened to f16: FP8_WIDEN)
-                    unit_scores_triton.FP8_WIDEN, widen = "f16", unit_scores_triton.FP8_WIDEN
-                    ms = time_fn(lambda r=reps, q=query, v=valid: K.score_units(q, r, v, "max", impl="triton"), device,
-                                 reps=args.iters).median_ms  # fmt: skip
-                    row["fp8_f16_ms"] = round(ms, 4)
-                    got = K.score_units(query, reps, valid, "max", impl="triton")
-                    row["fp8_f16_max_rel_err"] = float(((got - want)[fin].abs().max() / want[fin].abs().max()).item())
-                    unit_scores_triton.FP8_WIDEN = widen
                 unit_scores_triton.SCORE_BLOCKS[size] = default
                 del reps
             rows_out.append(row)
@@ -82,8 +74,6 @@ def main() -> None:
         for name in ("bf16", "fp8"):
             cells = [f"{r[f'{name}_u{u}w{w}_ms']:>7} ({r[f'{name}_u{u}w{w}_gbps']:>6})" for u, w in VARIANTS]
             print(f"{r['rows']:>5} {r['units']:>6} {name:>5} " + " ".join(cells))
-    print("fp8 widened to f16 (default blocks), ms: " + ", ".join(f"{r['rows']}x{r['units']} {r['fp8_f16_ms']}"
-                                                                  for r in rows_out))  # fmt: skip
     worst = max(v for r in rows_out for k, v in r.items() if k.endswith("max_rel_err"))
     print(f"largest relative error against the reference: {worst:.1e}")
     if args.out:

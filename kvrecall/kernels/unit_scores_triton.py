@@ -43,7 +43,7 @@ def _score_kernel(
     G, U, D,
     stride_qb, stride_qg, stride_hb, stride_hu, stride_lb, stride_lu, stride_vb, stride_ob,
     SPLIT_SIGN: tl.constexpr, AGG_MAX: tl.constexpr, NATIVE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-    WIDEN_F16: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_U: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK_U units of problem b against its (at most BLOCK_G) query heads.
     blocks = tl.cdiv(U, BLOCK_U)
@@ -61,8 +61,6 @@ def _score_kernel(
         d_mask = offs_d < D
         q = tl.load(q_rows + offs_d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
         q = _operand(q, NATIVE_DOT)
-        if WIDEN_F16:  # (fp8 reps: the query in f16, saturated at f16's range, so they widen to f16)
-            q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
         unit_mask = u_mask[:, None] & d_mask[None, :]
         # (.to(q.dtype): float8 reps widened to the query's 16 bits; else nothing)
         hi = _operand(tl.load(hi_rows + offs_d[None, :], mask=unit_mask, other=0.0), NATIVE_DOT).to(q.dtype)
@@ -84,11 +82,9 @@ def _score_kernel(
 # (BLOCK_U, num_warps) by the reps' element size: units a program scores and its warps. On an H200
 # (scripts/score_probe.py, 2026-12-04; copy bandwidth 4.25 TB/s read + write) a bf16 table read at
 # 3.2-3.4 TB/s with (128, 8) against 3.0 with (64, 4) at 8,192 units (0.167 against 0.182 ms for 256
-# rows); an fp8 one at ~2.0 with (64, 4), its best (0.137 ms: half the bytes, 0.82x the time).
+# rows); an fp8 one at ~2.0 with (64, 4), its best (0.137 ms: half the bytes, 0.82x the time; widened
+# to f16 with the query in f16 instead of to bf16 it took 0.194 ms: not kept).
 SCORE_BLOCKS = {1: (64, 4), 2: (128, 8), 4: (64, 4)}
-# float8 reps with a 16-bit query widen to the query's dtype ("query"), or both go to f16 ("f16":
-# e4m3 -> f16 is one conversion instruction on sm_90, e4m3 -> bf16 is not); probe before changing.
-FP8_WIDEN = "query"
 # Query rows per launch: a [BLOCK_U, BLOCK_G] accumulator and its pipelined operand tiles
 # must fit shared memory (128 rows of float32 needed 288 KiB on an H200, whose limit is 227).
 MAX_BLOCK_G = 32
@@ -125,7 +121,6 @@ def launch_scores(
         return scores
     block_u, warps = SCORE_BLOCKS[hi.element_size()]
     native = native_dot(*(query.dtype if t.dtype == torch.float8_e4m3fn else t.dtype for t in (query, hi, lo)))
-    widen_f16 = native and FP8_WIDEN == "f16" and hi.dtype == lo.dtype == torch.float8_e4m3fn
     grid = (batch * triton.cdiv(num_units, block_u),)
     _score_kernel[grid](
         query, hi, lo, valid, scores,
@@ -133,7 +128,7 @@ def launch_scores(
         query.stride(0), query.stride(1), hi.stride(0), hi.stride(1), lo.stride(0), lo.stride(1),
         valid.stride(0), scores.stride(0),
         SPLIT_SIGN=split_sign, AGG_MAX=agg_max,
-        NATIVE_DOT=native, PRECISION=FP32_DOT_PRECISION, WIDEN_F16=widen_f16,
+        NATIVE_DOT=native, PRECISION=FP32_DOT_PRECISION,
         BLOCK_U=block_u, BLOCK_G=max(16, next_power_of_2(num_heads)),  # tl.dot: block dims >= 16
         BLOCK_D=min(128, max(16, next_power_of_2(dim))), num_warps=warps,
     )  # fmt: skip

@@ -45,21 +45,18 @@ def test_matches_reference(
 @pytest.mark.parametrize("agg", ["max", "sum"])
 @pytest.mark.parametrize("query_dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize(("batch", "heads", "units", "dim"), [(1, 1, 1, 16), (2, 3, 37, 20), (3, 8, 130, 128), (2, 40, 70, 64)])
-@pytest.mark.parametrize(("blocks", "widen"), [((64, 4), "query"), ((128, 8), "query"), ((64, 4), "f16")])
+@pytest.mark.parametrize("blocks", [(64, 4), (128, 8)])
 def test_fp8_reps_match_reference(
     triton_device: torch.device, randn: MakeTensor, close: Callable[..., None], monkeypatch: pytest.MonkeyPatch,
     agg: str, query_dtype: torch.dtype, batch: int, heads: int, units: int, dim: int, blocks: tuple[int, int],
-    widen: str,
 ) -> None:  # fmt: skip
     """A unit table stored in float8 e4m3 (the daemon's unit_reps_dtype fp8): the kernel widens
     the reps to the query's dtype, exactly (every e4m3 value is a bf16 and an f16 value), and
     scores as the reference does on their float32 values, at each (units a program, warps)
-    (unit_scores_triton.SCORE_BLOCKS), widened to the query's dtype or (on a GPU, a 16-bit query)
-    both to f16 (FP8_WIDEN)."""
+    (unit_scores_triton.SCORE_BLOCKS)."""
     from kvrecall.kernels import unit_scores_triton
 
     monkeypatch.setitem(unit_scores_triton.SCORE_BLOCKS, 1, blocks)
-    monkeypatch.setattr(unit_scores_triton, "FP8_WIDEN", widen)
     query = randn(11, batch, heads, dim, dtype=query_dtype)
     reps = (4 * randn(12, batch, units, dim)).to(torch.float8_e4m3fn)
     valid = random_valid(13, batch, units, triton_device)
