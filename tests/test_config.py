@@ -103,6 +103,7 @@ def test_plan_readback_is_read_from_the_environment_and_checked():
     with pytest.raises(ConfigError, match="KVRECALL_PLAN_READBACK.*mapped.*copy"):
         load_config(None, env={"KVRECALL_PLAN_READBACK": "dma"})
     assert load_config(None, env={"KVRECALL_DRY_TRANSFERS": "1"}).dry_transfers is True
+    assert load_config(None, env={"KVRECALL_DRY_INDEX_SCRATCH": "1"}).dry_index_scratch is True
 
 
 def test_unit_reps_dtype_is_read_from_the_environment_and_checked():

@@ -41,6 +41,8 @@ CHUNK_ROWS = 65536
 _skip_index_copies = False  # the daemon's dry_index_copies diagnostic (configure)
 _skip_uploads = False  # the daemon's dry_uploads diagnostic (configure)
 _skip_transfers = False  # the daemon's dry_transfers diagnostic (configure)
+_index_scratch = False  # the daemon's dry_index_scratch diagnostic (configure)
+_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # its stand-in working sets, by shape
 _skip_plan_sync = False  # the daemon's dry_plan_sync diagnostic (configure)
 _plan_readback = "mapped"  # the daemon's plan_readback (configure)
 
@@ -130,15 +132,17 @@ def apply_staged(keys: torch.Tensor, values: torch.Tensor, staging: Staging, row
 
 
 def configure(dry_index_copies: bool, dry_uploads: bool = False, dry_plan_sync: bool = False,
-              plan_readback: str = "mapped", dry_transfers: bool = False) -> None:  # fmt: skip
+              plan_readback: str = "mapped", dry_transfers: bool = False, dry_index_scratch: bool = False) -> None:  # fmt: skip
     """The daemon's `dry_index_copies`: staged rows reach the device, never their slots; its
     `dry_uploads`: they are not even gathered and moved (the plan and its sync alone); its
     `dry_plan_sync`: nor is the plan read back (no sync in the middle of the call); its
     `dry_transfers`: the rows are neither gathered nor moved, but zeros are index-copied into
-    their slots (the index copies without the copy engine's transfers before them). Its
-    `plan_readback`: "mapped", the plan kernel writes the plan into the pinned buffer the host
-    reads; "copy", a DMA copies it there after the kernel."""
-    global _skip_index_copies, _skip_uploads, _skip_plan_sync, _plan_readback, _skip_transfers
+    their slots (the index copies without the copy engine's transfers before them); its
+    `dry_index_scratch`: the rows are gathered, moved and index-copied as always, but into a
+    stand-in of the session's working set that no worker reads (the same kernels at the same
+    moment, another destination). Its `plan_readback`: "mapped", the plan kernel writes the plan
+    into the pinned buffer the host reads; "copy", a DMA copies it there after the kernel."""
+    global _skip_index_copies, _skip_uploads, _skip_plan_sync, _plan_readback, _skip_transfers, _index_scratch
     if plan_readback not in ("mapped", "copy"):
         raise ValueError(f"plan_readback: {plan_readback!r} is neither 'mapped' nor 'copy'")
     _plan_readback = plan_readback
@@ -146,6 +150,8 @@ def configure(dry_index_copies: bool, dry_uploads: bool = False, dry_plan_sync: 
     _skip_uploads = bool(dry_uploads or dry_plan_sync)
     _skip_plan_sync = bool(dry_plan_sync)
     _skip_transfers = bool(dry_transfers) and not _skip_uploads
+    _index_scratch = bool(dry_index_scratch) and not _skip_index_copies
+    _SCRATCH.clear()
 
 
 def copy_staged(
@@ -256,10 +262,21 @@ def copy_staged(
     for (keys, values, _), end, staging in zip(sessions, ends_host, staged, strict=True):
         if end > start and staging is None and not _skip_index_copies:
             where = targets[start:end]
+            if _index_scratch:  # (the dry_index_scratch diagnostic: a destination no worker reads)
+                keys, values = _scratch_like(keys)
             _as_words(keys.view(-1, D)).index_copy_(0, where, wide[start:end])
             _as_words(values.view(-1, D)).index_copy_(0, where, wide[n + start : n + end])
         start = end
     mark("index_copies")
+
+
+def _scratch_like(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two private tensors of `keys`' shape, dtype and device (made once per shape): where the
+    dry_index_scratch diagnostic index-copies a session's rows instead of its working set."""
+    key = (tuple(keys.shape), keys.dtype, keys.device)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = (torch.empty_like(keys), torch.empty_like(keys))
+    return _SCRATCH[key]
 
 
 def gather_upload(

@@ -153,6 +153,11 @@ class ServerConfig(BaseModel):
                                         # gathered on the host nor moved by DMA, but zeros are index-copied
                                         # into their slots: what the index copies cost a worker without the
                                         # copy engine's transfers before them (against dry_index_copies)
+    dry_index_scratch: bool = False     # DIAGNOSTIC, never in service: a staged placement's rows are gathered,
+                                        # moved and index-copied as always, but into a stand-in of each
+                                        # working set that no worker reads: the index copies' kernels at
+                                        # the same moment, another destination (against dry_index_copies:
+                                        # whether their cost is the daemon's kernels or what they write)
     dry_plan_sync: bool = False         # DIAGNOSTIC, never in service: dry_uploads, and the plan is not
                                         # even read back (no host sync in the middle of a retrieval call:
                                         # its one sync is the answer's): what that sync costs a worker

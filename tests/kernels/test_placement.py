@@ -519,22 +519,26 @@ def test_kernels_compile_for_hopper_without_a_gpu() -> None:
     assert done.stdout.count("compiled") == 15
 
 
-@pytest.mark.parametrize("dry", ["index-copies", "uploads", "plan-sync", "transfers"])
+@pytest.mark.parametrize("dry", ["index-copies", "uploads", "plan-sync", "transfers", "index-scratch"])
 def test_dry_index_copies_leave_the_rows_and_move_the_positions(triton_device, monkeypatch, dry):
-    """The daemon's dry_index_copies, dry_uploads, dry_plan_sync and dry_transfers diagnostics: a
-    staged placement writes its slot positions as the reference does but never its rows (with
-    dry_transfers, zeros where the rows would go; else the working set's K/V keep every byte);
-    with dry_uploads and dry_transfers the rows are not even gathered, with dry_plan_sync the plan
-    is not even read back."""
+    """The daemon's dry_index_copies, dry_uploads, dry_plan_sync, dry_transfers and
+    dry_index_scratch diagnostics: a staged placement writes its slot positions as the reference
+    does but never its rows (with dry_transfers, zeros where the rows would go; with
+    dry_index_scratch the rows into a stand-in of the working set; else the working set's K/V keep
+    every byte); with dry_uploads and dry_transfers the rows are not even gathered, with
+    dry_plan_sync the plan is not even read back."""
     from kvrecall.kernels import placement_staged, placement_triton
 
     monkeypatch.setattr(placement_triton, "staged", lambda host, keys, selection: True)
-    for name in ("_skip_index_copies", "_skip_uploads", "_skip_plan_sync", "_plan_readback", "_skip_transfers"):
+    for name in ("_skip_index_copies", "_skip_uploads", "_skip_plan_sync", "_plan_readback", "_skip_transfers",
+                 "_index_scratch"):  # fmt: skip
         monkeypatch.setattr(placement_staged, name, False)  # (restored after the test)
     placement_staged.configure(dry == "index-copies", dry == "uploads", dry == "plan-sync",
-                               dry_transfers=dry == "transfers")  # fmt: skip
+                               dry_transfers=dry == "transfers", dry_index_scratch=dry == "index-scratch")  # fmt: skip
     gathered, plans = [], []
-    monkeypatch.setattr(placement_staged, "gather_upload", lambda *args: gathered.append(args))
+    upload = placement_staged.gather_upload
+    monkeypatch.setattr(placement_staged, "gather_upload",
+                        lambda *args: gathered.append(args) or (dry == "index-scratch" and upload(*args)))  # fmt: skip
     take = placement_staged._PLANS.take
     monkeypatch.setattr(placement_staged._PLANS, "take", lambda *args: plans.append(args) or take(*args))
     pages = Pages(2, 2, 16, per_page=5, pages=30, dtype=torch.float32, device=triton_device, seed=5)
@@ -552,7 +556,11 @@ def test_dry_index_copies_leave_the_rows_and_move_the_positions(triton_device, m
             assert torch.equal(got_kv[~moved], kv[~moved]), "the other rows untouched"
     else:
         assert torch.equal(got[1], keys) and torch.equal(got[2], values), "rows written"
-    assert len(gathered) == (dry == "index-copies"), "rows gathered" if gathered else "no rows gathered"
+    if dry == "index-scratch":  # the rows went to the stand-in, where the reference put them in the working set
+        ((scratch_keys, scratch_values),) = placement_staged._SCRATCH.values()  # (the rows' bits, as integers)
+        for scratch, kv in ((scratch_keys, want[1]), (scratch_values, want[2])):
+            assert torch.equal(scratch.cpu().view(kv.dtype)[moved], kv[moved])
+    assert len(gathered) == (dry in ("index-copies", "index-scratch")), "rows gathered" if gathered else "no rows gathered"
     assert len(plans) == (dry != "plan-sync"), "the plan read back" if plans else "the plan not read back"
 
 
