@@ -16,6 +16,8 @@
 #    pdt       proc with dry_transfers (no gather or DMA; zeros index-copied into the rows' slots);
 #    pdis      proc with dry_index_scratch (gathered, moved and index-copied as always, into stand-ins of the
 #              working sets that no worker reads: the daemon's index-copy kernels, another destination);
+#    pisN      proc with dry_index_share N/100 (only that share of each session's rows index-copied, at least one:
+#              pis0 the launches alone, pis50 half the rows);
 #    pdu       proc with dry_uploads (the plan and its sync; no host gather, DMA or index copy);
 #    procc     proc with plan_readback copy (the plan copied to the host after its kernel: the way before
 #              2026-12-04; proc's plan is written there by the kernel itself);
@@ -70,6 +72,8 @@ for run in ${RUNS:-$runs}; do
     pdu-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_UPLOADS=1 ;;
     pdt-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_TRANSFERS=1 ;;
     pdis-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_INDEX_SCRATCH=1 ;;
+    pis[0-9]*-*) share=${run%-*}; share=${share#pis}
+      e2e_run "$run" 90 $B --daemon-env "KVRECALL_DRY_INDEX_SHARE=$(python3 -c "print($share / 100)")" ;;
     pduc-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_UPLOADS=1 --daemon-env KVRECALL_PLAN_READBACK=copy ;;
     procc-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_PLAN_READBACK=copy ;;
     wc25-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_WORKER_COPY_SHARE=0.25 ;;

@@ -104,6 +104,9 @@ def test_plan_readback_is_read_from_the_environment_and_checked():
         load_config(None, env={"KVRECALL_PLAN_READBACK": "dma"})
     assert load_config(None, env={"KVRECALL_DRY_TRANSFERS": "1"}).dry_transfers is True
     assert load_config(None, env={"KVRECALL_DRY_INDEX_SCRATCH": "1"}).dry_index_scratch is True
+    assert load_config(None, env={"KVRECALL_DRY_INDEX_SHARE": "0.5"}).dry_index_share == 0.5
+    with pytest.raises(ConfigError, match="KVRECALL_DRY_INDEX_SHARE"):
+        load_config(None, env={"KVRECALL_DRY_INDEX_SHARE": "2"})
 
 
 def test_unit_reps_dtype_is_read_from_the_environment_and_checked():

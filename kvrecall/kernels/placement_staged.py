@@ -42,6 +42,7 @@ _skip_index_copies = False  # the daemon's dry_index_copies diagnostic (configur
 _skip_uploads = False  # the daemon's dry_uploads diagnostic (configure)
 _skip_transfers = False  # the daemon's dry_transfers diagnostic (configure)
 _index_scratch = False  # the daemon's dry_index_scratch diagnostic (configure)
+_index_share = 1.0  # the daemon's dry_index_share diagnostic (configure)
 _SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # its stand-in working sets, by shape
 _skip_plan_sync = False  # the daemon's dry_plan_sync diagnostic (configure)
 _plan_readback = "mapped"  # the daemon's plan_readback (configure)
@@ -132,7 +133,8 @@ def apply_staged(keys: torch.Tensor, values: torch.Tensor, staging: Staging, row
 
 
 def configure(dry_index_copies: bool, dry_uploads: bool = False, dry_plan_sync: bool = False,
-              plan_readback: str = "mapped", dry_transfers: bool = False, dry_index_scratch: bool = False) -> None:  # fmt: skip
+              plan_readback: str = "mapped", dry_transfers: bool = False, dry_index_scratch: bool = False,
+              dry_index_share: float = 1.0) -> None:  # fmt: skip
     """The daemon's `dry_index_copies`: staged rows reach the device, never their slots; its
     `dry_uploads`: they are not even gathered and moved (the plan and its sync alone); its
     `dry_plan_sync`: nor is the plan read back (no sync in the middle of the call); its
@@ -140,9 +142,13 @@ def configure(dry_index_copies: bool, dry_uploads: bool = False, dry_plan_sync: 
     their slots (the index copies without the copy engine's transfers before them); its
     `dry_index_scratch`: the rows are gathered, moved and index-copied as always, but into a
     stand-in of the session's working set that no worker reads (the same kernels at the same
-    moment, another destination). Its `plan_readback`: "mapped", the plan kernel writes the plan
+    moment, another destination); its `dry_index_share` (< 1): the index copies take only that
+    share of each session's rows (at least one: at 0 the launches alone). Its `plan_readback`: "mapped", the plan kernel writes the plan
     into the pinned buffer the host reads; "copy", a DMA copies it there after the kernel."""
     global _skip_index_copies, _skip_uploads, _skip_plan_sync, _plan_readback, _skip_transfers, _index_scratch
+    global _index_share
+    if not 0 <= dry_index_share <= 1:
+        raise ValueError(f"dry_index_share: {dry_index_share} is not in [0, 1]")
     if plan_readback not in ("mapped", "copy"):
         raise ValueError(f"plan_readback: {plan_readback!r} is neither 'mapped' nor 'copy'")
     _plan_readback = plan_readback
@@ -151,6 +157,7 @@ def configure(dry_index_copies: bool, dry_uploads: bool = False, dry_plan_sync: 
     _skip_plan_sync = bool(dry_plan_sync)
     _skip_transfers = bool(dry_transfers) and not _skip_uploads
     _index_scratch = bool(dry_index_scratch) and not _skip_index_copies
+    _index_share = float(dry_index_share)
     _SCRATCH.clear()
 
 
@@ -261,11 +268,13 @@ def copy_staged(
     wide = _as_words(rows) if rows is not None else None  # index_copy_ moves an element per thread: 8-byte words
     for (keys, values, _), end, staging in zip(sessions, ends_host, staged, strict=True):
         if end > start and staging is None and not _skip_index_copies:
-            where = targets[start:end]
+            # (the dry_index_share diagnostic: a share of the rows, at least one)
+            last = end if _index_share >= 1 else start + max(1, round(_index_share * (end - start)))
+            where = targets[start:last]
             if _index_scratch:  # (the dry_index_scratch diagnostic: a destination no worker reads)
                 keys, values = _scratch_like(keys)
-            _as_words(keys.view(-1, D)).index_copy_(0, where, wide[start:end])
-            _as_words(values.view(-1, D)).index_copy_(0, where, wide[n + start : n + end])
+            _as_words(keys.view(-1, D)).index_copy_(0, where, wide[start:last])
+            _as_words(values.view(-1, D)).index_copy_(0, where, wide[n + start : n + last])
         start = end
     mark("index_copies")
 

@@ -158,6 +158,11 @@ class ServerConfig(BaseModel):
                                         # working set that no worker reads: the index copies' kernels at
                                         # the same moment, another destination (against dry_index_copies:
                                         # whether their cost is the daemon's kernels or what they write)
+    dry_index_share: Annotated[float, Field(ge=0, le=1)] = 1.0  # DIAGNOSTIC, never in service below 1: a
+                                        # staged placement index-copies only this share of each session's
+                                        # rows into their slots (at least one: at 0 the launches alone),
+                                        # the rest never arrive: whether the index copies cost a worker by
+                                        # their launches or by the rows they copy
     dry_plan_sync: bool = False         # DIAGNOSTIC, never in service: dry_uploads, and the plan is not
                                         # even read back (no host sync in the middle of a retrieval call:
                                         # its one sync is the answer's): what that sync costs a worker

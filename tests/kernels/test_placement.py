@@ -564,6 +564,35 @@ def test_dry_index_copies_leave_the_rows_and_move_the_positions(triton_device, m
     assert len(plans) == (dry != "plan-sync"), "the plan read back" if plans else "the plan not read back"
 
 
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_dry_index_share_copies_that_share_of_the_rows(triton_device, monkeypatch, share):
+    """The daemon's dry_index_share diagnostic: a staged placement index-copies only that share of
+    its rows into their slots (at least one: at 0 the launches alone), each where the reference
+    puts it; the other rows never arrive; the slot positions are placed as always."""
+    from kvrecall.kernels import placement_staged, placement_triton
+
+    monkeypatch.setattr(placement_triton, "staged", lambda host, keys, selection: True)
+    for name in ("_skip_index_copies", "_skip_uploads", "_skip_plan_sync", "_plan_readback", "_skip_transfers",
+                 "_index_scratch", "_index_share"):  # fmt: skip
+        monkeypatch.setattr(placement_staged, name, False)  # (restored after the test)
+    placement_staged.configure(False, dry_index_share=share)
+    pages = Pages(2, 2, 16, per_page=5, pages=30, dtype=torch.float32, device=triton_device, seed=5)
+    capacity = 2 + 9 + 6
+    slot_pos, selection = random_case(pages, capacity, 2, 9, seed=16)
+    keys, values = (torch.randn(4, capacity, 16) for _ in range(2))
+    got = run("triton", pages, slot_pos, keys, values, selection, 2, triton_device)
+    want = run("reference", pages, slot_pos, keys, values, selection, 2, torch.device("cpu"))
+    assert torch.equal(got[0], want[0]), "slot positions as placed"
+    moved = (want[1] != keys).any(dim=-1)
+    written = (got[1] != keys).any(dim=-1)
+    assert int(written.sum()) == max(1, round(share * int(moved.sum())))
+    assert not (written & ~moved).any(), "a row written where the reference writes none"
+    for got_kv, want_kv, kv in ((got[1], want[1], keys), (got[2], want[2], values)):
+        assert torch.equal(got_kv[written], want_kv[written]) and torch.equal(got_kv[~written], kv[~written])
+    with pytest.raises(ValueError, match="dry_index_share"):
+        placement_staged.configure(False, dry_index_share=1.5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_worker_copies_stage_the_rows_that_fit_and_apply_to_the_reference(triton_device, monkeypatch, dtype):
     """Worker copies (placement_staged.worker_copies): of three sessions placed in one launch, the
