@@ -13,14 +13,10 @@ a test.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-
 import torch
 
 import kvrecall.kernels as K
-from kvrecall.bench.common import time_fn
+from kvrecall.bench.common import gbps, probe_args, time_fn, write_probe
 from kvrecall.kernels import unit_scores_triton
 
 VARIANTS = ((64, 4), (128, 4), (128, 8), (256, 8))
@@ -31,14 +27,11 @@ def copy_gbps(device: torch.device) -> float:
     src = torch.randn(1 << 29, device=device)
     dst = torch.empty_like(src)
     ms = time_fn(lambda: dst.copy_(src), device, reps=10).median_ms
-    return 2 * src.numel() * 4 / ms / 1e6
+    return gbps(2 * src.numel() * 4, ms)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--out", default="")
-    args = parser.parse_args()
+    args = probe_args(__doc__)
     device = torch.device("cuda")
     ceiling = copy_gbps(device)
     rows_out = []
@@ -61,7 +54,7 @@ def main() -> None:
                     ms = time_fn(lambda r=reps, q=query, v=valid: K.score_units(q, r, v, "max", impl="triton"), device,
                                  reps=args.iters).median_ms  # fmt: skip
                     row[f"{key}_ms"] = round(ms, 4)
-                    row[f"{key}_gbps"] = round(reps.numel() * size / ms / 1e6, 1)
+                    row[f"{key}_gbps"] = round(gbps(reps.numel() * size, ms), 1)
                     got = K.score_units(query, reps, valid, "max", impl="triton")
                     err = ((got - want)[fin].abs().max() / want[fin].abs().max()).item()
                     row[f"{key}_max_rel_err"] = float(err)
@@ -76,13 +69,7 @@ def main() -> None:
             print(f"{r['rows']:>5} {r['units']:>6} {name:>5} " + " ".join(cells))
     worst = max(v for r in rows_out for k, v in r.items() if k.endswith("max_rel_err"))
     print(f"largest relative error against the reference: {worst:.1e}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                       "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-                       "command": "python scripts/score_probe.py", "copy_gbps": round(ceiling, 1),
-                       "results": rows_out}, f, indent=1)  # fmt: skip
-
+    write_probe(args.out, device, "scripts/score_probe.py", rows_out, copy_gbps=round(ceiling, 1))
 
 if __name__ == "__main__":
     main()

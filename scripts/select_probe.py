@@ -12,22 +12,15 @@ writes JSON. A probe, not a test.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-
 import torch
 
 import kvrecall.kernels as K
-from kvrecall.bench.common import time_fn
+from kvrecall.bench.common import probe_args, time_fn, write_probe
 from kvrecall.kernels import budget_triton
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--out", default="")
-    args = parser.parse_args()
+    args = probe_args(__doc__)
     device = torch.device("cuda")
     rows_out = []
     default_ways = budget_triton.SEARCH_WAYS
@@ -53,12 +46,7 @@ def main() -> None:
         same = all(r[f"same_{w}way"] for w in (2, 4, 16))
         print(f"{r['rows']:>5} {r['units']:>6} {r['kernel_2way_ms']:>9} {r['kernel_4way_ms']:>9} "
               f"{r['kernel_16way_ms']:>10} {r['reference_ms']:>13} {same}")  # fmt: skip
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                       "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-                       "command": "python scripts/select_probe.py", "results": rows_out}, f, indent=1)  # fmt: skip
-
+    write_probe(args.out, device, "scripts/select_probe.py", rows_out)
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
 import statistics
 import sys
 import time
@@ -125,3 +127,25 @@ def inner_for(fn: Callable[[], Any], device: torch.device, target_ms: float = 1.
 def gbps(n_bytes: float, ms: float) -> float:
     """Gigabytes (1e9) per second."""
     return n_bytes / (ms * 1e-3) / 1e9
+
+
+def probe_args(doc: str) -> argparse.Namespace:
+    """A kernel probe's command line (scripts/*_probe.py): --iters (timed calls a case) and --out
+    (a JSON file, or none)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--out", default="")
+    return parser.parse_args()
+
+
+def write_probe(path: str, device: torch.device, script: str, results: list[dict[str, Any]], **extra: Any) -> None:
+    """A probe's results as JSON at `path` (nothing without one), with its date, device, torch
+    and command."""
+    if not path:
+        return
+    meta = {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+            "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+            "command": f"python {script}", **extra}  # fmt: skip
+    with open(path, "w") as f:
+        json.dump({**meta, "results": results}, f, indent=1)
+

@@ -519,6 +519,34 @@ def test_kernels_compile_for_hopper_without_a_gpu() -> None:
     assert done.stdout.count("compiled") == 15
 
 
+def staged_diagnostics(monkeypatch):
+    """placement_staged, its placements staged and its diagnostics off (restored after the test)."""
+    from kvrecall.kernels import placement_staged, placement_triton
+
+    monkeypatch.setattr(placement_triton, "staged", lambda host, keys, selection: True)
+    for name in ("_skip_index_copies", "_skip_uploads", "_skip_plan_sync", "_plan_readback", "_skip_transfers",
+                 "_index_scratch"):  # fmt: skip
+        monkeypatch.setattr(placement_staged, name, False)
+    monkeypatch.setattr(placement_staged, "_index_share", 1.0)
+    return placement_staged
+
+
+def placed_both_ways(device):
+    """One staged placement by the kernels on `device` and by the reference -> (keys, values as
+    before, the kernels' (slot_pos, keys, values), the reference's, the (row, slot) pairs the
+    reference wrote); the slot positions checked equal."""
+    pages = Pages(2, 2, 16, per_page=5, pages=30, dtype=torch.float32, device=device, seed=5)
+    capacity = 2 + 9 + 6
+    slot_pos, selection = random_case(pages, capacity, 2, 9, seed=16)
+    keys, values = (torch.randn(4, capacity, 16) for _ in range(2))
+    got = run("triton", pages, slot_pos, keys, values, selection, 2, device)
+    want = run("reference", pages, slot_pos, keys, values, selection, 2, torch.device("cpu"))
+    assert torch.equal(got[0], want[0]), "slot positions as placed"
+    moved = (want[1] != keys).any(dim=-1)
+    assert moved.any(), "the reference moved no row: the test tells nothing"
+    return keys, values, got, want, moved
+
+
 @pytest.mark.parametrize("dry", ["index-copies", "uploads", "plan-sync", "transfers", "index-scratch"])
 def test_dry_index_copies_leave_the_rows_and_move_the_positions(triton_device, monkeypatch, dry):
     """The daemon's dry_index_copies, dry_uploads, dry_plan_sync, dry_transfers and
@@ -527,12 +555,7 @@ def test_dry_index_copies_leave_the_rows_and_move_the_positions(triton_device, m
     dry_index_scratch the rows into a stand-in of the working set; else the working set's K/V keep
     every byte); with dry_uploads and dry_transfers the rows are not even gathered, with
     dry_plan_sync the plan is not even read back."""
-    from kvrecall.kernels import placement_staged, placement_triton
-
-    monkeypatch.setattr(placement_triton, "staged", lambda host, keys, selection: True)
-    for name in ("_skip_index_copies", "_skip_uploads", "_skip_plan_sync", "_plan_readback", "_skip_transfers",
-                 "_index_scratch"):  # fmt: skip
-        monkeypatch.setattr(placement_staged, name, False)  # (restored after the test)
+    placement_staged = staged_diagnostics(monkeypatch)
     placement_staged.configure(dry == "index-copies", dry == "uploads", dry == "plan-sync",
                                dry_transfers=dry == "transfers", dry_index_scratch=dry == "index-scratch")  # fmt: skip
     gathered, plans = [], []
@@ -541,15 +564,7 @@ def test_dry_index_copies_leave_the_rows_and_move_the_positions(triton_device, m
                         lambda *args: gathered.append(args) or (dry == "index-scratch" and upload(*args)))  # fmt: skip
     take = placement_staged._PLANS.take
     monkeypatch.setattr(placement_staged._PLANS, "take", lambda *args: plans.append(args) or take(*args))
-    pages = Pages(2, 2, 16, per_page=5, pages=30, dtype=torch.float32, device=triton_device, seed=5)
-    capacity = 2 + 9 + 6
-    slot_pos, selection = random_case(pages, capacity, 2, 9, seed=16)
-    keys, values = (torch.randn(4, capacity, 16) for _ in range(2))
-    got = run("triton", pages, slot_pos, keys, values, selection, 2, triton_device)
-    want = run("reference", pages, slot_pos, keys, values, selection, 2, torch.device("cpu"))
-    assert torch.equal(got[0], want[0]), "slot positions as placed"
-    moved = (want[1] != keys).any(dim=-1)  # the (row, slot) pairs the reference wrote
-    assert moved.any(), "the reference moved no row: the test tells nothing"
+    keys, values, got, want, moved = placed_both_ways(triton_device)
     if dry == "transfers":
         for got_kv, kv in ((got[1], keys), (got[2], values)):
             assert torch.equal(got_kv[moved], torch.zeros_like(got_kv[moved])), "zeros where the rows go"
@@ -569,21 +584,9 @@ def test_dry_index_share_copies_that_share_of_the_rows(triton_device, monkeypatc
     """The daemon's dry_index_share diagnostic: a staged placement index-copies only that share of
     its rows into their slots (at least one: at 0 the launches alone), each where the reference
     puts it; the other rows never arrive; the slot positions are placed as always."""
-    from kvrecall.kernels import placement_staged, placement_triton
-
-    monkeypatch.setattr(placement_triton, "staged", lambda host, keys, selection: True)
-    for name in ("_skip_index_copies", "_skip_uploads", "_skip_plan_sync", "_plan_readback", "_skip_transfers",
-                 "_index_scratch", "_index_share"):  # fmt: skip
-        monkeypatch.setattr(placement_staged, name, False)  # (restored after the test)
+    placement_staged = staged_diagnostics(monkeypatch)
     placement_staged.configure(False, dry_index_share=share)
-    pages = Pages(2, 2, 16, per_page=5, pages=30, dtype=torch.float32, device=triton_device, seed=5)
-    capacity = 2 + 9 + 6
-    slot_pos, selection = random_case(pages, capacity, 2, 9, seed=16)
-    keys, values = (torch.randn(4, capacity, 16) for _ in range(2))
-    got = run("triton", pages, slot_pos, keys, values, selection, 2, triton_device)
-    want = run("reference", pages, slot_pos, keys, values, selection, 2, torch.device("cpu"))
-    assert torch.equal(got[0], want[0]), "slot positions as placed"
-    moved = (want[1] != keys).any(dim=-1)
+    keys, values, got, want, moved = placed_both_ways(triton_device)
     written = (got[1] != keys).any(dim=-1)
     assert int(written.sum()) == max(1, round(share * int(moved.sum())))
     assert not (written & ~moved).any(), "a row written where the reference writes none"
