@@ -143,8 +143,9 @@ def configure(dry_index_copies: bool, dry_uploads: bool = False, dry_plan_sync: 
     `dry_index_scratch`: the rows are gathered, moved and index-copied as always, but into a
     stand-in of the session's working set that no worker reads (the same kernels at the same
     moment, another destination); its `dry_index_share` (< 1): the index copies take only that
-    share of each session's rows (at least one: at 0 the launches alone). Its `plan_readback`: "mapped", the plan kernel writes the plan
-    into the pinned buffer the host reads; "copy", a DMA copies it there after the kernel."""
+    share of each session's rows (at least one: at 0 the launches alone). Its `plan_readback`:
+    "mapped", the plan kernel writes the plan into the pinned buffer the host reads; "copy", a
+    DMA copies it there after the kernel."""
     global _skip_index_copies, _skip_uploads, _skip_plan_sync, _plan_readback, _skip_transfers, _index_scratch
     global _index_share
     if not 0 <= dry_index_share <= 1:

@@ -76,6 +76,21 @@ def test_the_workers_choice_decodes_as_the_daemons(runs, arm, deferred):
         assert mine["units"] == theirs["units"], "the boundaries closed the same segments"
 
 
+def test_over_an_fp8_table_the_workers_choice_decodes_as_the_daemons(tiny_llama):  # noqa: F811
+    """Daemons whose unit tables hold float8 representatives (unit_reps_dtype fp8): the worker maps
+    the fp8 table (the wire's FLOAT8_E4M3FN), chooses every crossing but the first of each session,
+    and decodes the tokens, logits and closed segments of a daemon that chooses itself."""
+    fp8 = {"KVRECALL_UNIT_REPS_DTYPE": "fp8"}
+    worker = decode_arm(tiny_llama, {**ARMS["worker"], **fp8}, host_pool_gb=0.5, device_pool_gb=0.25)
+    daemon = decode_arm(tiny_llama, fp8, host_pool_gb=0.5, device_pool_gb=0.25)
+    assert worker["worker_choices"]["worker"] > 0 and sum(daemon["worker_choices"].values()) == 0
+    mine, theirs = worker[False], daemon[False]
+    assert all(mine["tables"]) and not any(theirs["tables"]), "who maps a table"
+    assert mine["tokens"] == theirs["tokens"]
+    torch.testing.assert_close(mine["logits"], theirs["logits"], rtol=0, atol=1e-5)
+    assert mine["units"] == theirs["units"], "the boundaries closed the same segments"
+
+
 @pytest.mark.parametrize("arm", PLACES)
 def test_a_choice_the_table_does_not_hold_is_the_daemons(tiny_llama, runs, arm, monkeypatch, tmp_path):  # noqa: F811
     """A worker whose state is wrong (it claims a column past the filled ones): the daemon
