@@ -1,8 +1,8 @@
 """A daemon whose louiskv unit tables store their representatives in float8 e4m3
 (unit_reps_dtype fp8, KVRECALL_UNIT_REPS_DTYPE): real daemons, real gRPC. The same sessions
-(prompt, decode writes and queries) on a daemon of each dtype: the fp8 one reserves and shows
-the smaller table, its retrievals answer and fill the working set, and they keep most of what
-the 16-bit (here f32) table's retrievals keep."""
+(prompt, decode writes and queries; two a daemon, retrieving in one call) on a daemon of each
+dtype: the fp8 one reserves and shows the smaller table, its retrievals answer and fill the
+working set, and they keep most of what the 16-bit (here f32) table's retrievals keep."""
 
 from __future__ import annotations
 
@@ -37,27 +37,34 @@ def retrieved(session) -> list[set[int]]:
 
 
 def test_an_fp8_table_is_smaller_and_retrieves_most_of_what_a_16_bit_one_does(clients, monkeypatch):
+    """Two sessions a daemon, retrieving in one call (louiskv selects them stacked)."""
     full_bytes, fp8_bytes = metadata_bytes(False, monkeypatch), metadata_bytes(True, monkeypatch)
     assert fp8_bytes < full_bytes
-    kv = random_kv(SPEC, PROMPT + STEPS, seed=5)
-    sessions = []
+    kvs = [random_kv(SPEC, PROMPT + STEPS, seed=seed) for seed in (5, 7)]
+    sessions = []  # per daemon: (client, [its two sessions])
     for client, want in zip(clients, (full_bytes, fp8_bytes), strict=True):
-        session = client.open_session(SPEC, "louiskv", CONFIG, transport="shm")
-        session.ingest(kv[:, :, :, :PROMPT].contiguous(), random_query(SPEC, 6, max(1, session.observation)))
-        assert session.stats().metadata_bytes == want
-        sessions.append((client, session))
+        mine = []
+        for kv in kvs:
+            session = client.open_session(SPEC, "louiskv", CONFIG, transport="shm")
+            session.ingest(kv[:, :, :, :PROMPT].contiguous(), random_query(SPEC, 6, max(1, session.observation)))
+            assert session.stats().metadata_bytes == want
+            mine.append(session)
+        sessions.append((client, mine))
     kept, total = 0, 0
     for step in range(STEPS):
-        for client, session in sessions:
-            write_step(session, kv, random_query(SPEC, 100 + step, 1)[:, :, 0])
-            retrieve = step % RETRIEVE_EVERY == RETRIEVE_EVERY - 1
-            client.boundaries([StepCall(session, session.core.position, notice=True, retrieve=retrieve)])
-        if step % RETRIEVE_EVERY == RETRIEVE_EVERY - 1:
+        retrieve = step % RETRIEVE_EVERY == RETRIEVE_EVERY - 1
+        for client, mine in sessions:
+            for kv, session in zip(kvs, mine, strict=True):
+                write_step(session, kv, random_query(SPEC, 100 + step, 1)[:, :, 0])
+            client.boundaries([StepCall(session, session.core.position, notice=True, retrieve=retrieve) for session in mine])
+        if retrieve:
             (_, full), (_, small) = sessions
-            for a, b in zip(retrieved(full), retrieved(small), strict=True):
-                assert len(b) >= 0.9 * len(a)  # the fp8 session's working set is about as full
-                kept, total = kept + len(a & b), total + max(len(a), len(b))
+            for a_session, b_session in zip(full, small, strict=True):
+                for a, b in zip(retrieved(a_session), retrieved(b_session), strict=True):
+                    assert len(b) >= 0.9 * len(a)  # the fp8 session's working set is about as full
+                    kept, total = kept + len(a & b), total + max(len(a), len(b))
     assert total > 0
     assert kept / total >= 0.8, f"the fp8 table's retrievals kept {kept} of {total} positions"
-    for _, session in sessions:
-        session.close()
+    for _, mine in sessions:
+        for session in mine:
+            session.close()
