@@ -183,7 +183,8 @@ class _UnitTable:
         grouped by the new units, sizes summing to m per row); advance() makes them visible."""
         u, m = sizes.shape[1], position.shape[1]
         U, M = self.own_units, self.own_tokens
-        self.reps[rows, U : U + u] = to_reps(reps, self.reps.dtype)
+        # (the assignment casts to a 16-bit or f32 table itself; fp8 needs to_reps' clamp first)
+        self.reps[rows, U : U + u] = to_reps(reps, FP8) if self.reps.dtype == FP8 else reps
         self.sizes[rows, U : U + u] = sizes
         self.valid[rows, U : U + u] = sizes > 0
         self.position[rows, M : M + m] = position
