@@ -59,18 +59,4 @@ for run in ${RUNS:-b16-1 fp8-1 b16-2 fp8-2 b16-32k fp8-32k}; do
   esac
 done
 [ "${PACK_TRITON:-0}" = 1 ] && pack_triton_cache
-e2e_finish  # (prints every run's ratios and rows; then the JSON and PNGs go into logs.tgz)
-mkdir -p /tmp/pack/logs && tar xzf "$OUT/logs.tgz" -C /tmp/pack && mkdir -p /tmp/pack/logs/json \
-  && mv "$OUT"/e2e-*.json "$OUT"/e2e-*.png /tmp/pack/logs/json/ 2>/dev/null; tar czf "$OUT/logs.tgz" -C /tmp/pack logs
-for f in /tmp/pack/logs/json/*.json; do python3 - "$f" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-rows = {(r["context"], r["batch"], r.get("rate")): r for r in d["rows"] if r["policy"] == "louiskv"}
-for (c, b, rate), r in sorted(rows.items()):
-    if rate == 0.117 and (c, b, 0.0) in rows:
-        a = rows[(c, b, 0.0)]
-        print(sys.argv[1].split("/")[-1], c, b, "boundary", round(r["mean_ms"] / a["mean_ms"], 3), "gpu+",
-              round(r["graph_gpu_ms_mean"] - a["graph_gpu_ms_mean"], 3), "late", r.get("late_steps"),
-              "answer", r.get("answer_ms_median"), "probe", d["meta"].get("host_probe"))
-PY
-done
+e2e_pack_boundaries

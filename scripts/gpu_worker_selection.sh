@@ -100,17 +100,4 @@ if [ -n "${GAPS:-}" ]; then
   done
   tar czf "$OUT/dumps.tgz" -C /tmp $(cd /tmp && ls -d dump-* 2>/dev/null) 2>/dev/null
 fi
-rm -f "$OUT"/*.png
-mkdir -p "$OUT/logs/json" && mv "$OUT"/e2e-*.json "$OUT/logs/json/"  # (at most 8 files come back: all in logs.tgz)
-e2e_finish
-tar xzf "$OUT/logs.tgz" -C /tmp && for f in /tmp/logs/json/*.json; do python3 - "$f" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-rows = {r.get("rate"): r for r in d["rows"] if r["policy"] == "louiskv"}
-if 0.0 in rows and 0.117 in rows:
-    a, b = rows[0.0], rows[0.117]
-    print(sys.argv[1].split("/")[-1], "boundary", round(b["mean_ms"] / a["mean_ms"], 3), "gpu", b.get("graph_gpu_ms_mean"),
-          a.get("graph_gpu_ms_mean"), "late", b.get("late_steps"), "tok/s", b["tokens_per_s"], "wsel", b.get("worker_selections"),
-          "choices", b.get("worker_choices"))
-PY
-done
+e2e_pack_boundaries
