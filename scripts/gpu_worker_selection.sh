@@ -18,6 +18,8 @@
 #              working sets that no worker reads: the daemon's index-copy kernels, another destination);
 #    pisN      proc with dry_index_share N/100 (only that share of each session's rows index-copied, at least one:
 #              pis0 the launches alone, pis50 half the rows);
+#    kprof     proc with the daemon's kernel profile (KVRECALL_KERNEL_PROFILE_OUT: 3 s of its kernels from the first
+#              retrieval, logs/kprof-NAME.json);
 #    pdu       proc with dry_uploads (the plan and its sync; no host gather, DMA or index copy);
 #    procc     proc with plan_readback copy (the plan copied to the host after its kernel: the way before
 #              2026-12-04; proc's plan is written there by the kernel itself);
@@ -69,6 +71,7 @@ for run in ${RUNS:-$runs}; do
     realdev0-*) e2e_run "$run" 90 $B $W $DEV ;;
     dry-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 ;;
     pdic-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_INDEX_COPIES=1 ;;
+    kprof-*) e2e_run "$run" 90 $B --daemon-env "KVRECALL_KERNEL_PROFILE_OUT=$OUT/logs/kprof-$run.json" ;;
     pdu-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_UPLOADS=1 ;;
     pdt-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_TRANSFERS=1 ;;
     pdis-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_INDEX_SCRATCH=1 ;;
