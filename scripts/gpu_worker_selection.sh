@@ -20,6 +20,9 @@
 #              pis0 the launches alone, pis50 half the rows);
 #    kprof     proc with the daemon's kernel profile (KVRECALL_KERNEL_PROFILE_OUT: 3 s of its kernels from the first
 #              retrieval, logs/kprof-NAME.json);
+#    pdef      proc with dry_index_defer (a call's index copies launched at the next staged retrieval's start,
+#              its answer not waiting for them: one burst of daemon kernels a call);
+#    proc128 / pdef128  proc / pdef at 128K x 8 (a shared document, --shared-prompt);
 #    pdu       proc with dry_uploads (the plan and its sync; no host gather, DMA or index copy);
 #    procc     proc with plan_readback copy (the plan copied to the host after its kernel: the way before
 #              2026-12-04; proc's plan is written there by the kernel itself);
@@ -47,6 +50,7 @@ E2E_EXTRA="--query-drift 0.15"
 . scripts/gpu_e2e_lib.sh
 E0="$E2E"
 B="--parts step --contexts 32768 --batches 8 --rates 0,0.117"
+B128="--parts step --contexts 131072 --batches 8 --rates 0,0.117 --shared-prompt"
 mkdir -p "$OUT/logs"
 SECONDS=0
 if [ -z "${SKIP_TESTS:-}" ]; then
@@ -72,6 +76,9 @@ for run in ${RUNS:-$runs}; do
     dry-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 ;;
     pdic-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_INDEX_COPIES=1 ;;
     kprof-*) e2e_run "$run" 90 $B --daemon-env "KVRECALL_KERNEL_PROFILE_OUT=$OUT/logs/kprof-$run.json" ;;
+    pdef-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_INDEX_DEFER=1 ;;
+    pdef128-*) e2e_run "$run" 100 $B128 --daemon-env KVRECALL_DRY_INDEX_DEFER=1 ;;
+    proc128-*) e2e_run "$run" 100 $B128 ;;
     pdu-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_UPLOADS=1 ;;
     pdt-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_TRANSFERS=1 ;;
     pdis-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_INDEX_SCRATCH=1 ;;

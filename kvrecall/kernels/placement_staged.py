@@ -44,6 +44,9 @@ _skip_transfers = False  # the daemon's dry_transfers diagnostic (configure)
 _index_scratch = False  # the daemon's dry_index_scratch diagnostic (configure)
 _index_share = 1.0  # the daemon's dry_index_share diagnostic (configure)
 _SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # its stand-in working sets, by shape
+_index_defer = False  # the daemon's dry_index_defer diagnostic (configure)
+_DEFERRED: list[tuple[torch.cuda.Event | None, tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]]] = []
+_DEFERRED_LOCK = threading.Lock()
 _skip_plan_sync = False  # the daemon's dry_plan_sync diagnostic (configure)
 _plan_readback = "mapped"  # the daemon's plan_readback (configure)
 
@@ -134,7 +137,7 @@ def apply_staged(keys: torch.Tensor, values: torch.Tensor, staging: Staging, row
 
 def configure(dry_index_copies: bool, dry_uploads: bool = False, dry_plan_sync: bool = False,
               plan_readback: str = "mapped", dry_transfers: bool = False, dry_index_scratch: bool = False,
-              dry_index_share: float = 1.0) -> None:  # fmt: skip
+              dry_index_share: float = 1.0, dry_index_defer: bool = False) -> None:  # fmt: skip
     """The daemon's `dry_index_copies`: staged rows reach the device, never their slots; its
     `dry_uploads`: they are not even gathered and moved (the plan and its sync alone); its
     `dry_plan_sync`: nor is the plan read back (no sync in the middle of the call); its
@@ -143,11 +146,14 @@ def configure(dry_index_copies: bool, dry_uploads: bool = False, dry_plan_sync: 
     `dry_index_scratch`: the rows are gathered, moved and index-copied as always, but into a
     stand-in of the session's working set that no worker reads (the same kernels at the same
     moment, another destination); its `dry_index_share` (< 1): the index copies take only that
-    share of each session's rows (at least one: at 0 the launches alone). Its `plan_readback`:
+    share of each session's rows (at least one: at 0 the launches alone); its `dry_index_defer`:
+    a call's index copies are launched at the start of the next staged placement's (beside its
+    plan kernel: one burst of the daemon's kernels a call, not two), never waited for by the call
+    that planned them (its answer may come before its rows are in place). Its `plan_readback`:
     "mapped", the plan kernel writes the plan into the pinned buffer the host reads; "copy", a
     DMA copies it there after the kernel."""
     global _skip_index_copies, _skip_uploads, _skip_plan_sync, _plan_readback, _skip_transfers, _index_scratch
-    global _index_share
+    global _index_share, _index_defer
     if not 0 <= dry_index_share <= 1:
         raise ValueError(f"dry_index_share: {dry_index_share} is not in [0, 1]")
     if plan_readback not in ("mapped", "copy"):
@@ -159,7 +165,27 @@ def configure(dry_index_copies: bool, dry_uploads: bool = False, dry_plan_sync: 
     _skip_transfers = bool(dry_transfers) and not _skip_uploads
     _index_scratch = bool(dry_index_scratch) and not _skip_index_copies
     _index_share = float(dry_index_share)
+    _index_defer = bool(dry_index_defer) and not _skip_index_copies
     _SCRATCH.clear()
+    with _DEFERRED_LOCK:
+        _DEFERRED.clear()
+
+
+def _flush_deferred(device: torch.device) -> None:
+    """The dry_index_defer diagnostic: launch the index copies earlier calls left (on the current
+    stream, after the transfers they copy)."""
+    with _DEFERRED_LOCK:
+        pending = list(_DEFERRED)
+        _DEFERRED.clear()
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    for moved, copies in pending:
+        if moved is not None:
+            stream.wait_event(moved)
+        for into, where, rows in copies:
+            if stream is not None:
+                for t in (into, where, rows):
+                    t.record_stream(stream)
+            into.index_copy_(0, where, rows)
 
 
 def copy_staged(
@@ -185,6 +211,8 @@ def copy_staged(
     same GPU is preempted for one burst of the daemon's kernels, not two."""
     check_int("block_r", block_r, 1)
     device = scratch.device
+    if _index_defer:
+        _flush_deferred(device)
     D = sessions[0][0].shape[2]
     C = sessions[0][0].shape[1]
     H, P = num_kv_heads, tokens_per_page
@@ -267,6 +295,7 @@ def copy_staged(
         torch.cuda.current_stream(device).wait_stream(copies)  # the index copies after the DMAs
     start = 0
     wide = _as_words(rows) if rows is not None else None  # index_copy_ moves an element per thread: 8-byte words
+    deferred: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for (keys, values, _), end, staging in zip(sessions, ends_host, staged, strict=True):
         if end > start and staging is None and not _skip_index_copies:
             # (the dry_index_share diagnostic: a share of the rows, at least one)
@@ -274,9 +303,20 @@ def copy_staged(
             where = targets[start:last]
             if _index_scratch:  # (the dry_index_scratch diagnostic: a destination no worker reads)
                 keys, values = _scratch_like(keys)
-            _as_words(keys.view(-1, D)).index_copy_(0, where, wide[start:last])
-            _as_words(values.view(-1, D)).index_copy_(0, where, wide[n + start : n + last])
+            if _index_defer:
+                deferred += [(_as_words(keys.view(-1, D)), where, wide[start:last]),
+                             (_as_words(values.view(-1, D)), where, wide[n + start : n + last])]  # fmt: skip
+            else:
+                _as_words(keys.view(-1, D)).index_copy_(0, where, wide[start:last])
+                _as_words(values.view(-1, D)).index_copy_(0, where, wide[n + start : n + last])
         start = end
+    if deferred:  # (the dry_index_defer diagnostic: launched by the next staged placement)
+        moved = None
+        if pin:
+            moved = torch.cuda.Event()
+            moved.record()
+        with _DEFERRED_LOCK:
+            _DEFERRED.append((moved, tuple(deferred)))
     mark("index_copies")
 
 

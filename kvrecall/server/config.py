@@ -163,6 +163,10 @@ class ServerConfig(BaseModel):
                                         # rows into their slots (at least one: at 0 the launches alone),
                                         # the rest never arrive: whether the index copies cost a worker by
                                         # their launches or by the rows they copy
+    dry_index_defer: bool = False       # DIAGNOSTIC, never in service: a staged placement's index copies are
+                                        # launched at the start of the next one's (one burst of the
+                                        # daemon's kernels a call, not two) and its answer does not wait
+                                        # for them: whether a second burst is what the index copies cost
     dry_plan_sync: bool = False         # DIAGNOSTIC, never in service: dry_uploads, and the plan is not
                                         # even read back (no host sync in the middle of a retrieval call:
                                         # its one sync is the answer's): what that sync costs a worker

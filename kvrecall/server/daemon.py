@@ -89,7 +89,7 @@ class Daemon:
                               "(experimental: on an H200 a boundary cost more than with the daemon's own choice, docs/TUNING.md)", needed=not by_kernels)  # fmt: skip
         placement_staged.configure(config.dry_index_copies, config.dry_uploads, config.dry_plan_sync,
                                    config.plan_readback, config.dry_transfers, config.dry_index_scratch,
-                                   config.dry_index_share)
+                                   config.dry_index_share, config.dry_index_defer)
         if config.dry_uploads or config.dry_plan_sync:
             log.warning("%s is on: staged retrievals neither gather nor move their rows%s (a diagnostic; accuracy is "
                         "not kvrecall's)", "dry_plan_sync" if config.dry_plan_sync else "dry_uploads",
@@ -97,6 +97,9 @@ class Daemon:
         elif config.dry_transfers:
             log.warning("dry_transfers is on: staged retrievals write zeros into their rows' slots instead of the rows "
                         "(a diagnostic; accuracy is not kvrecall's)")
+        elif config.dry_index_defer and not config.dry_index_copies:
+            log.warning("dry_index_defer is on: staged retrievals' rows reach their slots at the next staged retrieval, "
+                        "after their answers (a diagnostic; accuracy is not kvrecall's)")
         elif config.dry_index_share < 1 and not config.dry_index_copies:
             log.warning("dry_index_share is %s: staged retrievals write only that share of their rows into the working "
                         "sets (a diagnostic; accuracy is not kvrecall's)", config.dry_index_share)

@@ -528,6 +528,8 @@ def staged_diagnostics(monkeypatch):
                  "_index_scratch"):  # fmt: skip
         monkeypatch.setattr(placement_staged, name, False)
     monkeypatch.setattr(placement_staged, "_index_share", 1.0)
+    monkeypatch.setattr(placement_staged, "_index_defer", False)
+    monkeypatch.setattr(placement_staged, "_DEFERRED", [])
     return placement_staged
 
 
@@ -594,6 +596,23 @@ def test_dry_index_share_copies_that_share_of_the_rows(triton_device, monkeypatc
         assert torch.equal(got_kv[written], want_kv[written]) and torch.equal(got_kv[~written], kv[~written])
     with pytest.raises(ValueError, match="dry_index_share"):
         placement_staged.configure(False, dry_index_share=1.5)
+
+
+def test_dry_index_defer_copies_the_rows_at_the_next_placement(triton_device, monkeypatch):
+    """The daemon's dry_index_defer diagnostic: a staged placement leaves its rows out of the
+    working set and its index copies pending; the next staged placement launches them first,
+    and then every row is where the reference puts it."""
+    placement_staged = staged_diagnostics(monkeypatch)
+    placement_staged.configure(False, dry_index_defer=True)
+    keys, values, got, want, moved = placed_both_ways(triton_device)
+    assert torch.equal(got[1], keys) and torch.equal(got[2], values), "no row written by the call itself"
+    ((_, copies),) = placement_staged._DEFERRED
+    placement_staged._flush_deferred(torch.device(triton_device))
+    assert placement_staged._DEFERRED == []
+    for (into, _, _), want_kv in zip(copies, want[1:3], strict=True):
+        assert torch.equal(into.cpu().view(want_kv.dtype).view(want_kv.shape), want_kv), "rows as the reference"
+    placement_staged.configure(True, dry_index_defer=True)
+    assert not placement_staged._index_defer, "nothing to defer when the index copies are dry"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
