@@ -27,7 +27,8 @@
 #    procc     proc with plan_readback copy (the plan copied to the host after its kernel: the way before
 #              2026-12-04; proc's plan is written there by the kernel itself);
 #    pduc      pdu with plan_readback copy;
-#    wc25      proc with worker_copy_share 0.25 (the worker copies the staged rows into their slots);
+#    wcN       proc with worker_copy_share N/100 (the worker copies the staged rows into their slots; at 100 every
+#              row, and its crossings read a light shadow); wkN the same at 128K x 8 (shared document);
 #    pdns      proc with dry_plan_sync (the selection and plan launched, never waited for in the middle of the call);
 #    lNxC      dry_launches N of C cycles each (e.g. l24x0-1, l1x400000-1): what a daemon launch costs against
 #              the count and length of its kernels (~1,980 cycles a microsecond);
@@ -86,7 +87,10 @@ for run in ${RUNS:-$runs}; do
       e2e_run "$run" 90 $B --daemon-env "KVRECALL_DRY_INDEX_SHARE=$(python3 -c "print($share / 100)")" ;;
     pduc-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_UPLOADS=1 --daemon-env KVRECALL_PLAN_READBACK=copy ;;
     procc-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_PLAN_READBACK=copy ;;
-    wc25-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_WORKER_COPY_SHARE=0.25 ;;
+    wc[0-9]*-*) share=${run%-*}; share=${share#wc}
+      e2e_run "$run" 90 $B --daemon-env "KVRECALL_WORKER_COPY_SHARE=$(python3 -c "print($share / 100)")" ;;
+    wk[0-9]*-*) share=${run%-*}; share=${share#wk}
+      e2e_run "$run" 100 $B128 --daemon-env "KVRECALL_WORKER_COPY_SHARE=$(python3 -c "print($share / 100)")" ;;
     l[0-9]*x[0-9]*-*) spec=${run%-*}; spec=${spec#l}
       e2e_run "$run" 90 $B --daemon-env "KVRECALL_DRY_LAUNCHES=${spec%x*}" --daemon-env "KVRECALL_DRY_LAUNCH_CYCLES=${spec#*x}" ;;
     pdns-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_PLAN_SYNC=1 ;;

@@ -223,14 +223,20 @@ def copy_staged(
     # The plan straight into the host buffer the host reads (mapped: the kernel's own stores over
     # PCIe), or copied there after the kernel (copy): key rows [0, whole), row ends [whole, + R).
     # Under dry_plan_sync there is none: nothing would wait for the kernel before it went back.
-    buffer = None if _skip_plan_sync else _PLANS.take(whole + R, pin)
+    # With a staging area in any session (worker copies) the targets too, from [whole + R, + whole):
+    # its rows' targets reach the staging area by a DMA from there, not a device copy of the daemon's.
+    staging_any = any(staging_for(part[0]) is not None for part in sessions)
+    mapped_targets = staging_any and _plan_readback == "mapped"
+    buffer = None if _skip_plan_sync else _PLANS.take(whole + R + (whole if mapped_targets else 0), pin)
     mapped = buffer is not None and _plan_readback == "mapped"
+    held = None  # the buffer, kept until the DMA of its targets is queued (mapped_targets)
     try:
         # The pool row and working-set row of every new token, compacted in row order (one launch:
         # staged_plan_triton; this path runs only where the placement kernel does).
         packed, targets, ends = staged_plan(
             scratch, counts, block_r, tables, rows_per_session, first_slot, H, P, D, C, impl="triton",
             rows_out=buffer[:whole] if mapped else None, ends_out=buffer[whole : whole + R] if mapped else None,
+            targets_out=buffer[whole + R : whole + R + whole] if mapped and mapped_targets else None,
         )  # fmt: skip
         if buffer is None:  # (the diagnostic: the slot positions are placed, the plan never read)
             if on_counts is not None:
@@ -251,6 +257,8 @@ def copy_staged(
         ends_host = buffer[whole + rows_per_session - 1 : whole + R : rows_per_session].tolist()  # per session
         n = ends_host[-1]
         source_host = torch.cat((buffer[:n], buffer[:n] + H * P))  # K rows, then V rows
+        if mapped_targets and n > 0 and not _skip_uploads:
+            held, buffer = buffer, None
     finally:
         if buffer is not None:
             _PLANS.give(buffer)
@@ -283,12 +291,19 @@ def copy_staged(
             rows.record_stream(copies)  # the caching allocator must not reuse it before the copies ran
         if any(staging is not None for staging in staged):
             targets.record_stream(copies)  # (read there: the staged sessions' targets)
-    with torch.cuda.stream(copies):  # the staged sessions' target rows (device to device: the copy engine's too)
+    with torch.cuda.stream(copies):  # the staged sessions' target rows (from the host's plan, else on the device)
         start = 0
         for staging, end in zip(staged, ends_host, strict=True):
             if staging is not None and end > start:
-                staging.targets[: end - start].copy_(targets[start:end], non_blocking=pin)
+                source = held[whole + R + start : whole + R + end] if held is not None else targets[start:end]
+                staging.targets[: end - start].copy_(source, non_blocking=pin)
             start = end
+        if held is not None:  # (back for reuse once those DMAs have read it)
+            done = None
+            if pin:
+                done = torch.cuda.Event()
+                done.record()
+            _PLANS.give(held, done)
     if not _skip_transfers:
         gather_upload(pool_rows, source_host, pieces, copies, pin)
     if copies is not None:
@@ -429,21 +444,24 @@ class PlanBuffers:
     of two) and gives it back, so there are as many as calls have needed at once."""
 
     def __init__(self) -> None:
-        self._free: list[torch.Tensor] = []
+        self._free: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
         self._lock = threading.Lock()
 
     def take(self, numel: int, pin: bool) -> torch.Tensor:
         with self._lock:
-            fits = [b for b in self._free if b.numel() >= numel and b.is_pinned() == pin]
+            fits = [(b, done) for b, done in self._free if b.numel() >= numel and b.is_pinned() == pin]
             if fits:
-                buffer = min(fits, key=torch.Tensor.numel)
-                self._free = [b for b in self._free if b is not buffer]
+                buffer, done = min(fits, key=lambda entry: entry[0].numel())
+                self._free = [entry for entry in self._free if entry[0] is not buffer]
+                if done is not None:
+                    done.synchronize()  # the DMA that last read it (given back before it ended)
                 return buffer
         return torch.empty(1 << max(16, (numel - 1).bit_length()), dtype=torch.int64, pin_memory=pin)
 
-    def give(self, buffer: torch.Tensor) -> None:
+    def give(self, buffer: torch.Tensor, done: torch.cuda.Event | None = None) -> None:
+        """Back for reuse; `done`: the event of the last DMA reading it."""
         with self._lock:
-            self._free.append(buffer)
+            self._free.append((buffer, done))
 
 
 STAGING = StagingChunks()

@@ -15,7 +15,7 @@ from kvrecall.kernels._triton import use_triton
 def staged_plan(
     scratch: torch.Tensor, counts: torch.Tensor, block_r: int, tables: torch.Tensor, rows_per_session: int,
     first_slot: int, num_kv_heads: int, tokens_per_page: int, row_len: int, capacity: int, impl: str = "auto",
-    rows_out: torch.Tensor | None = None, ends_out: torch.Tensor | None = None,
+    rows_out: torch.Tensor | None = None, ends_out: torch.Tensor | None = None, targets_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """-> (key_rows, targets, ends), all int64.
 
@@ -31,12 +31,14 @@ def staged_plan(
     rows_out [>= R * block_r] int64, ends_out [R] int64 (any memory the device can write: a
     mapped, pinned host buffer): key_rows is written there (and returned), and ends also
     there, by the kernel itself, so the host reads the plan after a sync with no copy of it
-    queued behind the kernel (placement_staged's `plan_readback` "mapped")."""
+    queued behind the kernel (placement_staged's `plan_readback` "mapped"). targets_out [>= R *
+    block_r] int64 (likewise): the targets written there too (the device's are returned), for
+    a DMA of the host's into worker staging areas (no device-to-device copy in the daemon's context)."""
     if use_triton(impl, scratch.device):
         from kvrecall.kernels.staged_plan_triton import staged_plan_triton
 
         return staged_plan_triton(scratch, counts, block_r, tables, rows_per_session, first_slot, num_kv_heads,
-                                  tokens_per_page, row_len, capacity, rows_out, ends_out)  # fmt: skip
+                                  tokens_per_page, row_len, capacity, rows_out, ends_out, targets_out)  # fmt: skip
     key_rows, targets, ends = staged_plan_reference(scratch, counts, block_r, tables, rows_per_session, first_slot,
                                                     num_kv_heads, tokens_per_page, row_len, capacity)  # fmt: skip
     if rows_out is not None:
@@ -44,6 +46,8 @@ def staged_plan(
         key_rows = rows_out
     if ends_out is not None:
         ends_out.copy_(ends)
+    if targets_out is not None:
+        targets_out[: targets.numel()].copy_(targets)
     return key_rows, targets, ends
 
 

@@ -47,8 +47,8 @@ def test_the_kernel_matches_the_reference(triton_device, sessions, layers, heads
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 def test_the_plan_written_where_the_host_reads_it(triton_device, impl):
-    """rows_out / ends_out (placement_staged's plan_readback "mapped"): the kernel writes the
-    compacted pool rows and every row's end into the buffers given (on a GPU a pinned host buffer
+    """rows_out / ends_out / targets_out (placement_staged's plan_readback "mapped"): the kernel
+    writes the compacted pool rows, every row's end and the compacted targets into the buffers given (on a GPU a pinned host buffer
     the kernel reaches over PCIe), the same values as the device outputs; the rest of rows_out
     is left alone."""
     device = triton_device if impl == "triton" else torch.device("cpu")
@@ -59,7 +59,9 @@ def test_the_plan_written_where_the_host_reads_it(triton_device, impl):
     pin = device.type == "cuda"
     rows_out = torch.full((R * 64 + 7,), -5, dtype=torch.int64, pin_memory=pin)
     ends_out = torch.full((R,), -5, dtype=torch.int64, pin_memory=pin)
-    key_rows, targets, ends = staged_plan(*args, impl=impl, rows_out=rows_out, ends_out=ends_out)
+    targets_out = torch.full((R * 64 + 7,), -5, dtype=torch.int64, pin_memory=pin)
+    key_rows, targets, ends = staged_plan(*args, impl=impl, rows_out=rows_out, ends_out=ends_out,
+                                          targets_out=targets_out)  # fmt: skip
     if pin:
         torch.cuda.synchronize()
     n = int(want_ends[-1])
@@ -68,8 +70,10 @@ def test_the_plan_written_where_the_host_reads_it(triton_device, impl):
     assert torch.equal(ends_out, want_ends.cpu()) and torch.equal(ends.cpu(), want_ends.cpu())
     assert torch.equal(rows_out[:n], want_rows[:n].cpu())
     assert torch.equal(targets[:n].cpu(), want_targets[:n].cpu())
+    assert torch.equal(targets_out[:n], want_targets[:n].cpu()), "the targets where the host reads them too"
+    assert targets.data_ptr() != targets_out.data_ptr(), "the device's targets returned (the index copies read them)"
     if impl == "triton":  # (the reference copies its whole compacted array, the kernel only what it fills)
-        assert (rows_out[n:] == -5).all()
+        assert (rows_out[n:] == -5).all() and (targets_out[n:] == -5).all()
 
 
 def test_the_reference_names_the_pool_and_slot_rows():
