@@ -23,6 +23,8 @@
 #    pdef      proc with dry_index_defer (a call's index copies launched at the next staged retrieval's start,
 #              its answer not waiting for them: one burst of daemon kernels a call);
 #    proc128 / pdef128  proc / pdef at 128K x 8 (a shared document, --shared-prompt);
+#    capped    the 16 GiB GPU cap at 32K (--parts capped, a 90 GiB host tier), a daemon process;
+#    table / tablee  README's table (32K and 128K, batch 1 and 8, a shared document), a daemon process / embedded;
 #    pdu       proc with dry_uploads (the plan and its sync; no host gather, DMA or index copy);
 #    procc     proc with plan_readback copy (the plan copied to the host after its kernel: the way before
 #              2026-12-04; proc's plan is written there by the kernel itself);
@@ -51,6 +53,7 @@ E2E_EXTRA="--query-drift 0.15"
 . scripts/gpu_e2e_lib.sh
 E0="$E2E"
 B="--parts step --contexts 32768 --batches 8 --rates 0,0.117"
+TABLE="--parts step --contexts 32768,131072 --batches 1,8 --rates 0,0.117 --shared-prompt"
 B128="--parts step --contexts 131072 --batches 8 --rates 0,0.117 --shared-prompt"
 mkdir -p "$OUT/logs"
 SECONDS=0
@@ -77,6 +80,9 @@ for run in ${RUNS:-$runs}; do
     dry-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_RETRIEVALS=1 ;;
     pdic-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_INDEX_COPIES=1 ;;
     kprof-*) e2e_run "$run" 90 $B --daemon-env "KVRECALL_KERNEL_PROFILE_OUT=$OUT/logs/kprof-$run.json" ;;
+    capped-*) e2e_run "$run" 120 --parts capped --rates 0,0.117 --host-cap-gib 90 --host-pool-gib 90 ;;
+    table-*) e2e_run "$run" 200 $TABLE ;;
+    tablee-*) E2E="$E0 --daemon embedded"; e2e_run "$run" 200 $TABLE ;;
     pdef-*) e2e_run "$run" 90 $B --daemon-env KVRECALL_DRY_INDEX_DEFER=1 ;;
     pdef128-*) e2e_run "$run" 100 $B128 --daemon-env KVRECALL_DRY_INDEX_DEFER=1 ;;
     proc128-*) e2e_run "$run" 100 $B128 ;;

@@ -174,12 +174,15 @@ class ServerConfig(BaseModel):
                                         # gathers) reaches the host: the plan kernel writes it into pinned
                                         # host memory itself (mapped), or a DMA copies it after the kernel
                                         # (copy; the way before 2026-12-04, kept for comparison)
-    worker_copy_share: Annotated[float, Field(ge=0, le=1)] = 0.0  # > 0: each CUDA IPC / shm session's segment
+    worker_copy_share: Annotated[float, Field(ge=0, le=1)] = 0.5  # > 0: each CUDA IPC / shm session's segment
                                         # carries a staging area for this share of its retrieved region;
                                         # a background retrieval whose caller asks (StepEvent.worker_copies)
                                         # and whose new rows fit leaves them there and the worker copies
-                                        # them into their slots (no index copies in the daemon's context);
-                                        # 0 = none (placement_staged.py)
+                                        # them into their slots (no index copies in the daemon's context:
+                                        # a daemon process's boundary at 32K x 8 on an H200 1.074x the 0%
+                                        # step at 0.25 against 1.095-1.098x at 0, 2026-12-04); 0 = none
+                                        # (placement_staged.py). 0.5: a real model's retrievals move ~0.2-0.26
+                                        # of a budget (docs/TUNING.md)
     phases_out: str = ""                # a path: each Boundaries call's time per phase (kvrecall/phases.py),
                                         # mean and quantiles per phase written there as JSON at shutdown
     host_reads: Literal["auto", "copy", "kernel"] = "auto"  # how a background retrieval's rows (one

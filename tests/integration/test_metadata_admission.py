@@ -16,6 +16,7 @@ from kvrecall.client import KVRecallClient, ModelSpec
 from kvrecall.client.core import policy_message
 from kvrecall.client.errors import ResourceExhaustedError
 from kvrecall.local import LocalDaemon
+from kvrecall.server.config import ServerConfig
 from kvrecall.server.layout import ModelLayout, SegmentLayout
 from kvrecall.server.policies import build_policy
 from tests.conftest import random_kv
@@ -25,10 +26,14 @@ DEVICE_POOL_BYTES = 1 << 20
 
 
 def expected(spec: ModelSpec, policy: str, config: dict | None) -> tuple[int, int]:
-    """(working set bytes, metadata bytes) the daemon's policy asks for."""
+    """(working set bytes, metadata bytes) the daemon's policy asks for (a mapped session's segment:
+    with the staging area of the daemon's default worker_copy_share where it retrieves)."""
     layout = ModelLayout(**{k: v for k, v in dataclasses.asdict(spec).items() if k != "device"})
     built = build_policy(policy_message(policy, config), layout)
-    return SegmentLayout.of(layout, built.plan()).nbytes, built.metadata_bytes()
+    plan = built.plan()
+    if plan.retrieved:
+        plan = plan.with_staging(ServerConfig().worker_copy_share)
+    return SegmentLayout.of(layout, plan).nbytes, built.metadata_bytes()
 
 
 @pytest.fixture(scope="module")
