@@ -77,6 +77,26 @@ def _long_rows(device: torch.device, generator: torch.Generator) -> None:
     kernels.select_under_budget(scores, sizes, 1024)
 
 
+def _staged_retrieval(sessions, randn) -> None:
+    """A background retrieval whose rows its workers copy (worker_copy_share; the staged plan's
+    variant that also writes the targets where the host reads them): the warm-up's sessions are
+    inline (no segment, no staging area), so each gets a stand-in staging area for the call."""
+    from kvrecall.kernels.placement_staged import Staging
+
+    for session in sessions:
+        ws = session.ws
+        rows, D = ws.rows * ws.plan.retrieved, ws.keys.shape[-1]
+        ws.staging = Staging(ws.keys.new_empty(rows, D), ws.values.new_empty(rows, D),
+                             torch.empty(rows, dtype=torch.int64, device=ws.keys.device))  # fmt: skip
+        ws.query.copy_(randn(*ws.query.shape))
+    try:
+        events = [pb.StepEvent(position=s.spilled_upto, retrieve=True, worker_copies=True) for s in sessions]
+        serve_step(sessions, events, background=True)
+    finally:
+        for session in sessions:
+            session.ws.staging = None
+
+
 def _run_policy(
     registry, layout: ModelLayout, message: pb.PolicyConfig, prompt: int, device, generator, deferred: bool = False
 ) -> None:  # fmt: skip
@@ -114,6 +134,7 @@ def _run_policy(
             other.ws.query.copy_(randn(L, Hq, D))
         try:  # a background retrieval: its rows by the copy engine, the staged plan's kernel (staged_plan_triton)
             serve_step(sessions, retrieve, background=True)
+            _staged_retrieval(sessions, randn)
         except Exception as exc:  # noqa: BLE001 - a warm-up: the first worker's retrieval compiles it instead
             log.warning("warm-up: the background retrieval path failed (%s: %s); it compiles on first use",
                         type(exc).__name__, exc)  # fmt: skip

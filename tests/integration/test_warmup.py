@@ -14,7 +14,8 @@ from kvrecall.server.session import SessionRegistry
 from kvrecall.server.warmup import DEFERRED, POLICIES, _run_policy, warm_up
 
 
-def test_every_warmup_session_runs_and_returns_its_memory():
+def test_every_warmup_session_runs_and_returns_its_memory(caplog):
+    caplog.set_level("WARNING", logger="kvrecall.warmup")
     host, device = HostPool(64 << 20, page_bytes=256 << 10), DevicePool(64 << 20, torch.device("cpu"))
     registry = SessionRegistry(host, device, default_lease=30.0)
     try:
@@ -24,6 +25,8 @@ def test_every_warmup_session_runs_and_returns_its_memory():
                                  max_tokens=prompt + 256)  # fmt: skip
             _run_policy(registry, layout, message, prompt, torch.device("cpu"), generator, deferred)
         assert not registry.sessions and host.used_bytes == 0 and device.used_bytes == 0
+        # every path ran, the background retrievals (staged for their workers too) included
+        assert not [r.getMessage() for r in caplog.records if r.name == "kvrecall.warmup"]
         assert warm_up(registry, [(torch.bfloat16, 128)]) == 0.0  # CPU: the references compile nothing
     finally:
         host.close()
