@@ -115,3 +115,24 @@ def test_unit_reps_dtype_is_read_from_the_environment_and_checked():
     assert load_config(None, env={"KVRECALL_UNIT_REPS_DTYPE": "fp8"}).unit_reps_dtype == "fp8"
     with pytest.raises(ConfigError, match="KVRECALL_UNIT_REPS_DTYPE.*layout.*fp8"):
         load_config(None, env={"KVRECALL_UNIT_REPS_DTYPE": "fp16"})
+
+
+def test_each_staged_diagnostic_on_warns_once_and_the_inert_ones_do_not(caplog):
+    """The daemon's start-up warnings for the staged-placement diagnostics: several on together warn
+    one each; those a broader one leaves nothing to do (dry_index_copies: no index copy to share
+    out, defer or redirect) stay silent."""
+    from kvrecall.server.config import ServerConfig
+    from kvrecall.server.daemon import _warn_staged_diagnostics
+
+    def warned(**settings) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="kvrecall.daemon"):
+            _warn_staged_diagnostics(ServerConfig(**settings))
+        return sorted(r.getMessage().split(" ", 1)[0] for r in caplog.records)
+
+    assert warned() == []
+    assert warned(dry_index_share=0.5, dry_index_scratch=True, dry_index_defer=True) == [
+        "dry_index_defer", "dry_index_scratch", "dry_index_share"]
+    assert warned(dry_index_copies=True, dry_index_share=0.5, dry_index_defer=True) == ["dry_index_copies"]
+    assert warned(dry_transfers=True, dry_index_scratch=True) == ["dry_index_scratch", "dry_transfers"]
+    assert warned(dry_uploads=True, dry_transfers=True, dry_index_copies=True) == ["dry_uploads"]

@@ -35,6 +35,33 @@ from kvrecall.v1 import kvrecall_pb2 as pb
 log = logging.getLogger("kvrecall.daemon")
 
 
+def _warn_staged_diagnostics(config: ServerConfig) -> None:
+    """Log each staged-placement diagnostic that is on and does something (dry_uploads and
+    dry_plan_sync leave no index copy to alter; dry_index_copies leaves none to defer, share out
+    or redirect): one warning each, as several can be on together."""
+    if config.dry_uploads or config.dry_plan_sync:
+        log.warning("%s is on: staged retrievals neither gather nor move their rows%s (a diagnostic; accuracy is "
+                    "not kvrecall's)", "dry_plan_sync" if config.dry_plan_sync else "dry_uploads",
+                    ", nor read their plans back" if config.dry_plan_sync else "")  # fmt: skip
+        return
+    if config.dry_transfers:
+        log.warning("dry_transfers is on: staged retrievals write zeros into their rows' slots instead of the rows "
+                    "(a diagnostic; accuracy is not kvrecall's)")
+    if config.dry_index_copies:
+        log.warning("dry_index_copies is on: staged retrievals never write their rows into the working sets "
+                    "(a diagnostic; accuracy is not kvrecall's)")
+        return
+    if config.dry_index_defer:
+        log.warning("dry_index_defer is on: staged retrievals' rows reach their slots at the next staged retrieval, "
+                    "after their answers (a diagnostic; accuracy is not kvrecall's)")
+    if config.dry_index_share < 1:
+        log.warning("dry_index_share is %s: staged retrievals write only that share of their rows into the working "
+                    "sets (a diagnostic; accuracy is not kvrecall's)", config.dry_index_share)
+    if config.dry_index_scratch:
+        log.warning("dry_index_scratch is on: staged retrievals write their rows into stand-ins of the working sets "
+                    "that no worker reads (a diagnostic; accuracy is not kvrecall's)")
+
+
 def _warn_needs_share_one(config: ServerConfig, name: str, who: str, on: str, needed: bool = True) -> None:
     """Log that setting `name` is on (`on`), or that it can do nothing without worker_copy_share 1
     (where it `needed` it)."""
@@ -90,25 +117,7 @@ class Daemon:
         placement_staged.configure(config.dry_index_copies, config.dry_uploads, config.dry_plan_sync,
                                    config.plan_readback, config.dry_transfers, config.dry_index_scratch,
                                    config.dry_index_share, config.dry_index_defer)
-        if config.dry_uploads or config.dry_plan_sync:
-            log.warning("%s is on: staged retrievals neither gather nor move their rows%s (a diagnostic; accuracy is "
-                        "not kvrecall's)", "dry_plan_sync" if config.dry_plan_sync else "dry_uploads",
-                        ", nor read their plans back" if config.dry_plan_sync else "")  # fmt: skip
-        elif config.dry_transfers:
-            log.warning("dry_transfers is on: staged retrievals write zeros into their rows' slots instead of the rows "
-                        "(a diagnostic; accuracy is not kvrecall's)")
-        elif config.dry_index_defer and not config.dry_index_copies:
-            log.warning("dry_index_defer is on: staged retrievals' rows reach their slots at the next staged retrieval, "
-                        "after their answers (a diagnostic; accuracy is not kvrecall's)")
-        elif config.dry_index_share < 1 and not config.dry_index_copies:
-            log.warning("dry_index_share is %s: staged retrievals write only that share of their rows into the working "
-                        "sets (a diagnostic; accuracy is not kvrecall's)", config.dry_index_share)
-        elif config.dry_index_scratch and not config.dry_index_copies:
-            log.warning("dry_index_scratch is on: staged retrievals write their rows into stand-ins of the working sets "
-                        "that no worker reads (a diagnostic; accuracy is not kvrecall's)")
-        elif config.dry_index_copies:
-            log.warning("dry_index_copies is on: staged retrievals never write their rows into the working sets "
-                        "(a diagnostic; accuracy is not kvrecall's)")
+        _warn_staged_diagnostics(config)
         if config.dry_launches:
             log.warning("dry_launches is on: Boundaries retrievals place nothing and launch %d stand-in kernels of %d "
                         "cycles each (a diagnostic)", config.dry_launches, config.dry_launch_cycles)
