@@ -181,11 +181,25 @@ def _flush_deferred(device: torch.device) -> None:
     for moved, copies in pending:
         if moved is not None:
             stream.wait_event(moved)
-        for into, where, rows in copies:
-            if stream is not None:
-                for t in (into, where, rows):
-                    t.record_stream(stream)
-            into.index_copy_(0, where, rows)
+        if stream is not None:
+            for t in (t for copy in copies for t in copy):
+                t.record_stream(stream)
+        _index_copies(copies)
+
+
+def _index_copies(copies) -> None:
+    """Each (into, where, rows): rows into `into`'s rows `where` (index_copy_, on the current stream)."""
+    for into, where, rows in copies:
+        into.index_copy_(0, where, rows)
+
+
+def _recorded(pin: bool) -> torch.cuda.Event | None:
+    """An event recorded on the current stream (on a GPU; None on a CPU run)."""
+    if not pin:
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def copy_staged(
@@ -225,8 +239,8 @@ def copy_staged(
     # Under dry_plan_sync there is none: nothing would wait for the kernel before it went back.
     # With a staging area in any session (worker copies) the targets too, from [whole + R, + whole):
     # its rows' targets reach the staging area by a DMA from there, not a device copy of the daemon's.
-    staging_any = any(staging_for(part[0]) is not None for part in sessions)
-    mapped_targets = staging_any and _plan_readback == "mapped"
+    stagings = [staging_for(part[0]) for part in sessions]  # (None: the daemon copies that session's rows)
+    mapped_targets = any(staging is not None for staging in stagings) and _plan_readback == "mapped"
     buffer = None if _skip_plan_sync else _PLANS.take(whole + R + (whole if mapped_targets else 0), pin)
     mapped = buffer is not None and _plan_readback == "mapped"
     held = None  # the buffer, kept until the DMA of its targets is queued (mapped_targets)
@@ -270,8 +284,7 @@ def copy_staged(
     # index copies below. Pieces (first source row, end, destination, its first row).
     staged: list[Staging | None] = []
     start = 0
-    for (keys, _, _), end in zip(sessions, ends_host, strict=True):
-        staging = staging_for(keys)
+    for staging, end in zip(stagings, ends_host, strict=True):
         fits = staging is not None and end - start <= staging.capacity
         staged.append(staging if fits else None)
         if fits:
@@ -289,8 +302,8 @@ def copy_staged(
         copies.wait_stream(torch.cuda.current_stream(device))  # after the plan
         if rows is not None:
             rows.record_stream(copies)  # the caching allocator must not reuse it before the copies ran
-        if any(staging is not None for staging in staged):
-            targets.record_stream(copies)  # (read there: the staged sessions' targets)
+        if held is None and any(staging is not None for staging in staged):
+            targets.record_stream(copies)  # (read there: the staged sessions' targets, without a mapped plan)
     with torch.cuda.stream(copies):  # the staged sessions' target rows (from the host's plan, else on the device)
         start = 0
         for staging, end in zip(staged, ends_host, strict=True):
@@ -299,11 +312,7 @@ def copy_staged(
                 staging.targets[: end - start].copy_(source, non_blocking=pin)
             start = end
         if held is not None:  # (back for reuse once those DMAs have read it)
-            done = None
-            if pin:
-                done = torch.cuda.Event()
-                done.record()
-            _PLANS.give(held, done)
+            _PLANS.give(held, _recorded(pin))
     if not _skip_transfers:
         gather_upload(pool_rows, source_host, pieces, copies, pin)
     if copies is not None:
@@ -318,20 +327,16 @@ def copy_staged(
             where = targets[start:last]
             if _index_scratch:  # (the dry_index_scratch diagnostic: a destination no worker reads)
                 keys, values = _scratch_like(keys)
-            if _index_defer:
-                deferred += [(_as_words(keys.view(-1, D)), where, wide[start:last]),
-                             (_as_words(values.view(-1, D)), where, wide[n + start : n + last])]  # fmt: skip
+            kv = [(_as_words(keys.view(-1, D)), where, wide[start:last]),
+                  (_as_words(values.view(-1, D)), where, wide[n + start : n + last])]  # fmt: skip
+            if _index_defer:  # (the dry_index_defer diagnostic: launched by the next staged placement)
+                deferred += kv
             else:
-                _as_words(keys.view(-1, D)).index_copy_(0, where, wide[start:last])
-                _as_words(values.view(-1, D)).index_copy_(0, where, wide[n + start : n + last])
+                _index_copies(kv)
         start = end
-    if deferred:  # (the dry_index_defer diagnostic: launched by the next staged placement)
-        moved = None
-        if pin:
-            moved = torch.cuda.Event()
-            moved.record()
+    if deferred:
         with _DEFERRED_LOCK:
-            _DEFERRED.append((moved, tuple(deferred)))
+            _DEFERRED.append((_recorded(pin), tuple(deferred)))
     mark("index_copies")
 
 
@@ -370,9 +375,7 @@ def gather_upload(
                     a, b = max(first, lo), min(last, hi)
                     if a < b:
                         into[at + a - first : at + b - first].copy_(chunk[a - lo : b - lo], non_blocking=pin)
-                if pin:
-                    moved[k % 2] = torch.cuda.Event()
-                    moved[k % 2].record()
+                moved[k % 2] = _recorded(pin)
             mark("dma_launch")
     finally:
         for chunk, done in zip(chunks, moved, strict=True):
