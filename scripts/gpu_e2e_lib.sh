@@ -1,8 +1,8 @@
 # Sourced by the scripts/gpu_*.sh runs of `kvrecall bench e2e` (after scripts/gpu_env.sh): the bench's
 # common arguments ($E2E, change it before calling), `e2e_run` (one bench with its own time limit, its log
 # under $OUT/logs), `e2e_warmup` (an untimed bench first), `e2e_finish` (pack the logs, print each JSON's
-# ratios and rows) and `e2e_pack_boundaries` (the JSONs and plots packed with the logs, as a call returns at most
-# 8 files, then each run's boundary cost printed).
+# ratios and rows) and `e2e_pack_boundaries` (each run's boundary cost printed, then the JSONs and plots packed with the
+# logs, as a call returns at most 8 files).
 #   usage: . scripts/gpu_e2e_lib.sh; e2e_run NAME SECONDS ARGS...; e2e_finish
 E2E="python3 -m kvrecall.cli bench e2e --policies louiskv --lag 4 --steps 96 --warmup 16 --host-cap-gib 40 --host-pool-gib 40 ${E2E_EXTRA:-}"
 mkdir -p "$OUT/logs"
@@ -34,12 +34,10 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("e2e-*.json")):
               "answer", r.get("answer_ms_median"), r.get("answer_ms_p90"))
 PY
 }
-e2e_pack_boundaries() {  # every e2e JSON and plot into logs.tgz (logs/json/), then per run and (context, batch):
+e2e_pack_boundaries() {  # per run and (context, batch), printed, then every e2e JSON and plot packed into logs.tgz (logs/json/):
   # the 11.7% step over the 0% one, the captured step's GPU ms at both, late steps, tokens/s, answers p50, host probe
   mkdir -p "$OUT/logs/json" && mv "$OUT"/e2e-*.json "$OUT"/e2e-*.png "$OUT/logs/json/" 2>/dev/null
-  e2e_finish
-  rm -rf /tmp/e2e-pack && mkdir -p /tmp/e2e-pack && tar xzf "$OUT/logs.tgz" -C /tmp/e2e-pack
-  for f in /tmp/e2e-pack/logs/json/*.json; do python3 - "$f" <<'PY'
+  for f in "$OUT"/logs/json/*.json; do python3 - "$f" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
 rows = {(r["context"], r["batch"], r.get("rate")): r for r in d["rows"] if r["policy"] == "louiskv"}
@@ -52,4 +50,5 @@ for (c, b, rate), r in sorted(rows.items(), key=lambda item: (item[0][0], item[0
               r["tokens_per_s"], "answer", r.get("answer_ms_median"), "probe", d["meta"].get("host_probe"), *extra.items())
 PY
   done
+  e2e_finish
 }
